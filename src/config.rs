@@ -1,0 +1,124 @@
+//! Model configuration: the hyperparameters of the reference's YAML configs (model config and
+//! autoencoder config), validation, and presets. Stored as JSON in a converted model file's
+//! safetensors metadata under the key `checkergen_config`.
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// Metadata key under which a model file stores its [`ModelConfig`] as JSON.
+pub const CONFIG_METADATA_KEY: &str = "checkergen_config";
+
+/// VQ decoder hyperparameters (LlamaGen VQ-16 layout; SPEC.md section 7).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DecoderConfig {
+    /// Base channel count `ch`.
+    pub ch: usize,
+    /// Channel multipliers per resolution level; stride = 2^(len-1).
+    pub ch_mult: Vec<usize>,
+    pub num_res_blocks: usize,
+    pub z_channels: usize,
+    /// Code dimension `e` (autoencoder `embed_dim`).
+    pub embed_dim: usize,
+    /// Codebook size `V` (autoencoder `n_embed`).
+    pub n_embed: usize,
+    /// Whether codes are L2-normalized (autoencoder `normalize`).
+    pub normalize: bool,
+}
+
+impl DecoderConfig {
+    /// Spatial stride of the decoder: 2^(len(ch_mult)-1).
+    pub fn stride(&self) -> usize {
+        1 << (self.ch_mult.len().saturating_sub(1))
+    }
+}
+
+/// Transformer + sampler hyperparameters (SPEC.md section 4).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub img_size: usize,
+    pub scale_ratio: f64,
+    pub scale_min_size: usize,
+    pub class_cond: bool,
+    pub num_classes: usize,
+    pub use_head_mlp: bool,
+    pub num_mixing_layers: usize,
+    /// Transformer width C.
+    pub hidden_size: usize,
+    /// Attention heads H.
+    pub num_heads: usize,
+    pub num_layers: usize,
+    /// FFN width F (the shape of `w1`, after the reference's rounding).
+    pub ffn_dim: usize,
+    pub rms_norm_eps: f64,
+    /// The reference's `num_blocks_per_scale` (its code default is 8).
+    pub steps_per_scale: usize,
+    pub decoder: DecoderConfig,
+}
+
+impl ModelConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+
+    pub fn codebook_size(&self) -> usize {
+        self.decoder.n_embed
+    }
+
+    pub fn code_dim(&self) -> usize {
+        self.decoder.embed_dim
+    }
+
+    /// Latent side S = img_size / stride.
+    pub fn latent_size(&self) -> usize {
+        self.img_size / self.decoder.stride()
+    }
+
+    /// Check internal consistency; every error is one clear line.
+    pub fn validate(&self) -> Result<()> {
+        let d = &self.decoder;
+        if self.hidden_size == 0 || self.num_heads == 0 || self.num_layers == 0 {
+            bail!("config: hidden_size, num_heads and num_layers must be positive");
+        }
+        if self.hidden_size % self.num_heads != 0 {
+            bail!(
+                "config: hidden_size {} is not divisible by num_heads {}",
+                self.hidden_size,
+                self.num_heads
+            );
+        }
+        if self.head_dim() % 2 != 0 {
+            bail!("config: head_dim {} must be even", self.head_dim());
+        }
+        if self.num_mixing_layers > self.num_layers {
+            bail!(
+                "config: num_mixing_layers {} exceeds num_layers {}",
+                self.num_mixing_layers,
+                self.num_layers
+            );
+        }
+        if !self.class_cond {
+            bail!("config: class_cond = false (unconditional models) is not supported");
+        }
+        if self.num_classes == 0 {
+            bail!("config: num_classes must be positive");
+        }
+        if d.ch_mult.is_empty() || d.ch == 0 || d.embed_dim == 0 || d.n_embed == 0 {
+            bail!("config: decoder ch, ch_mult, embed_dim and n_embed must be non-empty/positive");
+        }
+        if d.ch % 32 != 0 || d.ch_mult.iter().any(|&m| m == 0) {
+            bail!("config: decoder channels must be multiples of 32 (GroupNorm with 32 groups)");
+        }
+        if self.img_size == 0 || self.img_size % d.stride() != 0 {
+            bail!(
+                "config: img_size {} is not a positive multiple of the decoder stride {}",
+                self.img_size,
+                d.stride()
+            );
+        }
+        if self.steps_per_scale == 0 {
+            bail!("config: steps_per_scale must be at least 1");
+        }
+        crate::order::scale_sizes(self.latent_size(), self.scale_ratio, self.scale_min_size)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,7 @@
+//! checkergen: a sampling engine for Progressive Checkerboard multiscale autoregressive image
+//! models (Eigen, 2026). See README.md and ARCHITECTURE.md.
+
+pub mod config;
+pub mod cpu;
+pub mod order;
+pub mod tensor;
