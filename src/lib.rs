@@ -3,5 +3,6 @@
 
 pub mod config;
 pub mod cpu;
+pub mod image;
 pub mod order;
 pub mod tensor;

@@ -1,1 +1,227 @@
-fn main() {}
+//! `checkergen` command line: parse, call the library, print. No model logic lives here.
+
+use anyhow::{Context, Result, bail};
+use checkergen::order::{self, Schedule};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "checkergen",
+    version,
+    about = "Progressive Checkerboard image sampling engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the progressive checkerboard rank map of an N x N grid.
+    Order {
+        /// Grid side N (>= 1).
+        #[arg(long, value_name = "N")]
+        size: usize,
+        /// Print {"size": N, "rank": [[...], ...]} (rank[y][x]) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also write a picture of the map (colour = rank, lines = quadtree levels).
+        #[arg(long, value_name = "FILE")]
+        png: Option<PathBuf>,
+    },
+    /// Print the scale pyramid and serial step schedule.
+    Schedule {
+        /// Scale ratio r > 1: a number, or a power such as 2^(1/4), or sqrt(2).
+        #[arg(long, value_name = "R", value_parser = parse_ratio)]
+        scale_ratio: f64,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 256)]
+        img_size: usize,
+        /// Smallest scale side.
+        #[arg(long, default_value_t = 1)]
+        scale_min_size: usize,
+        /// Serial steps per scale (the reference's num_blocks_per_scale).
+        #[arg(long, default_value_t = 4)]
+        steps_per_scale: usize,
+        /// VQ stride (pixels per latent cell).
+        #[arg(long, default_value_t = 16)]
+        vq_stride: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parse a scale ratio: `2`, `1.5`, `2^(1/4)`, `2^0.5`, `sqrt(2)`.
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let t = s.trim().replace(' ', "");
+    let num = |x: &str| -> Result<f64, String> {
+        if let Some((a, b)) = x.split_once('/') {
+            Ok(num_plain(a)? / num_plain(b)?)
+        } else {
+            num_plain(x)
+        }
+    };
+    fn num_plain(x: &str) -> Result<f64, String> {
+        x.parse::<f64>()
+            .map_err(|_| format!("'{x}' is not a number"))
+    }
+    let v = if let Some(inner) = t.strip_prefix("sqrt(").and_then(|r| r.strip_suffix(')')) {
+        num(inner)?.sqrt()
+    } else if let Some((base, exp)) = t.split_once('^') {
+        let exp = exp.trim_start_matches('(').trim_end_matches(')');
+        num_plain(base)?.powf(num(exp)?)
+    } else {
+        num(&t)?
+    };
+    if !v.is_finite() || v <= 1.0 {
+        return Err(format!("scale ratio must be greater than 1, got {v}"));
+    }
+    Ok(v)
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                )
+            {
+                e.exit();
+            }
+            // One clear line: clap's first line, without the usage block.
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(cli) {
+        // `{:#}` joins the context chain on one line.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Order { size, json, png } => cmd_order(size, json, png),
+        Cmd::Schedule {
+            scale_ratio,
+            img_size,
+            scale_min_size,
+            steps_per_scale,
+            vq_stride,
+            json,
+        } => cmd_schedule(
+            scale_ratio,
+            img_size,
+            scale_min_size,
+            steps_per_scale,
+            vq_stride,
+            json,
+        ),
+    }
+}
+
+fn cmd_order(size: usize, json: bool, png: Option<PathBuf>) -> Result<()> {
+    let rank = order::rank_map(size)?;
+    if let Some(path) = png {
+        let (side, rgb) = checkergen::image::render_rank_map(&rank);
+        checkergen::image::write_rgb_png(&path, side, side, &rgb)?;
+        eprintln!("wrote {} ({side}x{side} px)", path.display());
+    }
+    if json {
+        println!("{}", serde_json::json!({ "size": size, "rank": rank }));
+    } else {
+        let w = (size * size - 1).to_string().len();
+        for row in &rank {
+            let cells: Vec<String> = row.iter().map(|r| format!("{r:>w$}")).collect();
+            println!("{}", cells.join(" "));
+        }
+    }
+    Ok(())
+}
+
+fn cmd_schedule(
+    ratio: f64,
+    img_size: usize,
+    min_size: usize,
+    steps: usize,
+    vq_stride: usize,
+    json: bool,
+) -> Result<()> {
+    if steps == 0 {
+        bail!("--steps-per-scale must be at least 1");
+    }
+    if vq_stride == 0 || img_size == 0 || !img_size.is_multiple_of(vq_stride) {
+        bail!("--img-size {img_size} must be a positive multiple of --vq-stride {vq_stride}");
+    }
+    let sizes = order::scale_sizes(img_size / vq_stride, ratio, min_size)
+        .context("cannot build the scale pyramid")?;
+    let sched = Schedule::uniform(&sizes, steps)?;
+    if json {
+        let scales: Vec<_> = sched
+            .scales
+            .iter()
+            .map(|s| {
+                serde_json::json!({"size": s.size, "tokens": s.tokens, "block": s.block,
+                                   "steps": s.steps, "first_step": s.first_step})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"scale_sizes": sizes, "scales": scales,
+                               "total_steps": sched.total_steps(),
+                               "total_tokens": sched.total_tokens()})
+        );
+        return Ok(());
+    }
+    println!(
+        "scale ratio {ratio} (img {img_size}, latent {}, min {min_size}, {steps} steps per scale)",
+        img_size / vq_stride
+    );
+    println!(
+        "{:>5} {:>5} {:>7} {:>6} {:>6} {:>6} {:>6}",
+        "scale", "size", "tokens", "block", "steps", "first", "last"
+    );
+    for (i, s) in sched.scales.iter().enumerate() {
+        println!(
+            "{:>5} {:>5} {:>7} {:>6} {:>6} {:>6} {:>6}",
+            i,
+            s.size,
+            s.tokens,
+            s.block,
+            s.steps,
+            s.first_step,
+            s.first_step + s.steps - 1
+        );
+    }
+    println!(
+        "total serial steps: {} ({} tokens in {} scales)",
+        sched.total_steps(),
+        sched.total_tokens(),
+        sched.scales.len()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ratio;
+
+    #[test]
+    fn ratio_forms() {
+        assert_eq!(parse_ratio("2").unwrap(), 2.0);
+        assert_eq!(parse_ratio("2^(1/4)").unwrap(), 2f64.powf(0.25));
+        assert_eq!(parse_ratio("sqrt(2)").unwrap(), 2f64.sqrt());
+        assert_eq!(parse_ratio("2^0.5").unwrap(), 2f64.powf(0.5));
+        assert!(parse_ratio("1").is_err());
+        assert!(parse_ratio("abc").is_err());
+        assert!(parse_ratio("0.5").is_err());
+    }
+}

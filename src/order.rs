@@ -45,3 +45,239 @@ pub fn scale_sizes(latent: usize, ratio: f64, min_size: usize) -> Result<Vec<usi
     out.dedup();
     Ok(out)
 }
+
+/// Progressive checkerboard rank map of an n x n grid, `rank[y][x]` (SPEC.md section 2).
+///
+/// Powers of two: recursive quadrant split in the order top-left, bottom-right, top-right,
+/// bottom-left, with the four child sequences interleaved round-robin. Other sizes: the map of
+/// the next power of two, cropped to n x n and re-ranked 0..n^2-1 in the same relative order.
+pub fn rank_map(n: usize) -> Result<Vec<Vec<usize>>> {
+    if n == 0 {
+        bail!("grid size must be at least 1");
+    }
+    if n > 1 << 15 {
+        bail!("grid size {n} is too large (at most 32768)");
+    }
+    let p = n.next_power_of_two();
+    let coords = quadrant_sequence(p, 0, 0);
+    let mut rank = vec![vec![0usize; n]; n];
+    let mut r = 0;
+    for (x, y) in coords {
+        if x < n && y < n {
+            rank[y][x] = r;
+            r += 1;
+        }
+    }
+    Ok(rank)
+}
+
+/// Coordinates (x, y) of a power-of-two square with top-left (x0, y0), in checkerboard order.
+fn quadrant_sequence(size: usize, x0: usize, y0: usize) -> Vec<(usize, usize)> {
+    if size == 1 {
+        return vec![(x0, y0)];
+    }
+    let d = size / 2;
+    let quads = [
+        quadrant_sequence(d, x0, y0),         // top-left
+        quadrant_sequence(d, x0 + d, y0 + d), // bottom-right
+        quadrant_sequence(d, x0 + d, y0),     // top-right
+        quadrant_sequence(d, x0, y0 + d),     // bottom-left
+    ];
+    let mut out = Vec::with_capacity(size * size);
+    for i in 0..d * d {
+        for q in &quads {
+            out.push(q[i]);
+        }
+    }
+    out
+}
+
+/// The sampling order of an n x n scale: raster indices (y*n + x) sorted by rank.
+pub fn sequence(n: usize) -> Result<Vec<usize>> {
+    let rank = rank_map(n)?;
+    let mut seq = vec![0usize; n * n];
+    for (y, row) in rank.iter().enumerate() {
+        for (x, &r) in row.iter().enumerate() {
+            seq[r] = y * n + x;
+        }
+    }
+    Ok(seq)
+}
+
+/// One scale of a schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScaleInfo {
+    /// Side s of the square token grid.
+    pub size: usize,
+    /// Global id of the scale's first cell: sum of s_j^2 over earlier scales.
+    pub offset: usize,
+    /// s^2.
+    pub tokens: usize,
+    /// Block size max(1, tokens / steps_per_scale) (the last step may be a smaller remainder).
+    pub block: usize,
+    /// Serial steps this scale takes (remainder block included).
+    pub steps: usize,
+    /// Global step counter of the scale's first step.
+    pub first_step: usize,
+    /// Raster indices of the scale in sampling order.
+    pub sequence: Vec<usize>,
+}
+
+/// One serial step: which cells it samples and which cells of the previous block feed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// Global step counter t (what `cfg_start_step` compares against).
+    pub t: usize,
+    /// Index into the schedule's scales.
+    pub scale: usize,
+    /// Local raster positions sampled at this step, in the order they are fed.
+    pub positions: Vec<usize>,
+    /// For each slot j, the local position of slot j of the previous block in this scale;
+    /// `None` on the first step of a scale (the "empty" token).
+    pub prev: Option<Vec<usize>>,
+}
+
+/// The full serial step schedule of a scale pyramid (SPEC.md section 3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    pub scales: Vec<ScaleInfo>,
+    pub steps: Vec<Step>,
+}
+
+impl Schedule {
+    /// Schedule with the same steps per scale k on every scale.
+    pub fn uniform(scale_sizes: &[usize], steps_per_scale: usize) -> Result<Schedule> {
+        Self::with_steps(scale_sizes, &vec![steps_per_scale; scale_sizes.len()])
+    }
+
+    /// Schedule with an explicit steps-per-scale value for each scale.
+    pub fn with_steps(scale_sizes: &[usize], steps_per_scale: &[usize]) -> Result<Schedule> {
+        if scale_sizes.is_empty() {
+            bail!("a schedule needs at least one scale");
+        }
+        if steps_per_scale.len() != scale_sizes.len() {
+            bail!(
+                "{} step counts given for {} scales",
+                steps_per_scale.len(),
+                scale_sizes.len()
+            );
+        }
+        let mut scales = Vec::new();
+        let mut steps = Vec::new();
+        let mut offset = 0;
+        for (si, (&size, &k)) in scale_sizes.iter().zip(steps_per_scale).enumerate() {
+            if k == 0 {
+                bail!("steps per scale must be at least 1 (scale {si} of size {size} has 0)");
+            }
+            let tokens = size * size;
+            let block = (tokens / k).max(1);
+            let sequence = sequence(size)?;
+            let first_step = steps.len();
+            let mut prev: Option<&[usize]> = None;
+            for chunk in sequence.chunks(block) {
+                steps.push(Step {
+                    t: steps.len(),
+                    scale: si,
+                    positions: chunk.to_vec(),
+                    prev: prev.map(|p| p[..chunk.len()].to_vec()),
+                });
+                prev = Some(chunk);
+            }
+            scales.push(ScaleInfo {
+                size,
+                offset,
+                tokens,
+                block,
+                steps: steps.len() - first_step,
+                first_step,
+                sequence,
+            });
+            offset += tokens;
+        }
+        Ok(Schedule { scales, steps })
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Total token count N over all scales.
+    pub fn total_tokens(&self) -> usize {
+        self.scales.iter().map(|s| s.tokens).sum()
+    }
+
+    pub fn scale_sizes(&self) -> Vec<usize> {
+        self.scales.iter().map(|s| s.size).collect()
+    }
+
+    /// Global position ids of a step's cells.
+    pub fn global_positions(&self, step: &Step) -> Vec<usize> {
+        let off = self.scales[step.scale].offset;
+        step.positions.iter().map(|p| off + p).collect()
+    }
+
+    /// Global position ids of a step's paired previous-block cells, or `None` for "empty".
+    pub fn global_prev(&self, step: &Step) -> Option<Vec<usize>> {
+        let off = self.scales[step.scale].offset;
+        step.prev
+            .as_ref()
+            .map(|q| q.iter().map(|p| off + p).collect())
+    }
+
+    /// Largest number of tokens any single step feeds.
+    pub fn max_block(&self) -> usize {
+        self.steps
+            .iter()
+            .map(|s| s.positions.len())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eight_by_eight_starts_as_spec_says() {
+        let seq = sequence(8).unwrap();
+        let rc: Vec<(usize, usize)> = seq[..8].iter().map(|&i| (i / 8, i % 8)).collect();
+        assert_eq!(
+            rc,
+            vec![
+                (0, 0),
+                (4, 4),
+                (0, 4),
+                (4, 0),
+                (2, 2),
+                (6, 6),
+                (2, 6),
+                (6, 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn remainder_block_uses_prefix_of_previous_block() {
+        // 5x5 with 4 steps: blocks 6,6,6,6,1.
+        let s = Schedule::uniform(&[5], 4).unwrap();
+        let sizes: Vec<usize> = s.steps.iter().map(|st| st.positions.len()).collect();
+        assert_eq!(sizes, vec![6, 6, 6, 6, 1]);
+        assert_eq!(
+            s.steps[4].prev.as_ref().unwrap()[..],
+            s.steps[3].positions[..1]
+        );
+        assert!(s.steps[0].prev.is_none());
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        assert!(rank_map(0).is_err());
+        assert!(scale_sizes(16, 1.0, 1).is_err());
+        assert!(scale_sizes(16, f64::NAN, 1).is_err());
+        assert!(scale_sizes(16, 2.0, 0).is_err());
+        let e = scale_sizes(16, 40.0, 1).unwrap_err().to_string();
+        assert!(e.contains("rounds to 0"), "{e}");
+        assert!(Schedule::uniform(&[1, 2], 0).is_err());
+    }
+}

@@ -16,13 +16,20 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor shape/data mismatch");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "tensor shape/data mismatch"
+        );
         Tensor { shape, data }
     }
 
     pub fn zeros(shape: Vec<usize>) -> Self {
         let n = shape.iter().product();
-        Tensor { shape, data: vec![0.0; n] }
+        Tensor {
+            shape,
+            data: vec![0.0; n],
+        }
     }
 
     pub fn numel(&self) -> usize {
@@ -40,15 +47,21 @@ pub fn view_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     }
     Ok(match dtype {
         Dtype::F32 => chunks::<4>(bytes).map(f32::from_le_bytes).collect(),
-        Dtype::F64 => chunks::<8>(bytes).map(|c| f64::from_le_bytes(c) as f32).collect(),
+        Dtype::F64 => chunks::<8>(bytes)
+            .map(|c| f64::from_le_bytes(c) as f32)
+            .collect(),
         Dtype::BF16 => chunks::<2>(bytes)
             .map(|c| half::bf16::from_le_bytes(c).to_f32())
             .collect(),
         Dtype::F16 => chunks::<2>(bytes)
             .map(|c| half::f16::from_le_bytes(c).to_f32())
             .collect(),
-        Dtype::I64 => chunks::<8>(bytes).map(|c| i64::from_le_bytes(c) as f32).collect(),
-        Dtype::I32 => chunks::<4>(bytes).map(|c| i32::from_le_bytes(c) as f32).collect(),
+        Dtype::I64 => chunks::<8>(bytes)
+            .map(|c| i64::from_le_bytes(c) as f32)
+            .collect(),
+        Dtype::I32 => chunks::<4>(bytes)
+            .map(|c| i32::from_le_bytes(c) as f32)
+            .collect(),
         Dtype::U8 => bytes.iter().map(|&b| b as f32).collect(),
         Dtype::BOOL => bytes.iter().map(|&b| (b != 0) as u8 as f32).collect(),
         other => bail!("tensor {name}: unsupported dtype {other:?}"),
@@ -82,7 +95,9 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<(TensorMap, BTreeMap<String, St
 
 /// Integer tensors (token ids, positions, rank maps) read exactly as i64.
 pub fn load_i64(st: &SafeTensors, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
-    let v = st.tensor(name).map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))?;
+    let v = st
+        .tensor(name)
+        .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))?;
     let data: Vec<i64> = match v.dtype() {
         Dtype::I64 => v
             .data()

@@ -57,7 +57,14 @@ pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize,
 }
 
 /// y (rows x out) = x (rows x in) @ w^T + bias, with `w` a Linear weight `[out, in]`.
-pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, din: usize, dout: usize) -> Vec<f32> {
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    rows: usize,
+    din: usize,
+    dout: usize,
+) -> Vec<f32> {
     let mut y = vec![0.0f32; rows * dout];
     if let Some(b) = bias {
         assert_eq!(b.len(), dout);

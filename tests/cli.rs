@@ -1,0 +1,145 @@
+//! Run the `checkergen` binary: JSON output matches the library; bad input fails cleanly.
+
+use checkergen::order::{Schedule, rank_map, scale_sizes};
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_checkergen"))
+        .args(args)
+        .output()
+        .expect("cannot run checkergen")
+}
+
+fn stdout_json(args: &[&str]) -> serde_json::Value {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is not JSON")
+}
+
+/// A failing run: non-zero exit, a message on stderr, no panic.
+pub fn assert_clean_failure(args: &[&str], fragment: &str) {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(
+        err.to_lowercase().contains(&fragment.to_lowercase()),
+        "{args:?}: stderr {err:?} lacks {fragment:?}"
+    );
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "{args:?}: not one line: {err}"
+    );
+}
+
+#[test]
+fn order_json_matches_library() {
+    for n in [1usize, 2, 5, 8, 13] {
+        let v = stdout_json(&["order", "--size", &n.to_string(), "--json"]);
+        assert_eq!(v["size"], n);
+        let rank: Vec<Vec<usize>> = serde_json::from_value(v["rank"].clone()).unwrap();
+        assert_eq!(rank, rank_map(n).unwrap());
+    }
+}
+
+#[test]
+fn order_table_and_png() {
+    let out = run(&["order", "--size", "4"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<Vec<usize>> = text
+        .lines()
+        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows, rank_map(4).unwrap());
+
+    let dir = std::env::temp_dir().join(format!("cg-order-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = dir.join("o.png");
+    let out = run(&["order", "--size", "6", "--png", png.to_str().unwrap()]);
+    assert!(out.status.success());
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let reader = dec.read_info().unwrap();
+    assert!(reader.info().width >= 256 && reader.info().width == reader.info().height);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn schedule_json_matches_library() {
+    for (r, k) in [
+        ("2", 4usize),
+        ("4", 8),
+        ("3", 4),
+        ("2^(1/4)", 4),
+        ("sqrt(2)", 2),
+    ] {
+        let v = stdout_json(&[
+            "schedule",
+            "--scale-ratio",
+            r,
+            "--steps-per-scale",
+            &k.to_string(),
+            "--json",
+        ]);
+        let ratio = match r {
+            "2^(1/4)" => 2f64.powf(0.25),
+            "sqrt(2)" => 2f64.sqrt(),
+            _ => r.parse().unwrap(),
+        };
+        let sizes = scale_sizes(16, ratio, 1).unwrap();
+        let sched = Schedule::uniform(&sizes, k).unwrap();
+        let got: Vec<usize> = serde_json::from_value(v["scale_sizes"].clone()).unwrap();
+        assert_eq!(got, sizes);
+        assert_eq!(v["total_steps"], sched.total_steps());
+        for (j, s) in sched.scales.iter().enumerate() {
+            let e = &v["scales"][j];
+            assert_eq!(e["size"], s.size);
+            assert_eq!(e["tokens"], s.tokens);
+            assert_eq!(e["block"], s.block);
+            assert_eq!(e["steps"], s.steps);
+        }
+    }
+    let v = stdout_json(&["schedule", "--scale-ratio", "2", "--json"]);
+    assert_eq!(v["total_steps"], 17);
+}
+
+#[test]
+fn schedule_table_lists_totals() {
+    let out = run(&["schedule", "--scale-ratio", "2", "--steps-per-scale", "8"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("total serial steps: 29"), "{text}");
+}
+
+#[test]
+fn bad_arguments_fail_cleanly() {
+    assert_clean_failure(&["order", "--size", "0"], "at least 1");
+    assert_clean_failure(&["order", "--size", "abc"], "invalid");
+    assert_clean_failure(&["order", "--size", "-3"], "error");
+    assert_clean_failure(&["schedule", "--scale-ratio", "1"], "greater than 1");
+    assert_clean_failure(&["schedule", "--scale-ratio", "0.5"], "greater than 1");
+    assert_clean_failure(&["schedule", "--scale-ratio", "two"], "not a number");
+    assert_clean_failure(&["schedule", "--scale-ratio", "40"], "rounds to 0");
+    assert_clean_failure(
+        &["schedule", "--scale-ratio", "2", "--steps-per-scale", "0"],
+        "at least 1",
+    );
+    assert_clean_failure(
+        &["schedule", "--scale-ratio", "2", "--img-size", "0"],
+        "img-size",
+    );
+    assert_clean_failure(
+        &["schedule", "--scale-ratio", "2", "--scale-min-size", "0"],
+        "at least 1",
+    );
+    assert_clean_failure(
+        &["order", "--size", "4", "--png", "/nonexistent-dir/x.png"],
+        "cannot create",
+    );
+    assert_clean_failure(&["frobnicate"], "unrecognized");
+}
