@@ -5,4 +5,8 @@ pub mod config;
 pub mod cpu;
 pub mod image;
 pub mod order;
+pub mod rng;
+pub mod sampler;
+pub mod sampling;
 pub mod tensor;
+pub mod weights;

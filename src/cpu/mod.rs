@@ -2,3 +2,4 @@
 //! machines without a GPU.
 
 pub mod ops;
+pub mod transformer;

@@ -30,3 +30,73 @@ pub fn fixture(name: &str) -> PathBuf {
         .join("tests/fixtures")
         .join(name)
 }
+
+use checkergen::config::{DecoderConfig, ModelConfig};
+use checkergen::tensor::{TensorMap, load_safetensors};
+use std::path::Path;
+
+/// The golden configurations: directory name and scale ratio.
+pub const GOLDEN_CONFIGS: [(&str, f64); 3] =
+    [("A_ratio2", 2.0), ("B_ratio4", 4.0), ("C_ratio3", 3.0)];
+
+/// ModelConfig of a golden configuration, from its config.json (constructor arguments) and
+/// the small autoencoder of golden/autoencoder_small.yaml.
+pub fn golden_model_config(cfg_dir: &Path) -> ModelConfig {
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cfg_dir.join("config.json")).unwrap()).unwrap();
+    let a = &j["ar_constructor_args"];
+    let l = &a["llama_config"];
+    ModelConfig {
+        img_size: a["img_size"].as_u64().unwrap() as usize,
+        scale_ratio: a["scale_ratio"].as_f64().unwrap(),
+        scale_min_size: a["scale_min_size"].as_u64().unwrap() as usize,
+        class_cond: a["class_cond"].as_bool().unwrap(),
+        num_classes: a["num_classes"].as_u64().unwrap() as usize,
+        use_head_mlp: a["use_head_mlp"].as_bool().unwrap(),
+        num_mixing_layers: a["num_mixing_layers"].as_u64().unwrap() as usize,
+        hidden_size: l["hidden_size"].as_u64().unwrap() as usize,
+        num_heads: l["num_attention_heads"].as_u64().unwrap() as usize,
+        num_layers: l["num_hidden_layers"].as_u64().unwrap() as usize,
+        ffn_dim: j["ffn_hidden_dim_actual"].as_u64().unwrap() as usize,
+        rms_norm_eps: l["rms_norm_eps"].as_f64().unwrap(),
+        steps_per_scale: a["num_blocks_per_scale"].as_u64().unwrap() as usize,
+        decoder: DecoderConfig {
+            ch: 32,
+            ch_mult: vec![1, 1, 2, 2, 4],
+            num_res_blocks: 2,
+            z_channels: 64,
+            embed_dim: 8,
+            n_embed: 256,
+            normalize: true,
+        },
+    }
+}
+
+/// The full golden state dict of one configuration (shared + config-specific tensors).
+pub fn golden_tensors(golden: &Path, cfg_name: &str) -> TensorMap {
+    let (mut map, _) = load_safetensors(&golden.join("public/weights_shared.safetensors")).unwrap();
+    let (extra, _) = load_safetensors(
+        &golden
+            .join("public")
+            .join(cfg_name)
+            .join("weights_config.safetensors"),
+    )
+    .unwrap();
+    map.extend(extra);
+    map
+}
+
+/// Relative error ||a - b|| / ||b|| and max absolute error.
+pub fn rel_err(a: &[f32], b: &[f32]) -> (f64, f64) {
+    assert_eq!(a.len(), b.len());
+    let mut num = 0.0f64;
+    let mut den = 0.0f64;
+    let mut max = 0.0f64;
+    for (&x, &y) in a.iter().zip(b) {
+        let d = (x - y) as f64;
+        num += d * d;
+        den += (y as f64) * (y as f64);
+        max = max.max(d.abs());
+    }
+    ((num / den.max(1e-30)).sqrt(), max)
+}
