@@ -122,3 +122,72 @@ impl ModelConfig {
         Ok(())
     }
 }
+
+/// Names accepted by [`preset`].
+pub const PRESETS: [&str; 4] = ["tiny", "S-2x", "L-2x", "L-4x"];
+
+/// The released LlamaGen-VQ-16-layout autoencoder (embed_dim 8, 4096 codes, default ddconfig).
+fn released_decoder() -> DecoderConfig {
+    DecoderConfig {
+        ch: 128,
+        ch_mult: vec![1, 1, 2, 2, 4],
+        num_res_blocks: 2,
+        z_channels: 256,
+        embed_dim: 8,
+        n_embed: 4096,
+        normalize: true,
+    }
+}
+
+/// Configuration of a named preset: `L-2x` and `L-4x` have the released checkpoints' shapes,
+/// `S-2x` the reference's config_256_S.yaml, `tiny` is small enough to sample on two CPU
+/// cores in seconds (256 px output, ratio 2).
+pub fn preset(name: &str) -> Result<ModelConfig> {
+    let l = |ratio: f64| ModelConfig {
+        img_size: 256,
+        scale_ratio: ratio,
+        scale_min_size: 1,
+        class_cond: true,
+        num_classes: 1000,
+        use_head_mlp: false,
+        num_mixing_layers: 2,
+        hidden_size: 1024,
+        num_heads: 16,
+        num_layers: 20,
+        ffn_dim: 3072,
+        rms_norm_eps: 1e-6,
+        steps_per_scale: 8,
+        decoder: released_decoder(),
+    };
+    let cfg = match name {
+        "L-2x" => l(2.0),
+        "L-4x" => l(4.0),
+        "S-2x" => ModelConfig {
+            hidden_size: 512,
+            num_layers: 12,
+            ffn_dim: 1536,
+            ..l(2.0)
+        },
+        "tiny" => ModelConfig {
+            num_classes: 10,
+            hidden_size: 64,
+            num_heads: 2,
+            num_layers: 2,
+            ffn_dim: 256,
+            steps_per_scale: 4,
+            decoder: DecoderConfig {
+                ch: 32,
+                ch_mult: vec![1, 1, 2, 2, 4],
+                num_res_blocks: 1,
+                z_channels: 32,
+                embed_dim: 8,
+                n_embed: 256,
+                normalize: true,
+            },
+            ..l(2.0)
+        },
+        other => bail!("unknown preset `{other}` (known: {})", PRESETS.join(", ")),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}

@@ -4,6 +4,8 @@
 pub mod config;
 pub mod cpu;
 pub mod image;
+pub mod init;
+pub mod model;
 pub mod order;
 pub mod rng;
 pub mod sampler;

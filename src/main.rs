@@ -2,8 +2,10 @@
 
 use anyhow::{Context, Result, bail};
 use checkergen::order::{self, Schedule};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
+
+mod commands;
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +53,34 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Sample images (tokens, PNGs, run.json) from a model file or, without --model, from
+    /// the tiny preset with random weights.
+    Sample(commands::SampleArgs),
+    /// Write a model file with random weights of a preset (no download needed).
+    Init {
+        /// tiny, S-2x, L-2x or L-4x.
+        #[arg(long)]
+        preset: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Storage dtype of float tensors.
+        #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+        dtype: DtypeArg,
+        /// Output .safetensors file.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
+    /// Print a model file's configuration, parameter counts and schedule.
+    Inspect {
+        /// A model file from `checkergen convert` or `checkergen init`.
+        model: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
 }
 
 /// Parse a scale ratio: `2`, `1.5`, `2^(1/4)`, `2^0.5`, `sqrt(2)`.
@@ -125,6 +155,14 @@ fn run(cli: Cli) -> Result<()> {
             vq_stride,
             json,
         ),
+        Cmd::Sample(args) => commands::sample(args),
+        Cmd::Init {
+            preset,
+            seed,
+            dtype,
+            output,
+        } => commands::init(&preset, seed, dtype, &output),
+        Cmd::Inspect { model } => commands::inspect(&model),
     }
 }
 

@@ -113,3 +113,21 @@ pub fn load_i64(st: &SafeTensors, name: &str) -> Result<(Vec<usize>, Vec<i64>)> 
     };
     Ok((v.shape().to_vec(), data))
 }
+
+/// Write raw tensors `(name, dtype, shape, little-endian bytes)` and metadata as safetensors.
+pub fn write_safetensors(
+    path: &Path,
+    entries: &[(String, Dtype, Vec<usize>, Vec<u8>)],
+    metadata: std::collections::HashMap<String, String>,
+) -> Result<()> {
+    let views = entries
+        .iter()
+        .map(|(name, dt, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, Some(metadata), path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+}

@@ -222,3 +222,83 @@ fn teacher_forced_forward_matches_reference() {
         );
     }
 }
+
+/// 8x8 average pooling of (B, 3, H, W) images, as F.avg_pool2d(img, 8).
+fn avgpool8(img: &[f32], b: usize, side: usize) -> Vec<f32> {
+    let o = side / 8;
+    let mut out = vec![0.0f32; b * 3 * o * o];
+    for p in 0..b * 3 {
+        for y in 0..o {
+            for x in 0..o {
+                let mut s = 0.0f32;
+                for dy in 0..8 {
+                    for dx in 0..8 {
+                        s += img[p * side * side + (y * 8 + dy) * side + x * 8 + dx];
+                    }
+                }
+                out[p * o * o + y * o + x] = s / 64.0;
+            }
+        }
+    }
+    out
+}
+
+/// Decoded images of every scale of every greedy case (from the reference's tokens) match
+/// the images `sample()` returned: full images for s <= 5, avg-pool and 32x32 crop above.
+#[test]
+fn greedy_case_images_match_reference() {
+    let Some(g) = common::golden_dir() else {
+        return;
+    };
+    const IMAGE_ABS_TOL: f64 = 2e-3;
+    let mut worst = 0.0f64;
+    for (cfg_name, _) in common::GOLDEN_CONFIGS {
+        let dir = g.join("public").join(cfg_name);
+        let cfg = common::golden_model_config(&dir);
+        let map = common::golden_tensors(&g, cfg_name);
+        let model = checkergen::model::Model::from_tensors(cfg, &map).unwrap();
+        for case in &CASES {
+            let bytes = std::fs::read(dir.join(format!("{}.safetensors", case.name))).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let b = ints(&st, "labels").len();
+            for &s in &model.scale_sizes {
+                let toks: Vec<u32> = ints(&st, &format!("tokens_s{s}"))
+                    .iter()
+                    .map(|&t| t as u32)
+                    .collect();
+                let img = model.decoder.decode_tokens(&toks, b, s);
+                let side = 16 * s;
+                let pairs: Vec<(Vec<f32>, Vec<f32>)> = if s <= 5 {
+                    vec![(img, f32s(&st, &format!("image_s{s}")))]
+                } else {
+                    let crop: Vec<f32> = (0..b * 3)
+                        .flat_map(|p| {
+                            let img = &img;
+                            (0..32).flat_map(move |y| {
+                                let r = p * side * side + y * side;
+                                img[r..r + 32].to_vec()
+                            })
+                        })
+                        .collect();
+                    vec![
+                        (
+                            avgpool8(&img, b, side),
+                            f32s(&st, &format!("image_s{s}_avgpool8")),
+                        ),
+                        (crop, f32s(&st, &format!("image_s{s}_crop32"))),
+                    ]
+                };
+                for (ours, reference) in pairs {
+                    let (_, abs) = common::rel_err(&ours, &reference);
+                    assert!(
+                        abs <= IMAGE_ABS_TOL,
+                        "{cfg_name} {} s={s}: image max abs err {abs:.2e}",
+                        case.name
+                    );
+                    worst = worst.max(abs);
+                }
+            }
+        }
+    }
+    println!("decoded images of all greedy cases, all scales: worst max abs error {worst:.2e}");
+}

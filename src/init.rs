@@ -1,0 +1,160 @@
+//! Random-weight model files for presets (`checkergen init`): the same tensor names, shapes
+//! and file format as a converted checkpoint, so benchmarks and the quick start need no
+//! download. Values follow the scales of the golden test models (unit-variance embeddings,
+//! 1/sqrt(fan_in) linears, norms near 1, logits of std about 4), drawn from Philox keyed by
+//! (seed, tensor name), so a file is reproducible from its seed.
+
+use crate::config::{CONFIG_METADATA_KEY, ModelConfig};
+use crate::cpu::decoder::VqDecoder;
+use crate::order::scale_sizes;
+use crate::rng::philox4x32_10;
+use crate::tensor::{Tensor, TensorMap};
+use crate::weights::expected_transformer_tensors;
+use anyhow::Result;
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Storage dtype of written float tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatDtype {
+    F32,
+    Bf16,
+}
+
+/// Every tensor a model of `cfg` holds, with its shape.
+pub fn expected_tensors(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    let sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
+    let n: usize = sizes.iter().map(|s| s * s).sum();
+    let mut t = expected_transformer_tensors(cfg, n);
+    t.extend(VqDecoder::expected_tensors(&cfg.decoder));
+    Ok(t)
+}
+
+fn name_key(seed: u64, name: &str) -> [u32; 2] {
+    // FNV-1a of the name, mixed with the seed.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    let k = h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    [k as u32, (k >> 32) as u32]
+}
+
+/// Standard normal draws i = 0..n for a tensor (Box-Muller on Philox outputs).
+fn normals(key: [u32; 2], n: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n];
+    out.par_chunks_mut(4).enumerate().for_each(|(i, chunk)| {
+        let x = philox4x32_10([i as u32, (i >> 32) as u32, 0, 0], key);
+        let u = |a: u32| (a as f64 + 0.5) * (1.0 / 4_294_967_296.0);
+        let (r1, t1) = (
+            (-2.0 * u(x[0]).ln()).sqrt(),
+            std::f64::consts::TAU * u(x[1]),
+        );
+        let (r2, t2) = (
+            (-2.0 * u(x[2]).ln()).sqrt(),
+            std::f64::consts::TAU * u(x[3]),
+        );
+        let z = [r1 * t1.cos(), r1 * t1.sin(), r2 * t2.cos(), r2 * t2.sin()];
+        for (o, v) in chunk.iter_mut().zip(z) {
+            *o = v as f32;
+        }
+    });
+    out
+}
+
+/// Random values for one tensor, by the rules in the module comment.
+fn init_tensor(cfg: &ModelConfig, seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let z = normals(name_key(seed, name), n);
+    let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+    let scaled = |s: f32| z.iter().map(|v| v * s).collect::<Vec<f32>>();
+    if name == "llama.rotary_emb.mixing_coeffs" {
+        // U(-2, 2): sigmoid weights between 0.12 and 0.88.
+        let key = name_key(seed, name);
+        return (0..n)
+            .map(|i| {
+                let x = philox4x32_10([i as u32, 0, 1, 0], key)[0];
+                -2.0 + 4.0 * (x as f64 / 4_294_967_296.0) as f32
+            })
+            .collect();
+    }
+    if name.ends_with("parametrizations.weight.original")
+        || name == "class_embeddings.weight"
+        || name == "embed_positions.weight"
+        || name.starts_with("empty_token_")
+        || name == "embed_codevecs_mlp.net.0.weight"
+    {
+        return z;
+    }
+    if name.contains("adaLN_modulation") {
+        if shape.len() == 2 {
+            return scaled(0.5 / (fan_in as f32).sqrt());
+        }
+        let c = n / 2; // shift half ~ N(0, 0.1), scale half ~ 1 + N(0, 0.1)
+        return z
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if i < c { 0.1 * v } else { 1.0 + 0.1 * v })
+            .collect();
+    }
+    if shape.len() == 1 && name.ends_with(".weight") {
+        return z.iter().map(|v| 1.0 + 0.1 * v).collect(); // RMSNorm / GroupNorm gains
+    }
+    if shape.len() == 1 {
+        return scaled(0.05); // biases
+    }
+    if name == "lm_head.weight" {
+        return scaled(4.0 / (cfg.hidden_size as f32).sqrt());
+    }
+    if name.starts_with("embed_codevecs_mlp") {
+        return scaled(1.5 / (fan_in as f32).sqrt());
+    }
+    scaled(1.0 / (fan_in as f32).sqrt())
+}
+
+/// Random weights of `cfg` as a tensor map.
+pub fn random_tensors(cfg: &ModelConfig, seed: u64) -> Result<TensorMap> {
+    let mut map = TensorMap::new();
+    for (name, shape) in expected_tensors(cfg)? {
+        let data = init_tensor(cfg, seed, &name, &shape);
+        map.insert(name, Tensor::new(shape, data));
+    }
+    Ok(map)
+}
+
+/// Write a model file: tensors in `dtype` plus the configuration as metadata.
+pub fn write_model(
+    path: &Path,
+    cfg: &ModelConfig,
+    map: &TensorMap,
+    dtype: FloatDtype,
+    extra_meta: &[(&str, String)],
+) -> Result<()> {
+    let mut meta = HashMap::new();
+    meta.insert(CONFIG_METADATA_KEY.to_string(), serde_json::to_string(cfg)?);
+    meta.insert("format".to_string(), "checkergen-v1".to_string());
+    for (k, v) in extra_meta {
+        meta.insert(k.to_string(), v.clone());
+    }
+    let entries: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = map
+        .iter()
+        .map(|(name, t)| {
+            let (dt, bytes) = match dtype {
+                FloatDtype::F32 => (
+                    safetensors::Dtype::F32,
+                    bytemuck::cast_slice(&t.data).to_vec(),
+                ),
+                FloatDtype::Bf16 => (
+                    safetensors::Dtype::BF16,
+                    t.data
+                        .iter()
+                        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                        .collect(),
+                ),
+            };
+            (name.clone(), dt, t.shape.clone(), bytes)
+        })
+        .collect();
+    crate::tensor::write_safetensors(path, &entries, meta)
+}

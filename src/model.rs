@@ -1,0 +1,95 @@
+//! A loaded model: configuration, scale pyramid, transformer weights and VQ decoder, and the
+//! whole sampling call (token loop + decode).
+
+use crate::config::{CONFIG_METADATA_KEY, ModelConfig};
+use crate::cpu::decoder::VqDecoder;
+use crate::order::scale_sizes;
+use crate::sampler::{SampleOptions, TokenOutput, sample_tokens};
+use crate::tensor::{TensorMap, load_safetensors};
+use crate::weights::TransformerWeights;
+use anyhow::{Context, Result, anyhow};
+use std::path::Path;
+use std::time::Instant;
+
+pub struct Model {
+    pub config: ModelConfig,
+    /// Scale sides, ascending.
+    pub scale_sizes: Vec<usize>,
+    pub weights: TransformerWeights,
+    pub decoder: VqDecoder,
+}
+
+/// Tokens and decoded images of one sampling call.
+pub struct Samples {
+    pub tokens: TokenOutput,
+    /// (B, 3, H, W) decoder output in about [-1, 1].
+    pub images: Vec<f32>,
+    /// Image side H = W.
+    pub image_size: usize,
+    pub decode_ms: f64,
+}
+
+impl Model {
+    /// Load a model file written by `checkergen convert` or `checkergen init`.
+    pub fn load(path: &Path) -> Result<Model> {
+        let (map, meta) = load_safetensors(path)?;
+        let json = meta.get(CONFIG_METADATA_KEY).ok_or_else(|| {
+            anyhow!(
+                "{}: no `{CONFIG_METADATA_KEY}` in the safetensors metadata; \
+                 make model files with `checkergen convert` or `checkergen init`",
+                path.display()
+            )
+        })?;
+        let config: ModelConfig = serde_json::from_str(json)
+            .with_context(|| format!("{}: malformed configuration metadata", path.display()))?;
+        Model::from_tensors(config, &map).with_context(|| format!("{}", path.display()))
+    }
+
+    /// Validate the configuration and every tensor, then fold the weights.
+    pub fn from_tensors(config: ModelConfig, map: &TensorMap) -> Result<Model> {
+        config.validate()?;
+        let scale_sizes = scale_sizes(
+            config.latent_size(),
+            config.scale_ratio,
+            config.scale_min_size,
+        )?;
+        let n_tokens = scale_sizes.iter().map(|s| s * s).sum();
+        let weights = TransformerWeights::from_tensors(&config, map, n_tokens)?;
+        let decoder = VqDecoder::from_tensors(&config.decoder, map)?;
+        Ok(Model {
+            config,
+            scale_sizes,
+            weights,
+            decoder,
+        })
+    }
+
+    /// Sample token pyramids and decode the last scale to images.
+    pub fn sample(&self, opts: &SampleOptions) -> Result<Samples> {
+        let tokens = sample_tokens(&self.config, &self.weights, &self.scale_sizes, opts)?;
+        let t = Instant::now();
+        let s = *self.scale_sizes.last().unwrap();
+        let last = tokens.tokens.last().unwrap();
+        let images = self.decoder.decode_tokens(last, opts.labels.len(), s);
+        Ok(Samples {
+            tokens,
+            images,
+            image_size: s * self.config.decoder.stride(),
+            decode_ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Parameter counts: (transformer side, decoder side incl. codebook).
+    pub fn parameter_counts(&self) -> (usize, usize) {
+        let n_tokens = self.weights.n_tokens;
+        let t = crate::weights::expected_transformer_tensors(&self.config, n_tokens)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        let d = VqDecoder::expected_tensors(&self.config.decoder)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        (t, d)
+    }
+}

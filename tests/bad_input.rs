@@ -1,0 +1,234 @@
+//! Bad input fails with a clear error (library) or one line and a non-zero exit (CLI),
+//! never a panic or a silent wrong answer.
+
+use checkergen::config::preset;
+use checkergen::init::{FloatDtype, random_tensors, write_model};
+use checkergen::model::Model;
+use checkergen::tensor::Tensor;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cg-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn tiny_file(name: &str) -> PathBuf {
+    let cfg = preset("tiny").unwrap();
+    let map = random_tensors(&cfg, 1).unwrap();
+    let p = tmp(name);
+    write_model(&p, &cfg, &map, FloatDtype::F32, &[]).unwrap();
+    p
+}
+
+fn load_err(p: &std::path::Path) -> String {
+    match Model::load(p) {
+        Ok(_) => panic!("{} should not load", p.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_checkergen"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    (out.status.success(), err)
+}
+
+fn assert_cli_fails(args: &[&str], fragment: &str) {
+    let (ok, err) = run(args);
+    assert!(!ok, "{args:?} should fail");
+    let last = err.trim().lines().last().unwrap_or("");
+    assert!(
+        last.contains(fragment),
+        "{args:?}: {err:?} lacks {fragment:?}"
+    );
+    assert!(last.starts_with("error"), "{args:?}: {err:?}");
+}
+
+#[test]
+fn truncated_and_foreign_files() {
+    let p = tiny_file("trunc.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_err(&p);
+    assert!(
+        e.contains("not a valid safetensors file") && e.contains("trunc"),
+        "{e}"
+    );
+
+    let q = tmp("text.safetensors");
+    std::fs::write(&q, b"this is not a model").unwrap();
+    let e = load_err(&q);
+    assert!(e.contains("not a valid safetensors file"), "{e}");
+
+    let e = load_err(&tmp("does-not-exist.safetensors"));
+    assert!(e.contains("cannot read"), "{e}");
+    assert_cli_fails(
+        &["inspect", p.to_str().unwrap()],
+        "not a valid safetensors file",
+    );
+}
+
+#[test]
+fn missing_and_misshaped_tensors() {
+    let cfg = preset("tiny").unwrap();
+    let mut map = random_tensors(&cfg, 1).unwrap();
+    map.remove("lm_head.weight");
+    let p = tmp("missing.safetensors");
+    write_model(&p, &cfg, &map, FloatDtype::F32, &[]).unwrap();
+    let e = load_err(&p);
+    assert!(
+        e.contains("missing tensor `lm_head.weight`") && e.contains("missing.safetensors"),
+        "{e}"
+    );
+
+    let mut map = random_tensors(&cfg, 1).unwrap();
+    map.remove("autoenc.decoder.conv_out.weight");
+    write_model(&p, &cfg, &map, FloatDtype::F32, &[]).unwrap();
+    let e = load_err(&p);
+    assert!(e.contains("autoenc.decoder.conv_out.weight"), "{e}");
+
+    let mut map = random_tensors(&cfg, 1).unwrap();
+    map.insert(
+        "llama.layers.1.attention.wo.weight".into(),
+        Tensor::zeros(vec![64, 32]),
+    );
+    write_model(&p, &cfg, &map, FloatDtype::F32, &[]).unwrap();
+    let e = load_err(&p);
+    assert!(
+        e.contains("llama.layers.1.attention.wo.weight") && e.contains("[64, 32]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn config_disagrees_with_tensors() {
+    let cfg = preset("tiny").unwrap();
+    let map = random_tensors(&cfg, 1).unwrap();
+    let mut other = cfg.clone();
+    other.num_classes = 20;
+    let p = tmp("disagree.safetensors");
+    write_model(&p, &other, &map, FloatDtype::F32, &[]).unwrap();
+    let e = load_err(&p);
+    assert!(
+        e.contains("class_embeddings.weight") && e.contains("[11, 64]"),
+        "{e}"
+    );
+
+    let mut bad = cfg.clone();
+    bad.num_heads = 3; // 64 not divisible by 3
+    write_model(&p, &bad, &map, FloatDtype::F32, &[]).unwrap();
+    let e = load_err(&p);
+    assert!(e.contains("not divisible"), "{e}");
+
+    let mut bad = cfg.clone();
+    bad.scale_ratio = 40.0;
+    write_model(&p, &bad, &map, FloatDtype::F32, &[]).unwrap();
+    assert!(load_err(&p).contains("rounds to 0"));
+}
+
+#[test]
+fn no_configuration_metadata() {
+    let p = tmp("nometa.safetensors");
+    checkergen::tensor::write_safetensors(
+        &p,
+        &[(
+            "x".into(),
+            safetensors::Dtype::F32,
+            vec![1],
+            vec![0, 0, 0, 0],
+        )],
+        Default::default(),
+    )
+    .unwrap();
+    assert!(load_err(&p).contains("no `checkergen_config`"));
+}
+
+#[test]
+fn cli_rejects_bad_requests() {
+    let model = tiny_file("cli.safetensors");
+    let m = model.to_str().unwrap();
+    let out = tmp("out");
+    let o = out.to_str().unwrap();
+    assert_cli_fails(
+        &["sample", "--model", m, "--labels", "10", "--out", o],
+        "class id 10 is out of range",
+    );
+    assert_cli_fails(
+        &[
+            "sample",
+            "--model",
+            m,
+            "--labels",
+            "1",
+            "--steps-per-scale",
+            "0",
+            "--out",
+            o,
+        ],
+        "at least 1",
+    );
+    assert_cli_fails(
+        &[
+            "sample", "--model", m, "--labels", "1", "--steps", "1,2", "--out", o,
+        ],
+        "per-scale step counts",
+    );
+    assert_cli_fails(
+        &[
+            "sample", "--model", m, "--labels", "1", "--top-p", "1.5", "--out", o,
+        ],
+        "top-p",
+    );
+    assert_cli_fails(
+        &[
+            "sample",
+            "--model",
+            m,
+            "--labels",
+            "1",
+            "--temperature",
+            "-1",
+            "--out",
+            o,
+        ],
+        "temperature",
+    );
+    // An output path below a regular file cannot be created.
+    let blocker = tmp("blocker");
+    std::fs::write(&blocker, b"x").unwrap();
+    let sub = blocker.join("sub");
+    assert_cli_fails(
+        &[
+            "sample",
+            "--model",
+            m,
+            "--labels",
+            "1",
+            "--out",
+            sub.to_str().unwrap(),
+        ],
+        "cannot create output directory",
+    );
+    assert_cli_fails(
+        &["init", "--preset", "huge", "-o", o],
+        "unknown preset `huge`",
+    );
+    assert_cli_fails(
+        &[
+            "sample",
+            "--model",
+            "/nonexistent.safetensors",
+            "--labels",
+            "1",
+            "--out",
+            o,
+        ],
+        "cannot read",
+    );
+}

@@ -1,0 +1,135 @@
+//! End-to-end `checkergen init` + `sample` + `inspect` on the tiny preset.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_checkergen"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cg-e2e-{}-{name}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    d
+}
+
+#[test]
+fn init_sample_inspect() {
+    let d = dir("a");
+    std::fs::create_dir_all(&d).unwrap();
+    let model = d.join("tiny.safetensors");
+    let m = model.to_str().unwrap();
+    run(&["init", "--preset", "tiny", "--seed", "3", "-o", m]);
+    let text = run(&["inspect", m]);
+    assert!(
+        text.contains("scales [1, 2, 4, 8, 16] (341 tokens)"),
+        "{text}"
+    );
+
+    let out = d.join("out");
+    let o = out.to_str().unwrap();
+    let text = run(&[
+        "sample",
+        "--model",
+        m,
+        "--labels",
+        "0,3,7",
+        "--seed",
+        "5",
+        "--out",
+        o,
+        "--save-tokens",
+        "--timings",
+    ]);
+    assert!(text.contains("serial steps: 17"), "{text}");
+    for f in [
+        "sample_0000.png",
+        "sample_0002.png",
+        "grid.png",
+        "run.json",
+        "tokens.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let run_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["schedule"]["total_steps"], 17);
+    assert_eq!(run_json["labels"], serde_json::json!([0, 3, 7]));
+    let png = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(out.join("sample_0001.png")).unwrap(),
+    ));
+    let info = png.read_info().unwrap();
+    assert_eq!((info.info().width, info.info().height), (256, 256));
+
+    // Same seed, same tokens; another seed, other tokens.
+    let tokens = |p: &PathBuf| {
+        let bytes = std::fs::read(p.join("tokens.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("scale_4").unwrap();
+        assert_eq!(t.shape(), &[3, 16, 16]);
+        assert_eq!(t.dtype(), safetensors::Dtype::I32);
+        t.data().to_vec()
+    };
+    let out2 = d.join("out2");
+    run(&[
+        "sample",
+        "--model",
+        m,
+        "--labels",
+        "0,3,7",
+        "--seed",
+        "5",
+        "--out",
+        out2.to_str().unwrap(),
+        "--save-tokens",
+    ]);
+    assert_eq!(tokens(&out), tokens(&out2));
+    let out3 = d.join("out3");
+    run(&[
+        "sample",
+        "--model",
+        m,
+        "--labels",
+        "0,3,7",
+        "--seed",
+        "6",
+        "--out",
+        out3.to_str().unwrap(),
+        "--save-tokens",
+    ]);
+    assert_ne!(tokens(&out), tokens(&out3));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn sample_without_model_uses_tiny_preset() {
+    let d = dir("b");
+    let out = Command::new(env!("CARGO_BIN_EXE_checkergen"))
+        .args([
+            "sample",
+            "--num-samples",
+            "2",
+            "--out",
+            d.to_str().unwrap(),
+            "--steps",
+            "1,1,2,2,4",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tiny"));
+    let run_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["schedule"]["total_steps"], 1 + 1 + 2 + 2 + 4);
+    assert_eq!(run_json["labels"], serde_json::json!([0, 1]));
+    std::fs::remove_dir_all(&d).ok();
+}
