@@ -79,14 +79,14 @@ impl ModelConfig {
         if self.hidden_size == 0 || self.num_heads == 0 || self.num_layers == 0 {
             bail!("config: hidden_size, num_heads and num_layers must be positive");
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             bail!(
                 "config: hidden_size {} is not divisible by num_heads {}",
                 self.hidden_size,
                 self.num_heads
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!("config: head_dim {} must be even", self.head_dim());
         }
         if self.num_mixing_layers > self.num_layers {
@@ -105,10 +105,10 @@ impl ModelConfig {
         if d.ch_mult.is_empty() || d.ch == 0 || d.embed_dim == 0 || d.n_embed == 0 {
             bail!("config: decoder ch, ch_mult, embed_dim and n_embed must be non-empty/positive");
         }
-        if d.ch % 32 != 0 || d.ch_mult.iter().any(|&m| m == 0) {
+        if !d.ch.is_multiple_of(32) || d.ch_mult.contains(&0) {
             bail!("config: decoder channels must be multiples of 32 (GroupNorm with 32 groups)");
         }
-        if self.img_size == 0 || self.img_size % d.stride() != 0 {
+        if self.img_size == 0 || !self.img_size.is_multiple_of(d.stride()) {
             bail!(
                 "config: img_size {} is not a positive multiple of the decoder stride {}",
                 self.img_size,
