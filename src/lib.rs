@@ -5,3 +5,4 @@ pub mod config;
 pub mod cpu;
 pub mod order;
 pub mod tensor;
+pub mod yaml;
