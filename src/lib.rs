@@ -4,5 +4,6 @@
 pub mod config;
 pub mod cpu;
 pub mod order;
+pub mod pth;
 pub mod tensor;
 pub mod yaml;
