@@ -2,6 +2,7 @@
 //! models (Eigen, 2026). See README.md and ARCHITECTURE.md.
 
 pub mod config;
+pub mod convert;
 pub mod cpu;
 pub mod order;
 pub mod pth;
