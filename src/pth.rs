@@ -1630,6 +1630,79 @@ mod tests {
     }
 
     #[test]
+    fn bare_state_dict_and_tensor_wrappers() {
+        // torch.save(OrderedDict(w=tensor)): the top level is the state dict itself.
+        let pkl: &[u8] = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01X\x01\x00\x00\x00wq\x02ctorch._utils\n_rebuild_tensor_v2\nq\x03((X\x07\x00\x00\x00storageq\x04ctorch\nFloatStorage\nq\x05X\x01\x00\x00\x000q\x06X\x03\x00\x00\x00cpuq\x07K\x05tq\x08QK\x01K\x02K\x02\x86q\tK\x01K\x02\x86q\n\x89h\x00)Rq\x0btq\x0cRq\x0ds.";
+        let storage: Vec<u8> = [0.0f32, 1.0, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let files: [(&str, &[u8]); 2] = [("bare/data.pkl", pkl), ("bare/data/0", &storage)];
+        let path = write_temp("bare.pth", &build_zip(&files, false));
+        let ck = PthCheckpoint::open(&path).unwrap();
+        assert!(ck.root_is_state_dict());
+        assert_eq!(
+            read_state_dict(&path, "model").unwrap()["w"].to_f32(),
+            vec![1.0, 3.0, 2.0, 4.0]
+        );
+        let err = format!("{:#}", ck.state_dict("model_ema").unwrap_err());
+        assert!(
+            err.contains("no 'model_ema' entry (top-level keys: w)"),
+            "{err}"
+        );
+
+        // Parameter and tensor-subclass wrappers unwrap to the tensor.
+        let global = |m: &str, n: &str| Value::Global(Rc::new((m.to_string(), n.to_string())));
+        let storage = Value::Storage(Rc::new(Storage {
+            class: "HalfStorage".into(),
+            dtype: Some(PthDtype::F16),
+            key: "3".into(),
+            numel: 6,
+        }));
+        let tuple = |v: Vec<Value>| Value::Tuple(Rc::new(v));
+        let args = tuple(vec![
+            storage,
+            Value::Int(2),
+            tuple(vec![Value::Int(2), Value::Int(2)]),
+            tuple(vec![Value::Int(2), Value::Int(1)]),
+            Value::Bool(false),
+            Value::Dict(Default::default()),
+        ]);
+        let t = reduce(&global("torch._utils", "_rebuild_tensor_v2"), &args).unwrap();
+        let Value::Tensor(inner) = &t else {
+            panic!("not a tensor")
+        };
+        assert_eq!((inner.offset, inner.shape.clone()), (2, vec![2, 2]));
+        let state = Value::Dict(Default::default());
+        let p = reduce(
+            &global("torch._utils", "_rebuild_parameter_with_state"),
+            &tuple(vec![
+                t.clone(),
+                Value::Bool(true),
+                Value::Dict(Default::default()),
+                state.clone(),
+            ]),
+        )
+        .unwrap();
+        assert!(matches!(&p, Value::Tensor(x) if Rc::ptr_eq(x, inner)));
+        let sub = reduce(
+            &global("torch._tensor", "_rebuild_from_type_v2"),
+            &tuple(vec![
+                global("torch._utils", "_rebuild_tensor_v2"),
+                global("torch", "Tensor"),
+                args,
+                state,
+            ]),
+        )
+        .unwrap();
+        assert!(matches!(&sub, Value::Tensor(x) if x.offset == 2));
+        assert!(matches!(
+            reduce(&global("torch", "device"), &tuple(vec![])).unwrap(),
+            Value::Object(_)
+        ));
+    }
+
+    #[test]
     fn not_a_zip() {
         let path = write_temp(
             "garbage.pth",
