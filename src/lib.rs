@@ -2,13 +2,16 @@
 //! models (Eigen, 2026). See README.md and ARCHITECTURE.md.
 
 pub mod config;
+pub mod convert;
 pub mod cpu;
 pub mod image;
 pub mod init;
 pub mod model;
 pub mod order;
+pub mod pth;
 pub mod rng;
 pub mod sampler;
 pub mod sampling;
 pub mod tensor;
 pub mod weights;
+pub mod yaml;
