@@ -31,11 +31,11 @@ use std::str::FromStr;
 pub const FORMAT: &str = "checkergen-v1";
 
 /// State-dict name of the codebook (with the `UnitNorm` parametrization, `normalize: true`).
-pub const CODEBOOK_KEY: &str = "autoenc.quantize.embedding.parametrizations.weight.original";
+pub const CODEBOOK_KEY: &str = crate::weights::CODEBOOK;
 /// Codebook name when the autoencoder has `normalize: false` (no parametrization).
 pub const CODEBOOK_KEY_PLAIN: &str = "autoenc.quantize.embedding.weight";
 /// State-dict name of the learned RoPE table.
-pub const ROPE_KEY: &str = "llama.rotary_emb.position_embeddings.parametrizations.weight.original";
+pub const ROPE_KEY: &str = crate::weights::ROPE_TABLE;
 /// State-dict name of the per-layer, per-head RoPE mixing coefficients.
 pub const MIXING_KEY: &str = "llama.rotary_emb.mixing_coeffs";
 
@@ -495,152 +495,8 @@ fn read_yaml_model(config_yaml: &Path, autoenc_yaml: &Path) -> Result<YamlModel>
 // Expected tensors
 // ------------------------------------------------------------------------------------------
 
-/// Every tensor sampling needs for `config`, with its shape, named as in the reference's
-/// `AR.state_dict()` (SPEC.md section 4; the decoder as in cbgen/ae_encoder.py `Decoder`).
-/// The encoder, `quant_conv` and the quantizer's training buffers are not included.
-pub fn expected_tensors(config: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    let c = config.hidden_size;
-    let d = &config.decoder;
-    let e = d.embed_dim;
-    let mlp_hidden = e.max(64);
-    let f = config.ffn_dim;
-    let sizes = crate::order::scale_sizes(
-        config.latent_size(),
-        config.scale_ratio,
-        config.scale_min_size,
-    )?;
-    let n: usize = sizes.iter().map(|s| s * s).sum();
-    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>| out.push((name, shape));
-
-    add("empty_token_emb".into(), vec![c]);
-    add("empty_token_pos".into(), vec![c]);
-    for l in 0..config.num_layers {
-        let p = format!("llama.layers.{l}.");
-        add(format!("{p}attention.wqkv.weight"), vec![3 * c, c]);
-        add(format!("{p}attention.wo.weight"), vec![c, c]);
-        add(format!("{p}feed_forward.w1.weight"), vec![f, c]);
-        add(format!("{p}feed_forward.w3.weight"), vec![f, c]);
-        add(format!("{p}feed_forward.w2.weight"), vec![c, f]);
-        add(format!("{p}attention_norm.weight"), vec![c]);
-        add(format!("{p}ffn_norm.weight"), vec![c]);
-        for m in ["input_modulation", "post_attention_modulation"] {
-            add(format!("{p}{m}.adaLN_modulation.1.weight"), vec![2 * c, c]);
-            add(format!("{p}{m}.adaLN_modulation.1.bias"), vec![2 * c]);
-        }
-    }
-    add("llama.norm.weight".into(), vec![c]);
-    add(
-        MIXING_KEY.into(),
-        vec![config.num_mixing_layers, config.num_heads],
-    );
-    add(ROPE_KEY.into(), vec![n + 2, 2 * config.head_dim()]);
-    add(
-        "class_embeddings.weight".into(),
-        vec![config.num_classes + 1, c],
-    );
-    add("embed_positions.weight".into(), vec![n, c]);
-    let mlp =
-        |prefix: &str, out_dim: usize, last_bias: bool, add: &mut dyn FnMut(String, Vec<usize>)| {
-            add(format!("{prefix}.net.0.weight"), vec![mlp_hidden, e]);
-            add(format!("{prefix}.net.0.bias"), vec![mlp_hidden]);
-            add(
-                format!("{prefix}.net.2.weight"),
-                vec![mlp_hidden, mlp_hidden],
-            );
-            add(format!("{prefix}.net.2.bias"), vec![mlp_hidden]);
-            add(format!("{prefix}.net.4.weight"), vec![out_dim, mlp_hidden]);
-            if last_bias {
-                add(format!("{prefix}.net.4.bias"), vec![out_dim]);
-            }
-        };
-    mlp("embed_codevecs_mlp", c, true, &mut add);
-    add("src_latents_proj.weight".into(), vec![c, c]);
-    add("src_latents_proj.bias".into(), vec![c]);
-    add("combine_inputs.weight".into(), vec![c, 4 * c]);
-    add("combine_inputs.bias".into(), vec![c]);
-    if config.use_head_mlp {
-        mlp("head_mlp", c, false, &mut add);
-    }
-    add("lm_head.weight".into(), vec![d.n_embed, c]);
-    add("lm_head.bias".into(), vec![d.n_embed]);
-
-    // Autoencoder: codebook, post_quant_conv, decoder.
-    let codebook = if d.normalize {
-        CODEBOOK_KEY
-    } else {
-        CODEBOOK_KEY_PLAIN
-    };
-    add(codebook.into(), vec![d.n_embed, e]);
-    add(
-        "autoenc.post_quant_conv.weight".into(),
-        vec![d.z_channels, e, 1, 1],
-    );
-    add("autoenc.post_quant_conv.bias".into(), vec![d.z_channels]);
-    let conv = |name: String,
-                cout: usize,
-                cin: usize,
-                k: usize,
-                add: &mut dyn FnMut(String, Vec<usize>)| {
-        add(format!("{name}.weight"), vec![cout, cin, k, k]);
-        add(format!("{name}.bias"), vec![cout]);
-    };
-    let norm = |name: String, ch: usize, add: &mut dyn FnMut(String, Vec<usize>)| {
-        add(format!("{name}.weight"), vec![ch]);
-        add(format!("{name}.bias"), vec![ch]);
-    };
-    let res = |p: String, cin: usize, cout: usize, add: &mut dyn FnMut(String, Vec<usize>)| {
-        norm(format!("{p}.norm1"), cin, add);
-        conv(format!("{p}.conv1"), cout, cin, 3, add);
-        norm(format!("{p}.norm2"), cout, add);
-        conv(format!("{p}.conv2"), cout, cout, 3, add);
-        if cin != cout {
-            conv(format!("{p}.nin_shortcut"), cout, cin, 1, add);
-        }
-    };
-    let attn = |p: String, ch: usize, add: &mut dyn FnMut(String, Vec<usize>)| {
-        norm(format!("{p}.norm"), ch, add);
-        for q in ["q", "k", "v", "proj_out"] {
-            conv(format!("{p}.{q}"), ch, ch, 1, add);
-        }
-    };
-    let levels = d.ch_mult.len();
-    let mut block_in = d.ch * d.ch_mult[levels - 1];
-    let dp = "autoenc.decoder";
-    conv(format!("{dp}.conv_in"), block_in, d.z_channels, 3, &mut add);
-    res(format!("{dp}.mid.0"), block_in, block_in, &mut add);
-    attn(format!("{dp}.mid.1"), block_in, &mut add);
-    res(format!("{dp}.mid.2"), block_in, block_in, &mut add);
-    for (i, level) in (0..levels).rev().enumerate() {
-        let block_out = d.ch * d.ch_mult[level];
-        for j in 0..=d.num_res_blocks {
-            res(
-                format!("{dp}.conv_blocks.{i}.res.{j}"),
-                block_in,
-                block_out,
-                &mut add,
-            );
-            block_in = block_out;
-        }
-        if level == levels - 1 {
-            for j in 0..=d.num_res_blocks {
-                attn(format!("{dp}.conv_blocks.{i}.attn.{j}"), block_in, &mut add);
-            }
-        }
-        if level != 0 {
-            conv(
-                format!("{dp}.conv_blocks.{i}.upsample.conv"),
-                block_in,
-                block_in,
-                3,
-                &mut add,
-            );
-        }
-    }
-    norm(format!("{dp}.norm_out"), block_in, &mut add);
-    conv(format!("{dp}.conv_out"), 3, block_in, 3, &mut add);
-    Ok(out)
-}
+/// Every tensor sampling needs, with its shape (the loader's list; see `weights.rs`).
+pub use crate::weights::expected_tensors;
 
 /// Tensors of the reference's state dict that sampling never uses.
 pub fn is_training_only(name: &str) -> bool {
@@ -1101,7 +957,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary> {
     let expected: HashMap<String, Vec<usize>> = expected_tensors(&config)?.into_iter().collect();
     let unexpected_tensors: Vec<String> = selected
         .keys()
-        .filter(|k| !expected.contains_key(*k))
+        .filter(|k| !expected.contains_key(*k) && *k != CODEBOOK_KEY_PLAIN)
         .cloned()
         .collect();
 
@@ -1111,7 +967,14 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary> {
     for (name, sel) in &selected {
         let t = sources.files[sel.source].read_tensor(name, &sel.info)?;
         parameters += t.numel();
-        out.push((name.clone(), cast(t, opts.dtype)));
+        // The engine reads the codebook under one name; `normalize` in the config says
+        // whether it is normalized at load time.
+        let name = if name == CODEBOOK_KEY_PLAIN {
+            CODEBOOK_KEY
+        } else {
+            name.as_str()
+        };
+        out.push((name.to_string(), cast(t, opts.dtype)));
     }
 
     // Write next to the output, then rename, so a failed run leaves no partial model file.

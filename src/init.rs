@@ -5,11 +5,9 @@
 //! (seed, tensor name), so a file is reproducible from its seed.
 
 use crate::config::{CONFIG_METADATA_KEY, ModelConfig};
-use crate::cpu::decoder::VqDecoder;
-use crate::order::scale_sizes;
 use crate::rng::philox4x32_10;
 use crate::tensor::{Tensor, TensorMap};
-use crate::weights::expected_transformer_tensors;
+use crate::weights::expected_tensors;
 use anyhow::Result;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -20,15 +18,6 @@ use std::path::Path;
 pub enum FloatDtype {
     F32,
     Bf16,
-}
-
-/// Every tensor a model of `cfg` holds, with its shape.
-pub fn expected_tensors(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    let sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
-    let n: usize = sizes.iter().map(|s| s * s).sum();
-    let mut t = expected_transformer_tensors(cfg, n);
-    t.extend(VqDecoder::expected_tensors(&cfg.decoder));
-    Ok(t)
 }
 
 fn name_key(seed: u64, name: &str) -> [u32; 2] {

@@ -70,6 +70,30 @@ enum Cmd {
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
     },
+    /// Convert the authors' released checkpoint (.pth + YAML configs) to a model file.
+    Convert {
+        /// The AR checkpoint (e.g. checkerboard-L-2x/checkpoint-last.pth).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The model's YAML config (e.g. checkerboard-L-2x/config.yaml).
+        #[arg(long)]
+        config: PathBuf,
+        /// The autoencoder's YAML config (autoenc/autoencoder_config.yaml).
+        #[arg(long)]
+        autoenc_config: PathBuf,
+        /// The VQ autoencoder checkpoint, for AR checkpoints without `autoenc.*` weights.
+        #[arg(long)]
+        autoenc_checkpoint: Option<PathBuf>,
+        /// Use the EMA weights (`model_ema`) instead of `model`.
+        #[arg(long)]
+        ema: bool,
+        /// Storage dtype of float tensors.
+        #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+        dtype: DtypeArg,
+        /// Output .safetensors file.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
     /// Print a model file's configuration, parameter counts and schedule.
     Inspect {
         /// A model file from `checkergen convert` or `checkergen init`.
@@ -163,6 +187,30 @@ fn run(cli: Cli) -> Result<()> {
             output,
         } => commands::init(&preset, seed, dtype, &output),
         Cmd::Inspect { model } => commands::inspect(&model),
+        Cmd::Convert {
+            checkpoint,
+            config,
+            autoenc_config,
+            autoenc_checkpoint,
+            ema,
+            dtype,
+            output,
+        } => {
+            let summary = checkergen::convert::convert(&checkergen::convert::ConvertOptions {
+                checkpoint,
+                config_yaml: config,
+                autoenc_yaml: autoenc_config,
+                autoenc_checkpoint,
+                ema,
+                dtype: match dtype {
+                    DtypeArg::F32 => checkergen::convert::OutputDtype::F32,
+                    DtypeArg::Bf16 => checkergen::convert::OutputDtype::Bf16,
+                },
+                output,
+            })?;
+            println!("{summary}");
+            Ok(())
+        }
     }
 }
 

@@ -75,6 +75,18 @@ pub fn expected_transformer_tensors(
     t
 }
 
+/// Every tensor a model file of `cfg` must hold (transformer, codebook, VQ decoder), with
+/// its shape. The one list behind loading, `checkergen init` and `checkergen convert`.
+pub fn expected_tensors(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    let sizes = crate::order::scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
+    let n: usize = sizes.iter().map(|s| s * s).sum();
+    let mut t = expected_transformer_tensors(cfg, n);
+    t.extend(crate::cpu::decoder::VqDecoder::expected_tensors(
+        &cfg.decoder,
+    ));
+    Ok(t)
+}
+
 /// Take a tensor out of the map, checking its shape.
 pub fn take(map: &TensorMap, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
     take_shape(map, name, shape)?;

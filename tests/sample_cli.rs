@@ -133,3 +133,44 @@ fn sample_without_model_uses_tiny_preset() {
     assert_eq!(run_json["labels"], serde_json::json!([0, 1]));
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// Convert the fixture .pth with the CLI, then sample from the result: the whole path from
+/// the authors' file format to PNGs.
+#[test]
+fn convert_fixture_then_sample() {
+    let d = dir("c");
+    std::fs::create_dir_all(&d).unwrap();
+    let fx = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pth");
+    let model = d.join("fx.safetensors");
+    let text = run(&[
+        "convert",
+        "--checkpoint",
+        fx.join("tiny.pth").to_str().unwrap(),
+        "--config",
+        fx.join("tiny_config.yaml").to_str().unwrap(),
+        "--autoenc-config",
+        fx.join("tiny_autoencoder.yaml").to_str().unwrap(),
+        "--ema",
+        "-o",
+        model.to_str().unwrap(),
+    ]);
+    assert!(text.contains("model_ema"), "{text}");
+    let out = d.join("out");
+    let text = run(&[
+        "sample",
+        "--model",
+        model.to_str().unwrap(),
+        "--labels",
+        "0,1,2,3",
+        "--cfg",
+        "1.5",
+        "--temperature",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+        "--save-tokens",
+    ]);
+    assert!(text.contains("wrote 4 images (16x16)"), "{text}");
+    assert!(out.join("sample_0003.png").is_file());
+    std::fs::remove_dir_all(&d).ok();
+}
