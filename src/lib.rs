@@ -4,6 +4,8 @@
 pub mod config;
 pub mod convert;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod image;
 pub mod init;
 pub mod model;

@@ -100,3 +100,25 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> (f64, f64) {
     }
     ((num / den.max(1e-30)).sqrt(), max)
 }
+
+/// The GPU, or `None` with a loud message when this machine has none (GPU tests then skip,
+/// also under CI, which has no GPU).
+#[cfg(feature = "cuda")]
+pub fn gpu_or_skip(test: &str) -> Option<checkergen::cuda::Gpu> {
+    match checkergen::cuda::Gpu::try_new() {
+        Ok(Some(g)) => {
+            println!(
+                "{test}: running on {} (cc {}.{}, kernels: {})",
+                g.name, g.cc.0, g.cc.1, g.image_kind
+            );
+            Some(g)
+        }
+        Ok(None) => {
+            eprintln!(
+                "\n!!!!!!!! SKIPPED {test}: no CUDA GPU on this machine; GPU path NOT checked !!!!!!!!\n"
+            );
+            None
+        }
+        Err(e) => panic!("{test}: a GPU is present but unusable: {e:#}"),
+    }
+}

@@ -1,0 +1,65 @@
+// norm.cu: RMSNorm fused with the AdaLN modulation, SwiGLU gating, and bias add.
+//
+// rmsnorm_adaln: out[t, :] = bf16( x[t, :] * rsqrt(mean(x[t, :]^2) + eps) * w * scale_r + shift_r )
+//   x    (T, C) f32, the residual stream, T = rows * n (row r = t / n)
+//   w    (C) f32 norm weight
+//   mod  (rows, 4C) f32 per-row AdaLN [shift1 | scale1 | shift2 | scale2] of this layer; the
+//        kernel reads [shift | scale] at mod_offset (0 before attention, 2C before the FFN);
+//        mod == 0 skips the modulation (final norm).
+//   out  (T, C) bf16
+//   launch: grid T, block 256; one block per token, f32 sum of squares by block reduction.
+// silu_mul: h[t, i] = bf16( silu(g[t, i]) * g[t, F + i] ), g (T, 2F) bf16 from one GEMM with
+//   the stacked [w1; w3] weight; grid-stride over T*F.
+// add_bias_f32: y[t, j] += b[j], y (T, N) f32; grid-stride.
+#include "common.cuh"
+
+struct RmsNormParams {
+    u64 x, w, mod, out;
+    int tokens, n, c, mod_offset;
+    float eps;
+};
+
+extern "C" __global__ void rmsnorm_adaln(const RmsNormParams p) {
+    __shared__ float scratch[32];
+    const int t = blockIdx.x;
+    if (t >= p.tokens) return;
+    const float* x = (const float*)p.x + (size_t)t * p.c;
+    const float* w = (const float*)p.w;
+    __nv_bfloat16* out = (__nv_bfloat16*)p.out + (size_t)t * p.c;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < p.c; i += blockDim.x) ss += x[i] * x[i];
+    ss = block_sum(ss, scratch);
+    const float inv = rsqrtf(ss / (float)p.c + p.eps);
+    const float* m = p.mod ? (const float*)p.mod + (size_t)(t / p.n) * 4 * p.c + p.mod_offset : nullptr;
+    for (int i = threadIdx.x; i < p.c; i += blockDim.x) {
+        float v = x[i] * inv * w[i];
+        if (m) v = v * m[p.c + i] + m[i];
+        out[i] = f2bf(v);
+    }
+}
+
+struct SiluMulParams {
+    u64 g, h;
+    int tokens, f;
+};
+
+extern "C" __global__ void silu_mul(const SiluMulParams p) {
+    const size_t total = (size_t)p.tokens * p.f;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t t = i / p.f, j = i % p.f;
+        const __nv_bfloat16* g = (const __nv_bfloat16*)p.g + t * 2 * p.f;
+        const float a = bf2f(g[j]), b = bf2f(g[p.f + j]);
+        ((__nv_bfloat16*)p.h)[i] = f2bf(a / (1.f + __expf(-a)) * b);
+    }
+}
+
+struct AddBiasParams {
+    u64 y, b;
+    int rows, n;
+};
+
+extern "C" __global__ void add_bias_f32(const AddBiasParams p) {
+    const size_t total = (size_t)p.rows * p.n;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
+        ((float*)p.y)[i] += ((const float*)p.b)[i % p.n];
+}

@@ -1,0 +1,135 @@
+//! Launchers for kernels/norm.cu: RMSNorm + AdaLN, SwiGLU gating, bias add.
+
+use super::Gpu;
+use anyhow::{Result, ensure};
+use cudarc::driver::{CudaSlice, DeviceRepr};
+use half::bf16;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct RmsNormParams {
+    x: u64,
+    w: u64,
+    modulation: u64,
+    out: u64,
+    tokens: i32,
+    n: i32,
+    c: i32,
+    mod_offset: i32,
+    eps: f32,
+}
+// SAFETY: plain-old-data mirror of the C struct.
+unsafe impl DeviceRepr for RmsNormParams {}
+
+/// `out (T, C) = RMSNorm(x) * w`, then `* scale + shift` from `modulation` (rows, 4C) at
+/// `mod_offset` when given; token t belongs to sequence row t / n.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_adaln(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    modulation: Option<(&CudaSlice<f32>, usize)>,
+    out: &mut CudaSlice<bf16>,
+    tokens: usize,
+    n: usize,
+    c: usize,
+    eps: f32,
+) -> Result<()> {
+    ensure!(
+        x.len() >= tokens * c && out.len() >= tokens * c && w.len() == c,
+        "rmsnorm shapes"
+    );
+    let (mp, off) = match modulation {
+        Some((m, off)) => {
+            ensure!(
+                n > 0 && m.len() >= tokens.div_ceil(n) * 4 * c && off <= 2 * c,
+                "adaln shapes"
+            );
+            (gpu.ptr(m), off)
+        }
+        None => (0, 0),
+    };
+    let p = RmsNormParams {
+        x: gpu.ptr(x),
+        w: gpu.ptr(w),
+        modulation: mp,
+        out: gpu.ptr(out),
+        tokens: tokens as i32,
+        n: n.max(1) as i32,
+        c: c as i32,
+        mod_offset: off as i32,
+        eps,
+    };
+    gpu.launch("rmsnorm_adaln", (tokens as u32, 1, 1), (256, 1, 1), 0, &p)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct SiluMulParams {
+    g: u64,
+    h: u64,
+    tokens: i32,
+    f: i32,
+}
+// SAFETY: plain-old-data mirror of the C struct.
+unsafe impl DeviceRepr for SiluMulParams {}
+
+fn grid_for(total: usize) -> u32 {
+    total.div_ceil(256).clamp(1, 65535) as u32
+}
+
+/// `h (T, F) = silu(g[:, :F]) * g[:, F:]` with `g (T, 2F)`.
+pub fn silu_mul(
+    gpu: &Gpu,
+    g: &CudaSlice<bf16>,
+    h: &mut CudaSlice<bf16>,
+    tokens: usize,
+    f: usize,
+) -> Result<()> {
+    ensure!(
+        g.len() >= tokens * 2 * f && h.len() >= tokens * f,
+        "silu_mul shapes"
+    );
+    let p = SiluMulParams {
+        g: gpu.ptr(g),
+        h: gpu.ptr(h),
+        tokens: tokens as i32,
+        f: f as i32,
+    };
+    gpu.launch("silu_mul", (grid_for(tokens * f), 1, 1), (256, 1, 1), 0, &p)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AddBiasParams {
+    y: u64,
+    b: u64,
+    rows: i32,
+    n: i32,
+}
+// SAFETY: plain-old-data mirror of the C struct.
+unsafe impl DeviceRepr for AddBiasParams {}
+
+/// `y (rows, n) += b (n)`.
+pub fn add_bias_f32(
+    gpu: &Gpu,
+    y: &mut CudaSlice<f32>,
+    b: &CudaSlice<f32>,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    ensure!(y.len() >= rows * n && b.len() == n, "add_bias shapes");
+    let p = AddBiasParams {
+        y: gpu.ptr(y),
+        b: gpu.ptr(b),
+        rows: rows as i32,
+        n: n as i32,
+    };
+    gpu.launch(
+        "add_bias_f32",
+        (grid_for(rows * n), 1, 1),
+        (256, 1, 1),
+        0,
+        &p,
+    )
+}
