@@ -4,7 +4,7 @@
 
 use crate::config::ModelConfig;
 use crate::cpu::transformer::CpuTransformer;
-use crate::order::Schedule;
+use crate::order::{Schedule, Step};
 use crate::rng::token_uniform;
 use crate::sampling::{TokenPolicy, cfg_combine, choose_token};
 use crate::weights::{TransformerWeights, normalize_rows};
@@ -183,11 +183,42 @@ pub fn next_scale_latents(
     z
 }
 
-/// Run the token loop of SPEC.md section 5 on the CPU.
-pub fn sample_tokens(
+/// How one step chooses its tokens.
+pub struct StepChoice<'a> {
+    /// Guidance strength when guidance applies at this step (cfg > 0 and t >= cfg_start_step).
+    pub guidance: Option<f32>,
+    pub policy: &'a TokenPolicy,
+    pub seed: u64,
+    /// Teacher forcing: this scale's (B, s, s) tokens.
+    pub forced: Option<&'a [u32]>,
+    /// Return the step's post-guidance logits of the conditional rows, (B, n, V).
+    pub record: bool,
+}
+
+/// What the serial step loop needs from a backend (CPU f32 reference, CUDA).
+pub trait StepBackend {
+    /// Start a batch of `labels` (doubled with null-class rows when `guided`): allocate the
+    /// KV cache and grids, compute AdaLN modulations, run the class token.
+    fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()>;
+    /// Start scale `si`: z0 from the previous scale's grid, and its source embeddings.
+    fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()>;
+    /// One serial step: inputs, transformer, guidance, token choice, scatter into the grid.
+    fn step(
+        &mut self,
+        schedule: &Schedule,
+        step: &Step,
+        choice: &StepChoice,
+    ) -> Result<Option<Vec<f32>>>;
+    /// The sampled grids, per scale (B, s, s), raster order.
+    fn finish(&mut self, schedule: &Schedule) -> Result<Vec<Vec<u32>>>;
+}
+
+/// Run the token loop of SPEC.md section 5 on any backend.
+pub fn run_steps<B: StepBackend + ?Sized>(
+    backend: &mut B,
     cfg: &ModelConfig,
-    w: &TransformerWeights,
     scale_sizes: &[usize],
+    n_tokens: usize,
     o: &SampleOptions,
 ) -> Result<TokenOutput> {
     validate_options(cfg, scale_sizes.len(), o)?;
@@ -195,16 +226,14 @@ pub fn sample_tokens(
         Steps::Uniform(k) => Schedule::uniform(scale_sizes, *k)?,
         Steps::PerScale(v) => Schedule::with_steps(scale_sizes, v)?,
     };
-    let n_total = schedule.total_tokens();
-    if n_total != w.n_tokens {
+    if schedule.total_tokens() != n_tokens {
         bail!(
-            "the model's position tables have {} rows but its scales {:?} have {n_total} tokens",
-            w.n_tokens,
-            scale_sizes
+            "the model's position tables have {n_tokens} rows but its scales {scale_sizes:?} have {} tokens",
+            schedule.total_tokens()
         );
     }
     let b = o.labels.len();
-    let (c, e, v) = (cfg.hidden_size, cfg.code_dim(), cfg.codebook_size());
+    let v = cfg.codebook_size();
     if let Some(f) = &o.forced_tokens {
         if f.len() != scale_sizes.len()
             || f.iter()
@@ -218,123 +247,32 @@ pub fn sample_tokens(
         }
     }
     let guided = o.cfg > 0.0;
-    let rows = if guided { 2 * b } else { b };
-    let mut classes = o.labels.clone();
-    if guided {
-        classes.extend(std::iter::repeat_n(cfg.num_classes, b));
-    }
-    let mut tf = CpuTransformer::new(cfg, w, &classes, 1 + n_total);
-
-    // Class token: input class_embeddings[label], RoPE row N for both positions.
     let t0 = Instant::now();
-    let mut x = Vec::with_capacity(rows * c);
-    for &cls in &classes {
-        x.extend_from_slice(&w.class_embeddings[cls * c..(cls + 1) * c]);
-    }
-    tf.forward(&x, &[n_total], &[n_total]);
+    backend.begin(&schedule, &o.labels, guided)?;
     let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-    let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(scale_sizes.len());
     let mut step_logits = Vec::new();
     let mut step_ms = Vec::new();
-    // Code-MLP of the constant first-scale z0 = 0 and of the empty token embeddings.
-    for (si, scale) in schedule.scales.iter().enumerate() {
-        let s = scale.size;
-        let cells = s * s;
-        // z0 (B, s*s, e): zeros on the first scale, else upscaled previous codes.
-        let z0 = if si == 0 {
-            vec![0.0f32; b * cells * e]
-        } else {
-            let sp = schedule.scales[si - 1].size;
-            next_scale_latents(&w.codebook, e, &tokens[si - 1], b, sp, s)
-        };
-        // src_latents_proj(E(z0)) for every cell: (B, s*s, C).
-        let src = w
-            .src_latents_proj
-            .forward(&w.codevec_mlp.forward(&z0, b * cells), b * cells);
-        let mut grid = vec![u32::MAX; b * cells];
+    for si in 0..schedule.scales.len() {
+        let ts = Instant::now();
+        backend.begin_scale(&schedule, si)?;
+        let mut carry = ts.elapsed().as_secs_f64() * 1e3; // charged to the scale's first step
         for step in schedule.steps.iter().filter(|st| st.scale == si) {
             let ts = Instant::now();
-            let n = step.positions.len();
-            // Inputs of the conditional rows (the unconditional rows are identical).
-            // concat = [embed_positions[P], src[P], posemb(Q), codeemb(Q)]: (B, n, 4C)
-            let prev_codes = step.prev.as_ref().map(|q| {
-                let toks: Vec<u32> = (0..b)
-                    .flat_map(|bi| q.iter().map(move |&p| (bi, p)))
-                    .map(|(bi, p)| grid[bi * cells + p])
-                    .collect();
-                w.codevec_mlp
-                    .forward(&code_vectors(&w.codebook, e, &toks), b * n)
-            });
-            let mut cat = vec![0.0f32; b * n * 4 * c];
-            for bi in 0..b {
-                for (j, &p) in step.positions.iter().enumerate() {
-                    let row = &mut cat[(bi * n + j) * 4 * c..(bi * n + j + 1) * 4 * c];
-                    let g = scale.offset + p;
-                    row[..c].copy_from_slice(&w.embed_positions[g * c..(g + 1) * c]);
-                    row[c..2 * c]
-                        .copy_from_slice(&src[(bi * cells + p) * c..(bi * cells + p + 1) * c]);
-                    match (&step.prev, &prev_codes) {
-                        (Some(q), Some(pc)) => {
-                            let gq = scale.offset + q[j];
-                            row[2 * c..3 * c]
-                                .copy_from_slice(&w.embed_positions[gq * c..(gq + 1) * c]);
-                            row[3 * c..]
-                                .copy_from_slice(&pc[(bi * n + j) * c..(bi * n + j + 1) * c]);
-                        }
-                        _ => {
-                            row[2 * c..3 * c].copy_from_slice(&w.empty_token_pos);
-                            row[3 * c..].copy_from_slice(&w.empty_token_emb);
-                        }
-                    }
-                }
-            }
-            let xb = w.combine_inputs.forward(&cat, b * n); // (B, n, C)
-            let x = if guided {
-                [xb.as_slice(), xb.as_slice()].concat()
-            } else {
-                xb
+            let choice = StepChoice {
+                guidance: (guided && step.t >= o.cfg_start_step).then_some(o.cfg),
+                policy: &o.policy,
+                seed: o.seed,
+                forced: o.forced_tokens.as_ref().map(|f| f[si].as_slice()),
+                record: o.record_logits,
             };
-            let cur: Vec<usize> = step.positions.iter().map(|p| scale.offset + p).collect();
-            let prev: Vec<usize> = match &step.prev {
-                Some(q) => q.iter().map(|p| scale.offset + p).collect(),
-                None => vec![n_total + 1; n],
-            };
-            let hidden = tf.forward(&x, &cur, &prev);
-            let mut logits = tf.head(&hidden, rows * n); // (rows, n, V)
-            if guided {
-                let (cond, uncond) = logits.split_at_mut(b * n * v);
-                if step.t >= o.cfg_start_step {
-                    cfg_combine(cond, uncond, o.cfg);
-                }
-                logits.truncate(b * n * v);
+            if let Some(l) = backend.step(&schedule, step, &choice)? {
+                step_logits.push(l);
             }
-            for bi in 0..b {
-                for (j, &p) in step.positions.iter().enumerate() {
-                    let l = &logits[(bi * n + j) * v..(bi * n + j + 1) * v];
-                    let tok = match &o.forced_tokens {
-                        Some(f) => f[si][bi * cells + p],
-                        None => {
-                            let u = token_uniform(
-                                o.seed,
-                                bi as u32,
-                                step.t as u32,
-                                (scale.offset + p) as u32,
-                            );
-                            choose_token(l, &o.policy, u) as u32
-                        }
-                    };
-                    grid[bi * cells + p] = tok;
-                }
-            }
-            if o.record_logits {
-                step_logits.push(logits);
-            }
-            step_ms.push(ts.elapsed().as_secs_f64() * 1e3);
+            step_ms.push(ts.elapsed().as_secs_f64() * 1e3 + carry);
+            carry = 0.0;
         }
-        debug_assert!(grid.iter().all(|&t| t != u32::MAX));
-        tokens.push(grid);
     }
+    let tokens = backend.finish(&schedule)?;
     Ok(TokenOutput {
         schedule,
         tokens,
@@ -342,4 +280,190 @@ pub fn sample_tokens(
         step_ms,
         prefill_ms,
     })
+}
+
+/// Run the token loop on the CPU (f32 reference).
+pub fn sample_tokens(
+    cfg: &ModelConfig,
+    w: &TransformerWeights,
+    scale_sizes: &[usize],
+    o: &SampleOptions,
+) -> Result<TokenOutput> {
+    run_steps(
+        &mut CpuBackend::new(cfg, w),
+        cfg,
+        scale_sizes,
+        w.n_tokens,
+        o,
+    )
+}
+
+/// The f32 CPU backend: host grids, [`CpuTransformer`] for the steps.
+pub struct CpuBackend<'w> {
+    cfg: &'w ModelConfig,
+    w: &'w TransformerWeights,
+    tf: Option<CpuTransformer<'w>>,
+    batch: usize,
+    guided: bool,
+    /// Finished grids, one per scale, and the grid of the current scale.
+    grids: Vec<Vec<u32>>,
+    grid: Vec<u32>,
+    /// src_latents_proj(E(z0)) of every cell of the current scale, (B, s*s, C).
+    src: Vec<f32>,
+}
+
+impl<'w> CpuBackend<'w> {
+    pub fn new(cfg: &'w ModelConfig, w: &'w TransformerWeights) -> Self {
+        CpuBackend {
+            cfg,
+            w,
+            tf: None,
+            batch: 0,
+            guided: false,
+            grids: Vec::new(),
+            grid: Vec::new(),
+            src: Vec::new(),
+        }
+    }
+}
+
+impl StepBackend for CpuBackend<'_> {
+    fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()> {
+        let (w, c) = (self.w, self.cfg.hidden_size);
+        let n_total = schedule.total_tokens();
+        let mut classes = labels.to_vec();
+        if guided {
+            classes.extend(std::iter::repeat_n(self.cfg.num_classes, labels.len()));
+        }
+        let mut tf = CpuTransformer::new(self.cfg, w, &classes, 1 + n_total);
+        // Class token: input class_embeddings[label], RoPE row N for both positions.
+        let mut x = Vec::with_capacity(classes.len() * c);
+        for &cls in &classes {
+            x.extend_from_slice(&w.class_embeddings[cls * c..(cls + 1) * c]);
+        }
+        tf.forward(&x, &[n_total], &[n_total]);
+        self.tf = Some(tf);
+        self.batch = labels.len();
+        self.guided = guided;
+        self.grids.clear();
+        Ok(())
+    }
+
+    fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()> {
+        let (w, b, e) = (self.w, self.batch, self.cfg.code_dim());
+        let s = schedule.scales[si].size;
+        let cells = s * s;
+        // z0 (B, s*s, e): zeros on the first scale, else upscaled previous codes.
+        let z0 = if si == 0 {
+            vec![0.0f32; b * cells * e]
+        } else {
+            let sp = schedule.scales[si - 1].size;
+            next_scale_latents(&w.codebook, e, &self.grids[si - 1], b, sp, s)
+        };
+        self.src = w
+            .src_latents_proj
+            .forward(&w.codevec_mlp.forward(&z0, b * cells), b * cells);
+        self.grid = vec![u32::MAX; b * cells];
+        Ok(())
+    }
+
+    fn step(
+        &mut self,
+        schedule: &Schedule,
+        step: &Step,
+        ch: &StepChoice,
+    ) -> Result<Option<Vec<f32>>> {
+        let (w, b) = (self.w, self.batch);
+        let (c, e, v) = (
+            self.cfg.hidden_size,
+            self.cfg.code_dim(),
+            self.cfg.codebook_size(),
+        );
+        let scale = &schedule.scales[step.scale];
+        let cells = scale.size * scale.size;
+        let n_total = schedule.total_tokens();
+        let n = step.positions.len();
+        let grid = &mut self.grid;
+        // Inputs of the conditional rows (the unconditional rows are identical).
+        // concat = [embed_positions[P], src[P], posemb(Q), codeemb(Q)]: (B, n, 4C)
+        let prev_codes = step.prev.as_ref().map(|q| {
+            let toks: Vec<u32> = (0..b)
+                .flat_map(|bi| q.iter().map(move |&p| (bi, p)))
+                .map(|(bi, p)| grid[bi * cells + p])
+                .collect();
+            w.codevec_mlp
+                .forward(&code_vectors(&w.codebook, e, &toks), b * n)
+        });
+        let mut cat = vec![0.0f32; b * n * 4 * c];
+        for bi in 0..b {
+            for (j, &p) in step.positions.iter().enumerate() {
+                let row = &mut cat[(bi * n + j) * 4 * c..(bi * n + j + 1) * 4 * c];
+                let g = scale.offset + p;
+                row[..c].copy_from_slice(&w.embed_positions[g * c..(g + 1) * c]);
+                row[c..2 * c]
+                    .copy_from_slice(&self.src[(bi * cells + p) * c..(bi * cells + p + 1) * c]);
+                match (&step.prev, &prev_codes) {
+                    (Some(q), Some(pc)) => {
+                        let gq = scale.offset + q[j];
+                        row[2 * c..3 * c].copy_from_slice(&w.embed_positions[gq * c..(gq + 1) * c]);
+                        row[3 * c..].copy_from_slice(&pc[(bi * n + j) * c..(bi * n + j + 1) * c]);
+                    }
+                    _ => {
+                        row[2 * c..3 * c].copy_from_slice(&w.empty_token_pos);
+                        row[3 * c..].copy_from_slice(&w.empty_token_emb);
+                    }
+                }
+            }
+        }
+        let xb = w.combine_inputs.forward(&cat, b * n); // (B, n, C)
+        let x = if self.guided {
+            [xb.as_slice(), xb.as_slice()].concat()
+        } else {
+            xb
+        };
+        let cur: Vec<usize> = step.positions.iter().map(|p| scale.offset + p).collect();
+        let prev: Vec<usize> = match &step.prev {
+            Some(q) => q.iter().map(|p| scale.offset + p).collect(),
+            None => vec![n_total + 1; n],
+        };
+        let tf = self.tf.as_mut().expect("begin() not called");
+        let rows = tf.rows();
+        let hidden = tf.forward(&x, &cur, &prev);
+        let mut logits = tf.head(&hidden, rows * n); // (rows, n, V)
+        if self.guided {
+            let (cond, uncond) = logits.split_at_mut(b * n * v);
+            if let Some(cfg) = ch.guidance {
+                cfg_combine(cond, uncond, cfg);
+            }
+            logits.truncate(b * n * v);
+        }
+        for bi in 0..b {
+            for (j, &p) in step.positions.iter().enumerate() {
+                let l = &logits[(bi * n + j) * v..(bi * n + j + 1) * v];
+                grid[bi * cells + p] = match ch.forced {
+                    Some(f) => f[bi * cells + p],
+                    None => {
+                        let u = token_uniform(
+                            ch.seed,
+                            bi as u32,
+                            step.t as u32,
+                            (scale.offset + p) as u32,
+                        );
+                        choose_token(l, ch.policy, u) as u32
+                    }
+                };
+            }
+        }
+        let last_step_of_scale = step.t + 1 == scale.first_step + scale.steps;
+        if last_step_of_scale {
+            debug_assert!(grid.iter().all(|&t| t != u32::MAX));
+            self.grids.push(std::mem::take(grid));
+        }
+        Ok(ch.record.then_some(logits))
+    }
+
+    fn finish(&mut self, _schedule: &Schedule) -> Result<Vec<Vec<u32>>> {
+        self.tf = None;
+        Ok(std::mem::take(&mut self.grids))
+    }
 }

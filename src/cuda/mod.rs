@@ -3,6 +3,7 @@
 //! runs on machines without a GPU; [`Gpu::try_new`] says whether one is usable.
 
 pub mod device;
+pub mod embed;
 pub mod gemm;
 pub mod norm;
 

@@ -1,0 +1,222 @@
+//! Launchers for kernels/embed.cu: between-scale upsampling of codes, the code-vector MLP's
+//! hidden layers, and the per-step input gather (with combine_inputs folded at load time).
+
+use super::Gpu;
+use anyhow::{Result, ensure};
+use cudarc::driver::{CudaSlice, DeviceRepr};
+use half::bf16;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UpsampleParams {
+    grid_prev: u64,
+    codebook: u64,
+    z0: u64,
+    batch: i32,
+    si: i32,
+    so: i32,
+    e: i32,
+}
+// SAFETY: plain-old-data mirror of the C struct.
+unsafe impl DeviceRepr for UpsampleParams {}
+
+/// `z0 (B, so*so, e)` = normalized bilinear resize of the code vectors of `grid_prev (B, si*si)`.
+#[allow(clippy::too_many_arguments)]
+pub fn upsample_codes(
+    gpu: &Gpu,
+    grid_prev: &CudaSlice<i32>,
+    codebook: &CudaSlice<f32>,
+    z0: &mut CudaSlice<f32>,
+    batch: usize,
+    si: usize,
+    so: usize,
+    e: usize,
+) -> Result<()> {
+    ensure!(
+        e <= 16,
+        "code dim {e} > 16 is not supported by upsample_codes"
+    );
+    ensure!(
+        grid_prev.len() >= batch * si * si && z0.len() >= batch * so * so * e,
+        "upsample shapes"
+    );
+    let p = UpsampleParams {
+        grid_prev: gpu.ptr(grid_prev),
+        codebook: gpu.ptr(codebook),
+        z0: gpu.ptr(z0),
+        batch: batch as i32,
+        si: si as i32,
+        so: so as i32,
+        e: e as i32,
+    };
+    let total = (batch * so * so) as u32;
+    gpu.launch(
+        "upsample_codes",
+        (total.div_ceil(128), 1, 1),
+        (128, 1, 1),
+        0,
+        &p,
+    )
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CodevecParams {
+    z: u64,
+    w0: u64,
+    b0: u64,
+    w2: u64,
+    b2: u64,
+    h2: u64,
+    rows: i32,
+    e: i32,
+}
+// SAFETY: plain-old-data mirror of the C struct.
+unsafe impl DeviceRepr for CodevecParams {}
+
+/// The code MLP's two hidden layers of 64 (weights f32, [out, in]).
+pub struct CodevecMlp {
+    pub w0: CudaSlice<f32>,
+    pub b0: CudaSlice<f32>,
+    pub w2: CudaSlice<f32>,
+    pub b2: CudaSlice<f32>,
+    pub e: usize,
+}
+
+/// `h2 (rows, 64) = silu(W2 silu(W0 z + b0) + b2)` in bf16.
+pub fn codevec_hidden(
+    gpu: &Gpu,
+    mlp: &CodevecMlp,
+    z: &CudaSlice<f32>,
+    h2: &mut CudaSlice<bf16>,
+    rows: usize,
+) -> Result<()> {
+    ensure!(
+        mlp.e <= 16 && z.len() >= rows * mlp.e && h2.len() >= rows * 64,
+        "codevec shapes"
+    );
+    let p = CodevecParams {
+        z: gpu.ptr(z),
+        w0: gpu.ptr(&mlp.w0),
+        b0: gpu.ptr(&mlp.b0),
+        w2: gpu.ptr(&mlp.w2),
+        b2: gpu.ptr(&mlp.b2),
+        h2: gpu.ptr(h2),
+        rows: rows as i32,
+        e: mlp.e as i32,
+    };
+    gpu.launch(
+        "codevec_hidden",
+        ((rows as u32).div_ceil(64), 1, 1),
+        (64, 1, 1),
+        0,
+        &p,
+    )
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GatherParams {
+    pa: u64,
+    pc: u64,
+    dc: u64,
+    empty: u64,
+    bias: u64,
+    src: u64,
+    grid: u64,
+    cur_global: u64,
+    local: u64,
+    prev_global: u64,
+    prev_local: u64,
+    x: u64,
+    rows: i32,
+    batch: i32,
+    n: i32,
+    c: i32,
+    cells: i32,
+    first: i32,
+}
+// SAFETY: plain-old-data mirror of the C struct.
+unsafe impl DeviceRepr for GatherParams {}
+
+/// Folded input tables (see kernels/embed.cu).
+pub struct InputTables {
+    /// (N, C): embed_positions @ Wa^T.
+    pub pa: CudaSlice<f32>,
+    /// (N, C): embed_positions @ Wc^T.
+    pub pc: CudaSlice<f32>,
+    /// (V, C): E(codebook) @ Wd^T.
+    pub dc: CudaSlice<f32>,
+    /// (C): Wc empty_pos + Wd empty_emb.
+    pub empty: CudaSlice<f32>,
+    /// (C): combine_inputs bias.
+    pub bias: CudaSlice<f32>,
+    pub c: usize,
+}
+
+/// Index views of one step into the schedule tables uploaded at batch start.
+pub struct StepIndex<'a> {
+    pub cur_global: cudarc::driver::CudaView<'a, i32>,
+    pub local: cudarc::driver::CudaView<'a, i32>,
+    pub prev_global: Option<cudarc::driver::CudaView<'a, i32>>,
+    pub prev_local: Option<cudarc::driver::CudaView<'a, i32>>,
+}
+
+/// `x (rows*n, C)` for one step: folded tables + this scale's SRC rows + previous block.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_inputs(
+    gpu: &Gpu,
+    t: &InputTables,
+    src: &CudaSlice<f32>,
+    grid: &CudaSlice<i32>,
+    idx: &StepIndex,
+    x: &mut CudaSlice<f32>,
+    rows: usize,
+    batch: usize,
+    n: usize,
+    cells: usize,
+) -> Result<()> {
+    ensure!(
+        rows.is_multiple_of(batch) && x.len() >= rows * n * t.c,
+        "gather shapes"
+    );
+    ensure!(
+        src.len() >= batch * cells * t.c && grid.len() >= batch * cells,
+        "gather scale shapes"
+    );
+    ensure!(
+        idx.cur_global.len() >= n && idx.local.len() >= n,
+        "gather index shapes"
+    );
+    let view_ptr = |v: &cudarc::driver::CudaView<i32>| {
+        use cudarc::driver::DevicePtr;
+        v.device_ptr(&gpu.stream).0
+    };
+    let p = GatherParams {
+        pa: gpu.ptr(&t.pa),
+        pc: gpu.ptr(&t.pc),
+        dc: gpu.ptr(&t.dc),
+        empty: gpu.ptr(&t.empty),
+        bias: gpu.ptr(&t.bias),
+        src: gpu.ptr(src),
+        grid: gpu.ptr(grid),
+        cur_global: view_ptr(&idx.cur_global),
+        local: view_ptr(&idx.local),
+        prev_global: idx.prev_global.as_ref().map(view_ptr).unwrap_or(0),
+        prev_local: idx.prev_local.as_ref().map(view_ptr).unwrap_or(0),
+        x: gpu.ptr(x),
+        rows: rows as i32,
+        batch: batch as i32,
+        n: n as i32,
+        c: t.c as i32,
+        cells: cells as i32,
+        first: idx.prev_global.is_none() as i32,
+    };
+    gpu.launch(
+        "gather_inputs",
+        ((rows * n) as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &p,
+    )
+}
