@@ -5,6 +5,7 @@
 pub mod device;
 pub mod gemm;
 pub mod norm;
+pub mod sampling;
 
 pub use device::Gpu;
 
