@@ -31,7 +31,10 @@
 //   kernel orders by the logit instead, through an order-preserving u32 key of the f32 bits
 //   (-0 is folded onto +0 first so the two compare equal, as they do as floats). Tokens whose
 //   weight underflows to 0 may be ordered differently from the CPU, but they carry no mass
-//   and are never drawn (the walk skips weights of 0, as the CPU does).
+//   and are never drawn (the walk skips weights of 0, as the CPU does). Two different logits
+//   can also share one f64 weight when they differ by less than ~1e-16 * |l - max| (e.g. both
+//   within 1e-20 of 0 while max is 1); the CPU then orders them by id, the kernel by logit,
+//   which can move a top-k/top-p boundary between them. Contrived; accepted.
 //   top-k: the threshold key tau = the k-th largest key, found by a bitwise binary search
 //     over the 32 key bits (the largest t with count(key >= t) >= k, one block-wide count per
 //     bit). Kept: key > tau, plus the first (k - count(key > tau)) ids with key == tau in
