@@ -6,6 +6,7 @@ pub mod device;
 pub mod embed;
 pub mod gemm;
 pub mod norm;
+pub mod sampling;
 
 pub use device::Gpu;
 

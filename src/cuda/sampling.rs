@@ -1,0 +1,172 @@
+//! Launcher for kernels/sampling.cu: classifier-free guidance combine and token choice
+//! (argmax, temperature, top-k, top-p, inverse-CDF draw) for one serial step, on the device.
+//! Same rules as the CPU reference in src/sampling.rs; see the kernel's header for the tie
+//! rules and numerics.
+
+use super::Gpu;
+use crate::sampling::TokenPolicy;
+use anyhow::{Result, ensure};
+use cudarc::driver::{CudaSlice, DeviceRepr};
+
+/// Threads per block; must match SAMPLE_THREADS in kernels/sampling.cu.
+const SAMPLE_THREADS: u32 = 512;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GuidedSampleParams {
+    logits: u64,
+    forced: u64,
+    grid: u64,
+    tokens_out: u64,
+    local_pos: u64,
+    global_pos: u64,
+    seed: u64,
+    batch: i32,
+    n: i32,
+    v: i32,
+    cells: i32,
+    guided: i32,
+    cfg: f32,
+    temperature: f32,
+    top_k: i32,
+    top_p: f32,
+    step: i32,
+}
+// SAFETY: plain-old-data mirror of the C struct.
+unsafe impl DeviceRepr for GuidedSampleParams {}
+
+/// The shape and knobs of one sampling step (everything but the buffers).
+#[derive(Clone, Debug)]
+pub struct SampleStep<'a> {
+    /// Images B.
+    pub batch: usize,
+    /// Tokens per image chosen this step.
+    pub n: usize,
+    /// Vocabulary size V (the logits' row length).
+    pub vocab: usize,
+    /// Cells of this scale's token grid (the grid and forced buffers are (B, cells)).
+    pub cells: usize,
+    /// `Some(cfg)`: guidance applies this step, `cond + cfg * (cond - uncond)` with the
+    /// unconditional rows B..2B of the logits. `None`: the conditional rows alone (the logits
+    /// may still hold 2B rows; the last B are then not read).
+    pub cfg: Option<f32>,
+    /// Temperature, top-k, top-p.
+    pub policy: &'a TokenPolicy,
+    /// RNG seed and step counter t: the draw of (b, j) is token_uniform(seed, b, t,
+    /// global_pos[j]), as in the CPU sampler.
+    pub seed: u64,
+    pub step: u32,
+}
+
+/// Choose the tokens of one step on the device.
+///
+/// * `logits` (rows * n, V) f32, rows = B or 2B (conditional rows first); with guidance the
+///   guided logits overwrite the first B * n rows.
+/// * `local_pos` (n) i32 cell of each token in the scale grid; `global_pos` (n) i32 its global
+///   position id (the RNG counter).
+/// * `forced` (B, cells) i32: when given, `forced[b, local_pos[j]]` is taken instead of a
+///   choice (teacher forcing).
+/// * outputs: `grid` (B, cells) i32 gets the token at `local_pos[j]` (other cells untouched),
+///   `tokens_out` (B, n) i32 the tokens in step order.
+///
+/// Enqueued on the GPU's stream; nothing is synchronized.
+#[allow(clippy::too_many_arguments)]
+pub fn guided_sample(
+    gpu: &Gpu,
+    s: &SampleStep,
+    logits: &mut CudaSlice<f32>,
+    local_pos: &CudaSlice<i32>,
+    global_pos: &CudaSlice<i32>,
+    forced: Option<&CudaSlice<i32>>,
+    grid: &mut CudaSlice<i32>,
+    tokens_out: &mut CudaSlice<i32>,
+) -> Result<()> {
+    let (b, n, v, cells) = (s.batch, s.n, s.vocab, s.cells);
+    if b == 0 || n == 0 {
+        return Ok(());
+    }
+    ensure!(
+        (1..=i32::MAX as usize).contains(&v),
+        "guided_sample: vocabulary {v} out of range"
+    );
+    ensure!(
+        b.checked_mul(n).is_some_and(|bn| bn <= i32::MAX as usize),
+        "guided_sample: {b} x {n} blocks do not fit a 1-D grid"
+    );
+    ensure!(
+        cells >= 1 && b * cells <= i32::MAX as usize,
+        "guided_sample: bad cell count {cells}"
+    );
+    let rows = if s.cfg.is_some() { 2 * b } else { b };
+    ensure!(
+        logits.len() >= rows * n * v,
+        "guided_sample: logits hold {} floats, need ({rows} x {n}, {v}) = {}",
+        logits.len(),
+        rows * n * v
+    );
+    ensure!(
+        local_pos.len() >= n && global_pos.len() >= n,
+        "guided_sample: need {n} local and global positions, got {} and {}",
+        local_pos.len(),
+        global_pos.len()
+    );
+    ensure!(
+        grid.len() >= b * cells,
+        "guided_sample: grid holds {}, need ({b}, {cells})",
+        grid.len()
+    );
+    ensure!(
+        tokens_out.len() >= b * n,
+        "guided_sample: tokens_out holds {}, need ({b}, {n})",
+        tokens_out.len()
+    );
+    if let Some(f) = forced {
+        ensure!(
+            f.len() >= b * cells,
+            "guided_sample: forced grid holds {}, need ({b}, {cells})",
+            f.len()
+        );
+    }
+    let pol = s.policy;
+    ensure!(
+        pol.temperature.is_finite(),
+        "guided_sample: temperature {} is not finite",
+        pol.temperature
+    );
+    if let Some(c) = s.cfg {
+        ensure!(c.is_finite(), "guided_sample: cfg {c} is not finite");
+    }
+    // The CPU's conventions: top_k clamped to [1, V] (V = off); top_p active only when < 1
+    // (NaN or >= 1 = off, passed as 1).
+    let top_k = pol.top_k.unwrap_or(v).clamp(1, v);
+    let top_p = match pol.top_p {
+        Some(tp) if tp < 1.0 => tp,
+        _ => 1.0,
+    };
+    let p = GuidedSampleParams {
+        logits: gpu.ptr(logits),
+        forced: forced.map_or(0, |f| gpu.ptr(f)),
+        grid: gpu.ptr(grid),
+        tokens_out: gpu.ptr(tokens_out),
+        local_pos: gpu.ptr(local_pos),
+        global_pos: gpu.ptr(global_pos),
+        seed: s.seed,
+        batch: b as i32,
+        n: n as i32,
+        v: v as i32,
+        cells: cells as i32,
+        guided: s.cfg.is_some() as i32,
+        cfg: s.cfg.unwrap_or(0.0),
+        temperature: pol.temperature,
+        top_k: top_k as i32,
+        top_p,
+        step: s.step as i32,
+    };
+    gpu.launch(
+        "guided_sample",
+        ((b * n) as u32, 1, 1),
+        (SAMPLE_THREADS, 1, 1),
+        0,
+        &p,
+    )
+}
