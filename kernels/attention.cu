@@ -211,12 +211,17 @@ extern "C" __global__ void __launch_bounds__(128) attention_v1_d128(const AttnPa
 #define V2_MAX_WARPS 4   // warps per block (16 queries each); the launcher uses 1..4
 
 // D += A * B for one m16n8k16 tile: A 16x16 bf16 (4 regs), B 16x8 bf16 (2 regs), D 16x8 f32.
+// (tools/kernel_emu runs this file on the host with CHECKERGEN_HOST_EMU and an emulated mma.)
 __device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+#ifdef CHECKERGEN_HOST_EMU
+    emu_mma_bf16_16816(d, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two adjacent bf16 (element k in the low half, k+1 in the high half); p must be 4-byte aligned.
