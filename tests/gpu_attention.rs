@@ -537,3 +537,39 @@ fn launchers_reject_bad_shapes() {
     assert!(run(&gpu, s, &mut small).is_err());
     gpu.sync().unwrap();
 }
+
+/// Without a GPU: every kernel the launchers call by name is in kernels/attention.cu and, when
+/// nvcc was found at build time, in both embedded cubins (symbol names appear in the ELF).
+#[test]
+fn attention_kernels_are_embedded() {
+    let f = checkergen::cuda::KERNEL_FILES
+        .iter()
+        .find(|f| f.name == "attention")
+        .expect("kernels/attention.cu is not embedded");
+    let mut names = vec!["rope_kv_append".to_string()];
+    for v in ["v1", "v2"] {
+        for d in [32, 64, 128] {
+            names.push(format!("attention_{v}_d{d}"));
+        }
+    }
+    let contains =
+        |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
+    for name in &names {
+        let decl = format!(" {name}(const ");
+        assert!(
+            f.source.contains(&decl),
+            "{name} not declared in attention.cu"
+        );
+        for (kind, img) in [("sm_90a", f.sm90a), ("sm_80", f.sm80)] {
+            if let Some(img) = img {
+                assert!(contains(img, name), "{name} missing from the {kind} cubin");
+            }
+        }
+        if let Some(ptx) = f.ptx {
+            assert!(
+                ptx.contains(&format!(".entry {name}(")),
+                "{name} missing from the PTX"
+            );
+        }
+    }
+}
