@@ -1,0 +1,417 @@
+// attention.cu: RoPE + KV-cache append, and attention over the KV cache (SPEC.md section 5).
+//
+// Notation: rows = sequence rows (B, or 2B with CFG), H heads, D head dim, C = H*D, n new tokens
+// per row in this step, start = tokens already cached, L = start + n keys after the append,
+// cap = cache capacity per row, T = rows*n tokens (token t = r*n + j).
+//
+// rope_kv_append: rotate q and k of the n new tokens and append k', v to the cache.
+//   qkv     (T, 3C) bf16      [q | k | v] from the wqkv GEMM; head h at [h*D, (h+1)*D) of each
+//   rope_re (N+2, D) f32      rope table rows (unit complex number per dim i: re, im)
+//   rope_im (N+2, D) f32
+//   cur     (n) i32           table row of each new token's own position (shared by all rows)
+//   prev    (n) i32           table row of its paired previous-block position
+//   mix     (H) f32 or null   sigmoid(mixing_coeffs[layer]): weight of the current position
+//   q_out   (rows, H, n, D) bf16    q' = rope(q, R_cur)
+//   k_cache (rows, H, cap, D) bf16  positions start..start+n get k' = rope(k, R_key)
+//   v_cache (rows, H, cap, D) bf16  positions start..start+n get v
+//   R_key = a*R_cur + (1-a)*R_prev with a = mix[h] (not re-normalized), or R_cur if mix is null.
+//   rope(u, R)[i] = u[i]*Re[i] - u[i+D/2]*Im[i]   (i <  D/2)
+//   rope(u, R)[i] = u[i]*Re[i] + u[i-D/2]*Im[i]   (i >= D/2)
+//   Math in f32 from the bf16 inputs; one rounding to bf16 at the store.
+//   launch: grid-stride, one thread per (t, h, i < D/2) pair (it writes dims i and i + D/2 of
+//   q', k' and v); block 256. A table row index out of [0, table_rows) writes NaN (a caller bug
+//   shows instead of reading out of bounds).
+//
+// attention_v{1,2}_d{32,64,128}: o = softmax(q' K^T / sqrt(D)) V per (row, head).
+//   q         (rows, H, n, D) bf16     (q_out above)
+//   k_cache   (rows, H, cap, D) bf16   keys 0..L-1 are read; nothing at or beyond L is touched
+//   v_cache   (rows, H, cap, D) bf16
+//   key_block (L) i32 or null          optional block-causal mask (multi-block prefill /
+//   query_block (n) i32 or null        teacher forcing): key j is visible to query i iff
+//                                       key_block[j] <= query_block[i]. Both or neither.
+//   o         (T, C) bf16              o[(r*n + i)*C + h*D + d]: heads concatenated, ready for wo
+//   A query with no visible key (possible only with a mask) gets o = 0.
+//   Numerics: scores, softmax statistics and the output accumulate in f32; the online
+//   (flash-style) softmax runs in the log2 domain (exp2f of s*log2(e)/sqrt(D) - running max).
+//
+//   v1 (reference on the device, simple): one warp per query, block 4 warps, grid
+//     (ceil(n/4), H, rows). Lane owns dims lane + 32e (e < D/32). For each visible key: the
+//     dot product by warp_sum, then the online-softmax update. No shared memory, no tensor
+//     cores; slow (one key per step) but obviously right.
+//   v2 (tensor cores): block = W warps (W in 1..4, the launcher picks W = min(4, ceil(n/16))),
+//     each warp owns 16 queries, so a block covers 16W queries; grid (ceil(n/16W), H, rows).
+//     Keys stream through shared memory in tiles of 64: K tile (64, D+8) and V tile (64, D+8)
+//     bf16 (row stride padded by 8 bf16 = 16 bytes: keeps 16-byte stores aligned and makes the
+//     fragment reads bank-conflict free), plus the tile's 64 key block ids. Static smem:
+//     2*64*(D+8)*2 + 256 bytes = 10.5 KB (D=32), 18.7 KB (D=64), 35 KB (D=128).
+//     Per tile and warp: S (16, 64) = Q K^T with mma.sync.m16n8k16 bf16 -> f32 (Q stays in
+//     registers as D/16 A fragments loaded once from global), mask and scale in registers,
+//     row max over the 4 lanes of a quad (shfl_xor 1, 2), P = exp2(S - m) rounded to bf16 and
+//     reused in registers directly as the A fragments of O += P V (the m16n8 accumulator
+//     layout of two adjacent key groups of 8 is the m16k16 A layout), O (16, D) f32 in
+//     registers. The row sum l accumulates the bf16-rounded P so normalization matches the
+//     weights actually used; it is kept per lane and summed over the quad at the end.
+//     Keys beyond L are zero-filled in smem (never read from global) and get P = 0.
+//     No cp.async / double buffering yet: correctness first; latency hiding comes from several
+//     blocks per SM.
+//
+// mma.m16n8k16 fragment layouts used below (PTX ISA "Matrix Fragments for mma.m16n8k16 with
+// floating point type"), g = lane >> 2, t = lane & 3:
+//   A (16x16, row): reg0 = A[g][2t..2t+1]   reg1 = A[g+8][2t..2t+1]
+//                   reg2 = A[g][2t+8..+9]   reg3 = A[g+8][2t+8..+9]
+//   B (16x8, col):  reg0 = B[2t..2t+1][g]   reg1 = B[2t+8..2t+9][g]
+//   C (16x8) f32:   c0,c1 = C[g][2t..2t+1]  c2,c3 = C[g+8][2t..2t+1]
+//   (the lower-indexed element sits in the low 16 bits of a register)
+#include "common.cuh"
+
+// ----------------------------------------------------------------------------------------------
+// rope_kv_append
+
+struct RopeKvParams {
+    u64 qkv, rope_re, rope_im, cur, prev, mix, q_out, k_cache, v_cache;
+    int rows, n, h, d, cap, start, table_rows;
+};
+
+extern "C" __global__ void rope_kv_append(const RopeKvParams p) {
+    const int half = p.d >> 1;
+    const int c = p.h * p.d;
+    const size_t total = (size_t)p.rows * p.n * p.h * half;
+    const __nv_bfloat16* qkv = (const __nv_bfloat16*)p.qkv;  // (T, 3C)
+    const float* tre = (const float*)p.rope_re;                // (table_rows, D)
+    const float* tim = (const float*)p.rope_im;                // (table_rows, D)
+    const int* cur = (const int*)p.cur;                        // (n)
+    const int* prev = (const int*)p.prev;                      // (n)
+    const float* mix = (const float*)p.mix;                    // (H) or null
+    __nv_bfloat16* q_out = (__nv_bfloat16*)p.q_out;            // (rows, H, n, D)
+    __nv_bfloat16* kc = (__nv_bfloat16*)p.k_cache;             // (rows, H, cap, D)
+    __nv_bfloat16* vc = (__nv_bfloat16*)p.v_cache;             // (rows, H, cap, D)
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)(idx % half);  // dim pair (i, i + D/2)
+        size_t rest = idx / half;
+        const int hh = (int)(rest % p.h);
+        rest /= p.h;
+        const int j = (int)(rest % p.n);  // token within the block
+        const int r = (int)(rest / p.n);  // sequence row
+        const size_t t = (size_t)r * p.n + j;
+        const __nv_bfloat16* src = qkv + t * 3 * c + (size_t)hh * p.d;
+        const size_t qo = (((size_t)r * p.h + hh) * p.n + j) * p.d;
+        const size_t ko = (((size_t)r * p.h + hh) * p.cap + p.start + j) * p.d;
+        const int cr = cur[j];
+        const int pr = mix ? prev[j] : cr;
+        if (cr < 0 || cr >= p.table_rows || pr < 0 || pr >= p.table_rows) {
+            const __nv_bfloat16 nan = f2bf(__int_as_float(0x7fc00000));
+            q_out[qo + i] = nan;
+            q_out[qo + i + half] = nan;
+            kc[ko + i] = nan;
+            kc[ko + i + half] = nan;
+            vc[ko + i] = nan;
+            vc[ko + i + half] = nan;
+            continue;
+        }
+        const float* rc = tre + (size_t)cr * p.d;
+        const float* ic = tim + (size_t)cr * p.d;
+        const float re_lo = rc[i], re_hi = rc[i + half];
+        const float im_lo = ic[i], im_hi = ic[i + half];
+        // q' = rope(q, R_cur)
+        const float q_lo = bf2f(src[i]), q_hi = bf2f(src[i + half]);
+        q_out[qo + i] = f2bf(q_lo * re_lo - q_hi * im_lo);
+        q_out[qo + i + half] = f2bf(q_hi * re_hi + q_lo * im_hi);
+        // k' = rope(k, R_key), R_key = a*R_cur + (1-a)*R_prev on mixing layers
+        float kre_lo = re_lo, kre_hi = re_hi, kim_lo = im_lo, kim_hi = im_hi;
+        if (mix) {
+            const float a = mix[hh], b = 1.f - a;
+            const float* rp = tre + (size_t)pr * p.d;
+            const float* ip = tim + (size_t)pr * p.d;
+            kre_lo = a * re_lo + b * rp[i];
+            kre_hi = a * re_hi + b * rp[i + half];
+            kim_lo = a * im_lo + b * ip[i];
+            kim_hi = a * im_hi + b * ip[i + half];
+        }
+        const float k_lo = bf2f(src[c + i]), k_hi = bf2f(src[c + i + half]);
+        kc[ko + i] = f2bf(k_lo * kre_lo - k_hi * kim_lo);
+        kc[ko + i + half] = f2bf(k_hi * kre_hi + k_lo * kim_hi);
+        // v is appended unchanged
+        vc[ko + i] = src[2 * c + i];
+        vc[ko + i + half] = src[2 * c + i + half];
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// attention: shared parameters of v1 and v2
+
+struct AttnParams {
+    u64 q, k_cache, v_cache, key_block, query_block, out;
+    int rows, n, h, cap, start;
+};
+
+// log2(e), to run the softmax with exp2f.
+#define ATTN_LOG2E 1.4426950408889634f
+// -inf and the largest int, spelled without <math.h>/<climits> (NVRTC builds have neither).
+#define ATTN_NEG_INF (-__int_as_float(0x7f800000))
+#define ATTN_INT_MAX 0x7fffffff
+
+// ----------------------------------------------------------------------------------------------
+// v1: one warp per query, no tensor cores (the on-device reference).
+
+template <int D>
+__device__ __forceinline__ void attention_v1(const AttnParams& p) {
+    constexpr int DPL = D / 32;  // dims per lane: lane owns dims lane + 32*e
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int i = blockIdx.x * (blockDim.x >> 5) + warp;  // query within the block of n
+    const int hh = blockIdx.y, r = blockIdx.z;
+    if (i >= p.n) return;  // whole warp leaves together; v1 has no block-level barrier
+    const int L = p.start + p.n;
+    const size_t head = (size_t)r * p.h + hh;
+    const __nv_bfloat16* q = (const __nv_bfloat16*)p.q + (head * p.n + i) * D;  // (D)
+    const __nv_bfloat16* K = (const __nv_bfloat16*)p.k_cache + head * p.cap * D; // (cap, D)
+    const __nv_bfloat16* V = (const __nv_bfloat16*)p.v_cache + head * p.cap * D; // (cap, D)
+    const int* kblk = (const int*)p.key_block;   // (L) or null
+    const int* qblk = (const int*)p.query_block; // (n) or null
+    const int my_block = kblk ? qblk[i] : 0;
+
+    // q pre-scaled by log2(e)/sqrt(D): scores come out in the log2 domain.
+    const float qs = rsqrtf((float)D) * ATTN_LOG2E;
+    float qv[DPL], acc[DPL];
+#pragma unroll
+    for (int e = 0; e < DPL; ++e) {
+        qv[e] = bf2f(q[lane + 32 * e]) * qs;
+        acc[e] = 0.f;
+    }
+    float m = ATTN_NEG_INF, l = 0.f;
+    for (int j = 0; j < L; ++j) {
+        if (kblk && kblk[j] > my_block) continue;  // uniform over the warp
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < DPL; ++e) s += qv[e] * bf2f(K[(size_t)j * D + lane + 32 * e]);
+        s = warp_sum(s);  // every lane holds the same score
+        const float m_new = fmaxf(m, s);
+        const float corr = exp2f(m - m_new);  // m = -inf on the first key: corr = 0
+        const float pj = exp2f(s - m_new);
+        l = l * corr + pj;
+#pragma unroll
+        for (int e = 0; e < DPL; ++e)
+            acc[e] = acc[e] * corr + pj * bf2f(V[(size_t)j * D + lane + 32 * e]);
+        m = m_new;
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    __nv_bfloat16* o = (__nv_bfloat16*)p.out + ((size_t)r * p.n + i) * (size_t)(p.h * D) + hh * D;
+#pragma unroll
+    for (int e = 0; e < DPL; ++e) o[lane + 32 * e] = f2bf(acc[e] * inv);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_v1_d32(const AttnParams p) { attention_v1<32>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_v1_d64(const AttnParams p) { attention_v1<64>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_v1_d128(const AttnParams p) { attention_v1<128>(p); }
+
+// ----------------------------------------------------------------------------------------------
+// v2: flash-style, bf16 tensor cores (mma.sync m16n8k16), f32 accumulation.
+
+#define V2_BK 64         // keys per shared-memory tile
+#define V2_MAX_WARPS 4   // warps per block (16 queries each); the launcher uses 1..4
+
+// D += A * B for one m16n8k16 tile: A 16x16 bf16 (4 regs), B 16x8 bf16 (2 regs), D 16x8 f32.
+// (tools/kernel_emu runs this file on the host with CHECKERGEN_HOST_EMU and an emulated mma.)
+__device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+#ifdef CHECKERGEN_HOST_EMU
+    emu_mma_bf16_16816(d, a, b0, b1);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Two adjacent bf16 (element k in the low half, k+1 in the high half); p must be 4-byte aligned.
+__device__ __forceinline__ uint32_t ld_bf16x2(const __nv_bfloat16* p) {
+    return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// Two bf16 from unrelated addresses: lo in the low half, hi in the high half.
+__device__ __forceinline__ uint32_t pack_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+}
+
+// Round two f32 to bf16 and pack them (lo in the low half).
+__device__ __forceinline__ uint32_t pack_f32_bf16(float lo, float hi) {
+    return pack_bf16(f2bf(lo), f2bf(hi));
+}
+
+// The two bf16 of a packed register, back in f32.
+__device__ __forceinline__ float lo_f32(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float hi_f32(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+
+template <int D>
+__device__ __forceinline__ void attention_v2(const AttnParams& p) {
+    static_assert(D % 16 == 0 && D <= 128, "head dim");
+    constexpr int LDS = D + 8;  // smem row stride in bf16
+    constexpr int KS = D / 16;  // k-steps of the S = Q K^T mma (over dims)
+    constexpr int NB = V2_BK / 8;  // 8-key column groups of S per tile
+    constexpr int ND = D / 8;   // 8-dim column groups of O
+    __shared__ __align__(16) __nv_bfloat16 Ks[V2_BK * LDS];  // (64, D+8) keys of this tile
+    __shared__ __align__(16) __nv_bfloat16 Vs[V2_BK * LDS];  // (64, D+8) values of this tile
+    __shared__ int kb_s[V2_BK];                              // (64) key block ids (mask only)
+
+    const int nwarps = blockDim.x >> 5;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int hh = blockIdx.y, r = blockIdx.z;
+    const int q0 = (blockIdx.x * nwarps + warp) * 16;  // this warp's first query
+    const bool active = q0 < p.n;                       // warp has at least one real query
+    const int L = p.start + p.n;
+    const size_t head = (size_t)r * p.h + hh;
+    const __nv_bfloat16* Q = (const __nv_bfloat16*)p.q + head * p.n * D;         // (n, D)
+    const __nv_bfloat16* Kg = (const __nv_bfloat16*)p.k_cache + head * p.cap * D; // (cap, D)
+    const __nv_bfloat16* Vg = (const __nv_bfloat16*)p.v_cache + head * p.cap * D; // (cap, D)
+    const int* kblk = (const int*)p.key_block;    // (L) or null
+    const int* qblk = (const int*)p.query_block;  // (n) or null
+
+    // This lane's two query rows: qa = q0 + g (C regs 0,1) and qb = q0 + g + 8 (C regs 2,3).
+    const int qa = q0 + g, qb = q0 + g + 8;
+    const bool va = qa < p.n, vb = qb < p.n;
+    // Padding rows (>= n) see every key; their results are never stored.
+    const int blk_a = (kblk && va) ? qblk[qa] : ATTN_INT_MAX;
+    const int blk_b = (kblk && vb) ? qblk[qb] : ATTN_INT_MAX;
+
+    // Q (16, D) as KS A fragments; padding rows are zero.
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        const int c0 = ks * 16 + 2 * t;
+        qf[ks][0] = va ? ld_bf16x2(Q + (size_t)qa * D + c0) : 0u;
+        qf[ks][1] = vb ? ld_bf16x2(Q + (size_t)qb * D + c0) : 0u;
+        qf[ks][2] = va ? ld_bf16x2(Q + (size_t)qa * D + c0 + 8) : 0u;
+        qf[ks][3] = vb ? ld_bf16x2(Q + (size_t)qb * D + c0 + 8) : 0u;
+    }
+
+    const float sl2 = rsqrtf((float)D) * ATTN_LOG2E;  // score scale, log2 domain
+    float m_a = ATTN_NEG_INF, m_b = ATTN_NEG_INF;  // running row max (log2 domain)
+    float l_a = 0.f, l_b = 0.f;              // this lane's part of the running row sum
+    float acc[ND][4];                        // O (16, D) f32, C layout per 8-dim group
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.f;
+
+    for (int k0 = 0; k0 < L; k0 += V2_BK) {
+        __syncthreads();  // every warp is done with the previous tile
+        // Stage keys k0..k0+63 (zeros beyond L) with 16-byte loads: D/8 chunks per key.
+        for (int c = threadIdx.x; c < V2_BK * (D / 8); c += blockDim.x) {
+            const int key = c / (D / 8), d8 = (c % (D / 8)) * 8;
+            uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;
+            if (k0 + key < L) {
+                kv = *reinterpret_cast<const uint4*>(Kg + (size_t)(k0 + key) * D + d8);
+                vv = *reinterpret_cast<const uint4*>(Vg + (size_t)(k0 + key) * D + d8);
+            }
+            *reinterpret_cast<uint4*>(Ks + key * LDS + d8) = kv;
+            *reinterpret_cast<uint4*>(Vs + key * LDS + d8) = vv;
+        }
+        if (kblk)
+            for (int c = threadIdx.x; c < V2_BK; c += blockDim.x)
+                kb_s[c] = (k0 + c < L) ? kblk[k0 + c] : ATTN_INT_MAX;
+        __syncthreads();
+        if (!active) continue;
+
+        // S (16, 64) = Q K^T: B[k][n] = K[key n][dim k], so reg0 = K[key][2t..2t+1] of dims
+        // ks*16.., contiguous in the K tile.
+        float s[NB][4];
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+            s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+            const __nv_bfloat16* krow = Ks + (nb * 8 + g) * LDS + 2 * t;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+                mma_bf16_16816(s[nb], qf[ks], ld_bf16x2(krow + ks * 16), ld_bf16x2(krow + ks * 16 + 8));
+        }
+
+        // Scale, mask (invisible -> -inf), tile row max.
+        float mx_a = ATTN_NEG_INF, mx_b = ATTN_NEG_INF;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int kt = nb * 8 + 2 * t + (e & 1);  // key within the tile
+                bool vis = k0 + kt < L;
+                if (kblk) vis = vis && kb_s[kt] <= (e < 2 ? blk_a : blk_b);
+                const float v = vis ? s[nb][e] * sl2 : ATTN_NEG_INF;
+                s[nb][e] = v;
+                if (e < 2) mx_a = fmaxf(mx_a, v);
+                else mx_b = fmaxf(mx_b, v);
+            }
+        }
+        // The 4 lanes of a quad (same g) hold one row's 64 columns together.
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+        const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+        // A row with nothing visible so far keeps m = -inf; subtract 0 instead (p = 0 then).
+        const float mu_a = mn_a == ATTN_NEG_INF ? 0.f : mn_a;
+        const float mu_b = mn_b == ATTN_NEG_INF ? 0.f : mn_b;
+        const float corr_a = exp2f(m_a - mu_a), corr_b = exp2f(m_b - mu_b);
+        m_a = mn_a;
+        m_b = mn_b;
+
+        // P = exp2(S - m) in bf16, laid out as the A fragments of O += P V: key group pair
+        // (2kk, 2kk+1) is one 16-key k-step; group 2kk gives regs 0 (row g) and 1 (row g+8),
+        // group 2kk+1 gives regs 2 and 3.
+        uint32_t pf[V2_BK / 16][4];
+        float rs_a = 0.f, rs_b = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+            const uint32_t pa = pack_f32_bf16(exp2f(s[nb][0] - mu_a), exp2f(s[nb][1] - mu_a));
+            const uint32_t pb = pack_f32_bf16(exp2f(s[nb][2] - mu_b), exp2f(s[nb][3] - mu_b));
+            rs_a += lo_f32(pa) + hi_f32(pa);
+            rs_b += lo_f32(pb) + hi_f32(pb);
+            pf[nb >> 1][(nb & 1) * 2 + 0] = pa;
+            pf[nb >> 1][(nb & 1) * 2 + 1] = pb;
+        }
+        l_a = l_a * corr_a + rs_a;
+        l_b = l_b * corr_b + rs_b;
+#pragma unroll
+        for (int nd = 0; nd < ND; ++nd) {
+            acc[nd][0] *= corr_a;
+            acc[nd][1] *= corr_a;
+            acc[nd][2] *= corr_b;
+            acc[nd][3] *= corr_b;
+        }
+
+        // O (16, D) += P (16, 64) V (64, D): B[k][n] = V[key k][dim n], reg0 = V[2t..2t+1][g]
+        // (two keys, so two 16-bit reads), reg1 = V[2t+8..2t+9][g].
+#pragma unroll
+        for (int kk = 0; kk < V2_BK / 16; ++kk) {
+            const __nv_bfloat16* v0 = Vs + (kk * 16 + 2 * t) * LDS + g;
+#pragma unroll
+            for (int nd = 0; nd < ND; ++nd) {
+                const __nv_bfloat16* vp = v0 + nd * 8;
+                const uint32_t b0 = pack_bf16(vp[0], vp[LDS]);
+                const uint32_t b1 = pack_bf16(vp[8 * LDS], vp[9 * LDS]);
+                mma_bf16_16816(acc[nd], pf[kk], b0, b1);
+            }
+        }
+    }
+    if (!active) return;
+
+    // Full row sums over the quad, normalize, store bf16 pairs.
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f;
+    const float inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
+    const size_t c = (size_t)p.h * D;
+    __nv_bfloat16* o = (__nv_bfloat16*)p.out + (size_t)hh * D + 2 * t;  // (T, C)
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+        if (va)
+            *reinterpret_cast<uint32_t*>(o + ((size_t)r * p.n + qa) * c + nd * 8) =
+                pack_f32_bf16(acc[nd][0] * inv_a, acc[nd][1] * inv_a);
+        if (vb)
+            *reinterpret_cast<uint32_t*>(o + ((size_t)r * p.n + qb) * c + nd * 8) =
+                pack_f32_bf16(acc[nd][2] * inv_b, acc[nd][3] * inv_b);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_v2_d32(const AttnParams p) { attention_v2<32>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_v2_d64(const AttnParams p) { attention_v2<64>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_v2_d128(const AttnParams p) { attention_v2<128>(p); }

@@ -1,0 +1,334 @@
+//! Launchers for kernels/attention.cu: RoPE + KV-cache append, and attention over the cache
+//! (SPEC.md section 5). Layouts are documented in the kernel file's header.
+
+use super::Gpu;
+use anyhow::{Result, ensure};
+use cudarc::driver::{CudaSlice, DeviceRepr};
+use half::bf16;
+
+/// Shapes shared by [`rope_kv_append`] and [`attention`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    /// Sequence rows (B, or 2B with classifier-free guidance).
+    pub rows: usize,
+    /// Heads H.
+    pub heads: usize,
+    /// Head dim D (32, 64 or 128).
+    pub head_dim: usize,
+    /// New tokens per row in this step.
+    pub n: usize,
+    /// Tokens already in the cache before this step; the new ones go to start..start+n.
+    pub start: usize,
+    /// Cache capacity per row (tokens).
+    pub capacity: usize,
+}
+
+impl AttnShape {
+    /// Model width C = H * D.
+    pub fn c(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Tokens in this step, T = rows * n.
+    pub fn tokens(&self) -> usize {
+        self.rows * self.n
+    }
+
+    /// Keys after the append, L = start + n.
+    pub fn keys(&self) -> usize {
+        self.start + self.n
+    }
+
+    /// Elements of one cache buffer (rows, H, capacity, D).
+    pub fn cache_len(&self) -> usize {
+        self.rows * self.heads * self.capacity * self.head_dim
+    }
+
+    /// Elements of the rotated queries (rows, H, n, D).
+    pub fn q_len(&self) -> usize {
+        self.rows * self.heads * self.n * self.head_dim
+    }
+
+    fn check(&self) -> Result<()> {
+        let s = self;
+        ensure!(
+            s.rows >= 1 && s.heads >= 1 && s.n >= 1,
+            "attention shape {s:?}: rows, heads and n must be >= 1"
+        );
+        ensure!(
+            s.head_dim.is_multiple_of(2) && s.head_dim >= 2,
+            "attention shape {s:?}: head_dim must be even"
+        );
+        ensure!(
+            s.start + s.n <= s.capacity,
+            "attention shape {s:?}: KV cache overflow (start + n > capacity)"
+        );
+        ensure!(
+            s.rows <= 65535 && s.heads <= 65535,
+            "attention shape {s:?}: rows and heads must fit a grid dimension (65535)"
+        );
+        let big = s.cache_len().max(s.tokens() * 3 * s.c());
+        ensure!(
+            s.capacity <= i32::MAX as usize && big < (1usize << 62),
+            "attention shape {s:?}: too large"
+        );
+        Ok(())
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct RopeKvParams {
+    qkv: u64,
+    rope_re: u64,
+    rope_im: u64,
+    cur: u64,
+    prev: u64,
+    mix: u64,
+    q_out: u64,
+    k_cache: u64,
+    v_cache: u64,
+    rows: i32,
+    n: i32,
+    h: i32,
+    d: i32,
+    cap: i32,
+    start: i32,
+    table_rows: i32,
+}
+// SAFETY: plain-old-data mirror of the C struct.
+unsafe impl DeviceRepr for RopeKvParams {}
+
+/// Rotate the new block's queries and keys and append keys and values to the cache.
+///
+/// * `qkv` (T, 3C) bf16, T = rows * n, from the wqkv GEMM (`[q | k | v]`, head h at h*D).
+/// * `rope_re`, `rope_im` (table_rows, D) f32: the unit complex numbers of each position.
+/// * `cur`, `prev` (n) i32: table rows of each new token's position and of its paired
+///   previous-block position (shared by all rows); `prev` is read only with `mix`.
+/// * `mix`: `Some((buf, offset))` on key-mixing layers, with `buf[offset..offset + H]` the
+///   sigmoid weights of the current position (e.g. the (num_mixing_layers, H) table with
+///   offset layer * H); `None` rotates keys with the current position only.
+/// * `q_out` (rows, H, n, D) bf16 gets q'; `k_cache`, `v_cache` (rows, H, capacity, D) bf16
+///   get k' and v at positions start..start+n.
+///
+/// A `cur`/`prev` entry outside the table writes NaN for that token (checked on the device).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_append(
+    gpu: &Gpu,
+    qkv: &CudaSlice<bf16>,
+    rope_re: &CudaSlice<f32>,
+    rope_im: &CudaSlice<f32>,
+    cur: &CudaSlice<i32>,
+    prev: &CudaSlice<i32>,
+    mix: Option<(&CudaSlice<f32>, usize)>,
+    q_out: &mut CudaSlice<bf16>,
+    k_cache: &mut CudaSlice<bf16>,
+    v_cache: &mut CudaSlice<bf16>,
+    s: AttnShape,
+) -> Result<()> {
+    s.check()?;
+    let (d, c) = (s.head_dim, s.c());
+    ensure!(
+        qkv.len() >= s.tokens() * 3 * c,
+        "rope_kv_append: qkv has {} elements, needs (T={}, 3C={})",
+        qkv.len(),
+        s.tokens(),
+        3 * c
+    );
+    ensure!(
+        rope_re.len() == rope_im.len() && rope_re.len().is_multiple_of(d) && rope_re.len() >= d,
+        "rope_kv_append: rope tables of {} and {} elements are not (rows, D={d})",
+        rope_re.len(),
+        rope_im.len()
+    );
+    let table_rows = rope_re.len() / d;
+    ensure!(
+        table_rows <= i32::MAX as usize,
+        "rope_kv_append: rope table too large"
+    );
+    ensure!(
+        cur.len() >= s.n && prev.len() >= s.n,
+        "rope_kv_append: cur/prev have {}/{} entries, need n={}",
+        cur.len(),
+        prev.len(),
+        s.n
+    );
+    ensure!(
+        q_out.len() >= s.q_len(),
+        "rope_kv_append: q_out has {} elements, needs (rows, H, n, D) = {}",
+        q_out.len(),
+        s.q_len()
+    );
+    ensure!(
+        k_cache.len() >= s.cache_len() && v_cache.len() >= s.cache_len(),
+        "rope_kv_append: caches have {}/{} elements, need (rows, H, capacity, D) = {}",
+        k_cache.len(),
+        v_cache.len(),
+        s.cache_len()
+    );
+    let mix_ptr = match mix {
+        Some((m, off)) => {
+            ensure!(
+                m.len() >= off + s.heads,
+                "rope_kv_append: mix has {} elements, needs offset {off} + H={}",
+                m.len(),
+                s.heads
+            );
+            gpu.ptr(m) + (off * std::mem::size_of::<f32>()) as u64
+        }
+        None => 0,
+    };
+    let p = RopeKvParams {
+        qkv: gpu.ptr(qkv),
+        rope_re: gpu.ptr(rope_re),
+        rope_im: gpu.ptr(rope_im),
+        cur: gpu.ptr(cur),
+        prev: gpu.ptr(prev),
+        mix: mix_ptr,
+        q_out: gpu.ptr(q_out),
+        k_cache: gpu.ptr(k_cache),
+        v_cache: gpu.ptr(v_cache),
+        rows: s.rows as i32,
+        n: s.n as i32,
+        h: s.heads as i32,
+        d: d as i32,
+        cap: s.capacity as i32,
+        start: s.start as i32,
+        table_rows: table_rows as i32,
+    };
+    let pairs = s.tokens() * s.heads * (d / 2);
+    let grid = pairs.div_ceil(256).clamp(1, 65535) as u32;
+    gpu.launch("rope_kv_append", (grid, 1, 1), (256, 1, 1), 0, &p)
+}
+
+/// Which attention kernel runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// One warp per query, no tensor cores: the simple on-device reference.
+    V1Warp,
+    /// Flash-style tiles on bf16 tensor cores (mma.sync m16n8k16), f32 softmax/accumulation.
+    #[default]
+    V2TensorCore,
+}
+
+/// The optional block-causal mask of the multi-block (teacher-forced / prefill) path: key j is
+/// visible to query i iff `key_block[j] <= query_block[i]`.
+#[derive(Clone, Copy)]
+pub struct BlockMask<'a> {
+    /// (start + n) i32: block id of every key in the cache after the append.
+    pub key_block: &'a CudaSlice<i32>,
+    /// (n) i32: block id of every new query.
+    pub query_block: &'a CudaSlice<i32>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AttnParams {
+    q: u64,
+    k_cache: u64,
+    v_cache: u64,
+    key_block: u64,
+    query_block: u64,
+    out: u64,
+    rows: i32,
+    n: i32,
+    h: i32,
+    cap: i32,
+    start: i32,
+}
+// SAFETY: plain-old-data mirror of the C struct.
+unsafe impl DeviceRepr for AttnParams {}
+
+/// `o = softmax(q' K^T / sqrt(D)) V` per (row, head) over cache keys 0..start+n (the cache
+/// already holds this step's keys).
+///
+/// * `q` (rows, H, n, D) bf16 from [`rope_kv_append`].
+/// * `k_cache`, `v_cache` (rows, H, capacity, D) bf16; nothing at or beyond start+n is read.
+/// * `mask`: optional block-causal mask; a query with no visible key gets o = 0.
+/// * `out` (T, C) bf16, `out[(r*n + i)*C + h*D + d]`: heads concatenated, ready for wo.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    gpu: &Gpu,
+    imp: AttentionImpl,
+    q: &CudaSlice<bf16>,
+    k_cache: &CudaSlice<bf16>,
+    v_cache: &CudaSlice<bf16>,
+    mask: Option<BlockMask<'_>>,
+    out: &mut CudaSlice<bf16>,
+    s: AttnShape,
+) -> Result<()> {
+    s.check()?;
+    let d = s.head_dim;
+    ensure!(
+        matches!(d, 32 | 64 | 128),
+        "attention: head_dim {d} has no kernel (32, 64, 128)"
+    );
+    ensure!(
+        q.len() >= s.q_len(),
+        "attention: q has {} elements, needs (rows, H, n, D) = {}",
+        q.len(),
+        s.q_len()
+    );
+    ensure!(
+        k_cache.len() >= s.cache_len() && v_cache.len() >= s.cache_len(),
+        "attention: caches have {}/{} elements, need (rows, H, capacity, D) = {}",
+        k_cache.len(),
+        v_cache.len(),
+        s.cache_len()
+    );
+    ensure!(
+        out.len() >= s.tokens() * s.c(),
+        "attention: out has {} elements, needs (T, C) = {}",
+        out.len(),
+        s.tokens() * s.c()
+    );
+    let (kb, qb) = match mask {
+        Some(m) => {
+            ensure!(
+                m.key_block.len() >= s.keys() && m.query_block.len() >= s.n,
+                "attention: mask has {}/{} block ids, needs start+n={} keys and n={} queries",
+                m.key_block.len(),
+                m.query_block.len(),
+                s.keys(),
+                s.n
+            );
+            (gpu.ptr(m.key_block), gpu.ptr(m.query_block))
+        }
+        None => (0, 0),
+    };
+    let p = AttnParams {
+        q: gpu.ptr(q),
+        k_cache: gpu.ptr(k_cache),
+        v_cache: gpu.ptr(v_cache),
+        key_block: kb,
+        query_block: qb,
+        out: gpu.ptr(out),
+        rows: s.rows as i32,
+        n: s.n as i32,
+        h: s.heads as i32,
+        cap: s.capacity as i32,
+        start: s.start as i32,
+    };
+    let (name, grid_x, threads) = match imp {
+        // One warp per query, 4 warps per block.
+        AttentionImpl::V1Warp => ("v1", s.n.div_ceil(4), 128),
+        // One warp per 16 queries, up to 4 warps per block.
+        AttentionImpl::V2TensorCore => {
+            let warps = s.n.div_ceil(16).min(4);
+            ("v2", s.n.div_ceil(16 * warps), 32 * warps)
+        }
+    };
+    ensure!(
+        grid_x <= i32::MAX as usize,
+        "attention: n={} too large",
+        s.n
+    );
+    let kernel = format!("attention_{name}_d{d}");
+    gpu.launch(
+        &kernel,
+        (grid_x as u32, s.heads as u32, s.rows as u32),
+        (threads as u32, 1, 1),
+        0,
+        &p,
+    )
+}

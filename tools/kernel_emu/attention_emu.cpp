@@ -1,0 +1,207 @@
+// Host run of kernels/attention.cu (the literal kernel code, through cuda_emu.h) against an f64
+// CPU reference, with the launch shapes of src/cuda/attention.rs. See README.md.
+#include "../../kernels/attention.cu"
+
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+
+typedef unsigned long long ull;
+
+static std::mt19937_64 rng(12345);
+static float uni(float s) { return s * (2.f * std::uniform_real_distribution<float>(0.f, 1.f)(rng) - 1.f); }
+static uint16_t bf(float f) { return __float2bfloat16(f).x; }
+static float fb(uint16_t h) { return __bfloat162float({h}); }
+static const uint16_t BF_NAN = 0x7fc0;
+template <class T> static ull addr(std::vector<T>& v) { return v.empty() ? 0 : (ull)(uintptr_t)v.data(); }
+
+struct Shape { int rows, h, d, n, start, cap; };
+
+static double rel_err(const std::vector<float>& got, const std::vector<double>& want, int* nonfinite) {
+    double num = 0, den = 0;
+    *nonfinite = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+        if (!std::isfinite(got[i])) { ++*nonfinite; continue; }
+        num += (got[i] - want[i]) * (got[i] - want[i]);
+        den += want[i] * want[i];
+    }
+    return std::sqrt(num / std::max(den, 1e-300));
+}
+
+static int failures = 0;
+static double worst[3] = {0, 0, 0};
+static void report(const std::string& label, double rel, int nonfinite, int slot) {
+    const bool ok = nonfinite == 0 && rel < 1e-2;
+    if (!ok) ++failures;
+    worst[slot] = std::max(worst[slot], rel);
+    std::printf("%s %s: rel %.2e non-finite %d\n", ok ? "ok  " : "FAIL", label.c_str(), rel, nonfinite);
+}
+
+// ---------------------------------------------------------------- rope_kv_append
+static void test_rope(Shape s, bool mixing) {
+    const int C = s.h * s.d, T = s.rows * s.n, table = 343, half = s.d / 2;
+    std::vector<uint16_t> qkv(T * 3 * C);
+    for (auto& x : qkv) x = bf(uni(2.f));
+    std::vector<float> re(table * s.d), im(table * s.d);
+    for (int i = 0; i < table * s.d; ++i) { float a = uni(3.14159f); re[i] = std::cos(a); im[i] = std::sin(a); }
+    std::vector<int> cur(s.n), prev(s.n);
+    for (int j = 0; j < s.n; ++j) { cur[j] = rng() % table; prev[j] = rng() % table; }
+    std::vector<float> mix(s.h);
+    for (auto& x : mix) x = 0.5f + 0.5f * uni(1.f);
+    const size_t qlen = (size_t)s.rows * s.h * s.n * s.d, clen = (size_t)s.rows * s.h * s.cap * s.d;
+    std::vector<uint16_t> q(qlen, BF_NAN), kc(clen, bf(7.f)), vc(clen, bf(7.f));
+    RopeKvParams p{addr(qkv), addr(re), addr(im), addr(cur), addr(prev), mixing ? addr(mix) : 0,
+                   addr(q), addr(kc), addr(vc), s.rows, s.n, s.h, s.d, s.cap, s.start, table};
+    const size_t pairs = (size_t)T * s.h * half;
+    unsigned grid = (unsigned)std::min<size_t>(std::max<size_t>((pairs + 255) / 256, 1), 65535);
+    emu_launch(rope_kv_append, {grid, 1, 1}, {256, 1, 1}, p);
+
+    std::vector<float> gq, gk;
+    std::vector<double> wq, wk;
+    int bad_other = 0, bad_v = 0;
+    for (int r = 0; r < s.rows; ++r)
+        for (int hh = 0; hh < s.h; ++hh)
+            for (int j = 0; j < s.n; ++j) {
+                const uint16_t* src = &qkv[((size_t)r * s.n + j) * 3 * C + hh * s.d];
+                const float *rc = &re[cur[j] * s.d], *ic = &im[cur[j] * s.d];
+                const float *rp = &re[prev[j] * s.d], *ip = &im[prev[j] * s.d];
+                for (int i = 0; i < s.d; ++i) {
+                    const int o = i < half ? i + half : i - half;
+                    const double sg = i < half ? -1 : 1;
+                    double kre = rc[i], kim = ic[i];
+                    if (mixing) { kre = mix[hh] * rc[i] + (1 - mix[hh]) * rp[i]; kim = mix[hh] * ic[i] + (1 - mix[hh]) * ip[i]; }
+                    wq.push_back(fb(src[i]) * (double)rc[i] + sg * fb(src[o]) * ic[i]);
+                    gq.push_back(fb(q[(((size_t)r * s.h + hh) * s.n + j) * s.d + i]));
+                    wk.push_back(fb(src[C + i]) * kre + sg * fb(src[C + o]) * kim);
+                    const size_t ko = (((size_t)r * s.h + hh) * s.cap + s.start + j) * s.d + i;
+                    gk.push_back(fb(kc[ko]));
+                    if (vc[ko] != src[2 * C + i]) ++bad_v;
+                }
+            }
+    for (int rh = 0; rh < s.rows * s.h; ++rh)
+        for (int pos = 0; pos < s.cap; ++pos)
+            if (pos < s.start || pos >= s.start + s.n)
+                for (int i = 0; i < s.d; ++i) {
+                    const size_t k = ((size_t)rh * s.cap + pos) * s.d + i;
+                    if (kc[k] != bf(7.f) || vc[k] != bf(7.f)) ++bad_other;
+                }
+    char label[160];
+    std::snprintf(label, sizeof label, "rope D %d H %d n %d start %d rows %d mix %d", s.d, s.h, s.n, s.start, s.rows, mixing);
+    int nf;
+    double e = rel_err(gq, wq, &nf);
+    report(std::string(label) + " q'", e, nf, 0);
+    e = rel_err(gk, wk, &nf);
+    report(std::string(label) + " k'", e, nf + bad_v + bad_other, 0);
+}
+
+// ---------------------------------------------------------------- attention
+enum MaskKind { NONE, CAUSAL, CAUSAL_EMPTY };
+
+static void test_attention(Shape s, MaskKind mk, float qscale) {
+    const int C = s.h * s.d, T = s.rows * s.n, L = s.start + s.n;
+    const size_t qlen = (size_t)s.rows * s.h * s.n * s.d, clen = (size_t)s.rows * s.h * s.cap * s.d;
+    std::vector<uint16_t> q(qlen), kc(clen, BF_NAN), vc(clen, BF_NAN);  // NaN beyond L: never read
+    for (auto& x : q) x = bf(uni(qscale));
+    for (int rh = 0; rh < s.rows * s.h; ++rh)
+        for (int pos = 0; pos < L; ++pos)
+            for (int i = 0; i < s.d; ++i) {
+                kc[((size_t)rh * s.cap + pos) * s.d + i] = bf(uni(1.f));
+                vc[((size_t)rh * s.cap + pos) * s.d + i] = bf(uni(1.f));
+            }
+    // Block ids: class token block 0, then blocks of sizes 1, 4, 7, 16, 1, 4, ...
+    std::vector<int> kb;
+    const int sizes[4] = {1, 4, 7, 16};
+    kb.push_back(0);
+    for (int b = 1; (int)kb.size() < L; ++b)
+        for (int k = 0; k < sizes[(b - 1) % 4] && (int)kb.size() < L; ++k) kb.push_back(b);
+    std::vector<int> qb(kb.begin() + s.start, kb.end());
+    if (mk == CAUSAL_EMPTY) qb[0] = -1;
+
+    std::vector<double> want((size_t)T * C, 0.0);
+    const double scale = 1.0 / std::sqrt((double)s.d);
+    for (int r = 0; r < s.rows; ++r)
+        for (int hh = 0; hh < s.h; ++hh)
+            for (int i = 0; i < s.n; ++i) {
+                const size_t rh = (size_t)r * s.h + hh;
+                std::vector<double> sc(L, -INFINITY);
+                double mx = -INFINITY;
+                for (int j = 0; j < L; ++j) {
+                    if (mk != NONE && kb[j] > qb[i]) continue;
+                    double dot = 0;
+                    for (int e = 0; e < s.d; ++e)
+                        dot += (double)fb(q[(rh * s.n + i) * s.d + e]) * fb(kc[(rh * s.cap + j) * s.d + e]);
+                    sc[j] = dot * scale;
+                    mx = std::max(mx, sc[j]);
+                }
+                if (mx == -INFINITY) continue;
+                double sum = 0;
+                double* o = &want[((size_t)r * s.n + i) * C + hh * s.d];
+                for (int j = 0; j < L; ++j) {
+                    if (sc[j] == -INFINITY) continue;
+                    const double pj = std::exp(sc[j] - mx);
+                    sum += pj;
+                    for (int e = 0; e < s.d; ++e) o[e] += pj * fb(vc[(rh * s.cap + j) * s.d + e]);
+                }
+                for (int e = 0; e < s.d; ++e) o[e] /= sum;
+            }
+
+    for (int v = 1; v <= 2; ++v) {
+        std::vector<uint16_t> out((size_t)T * C, BF_NAN);
+        AttnParams p{addr(q), addr(kc), addr(vc), mk != NONE ? addr(kb) : 0, mk != NONE ? addr(qb) : 0,
+                     addr(out), s.rows, s.n, s.h, s.cap, s.start};
+        // Launch shapes exactly as src/cuda/attention.rs picks them.
+        void (*k)(const AttnParams) = nullptr;
+        unsigned gx, threads;
+        if (v == 1) {
+            k = s.d == 32 ? attention_v1_d32 : s.d == 64 ? attention_v1_d64 : attention_v1_d128;
+            gx = (s.n + 3) / 4;
+            threads = 128;
+        } else {
+            k = s.d == 32 ? attention_v2_d32 : s.d == 64 ? attention_v2_d64 : attention_v2_d128;
+            const unsigned warps = std::min((s.n + 15) / 16, 4);
+            gx = (s.n + 16 * warps - 1) / (16 * warps);
+            threads = 32 * warps;
+        }
+        emu_launch(k, {gx, (unsigned)s.h, (unsigned)s.rows}, {threads, 1, 1}, p);
+        std::vector<float> got(out.size());
+        for (size_t i = 0; i < out.size(); ++i) got[i] = fb(out[i]);
+        int nf;
+        const double e = rel_err(got, want, &nf);
+        int empty_bad = 0;
+        if (mk == CAUSAL_EMPTY)
+            for (int r = 0; r < s.rows; ++r)
+                for (int c = 0; c < C; ++c)
+                    if (got[(size_t)r * s.n * C + c] != 0.f) ++empty_bad;
+        char label[200];
+        std::snprintf(label, sizeof label, "attention v%d D %d H %d n %d start %d rows %d mask %d qscale %g", v, s.d,
+                      s.h, s.n, s.start, s.rows, (int)mk, qscale);
+        report(label, e, nf + empty_bad, v);
+    }
+}
+
+int main(int argc, char** argv) {
+    const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+    // rows, h, d, n, start, cap
+    test_rope({1, 4, 32, 1, 0, 3}, false);
+    test_rope({3, 2, 64, 4, 1, 8}, true);
+    test_rope({2, 3, 64, 63, 86, 152}, true);
+    test_rope({1, 2, 128, 5, 10, 16}, true);
+    struct Case { Shape s; MaskKind m; float qs; };
+    std::vector<Case> cases = {
+        {{1, 1, 32, 1, 0, 1}, NONE, 1.f},     {{2, 2, 64, 1, 1, 4}, NONE, 4.f},
+        {{1, 2, 64, 4, 86, 95}, NONE, 2.f},   {{1, 1, 32, 63, 278, 345}, NONE, 4.f},
+        {{2, 1, 64, 64, 17, 90}, NONE, 8.f},  {{1, 1, 64, 65, 0, 65}, CAUSAL, 2.f},
+        {{1, 1, 32, 128, 0, 130}, CAUSAL, 2.f}, {{2, 1, 64, 17, 5, 30}, CAUSAL_EMPTY, 2.f},
+        {{1, 2, 128, 17, 30, 50}, NONE, 2.f}, {{1, 1, 128, 40, 100, 141}, CAUSAL, 3.f},
+        {{1, 1, 64, 33, 64, 100}, NONE, 30.f},
+    };
+    if (!quick) {
+        cases.push_back({{1, 1, 64, 128, 278, 410}, NONE, 4.f});
+        cases.push_back({{1, 1, 32, 200, 0, 200}, CAUSAL, 2.f});
+    }
+    for (auto& c : cases) test_attention(c.s, c.m, c.qs);
+    std::printf("worst rel err: rope %.2e, attention v1 %.2e, v2 %.2e; %d failures\n", worst[0], worst[1], worst[2],
+                failures);
+    return failures ? 1 : 0;
+}
