@@ -96,9 +96,30 @@ fn load_or_tiny(path: Option<&Path>) -> Result<(Model, String)> {
     }
 }
 
+/// The GPU to use for `--device`, or None for the CPU.
+#[cfg(feature = "cuda")]
+fn pick_gpu(device: Device) -> Result<Option<checkergen::cuda::Gpu>> {
+    use checkergen::cuda::Gpu;
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda => match Gpu::try_new()? {
+            Some(g) => Ok(Some(g)),
+            None => bail!("--device cuda: no CUDA driver or GPU found on this machine"),
+        },
+        Device::Auto => match Gpu::try_new() {
+            Ok(g) => Ok(g),
+            Err(e) => {
+                eprintln!("GPU present but unusable ({e:#}); sampling on the CPU");
+                Ok(None)
+            }
+        },
+    }
+}
+
 pub fn sample(a: SampleArgs) -> Result<()> {
+    #[cfg(not(feature = "cuda"))]
     if a.device == Device::Cuda {
-        bail!("--device cuda: this build has no CUDA backend yet; use --device cpu or auto");
+        bail!("--device cuda: this binary was built without the `cuda` feature");
     }
     ensure_dir(&a.out)?;
     let (model, source) = load_or_tiny(a.model.as_deref())?;
@@ -121,8 +142,22 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         top_p: a.top_p,
     };
     opts.seed = a.seed;
+    #[cfg(feature = "cuda")]
+    let gpu_model = match pick_gpu(a.device)? {
+        Some(g) => Some(model.to_gpu(g)?),
+        None => None,
+    };
     let t = Instant::now();
-    let out = model.sample(&opts)?;
+    #[cfg(feature = "cuda")]
+    let (out, device) = match &gpu_model {
+        Some(gm) => (
+            model.sample_gpu(gm, &opts)?,
+            format!("cuda ({})", gm.gpu.name),
+        ),
+        None => (model.sample(&opts)?, "cpu".to_string()),
+    };
+    #[cfg(not(feature = "cuda"))]
+    let (out, device) = (model.sample(&opts)?, "cpu".to_string());
     let total_s = t.elapsed().as_secs_f64();
 
     // Images: one PNG each and a grid.
@@ -190,7 +225,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let run = serde_json::json!({
         "model": source,
         "config": model.config,
-        "device": "cpu",
+        "device": device,
         "labels": labels,
         "cfg": a.cfg,
         "cfg_start_step": a.cfg_start_step,
@@ -240,7 +275,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         );
     }
     println!(
-        "wrote {b} images ({side}x{side}) to {} in {total_s:.2} s ({} serial steps, cpu)",
+        "wrote {b} images ({side}x{side}) to {} in {total_s:.2} s ({} serial steps, {device})",
         a.out.display(),
         sched.total_steps()
     );

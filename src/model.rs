@@ -67,10 +67,38 @@ impl Model {
     /// Sample token pyramids and decode the last scale to images.
     pub fn sample(&self, opts: &SampleOptions) -> Result<Samples> {
         let tokens = sample_tokens(&self.config, &self.weights, &self.scale_sizes, opts)?;
+        self.decode_samples(tokens, opts.labels.len())
+    }
+
+    /// Sample on the GPU (the token loop; decoding runs on the CPU until the GPU decoder lands).
+    #[cfg(feature = "cuda")]
+    pub fn sample_gpu(
+        &self,
+        gm: &crate::cuda::engine::GpuModel,
+        opts: &SampleOptions,
+    ) -> Result<Samples> {
+        let mut backend = crate::cuda::engine::GpuBackend::new(gm);
+        let tokens = crate::sampler::run_steps(
+            &mut backend,
+            &self.config,
+            &self.scale_sizes,
+            self.weights.n_tokens,
+            opts,
+        )?;
+        self.decode_samples(tokens, opts.labels.len())
+    }
+
+    /// Upload this model's transformer to a GPU.
+    #[cfg(feature = "cuda")]
+    pub fn to_gpu(&self, gpu: crate::cuda::Gpu) -> Result<crate::cuda::engine::GpuModel> {
+        crate::cuda::engine::GpuModel::new(gpu, &self.config, &self.weights)
+    }
+
+    fn decode_samples(&self, tokens: TokenOutput, batch: usize) -> Result<Samples> {
         let t = Instant::now();
         let s = *self.scale_sizes.last().unwrap();
         let last = tokens.tokens.last().unwrap();
-        let images = self.decoder.decode_tokens(last, opts.labels.len(), s);
+        let images = self.decoder.decode_tokens(last, batch, s);
         Ok(Samples {
             tokens,
             images,

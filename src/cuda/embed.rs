@@ -154,12 +154,18 @@ pub struct InputTables {
     pub c: usize,
 }
 
-/// Index views of one step into the schedule tables uploaded at batch start.
-pub struct StepIndex<'a> {
-    pub cur_global: cudarc::driver::CudaView<'a, i32>,
-    pub local: cudarc::driver::CudaView<'a, i32>,
-    pub prev_global: Option<cudarc::driver::CudaView<'a, i32>>,
-    pub prev_local: Option<cudarc::driver::CudaView<'a, i32>>,
+/// Index arrays of one step, uploaded once per batch (nothing is uploaded inside the loop).
+pub struct StepIndex {
+    /// (n) global position ids of the step's cells (also their RoPE rows).
+    pub cur_global: CudaSlice<i32>,
+    /// (n) local raster positions (scatter targets, SRC rows).
+    pub local: CudaSlice<i32>,
+    /// (n) RoPE rows of the paired previous-block cells (N+1 = "empty" on a scale's first step).
+    pub prev_rope: CudaSlice<i32>,
+    /// (n) global / local positions of the paired previous-block cells; None on a first step.
+    pub prev_global: Option<CudaSlice<i32>>,
+    pub prev_local: Option<CudaSlice<i32>>,
+    pub n: usize,
 }
 
 /// `x (rows*n, C)` for one step: folded tables + this scale's SRC rows + previous block.
@@ -188,10 +194,6 @@ pub fn gather_inputs(
         idx.cur_global.len() >= n && idx.local.len() >= n,
         "gather index shapes"
     );
-    let view_ptr = |v: &cudarc::driver::CudaView<i32>| {
-        use cudarc::driver::DevicePtr;
-        v.device_ptr(&gpu.stream).0
-    };
     let p = GatherParams {
         pa: gpu.ptr(&t.pa),
         pc: gpu.ptr(&t.pc),
@@ -200,10 +202,10 @@ pub fn gather_inputs(
         bias: gpu.ptr(&t.bias),
         src: gpu.ptr(src),
         grid: gpu.ptr(grid),
-        cur_global: view_ptr(&idx.cur_global),
-        local: view_ptr(&idx.local),
-        prev_global: idx.prev_global.as_ref().map(view_ptr).unwrap_or(0),
-        prev_local: idx.prev_local.as_ref().map(view_ptr).unwrap_or(0),
+        cur_global: gpu.ptr(&idx.cur_global),
+        local: gpu.ptr(&idx.local),
+        prev_global: idx.prev_global.as_ref().map(|s| gpu.ptr(s)).unwrap_or(0),
+        prev_local: idx.prev_local.as_ref().map(|s| gpu.ptr(s)).unwrap_or(0),
         x: gpu.ptr(x),
         rows: rows as i32,
         batch: batch as i32,

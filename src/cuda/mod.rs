@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod device;
 pub mod embed;
+pub mod engine;
 pub mod gemm;
 pub mod norm;
 pub mod sampling;

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 /// Missing-golden rule: when it is absent, a test that needs it fails under CI (`CI=true`)
 /// and otherwise skips with a loud message (the caller returns on `None`).
 pub fn golden_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden");
+    // CHECKERGEN_GOLDEN overrides the location (GPU test bundles carry their own copy).
+    let dir = match std::env::var_os("CHECKERGEN_GOLDEN") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"),
+    };
     if dir.join("README.md").is_file() {
         return Some(dir);
     }

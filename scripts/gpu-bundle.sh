@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Build a self-contained GPU test bundle under target/gpu-bundle: the stripped CLI, the
+# stripped GPU test executables, the golden files they need, and run.sh. Copy the folder to
+# a GPU host (no Rust needed there) and run `bash run.sh LOGDIR`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NVCC=${NVCC:-$(bash scripts/install-nvcc.sh | tail -n 1)}
+export NVCC
+out=target/gpu-bundle
+rm -rf "$out"
+mkdir -p "$out/bin" "$out/golden/public"
+cargo build --release --features cuda --bin checkergen
+cp target/release/checkergen "$out/bin/"
+# Test executables of the GPU tests, from cargo's JSON artifact list.
+cargo test --release --features cuda --no-run --message-format=json 2>/dev/null \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("gpu_"):
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do cp "$exe" "$out/bin/$name"; done
+strip "$out"/bin/* 2>/dev/null || true
+g=../shared/golden
+if [ -d "$g" ]; then
+    cp "$g/README.md" "$out/golden/"
+    cp "$g/public/weights_shared.safetensors" "$out/golden/public/"
+    for c in A_ratio2 B_ratio4 C_ratio3; do
+        mkdir -p "$out/golden/public/$c"
+        cp "$g/public/$c/config.json" "$g/public/$c/weights_config.safetensors" \
+           "$g/public/$c"/greedy_*.safetensors "$out/golden/public/$c/"
+    done
+else
+    echo "warning: $g not found; the bundle's golden GPU tests will skip" >&2
+fi
+cat > "$out/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Run every GPU test and the benchmark; full logs go to $1 (default ./logs); a summary table
+# is printed last.
+here=$(cd "$(dirname "$0")" && pwd)
+logs=${1:-logs}
+mkdir -p "$logs"
+export CHECKERGEN_GOLDEN="$here/golden"
+summary=()
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$logs/gpu.txt" 2>&1
+for t in "$here"/bin/gpu_*; do
+    name=$(basename "$t")
+    start=$(date +%s.%N)
+    "$t" --nocapture --test-threads=1 > "$logs/$name.log" 2>&1
+    rc=$?
+    secs=$(printf '%.1f' "$(echo "$(date +%s.%N) - $start" | bc)")
+    res=$(grep -E '^test result' "$logs/$name.log" | tail -n 1)
+    summary+=("$(printf '%-16s rc=%-3s %6ss  %s' "$name" "$rc" "$secs" "$res")")
+    grep -E 'rel|agreement|chi2|SKIPPED' "$logs/$name.log" | tail -n 40 > "$logs/$name.key.txt"
+done
+# Benchmark: random L-2x weights, batch 16 and 64, cfg 1.5, 4 steps per scale.
+"$here/bin/checkergen" init --preset L-2x -o "$logs/L-2x.safetensors" > "$logs/bench.log" 2>&1
+for b in 1 16 64; do
+    "$here/bin/checkergen" sample --model "$logs/L-2x.safetensors" --num-samples "$b" --cfg 1.5 \
+        --device cuda --timings --out "$logs/bench-b$b" >> "$logs/bench.log" 2>&1
+    summary+=("$(printf 'bench L-2x b=%-3s %s' "$b" "$(grep -E '^serial steps' "$logs/bench.log" | tail -n 1)")")
+done
+rm -f "$logs/L-2x.safetensors"
+echo "== $(cat "$logs/gpu.txt")"
+for k in "$logs"/*.key.txt; do echo "-- $(basename "$k" .key.txt)"; tail -n 12 "$k"; done
+echo "== summary"
+printf '%s\n' "${summary[@]}"
+RUN
+chmod +x "$out/run.sh"
+du -sh "$out"

@@ -1,0 +1,520 @@
+//! The GPU sampler backend: weights uploaded once in bf16 (norms, tables, biases in f32), every
+//! buffer allocated once per batch, and the serial step loop as kernel launches and cuBLAS
+//! GEMMs on one stream. Implements [`StepBackend`], so the loop itself is sampler.rs's.
+//!
+//! Per step (T = rows * n tokens, rows = B or 2B with guidance):
+//!   gather_inputs -> x (T, C) f32 residual
+//!   per layer: rmsnorm_adaln -> a (T, C) bf16; a @ wqkv^T -> qkv (T, 3C) bf16;
+//!              rope_kv_append -> q (rows, H, n, D) + cache append; attention -> o (T, C);
+//!              x += o @ wo^T (f32 output, beta 1); rmsnorm_adaln -> a; a @ [w1; w3]^T ->
+//!              g (T, 2F); silu_mul -> h (T, F); x += h @ w2^T
+//!   rmsnorm -> a; a @ head^T + b -> logits (T, V) f32; guided_sample -> tokens into the grid
+
+use super::Gpu;
+use super::attention;
+use super::embed::{self, CodevecMlp, InputTables, StepIndex};
+use super::gemm::linear;
+use super::norm::{add_bias_f32, rmsnorm_adaln, silu_mul};
+use super::sampling;
+use crate::config::ModelConfig;
+use crate::cpu::ops;
+use crate::order::{Schedule, Step};
+use crate::sampler::{StepBackend, StepChoice};
+use crate::weights::TransformerWeights;
+use anyhow::{Context, Result, bail};
+use cudarc::driver::CudaSlice;
+use half::bf16;
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+/// Columns [start, start + width) of a row-major (rows x stride) matrix.
+fn sub_cols(w: &[f32], rows: usize, stride: usize, start: usize, width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * width);
+    for r in 0..rows {
+        out.extend_from_slice(&w[r * stride + start..r * stride + start + width]);
+    }
+    out
+}
+
+/// Per-layer device weights.
+struct GpuLayer {
+    wqkv: CudaSlice<bf16>, // (3C, C)
+    wo: CudaSlice<bf16>,   // (C, C)
+    w13: CudaSlice<bf16>,  // (2F, C): w1 rows then w3 rows
+    w2: CudaSlice<bf16>,   // (C, F)
+    attn_norm: CudaSlice<f32>,
+    ffn_norm: CudaSlice<f32>,
+    mod_w: CudaSlice<bf16>, // (4C, C): input_modulation then post_attention_modulation
+    mod_b: CudaSlice<f32>,  // (4C)
+}
+
+/// A model on the GPU: weights uploaded and folded once.
+pub struct GpuModel {
+    pub gpu: Gpu,
+    pub cfg: ModelConfig,
+    layers: Vec<GpuLayer>,
+    final_norm: CudaSlice<f32>,
+    head: CudaSlice<bf16>,   // (V, C)
+    head_b: CudaSlice<f32>,  // (V)
+    rope_re: CudaSlice<f32>, // (N+2, D)
+    rope_im: CudaSlice<f32>,
+    /// sigmoid(mixing_coeffs) (num_mixing_layers, H).
+    mix: CudaSlice<f32>,
+    /// Attention kernel version (tensor cores by default; v1 is the on-device reference).
+    pub attention_impl: attention::AttentionImpl,
+    tables: InputTables,
+    mlp: CodevecMlp,
+    srcfold: CudaSlice<bf16>,  // (C, 64) = Wb Wsrc W4
+    srcfold_b: CudaSlice<f32>, // (C)
+    codebook: CudaSlice<f32>,  // (V, e)
+    /// Host copy of the class embeddings (num_classes+1, C), for prefill and AdaLN inputs.
+    class_emb: Vec<f32>,
+    n_tokens: usize,
+}
+
+impl GpuModel {
+    /// Upload and fold the transformer weights.
+    pub fn new(gpu: Gpu, cfg: &ModelConfig, w: &TransformerWeights) -> Result<GpuModel> {
+        let c = cfg.hidden_size;
+        let e = cfg.code_dim();
+        let v = cfg.codebook_size();
+        let n = w.n_tokens;
+        let up = |x: &[f32]| gpu.upload(x);
+        let upb = |x: &[f32]| gpu.upload(&to_bf16(x));
+        let mut layers = Vec::new();
+        for lw in &w.layers {
+            let mut w13 = lw.w1.w.clone();
+            w13.extend_from_slice(&lw.w3.w);
+            let mut mod_w = lw.input_mod.w.clone();
+            mod_w.extend_from_slice(&lw.post_attention_mod.w);
+            let mut mod_b = lw.input_mod.b.clone().unwrap();
+            mod_b.extend_from_slice(lw.post_attention_mod.b.as_ref().unwrap());
+            layers.push(GpuLayer {
+                wqkv: upb(&lw.wqkv.w)?,
+                wo: upb(&lw.wo.w)?,
+                w13: upb(&w13)?,
+                w2: upb(&lw.w2.w)?,
+                attn_norm: up(&lw.attention_norm)?,
+                ffn_norm: up(&lw.ffn_norm)?,
+                mod_w: upb(&mod_w)?,
+                mod_b: up(&mod_b)?,
+            });
+        }
+        // Fold combine_inputs = [Wa | Wb | Wc | Wd] (C x 4C) into tables (kernels/embed.cu).
+        let wc = &w.combine_inputs.w;
+        let block = |k: usize| sub_cols(wc, c, 4 * c, k * c, c);
+        let (wa, wb, wcp, wd) = (block(0), block(1), block(2), block(3));
+        let mut pa = vec![0.0; n * c];
+        ops::matmul_bt(&w.embed_positions, &wa, &mut pa, n, c, c, 0.0);
+        let mut pc = vec![0.0; n * c];
+        ops::matmul_bt(&w.embed_positions, &wcp, &mut pc, n, c, c, 0.0);
+        let ecb = w.codevec_mlp.forward(&w.codebook, v); // (V, C)
+        let mut dc = vec![0.0; v * c];
+        ops::matmul_bt(&ecb, &wd, &mut dc, v, c, c, 0.0);
+        let mut empty = vec![0.0; c];
+        ops::matmul_bt(&w.empty_token_pos, &wcp, &mut empty, 1, c, c, 0.0);
+        ops::matmul_bt(&w.empty_token_emb, &wd, &mut empty, 1, c, c, 1.0);
+        // srcfold = Wb Wsrc W4 (C x 64); bias Wb (Wsrc b4 + bsrc).
+        let l4 = &w.codevec_mlp.l4;
+        let mut ws_w4 = vec![0.0; c * 64];
+        ops::matmul(&w.src_latents_proj.w, &l4.w, &mut ws_w4, c, c, 64, 0.0);
+        let mut srcfold = vec![0.0; c * 64];
+        ops::matmul(&wb, &ws_w4, &mut srcfold, c, c, 64, 0.0);
+        let mut inner = w.src_latents_proj.b.clone().unwrap();
+        ops::matmul_bt(
+            l4.b.as_ref().unwrap(),
+            &w.src_latents_proj.w,
+            &mut inner,
+            1,
+            c,
+            c,
+            1.0,
+        );
+        let mut srcfold_b = vec![0.0; c];
+        ops::matmul_bt(&inner, &wb, &mut srcfold_b, 1, c, c, 0.0);
+        let tables = InputTables {
+            pa: up(&pa)?,
+            pc: up(&pc)?,
+            dc: up(&dc)?,
+            empty: up(&empty)?,
+            bias: up(w.combine_inputs.b.as_ref().unwrap())?,
+            c,
+        };
+        let mlp = CodevecMlp {
+            w0: up(&w.codevec_mlp.l0.w)?,
+            b0: up(w.codevec_mlp.l0.b.as_ref().unwrap())?,
+            w2: up(&w.codevec_mlp.l2.w)?,
+            b2: up(w.codevec_mlp.l2.b.as_ref().unwrap())?,
+            e,
+        };
+        Ok(GpuModel {
+            layers,
+            final_norm: up(&w.final_norm)?,
+            head: upb(&w.head.w)?,
+            head_b: up(w.head.b.as_ref().unwrap())?,
+            rope_re: up(&w.rope_re)?,
+            rope_im: up(&w.rope_im)?,
+            // (an unused 1-element buffer when the model mixes no layer)
+            mix: if w.mix.is_empty() {
+                gpu.zeros(1)?
+            } else {
+                gpu.upload(&w.mix)?
+            },
+            attention_impl: attention::AttentionImpl::default(),
+            tables,
+            mlp,
+            srcfold: upb(&srcfold)?,
+            srcfold_b: up(&srcfold_b)?,
+            codebook: up(&w.codebook)?,
+            class_emb: w.class_embeddings.clone(),
+            n_tokens: n,
+            cfg: cfg.clone(),
+            gpu,
+        })
+    }
+}
+
+/// Buffers of one batch, allocated once in `begin`.
+struct Batch {
+    b: usize,
+    rows: usize,
+    cap: usize,
+    len: usize,
+    x: CudaSlice<f32>,        // (rows*nmax, C)
+    a: CudaSlice<bf16>,       // (rows*nmax, C)
+    qkv: CudaSlice<bf16>,     // (rows*nmax, 3C)
+    q: CudaSlice<bf16>,       // (rows, H, nmax, D)
+    o: CudaSlice<bf16>,       // (rows*nmax, C)
+    g: CudaSlice<bf16>,       // (rows*nmax, 2F)
+    h: CudaSlice<bf16>,       // (rows*nmax, F)
+    logits: CudaSlice<f32>,   // (rows*nmax, V)
+    kc: Vec<CudaSlice<bf16>>, // per layer (rows, H, cap, D)
+    vc: Vec<CudaSlice<bf16>>,
+    modulation: Vec<CudaSlice<f32>>, // per layer (rows, 4C)
+    grids: Vec<CudaSlice<i32>>,      // per scale (B, s*s)
+    forced: Vec<Option<CudaSlice<i32>>>,
+    z0: CudaSlice<f32>,     // (B*maxcells, e)
+    hid: CudaSlice<bf16>,   // (B*maxcells, 64)
+    src: CudaSlice<f32>,    // (B*maxcells, C)
+    tokens: CudaSlice<i32>, // (B, nmax)
+}
+
+/// [`StepBackend`] on the GPU.
+pub struct GpuBackend<'m> {
+    m: &'m GpuModel,
+    batch: Option<Batch>,
+    /// Per step index arrays, uploaded in `begin`.
+    steps: Vec<StepIndex>,
+    guided: bool,
+}
+
+impl<'m> GpuBackend<'m> {
+    pub fn new(m: &'m GpuModel) -> Self {
+        GpuBackend {
+            m,
+            batch: None,
+            steps: Vec::new(),
+            guided: false,
+        }
+    }
+}
+
+impl GpuModel {
+    /// Run `n` tokens per row (inputs already in `bt.x`) through every layer and the final
+    /// norm, appending K/V at `bt.len`. `cur`/`prev` are the tokens' RoPE rows.
+    fn forward(
+        &self,
+        bt: &mut Batch,
+        n: usize,
+        cur: &CudaSlice<i32>,
+        prev: &CudaSlice<i32>,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let cfg = &self.cfg;
+        let (c, f, h, d) = (cfg.hidden_size, cfg.ffn_dim, cfg.num_heads, cfg.head_dim());
+        let eps = cfg.rms_norm_eps as f32;
+        let t = bt.rows * n;
+        if bt.len + n > bt.cap {
+            bail!("KV cache overflow ({} + {n} > {})", bt.len, bt.cap);
+        }
+        for (l, lw) in self.layers.iter().enumerate() {
+            rmsnorm_adaln(
+                g,
+                &bt.x,
+                &lw.attn_norm,
+                Some((&bt.modulation[l], 0)),
+                &mut bt.a,
+                t,
+                n,
+                c,
+                eps,
+            )?;
+            linear(g, &bt.a, 0, &lw.wqkv, &mut bt.qkv, 0, t, c, 3 * c, 0.0)?;
+            let shape = attention::AttnShape {
+                rows: bt.rows,
+                heads: h,
+                head_dim: d,
+                n,
+                start: bt.len,
+                capacity: bt.cap,
+            };
+            let mix = (l < cfg.num_mixing_layers).then_some((&self.mix, l * h));
+            attention::rope_kv_append(
+                g,
+                &bt.qkv,
+                &self.rope_re,
+                &self.rope_im,
+                cur,
+                prev,
+                mix,
+                &mut bt.q,
+                &mut bt.kc[l],
+                &mut bt.vc[l],
+                shape,
+            )?;
+            attention::attention(
+                g,
+                self.attention_impl,
+                &bt.q,
+                &bt.kc[l],
+                &bt.vc[l],
+                None,
+                &mut bt.o,
+                shape,
+            )?;
+            linear(g, &bt.o, 0, &lw.wo, &mut bt.x, 0, t, c, c, 1.0)?;
+            rmsnorm_adaln(
+                g,
+                &bt.x,
+                &lw.ffn_norm,
+                Some((&bt.modulation[l], 2 * c)),
+                &mut bt.a,
+                t,
+                n,
+                c,
+                eps,
+            )?;
+            linear(g, &bt.a, 0, &lw.w13, &mut bt.g, 0, t, c, 2 * f, 0.0)?;
+            silu_mul(g, &bt.g, &mut bt.h, t, f)?;
+            linear(g, &bt.h, 0, &lw.w2, &mut bt.x, 0, t, f, c, 1.0)?;
+        }
+        bt.len += n;
+        rmsnorm_adaln(g, &bt.x, &self.final_norm, None, &mut bt.a, t, n, c, eps)
+    }
+}
+
+impl StepBackend for GpuBackend<'_> {
+    fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()> {
+        let m = self.m;
+        let g = &m.gpu;
+        let cfg = &m.cfg;
+        let (c, f, v, e) = (
+            cfg.hidden_size,
+            cfg.ffn_dim,
+            cfg.codebook_size(),
+            cfg.code_dim(),
+        );
+        let b = labels.len();
+        let rows = if guided { 2 * b } else { b };
+        let nmax = schedule.max_block();
+        let cap = 1 + schedule.total_tokens();
+        let maxcells = schedule.scales.iter().map(|s| s.tokens).max().unwrap_or(1);
+        let mut classes = labels.to_vec();
+        if guided {
+            classes.extend(std::iter::repeat_n(cfg.num_classes, b));
+        }
+        let ctx = || format!("allocating GPU buffers for {rows} rows");
+        let kv = rows * cap * c;
+        let mut bt = Batch {
+            b,
+            rows,
+            cap,
+            len: 0,
+            x: g.zeros(rows * nmax * c).with_context(ctx)?,
+            a: g.zeros(rows * nmax * c).with_context(ctx)?,
+            qkv: g.zeros(rows * nmax * 3 * c).with_context(ctx)?,
+            q: g.zeros(rows * nmax * c).with_context(ctx)?,
+            o: g.zeros(rows * nmax * c).with_context(ctx)?,
+            g: g.zeros(rows * nmax * 2 * f).with_context(ctx)?,
+            h: g.zeros(rows * nmax * f).with_context(ctx)?,
+            logits: g.zeros(rows * nmax * v).with_context(ctx)?,
+            kc: (0..cfg.num_layers)
+                .map(|_| g.zeros(kv))
+                .collect::<Result<_>>()?,
+            vc: (0..cfg.num_layers)
+                .map(|_| g.zeros(kv))
+                .collect::<Result<_>>()?,
+            modulation: Vec::new(),
+            grids: schedule
+                .scales
+                .iter()
+                .map(|s| g.zeros(b * s.tokens))
+                .collect::<Result<_>>()?,
+            forced: schedule.scales.iter().map(|_| None).collect(),
+            z0: g.zeros(b * maxcells * e)?,
+            hid: g.zeros(b * maxcells * 64)?,
+            src: g.zeros(b * maxcells * c)?,
+            tokens: g.zeros(b * nmax)?,
+        };
+        // Step index tables, uploaded once.
+        self.steps.clear();
+        let n_total = schedule.total_tokens() as i32;
+        for st in &schedule.steps {
+            let sc = &schedule.scales[st.scale];
+            let gl = |p: &[usize]| {
+                p.iter()
+                    .map(|&x| (sc.offset + x) as i32)
+                    .collect::<Vec<_>>()
+            };
+            let loc = |p: &[usize]| p.iter().map(|&x| x as i32).collect::<Vec<_>>();
+            let cur = gl(&st.positions);
+            let prev_rope = match &st.prev {
+                Some(q) => gl(q),
+                None => vec![n_total + 1; st.positions.len()],
+            };
+            self.steps.push(StepIndex {
+                cur_global: g.upload(&cur)?,
+                local: g.upload(&loc(&st.positions))?,
+                prev_rope: g.upload(&prev_rope)?,
+                prev_global: st.prev.as_ref().map(|q| g.upload(&gl(q))).transpose()?,
+                prev_local: st.prev.as_ref().map(|q| g.upload(&loc(q))).transpose()?,
+                n: st.positions.len(),
+            });
+        }
+        // AdaLN modulations: silu(class_emb[cls]) @ [W_in; W_post]^T + b, (rows, 4C) per layer.
+        let mut act = Vec::with_capacity(rows * c);
+        let mut x0 = Vec::with_capacity(rows * c);
+        for &cls in &classes {
+            let row = &m.class_emb[cls * c..(cls + 1) * c];
+            act.extend(row.iter().map(|&z| ops::silu(z)));
+            x0.extend_from_slice(row);
+        }
+        let act = g.upload(&to_bf16(&act))?;
+        for lw in &m.layers {
+            let mut md = g.zeros::<f32>(rows * 4 * c)?;
+            linear(g, &act, 0, &lw.mod_w, &mut md, 0, rows, c, 4 * c, 0.0)?;
+            add_bias_f32(g, &mut md, &lw.mod_b, rows, 4 * c)?;
+            bt.modulation.push(md);
+        }
+        // Class token: input class_embeddings[label], RoPE row N for both positions.
+        g.stream
+            .memcpy_htod(&x0, &mut bt.x.slice_mut(0..rows * c))?;
+        let class_rope = g.upload(&[m.n_tokens as i32])?;
+        m.forward(&mut bt, 1, &class_rope, &class_rope)?;
+        g.sync()?;
+        self.batch = Some(bt);
+        self.guided = guided;
+        Ok(())
+    }
+
+    fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()> {
+        let m = self.m;
+        let g = &m.gpu;
+        let bt = self.batch.as_mut().expect("begin() not called");
+        let (c, e) = (m.cfg.hidden_size, m.cfg.code_dim());
+        let s = schedule.scales[si].size;
+        let cells = bt.b * s * s;
+        if si == 0 {
+            g.stream.memset_zeros(&mut bt.z0)?;
+        } else {
+            let sp = schedule.scales[si - 1].size;
+            embed::upsample_codes(
+                g,
+                &bt.grids[si - 1],
+                &m.codebook,
+                &mut bt.z0,
+                bt.b,
+                sp,
+                s,
+                e,
+            )?;
+        }
+        embed::codevec_hidden(g, &m.mlp, &bt.z0, &mut bt.hid, cells)?;
+        linear(g, &bt.hid, 0, &m.srcfold, &mut bt.src, 0, cells, 64, c, 0.0)?;
+        add_bias_f32(g, &mut bt.src, &m.srcfold_b, cells, c)
+    }
+
+    fn step(
+        &mut self,
+        schedule: &Schedule,
+        step: &Step,
+        ch: &StepChoice,
+    ) -> Result<Option<Vec<f32>>> {
+        let m = self.m;
+        let g = &m.gpu;
+        let bt = self.batch.as_mut().expect("begin() not called");
+        let (c, v) = (m.cfg.hidden_size, m.cfg.codebook_size());
+        let sc = &schedule.scales[step.scale];
+        let n = step.positions.len();
+        let idx = &self.steps[step.t];
+        let cells = sc.tokens;
+        if let Some(f) = ch.forced
+            && bt.forced[step.scale].is_none()
+        {
+            let fi: Vec<i32> = f.iter().map(|&t| t as i32).collect();
+            bt.forced[step.scale] = Some(g.upload(&fi)?);
+        }
+        embed::gather_inputs(
+            g,
+            &m.tables,
+            &bt.src,
+            &bt.grids[step.scale],
+            idx,
+            &mut bt.x,
+            bt.rows,
+            bt.b,
+            n,
+            cells,
+        )?;
+        m.forward(bt, n, &idx.cur_global, &idx.prev_rope)?;
+        let t = bt.rows * n;
+        linear(g, &bt.a, 0, &m.head, &mut bt.logits, 0, t, c, v, 0.0)?;
+        add_bias_f32(g, &mut bt.logits, &m.head_b, t, v)?;
+        let sample = sampling::SampleStep {
+            batch: bt.b,
+            n,
+            vocab: v,
+            cells,
+            cfg: if self.guided { ch.guidance } else { None },
+            policy: ch.policy,
+            seed: ch.seed,
+            step: step.t as u32,
+        };
+        let forced = if ch.forced.is_some() {
+            bt.forced[step.scale].as_ref()
+        } else {
+            None
+        };
+        sampling::guided_sample(
+            g,
+            &sample,
+            &mut bt.logits,
+            &idx.local,
+            &idx.cur_global,
+            forced,
+            &mut bt.grids[step.scale],
+            &mut bt.tokens,
+        )?;
+        let out = if ch.record {
+            let cond = bt.logits.slice(0..bt.b * n * v);
+            Some(g.stream.clone_dtoh(&cond).context("device-to-host copy")?)
+        } else {
+            None
+        };
+        g.sync()?;
+        Ok(out)
+    }
+
+    fn finish(&mut self, schedule: &Schedule) -> Result<Vec<Vec<u32>>> {
+        let g = &self.m.gpu;
+        let bt = self.batch.take().expect("begin() not called");
+        let mut out = Vec::new();
+        for (k, _) in schedule.scales.iter().enumerate() {
+            let grid = g.download(&bt.grids[k])?;
+            out.push(grid.into_iter().map(|t| t as u32).collect());
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,196 @@
+//! The GPU sampler end to end (skips without a GPU): golden greedy cases (token agreement rate
+//! at clear margins, teacher-forced logits), and GPU vs CPU logits on a head_dim-64 model.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use checkergen::config::{ModelConfig, preset};
+use checkergen::init::random_tensors;
+use checkergen::model::Model;
+use checkergen::order::scale_sizes;
+use checkergen::sampler::{SampleOptions, Steps};
+use checkergen::sampling::TokenPolicy;
+use checkergen::tensor::load_i64;
+use safetensors::SafeTensors;
+
+/// GPU.md: greedy agreement with the f32 golden tokens at positions whose golden top-1/top-2
+/// margin exceeds 0.05 must be above 98 %.
+const AGREEMENT_MARGIN: f32 = 0.05;
+const MIN_AGREEMENT: f64 = 0.98;
+/// bf16 storage with f32 accumulation: relative logits error bound.
+const LOGIT_REL_TOL: f64 = 2e-2;
+
+fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn greedy(labels: Vec<usize>, cfg: f32, start: usize, steps: usize) -> SampleOptions {
+    let mut o = SampleOptions::new(labels);
+    o.cfg = cfg;
+    o.cfg_start_step = start;
+    o.steps = Steps::Uniform(steps);
+    o.policy = TokenPolicy {
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+    };
+    o
+}
+
+#[test]
+fn golden_greedy_cases_on_gpu() {
+    let Some(gpu) = common::gpu_or_skip("gpu golden greedy") else {
+        return;
+    };
+    let Some(g) = common::golden_dir() else {
+        return;
+    };
+    let cases = [
+        ("greedy_i", 4usize),
+        ("greedy_ii", 4),
+        ("greedy_iii_steps2", 2),
+        ("greedy_iii_steps8", 8),
+    ];
+    let mut gpu_slot = Some(gpu);
+    let (mut agree, mut total) = (0usize, 0usize);
+    let mut worst_rel = 0.0f64;
+    for (cfg_name, _) in common::GOLDEN_CONFIGS {
+        let dir = g.join("public").join(cfg_name);
+        let cfg = common::golden_model_config(&dir);
+        let model = Model::from_tensors(cfg, &common::golden_tensors(&g, cfg_name)).unwrap();
+        let gm = model
+            .to_gpu(
+                gpu_slot
+                    .take()
+                    .unwrap_or_else(|| checkergen::cuda::Gpu::new(0).unwrap()),
+            )
+            .unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        for (case, k) in cases {
+            let bytes = std::fs::read(dir.join(format!("{case}.safetensors"))).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let cm = &meta["cases"][case]["case"];
+            let labels: Vec<usize> = load_i64(&st, "labels")
+                .unwrap()
+                .1
+                .iter()
+                .map(|&l| l as usize)
+                .collect();
+            let opts = greedy(
+                labels,
+                cm["cfg"].as_f64().unwrap() as f32,
+                cm["cfg_start_step"].as_u64().unwrap() as usize,
+                k,
+            );
+            // Free-running greedy on the GPU.
+            let out = model.sample_gpu(&gm, &opts).unwrap();
+            let (mut a, mut n) = (0, 0);
+            for (si, &s) in model.scale_sizes.iter().enumerate() {
+                let gold = load_i64(&st, &format!("tokens_s{s}")).unwrap().1;
+                let margins = f32s(&st, &format!("margin_s{s}"));
+                for (i, &t) in out.tokens.tokens[si].iter().enumerate() {
+                    if margins[i] > AGREEMENT_MARGIN {
+                        n += 1;
+                        a += (t as i64 == gold[i]) as usize;
+                    }
+                }
+            }
+            // Teacher-forced logits against the golden per-step logits.
+            let mut forced = opts.clone();
+            forced.forced_tokens = Some(
+                model
+                    .scale_sizes
+                    .iter()
+                    .map(|s| {
+                        load_i64(&st, &format!("tokens_s{s}"))
+                            .unwrap()
+                            .1
+                            .iter()
+                            .map(|&t| t as u32)
+                            .collect()
+                    })
+                    .collect(),
+            );
+            forced.record_logits = true;
+            let tf = model.sample_gpu(&gm, &forced).unwrap();
+            let mut case_worst = 0.0f64;
+            for (t, l) in tf.tokens.step_logits.iter().enumerate() {
+                let (rel, _) = common::rel_err(l, &f32s(&st, &format!("step{t:03}_logits")));
+                assert!(
+                    l.iter().all(|v| v.is_finite()),
+                    "{cfg_name} {case} step {t}: NaN logits"
+                );
+                case_worst = case_worst.max(rel);
+            }
+            println!(
+                "{cfg_name} {case:<18}: greedy agreement {a}/{n} ({:.2} %) at margin > {AGREEMENT_MARGIN}; \
+                 teacher-forced logits worst rel {case_worst:.2e}",
+                100.0 * a as f64 / n.max(1) as f64
+            );
+            assert!(
+                case_worst < LOGIT_REL_TOL,
+                "{cfg_name} {case}: logits rel {case_worst}"
+            );
+            worst_rel = worst_rel.max(case_worst);
+            agree += a;
+            total += n;
+        }
+    }
+    let rate = agree as f64 / total as f64;
+    println!(
+        "GPU greedy agreement over all golden cases: {agree}/{total} = {:.3} % (required > {:.0} %); worst logits rel {worst_rel:.2e}",
+        100.0 * rate,
+        100.0 * MIN_AGREEMENT
+    );
+    assert!(rate > MIN_AGREEMENT);
+}
+
+/// A head_dim-64 model (as the released L models) with random weights: GPU teacher-forced
+/// logits against the CPU's, odd batch, guidance, a ratio-3 pyramid (remainder blocks).
+#[test]
+fn gpu_logits_match_cpu_head_dim_64() {
+    let Some(gpu) = common::gpu_or_skip("gpu vs cpu logits (D=64)") else {
+        return;
+    };
+    let cfg = ModelConfig {
+        hidden_size: 256,
+        num_heads: 4,
+        num_layers: 3,
+        ffn_dim: 768,
+        scale_ratio: 3.0,
+        ..preset("tiny").unwrap()
+    };
+    let sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, 1).unwrap();
+    let model = Model::from_tensors(cfg.clone(), &random_tensors(&cfg, 11).unwrap()).unwrap();
+    let gm = model.to_gpu(gpu).unwrap();
+    for (labels, cfg_scale, steps) in [
+        (vec![3usize], 0.0f32, 4usize),
+        (vec![1, 4, 9], 1.5, 4),
+        (vec![0, 2, 5, 7, 8], 2.0, 2),
+    ] {
+        let mut o = greedy(labels.clone(), cfg_scale, 2, steps);
+        let cpu = model.sample(&o).unwrap();
+        o.forced_tokens = Some(cpu.tokens.tokens.clone());
+        o.record_logits = true;
+        let cpu_l =
+            checkergen::sampler::sample_tokens(&model.config, &model.weights, &sizes, &o).unwrap();
+        let gpu_l = model.sample_gpu(&gm, &o).unwrap();
+        let mut worst = 0.0f64;
+        for (a, b) in gpu_l.tokens.step_logits.iter().zip(&cpu_l.step_logits) {
+            let (rel, _) = common::rel_err(a, b);
+            worst = worst.max(rel);
+        }
+        println!(
+            "D=64 labels {labels:?} cfg {cfg_scale} steps {steps}: GPU vs CPU logits worst rel {worst:.2e}"
+        );
+        assert!(worst < LOGIT_REL_TOL, "rel {worst}");
+        // Forced tokens come back unchanged.
+        assert_eq!(gpu_l.tokens.tokens, cpu.tokens.tokens);
+    }
+}
