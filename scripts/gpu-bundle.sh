@@ -46,15 +46,16 @@ summary=()
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$logs/gpu.txt" 2>&1
 for t in "$here"/bin/gpu_*; do
     name=$(basename "$t")
-    start=$(date +%s.%N)
+    start=$SECONDS
     "$t" --nocapture --test-threads=1 > "$logs/$name.log" 2>&1
     rc=$?
-    secs=$(printf '%.1f' "$(echo "$(date +%s.%N) - $start" | bc)")
+    secs=$((SECONDS - start))
     res=$(grep -E '^test result' "$logs/$name.log" | tail -n 1)
-    summary+=("$(printf '%-16s rc=%-3s %6ss  %s' "$name" "$rc" "$secs" "$res")")
+    skipped=$(grep -c 'SKIPPED' "$logs/$name.log")
+    summary+=("$(printf '%-16s rc=%-3s %5ss  skipped=%-2s %s' "$name" "$rc" "$secs" "$skipped" "$res")")
     grep -E 'rel|agreement|chi2|SKIPPED' "$logs/$name.log" | tail -n 40 > "$logs/$name.key.txt"
 done
-# Benchmark: random L-2x weights, batch 16 and 64, cfg 1.5, 4 steps per scale.
+# Benchmark: random L-2x weights, batch 1, 16 and 64, cfg 1.5, 4 steps per scale.
 "$here/bin/checkergen" init --preset L-2x -o "$logs/L-2x.safetensors" > "$logs/bench.log" 2>&1
 for b in 1 16 64; do
     "$here/bin/checkergen" sample --model "$logs/L-2x.safetensors" --num-samples "$b" --cfg 1.5 \
