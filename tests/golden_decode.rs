@@ -13,18 +13,8 @@ const IMAGE_TOL: f64 = 2e-3;
 /// Max absolute error allowed on gathered, normalized codebook rows.
 const LATENT_TOL: f64 = 1e-6;
 
-/// The decoder of `golden/autoencoder_small.yaml` (ch 32, ch_mult [1,1,2,2,4], 2 res blocks,
-/// z_channels 64, embed_dim 8, n_embed 256, normalize).
 fn small_config() -> DecoderConfig {
-    DecoderConfig {
-        ch: 32,
-        ch_mult: vec![1, 1, 2, 2, 4],
-        num_res_blocks: 2,
-        z_channels: 64,
-        embed_dim: 8,
-        n_embed: 256,
-        normalize: true,
-    }
+    common::golden_decoder_config()
 }
 
 fn get<'a>(map: &'a TensorMap, name: &str) -> &'a Tensor {

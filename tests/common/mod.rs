@@ -64,15 +64,21 @@ pub fn golden_model_config(cfg_dir: &Path) -> ModelConfig {
         ffn_dim: j["ffn_hidden_dim_actual"].as_u64().unwrap() as usize,
         rms_norm_eps: l["rms_norm_eps"].as_f64().unwrap(),
         steps_per_scale: a["num_blocks_per_scale"].as_u64().unwrap() as usize,
-        decoder: DecoderConfig {
-            ch: 32,
-            ch_mult: vec![1, 1, 2, 2, 4],
-            num_res_blocks: 2,
-            z_channels: 64,
-            embed_dim: 8,
-            n_embed: 256,
-            normalize: true,
-        },
+        decoder: golden_decoder_config(),
+    }
+}
+
+/// The decoder of golden/autoencoder_small.yaml (ch 32, ch_mult [1,1,2,2,4], 2 res blocks,
+/// z_channels 64, embed_dim 8, n_embed 256, normalize).
+pub fn golden_decoder_config() -> DecoderConfig {
+    DecoderConfig {
+        ch: 32,
+        ch_mult: vec![1, 1, 2, 2, 4],
+        num_res_blocks: 2,
+        z_channels: 64,
+        embed_dim: 8,
+        n_embed: 256,
+        normalize: true,
     }
 }
 
