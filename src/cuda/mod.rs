@@ -2,6 +2,7 @@
 //! sampler. Everything here loads libcuda at run time (cudarc dynamic loading), so the binary
 //! runs on machines without a GPU; [`Gpu::try_new`] says whether one is usable.
 
+pub mod decoder;
 pub mod device;
 pub mod embed;
 pub mod gemm;

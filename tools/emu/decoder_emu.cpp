@@ -238,6 +238,13 @@ static void test_pixels(int batch, int hw) {
 }
 
 int main() {
+    // Parameter-struct sizes, mirrored by the #[repr(C)] structs of src/cuda/decoder.rs (its
+    // unit test `param_structs_match_c` asserts the same numbers).
+    std::printf("sizeof Conv3x3 %zu GnPartial %zu GnFinalize %zu GnApply %zu Cast %zu Gather %zu "
+                "Softmax %zu Pixels %zu\n",
+                sizeof(Conv3x3Params), sizeof(GnPartialParams), sizeof(GnFinalizeParams),
+                sizeof(GnApplyParams), sizeof(CastParams), sizeof(GatherCodesParams),
+                sizeof(SoftmaxParams), sizeof(PixelsParams));
     // conv3x3: ragged M (72, 75, 289 rows) and Cout (136, 3, 40) tiles, upsample, residuals,
     // Cin 32/64 (v2) and 8 (v1 only).
     test_conv(2, 6, 6, 32, 136, false, NONE);
