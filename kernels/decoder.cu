@@ -1,12 +1,16 @@
 // decoder.cu: the VQ decoder (SPEC.md section 7) on NHWC activations; host side in
 // src/cuda/decoder.rs, f32 oracle in src/cpu/decoder.rs.
 //
+// 16-bit storage type T: every kernel that reads or writes 16-bit values is instantiated for
+// bf16 (__nv_bfloat16, suffix _bf16) and fp16 (__half, suffix _f16); the host picks one per
+// decoder (fp16 by default: 3 more mantissa bits, see PERF.md "VQ decoder").
+//
 // Layouts (row-major, innermost last):
 //   activations   (B, H, W, C) NHWC: the residual stream and conv outputs f32, conv inputs
-//                 (GroupNorm outputs, casts) bf16. NHWC makes a 1x1 conv a plain GEMM
+//                 (GroupNorm outputs, casts) T. NHWC makes a 1x1 conv a plain GEMM
 //                 (B*H*W, Cin) x (Cout, Cin)^T (cuBLAS, see gemm.rs) and gives a 3x3 conv
 //                 contiguous Cin runs per (pixel, tap) for the implicit GEMM below.
-//   conv3x3 weight (Cout, 3, 3, Cin) bf16 = row-major (Cout, K), K = 9*Cin, k = (ky*3+kx)*Cin+ci
+//   conv3x3 weight (Cout, 3, 3, Cin) T = row-major (Cout, K), K = 9*Cin, k = (ky*3+kx)*Cin+ci
 //                 (PyTorch (Cout, Cin, 3, 3) permuted at load time); bias (Cout) f32.
 //
 // conv3x3_direct (v1, the on-device reference): y[b,oy,ox,co] = bias[co] (+ res[b,oy,ox,co])
@@ -15,10 +19,10 @@
 //   input indexing: the conv runs on the 2Hin x 2Win upsampled image, padded by 1 there).
 //   One thread per output element (co fastest), grid-stride; f32 accumulation. Slow and
 //   obviously right.
-// conv3x3_tc (v2): the same conv as an implicit GEMM on bf16 tensor cores:
+// conv3x3_tc (v2): the same conv as an implicit GEMM on 16-bit tensor cores:
 //   Y (M = B*H*W, N = Cout) = A (M, K) W^T (N, K), A[m, k] = x at pixel m shifted by tap(k).
 //   Block tile 128 x 128 x 32, 256 threads = 8 warps as 2 (M) x 4 (N), warp tile 64 x 32 =
-//   4 x 4 mma.sync.m16n8k16 (bf16 in, f32 accumulate, 64 accumulators per thread).
+//   4 x 4 mma.sync.m16n8k16 (T in, f32 accumulate, 64 accumulators per thread).
 //   A and B tiles go global -> shared with 16-byte cp.async (zero-fill for padding, rows past
 //   M and channels past Cout), 3-stage pipeline (48 KiB static shared memory), XOR-swizzled
 //   64-byte rows so ldmatrix.x4 is bank-conflict free. Needs Cin % 32 == 0 (a 32-wide K tile
@@ -26,18 +30,38 @@
 //   + bias (+ residual, which may alias y: each element is read then written by one thread).
 //   launch: grid (ceil(M/128), ceil(Cout/128)), block 256.
 // gn_partial / gn_finalize / gn_apply: GroupNorm (32 groups, affine, biased variance) + SiLU.
-//   x (B, HW, C) f32 -> y (B, HW, C) bf16. Statistics in f32 and numerically safe for large
+//   x (B, HW, C) f32 -> y (B, HW, C) T. Statistics in f32 and numerically safe for large
 //   means: gn_partial reduces chunks of GN_CHUNK pixels per channel to (mean, M2) around a
 //   per-chunk shift (the chunk's first pixel), gn_finalize merges them per (b, group) with
 //   the parallel-variance formula (M2 = sum M2_i + n_i (mean_i - mean)^2) and writes the
-//   folded per-channel (scale, shift), gn_apply is elementwise (float4 in, 4 x bf16 out).
-// cast_f32_bf16: y = bf16(x), n elements.
-// gather_codes: z (B*s*s, e) bf16 = codebook[tokens] L2-normalized (eps 1e-12) when asked;
+//   folded per-channel (scale, shift), gn_apply is elementwise (float4 in, 4 x T out).
+// cast_f32: y = T(x), n elements (round to nearest; fp16 overflow gives inf, not a clamp).
+// gather_codes: z (B*s*s, e) T = codebook[tokens] L2-normalized (eps 1e-12) when asked;
 //   an out-of-range token writes NaN (the host API checks host tokens first).
-// attn_softmax: P (rows, N) bf16 = softmax(S * scale) per row, S f32; one block per row.
+// attn_softmax: P (rows, N) T = softmax(S * scale) per row, S f32; one block per row.
 // dec_pixels: y (B, H*W, 3) f32 NHWC -> (B, 3, H, W) f32 and/or 8-bit
 //   clamp((x+1)/2, 0, 1)*255 truncated (the same f32 operations as cpu::decoder::to_pixels_u8).
 #include "common.cuh"
+
+#include <cuda_fp16.h>
+
+// 16-bit storage helpers, overloaded for bf16 and fp16.
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16(v);
+}
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+    return __float2half(v);
+}
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) {
+    return ((__nv_bfloat16_raw)v).x;
+}
+__device__ __forceinline__ uint32_t bits16(__half v) { return ((__half_raw)v).x; }
 
 // ---------------------------------------------------------------------------------------------
 // 3x3 convolution
@@ -48,12 +72,13 @@ struct Conv3x3Params {
     int cin, cout, upsample;
 };
 
-extern "C" __global__ void conv3x3_direct(const Conv3x3Params p) {
+template <typename T>
+__device__ __forceinline__ void conv3x3_direct_impl(const Conv3x3Params& p) {
     const int hin = p.upsample ? p.height >> 1 : p.height;
     const int win = p.upsample ? p.width >> 1 : p.width;
     const size_t total = (size_t)p.batch * p.height * p.width * p.cout;
-    const __nv_bfloat16* x = (const __nv_bfloat16*)p.x;  // (B, hin, win, cin)
-    const __nv_bfloat16* w = (const __nv_bfloat16*)p.w;  // (cout, 3, 3, cin)
+    const T* x = (const T*)p.x;             // (B, hin, win, cin)
+    const T* w = (const T*)p.w;             // (cout, 3, 3, cin)
     const float* bias = (const float*)p.bias;            // (cout)
     const float* res = (const float*)p.residual;         // (B, H, W, cout) or null
     float* y = (float*)p.y;                               // (B, H, W, cout)
@@ -73,9 +98,9 @@ extern "C" __global__ void conv3x3_direct(const Conv3x3Params p) {
                 const int xx = ox + kx - 1;
                 if (xx < 0 || xx >= p.width) continue;
                 const int ix = p.upsample ? xx >> 1 : xx;
-                const __nv_bfloat16* xp = x + (((size_t)b * hin + iy) * win + ix) * p.cin;
-                const __nv_bfloat16* wp = w + ((size_t)co * 9 + ky * 3 + kx) * p.cin;
-                for (int ci = 0; ci < p.cin; ++ci) acc += bf2f(xp[ci]) * bf2f(wp[ci]);
+                const T* xp = x + (((size_t)b * hin + iy) * win + ix) * p.cin;
+                const T* wp = w + ((size_t)co * 9 + ky * 3 + kx) * p.cin;
+                for (int ci = 0; ci < p.cin; ++ci) acc += to_f32(xp[ci]) * to_f32(wp[ci]);
             }
         }
         float v = acc + bias[co];
@@ -83,6 +108,9 @@ extern "C" __global__ void conv3x3_direct(const Conv3x3Params p) {
         y[i] = v;
     }
 }
+
+extern "C" __global__ void conv3x3_direct_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void conv3x3_direct_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half>(p); }
 
 #define TC_BM 128
 #define TC_BN 128
@@ -117,10 +145,22 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t
                  : "r"(addr));
 }
 
-// d += a (16x16, row) * b (16x8, col); bf16 inputs, f32 accumulators.
-__device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
+// d += a (16x16, row) * b (16x8, col); T inputs, f32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, const uint32_t* b);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float* d, const uint32_t* a,
+                                                         const uint32_t* b) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
@@ -128,14 +168,15 @@ __device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, const uin
 
 #endif  // CHECKERGEN_EMU
 
-// Byte offset of 16-byte chunk c (0..3) of row r in a [rows][32] bf16 tile (64-byte rows).
+// Byte offset of 16-byte chunk c (0..3) of row r in a [rows][32] 16-bit tile (64-byte rows).
 // Chunks are XOR-swizzled with (r >> 1) & 3 so that the 8 rows one ldmatrix matrix reads
 // (same logical chunk) land in 8 different 16-byte bank groups.
 __device__ __forceinline__ uint32_t tile_off(int r, int c) {
     return (uint32_t)(r * 64 + ((c ^ ((r >> 1) & 3)) << 4));
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc(const Conv3x3Params p) {
+template <typename T>
+__device__ __forceinline__ void conv3x3_tc_impl(const Conv3x3Params& p) {
     __shared__ __align__(128) unsigned char smem[TC_STAGES * TC_STAGE_BYTES];  // 48 KiB
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int warp_m = warp >> 2;  // 0..1: rows warp_m*64 .. +64 of the block tile
@@ -146,15 +187,15 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc(const Conv3x3Par
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const int hin = p.upsample ? p.height >> 1 : p.height;
     const int win = p.upsample ? p.width >> 1 : p.width;
-    const __nv_bfloat16* x = (const __nv_bfloat16*)p.x;  // (B, hin, win, cin)
-    const __nv_bfloat16* w = (const __nv_bfloat16*)p.w;  // (cout, K)
+    const T* x = (const T*)p.x;  // (B, hin, win, cin)
+    const T* w = (const T*)p.w;  // (cout, K)
 
     // Loader mapping: thread copies 16-byte chunk lc (8 channels) of tile rows lr and lr + 64,
     // for A (pixels) and for B (output channels).
     const int lc = tid & 3, lr = tid >> 2;
     int a_b[2], a_y[2], a_x[2];
     bool a_ok[2], b_ok[2];
-    const __nv_bfloat16* b_src[2];
+    const T* b_src[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int m = m0 + lr + i * 64;
@@ -179,7 +220,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc(const Conv3x3Par
         for (int i = 0; i < 2; ++i) {
             const int yy = a_y[i] + ky - 1, xx = a_x[i] + kx - 1;
             const bool ok = a_ok[i] && yy >= 0 && yy < p.height && xx >= 0 && xx < p.width;
-            const __nv_bfloat16* src = x;
+            const T* src = x;
             if (ok) {
                 const int iy = p.upsample ? yy >> 1 : yy;
                 const int ix = p.upsample ? xx >> 1 : xx;
@@ -235,7 +276,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc(const Conv3x3Par
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-                for (int nj = 0; nj < 4; ++nj) mma_16816(acc[mi][nj], af[mi], bfr[nj]);
+                for (int nj = 0; nj < 4; ++nj) mma_16816<T>(acc[mi][nj], af[mi], bfr[nj]);
         }
     }
     cp_async_wait<0>();
@@ -273,6 +314,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc(const Conv3x3Par
         }
     }
 }
+
+extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_bf16(const Conv3x3Params p) { conv3x3_tc_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_f16(const Conv3x3Params p) { conv3x3_tc_impl<__half>(p); }
 
 // ---------------------------------------------------------------------------------------------
 // GroupNorm (+ SiLU)
@@ -365,17 +409,18 @@ extern "C" __global__ void gn_finalize(const GnFinalizeParams p) {
 }
 
 struct GnApplyParams {
-    u64 x, ss, y;  // x (B, hw, c) f32, ss (B, c, 2) f32, y (B, hw, c) bf16
+    u64 x, ss, y;  // x (B, hw, c) f32, ss (B, c, 2) f32, y (B, hw, c) T
     int batch, hw, c, silu;
 };
 
-// grid-stride over B*hw*c/4 float4s.
-extern "C" __global__ void gn_apply(const GnApplyParams p) {
+// grid-stride over B*hw*c/4 float4s; 4 T values stored as one 8-byte word.
+template <typename T>
+__device__ __forceinline__ void gn_apply_impl(const GnApplyParams& p) {
     const int cols = p.c >> 2;
     const size_t per_image = (size_t)p.hw * cols;
     const size_t total = (size_t)p.batch * per_image;
     const float4* x = (const float4*)p.x;
-    __nv_bfloat162* y = (__nv_bfloat162*)p.y;
+    uint2* y = (uint2*)p.y;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         const int col = (int)(i % cols);
@@ -388,39 +433,49 @@ extern "C" __global__ void gn_apply(const GnApplyParams p) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) o[j] = o[j] / (1.f + expf(-o[j]));
         }
-        y[2 * i] = __floats2bfloat162_rn(o[0], o[1]);
-        y[2 * i + 1] = __floats2bfloat162_rn(o[2], o[3]);
+        uint2 packed;
+        packed.x = bits16(from_f32<T>(o[0])) | (bits16(from_f32<T>(o[1])) << 16);
+        packed.y = bits16(from_f32<T>(o[2])) | (bits16(from_f32<T>(o[3])) << 16);
+        y[i] = packed;
     }
 }
+
+extern "C" __global__ void gn_apply_bf16(const GnApplyParams p) { gn_apply_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void gn_apply_f16(const GnApplyParams p) { gn_apply_impl<__half>(p); }
 
 // ---------------------------------------------------------------------------------------------
 // Small elementwise kernels
 
 struct CastParams {
-    u64 x, y, n;  // x (n) f32 -> y (n) bf16
+    u64 x, y, n;  // x (n) f32 -> y (n) T
 };
 
-extern "C" __global__ void cast_f32_bf16(const CastParams p) {
+template <typename T>
+__device__ __forceinline__ void cast_f32_impl(const CastParams& p) {
     const float* x = (const float*)p.x;
-    __nv_bfloat16* y = (__nv_bfloat16*)p.y;
+    T* y = (T*)p.y;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < p.n;
          i += (size_t)gridDim.x * blockDim.x)
-        y[i] = f2bf(x[i]);
+        y[i] = from_f32<T>(x[i]);
 }
 
+extern "C" __global__ void cast_f32_bf16(const CastParams p) { cast_f32_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void cast_f32_f16(const CastParams p) { cast_f32_impl<__half>(p); }
+
 struct GatherCodesParams {
-    u64 tokens, codebook, z;  // tokens (rows) i32, codebook (V, e) f32, z (rows, e) bf16
+    u64 tokens, codebook, z;  // tokens (rows) i32, codebook (V, e) f32, z (rows, e) T
     int rows, e, n_embed, normalize;
 };
 
 // One thread per row.
-extern "C" __global__ void gather_codes(const GatherCodesParams p) {
+template <typename T>
+__device__ __forceinline__ void gather_codes_impl(const GatherCodesParams& p) {
     const int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= p.rows) return;
     const int t = ((const int*)p.tokens)[r];
-    __nv_bfloat16* z = (__nv_bfloat16*)p.z + (size_t)r * p.e;
+    T* z = (T*)p.z + (size_t)r * p.e;
     if (t < 0 || t >= p.n_embed) {
-        for (int d = 0; d < p.e; ++d) z[d] = f2bf(__int_as_float(0x7fc00000));
+        for (int d = 0; d < p.e; ++d) z[d] = from_f32<T>(__int_as_float(0x7fc00000));
         return;
     }
     const float* row = (const float*)p.codebook + (size_t)t * p.e;
@@ -430,8 +485,11 @@ extern "C" __global__ void gather_codes(const GatherCodesParams p) {
         for (int d = 0; d < p.e; ++d) ss += row[d] * row[d];
         n = fmaxf(sqrtf(ss), 1e-12f);
     }
-    for (int d = 0; d < p.e; ++d) z[d] = f2bf(row[d] / n);
+    for (int d = 0; d < p.e; ++d) z[d] = from_f32<T>(row[d] / n);
 }
+
+extern "C" __global__ void gather_codes_bf16(const GatherCodesParams p) { gather_codes_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void gather_codes_f16(const GatherCodesParams p) { gather_codes_impl<__half>(p); }
 
 // Max over a block (blockDim.x a multiple of 32, <= 1024); same barrier discipline as
 // block_sum in common.cuh, so the two can share `scratch`.
@@ -450,18 +508,19 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 }
 
 struct SoftmaxParams {
-    u64 s, p;  // s (rows, n) f32 raw scores, p (rows, n) bf16 probabilities
+    u64 s, p;  // s (rows, n) f32 raw scores, p (rows, n) T probabilities
     int rows, n;
     float scale;  // > 0
 };
 
 // grid rows, block 256.
-extern "C" __global__ void attn_softmax(const SoftmaxParams p) {
+template <typename T>
+__device__ __forceinline__ void attn_softmax_impl(const SoftmaxParams& p) {
     __shared__ float scratch[32];
     const int r = blockIdx.x;
     if (r >= p.rows) return;
     const float* s = (const float*)p.s + (size_t)r * p.n;
-    __nv_bfloat16* out = (__nv_bfloat16*)p.p + (size_t)r * p.n;
+    T* out = (T*)p.p + (size_t)r * p.n;
     float mx = __int_as_float(0xff800000);
     for (int j = threadIdx.x; j < p.n; j += blockDim.x) mx = fmaxf(mx, s[j]);
     mx = block_max(mx, scratch);
@@ -469,8 +528,11 @@ extern "C" __global__ void attn_softmax(const SoftmaxParams p) {
     for (int j = threadIdx.x; j < p.n; j += blockDim.x) sum += expf((s[j] - mx) * p.scale);
     const float inv = 1.f / block_sum(sum, scratch);
     for (int j = threadIdx.x; j < p.n; j += blockDim.x)
-        out[j] = f2bf(expf((s[j] - mx) * p.scale) * inv);
+        out[j] = from_f32<T>(expf((s[j] - mx) * p.scale) * inv);
 }
+
+extern "C" __global__ void attn_softmax_bf16(const SoftmaxParams p) { attn_softmax_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void attn_softmax_f16(const SoftmaxParams p) { attn_softmax_impl<__half>(p); }
 
 struct PixelsParams {
     u64 y, out_f32, out_u8;  // y (B, hw, c) f32; outputs (B, c, hw), either may be 0

@@ -11,10 +11,10 @@ use checkergen::cpu::decoder::{VqDecoder, to_pixels_u8};
 use checkergen::cuda::Gpu;
 use checkergen::cuda::decoder::{
     self as gd, AttnScratch, AttnWeights, ConvKernel, ConvWeights, GnScratch, GnWeights,
-    GpuDecoder, Residual,
+    GpuDecoder, Precision, Residual, Storage,
 };
 use checkergen::tensor::{Tensor, TensorMap, load_safetensors};
-use half::bf16;
+use half::{bf16, f16};
 use std::time::Instant;
 
 /// Deterministic pseudo-random values in [-scale, scale) (64-bit LCG; fast for big tensors).
@@ -32,16 +32,16 @@ fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Round to the nearest bf16 (so CPU references see exactly what the GPU sees).
-fn round_bf16(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+/// Round to the nearest T (so CPU references see exactly what the GPU sees).
+fn round_to<T: Storage>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
 }
 
-fn to_bf16(v: &[f32]) -> Vec<bf16> {
-    v.iter().map(|&x| bf16::from_f32(x)).collect()
+fn to_h<T: Storage>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
 }
 
-fn bf16_to_f32(v: &[bf16]) -> Vec<f32> {
+fn h_to_f32<T: Storage>(v: &[T]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
 
@@ -49,8 +49,8 @@ fn nan_f32(gpu: &Gpu, n: usize) -> cudarc::driver::CudaSlice<f32> {
     gpu.upload(&vec![f32::NAN; n]).unwrap()
 }
 
-fn nan_bf16(gpu: &Gpu, n: usize) -> cudarc::driver::CudaSlice<bf16> {
-    gpu.upload(&vec![bf16::from_f32(f32::NAN); n]).unwrap()
+fn nan_h<T: Storage>(gpu: &Gpu, n: usize) -> cudarc::driver::CudaSlice<T> {
+    gpu.upload(&vec![T::from_f32(f32::NAN); n]).unwrap()
 }
 
 fn count_non_finite(v: &[f32]) -> usize {
@@ -139,6 +139,11 @@ fn conv3x3_matches_cpu_at_decoder_shapes() {
     let Some(gpu) = common::gpu_or_skip("conv3x3") else {
         return;
     };
+    conv3x3_cases::<f16>(&gpu);
+    conv3x3_cases::<bf16>(&gpu);
+}
+
+fn conv3x3_cases<T: Storage>(gpu: &Gpu) {
     // (batch, output side, Cin, Cout, upsample-fused, residual)
     let cases = [
         (1usize, 16usize, 256usize, 512usize, false, ResKind::None), // conv_in
@@ -166,22 +171,22 @@ fn conv3x3_matches_cpu_at_decoder_shapes() {
         let (hin, win) = if up { (h / 2, w / 2) } else { (h, w) };
         let m = batch * h * w;
         let seed = 10 * i as u64;
-        let x = round_bf16(&rand_vec(batch * hin * win * cin, seed, 1.0));
-        let wt = round_bf16(&rand_vec(
+        let x = round_to::<T>(&rand_vec(batch * hin * win * cin, seed, 1.0));
+        let wt = round_to::<T>(&rand_vec(
             cout * cin * 9,
             seed + 1,
             1.0 / (9.0 * cin as f32).sqrt(),
         ));
         let bias = rand_vec(cout, seed + 2, 0.5);
         let resid = rand_vec(m * cout, seed + 3, 2.0);
-        let conv = ConvWeights::new(&gpu, cin, cout, 3, &wt, &bias).unwrap();
-        let dx = gpu.upload(&to_bf16(&x)).unwrap();
+        let conv = ConvWeights::<T>::new(gpu, cin, cout, 3, &wt, &bias).unwrap();
+        let dx = gpu.upload(&to_h::<T>(&x)).unwrap();
         let dres = gpu.upload(&resid).unwrap();
         let mut outs = Vec::new();
         for kernel in [ConvKernel::Direct, ConvKernel::TensorCore] {
             let mut y = match res {
                 ResKind::InPlace => gpu.upload(&resid).unwrap(),
-                _ => nan_f32(&gpu, m * cout),
+                _ => nan_f32(gpu, m * cout),
             };
             let r = match res {
                 ResKind::None => Residual::None,
@@ -190,7 +195,7 @@ fn conv3x3_matches_cpu_at_decoder_shapes() {
             };
             gpu.sync().unwrap();
             let t0 = Instant::now();
-            gd::conv3x3(&gpu, kernel, &conv, &dx, &mut y, r, batch, h, w, up).unwrap();
+            gd::conv3x3(gpu, kernel, &conv, &dx, &mut y, r, batch, h, w, up).unwrap();
             gpu.sync().unwrap();
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             let got = gpu.download(&y).unwrap();
@@ -223,7 +228,8 @@ fn conv3x3_matches_cpu_at_decoder_shapes() {
         let (rel12, _) = common::rel_err(&outs[1].1, &outs[0].1);
         let flop = 2.0 * (m * cout * cin * 9) as f64;
         let name = format!(
-            "B{batch} {side}x{side} {cin}->{cout}{}{}",
+            "{} B{batch} {side}x{side} {cin}->{cout}{}{}",
+            T::TAG,
             if up { " up" } else { "" },
             match res {
                 ResKind::None => "",
@@ -256,24 +262,29 @@ fn conv1x1_matches_cpu() {
     let Some(gpu) = common::gpu_or_skip("conv1x1") else {
         return;
     };
+    conv1x1_cases::<f16>(&gpu);
+    conv1x1_cases::<bf16>(&gpu);
+}
+
+fn conv1x1_cases<T: Storage>(gpu: &Gpu) {
     // post_quant_conv (e 8 -> 256), nin_shortcut 512 -> 256 and 256 -> 128, ragged rows.
     for &(rows, cin, cout, acc) in &[
         (3 * 256usize, 8usize, 256usize, false),
         (1024, 512, 256, false),
         (3 * 25, 256, 128, true),
     ] {
-        let x = round_bf16(&rand_vec(rows * cin, 1, 1.0));
-        let w = round_bf16(&rand_vec(cout * cin, 2, 1.0 / (cin as f32).sqrt()));
+        let x = round_to::<T>(&rand_vec(rows * cin, 1, 1.0));
+        let w = round_to::<T>(&rand_vec(cout * cin, 2, 1.0 / (cin as f32).sqrt()));
         let b = rand_vec(cout, 3, 0.5);
         let y0 = rand_vec(rows * cout, 4, 1.0);
-        let conv = ConvWeights::new(&gpu, cin, cout, 1, &w, &b).unwrap();
-        let dx = gpu.upload(&to_bf16(&x)).unwrap();
+        let conv = ConvWeights::<T>::new(gpu, cin, cout, 1, &w, &b).unwrap();
+        let dx = gpu.upload(&to_h::<T>(&x)).unwrap();
         let mut dy = if acc {
             gpu.upload(&y0).unwrap()
         } else {
-            nan_f32(&gpu, rows * cout)
+            nan_f32(gpu, rows * cout)
         };
-        gd::conv1x1(&gpu, &conv, &dx, &mut dy, rows, acc).unwrap();
+        gd::conv1x1(gpu, &conv, &dx, &mut dy, rows, acc).unwrap();
         let got = gpu.download(&dy).unwrap();
         let mut want = vec![0.0f32; rows * cout];
         for r in 0..rows {
@@ -286,7 +297,10 @@ fn conv1x1_matches_cpu() {
             }
         }
         let (rel, abs) = common::rel_err(&got, &want);
-        println!("conv1x1 rows {rows} {cin}->{cout} acc {acc}: rel {rel:.2e} max abs {abs:.2e}");
+        println!(
+            "conv1x1 {} rows {rows} {cin}->{cout} acc {acc}: rel {rel:.2e} max abs {abs:.2e}",
+            T::TAG
+        );
         assert_eq!(count_non_finite(&got), 0);
         assert!(rel < 1e-5, "rel {rel}");
     }
@@ -338,6 +352,12 @@ fn group_norm_matches_cpu_at_decoder_shapes() {
     let Some(gpu) = common::gpu_or_skip("group_norm") else {
         return;
     };
+    group_norm_cases::<f16>(&gpu, 1e-3);
+    group_norm_cases::<bf16>(&gpu, 5e-3);
+}
+
+/// `tol`: relative error allowed, about one rounding of the output type.
+fn group_norm_cases<T: Storage>(gpu: &Gpu, tol: f64) {
     // (batch, side, C, silu, mean offset)
     let cases = [
         (1usize, 16usize, 512usize, true, 0.0f32),
@@ -354,7 +374,7 @@ fn group_norm_matches_cpu_at_decoder_shapes() {
         (2, 3, 64, false, 100.0),
     ];
     let max_hw = 256 * 256;
-    let mut scratch = GnScratch::new(&gpu, 3, max_hw, 512).unwrap();
+    let mut scratch = GnScratch::new(gpu, 3, max_hw, 512).unwrap();
     for (i, &(batch, side, c, silu, off)) in cases.iter().enumerate() {
         let hw = side * side;
         let x: Vec<f32> = rand_vec(batch * hw * c, 50 + i as u64, 2.0)
@@ -363,18 +383,19 @@ fn group_norm_matches_cpu_at_decoder_shapes() {
             .collect();
         let gamma = rand_vec(c, 60 + i as u64, 1.0);
         let beta = rand_vec(c, 70 + i as u64, 1.0);
-        let gn = GnWeights::new(&gpu, &gamma, &beta).unwrap();
+        let gn = GnWeights::new(gpu, &gamma, &beta).unwrap();
         let dx = gpu.upload(&x).unwrap();
-        let mut dy = nan_bf16(&gpu, batch * hw * c);
-        gd::group_norm(&gpu, &gn, &dx, &mut dy, &mut scratch, batch, hw, silu).unwrap();
-        let got = bf16_to_f32(&gpu.download(&dy).unwrap());
+        let mut dy = nan_h::<T>(gpu, batch * hw * c);
+        gd::group_norm(gpu, &gn, &dx, &mut dy, &mut scratch, batch, hw, silu).unwrap();
+        let got = h_to_f32(&gpu.download(&dy).unwrap());
         let want = group_norm_ref(&x, &gamma, &beta, batch, hw, silu);
         let (rel, abs) = common::rel_err(&got, &want);
         println!(
-            "group_norm B{batch} {side}x{side} C {c} silu {silu} offset {off}: rel {rel:.2e} max abs {abs:.2e}"
+            "group_norm {} B{batch} {side}x{side} C {c} silu {silu} offset {off}: rel {rel:.2e} max abs {abs:.2e}",
+            T::TAG
         );
         assert_eq!(count_non_finite(&got), 0);
-        assert!(rel < 5e-3, "rel {rel}");
+        assert!(rel < tol, "rel {rel}");
     }
 }
 
@@ -386,13 +407,18 @@ fn softmax_matches_cpu() {
     let Some(gpu) = common::gpu_or_skip("attn_softmax") else {
         return;
     };
+    softmax_cases::<f16>(&gpu);
+    softmax_cases::<bf16>(&gpu);
+}
+
+fn softmax_cases<T: Storage>(gpu: &Gpu) {
     for &(rows, n) in &[(3 * 256usize, 256usize), (3 * 25, 25), (1, 1), (1024, 1024)] {
         let s = rand_vec(rows * n, 7, 40.0);
         let scale = 1.0 / (512f32).sqrt();
         let ds = gpu.upload(&s).unwrap();
-        let mut dp = nan_bf16(&gpu, rows * n);
-        gd::softmax_rows(&gpu, &ds, &mut dp, rows, n, scale).unwrap();
-        let got = bf16_to_f32(&gpu.download(&dp).unwrap());
+        let mut dp = nan_h::<T>(gpu, rows * n);
+        gd::softmax_rows(gpu, &ds, &mut dp, rows, n, scale).unwrap();
+        let got = h_to_f32(&gpu.download(&dp).unwrap());
         let mut want = vec![0.0f32; rows * n];
         for r in 0..rows {
             let row = &s[r * n..][..n];
@@ -408,7 +434,10 @@ fn softmax_matches_cpu() {
             }
         }
         let (rel, abs) = common::rel_err(&got, &want);
-        println!("softmax rows {rows} n {n}: rel {rel:.2e} max abs {abs:.2e}");
+        println!(
+            "softmax {} rows {rows} n {n}: rel {rel:.2e} max abs {abs:.2e}",
+            T::TAG
+        );
         assert_eq!(count_non_finite(&got), 0);
         assert!(rel < 5e-3, "rel {rel}");
     }
@@ -474,6 +503,11 @@ fn attn_block_matches_cpu() {
     let Some(gpu) = common::gpu_or_skip("attn_block") else {
         return;
     };
+    attn_cases::<f16>(&gpu);
+    attn_cases::<bf16>(&gpu);
+}
+
+fn attn_cases<T: Storage>(gpu: &Gpu) {
     for &(batch, n, c) in &[
         (1usize, 256usize, 512usize),
         (3, 256, 512),
@@ -486,7 +520,7 @@ fn attn_block_matches_cpu() {
             .map(|i| match i {
                 0 => rand_vec(c, i, 1.0).iter().map(|v| 1.0 + 0.5 * v).collect(),
                 1 => rand_vec(c, i, 0.5),
-                2 | 4 | 6 | 8 => round_bf16(&rand_vec(c * c, 100 + i, sc)),
+                2 | 4 | 6 | 8 => round_to::<T>(&rand_vec(c * c, 100 + i, sc)),
                 _ => rand_vec(c, 200 + i, 0.2),
             })
             .collect();
@@ -502,8 +536,8 @@ fn attn_block_matches_cpu() {
                 }
             })
             .collect();
-        let w = AttnWeights::new(
-            &gpu,
+        let w = AttnWeights::<T>::new(
+            gpu,
             (&p[0], &p[1]),
             (&p[2], &p[3]),
             (&p[4], &p[5]),
@@ -513,8 +547,8 @@ fn attn_block_matches_cpu() {
         .unwrap();
         let x = rand_vec(batch * n * c, 300, 1.0);
         let mut dx = gpu.upload(&x).unwrap();
-        let mut scratch = AttnScratch::new(&gpu, batch, n, c).unwrap();
-        gd::attn_block(&gpu, &w, &mut dx, &mut scratch, batch, n).unwrap();
+        let mut scratch = AttnScratch::<T>::new(gpu, batch, n, c).unwrap();
+        gd::attn_block(gpu, &w, &mut dx, &mut scratch, batch, n).unwrap();
         let got = gpu.download(&dx).unwrap();
         let want = attn_ref(&x, &p, batch, n, c);
         let (rel, abs) = common::rel_err(&got, &want);
@@ -523,7 +557,8 @@ fn attn_block_matches_cpu() {
         let dw: Vec<f32> = want.iter().zip(&x).map(|(a, b)| a - b).collect();
         let (rel_branch, _) = common::rel_err(&dg, &dw);
         println!(
-            "attn_block B{batch} N {n} C {c}: rel {rel:.2e} (branch {rel_branch:.2e}) max abs {abs:.2e}"
+            "attn_block {} B{batch} N {n} C {c}: rel {rel:.2e} (branch {rel_branch:.2e}) max abs {abs:.2e}",
+            T::TAG
         );
         assert_eq!(count_non_finite(&got), 0);
         assert!(rel_branch < 2e-2, "branch rel {rel_branch}");
@@ -548,9 +583,9 @@ fn gather_codes_and_pixels_match_cpu() {
     tokens[rows - 1] = v as i32; // out of range -> NaN row
     let dt = gpu.upload(&tokens).unwrap();
     for normalize in [true, false] {
-        let mut dz = nan_bf16(&gpu, rows * e);
+        let mut dz = nan_h::<f16>(&gpu, rows * e);
         gd::gather_codes(&gpu, &dt, &dcb, &mut dz, rows, e, v, normalize).unwrap();
-        let got = bf16_to_f32(&gpu.download(&dz).unwrap());
+        let got = h_to_f32(&gpu.download(&dz).unwrap());
         let mut want = Vec::new();
         for &t in &tokens[..rows - 1] {
             let row = &cb[t as usize * e..][..e];
@@ -563,8 +598,13 @@ fn gather_codes_and_pixels_match_cpu() {
         }
         let (rel, _) = common::rel_err(&got[..(rows - 1) * e], &want);
         println!("gather_codes normalize {normalize}: rel {rel:.2e}");
-        assert!(rel < 5e-3);
+        assert!(rel < 1e-3);
         assert!(got[(rows - 1) * e..].iter().all(|x| x.is_nan()));
+        let mut dzb = nan_h::<bf16>(&gpu, rows * e);
+        gd::gather_codes(&gpu, &dt, &dcb, &mut dzb, rows, e, v, normalize).unwrap();
+        let gotb = h_to_f32(&gpu.download(&dzb).unwrap());
+        let (relb, _) = common::rel_err(&gotb[..(rows - 1) * e], &want);
+        assert!(relb < 5e-3, "bf16 gather rel {relb}");
     }
 
     // Pixels: NHWC f32 -> planar f32 and u8, bit-exact with to_pixels_u8.
@@ -638,7 +678,18 @@ fn decode_matches_golden() {
     let (cases, _) = load_safetensors(&golden.join("public/decode_only.safetensors")).unwrap();
     let cfg = small_config();
     let cpu_dec = VqDecoder::from_tensors(&cfg, &weights).unwrap();
-    let mut dec = GpuDecoder::new(&gpu, &cpu_dec).unwrap();
+    // fp16 storage must meet the 1e-2 gate; bf16 storage is expected (host model of this data
+    // flow) at 1.4e-2 to 2.2e-2 on this decoder and only gets a sanity bound.
+    for (precision, gate, within2_min) in
+        [(Precision::F16, 1e-2, 0.99), (Precision::Bf16, 4e-2, 0.8)]
+    {
+        let mut dec = GpuDecoder::with_precision(&gpu, &cpu_dec, precision).unwrap();
+        golden_cases(&gpu, &mut dec, &cases, gate, within2_min);
+    }
+}
+
+fn golden_cases(gpu: &Gpu, dec: &mut GpuDecoder, cases: &TensorMap, gate: f64, within2_min: f64) {
+    let p = dec.precision();
     for s in [1usize, 2, 4, 5, 8, 16] {
         let indices = &cases[&format!("indices_s{s}")];
         let image = &cases[&format!("image_s{s}")];
@@ -646,8 +697,8 @@ fn decode_matches_golden() {
         let mut per_kernel = Vec::new();
         for kernel in [ConvKernel::TensorCore, ConvKernel::Direct] {
             dec.set_conv_kernel(kernel);
-            let got = dec.decode_f32(&gpu, &tokens, 1, s).unwrap();
-            let px = dec.decode_tokens_u8(&gpu, &tokens, 1, s).unwrap();
+            let got = dec.decode_f32(gpu, &tokens, 1, s).unwrap();
+            let px = dec.decode_tokens_u8(gpu, &tokens, 1, s).unwrap();
             assert_eq!(
                 count_non_finite(&got),
                 0,
@@ -656,15 +707,15 @@ fn decode_matches_golden() {
             let (rel, abs) = common::rel_err(&got, &image.data);
             let (eq, within2, maxd) = pixel_agreement(&px, &to_pixels_u8(&image.data));
             println!(
-                "golden s={s:2} {:30}: rel {rel:.2e} max abs {abs:.2e}; 8-bit equal {:.1}%, within 2 {:.2}%, max diff {maxd}",
+                "golden {p:?} s={s:2} {:30}: rel {rel:.2e} max abs {abs:.2e}; 8-bit equal {:.1}%, within 2 {:.2}%, max diff {maxd}",
                 kernel.name(),
                 eq * 100.0,
                 within2 * 100.0
             );
-            assert!(rel < 1e-2, "s={s} {kernel:?}: rel {rel}");
+            assert!(rel < gate, "{p:?} s={s} {kernel:?}: rel {rel}");
             assert!(
-                within2 >= 0.9,
-                "s={s} {kernel:?}: 8-bit pixels within 2: {within2}"
+                within2 >= within2_min,
+                "{p:?} s={s} {kernel:?}: 8-bit pixels within 2: {within2}"
             );
             assert_eq!(
                 px,
@@ -674,8 +725,8 @@ fn decode_matches_golden() {
             per_kernel.push(got);
         }
         let (rel12, _) = common::rel_err(&per_kernel[0], &per_kernel[1]);
-        println!("golden s={s:2}: v2 vs v1 decode rel {rel12:.2e}");
-        assert!(rel12 < 2e-3, "s={s}: v2 vs v1 {rel12}");
+        println!("golden {p:?} s={s:2}: v2 vs v1 decode rel {rel12:.2e}");
+        assert!(rel12 < 2e-3, "{p:?} s={s}: v2 vs v1 {rel12}");
     }
 }
 
@@ -709,6 +760,7 @@ fn released_shape_decoder_matches_cpu() {
     };
     let cpu_dec = VqDecoder::from_tensors(&cfg, &random_weights(&cfg)).unwrap();
     let dec = GpuDecoder::new(&gpu, &cpu_dec).unwrap();
+    let dec_bf16 = GpuDecoder::with_precision(&gpu, &cpu_dec, Precision::Bf16).unwrap();
     for &(batch, s) in &[(1usize, 16usize), (3, 5)] {
         let tokens: Vec<u32> = (0..batch * s * s)
             .map(|i| ((i * 7919 + 13) % cfg.n_embed) as u32)
@@ -730,6 +782,11 @@ fn released_shape_decoder_matches_cpu() {
         );
         assert_eq!(count_non_finite(&got), 0);
         assert!(rel < 1e-2, "rel {rel}");
+        // A host model of this flow predicts about 1e-3 (bf16) and 1.2e-4 (fp16) here.
+        let got_b = dec_bf16.decode_f32(&gpu, &tokens, batch, s).unwrap();
+        let (rel_b, _) = common::rel_err(&got_b, &want);
+        println!("released shapes B{batch} s={s} bf16 storage: rel {rel_b:.2e}");
+        assert!(rel_b < 1e-2, "bf16 rel {rel_b}");
     }
     // Buffers are reused per (batch, s) and decodes are deterministic.
     let tokens: Vec<u32> = (0..25).map(|i| i * 31 % 1024).collect();
@@ -751,6 +808,8 @@ fn released_shape_decoder_matches_cpu() {
         .to_string();
     assert!(err.contains("out of range"), "{err}");
 
-    let bench = gd::bench_decode(&gpu, &dec, 4, 16, 2, 5).unwrap();
-    println!("{bench:?}");
+    for d in [&dec, &dec_bf16] {
+        let bench = gd::bench_decode(&gpu, d, 4, 16, 2, 5).unwrap();
+        println!("{bench:?}");
+    }
 }

@@ -3,28 +3,32 @@
 //! in the layer order of the f32 reference (`cpu::decoder`).
 //!
 //! ```text
-//! tokens (B, s, s) i32 -> gather_codes: codebook rows, L2-normalized   z (B*s*s, e) bf16
-//!   -> post_quant_conv 1x1 (cuBLAS) + bias -> cast                      (B, s, s, z_ch) bf16
+//! tokens (B, s, s) i32 -> gather_codes: codebook rows, L2-normalized   z (B*s*s, e) T
+//!   -> post_quant_conv 1x1 (cuBLAS) + bias -> cast                      (B, s, s, z_ch) T
 //!   -> conv_in 3x3                                                      x (B, s, s, C) f32
 //!   -> mid: Res, Attn, Res -> conv_blocks.0 .. L-1 (Res [+ Attn]) x (num_res_blocks+1),
 //!      then cast + upsample-fused conv 3x3 (2H x 2W)
 //!   -> GroupNorm + SiLU -> conv_out 3x3 -> dec_pixels            (B, 3, H, W) f32 and u8
 //! ```
 //! Activations are NHWC. The residual stream and every conv output are f32; every conv input
-//! (GroupNorm output or a cast of the residual stream) is bf16; weights are bf16 (3x3 as
-//! (Cout, 3, 3, Cin), 1x1 as (Cout, Cin)), biases and norm affines f32; all accumulation f32.
+//! (GroupNorm output or a cast of the residual stream) and every conv weight (3x3 as
+//! (Cout, 3, 3, Cin), 1x1 as (Cout, Cin)) is 16-bit [`Storage`] T: fp16 by default, bf16 as
+//! an option ([`Precision`]); biases, norm affines and the codebook are f32; accumulation f32.
+//! Why fp16 by default: on the golden decoder, a host model of exactly this data flow gives a
+//! relative error of 1.4e-2 to 2.2e-2 with bf16 storage and 1.8e-3 to 3.2e-3 with fp16
+//! (PERF.md, "VQ decoder"); the tensor-core rate is the same.
 //! ResBlock: `t = GN1(x)`, `h = conv1(t)`, `t = GN2(h)`, `x = conv2(t) + b + x` with the
 //! residual added in the conv epilogue in place (or onto `nin_shortcut(x)`, computed first into
 //! the other residual buffer). AttnBlock: GN, one stacked q|k|v GEMM, scores and P V as
 //! strided-batched cuBLAS GEMMs, row softmax kernel, proj_out GEMM accumulated onto x (beta 1).
 
-use super::{Gpu, gemm, norm};
+use super::{Gpu, norm};
 use crate::config::DecoderConfig;
 use crate::cpu::decoder as cpu;
 use anyhow::{Context, Result, ensure};
 use cudarc::cublas::{result::gemm_strided_batched_ex, sys};
-use cudarc::driver::{CudaSlice, DeviceRepr};
-use half::bf16;
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use half::{bf16, f16};
 use std::sync::Mutex;
 
 /// GroupNorm groups and epsilon of every norm in the decoder.
@@ -35,12 +39,55 @@ const GN_CHUNK: usize = 64;
 /// Block tile (M and N) of conv3x3_tc.
 const TC_TILE: usize = 128;
 
+/// The 16-bit type of conv inputs and weights (kernels exist for both, suffix `_bf16`/`_f16`).
+pub trait Storage:
+    DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin + Send + Sync + std::fmt::Debug + 'static
+{
+    /// Kernel-name suffix.
+    const TAG: &'static str;
+    /// cuBLAS data type.
+    const CUDA: sys::cudaDataType;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Storage for bf16 {
+    const TAG: &'static str = "bf16";
+    const CUDA: sys::cudaDataType = sys::cudaDataType::CUDA_R_16BF;
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+impl Storage for f16 {
+    const TAG: &'static str = "f16";
+    const CUDA: sys::cudaDataType = sys::cudaDataType::CUDA_R_16F;
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+/// Which 16-bit storage a [`GpuDecoder`] uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// IEEE half: 10 mantissa bits, range +-65504; the default (meets the 1e-2 golden gate).
+    F16,
+    /// bfloat16: 7 mantissa bits, f32's range.
+    Bf16,
+}
+
 /// Which 3x3 convolution kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvKernel {
     /// v1 `conv3x3_direct`: one thread per output, the on-device reference.
     Direct,
-    /// v2 `conv3x3_tc`: implicit GEMM on bf16 tensor cores (needs Cin % 32 == 0; the launcher
+    /// v2 `conv3x3_tc`: implicit GEMM on 16-bit tensor cores (needs Cin % 32 == 0; the launcher
     /// falls back to v1 for other Cin).
     TensorCore,
 }
@@ -58,6 +105,10 @@ fn grid_stride(total: usize) -> u32 {
     total.div_ceil(256).clamp(1, 1 << 20) as u32
 }
 
+fn kname<T: Storage>(base: &str) -> String {
+    format!("{base}_{}", T::TAG)
+}
+
 fn i32_of(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).with_context(|| format!("{what} = {v} does not fit the kernels' int32"))
 }
@@ -65,17 +116,17 @@ fn i32_of(v: usize, what: &str) -> Result<i32> {
 // ---------------------------------------------------------------------------------------------
 // Weights
 
-/// A conv layer on the device: 3x3 weight (Cout, 3, 3, Cin) or 1x1 weight (Cout, Cin), bf16;
+/// A conv layer on the device: 3x3 weight (Cout, 3, 3, Cin) or 1x1 weight (Cout, Cin) in T;
 /// bias (Cout) f32.
-pub struct ConvWeights {
+pub struct ConvWeights<T: Storage> {
     pub cin: usize,
     pub cout: usize,
     pub k: usize,
-    w: CudaSlice<bf16>,
+    w: CudaSlice<T>,
     b: CudaSlice<f32>,
 }
 
-impl ConvWeights {
+impl<T: Storage> ConvWeights<T> {
     /// From a PyTorch weight (Cout, Cin, k, k) f32 and bias (Cout); k is 1 or 3.
     pub fn new(
         gpu: &Gpu,
@@ -84,7 +135,7 @@ impl ConvWeights {
         k: usize,
         weight: &[f32],
         bias: &[f32],
-    ) -> Result<ConvWeights> {
+    ) -> Result<ConvWeights<T>> {
         ensure!(k == 1 || k == 3, "conv kernel size {k} (1 or 3 supported)");
         ensure!(
             weight.len() == cout * cin * k * k && bias.len() == cout,
@@ -92,15 +143,15 @@ impl ConvWeights {
             weight.len(),
             bias.len()
         );
-        let w: Vec<bf16> = if k == 1 {
-            weight.iter().map(|&v| bf16::from_f32(v)).collect()
+        let w: Vec<T> = if k == 1 {
+            weight.iter().map(|&v| T::from_f32(v)).collect()
         } else {
             // (Cout, Cin, 3, 3) -> (Cout, 3, 3, Cin)
-            let mut w = vec![bf16::ZERO; cout * 9 * cin];
+            let mut w = vec![T::default(); cout * 9 * cin];
             for o in 0..cout {
                 for c in 0..cin {
                     for t in 0..9 {
-                        w[(o * 9 + t) * cin + c] = bf16::from_f32(weight[(o * cin + c) * 9 + t]);
+                        w[(o * 9 + t) * cin + c] = T::from_f32(weight[(o * cin + c) * 9 + t]);
                     }
                 }
             }
@@ -115,7 +166,7 @@ impl ConvWeights {
         })
     }
 
-    fn from_cpu(gpu: &Gpu, c: &cpu::Conv) -> Result<ConvWeights> {
+    fn from_cpu(gpu: &Gpu, c: &cpu::Conv) -> Result<ConvWeights<T>> {
         ConvWeights::new(gpu, c.cin, c.cout, c.k, &c.weight, &c.bias)
     }
 }
@@ -152,14 +203,14 @@ impl GnWeights {
 }
 
 /// An attention block: GroupNorm, q|k|v stacked as one 1x1 conv (C -> 3C), proj_out.
-pub struct AttnWeights {
+pub struct AttnWeights<T: Storage> {
     pub c: usize,
     norm: GnWeights,
-    qkv: ConvWeights,
-    proj: ConvWeights,
+    qkv: ConvWeights<T>,
+    proj: ConvWeights<T>,
 }
 
-impl AttnWeights {
+impl<T: Storage> AttnWeights<T> {
     /// From f32 PyTorch tensors: norm (gamma, beta); q, k, v, proj_out as (weight (C, C, 1, 1),
     /// bias (C)).
     pub fn new(
@@ -169,7 +220,7 @@ impl AttnWeights {
         k: (&[f32], &[f32]),
         v: (&[f32], &[f32]),
         proj: (&[f32], &[f32]),
-    ) -> Result<AttnWeights> {
+    ) -> Result<AttnWeights<T>> {
         let c = norm.0.len();
         let w: Vec<f32> = [q.0, k.0, v.0].concat(); // (3C, C)
         let b: Vec<f32> = [q.1, k.1, v.1].concat(); // (3C)
@@ -181,7 +232,7 @@ impl AttnWeights {
         })
     }
 
-    fn from_cpu(gpu: &Gpu, a: &cpu::AttnBlock) -> Result<AttnWeights> {
+    fn from_cpu(gpu: &Gpu, a: &cpu::AttnBlock) -> Result<AttnWeights<T>> {
         fn pair(c: &cpu::Conv) -> (&[f32], &[f32]) {
             (&c.weight, &c.bias)
         }
@@ -230,11 +281,11 @@ pub enum Residual<'a> {
 /// (B, H/2, W/2, Cin) and is read through a nearest x2 upsample; otherwise (B, H, W, Cin).
 /// `TensorCore` falls back to `Direct` when Cin is not a multiple of 32.
 #[allow(clippy::too_many_arguments)]
-pub fn conv3x3(
+pub fn conv3x3<T: Storage>(
     gpu: &Gpu,
     kernel: ConvKernel,
-    conv: &ConvWeights,
-    x: &CudaSlice<bf16>,
+    conv: &ConvWeights<T>,
+    x: &CudaSlice<T>,
     y: &mut CudaSlice<f32>,
     residual: Residual,
     batch: usize,
@@ -288,28 +339,56 @@ pub fn conv3x3(
     let tc = kernel == ConvKernel::TensorCore && cin.is_multiple_of(32);
     if tc {
         let grid = (m.div_ceil(TC_TILE) as u32, cout.div_ceil(TC_TILE) as u32, 1);
-        gpu.launch("conv3x3_tc", grid, (256, 1, 1), 0, &p)
+        gpu.launch(&kname::<T>("conv3x3_tc"), grid, (256, 1, 1), 0, &p)
     } else {
         let grid = grid_stride(m * cout);
-        gpu.launch("conv3x3_direct", (grid, 1, 1), (256, 1, 1), 0, &p)
+        gpu.launch(
+            &kname::<T>("conv3x3_direct"),
+            (grid, 1, 1),
+            (256, 1, 1),
+            0,
+            &p,
+        )
     }
 }
 
 /// `y (rows, Cout) f32 = x (rows, Cin) w^T + bias`, or `y += ...` with `accumulate`: a 1x1
 /// conv on NHWC activations through cuBLAS, then the bias kernel.
-pub fn conv1x1(
+pub fn conv1x1<T: Storage>(
     gpu: &Gpu,
-    conv: &ConvWeights,
-    x: &CudaSlice<bf16>,
+    conv: &ConvWeights<T>,
+    x: &CudaSlice<T>,
     y: &mut CudaSlice<f32>,
     rows: usize,
     accumulate: bool,
 ) -> Result<()> {
+    let (cin, cout) = (conv.cin, conv.cout);
     ensure!(conv.k == 1, "conv1x1 given a {}x{} conv", conv.k, conv.k);
-    let beta = if accumulate { 1.0 } else { 0.0 };
-    gemm::linear::<f32>(gpu, x, 0, &conv.w, y, 0, rows, conv.cin, conv.cout, beta)
-        .context("1x1 conv GEMM")?;
-    norm::add_bias_f32(gpu, y, &conv.b, rows, conv.cout)
+    ensure!(rows > 0, "conv1x1: no rows");
+    ensure!(
+        x.len() >= rows * cin && y.len() >= rows * cout,
+        "conv1x1 buffers: x {} (need {}), y {} (need {})",
+        x.len(),
+        rows * cin,
+        y.len(),
+        rows * cout
+    );
+    // Row-major y (rows, Cout) = x (rows, Cin) w^T is column-major y^T (Cout x rows) =
+    // op(A) B with A = w viewed column-major (Cin x Cout, lda Cin) transposed and
+    // B = x viewed column-major (Cin x rows, ldb Cin), as gemm.rs `linear`.
+    gemm_batched::<T>(
+        gpu,
+        true,
+        (cout, rows, cin),
+        (gpu.ptr(&conv.w), cin, 0),
+        (gpu.ptr(x), cin, 0),
+        (gpu.ptr(y), cout, 0),
+        sys::cudaDataType::CUDA_R_32F,
+        if accumulate { 1.0 } else { 0.0 },
+        1,
+    )
+    .context("1x1 conv GEMM")?;
+    norm::add_bias_f32(gpu, y, &conv.b, rows, cout)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,14 +454,14 @@ impl GnScratch {
     }
 }
 
-/// `y (B, hw, C) bf16 = GroupNorm(x) (then SiLU when `silu`)`, x (B, hw, C) f32; 32 groups,
+/// `y (B, hw, C) T = GroupNorm(x) (then SiLU when `silu`)`, x (B, hw, C) f32; 32 groups,
 /// eps 1e-6, biased variance, f32 statistics. Three launches: partial, finalize, apply.
 #[allow(clippy::too_many_arguments)]
-pub fn group_norm(
+pub fn group_norm<T: Storage>(
     gpu: &Gpu,
     gn: &GnWeights,
     x: &CudaSlice<f32>,
-    y: &mut CudaSlice<bf16>,
+    y: &mut CudaSlice<T>,
     scratch: &mut GnScratch,
     batch: usize,
     hw: usize,
@@ -450,7 +529,7 @@ pub fn group_norm(
         silu: silu as i32,
     };
     gpu.launch(
-        "gn_apply",
+        &kname::<T>("gn_apply"),
         (grid_stride(batch * hw * c / 4), 1, 1),
         (256, 1, 1),
         0,
@@ -471,11 +550,11 @@ struct CastParams {
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for CastParams {}
 
-/// `y[..n] = bf16(x[..n])`.
-pub fn cast_f32_bf16(
+/// `y[..n] = T(x[..n])` (round to nearest; an fp16 overflow gives inf).
+pub fn cast_f32<T: Storage>(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
-    y: &mut CudaSlice<bf16>,
+    y: &mut CudaSlice<T>,
     n: usize,
 ) -> Result<()> {
     ensure!(
@@ -487,7 +566,13 @@ pub fn cast_f32_bf16(
         y: gpu.ptr(y),
         n: n as u64,
     };
-    gpu.launch("cast_f32_bf16", (grid_stride(n), 1, 1), (256, 1, 1), 0, &p)
+    gpu.launch(
+        &kname::<T>("cast_f32"),
+        (grid_stride(n), 1, 1),
+        (256, 1, 1),
+        0,
+        &p,
+    )
 }
 
 #[repr(C)]
@@ -504,14 +589,14 @@ struct GatherCodesParams {
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for GatherCodesParams {}
 
-/// `z (rows, e) bf16 = codebook[tokens]`, each row L2-normalized (eps 1e-12) when `normalize`.
+/// `z (rows, e) T = codebook[tokens]`, each row L2-normalized (eps 1e-12) when `normalize`.
 /// A token outside [0, n_embed) gives a NaN row.
 #[allow(clippy::too_many_arguments)]
-pub fn gather_codes(
+pub fn gather_codes<T: Storage>(
     gpu: &Gpu,
     tokens: &CudaSlice<i32>,
     codebook: &CudaSlice<f32>,
-    z: &mut CudaSlice<bf16>,
+    z: &mut CudaSlice<T>,
     rows: usize,
     e: usize,
     n_embed: usize,
@@ -531,7 +616,7 @@ pub fn gather_codes(
         normalize: normalize as i32,
     };
     gpu.launch(
-        "gather_codes",
+        &kname::<T>("gather_codes"),
         (rows.div_ceil(128).max(1) as u32, 1, 1),
         (128, 1, 1),
         0,
@@ -551,11 +636,11 @@ struct SoftmaxParams {
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for SoftmaxParams {}
 
-/// `p (rows, n) bf16 = softmax(s * scale)` per row, s (rows, n) f32, scale > 0.
-pub fn softmax_rows(
+/// `p (rows, n) T = softmax(s * scale)` per row, s (rows, n) f32, scale > 0.
+pub fn softmax_rows<T: Storage>(
     gpu: &Gpu,
     s: &CudaSlice<f32>,
-    p: &mut CudaSlice<bf16>,
+    p: &mut CudaSlice<T>,
     rows: usize,
     n: usize,
     scale: f32,
@@ -572,7 +657,13 @@ pub fn softmax_rows(
         n: i32_of(n, "n")?,
         scale,
     };
-    gpu.launch("attn_softmax", (rows as u32, 1, 1), (256, 1, 1), 0, &prm)
+    gpu.launch(
+        &kname::<T>("attn_softmax"),
+        (rows as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &prm,
+    )
 }
 
 #[repr(C)]
@@ -630,21 +721,21 @@ pub fn pixels(
 // Attention
 
 /// Scratch of [`attn_block`] for up to (batch, n positions, c channels).
-pub struct AttnScratch {
+pub struct AttnScratch<T: Storage> {
     batch: usize,
     n: usize,
     c: usize,
     gn: GnScratch,
-    hn: CudaSlice<bf16>,    // (B*N, C) GroupNorm output
+    hn: CudaSlice<T>,       // (B*N, C) GroupNorm output
     qkv: CudaSlice<f32>,    // (B*N, 3C) q | k | v with bias
-    qkv_b: CudaSlice<bf16>, // (B*N, 3C) the same in bf16
+    qkv_h: CudaSlice<T>,    // (B*N, 3C) the same in T
     scores: CudaSlice<f32>, // (B, N query, N key) raw q.k
-    probs: CudaSlice<bf16>, // (B, N, N) softmax
-    att: CudaSlice<bf16>,   // (B*N, C) P V
+    probs: CudaSlice<T>,    // (B, N, N) softmax
+    att: CudaSlice<T>,      // (B*N, C) P V
 }
 
-impl AttnScratch {
-    pub fn new(gpu: &Gpu, batch: usize, n: usize, c: usize) -> Result<AttnScratch> {
+impl<T: Storage> AttnScratch<T> {
+    pub fn new(gpu: &Gpu, batch: usize, n: usize, c: usize) -> Result<AttnScratch<T>> {
         Ok(AttnScratch {
             batch,
             n,
@@ -652,7 +743,7 @@ impl AttnScratch {
             gn: GnScratch::new(gpu, batch, n, c)?,
             hn: gpu.zeros(batch * n * c)?,
             qkv: gpu.zeros(batch * n * 3 * c)?,
-            qkv_b: gpu.zeros(batch * n * 3 * c)?,
+            qkv_h: gpu.zeros(batch * n * 3 * c)?,
             scores: gpu.zeros(batch * n * n)?,
             probs: gpu.zeros(batch * n * n)?,
             att: gpu.zeros(batch * n * c)?,
@@ -660,29 +751,29 @@ impl AttnScratch {
     }
 }
 
-/// Row-major strided-batched GEMM on cuBLAS (bf16 inputs, f32 compute), in cuBLAS's
-/// column-major terms: C (m x n, ldc) = op(A) op(B), pointers as raw device addresses.
+/// Strided-batched GEMM on cuBLAS in its column-major terms: C (m x n) = op(A) B (+ beta C),
+/// A and B in T, f32 compute; operands as (raw device address, leading dimension, stride
+/// between batch entries), in elements. Callers check their buffers.
 #[allow(clippy::too_many_arguments)]
-fn gemm_batched(
+fn gemm_batched<T: Storage>(
     gpu: &Gpu,
     trans_a: bool,
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     a: (u64, usize, usize),
     b: (u64, usize, usize),
     c: (u64, usize, usize),
     c_type: sys::cudaDataType,
+    beta: f32,
     batch: usize,
 ) -> Result<()> {
-    let (alpha, beta) = (1.0f32, 0.0f32);
+    let alpha = 1.0f32;
     let op_a = if trans_a {
         sys::cublasOperation_t::CUBLAS_OP_T
     } else {
         sys::cublasOperation_t::CUBLAS_OP_N
     };
-    // SAFETY: the caller (attn_block) checked every buffer against (batch, n, c); pointers
-    // live for the call and the handle is bound to our stream.
+    // SAFETY: the callers (conv1x1, attn_block) checked every buffer against the GEMM shape;
+    // pointers live for the call and the handle is bound to our stream.
     unsafe {
         gemm_strided_batched_ex(
             *gpu.blas.handle(),
@@ -693,11 +784,11 @@ fn gemm_batched(
             k as i32,
             &alpha as *const f32 as *const _,
             a.0 as *const _,
-            sys::cudaDataType::CUDA_R_16BF,
+            T::CUDA,
             a.1 as i32,
             a.2 as i64,
             b.0 as *const _,
-            sys::cudaDataType::CUDA_R_16BF,
+            T::CUDA,
             b.1 as i32,
             b.2 as i64,
             &beta as *const f32 as *const _,
@@ -716,11 +807,11 @@ fn gemm_batched(
 
 /// `x (B, N, C) f32 += proj_out(softmax(q k^T / sqrt(C)) v)` with q, k, v 1x1 convs of
 /// GroupNorm(x): single-head attention over the N = H*W positions of each image.
-pub fn attn_block(
+pub fn attn_block<T: Storage>(
     gpu: &Gpu,
-    w: &AttnWeights,
+    w: &AttnWeights<T>,
     x: &mut CudaSlice<f32>,
-    s: &mut AttnScratch,
+    s: &mut AttnScratch<T>,
     batch: usize,
     n: usize,
 ) -> Result<()> {
@@ -736,22 +827,21 @@ pub fn attn_block(
     let rows = batch * n;
     group_norm(gpu, &w.norm, x, &mut s.hn, &mut s.gn, batch, n, false)?;
     conv1x1(gpu, &w.qkv, &s.hn, &mut s.qkv, rows, false)?;
-    cast_f32_bf16(gpu, &s.qkv, &mut s.qkv_b, rows * 3 * c)?;
-    let qkv = gpu.ptr(&s.qkv_b);
-    let (q, k, v) = (qkv, qkv + 2 * c as u64, qkv + 4 * c as u64); // byte offsets of C bf16
+    cast_f32(gpu, &s.qkv, &mut s.qkv_h, rows * 3 * c)?;
+    let qkv = gpu.ptr(&s.qkv_h);
+    let (q, k, v) = (qkv, qkv + 2 * c as u64, qkv + 4 * c as u64); // byte offsets: C x 16 bit
     let ld = 3 * c;
     // scores (N query, N key) row-major = column-major (key, query): S^T = K Q^T, i.e.
     // op(A) = K^T-view transposed (A = K rows, lda 3C), B = Q rows (ldb 3C).
-    gemm_batched(
+    gemm_batched::<T>(
         gpu,
         true,
-        n,
-        n,
-        c,
+        (n, n, c),
         (k, ld, n * ld),
         (q, ld, n * ld),
         (gpu.ptr(&s.scores), n, n * n),
         sys::cudaDataType::CUDA_R_32F,
+        0.0,
         batch,
     )
     .context("attention scores")?;
@@ -765,16 +855,15 @@ pub fn attn_block(
     )?;
     // out (N, C) row-major = column-major (C, N): O^T = V^T P^T, A = V rows (lda 3C, (C x N)
     // column-major view), B = P rows (ldb N).
-    gemm_batched(
+    gemm_batched::<T>(
         gpu,
         false,
-        c,
-        n,
-        n,
+        (c, n, n),
         (v, ld, n * ld),
         (gpu.ptr(&s.probs), n, n * n),
         (gpu.ptr(&s.att), c, n * c),
-        sys::cudaDataType::CUDA_R_16BF,
+        T::CUDA,
+        0.0,
         batch,
     )
     .context("attention P V")?;
@@ -784,16 +873,16 @@ pub fn attn_block(
 // ---------------------------------------------------------------------------------------------
 // The decoder
 
-struct GpuResBlock {
+struct GpuResBlock<T: Storage> {
     norm1: GnWeights,
-    conv1: ConvWeights,
+    conv1: ConvWeights<T>,
     norm2: GnWeights,
-    conv2: ConvWeights,
-    nin_shortcut: Option<ConvWeights>,
+    conv2: ConvWeights<T>,
+    nin_shortcut: Option<ConvWeights<T>>,
 }
 
-impl GpuResBlock {
-    fn from_cpu(gpu: &Gpu, r: &cpu::ResBlock) -> Result<GpuResBlock> {
+impl<T: Storage> GpuResBlock<T> {
+    fn from_cpu(gpu: &Gpu, r: &cpu::ResBlock) -> Result<GpuResBlock<T>> {
         Ok(GpuResBlock {
             norm1: GnWeights::from_cpu(gpu, &r.norm1)?,
             conv1: ConvWeights::from_cpu(gpu, &r.conv1)?,
@@ -808,24 +897,24 @@ impl GpuResBlock {
     }
 }
 
-struct GpuLevel {
-    res: Vec<GpuResBlock>,
-    attn: Vec<AttnWeights>,
-    upsample: Option<ConvWeights>,
+struct GpuLevel<T: Storage> {
+    res: Vec<GpuResBlock<T>>,
+    attn: Vec<AttnWeights<T>>,
+    upsample: Option<ConvWeights<T>>,
 }
 
 /// Device buffers for one (batch, s); see the module comment for what flows through them.
-struct Workspace {
+struct Workspace<T: Storage> {
     batch: usize,
     s: usize,
     side: usize,
     tokens: CudaSlice<i32>, // (B, s, s)
-    z: CudaSlice<bf16>,     // (B*s*s, e)
+    z: CudaSlice<T>,        // (B*s*s, e)
     x: [CudaSlice<f32>; 2], // residual stream ping-pong, (B, H, W, C) up to max_act per image
     h: CudaSlice<f32>,      // post_quant, conv1 and conv_out outputs (B, H, W, C)
-    t: CudaSlice<bf16>,     // conv inputs: GroupNorm outputs and casts (B, H, W, C)
+    t: CudaSlice<T>,        // conv inputs: GroupNorm outputs and casts (B, H, W, C)
     gn: GnScratch,
-    attn: AttnScratch,
+    attn: AttnScratch<T>,
     img: CudaSlice<f32>, // (B, 3, side, side)
     px: CudaSlice<u8>,   // (B, 3, side, side)
 }
@@ -851,8 +940,8 @@ fn plan(cfg: &DecoderConfig, s: usize) -> (usize, usize, usize) {
     (max_act, h * h, max_c)
 }
 
-impl Workspace {
-    fn new(gpu: &Gpu, cfg: &DecoderConfig, batch: usize, s: usize) -> Result<Workspace> {
+impl<T: Storage> Workspace<T> {
+    fn new(gpu: &Gpu, cfg: &DecoderConfig, batch: usize, s: usize) -> Result<Workspace<T>> {
         let (max_act, max_hw, max_c) = plan(cfg, s);
         let n = s * s;
         let side = s * cfg.stride();
@@ -874,28 +963,138 @@ impl Workspace {
     }
 }
 
-/// The VQ decoder on the GPU: weights uploaded once (bf16 convs, f32 biases, norms and
+/// The VQ decoder on the GPU: weights uploaded once (16-bit convs, f32 biases, norms and
 /// codebook), buffers allocated on the first decode of each (batch, s) and reused.
 pub struct GpuDecoder {
-    cfg: DecoderConfig,
-    conv_kernel: ConvKernel,
-    codebook: CudaSlice<f32>, // (V, e), as in the CPU decoder (rows normalized when `normalize`)
-    post_quant_conv: ConvWeights,
-    conv_in: ConvWeights,
-    mid: (GpuResBlock, AttnWeights, GpuResBlock),
-    levels: Vec<GpuLevel>,
-    norm_out: GnWeights,
-    conv_out: ConvWeights,
-    ws: Mutex<Option<Workspace>>,
+    inner: Inner,
+}
+
+enum Inner {
+    F16(Decoder<f16>),
+    Bf16(Decoder<bf16>),
+}
+
+/// `dispatch!(self, d => expr)`: run `expr` with `d` the typed decoder.
+macro_rules! dispatch {
+    ($self:expr, $d:ident => $e:expr) => {
+        match $self {
+            Inner::F16($d) => $e,
+            Inner::Bf16($d) => $e,
+        }
+    };
 }
 
 impl GpuDecoder {
-    /// Upload the weights of a loaded CPU decoder.
+    /// Upload the weights of a loaded CPU decoder, fp16 storage.
     pub fn new(gpu: &Gpu, dec: &cpu::VqDecoder) -> Result<GpuDecoder> {
+        GpuDecoder::with_precision(gpu, dec, Precision::F16)
+    }
+
+    /// Upload the weights of a loaded CPU decoder with the given 16-bit storage.
+    pub fn with_precision(
+        gpu: &Gpu,
+        dec: &cpu::VqDecoder,
+        precision: Precision,
+    ) -> Result<GpuDecoder> {
+        let inner = match precision {
+            Precision::F16 => Inner::F16(Decoder::new(gpu, dec)?),
+            Precision::Bf16 => Inner::Bf16(Decoder::new(gpu, dec)?),
+        };
+        Ok(GpuDecoder { inner })
+    }
+
+    pub fn precision(&self) -> Precision {
+        match self.inner {
+            Inner::F16(_) => Precision::F16,
+            Inner::Bf16(_) => Precision::Bf16,
+        }
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        dispatch!(&self.inner, d => &d.cfg)
+    }
+
+    pub fn conv_kernel(&self) -> ConvKernel {
+        dispatch!(&self.inner, d => d.conv_kernel)
+    }
+
+    /// Choose the 3x3 conv kernel (tests run both; the default is `TensorCore`).
+    pub fn set_conv_kernel(&mut self, k: ConvKernel) {
+        dispatch!(&mut self.inner, d => d.conv_kernel = k)
+    }
+
+    /// Image side for an s x s latent.
+    pub fn side(&self, s: usize) -> usize {
+        s * self.config().stride()
+    }
+
+    /// Decode host tokens (B, s, s) (raster order per image) to 8-bit pixels (B, 3, H, W).
+    pub fn decode_tokens_u8(
+        &self,
+        gpu: &Gpu,
+        tokens: &[u32],
+        batch: usize,
+        s: usize,
+    ) -> Result<Vec<u8>> {
+        dispatch!(&self.inner, d => d.decode_host(gpu, tokens, batch, s, |gpu, px, _| gpu.download(px)))
+    }
+
+    /// Decode host tokens (B, s, s) to raw images (B, 3, H, W) f32 (the CPU decoder's output).
+    pub fn decode_f32(
+        &self,
+        gpu: &Gpu,
+        tokens: &[u32],
+        batch: usize,
+        s: usize,
+    ) -> Result<Vec<f32>> {
+        dispatch!(&self.inner, d => d.decode_host(gpu, tokens, batch, s, |gpu, _, img| gpu.download(img)))
+    }
+
+    /// Decode device tokens (B, s, s) i32 to 8-bit pixels (B, 3, H, W). Tokens are not range
+    /// checked on the host: an out-of-range token decodes to NaN, hence 0-valued pixels.
+    pub fn decode_device_u8(
+        &self,
+        gpu: &Gpu,
+        tokens: &CudaSlice<i32>,
+        batch: usize,
+        s: usize,
+    ) -> Result<Vec<u8>> {
+        dispatch!(&self.inner, d => d.decode_device(gpu, tokens, batch, s, true))
+            .map(|v| v.unwrap())
+    }
+
+    /// Enqueue a full decode of device tokens without reading the result back (benchmarks).
+    pub fn decode_device(
+        &self,
+        gpu: &Gpu,
+        tokens: &CudaSlice<i32>,
+        batch: usize,
+        s: usize,
+    ) -> Result<()> {
+        dispatch!(&self.inner, d => d.decode_device(gpu, tokens, batch, s, false)).map(|_| ())
+    }
+}
+
+/// The decoder for one storage type.
+struct Decoder<T: Storage> {
+    cfg: DecoderConfig,
+    conv_kernel: ConvKernel,
+    codebook: CudaSlice<f32>, // (V, e), as in the CPU decoder (rows normalized when `normalize`)
+    post_quant_conv: ConvWeights<T>,
+    conv_in: ConvWeights<T>,
+    mid: (GpuResBlock<T>, AttnWeights<T>, GpuResBlock<T>),
+    levels: Vec<GpuLevel<T>>,
+    norm_out: GnWeights,
+    conv_out: ConvWeights<T>,
+    ws: Mutex<Option<Workspace<T>>>,
+}
+
+impl<T: Storage> Decoder<T> {
+    fn new(gpu: &Gpu, dec: &cpu::VqDecoder) -> Result<Decoder<T>> {
         let levels = dec
             .levels
             .iter()
-            .map(|l| -> Result<GpuLevel> {
+            .map(|l| -> Result<GpuLevel<T>> {
                 Ok(GpuLevel {
                     res: l
                         .res
@@ -916,7 +1115,7 @@ impl GpuDecoder {
             })
             .collect::<Result<Vec<_>>>()
             .context("uploading decoder levels")?;
-        Ok(GpuDecoder {
+        Ok(Decoder {
             cfg: dec.cfg.clone(),
             conv_kernel: ConvKernel::TensorCore,
             codebook: gpu.upload(&dec.codebook)?,
@@ -934,82 +1133,15 @@ impl GpuDecoder {
         })
     }
 
-    pub fn config(&self) -> &DecoderConfig {
-        &self.cfg
-    }
-
-    pub fn conv_kernel(&self) -> ConvKernel {
-        self.conv_kernel
-    }
-
-    /// Choose the 3x3 conv kernel (tests run both; the default is `TensorCore`).
-    pub fn set_conv_kernel(&mut self, k: ConvKernel) {
-        self.conv_kernel = k;
-    }
-
-    /// Image side for an s x s latent.
-    pub fn side(&self, s: usize) -> usize {
-        s * self.cfg.stride()
-    }
-
-    /// Decode host tokens (B, s, s) (raster order per image) to 8-bit pixels (B, 3, H, W).
-    pub fn decode_tokens_u8(
+    /// Decode host tokens into the workspace and hand its (pixels, image) to `read`.
+    fn decode_host<R>(
         &self,
         gpu: &Gpu,
         tokens: &[u32],
         batch: usize,
         s: usize,
-    ) -> Result<Vec<u8>> {
-        self.with_host_tokens(gpu, tokens, batch, s, |gpu, ws| gpu.download(&ws.px))
-    }
-
-    /// Decode host tokens (B, s, s) to raw images (B, 3, H, W) f32 (the CPU decoder's output).
-    pub fn decode_f32(
-        &self,
-        gpu: &Gpu,
-        tokens: &[u32],
-        batch: usize,
-        s: usize,
-    ) -> Result<Vec<f32>> {
-        self.with_host_tokens(gpu, tokens, batch, s, |gpu, ws| gpu.download(&ws.img))
-    }
-
-    /// Decode device tokens (B, s, s) i32 to 8-bit pixels (B, 3, H, W). Tokens are not range
-    /// checked on the host: an out-of-range token decodes to NaN, hence 0-valued pixels.
-    pub fn decode_device_u8(
-        &self,
-        gpu: &Gpu,
-        tokens: &CudaSlice<i32>,
-        batch: usize,
-        s: usize,
-    ) -> Result<Vec<u8>> {
-        let mut guard = self.ws.lock().unwrap();
-        let ws = self.workspace(gpu, &mut guard, batch, s)?;
-        self.run(gpu, ws, Some(tokens))?;
-        gpu.download(&ws.px)
-    }
-
-    /// Enqueue a full decode of device tokens without reading the result back (benchmarks).
-    pub fn decode_device(
-        &self,
-        gpu: &Gpu,
-        tokens: &CudaSlice<i32>,
-        batch: usize,
-        s: usize,
-    ) -> Result<()> {
-        let mut guard = self.ws.lock().unwrap();
-        let ws = self.workspace(gpu, &mut guard, batch, s)?;
-        self.run(gpu, ws, Some(tokens))
-    }
-
-    fn with_host_tokens<T>(
-        &self,
-        gpu: &Gpu,
-        tokens: &[u32],
-        batch: usize,
-        s: usize,
-        read: impl FnOnce(&Gpu, &Workspace) -> Result<T>,
-    ) -> Result<T> {
+        read: impl FnOnce(&Gpu, &CudaSlice<u8>, &CudaSlice<f32>) -> Result<R>,
+    ) -> Result<R> {
         ensure!(
             tokens.len() == batch * s * s,
             "decode: {} tokens for (B {batch}, {s}, {s})",
@@ -1028,16 +1160,31 @@ impl GpuDecoder {
             .memcpy_htod(&host, &mut ws.tokens)
             .context("uploading tokens")?;
         self.run(gpu, ws, None)?;
-        read(gpu, ws)
+        read(gpu, &ws.px, &ws.img)
+    }
+
+    /// Decode device tokens; download the 8-bit pixels when `read`.
+    fn decode_device(
+        &self,
+        gpu: &Gpu,
+        tokens: &CudaSlice<i32>,
+        batch: usize,
+        s: usize,
+        read: bool,
+    ) -> Result<Option<Vec<u8>>> {
+        let mut guard = self.ws.lock().unwrap();
+        let ws = self.workspace(gpu, &mut guard, batch, s)?;
+        self.run(gpu, ws, Some(tokens))?;
+        read.then(|| gpu.download(&ws.px)).transpose()
     }
 
     fn workspace<'a>(
         &self,
         gpu: &Gpu,
-        slot: &'a mut Option<Workspace>,
+        slot: &'a mut Option<Workspace<T>>,
         batch: usize,
         s: usize,
-    ) -> Result<&'a mut Workspace> {
+    ) -> Result<&'a mut Workspace<T>> {
         ensure!(batch > 0 && s > 0, "decode: empty batch or latent");
         if slot.as_ref().is_some_and(|w| w.batch == batch && w.s == s) {
             return Ok(slot.as_mut().unwrap());
@@ -1049,7 +1196,7 @@ impl GpuDecoder {
     }
 
     /// The whole decoder on `tokens` (or the workspace's uploaded tokens).
-    fn run(&self, gpu: &Gpu, ws: &mut Workspace, tokens: Option<&CudaSlice<i32>>) -> Result<()> {
+    fn run(&self, gpu: &Gpu, ws: &mut Workspace<T>, tokens: Option<&CudaSlice<i32>>) -> Result<()> {
         let cfg = &self.cfg;
         let (b, s, k) = (ws.batch, ws.s, self.conv_kernel);
         let n = s * s;
@@ -1069,7 +1216,7 @@ impl GpuDecoder {
             cfg.normalize,
         )?;
         conv1x1(gpu, &self.post_quant_conv, &ws.z, &mut ws.h, b * n, false)?;
-        cast_f32_bf16(gpu, &ws.h, &mut ws.t, b * n * cfg.z_channels)?;
+        cast_f32(gpu, &ws.h, &mut ws.t, b * n * cfg.z_channels)?;
         let mut cur = 0usize;
         conv3x3(
             gpu,
@@ -1103,7 +1250,7 @@ impl GpuDecoder {
             if let Some(up) = &level.upsample {
                 let [x0, x1] = &mut ws.x;
                 let (src, dst) = if cur == 0 { (x0, x1) } else { (x1, x0) };
-                cast_f32_bf16(gpu, src, &mut ws.t, b * hgt * hgt * up.cin)?;
+                cast_f32(gpu, src, &mut ws.t, b * hgt * hgt * up.cin)?;
                 hgt *= 2;
                 conv3x3(gpu, k, up, &ws.t, dst, Residual::None, b, hgt, hgt, true)
                     .with_context(|| format!("conv_blocks.{i}.upsample"))?;
@@ -1144,9 +1291,9 @@ impl GpuDecoder {
     fn res_block(
         &self,
         gpu: &Gpu,
-        ws: &mut Workspace,
+        ws: &mut Workspace<T>,
         cur: &mut usize,
-        r: &GpuResBlock,
+        r: &GpuResBlock<T>,
         hgt: usize,
     ) -> Result<()> {
         let (b, hw, k) = (ws.batch, hgt * hgt, self.conv_kernel);
@@ -1154,7 +1301,7 @@ impl GpuDecoder {
         let (x, other) = if *cur == 0 { (x0, x1) } else { (x1, x0) };
         if let Some(nin) = &r.nin_shortcut {
             // other = nin_shortcut(x): conv2 then adds onto it in place.
-            cast_f32_bf16(gpu, x, &mut ws.t, b * hw * nin.cin)?;
+            cast_f32(gpu, x, &mut ws.t, b * hw * nin.cin)?;
             conv1x1(gpu, nin, &ws.t, other, b * hw, false)?;
         }
         group_norm(gpu, &r.norm1, x, &mut ws.t, &mut ws.gn, b, hw, true)?;
@@ -1291,6 +1438,7 @@ pub fn decoder_flops(cfg: &DecoderConfig, s: usize) -> Vec<StageFlops> {
 #[derive(Clone, Debug)]
 pub struct DecodeBench {
     pub device: String,
+    pub precision: Precision,
     pub conv_kernel: ConvKernel,
     pub batch: usize,
     pub s: usize,
@@ -1314,7 +1462,7 @@ pub fn bench_decode(
     iters: usize,
 ) -> Result<DecodeBench> {
     ensure!(iters > 0, "bench_decode: iters must be positive");
-    let v = dec.cfg.n_embed as u64;
+    let v = dec.config().n_embed as u64;
     let host: Vec<i32> = (0..(batch * s * s) as u64)
         .map(|i| (i.wrapping_mul(2654435761) % v) as i32)
         .collect();
@@ -1333,10 +1481,14 @@ pub fn bench_decode(
     }
     ms.sort_by(|a, b| a.total_cmp(b));
     let med = ms[ms.len() / 2];
-    let flops: f64 = decoder_flops(&dec.cfg, s).iter().map(|st| st.total()).sum();
+    let flops: f64 = decoder_flops(dec.config(), s)
+        .iter()
+        .map(|st| st.total())
+        .sum();
     Ok(DecodeBench {
         device: gpu.name.clone(),
-        conv_kernel: dec.conv_kernel,
+        precision: dec.precision(),
+        conv_kernel: dec.conv_kernel(),
         batch,
         s,
         side: dec.side(s),

@@ -5,6 +5,7 @@
 #include "../../kernels/decoder.cu"
 
 #include <algorithm>
+#include <type_traits>
 #include <random>
 #include <string>
 
@@ -17,11 +18,29 @@ static std::vector<float> rand_f32(size_t n, float lo, float hi) {
     return v;
 }
 
-static float bf_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
+// Host conversions for the two storage types.
+static float h2f(__nv_bfloat16 v) { return __bfloat162float(v); }
+static float h2f(__half v) { return __half2float(v); }
+template <typename T>
+static T f2h(float v);
+template <>
+__nv_bfloat16 f2h<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <>
+__half f2h<__half>(float v) { return __float2half(v); }
+template <typename T>
+static const char* tname();
+template <>
+const char* tname<__nv_bfloat16>() { return "bf16"; }
+template <>
+const char* tname<__half>() { return "f16"; }
 
-static std::vector<__nv_bfloat16> to_bf(const std::vector<float>& v) {
-    std::vector<__nv_bfloat16> o(v.size());
-    for (size_t i = 0; i < v.size(); ++i) o[i] = __float2bfloat16(v[i]);
+template <typename T>
+static float h_round(float x) { return h2f(f2h<T>(x)); }
+
+template <typename T>
+static std::vector<T> to_h(const std::vector<float>& v) {
+    std::vector<T> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = f2h<T>(v[i]);
     return o;
 }
 
@@ -56,17 +75,18 @@ static void check(const std::string& name, const std::vector<float>& got,
 // ---- conv3x3 -------------------------------------------------------------------------------
 enum Res { NONE, SEPARATE, IN_PLACE };
 
+template <typename T>
 static void test_conv(int batch, int height, int width, int cin, int cout, bool up, Res res) {
     const int hin = up ? height / 2 : height, win = up ? width / 2 : width;
     const size_t m = (size_t)batch * height * width;
     // Inputs and weights exactly representable in bf16, so only accumulation order differs.
     auto xf = rand_f32((size_t)batch * hin * win * cin, -1, 1);
-    for (auto& v : xf) v = bf_round(v);
+    for (auto& v : xf) v = h_round<T>(v);
     auto wf = rand_f32((size_t)cout * 9 * cin, -0.2f, 0.2f);
-    for (auto& v : wf) v = bf_round(v);
+    for (auto& v : wf) v = h_round<T>(v);
     auto bias = rand_f32(cout, -1, 1);
     auto resv = rand_f32(m * cout, -2, 2);
-    auto xb = to_bf(xf), wb = to_bf(wf);
+    auto xb = to_h<T>(xf), wb = to_h<T>(wf);
 
     std::vector<double> want(m * cout);
     for (int b = 0; b < batch; ++b)
@@ -106,13 +126,13 @@ static void test_conv(int batch, int height, int width, int cin, int cout, bool 
         p.cout = cout;
         p.upsample = up;
         if (version == 1)
-            emu_launch(conv3x3_direct, EmuDim3{3, 1, 1}, 64, p);
+            emu_launch((std::is_same_v<T, __half> ? conv3x3_direct_f16 : conv3x3_direct_bf16), EmuDim3{3, 1, 1}, 64, p);
         else
-            emu_launch(conv3x3_tc,
+            emu_launch((std::is_same_v<T, __half> ? conv3x3_tc_f16 : conv3x3_tc_bf16),
                        EmuDim3{(unsigned)((m + TC_BM - 1) / TC_BM), (unsigned)((cout + TC_BN - 1) / TC_BN), 1},
                        256, p);
         char name[160];
-        std::snprintf(name, sizeof name, "conv3x3 v%d B%d %dx%d %d->%d%s%s", version, batch, height,
+        std::snprintf(name, sizeof name, "conv3x3 %s v%d B%d %dx%d %d->%d%s%s", tname<T>(), version, batch, height,
                       width, cin, cout, up ? " upsample" : "",
                       res == NONE ? "" : res == SEPARATE ? " +res" : " +res in place");
         check(name, y, want, 1e-5);
@@ -120,20 +140,21 @@ static void test_conv(int batch, int height, int width, int cin, int cout, bool 
 }
 
 // ---- GroupNorm --------------------------------------------------------------------------------
+template <typename T>
 static void test_gn(int batch, int hw, int c, bool silu, float offset) {
     auto x = rand_f32((size_t)batch * hw * c, -1, 1);
     for (size_t i = 0; i < x.size(); ++i) x[i] = x[i] * (1.f + (float)(i % c) / c) + offset;
     auto gamma = rand_f32(c, 0.5f, 1.5f), beta = rand_f32(c, -0.5f, 0.5f);
     const int chunk = 64, nchunk = (hw + chunk - 1) / chunk;
     std::vector<float> part((size_t)batch * nchunk * c * 2, NAN), ss((size_t)batch * c * 2, NAN);
-    std::vector<__nv_bfloat16> y((size_t)batch * hw * c, __float2bfloat16(NAN));
+    std::vector<T> y((size_t)batch * hw * c, f2h<T>(NAN));
     GnPartialParams pp{P(x.data()), P(part.data()), batch, hw, c, chunk, nchunk};
     emu_launch(gn_partial, EmuDim3{(unsigned)nchunk, (unsigned)batch, 1}, 256, pp);
     GnFinalizeParams fp{P(part.data()), P(gamma.data()), P(beta.data()), P(ss.data()),
                         batch, hw, c, chunk, nchunk, 1e-6f};
     emu_launch(gn_finalize, EmuDim3{32, (unsigned)batch, 1}, 256, fp);
     GnApplyParams ap{P(x.data()), P(ss.data()), P(y.data()), batch, hw, c, silu};
-    emu_launch(gn_apply, EmuDim3{2, 1, 1}, 128, ap);
+    emu_launch((std::is_same_v<T, __half> ? gn_apply_f16 : gn_apply_bf16), EmuDim3{2, 1, 1}, 128, ap);
 
     const int cpg = c / 32;
     std::vector<double> want(x.size());
@@ -159,20 +180,21 @@ static void test_gn(int batch, int hw, int c, bool silu, float offset) {
                 }
         }
     std::vector<float> got(y.size());
-    for (size_t i = 0; i < y.size(); ++i) got[i] = __bfloat162float(y[i]);
+    for (size_t i = 0; i < y.size(); ++i) got[i] = h2f(y[i]);
     char name[160];
-    std::snprintf(name, sizeof name, "group norm B%d hw %d C %d silu %d offset %g", batch, hw, c,
+    std::snprintf(name, sizeof name, "group norm %s B%d hw %d C %d silu %d offset %g", tname<T>(), batch, hw, c,
                   (int)silu, offset);
     check(name, got, want, 4e-3);  // bf16 output rounding
 }
 
 // ---- softmax, gather, pixels, cast -------------------------------------------------------------
+template <typename T>
 static void test_softmax(int rows, int n) {
     auto s = rand_f32((size_t)rows * n, -30, 30);
     const float scale = 0.125f;
-    std::vector<__nv_bfloat16> pr((size_t)rows * n, __float2bfloat16(NAN));
+    std::vector<T> pr((size_t)rows * n, f2h<T>(NAN));
     SoftmaxParams p{P(s.data()), P(pr.data()), rows, n, scale};
-    emu_launch(attn_softmax, EmuDim3{(unsigned)rows, 1, 1}, 256, p);
+    emu_launch((std::is_same_v<T, __half> ? attn_softmax_f16 : attn_softmax_bf16), EmuDim3{(unsigned)rows, 1, 1}, 256, p);
     std::vector<double> want(s.size());
     std::vector<float> got(s.size());
     for (int r = 0; r < rows; ++r) {
@@ -181,20 +203,21 @@ static void test_softmax(int rows, int n) {
         for (int j = 0; j < n; ++j) sum += std::exp(s[(size_t)r * n + j] * scale - mx);
         for (int j = 0; j < n; ++j) {
             want[(size_t)r * n + j] = std::exp(s[(size_t)r * n + j] * scale - mx) / sum;
-            got[(size_t)r * n + j] = __bfloat162float(pr[(size_t)r * n + j]);
+            got[(size_t)r * n + j] = h2f(pr[(size_t)r * n + j]);
         }
     }
-    check("softmax rows " + std::to_string(rows) + " n " + std::to_string(n), got, want, 4e-3);
+    check(std::string("softmax ") + tname<T>() + " rows " + std::to_string(rows) + " n " + std::to_string(n), got, want, 4e-3);
 }
 
+template <typename T>
 static void test_gather(int rows, int e, int v, bool normalize) {
     auto cb = rand_f32((size_t)v * e, -2, 2);
     std::vector<int> tok(rows);
     for (int r = 0; r < rows; ++r) tok[r] = (int)(rng() % v);
     tok[rows - 1] = v;  // out of range -> NaN row
-    std::vector<__nv_bfloat16> z((size_t)rows * e, __float2bfloat16(0.f));
+    std::vector<T> z((size_t)rows * e, f2h<T>(0.f));
     GatherCodesParams p{P(tok.data()), P(cb.data()), P(z.data()), rows, e, v, normalize};
-    emu_launch(gather_codes, EmuDim3{1, 1, 1}, 128, p);
+    emu_launch((std::is_same_v<T, __half> ? gather_codes_f16 : gather_codes_bf16), EmuDim3{1, 1, 1}, 128, p);
     std::vector<float> got;
     std::vector<double> want;
     for (int r = 0; r + 1 < rows; ++r) {
@@ -202,13 +225,13 @@ static void test_gather(int rows, int e, int v, bool normalize) {
         for (int d = 0; d < e; ++d) n += (double)cb[(size_t)tok[r] * e + d] * cb[(size_t)tok[r] * e + d];
         n = normalize ? std::max(std::sqrt(n), 1e-12) : 1.0;
         for (int d = 0; d < e; ++d) {
-            got.push_back(__bfloat162float(z[(size_t)r * e + d]));
+            got.push_back(h2f(z[(size_t)r * e + d]));
             want.push_back(cb[(size_t)tok[r] * e + d] / n);
         }
     }
-    check("gather_codes rows " + std::to_string(rows) + " e " + std::to_string(e), got, want, 4e-3);
+    check(std::string("gather_codes ") + tname<T>() + " rows " + std::to_string(rows) + " e " + std::to_string(e), got, want, 4e-3);
     bool nan_row = true;
-    for (int d = 0; d < e; ++d) nan_row &= std::isnan(__bfloat162float(z[(size_t)(rows - 1) * e + d]));
+    for (int d = 0; d < e; ++d) nan_row &= std::isnan(h2f(z[(size_t)(rows - 1) * e + d]));
     std::printf("%-58s %s\n", "gather_codes out-of-range token -> NaN row", nan_row ? "ok" : "FAIL");
     if (!nan_row) failures++;
 }
@@ -237,6 +260,31 @@ static void test_pixels(int batch, int hw) {
     if (bad) failures++;
 }
 
+template <typename T>
+static void run_all() {
+    // conv3x3: ragged M (72, 75, 289 rows) and Cout (136, 3, 40) tiles, upsample, residuals,
+    // Cin 32/64 (v2) and 8 (v1 only).
+    test_conv<T>(2, 6, 6, 32, 136, false, NONE);
+    test_conv<T>(1, 12, 12, 64, 3, true, SEPARATE);
+    test_conv<T>(3, 5, 5, 32, 32, false, IN_PLACE);
+    test_conv<T>(1, 17, 17, 32, 40, false, SEPARATE);
+    test_conv<T>(1, 8, 16, 64, 130, true, IN_PLACE);
+    test_conv<T>(2, 4, 4, 8, 5, false, NONE);
+    // GroupNorm: channels per group 1, 4, 16; hw below, at and above the 64-pixel chunk;
+    // a large mean offset.
+    test_gn<T>(2, 25, 32, true, 0.f);
+    test_gn<T>(1, 64 * 3 + 5, 128, true, 50.f);
+    test_gn<T>(3, 1, 64, false, 3.f);
+    test_gn<T>(1, 7, 512, false, -2.f);
+    test_gn<T>(1, 300, 256, true, 1000.f);
+    test_softmax<T>(3, 256);
+    test_softmax<T>(2, 25);
+    test_softmax<T>(1, 1);
+    test_softmax<T>(1, 1000);
+    test_gather<T>(37, 8, 100, true);
+    test_gather<T>(5, 3, 10, false);
+}
+
 int main() {
     // Parameter-struct sizes, mirrored by the #[repr(C)] structs of src/cuda/decoder.rs (its
     // unit test `param_structs_match_c` asserts the same numbers).
@@ -245,27 +293,8 @@ int main() {
                 sizeof(Conv3x3Params), sizeof(GnPartialParams), sizeof(GnFinalizeParams),
                 sizeof(GnApplyParams), sizeof(CastParams), sizeof(GatherCodesParams),
                 sizeof(SoftmaxParams), sizeof(PixelsParams));
-    // conv3x3: ragged M (72, 75, 289 rows) and Cout (136, 3, 40) tiles, upsample, residuals,
-    // Cin 32/64 (v2) and 8 (v1 only).
-    test_conv(2, 6, 6, 32, 136, false, NONE);
-    test_conv(1, 12, 12, 64, 3, true, SEPARATE);
-    test_conv(3, 5, 5, 32, 32, false, IN_PLACE);
-    test_conv(1, 17, 17, 32, 40, false, SEPARATE);
-    test_conv(1, 8, 16, 64, 130, true, IN_PLACE);
-    test_conv(2, 4, 4, 8, 5, false, NONE);
-    // GroupNorm: channels per group 1, 4, 16; hw below, at and above the 64-pixel chunk;
-    // a large mean offset.
-    test_gn(2, 25, 32, true, 0.f);
-    test_gn(1, 64 * 3 + 5, 128, true, 50.f);
-    test_gn(3, 1, 64, false, 3.f);
-    test_gn(1, 7, 512, false, -2.f);
-    test_gn(1, 300, 256, true, 1000.f);
-    test_softmax(3, 256);
-    test_softmax(2, 25);
-    test_softmax(1, 1);
-    test_softmax(1, 1000);
-    test_gather(37, 8, 100, true);
-    test_gather(5, 3, 10, false);
+    run_all<__nv_bfloat16>();
+    run_all<__half>();
     test_pixels(2, 50);
     const long phases = g_ldm_phases.load(), conflicted = g_ldm_conflicted.load();
     std::printf("ldmatrix phases %ld, with bank conflicts %ld\n", phases, conflicted);

@@ -7,7 +7,7 @@
 //   - __shfl_xor_sync through a per-warp exchange with warp barriers;
 //   - cp.async as a per-thread queue of 16-byte copies that land only at cp.async.wait_group
 //     (the latest moment the hardware may land them), checking 16-byte alignment;
-//   - ldmatrix.x4 and mma.sync.m16n8k16 (bf16, f32 accumulate) written from the PTX ISA
+//   - ldmatrix.x4 and mma.sync.m16n8k16 (bf16/f16, f32 accumulate) written from the PTX ISA
 //     fragment tables (independently of the kernel), plus a shared-memory bank-conflict count
 //     for every ldmatrix phase.
 // Blocks run one after another; `__shared__` becomes `static`, so shared arrays are shared by
@@ -167,19 +167,25 @@ inline void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, 
     r3 = out[3];
 }
 
-inline float emu_bf16_half(uint32_t reg, int half) {
-    const uint16_t bits = (uint16_t)(half ? reg >> 16 : reg & 0xffff);
-    const uint32_t f = (uint32_t)bits << 16;
+// One 16-bit element (low or high half of a register) as f32.
+inline float emu_elem(__nv_bfloat16*, uint32_t reg, int half) {
+    const uint32_t f = (half ? reg >> 16 : reg & 0xffff) << 16;
     float v;
     std::memcpy(&v, &f, 4);
     return v;
 }
+inline float emu_elem(__half*, uint32_t reg, int half) {
+    __half_raw r;
+    r.x = (unsigned short)(half ? reg >> 16 : reg & 0xffff);
+    return __half2float(__half(r));
+}
 
-// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, fragments per the PTX ISA
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, fragments per the PTX ISA
 // (g = lane / 4, t = lane % 4):
 //   A regs: 0 (row g, k 2t..2t+1), 1 (row g+8, k 2t..), 2 (row g, k 2t+8..), 3 (row g+8, k 2t+8..)
 //   B regs: 0 (k 2t..2t+1, col g), 1 (k 2t+8.., col g)
 //   C/D:    0,1 (row g, cols 2t, 2t+1), 2,3 (row g+8, cols 2t, 2t+1)
+template <typename T>
 inline void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
     const int w = emu_warp(), l = emu_lane();
     uint32_t* s = g_slots[w].u[l];
@@ -188,14 +194,15 @@ inline void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
     s[5] = b[1];
     std::memcpy(&s[6], d, 16);
     emu_warp_sync();
+    T* tag = nullptr;
     auto A = [&](int row, int k) {
         const int lane = (row % 8) * 4 + (k % 8) / 2;
         const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-        return emu_bf16_half(g_slots[w].u[lane][reg], k % 2);
+        return emu_elem(tag, g_slots[w].u[lane][reg], k % 2);
     };
     auto B = [&](int k, int col) {
         const int lane = col * 4 + (k % 8) / 2;
-        return emu_bf16_half(g_slots[w].u[lane][4 + (k >= 8 ? 1 : 0)], k % 2);
+        return emu_elem(tag, g_slots[w].u[lane][4 + (k >= 8 ? 1 : 0)], k % 2);
     };
     auto C = [&](int row, int col) {
         const int lane = (row % 8) * 4 + col / 2;
