@@ -43,12 +43,12 @@ impl Act {
 }
 
 /// Conv2d with bias, kernel 1 (padding 0) or 3 (padding 1), stride 1.
-struct Conv {
-    cin: usize,
-    cout: usize,
-    k: usize,
-    weight: Vec<f32>, // (Cout, Cin*k*k), PyTorch (Cout, Cin, k, k) flattened
-    bias: Vec<f32>,   // (Cout,)
+pub(crate) struct Conv {
+    pub(crate) cin: usize,
+    pub(crate) cout: usize,
+    pub(crate) k: usize,
+    pub(crate) weight: Vec<f32>, // (Cout, Cin*k*k), PyTorch (Cout, Cin, k, k) flattened
+    pub(crate) bias: Vec<f32>,   // (Cout,)
 }
 
 impl Conv {
@@ -100,9 +100,9 @@ impl Conv {
 }
 
 /// GroupNorm(32 groups, eps 1e-6, affine).
-struct GroupNorm {
-    gamma: Vec<f32>, // (C,)
-    beta: Vec<f32>,  // (C,)
+pub(crate) struct GroupNorm {
+    pub(crate) gamma: Vec<f32>, // (C,)
+    pub(crate) beta: Vec<f32>,  // (C,)
 }
 
 impl GroupNorm {
@@ -168,12 +168,12 @@ fn mean_var(xs: &[f32]) -> (f64, f64) {
 
 /// GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3, plus the input (1x1 `nin_shortcut` when the
 /// channel count changes).
-struct ResBlock {
-    norm1: GroupNorm,
-    conv1: Conv,
-    norm2: GroupNorm,
-    conv2: Conv,
-    nin_shortcut: Option<Conv>,
+pub(crate) struct ResBlock {
+    pub(crate) norm1: GroupNorm,
+    pub(crate) conv1: Conv,
+    pub(crate) norm2: GroupNorm,
+    pub(crate) conv2: Conv,
+    pub(crate) nin_shortcut: Option<Conv>,
 }
 
 impl ResBlock {
@@ -192,12 +192,12 @@ impl ResBlock {
 }
 
 /// Single-head spatial self-attention over all H*W positions, plus the input.
-struct AttnBlock {
-    norm: GroupNorm,
-    q: Conv,
-    k: Conv,
-    v: Conv,
-    proj_out: Conv,
+pub(crate) struct AttnBlock {
+    pub(crate) norm: GroupNorm,
+    pub(crate) q: Conv,
+    pub(crate) k: Conv,
+    pub(crate) v: Conv,
+    pub(crate) proj_out: Conv,
 }
 
 impl AttnBlock {
@@ -235,22 +235,22 @@ impl AttnBlock {
 }
 
 /// One resolution level of the upsampling path (`conv_blocks.{i}`).
-struct Level {
-    res: Vec<ResBlock>,
-    attn: Vec<AttnBlock>, // empty, or one per ResBlock
-    upsample: Option<Conv>,
+pub(crate) struct Level {
+    pub(crate) res: Vec<ResBlock>,
+    pub(crate) attn: Vec<AttnBlock>, // empty, or one per ResBlock
+    pub(crate) upsample: Option<Conv>,
 }
 
 /// The VQ codebook plus decoder: code vectors or token maps to images in [-1, 1]-ish.
 pub struct VqDecoder {
-    cfg: DecoderConfig,
-    codebook: Vec<f32>, // (V, e), rows L2-normalized when cfg.normalize
-    post_quant_conv: Conv,
-    conv_in: Conv,
-    mid: (ResBlock, AttnBlock, ResBlock),
-    levels: Vec<Level>,
-    norm_out: GroupNorm,
-    conv_out: Conv,
+    pub(crate) cfg: DecoderConfig,
+    pub(crate) codebook: Vec<f32>, // (V, e), rows L2-normalized when cfg.normalize
+    pub(crate) post_quant_conv: Conv,
+    pub(crate) conv_in: Conv,
+    pub(crate) mid: (ResBlock, AttnBlock, ResBlock),
+    pub(crate) levels: Vec<Level>,
+    pub(crate) norm_out: GroupNorm,
+    pub(crate) conv_out: Conv,
 }
 
 /// Where the builder gets each named tensor: a weight map, or a recorder that only lists

@@ -3,6 +3,7 @@
 //! runs on machines without a GPU; [`Gpu::try_new`] says whether one is usable.
 
 pub mod attention;
+pub mod decoder;
 pub mod device;
 pub mod embed;
 pub mod engine;
