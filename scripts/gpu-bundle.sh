@@ -25,7 +25,7 @@ strip "$out"/bin/* 2>/dev/null || true
 g=../shared/golden
 if [ -d "$g" ]; then
     cp "$g/README.md" "$out/golden/"
-    cp "$g/public/weights_shared.safetensors" "$out/golden/public/"
+    cp "$g/public/weights_shared.safetensors" "$g/public/decode_only.safetensors" "$out/golden/public/"
     for c in A_ratio2 B_ratio4 C_ratio3; do
         mkdir -p "$out/golden/public/$c"
         cp "$g/public/$c/config.json" "$g/public/$c/weights_config.safetensors" \
@@ -63,6 +63,11 @@ for b in 1 16 64; do
     summary+=("$(printf 'bench L-2x b=%-3s %s' "$b" "$(grep -E '^serial steps' "$logs/bench.log" | tail -n 1)")")
 done
 rm -f "$logs/L-2x.safetensors"
+# Decoder benchmark (issue target on H200 at batch 64: >= 3 x 435 images/s).
+for prec in fp16 bf16; do
+    "$here/bin/checkergen" bench-decode --batch 64 --precision "$prec" >> "$logs/bench.log" 2>&1
+    summary+=("$(printf 'bench-decode %-4s %s' "$prec" "$(grep -E 'images/s' "$logs/bench.log" | tail -n 1)")")
+done
 echo "== $(cat "$logs/gpu.txt")"
 for k in "$logs"/*.key.txt; do echo "-- $(basename "$k" .key.txt)"; tail -n 12 "$k"; done
 echo "== summary"

@@ -4,7 +4,6 @@
 use crate::DtypeArg;
 use anyhow::{Context, Result, bail};
 use checkergen::config::{self, ModelConfig};
-use checkergen::cpu::decoder::to_pixels_u8;
 use checkergen::image::write_rgb_png;
 use checkergen::init::{FloatDtype, random_tensors, write_model};
 use checkergen::model::Model;
@@ -162,7 +161,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
 
     // Images: one PNG each and a grid.
     let side = out.image_size;
-    let px = to_pixels_u8(&out.images);
+    let px = &out.pixels;
     let b = labels.len();
     let plane = side * side;
     let rgb_of = |i: usize| -> Vec<u8> {
@@ -357,5 +356,129 @@ pub fn inspect(path: &Path) -> Result<()> {
         cfg.steps_per_scale,
         sched.total_steps()
     );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct BenchDecodeArgs {
+    /// Model file whose decoder to time; without it, random weights of --preset.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Preset for random decoder weights when no --model is given.
+    #[arg(long, default_value = "L-2x")]
+    preset: String,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Timed decodes (median reported).
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// 16-bit storage of the decoder's activations and weights.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp16)]
+    precision: PrecisionArg,
+    /// 3x3 convolution kernel: tensor-core implicit GEMM (v2) or direct (v1 reference).
+    #[arg(long, value_enum, default_value_t = ConvArg::Tc)]
+    conv: ConvArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PrecisionArg {
+    Fp16,
+    Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ConvArg {
+    Tc,
+    Direct,
+}
+
+/// Dense 16-bit tensor-core peak of known devices (TFLOP/s), for "% of peak".
+fn tensor_peak_tflops(name: &str) -> Option<f64> {
+    if name.contains("H100") || name.contains("H200") {
+        Some(989.4)
+    } else if name.contains("A100") {
+        Some(312.0)
+    } else {
+        None
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn bench_decode(_a: BenchDecodeArgs) -> Result<()> {
+    bail!("bench-decode needs the `cuda` feature")
+}
+
+#[cfg(feature = "cuda")]
+pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
+    use checkergen::cpu::decoder::VqDecoder;
+    use checkergen::cuda::decoder::{ConvKernel, GpuDecoder, Precision, bench_decode};
+    if a.batch == 0 || a.iters == 0 {
+        bail!("--batch and --iters must be at least 1");
+    }
+    let Some(gpu) = checkergen::cuda::Gpu::try_new()? else {
+        bail!("bench-decode: no CUDA driver or GPU found on this machine");
+    };
+    let (cfg, dec) = match &a.model {
+        Some(p) => {
+            let m = Model::load(p)?;
+            (m.config.clone(), m.decoder)
+        }
+        None => {
+            let cfg = config::preset(&a.preset)?;
+            let map =
+                checkergen::init::random_tensors_where(&cfg, 0, |n| n.starts_with("autoenc."))?;
+            let dec = VqDecoder::from_tensors(&cfg.decoder, &map)?;
+            (cfg, dec)
+        }
+    };
+    let precision = match a.precision {
+        PrecisionArg::Fp16 => Precision::F16,
+        PrecisionArg::Bf16 => Precision::Bf16,
+    };
+    let (free0, _) = gpu.ctx.mem_get_info()?;
+    let mut gdec = GpuDecoder::with_precision(&gpu, &dec, precision)?;
+    gdec.set_conv_kernel(match a.conv {
+        ConvArg::Tc => ConvKernel::TensorCore,
+        ConvArg::Direct => ConvKernel::Direct,
+    });
+    let s = cfg.latent_size();
+    let r = bench_decode(&gpu, &gdec, a.batch, s, a.warmup, a.iters)?;
+    let (free1, _) = gpu.ctx.mem_get_info()?;
+    let used_gb = free0.saturating_sub(free1) as f64 / 1e9;
+    let peak = tensor_peak_tflops(&gpu.name);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "device": gpu.name, "precision": format!("{:?}", r.precision),
+                "conv": format!("{:?}", r.conv_kernel), "batch": r.batch, "side": r.side,
+                "ms_median": r.ms_median, "ms_min": r.ms_min, "images_per_s": r.images_per_s,
+                "tflops": r.tflops, "percent_of_peak": peak.map(|p| 100.0 * r.tflops / p),
+                "device_memory_gb": used_gb,
+            })
+        );
+    } else {
+        println!(
+            "{} | {:?} {:?} | batch {} at {} px | {:.2} ms/batch (min {:.2}) | {:.0} images/s | \
+             {:.1} TFLOP/s{} | {:.2} GB device memory (weights + workspace)",
+            gpu.name,
+            r.precision,
+            r.conv_kernel,
+            r.batch,
+            r.side,
+            r.ms_median,
+            r.ms_min,
+            r.images_per_s,
+            r.tflops,
+            peak.map(|p| format!(" ({:.1} % of {p} peak)", 100.0 * r.tflops / p))
+                .unwrap_or_default(),
+            used_gb
+        );
+    }
     Ok(())
 }

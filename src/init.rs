@@ -104,8 +104,17 @@ fn init_tensor(cfg: &ModelConfig, seed: u64, name: &str, shape: &[usize]) -> Vec
 
 /// Random weights of `cfg` as a tensor map.
 pub fn random_tensors(cfg: &ModelConfig, seed: u64) -> Result<TensorMap> {
+    random_tensors_where(cfg, seed, |_| true)
+}
+
+/// Random weights of the tensors of `cfg` whose name passes `keep` (e.g. the decoder only).
+pub fn random_tensors_where(
+    cfg: &ModelConfig,
+    seed: u64,
+    keep: impl Fn(&str) -> bool,
+) -> Result<TensorMap> {
     let mut map = TensorMap::new();
-    for (name, shape) in expected_tensors(cfg)? {
+    for (name, shape) in expected_tensors(cfg)?.into_iter().filter(|(n, _)| keep(n)) {
         let data = init_tensor(cfg, seed, &name, &shape);
         map.insert(name, Tensor::new(shape, data));
     }

@@ -94,6 +94,8 @@ enum Cmd {
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
     },
+    /// Benchmark the GPU VQ decoder: images/s, ms per batch, TFLOP/s, % of peak, memory.
+    BenchDecode(commands::BenchDecodeArgs),
     /// Print a model file's configuration, parameter counts and schedule.
     Inspect {
         /// A model file from `checkergen convert` or `checkergen init`.
@@ -187,6 +189,7 @@ fn run(cli: Cli) -> Result<()> {
             output,
         } => commands::init(&preset, seed, dtype, &output),
         Cmd::Inspect { model } => commands::inspect(&model),
+        Cmd::BenchDecode(args) => commands::bench_decode(args),
         Cmd::Convert {
             checkpoint,
             config,

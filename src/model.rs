@@ -22,8 +22,11 @@ pub struct Model {
 /// Tokens and decoded images of one sampling call.
 pub struct Samples {
     pub tokens: TokenOutput,
-    /// (B, 3, H, W) decoder output in about [-1, 1].
-    pub images: Vec<f32>,
+    /// (B, 3, H, W) 8-bit pixels.
+    pub pixels: Vec<u8>,
+    /// (B, 3, H, W) raw decoder output in about [-1, 1] (CPU path only; the GPU path copies
+    /// back only 8-bit pixels).
+    pub images: Option<Vec<f32>>,
     /// Image side H = W.
     pub image_size: usize,
     pub decode_ms: f64,
@@ -85,13 +88,30 @@ impl Model {
             self.weights.n_tokens,
             opts,
         )?;
-        self.decode_samples(tokens, opts.labels.len())
+        // Decode on the device from the grid still there: only the conditional rows exist in
+        // the grid (both guidance halves share tokens), and only 8-bit pixels come back.
+        let t = Instant::now();
+        let s = *self.scale_sizes.last().unwrap();
+        let grid = backend
+            .last_grid
+            .take()
+            .expect("finish() keeps the last grid");
+        let pixels = gm
+            .decoder
+            .decode_device_u8(&gm.gpu, &grid, opts.labels.len(), s)?;
+        Ok(Samples {
+            tokens,
+            pixels,
+            images: None,
+            image_size: s * self.config.decoder.stride(),
+            decode_ms: t.elapsed().as_secs_f64() * 1e3,
+        })
     }
 
     /// Upload this model's transformer to a GPU.
     #[cfg(feature = "cuda")]
     pub fn to_gpu(&self, gpu: crate::cuda::Gpu) -> Result<crate::cuda::engine::GpuModel> {
-        crate::cuda::engine::GpuModel::new(gpu, &self.config, &self.weights)
+        crate::cuda::engine::GpuModel::new(gpu, &self.config, &self.weights, &self.decoder)
     }
 
     fn decode_samples(&self, tokens: TokenOutput, batch: usize) -> Result<Samples> {
@@ -101,7 +121,8 @@ impl Model {
         let images = self.decoder.decode_tokens(last, batch, s);
         Ok(Samples {
             tokens,
-            images,
+            pixels: crate::cpu::decoder::to_pixels_u8(&images),
+            images: Some(images),
             image_size: s * self.config.decoder.stride(),
             decode_ms: t.elapsed().as_secs_f64() * 1e3,
         })

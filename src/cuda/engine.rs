@@ -54,6 +54,8 @@ struct GpuLayer {
 pub struct GpuModel {
     pub gpu: Gpu,
     pub cfg: ModelConfig,
+    /// The VQ decoder on the device.
+    pub decoder: super::decoder::GpuDecoder,
     layers: Vec<GpuLayer>,
     final_norm: CudaSlice<f32>,
     head: CudaSlice<bf16>,   // (V, C)
@@ -76,7 +78,13 @@ pub struct GpuModel {
 
 impl GpuModel {
     /// Upload and fold the transformer weights.
-    pub fn new(gpu: Gpu, cfg: &ModelConfig, w: &TransformerWeights) -> Result<GpuModel> {
+    pub fn new(
+        gpu: Gpu,
+        cfg: &ModelConfig,
+        w: &TransformerWeights,
+        dec: &crate::cpu::decoder::VqDecoder,
+    ) -> Result<GpuModel> {
+        let decoder = super::decoder::GpuDecoder::new(&gpu, dec)?;
         let c = cfg.hidden_size;
         let e = cfg.code_dim();
         let v = cfg.codebook_size();
@@ -171,6 +179,7 @@ impl GpuModel {
             class_emb: w.class_embeddings.clone(),
             n_tokens: n,
             cfg: cfg.clone(),
+            decoder,
             gpu,
         })
     }
@@ -205,6 +214,8 @@ struct Batch {
 pub struct GpuBackend<'m> {
     m: &'m GpuModel,
     batch: Option<Batch>,
+    /// The last scale's grid (B, S*S) i32, kept on the device by `finish` for the decoder.
+    pub last_grid: Option<CudaSlice<i32>>,
     /// Per step index arrays, uploaded in `begin`.
     steps: Vec<StepIndex>,
     guided: bool,
@@ -215,6 +226,7 @@ impl<'m> GpuBackend<'m> {
         GpuBackend {
             m,
             batch: None,
+            last_grid: None,
             steps: Vec::new(),
             guided: false,
         }
@@ -509,12 +521,13 @@ impl StepBackend for GpuBackend<'_> {
 
     fn finish(&mut self, schedule: &Schedule) -> Result<Vec<Vec<u32>>> {
         let g = &self.m.gpu;
-        let bt = self.batch.take().expect("begin() not called");
+        let mut bt = self.batch.take().expect("begin() not called");
         let mut out = Vec::new();
         for (k, _) in schedule.scales.iter().enumerate() {
             let grid = g.download(&bt.grids[k])?;
             out.push(grid.into_iter().map(|t| t as u32).collect());
         }
+        self.last_grid = bt.grids.pop();
         Ok(out)
     }
 }
