@@ -22,6 +22,8 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" "$out/bin/$name"; done
 strip "$out"/bin/* 2>/dev/null || true
+# Every executable embeds all kernel images (cubins + PTX); gzip keeps the bundle small.
+gzip -9 "$out"/bin/*
 g=../shared/golden
 if [ -d "$g" ]; then
     cp "$g/README.md" "$out/golden/"
@@ -41,10 +43,14 @@ cat > "$out/run.sh" <<'RUN'
 here=$(cd "$(dirname "$0")" && pwd)
 logs=${1:-logs}
 mkdir -p "$logs"
+bin=$(mktemp -d)
+for z in "$here"/bin/*.gz; do
+    gunzip -c "$z" > "$bin/$(basename "$z" .gz)" && chmod +x "$bin/$(basename "$z" .gz)"
+done
 export CHECKERGEN_GOLDEN="$here/golden"
 summary=()
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$logs/gpu.txt" 2>&1
-for t in "$here"/bin/gpu_*; do
+for t in "$bin"/gpu_*; do
     name=$(basename "$t")
     start=$SECONDS
     "$t" --nocapture --test-threads=1 > "$logs/$name.log" 2>&1
@@ -56,16 +62,16 @@ for t in "$here"/bin/gpu_*; do
     grep -E 'rel|agreement|chi2|SKIPPED' "$logs/$name.log" | tail -n 40 > "$logs/$name.key.txt"
 done
 # Benchmark: random L-2x weights, batch 1, 16 and 64, cfg 1.5, 4 steps per scale.
-"$here/bin/checkergen" init --preset L-2x -o "$logs/L-2x.safetensors" > "$logs/bench.log" 2>&1
+"$bin/checkergen" init --preset L-2x -o "$logs/L-2x.safetensors" > "$logs/bench.log" 2>&1
 for b in 1 16 64; do
-    "$here/bin/checkergen" sample --model "$logs/L-2x.safetensors" --num-samples "$b" --cfg 1.5 \
+    "$bin/checkergen" sample --model "$logs/L-2x.safetensors" --num-samples "$b" --cfg 1.5 \
         --device cuda --timings --out "$logs/bench-b$b" >> "$logs/bench.log" 2>&1
     summary+=("$(printf 'bench L-2x b=%-3s %s' "$b" "$(grep -E '^serial steps' "$logs/bench.log" | tail -n 1)")")
 done
 rm -f "$logs/L-2x.safetensors"
 # Decoder benchmark (issue target on H200 at batch 64: >= 3 x 435 images/s).
 for prec in fp16 bf16; do
-    "$here/bin/checkergen" bench-decode --batch 64 --precision "$prec" >> "$logs/bench.log" 2>&1
+    "$bin/checkergen" bench-decode --batch 64 --precision "$prec" >> "$logs/bench.log" 2>&1
     summary+=("$(printf 'bench-decode %-4s %s' "$prec" "$(grep -E 'images/s' "$logs/bench.log" | tail -n 1)")")
 done
 echo "== $(cat "$logs/gpu.txt")"
