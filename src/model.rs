@@ -92,13 +92,7 @@ impl Model {
         // the grid (both guidance halves share tokens), and only 8-bit pixels come back.
         let t = Instant::now();
         let s = *self.scale_sizes.last().unwrap();
-        let grid = backend
-            .last_grid
-            .take()
-            .expect("finish() keeps the last grid");
-        let pixels = gm
-            .decoder
-            .decode_device_u8(&gm.gpu, &grid, opts.labels.len(), s)?;
+        let pixels = backend.decode_pixels()?;
         Ok(Samples {
             tokens,
             pixels,

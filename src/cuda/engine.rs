@@ -74,6 +74,16 @@ pub struct GpuModel {
     /// Host copy of the class embeddings (num_classes+1, C), for prefill and AdaLN inputs.
     class_emb: Vec<f32>,
     n_tokens: usize,
+    /// The buffers of the last batch shape, reused by the next batch of the same shape.
+    cache: std::sync::Mutex<Option<(BatchKey, Batch, Vec<StepIndex>)>>,
+}
+
+/// What a batch's buffers depend on: images, guidance, and the schedule's shape.
+#[derive(Clone, PartialEq, Eq)]
+struct BatchKey {
+    b: usize,
+    guided: bool,
+    scales: Vec<(usize, usize)>,
 }
 
 impl GpuModel {
@@ -180,6 +190,7 @@ impl GpuModel {
             n_tokens: n,
             cfg: cfg.clone(),
             decoder,
+            cache: std::sync::Mutex::new(None),
             gpu,
         })
     }
@@ -214,19 +225,41 @@ struct Batch {
 pub struct GpuBackend<'m> {
     m: &'m GpuModel,
     batch: Option<Batch>,
-    /// The last scale's grid (B, S*S) i32, kept on the device by `finish` for the decoder.
-    pub last_grid: Option<CudaSlice<i32>>,
+    key: Option<BatchKey>,
     /// Per step index arrays, uploaded in `begin`.
     steps: Vec<StepIndex>,
     guided: bool,
 }
 
+impl Drop for GpuBackend<'_> {
+    /// Hand the batch's buffers back to the model for the next batch of the same shape.
+    fn drop(&mut self) {
+        if let (Some(key), Some(bt)) = (self.key.take(), self.batch.take())
+            && let Ok(mut c) = self.m.cache.lock()
+        {
+            *c = Some((key, bt, std::mem::take(&mut self.steps)));
+        }
+    }
+}
+
 impl<'m> GpuBackend<'m> {
+    /// Decode the last scale's grid on the device (conditional rows only; both guidance
+    /// halves share tokens) and copy back 8-bit pixels (B, 3, H, W). After `finish`.
+    pub fn decode_pixels(&self) -> Result<Vec<u8>> {
+        let bt = self
+            .batch
+            .as_ref()
+            .context("decode_pixels before a batch ran")?;
+        let s = self.m.cfg.latent_size();
+        let grid = bt.grids.last().context("no scales")?;
+        self.m.decoder.decode_device_u8(&self.m.gpu, grid, bt.b, s)
+    }
+
     pub fn new(m: &'m GpuModel) -> Self {
         GpuBackend {
             m,
             batch: None,
-            last_grid: None,
+            key: None,
             steps: Vec::new(),
             guided: false,
         }
@@ -317,8 +350,9 @@ impl GpuModel {
     }
 }
 
-impl StepBackend for GpuBackend<'_> {
-    fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()> {
+impl GpuBackend<'_> {
+    /// Allocate every buffer of a batch of `b` images (`rows` sequence rows).
+    fn allocate(&self, schedule: &Schedule, b: usize, rows: usize) -> Result<Batch> {
         let m = self.m;
         let g = &m.gpu;
         let cfg = &m.cfg;
@@ -328,18 +362,12 @@ impl StepBackend for GpuBackend<'_> {
             cfg.codebook_size(),
             cfg.code_dim(),
         );
-        let b = labels.len();
-        let rows = if guided { 2 * b } else { b };
         let nmax = schedule.max_block();
         let cap = 1 + schedule.total_tokens();
         let maxcells = schedule.scales.iter().map(|s| s.tokens).max().unwrap_or(1);
-        let mut classes = labels.to_vec();
-        if guided {
-            classes.extend(std::iter::repeat_n(cfg.num_classes, b));
-        }
         let ctx = || format!("allocating GPU buffers for {rows} rows");
         let kv = rows * cap * c;
-        let mut bt = Batch {
+        let bt = Batch {
             b,
             rows,
             cap,
@@ -358,7 +386,9 @@ impl StepBackend for GpuBackend<'_> {
             vc: (0..cfg.num_layers)
                 .map(|_| g.zeros(kv))
                 .collect::<Result<_>>()?,
-            modulation: Vec::new(),
+            modulation: (0..cfg.num_layers)
+                .map(|_| g.zeros(rows * 4 * c))
+                .collect::<Result<_>>()?,
             grids: schedule
                 .scales
                 .iter()
@@ -370,7 +400,12 @@ impl StepBackend for GpuBackend<'_> {
             src: g.zeros(b * maxcells * c)?,
             tokens: g.zeros(b * nmax)?,
         };
-        // Step index tables, uploaded once.
+        Ok(bt)
+    }
+
+    /// Upload the per-step index arrays of a schedule.
+    fn upload_steps(&mut self, schedule: &Schedule) -> Result<()> {
+        let g = &self.m.gpu;
         self.steps.clear();
         let n_total = schedule.total_tokens() as i32;
         for st in &schedule.steps {
@@ -395,6 +430,41 @@ impl StepBackend for GpuBackend<'_> {
                 n: st.positions.len(),
             });
         }
+        Ok(())
+    }
+}
+
+impl StepBackend for GpuBackend<'_> {
+    fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()> {
+        let m = self.m;
+        let g = &m.gpu;
+        let cfg = &m.cfg;
+        let c = cfg.hidden_size;
+        let b = labels.len();
+        let rows = if guided { 2 * b } else { b };
+        let mut classes = labels.to_vec();
+        if guided {
+            classes.extend(std::iter::repeat_n(cfg.num_classes, b));
+        }
+        let key = BatchKey {
+            b,
+            guided,
+            scales: schedule.scales.iter().map(|s| (s.size, s.steps)).collect(),
+        };
+        let cached = m.cache.lock().ok().and_then(|mut c| c.take());
+        let mut bt = match cached {
+            Some((k, mut bt, steps)) if k == key => {
+                bt.len = 0;
+                bt.forced.iter_mut().for_each(|f| *f = None);
+                self.steps = steps;
+                bt
+            }
+            _ => {
+                let bt = self.allocate(schedule, b, rows)?;
+                self.upload_steps(schedule)?;
+                bt
+            }
+        };
         // AdaLN modulations: silu(class_emb[cls]) @ [W_in; W_post]^T + b, (rows, 4C) per layer.
         let mut act = Vec::with_capacity(rows * c);
         let mut x0 = Vec::with_capacity(rows * c);
@@ -404,11 +474,9 @@ impl StepBackend for GpuBackend<'_> {
             x0.extend_from_slice(row);
         }
         let act = g.upload(&to_bf16(&act))?;
-        for lw in &m.layers {
-            let mut md = g.zeros::<f32>(rows * 4 * c)?;
-            linear(g, &act, 0, &lw.mod_w, &mut md, 0, rows, c, 4 * c, 0.0)?;
-            add_bias_f32(g, &mut md, &lw.mod_b, rows, 4 * c)?;
-            bt.modulation.push(md);
+        for (lw, md) in m.layers.iter().zip(bt.modulation.iter_mut()) {
+            linear(g, &act, 0, &lw.mod_w, md, 0, rows, c, 4 * c, 0.0)?;
+            add_bias_f32(g, md, &lw.mod_b, rows, 4 * c)?;
         }
         // Class token: input class_embeddings[label], RoPE row N for both positions.
         g.stream
@@ -417,6 +485,7 @@ impl StepBackend for GpuBackend<'_> {
         m.forward(&mut bt, 1, &class_rope, &class_rope)?;
         g.sync()?;
         self.batch = Some(bt);
+        self.key = Some(key);
         self.guided = guided;
         Ok(())
     }
@@ -521,13 +590,12 @@ impl StepBackend for GpuBackend<'_> {
 
     fn finish(&mut self, schedule: &Schedule) -> Result<Vec<Vec<u32>>> {
         let g = &self.m.gpu;
-        let mut bt = self.batch.take().expect("begin() not called");
+        let bt = self.batch.as_ref().expect("begin() not called");
         let mut out = Vec::new();
         for (k, _) in schedule.scales.iter().enumerate() {
             let grid = g.download(&bt.grids[k])?;
             out.push(grid.into_iter().map(|t| t as u32).collect());
         }
-        self.last_grid = bt.grids.pop();
         Ok(out)
     }
 }
