@@ -640,15 +640,7 @@ fn gather_codes_and_pixels_match_cpu() {
 
 /// The decoder of golden/autoencoder_small.yaml.
 fn small_config() -> DecoderConfig {
-    DecoderConfig {
-        ch: 32,
-        ch_mult: vec![1, 1, 2, 2, 4],
-        num_res_blocks: 2,
-        z_channels: 64,
-        embed_dim: 8,
-        n_embed: 256,
-        normalize: true,
-    }
+    common::golden_decoder_config()
 }
 
 /// 8-bit agreement: (fraction equal, fraction within 2, max |diff|).
