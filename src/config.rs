@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 /// Metadata key under which a model file stores its [`ModelConfig`] as JSON.
 pub const CONFIG_METADATA_KEY: &str = "checkergen_config";
+/// Value of the `format` metadata entry of a model file.
+pub const FORMAT: &str = "checkergen-v1";
 
 /// VQ decoder hyperparameters (LlamaGen VQ-16 layout; SPEC.md section 7).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -127,7 +129,7 @@ impl ModelConfig {
 pub const PRESETS: [&str; 4] = ["tiny", "S-2x", "L-2x", "L-4x"];
 
 /// The released LlamaGen-VQ-16-layout autoencoder (embed_dim 8, 4096 codes, default ddconfig).
-fn released_decoder() -> DecoderConfig {
+pub fn released_decoder() -> DecoderConfig {
     DecoderConfig {
         ch: 128,
         ch_mult: vec![1, 1, 2, 2, 4],

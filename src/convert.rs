@@ -27,8 +27,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-/// Value of the `format` metadata entry of a converted model file.
-pub const FORMAT: &str = "checkergen-v1";
+pub use crate::config::FORMAT;
 
 /// State-dict name of the codebook (with the `UnitNorm` parametrization, `normalize: true`).
 pub const CODEBOOK_KEY: &str = crate::weights::CODEBOOK;

@@ -131,7 +131,7 @@ pub fn write_model(
 ) -> Result<()> {
     let mut meta = HashMap::new();
     meta.insert(CONFIG_METADATA_KEY.to_string(), serde_json::to_string(cfg)?);
-    meta.insert("format".to_string(), "checkergen-v1".to_string());
+    meta.insert("format".to_string(), crate::config::FORMAT.to_string());
     for (k, v) in extra_meta {
         meta.insert(k.to_string(), v.clone());
     }

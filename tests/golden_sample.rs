@@ -71,15 +71,7 @@ fn greedy_cases_match_reference() {
             let st = SafeTensors::deserialize(&bytes).unwrap();
             let cm = &meta["cases"][case.name]["case"];
             let labels: Vec<usize> = ints(&st, "labels").iter().map(|&l| l as usize).collect();
-            let golden_tokens: Vec<Vec<u32>> = sizes
-                .iter()
-                .map(|s| {
-                    ints(&st, &format!("tokens_s{s}"))
-                        .iter()
-                        .map(|&t| t as u32)
-                        .collect()
-                })
-                .collect();
+            let golden_tokens = common::token_pyramid(&st, &sizes, "tokens_s");
             let mut opts = SampleOptions::new(labels.clone());
             opts.cfg = cm["cfg"].as_f64().unwrap() as f32;
             opts.cfg_start_step = cm["cfg_start_step"].as_u64().unwrap() as usize;
@@ -162,15 +154,7 @@ fn teacher_forced_forward_matches_reference() {
         let bytes = std::fs::read(dir.join("teacher_forced.safetensors")).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let labels: Vec<usize> = ints(&st, "labels").iter().map(|&l| l as usize).collect();
-        let q: Vec<Vec<u32>> = sizes
-            .iter()
-            .map(|s| {
-                ints(&st, &format!("q_inds_s{s}"))
-                    .iter()
-                    .map(|&t| t as u32)
-                    .collect()
-            })
-            .collect();
+        let q = common::token_pyramid(&st, &sizes, "q_inds_s");
         let mut opts = SampleOptions::new(labels);
         opts.cfg = 0.0;
         opts.steps = Steps::Uniform(4);

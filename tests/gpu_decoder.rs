@@ -742,13 +742,8 @@ fn released_shape_decoder_matches_cpu() {
         return;
     };
     let cfg = DecoderConfig {
-        ch: 128,
-        ch_mult: vec![1, 1, 2, 2, 4],
-        num_res_blocks: 2,
-        z_channels: 256,
-        embed_dim: 8,
         n_embed: 1024,
-        normalize: true,
+        ..checkergen::config::released_decoder()
     };
     let cpu_dec = VqDecoder::from_tensors(&cfg, &random_weights(&cfg)).unwrap();
     let dec = GpuDecoder::new(&gpu, &cpu_dec).unwrap();

@@ -103,20 +103,7 @@ fn golden_greedy_cases_on_gpu() {
             }
             // Teacher-forced logits against the golden per-step logits.
             let mut forced = opts.clone();
-            forced.forced_tokens = Some(
-                model
-                    .scale_sizes
-                    .iter()
-                    .map(|s| {
-                        load_i64(&st, &format!("tokens_s{s}"))
-                            .unwrap()
-                            .1
-                            .iter()
-                            .map(|&t| t as u32)
-                            .collect()
-                    })
-                    .collect(),
-            );
+            forced.forced_tokens = Some(common::token_pyramid(&st, &model.scale_sizes, "tokens_s"));
             forced.record_logits = true;
             let tf = model.sample_gpu(&gm, &forced).unwrap();
             let mut case_worst = 0.0f64;

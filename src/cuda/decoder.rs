@@ -1522,13 +1522,8 @@ mod tests {
     #[test]
     fn released_decoder_flops() {
         let cfg = DecoderConfig {
-            ch: 128,
-            ch_mult: vec![1, 1, 2, 2, 4],
-            num_res_blocks: 2,
-            z_channels: 256,
-            embed_dim: 8,
             n_embed: 16384,
-            normalize: true,
+            ..crate::config::released_decoder()
         };
         let st = decoder_flops(&cfg, 16);
         let total: f64 = st.iter().map(|s| s.total()).sum();

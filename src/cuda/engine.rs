@@ -267,8 +267,7 @@ impl<'m> GpuBackend<'m> {
 }
 
 impl GpuModel {
-    /// Run `n` tokens per row (inputs already in `bt.x`) through every layer and the final
-    /// norm, appending K/V at `bt.len`. `cur`/`prev` are the tokens' RoPE rows.
+    /// Run `n` tokens per row (inputs already in `bt.x`) through every layer, appending K/V at `bt.len`. `cur`/`prev` are the tokens' RoPE rows.
     fn forward(
         &self,
         bt: &mut Batch,
@@ -346,7 +345,7 @@ impl GpuModel {
             linear(g, &bt.h, 0, &lw.w2, &mut bt.x, 0, t, f, c, 1.0)?;
         }
         bt.len += n;
-        rmsnorm_adaln(g, &bt.x, &self.final_norm, None, &mut bt.a, t, n, c, eps)
+        Ok(())
     }
 }
 
@@ -551,6 +550,8 @@ impl StepBackend for GpuBackend<'_> {
         )?;
         m.forward(bt, n, &idx.cur_global, &idx.prev_rope)?;
         let t = bt.rows * n;
+        let eps = m.cfg.rms_norm_eps as f32;
+        rmsnorm_adaln(g, &bt.x, &m.final_norm, None, &mut bt.a, t, n, c, eps)?;
         linear(g, &bt.a, 0, &m.head, &mut bt.logits, 0, t, c, v, 0.0)?;
         add_bias_f32(g, &mut bt.logits, &m.head_b, t, v)?;
         let sample = sampling::SampleStep {

@@ -132,3 +132,22 @@ pub fn gpu_or_skip(test: &str) -> Option<checkergen::cuda::Gpu> {
         Err(e) => panic!("{test}: a GPU is present but unusable: {e:#}"),
     }
 }
+
+/// Per scale, the (B, s, s) token ids stored as `{prefix}{s}` (e.g. `tokens_s16`).
+pub fn token_pyramid(
+    st: &safetensors::SafeTensors,
+    sizes: &[usize],
+    prefix: &str,
+) -> Vec<Vec<u32>> {
+    sizes
+        .iter()
+        .map(|s| {
+            checkergen::tensor::load_i64(st, &format!("{prefix}{s}"))
+                .unwrap()
+                .1
+                .iter()
+                .map(|&t| t as u32)
+                .collect()
+        })
+        .collect()
+}
