@@ -3,10 +3,10 @@
 
 use crate::DtypeArg;
 use anyhow::{Context, Result, bail};
-use checkergen::config::{self, ModelConfig};
-use checkergen::image::write_rgb_png;
-use checkergen::init::{FloatDtype, random_tensors, write_model};
+use checkergen::io::image::write_rgb_png;
 use checkergen::model::Model;
+use checkergen::model::config::{self, ModelConfig};
+use checkergen::model::init::{FloatDtype, random_tensors, write_model};
 use checkergen::order::Schedule;
 use checkergen::sampler::{SampleOptions, Steps};
 use checkergen::sampling::TokenPolicy;
@@ -204,7 +204,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
                 )
             })
             .collect();
-        checkergen::tensor::write_safetensors(
+        checkergen::model::file::write_safetensors(
             &a.out.join("tokens.safetensors"),
             &entries,
             Default::default(),
@@ -430,8 +430,9 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         }
         None => {
             let cfg = config::preset(&a.preset)?;
-            let map =
-                checkergen::init::random_tensors_where(&cfg, 0, |n| n.starts_with("autoenc."))?;
+            let map = checkergen::model::init::random_tensors_where(&cfg, 0, |n| {
+                n.starts_with("autoenc.")
+            })?;
             let dec = VqDecoder::from_tensors(&cfg.decoder, &map)?;
             (cfg, dec)
         }

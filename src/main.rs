@@ -199,18 +199,19 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
             output,
         } => {
-            let summary = checkergen::convert::convert(&checkergen::convert::ConvertOptions {
-                checkpoint,
-                config_yaml: config,
-                autoenc_yaml: autoenc_config,
-                autoenc_checkpoint,
-                ema,
-                dtype: match dtype {
-                    DtypeArg::F32 => checkergen::convert::OutputDtype::F32,
-                    DtypeArg::Bf16 => checkergen::convert::OutputDtype::Bf16,
-                },
-                output,
-            })?;
+            let summary =
+                checkergen::io::convert::convert(&checkergen::io::convert::ConvertOptions {
+                    checkpoint,
+                    config_yaml: config,
+                    autoenc_yaml: autoenc_config,
+                    autoenc_checkpoint,
+                    ema,
+                    dtype: match dtype {
+                        DtypeArg::F32 => checkergen::io::convert::OutputDtype::F32,
+                        DtypeArg::Bf16 => checkergen::io::convert::OutputDtype::Bf16,
+                    },
+                    output,
+                })?;
             println!("{summary}");
             Ok(())
         }
@@ -220,8 +221,8 @@ fn run(cli: Cli) -> Result<()> {
 fn cmd_order(size: usize, json: bool, png: Option<PathBuf>) -> Result<()> {
     let rank = order::rank_map(size)?;
     if let Some(path) = png {
-        let (side, rgb) = checkergen::image::render_rank_map(&rank);
-        checkergen::image::write_rgb_png(&path, side, side, &rgb)?;
+        let (side, rgb) = checkergen::io::image::render_rank_map(&rank);
+        checkergen::io::image::write_rgb_png(&path, side, side, &rgb)?;
         eprintln!("wrote {} ({side}x{side} px)", path.display());
     }
     if json {

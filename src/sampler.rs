@@ -2,12 +2,12 @@
 //! transformer step, guided token choice, scatter into the scale grid, bilinear upscale +
 //! normalize between scales, and the final decode.
 
-use crate::config::ModelConfig;
 use crate::cpu::transformer::CpuTransformer;
+use crate::model::config::ModelConfig;
+use crate::model::weights::{TransformerWeights, normalize_rows};
 use crate::order::{Schedule, Step};
 use crate::rng::token_uniform;
 use crate::sampling::{TokenPolicy, cfg_combine, choose_token};
-use crate::weights::{TransformerWeights, normalize_rows};
 use anyhow::{Result, bail};
 use std::time::Instant;
 

@@ -1,10 +1,10 @@
 //! Bad input fails with a clear error (library) or one line and a non-zero exit (CLI),
 //! never a panic or a silent wrong answer.
 
-use checkergen::config::preset;
-use checkergen::init::{FloatDtype, random_tensors, write_model};
 use checkergen::model::Model;
-use checkergen::tensor::Tensor;
+use checkergen::model::config::preset;
+use checkergen::model::file::Tensor;
+use checkergen::model::init::{FloatDtype, random_tensors, write_model};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -135,7 +135,7 @@ fn config_disagrees_with_tensors() {
 #[test]
 fn no_configuration_metadata() {
     let p = tmp("nometa.safetensors");
-    checkergen::tensor::write_safetensors(
+    checkergen::model::file::write_safetensors(
         &p,
         &[(
             "x".into(),

@@ -3,12 +3,12 @@
 //! Values are checked against tests/fixtures/pth/tiny_reference.json, which the script wrote
 //! from the files as it read them back with Python's zipfile and pickle.
 
-use checkergen::config::{CONFIG_METADATA_KEY, ModelConfig};
-use checkergen::convert::{
+use checkergen::io::convert::{
     ConvertOptions, ConvertSummary, OutputDtype, convert, expected_tensors, is_training_only,
     model_config_from_yaml,
 };
-use checkergen::pth::{PthCheckpoint, PthDtype, read_state_dict};
+use checkergen::io::pth::{PthCheckpoint, PthDtype, read_state_dict};
+use checkergen::model::config::{CONFIG_METADATA_KEY, ModelConfig};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -66,7 +66,8 @@ fn read_output(path: &Path) -> (BTreeMap<String, Out>, BTreeMap<String, String>)
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let values = checkergen::tensor::view_to_f32(&name, view.dtype(), view.data()).unwrap();
+        let values =
+            checkergen::model::file::view_to_f32(&name, view.dtype(), view.data()).unwrap();
         out.insert(
             name,
             Out {
@@ -386,7 +387,7 @@ fn reader_keeps_dtypes_and_materializes_views() {
     );
 }
 
-fn count_training_only(sd: &BTreeMap<String, checkergen::pth::PthTensor>) -> usize {
+fn count_training_only(sd: &BTreeMap<String, checkergen::io::pth::PthTensor>) -> usize {
     sd.keys().filter(|k| is_training_only(k)).count()
 }
 
@@ -778,7 +779,7 @@ fn expected_tensors_match_the_golden_state_dict() {
     }))
     .unwrap();
     assert_eq!(
-        checkergen::convert::reference_ffn_dim(
+        checkergen::io::convert::reference_ffn_dim(
             u(&llama["hidden_size"]),
             Some(u(&llama["intermediate_size"]))
         )

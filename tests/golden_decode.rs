@@ -2,10 +2,10 @@
 
 mod common;
 
-use checkergen::config::DecoderConfig;
 use checkergen::cpu::decoder::{VqDecoder, to_pixels_u8};
-use checkergen::tensor::{Tensor, TensorMap, load_safetensors};
-use checkergen::weights::CODEBOOK;
+use checkergen::model::config::DecoderConfig;
+use checkergen::model::file::{Tensor, TensorMap, load_safetensors};
+use checkergen::model::weights::CODEBOOK;
 use std::time::Instant;
 
 /// Max absolute error allowed on raw decoded pixels (images have |max| about 4).

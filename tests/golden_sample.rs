@@ -3,11 +3,11 @@
 
 mod common;
 
+use checkergen::model::file::load_i64;
+use checkergen::model::weights::TransformerWeights;
 use checkergen::order::scale_sizes;
 use checkergen::sampler::{SampleOptions, Steps, sample_tokens};
 use checkergen::sampling::TokenPolicy;
-use checkergen::tensor::load_i64;
-use checkergen::weights::TransformerWeights;
 use safetensors::SafeTensors;
 
 /// Relative tolerance on logits, ||ours - ref|| / ||ref|| per step (f32 CPU path).

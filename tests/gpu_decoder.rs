@@ -6,14 +6,14 @@
 
 mod common;
 
-use checkergen::config::DecoderConfig;
 use checkergen::cpu::decoder::{VqDecoder, to_pixels_u8};
 use checkergen::cuda::Gpu;
 use checkergen::cuda::decoder::{
     self as gd, AttnScratch, AttnWeights, ConvKernel, ConvWeights, GnScratch, GnWeights,
     GpuDecoder, Precision, Residual, Storage,
 };
-use checkergen::tensor::{Tensor, TensorMap, load_safetensors};
+use checkergen::model::config::DecoderConfig;
+use checkergen::model::file::{Tensor, TensorMap, load_safetensors};
 use half::{bf16, f16};
 use std::time::Instant;
 
@@ -743,7 +743,7 @@ fn released_shape_decoder_matches_cpu() {
     };
     let cfg = DecoderConfig {
         n_embed: 1024,
-        ..checkergen::config::released_decoder()
+        ..checkergen::model::config::released_decoder()
     };
     let cpu_dec = VqDecoder::from_tensors(&cfg, &random_weights(&cfg)).unwrap();
     let dec = GpuDecoder::new(&gpu, &cpu_dec).unwrap();

@@ -25,7 +25,7 @@ fn upsample_codes_matches_cpu() {
     };
     let (v, e) = (4096usize, 8usize);
     let mut cb = rand_vec(v * e, 1, 1.0);
-    checkergen::weights::normalize_rows(&mut cb, e);
+    checkergen::model::weights::normalize_rows(&mut cb, e);
     let dcb = gpu.upload(&cb).unwrap();
     for &(batch, si, so) in &[
         (1usize, 1usize, 2usize),

@@ -4,13 +4,13 @@
 
 mod common;
 
-use checkergen::config::{ModelConfig, preset};
-use checkergen::init::random_tensors;
 use checkergen::model::Model;
+use checkergen::model::config::{ModelConfig, preset};
+use checkergen::model::file::load_i64;
+use checkergen::model::init::random_tensors;
 use checkergen::order::scale_sizes;
 use checkergen::sampler::{SampleOptions, Steps};
 use checkergen::sampling::TokenPolicy;
-use checkergen::tensor::load_i64;
 use safetensors::SafeTensors;
 
 /// GPU.md: greedy agreement with the f32 golden tokens at positions whose golden top-1/top-2

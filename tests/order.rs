@@ -2,8 +2,8 @@
 
 mod common;
 
+use checkergen::model::file::load_i64;
 use checkergen::order::{Schedule, rank_map, scale_sizes, sequence};
-use checkergen::tensor::load_i64;
 use safetensors::SafeTensors;
 
 fn check_maps(path: &std::path::Path) {

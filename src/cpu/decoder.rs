@@ -15,10 +15,10 @@
 //! attention are plain GEMMs. `matrixmultiply` threads the GEMMs; rayon parallelizes the
 //! element-wise passes (im2col, GroupNorm, upsample, softmax).
 
-use crate::config::DecoderConfig;
 use crate::cpu::ops;
-use crate::tensor::TensorMap;
-use crate::weights::{CODEBOOK, normalize_rows};
+use crate::model::config::DecoderConfig;
+use crate::model::file::TensorMap;
+use crate::model::weights::{CODEBOOK, normalize_rows};
 use anyhow::{Result, bail};
 use rayon::prelude::*;
 
@@ -545,7 +545,7 @@ pub fn to_pixels_u8(img: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Tensor;
+    use crate::model::file::Tensor;
 
     fn tiny_config() -> DecoderConfig {
         DecoderConfig {

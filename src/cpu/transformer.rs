@@ -3,8 +3,8 @@
 //! (no mask), SwiGLU FFN, final norm and head.
 
 use super::ops;
-use crate::config::ModelConfig;
-use crate::weights::TransformerWeights;
+use crate::model::config::ModelConfig;
+use crate::model::weights::TransformerWeights;
 use rayon::prelude::*;
 
 /// Per-batch state: KV cache and the per-row AdaLN modulations.

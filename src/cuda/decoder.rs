@@ -23,8 +23,8 @@
 //! strided-batched cuBLAS GEMMs, row softmax kernel, proj_out GEMM accumulated onto x (beta 1).
 
 use super::{Gpu, norm};
-use crate::config::DecoderConfig;
 use crate::cpu::decoder as cpu;
+use crate::model::config::DecoderConfig;
 use anyhow::{Context, Result, ensure};
 use cudarc::cublas::{result::gemm_strided_batched_ex, sys};
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
@@ -1523,7 +1523,7 @@ mod tests {
     fn released_decoder_flops() {
         let cfg = DecoderConfig {
             n_embed: 16384,
-            ..crate::config::released_decoder()
+            ..crate::model::config::released_decoder()
         };
         let st = decoder_flops(&cfg, 16);
         let total: f64 = st.iter().map(|s| s.total()).sum();

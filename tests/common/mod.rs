@@ -35,8 +35,8 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-use checkergen::config::{DecoderConfig, ModelConfig};
-use checkergen::tensor::{TensorMap, load_safetensors};
+use checkergen::model::config::{DecoderConfig, ModelConfig};
+use checkergen::model::file::{TensorMap, load_safetensors};
 use std::path::Path;
 
 /// The golden configurations: directory name and scale ratio.
@@ -142,7 +142,7 @@ pub fn token_pyramid(
     sizes
         .iter()
         .map(|s| {
-            checkergen::tensor::load_i64(st, &format!("{prefix}{s}"))
+            checkergen::model::file::load_i64(st, &format!("{prefix}{s}"))
                 .unwrap()
                 .1
                 .iter()

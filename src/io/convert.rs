@@ -17,9 +17,9 @@
 //! Hyperparameters come from the YAML files with the reference's defaults; the shapes of the
 //! tensors decide, and any disagreement between the two is an error naming the YAML key.
 
-use crate::config::{CONFIG_METADATA_KEY, DecoderConfig, ModelConfig};
-use crate::pth::{PthCheckpoint, PthDtype, PthTensor, StateDict, TensorInfo};
-use crate::yaml::{self, Yaml};
+use crate::io::pth::{PthCheckpoint, PthDtype, PthTensor, StateDict, TensorInfo};
+use crate::io::yaml::{self, Yaml};
+use crate::model::config::{CONFIG_METADATA_KEY, DecoderConfig, ModelConfig};
 use anyhow::{Context, Result, anyhow, bail};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -27,14 +27,14 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub use crate::config::FORMAT;
+pub use crate::model::config::FORMAT;
 
 /// State-dict name of the codebook (with the `UnitNorm` parametrization, `normalize: true`).
-pub const CODEBOOK_KEY: &str = crate::weights::CODEBOOK;
+pub const CODEBOOK_KEY: &str = crate::model::weights::CODEBOOK;
 /// Codebook name when the autoencoder has `normalize: false` (no parametrization).
 pub const CODEBOOK_KEY_PLAIN: &str = "autoenc.quantize.embedding.weight";
 /// State-dict name of the learned RoPE table.
-pub const ROPE_KEY: &str = crate::weights::ROPE_TABLE;
+pub const ROPE_KEY: &str = crate::model::weights::ROPE_TABLE;
 /// State-dict name of the per-layer, per-head RoPE mixing coefficients.
 pub const MIXING_KEY: &str = "llama.rotary_emb.mixing_coeffs";
 
@@ -495,7 +495,7 @@ fn read_yaml_model(config_yaml: &Path, autoenc_yaml: &Path) -> Result<YamlModel>
 // ------------------------------------------------------------------------------------------
 
 /// Every tensor sampling needs, with its shape (the loader's list; see `weights.rs`).
-pub use crate::weights::expected_tensors;
+pub use crate::model::weights::expected_tensors;
 
 /// Tensors of the reference's state dict that sampling never uses.
 pub fn is_training_only(name: &str) -> bool {

@@ -4,10 +4,10 @@
 //! 1/sqrt(fan_in) linears, norms near 1, logits of std about 4), drawn from Philox keyed by
 //! (seed, tensor name), so a file is reproducible from its seed.
 
-use crate::config::{CONFIG_METADATA_KEY, ModelConfig};
+use crate::model::config::{CONFIG_METADATA_KEY, ModelConfig};
+use crate::model::file::{Tensor, TensorMap};
+use crate::model::weights::expected_tensors;
 use crate::rng::philox4x32_10;
-use crate::tensor::{Tensor, TensorMap};
-use crate::weights::expected_tensors;
 use anyhow::Result;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -131,7 +131,10 @@ pub fn write_model(
 ) -> Result<()> {
     let mut meta = HashMap::new();
     meta.insert(CONFIG_METADATA_KEY.to_string(), serde_json::to_string(cfg)?);
-    meta.insert("format".to_string(), crate::config::FORMAT.to_string());
+    meta.insert(
+        "format".to_string(),
+        crate::model::config::FORMAT.to_string(),
+    );
     for (k, v) in extra_meta {
         meta.insert(k.to_string(), v.clone());
     }
@@ -154,5 +157,5 @@ pub fn write_model(
             (name.clone(), dt, t.shape.clone(), bytes)
         })
         .collect();
-    crate::tensor::write_safetensors(path, &entries, meta)
+    crate::model::file::write_safetensors(path, &entries, meta)
 }

@@ -1,12 +1,17 @@
 //! A loaded model: configuration, scale pyramid, transformer weights and VQ decoder, and the
 //! whole sampling call (token loop + decode).
 
-use crate::config::{CONFIG_METADATA_KEY, ModelConfig};
+pub mod config;
+pub mod file;
+pub mod init;
+pub mod weights;
+
 use crate::cpu::decoder::VqDecoder;
+use crate::model::config::{CONFIG_METADATA_KEY, ModelConfig};
+use crate::model::file::{TensorMap, load_safetensors};
+use crate::model::weights::TransformerWeights;
 use crate::order::scale_sizes;
 use crate::sampler::{SampleOptions, TokenOutput, sample_tokens};
-use crate::tensor::{TensorMap, load_safetensors};
-use crate::weights::TransformerWeights;
 use anyhow::{Context, Result, anyhow};
 use std::path::Path;
 use std::time::Instant;
@@ -125,7 +130,7 @@ impl Model {
     /// Parameter counts: (transformer side, decoder side incl. codebook).
     pub fn parameter_counts(&self) -> (usize, usize) {
         let n_tokens = self.weights.n_tokens;
-        let t = crate::weights::expected_transformer_tensors(&self.config, n_tokens)
+        let t = crate::model::weights::expected_transformer_tensors(&self.config, n_tokens)
             .iter()
             .map(|(_, s)| s.iter().product::<usize>())
             .sum();

@@ -2,9 +2,9 @@
 //! configuration), validation, and load-time folding (unit-norm RoPE rows, normalized codebook,
 //! sigmoid of the key-mixing coefficients, head_mlp folded into the head weight).
 
-use crate::config::ModelConfig;
 use crate::cpu::ops;
-use crate::tensor::{Tensor, TensorMap};
+use crate::model::config::ModelConfig;
+use crate::model::file::{Tensor, TensorMap};
 use anyhow::{Result, bail};
 
 /// Name of the codebook tensor (un-normalized; each row is L2-normalized at load time).

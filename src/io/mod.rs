@@ -1,0 +1,6 @@
+//! Files in and out: the PyTorch checkpoint reader, the converter, images.
+
+pub mod convert;
+pub mod image;
+pub mod pth;
+pub mod yaml;
