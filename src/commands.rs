@@ -3,12 +3,13 @@
 
 use crate::DtypeArg;
 use anyhow::{Context, Result, bail};
-use checkergen::io::image::write_rgb_png;
+use checkergen::cpu::CpuBackend;
+use checkergen::io::image::{grid_rgb, planar_to_rgb, write_rgb_png};
 use checkergen::model::Model;
 use checkergen::model::config::{self, ModelConfig};
 use checkergen::model::init::{FloatDtype, random_tensors, write_model};
 use checkergen::order::Schedule;
-use checkergen::sampler::{SampleOptions, Steps};
+use checkergen::pipeline::{self, SampleOptions, Steps};
 use checkergen::sampling::TokenPolicy;
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -34,19 +35,19 @@ pub struct SampleArgs {
     #[arg(long)]
     num_samples: Option<usize>,
     /// Guidance: logits = cond + cfg * (cond - uncond); 0 disables it.
-    #[arg(long, default_value_t = 1.5, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = pipeline::DEFAULT_CFG, allow_negative_numbers = true)]
     cfg: f32,
     /// First global step (0 = the 1x1 scale) at which guidance applies.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = pipeline::DEFAULT_CFG_START_STEP)]
     cfg_start_step: usize,
     /// Serial steps per scale.
-    #[arg(long, default_value_t = 4, conflicts_with = "steps")]
+    #[arg(long, default_value_t = pipeline::DEFAULT_STEPS_PER_SCALE, conflicts_with = "steps")]
     steps_per_scale: usize,
     /// Explicit steps for each scale, comma separated (one value per scale).
     #[arg(long, value_delimiter = ',')]
     steps: Option<Vec<usize>>,
     /// Sampling temperature; 0 = greedy (argmax).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = pipeline::DEFAULT_TEMPERATURE, allow_negative_numbers = true)]
     temperature: f32,
     #[arg(long)]
     top_k: Option<usize>,
@@ -143,46 +144,39 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     opts.seed = a.seed;
     #[cfg(feature = "cuda")]
     let gpu_model = match pick_gpu(a.device)? {
-        Some(g) => Some(model.to_gpu(g)?),
+        Some(g) => Some(checkergen::cuda::engine::GpuModel::new(g, &model)?),
         None => None,
     };
     let t = Instant::now();
     #[cfg(feature = "cuda")]
     let (out, device) = match &gpu_model {
         Some(gm) => (
-            model.sample_gpu(gm, &opts)?,
+            pipeline::sample(&mut checkergen::cuda::engine::GpuBackend::new(gm), &opts)?,
             format!("cuda ({})", gm.gpu.name),
         ),
-        None => (model.sample(&opts)?, "cpu".to_string()),
+        None => (
+            pipeline::sample(&mut CpuBackend::new(&model), &opts)?,
+            "cpu".to_string(),
+        ),
     };
     #[cfg(not(feature = "cuda"))]
-    let (out, device) = (model.sample(&opts)?, "cpu".to_string());
+    let (out, device) = (
+        pipeline::sample(&mut CpuBackend::new(&model), &opts)?,
+        "cpu".to_string(),
+    );
     let total_s = t.elapsed().as_secs_f64();
 
     // Images: one PNG each and a grid.
     let side = out.image_size;
-    let px = &out.pixels;
     let b = labels.len();
-    let plane = side * side;
-    let rgb_of = |i: usize| -> Vec<u8> {
-        let img = &px[i * 3 * plane..(i + 1) * 3 * plane];
-        (0..plane)
-            .flat_map(|p| [img[p], img[plane + p], img[2 * plane + p]])
-            .collect()
-    };
-    let cols = (b as f64).sqrt().ceil() as usize;
-    let rows = b.div_ceil(cols);
-    let mut grid = vec![0u8; rows * side * cols * side * 3];
-    for i in 0..b {
-        let rgb = rgb_of(i);
-        write_rgb_png(&a.out.join(format!("sample_{i:04}.png")), side, side, &rgb)?;
-        let (gy, gx) = (i / cols, i % cols);
-        for y in 0..side {
-            let dst = ((gy * side + y) * cols * side + gx * side) * 3;
-            grid[dst..dst + side * 3].copy_from_slice(&rgb[y * side * 3..(y + 1) * side * 3]);
-        }
+    let images: Vec<Vec<u8>> = (0..b)
+        .map(|i| planar_to_rgb(&out.pixels, i, side))
+        .collect();
+    for (i, rgb) in images.iter().enumerate() {
+        write_rgb_png(&a.out.join(format!("sample_{i:04}.png")), side, side, rgb)?;
     }
-    write_rgb_png(&a.out.join("grid.png"), cols * side, rows * side, &grid)?;
+    let (gw, gh, grid) = grid_rgb(&images, side);
+    write_rgb_png(&a.out.join("grid.png"), gw, gh, &grid)?;
 
     let sched = &out.tokens.schedule;
     if a.save_tokens {
@@ -348,13 +342,18 @@ pub fn inspect(path: &Path) -> Result<()> {
         d as f64 / 1e6,
         (t + d) as f64 / 1e6
     );
-    let sched = Schedule::uniform(&model.scale_sizes, cfg.steps_per_scale)?;
+    // The schedule `sample` runs by default (the config's steps_per_scale is the reference's
+    // training-time num_blocks_per_scale, not a sampling setting).
+    let k = pipeline::DEFAULT_STEPS_PER_SCALE;
+    let sched = Schedule::uniform(&model.scale_sizes, k)?;
     println!(
-        "scales {:?} ({} tokens); at the configured {} steps per scale: {} serial steps",
+        "scales {:?} ({} tokens); `sample` defaults to {k} steps per scale: {} serial steps \
+         (cfg {}, from step {})",
         model.scale_sizes,
         sched.total_tokens(),
-        cfg.steps_per_scale,
-        sched.total_steps()
+        sched.total_steps(),
+        pipeline::DEFAULT_CFG,
+        pipeline::DEFAULT_CFG_START_STEP
     );
     Ok(())
 }
@@ -415,8 +414,8 @@ pub fn bench_decode(_a: BenchDecodeArgs) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
-    use checkergen::cpu::decoder::VqDecoder;
     use checkergen::cuda::decoder::{ConvKernel, GpuDecoder, Precision, bench_decode};
+    use checkergen::model::decoder::DecoderWeights;
     if a.batch == 0 || a.iters == 0 {
         bail!("--batch and --iters must be at least 1");
     }
@@ -433,7 +432,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             let map = checkergen::model::init::random_tensors_where(&cfg, 0, |n| {
                 n.starts_with("autoenc.")
             })?;
-            let dec = VqDecoder::from_tensors(&cfg.decoder, &map)?;
+            let dec = DecoderWeights::from_tensors(&cfg.decoder, &map)?;
             (cfg, dec)
         }
     };

@@ -2,8 +2,9 @@
 
 mod common;
 
-use checkergen::cpu::decoder::{VqDecoder, to_pixels_u8};
+use checkergen::cpu::ops::pixels as to_pixels_u8;
 use checkergen::model::config::DecoderConfig;
+use checkergen::model::decoder::DecoderWeights;
 use checkergen::model::file::{Tensor, TensorMap, load_safetensors};
 use checkergen::model::weights::CODEBOOK;
 use std::time::Instant;
@@ -47,7 +48,7 @@ fn expected_tensors_match_reference_state_dict() {
                 || n == CODEBOOK
         })
         .collect();
-    assert_eq!(VqDecoder::expected_tensors(&small_config()), reference);
+    assert_eq!(DecoderWeights::expected_tensors(&small_config()), reference);
 }
 
 #[test]
@@ -58,7 +59,7 @@ fn decode_matches_golden() {
     let (weights, _) = load_safetensors(&golden.join("public/weights_shared.safetensors")).unwrap();
     let (cases, _) = load_safetensors(&golden.join("public/decode_only.safetensors")).unwrap();
     let cfg = small_config();
-    let dec = VqDecoder::from_tensors(&cfg, &weights).unwrap();
+    let dec = DecoderWeights::from_tensors(&cfg, &weights).unwrap();
     let e = cfg.embed_dim;
 
     let mut sizes: Vec<usize> = cases

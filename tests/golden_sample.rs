@@ -3,10 +3,11 @@
 
 mod common;
 
+use checkergen::cpu::sample_tokens;
 use checkergen::model::file::load_i64;
 use checkergen::model::weights::TransformerWeights;
 use checkergen::order::scale_sizes;
-use checkergen::sampler::{SampleOptions, Steps, sample_tokens};
+use checkergen::pipeline::{SampleOptions, Steps};
 use checkergen::sampling::TokenPolicy;
 use safetensors::SafeTensors;
 
@@ -86,7 +87,7 @@ fn greedy_cases_match_reference() {
             let mut forced = opts.clone();
             forced.forced_tokens = Some(golden_tokens.clone());
             forced.record_logits = true;
-            let out = sample_tokens(&cfg, &w, &sizes, &forced).unwrap();
+            let out = sample_tokens(&cfg, &w, &forced).unwrap();
             assert_eq!(
                 out.step_logits.len(),
                 ints(&st, "num_serial_steps")[0] as usize
@@ -107,7 +108,7 @@ fn greedy_cases_match_reference() {
             worst_overall = worst_overall.max(worst);
 
             // 2. Free-running greedy: tokens equal wherever the margin is clear.
-            let free = sample_tokens(&cfg, &w, &sizes, &opts).unwrap();
+            let free = sample_tokens(&cfg, &w, &opts).unwrap();
             let mut below = 0;
             let mut compared = 0;
             for (k, s) in sizes.iter().enumerate() {
@@ -160,7 +161,7 @@ fn teacher_forced_forward_matches_reference() {
         opts.steps = Steps::Uniform(4);
         opts.forced_tokens = Some(q);
         opts.record_logits = true;
-        let out = sample_tokens(&cfg, &w, &sizes, &opts).unwrap();
+        let out = sample_tokens(&cfg, &w, &opts).unwrap();
         // Reassemble (B, N, V) in sequence order from the per-step (B, n_t, V) logits.
         let v = cfg.codebook_size();
         let b = 2;

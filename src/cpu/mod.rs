@@ -1,6 +1,9 @@
-//! f32 CPU reference backend: the oracle for every GPU kernel and the engine's path on
-//! machines without a GPU.
+//! f32 CPU reference backend: the oracle for every GPU kernel ([`ops`]: one function per
+//! kernel family) and the engine's path on machines without a GPU.
 
+pub mod backend;
 pub mod decoder;
 pub mod ops;
 pub mod transformer;
+
+pub use backend::{CpuBackend, sample_tokens};

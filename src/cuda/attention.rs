@@ -6,75 +6,7 @@ use anyhow::{Result, ensure};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::bf16;
 
-/// Shapes shared by [`rope_kv_append`] and [`attention`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AttnShape {
-    /// Sequence rows (B, or 2B with classifier-free guidance).
-    pub rows: usize,
-    /// Heads H.
-    pub heads: usize,
-    /// Head dim D (32, 64 or 128).
-    pub head_dim: usize,
-    /// New tokens per row in this step.
-    pub n: usize,
-    /// Tokens already in the cache before this step; the new ones go to start..start+n.
-    pub start: usize,
-    /// Cache capacity per row (tokens).
-    pub capacity: usize,
-}
-
-impl AttnShape {
-    /// Model width C = H * D.
-    pub fn c(&self) -> usize {
-        self.heads * self.head_dim
-    }
-
-    /// Tokens in this step, T = rows * n.
-    pub fn tokens(&self) -> usize {
-        self.rows * self.n
-    }
-
-    /// Keys after the append, L = start + n.
-    pub fn keys(&self) -> usize {
-        self.start + self.n
-    }
-
-    /// Elements of one cache buffer (rows, H, capacity, D).
-    pub fn cache_len(&self) -> usize {
-        self.rows * self.heads * self.capacity * self.head_dim
-    }
-
-    /// Elements of the rotated queries (rows, H, n, D).
-    pub fn q_len(&self) -> usize {
-        self.rows * self.heads * self.n * self.head_dim
-    }
-
-    fn check(&self) -> Result<()> {
-        let s = self;
-        ensure!(
-            s.rows >= 1 && s.heads >= 1 && s.n >= 1,
-            "attention shape {s:?}: rows, heads and n must be >= 1"
-        );
-        ensure!(
-            s.head_dim.is_multiple_of(2) && s.head_dim >= 2,
-            "attention shape {s:?}: head_dim must be even"
-        );
-        ensure!(
-            s.start + s.n <= s.capacity,
-            "attention shape {s:?}: KV cache overflow (start + n > capacity)"
-        );
-        ensure!(
-            s.rows <= 65535 && s.heads <= 65535,
-            "attention shape {s:?}: rows and heads must fit a grid dimension (65535)"
-        );
-        let big = s.cache_len().max(s.tokens() * 3 * s.c());
-        ensure!(
-            s.capacity <= i32::MAX as usize && big < (1usize << 62),
-            "attention shape {s:?}: too large"
-        );
-        Ok(())
-    }
-}
+pub use crate::cpu::ops::AttnShape;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

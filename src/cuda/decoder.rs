@@ -23,17 +23,14 @@
 //! strided-batched cuBLAS GEMMs, row softmax kernel, proj_out GEMM accumulated onto x (beta 1).
 
 use super::{Gpu, norm};
-use crate::cpu::decoder as cpu;
 use crate::model::config::DecoderConfig;
+use crate::model::decoder::{self as host, GN_EPS, GN_GROUPS};
 use anyhow::{Context, Result, ensure};
 use cudarc::cublas::{result::gemm_strided_batched_ex, sys};
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 use std::sync::Mutex;
 
-/// GroupNorm groups and epsilon of every norm in the decoder.
-pub const GN_GROUPS: usize = 32;
-pub const GN_EPS: f32 = 1e-6;
 /// Pixels per gn_partial chunk.
 const GN_CHUNK: usize = 64;
 /// Block tile (M and N) of conv3x3_tc.
@@ -166,7 +163,7 @@ impl<T: Storage> ConvWeights<T> {
         })
     }
 
-    fn from_cpu(gpu: &Gpu, c: &cpu::Conv) -> Result<ConvWeights<T>> {
+    fn from_host(gpu: &Gpu, c: &host::Conv) -> Result<ConvWeights<T>> {
         ConvWeights::new(gpu, c.cin, c.cout, c.k, &c.weight, &c.bias)
     }
 }
@@ -197,7 +194,7 @@ impl GnWeights {
         })
     }
 
-    fn from_cpu(gpu: &Gpu, g: &cpu::GroupNorm) -> Result<GnWeights> {
+    fn from_host(gpu: &Gpu, g: &host::GroupNorm) -> Result<GnWeights> {
         GnWeights::new(gpu, &g.gamma, &g.beta)
     }
 }
@@ -232,8 +229,8 @@ impl<T: Storage> AttnWeights<T> {
         })
     }
 
-    fn from_cpu(gpu: &Gpu, a: &cpu::AttnBlock) -> Result<AttnWeights<T>> {
-        fn pair(c: &cpu::Conv) -> (&[f32], &[f32]) {
+    fn from_host(gpu: &Gpu, a: &host::AttnBlock) -> Result<AttnWeights<T>> {
+        fn pair(c: &host::Conv) -> (&[f32], &[f32]) {
             (&c.weight, &c.bias)
         }
         AttnWeights::new(
@@ -680,7 +677,7 @@ struct PixelsParams {
 unsafe impl DeviceRepr for PixelsParams {}
 
 /// `y (B, hw, c)` NHWC f32 -> planar (B, c, hw) f32 and/or 8-bit pixels
-/// (clamp((x+1)/2, 0, 1) * 255, truncated, as `cpu::decoder::to_pixels_u8`).
+/// (clamp((x+1)/2, 0, 1) * 255, truncated, as `cpu::ops::pixels`).
 pub fn pixels(
     gpu: &Gpu,
     y: &CudaSlice<f32>,
@@ -882,16 +879,16 @@ struct GpuResBlock<T: Storage> {
 }
 
 impl<T: Storage> GpuResBlock<T> {
-    fn from_cpu(gpu: &Gpu, r: &cpu::ResBlock) -> Result<GpuResBlock<T>> {
+    fn from_host(gpu: &Gpu, r: &host::ResBlock) -> Result<GpuResBlock<T>> {
         Ok(GpuResBlock {
-            norm1: GnWeights::from_cpu(gpu, &r.norm1)?,
-            conv1: ConvWeights::from_cpu(gpu, &r.conv1)?,
-            norm2: GnWeights::from_cpu(gpu, &r.norm2)?,
-            conv2: ConvWeights::from_cpu(gpu, &r.conv2)?,
+            norm1: GnWeights::from_host(gpu, &r.norm1)?,
+            conv1: ConvWeights::from_host(gpu, &r.conv1)?,
+            norm2: GnWeights::from_host(gpu, &r.norm2)?,
+            conv2: ConvWeights::from_host(gpu, &r.conv2)?,
             nin_shortcut: r
                 .nin_shortcut
                 .as_ref()
-                .map(|c| ConvWeights::from_cpu(gpu, c))
+                .map(|c| ConvWeights::from_host(gpu, c))
                 .transpose()?,
         })
     }
@@ -986,14 +983,14 @@ macro_rules! dispatch {
 
 impl GpuDecoder {
     /// Upload the weights of a loaded CPU decoder, fp16 storage.
-    pub fn new(gpu: &Gpu, dec: &cpu::VqDecoder) -> Result<GpuDecoder> {
+    pub fn new(gpu: &Gpu, dec: &host::DecoderWeights) -> Result<GpuDecoder> {
         GpuDecoder::with_precision(gpu, dec, Precision::F16)
     }
 
     /// Upload the weights of a loaded CPU decoder with the given 16-bit storage.
     pub fn with_precision(
         gpu: &Gpu,
-        dec: &cpu::VqDecoder,
+        dec: &host::DecoderWeights,
         precision: Precision,
     ) -> Result<GpuDecoder> {
         let inner = match precision {
@@ -1090,7 +1087,7 @@ struct Decoder<T: Storage> {
 }
 
 impl<T: Storage> Decoder<T> {
-    fn new(gpu: &Gpu, dec: &cpu::VqDecoder) -> Result<Decoder<T>> {
+    fn new(gpu: &Gpu, dec: &host::DecoderWeights) -> Result<Decoder<T>> {
         let levels = dec
             .levels
             .iter()
@@ -1099,17 +1096,17 @@ impl<T: Storage> Decoder<T> {
                     res: l
                         .res
                         .iter()
-                        .map(|r| GpuResBlock::from_cpu(gpu, r))
+                        .map(|r| GpuResBlock::from_host(gpu, r))
                         .collect::<Result<_>>()?,
                     attn: l
                         .attn
                         .iter()
-                        .map(|a| AttnWeights::from_cpu(gpu, a))
+                        .map(|a| AttnWeights::from_host(gpu, a))
                         .collect::<Result<_>>()?,
                     upsample: l
                         .upsample
                         .as_ref()
-                        .map(|c| ConvWeights::from_cpu(gpu, c))
+                        .map(|c| ConvWeights::from_host(gpu, c))
                         .transpose()?,
                 })
             })
@@ -1119,16 +1116,16 @@ impl<T: Storage> Decoder<T> {
             cfg: dec.cfg.clone(),
             conv_kernel: ConvKernel::TensorCore,
             codebook: gpu.upload(&dec.codebook)?,
-            post_quant_conv: ConvWeights::from_cpu(gpu, &dec.post_quant_conv)?,
-            conv_in: ConvWeights::from_cpu(gpu, &dec.conv_in)?,
+            post_quant_conv: ConvWeights::from_host(gpu, &dec.post_quant_conv)?,
+            conv_in: ConvWeights::from_host(gpu, &dec.conv_in)?,
             mid: (
-                GpuResBlock::from_cpu(gpu, &dec.mid.0)?,
-                AttnWeights::from_cpu(gpu, &dec.mid.1)?,
-                GpuResBlock::from_cpu(gpu, &dec.mid.2)?,
+                GpuResBlock::from_host(gpu, &dec.mid.0)?,
+                AttnWeights::from_host(gpu, &dec.mid.1)?,
+                GpuResBlock::from_host(gpu, &dec.mid.2)?,
             ),
             levels,
-            norm_out: GnWeights::from_cpu(gpu, &dec.norm_out)?,
-            conv_out: ConvWeights::from_cpu(gpu, &dec.conv_out)?,
+            norm_out: GnWeights::from_host(gpu, &dec.norm_out)?,
+            conv_out: ConvWeights::from_host(gpu, &dec.conv_out)?,
             ws: Mutex::new(None),
         })
     }

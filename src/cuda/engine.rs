@@ -1,6 +1,6 @@
 //! The GPU sampler backend: weights uploaded once in bf16 (norms, tables, biases in f32), every
 //! buffer allocated once per batch, and the serial step loop as kernel launches and cuBLAS
-//! GEMMs on one stream. Implements [`StepBackend`], so the loop itself is sampler.rs's.
+//! GEMMs on one stream. Implements [`Backend`], so the loop itself is sampler.rs's.
 //!
 //! Per step (T = rows * n tokens, rows = B or 2B with guidance):
 //!   gather_inputs -> x (T, C) f32 residual
@@ -16,26 +16,17 @@ use super::embed::{self, CodevecMlp, InputTables, StepIndex};
 use super::gemm::linear;
 use super::norm::{add_bias_f32, rmsnorm_adaln, silu_mul};
 use super::sampling;
-use crate::cpu::ops;
+use crate::math;
+use crate::model::Model;
 use crate::model::config::ModelConfig;
-use crate::model::weights::TransformerWeights;
 use crate::order::{Schedule, Step};
-use crate::sampler::{StepBackend, StepChoice};
+use crate::pipeline::{Backend, Decoded, StepChoice};
 use anyhow::{Context, Result, bail};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
-}
-
-/// Columns [start, start + width) of a row-major (rows x stride) matrix.
-fn sub_cols(w: &[f32], rows: usize, stride: usize, start: usize, width: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows * width);
-    for r in 0..rows {
-        out.extend_from_slice(&w[r * stride + start..r * stride + start + width]);
-    }
-    out
 }
 
 /// Per-layer device weights.
@@ -87,91 +78,51 @@ struct BatchKey {
 }
 
 impl GpuModel {
-    /// Upload and fold the transformer weights.
-    pub fn new(
-        gpu: Gpu,
-        cfg: &ModelConfig,
-        w: &TransformerWeights,
-        dec: &crate::cpu::decoder::VqDecoder,
-    ) -> Result<GpuModel> {
-        let decoder = super::decoder::GpuDecoder::new(&gpu, dec)?;
-        let c = cfg.hidden_size;
-        let e = cfg.code_dim();
-        let v = cfg.codebook_size();
-        let n = w.n_tokens;
+    /// Upload a loaded model: the transformer's folded host weights (model::weights) in bf16
+    /// (norms, tables and biases in f32), and the VQ decoder.
+    pub fn new(gpu: Gpu, model: &Model) -> Result<GpuModel> {
+        let (cfg, w) = (&model.config, &model.weights);
+        let decoder = super::decoder::GpuDecoder::new(&gpu, &model.decoder)?;
         let up = |x: &[f32]| gpu.upload(x);
         let upb = |x: &[f32]| gpu.upload(&to_bf16(x));
         let mut layers = Vec::new();
         for lw in &w.layers {
-            let mut w13 = lw.w1.w.clone();
-            w13.extend_from_slice(&lw.w3.w);
-            let mut mod_w = lw.input_mod.w.clone();
-            mod_w.extend_from_slice(&lw.post_attention_mod.w);
-            let mut mod_b = lw.input_mod.b.clone().unwrap();
-            mod_b.extend_from_slice(lw.post_attention_mod.b.as_ref().unwrap());
             layers.push(GpuLayer {
                 wqkv: upb(&lw.wqkv.w)?,
                 wo: upb(&lw.wo.w)?,
-                w13: upb(&w13)?,
+                w13: upb(&lw.w13.w)?,
                 w2: upb(&lw.w2.w)?,
                 attn_norm: up(&lw.attention_norm)?,
                 ffn_norm: up(&lw.ffn_norm)?,
-                mod_w: upb(&mod_w)?,
-                mod_b: up(&mod_b)?,
+                mod_w: upb(&lw.modulation.w)?,
+                mod_b: up(lw.modulation.b.as_deref().context("modulation bias")?)?,
             });
         }
-        // Fold combine_inputs = [Wa | Wb | Wc | Wd] (C x 4C) into tables (kernels/embed.cu).
-        let wc = &w.combine_inputs.w;
-        let block = |k: usize| sub_cols(wc, c, 4 * c, k * c, c);
-        let (wa, wb, wcp, wd) = (block(0), block(1), block(2), block(3));
-        let mut pa = vec![0.0; n * c];
-        ops::matmul_bt(&w.embed_positions, &wa, &mut pa, n, c, c, 0.0);
-        let mut pc = vec![0.0; n * c];
-        ops::matmul_bt(&w.embed_positions, &wcp, &mut pc, n, c, c, 0.0);
-        let ecb = w.codevec_mlp.forward(&w.codebook, v); // (V, C)
-        let mut dc = vec![0.0; v * c];
-        ops::matmul_bt(&ecb, &wd, &mut dc, v, c, c, 0.0);
-        let mut empty = vec![0.0; c];
-        ops::matmul_bt(&w.empty_token_pos, &wcp, &mut empty, 1, c, c, 0.0);
-        ops::matmul_bt(&w.empty_token_emb, &wd, &mut empty, 1, c, c, 1.0);
-        // srcfold = Wb Wsrc W4 (C x 64); bias Wb (Wsrc b4 + bsrc).
-        let l4 = &w.codevec_mlp.l4;
-        let mut ws_w4 = vec![0.0; c * 64];
-        ops::matmul(&w.src_latents_proj.w, &l4.w, &mut ws_w4, c, c, 64, 0.0);
-        let mut srcfold = vec![0.0; c * 64];
-        ops::matmul(&wb, &ws_w4, &mut srcfold, c, c, 64, 0.0);
-        let mut inner = w.src_latents_proj.b.clone().unwrap();
-        ops::matmul_bt(
-            l4.b.as_ref().unwrap(),
-            &w.src_latents_proj.w,
-            &mut inner,
-            1,
-            c,
-            c,
-            1.0,
-        );
-        let mut srcfold_b = vec![0.0; c];
-        ops::matmul_bt(&inner, &wb, &mut srcfold_b, 1, c, c, 0.0);
+        let t = &w.tables;
         let tables = InputTables {
-            pa: up(&pa)?,
-            pc: up(&pc)?,
-            dc: up(&dc)?,
-            empty: up(&empty)?,
-            bias: up(w.combine_inputs.b.as_ref().unwrap())?,
-            c,
+            pa: up(&t.pa)?,
+            pc: up(&t.pc)?,
+            dc: up(&t.dc)?,
+            empty: up(&t.empty)?,
+            bias: up(&t.bias)?,
+            c: cfg.hidden_size,
+        };
+        let ch = &w.code_hidden;
+        let bias = |l: &crate::model::weights::Linear| -> Result<CudaSlice<f32>> {
+            up(l.b.as_deref().context("code MLP bias")?)
         };
         let mlp = CodevecMlp {
-            w0: up(&w.codevec_mlp.l0.w)?,
-            b0: up(w.codevec_mlp.l0.b.as_ref().unwrap())?,
-            w2: up(&w.codevec_mlp.l2.w)?,
-            b2: up(w.codevec_mlp.l2.b.as_ref().unwrap())?,
-            e,
+            w0: up(&ch.l0.w)?,
+            b0: bias(&ch.l0)?,
+            w2: up(&ch.l2.w)?,
+            b2: bias(&ch.l2)?,
+            e: cfg.code_dim(),
         };
         Ok(GpuModel {
             layers,
             final_norm: up(&w.final_norm)?,
             head: upb(&w.head.w)?,
-            head_b: up(w.head.b.as_ref().unwrap())?,
+            head_b: bias(&w.head)?,
             rope_re: up(&w.rope_re)?,
             rope_im: up(&w.rope_im)?,
             // (an unused 1-element buffer when the model mixes no layer)
@@ -183,11 +134,11 @@ impl GpuModel {
             attention_impl: attention::AttentionImpl::default(),
             tables,
             mlp,
-            srcfold: upb(&srcfold)?,
-            srcfold_b: up(&srcfold_b)?,
+            srcfold: upb(&w.src_fold.w)?,
+            srcfold_b: bias(&w.src_fold)?,
             codebook: up(&w.codebook)?,
             class_emb: w.class_embeddings.clone(),
-            n_tokens: n,
+            n_tokens: w.n_tokens,
             cfg: cfg.clone(),
             decoder,
             cache: std::sync::Mutex::new(None),
@@ -221,7 +172,7 @@ struct Batch {
     tokens: CudaSlice<i32>, // (B, nmax)
 }
 
-/// [`StepBackend`] on the GPU.
+/// [`Backend`] on the GPU.
 pub struct GpuBackend<'m> {
     m: &'m GpuModel,
     batch: Option<Batch>,
@@ -243,18 +194,6 @@ impl Drop for GpuBackend<'_> {
 }
 
 impl<'m> GpuBackend<'m> {
-    /// Decode the last scale's grid on the device (conditional rows only; both guidance
-    /// halves share tokens) and copy back 8-bit pixels (B, 3, H, W). After `finish`.
-    pub fn decode_pixels(&self) -> Result<Vec<u8>> {
-        let bt = self
-            .batch
-            .as_ref()
-            .context("decode_pixels before a batch ran")?;
-        let s = self.m.cfg.latent_size();
-        let grid = bt.grids.last().context("no scales")?;
-        self.m.decoder.decode_device_u8(&self.m.gpu, grid, bt.b, s)
-    }
-
     pub fn new(m: &'m GpuModel) -> Self {
         GpuBackend {
             m,
@@ -433,7 +372,11 @@ impl GpuBackend<'_> {
     }
 }
 
-impl StepBackend for GpuBackend<'_> {
+impl Backend for GpuBackend<'_> {
+    fn config(&self) -> &ModelConfig {
+        &self.m.cfg
+    }
+
     fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()> {
         let m = self.m;
         let g = &m.gpu;
@@ -469,7 +412,7 @@ impl StepBackend for GpuBackend<'_> {
         let mut x0 = Vec::with_capacity(rows * c);
         for &cls in &classes {
             let row = &m.class_emb[cls * c..(cls + 1) * c];
-            act.extend(row.iter().map(|&z| ops::silu(z)));
+            act.extend(row.iter().map(|&z| math::silu(z)));
             x0.extend_from_slice(row);
         }
         let act = g.upload(&to_bf16(&act))?;
@@ -598,5 +541,21 @@ impl StepBackend for GpuBackend<'_> {
             out.push(grid.into_iter().map(|t| t as u32).collect());
         }
         Ok(out)
+    }
+
+    /// Decode the last scale's grid on the device (conditional rows only; both guidance
+    /// halves share tokens) and copy back 8-bit pixels (B, 3, H, W).
+    fn decode(&mut self, schedule: &Schedule) -> Result<Decoded> {
+        let bt = self.batch.as_ref().context("decode before a batch ran")?;
+        let s = schedule.scales.last().context("no scales")?.size;
+        let grid = bt.grids.last().context("no scales")?;
+        let pixels = self
+            .m
+            .decoder
+            .decode_device_u8(&self.m.gpu, grid, bt.b, s)?;
+        Ok(Decoded {
+            pixels,
+            images: None,
+        })
     }
 }

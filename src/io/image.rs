@@ -88,3 +88,29 @@ pub fn render_rank_map(rank: &[Vec<usize>]) -> (usize, Vec<u8>) {
     }
     (side, rgb)
 }
+
+/// Image `i` of planar 8-bit pixels `(B, 3, side, side)` as interleaved RGB `(side, side, 3)`.
+pub fn planar_to_rgb(pixels: &[u8], i: usize, side: usize) -> Vec<u8> {
+    let plane = side * side;
+    let img = &pixels[i * 3 * plane..(i + 1) * 3 * plane];
+    (0..plane)
+        .flat_map(|p| [img[p], img[plane + p], img[2 * plane + p]])
+        .collect()
+}
+
+/// A near-square grid of `(side, side, 3)` RGB images, row-major, black where the last row is
+/// short. Returns (width, height, rgb).
+pub fn grid_rgb(images: &[Vec<u8>], side: usize) -> (usize, usize, Vec<u8>) {
+    let b = images.len().max(1);
+    let cols = (b as f64).sqrt().ceil() as usize;
+    let rows = b.div_ceil(cols);
+    let mut grid = vec![0u8; rows * side * cols * side * 3];
+    for (i, rgb) in images.iter().enumerate() {
+        let (gy, gx) = (i / cols, i % cols);
+        for y in 0..side {
+            let dst = ((gy * side + y) * cols * side + gx * side) * 3;
+            grid[dst..dst + side * 3].copy_from_slice(&rgb[y * side * 3..(y + 1) * side * 3]);
+        }
+    }
+    (cols * side, rows * side, grid)
+}

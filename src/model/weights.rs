@@ -1,97 +1,34 @@
-//! Model weights: the tensors a model file must hold (names and shapes derived from the
-//! configuration), validation, and load-time folding (unit-norm RoPE rows, normalized codebook,
-//! sigmoid of the key-mixing coefficients, head_mlp folded into the head weight).
+//! Transformer weights: the tensors a model file must hold (every state-dict name written once,
+//! in [`read_transformer`]), validation, and the load-time folding both backends run from.
+//!
+//! Folding (SPEC.md section 5, exact algebra, f32):
+//! - RoPE rows normalized to unit complex numbers; `sigmoid(mixing_coeffs)`; the codebook
+//!   L2-normalized; `head_mlp(codebook)` added into the head weight.
+//! - `combine_inputs = [Wa | Wb | Wc | Wd]` applied to `[pos(P), src(P), pos(Q), E(code(Q))]`
+//!   becomes table lookups: `pa = pos Wa^T`, `pc = pos Wc^T`, `dc = E(codebook) Wd^T`,
+//!   `empty = Wc empty_pos + Wd empty_emb`, and the source path
+//!   `Wb (Wsrc (W4 h + b4) + bsrc) = src_fold h + src_fold_b` on the code MLP's 64-wide hidden
+//!   state `h`. The per-step input is then a gather and a sum (`cpu::ops::gather_inputs`,
+//!   kernels/embed.cu).
+//! - w1 and w3 stacked into one (2F, C) weight; the two AdaLN linears stacked into (4C, C).
 
-use crate::cpu::ops;
-use crate::model::config::ModelConfig;
-use crate::model::file::{Tensor, TensorMap};
-use anyhow::{Result, bail};
+use super::config::ModelConfig;
+use super::file::TensorMap;
+use super::source::{MapSource, Recorder, Source};
+use crate::math;
+use anyhow::Result;
 
 /// Name of the codebook tensor (un-normalized; each row is L2-normalized at load time).
 pub const CODEBOOK: &str = "autoenc.quantize.embedding.parametrizations.weight.original";
 /// Name of the learned RoPE table (N+2 rows of D interleaved complex numbers).
 pub const ROPE_TABLE: &str =
     "llama.rotary_emb.position_embeddings.parametrizations.weight.original";
+/// Name of the per-layer, per-head key-mixing logits.
+pub const MIXING_COEFFS: &str = "llama.rotary_emb.mixing_coeffs";
+/// Width of the code-vector MLP's hidden layers.
+pub const CODE_HIDDEN: usize = 64;
 
-/// Every transformer-side tensor (everything but the VQ decoder and codebook) a model of
-/// `cfg` with `n_tokens` positions must hold, with its shape.
-pub fn expected_transformer_tensors(
-    cfg: &ModelConfig,
-    n_tokens: usize,
-) -> Vec<(String, Vec<usize>)> {
-    let c = cfg.hidden_size;
-    let e = cfg.code_dim();
-    let v = cfg.codebook_size();
-    let f = cfg.ffn_dim;
-    let mut t: Vec<(String, Vec<usize>)> = vec![
-        (
-            "class_embeddings.weight".into(),
-            vec![cfg.num_classes + 1, c],
-        ),
-        ("embed_positions.weight".into(), vec![n_tokens, c]),
-        ("embed_codevecs_mlp.net.0.weight".into(), vec![64, e]),
-        ("embed_codevecs_mlp.net.0.bias".into(), vec![64]),
-        ("embed_codevecs_mlp.net.2.weight".into(), vec![64, 64]),
-        ("embed_codevecs_mlp.net.2.bias".into(), vec![64]),
-        ("embed_codevecs_mlp.net.4.weight".into(), vec![c, 64]),
-        ("embed_codevecs_mlp.net.4.bias".into(), vec![c]),
-        ("src_latents_proj.weight".into(), vec![c, c]),
-        ("src_latents_proj.bias".into(), vec![c]),
-        ("combine_inputs.weight".into(), vec![c, 4 * c]),
-        ("combine_inputs.bias".into(), vec![c]),
-        ("empty_token_emb".into(), vec![c]),
-        ("empty_token_pos".into(), vec![c]),
-        ("lm_head.weight".into(), vec![v, c]),
-        ("lm_head.bias".into(), vec![v]),
-        (ROPE_TABLE.into(), vec![n_tokens + 2, 2 * cfg.head_dim()]),
-        (
-            "llama.rotary_emb.mixing_coeffs".into(),
-            vec![cfg.num_mixing_layers, cfg.num_heads],
-        ),
-        ("llama.norm.weight".into(), vec![c]),
-    ];
-    if cfg.use_head_mlp {
-        let h = 64.max(e);
-        t.push(("head_mlp.net.0.weight".into(), vec![h, e]));
-        t.push(("head_mlp.net.0.bias".into(), vec![h]));
-        t.push(("head_mlp.net.2.weight".into(), vec![h, h]));
-        t.push(("head_mlp.net.2.bias".into(), vec![h]));
-        t.push(("head_mlp.net.4.weight".into(), vec![c, h]));
-    }
-    for l in 0..cfg.num_layers {
-        let p = format!("llama.layers.{l}.");
-        t.push((format!("{p}attention.wqkv.weight"), vec![3 * c, c]));
-        t.push((format!("{p}attention.wo.weight"), vec![c, c]));
-        t.push((format!("{p}feed_forward.w1.weight"), vec![f, c]));
-        t.push((format!("{p}feed_forward.w3.weight"), vec![f, c]));
-        t.push((format!("{p}feed_forward.w2.weight"), vec![c, f]));
-        t.push((format!("{p}attention_norm.weight"), vec![c]));
-        t.push((format!("{p}ffn_norm.weight"), vec![c]));
-        for m in ["input_modulation", "post_attention_modulation"] {
-            t.push((format!("{p}{m}.adaLN_modulation.1.weight"), vec![2 * c, c]));
-            t.push((format!("{p}{m}.adaLN_modulation.1.bias"), vec![2 * c]));
-        }
-    }
-    t
-}
-
-/// Every tensor a model file of `cfg` must hold (transformer, codebook, VQ decoder), with
-/// its shape. The one list behind loading, `checkergen init` and `checkergen convert`.
-pub fn expected_tensors(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    let sizes = crate::order::scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
-    let n: usize = sizes.iter().map(|s| s * s).sum();
-    let mut t = expected_transformer_tensors(cfg, n);
-    t.extend(crate::cpu::decoder::VqDecoder::expected_tensors(
-        &cfg.decoder,
-    ));
-    Ok(t)
-}
-
-/// Take a tensor out of the map, checking its shape.
-pub fn take(map: &TensorMap, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    take_shape(map, name, shape)?;
-    Ok(map[name].data.clone())
-}
+pub use crate::math::normalize_rows;
 
 /// A linear layer, weight `[out, in]` row-major.
 #[derive(Clone, Debug)]
@@ -103,10 +40,16 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(map: &TensorMap, prefix: &str, din: usize, dout: usize, bias: bool) -> Result<Self> {
-        let w = take(map, &format!("{prefix}.weight"), &[dout, din])?;
+    fn read(
+        src: &mut dyn Source,
+        prefix: &str,
+        din: usize,
+        dout: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let w = src.take(&format!("{prefix}.weight"), &[dout, din])?;
         let b = if bias {
-            Some(take(map, &format!("{prefix}.bias"), &[dout])?)
+            Some(src.take(&format!("{prefix}.bias"), &[dout])?)
         } else {
             None
         };
@@ -116,55 +59,115 @@ impl Linear {
     /// y (rows x dout) = x (rows x din) W^T + b.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), rows * self.din);
-        ops::linear(x, &self.w, self.b.as_deref(), rows, self.din, self.dout)
+        math::linear(x, &self.w, self.b.as_deref(), rows, self.din, self.dout)
+    }
+
+    /// Rows stacked: `[self; other]` (same input width), biases concatenated.
+    fn stack(mut self, other: Linear) -> Linear {
+        assert_eq!(self.din, other.din);
+        self.w.extend_from_slice(&other.w);
+        self.b = match (self.b, other.b) {
+            (Some(mut a), Some(b)) => {
+                a.extend_from_slice(&b);
+                Some(a)
+            }
+            (None, None) => None,
+            _ => panic!("stacking a linear with a bias onto one without"),
+        };
+        self.dout += other.dout;
+        self
     }
 }
 
-/// The 3-layer code-vector MLP `E(v)`: Linear(e,64) SiLU Linear(64,64) SiLU Linear(64,C).
+/// The code MLP's two hidden layers: `silu(l2(silu(l0(x))))`, e -> 64 -> 64.
 #[derive(Clone, Debug)]
-pub struct CodeMlp {
+pub struct CodeHidden {
     pub l0: Linear,
     pub l2: Linear,
+}
+
+impl CodeHidden {
+    /// (rows, din) -> (rows, hidden).
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut h = self.l0.forward(x, rows);
+        math::silu_inplace(&mut h);
+        let mut h = self.l2.forward(&h, rows);
+        math::silu_inplace(&mut h);
+        h
+    }
+}
+
+/// A 3-layer code-vector MLP: Linear(e,h) SiLU Linear(h,h) SiLU Linear(h,C) (`E(v)` with
+/// h = 64, and the optional head MLP).
+#[derive(Clone, Debug)]
+pub struct CodeMlp {
+    pub hidden: CodeHidden,
     pub l4: Linear,
 }
 
 impl CodeMlp {
+    fn read(
+        src: &mut dyn Source,
+        prefix: &str,
+        din: usize,
+        h: usize,
+        dout: usize,
+        bias4: bool,
+    ) -> Result<Self> {
+        Ok(CodeMlp {
+            hidden: CodeHidden {
+                l0: Linear::read(src, &format!("{prefix}.net.0"), din, h, true)?,
+                l2: Linear::read(src, &format!("{prefix}.net.2"), h, h, true)?,
+            },
+            l4: Linear::read(src, &format!("{prefix}.net.4"), h, dout, bias4)?,
+        })
+    }
+
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let mut h = self.l0.forward(x, rows);
-        h.iter_mut().for_each(|v| *v = ops::silu(*v));
-        let mut h = self.l2.forward(&h, rows);
-        h.iter_mut().for_each(|v| *v = ops::silu(*v));
-        self.l4.forward(&h, rows)
+        self.l4.forward(&self.hidden.forward(x, rows), rows)
     }
 }
 
-/// One transformer layer.
+/// One transformer layer, folded.
 #[derive(Clone, Debug)]
 pub struct Layer {
     /// [3C, C]: q, k, v stacked.
     pub wqkv: Linear,
     pub wo: Linear,
-    pub w1: Linear,
-    pub w3: Linear,
+    /// [2F, C]: w1 rows then w3 rows (SwiGLU input: silu(g[:, :F]) * g[:, F:]).
+    pub w13: Linear,
     pub w2: Linear,
     pub attention_norm: Vec<f32>,
     pub ffn_norm: Vec<f32>,
-    /// AdaLN before attention: [2C, C] -> (shift, scale).
-    pub input_mod: Linear,
-    /// AdaLN before the FFN.
-    pub post_attention_mod: Linear,
+    /// [4C, C] + bias: input_modulation (shift1, scale1) then post_attention_modulation
+    /// (shift2, scale2), applied to silu(class embedding).
+    pub modulation: Linear,
 }
 
-/// All transformer-side weights in f32, folded for sampling.
+/// The per-step input tables of the folded `combine_inputs` (module docs).
+#[derive(Clone, Debug)]
+pub struct InputTables {
+    /// (N, C): embed_positions Wa^T.
+    pub pa: Vec<f32>,
+    /// (N, C): embed_positions Wc^T.
+    pub pc: Vec<f32>,
+    /// (V, C): E(codebook) Wd^T.
+    pub dc: Vec<f32>,
+    /// (C): Wc empty_token_pos + Wd empty_token_emb.
+    pub empty: Vec<f32>,
+    /// (C): combine_inputs bias.
+    pub bias: Vec<f32>,
+}
+
+/// All transformer-side weights in f32, folded for sampling (module docs).
 #[derive(Clone, Debug)]
 pub struct TransformerWeights {
     pub class_embeddings: Vec<f32>, // (num_classes+1, C)
-    pub embed_positions: Vec<f32>,  // (N, C)
-    pub codevec_mlp: CodeMlp,
-    pub src_latents_proj: Linear,
-    pub combine_inputs: Linear, // [C, 4C]
-    pub empty_token_emb: Vec<f32>,
-    pub empty_token_pos: Vec<f32>,
+    /// The code MLP's two hidden layers (e -> 64 -> 64); its output layer is folded away.
+    pub code_hidden: CodeHidden,
+    /// (C, 64) + (C): the source-latent path Wb Wsrc W4 and its bias.
+    pub src_fold: Linear,
+    pub tables: InputTables,
     /// Effective head: lm_head (+ head_mlp(codebook) when configured), [V, C] + bias.
     pub head: Linear,
     /// Unit-norm RoPE table: re and im parts, each (N+2, D).
@@ -180,113 +183,250 @@ pub struct TransformerWeights {
     pub n_tokens: usize,
 }
 
-/// L2-normalize each row of a (rows, dim) matrix like `F.normalize(eps=1e-12)`.
-pub fn normalize_rows(x: &mut [f32], dim: usize) {
-    for row in x.chunks_exact_mut(dim) {
-        let n = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-        row.iter_mut().for_each(|v| *v /= n);
+/// The transformer's tensors as the state dict holds them (before folding).
+struct RawLayer {
+    wqkv: Linear,
+    wo: Linear,
+    w1: Linear,
+    w3: Linear,
+    w2: Linear,
+    attention_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    input_mod: Linear,
+    post_attention_mod: Linear,
+}
+
+struct RawTransformer {
+    class_embeddings: Vec<f32>,
+    embed_positions: Vec<f32>,
+    codevec_mlp: CodeMlp,
+    src_latents_proj: Linear,
+    combine_inputs: Linear,
+    empty_token_emb: Vec<f32>,
+    empty_token_pos: Vec<f32>,
+    lm_head: Linear,
+    head_mlp: Option<CodeMlp>,
+    rope: Vec<f32>,
+    mixing: Vec<f32>,
+    final_norm: Vec<f32>,
+    layers: Vec<RawLayer>,
+}
+
+/// Read every transformer-side tensor through `src`: the one place their names and shapes are
+/// written (loading validates through a [`MapSource`], listing records through a [`Recorder`]).
+fn read_transformer(
+    cfg: &ModelConfig,
+    n_tokens: usize,
+    src: &mut dyn Source,
+) -> Result<RawTransformer> {
+    let c = cfg.hidden_size;
+    let e = cfg.code_dim();
+    let v = cfg.codebook_size();
+    let f = cfg.ffn_dim;
+    let lin =
+        |src: &mut dyn Source, p: &str, din, dout, bias| Linear::read(src, p, din, dout, bias);
+    let class_embeddings = src.take("class_embeddings.weight", &[cfg.num_classes + 1, c])?;
+    let embed_positions = src.take("embed_positions.weight", &[n_tokens, c])?;
+    let codevec_mlp = CodeMlp::read(src, "embed_codevecs_mlp", e, CODE_HIDDEN, c, true)?;
+    let src_latents_proj = lin(src, "src_latents_proj", c, c, true)?;
+    let combine_inputs = lin(src, "combine_inputs", 4 * c, c, true)?;
+    let empty_token_emb = src.take("empty_token_emb", &[c])?;
+    let empty_token_pos = src.take("empty_token_pos", &[c])?;
+    let lm_head = lin(src, "lm_head", c, v, true)?;
+    let rope = src.take(ROPE_TABLE, &[n_tokens + 2, 2 * cfg.head_dim()])?;
+    let mixing = src.take(MIXING_COEFFS, &[cfg.num_mixing_layers, cfg.num_heads])?;
+    let final_norm = src.take("llama.norm.weight", &[c])?;
+    let head_mlp = if cfg.use_head_mlp {
+        Some(CodeMlp::read(
+            src,
+            "head_mlp",
+            e,
+            CODE_HIDDEN.max(e),
+            c,
+            false,
+        )?)
+    } else {
+        None
+    };
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for l in 0..cfg.num_layers {
+        let p = format!("llama.layers.{l}.");
+        layers.push(RawLayer {
+            wqkv: lin(src, &format!("{p}attention.wqkv"), c, 3 * c, false)?,
+            wo: lin(src, &format!("{p}attention.wo"), c, c, false)?,
+            w1: lin(src, &format!("{p}feed_forward.w1"), c, f, false)?,
+            w3: lin(src, &format!("{p}feed_forward.w3"), c, f, false)?,
+            w2: lin(src, &format!("{p}feed_forward.w2"), f, c, false)?,
+            attention_norm: src.take(&format!("{p}attention_norm.weight"), &[c])?,
+            ffn_norm: src.take(&format!("{p}ffn_norm.weight"), &[c])?,
+            input_mod: lin(
+                src,
+                &format!("{p}input_modulation.adaLN_modulation.1"),
+                c,
+                2 * c,
+                true,
+            )?,
+            post_attention_mod: lin(
+                src,
+                &format!("{p}post_attention_modulation.adaLN_modulation.1"),
+                c,
+                2 * c,
+                true,
+            )?,
+        });
     }
+    Ok(RawTransformer {
+        class_embeddings,
+        embed_positions,
+        codevec_mlp,
+        src_latents_proj,
+        combine_inputs,
+        empty_token_emb,
+        empty_token_pos,
+        lm_head,
+        head_mlp,
+        rope,
+        mixing,
+        final_norm,
+        layers,
+    })
+}
+
+/// Every transformer-side tensor (everything but the VQ decoder and codebook) a model of
+/// `cfg` with `n_tokens` positions must hold, with its shape.
+pub fn expected_transformer_tensors(
+    cfg: &ModelConfig,
+    n_tokens: usize,
+) -> Vec<(String, Vec<usize>)> {
+    let mut rec = Recorder::default();
+    // A recorder never fails.
+    let _ = read_transformer(cfg, n_tokens, &mut rec);
+    rec.0
+}
+
+/// Every tensor a model file of `cfg` must hold (transformer, codebook, VQ decoder), with
+/// its shape. The one list behind loading, `checkergen init` and `checkergen convert`.
+pub fn expected_tensors(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    let sizes = crate::order::scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
+    let n: usize = sizes.iter().map(|s| s * s).sum();
+    let mut t = expected_transformer_tensors(cfg, n);
+    t.extend(super::decoder::DecoderWeights::expected_tensors(
+        &cfg.decoder,
+    ));
+    Ok(t)
+}
+
+/// Columns [start, start + width) of a row-major (rows x stride) matrix.
+fn sub_cols(w: &[f32], rows: usize, stride: usize, start: usize, width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * width);
+    for r in 0..rows {
+        out.extend_from_slice(&w[r * stride + start..r * stride + start + width]);
+    }
+    out
 }
 
 impl TransformerWeights {
     /// Validate and fold the transformer-side tensors of `map` for configuration `cfg`.
     pub fn from_tensors(cfg: &ModelConfig, map: &TensorMap, n_tokens: usize) -> Result<Self> {
-        for (name, shape) in expected_transformer_tensors(cfg, n_tokens) {
-            take_shape(map, &name, &shape)?;
+        let mut src = MapSource::new(map, "");
+        let raw = read_transformer(cfg, n_tokens, &mut src)?;
+        let mut codebook = src.take(CODEBOOK, &[cfg.codebook_size(), cfg.code_dim()])?;
+        if cfg.decoder.normalize {
+            normalize_rows(&mut codebook, cfg.code_dim());
         }
+        Ok(Self::fold(cfg, raw, codebook, n_tokens))
+    }
+
+    fn fold(cfg: &ModelConfig, raw: RawTransformer, codebook: Vec<f32>, n: usize) -> Self {
         let c = cfg.hidden_size;
         let d = cfg.head_dim();
-        let e = cfg.code_dim();
         let v = cfg.codebook_size();
-        let f = cfg.ffn_dim;
-        let mut codebook = take(map, CODEBOOK, &[v, e])?;
-        if cfg.decoder.normalize {
-            normalize_rows(&mut codebook, e);
-        }
-        let lin = |p: &str, din, dout, bias| Linear::load(map, p, din, dout, bias);
-        let mut head = lin("lm_head", c, v, true)?;
-        if cfg.use_head_mlp {
-            let h = 64.max(e);
-            let mlp = CodeMlp {
-                l0: lin("head_mlp.net.0", e, h, true)?,
-                l2: lin("head_mlp.net.2", h, h, true)?,
-                l4: lin("head_mlp.net.4", h, c, false)?,
-            };
+        let mut head = raw.lm_head;
+        if let Some(mlp) = &raw.head_mlp {
             let extra = mlp.forward(&codebook, v);
             head.w.iter_mut().zip(extra).for_each(|(w, x)| *w += x);
         }
         // RoPE: each (re, im) pair normalized to unit length (UnitNormComplex).
-        let table = take(map, ROPE_TABLE, &[n_tokens + 2, 2 * d])?;
-        let mut rope_re = vec![0.0; (n_tokens + 2) * d];
-        let mut rope_im = vec![0.0; (n_tokens + 2) * d];
-        for (i, pair) in table.chunks_exact(2).enumerate() {
-            let n = (pair[0] * pair[0] + pair[1] * pair[1]).sqrt().max(1e-12);
-            rope_re[i] = pair[0] / n;
-            rope_im[i] = pair[1] / n;
+        let mut rope_re = vec![0.0; (n + 2) * d];
+        let mut rope_im = vec![0.0; (n + 2) * d];
+        for (i, pair) in raw.rope.chunks_exact(2).enumerate() {
+            let norm = (pair[0] * pair[0] + pair[1] * pair[1]).sqrt().max(1e-12);
+            rope_re[i] = pair[0] / norm;
+            rope_im[i] = pair[1] / norm;
         }
-        let mix = take(
-            map,
-            "llama.rotary_emb.mixing_coeffs",
-            &[cfg.num_mixing_layers, cfg.num_heads],
-        )?
-        .into_iter()
-        .map(ops::sigmoid)
-        .collect();
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for l in 0..cfg.num_layers {
-            let p = format!("llama.layers.{l}.");
-            layers.push(Layer {
-                wqkv: lin(&format!("{p}attention.wqkv"), c, 3 * c, false)?,
-                wo: lin(&format!("{p}attention.wo"), c, c, false)?,
-                w1: lin(&format!("{p}feed_forward.w1"), c, f, false)?,
-                w3: lin(&format!("{p}feed_forward.w3"), c, f, false)?,
-                w2: lin(&format!("{p}feed_forward.w2"), f, c, false)?,
-                attention_norm: take(map, &format!("{p}attention_norm.weight"), &[c])?,
-                ffn_norm: take(map, &format!("{p}ffn_norm.weight"), &[c])?,
-                input_mod: lin(
-                    &format!("{p}input_modulation.adaLN_modulation.1"),
-                    c,
-                    2 * c,
-                    true,
-                )?,
-                post_attention_mod: lin(
-                    &format!("{p}post_attention_modulation.adaLN_modulation.1"),
-                    c,
-                    2 * c,
-                    true,
-                )?,
-            });
-        }
-        Ok(TransformerWeights {
-            class_embeddings: take(map, "class_embeddings.weight", &[cfg.num_classes + 1, c])?,
-            embed_positions: take(map, "embed_positions.weight", &[n_tokens, c])?,
-            codevec_mlp: CodeMlp {
-                l0: lin("embed_codevecs_mlp.net.0", e, 64, true)?,
-                l2: lin("embed_codevecs_mlp.net.2", 64, 64, true)?,
-                l4: lin("embed_codevecs_mlp.net.4", 64, c, true)?,
+        let mix = raw.mixing.into_iter().map(math::sigmoid).collect();
+
+        // combine_inputs = [Wa | Wb | Wc | Wd] (C x 4C) folded into tables.
+        let wc = &raw.combine_inputs.w;
+        let block = |k: usize| sub_cols(wc, c, 4 * c, k * c, c);
+        let (wa, wb, wcp, wd) = (block(0), block(1), block(2), block(3));
+        let mut pa = vec![0.0; n * c];
+        math::matmul_bt(&raw.embed_positions, &wa, &mut pa, n, c, c, 0.0);
+        let mut pc = vec![0.0; n * c];
+        math::matmul_bt(&raw.embed_positions, &wcp, &mut pc, n, c, c, 0.0);
+        let ecb = raw.codevec_mlp.forward(&codebook, v); // (V, C)
+        let mut dc = vec![0.0; v * c];
+        math::matmul_bt(&ecb, &wd, &mut dc, v, c, c, 0.0);
+        let mut empty = vec![0.0; c];
+        math::matmul_bt(&raw.empty_token_pos, &wcp, &mut empty, 1, c, c, 0.0);
+        math::matmul_bt(&raw.empty_token_emb, &wd, &mut empty, 1, c, c, 1.0);
+        // src_fold = Wb Wsrc W4 (C x 64); bias Wb (Wsrc b4 + bsrc).
+        let (l4, sp) = (&raw.codevec_mlp.l4, &raw.src_latents_proj);
+        let h = CODE_HIDDEN;
+        let mut ws_w4 = vec![0.0; c * h];
+        math::matmul(&sp.w, &l4.w, &mut ws_w4, c, c, h, 0.0);
+        let mut fold_w = vec![0.0; c * h];
+        math::matmul(&wb, &ws_w4, &mut fold_w, c, c, h, 0.0);
+        let mut inner = sp.b.clone().expect("src_latents_proj has a bias");
+        math::matmul_bt(
+            l4.b.as_deref().expect("code MLP output has a bias"),
+            &sp.w,
+            &mut inner,
+            1,
+            c,
+            c,
+            1.0,
+        );
+        let mut fold_b = vec![0.0; c];
+        math::matmul_bt(&inner, &wb, &mut fold_b, 1, c, c, 0.0);
+        let tables = InputTables {
+            pa,
+            pc,
+            dc,
+            empty,
+            bias: raw.combine_inputs.b.expect("combine_inputs has a bias"),
+        };
+        let layers = raw
+            .layers
+            .into_iter()
+            .map(|l| Layer {
+                wqkv: l.wqkv,
+                wo: l.wo,
+                w13: l.w1.stack(l.w3),
+                w2: l.w2,
+                attention_norm: l.attention_norm,
+                ffn_norm: l.ffn_norm,
+                modulation: l.input_mod.stack(l.post_attention_mod),
+            })
+            .collect();
+        TransformerWeights {
+            class_embeddings: raw.class_embeddings,
+            code_hidden: raw.codevec_mlp.hidden,
+            src_fold: Linear {
+                w: fold_w,
+                b: Some(fold_b),
+                din: h,
+                dout: c,
             },
-            src_latents_proj: lin("src_latents_proj", c, c, true)?,
-            combine_inputs: lin("combine_inputs", 4 * c, c, true)?,
-            empty_token_emb: take(map, "empty_token_emb", &[c])?,
-            empty_token_pos: take(map, "empty_token_pos", &[c])?,
+            tables,
             head,
             rope_re,
             rope_im,
             mix,
             layers,
-            final_norm: take(map, "llama.norm.weight", &[c])?,
+            final_norm: raw.final_norm,
             codebook,
-            n_tokens,
-        })
-    }
-}
-
-fn take_shape(map: &TensorMap, name: &str, shape: &[usize]) -> Result<()> {
-    match map.get(name) {
-        None => bail!("missing tensor `{name}` (expected shape {shape:?})"),
-        Some(Tensor { shape: s, .. }) if s != shape => {
-            bail!("tensor `{name}` has shape {s:?}, expected {shape:?} for this configuration")
+            n_tokens: n,
         }
-        Some(_) => Ok(()),
     }
 }

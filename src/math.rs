@@ -1,5 +1,6 @@
-//! Dense f32 building blocks shared by the transformer and the VQ decoder.
-//! Matrix products go through `matrixmultiply` (packed, SIMD, multi-threaded), never naive loops.
+//! Dense f32 maths at the bottom of the crate: GEMMs (through `matrixmultiply`: packed, SIMD,
+//! multi-threaded, never naive loops), the activation functions and row normalization. Used by
+//! load-time folding (model/) and by the CPU backend's ops (cpu/ops/); depends on nothing.
 
 /// C (m x n) = A (m x k) @ B^T where B is stored (n x k) row-major, i.e. a PyTorch Linear
 /// weight `[out, in]`. `beta` = 0 overwrites C, 1 accumulates into it.
@@ -218,6 +219,14 @@ pub fn exp_fast(x: f32) -> f32 {
 pub fn silu_inplace(xs: &mut [f32]) {
     for v in xs.iter_mut() {
         *v /= 1.0 + exp_fast(-*v);
+    }
+}
+
+/// L2-normalize each row of a (rows, dim) matrix like `F.normalize(eps=1e-12)`.
+pub fn normalize_rows(x: &mut [f32], dim: usize) {
+    for row in x.chunks_exact_mut(dim) {
+        let n = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|v| *v /= n);
     }
 }
 

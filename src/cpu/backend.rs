@@ -1,0 +1,186 @@
+//! The f32 CPU backend of the step loop: host grids, [`CpuTransformer`] for the steps, the
+//! per-kernel references of [`crate::cpu::ops`] for everything around them, and the f32 VQ
+//! decoder.
+
+use super::ops::{self, sampling::StepKnobs};
+use super::transformer::CpuTransformer;
+use crate::model::Model;
+use crate::model::config::ModelConfig;
+use crate::model::decoder::DecoderWeights;
+use crate::model::weights::TransformerWeights;
+use crate::order::{Schedule, Step};
+use crate::pipeline::{Backend, Decoded, SampleOptions, StepChoice, TokenOutput, run_steps};
+use anyhow::{Context, Result};
+
+/// The f32 CPU backend.
+pub struct CpuBackend<'w> {
+    cfg: &'w ModelConfig,
+    w: &'w TransformerWeights,
+    /// None: a transformer-only backend (golden token tests); `decode` then fails.
+    decoder: Option<&'w DecoderWeights>,
+    tf: Option<CpuTransformer<'w>>,
+    batch: usize,
+    guided: bool,
+    /// Finished grids, one per scale, and the grid of the current scale.
+    grids: Vec<Vec<u32>>,
+    grid: Vec<u32>,
+    /// src_fold(h(z0)) of every cell of the current scale, (B, s*s, C).
+    src: Vec<f32>,
+}
+
+impl<'w> CpuBackend<'w> {
+    /// A backend for a whole loaded model (sampling and decoding).
+    pub fn new(model: &'w Model) -> Self {
+        Self::with_parts(&model.config, &model.weights, Some(&model.decoder))
+    }
+
+    /// A backend from the transformer weights alone (and optionally a decoder).
+    pub fn with_parts(
+        cfg: &'w ModelConfig,
+        w: &'w TransformerWeights,
+        decoder: Option<&'w DecoderWeights>,
+    ) -> Self {
+        CpuBackend {
+            cfg,
+            w,
+            decoder,
+            tf: None,
+            batch: 0,
+            guided: false,
+            grids: Vec::new(),
+            grid: Vec::new(),
+            src: Vec::new(),
+        }
+    }
+}
+
+/// Run the token loop on the CPU from transformer weights alone (no decode).
+pub fn sample_tokens(
+    cfg: &ModelConfig,
+    w: &TransformerWeights,
+    o: &SampleOptions,
+) -> Result<TokenOutput> {
+    run_steps(&mut CpuBackend::with_parts(cfg, w, None), o)
+}
+
+impl Backend for CpuBackend<'_> {
+    fn config(&self) -> &ModelConfig {
+        self.cfg
+    }
+
+    fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()> {
+        let (w, c) = (self.w, self.cfg.hidden_size);
+        let n_total = schedule.total_tokens();
+        let mut classes = labels.to_vec();
+        if guided {
+            classes.extend(std::iter::repeat_n(self.cfg.num_classes, labels.len()));
+        }
+        let mut tf = CpuTransformer::new(self.cfg, w, &classes, 1 + n_total);
+        // Class token: input class_embeddings[label], RoPE row N for both positions.
+        let mut x = Vec::with_capacity(classes.len() * c);
+        for &cls in &classes {
+            x.extend_from_slice(&w.class_embeddings[cls * c..(cls + 1) * c]);
+        }
+        tf.forward(&mut x, &[n_total], &[n_total]);
+        self.tf = Some(tf);
+        self.batch = labels.len();
+        self.guided = guided;
+        self.grids.clear();
+        Ok(())
+    }
+
+    fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()> {
+        let (w, b, e) = (self.w, self.batch, self.cfg.code_dim());
+        let s = schedule.scales[si].size;
+        let cells = b * s * s;
+        // z0 (B, s*s, e): zeros on the first scale, else upscaled previous codes.
+        let z0 = if si == 0 {
+            vec![0.0f32; cells * e]
+        } else {
+            let sp = schedule.scales[si - 1].size;
+            ops::upsample_codes(&w.codebook, e, &self.grids[si - 1], b, sp, s)
+        };
+        let hid = ops::codevec_hidden(&w.code_hidden, &z0, cells);
+        self.src = w.src_fold.forward(&hid, cells);
+        self.grid = vec![u32::MAX; cells];
+        Ok(())
+    }
+
+    fn step(
+        &mut self,
+        schedule: &Schedule,
+        step: &Step,
+        ch: &StepChoice,
+    ) -> Result<Option<Vec<f32>>> {
+        let (w, b) = (self.w, self.batch);
+        let v = self.cfg.codebook_size();
+        let scale = &schedule.scales[step.scale];
+        let cells = scale.size * scale.size;
+        let n = step.positions.len();
+        let tf = self.tf.as_mut().context("step before begin")?;
+        let rows = tf.rows();
+        let cur: Vec<usize> = schedule.global_positions(step);
+        let prev_global: Option<Vec<usize>> = step
+            .prev
+            .as_ref()
+            .map(|q| q.iter().map(|p| scale.offset + p).collect());
+        let mut x = ops::gather_inputs(
+            &w.tables,
+            &self.src,
+            &self.grid,
+            &cur,
+            &step.positions,
+            prev_global.as_deref().zip(step.prev.as_deref()),
+            rows,
+            b,
+            cells,
+        );
+        // RoPE rows: the cell's own position, and its paired previous-block cell (row N+1,
+        // "empty", on a scale's first step).
+        let prev_rope = prev_global.unwrap_or_else(|| vec![schedule.total_tokens() + 1; n]);
+        tf.forward(&mut x, &cur, &prev_rope);
+        let mut logits = tf.logits(&x); // (rows, n, V)
+        let knobs = StepKnobs {
+            batch: b,
+            vocab: v,
+            cells,
+            guidance: if self.guided { ch.guidance } else { None },
+            policy: ch.policy,
+            seed: ch.seed,
+            step: step.t as u32,
+        };
+        ops::guided_sample(
+            &knobs,
+            &mut logits,
+            &step.positions,
+            &cur,
+            ch.forced,
+            &mut self.grid,
+        );
+        logits.truncate(b * n * v);
+        let last_step_of_scale = step.t + 1 == scale.first_step + scale.steps;
+        if last_step_of_scale {
+            debug_assert!(self.grid.iter().all(|&t| t != u32::MAX));
+            self.grids.push(std::mem::take(&mut self.grid));
+        }
+        Ok(ch.record.then_some(logits))
+    }
+
+    fn finish(&mut self, _schedule: &Schedule) -> Result<Vec<Vec<u32>>> {
+        self.tf = None;
+        Ok(self.grids.clone())
+    }
+
+    fn decode(&mut self, schedule: &Schedule) -> Result<Decoded> {
+        let dec = self
+            .decoder
+            .context("this CPU backend was built without a decoder")?;
+        let s = schedule.scales.last().context("no scales")?.size;
+        let last = self.grids.last().context("decode before a batch ran")?;
+        let images = dec.decode_tokens(last, self.batch, s);
+        Ok(Decoded {
+            pixels: ops::pixels(&images),
+            images: Some(images),
+        })
+    }
+}

@@ -1,0 +1,29 @@
+//! The CPU reference of every CUDA kernel family: one public function per kernel (or fused
+//! kernel group), with the kernel's inputs, layouts and numerics (f32, accumulation order
+//! noted where it matters). The CPU backend is composed from these, and every GPU test
+//! compares a kernel against its function here. One file per kernels/*.cu file:
+//!
+//! | file          | kernels/           | functions                                                |
+//! |---------------|--------------------|----------------------------------------------------------|
+//! | norm.rs       | norm.cu            | rmsnorm_adaln, silu_mul, add_bias                        |
+//! | embed.rs      | embed.cu           | upsample_codes, codevec_hidden, gather_inputs            |
+//! | attention.rs  | attention.cu       | rope_kv_append, attention (optional block-causal mask)   |
+//! | sampling.rs   | sampling.cu        | guided_sample                                            |
+//! | decoder.rs    | decoder.cu         | conv2d (1x1, 3x3), group_norm(+SiLU), upsample_nearest2, |
+//! |               |                    | softmax_rows, spatial_attention, gather_codes, pixels    |
+//!
+//! cuBLAS GEMMs (`cuda::gemm`) are checked against [`crate::math::linear`].
+
+pub mod attention;
+pub mod decoder;
+pub mod embed;
+pub mod norm;
+pub mod sampling;
+
+pub use attention::{AttnShape, attention, rope_kv_append};
+pub use decoder::{
+    conv2d, gather_codes, group_norm, pixels, softmax_rows, spatial_attention, upsample_nearest2,
+};
+pub use embed::{codevec_hidden, gather_inputs, upsample_bilinear, upsample_codes};
+pub use norm::{add_bias, rmsnorm_adaln, silu_mul};
+pub use sampling::guided_sample;

@@ -1,0 +1,221 @@
+//! VQ decoder weights (LlamaGen VQ-16 layout; SPEC.md section 7): every tensor name written
+//! once in the builder below, which both loads (validating through a [`MapSource`]) and lists
+//! ([`DecoderWeights::expected_tensors`]). The maths lives in `cpu::decoder` and
+//! `cuda::decoder`, which read these structs.
+
+use super::config::DecoderConfig;
+use super::file::TensorMap;
+use super::source::{MapSource, Recorder, Source};
+use super::weights::CODEBOOK;
+use crate::math::normalize_rows;
+use anyhow::{Result, bail};
+
+/// GroupNorm groups and epsilon of every norm in the decoder.
+pub const GN_GROUPS: usize = 32;
+pub const GN_EPS: f32 = 1e-6;
+
+/// Conv2d with bias, kernel 1 (padding 0) or 3 (padding 1), stride 1.
+pub struct Conv {
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub weight: Vec<f32>, // (Cout, Cin*k*k), PyTorch (Cout, Cin, k, k) flattened
+    pub bias: Vec<f32>,   // (Cout,)
+}
+
+/// GroupNorm(32 groups, eps 1e-6, affine).
+pub struct GroupNorm {
+    pub gamma: Vec<f32>, // (C,)
+    pub beta: Vec<f32>,  // (C,)
+}
+
+/// GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3, plus the input (1x1 `nin_shortcut` when the
+/// channel count changes).
+pub struct ResBlock {
+    pub norm1: GroupNorm,
+    pub conv1: Conv,
+    pub norm2: GroupNorm,
+    pub conv2: Conv,
+    pub nin_shortcut: Option<Conv>,
+}
+
+/// Single-head spatial self-attention over all H*W positions, plus the input.
+pub struct AttnBlock {
+    pub norm: GroupNorm,
+    pub q: Conv,
+    pub k: Conv,
+    pub v: Conv,
+    pub proj_out: Conv,
+}
+
+/// One resolution level of the upsampling path (`conv_blocks.{i}`).
+pub struct Level {
+    pub res: Vec<ResBlock>,
+    pub attn: Vec<AttnBlock>, // empty, or one per ResBlock
+    pub upsample: Option<Conv>,
+}
+
+/// The VQ codebook plus decoder: code vectors or token maps to images in [-1, 1]-ish.
+pub struct DecoderWeights {
+    pub cfg: DecoderConfig,
+    pub codebook: Vec<f32>, // (V, e), rows L2-normalized when cfg.normalize
+    pub post_quant_conv: Conv,
+    pub conv_in: Conv,
+    pub mid: (ResBlock, AttnBlock, ResBlock),
+    pub levels: Vec<Level>,
+    pub norm_out: GroupNorm,
+    pub conv_out: Conv,
+}
+
+fn conv(src: &mut dyn Source, name: &str, cin: usize, cout: usize, k: usize) -> Result<Conv> {
+    Ok(Conv {
+        cin,
+        cout,
+        k,
+        weight: src.take(&format!("{name}.weight"), &[cout, cin, k, k])?,
+        bias: src.take(&format!("{name}.bias"), &[cout])?,
+    })
+}
+
+fn group_norm(src: &mut dyn Source, name: &str, c: usize) -> Result<GroupNorm> {
+    Ok(GroupNorm {
+        gamma: src.take(&format!("{name}.weight"), &[c])?,
+        beta: src.take(&format!("{name}.bias"), &[c])?,
+    })
+}
+
+fn res_block(src: &mut dyn Source, name: &str, cin: usize, cout: usize) -> Result<ResBlock> {
+    Ok(ResBlock {
+        norm1: group_norm(src, &format!("{name}.norm1"), cin)?,
+        conv1: conv(src, &format!("{name}.conv1"), cin, cout, 3)?,
+        norm2: group_norm(src, &format!("{name}.norm2"), cout)?,
+        conv2: conv(src, &format!("{name}.conv2"), cout, cout, 3)?,
+        nin_shortcut: if cin != cout {
+            Some(conv(src, &format!("{name}.nin_shortcut"), cin, cout, 1)?)
+        } else {
+            None
+        },
+    })
+}
+
+fn attn_block(src: &mut dyn Source, name: &str, c: usize) -> Result<AttnBlock> {
+    Ok(AttnBlock {
+        norm: group_norm(src, &format!("{name}.norm"), c)?,
+        q: conv(src, &format!("{name}.q"), c, c, 1)?,
+        k: conv(src, &format!("{name}.k"), c, c, 1)?,
+        v: conv(src, &format!("{name}.v"), c, c, 1)?,
+        proj_out: conv(src, &format!("{name}.proj_out"), c, c, 1)?,
+    })
+}
+
+impl DecoderWeights {
+    fn check_config(cfg: &DecoderConfig) -> Result<()> {
+        if cfg.ch_mult.is_empty() || cfg.ch == 0 || cfg.ch_mult.contains(&0) {
+            bail!("decoder config: ch and every ch_mult entry must be positive");
+        }
+        if cfg.embed_dim == 0 || cfg.n_embed == 0 || cfg.z_channels == 0 {
+            bail!("decoder config: embed_dim, n_embed and z_channels must be positive");
+        }
+        if cfg.num_res_blocks == 0 {
+            // One ResBlock per level would still be well-defined (num_res_blocks + 1), but no
+            // released model uses it; reject rather than guess.
+            bail!("decoder config: num_res_blocks must be at least 1");
+        }
+        if cfg
+            .ch_mult
+            .iter()
+            .any(|m| !(cfg.ch * m).is_multiple_of(GN_GROUPS))
+        {
+            bail!("decoder config: every level's channel count must be a multiple of {GN_GROUPS}");
+        }
+        Ok(())
+    }
+
+    /// Build the decoder, reading every tensor through `src` (in state-dict order).
+    fn build(cfg: &DecoderConfig, src: &mut dyn Source) -> Result<DecoderWeights> {
+        Self::check_config(cfg)?;
+        let d = "autoenc.decoder";
+        let nl = cfg.ch_mult.len();
+        let mut c = cfg.ch * cfg.ch_mult[nl - 1];
+        let conv_in = conv(src, &format!("{d}.conv_in"), cfg.z_channels, c, 3)?;
+        let mid = (
+            res_block(src, &format!("{d}.mid.0"), c, c)?,
+            attn_block(src, &format!("{d}.mid.1"), c)?,
+            res_block(src, &format!("{d}.mid.2"), c, c)?,
+        );
+        let mut levels = Vec::with_capacity(nl);
+        for i in 0..nl {
+            // conv_blocks.i is resolution level nl-1-i; level 0 (full resolution) is last.
+            let name = format!("{d}.conv_blocks.{i}");
+            let cout = cfg.ch * cfg.ch_mult[nl - 1 - i];
+            let (mut res, mut attn) = (Vec::new(), Vec::new());
+            for j in 0..=cfg.num_res_blocks {
+                res.push(res_block(src, &format!("{name}.res.{j}"), c, cout)?);
+                c = cout;
+            }
+            if i == 0 {
+                for j in 0..=cfg.num_res_blocks {
+                    attn.push(attn_block(src, &format!("{name}.attn.{j}"), c)?);
+                }
+            }
+            let upsample = if i + 1 < nl {
+                Some(conv(src, &format!("{name}.upsample.conv"), c, c, 3)?)
+            } else {
+                None
+            };
+            levels.push(Level {
+                res,
+                attn,
+                upsample,
+            });
+        }
+        let norm_out = group_norm(src, &format!("{d}.norm_out"), c)?;
+        let conv_out = conv(src, &format!("{d}.conv_out"), c, 3, 3)?;
+
+        let mut codebook = src.take(CODEBOOK, &[cfg.n_embed, cfg.embed_dim])?;
+        if cfg.normalize {
+            normalize_rows(&mut codebook, cfg.embed_dim);
+        }
+        let post_quant_conv = conv(
+            src,
+            "autoenc.post_quant_conv",
+            cfg.embed_dim,
+            cfg.z_channels,
+            1,
+        )?;
+        Ok(DecoderWeights {
+            cfg: cfg.clone(),
+            codebook,
+            post_quant_conv,
+            conv_in,
+            mid,
+            levels,
+            norm_out,
+            conv_out,
+        })
+    }
+
+    /// Load from a state dict (extra tensors are ignored). A missing or misshaped tensor is an
+    /// error naming it, with the expected and found shapes.
+    pub fn from_tensors(cfg: &DecoderConfig, map: &TensorMap) -> Result<DecoderWeights> {
+        Self::build(cfg, &mut MapSource::new(map, "decoder weights: "))
+    }
+
+    /// Every tensor (name, shape) the decoder, codebook and post_quant_conv need, in the
+    /// reference's state-dict order. Empty for a configuration that `from_tensors` rejects
+    /// (the config is checked before the first tensor is requested).
+    pub fn expected_tensors(cfg: &DecoderConfig) -> Vec<(String, Vec<usize>)> {
+        let mut rec = Recorder::default();
+        let _ = Self::build(cfg, &mut rec);
+        rec.0
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    /// The codebook (V, e), rows L2-normalized when `normalize` is set.
+    pub fn codebook(&self) -> &[f32] {
+        &self.codebook
+    }
+}

@@ -1,0 +1,250 @@
+//! The serial step loop (SPEC.md sections 5-6), written once against the [`Backend`] trait:
+//! class-token prefill ([`Backend::begin`]), per scale the upscaled source latents
+//! ([`Backend::begin_scale`]), per serial step the input gather, transformer step, guided token
+//! choice and scatter into the scale grid ([`Backend::step`]), and the final decode
+//! ([`Backend::decode`]). [`sample`] is the one entry point; backends: `cpu::CpuBackend`
+//! (f32 reference) and `cuda::engine::GpuBackend`.
+
+use crate::model::config::ModelConfig;
+use crate::order::{Schedule, Step, scale_sizes};
+use crate::sampling::TokenPolicy;
+use anyhow::{Result, bail};
+use std::time::Instant;
+
+/// The released sampling command's settings (the authors' README: `--cfg 1.5
+/// --steps_per_scale 4`, cfg_start_step 5, temperature 1): the defaults everywhere.
+pub const DEFAULT_CFG: f32 = 1.5;
+pub const DEFAULT_CFG_START_STEP: usize = 5;
+pub const DEFAULT_STEPS_PER_SCALE: usize = 4;
+pub const DEFAULT_TEMPERATURE: f32 = 1.0;
+
+/// Steps per scale: the same k everywhere, or one value per scale.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Steps {
+    Uniform(usize),
+    PerScale(Vec<usize>),
+}
+
+/// Everything one sampling call needs besides the model.
+#[derive(Clone, Debug)]
+pub struct SampleOptions {
+    /// One class id per image.
+    pub labels: Vec<usize>,
+    /// Guidance strength (the reference's `cfg`: logits = cond + cfg * (cond - uncond));
+    /// 0 disables guidance and the unconditional half.
+    pub cfg: f32,
+    /// First global step at which guidance applies.
+    pub cfg_start_step: usize,
+    pub steps: Steps,
+    pub policy: TokenPolicy,
+    pub seed: u64,
+    /// Teacher forcing: per scale, (B, s, s) raster tokens to use instead of sampling.
+    pub forced_tokens: Option<Vec<Vec<u32>>>,
+    /// Keep every step's post-guidance logits of the conditional rows.
+    pub record_logits: bool,
+}
+
+impl SampleOptions {
+    /// The released sampling settings (the `DEFAULT_*` constants) for `labels`.
+    pub fn new(labels: Vec<usize>) -> Self {
+        SampleOptions {
+            labels,
+            cfg: DEFAULT_CFG,
+            cfg_start_step: DEFAULT_CFG_START_STEP,
+            steps: Steps::Uniform(DEFAULT_STEPS_PER_SCALE),
+            policy: TokenPolicy {
+                temperature: DEFAULT_TEMPERATURE,
+                top_k: None,
+                top_p: None,
+            },
+            seed: 0,
+            forced_tokens: None,
+            record_logits: false,
+        }
+    }
+}
+
+/// Result of the token loop.
+#[derive(Clone, Debug)]
+pub struct TokenOutput {
+    pub schedule: Schedule,
+    /// Per scale, ascending size: (B, s, s) token ids in raster order.
+    pub tokens: Vec<Vec<u32>>,
+    /// If recorded: per step, (B, n_t, V) logits used for the choice (after guidance).
+    pub step_logits: Vec<Vec<f32>>,
+    /// Wall time of each serial step in milliseconds.
+    pub step_ms: Vec<f64>,
+    /// Wall time of the class-token prefill in milliseconds.
+    pub prefill_ms: f64,
+}
+
+/// Check a request against a model configuration; every error is one line.
+pub fn validate_options(cfg: &ModelConfig, scale_count: usize, o: &SampleOptions) -> Result<()> {
+    if o.labels.is_empty() {
+        bail!("no labels: give at least one class id");
+    }
+    if let Some(&bad) = o.labels.iter().find(|&&l| l >= cfg.num_classes) {
+        bail!(
+            "class id {bad} is out of range: this model has {} classes (0..{})",
+            cfg.num_classes,
+            cfg.num_classes - 1
+        );
+    }
+    match &o.steps {
+        Steps::Uniform(0) => bail!("steps per scale must be at least 1"),
+        Steps::PerScale(v) if v.len() != scale_count => bail!(
+            "{} per-scale step counts given, but the model has {scale_count} scales",
+            v.len()
+        ),
+        Steps::PerScale(v) if v.contains(&0) => bail!("steps per scale must be at least 1"),
+        _ => {}
+    }
+    if !o.cfg.is_finite() || o.cfg < 0.0 {
+        bail!("cfg must be a finite number >= 0, got {}", o.cfg);
+    }
+    let t = o.policy.temperature;
+    if !t.is_finite() || t < 0.0 {
+        bail!("temperature must be a finite number >= 0, got {t}");
+    }
+    if o.policy.top_k == Some(0) {
+        bail!("top-k must be at least 1");
+    }
+    if let Some(p) = o.policy.top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        bail!("top-p must be in (0, 1], got {p}");
+    }
+    Ok(())
+}
+
+/// How one step chooses its tokens.
+pub struct StepChoice<'a> {
+    /// Guidance strength when guidance applies at this step (cfg > 0 and t >= cfg_start_step).
+    pub guidance: Option<f32>,
+    pub policy: &'a TokenPolicy,
+    pub seed: u64,
+    /// Teacher forcing: this scale's (B, s, s) tokens.
+    pub forced: Option<&'a [u32]>,
+    /// Return the step's post-guidance logits of the conditional rows, (B, n, V).
+    pub record: bool,
+}
+
+/// Images decoded from the last scale of a finished batch.
+pub struct Decoded {
+    /// (B, 3, H, W) 8-bit pixels.
+    pub pixels: Vec<u8>,
+    /// (B, 3, H, W) raw decoder output in about [-1, 1], when the backend keeps it (the CPU
+    /// does; the GPU copies back only 8-bit pixels).
+    pub images: Option<Vec<f32>>,
+}
+
+/// What the serial step loop needs from a backend (CPU f32 reference, CUDA).
+pub trait Backend {
+    /// The configuration of the model this backend runs.
+    fn config(&self) -> &ModelConfig;
+    /// Start a batch of `labels` (doubled with null-class rows when `guided`): allocate the
+    /// KV cache and grids, compute AdaLN modulations, run the class token.
+    fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()>;
+    /// Start scale `si`: z0 from the previous scale's grid, and its source embeddings.
+    fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()>;
+    /// One serial step: inputs, transformer, guidance, token choice, scatter into the grid.
+    fn step(
+        &mut self,
+        schedule: &Schedule,
+        step: &Step,
+        choice: &StepChoice,
+    ) -> Result<Option<Vec<f32>>>;
+    /// The sampled grids, per scale (B, s, s), raster order.
+    fn finish(&mut self, schedule: &Schedule) -> Result<Vec<Vec<u32>>>;
+    /// Decode the last scale of the finished batch (conditional rows only: both guidance
+    /// halves share tokens). After `finish`.
+    fn decode(&mut self, schedule: &Schedule) -> Result<Decoded>;
+}
+
+/// Tokens and decoded images of one sampling call.
+pub struct Samples {
+    pub tokens: TokenOutput,
+    /// (B, 3, H, W) 8-bit pixels.
+    pub pixels: Vec<u8>,
+    /// (B, 3, H, W) raw decoder output (CPU backend only).
+    pub images: Option<Vec<f32>>,
+    /// Image side H = W.
+    pub image_size: usize,
+    pub decode_ms: f64,
+}
+
+/// Sample token pyramids and decode the last scale to images: the one entry point.
+pub fn sample<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Result<Samples> {
+    let tokens = run_steps(backend, o)?;
+    let t = Instant::now();
+    let d = backend.decode(&tokens.schedule)?;
+    let cfg = backend.config();
+    Ok(Samples {
+        tokens,
+        pixels: d.pixels,
+        images: d.images,
+        image_size: cfg.img_size,
+        decode_ms: t.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// Run the token loop of SPEC.md section 5 on any backend.
+pub fn run_steps<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Result<TokenOutput> {
+    let cfg = backend.config().clone();
+    let cfg = &cfg;
+    let scale_sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
+    let scale_sizes = scale_sizes.as_slice();
+    validate_options(cfg, scale_sizes.len(), o)?;
+    let schedule = match &o.steps {
+        Steps::Uniform(k) => Schedule::uniform(scale_sizes, *k)?,
+        Steps::PerScale(v) => Schedule::with_steps(scale_sizes, v)?,
+    };
+    let b = o.labels.len();
+    let v = cfg.codebook_size();
+    if let Some(f) = &o.forced_tokens {
+        if f.len() != scale_sizes.len()
+            || f.iter()
+                .zip(scale_sizes)
+                .any(|(t, &s)| t.len() != b * s * s)
+        {
+            bail!("forced tokens must hold (B, s, s) ids for every scale");
+        }
+        if f.iter().flatten().any(|&t| t as usize >= v) {
+            bail!("forced token id out of range (codebook has {v} entries)");
+        }
+    }
+    let guided = o.cfg > 0.0;
+    let t0 = Instant::now();
+    backend.begin(&schedule, &o.labels, guided)?;
+    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut step_logits = Vec::new();
+    let mut step_ms = Vec::new();
+    for si in 0..schedule.scales.len() {
+        let ts = Instant::now();
+        backend.begin_scale(&schedule, si)?;
+        let mut carry = ts.elapsed().as_secs_f64() * 1e3; // charged to the scale's first step
+        for step in schedule.steps.iter().filter(|st| st.scale == si) {
+            let ts = Instant::now();
+            let choice = StepChoice {
+                guidance: (guided && step.t >= o.cfg_start_step).then_some(o.cfg),
+                policy: &o.policy,
+                seed: o.seed,
+                forced: o.forced_tokens.as_ref().map(|f| f[si].as_slice()),
+                record: o.record_logits,
+            };
+            if let Some(l) = backend.step(&schedule, step, &choice)? {
+                step_logits.push(l);
+            }
+            step_ms.push(ts.elapsed().as_secs_f64() * 1e3 + carry);
+            carry = 0.0;
+        }
+    }
+    let tokens = backend.finish(&schedule)?;
+    Ok(TokenOutput {
+        schedule,
+        tokens,
+        step_logits,
+        step_ms,
+        prefill_ms,
+    })
+}
