@@ -22,11 +22,12 @@
 //! the other residual buffer). AttnBlock: GN, one stacked q|k|v GEMM, scores and P V as
 //! strided-batched cuBLAS GEMMs, row softmax kernel, proj_out GEMM accumulated onto x (beta 1).
 
+use super::gemm::{Operand, gemm};
 use super::{Gpu, norm};
 use crate::model::config::DecoderConfig;
 use crate::model::decoder::{self as host, GN_EPS, GN_GROUPS};
 use anyhow::{Context, Result, ensure};
-use cudarc::cublas::{result::gemm_strided_batched_ex, sys};
+use cudarc::cublas::sys;
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 use std::sync::Mutex;
@@ -349,6 +350,16 @@ pub fn conv3x3<T: Storage>(
     }
 }
 
+/// A 16-bit GEMM operand (address, leading dimension, batch stride) in the storage type.
+fn operand<T: Storage>(ptr: u64, ld: usize, stride: usize) -> Operand {
+    Operand {
+        ptr,
+        dtype: T::CUDA,
+        ld,
+        stride,
+    }
+}
+
 /// `y (rows, Cout) f32 = x (rows, Cin) w^T + bias`, or `y += ...` with `accumulate`: a 1x1
 /// conv on NHWC activations through cuBLAS, then the bias kernel.
 pub fn conv1x1<T: Storage>(
@@ -373,14 +384,18 @@ pub fn conv1x1<T: Storage>(
     // Row-major y (rows, Cout) = x (rows, Cin) w^T is column-major y^T (Cout x rows) =
     // op(A) B with A = w viewed column-major (Cin x Cout, lda Cin) transposed and
     // B = x viewed column-major (Cin x rows, ldb Cin), as gemm.rs `linear`.
-    gemm_batched::<T>(
+    gemm(
         gpu,
         true,
         (cout, rows, cin),
-        (gpu.ptr(&conv.w), cin, 0),
-        (gpu.ptr(x), cin, 0),
-        (gpu.ptr(y), cout, 0),
-        sys::cudaDataType::CUDA_R_32F,
+        operand::<T>(gpu.ptr(&conv.w), cin, 0),
+        operand::<T>(gpu.ptr(x), cin, 0),
+        Operand {
+            ptr: gpu.ptr(y),
+            dtype: sys::cudaDataType::CUDA_R_32F,
+            ld: cout,
+            stride: 0,
+        },
         if accumulate { 1.0 } else { 0.0 },
         1,
     )
@@ -748,60 +763,6 @@ impl<T: Storage> AttnScratch<T> {
     }
 }
 
-/// Strided-batched GEMM on cuBLAS in its column-major terms: C (m x n) = op(A) B (+ beta C),
-/// A and B in T, f32 compute; operands as (raw device address, leading dimension, stride
-/// between batch entries), in elements. Callers check their buffers.
-#[allow(clippy::too_many_arguments)]
-fn gemm_batched<T: Storage>(
-    gpu: &Gpu,
-    trans_a: bool,
-    (m, n, k): (usize, usize, usize),
-    a: (u64, usize, usize),
-    b: (u64, usize, usize),
-    c: (u64, usize, usize),
-    c_type: sys::cudaDataType,
-    beta: f32,
-    batch: usize,
-) -> Result<()> {
-    let alpha = 1.0f32;
-    let op_a = if trans_a {
-        sys::cublasOperation_t::CUBLAS_OP_T
-    } else {
-        sys::cublasOperation_t::CUBLAS_OP_N
-    };
-    // SAFETY: the callers (conv1x1, attn_block) checked every buffer against the GEMM shape;
-    // pointers live for the call and the handle is bound to our stream.
-    unsafe {
-        gemm_strided_batched_ex(
-            *gpu.blas.handle(),
-            op_a,
-            sys::cublasOperation_t::CUBLAS_OP_N,
-            m as i32,
-            n as i32,
-            k as i32,
-            &alpha as *const f32 as *const _,
-            a.0 as *const _,
-            T::CUDA,
-            a.1 as i32,
-            a.2 as i64,
-            b.0 as *const _,
-            T::CUDA,
-            b.1 as i32,
-            b.2 as i64,
-            &beta as *const f32 as *const _,
-            c.0 as *mut _,
-            c_type,
-            c.1 as i32,
-            c.2 as i64,
-            batch as i32,
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-        .context("strided-batched GEMM")?;
-    }
-    Ok(())
-}
-
 /// `x (B, N, C) f32 += proj_out(softmax(q k^T / sqrt(C)) v)` with q, k, v 1x1 convs of
 /// GroupNorm(x): single-head attention over the N = H*W positions of each image.
 pub fn attn_block<T: Storage>(
@@ -830,14 +791,18 @@ pub fn attn_block<T: Storage>(
     let ld = 3 * c;
     // scores (N query, N key) row-major = column-major (key, query): S^T = K Q^T, i.e.
     // op(A) = K^T-view transposed (A = K rows, lda 3C), B = Q rows (ldb 3C).
-    gemm_batched::<T>(
+    gemm(
         gpu,
         true,
         (n, n, c),
-        (k, ld, n * ld),
-        (q, ld, n * ld),
-        (gpu.ptr(&s.scores), n, n * n),
-        sys::cudaDataType::CUDA_R_32F,
+        operand::<T>(k, ld, n * ld),
+        operand::<T>(q, ld, n * ld),
+        Operand {
+            ptr: gpu.ptr(&s.scores),
+            dtype: sys::cudaDataType::CUDA_R_32F,
+            ld: n,
+            stride: n * n,
+        },
         0.0,
         batch,
     )
@@ -852,14 +817,18 @@ pub fn attn_block<T: Storage>(
     )?;
     // out (N, C) row-major = column-major (C, N): O^T = V^T P^T, A = V rows (lda 3C, (C x N)
     // column-major view), B = P rows (ldb N).
-    gemm_batched::<T>(
+    gemm(
         gpu,
         false,
         (c, n, n),
-        (v, ld, n * ld),
-        (gpu.ptr(&s.probs), n, n * n),
-        (gpu.ptr(&s.att), c, n * c),
-        T::CUDA,
+        operand::<T>(v, ld, n * ld),
+        operand::<T>(gpu.ptr(&s.probs), n, n * n),
+        Operand {
+            ptr: gpu.ptr(&s.att),
+            dtype: T::CUDA,
+            ld: c,
+            stride: n * c,
+        },
         0.0,
         batch,
     )
