@@ -4,12 +4,13 @@
 //! from the files as it read them back with Python's zipfile and pickle.
 
 use checkergen::io::convert::{
-    ConvertOptions, ConvertSummary, OutputDtype, convert, expected_tensors, is_training_only,
+    ConvertOptions, ConvertSummary, convert, expected_tensors, is_training_only,
     model_config_from_yaml,
 };
 use checkergen::io::pth::{PthCheckpoint, PthDtype, read_state_dict};
 use checkergen::model::config::{CONFIG_METADATA_KEY, ModelConfig};
-use safetensors::{Dtype, SafeTensors};
+use checkergen::model::file::Dtype;
+use safetensors::SafeTensors;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,7 +35,7 @@ fn options(
     checkpoint: &str,
     autoenc: Option<&str>,
     ema: bool,
-    dtype: OutputDtype,
+    dtype: Dtype,
     out: &str,
 ) -> ConvertOptions {
     ConvertOptions {
@@ -49,7 +50,7 @@ fn options(
 }
 
 struct Out {
-    dtype: Dtype,
+    dtype: safetensors::Dtype,
     shape: Vec<usize>,
     values: Vec<f32>,
 }
@@ -155,20 +156,14 @@ fn run(
 #[test]
 fn converts_model_f32_with_reference_values_and_metadata() {
     let r = reference();
-    let opts = options(
-        "tiny.pth",
-        None,
-        false,
-        OutputDtype::F32,
-        "tiny_f32.safetensors",
-    );
+    let opts = options("tiny.pth", None, false, Dtype::F32, "tiny_f32.safetensors");
     let (summary, out, meta) = run(&opts);
     assert_matches(
         &out,
         &section(&r, "tiny.pth", "model"),
         "tiny.pth model f32",
     );
-    assert!(out.values().all(|t| t.dtype == Dtype::F32));
+    assert!(out.values().all(|t| t.dtype == safetensors::Dtype::F32));
 
     // Names and shapes are exactly what the configuration predicts.
     let config: ModelConfig = serde_json::from_str(&meta[CONFIG_METADATA_KEY]).unwrap();
@@ -230,7 +225,7 @@ fn converts_ema_weights_in_f32_and_bf16() {
         "tiny.pth",
         None,
         true,
-        OutputDtype::F32,
+        Dtype::F32,
         "tiny_ema_f32.safetensors",
     ));
     assert_matches(
@@ -251,16 +246,16 @@ fn converts_ema_weights_in_f32_and_bf16() {
         "tiny.pth",
         None,
         true,
-        OutputDtype::Bf16,
+        Dtype::Bf16,
         "tiny_ema_bf16.safetensors",
     ));
-    assert_eq!(summary.dtype, OutputDtype::Bf16);
+    assert_eq!(summary.dtype, Dtype::Bf16);
     assert_eq!(
         bf16_out.keys().collect::<Vec<_>>(),
         f32_out.keys().collect::<Vec<_>>()
     );
     for (name, t) in &bf16_out {
-        assert_eq!(t.dtype, Dtype::BF16, "{name}");
+        assert_eq!(t.dtype, safetensors::Dtype::BF16, "{name}");
         let f = &f32_out[name];
         assert_eq!(t.shape, f.shape);
         for (a, b) in t.values.iter().zip(&f.values) {
@@ -280,7 +275,7 @@ fn converts_model_bf16_keeping_bf16_sources_exact() {
         "tiny.pth",
         None,
         false,
-        OutputDtype::Bf16,
+        Dtype::Bf16,
         "tiny_bf16.safetensors",
     ));
     let model = section(&r, "tiny.pth", "model");
@@ -291,7 +286,7 @@ fn converts_model_bf16_keeping_bf16_sources_exact() {
         checksums(&t.values).0,
         model["empty_token_emb"][2].as_f64().unwrap()
     );
-    assert!(out.values().all(|t| t.dtype == Dtype::BF16));
+    assert!(out.values().all(|t| t.dtype == safetensors::Dtype::BF16));
 }
 
 #[test]
@@ -304,7 +299,7 @@ fn takes_the_autoencoder_from_a_separate_vq_checkpoint() {
         "tiny_noae.pth",
         Some("tiny_vq.pth"),
         false,
-        OutputDtype::F32,
+        Dtype::F32,
         "noae_vq.safetensors",
     ));
     assert_matches(&out, &expected, "tiny_noae.pth + tiny_vq.pth");
@@ -321,7 +316,7 @@ fn takes_the_autoencoder_from_a_separate_vq_checkpoint() {
         "tiny.pth",
         Some("tiny_vq.pth"),
         false,
-        OutputDtype::F32,
+        Dtype::F32,
         "tiny_vq_override.safetensors",
     ));
     assert_matches(&out, &expected, "tiny.pth + tiny_vq.pth");
@@ -423,7 +418,7 @@ fn convert_err(
         ckpt,
         autoenc,
         false,
-        OutputDtype::F32,
+        Dtype::F32,
         &format!("{tag}.safetensors"),
     );
     opts.config_yaml = my;
@@ -589,13 +584,7 @@ fn bad_inputs_give_clear_errors() {
         b"definitely not a checkpoint, only forty-something bytes",
     )
     .unwrap();
-    let mut opts = options(
-        "tiny.pth",
-        None,
-        false,
-        OutputDtype::F32,
-        "never.safetensors",
-    );
+    let mut opts = options("tiny.pth", None, false, Dtype::F32, "never.safetensors");
     opts.checkpoint = garbage;
     let err = format!("{:#}", convert(&opts).unwrap_err());
     assert!(
@@ -620,7 +609,7 @@ fn bad_inputs_give_clear_errors() {
         "tiny_noae.pth",
         Some("tiny_vq.pth"),
         true,
-        OutputDtype::F32,
+        Dtype::F32,
         "never.safetensors",
     );
     opts.ema = true;
@@ -668,13 +657,7 @@ fn bad_inputs_give_clear_errors() {
         err.contains("model.img_size must be a non-negative integer, found string \"sixteen\""),
         "{err}"
     );
-    let mut opts = options(
-        "tiny.pth",
-        None,
-        false,
-        OutputDtype::F32,
-        "never.safetensors",
-    );
+    let mut opts = options("tiny.pth", None, false, Dtype::F32, "never.safetensors");
     opts.config_yaml = fixture("does_not_exist.yaml");
     let err = format!("{:#}", convert(&opts).unwrap_err());
     assert!(err.contains("does_not_exist.yaml: cannot read"), "{err}");

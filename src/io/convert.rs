@@ -19,13 +19,12 @@
 
 use crate::io::pth::{PthCheckpoint, PthDtype, PthTensor, StateDict, TensorInfo};
 use crate::io::yaml::{self, Yaml};
-use crate::model::config::{CONFIG_METADATA_KEY, DecoderConfig, ModelConfig};
+use crate::model::config::{DecoderConfig, ModelConfig};
+use crate::model::file::{Dtype, RawTensor, write_model_tensors};
 use anyhow::{Context, Result, anyhow, bail};
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 pub use crate::model::config::FORMAT;
 
@@ -37,33 +36,6 @@ pub const CODEBOOK_KEY_PLAIN: &str = "autoenc.quantize.embedding.weight";
 pub const ROPE_KEY: &str = crate::model::weights::ROPE_TABLE;
 /// State-dict name of the per-layer, per-head RoPE mixing coefficients.
 pub const MIXING_KEY: &str = "llama.rotary_emb.mixing_coeffs";
-
-/// Storage precision of the converted floating-point tensors (integer tensors keep theirs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutputDtype {
-    F32,
-    Bf16,
-}
-
-impl FromStr for OutputDtype {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" | "fp32" => Ok(OutputDtype::F32),
-            "bf16" | "bfloat16" => Ok(OutputDtype::Bf16),
-            _ => bail!("unknown dtype {s:?}: expected f32 or bf16"),
-        }
-    }
-}
-
-impl fmt::Display for OutputDtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            OutputDtype::F32 => "f32",
-            OutputDtype::Bf16 => "bf16",
-        })
-    }
-}
 
 /// What to convert and where to write it.
 #[derive(Clone, Debug)]
@@ -79,7 +51,7 @@ pub struct ConvertOptions {
     pub autoenc_checkpoint: Option<PathBuf>,
     /// Take the EMA weights (`model_ema`) instead of `model`.
     pub ema: bool,
-    pub dtype: OutputDtype,
+    pub dtype: Dtype,
     /// The safetensors file to write.
     pub output: PathBuf,
 }
@@ -96,7 +68,7 @@ pub struct ConvertSummary {
     pub parameters: usize,
     pub output_bytes: u64,
     pub output: PathBuf,
-    pub dtype: OutputDtype,
+    pub dtype: Dtype,
     /// File name of the checkpoint and the state dict taken from it (`model`/`model_ema`).
     pub source: String,
     pub source_key: String,
@@ -803,63 +775,24 @@ fn count_indices(tensors: &BTreeMap<String, Selected>, prefix: &str) -> usize {
 // Conversion
 // ------------------------------------------------------------------------------------------
 
-/// A tensor ready to be written.
-struct OutTensor {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl safetensors::View for &OutTensor {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
 /// Cast floating-point tensors to the output precision; integers and bools stay as they are.
-fn cast(t: PthTensor, dtype: OutputDtype) -> OutTensor {
-    if !t.dtype.is_float() {
-        return OutTensor {
+fn cast(t: PthTensor, dtype: Dtype) -> RawTensor {
+    let keep = !t.dtype.is_float()
+        || matches!(
+            (dtype, t.dtype),
+            (Dtype::F32, PthDtype::F32) | (Dtype::Bf16, PthDtype::BF16)
+        );
+    if keep {
+        return RawTensor {
             dtype: t.dtype.safetensors(),
             shape: t.shape,
             data: t.data,
         };
     }
-    match (dtype, t.dtype) {
-        (OutputDtype::F32, PthDtype::F32) | (OutputDtype::Bf16, PthDtype::BF16) => OutTensor {
-            dtype: t.dtype.safetensors(),
-            shape: t.shape,
-            data: t.data,
-        },
-        (OutputDtype::F32, _) => {
-            let data = t.to_f32().iter().flat_map(|v| v.to_le_bytes()).collect();
-            OutTensor {
-                dtype: safetensors::Dtype::F32,
-                shape: t.shape,
-                data,
-            }
-        }
-        (OutputDtype::Bf16, _) => {
-            let data = t
-                .to_f32()
-                .iter()
-                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                .collect();
-            OutTensor {
-                dtype: safetensors::Dtype::BF16,
-                shape: t.shape,
-                data,
-            }
-        }
+    RawTensor {
+        dtype: dtype.safetensors(),
+        data: dtype.encode(&t.to_f32()),
+        shape: t.shape,
     }
 }
 
@@ -961,7 +894,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary> {
         .collect();
 
     // Read and cast.
-    let mut out: Vec<(String, OutTensor)> = Vec::with_capacity(selected.len());
+    let mut out: Vec<(String, RawTensor)> = Vec::with_capacity(selected.len());
     let mut parameters = 0usize;
     for (name, sel) in &selected {
         let t = sources.files[sel.source].read_tensor(name, &sel.info)?;
@@ -976,34 +909,22 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary> {
         out.push((name.to_string(), cast(t, opts.dtype)));
     }
 
-    // Write next to the output, then rename, so a failed run leaves no partial model file.
+    // One atomic writer: a failed run leaves no partial model file.
     let sizes = crate::order::scale_sizes(
         config.latent_size(),
         config.scale_ratio,
         config.scale_min_size,
     )?;
-    let mut metadata = HashMap::new();
-    metadata.insert(
-        CONFIG_METADATA_KEY.to_string(),
-        serde_json::to_string(&config)?,
-    );
-    metadata.insert("format".to_string(), FORMAT.to_string());
-    metadata.insert("source".to_string(), file_name(&opts.checkpoint));
-    metadata.insert("source_state_dict".to_string(), key.to_string());
-    metadata.insert("autoenc_source".to_string(), autoenc_source.clone());
-    let shown = opts.output.display();
-    let mut tmp_name = opts.output.as_os_str().to_owned();
-    tmp_name.push(".partial");
-    let tmp = PathBuf::from(tmp_name);
-    safetensors::serialize_to_file(
-        out.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(metadata),
-        &tmp,
-    )
-    .map_err(|e| anyhow!("{shown}: cannot write ({e})"))?;
-    std::fs::rename(&tmp, &opts.output)
-        .with_context(|| format!("{shown}: cannot move {} into place", tmp.display()))?;
-    let output_bytes = std::fs::metadata(&opts.output)?.len();
+    let output_bytes = write_model_tensors(
+        &opts.output,
+        &config,
+        &out,
+        &[
+            ("source", file_name(&opts.checkpoint)),
+            ("source_state_dict", key.to_string()),
+            ("autoenc_source", autoenc_source.clone()),
+        ],
+    )?;
 
     Ok(ConvertSummary {
         num_tokens: sizes.iter().map(|s| s * s).sum(),
@@ -1035,12 +956,5 @@ mod tests {
         assert_eq!(reference_ffn_dim(32, Some(64)).unwrap(), 256);
         // No intermediate_size: int(8*dim/3) rounded up to 256.
         assert_eq!(reference_ffn_dim(256, None).unwrap(), 768);
-    }
-
-    #[test]
-    fn output_dtype_parses() {
-        assert_eq!("bf16".parse::<OutputDtype>().unwrap(), OutputDtype::Bf16);
-        assert_eq!("F32".parse::<OutputDtype>().unwrap(), OutputDtype::F32);
-        assert!("f16".parse::<OutputDtype>().is_err());
     }
 }
