@@ -663,6 +663,59 @@ fn bad_inputs_give_clear_errors() {
     assert!(err.contains("does_not_exist.yaml: cannot read"), "{err}");
 }
 
+/// The fixture configs (the reference's nested layout: `model: {autoenc: {params: ...},
+/// llama_config: {...}}`, `model: {params: {ddconfig: {...}}}`) and the golden autoencoder
+/// config read into the configuration their tensors have.
+#[test]
+fn reference_config_files_read_into_model_config() {
+    let c = model_config_from_yaml(
+        &fixture("tiny_config.yaml"),
+        &fixture("tiny_autoencoder.yaml"),
+    )
+    .unwrap();
+    assert_eq!(
+        (c.img_size, c.scale_ratio, c.scale_min_size, c.class_cond),
+        (16, 2.0, 1, true)
+    );
+    assert_eq!(
+        (c.hidden_size, c.num_heads, c.num_layers, c.ffn_dim),
+        (32, 2, 2, 256)
+    );
+    assert_eq!(
+        (
+            c.num_classes,
+            c.num_mixing_layers,
+            c.use_head_mlp,
+            c.steps_per_scale
+        ),
+        (4, 2, false, 8)
+    );
+    let d = &c.decoder;
+    assert_eq!(
+        (d.ch, d.ch_mult.clone(), d.num_res_blocks, d.z_channels),
+        (32, vec![1, 2], 1, 32)
+    );
+    assert_eq!((d.embed_dim, d.n_embed, d.normalize), (8, 16, true));
+
+    let golden_ae =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden/autoencoder_small.yaml");
+    if !golden_ae.exists() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true but {} is missing", golden_ae.display());
+        }
+        eprintln!("SKIPPED: {} not found", golden_ae.display());
+        return;
+    }
+    let d = model_config_from_yaml(&fixture("tiny_config.yaml"), &golden_ae)
+        .unwrap()
+        .decoder;
+    assert_eq!(
+        (d.ch, d.ch_mult.clone(), d.num_res_blocks, d.z_channels),
+        (32, vec![1, 1, 2, 2, 4], 2, 64)
+    );
+    assert_eq!((d.embed_dim, d.n_embed, d.normalize), (8, 256, true));
+}
+
 /// The YAML of the released L models (same keys as the reference's configs/config_256_L.yaml
 /// and its autoencoder config with `ddconfig: {}`) gives the L configuration.
 #[test]
