@@ -14,7 +14,7 @@
 //! Layers, one module each:
 //! * `zip`: the archive (end-of-central-directory and ZIP64 records, central directory,
 //!   stored entries read by byte range);
-//! * `pickle`: the pickle VM (protocols 0-5, an [`OpCode`](pickle::OpCode) enum), which
+//! * `pickle`: the pickle VM (protocols 0-5, an `OpCode` enum), which
 //!   builds Python's built-in values and never resolves a global itself;
 //! * `torch`: the globals it interprets (one allowlist: `OrderedDict`, `_rebuild_tensor_v2`,
 //!   `_rebuild_parameter`, the storage classes, ...) and the persistent ids of storages;
