@@ -3,12 +3,14 @@
 //! Values are checked against tests/fixtures/pth/tiny_reference.json, which the script wrote
 //! from the files as it read them back with Python's zipfile and pickle.
 
+mod common;
+
 use checkergen::io::convert::{
     ConvertOptions, ConvertSummary, convert, expected_tensors, is_training_only,
     model_config_from_yaml,
 };
 use checkergen::io::pth::{PthCheckpoint, PthDtype, read_state_dict};
-use checkergen::model::config::{CONFIG_METADATA_KEY, ModelConfig};
+use checkergen::model::config::{CONFIG_METADATA_KEY, DecoderConfig, ModelConfig};
 use checkergen::model::file::Dtype;
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -673,47 +675,43 @@ fn reference_config_files_read_into_model_config() {
         &fixture("tiny_autoencoder.yaml"),
     )
     .unwrap();
-    assert_eq!(
-        (c.img_size, c.scale_ratio, c.scale_min_size, c.class_cond),
-        (16, 2.0, 1, true)
-    );
-    assert_eq!(
-        (c.hidden_size, c.num_heads, c.num_layers, c.ffn_dim),
-        (32, 2, 2, 256)
-    );
-    assert_eq!(
-        (
-            c.num_classes,
-            c.num_mixing_layers,
-            c.use_head_mlp,
-            c.steps_per_scale
-        ),
-        (4, 2, false, 8)
-    );
-    let d = &c.decoder;
-    assert_eq!(
-        (d.ch, d.ch_mult.clone(), d.num_res_blocks, d.z_channels),
-        (32, vec![1, 2], 1, 32)
-    );
-    assert_eq!((d.embed_dim, d.n_embed, d.normalize), (8, 16, true));
+    let tiny = ModelConfig {
+        img_size: 16,
+        scale_ratio: 2.0,
+        scale_min_size: 1,
+        class_cond: true,
+        num_classes: 4,
+        use_head_mlp: false,
+        num_mixing_layers: 2,
+        hidden_size: 32,
+        num_heads: 2,
+        num_layers: 2,
+        ffn_dim: 256,
+        rms_norm_eps: 1e-6,
+        steps_per_scale: 8,
+        decoder: DecoderConfig {
+            ch: 32,
+            ch_mult: vec![1, 2],
+            num_res_blocks: 1,
+            z_channels: 32,
+            embed_dim: 8,
+            n_embed: 16,
+            normalize: true,
+        },
+    };
+    assert_eq!(c, tiny);
 
-    let golden_ae =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden/autoencoder_small.yaml");
-    if !golden_ae.exists() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("CI=true but {} is missing", golden_ae.display());
-        }
-        eprintln!("SKIPPED: {} not found", golden_ae.display());
+    // The golden models' autoencoder config reads into the decoder the golden tests use.
+    let Some(golden) = common::golden_dir() else {
         return;
-    }
-    let d = model_config_from_yaml(&fixture("tiny_config.yaml"), &golden_ae)
-        .unwrap()
-        .decoder;
-    assert_eq!(
-        (d.ch, d.ch_mult.clone(), d.num_res_blocks, d.z_channels),
-        (32, vec![1, 1, 2, 2, 4], 2, 64)
-    );
-    assert_eq!((d.embed_dim, d.n_embed, d.normalize), (8, 256, true));
+    };
+    let d = model_config_from_yaml(
+        &fixture("tiny_config.yaml"),
+        &golden.join("autoencoder_small.yaml"),
+    )
+    .unwrap()
+    .decoder;
+    assert_eq!(d, common::golden_decoder_config());
 }
 
 /// The YAML of the released L models (same keys as the reference's configs/config_256_L.yaml
