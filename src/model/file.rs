@@ -213,7 +213,7 @@ impl safetensors::View for &RawTensor {
 }
 
 /// Write raw tensors `(name, dtype, shape, little-endian bytes)` and metadata as safetensors,
-/// atomically (see [`write_atomic`]).
+/// atomically: to `<path>.partial` beside it, fsync, rename (the temporary removed on failure).
 pub fn write_safetensors(
     path: &Path,
     entries: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)],

@@ -16,6 +16,11 @@
 //!
 //! Hyperparameters come from the YAML files with the reference's defaults; the shapes of the
 //! tensors decide, and any disagreement between the two is an error naming the YAML key.
+//!
+//! Modules: `yaml` (the configs parsed by yaml-rust2 into a small value tree), `schema` (that
+//! tree read into a [`ModelConfig`] with the reference's defaults), `check` (the config
+//! cross-checked against the state dict's shapes); this one selects, casts and writes the
+//! tensors through the one model-file writer, [`write_model_tensors`].
 
 mod check;
 mod schema;

@@ -137,7 +137,7 @@ fn read_yaml(path: &Path) -> Result<Yaml> {
 }
 
 /// Build the [`ModelConfig`] that the reference's YAML configs describe (the FFN width by the
-/// reference's rounding rule). [`convert`] checks it against the checkpoint's tensors.
+/// reference's rounding rule). [`convert`](super::convert) checks it against the checkpoint's tensors.
 pub fn model_config_from_yaml(config_yaml: &Path, autoenc_yaml: &Path) -> Result<ModelConfig> {
     Ok(read_yaml_model(config_yaml, autoenc_yaml)?.config)
 }
