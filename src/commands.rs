@@ -1,13 +1,13 @@
 //! The model-level subcommands: sample, init, inspect. Parsing lives in main.rs; these
 //! functions call the library and print.
 
-use crate::DtypeArg;
 use anyhow::{Context, Result, bail};
 use checkergen::cpu::CpuBackend;
 use checkergen::io::image::{grid_rgb, planar_to_rgb, write_rgb_png};
 use checkergen::model::Model;
 use checkergen::model::config::{self, ModelConfig};
-use checkergen::model::init::{FloatDtype, random_tensors, write_model};
+use checkergen::model::file::{Dtype, write_model};
+use checkergen::model::init::random_tensors;
 use checkergen::order::Schedule;
 use checkergen::pipeline::{self, SampleOptions, Steps};
 use checkergen::sampling::TokenPolicy;
@@ -275,18 +275,14 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn init(preset: &str, seed: u64, dtype: DtypeArg, output: &Path) -> Result<()> {
+pub fn init(preset: &str, seed: u64, dtype: Dtype, output: &Path) -> Result<()> {
     let cfg = config::preset(preset)?;
     let map = random_tensors(&cfg, seed)?;
-    let dt = match dtype {
-        DtypeArg::F32 => FloatDtype::F32,
-        DtypeArg::Bf16 => FloatDtype::Bf16,
-    };
     write_model(
         output,
         &cfg,
         &map,
-        dt,
+        dtype,
         &[(
             "source",
             format!("checkergen init --preset {preset} --seed {seed}"),

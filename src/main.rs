@@ -1,8 +1,9 @@
 //! `checkergen` command line: parse, call the library, print. No model logic lives here.
 
 use anyhow::{Context, Result, bail};
+use checkergen::model::file::Dtype;
 use checkergen::order::{self, Schedule};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 mod commands;
@@ -64,8 +65,8 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Storage dtype of float tensors.
-        #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-        dtype: DtypeArg,
+        #[arg(long, value_enum, default_value_t = Dtype::F32)]
+        dtype: Dtype,
         /// Output .safetensors file.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
@@ -88,8 +89,8 @@ enum Cmd {
         #[arg(long)]
         ema: bool,
         /// Storage dtype of float tensors.
-        #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-        dtype: DtypeArg,
+        #[arg(long, value_enum, default_value_t = Dtype::F32)]
+        dtype: Dtype,
         /// Output .safetensors file.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
@@ -101,12 +102,6 @@ enum Cmd {
         /// A model file from `checkergen convert` or `checkergen init`.
         model: PathBuf,
     },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum DtypeArg {
-    F32,
-    Bf16,
 }
 
 /// Parse a scale ratio: `2`, `1.5`, `2^(1/4)`, `2^0.5`, `sqrt(2)`.
@@ -206,10 +201,7 @@ fn run(cli: Cli) -> Result<()> {
                     autoenc_yaml: autoenc_config,
                     autoenc_checkpoint,
                     ema,
-                    dtype: match dtype {
-                        DtypeArg::F32 => checkergen::io::convert::OutputDtype::F32,
-                        DtypeArg::Bf16 => checkergen::io::convert::OutputDtype::Bf16,
-                    },
+                    dtype,
                     output,
                 })?;
             println!("{summary}");

@@ -3,8 +3,8 @@
 
 use checkergen::model::Model;
 use checkergen::model::config::preset;
-use checkergen::model::file::Tensor;
-use checkergen::model::init::{FloatDtype, random_tensors, write_model};
+use checkergen::model::file::{Dtype, Tensor, write_model};
+use checkergen::model::init::random_tensors;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -18,7 +18,7 @@ fn tiny_file(name: &str) -> PathBuf {
     let cfg = preset("tiny").unwrap();
     let map = random_tensors(&cfg, 1).unwrap();
     let p = tmp(name);
-    write_model(&p, &cfg, &map, FloatDtype::F32, &[]).unwrap();
+    write_model(&p, &cfg, &map, Dtype::F32, &[]).unwrap();
     p
 }
 
@@ -80,7 +80,7 @@ fn missing_and_misshaped_tensors() {
     let mut map = random_tensors(&cfg, 1).unwrap();
     map.remove("lm_head.weight");
     let p = tmp("missing.safetensors");
-    write_model(&p, &cfg, &map, FloatDtype::F32, &[]).unwrap();
+    write_model(&p, &cfg, &map, Dtype::F32, &[]).unwrap();
     let e = load_err(&p);
     assert!(
         e.contains("missing tensor `lm_head.weight`") && e.contains("missing.safetensors"),
@@ -89,7 +89,7 @@ fn missing_and_misshaped_tensors() {
 
     let mut map = random_tensors(&cfg, 1).unwrap();
     map.remove("autoenc.decoder.conv_out.weight");
-    write_model(&p, &cfg, &map, FloatDtype::F32, &[]).unwrap();
+    write_model(&p, &cfg, &map, Dtype::F32, &[]).unwrap();
     let e = load_err(&p);
     assert!(e.contains("autoenc.decoder.conv_out.weight"), "{e}");
 
@@ -98,7 +98,7 @@ fn missing_and_misshaped_tensors() {
         "llama.layers.1.attention.wo.weight".into(),
         Tensor::zeros(vec![64, 32]),
     );
-    write_model(&p, &cfg, &map, FloatDtype::F32, &[]).unwrap();
+    write_model(&p, &cfg, &map, Dtype::F32, &[]).unwrap();
     let e = load_err(&p);
     assert!(
         e.contains("llama.layers.1.attention.wo.weight") && e.contains("[64, 32]"),
@@ -113,7 +113,7 @@ fn config_disagrees_with_tensors() {
     let mut other = cfg.clone();
     other.num_classes = 20;
     let p = tmp("disagree.safetensors");
-    write_model(&p, &other, &map, FloatDtype::F32, &[]).unwrap();
+    write_model(&p, &other, &map, Dtype::F32, &[]).unwrap();
     let e = load_err(&p);
     assert!(
         e.contains("class_embeddings.weight") && e.contains("[11, 64]"),
@@ -122,13 +122,13 @@ fn config_disagrees_with_tensors() {
 
     let mut bad = cfg.clone();
     bad.num_heads = 3; // 64 not divisible by 3
-    write_model(&p, &bad, &map, FloatDtype::F32, &[]).unwrap();
+    write_model(&p, &bad, &map, Dtype::F32, &[]).unwrap();
     let e = load_err(&p);
     assert!(e.contains("not divisible"), "{e}");
 
     let mut bad = cfg.clone();
     bad.scale_ratio = 40.0;
-    write_model(&p, &bad, &map, FloatDtype::F32, &[]).unwrap();
+    write_model(&p, &bad, &map, Dtype::F32, &[]).unwrap();
     assert!(load_err(&p).contains("rounds to 0"));
 }
 

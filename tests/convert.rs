@@ -3,13 +3,16 @@
 //! Values are checked against tests/fixtures/pth/tiny_reference.json, which the script wrote
 //! from the files as it read them back with Python's zipfile and pickle.
 
+mod common;
+
 use checkergen::io::convert::{
-    ConvertOptions, ConvertSummary, OutputDtype, convert, expected_tensors, is_training_only,
+    ConvertOptions, ConvertSummary, convert, expected_tensors, is_training_only,
     model_config_from_yaml,
 };
 use checkergen::io::pth::{PthCheckpoint, PthDtype, read_state_dict};
-use checkergen::model::config::{CONFIG_METADATA_KEY, ModelConfig};
-use safetensors::{Dtype, SafeTensors};
+use checkergen::model::config::{CONFIG_METADATA_KEY, DecoderConfig, ModelConfig};
+use checkergen::model::file::Dtype;
+use safetensors::SafeTensors;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,7 +37,7 @@ fn options(
     checkpoint: &str,
     autoenc: Option<&str>,
     ema: bool,
-    dtype: OutputDtype,
+    dtype: Dtype,
     out: &str,
 ) -> ConvertOptions {
     ConvertOptions {
@@ -49,7 +52,7 @@ fn options(
 }
 
 struct Out {
-    dtype: Dtype,
+    dtype: safetensors::Dtype,
     shape: Vec<usize>,
     values: Vec<f32>,
 }
@@ -155,20 +158,14 @@ fn run(
 #[test]
 fn converts_model_f32_with_reference_values_and_metadata() {
     let r = reference();
-    let opts = options(
-        "tiny.pth",
-        None,
-        false,
-        OutputDtype::F32,
-        "tiny_f32.safetensors",
-    );
+    let opts = options("tiny.pth", None, false, Dtype::F32, "tiny_f32.safetensors");
     let (summary, out, meta) = run(&opts);
     assert_matches(
         &out,
         &section(&r, "tiny.pth", "model"),
         "tiny.pth model f32",
     );
-    assert!(out.values().all(|t| t.dtype == Dtype::F32));
+    assert!(out.values().all(|t| t.dtype == safetensors::Dtype::F32));
 
     // Names and shapes are exactly what the configuration predicts.
     let config: ModelConfig = serde_json::from_str(&meta[CONFIG_METADATA_KEY]).unwrap();
@@ -230,7 +227,7 @@ fn converts_ema_weights_in_f32_and_bf16() {
         "tiny.pth",
         None,
         true,
-        OutputDtype::F32,
+        Dtype::F32,
         "tiny_ema_f32.safetensors",
     ));
     assert_matches(
@@ -251,16 +248,16 @@ fn converts_ema_weights_in_f32_and_bf16() {
         "tiny.pth",
         None,
         true,
-        OutputDtype::Bf16,
+        Dtype::Bf16,
         "tiny_ema_bf16.safetensors",
     ));
-    assert_eq!(summary.dtype, OutputDtype::Bf16);
+    assert_eq!(summary.dtype, Dtype::Bf16);
     assert_eq!(
         bf16_out.keys().collect::<Vec<_>>(),
         f32_out.keys().collect::<Vec<_>>()
     );
     for (name, t) in &bf16_out {
-        assert_eq!(t.dtype, Dtype::BF16, "{name}");
+        assert_eq!(t.dtype, safetensors::Dtype::BF16, "{name}");
         let f = &f32_out[name];
         assert_eq!(t.shape, f.shape);
         for (a, b) in t.values.iter().zip(&f.values) {
@@ -280,7 +277,7 @@ fn converts_model_bf16_keeping_bf16_sources_exact() {
         "tiny.pth",
         None,
         false,
-        OutputDtype::Bf16,
+        Dtype::Bf16,
         "tiny_bf16.safetensors",
     ));
     let model = section(&r, "tiny.pth", "model");
@@ -291,7 +288,7 @@ fn converts_model_bf16_keeping_bf16_sources_exact() {
         checksums(&t.values).0,
         model["empty_token_emb"][2].as_f64().unwrap()
     );
-    assert!(out.values().all(|t| t.dtype == Dtype::BF16));
+    assert!(out.values().all(|t| t.dtype == safetensors::Dtype::BF16));
 }
 
 #[test]
@@ -304,7 +301,7 @@ fn takes_the_autoencoder_from_a_separate_vq_checkpoint() {
         "tiny_noae.pth",
         Some("tiny_vq.pth"),
         false,
-        OutputDtype::F32,
+        Dtype::F32,
         "noae_vq.safetensors",
     ));
     assert_matches(&out, &expected, "tiny_noae.pth + tiny_vq.pth");
@@ -321,7 +318,7 @@ fn takes_the_autoencoder_from_a_separate_vq_checkpoint() {
         "tiny.pth",
         Some("tiny_vq.pth"),
         false,
-        OutputDtype::F32,
+        Dtype::F32,
         "tiny_vq_override.safetensors",
     ));
     assert_matches(&out, &expected, "tiny.pth + tiny_vq.pth");
@@ -423,7 +420,7 @@ fn convert_err(
         ckpt,
         autoenc,
         false,
-        OutputDtype::F32,
+        Dtype::F32,
         &format!("{tag}.safetensors"),
     );
     opts.config_yaml = my;
@@ -589,13 +586,7 @@ fn bad_inputs_give_clear_errors() {
         b"definitely not a checkpoint, only forty-something bytes",
     )
     .unwrap();
-    let mut opts = options(
-        "tiny.pth",
-        None,
-        false,
-        OutputDtype::F32,
-        "never.safetensors",
-    );
+    let mut opts = options("tiny.pth", None, false, Dtype::F32, "never.safetensors");
     opts.checkpoint = garbage;
     let err = format!("{:#}", convert(&opts).unwrap_err());
     assert!(
@@ -620,7 +611,7 @@ fn bad_inputs_give_clear_errors() {
         "tiny_noae.pth",
         Some("tiny_vq.pth"),
         true,
-        OutputDtype::F32,
+        Dtype::F32,
         "never.safetensors",
     );
     opts.ema = true;
@@ -668,16 +659,59 @@ fn bad_inputs_give_clear_errors() {
         err.contains("model.img_size must be a non-negative integer, found string \"sixteen\""),
         "{err}"
     );
-    let mut opts = options(
-        "tiny.pth",
-        None,
-        false,
-        OutputDtype::F32,
-        "never.safetensors",
-    );
+    let mut opts = options("tiny.pth", None, false, Dtype::F32, "never.safetensors");
     opts.config_yaml = fixture("does_not_exist.yaml");
     let err = format!("{:#}", convert(&opts).unwrap_err());
     assert!(err.contains("does_not_exist.yaml: cannot read"), "{err}");
+}
+
+/// The fixture configs (the reference's nested layout: `model: {autoenc: {params: ...},
+/// llama_config: {...}}`, `model: {params: {ddconfig: {...}}}`) and the golden autoencoder
+/// config read into the configuration their tensors have.
+#[test]
+fn reference_config_files_read_into_model_config() {
+    let c = model_config_from_yaml(
+        &fixture("tiny_config.yaml"),
+        &fixture("tiny_autoencoder.yaml"),
+    )
+    .unwrap();
+    let tiny = ModelConfig {
+        img_size: 16,
+        scale_ratio: 2.0,
+        scale_min_size: 1,
+        class_cond: true,
+        num_classes: 4,
+        use_head_mlp: false,
+        num_mixing_layers: 2,
+        hidden_size: 32,
+        num_heads: 2,
+        num_layers: 2,
+        ffn_dim: 256,
+        rms_norm_eps: 1e-6,
+        steps_per_scale: 8,
+        decoder: DecoderConfig {
+            ch: 32,
+            ch_mult: vec![1, 2],
+            num_res_blocks: 1,
+            z_channels: 32,
+            embed_dim: 8,
+            n_embed: 16,
+            normalize: true,
+        },
+    };
+    assert_eq!(c, tiny);
+
+    // The golden models' autoencoder config reads into the decoder the golden tests use.
+    let Some(golden) = common::golden_dir() else {
+        return;
+    };
+    let d = model_config_from_yaml(
+        &fixture("tiny_config.yaml"),
+        &golden.join("autoencoder_small.yaml"),
+    )
+    .unwrap()
+    .decoder;
+    assert_eq!(d, common::golden_decoder_config());
 }
 
 /// The YAML of the released L models (same keys as the reference's configs/config_256_L.yaml

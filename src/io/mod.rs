@@ -3,4 +3,3 @@
 pub mod convert;
 pub mod image;
 pub mod pth;
-pub mod yaml;

@@ -1,11 +1,20 @@
 //! A minimal host tensor: a shape and f32 data, plus loading of safetensors files into a
 //! name -> tensor map. Every dtype the engine accepts on disk (f32, bf16, f16, i64, i32, u8)
 //! is widened to f32 here, so the CPU reference works in one precision.
+//!
+//! Writing: [`Dtype`] is the one storage-precision choice of `init`, `convert` and the CLI;
+//! [`write_model`] / [`write_model_tensors`] are the one model-file writer (tensors plus the
+//! configuration as metadata), and every safetensors file is written atomically
+//! ([`write_safetensors`]: a temporary file next to the target, fsync, rename).
 
+use crate::model::config::{CONFIG_METADATA_KEY, FORMAT, ModelConfig};
 use anyhow::{Context, Result, bail};
-use safetensors::{Dtype, SafeTensors};
-use std::collections::BTreeMap;
-use std::path::Path;
+use safetensors::SafeTensors;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 /// Dense row-major f32 tensor.
 #[derive(Clone, Debug, PartialEq)]
@@ -41,10 +50,11 @@ impl Tensor {
 pub type TensorMap = BTreeMap<String, Tensor>;
 
 /// Decode one safetensors view into f32 values.
-pub fn view_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+pub fn view_to_f32(name: &str, dtype: safetensors::Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     fn chunks<const N: usize>(b: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
         b.chunks_exact(N).map(|c| c.try_into().unwrap())
     }
+    use safetensors::Dtype;
     Ok(match dtype {
         Dtype::F32 => chunks::<4>(bytes).map(f32::from_le_bytes).collect(),
         Dtype::F64 => chunks::<8>(bytes)
@@ -98,6 +108,7 @@ pub fn load_i64(st: &SafeTensors, name: &str) -> Result<(Vec<usize>, Vec<i64>)> 
     let v = st
         .tensor(name)
         .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))?;
+    use safetensors::Dtype;
     let data: Vec<i64> = match v.dtype() {
         Dtype::I64 => v
             .data()
@@ -114,11 +125,99 @@ pub fn load_i64(st: &SafeTensors, name: &str) -> Result<(Vec<usize>, Vec<i64>)> 
     Ok((v.shape().to_vec(), data))
 }
 
-/// Write raw tensors `(name, dtype, shape, little-endian bytes)` and metadata as safetensors.
+// ------------------------------------------------------------------------------------------
+// Writing
+// ------------------------------------------------------------------------------------------
+
+/// Storage precision of the floating-point tensors of a written model file (integer tensors
+/// keep theirs). One enum for `init`, `convert` and the command line (`--dtype f32|bf16`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    F32,
+    Bf16,
+}
+
+impl Dtype {
+    /// The safetensors dtype float tensors are stored in.
+    pub fn safetensors(self) -> safetensors::Dtype {
+        match self {
+            Dtype::F32 => safetensors::Dtype::F32,
+            Dtype::Bf16 => safetensors::Dtype::BF16,
+        }
+    }
+
+    /// Little-endian bytes of `values` in this precision (bf16: round to nearest even).
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            Dtype::F32 => bytemuck::cast_slice(values).to_vec(),
+            Dtype::Bf16 => values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+        }
+    }
+}
+
+impl FromStr for Dtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "fp32" => Ok(Dtype::F32),
+            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+            _ => bail!("unknown dtype {s:?}: expected f32 or bf16"),
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+        })
+    }
+}
+
+/// A tensor as it is written: on-disk dtype, shape and little-endian bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawTensor {
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl RawTensor {
+    /// An f32 tensor stored in `dtype`.
+    pub fn encode(t: &Tensor, dtype: Dtype) -> Self {
+        RawTensor {
+            dtype: dtype.safetensors(),
+            shape: t.shape.clone(),
+            data: dtype.encode(&t.data),
+        }
+    }
+}
+
+impl safetensors::View for &RawTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Write raw tensors `(name, dtype, shape, little-endian bytes)` and metadata as safetensors,
+/// atomically: to `<path>.partial` beside it, fsync, rename (the temporary removed on failure).
 pub fn write_safetensors(
     path: &Path,
-    entries: &[(String, Dtype, Vec<usize>, Vec<u8>)],
-    metadata: std::collections::HashMap<String, String>,
+    entries: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)],
+    metadata: HashMap<String, String>,
 ) -> Result<()> {
     let views = entries
         .iter()
@@ -128,6 +227,127 @@ pub fn write_safetensors(
                 .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, Some(metadata), path)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+    write_atomic(path, views, metadata)
+}
+
+/// Write a model file: `tensors` as they are, the configuration as `checkergen_config` JSON
+/// metadata, `format`, and `extra_meta` (e.g. `source`). Returns the file's size in bytes.
+pub fn write_model_tensors(
+    path: &Path,
+    cfg: &ModelConfig,
+    tensors: &[(String, RawTensor)],
+    extra_meta: &[(&str, String)],
+) -> Result<u64> {
+    let mut meta = HashMap::new();
+    meta.insert(CONFIG_METADATA_KEY.to_string(), serde_json::to_string(cfg)?);
+    meta.insert("format".to_string(), FORMAT.to_string());
+    for (k, v) in extra_meta {
+        meta.insert(k.to_string(), v.clone());
+    }
+    write_atomic(path, tensors.iter().map(|(n, t)| (n.as_str(), t)), meta)?;
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot read back", path.display()))?
+        .len())
+}
+
+/// Write a model file of f32 tensors stored in `dtype` (see [`write_model_tensors`]).
+pub fn write_model(
+    path: &Path,
+    cfg: &ModelConfig,
+    map: &TensorMap,
+    dtype: Dtype,
+    extra_meta: &[(&str, String)],
+) -> Result<()> {
+    let tensors: Vec<(String, RawTensor)> = map
+        .iter()
+        .map(|(name, t)| (name.clone(), RawTensor::encode(t, dtype)))
+        .collect();
+    write_model_tensors(path, cfg, &tensors, extra_meta).map(|_| ())
+}
+
+/// Serialize to `<path>.partial` in the same directory, fsync it, then rename it over `path`,
+/// so a reader never sees a half-written file and a failed write leaves none: the temporary
+/// is removed on every failure path.
+fn write_atomic<S: AsRef<str> + Ord + fmt::Display, V: safetensors::View>(
+    path: &Path,
+    views: impl IntoIterator<Item = (S, V)>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let shown = path.display();
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".partial");
+    let tmp = PathBuf::from(tmp_name);
+    let result = (|| -> Result<()> {
+        safetensors::serialize_to_file(views, Some(metadata), &tmp)
+            .map_err(|e| anyhow::anyhow!("{shown}: cannot write ({e})"))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("{shown}: cannot sync {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("{shown}: cannot move {} into place", tmp.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("checkergen-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    fn partial(path: &Path) -> PathBuf {
+        let mut s = path.as_os_str().to_owned();
+        s.push(".partial");
+        PathBuf::from(s)
+    }
+
+    #[test]
+    fn dtype_parses_and_prints() {
+        assert_eq!("bf16".parse::<Dtype>().unwrap(), Dtype::Bf16);
+        assert_eq!("F32".parse::<Dtype>().unwrap(), Dtype::F32);
+        assert!("f16".parse::<Dtype>().is_err());
+        assert_eq!(Dtype::Bf16.to_string(), "bf16");
+        assert_eq!(Dtype::Bf16.encode(&[1.0]), half::bf16::ONE.to_le_bytes());
+    }
+
+    #[test]
+    fn atomic_write_round_trips_and_cleans_up_on_failure() {
+        let entries = vec![(
+            "x".to_string(),
+            safetensors::Dtype::F32,
+            vec![2],
+            bytemuck::cast_slice(&[1.0f32, 2.0]).to_vec(),
+        )];
+        let meta = HashMap::from([("k".to_string(), "v".to_string())]);
+        let ok = scratch("ok.safetensors");
+        write_safetensors(&ok, &entries, meta.clone()).unwrap();
+        let (map, m) = load_safetensors(&ok).unwrap();
+        assert_eq!(map["x"].data, vec![1.0, 2.0]);
+        assert_eq!(m["k"], "v");
+        assert!(!partial(&ok).exists());
+        // Rename fails (the target is a non-empty directory): no temporary stays behind.
+        let blocked = scratch("blocked.safetensors");
+        std::fs::create_dir_all(blocked.join("inside")).unwrap();
+        let err = format!(
+            "{:#}",
+            write_safetensors(&blocked, &entries, meta.clone()).unwrap_err()
+        );
+        assert!(err.contains("cannot move"), "{err}");
+        assert!(!partial(&blocked).exists());
+        // The directory does not exist: an error naming the file, nothing written.
+        let nowhere = scratch("no/such/dir.safetensors");
+        let err = format!(
+            "{:#}",
+            write_safetensors(&nowhere, &entries, meta).unwrap_err()
+        );
+        assert!(err.contains("dir.safetensors: cannot write"), "{err}");
+        assert!(!partial(&nowhere).exists());
+    }
 }

@@ -4,21 +4,12 @@
 //! 1/sqrt(fan_in) linears, norms near 1, logits of std about 4), drawn from Philox keyed by
 //! (seed, tensor name), so a file is reproducible from its seed.
 
-use crate::model::config::{CONFIG_METADATA_KEY, ModelConfig};
+use crate::model::config::ModelConfig;
 use crate::model::file::{Tensor, TensorMap};
 use crate::model::weights::expected_tensors;
 use crate::rng::philox4x32_10;
 use anyhow::Result;
 use rayon::prelude::*;
-use std::collections::HashMap;
-use std::path::Path;
-
-/// Storage dtype of written float tensors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FloatDtype {
-    F32,
-    Bf16,
-}
 
 fn name_key(seed: u64, name: &str) -> [u32; 2] {
     // FNV-1a of the name, mixed with the seed.
@@ -119,43 +110,4 @@ pub fn random_tensors_where(
         map.insert(name, Tensor::new(shape, data));
     }
     Ok(map)
-}
-
-/// Write a model file: tensors in `dtype` plus the configuration as metadata.
-pub fn write_model(
-    path: &Path,
-    cfg: &ModelConfig,
-    map: &TensorMap,
-    dtype: FloatDtype,
-    extra_meta: &[(&str, String)],
-) -> Result<()> {
-    let mut meta = HashMap::new();
-    meta.insert(CONFIG_METADATA_KEY.to_string(), serde_json::to_string(cfg)?);
-    meta.insert(
-        "format".to_string(),
-        crate::model::config::FORMAT.to_string(),
-    );
-    for (k, v) in extra_meta {
-        meta.insert(k.to_string(), v.clone());
-    }
-    let entries: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = map
-        .iter()
-        .map(|(name, t)| {
-            let (dt, bytes) = match dtype {
-                FloatDtype::F32 => (
-                    safetensors::Dtype::F32,
-                    bytemuck::cast_slice(&t.data).to_vec(),
-                ),
-                FloatDtype::Bf16 => (
-                    safetensors::Dtype::BF16,
-                    t.data
-                        .iter()
-                        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                        .collect(),
-                ),
-            };
-            (name.clone(), dt, t.shape.clone(), bytes)
-        })
-        .collect();
-    crate::model::file::write_safetensors(path, &entries, meta)
 }

@@ -1,0 +1,689 @@
+//! Reading PyTorch checkpoints (`torch.save` files) without Python.
+//!
+//! Since torch 1.6 a `.pth` file is a zip archive (entries stored, not compressed, data
+//! aligned to 64 bytes, ZIP64 records once the file passes 4 GiB) holding:
+//!
+//! * `<prefix>/data.pkl`: the pickled object (protocol 2 by default). Every tensor in it is
+//!   `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[,
+//!   metadata])`, and every storage is a *persistent id*
+//!   `('storage', torch.<Type>Storage, key, location, numel)` that points at the entry
+//!   `<prefix>/data/<key>` holding the raw little-endian elements;
+//! * `<prefix>/byteorder` (`little` or `big`; absent in old files, meaning little);
+//! * bookkeeping entries (`version`, `.format_version`, ...) this reader ignores.
+//!
+//! Layers, one module each:
+//! * `zip`: the archive (end-of-central-directory and ZIP64 records, central directory,
+//!   stored entries read by byte range);
+//! * `pickle`: the pickle VM (protocols 0-5, an `OpCode` enum), which
+//!   builds Python's built-in values and never resolves a global itself;
+//! * `torch`: the globals it interprets (one allowlist: `OrderedDict`, `_rebuild_tensor_v2`,
+//!   `_rebuild_parameter`, the storage classes, ...) and the persistent ids of storages;
+//!   every other class or function (`argparse.Namespace`, `pathlib.PosixPath`, numpy
+//!   scalars, ...) is an opaque value, so a checkpoint that carries such entries next to its
+//!   weights still loads, and nothing in a pickle is ever executed;
+//! * this module: the checkpoint (`data.pkl`, `byteorder`, `data/<key>`) and its tensors.
+//!
+//! Tensors are parsed as descriptions (dtype, shape, stride, offset, storage key); their bytes
+//! are read from the archive only when asked for, so selecting the model from a multi-GB
+//! checkpoint with optimizer state reads only the model's storages. Views (non-zero offset,
+//! transposed strides, several tensors sharing one storage) are materialized as dense
+//! row-major data.
+
+mod pickle;
+mod torch;
+mod zip;
+
+use pickle::Value;
+use zip::{Archive, NOT_TORCH_ZIP};
+
+use anyhow::{Context, Result, anyhow, bail};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+// ------------------------------------------------------------------------------------------
+// Dtypes and tensors
+// ------------------------------------------------------------------------------------------
+
+/// Element type of a checkpoint tensor, from its storage class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PthDtype {
+    F64,
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
+
+impl PthDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            PthDtype::F64 | PthDtype::I64 => 8,
+            PthDtype::F32 | PthDtype::I32 => 4,
+            PthDtype::F16 | PthDtype::BF16 | PthDtype::I16 => 2,
+            PthDtype::I8 | PthDtype::U8 | PthDtype::Bool => 1,
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(
+            self,
+            PthDtype::F64 | PthDtype::F32 | PthDtype::F16 | PthDtype::BF16
+        )
+    }
+
+    /// The torch name (`float32`, `bfloat16`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            PthDtype::F64 => "float64",
+            PthDtype::F32 => "float32",
+            PthDtype::F16 => "float16",
+            PthDtype::BF16 => "bfloat16",
+            PthDtype::I64 => "int64",
+            PthDtype::I32 => "int32",
+            PthDtype::I16 => "int16",
+            PthDtype::I8 => "int8",
+            PthDtype::U8 => "uint8",
+            PthDtype::Bool => "bool",
+        }
+    }
+
+    /// The matching safetensors dtype.
+    pub fn safetensors(self) -> safetensors::Dtype {
+        use safetensors::Dtype as D;
+        match self {
+            PthDtype::F64 => D::F64,
+            PthDtype::F32 => D::F32,
+            PthDtype::F16 => D::F16,
+            PthDtype::BF16 => D::BF16,
+            PthDtype::I64 => D::I64,
+            PthDtype::I32 => D::I32,
+            PthDtype::I16 => D::I16,
+            PthDtype::I8 => D::I8,
+            PthDtype::U8 => D::U8,
+            PthDtype::Bool => D::BOOL,
+        }
+    }
+}
+
+impl fmt::Display for PthDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a tensor's elements live: parsed from the pickle, no data read yet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub dtype: PthDtype,
+    pub shape: Vec<usize>,
+    /// Strides in elements (torch's `stride()`).
+    pub stride: Vec<usize>,
+    /// Offset in elements into the storage (torch's `storage_offset()`).
+    pub offset: usize,
+    /// Storage key: the archive entry is `<prefix>/data/<key>`.
+    pub storage_key: String,
+    /// Element count of the whole storage, as recorded in the persistent id.
+    pub storage_numel: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Row-major dense layout (dimensions of size 1 may have any stride).
+    pub fn is_contiguous(&self) -> bool {
+        let mut expected = 1usize;
+        for (&n, &s) in self.shape.iter().zip(&self.stride).rev() {
+            if n != 1 && s != expected {
+                return false;
+            }
+            expected = expected.saturating_mul(n);
+        }
+        true
+    }
+}
+
+/// A materialized tensor: dtype, shape and dense row-major little-endian bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PthTensor {
+    pub dtype: PthDtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl PthTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Elements widened (or, for int64/float64, narrowed) to f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        fn arr<const N: usize>(c: &[u8]) -> [u8; N] {
+            c.try_into().unwrap()
+        }
+        let n = self.dtype.size();
+        let chunks = self.data.chunks_exact(n);
+        match self.dtype {
+            PthDtype::F64 => chunks.map(|c| f64::from_le_bytes(arr(c)) as f32).collect(),
+            PthDtype::F32 => chunks.map(|c| f32::from_le_bytes(arr(c))).collect(),
+            PthDtype::F16 => chunks
+                .map(|c| half::f16::from_le_bytes(arr(c)).to_f32())
+                .collect(),
+            PthDtype::BF16 => chunks
+                .map(|c| half::bf16::from_le_bytes(arr(c)).to_f32())
+                .collect(),
+            PthDtype::I64 => chunks.map(|c| i64::from_le_bytes(arr(c)) as f32).collect(),
+            PthDtype::I32 => chunks.map(|c| i32::from_le_bytes(arr(c)) as f32).collect(),
+            PthDtype::I16 => chunks.map(|c| i16::from_le_bytes(arr(c)) as f32).collect(),
+            PthDtype::I8 => self.data.iter().map(|&b| b as i8 as f32).collect(),
+            PthDtype::U8 => self.data.iter().map(|&b| b as f32).collect(),
+            PthDtype::Bool => self.data.iter().map(|&b| (b != 0) as u8 as f32).collect(),
+        }
+    }
+}
+
+/// A state dict's tensors by name (parsed, not yet read).
+pub type StateDict = BTreeMap<String, TensorInfo>;
+
+// ------------------------------------------------------------------------------------------
+// Checkpoint
+// ------------------------------------------------------------------------------------------
+
+/// An open checkpoint: the zip index and the unpickled object tree. Tensor data stays on disk
+/// until [`PthCheckpoint::read_tensor`] asks for it.
+pub struct PthCheckpoint {
+    path: PathBuf,
+    archive: Archive,
+    /// Archive folder with its trailing slash (`"checkpoint-last/"`), or empty.
+    prefix: String,
+    big_endian: bool,
+    root: Value,
+}
+
+impl fmt::Debug for PthCheckpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PthCheckpoint")
+            .field("path", &self.path)
+            .field("prefix", &self.prefix)
+            .field("entries", &self.archive.len())
+            .finish()
+    }
+}
+
+impl PthCheckpoint {
+    /// Open a checkpoint, index its zip and unpickle `data.pkl` (no tensor data is read).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let shown = path.display().to_string();
+        let file = File::open(&path).with_context(|| format!("{shown}: cannot open"))?;
+        let archive = Archive::new(file).with_context(|| shown.clone())?;
+        let pkl_name = find_data_pkl(&archive).with_context(|| shown.clone())?;
+        let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
+
+        let big_endian = match archive.get(&format!("{prefix}byteorder")) {
+            Some(e) => {
+                let raw = archive.read_all(e).with_context(|| shown.clone())?;
+                match String::from_utf8_lossy(&raw).trim() {
+                    "little" => false,
+                    "big" => true,
+                    other => bail!("{shown}: unknown byteorder {other:?} in {prefix}byteorder"),
+                }
+            }
+            None => false,
+        };
+
+        let pkl_entry = archive
+            .get(&pkl_name)
+            .ok_or_else(|| anyhow!("{shown}: {pkl_name} vanished from the index"))?;
+        let pkl = archive.read_all(pkl_entry).with_context(|| shown.clone())?;
+        let root =
+            torch::unpickle(&pkl).with_context(|| format!("{shown}: cannot read {pkl_name}"))?;
+        Ok(PthCheckpoint {
+            path,
+            archive,
+            prefix,
+            big_endian,
+            root,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The string keys of the top-level dict (empty if the top level is not a dict).
+    pub fn top_level_keys(&self) -> Vec<String> {
+        match &self.root {
+            Value::Dict(d) => d
+                .borrow()
+                .entries
+                .iter()
+                .filter_map(|(k, _)| k.as_str().map(String::from))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the top-level dict has `key` (with any value, `None` included).
+    pub fn has_entry(&self, key: &str) -> bool {
+        self.root_entry(key).is_some()
+    }
+
+    fn root_entry(&self, key: &str) -> Option<Value> {
+        match &self.root {
+            Value::Dict(d) => d.borrow().get_str(key),
+            _ => None,
+        }
+    }
+
+    /// The state dict stored under top-level `key` (`"model"`, `"model_ema"`, `"state_dict"`).
+    ///
+    /// If the top-level object is itself a state dict (a dict of tensors) and has no such
+    /// entry, `"model"` selects the top level. Entries that are not tensors are skipped.
+    pub fn state_dict(&self, key: &str) -> Result<StateDict> {
+        let shown = self.path.display();
+        match self.root_entry(key) {
+            Some(Value::None) => bail!(
+                "{shown}: '{key}' is None{}",
+                if key == "model_ema" {
+                    " (this checkpoint was saved without EMA weights; convert without --ema)"
+                } else {
+                    ""
+                }
+            ),
+            Some(v @ Value::Dict(_)) => {
+                torch::collect_state_dict(&v).with_context(|| format!("{shown}: '{key}'"))
+            }
+            Some(other) => bail!("{shown}: '{key}' is {}, not a state dict", other.kind()),
+            None => {
+                if key == "model" && self.root_is_state_dict() {
+                    return self.root_state_dict();
+                }
+                let keys = self.top_level_keys();
+                if keys.is_empty() {
+                    bail!(
+                        "{shown}: no '{key}' entry: the top-level object is {}",
+                        self.root.kind()
+                    );
+                }
+                bail!(
+                    "{shown}: no '{key}' entry (top-level keys: {})",
+                    keys.join(", ")
+                )
+            }
+        }
+    }
+
+    /// The top-level object read as a state dict (a bare `torch.save(model.state_dict())`).
+    pub fn root_state_dict(&self) -> Result<StateDict> {
+        if !matches!(self.root, Value::Dict(_)) {
+            bail!(
+                "{}: the top-level object is {}, not a state dict",
+                self.path.display(),
+                self.root.kind()
+            );
+        }
+        torch::collect_state_dict(&self.root).with_context(|| self.path.display().to_string())
+    }
+
+    /// True when the top-level dict maps strings to tensors (at least one tensor).
+    pub fn root_is_state_dict(&self) -> bool {
+        match &self.root {
+            Value::Dict(d) => {
+                let d = d.borrow();
+                d.entries.iter().any(|(_, v)| matches!(v, Value::Tensor(_)))
+                    && d.entries.iter().all(|(k, _)| k.as_str().is_some())
+            }
+            _ => false,
+        }
+    }
+
+    /// Read one tensor's elements (only the bytes its view covers) as dense row-major data.
+    pub fn read_tensor(&self, name: &str, t: &TensorInfo) -> Result<PthTensor> {
+        self.read_tensor_inner(t)
+            .with_context(|| format!("{}: tensor '{name}'", self.path.display()))
+    }
+
+    fn read_tensor_inner(&self, t: &TensorInfo) -> Result<PthTensor> {
+        if t.shape.len() != t.stride.len() {
+            bail!(
+                "shape {:?} and stride {:?} differ in rank",
+                t.shape,
+                t.stride
+            );
+        }
+        let es = t.dtype.size();
+        let numel = t
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &n| a.checked_mul(n))
+            .ok_or_else(|| anyhow!("shape {:?} overflows", t.shape))?;
+        if numel == 0 {
+            return Ok(PthTensor {
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                data: Vec::new(),
+            });
+        }
+        // Elements spanned by the view, starting at its offset.
+        let mut span = 1usize;
+        for (&n, &s) in t.shape.iter().zip(&t.stride) {
+            span = (n - 1)
+                .checked_mul(s)
+                .and_then(|x| span.checked_add(x))
+                .ok_or_else(|| {
+                    anyhow!("shape {:?} with stride {:?} overflows", t.shape, t.stride)
+                })?;
+        }
+        let entry_name = format!("{}data/{}", self.prefix, t.storage_key);
+        let entry = self
+            .archive
+            .get(&entry_name)
+            .ok_or_else(|| anyhow!("its storage {entry_name} is missing from the archive"))?;
+        let end = t
+            .offset
+            .checked_add(span)
+            .ok_or_else(|| anyhow!("storage offset overflows"))?;
+        let end_bytes = (end as u64)
+            .checked_mul(es as u64)
+            .ok_or_else(|| anyhow!("view overflows"))?;
+        if end > t.storage_numel || end_bytes > entry.size {
+            bail!(
+                "view (offset {}, shape {:?}, stride {:?}) needs {end} elements but storage {entry_name} \
+                 holds {} ({} bytes of {})",
+                t.offset,
+                t.shape,
+                t.stride,
+                t.storage_numel,
+                entry.size,
+                t.dtype
+            );
+        }
+        let start_bytes = t.offset as u64 * es as u64;
+        let raw = self
+            .archive
+            .read(entry, start_bytes, end_bytes - start_bytes)?;
+        let mut data = if t.is_contiguous() {
+            raw
+        } else {
+            gather_strided(&raw, es, &t.shape, &t.stride, numel)
+        };
+        if self.big_endian && es > 1 {
+            for c in data.chunks_exact_mut(es) {
+                c.reverse();
+            }
+        }
+        Ok(PthTensor {
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            data,
+        })
+    }
+}
+
+/// Read the state dict under `key` (see [`PthCheckpoint::state_dict`]) with all its tensors.
+pub fn read_state_dict(path: impl AsRef<Path>, key: &str) -> Result<BTreeMap<String, PthTensor>> {
+    let ckpt = PthCheckpoint::open(path)?;
+    let sd = ckpt.state_dict(key)?;
+    sd.iter()
+        .map(|(name, info)| Ok((name.clone(), ckpt.read_tensor(name, info)?)))
+        .collect()
+}
+
+/// Copy a strided view (relative to its first element) into dense row-major order.
+fn gather_strided(
+    raw: &[u8],
+    es: usize,
+    shape: &[usize],
+    stride: &[usize],
+    numel: usize,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(numel * es);
+    let rank = shape.len();
+    let mut idx = vec![0usize; rank];
+    for _ in 0..numel {
+        let off: usize = idx.iter().zip(stride).map(|(i, s)| i * s).sum();
+        out.extend_from_slice(&raw[off * es..(off + 1) * es]);
+        for d in (0..rank).rev() {
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+/// The `data.pkl` entry: `<archive>/data.pkl` (one folder level) or a bare `data.pkl`.
+fn find_data_pkl(archive: &Archive) -> Result<String> {
+    let mut found: Vec<&String> = archive
+        .names()
+        .filter(|n| *n == "data.pkl" || (n.ends_with("/data.pkl") && n.matches('/').count() == 1))
+        .collect();
+    found.sort();
+    match found.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => bail!("{NOT_TORCH_ZIP} (a zip archive without a data.pkl entry)"),
+        many => bail!(
+            "{NOT_TORCH_ZIP} (several data.pkl entries: {})",
+            many.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_gather() {
+        // A 2x3 view of a 3x2 row-major storage, transposed: stride (1, 2).
+        let raw: Vec<u8> = (0u8..6).collect();
+        assert_eq!(
+            gather_strided(&raw, 1, &[2, 3], &[1, 2], 6),
+            vec![0, 2, 4, 1, 3, 5]
+        );
+        let t = TensorInfo {
+            dtype: PthDtype::U8,
+            shape: vec![2, 1, 3],
+            stride: vec![3, 99, 1],
+            offset: 0,
+            storage_key: "0".into(),
+            storage_numel: 6,
+        };
+        assert!(t.is_contiguous());
+    }
+
+    /// Build a stored zip in memory; `zip64` writes ZIP64 central records and end records.
+    fn build_zip(files: &[(&str, &[u8])], zip64: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut central = Vec::new();
+        for (name, data) in files {
+            let offset = out.len() as u64;
+            out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+            out.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            out.extend_from_slice(&3u16.to_le_bytes()); // 3 bytes of padding extra
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&[0, 0, 0]);
+            out.extend_from_slice(data);
+            central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+            central.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            let (size32, off32) = if zip64 {
+                (0xFFFF_FFFFu32, 0xFFFF_FFFFu32)
+            } else {
+                (data.len() as u32, offset as u32)
+            };
+            central.extend_from_slice(&size32.to_le_bytes());
+            central.extend_from_slice(&size32.to_le_bytes());
+            central.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            central.extend_from_slice(&(if zip64 { 28u16 } else { 0 }).to_le_bytes());
+            central.extend_from_slice(&[0u8; 10]);
+            central.extend_from_slice(&off32.to_le_bytes());
+            central.extend_from_slice(name.as_bytes());
+            if zip64 {
+                central.extend_from_slice(&1u16.to_le_bytes());
+                central.extend_from_slice(&24u16.to_le_bytes());
+                central.extend_from_slice(&(data.len() as u64).to_le_bytes());
+                central.extend_from_slice(&(data.len() as u64).to_le_bytes());
+                central.extend_from_slice(&offset.to_le_bytes());
+            }
+        }
+        let cd_offset = out.len() as u64;
+        out.extend_from_slice(&central);
+        let n = files.len() as u64;
+        if zip64 {
+            let z64 = out.len() as u64;
+            out.extend_from_slice(&0x0606_4b50u32.to_le_bytes());
+            out.extend_from_slice(&44u64.to_le_bytes());
+            out.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            out.extend_from_slice(&n.to_le_bytes());
+            out.extend_from_slice(&n.to_le_bytes());
+            out.extend_from_slice(&(central.len() as u64).to_le_bytes());
+            out.extend_from_slice(&cd_offset.to_le_bytes());
+            out.extend_from_slice(&0x0706_4b50u32.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+            out.extend_from_slice(&z64.to_le_bytes());
+            out.extend_from_slice(&1u32.to_le_bytes());
+        }
+        out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        let n16 = if zip64 { 0xFFFF } else { n as u16 };
+        out.extend_from_slice(&n16.to_le_bytes());
+        out.extend_from_slice(&n16.to_le_bytes());
+        out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+        let off32 = if zip64 { 0xFFFF_FFFF } else { cd_offset as u32 };
+        out.extend_from_slice(&off32.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out
+    }
+
+    /// `{'model': {'w': tensor}}` where w is a 2x2 float32 view at offset 1 of storage '0'
+    /// with strides (1, 2) (a transposed view), pickled like torch.save.
+    fn tiny_pickle() -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(
+            b"\x80\x02}q\x00X\x05\x00\x00\x00modelq\x01ccollections\nOrderedDict\nq\x02)Rq\x03",
+        );
+        p.extend_from_slice(b"X\x01\x00\x00\x00wq\x04ctorch._utils\n_rebuild_tensor_v2\nq\x05(");
+        p.extend_from_slice(b"(X\x07\x00\x00\x00storageq\x06ctorch\nFloatStorage\nq\x07X\x01\x00\x00\x000q\x08X\x03\x00\x00\x00cpuq\tK\x05tq\nQ");
+        p.extend_from_slice(
+            b"K\x01K\x02K\x02\x86q\x0bK\x01K\x02\x86q\x0c\x89h\x02)Rq\rtq\x0eRq\x0fss.",
+        );
+        p
+    }
+
+    fn write_temp(name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("checkergen-pth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn reads_plain_and_zip64_archives() {
+        let storage: Vec<u8> = [0.0f32, 1.0, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let pkl = tiny_pickle();
+        for zip64 in [false, true] {
+            let files: [(&str, &[u8]); 3] = [
+                ("ck/data.pkl", &pkl),
+                ("ck/byteorder", b"little"),
+                ("ck/data/0", &storage),
+            ];
+            let path = write_temp(&format!("z{zip64}.pth"), &build_zip(&files, zip64));
+            let sd = read_state_dict(&path, "model").unwrap();
+            let w = &sd["w"];
+            assert_eq!(w.shape, vec![2, 2]);
+            // Elements at offset 1 + i*1 + j*2: [[1, 3], [2, 4]].
+            assert_eq!(w.to_f32(), vec![1.0, 3.0, 2.0, 4.0], "zip64={zip64}");
+        }
+        // Big-endian archives are byte-swapped.
+        let be: Vec<u8> = [0.0f32, 1.0, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        let files: [(&str, &[u8]); 3] = [
+            ("ck/data.pkl", &pkl),
+            ("ck/byteorder", b"big"),
+            ("ck/data/0", &be),
+        ];
+        let path = write_temp("be.pth", &build_zip(&files, false));
+        assert_eq!(
+            read_state_dict(&path, "model").unwrap()["w"].to_f32(),
+            vec![1.0, 3.0, 2.0, 4.0]
+        );
+        // A storage too small for the view is a clear error.
+        let files: [(&str, &[u8]); 2] = [("ck/data.pkl", &pkl), ("ck/data/0", &storage[..16])];
+        let path = write_temp("short.pth", &build_zip(&files, false));
+        let err = format!("{:#}", read_state_dict(&path, "model").unwrap_err());
+        assert!(
+            err.contains("tensor 'w'") && err.contains("needs 5 elements"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bare_state_dict() {
+        // torch.save(OrderedDict(w=tensor)): the top level is the state dict itself.
+        let pkl: &[u8] = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01X\x01\x00\x00\x00wq\x02ctorch._utils\n_rebuild_tensor_v2\nq\x03((X\x07\x00\x00\x00storageq\x04ctorch\nFloatStorage\nq\x05X\x01\x00\x00\x000q\x06X\x03\x00\x00\x00cpuq\x07K\x05tq\x08QK\x01K\x02K\x02\x86q\tK\x01K\x02\x86q\n\x89h\x00)Rq\x0btq\x0cRq\x0ds.";
+        let storage: Vec<u8> = [0.0f32, 1.0, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let files: [(&str, &[u8]); 2] = [("bare/data.pkl", pkl), ("bare/data/0", &storage)];
+        let path = write_temp("bare.pth", &build_zip(&files, false));
+        let ck = PthCheckpoint::open(&path).unwrap();
+        assert!(ck.root_is_state_dict());
+        assert_eq!(
+            read_state_dict(&path, "model").unwrap()["w"].to_f32(),
+            vec![1.0, 3.0, 2.0, 4.0]
+        );
+        let err = format!("{:#}", ck.state_dict("model_ema").unwrap_err());
+        assert!(
+            err.contains("no 'model_ema' entry (top-level keys: w)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn not_a_zip() {
+        let path = write_temp(
+            "garbage.pth",
+            b"this is not a zip file at all, just some text bytes",
+        );
+        let err = format!("{:#}", PthCheckpoint::open(&path).unwrap_err());
+        assert!(err.contains("not a PyTorch zip checkpoint"), "{err}");
+        let path = write_temp(
+            "legacy.pth",
+            b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02M\xe9\x03.",
+        );
+        let err = format!("{:#}", PthCheckpoint::open(&path).unwrap_err());
+        assert!(
+            err.contains("not a PyTorch zip checkpoint") && err.contains("legacy"),
+            "{err}"
+        );
+        let files: [(&str, &[u8]); 1] = [("x/readme.txt", b"hi")];
+        let path = write_temp("nopkl.pth", &build_zip(&files, false));
+        let err = format!("{:#}", PthCheckpoint::open(&path).unwrap_err());
+        assert!(err.contains("without a data.pkl"), "{err}");
+    }
+}

@@ -1,0 +1,798 @@
+//! The pickle virtual machine: the opcodes of protocols 0-5, building Python's built-in
+//! values (dicts, lists, tuples, scalars, strings, bytes) on a stack with a memo.
+//!
+//! The VM never executes anything. What a pickle names with `GLOBAL` / `STACK_GLOBAL` stays
+//! a [`Value::Global`] reference, and the opcodes that would call or instantiate it (`REDUCE`,
+//! `NEWOBJ`, `NEWOBJ_EX`, `OBJ`, `INST`) and persistent ids (`BINPERSID`) are handed to a
+//! [`Globals`] implementation: the torch layer (`torch.rs`), which interprets an allowlist
+//! and turns everything else into an opaque value.
+
+use super::torch::{Storage, TensorRef};
+use anyhow::{Context, Result, anyhow, bail};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// Declares [`OpCode`] with its byte and pickletools name, and the byte -> opcode lookup.
+macro_rules! opcodes {
+    ($($op:ident = $byte:literal => $name:literal,)*) => {
+        /// The pickle opcodes of protocols 0-5 (Python's `pickletools` names).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u8)]
+        pub(super) enum OpCode {
+            $($op = $byte,)*
+        }
+
+        impl OpCode {
+            pub(super) fn from_byte(b: u8) -> Option<OpCode> {
+                match b {
+                    $($byte => Some(OpCode::$op),)*
+                    _ => None,
+                }
+            }
+
+            /// The name `pickletools` gives the opcode (`BINUNICODE`, `EXT1`, ...).
+            pub(super) fn name(self) -> &'static str {
+                match self {
+                    $(OpCode::$op => $name,)*
+                }
+            }
+        }
+    };
+}
+
+opcodes! {
+    // Protocol 0 and 1.
+    Mark = b'(' => "MARK",
+    Stop = b'.' => "STOP",
+    Pop = b'0' => "POP",
+    PopMark = b'1' => "POP_MARK",
+    Dup = b'2' => "DUP",
+    Float = b'F' => "FLOAT",
+    Int = b'I' => "INT",
+    BinInt = b'J' => "BININT",
+    BinInt1 = b'K' => "BININT1",
+    Long = b'L' => "LONG",
+    BinInt2 = b'M' => "BININT2",
+    None = b'N' => "NONE",
+    PersId = b'P' => "PERSID",
+    BinPersId = b'Q' => "BINPERSID",
+    Reduce = b'R' => "REDUCE",
+    String = b'S' => "STRING",
+    BinString = b'T' => "BINSTRING",
+    ShortBinString = b'U' => "SHORT_BINSTRING",
+    Unicode = b'V' => "UNICODE",
+    BinUnicode = b'X' => "BINUNICODE",
+    Append = b'a' => "APPEND",
+    Build = b'b' => "BUILD",
+    Global = b'c' => "GLOBAL",
+    Dict = b'd' => "DICT",
+    EmptyDict = b'}' => "EMPTY_DICT",
+    Appends = b'e' => "APPENDS",
+    Get = b'g' => "GET",
+    BinGet = b'h' => "BINGET",
+    Inst = b'i' => "INST",
+    LongBinGet = b'j' => "LONG_BINGET",
+    List = b'l' => "LIST",
+    EmptyList = b']' => "EMPTY_LIST",
+    Obj = b'o' => "OBJ",
+    Put = b'p' => "PUT",
+    BinPut = b'q' => "BINPUT",
+    LongBinPut = b'r' => "LONG_BINPUT",
+    SetItem = b's' => "SETITEM",
+    Tuple = b't' => "TUPLE",
+    EmptyTuple = b')' => "EMPTY_TUPLE",
+    SetItems = b'u' => "SETITEMS",
+    BinFloat = b'G' => "BINFLOAT",
+    // Protocol 2.
+    Proto = 0x80 => "PROTO",
+    NewObj = 0x81 => "NEWOBJ",
+    Ext1 = 0x82 => "EXT1",
+    Ext2 = 0x83 => "EXT2",
+    Ext4 = 0x84 => "EXT4",
+    Tuple1 = 0x85 => "TUPLE1",
+    Tuple2 = 0x86 => "TUPLE2",
+    Tuple3 = 0x87 => "TUPLE3",
+    NewTrue = 0x88 => "NEWTRUE",
+    NewFalse = 0x89 => "NEWFALSE",
+    Long1 = 0x8a => "LONG1",
+    Long4 = 0x8b => "LONG4",
+    // Protocol 3.
+    BinBytes = b'B' => "BINBYTES",
+    ShortBinBytes = b'C' => "SHORT_BINBYTES",
+    // Protocol 4.
+    ShortBinUnicode = 0x8c => "SHORT_BINUNICODE",
+    BinUnicode8 = 0x8d => "BINUNICODE8",
+    BinBytes8 = 0x8e => "BINBYTES8",
+    EmptySet = 0x8f => "EMPTY_SET",
+    AddItems = 0x90 => "ADDITEMS",
+    FrozenSet = 0x91 => "FROZENSET",
+    NewObjEx = 0x92 => "NEWOBJ_EX",
+    StackGlobal = 0x93 => "STACK_GLOBAL",
+    Memoize = 0x94 => "MEMOIZE",
+    Frame = 0x95 => "FRAME",
+    // Protocol 5.
+    ByteArray8 = 0x96 => "BYTEARRAY8",
+    NextBuffer = 0x97 => "NEXT_BUFFER",
+    ReadonlyBuffer = 0x98 => "READONLY_BUFFER",
+}
+
+/// What the VM hands to the layer above: everything that would run code in Python.
+pub(super) trait Globals {
+    /// `REDUCE`: `func(*args)`.
+    fn call(&self, func: &Value, args: &Value) -> Result<Value>;
+    /// `NEWOBJ`, `NEWOBJ_EX`, `OBJ`, `INST`: `cls.__new__(cls, ...)` (arguments ignored).
+    fn instantiate(&self, cls: &Value) -> Value;
+    /// `BINPERSID`: the object a persistent id stands for.
+    fn persistent_load(&self, pid: &Value) -> Result<Value>;
+}
+
+#[derive(Debug, Default)]
+pub(super) struct DictData {
+    pub(super) entries: Vec<(Value, Value)>,
+    /// Index of string and integer keys (the ones state dicts and optimizer states use).
+    index: HashMap<HashKey, usize>,
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum HashKey {
+    Str(Rc<str>),
+    Int(i64),
+}
+
+impl DictData {
+    pub(super) fn set(&mut self, k: Value, v: Value) {
+        let hk = match &k {
+            Value::Str(s) => Some(HashKey::Str(s.clone())),
+            Value::Int(i) => Some(HashKey::Int(*i)),
+            _ => None,
+        };
+        match hk {
+            Some(hk) => match self.index.get(&hk) {
+                Some(&i) => self.entries[i].1 = v,
+                None => {
+                    self.index.insert(hk, self.entries.len());
+                    self.entries.push((k, v));
+                }
+            },
+            None => self.entries.push((k, v)),
+        }
+    }
+
+    pub(super) fn get_str(&self, key: &str) -> Option<Value> {
+        self.index
+            .get(&HashKey::Str(Rc::from(key)))
+            .map(|&i| self.entries[i].1.clone())
+    }
+}
+
+/// The unpickled object model: Python's built-in values, references to globals, opaque
+/// objects, and the torch layer's storages and tensors.
+#[derive(Clone, Debug)]
+pub(super) enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    /// An integer too large for i64 (kept opaque).
+    BigInt,
+    Float(f64),
+    Str(Rc<str>),
+    Bytes(Rc<[u8]>),
+    Tuple(Rc<Vec<Value>>),
+    List(Rc<RefCell<Vec<Value>>>),
+    Dict(Rc<RefCell<DictData>>),
+    /// A class or function reference (`GLOBAL module name`), never resolved by the VM.
+    Global(Rc<(String, String)>),
+    /// An instance of a class this reader does not model, by class name.
+    Object(Rc<str>),
+    Storage(Rc<Storage>),
+    Tensor(Rc<TensorRef>),
+}
+
+impl Value {
+    pub(super) fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub(super) fn kind(&self) -> String {
+        match self {
+            Value::None => "None".into(),
+            Value::Bool(b) => format!("the bool {b}"),
+            Value::Int(i) => format!("the int {i}"),
+            Value::BigInt => "a large int".into(),
+            Value::Float(f) => format!("the float {f}"),
+            Value::Str(s) => format!("the string {s:?}"),
+            Value::Bytes(b) => format!("{} bytes", b.len()),
+            Value::Tuple(_) => "a tuple".into(),
+            Value::List(_) => "a list".into(),
+            Value::Dict(_) => "a dict".into(),
+            Value::Global(g) => format!("the class {}.{}", g.0, g.1),
+            Value::Object(c) => format!("a {c} object"),
+            Value::Storage(_) => "a storage".into(),
+            Value::Tensor(_) => "a tensor".into(),
+        }
+    }
+
+    pub(super) fn items(&self) -> Option<Vec<Value>> {
+        match self {
+            Value::Tuple(t) => Some(t.as_ref().clone()),
+            Value::List(l) => Some(l.borrow().clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The VM: the pickle bytes, a position, the stack with its marks, and the memo.
+pub(super) struct Unpickler<'a> {
+    globals: &'a dyn Globals,
+    data: &'a [u8],
+    pos: usize,
+    stack: Vec<Value>,
+    marks: Vec<usize>,
+    memo: HashMap<u64, Value>,
+}
+
+impl<'a> Unpickler<'a> {
+    pub(super) fn new(data: &'a [u8], globals: &'a dyn Globals) -> Self {
+        Unpickler {
+            globals,
+            data,
+            pos: 0,
+            stack: Vec::new(),
+            marks: Vec::new(),
+            memo: HashMap::new(),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .ok_or_else(|| {
+                anyhow!(
+                    "pickle truncated: {n} bytes wanted at offset {} of {}",
+                    self.pos,
+                    self.data.len()
+                )
+            })?;
+        let s = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn len64(&mut self) -> Result<usize> {
+        usize::try_from(self.u64()?).map_err(|_| anyhow!("pickle: length too large"))
+    }
+
+    fn line(&mut self) -> Result<&'a str> {
+        let rest = &self.data[self.pos..];
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| anyhow!("pickle truncated: unterminated line at offset {}", self.pos))?;
+        self.pos += n + 1;
+        std::str::from_utf8(&rest[..n]).map_err(|_| anyhow!("pickle: line is not UTF-8"))
+    }
+
+    fn pop(&mut self) -> Result<Value> {
+        if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
+            bail!("pickle: stack underflow (at a MARK) at offset {}", self.pos);
+        }
+        self.stack
+            .pop()
+            .ok_or_else(|| anyhow!("pickle: stack underflow at offset {}", self.pos))
+    }
+
+    fn top(&self) -> Result<&Value> {
+        self.stack
+            .last()
+            .ok_or_else(|| anyhow!("pickle: empty stack at offset {}", self.pos))
+    }
+
+    fn pop_mark(&mut self) -> Result<Vec<Value>> {
+        let m = self
+            .marks
+            .pop()
+            .ok_or_else(|| anyhow!("pickle: MARK missing at offset {}", self.pos))?;
+        if m > self.stack.len() {
+            bail!("pickle: corrupt MARK at offset {}", self.pos);
+        }
+        Ok(self.stack.split_off(m))
+    }
+
+    fn memo_get(&self, idx: u64) -> Result<Value> {
+        self.memo
+            .get(&idx)
+            .cloned()
+            .ok_or_else(|| anyhow!("pickle: memo entry {idx} missing at offset {}", self.pos))
+    }
+
+    fn memo_put(&mut self, idx: u64) -> Result<()> {
+        let v = self.top()?.clone();
+        self.memo.insert(idx, v);
+        Ok(())
+    }
+
+    /// Run to `STOP` and return the object on top of the stack.
+    pub(super) fn run(mut self) -> Result<Value> {
+        loop {
+            let op_pos = self.pos;
+            let byte = self.u8()?;
+            let op = OpCode::from_byte(byte).ok_or_else(|| {
+                anyhow!("unknown pickle opcode 0x{byte:02x} at byte offset {op_pos}")
+            })?;
+            match op {
+                OpCode::Proto => {
+                    let proto = self.u8()?;
+                    if proto > 5 {
+                        bail!("pickle protocol {proto} is not supported (at most 5)");
+                    }
+                }
+                OpCode::Frame => {
+                    self.u64()?; // FRAME: length of the next frame; frames are just a hint
+                }
+                OpCode::Stop => return self.pop(),
+                // Containers.
+                OpCode::EmptyDict => self.stack.push(Value::Dict(Default::default())),
+                OpCode::EmptyList | OpCode::EmptySet => {
+                    self.stack.push(Value::List(Default::default()))
+                }
+                OpCode::EmptyTuple => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
+                OpCode::Mark => self.marks.push(self.stack.len()),
+                OpCode::SetItem => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    self.dict_set(vec![k, v])?;
+                }
+                OpCode::SetItems => {
+                    let items = self.pop_mark()?;
+                    if items.len() % 2 != 0 {
+                        bail!("pickle: SETITEMS with an odd item count at offset {op_pos}");
+                    }
+                    self.dict_set(items)?;
+                }
+                OpCode::Append => {
+                    let v = self.pop()?;
+                    self.list_extend(vec![v])?;
+                }
+                OpCode::Appends | OpCode::AddItems => {
+                    let items = self.pop_mark()?;
+                    self.list_extend(items)?;
+                }
+                OpCode::Tuple1 | OpCode::Tuple2 | OpCode::Tuple3 => {
+                    let n = match op {
+                        OpCode::Tuple1 => 1,
+                        OpCode::Tuple2 => 2,
+                        _ => 3,
+                    };
+                    if self.stack.len() < n
+                        || self.marks.last().is_some_and(|&m| m > self.stack.len() - n)
+                    {
+                        bail!("pickle: stack underflow at offset {op_pos}");
+                    }
+                    let items = self.stack.split_off(self.stack.len() - n);
+                    self.stack.push(Value::Tuple(Rc::new(items)));
+                }
+                OpCode::Tuple => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::Tuple(Rc::new(items)));
+                }
+                OpCode::List | OpCode::FrozenSet => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::List(Rc::new(RefCell::new(items))));
+                }
+                OpCode::Dict => {
+                    let items = self.pop_mark()?;
+                    if items.len() % 2 != 0 {
+                        bail!("pickle: DICT with an odd item count at offset {op_pos}");
+                    }
+                    let mut d = DictData::default();
+                    let mut it = items.into_iter();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        d.set(k, v);
+                    }
+                    self.stack.push(Value::Dict(Rc::new(RefCell::new(d))));
+                }
+                // Scalars.
+                OpCode::None => self.stack.push(Value::None),
+                OpCode::NewTrue => self.stack.push(Value::Bool(true)),
+                OpCode::NewFalse => self.stack.push(Value::Bool(false)),
+                OpCode::BinInt => {
+                    let v = self.u32()? as i32;
+                    self.stack.push(Value::Int(v as i64));
+                }
+                OpCode::BinInt1 => {
+                    let v = self.u8()?;
+                    self.stack.push(Value::Int(v as i64));
+                }
+                OpCode::BinInt2 => {
+                    let v = self.u16()?;
+                    self.stack.push(Value::Int(v as i64));
+                }
+                OpCode::Long1 => {
+                    let n = self.u8()? as usize;
+                    let bytes = self.take(n)?;
+                    self.stack.push(long_from_le(bytes));
+                }
+                OpCode::Long4 => {
+                    let n = self.u32()? as usize;
+                    let bytes = self.take(n)?;
+                    self.stack.push(long_from_le(bytes));
+                }
+                OpCode::BinFloat => {
+                    let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
+                    self.stack.push(Value::Float(v));
+                }
+                OpCode::Int => {
+                    let line = self.line()?;
+                    let v = match line {
+                        "01" => Value::Bool(true),
+                        "00" => Value::Bool(false),
+                        s => s.parse::<i64>().map(Value::Int).unwrap_or(Value::BigInt),
+                    };
+                    self.stack.push(v);
+                }
+                OpCode::Long => {
+                    let line = self.line()?;
+                    let v = line
+                        .trim_end_matches('L')
+                        .parse::<i64>()
+                        .map(Value::Int)
+                        .unwrap_or(Value::BigInt);
+                    self.stack.push(v);
+                }
+                OpCode::Float => {
+                    let line = self.line()?;
+                    let v = line
+                        .parse::<f64>()
+                        .map_err(|_| anyhow!("pickle: bad FLOAT {line:?} at offset {op_pos}"))?;
+                    self.stack.push(Value::Float(v));
+                }
+                // Strings and bytes.
+                OpCode::BinUnicode => {
+                    let n = self.u32()? as usize;
+                    let s = self.utf8(n, op_pos)?;
+                    self.stack.push(s);
+                }
+                OpCode::BinUnicode8 => {
+                    let n = self.len64()?;
+                    let s = self.utf8(n, op_pos)?;
+                    self.stack.push(s);
+                }
+                OpCode::ShortBinUnicode => {
+                    let n = self.u8()? as usize;
+                    let s = self.utf8(n, op_pos)?;
+                    self.stack.push(s);
+                }
+                OpCode::Unicode => {
+                    let line = self.line()?;
+                    self.stack.push(Value::Str(Rc::from(line)));
+                }
+                OpCode::String => {
+                    // Protocol 0 STRING: a quoted Python 2 str literal.
+                    let line = self.line()?;
+                    let inner = line
+                        .strip_prefix(['\'', '"'])
+                        .and_then(|s| s.strip_suffix(['\'', '"']))
+                        .unwrap_or(line);
+                    self.stack.push(Value::Str(Rc::from(inner)));
+                }
+                OpCode::BinString | OpCode::BinBytes => {
+                    let n = self.u32()? as usize;
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Bytes(Rc::from(b)));
+                }
+                OpCode::ShortBinString | OpCode::ShortBinBytes => {
+                    let n = self.u8()? as usize;
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Bytes(Rc::from(b)));
+                }
+                OpCode::BinBytes8 | OpCode::ByteArray8 => {
+                    let n = self.len64()?;
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Bytes(Rc::from(b)));
+                }
+                // Memo.
+                OpCode::BinPut => {
+                    let i = self.u8()? as u64;
+                    self.memo_put(i)?;
+                }
+                OpCode::LongBinPut => {
+                    let i = self.u32()? as u64;
+                    self.memo_put(i)?;
+                }
+                OpCode::Memoize => {
+                    let i = self.memo.len() as u64;
+                    self.memo_put(i)?;
+                }
+                OpCode::Put => {
+                    let line = self.line()?;
+                    let i = line
+                        .parse::<u64>()
+                        .map_err(|_| anyhow!("pickle: bad PUT index at offset {op_pos}"))?;
+                    self.memo_put(i)?;
+                }
+                OpCode::BinGet => {
+                    let i = self.u8()? as u64;
+                    let v = self.memo_get(i)?;
+                    self.stack.push(v);
+                }
+                OpCode::LongBinGet => {
+                    let i = self.u32()? as u64;
+                    let v = self.memo_get(i)?;
+                    self.stack.push(v);
+                }
+                OpCode::Get => {
+                    let line = self.line()?;
+                    let i = line
+                        .parse::<u64>()
+                        .map_err(|_| anyhow!("pickle: bad GET index at offset {op_pos}"))?;
+                    let v = self.memo_get(i)?;
+                    self.stack.push(v);
+                }
+                // Stack manipulation.
+                OpCode::Pop => {
+                    self.pop()?;
+                }
+                OpCode::PopMark => {
+                    self.pop_mark()?;
+                }
+                OpCode::Dup => {
+                    let v = self.top()?.clone();
+                    self.stack.push(v);
+                }
+                // Classes, calls, objects.
+                OpCode::Global => {
+                    let module = self.line()?.to_string();
+                    let name = self.line()?.to_string();
+                    self.stack.push(Value::Global(Rc::new((module, name))));
+                }
+                OpCode::StackGlobal => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    let (Some(m), Some(n)) = (module.as_str(), name.as_str()) else {
+                        bail!("pickle: STACK_GLOBAL needs two strings at offset {op_pos}");
+                    };
+                    self.stack
+                        .push(Value::Global(Rc::new((m.to_string(), n.to_string()))));
+                }
+                OpCode::Reduce => {
+                    let args = self.pop()?;
+                    let func = self.pop()?;
+                    let v = self
+                        .globals
+                        .call(&func, &args)
+                        .with_context(|| format!("pickle REDUCE at offset {op_pos}"))?;
+                    self.stack.push(v);
+                }
+                OpCode::NewObj => {
+                    let _args = self.pop()?;
+                    let cls = self.pop()?;
+                    let v = self.globals.instantiate(&cls);
+                    self.stack.push(v);
+                }
+                OpCode::NewObjEx => {
+                    let _kwargs = self.pop()?;
+                    let _args = self.pop()?;
+                    let cls = self.pop()?;
+                    let v = self.globals.instantiate(&cls);
+                    self.stack.push(v);
+                }
+                OpCode::Obj => {
+                    let items = self.pop_mark()?;
+                    if items.is_empty() {
+                        bail!("pickle: OBJ without a class at offset {op_pos}");
+                    }
+                    let v = self.globals.instantiate(&items[0]);
+                    self.stack.push(v);
+                }
+                OpCode::Inst => {
+                    let module = self.line()?.to_string();
+                    let name = self.line()?.to_string();
+                    self.pop_mark()?;
+                    let v = self
+                        .globals
+                        .instantiate(&Value::Global(Rc::new((module, name))));
+                    self.stack.push(v);
+                }
+                OpCode::Build => {
+                    // BUILD: set the state of the object below. Modeled objects (dicts such as
+                    // an OrderedDict with `_metadata`) and opaque ones both ignore it.
+                    self.pop()?;
+                    self.top()?;
+                }
+                OpCode::BinPersId => {
+                    let pid = self.pop()?;
+                    let v = self
+                        .globals
+                        .persistent_load(&pid)
+                        .with_context(|| format!("pickle BINPERSID at offset {op_pos}"))?;
+                    self.stack.push(v);
+                }
+                OpCode::PersId => {
+                    let line = self.line()?;
+                    bail!(
+                        "pickle: text persistent id {line:?} at offset {op_pos} is not a torch storage"
+                    );
+                }
+                OpCode::Ext1
+                | OpCode::Ext2
+                | OpCode::Ext4
+                | OpCode::NextBuffer
+                | OpCode::ReadonlyBuffer => bail!(
+                    "unsupported pickle opcode 0x{byte:02x} ({}) at byte offset {op_pos}",
+                    op.name()
+                ),
+            }
+        }
+    }
+
+    fn utf8(&mut self, n: usize, op_pos: usize) -> Result<Value> {
+        let b = self.take(n)?;
+        let s = std::str::from_utf8(b)
+            .map_err(|_| anyhow!("pickle: string at offset {op_pos} is not UTF-8"))?;
+        Ok(Value::Str(Rc::from(s)))
+    }
+
+    fn dict_set(&mut self, items: Vec<Value>) -> Result<()> {
+        match self.top()? {
+            Value::Dict(d) => {
+                let mut d = d.borrow_mut();
+                let mut it = items.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    d.set(k, v);
+                }
+                Ok(())
+            }
+            // Items set on an opaque object (a dict subclass we do not model): drop them.
+            Value::Object(_) => Ok(()),
+            other => bail!("pickle: SETITEM on {} at offset {}", other.kind(), self.pos),
+        }
+    }
+
+    fn list_extend(&mut self, items: Vec<Value>) -> Result<()> {
+        match self.top()? {
+            Value::List(l) => {
+                l.borrow_mut().extend(items);
+                Ok(())
+            }
+            Value::Object(_) => Ok(()),
+            other => bail!("pickle: APPEND on {} at offset {}", other.kind(), self.pos),
+        }
+    }
+}
+
+/// Python `int.from_bytes(b, 'little', signed=True)`, or `BigInt` past 64 bits.
+fn long_from_le(bytes: &[u8]) -> Value {
+    if bytes.is_empty() {
+        return Value::Int(0);
+    }
+    if bytes.len() > 8 {
+        let sign_fill = if bytes[bytes.len() - 1] & 0x80 != 0 {
+            0xFF
+        } else {
+            0
+        };
+        if bytes[8..].iter().any(|&b| b != sign_fill)
+            || (bytes[7] & 0x80 != 0) != (sign_fill == 0xFF)
+        {
+            return Value::BigInt;
+        }
+    }
+    let n = bytes.len().min(8);
+    let fill = if bytes[n - 1] & 0x80 != 0 { 0xFF } else { 0 };
+    let mut buf = [fill; 8];
+    buf[..n].copy_from_slice(&bytes[..n]);
+    Value::Int(i64::from_le_bytes(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Globals that interpret nothing: the VM alone.
+    struct NoGlobals;
+
+    impl Globals for NoGlobals {
+        fn call(&self, _: &Value, _: &Value) -> Result<Value> {
+            Ok(Value::Object(Rc::from("<call result>")))
+        }
+        fn instantiate(&self, _: &Value) -> Value {
+            Value::Object(Rc::from("<object>"))
+        }
+        fn persistent_load(&self, _: &Value) -> Result<Value> {
+            bail!("no persistent ids here")
+        }
+    }
+
+    fn unpickle(bytes: &[u8]) -> Result<Value> {
+        Unpickler::new(bytes, &NoGlobals).run()
+    }
+
+    #[test]
+    fn opcodes_round_trip_through_their_bytes() {
+        for b in 0..=255u8 {
+            if let Some(op) = OpCode::from_byte(b) {
+                assert_eq!(op as u8, b, "{}", op.name());
+            }
+        }
+        assert_eq!(OpCode::from_byte(b'X'), Some(OpCode::BinUnicode));
+        assert_eq!(OpCode::StackGlobal.name(), "STACK_GLOBAL");
+        assert_eq!(OpCode::from_byte(0xff), None);
+    }
+
+    #[test]
+    fn protocol2_dict_of_scalars() {
+        // pickle.dumps({'a': 1, 'b': [1.5, None, True], 'c': (300, -2, 70000)}, protocol=2)
+        let bytes: &[u8] = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01K\x01X\x01\x00\x00\x00bq\x02]q\x03(G?\xf8\x00\x00\x00\x00\x00\x00N\x88eX\x01\x00\x00\x00cq\x04M,\x01J\xfe\xff\xff\xffJp\x11\x01\x00\x87q\x05u.";
+        let v = unpickle(bytes).unwrap();
+        let Value::Dict(d) = v else { panic!() };
+        let d = d.borrow();
+        assert!(matches!(d.get_str("a"), Some(Value::Int(1))));
+        let b = d.get_str("b").unwrap().items().unwrap();
+        assert!(
+            matches!(b.as_slice(), [Value::Float(f), Value::None, Value::Bool(true)] if *f == 1.5)
+        );
+        let c = d.get_str("c").unwrap().items().unwrap();
+        assert!(matches!(
+            c.as_slice(),
+            [Value::Int(300), Value::Int(-2), Value::Int(70000)]
+        ));
+    }
+
+    #[test]
+    fn long1_sign_handling() {
+        assert!(matches!(long_from_le(&[0xff]), Value::Int(-1)));
+        assert!(matches!(long_from_le(&[0x00, 0x80]), Value::Int(-32768)));
+        assert!(matches!(long_from_le(&[0xff, 0x00]), Value::Int(255)));
+        let max = i64::MAX.to_le_bytes();
+        assert!(matches!(long_from_le(&max), Value::Int(i64::MAX)));
+        let mut nine = i64::MIN.to_le_bytes().to_vec();
+        nine.push(0xff);
+        assert!(matches!(long_from_le(&nine), Value::Int(i64::MIN)));
+        let mut pos_overflow = u64::MAX.to_le_bytes().to_vec();
+        pos_overflow.push(0);
+        assert!(matches!(long_from_le(&pos_overflow), Value::BigInt));
+    }
+
+    #[test]
+    fn unknown_opcode_is_named_with_its_offset() {
+        let err = unpickle(b"\x80\x02}q\x00\xff.").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown pickle opcode 0xff at byte offset 5"),
+            "{err}"
+        );
+        let err = unpickle(b"\x80\x02\x82\x01.").unwrap_err().to_string();
+        assert!(err.contains("0x82 (EXT1) at byte offset 2"), "{err}");
+        let err = unpickle(b"\x80\x02}q\x00X\xff\x00\x00\x00ab")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn globals_are_handed_over_never_resolved() {
+        // pickle.dumps(os.system('x')) would be `cos\nsystem\n(X...tR.`: the VM passes the
+        // reference to the Globals layer, which here returns an opaque value.
+        let v = unpickle(b"cos\nsystem\n(X\x01\x00\x00\x00xtR.").unwrap();
+        assert!(matches!(v, Value::Object(ref c) if &**c == "<call result>"));
+        let v = unpickle(b"\x80\x02cos\nsystem\n.").unwrap();
+        assert!(matches!(v, Value::Global(ref g) if g.0 == "os" && g.1 == "system"));
+    }
+}

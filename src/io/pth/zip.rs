@@ -1,0 +1,205 @@
+//! The zip layer of a `.pth` file: the end-of-central-directory record (ZIP64 records once
+//! the file passes 4 GiB), the central directory, and reads of byte ranges inside stored
+//! entries through their local headers.
+//!
+//! Written here rather than taken from the `zip` crate: torch writes only stored entries,
+//! the checkpoint needs random access to a few entries of a file that can be several GB, and
+//! this subset of the format is about a hundred lines with no dependencies to build.
+
+use anyhow::{Context, Result, anyhow, bail};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+
+/// The start of every "this is not a checkpoint" error.
+pub(super) const NOT_TORCH_ZIP: &str = "not a PyTorch zip checkpoint";
+
+/// One central-directory entry.
+#[derive(Clone, Debug)]
+pub(super) struct Entry {
+    name: String,
+    method: u16,
+    /// Uncompressed size in bytes.
+    pub(super) size: u64,
+    compressed_size: u64,
+    local_header_offset: u64,
+}
+
+/// An open zip archive: its file and its central directory by entry name.
+pub(super) struct Archive {
+    file: File,
+    entries: HashMap<String, Entry>,
+}
+
+impl Archive {
+    /// Read the central directory of `file`.
+    pub(super) fn new(file: File) -> Result<Self> {
+        let entries = read_index(&file)?;
+        Ok(Archive { file, entries })
+    }
+
+    pub(super) fn get(&self, name: &str) -> Option<&Entry> {
+        self.entries.get(name)
+    }
+
+    pub(super) fn names(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Read `len` bytes at `offset` inside a stored entry.
+    pub(super) fn read(&self, e: &Entry, offset: u64, len: u64) -> Result<Vec<u8>> {
+        read_entry(&self.file, e, offset, len)
+    }
+
+    /// Read a whole entry.
+    pub(super) fn read_all(&self, e: &Entry) -> Result<Vec<u8>> {
+        self.read(e, 0, e.size)
+    }
+}
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+fn read_at(mut file: &File, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(&mut buf)
+        .with_context(|| format!("truncated file: cannot read {len} bytes at offset {offset}"))?;
+    Ok(buf)
+}
+
+/// Read the central directory (with ZIP64 support) into name -> entry.
+fn read_index(file: &File) -> Result<HashMap<String, Entry>> {
+    let len = file.metadata()?.len();
+    let head = read_at(file, 0, len.min(4) as usize)?;
+    let legacy = head.first() == Some(&0x80);
+    let not_zip = || {
+        if legacy {
+            anyhow!(
+                "{NOT_TORCH_ZIP}: this looks like the legacy (torch < 1.6) pickle format; \
+                 load it in Python and re-save it with a recent torch.save"
+            )
+        } else {
+            anyhow!("{NOT_TORCH_ZIP} (no zip end-of-central-directory record)")
+        }
+    };
+    if len < 22 {
+        return Err(not_zip());
+    }
+    // End of central directory: 22 bytes plus a comment of up to 65535 bytes, at the end.
+    let tail_len = len.min(22 + 65535);
+    let tail_start = len - tail_len;
+    let tail = read_at(file, tail_start, tail_len as usize)?;
+    let eocd = (0..=tail.len() - 22)
+        .rev()
+        .find(|&i| {
+            le32(&tail, i) == 0x0605_4b50 && i + 22 + le16(&tail, i + 20) as usize <= tail.len()
+        })
+        .ok_or_else(not_zip)?;
+    let mut count = le16(&tail, eocd + 10) as u64;
+    let mut cd_size = le32(&tail, eocd + 12) as u64;
+    let mut cd_offset = le32(&tail, eocd + 16) as u64;
+    // ZIP64: a locator just before the EOCD points at the ZIP64 end record.
+    if eocd >= 20 && le32(&tail, eocd - 20) == 0x0706_4b50 {
+        let z64_offset = le64(&tail, eocd - 20 + 8);
+        let rec = read_at(file, z64_offset, 56).context("bad ZIP64 end record offset")?;
+        if le32(&rec, 0) != 0x0606_4b50 {
+            bail!("{NOT_TORCH_ZIP} (bad ZIP64 end-of-central-directory record)");
+        }
+        count = le64(&rec, 32);
+        cd_size = le64(&rec, 40);
+        cd_offset = le64(&rec, 48);
+    } else if count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_offset == 0xFFFF_FFFF {
+        bail!("{NOT_TORCH_ZIP} (ZIP64 archive without a ZIP64 locator)");
+    }
+    if cd_offset.checked_add(cd_size).is_none_or(|e| e > len) {
+        bail!("{NOT_TORCH_ZIP} (central directory outside the file; truncated download?)");
+    }
+    let cd = read_at(file, cd_offset, cd_size as usize)?;
+    let mut entries = HashMap::new();
+    let mut p = 0usize;
+    for _ in 0..count {
+        if p + 46 > cd.len() || le32(&cd, p) != 0x0201_4b50 {
+            bail!("{NOT_TORCH_ZIP} (corrupt central directory)");
+        }
+        let method = le16(&cd, p + 10);
+        let mut compressed_size = le32(&cd, p + 20) as u64;
+        let mut size = le32(&cd, p + 24) as u64;
+        let name_len = le16(&cd, p + 28) as usize;
+        let extra_len = le16(&cd, p + 30) as usize;
+        let comment_len = le16(&cd, p + 32) as usize;
+        let mut local_header_offset = le32(&cd, p + 42) as u64;
+        let end = p + 46 + name_len + extra_len + comment_len;
+        if end > cd.len() {
+            bail!("{NOT_TORCH_ZIP} (corrupt central directory)");
+        }
+        let name = String::from_utf8_lossy(&cd[p + 46..p + 46 + name_len]).into_owned();
+        // ZIP64 extended information: the 64-bit values of the fields saturated at 0xFFFFFFFF.
+        let extra = &cd[p + 46 + name_len..p + 46 + name_len + extra_len];
+        let mut e = 0;
+        while e + 4 <= extra.len() {
+            let id = le16(extra, e);
+            let n = le16(extra, e + 2) as usize;
+            let body = &extra[e + 4..(e + 4 + n).min(extra.len())];
+            if id == 0x0001 {
+                let mut q = 0;
+                let mut next = |field: &mut u64| {
+                    if *field == 0xFFFF_FFFF && q + 8 <= body.len() {
+                        *field = le64(body, q);
+                        q += 8;
+                    }
+                };
+                next(&mut size);
+                next(&mut compressed_size);
+                next(&mut local_header_offset);
+            }
+            e += 4 + n;
+        }
+        entries.insert(
+            name.clone(),
+            Entry {
+                name,
+                method,
+                size,
+                compressed_size,
+                local_header_offset,
+            },
+        );
+        p = end;
+    }
+    Ok(entries)
+}
+
+/// Read `len` bytes at `offset` inside a stored entry.
+fn read_entry(file: &File, e: &Entry, offset: u64, len: u64) -> Result<Vec<u8>> {
+    if e.method != 0 || e.compressed_size != e.size {
+        bail!(
+            "zip entry {} is compressed (method {}); torch.save writes stored entries only",
+            e.name,
+            e.method
+        );
+    }
+    if offset.checked_add(len).is_none_or(|end| end > e.size) {
+        bail!("read past the end of zip entry {}", e.name);
+    }
+    let header = read_at(file, e.local_header_offset, 30)
+        .with_context(|| format!("zip entry {}: bad local header offset", e.name))?;
+    if le32(&header, 0) != 0x0403_4b50 {
+        bail!("zip entry {}: corrupt local header", e.name);
+    }
+    let data_start =
+        e.local_header_offset + 30 + le16(&header, 26) as u64 + le16(&header, 28) as u64;
+    let len = usize::try_from(len).map_err(|_| anyhow!("zip entry {} too large", e.name))?;
+    read_at(file, data_start + offset, len).with_context(|| format!("zip entry {}", e.name))
+}
