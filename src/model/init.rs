@@ -49,7 +49,7 @@ fn init_tensor(cfg: &ModelConfig, seed: u64, name: &str, shape: &[usize]) -> Vec
     let z = normals(name_key(seed, name), n);
     let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
     let scaled = |s: f32| z.iter().map(|v| v * s).collect::<Vec<f32>>();
-    if name == "llama.rotary_emb.mixing_coeffs" {
+    if name == crate::model::weights::MIXING_COEFFS {
         // U(-2, 2): sigmoid weights between 0.12 and 0.88.
         let key = name_key(seed, name);
         return (0..n)

@@ -45,7 +45,7 @@ pub const CODEBOOK_KEY_PLAIN: &str = "autoenc.quantize.embedding.weight";
 /// State-dict name of the learned RoPE table.
 pub const ROPE_KEY: &str = crate::model::weights::ROPE_TABLE;
 /// State-dict name of the per-layer, per-head RoPE mixing coefficients.
-pub const MIXING_KEY: &str = "llama.rotary_emb.mixing_coeffs";
+pub const MIXING_KEY: &str = crate::model::weights::MIXING_COEFFS;
 
 /// What to convert and where to write it.
 #[derive(Clone, Debug)]
