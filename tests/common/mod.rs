@@ -97,6 +97,16 @@ pub fn golden_tensors(golden: &Path, cfg_name: &str) -> TensorMap {
     map
 }
 
+/// An f32 tensor of a golden case file.
+pub fn golden_f32s(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
 /// Per scale, the (B, s, s) token ids stored as `{prefix}{s}` (e.g. `tokens_s16`).
 pub fn token_pyramid(
     st: &safetensors::SafeTensors,
