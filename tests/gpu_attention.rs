@@ -11,7 +11,7 @@ use checkergen::cpu::ops::{self, attention::BlockMask as HostMask};
 use checkergen::cuda::Gpu;
 use checkergen::cuda::attention::{self, AttentionImpl, AttnShape, BlockMask};
 use common::half16::{nan, to_f32};
-use common::{Report, Rng};
+use common::{Report, Rng, i32s};
 use half::bf16;
 
 /// Rows of the RoPE table (N + 2 for the ratio-2 pyramid).
@@ -26,79 +26,54 @@ enum Mask {
     CausalEmptyRow,
 }
 
+/// What a case runs.
 #[derive(Clone, Copy, Debug)]
-enum Case {
+enum Op {
     /// rope_kv_append; `mixing`: key-mixing layer (weights at offset H of a (2, H) table).
-    Rope {
-        d: usize,
-        h: usize,
-        n: usize,
-        start: usize,
-        rows: usize,
-        mixing: bool,
-    },
+    Rope { mixing: bool },
     /// attention v1 and v2; q scale 1 gives flat softmaxes, 8 peaked ones.
-    Attention {
-        d: usize,
-        h: usize,
-        n: usize,
-        start: usize,
-        rows: usize,
-        mask: Mask,
-        qscale: f32,
-    },
+    Attention { mask: Mask, qscale: f32 },
 }
 
-use Case::{Attention, Rope};
+/// (D, H, n, start, rows) and the op.
+#[derive(Clone, Copy, Debug)]
+struct Case(usize, usize, usize, usize, usize, Op);
 
 /// Relative error allowed on every output (bf16 storage, f32 accumulation).
 const TOL: f64 = 1e-2;
 
-const fn rope(d: usize, h: usize, n: usize, start: usize, rows: usize, mixing: bool) -> Case {
-    Rope {
-        d,
-        h,
-        n,
-        start,
-        rows,
-        mixing,
-    }
+const fn rope(mixing: bool) -> Op {
+    Op::Rope { mixing }
 }
 
-const fn att(d: usize, h: usize, n: usize, start: usize, rows: usize, mask: Mask, q: f32) -> Case {
-    Attention {
-        d,
-        h,
-        n,
-        start,
-        rows,
-        mask,
-        qscale: q,
-    }
+const fn att(mask: Mask, qscale: f32) -> Op {
+    Op::Attention { mask, qscale }
 }
+
+use Mask::{Causal, CausalEmptyRow, None as NoMask};
 
 const CASES: &[Case] = &[
-    rope(32, 4, 1, 0, 1, false),
-    rope(64, 16, 4, 1, 3, true),
-    rope(64, 16, 63, 86, 32, true),
-    rope(32, 16, 64, 278, 3, false),
-    rope(64, 4, 128, 278, 1, true),
-    rope(32, 4, 128, 0, 32, true),
-    rope(128, 8, 5, 10, 2, true),
-    att(32, 4, 1, 0, 1, Mask::None, 1.0),
-    att(64, 16, 1, 1, 3, Mask::None, 4.0),
-    att(64, 16, 4, 86, 32, Mask::None, 2.0),
-    att(32, 16, 63, 278, 3, Mask::None, 4.0),
-    att(64, 4, 64, 278, 32, Mask::None, 1.0),
-    att(64, 16, 128, 86, 3, Mask::None, 8.0),
-    att(32, 4, 128, 0, 32, Mask::Causal, 2.0),
-    att(64, 16, 63, 1, 3, Mask::Causal, 4.0),
-    att(64, 16, 64, 278, 1, Mask::Causal, 2.0),
-    att(32, 16, 4, 86, 3, Mask::CausalEmptyRow, 2.0),
-    att(64, 4, 17, 5, 2, Mask::CausalEmptyRow, 2.0),
-    att(128, 8, 17, 30, 2, Mask::None, 2.0),
-    att(64, 16, 64, 4032, 2, Mask::None, 4.0), // 4096 keys
-    att(32, 4, 512, 0, 1, Mask::Causal, 2.0),
+    Case(32, 4, 1, 0, 1, rope(false)),
+    Case(64, 16, 4, 1, 3, rope(true)),
+    Case(64, 16, 63, 86, 32, rope(true)),
+    Case(32, 16, 64, 278, 3, rope(false)),
+    Case(64, 4, 128, 278, 1, rope(true)),
+    Case(32, 4, 128, 0, 32, rope(true)),
+    Case(128, 8, 5, 10, 2, rope(true)),
+    Case(32, 4, 1, 0, 1, att(NoMask, 1.0)),
+    Case(64, 16, 1, 1, 3, att(NoMask, 4.0)),
+    Case(64, 16, 4, 86, 32, att(NoMask, 2.0)),
+    Case(32, 16, 63, 278, 3, att(NoMask, 4.0)),
+    Case(64, 4, 64, 278, 32, att(NoMask, 1.0)),
+    Case(64, 16, 128, 86, 3, att(NoMask, 8.0)),
+    Case(32, 4, 128, 0, 32, att(Causal, 2.0)),
+    Case(64, 16, 63, 1, 3, att(Causal, 4.0)),
+    Case(64, 16, 64, 278, 1, att(Causal, 2.0)),
+    Case(32, 16, 4, 86, 3, att(CausalEmptyRow, 2.0)),
+    Case(64, 4, 17, 5, 2, att(CausalEmptyRow, 2.0)),
+    Case(128, 8, 17, 30, 2, att(NoMask, 2.0)),
+    Case(64, 16, 64, 4032, 2, att(NoMask, 4.0)), // 4096 keys
+    Case(32, 4, 512, 0, 1, att(Causal, 2.0)),
 ];
 
 fn bf16_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<bf16> {
@@ -141,43 +116,19 @@ fn shape(d: usize, h: usize, n: usize, start: usize, rows: usize, slack: usize) 
     }
 }
 
-fn i32s(v: &[usize]) -> Vec<i32> {
-    v.iter().map(|&x| x as i32).collect()
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn attention_kernels_match_cpu_ops() {
-    let gpu = common::gpu("attention.cu");
-    let mut report = Report::new("attention.cu vs cpu::ops::attention");
-    for case in CASES {
-        match *case {
-            Rope {
-                d,
-                h,
-                n,
-                start,
-                rows,
-                mixing,
-            } => rope_case(&gpu, &mut report, shape(d, h, n, start, rows, 3), mixing),
-            Attention {
-                d,
-                h,
-                n,
-                start,
-                rows,
-                mask,
-                qscale,
-            } => attention_case(
-                &gpu,
-                &mut report,
-                shape(d, h, n, start, rows, 5),
-                mask,
-                qscale,
-            ),
-        }
-    }
-    report.finish();
+    common::run_table(
+        "attention.cu vs cpu::ops::attention",
+        CASES,
+        |gpu, report, _, _, &Case(d, h, n, start, rows, op)| match op {
+            Op::Rope { mixing } => rope_case(gpu, report, shape(d, h, n, start, rows, 3), mixing),
+            Op::Attention { mask, qscale } => {
+                attention_case(gpu, report, shape(d, h, n, start, rows, 5), mask, qscale)
+            }
+        },
+    );
 }
 
 fn rope_case(gpu: &Gpu, report: &mut Report, s: AttnShape, mixing: bool) {

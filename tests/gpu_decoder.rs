@@ -36,14 +36,7 @@ enum Res {
 #[derive(Clone, Copy, Debug)]
 enum Case {
     /// (batch, output side, Cin, Cout, upsample-fused, residual); both conv kernels.
-    Conv3x3 {
-        batch: usize,
-        side: usize,
-        cin: usize,
-        cout: usize,
-        up: bool,
-        res: Res,
-    },
+    Conv3x3(usize, usize, usize, usize, bool, Res),
     /// rows pixels; `acc`: accumulate onto y.
     Conv1x1 {
         rows: usize,
@@ -77,24 +70,13 @@ impl Case {
     fn tol<T: Storage>(&self) -> f64 {
         let bf = T::TAG == "bf16";
         match self {
-            Conv3x3 { .. } | Conv1x1 { .. } => 1e-5,
+            Conv3x3(..) | Conv1x1 { .. } => 1e-5,
             GroupNorm { .. } | GatherCodes { .. } if bf => 5e-3,
             GroupNorm { .. } | GatherCodes { .. } => 1e-3,
             Softmax { .. } => 5e-3,
             AttnBlock { .. } => 2e-2,
             Pixels { .. } => 0.0,
         }
-    }
-}
-
-const fn conv3(batch: usize, side: usize, cin: usize, cout: usize, up: bool, res: Res) -> Case {
-    Conv3x3 {
-        batch,
-        side,
-        cin,
-        cout,
-        up,
-        res,
     }
 }
 
@@ -109,24 +91,24 @@ const fn gn(batch: usize, side: usize, c: usize, silu: bool, offset: f32) -> Cas
 }
 
 const CASES: &[Case] = &[
-    conv3(1, 16, 256, 512, false, Res::None),     // conv_in
-    conv3(3, 16, 512, 512, false, Res::InPlace),  // mid / conv_blocks.0
-    conv3(1, 32, 512, 512, true, Res::None),      // conv_blocks.0 upsample
-    conv3(1, 32, 512, 256, false, Res::Add),      // conv_blocks.1 res.0 conv1
-    conv3(3, 32, 256, 256, false, Res::InPlace),  // conv_blocks.1 conv2
-    conv3(1, 64, 256, 256, true, Res::None),      // conv_blocks.1 upsample
-    conv3(1, 64, 256, 256, false, Res::InPlace),  // conv_blocks.2
-    conv3(1, 128, 256, 256, true, Res::None),     // conv_blocks.2 upsample
-    conv3(1, 128, 256, 128, false, Res::Add),     // conv_blocks.3 res.0 conv1
-    conv3(1, 128, 128, 128, false, Res::InPlace), // conv_blocks.3
-    conv3(1, 256, 128, 128, true, Res::None),     // conv_blocks.3 upsample
-    conv3(1, 256, 128, 128, false, Res::InPlace), // conv_blocks.4
-    conv3(1, 256, 128, 3, false, Res::None),      // conv_out
-    conv3(3, 5, 64, 128, false, Res::None),       // small decoder, s = 5
-    conv3(1, 10, 128, 128, true, Res::Add),       // small, ragged upsample
-    conv3(3, 80, 32, 3, false, Res::None),        // small conv_out, 80 px
-    conv3(1, 1, 256, 512, false, Res::None),      // s = 1
-    conv3(2, 3, 8, 5, false, Res::Add),           // Cin 8: v1 only
+    Conv3x3(1, 16, 256, 512, false, Res::None),     // conv_in
+    Conv3x3(3, 16, 512, 512, false, Res::InPlace),  // mid / conv_blocks.0
+    Conv3x3(1, 32, 512, 512, true, Res::None),      // conv_blocks.0 upsample
+    Conv3x3(1, 32, 512, 256, false, Res::Add),      // conv_blocks.1 res.0 conv1
+    Conv3x3(3, 32, 256, 256, false, Res::InPlace),  // conv_blocks.1 conv2
+    Conv3x3(1, 64, 256, 256, true, Res::None),      // conv_blocks.1 upsample
+    Conv3x3(1, 64, 256, 256, false, Res::InPlace),  // conv_blocks.2
+    Conv3x3(1, 128, 256, 256, true, Res::None),     // conv_blocks.2 upsample
+    Conv3x3(1, 128, 256, 128, false, Res::Add),     // conv_blocks.3 res.0 conv1
+    Conv3x3(1, 128, 128, 128, false, Res::InPlace), // conv_blocks.3
+    Conv3x3(1, 256, 128, 128, true, Res::None),     // conv_blocks.3 upsample
+    Conv3x3(1, 256, 128, 128, false, Res::InPlace), // conv_blocks.4
+    Conv3x3(1, 256, 128, 3, false, Res::None),      // conv_out
+    Conv3x3(3, 5, 64, 128, false, Res::None),       // small decoder, s = 5
+    Conv3x3(1, 10, 128, 128, true, Res::Add),       // small, ragged upsample
+    Conv3x3(3, 80, 32, 3, false, Res::None),        // small conv_out, 80 px
+    Conv3x3(1, 1, 256, 512, false, Res::None),      // s = 1
+    Conv3x3(2, 3, 8, 5, false, Res::Add),           // Cin 8: v1 only
     // post_quant_conv (e 8 -> 256), nin_shortcut 512 -> 256 and 256 -> 128, ragged rows.
     Conv1x1 {
         rows: 3 * 256,
@@ -204,29 +186,23 @@ const CASES: &[Case] = &[
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn decoder_kernels_match_cpu_ops() {
-    let gpu = common::gpu("decoder.cu");
-    let mut report = Report::new("decoder.cu vs cpu::ops::decoder");
-    run_cases::<f16>(&gpu, &mut report);
-    run_cases::<bf16>(&gpu, &mut report);
-    report.finish();
+    run_cases::<f16>();
+    run_cases::<bf16>();
 }
 
-fn run_cases<T: Storage>(gpu: &Gpu, report: &mut Report) {
+/// The table with storage T.
+fn run_cases<T: Storage>() {
+    let op = format!("decoder.cu ({} storage) vs cpu::ops::decoder", T::TAG);
     // One GroupNorm scratch for every case (the decoder shares one too).
-    let mut scratch = GnScratch::new(gpu, 3, 256 * 256, 512).unwrap();
-    for (i, case) in CASES.iter().enumerate() {
-        let label = format!("{} {case:?}", T::TAG);
-        let seed = 1000 * i as u64;
+    let mut scratch = None;
+    common::run_table(&op, CASES, |gpu, report, label, seed, case| {
+        let scratch =
+            scratch.get_or_insert_with(|| GnScratch::new(gpu, 3, 256 * 256, 512).unwrap());
         let tol = case.tol::<T>();
         match *case {
-            Conv3x3 {
-                batch,
-                side,
-                cin,
-                cout,
-                up,
-                res,
-            } => conv3x3_case::<T>(gpu, report, &label, seed, (batch, side, cin, cout), up, res),
+            Conv3x3(batch, side, cin, cout, up, res) => {
+                conv3x3_case::<T>(gpu, report, label, seed, (batch, side, cin, cout), up, res)
+            }
             Conv1x1 {
                 rows,
                 cin,
@@ -254,7 +230,7 @@ fn run_cases<T: Storage>(gpu: &Gpu, report: &mut Report) {
                 if acc {
                     want.iter_mut().zip(&y0).for_each(|(v, y)| *v += y);
                 }
-                report.rel(&label, &got, &want, tol);
+                report.rel(label, &got, &want, tol);
             }
             GroupNorm {
                 batch,
@@ -275,12 +251,12 @@ fn run_cases<T: Storage>(gpu: &Gpu, report: &mut Report) {
                 let gw = GnWeights::new(gpu, &host.gamma, &host.beta).unwrap();
                 let dx = gpu.upload(&x).unwrap();
                 let mut dy = gpu.upload(&nan::<T>(batch * hw * c)).unwrap();
-                gd::group_norm(gpu, &gw, &dx, &mut dy, &mut scratch, batch, hw, silu).unwrap();
+                gd::group_norm(gpu, &gw, &dx, &mut dy, scratch, batch, hw, silu).unwrap();
                 let got = to_f32(&gpu.download(&dy).unwrap());
                 let want = per_image_nhwc(&x, batch, hw, c, c, |img| {
                     ops::group_norm(&host, img, hw, silu)
                 });
-                report.rel(&label, &got, &want, tol);
+                report.rel(label, &got, &want, tol);
             }
             Softmax { rows, n } => {
                 let s = rand_vec(rows * n, seed + 1, 40.0);
@@ -291,9 +267,9 @@ fn run_cases<T: Storage>(gpu: &Gpu, report: &mut Report) {
                 let got = to_f32(&gpu.download(&dp).unwrap());
                 let mut want = s;
                 ops::softmax_rows(&mut want, n, scale);
-                report.rel(&label, &got, &want, tol);
+                report.rel(label, &got, &want, tol);
             }
-            AttnBlock { batch, n, c } => attn_case::<T>(gpu, report, &label, seed, batch, n, c),
+            AttnBlock { batch, n, c } => attn_case::<T>(gpu, report, label, seed, batch, n, c),
             GatherCodes { normalize } => {
                 let (v, e, rows) = (16384usize, 8usize, 3 * 256usize);
                 let cb = rand_vec(v * e, seed + 1, 2.0);
@@ -310,7 +286,7 @@ fn run_cases<T: Storage>(gpu: &Gpu, report: &mut Report) {
                 // Each in-range token as its own 1x1 image: (rows - 1, e, 1, 1) = (rows - 1, e).
                 let valid: Vec<u32> = tokens[..rows - 1].iter().map(|&t| t as u32).collect();
                 let want = ops::gather_codes(&cb, e, &valid, 1, normalize);
-                report.rel(&label, &got[..(rows - 1) * e], &want, tol);
+                report.rel(label, &got[..(rows - 1) * e], &want, tol);
                 assert!(
                     got[(rows - 1) * e..].iter().all(|x| x.is_nan()),
                     "{label}: out-of-range token must give a NaN row"
@@ -319,11 +295,11 @@ fn run_cases<T: Storage>(gpu: &Gpu, report: &mut Report) {
             Pixels { batch, side } => {
                 if T::TAG == "f16" {
                     pixels_case(gpu, batch, side * side, seed);
-                    report.check(&label, "bit-exact (asserted)", 0.0, 0.5);
+                    report.check(label, "bit-exact (asserted)", 0.0, 0.5);
                 }
             }
         }
-    }
+    });
 }
 
 fn host_conv(cin: usize, cout: usize, k: usize, weight: Vec<f32>, bias: Vec<f32>) -> Conv {

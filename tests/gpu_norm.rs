@@ -8,7 +8,7 @@ mod common;
 use checkergen::cpu::ops;
 use checkergen::cuda::norm;
 use common::half16::{nan, round_to, to_f32, to_h};
-use common::{Report, rand_vec};
+use common::rand_vec;
 use half::bf16;
 
 /// Where the AdaLN (shift, scale) pair is read from: none, or at offset `k * C` of the row.
@@ -37,99 +37,94 @@ enum Case {
 use Case::*;
 use Modulation::{At, None as NoMod};
 
-const fn rms(rows: usize, n: usize, c: usize, modulation: Modulation) -> Case {
-    RmsNormAdaLn {
-        rows,
-        n,
-        c,
-        modulation,
-        tol: 1e-2,
-    }
-}
+/// The RMSNorm shapes (rows, n, C), each run with every modulation variant.
+const RMS_SHAPES: &[(usize, usize, usize)] = &[(1, 1, 128), (3, 5, 1024), (4, 64, 512), (2, 7, 96)];
+const MODULATIONS: [Modulation; 3] = [At(0), At(2), NoMod];
 
-const CASES: &[Case] = &[
-    rms(1, 1, 128, At(0)),
-    rms(1, 1, 128, At(2)),
-    rms(1, 1, 128, NoMod),
-    rms(3, 5, 1024, At(0)),
-    rms(3, 5, 1024, At(2)),
-    rms(3, 5, 1024, NoMod),
-    rms(4, 64, 512, At(0)),
-    rms(4, 64, 512, At(2)),
-    rms(4, 64, 512, NoMod),
-    rms(2, 7, 96, At(0)),
-    rms(2, 7, 96, At(2)),
-    rms(2, 7, 96, NoMod),
-    SiluMul {
-        t: 37,
-        f: 3072,
-        tol: 1e-2,
-    },
-    AddBias {
-        rows: 5,
-        n: 4096,
-        tol: 1e-6,
-    },
-];
-
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn norm_kernels_match_cpu_ops() {
-    let gpu = common::gpu("norm.cu");
-    let mut report = Report::new("norm.cu vs cpu::ops::norm");
-    for (i, case) in CASES.iter().enumerate() {
-        let seed = 10 * i as u64;
-        let label = format!("{case:?}");
-        match *case {
-            RmsNormAdaLn {
+/// The table: every RMSNorm shape x modulation, then SwiGLU and the bias add.
+fn cases() -> Vec<Case> {
+    let mut cases: Vec<Case> = RMS_SHAPES
+        .iter()
+        .flat_map(|&(rows, n, c)| {
+            MODULATIONS.map(|modulation| RmsNormAdaLn {
                 rows,
                 n,
                 c,
                 modulation,
-                tol,
-            } => {
-                let t = rows * n;
-                let x = rand_vec(t * c, seed + 1, 2.0);
-                let w = rand_vec(c, seed + 2, 1.0);
-                let m = rand_vec(rows * 4 * c, seed + 3, 1.0);
-                let (dx, dw, dm) = (
-                    gpu.upload(&x).unwrap(),
-                    gpu.upload(&w).unwrap(),
-                    gpu.upload(&m).unwrap(),
-                );
-                let off = match modulation {
-                    At(k) => Some(k * c),
-                    NoMod => None,
-                };
-                // Poison the output so unwritten elements show.
-                let mut out = gpu.upload(&nan::<bf16>(t * c)).unwrap();
-                let dmod = off.map(|o| (&dm, o));
-                norm::rmsnorm_adaln(&gpu, &dx, &dw, dmod, &mut out, t, n, c, 1e-6).unwrap();
-                let got = to_f32(&gpu.download(&out).unwrap());
-                let want = ops::rmsnorm_adaln(&x, &w, off.map(|o| (&m[..], o)), n, c, 1e-6);
-                report.rel(&label, &got, &want, tol);
+                tol: 1e-2,
+            })
+        })
+        .collect();
+    cases.push(SiluMul {
+        t: 37,
+        f: 3072,
+        tol: 1e-2,
+    });
+    cases.push(AddBias {
+        rows: 5,
+        n: 4096,
+        tol: 1e-6,
+    });
+    cases
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn norm_kernels_match_cpu_ops() {
+    common::run_table(
+        "norm.cu vs cpu::ops::norm",
+        &cases(),
+        |gpu, report, label, seed, case| {
+            match *case {
+                RmsNormAdaLn {
+                    rows,
+                    n,
+                    c,
+                    modulation,
+                    tol,
+                } => {
+                    let t = rows * n;
+                    let x = rand_vec(t * c, seed + 1, 2.0);
+                    let w = rand_vec(c, seed + 2, 1.0);
+                    let m = rand_vec(rows * 4 * c, seed + 3, 1.0);
+                    let (dx, dw, dm) = (
+                        gpu.upload(&x).unwrap(),
+                        gpu.upload(&w).unwrap(),
+                        gpu.upload(&m).unwrap(),
+                    );
+                    let off = match modulation {
+                        At(k) => Some(k * c),
+                        NoMod => None,
+                    };
+                    // Poison the output so unwritten elements show.
+                    let mut out = gpu.upload(&nan::<bf16>(t * c)).unwrap();
+                    let dmod = off.map(|o| (&dm, o));
+                    norm::rmsnorm_adaln(gpu, &dx, &dw, dmod, &mut out, t, n, c, 1e-6).unwrap();
+                    let got = to_f32(&gpu.download(&out).unwrap());
+                    let want = ops::rmsnorm_adaln(&x, &w, off.map(|o| (&m[..], o)), n, c, 1e-6);
+                    report.rel(label, &got, &want, tol);
+                }
+                SiluMul { t, f, tol } => {
+                    // bf16 input: the reference sees the rounded values.
+                    let g = round_to::<bf16>(&rand_vec(t * 2 * f, seed + 4, 4.0));
+                    let dg = gpu.upload(&to_h::<bf16>(&g)).unwrap();
+                    let mut dh = gpu.upload(&nan::<bf16>(t * f)).unwrap();
+                    norm::silu_mul(gpu, &dg, &mut dh, t, f).unwrap();
+                    let got = to_f32(&gpu.download(&dh).unwrap());
+                    report.rel(label, &got, &ops::silu_mul(&g, f), tol);
+                }
+                AddBias { rows, n, tol } => {
+                    let y = rand_vec(rows * n, seed + 5, 3.0);
+                    let b = rand_vec(n, seed + 6, 1.0);
+                    let mut dy = gpu.upload(&y).unwrap();
+                    let db = gpu.upload(&b).unwrap();
+                    norm::add_bias_f32(gpu, &mut dy, &db, rows, n).unwrap();
+                    let got = gpu.download(&dy).unwrap();
+                    let mut want = y.clone();
+                    ops::add_bias(&mut want, &b);
+                    report.rel(label, &got, &want, tol);
+                }
             }
-            SiluMul { t, f, tol } => {
-                // bf16 input: the reference sees the rounded values.
-                let g = round_to::<bf16>(&rand_vec(t * 2 * f, seed + 4, 4.0));
-                let dg = gpu.upload(&to_h::<bf16>(&g)).unwrap();
-                let mut dh = gpu.upload(&nan::<bf16>(t * f)).unwrap();
-                norm::silu_mul(&gpu, &dg, &mut dh, t, f).unwrap();
-                let got = to_f32(&gpu.download(&dh).unwrap());
-                report.rel(&label, &got, &ops::silu_mul(&g, f), tol);
-            }
-            AddBias { rows, n, tol } => {
-                let y = rand_vec(rows * n, seed + 5, 3.0);
-                let b = rand_vec(n, seed + 6, 1.0);
-                let mut dy = gpu.upload(&y).unwrap();
-                let db = gpu.upload(&b).unwrap();
-                norm::add_bias_f32(&gpu, &mut dy, &db, rows, n).unwrap();
-                let got = gpu.download(&dy).unwrap();
-                let mut want = y.clone();
-                ops::add_bias(&mut want, &b);
-                report.rel(&label, &got, &want, tol);
-            }
-        }
-    }
-    report.finish();
+        },
+    );
 }

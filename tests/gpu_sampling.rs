@@ -12,7 +12,7 @@ use checkergen::cpu::ops::{guided_sample as cpu_guided_sample, sampling::StepKno
 use checkergen::cuda::Gpu;
 use checkergen::cuda::sampling::{SampleStep, guided_sample};
 use checkergen::sampling::{TokenPolicy, argmax};
-use common::{Report, kept_set, pol, rand_tokens, rand_vec, tied_vec};
+use common::{kept_set, pol, rand_tokens, rand_vec, tied_vec};
 
 const POISON_GRID: i32 = -7;
 const POISON_TOK: i32 = -9;
@@ -110,6 +110,15 @@ fn check_scatter(c: &Launch, out: &Out) {
     );
 }
 
+/// Run on the GPU and check the grid scatter; with the CPU reference's guided logits and
+/// tokens.
+fn run_checked(gpu: &Gpu, c: &Launch) -> (Out, Vec<f32>, Vec<i32>) {
+    let out = run(gpu, c);
+    check_scatter(c, &out);
+    let (cond, want) = cpu_step(c);
+    (out, cond, want)
+}
+
 /// Distinct cells for n tokens in a grid of `cells` (a stride coprime to cells).
 fn spread_positions(n: usize, cells: usize) -> Vec<i32> {
     assert!(n <= cells);
@@ -164,13 +173,28 @@ struct Case {
 
 const GREEDY: (f32, Option<usize>, Option<f32>) = (0.0, None, None);
 
-const fn cfg_case(b: usize, n: usize, v: usize, cfg: Option<f32>) -> Case {
-    Case {
-        b,
-        n,
-        v,
-        extra_cells: 4,
-        cfg,
+/// (a) guidance combine: every shape (B, n, V) with every guidance strength, greedy.
+const CFG_SHAPES: &[(usize, usize, usize)] =
+    &[(1, 1, 7), (3, 5, 1000), (2, 17, 16384), (1, 3, 513)];
+const CFGS: [Option<f32>; 4] = [Some(1.5), Some(0.0), Some(3.25), None];
+/// (b) argmax with exact ties: vocabulary sizes.
+const TIE_VOCABS: [usize; 6] = [1, 31, 512, 513, 1000, 16384];
+/// Draws equal the CPU's for the same uniforms: realistic rows, V = 16384, every row different.
+const DRAW_POLICIES: [(f32, Option<usize>, Option<f32>); 4] = [
+    (1.0, None, None),
+    (0.5, None, None),
+    (1.0, Some(100), None),
+    (1.0, None, Some(0.9)),
+];
+
+/// The table.
+fn cases() -> Vec<Case> {
+    let base = Case {
+        b: 1,
+        n: 1,
+        v: 1,
+        extra_cells: 0,
+        cfg: None,
         policy: GREEDY,
         logits: Logits::Random {
             seed: 11,
@@ -180,98 +204,76 @@ const fn cfg_case(b: usize, n: usize, v: usize, cfg: Option<f32>) -> Case {
         seed: 1,
         step: 0,
         expect: Expect::Exact,
+    };
+    let mut cases = Vec::new();
+    for &(b, n, v) in CFG_SHAPES {
+        for cfg in CFGS {
+            let extra_cells = 4;
+            cases.push(Case {
+                b,
+                n,
+                v,
+                extra_cells,
+                cfg,
+                ..base
+            });
+        }
     }
-}
-
-const fn ties_case(v: usize) -> Case {
-    Case {
-        b: 3,
-        n: 7,
-        v,
-        extra_cells: 0,
-        cfg: None,
-        policy: GREEDY,
-        logits: Logits::Ties,
-        forced: false,
-        seed: 5,
-        step: 2,
-        expect: Expect::Exact,
+    for v in TIE_VOCABS {
+        let logits = Logits::Ties;
+        cases.push(Case {
+            b: 3,
+            n: 7,
+            v,
+            logits,
+            seed: 5,
+            step: 2,
+            ..base
+        });
     }
-}
-
-const fn forced_case(cfg: Option<f32>) -> Case {
-    Case {
-        b: 3,
-        n: 20,
-        v: 333,
-        extra_cells: 30,
-        cfg,
-        policy: (1.0, Some(10), Some(0.9)),
-        logits: Logits::Random {
+    // (e) teacher forcing: forced tokens copied and scattered, guidance still applied.
+    for cfg in [Some(2.0), None] {
+        let logits = Logits::Random {
             seed: 61,
             scale: 5.0,
-        },
-        forced: true,
-        seed: 4,
-        step: 9,
-        expect: Expect::Exact,
+        };
+        let policy = (1.0, Some(10), Some(0.9));
+        let (b, n, v, forced) = (3, 20, 333, true);
+        cases.push(Case {
+            b,
+            n,
+            v,
+            extra_cells: 30,
+            cfg,
+            policy,
+            logits,
+            forced,
+            seed: 4,
+            step: 9,
+            ..base
+        });
     }
-}
-
-/// Realistic rows: V = 16384, every row different.
-const fn draw_case(policy: (f32, Option<usize>, Option<f32>)) -> Case {
-    Case {
-        b: 2,
-        n: 1024,
-        v: 16384,
-        extra_cells: 0,
-        cfg: None,
-        policy,
-        logits: Logits::Random {
+    for policy in DRAW_POLICIES {
+        let logits = Logits::Random {
             seed: 41,
             scale: 8.0,
-        },
-        forced: false,
-        seed: 99,
-        step: 17,
-        expect: Expect::Agree(0.999),
+        };
+        let expect = Expect::Agree(0.999);
+        let (b, n, v) = (2, 1024, 16384);
+        cases.push(Case {
+            b,
+            n,
+            v,
+            policy,
+            logits,
+            seed: 99,
+            step: 17,
+            expect,
+            ..base
+        });
     }
+    cases
 }
-
-const CASES: &[Case] = &[
-    // (a) guidance combine
-    cfg_case(1, 1, 7, Some(1.5)),
-    cfg_case(1, 1, 7, Some(0.0)),
-    cfg_case(1, 1, 7, Some(3.25)),
-    cfg_case(1, 1, 7, None),
-    cfg_case(3, 5, 1000, Some(1.5)),
-    cfg_case(3, 5, 1000, Some(0.0)),
-    cfg_case(3, 5, 1000, Some(3.25)),
-    cfg_case(3, 5, 1000, None),
-    cfg_case(2, 17, 16384, Some(1.5)),
-    cfg_case(2, 17, 16384, Some(0.0)),
-    cfg_case(2, 17, 16384, Some(3.25)),
-    cfg_case(2, 17, 16384, None),
-    cfg_case(1, 3, 513, Some(1.5)),
-    cfg_case(1, 3, 513, Some(0.0)),
-    cfg_case(1, 3, 513, Some(3.25)),
-    cfg_case(1, 3, 513, None),
-    // (b) argmax with exact ties
-    ties_case(1),
-    ties_case(31),
-    ties_case(512),
-    ties_case(513),
-    ties_case(1000),
-    ties_case(16384),
-    // (e) teacher forcing: forced tokens copied and scattered, guidance still applied
-    forced_case(Some(2.0)),
-    forced_case(None),
-    // draws equal the CPU's for the same uniforms
-    draw_case((1.0, None, None)),
-    draw_case((0.5, None, None)),
-    draw_case((1.0, Some(100), None)),
-    draw_case((1.0, None, Some(0.9))),
-];
 
 fn make_logits(c: &Case) -> Vec<f32> {
     let v = c.v;
@@ -299,10 +301,8 @@ fn make_logits(c: &Case) -> Vec<f32> {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn guided_sample_matches_cpu_ops() {
-    let gpu = common::gpu("sampling.cu");
-    let mut report = Report::new("sampling.cu vs cpu::ops::guided_sample");
-    for c in CASES {
-        let label = format!("{c:?}");
+    let name = "sampling.cu vs cpu::ops::guided_sample";
+    common::run_table(name, &cases(), |gpu, report, label, _, c| {
         let cells = c.n + c.extra_cells;
         let (lp, gp): (Vec<i32>, Vec<i32>) = match c.logits {
             // Reversed cells, positions as the RNG counter.
@@ -334,9 +334,7 @@ fn guided_sample_matches_cpu_ops() {
             global_pos: &gp,
             forced: c.forced.then_some(&forced[..]),
         };
-        let out = run(&gpu, &launch);
-        check_scatter(&launch, &out);
-        let (cond, want) = cpu_step(&launch);
+        let (out, cond, want) = run_checked(gpu, &launch);
         let mismatch = out.tokens.iter().zip(&want).filter(|(a, b)| a != b).count();
         let frac = mismatch as f64 / want.len() as f64;
         match c.expect {
@@ -351,7 +349,7 @@ fn guided_sample_matches_cpu_ops() {
                     differ as f64,
                     0.5,
                 );
-                report.check(&label, "tokens differing", mismatch as f64, 0.5);
+                report.check(label, "tokens differing", mismatch as f64, 0.5);
                 assert_eq!(
                     &out.logits[bnv..],
                     &logits[bnv..],
@@ -375,15 +373,14 @@ fn guided_sample_matches_cpu_ops() {
             }
             Expect::Agree(min) => {
                 report.check(
-                    &label,
+                    label,
                     "fraction of tokens differing",
                     frac,
                     1.0 - min + 1e-12,
                 );
             }
         }
-    }
-    report.finish();
+    });
 }
 
 /// Chi-square of counts against probabilities, pooling bins whose expectation is below 5.
@@ -468,9 +465,7 @@ fn gpu_draws_follow_softmax_and_match_cpu() {
                 global_pos: &gp,
                 forced: None,
             };
-            let out = run(&gpu, &c);
-            check_scatter(&c, &out);
-            let (_, want) = cpu_step(&c);
+            let (out, _, want) = run_checked(&gpu, &c);
             for (&g, &w) in out.tokens.iter().zip(&want) {
                 counts[g as usize] += 1;
                 total += 1;
@@ -548,9 +543,7 @@ fn gpu_top_k_top_p_never_emit_excluded_tokens() {
             global_pos: &gp,
             forced: None,
         };
-        let out = run(&gpu, &c);
-        check_scatter(&c, &out);
-        let (_, want) = cpu_step(&c);
+        let (out, _, want) = run_checked(&gpu, &c);
         let kept: Vec<Vec<bool>> = bases.iter().map(|l| kept_set(l, policy)).collect();
         let excluded = (0..b * n)
             .filter(|&r| !kept[r % 4][out.tokens[r] as usize])

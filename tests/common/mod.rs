@@ -347,6 +347,34 @@ pub fn gpu(test: &str) -> checkergen::cuda::Gpu {
     }
 }
 
+/// The one harness (llama.cpp test-backend-ops style): on the GPU, every case of an op's
+/// table with its label (the case's Debug) and a seed, into one [`Report`] that prints the
+/// worst error per case and fails the test at the end when any check failed.
+#[cfg(feature = "cuda")]
+pub fn run_table<C: std::fmt::Debug>(
+    op: &str,
+    cases: &[C],
+    mut f: impl FnMut(&checkergen::cuda::Gpu, &mut Report, &str, u64, &C),
+) {
+    let gpu = gpu(op);
+    let mut report = Report::new(op);
+    for (i, case) in cases.iter().enumerate() {
+        f(
+            &gpu,
+            &mut report,
+            &format!("{case:?}"),
+            1000 * i as u64,
+            case,
+        );
+    }
+    report.finish();
+}
+
+/// Device index arrays are i32.
+pub fn i32s(v: &[usize]) -> Vec<i32> {
+    v.iter().map(|&x| x as i32).collect()
+}
+
 /// The golden folder, required: a GPU test that was asked to run fails when it is missing
 /// (GPU test bundles carry it, CHECKERGEN_GOLDEN).
 pub fn golden_dir_required() -> PathBuf {
