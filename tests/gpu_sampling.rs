@@ -343,12 +343,7 @@ fn guided_sample_matches_cpu_ops() {
                 let differ = (0..bnv)
                     .filter(|&i| out.logits[i].to_bits() != cond[i].to_bits())
                     .count();
-                report.check(
-                    &label,
-                    "guided logits differing in bits",
-                    differ as f64,
-                    0.5,
-                );
+                report.check(label, "guided logits differing in bits", differ as f64, 0.5);
                 report.check(label, "tokens differing", mismatch as f64, 0.5);
                 assert_eq!(
                     &out.logits[bnv..],
