@@ -1,15 +1,18 @@
-//! The GPU sampler end to end (skips without a GPU): golden greedy cases (token agreement rate
-//! at clear margins, teacher-forced logits), and GPU vs CPU logits on a head_dim-64 model.
+//! The GPU sampler end to end (`GpuBackend` through `pipeline::sample`): golden greedy cases
+//! (token agreement rate at clear margins, teacher-forced logits), GPU vs CPU logits on a
+//! head_dim-64 model, buffer reuse. Needs a GPU: ignored by default, run with
+//! `--include-ignored` on a GPU host.
 #![cfg(feature = "cuda")]
 
 mod common;
 
+use checkergen::cpu::CpuBackend;
+use checkergen::cuda::engine::{GpuBackend, GpuModel};
 use checkergen::model::Model;
 use checkergen::model::config::{ModelConfig, preset};
 use checkergen::model::file::load_i64;
 use checkergen::model::init::random_tensors;
-use checkergen::order::scale_sizes;
-use checkergen::sampler::{SampleOptions, Steps};
+use checkergen::pipeline::{self, SampleOptions, Samples, Steps};
 use checkergen::sampling::TokenPolicy;
 use safetensors::SafeTensors;
 
@@ -21,12 +24,15 @@ const MIN_AGREEMENT: f64 = 0.98;
 const LOGIT_REL_TOL: f64 = 2e-2;
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
-    st.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    common::golden_f32s(st, name)
+}
+
+fn sample_gpu(gm: &GpuModel, o: &SampleOptions) -> Samples {
+    pipeline::sample(&mut GpuBackend::new(gm), o).unwrap()
+}
+
+fn sample_cpu(model: &Model, o: &SampleOptions) -> Samples {
+    pipeline::sample(&mut CpuBackend::new(model), o).unwrap()
 }
 
 fn greedy(labels: Vec<usize>, cfg: f32, start: usize, steps: usize) -> SampleOptions {
@@ -43,13 +49,10 @@ fn greedy(labels: Vec<usize>, cfg: f32, start: usize, steps: usize) -> SampleOpt
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn golden_greedy_cases_on_gpu() {
-    let Some(gpu) = common::gpu_or_skip("gpu golden greedy") else {
-        return;
-    };
-    let Some(g) = common::golden_dir() else {
-        return;
-    };
+    let gpu = common::gpu("gpu golden greedy");
+    let g = common::golden_dir_required();
     let cases = [
         ("greedy_i", 4usize),
         ("greedy_ii", 4),
@@ -63,13 +66,10 @@ fn golden_greedy_cases_on_gpu() {
         let dir = g.join("public").join(cfg_name);
         let cfg = common::golden_model_config(&dir);
         let model = Model::from_tensors(cfg, &common::golden_tensors(&g, cfg_name)).unwrap();
-        let gm = model
-            .to_gpu(
-                gpu_slot
-                    .take()
-                    .unwrap_or_else(|| checkergen::cuda::Gpu::new(0).unwrap()),
-            )
-            .unwrap();
+        let gpu = gpu_slot
+            .take()
+            .unwrap_or_else(|| checkergen::cuda::Gpu::new(0).unwrap());
+        let gm = GpuModel::new(gpu, &model).unwrap();
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
         for (case, k) in cases {
@@ -89,7 +89,7 @@ fn golden_greedy_cases_on_gpu() {
                 k,
             );
             // Free-running greedy on the GPU.
-            let out = model.sample_gpu(&gm, &opts).unwrap();
+            let out = sample_gpu(&gm, &opts);
             let (mut a, mut n) = (0, 0);
             for (si, &s) in model.scale_sizes.iter().enumerate() {
                 let gold = load_i64(&st, &format!("tokens_s{s}")).unwrap().1;
@@ -105,7 +105,7 @@ fn golden_greedy_cases_on_gpu() {
             let mut forced = opts.clone();
             forced.forced_tokens = Some(common::token_pyramid(&st, &model.scale_sizes, "tokens_s"));
             forced.record_logits = true;
-            let tf = model.sample_gpu(&gm, &forced).unwrap();
+            let tf = sample_gpu(&gm, &forced);
             let mut case_worst = 0.0f64;
             for (t, l) in tf.tokens.step_logits.iter().enumerate() {
                 let (rel, _) = common::rel_err(l, &f32s(&st, &format!("step{t:03}_logits")));
@@ -141,10 +141,9 @@ fn golden_greedy_cases_on_gpu() {
 /// A head_dim-64 model (as the released L models) with random weights: GPU teacher-forced
 /// logits against the CPU's, odd batch, guidance, a ratio-3 pyramid (remainder blocks).
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_logits_match_cpu_head_dim_64() {
-    let Some(gpu) = common::gpu_or_skip("gpu vs cpu logits (D=64)") else {
-        return;
-    };
+    let gpu = common::gpu("gpu vs cpu logits (D=64)");
     let cfg = ModelConfig {
         hidden_size: 256,
         num_heads: 4,
@@ -153,21 +152,19 @@ fn gpu_logits_match_cpu_head_dim_64() {
         scale_ratio: 3.0,
         ..preset("tiny").unwrap()
     };
-    let sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, 1).unwrap();
     let model = Model::from_tensors(cfg.clone(), &random_tensors(&cfg, 11).unwrap()).unwrap();
-    let gm = model.to_gpu(gpu).unwrap();
+    let gm = GpuModel::new(gpu, &model).unwrap();
     for (labels, cfg_scale, steps) in [
         (vec![3usize], 0.0f32, 4usize),
         (vec![1, 4, 9], 1.5, 4),
         (vec![0, 2, 5, 7, 8], 2.0, 2),
     ] {
         let mut o = greedy(labels.clone(), cfg_scale, 2, steps);
-        let cpu = model.sample(&o).unwrap();
+        let cpu = sample_cpu(&model, &o);
         o.forced_tokens = Some(cpu.tokens.tokens.clone());
         o.record_logits = true;
-        let cpu_l =
-            checkergen::sampler::sample_tokens(&model.config, &model.weights, &sizes, &o).unwrap();
-        let gpu_l = model.sample_gpu(&gm, &o).unwrap();
+        let cpu_l = checkergen::cpu::sample_tokens(&model.config, &model.weights, &o).unwrap();
+        let gpu_l = sample_gpu(&gm, &o);
         let mut worst = 0.0f64;
         for (a, b) in gpu_l.tokens.step_logits.iter().zip(&cpu_l.step_logits) {
             let (rel, _) = common::rel_err(a, b);
@@ -186,26 +183,25 @@ fn gpu_logits_match_cpu_head_dim_64() {
 /// first again with the same seed give identical tokens and pixels; T > 0 draws agree with
 /// the CPU's for the same seed except at float-rounding boundaries.
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_batches_reuse_buffers_and_agree_with_cpu_draws() {
-    let Some(gpu) = common::gpu_or_skip("gpu batch reuse") else {
-        return;
-    };
+    let gpu = common::gpu("gpu batch reuse");
     let cfg = preset("tiny").unwrap();
     let model = Model::from_tensors(cfg.clone(), &random_tensors(&cfg, 5).unwrap()).unwrap();
-    let gm = model.to_gpu(gpu).unwrap();
+    let gm = GpuModel::new(gpu, &model).unwrap();
     let mut o = SampleOptions::new(vec![1, 2, 3]);
     o.cfg = 1.5;
     o.seed = 77;
-    let a = model.sample_gpu(&gm, &o).unwrap();
+    let a = sample_gpu(&gm, &o);
     let mut other = o.clone();
     other.labels = vec![4];
     other.steps = Steps::Uniform(2);
-    model.sample_gpu(&gm, &other).unwrap();
-    let b = model.sample_gpu(&gm, &o).unwrap();
+    sample_gpu(&gm, &other);
+    let b = sample_gpu(&gm, &o);
     assert_eq!(a.tokens.tokens, b.tokens.tokens);
     assert_eq!(a.pixels, b.pixels);
     // Same seed on the CPU: the first scales' draws see near-identical logits.
-    let cpu = model.sample(&o).unwrap();
+    let cpu = sample_cpu(&model, &o);
     let first = &cpu.tokens.tokens[..3];
     let same = first
         .iter()
@@ -218,7 +214,7 @@ fn gpu_batches_reuse_buffers_and_agree_with_cpu_draws() {
         "T=1 draws, scales 1..4: GPU equals CPU at {same}/{total} cells (bf16 logits move a few boundaries)"
     );
     // 8-bit pixels from the GPU decoder against the CPU decoder on the same tokens.
-    let cpu_px = checkergen::cpu::decoder::to_pixels_u8(&model.decoder.decode_tokens(
+    let cpu_px = checkergen::cpu::ops::pixels(&model.decoder.decode_tokens(
         a.tokens.tokens.last().unwrap(),
         3,
         16,

@@ -1,4 +1,5 @@
-//! Shared helpers for integration tests.
+//! Shared helpers for integration tests: the one RNG, errors and the per-op report, poison
+//! and 16-bit helpers, layout transposes, the GPU (or a clear failure), golden data, fixtures.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -96,41 +97,14 @@ pub fn golden_tensors(golden: &Path, cfg_name: &str) -> TensorMap {
     map
 }
 
-/// Relative error ||a - b|| / ||b|| and max absolute error.
-pub fn rel_err(a: &[f32], b: &[f32]) -> (f64, f64) {
-    assert_eq!(a.len(), b.len());
-    let mut num = 0.0f64;
-    let mut den = 0.0f64;
-    let mut max = 0.0f64;
-    for (&x, &y) in a.iter().zip(b) {
-        let d = (x - y) as f64;
-        num += d * d;
-        den += (y as f64) * (y as f64);
-        max = max.max(d.abs());
-    }
-    ((num / den.max(1e-30)).sqrt(), max)
-}
-
-/// The GPU, or `None` with a loud message when this machine has none (GPU tests then skip,
-/// also under CI, which has no GPU).
-#[cfg(feature = "cuda")]
-pub fn gpu_or_skip(test: &str) -> Option<checkergen::cuda::Gpu> {
-    match checkergen::cuda::Gpu::try_new() {
-        Ok(Some(g)) => {
-            println!(
-                "{test}: running on {} (cc {}.{}, kernels: {})",
-                g.name, g.cc.0, g.cc.1, g.image_kind
-            );
-            Some(g)
-        }
-        Ok(None) => {
-            eprintln!(
-                "\n!!!!!!!! SKIPPED {test}: no CUDA GPU on this machine; GPU path NOT checked !!!!!!!!\n"
-            );
-            None
-        }
-        Err(e) => panic!("{test}: a GPU is present but unusable: {e:#}"),
-    }
+/// An f32 tensor of a golden case file.
+pub fn golden_f32s(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 /// Per scale, the (B, s, s) token ids stored as `{prefix}{s}` (e.g. `tokens_s16`).
@@ -150,4 +124,325 @@ pub fn token_pyramid(
                 .collect()
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic randomness: the one generator every test uses.
+
+/// splitmix64: deterministic, fast enough for tensors of millions of values.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 24 bits.
+    pub fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Uniform in [-scale, scale).
+    pub fn uniform(&mut self, scale: f32) -> f32 {
+        scale * (2.0 * self.unit() - 1.0)
+    }
+
+    /// Uniform integer in 0..n.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// `n` values uniform in [-scale, scale).
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(scale)).collect()
+    }
+}
+
+/// `n` values uniform in [-scale, scale), a pure function of (n, seed, scale).
+pub fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    Rng::new(seed).vec(n, scale)
+}
+
+/// `n` token ids uniform in 0..v.
+pub fn rand_tokens(n: usize, seed: u64, v: usize) -> Vec<u32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.below(v) as u32).collect()
+}
+
+/// Random values rounded to multiples of `q`: many exact ties.
+pub fn tied_vec(n: usize, seed: u64, scale: f32, q: f32) -> Vec<f32> {
+    rand_vec(n, seed, scale)
+        .into_iter()
+        .map(|x| (x / q).round() * q)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors and the per-op report (llama.cpp test-backend-ops style)
+
+/// Relative error ||a - b|| / ||b|| and max absolute error.
+pub fn rel_err(a: &[f32], b: &[f32]) -> (f64, f64) {
+    assert_eq!(a.len(), b.len());
+    let mut num = 0.0f64;
+    let mut den = 0.0f64;
+    let mut max = 0.0f64;
+    for (&x, &y) in a.iter().zip(b) {
+        let d = (x - y) as f64;
+        num += d * d;
+        den += (y as f64) * (y as f64);
+        max = max.max(d.abs());
+    }
+    ((num / den.max(1e-30)).sqrt(), max)
+}
+
+pub fn count_non_finite(v: &[f32]) -> usize {
+    v.iter().filter(|x| !x.is_finite()).count()
+}
+
+/// The results of one op's table of cases: every check prints one line as it runs, `finish`
+/// prints the worst error per case and fails the test when any check did.
+pub struct Report {
+    op: String,
+    /// (case, worst error / tolerance, worst error, its tolerance)
+    cases: Vec<(String, f64, f64, f64)>,
+    failures: Vec<String>,
+}
+
+impl Report {
+    pub fn new(op: &str) -> Report {
+        println!("== {op}");
+        Report {
+            op: op.to_string(),
+            cases: Vec::new(),
+            failures: Vec::new(),
+        }
+    }
+
+    /// Record `err < tol` for `case` (`what` names the metric); returns whether it held.
+    pub fn check(&mut self, case: &str, what: &str, err: f64, tol: f64) -> bool {
+        let ok = err < tol; // NaN fails
+        println!(
+            "  {case} {what}: {err:.2e} (tol {tol:.0e}) {}",
+            if ok { "OK" } else { "FAIL" }
+        );
+        if !ok {
+            self.failures
+                .push(format!("{case} {what}: {err:.3e} >= {tol:.0e}"));
+        }
+        let ratio = if ok { err / tol } else { f64::INFINITY };
+        match self.cases.iter_mut().find(|c| c.0 == case) {
+            Some(c) if ratio > c.1 => *c = (case.to_string(), ratio, err, tol),
+            Some(_) => {}
+            None => self.cases.push((case.to_string(), ratio, err, tol)),
+        }
+        ok
+    }
+
+    /// `got` against the CPU reference `want`: every value finite, relative error < `tol`.
+    /// Returns the relative error.
+    pub fn rel(&mut self, case: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
+        let bad = count_non_finite(got);
+        let (rel, abs) = rel_err(got, want);
+        self.check(case, "non-finite outputs", bad as f64, 0.5);
+        self.check(case, &format!("rel err (max abs {abs:.1e})"), rel, tol);
+        rel
+    }
+
+    /// Print the worst error of every case; panic listing the failed checks.
+    pub fn finish(self) {
+        println!(
+            "== {}: {} cases, worst error per case:",
+            self.op,
+            self.cases.len()
+        );
+        for (case, _, err, tol) in &self.cases {
+            println!("  {case:70} {err:.2e} (tol {tol:.0e})");
+        }
+        assert!(
+            self.failures.is_empty(),
+            "{}: {} checks failed:\n{}",
+            self.op,
+            self.failures.len(),
+            self.failures.join("\n")
+        );
+        println!("== {}: all OK", self.op);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layouts: the GPU decoder runs batched NHWC, the cpu::ops decoder references one image CHW.
+
+/// (B, HW, C) -> (B, C, HW).
+pub fn nhwc_to_nchw(x: &[f32], batch: usize, hw: usize, c: usize) -> Vec<f32> {
+    assert_eq!(x.len(), batch * hw * c);
+    let mut out = vec![0.0f32; x.len()];
+    for b in 0..batch {
+        for p in 0..hw {
+            for ch in 0..c {
+                out[(b * c + ch) * hw + p] = x[(b * hw + p) * c + ch];
+            }
+        }
+    }
+    out
+}
+
+/// (B, C, HW) -> (B, HW, C).
+pub fn nchw_to_nhwc(x: &[f32], batch: usize, c: usize, hw: usize) -> Vec<f32> {
+    assert_eq!(x.len(), batch * hw * c);
+    let mut out = vec![0.0f32; x.len()];
+    for b in 0..batch {
+        for ch in 0..c {
+            for p in 0..hw {
+                out[(b * hw + p) * c + ch] = x[(b * c + ch) * hw + p];
+            }
+        }
+    }
+    out
+}
+
+/// Apply a per-image CHW function to batched NHWC data: `f` maps one image (C, HW) to
+/// (out_c, HW'), and the results come back batched NHWC (B, HW', out_c).
+pub fn per_image_nhwc(
+    x: &[f32],
+    batch: usize,
+    hw: usize,
+    c: usize,
+    out_c: usize,
+    f: impl Fn(&[f32]) -> Vec<f32>,
+) -> Vec<f32> {
+    let chw = nhwc_to_nchw(x, batch, hw, c);
+    let out: Vec<f32> = chw.chunks_exact(c * hw).flat_map(f).collect();
+    let out_hw = out.len() / (batch * out_c);
+    nchw_to_nhwc(&out, batch, out_c, out_hw)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GPU: tests that need one are `#[ignore = "needs a CUDA GPU"]` and fail without one.
+
+/// The GPU. Tests that call this are `#[ignore]`d by default (cargo counts them as ignored);
+/// run under `--include-ignored` on a machine without a usable GPU, they fail here.
+#[cfg(feature = "cuda")]
+pub fn gpu(test: &str) -> checkergen::cuda::Gpu {
+    match checkergen::cuda::Gpu::try_new() {
+        Ok(Some(g)) => {
+            println!(
+                "{test}: running on {} (cc {}.{}, kernels: {})",
+                g.name, g.cc.0, g.cc.1, g.image_kind
+            );
+            g
+        }
+        Ok(None) => panic!(
+            "{test} needs a CUDA GPU and this machine has none: GPU tests are #[ignore]d; run \
+             them (--include-ignored) only on a GPU host"
+        ),
+        Err(e) => panic!("{test}: a GPU is present but unusable: {e:#}"),
+    }
+}
+
+/// The one harness (llama.cpp test-backend-ops style): on the GPU, every case of an op's
+/// table with its label (the case's Debug) and a seed, into one [`Report`] that prints the
+/// worst error per case and fails the test at the end when any check failed.
+#[cfg(feature = "cuda")]
+pub fn run_table<C: std::fmt::Debug>(
+    op: &str,
+    cases: &[C],
+    mut f: impl FnMut(&checkergen::cuda::Gpu, &mut Report, &str, u64, &C),
+) {
+    let gpu = gpu(op);
+    let mut report = Report::new(op);
+    for (i, case) in cases.iter().enumerate() {
+        f(
+            &gpu,
+            &mut report,
+            &format!("{case:?}"),
+            1000 * i as u64,
+            case,
+        );
+    }
+    report.finish();
+}
+
+/// Device index arrays are i32.
+pub fn i32s(v: &[usize]) -> Vec<i32> {
+    v.iter().map(|&x| x as i32).collect()
+}
+
+/// The golden folder, required: a GPU test that was asked to run fails when it is missing
+/// (GPU test bundles carry it, CHECKERGEN_GOLDEN).
+pub fn golden_dir_required() -> PathBuf {
+    golden_dir().expect("this test needs the golden folder (../shared/golden or CHECKERGEN_GOLDEN)")
+}
+
+/// 16-bit helpers (the decoder's Storage types, bf16 and f16).
+#[cfg(feature = "cuda")]
+pub mod half16 {
+    use checkergen::cuda::decoder::Storage;
+
+    /// Round to the nearest T, back in f32 (so CPU references see what the GPU sees).
+    pub fn round_to<T: Storage>(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
+    }
+
+    pub fn to_h<T: Storage>(v: &[f32]) -> Vec<T> {
+        v.iter().map(|&x| T::from_f32(x)).collect()
+    }
+
+    pub fn to_f32<T: Storage>(v: &[T]) -> Vec<f32> {
+        v.iter().map(|x| x.to_f32()).collect()
+    }
+
+    /// A poisoned host buffer: NaN everywhere, so an unwritten output shows.
+    pub fn nan<T: Storage>(n: usize) -> Vec<T> {
+        vec![T::from_f32(f32::NAN); n]
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token choice
+
+pub fn pol(t: f32, k: Option<usize>, p: Option<f32>) -> checkergen::sampling::TokenPolicy {
+    checkergen::sampling::TokenPolicy {
+        temperature: t,
+        top_k: k,
+        top_p: p,
+    }
+}
+
+/// The CPU's kept set (top-k then top-p, weight > 0), replicating choose_token's filter.
+pub fn kept_set(l: &[f32], p: &checkergen::sampling::TokenPolicy) -> Vec<bool> {
+    let v = l.len();
+    let max = l[checkergen::sampling::argmax(l)] as f64;
+    let inv_t = 1.0 / p.temperature as f64;
+    let w: Vec<f64> = l
+        .iter()
+        .map(|&x| ((x as f64 - max) * inv_t).exp())
+        .collect();
+    let k = p.top_k.unwrap_or(v).clamp(1, v);
+    let mut idx: Vec<usize> = (0..v).collect();
+    idx.sort_by(|&a, &b| w[b].total_cmp(&w[a]).then(a.cmp(&b)));
+    let mut keep = k;
+    if let Some(tp) = p.top_p.filter(|&tp| tp < 1.0) {
+        let total: f64 = idx[..k].iter().map(|&i| w[i]).sum();
+        let mut acc = 0.0;
+        for (j, &i) in idx[..k].iter().enumerate() {
+            acc += w[i];
+            if acc >= tp as f64 * total {
+                keep = j + 1;
+                break;
+            }
+        }
+    }
+    let mut kept = vec![false; v];
+    for &i in &idx[..keep] {
+        kept[i] = w[i] > 0.0;
+    }
+    kept
 }
