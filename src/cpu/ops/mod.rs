@@ -6,7 +6,8 @@
 //! | file          | kernels/           | functions                                                |
 //! |---------------|--------------------|----------------------------------------------------------|
 //! | norm.rs       | norm.cu            | rmsnorm_adaln, silu_mul, add_bias                        |
-//! | embed.rs      | embed.cu           | upsample_codes, codevec_hidden, gather_inputs            |
+//! | embed.rs      | embed.cu           | upsample_codes (upsample_bilinear), codevec_hidden,      |
+//! |               |                    | gather_inputs                                            |
 //! | attention.rs  | attention.cu       | rope_kv_append, attention (optional block-causal mask)   |
 //! | sampling.rs   | sampling.cu        | guided_sample                                            |
 //! | decoder.rs    | decoder.cu         | conv2d (1x1, 3x3), group_norm(+SiLU), upsample_nearest2, |
@@ -20,7 +21,7 @@ pub mod embed;
 pub mod norm;
 pub mod sampling;
 
-pub use attention::{AttnShape, attention, rope_kv_append};
+pub use attention::{AttnShape, BlockMask, attention, rope_kv_append};
 pub use decoder::{
     conv2d, gather_codes, group_norm, pixels, softmax_rows, spatial_attention, upsample_nearest2,
 };
