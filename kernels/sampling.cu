@@ -81,7 +81,11 @@
 #define NEG_INF __int_as_float(0xff800000)
 
 struct GuidedSampleParams {
-    u64 logits, forced, grid, tokens_out, local_pos, global_pos;
+    float* logits;                    // (rows * n, V); the conditional rows are guided in place
+    const int* forced;                // (B, cells) or null
+    int* grid;                        // (B, cells)
+    int* tokens_out;                  // (B, n)
+    const int *local_pos, *global_pos;  // (n)
     u64 seed;
     int batch, n, v, cells;
     int guided;         // 1: combine with the unconditional rows
@@ -91,6 +95,7 @@ struct GuidedSampleParams {
     float top_p;        // < 1: on; 1 = off
     int step;           // step counter t (RNG counter word 1)
 };
+static_assert(sizeof(GuidedSampleParams) == 96, "GuidedSampleParams: mirrored in src/cuda/sampling.rs");
 
 // ---------------------------------------------------------------------------------------
 // Block-wide reductions and scans (blockDim.x a multiple of 32, at most 1024). Each starts
@@ -211,7 +216,7 @@ __device__ __forceinline__ double weight(float l, float mx, double inv_t) {
     return exp(((double)l - (double)mx) * inv_t);
 }
 
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample(const GuidedSampleParams p) {
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample_f32(const GuidedSampleParams p) {
     __shared__ double sd[32];
     __shared__ int si[32];
     __shared__ float sf[32];
@@ -219,8 +224,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample(const
     if (r >= p.batch * p.n) return;
     const int b = r / p.n, j = r % p.n;
     const int V = p.v, tid = threadIdx.x, bd = blockDim.x;
-    float* row = (float*)p.logits + (size_t)r * V;  // (V) conditional row, guided in place
-    const int lp = ((const int*)p.local_pos)[j];
+    float* row = p.logits + (size_t)r * V;  // (V) conditional row, guided in place
+    const int lp = p.local_pos[j];
     const bool lp_ok = lp >= 0 && lp < p.cells;
 
     // Pass 1 (coalesced): guidance combine, written back; argmax of the result.
@@ -245,7 +250,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample(const
 
     int token;
     if (p.forced && lp_ok) {
-        token = ((const int*)p.forced)[(size_t)b * p.cells + lp];
+        token = p.forced[(size_t)b * p.cells + lp];
     } else if (p.temperature <= 0.f || !isfinite(best)) {
         token = best_i;
     } else {
@@ -343,7 +348,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample(const
         double total;
         double acc = block_exclusive_scan<double>(s, sd, &total);
         const double u = token_uniform(p.seed, (uint32_t)b, (uint32_t)p.step,
-                                       (uint32_t)((const int*)p.global_pos)[j]);
+                                       (uint32_t)p.global_pos[j]);
         const double target = u * total;
         int found = NO_INDEX, last = -1;
         rank = rank0;
@@ -363,7 +368,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample(const
     }
 
     if (tid == 0) {
-        if (lp_ok) ((int*)p.grid)[(size_t)b * p.cells + lp] = token;
-        ((int*)p.tokens_out)[(size_t)b * p.n + j] = token;
+        if (lp_ok) p.grid[(size_t)b * p.cells + lp] = token;
+        p.tokens_out[(size_t)b * p.n + j] = token;
     }
 }

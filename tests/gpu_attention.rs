@@ -395,7 +395,7 @@ fn attention_matches_cpu() {
             gpu.upload(&vc).unwrap(),
         );
         let (dkb, dqb) = (gpu.upload(&kb).unwrap(), gpu.upload(&qb).unwrap());
-        for (vi, imp) in [AttentionImpl::V1Warp, AttentionImpl::V2TensorCore]
+        for (vi, imp) in [AttentionImpl::Direct, AttentionImpl::TensorCore]
             .into_iter()
             .enumerate()
         {
@@ -500,7 +500,7 @@ fn rope_then_attention_steps_match_cpu() {
             s,
         );
         let want = cpu_attention(&q, &kc, &vc, None, s);
-        for imp in [AttentionImpl::V1Warp, AttentionImpl::V2TensorCore] {
+        for imp in [AttentionImpl::Direct, AttentionImpl::TensorCore] {
             let mut out = gpu.upload(&nan_bf16(s.tokens() * s.c())).unwrap();
             attention::attention(&gpu, imp, &dq, &dk, &dv, None, &mut out, s).unwrap();
             let got = to_f32(&gpu.download(&out).unwrap());
@@ -546,10 +546,10 @@ fn attention_kernels_are_embedded() {
         .iter()
         .find(|f| f.name == "attention")
         .expect("kernels/attention.cu is not embedded");
-    let mut names = vec!["rope_kv_append".to_string()];
-    for v in ["v1", "v2"] {
+    let mut names = vec!["rope_kv_append_bf16".to_string()];
+    for v in ["direct", "tc"] {
         for d in [32, 64, 128] {
-            names.push(format!("attention_{v}_d{d}"));
+            names.push(format!("attention_{v}_d{d}_bf16"));
         }
     }
     let contains =
