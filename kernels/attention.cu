@@ -1,4 +1,7 @@
 // attention.cu: RoPE + KV-cache append, and attention over the KV cache (SPEC.md section 5).
+// Why here: the transformer step's attention is the one op cuBLAS cannot do alone (the mask,
+// the per-layer RoPE mixing and the KV cache layout); a plain warp-per-query kernel is kept
+// next to the tensor-core one as the on-device reference.
 //
 // Notation: rows = sequence rows (B, or 2B with CFG), H heads, D head dim, C = H*D, n new tokens
 // per row in this step, start = tokens already cached, L = start + n keys after the append,
@@ -58,6 +61,10 @@
 // mma.m16n8k16 fragment layouts: see common.cuh.
 #include "common.cuh"
 
+// =============================================================================================
+// CUDA kernels
+// =============================================================================================
+
 // ----------------------------------------------------------------------------------------------
 // rope_kv_append
 
@@ -72,7 +79,7 @@ struct RopeKvParams {
 };
 static_assert(sizeof(RopeKvParams) == 104, "RopeKvParams: mirrored in src/cuda/attention.rs");
 
-extern "C" __global__ void rope_kv_append_bf16(const RopeKvParams p) {
+__device__ __forceinline__ void rope_kv_append_impl(const RopeKvParams& p) {
     const int half = p.d >> 1;
     const int c = p.h * p.d;
     const size_t total = (size_t)p.rows * p.n * p.h * half;
@@ -159,7 +166,7 @@ static_assert(sizeof(AttnParams) == 72, "AttnParams: mirrored in src/cuda/attent
 // direct: one warp per query, no tensor cores (the on-device reference).
 
 template <int D>
-__device__ __forceinline__ void attention_direct(const AttnParams& p) {
+__device__ __forceinline__ void attention_direct_impl(const AttnParams& p) {
     constexpr int DPL = D / 32;  // dims per lane: lane owns dims lane + 32*e
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int i = blockIdx.x * (blockDim.x >> 5) + warp;  // query within the block of n
@@ -204,10 +211,6 @@ __device__ __forceinline__ void attention_direct(const AttnParams& p) {
     for (int e = 0; e < DPL; ++e) o[lane + 32 * e] = f2bf(acc[e] * inv);
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_direct_d32_bf16(const AttnParams p) { attention_direct<32>(p); }
-extern "C" __global__ void __launch_bounds__(128) attention_direct_d64_bf16(const AttnParams p) { attention_direct<64>(p); }
-extern "C" __global__ void __launch_bounds__(128) attention_direct_d128_bf16(const AttnParams p) { attention_direct<128>(p); }
-
 // ----------------------------------------------------------------------------------------------
 // tc: flash-style, bf16 tensor cores (mma.sync m16n8k16), f32 accumulation.
 
@@ -234,7 +237,7 @@ __device__ __forceinline__ float lo_f32(uint32_t v) { return __uint_as_float(v <
 __device__ __forceinline__ float hi_f32(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
 
 template <int D>
-__device__ __forceinline__ void attention_tc(const AttnParams& p) {
+__device__ __forceinline__ void attention_tc_impl(const AttnParams& p) {
     static_assert(D % 16 == 0 && D <= 128, "head dim");
     constexpr int LDS = D + 8;  // smem row stride in bf16
     constexpr int KS = D / 16;  // k-steps of the S = Q K^T mma (over dims)
@@ -403,6 +406,15 @@ __device__ __forceinline__ void attention_tc(const AttnParams& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_tc_d32_bf16(const AttnParams p) { attention_tc<32>(p); }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_d64_bf16(const AttnParams p) { attention_tc<64>(p); }
-extern "C" __global__ void __launch_bounds__(128) attention_tc_d128_bf16(const AttnParams p) { attention_tc<128>(p); }
+// =============================================================================================
+// Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
+// registers each as a k::* constant for src/cuda/)
+// =============================================================================================
+
+extern "C" __global__ void rope_kv_append_bf16(const RopeKvParams p) { rope_kv_append_impl(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_direct_d32_bf16(const AttnParams p) { attention_direct_impl<32>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_direct_d64_bf16(const AttnParams p) { attention_direct_impl<64>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_direct_d128_bf16(const AttnParams p) { attention_direct_impl<128>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_tc_d32_bf16(const AttnParams p) { attention_tc_impl<32>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_tc_d64_bf16(const AttnParams p) { attention_tc_impl<64>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_tc_d128_bf16(const AttnParams p) { attention_tc_impl<128>(p); }

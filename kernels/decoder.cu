@@ -1,5 +1,7 @@
 // decoder.cu: the VQ decoder (SPEC.md section 7) on NHWC activations; host side in
-// src/cuda/decoder.rs, f32 oracle in src/cpu/decoder.rs.
+// src/cuda/decoder.rs, f32 oracle in src/cpu/decoder.rs. Why here: decoding is ~0.25 TFLOP per
+// 256 px image (PERF.md); its 3x3 convs, GroupNorm and the glue kernels run on the device
+// next to the sampler so activations never leave it (1x1 convs and attention GEMMs: cuBLAS).
 //
 // 16-bit storage type T: every kernel that reads or writes 16-bit values is instantiated for
 // bf16 (__nv_bfloat16, suffix _bf16) and fp16 (__half, suffix _f16); the host picks one per
@@ -42,6 +44,10 @@
 // dec_pixels: y (B, H*W, 3) f32 NHWC -> (B, 3, H, W) f32 and/or 8-bit
 //   clamp((x+1)/2, 0, 1)*255 truncated (the same f32 operations as cpu::decoder::to_pixels_u8).
 #include "common.cuh"
+
+// =============================================================================================
+// CUDA kernels
+// =============================================================================================
 
 // 16-bit storage helpers, overloaded for bf16 and fp16.
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -111,9 +117,6 @@ __device__ __forceinline__ void conv3x3_direct_impl(const Conv3x3Params& p) {
         y[i] = v;
     }
 }
-
-extern "C" __global__ void conv3x3_direct_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void conv3x3_direct_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half>(p); }
 
 #define TC_BM 128
 #define TC_BN 128
@@ -269,9 +272,6 @@ __device__ __forceinline__ void conv3x3_tc_impl(const Conv3x3Params& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_bf16(const Conv3x3Params p) { conv3x3_tc_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_f16(const Conv3x3Params p) { conv3x3_tc_impl<__half>(p); }
-
 // ---------------------------------------------------------------------------------------------
 // GroupNorm (+ SiLU)
 
@@ -286,7 +286,7 @@ static_assert(sizeof(GnPartialParams) == 40, "GnPartialParams: mirrored in src/c
 
 // grid (nchunk, B), block 256; needs c % 4 == 0 and c <= 1024. Thread = (row r, float4 column
 // col); rows = 256 / (c/4) pixels are read per iteration.
-extern "C" __global__ void gn_partial_f32(const GnPartialParams p) {
+__device__ __forceinline__ void gn_partial_impl(const GnPartialParams& p) {
     __shared__ float4 s1[256], s2[256];
     const int chunk = blockIdx.x, b = blockIdx.y;
     const int cols = p.c >> 2, rows = blockDim.x / cols;
@@ -334,7 +334,7 @@ struct GnFinalizeParams {
 static_assert(sizeof(GnFinalizeParams) == 56, "GnFinalizeParams: mirrored in src/cuda/decoder.rs");
 
 // grid (32, B), block 256: one block per (group, image).
-extern "C" __global__ void gn_finalize_f32(const GnFinalizeParams p) {
+__device__ __forceinline__ void gn_finalize_impl(const GnFinalizeParams& p) {
     __shared__ float scratch[32];
     const int g = blockIdx.x, b = blockIdx.y, cpg = p.c / GN_GROUPS;
     const float* part = (const float*)p.part + (size_t)b * p.nchunk * p.c * 2;
@@ -402,9 +402,6 @@ __device__ __forceinline__ void gn_apply_impl(const GnApplyParams& p) {
     }
 }
 
-extern "C" __global__ void gn_apply_bf16(const GnApplyParams p) { gn_apply_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void gn_apply_f16(const GnApplyParams p) { gn_apply_impl<__half>(p); }
-
 // ---------------------------------------------------------------------------------------------
 // Small elementwise kernels
 
@@ -423,9 +420,6 @@ __device__ __forceinline__ void cast_f32_impl(const CastParams& p) {
          i += (size_t)gridDim.x * blockDim.x)
         y[i] = from_f32<T>(x[i]);
 }
-
-extern "C" __global__ void cast_f32_bf16(const CastParams p) { cast_f32_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void cast_f32_f16(const CastParams p) { cast_f32_impl<__half>(p); }
 
 struct GatherCodesParams {
     const int* tokens;      // (rows)
@@ -455,9 +449,6 @@ __device__ __forceinline__ void gather_codes_impl(const GatherCodesParams& p) {
     }
     for (int d = 0; d < p.e; ++d) z[d] = from_f32<T>(row[d] / n);
 }
-
-extern "C" __global__ void gather_codes_bf16(const GatherCodesParams p) { gather_codes_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void gather_codes_f16(const GatherCodesParams p) { gather_codes_impl<__half>(p); }
 
 // Max over a block (blockDim.x a multiple of 32, <= 1024); same barrier discipline as
 // block_sum in common.cuh, so the two can share `scratch`.
@@ -501,9 +492,6 @@ __device__ __forceinline__ void attn_softmax_impl(const SoftmaxParams& p) {
         out[j] = from_f32<T>(expf((s[j] - mx) * p.scale) * inv);
 }
 
-extern "C" __global__ void attn_softmax_bf16(const SoftmaxParams p) { attn_softmax_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void attn_softmax_f16(const SoftmaxParams p) { attn_softmax_impl<__half>(p); }
-
 struct PixelsParams {
     const float* y;          // (B, hw, c)
     float* out_f32;          // (B, c, hw) or null
@@ -513,7 +501,7 @@ struct PixelsParams {
 static_assert(sizeof(PixelsParams) == 40, "PixelsParams: mirrored in src/cuda/decoder.rs");
 
 // grid-stride over B*c*hw outputs.
-extern "C" __global__ void dec_pixels_f32(const PixelsParams p) {
+__device__ __forceinline__ void dec_pixels_impl(const PixelsParams& p) {
     const size_t total = (size_t)p.batch * p.c * p.hw;
     const float* y = (const float*)p.y;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
@@ -530,3 +518,24 @@ extern "C" __global__ void dec_pixels_f32(const PixelsParams p) {
         }
     }
 }
+
+// =============================================================================================
+// Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
+// registers each as a k::* constant for src/cuda/)
+// =============================================================================================
+
+extern "C" __global__ void conv3x3_direct_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void conv3x3_direct_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_bf16(const Conv3x3Params p) { conv3x3_tc_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_f16(const Conv3x3Params p) { conv3x3_tc_impl<__half>(p); }
+extern "C" __global__ void gn_partial_f32(const GnPartialParams p) { gn_partial_impl(p); }
+extern "C" __global__ void gn_finalize_f32(const GnFinalizeParams p) { gn_finalize_impl(p); }
+extern "C" __global__ void gn_apply_bf16(const GnApplyParams p) { gn_apply_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void gn_apply_f16(const GnApplyParams p) { gn_apply_impl<__half>(p); }
+extern "C" __global__ void cast_f32_bf16(const CastParams p) { cast_f32_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void cast_f32_f16(const CastParams p) { cast_f32_impl<__half>(p); }
+extern "C" __global__ void gather_codes_bf16(const GatherCodesParams p) { gather_codes_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void gather_codes_f16(const GatherCodesParams p) { gather_codes_impl<__half>(p); }
+extern "C" __global__ void attn_softmax_bf16(const SoftmaxParams p) { attn_softmax_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void attn_softmax_f16(const SoftmaxParams p) { attn_softmax_impl<__half>(p); }
+extern "C" __global__ void dec_pixels_f32(const PixelsParams p) { dec_pixels_impl(p); }

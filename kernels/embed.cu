@@ -1,5 +1,7 @@
 // embed.cu: the step-input path of the sampler (SPEC.md section 5), with the constant parts of
-// combine_inputs folded at load time (src/cuda/engine.rs builds the tables).
+// combine_inputs folded at load time (src/cuda/engine.rs builds the tables). Why here: the
+// inputs of every serial step are gathered on the device from the token grid it already
+// holds, so a step needs no host round trip.
 //
 // With combine_inputs.weight = [Wa | Wb | Wc | Wd] (C x 4C) and bias bc, one input row is
 //   x = Wa pos[g] + Wb src_proj(E(z0[p])) + Wc posemb(q) + Wd codeemb(q) + bc
@@ -19,6 +21,10 @@
 //   tokens sampled so far in this scale. launch: grid rows*n, block 256 (loop over C).
 #include "common.cuh"
 
+// =============================================================================================
+// CUDA kernels
+// =============================================================================================
+
 struct UpsampleParams {
     const int* grid_prev;   // (B, si*si)
     const float* codebook;  // (V, e)
@@ -27,7 +33,7 @@ struct UpsampleParams {
 };
 static_assert(sizeof(UpsampleParams) == 40, "UpsampleParams: mirrored in src/cuda/embed.rs");
 
-extern "C" __global__ void upsample_codes_f32(const UpsampleParams p) {
+__device__ __forceinline__ void upsample_codes_impl(const UpsampleParams& p) {
     const int cells = p.so * p.so;
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= p.batch * cells) return;
@@ -67,7 +73,7 @@ struct CodevecParams {
 };
 static_assert(sizeof(CodevecParams) == 56, "CodevecParams: mirrored in src/cuda/embed.rs");
 
-extern "C" __global__ void codevec_hidden_bf16(const CodevecParams p) {
+__device__ __forceinline__ void codevec_hidden_impl(const CodevecParams& p) {
     const int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= p.rows) return;
     const float* z = p.z + (size_t)r * p.e;
@@ -101,7 +107,7 @@ struct GatherParams {
 };
 static_assert(sizeof(GatherParams) == 120, "GatherParams: mirrored in src/cuda/embed.rs");
 
-extern "C" __global__ void gather_inputs_f32(const GatherParams p) {
+__device__ __forceinline__ void gather_inputs_impl(const GatherParams& p) {
     const int t = blockIdx.x;  // token index r * n + j
     if (t >= p.rows * p.n) return;
     const int r = t / p.n, j = t % p.n, b = r % p.batch;
@@ -124,3 +130,12 @@ extern "C" __global__ void gather_inputs_f32(const GatherParams p) {
         x[i] = v;
     }
 }
+
+// =============================================================================================
+// Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
+// registers each as a k::* constant for src/cuda/)
+// =============================================================================================
+
+extern "C" __global__ void upsample_codes_f32(const UpsampleParams p) { upsample_codes_impl(p); }
+extern "C" __global__ void codevec_hidden_bf16(const CodevecParams p) { codevec_hidden_impl(p); }
+extern "C" __global__ void gather_inputs_f32(const GatherParams p) { gather_inputs_impl(p); }

@@ -1,4 +1,6 @@
-// norm.cu: RMSNorm fused with the AdaLN modulation, SwiGLU gating, and bias add.
+// norm.cu: RMSNorm fused with the AdaLN modulation, SwiGLU gating, and bias add. Why here:
+// these are the memory-bound elementwise steps between the cuBLAS GEMMs of a transformer
+// layer; fusing the norm with the modulation and the bf16 cast reads the residual once.
 //
 // rmsnorm_adaln: out[t, :] = bf16( x[t, :] * rsqrt(mean(x[t, :]^2) + eps) * w * scale_r + shift_r )
 //   x    (T, C) f32, the residual stream, T = rows * n (row r = t / n)
@@ -13,6 +15,10 @@
 // add_bias_f32: y[t, j] += b[j], y (T, N) f32; grid-stride.
 #include "common.cuh"
 
+// =============================================================================================
+// CUDA kernels
+// =============================================================================================
+
 struct RmsNormParams {
     const float* x;       // (T, C)
     const float* w;       // (C)
@@ -23,7 +29,7 @@ struct RmsNormParams {
 };
 static_assert(sizeof(RmsNormParams) == 56, "RmsNormParams: mirrored in src/cuda/norm.rs");
 
-extern "C" __global__ void rmsnorm_adaln_bf16(const RmsNormParams p) {
+__device__ __forceinline__ void rmsnorm_adaln_impl(const RmsNormParams& p) {
     __shared__ float scratch[32];
     const int t = blockIdx.x;
     if (t >= p.tokens) return;
@@ -49,7 +55,7 @@ struct SiluMulParams {
 };
 static_assert(sizeof(SiluMulParams) == 24, "SiluMulParams: mirrored in src/cuda/norm.rs");
 
-extern "C" __global__ void silu_mul_bf16(const SiluMulParams p) {
+__device__ __forceinline__ void silu_mul_impl(const SiluMulParams& p) {
     const size_t total = (size_t)p.tokens * p.f;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t t = i / p.f, j = i % p.f;
@@ -66,8 +72,17 @@ struct AddBiasParams {
 };
 static_assert(sizeof(AddBiasParams) == 24, "AddBiasParams: mirrored in src/cuda/norm.rs");
 
-extern "C" __global__ void add_bias_f32(const AddBiasParams p) {
+__device__ __forceinline__ void add_bias_impl(const AddBiasParams& p) {
     const size_t total = (size_t)p.rows * p.n;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
         p.y[i] += p.b[i % p.n];
 }
+
+// =============================================================================================
+// Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
+// registers each as a k::* constant for src/cuda/)
+// =============================================================================================
+
+extern "C" __global__ void rmsnorm_adaln_bf16(const RmsNormParams p) { rmsnorm_adaln_impl(p); }
+extern "C" __global__ void silu_mul_bf16(const SiluMulParams p) { silu_mul_impl(p); }
+extern "C" __global__ void add_bias_f32(const AddBiasParams p) { add_bias_impl(p); }

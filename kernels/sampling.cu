@@ -1,4 +1,6 @@
-// sampling.cu: classifier-free guidance combine and token choice for one serial step.
+// sampling.cu: classifier-free guidance combine and token choice for one serial step. Why
+// here: choosing the tokens on the device keeps the logits (rows x V f32) there; only the
+// chosen tokens come back, with the same rules and RNG bits as the CPU's src/sampling.rs.
 //
 // guided_sample: for every image b < B and every token j < n of this step
 //   1. guidance (p.guided): l = cond + cfg * (cond - uncond), written back in place into the
@@ -74,6 +76,10 @@
 //   cheap next to the lm_head GEMM that produced the logits; top-k/top-p are not tuned
 //   (a radix-256 select in shared memory would cut the 32 search passes to 4).
 #include "common.cuh"
+
+// =============================================================================================
+// CUDA kernels
+// =============================================================================================
 
 #define SAMPLE_THREADS 512
 #define FULL_MASK 0xffffffffu
@@ -216,7 +222,7 @@ __device__ __forceinline__ double weight(float l, float mx, double inv_t) {
     return exp(((double)l - (double)mx) * inv_t);
 }
 
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample_f32(const GuidedSampleParams p) {
+__device__ __forceinline__ void guided_sample_impl(const GuidedSampleParams& p) {
     __shared__ double sd[32];
     __shared__ int si[32];
     __shared__ float sf[32];
@@ -372,3 +378,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample_f32(c
         p.tokens_out[(size_t)b * p.n + j] = token;
     }
 }
+
+// =============================================================================================
+// Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
+// registers each as a k::* constant for src/cuda/)
+// =============================================================================================
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample_f32(const GuidedSampleParams p) { guided_sample_impl(p); }

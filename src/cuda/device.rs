@@ -1,5 +1,6 @@
 //! The device: context, one created stream (capturable into a CUDA graph), cuBLAS handle, and
-//! every kernel function loaded once at start-up from the best embedded image.
+//! every kernel of the build-time registry (`super::KERNELS`) loaded once at start-up from
+//! the best embedded image; launches name their kernel by a `super::k` constant.
 
 use super::{KERNEL_FILES, KERNELS, Kernel};
 use anyhow::{Context, Result, anyhow, bail};

@@ -155,6 +155,9 @@ static void test_attention(Shape s, MaskKind mk, float qscale) {
 
 int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+    // Parameter-struct sizes (static_assert in kernels/attention.cu, const assertions in
+    // src/cuda/attention.rs).
+    std::printf("sizeof RopeKv %zu Attn %zu\n", sizeof(RopeKvParams), sizeof(AttnParams));
     // rows, h, d, n, start, cap
     test_rope({1, 4, 32, 1, 0, 3}, false);
     test_rope({3, 2, 64, 4, 1, 8}, true);
