@@ -84,14 +84,14 @@ __device__ __forceinline__ void rope_kv_append_impl(const RopeKvParams& p) {
     const int c = p.h * p.d;
     const size_t total = (size_t)p.rows * p.n * p.h * half;
     const __nv_bfloat16* qkv = p.qkv;  // (T, 3C)
-    const float* tre = p.rope_re;                // (table_rows, D)
-    const float* tim = p.rope_im;                // (table_rows, D)
-    const int* cur = p.cur;                        // (n)
-    const int* prev = p.prev;                      // (n)
-    const float* mix = p.mix;                    // (H) or null
-    __nv_bfloat16* q_out = p.q_out;            // (rows, H, n, D)
-    __nv_bfloat16* kc = (__nv_bfloat16*)p.k_cache;             // (rows, H, cap, D)
-    __nv_bfloat16* vc = (__nv_bfloat16*)p.v_cache;             // (rows, H, cap, D)
+    const float* tre = p.rope_re;      // (table_rows, D)
+    const float* tim = p.rope_im;      // (table_rows, D)
+    const int* cur = p.cur;            // (n)
+    const int* prev = p.prev;          // (n)
+    const float* mix = p.mix;          // (H) or null
+    __nv_bfloat16* q_out = p.q_out;    // (rows, H, n, D)
+    __nv_bfloat16* kc = p.k_cache;     // (rows, H, cap, D)
+    __nv_bfloat16* vc = p.v_cache;     // (rows, H, cap, D)
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
          idx += (size_t)gridDim.x * blockDim.x) {
         const int i = (int)(idx % half);  // dim pair (i, i + D/2)
@@ -174,11 +174,11 @@ __device__ __forceinline__ void attention_direct_impl(const AttnParams& p) {
     if (i >= p.n) return;  // whole warp leaves together; direct has no block-level barrier
     const int L = p.start + p.n;
     const size_t head = (size_t)r * p.h + hh;
-    const __nv_bfloat16* q = p.q + (head * p.n + i) * D;  // (D)
-    const __nv_bfloat16* K = (const __nv_bfloat16*)p.k_cache + head * p.cap * D; // (cap, D)
-    const __nv_bfloat16* V = (const __nv_bfloat16*)p.v_cache + head * p.cap * D; // (cap, D)
-    const int* kblk = p.key_block;   // (L) or null
-    const int* qblk = p.query_block; // (n) or null
+    const __nv_bfloat16* q = p.q + (head * p.n + i) * D;    // (D)
+    const __nv_bfloat16* K = p.k_cache + head * p.cap * D;  // (cap, D)
+    const __nv_bfloat16* V = p.v_cache + head * p.cap * D;  // (cap, D)
+    const int* kblk = p.key_block;                          // (L) or null
+    const int* qblk = p.query_block;                        // (n) or null
     const int my_block = kblk ? qblk[i] : 0;
 
     // q pre-scaled by log2(e)/sqrt(D): scores come out in the log2 domain.
@@ -255,11 +255,11 @@ __device__ __forceinline__ void attention_tc_impl(const AttnParams& p) {
     const bool active = q0 < p.n;                       // warp has at least one real query
     const int L = p.start + p.n;
     const size_t head = (size_t)r * p.h + hh;
-    const __nv_bfloat16* Q = p.q + head * p.n * D;         // (n, D)
-    const __nv_bfloat16* Kg = (const __nv_bfloat16*)p.k_cache + head * p.cap * D; // (cap, D)
-    const __nv_bfloat16* Vg = (const __nv_bfloat16*)p.v_cache + head * p.cap * D; // (cap, D)
-    const int* kblk = p.key_block;    // (L) or null
-    const int* qblk = p.query_block;  // (n) or null
+    const __nv_bfloat16* Q = p.q + head * p.n * D;           // (n, D)
+    const __nv_bfloat16* Kg = p.k_cache + head * p.cap * D;  // (cap, D)
+    const __nv_bfloat16* Vg = p.v_cache + head * p.cap * D;  // (cap, D)
+    const int* kblk = p.key_block;                           // (L) or null
+    const int* qblk = p.query_block;                         // (n) or null
 
     // This lane's two query rows: qa = q0 + g (C regs 0,1) and qb = q0 + g + 8 (C regs 2,3).
     const int qa = q0 + g, qb = q0 + g + 8;

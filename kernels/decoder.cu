@@ -88,9 +88,9 @@ __device__ __forceinline__ void conv3x3_direct_impl(const Conv3x3Params& p) {
     const size_t total = (size_t)p.batch * p.height * p.width * p.cout;
     const T* x = (const T*)p.x;             // (B, hin, win, cin)
     const T* w = (const T*)p.w;             // (cout, 3, 3, cin)
-    const float* bias = p.bias;            // (cout)
-    const float* res = p.residual;         // (B, H, W, cout) or null
-    float* y = (float*)p.y;                               // (B, H, W, cout)
+    const float* bias = p.bias;     // (cout)
+    const float* res = p.residual;  // (B, H, W, cout) or null
+    float* y = p.y;                 // (B, H, W, cout)
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         const int co = (int)(i % p.cout);
@@ -242,7 +242,7 @@ __device__ __forceinline__ void conv3x3_tc_impl(const Conv3x3Params& p) {
     // of the 16x8 tile (mi, nj).
     const float* bias = p.bias;
     const float* res = p.residual;
-    float* y = (float*)p.y;
+    float* y = p.y;
     const bool pairs = (p.cout & 1) == 0;
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi) {
@@ -292,7 +292,7 @@ __device__ __forceinline__ void gn_partial_impl(const GnPartialParams& p) {
     const int cols = p.c >> 2, rows = blockDim.x / cols;
     const int col = threadIdx.x % cols, r = threadIdx.x / cols;
     const int p0 = chunk * p.chunk, p1 = min(p0 + p.chunk, p.hw);
-    const float4* x = (const float4*)((const float*)p.x + (size_t)b * p.hw * p.c);
+    const float4* x = (const float4*)(p.x + (size_t)b * p.hw * p.c);
     // Every row of a column uses the same shift: the chunk's first pixel.
     const float4 sh = x[(size_t)p0 * cols + col];
     float4 a1 = make_float4(0.f, 0.f, 0.f, 0.f), a2 = a1;
@@ -316,7 +316,7 @@ __device__ __forceinline__ void gn_partial_impl(const GnPartialParams& p) {
     const float n = (float)(p1 - p0);
     const float s1v[4] = {a1.x, a1.y, a1.z, a1.w}, s2v[4] = {a2.x, a2.y, a2.z, a2.w};
     const float shv[4] = {sh.x, sh.y, sh.z, sh.w};
-    float* out = (float*)p.part + (((size_t)b * p.nchunk + chunk) * p.c + col * 4) * 2;
+    float* out = p.part + (((size_t)b * p.nchunk + chunk) * p.c + col * 4) * 2;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         out[2 * j] = shv[j] + s1v[j] / n;
@@ -337,7 +337,7 @@ static_assert(sizeof(GnFinalizeParams) == 56, "GnFinalizeParams: mirrored in src
 __device__ __forceinline__ void gn_finalize_impl(const GnFinalizeParams& p) {
     __shared__ float scratch[32];
     const int g = blockIdx.x, b = blockIdx.y, cpg = p.c / GN_GROUPS;
-    const float* part = (const float*)p.part + (size_t)b * p.nchunk * p.c * 2;
+    const float* part = p.part + (size_t)b * p.nchunk * p.c * 2;
     const int ne = p.nchunk * cpg;
     float s = 0.f;
     for (int e = threadIdx.x; e < ne; e += blockDim.x) {
@@ -358,7 +358,7 @@ __device__ __forceinline__ void gn_finalize_impl(const GnFinalizeParams& p) {
     const float rstd = 1.f / sqrtf(var + p.eps);
     const float* gamma = p.gamma;
     const float* beta = p.beta;
-    float* ss = (float*)p.ss + (size_t)b * p.c * 2;
+    float* ss = p.ss + (size_t)b * p.c * 2;
     for (int cc = threadIdx.x; cc < cpg; cc += blockDim.x) {
         const int c = g * cpg + cc;
         const float scale = rstd * gamma[c];
@@ -387,7 +387,7 @@ __device__ __forceinline__ void gn_apply_impl(const GnApplyParams& p) {
          i += (size_t)gridDim.x * blockDim.x) {
         const int col = (int)(i % cols);
         const size_t b = i / per_image;
-        const float* ss = (const float*)p.ss + (b * p.c + col * 4) * 2;
+        const float* ss = p.ss + (b * p.c + col * 4) * 2;
         const float4 v = x[i];
         float o[4] = {v.x * ss[0] + ss[1], v.y * ss[2] + ss[3], v.z * ss[4] + ss[5],
                       v.w * ss[6] + ss[7]};
@@ -414,7 +414,7 @@ static_assert(sizeof(CastParams) == 24, "CastParams: mirrored in src/cuda/decode
 
 template <typename T>
 __device__ __forceinline__ void cast_f32_impl(const CastParams& p) {
-    const float* x = (const float*)p.x;
+    const float* x = p.x;
     T* y = (T*)p.y;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < p.n;
          i += (size_t)gridDim.x * blockDim.x)
@@ -503,7 +503,7 @@ static_assert(sizeof(PixelsParams) == 40, "PixelsParams: mirrored in src/cuda/de
 // grid-stride over B*c*hw outputs.
 __device__ __forceinline__ void dec_pixels_impl(const PixelsParams& p) {
     const size_t total = (size_t)p.batch * p.c * p.hw;
-    const float* y = (const float*)p.y;
+    const float* y = p.y;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         const size_t q = i % p.hw, bc = i / p.hw;

@@ -238,7 +238,7 @@ __device__ __forceinline__ void guided_sample_impl(const GuidedSampleParams& p) 
     float best = NEG_INF;
     int best_i = NO_INDEX;
     if (p.guided) {
-        const float* un = (const float*)p.logits + ((size_t)p.batch * p.n + r) * V;  // (V)
+        const float* un = p.logits + ((size_t)p.batch * p.n + r) * V;  // (V)
         for (int i = tid; i < V; i += bd) {
             const float c = row[i];
             const float l = __fadd_rn(c, __fmul_rn(p.cfg, __fsub_rn(c, un[i])));
