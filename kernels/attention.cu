@@ -1,4 +1,7 @@
 // attention.cu: RoPE + KV-cache append, and attention over the KV cache (SPEC.md section 5).
+// Why here: the transformer step's attention is the one op cuBLAS cannot do alone (the mask,
+// the per-layer RoPE mixing and the KV cache layout); a plain warp-per-query kernel is kept
+// next to the tensor-core one as the on-device reference.
 //
 // Notation: rows = sequence rows (B, or 2B with CFG), H heads, D head dim, C = H*D, n new tokens
 // per row in this step, start = tokens already cached, L = start + n keys after the append,
@@ -22,7 +25,7 @@
 //   q', k' and v); block 256. A table row index out of [0, table_rows) writes NaN (a caller bug
 //   shows instead of reading out of bounds).
 //
-// attention_v{1,2}_d{32,64,128}: o = softmax(q' K^T / sqrt(D)) V per (row, head).
+// attention_{direct,tc}_d{32,64,128}_bf16: o = softmax(q' K^T / sqrt(D)) V per (row, head).
 //   q         (rows, H, n, D) bf16     (q_out above)
 //   k_cache   (rows, H, cap, D) bf16   keys 0..L-1 are read; nothing at or beyond L is touched
 //   v_cache   (rows, H, cap, D) bf16
@@ -34,11 +37,11 @@
 //   Numerics: scores, softmax statistics and the output accumulate in f32; the online
 //   (flash-style) softmax runs in the log2 domain (exp2f of s*log2(e)/sqrt(D) - running max).
 //
-//   v1 (reference on the device, simple): one warp per query, block 4 warps, grid
+//   direct (attention_direct_*, the reference on the device, simple): one warp per query, block 4 warps, grid
 //     (ceil(n/4), H, rows). Lane owns dims lane + 32e (e < D/32). For each visible key: the
 //     dot product by warp_sum, then the online-softmax update. No shared memory, no tensor
 //     cores; slow (one key per step) but obviously right.
-//   v2 (tensor cores): block = W warps (W in 1..4, the launcher picks W = min(4, ceil(n/16))),
+//   tc (attention_tc_*, tensor cores): block = W warps (W in 1..4, the launcher picks W = min(4, ceil(n/16))),
 //     each warp owns 16 queries, so a block covers 16W queries; grid (ceil(n/16W), H, rows).
 //     Keys stream through shared memory in tiles of 64: K tile (64, D+8) and V tile (64, D+8)
 //     bf16 (row stride padded by 8 bf16 = 16 bytes: keeps 16-byte stores aligned and makes the
@@ -55,36 +58,40 @@
 //     No cp.async / double buffering yet: correctness first; latency hiding comes from several
 //     blocks per SM.
 //
-// mma.m16n8k16 fragment layouts used below (PTX ISA "Matrix Fragments for mma.m16n8k16 with
-// floating point type"), g = lane >> 2, t = lane & 3:
-//   A (16x16, row): reg0 = A[g][2t..2t+1]   reg1 = A[g+8][2t..2t+1]
-//                   reg2 = A[g][2t+8..+9]   reg3 = A[g+8][2t+8..+9]
-//   B (16x8, col):  reg0 = B[2t..2t+1][g]   reg1 = B[2t+8..2t+9][g]
-//   C (16x8) f32:   c0,c1 = C[g][2t..2t+1]  c2,c3 = C[g+8][2t..2t+1]
-//   (the lower-indexed element sits in the low 16 bits of a register)
+// mma.m16n8k16 fragment layouts: see common.cuh.
 #include "common.cuh"
+
+// =============================================================================================
+// CUDA kernels
+// =============================================================================================
 
 // ----------------------------------------------------------------------------------------------
 // rope_kv_append
 
 struct RopeKvParams {
-    u64 qkv, rope_re, rope_im, cur, prev, mix, q_out, k_cache, v_cache;
+    const __nv_bfloat16* qkv;        // (T, 3C)
+    const float *rope_re, *rope_im;  // (table_rows, D)
+    const int *cur, *prev;           // (n)
+    const float* mix;                // (H) or null
+    __nv_bfloat16* q_out;            // (rows, H, n, D)
+    __nv_bfloat16 *k_cache, *v_cache;  // (rows, H, cap, D)
     int rows, n, h, d, cap, start, table_rows;
 };
+static_assert(sizeof(RopeKvParams) == 104, "RopeKvParams: mirrored in src/cuda/attention.rs");
 
-extern "C" __global__ void rope_kv_append(const RopeKvParams p) {
+__device__ __forceinline__ void rope_kv_append_impl(const RopeKvParams& p) {
     const int half = p.d >> 1;
     const int c = p.h * p.d;
     const size_t total = (size_t)p.rows * p.n * p.h * half;
-    const __nv_bfloat16* qkv = (const __nv_bfloat16*)p.qkv;  // (T, 3C)
-    const float* tre = (const float*)p.rope_re;                // (table_rows, D)
-    const float* tim = (const float*)p.rope_im;                // (table_rows, D)
-    const int* cur = (const int*)p.cur;                        // (n)
-    const int* prev = (const int*)p.prev;                      // (n)
-    const float* mix = (const float*)p.mix;                    // (H) or null
-    __nv_bfloat16* q_out = (__nv_bfloat16*)p.q_out;            // (rows, H, n, D)
-    __nv_bfloat16* kc = (__nv_bfloat16*)p.k_cache;             // (rows, H, cap, D)
-    __nv_bfloat16* vc = (__nv_bfloat16*)p.v_cache;             // (rows, H, cap, D)
+    const __nv_bfloat16* qkv = p.qkv;  // (T, 3C)
+    const float* tre = p.rope_re;      // (table_rows, D)
+    const float* tim = p.rope_im;      // (table_rows, D)
+    const int* cur = p.cur;            // (n)
+    const int* prev = p.prev;          // (n)
+    const float* mix = p.mix;          // (H) or null
+    __nv_bfloat16* q_out = p.q_out;    // (rows, H, n, D)
+    __nv_bfloat16* kc = p.k_cache;     // (rows, H, cap, D)
+    __nv_bfloat16* vc = p.v_cache;     // (rows, H, cap, D)
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
          idx += (size_t)gridDim.x * blockDim.x) {
         const int i = (int)(idx % half);  // dim pair (i, i + D/2)
@@ -138,12 +145,16 @@ extern "C" __global__ void rope_kv_append(const RopeKvParams p) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// attention: shared parameters of v1 and v2
+// attention: shared parameters of direct and tc
 
 struct AttnParams {
-    u64 q, k_cache, v_cache, key_block, query_block, out;
+    const __nv_bfloat16* q;                  // (rows, H, n, D)
+    const __nv_bfloat16 *k_cache, *v_cache;  // (rows, H, cap, D)
+    const int *key_block, *query_block;      // (L), (n); both null without a mask
+    __nv_bfloat16* out;                      // (T, C)
     int rows, n, h, cap, start;
 };
+static_assert(sizeof(AttnParams) == 72, "AttnParams: mirrored in src/cuda/attention.rs");
 
 // log2(e), to run the softmax with exp2f.
 #define ATTN_LOG2E 1.4426950408889634f
@@ -152,22 +163,22 @@ struct AttnParams {
 #define ATTN_INT_MAX 0x7fffffff
 
 // ----------------------------------------------------------------------------------------------
-// v1: one warp per query, no tensor cores (the on-device reference).
+// direct: one warp per query, no tensor cores (the on-device reference).
 
 template <int D>
-__device__ __forceinline__ void attention_v1(const AttnParams& p) {
+__device__ __forceinline__ void attention_direct_impl(const AttnParams& p) {
     constexpr int DPL = D / 32;  // dims per lane: lane owns dims lane + 32*e
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int i = blockIdx.x * (blockDim.x >> 5) + warp;  // query within the block of n
     const int hh = blockIdx.y, r = blockIdx.z;
-    if (i >= p.n) return;  // whole warp leaves together; v1 has no block-level barrier
+    if (i >= p.n) return;  // whole warp leaves together; direct has no block-level barrier
     const int L = p.start + p.n;
     const size_t head = (size_t)r * p.h + hh;
-    const __nv_bfloat16* q = (const __nv_bfloat16*)p.q + (head * p.n + i) * D;  // (D)
-    const __nv_bfloat16* K = (const __nv_bfloat16*)p.k_cache + head * p.cap * D; // (cap, D)
-    const __nv_bfloat16* V = (const __nv_bfloat16*)p.v_cache + head * p.cap * D; // (cap, D)
-    const int* kblk = (const int*)p.key_block;   // (L) or null
-    const int* qblk = (const int*)p.query_block; // (n) or null
+    const __nv_bfloat16* q = p.q + (head * p.n + i) * D;    // (D)
+    const __nv_bfloat16* K = p.k_cache + head * p.cap * D;  // (cap, D)
+    const __nv_bfloat16* V = p.v_cache + head * p.cap * D;  // (cap, D)
+    const int* kblk = p.key_block;                          // (L) or null
+    const int* qblk = p.query_block;                        // (n) or null
     const int my_block = kblk ? qblk[i] : 0;
 
     // q pre-scaled by log2(e)/sqrt(D): scores come out in the log2 domain.
@@ -195,34 +206,16 @@ __device__ __forceinline__ void attention_v1(const AttnParams& p) {
         m = m_new;
     }
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    __nv_bfloat16* o = (__nv_bfloat16*)p.out + ((size_t)r * p.n + i) * (size_t)(p.h * D) + hh * D;
+    __nv_bfloat16* o = p.out + ((size_t)r * p.n + i) * (size_t)(p.h * D) + hh * D;
 #pragma unroll
     for (int e = 0; e < DPL; ++e) o[lane + 32 * e] = f2bf(acc[e] * inv);
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_v1_d32(const AttnParams p) { attention_v1<32>(p); }
-extern "C" __global__ void __launch_bounds__(128) attention_v1_d64(const AttnParams p) { attention_v1<64>(p); }
-extern "C" __global__ void __launch_bounds__(128) attention_v1_d128(const AttnParams p) { attention_v1<128>(p); }
-
 // ----------------------------------------------------------------------------------------------
-// v2: flash-style, bf16 tensor cores (mma.sync m16n8k16), f32 accumulation.
+// tc: flash-style, bf16 tensor cores (mma.sync m16n8k16), f32 accumulation.
 
-#define V2_BK 64         // keys per shared-memory tile
-#define V2_MAX_WARPS 4   // warps per block (16 queries each); the launcher uses 1..4
-
-// D += A * B for one m16n8k16 tile: A 16x16 bf16 (4 regs), B 16x8 bf16 (2 regs), D 16x8 f32.
-// (tools/kernel_emu runs this file on the host with CHECKERGEN_HOST_EMU and an emulated mma.)
-__device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-#ifdef CHECKERGEN_HOST_EMU
-    emu_mma_bf16_16816(d, a, b0, b1);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
+#define ATTN_BK 64         // keys per shared-memory tile
+#define ATTN_MAX_WARPS 4   // warps per block (16 queries each); the launcher uses 1..4
 
 // Two adjacent bf16 (element k in the low half, k+1 in the high half); p must be 4-byte aligned.
 __device__ __forceinline__ uint32_t ld_bf16x2(const __nv_bfloat16* p) {
@@ -244,15 +237,15 @@ __device__ __forceinline__ float lo_f32(uint32_t v) { return __uint_as_float(v <
 __device__ __forceinline__ float hi_f32(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
 
 template <int D>
-__device__ __forceinline__ void attention_v2(const AttnParams& p) {
+__device__ __forceinline__ void attention_tc_impl(const AttnParams& p) {
     static_assert(D % 16 == 0 && D <= 128, "head dim");
     constexpr int LDS = D + 8;  // smem row stride in bf16
     constexpr int KS = D / 16;  // k-steps of the S = Q K^T mma (over dims)
-    constexpr int NB = V2_BK / 8;  // 8-key column groups of S per tile
+    constexpr int NB = ATTN_BK / 8;  // 8-key column groups of S per tile
     constexpr int ND = D / 8;   // 8-dim column groups of O
-    __shared__ __align__(16) __nv_bfloat16 Ks[V2_BK * LDS];  // (64, D+8) keys of this tile
-    __shared__ __align__(16) __nv_bfloat16 Vs[V2_BK * LDS];  // (64, D+8) values of this tile
-    __shared__ int kb_s[V2_BK];                              // (64) key block ids (mask only)
+    __shared__ __align__(16) __nv_bfloat16 Ks[ATTN_BK * LDS];  // (64, D+8) keys of this tile
+    __shared__ __align__(16) __nv_bfloat16 Vs[ATTN_BK * LDS];  // (64, D+8) values of this tile
+    __shared__ int kb_s[ATTN_BK];                              // (64) key block ids (mask only)
 
     const int nwarps = blockDim.x >> 5;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -262,11 +255,11 @@ __device__ __forceinline__ void attention_v2(const AttnParams& p) {
     const bool active = q0 < p.n;                       // warp has at least one real query
     const int L = p.start + p.n;
     const size_t head = (size_t)r * p.h + hh;
-    const __nv_bfloat16* Q = (const __nv_bfloat16*)p.q + head * p.n * D;         // (n, D)
-    const __nv_bfloat16* Kg = (const __nv_bfloat16*)p.k_cache + head * p.cap * D; // (cap, D)
-    const __nv_bfloat16* Vg = (const __nv_bfloat16*)p.v_cache + head * p.cap * D; // (cap, D)
-    const int* kblk = (const int*)p.key_block;    // (L) or null
-    const int* qblk = (const int*)p.query_block;  // (n) or null
+    const __nv_bfloat16* Q = p.q + head * p.n * D;           // (n, D)
+    const __nv_bfloat16* Kg = p.k_cache + head * p.cap * D;  // (cap, D)
+    const __nv_bfloat16* Vg = p.v_cache + head * p.cap * D;  // (cap, D)
+    const int* kblk = p.key_block;                           // (L) or null
+    const int* qblk = p.query_block;                         // (n) or null
 
     // This lane's two query rows: qa = q0 + g (C regs 0,1) and qb = q0 + g + 8 (C regs 2,3).
     const int qa = q0 + g, qb = q0 + g + 8;
@@ -293,10 +286,10 @@ __device__ __forceinline__ void attention_v2(const AttnParams& p) {
 #pragma unroll
     for (int nd = 0; nd < ND; ++nd) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.f;
 
-    for (int k0 = 0; k0 < L; k0 += V2_BK) {
+    for (int k0 = 0; k0 < L; k0 += ATTN_BK) {
         __syncthreads();  // every warp is done with the previous tile
         // Stage keys k0..k0+63 (zeros beyond L) with 16-byte loads: D/8 chunks per key.
-        for (int c = threadIdx.x; c < V2_BK * (D / 8); c += blockDim.x) {
+        for (int c = threadIdx.x; c < ATTN_BK * (D / 8); c += blockDim.x) {
             const int key = c / (D / 8), d8 = (c % (D / 8)) * 8;
             uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;
             if (k0 + key < L) {
@@ -307,7 +300,7 @@ __device__ __forceinline__ void attention_v2(const AttnParams& p) {
             *reinterpret_cast<uint4*>(Vs + key * LDS + d8) = vv;
         }
         if (kblk)
-            for (int c = threadIdx.x; c < V2_BK; c += blockDim.x)
+            for (int c = threadIdx.x; c < ATTN_BK; c += blockDim.x)
                 kb_s[c] = (k0 + c < L) ? kblk[k0 + c] : ATTN_INT_MAX;
         __syncthreads();
         if (!active) continue;
@@ -320,8 +313,10 @@ __device__ __forceinline__ void attention_v2(const AttnParams& p) {
             s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
             const __nv_bfloat16* krow = Ks + (nb * 8 + g) * LDS + 2 * t;
 #pragma unroll
-            for (int ks = 0; ks < KS; ++ks)
-                mma_bf16_16816(s[nb], qf[ks], ld_bf16x2(krow + ks * 16), ld_bf16x2(krow + ks * 16 + 8));
+            for (int ks = 0; ks < KS; ++ks) {
+                const uint32_t kf[2] = {ld_bf16x2(krow + ks * 16), ld_bf16x2(krow + ks * 16 + 8)};
+                mma_16816<__nv_bfloat16>(s[nb], qf[ks], kf);
+            }
         }
 
         // Scale, mask (invisible -> -inf), tile row max.
@@ -355,7 +350,7 @@ __device__ __forceinline__ void attention_v2(const AttnParams& p) {
         // P = exp2(S - m) in bf16, laid out as the A fragments of O += P V: key group pair
         // (2kk, 2kk+1) is one 16-key k-step; group 2kk gives regs 0 (row g) and 1 (row g+8),
         // group 2kk+1 gives regs 2 and 3.
-        uint32_t pf[V2_BK / 16][4];
+        uint32_t pf[ATTN_BK / 16][4];
         float rs_a = 0.f, rs_b = 0.f;
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {
@@ -379,14 +374,13 @@ __device__ __forceinline__ void attention_v2(const AttnParams& p) {
         // O (16, D) += P (16, 64) V (64, D): B[k][n] = V[key k][dim n], reg0 = V[2t..2t+1][g]
         // (two keys, so two 16-bit reads), reg1 = V[2t+8..2t+9][g].
 #pragma unroll
-        for (int kk = 0; kk < V2_BK / 16; ++kk) {
+        for (int kk = 0; kk < ATTN_BK / 16; ++kk) {
             const __nv_bfloat16* v0 = Vs + (kk * 16 + 2 * t) * LDS + g;
 #pragma unroll
             for (int nd = 0; nd < ND; ++nd) {
                 const __nv_bfloat16* vp = v0 + nd * 8;
-                const uint32_t b0 = pack_bf16(vp[0], vp[LDS]);
-                const uint32_t b1 = pack_bf16(vp[8 * LDS], vp[9 * LDS]);
-                mma_bf16_16816(acc[nd], pf[kk], b0, b1);
+                const uint32_t vf[2] = {pack_bf16(vp[0], vp[LDS]), pack_bf16(vp[8 * LDS], vp[9 * LDS])};
+                mma_16816<__nv_bfloat16>(acc[nd], pf[kk], vf);
             }
         }
     }
@@ -400,7 +394,7 @@ __device__ __forceinline__ void attention_v2(const AttnParams& p) {
     const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f;
     const float inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
     const size_t c = (size_t)p.h * D;
-    __nv_bfloat16* o = (__nv_bfloat16*)p.out + (size_t)hh * D + 2 * t;  // (T, C)
+    __nv_bfloat16* o = p.out + (size_t)hh * D + 2 * t;  // (T, C)
 #pragma unroll
     for (int nd = 0; nd < ND; ++nd) {
         if (va)
@@ -412,6 +406,15 @@ __device__ __forceinline__ void attention_v2(const AttnParams& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_v2_d32(const AttnParams p) { attention_v2<32>(p); }
-extern "C" __global__ void __launch_bounds__(128) attention_v2_d64(const AttnParams p) { attention_v2<64>(p); }
-extern "C" __global__ void __launch_bounds__(128) attention_v2_d128(const AttnParams p) { attention_v2<128>(p); }
+// =============================================================================================
+// Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
+// registers each as a k::* constant for src/cuda/)
+// =============================================================================================
+
+extern "C" __global__ void rope_kv_append_bf16(const RopeKvParams p) { rope_kv_append_impl(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_direct_d32_bf16(const AttnParams p) { attention_direct_impl<32>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_direct_d64_bf16(const AttnParams p) { attention_direct_impl<64>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_direct_d128_bf16(const AttnParams p) { attention_direct_impl<128>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_tc_d32_bf16(const AttnParams p) { attention_tc_impl<32>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_tc_d64_bf16(const AttnParams p) { attention_tc_impl<64>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_tc_d128_bf16(const AttnParams p) { attention_tc_impl<128>(p); }

@@ -1,5 +1,7 @@
 // decoder.cu: the VQ decoder (SPEC.md section 7) on NHWC activations; host side in
-// src/cuda/decoder.rs, f32 oracle in src/cpu/decoder.rs.
+// src/cuda/decoder.rs, f32 oracle in src/cpu/decoder.rs. Why here: decoding is ~0.25 TFLOP per
+// 256 px image (PERF.md); its 3x3 convs, GroupNorm and the glue kernels run on the device
+// next to the sampler so activations never leave it (1x1 convs and attention GEMMs: cuBLAS).
 //
 // 16-bit storage type T: every kernel that reads or writes 16-bit values is instantiated for
 // bf16 (__nv_bfloat16, suffix _bf16) and fp16 (__half, suffix _f16); the host picks one per
@@ -13,13 +15,13 @@
 //   conv3x3 weight (Cout, 3, 3, Cin) T = row-major (Cout, K), K = 9*Cin, k = (ky*3+kx)*Cin+ci
 //                 (PyTorch (Cout, Cin, 3, 3) permuted at load time); bias (Cout) f32.
 //
-// conv3x3_direct (v1, the on-device reference): y[b,oy,ox,co] = bias[co] (+ res[b,oy,ox,co])
+// conv3x3_direct (the on-device reference): y[b,oy,ox,co] = bias[co] (+ res[b,oy,ox,co])
 //   + sum_{ky,kx,ci} x[b, iy, ix, ci] * w[co, ky, kx, ci], padding 1, where (iy, ix) =
 //   (oy+ky-1, ox+kx-1), or (that >> 1) when `upsample` (nearest x2 upsample fused into the
 //   input indexing: the conv runs on the 2Hin x 2Win upsampled image, padded by 1 there).
 //   One thread per output element (co fastest), grid-stride; f32 accumulation. Slow and
 //   obviously right.
-// conv3x3_tc (v2): the same conv as an implicit GEMM on 16-bit tensor cores:
+// conv3x3_tc: the same conv as an implicit GEMM on 16-bit tensor cores:
 //   Y (M = B*H*W, N = Cout) = A (M, K) W^T (N, K), A[m, k] = x at pixel m shifted by tap(k).
 //   Block tile 128 x 128 x 32, 256 threads = 8 warps as 2 (M) x 4 (N), warp tile 64 x 32 =
 //   4 x 4 mma.sync.m16n8k16 (T in, f32 accumulate, 64 accumulators per thread).
@@ -43,7 +45,9 @@
 //   clamp((x+1)/2, 0, 1)*255 truncated (the same f32 operations as cpu::decoder::to_pixels_u8).
 #include "common.cuh"
 
-#include <cuda_fp16.h>
+// =============================================================================================
+// CUDA kernels
+// =============================================================================================
 
 // 16-bit storage helpers, overloaded for bf16 and fp16.
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -67,10 +71,15 @@ __device__ __forceinline__ uint32_t bits16(__half v) { return ((__half_raw)v).x;
 // 3x3 convolution
 
 struct Conv3x3Params {
-    u64 x, w, bias, residual, y;  // residual may be 0 or equal to y
+    const void* x;         // (B, Hin, Win, Cin) T
+    const void* w;         // (Cout, 3, 3, Cin) T
+    const float* bias;     // (Cout)
+    const float* residual; // (B, H, W, Cout) or null; may equal y
+    float* y;              // (B, H, W, Cout)
     int batch, height, width;     // output (= upsampled input) size
     int cin, cout, upsample;
 };
+static_assert(sizeof(Conv3x3Params) == 64, "Conv3x3Params: mirrored in src/cuda/decoder.rs");
 
 template <typename T>
 __device__ __forceinline__ void conv3x3_direct_impl(const Conv3x3Params& p) {
@@ -79,9 +88,9 @@ __device__ __forceinline__ void conv3x3_direct_impl(const Conv3x3Params& p) {
     const size_t total = (size_t)p.batch * p.height * p.width * p.cout;
     const T* x = (const T*)p.x;             // (B, hin, win, cin)
     const T* w = (const T*)p.w;             // (cout, 3, 3, cin)
-    const float* bias = (const float*)p.bias;            // (cout)
-    const float* res = (const float*)p.residual;         // (B, H, W, cout) or null
-    float* y = (float*)p.y;                               // (B, H, W, cout)
+    const float* bias = p.bias;     // (cout)
+    const float* res = p.residual;  // (B, H, W, cout) or null
+    float* y = p.y;                 // (B, H, W, cout)
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         const int co = (int)(i % p.cout);
@@ -109,67 +118,12 @@ __device__ __forceinline__ void conv3x3_direct_impl(const Conv3x3Params& p) {
     }
 }
 
-extern "C" __global__ void conv3x3_direct_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void conv3x3_direct_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half>(p); }
-
 #define TC_BM 128
 #define TC_BN 128
 #define TC_BK 32
 #define TC_STAGES 3
 #define TC_A_BYTES (TC_BM * TC_BK * 2)
 #define TC_STAGE_BYTES ((TC_BM + TC_BN) * TC_BK * 2)
-
-// The PTX wrappers. tools/emu/ compiles this file on the host with CHECKERGEN_EMU defined and
-// supplies warp-level emulations of these five functions, to check the kernels without a GPU.
-#ifndef CHECKERGEN_EMU
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-// 16-byte global -> shared copy; with valid == false nothing is read and 16 zero bytes are
-// written (cp.async src-size 0).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-    const int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-// The "memory" clobbers keep the compiler from moving shared-memory accesses across them.
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
-                                            uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(addr));
-}
-
-// d += a (16x16, row) * b (16x8, col); T inputs, f32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, const uint32_t* b);
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float* d, const uint32_t* a,
-                                                         const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-#endif  // CHECKERGEN_EMU
 
 // Byte offset of 16-byte chunk c (0..3) of row r in a [rows][32] 16-bit tile (64-byte rows).
 // Chunks are XOR-swizzled with (r >> 1) & 3 so that the 8 rows one ldmatrix matrix reads
@@ -286,9 +240,9 @@ __device__ __forceinline__ void conv3x3_tc_impl(const Conv3x3Params& p) {
 
     // Epilogue: accumulator (mi, nj, e) is row (lane>>2) + 8*(e>>1), col 2*(lane&3) + (e&1)
     // of the 16x8 tile (mi, nj).
-    const float* bias = (const float*)p.bias;
-    const float* res = (const float*)p.residual;
-    float* y = (float*)p.y;
+    const float* bias = p.bias;
+    const float* res = p.residual;
+    float* y = p.y;
     const bool pairs = (p.cout & 1) == 0;
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi) {
@@ -318,28 +272,27 @@ __device__ __forceinline__ void conv3x3_tc_impl(const Conv3x3Params& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_bf16(const Conv3x3Params p) { conv3x3_tc_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_f16(const Conv3x3Params p) { conv3x3_tc_impl<__half>(p); }
-
 // ---------------------------------------------------------------------------------------------
 // GroupNorm (+ SiLU)
 
 #define GN_GROUPS 32
 
 struct GnPartialParams {
-    u64 x, part;  // x (B, hw, c) f32; part (B, nchunk, c, 2) f32 (mean, M2) per chunk/channel
+    const float* x;  // (B, hw, c)
+    float* part;     // (B, nchunk, c, 2): (mean, M2) per chunk and channel
     int batch, hw, c, chunk, nchunk;
 };
+static_assert(sizeof(GnPartialParams) == 40, "GnPartialParams: mirrored in src/cuda/decoder.rs");
 
 // grid (nchunk, B), block 256; needs c % 4 == 0 and c <= 1024. Thread = (row r, float4 column
 // col); rows = 256 / (c/4) pixels are read per iteration.
-extern "C" __global__ void gn_partial(const GnPartialParams p) {
+__device__ __forceinline__ void gn_partial_impl(const GnPartialParams& p) {
     __shared__ float4 s1[256], s2[256];
     const int chunk = blockIdx.x, b = blockIdx.y;
     const int cols = p.c >> 2, rows = blockDim.x / cols;
     const int col = threadIdx.x % cols, r = threadIdx.x / cols;
     const int p0 = chunk * p.chunk, p1 = min(p0 + p.chunk, p.hw);
-    const float4* x = (const float4*)((const float*)p.x + (size_t)b * p.hw * p.c);
+    const float4* x = (const float4*)(p.x + (size_t)b * p.hw * p.c);
     // Every row of a column uses the same shift: the chunk's first pixel.
     const float4 sh = x[(size_t)p0 * cols + col];
     float4 a1 = make_float4(0.f, 0.f, 0.f, 0.f), a2 = a1;
@@ -363,7 +316,7 @@ extern "C" __global__ void gn_partial(const GnPartialParams p) {
     const float n = (float)(p1 - p0);
     const float s1v[4] = {a1.x, a1.y, a1.z, a1.w}, s2v[4] = {a2.x, a2.y, a2.z, a2.w};
     const float shv[4] = {sh.x, sh.y, sh.z, sh.w};
-    float* out = (float*)p.part + (((size_t)b * p.nchunk + chunk) * p.c + col * 4) * 2;
+    float* out = p.part + (((size_t)b * p.nchunk + chunk) * p.c + col * 4) * 2;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         out[2 * j] = shv[j] + s1v[j] / n;
@@ -372,16 +325,19 @@ extern "C" __global__ void gn_partial(const GnPartialParams p) {
 }
 
 struct GnFinalizeParams {
-    u64 part, gamma, beta, ss;  // ss (B, c, 2) f32: per-channel (scale, shift)
+    const float* part;            // (B, nchunk, c, 2)
+    const float *gamma, *beta;    // (c)
+    float* ss;                    // (B, c, 2): per-channel (scale, shift)
     int batch, hw, c, chunk, nchunk;
     float eps;
 };
+static_assert(sizeof(GnFinalizeParams) == 56, "GnFinalizeParams: mirrored in src/cuda/decoder.rs");
 
 // grid (32, B), block 256: one block per (group, image).
-extern "C" __global__ void gn_finalize(const GnFinalizeParams p) {
+__device__ __forceinline__ void gn_finalize_impl(const GnFinalizeParams& p) {
     __shared__ float scratch[32];
     const int g = blockIdx.x, b = blockIdx.y, cpg = p.c / GN_GROUPS;
-    const float* part = (const float*)p.part + (size_t)b * p.nchunk * p.c * 2;
+    const float* part = p.part + (size_t)b * p.nchunk * p.c * 2;
     const int ne = p.nchunk * cpg;
     float s = 0.f;
     for (int e = threadIdx.x; e < ne; e += blockDim.x) {
@@ -400,9 +356,9 @@ extern "C" __global__ void gn_finalize(const GnFinalizeParams p) {
     }
     const float var = block_sum(m2, scratch) / total;
     const float rstd = 1.f / sqrtf(var + p.eps);
-    const float* gamma = (const float*)p.gamma;
-    const float* beta = (const float*)p.beta;
-    float* ss = (float*)p.ss + (size_t)b * p.c * 2;
+    const float* gamma = p.gamma;
+    const float* beta = p.beta;
+    float* ss = p.ss + (size_t)b * p.c * 2;
     for (int cc = threadIdx.x; cc < cpg; cc += blockDim.x) {
         const int c = g * cpg + cc;
         const float scale = rstd * gamma[c];
@@ -412,9 +368,12 @@ extern "C" __global__ void gn_finalize(const GnFinalizeParams p) {
 }
 
 struct GnApplyParams {
-    u64 x, ss, y;  // x (B, hw, c) f32, ss (B, c, 2) f32, y (B, hw, c) T
+    const float* x;   // (B, hw, c)
+    const float* ss;  // (B, c, 2)
+    void* y;          // (B, hw, c) T
     int batch, hw, c, silu;
 };
+static_assert(sizeof(GnApplyParams) == 40, "GnApplyParams: mirrored in src/cuda/decoder.rs");
 
 // grid-stride over B*hw*c/4 float4s; 4 T values stored as one 8-byte word.
 template <typename T>
@@ -428,7 +387,7 @@ __device__ __forceinline__ void gn_apply_impl(const GnApplyParams& p) {
          i += (size_t)gridDim.x * blockDim.x) {
         const int col = (int)(i % cols);
         const size_t b = i / per_image;
-        const float* ss = (const float*)p.ss + (b * p.c + col * 4) * 2;
+        const float* ss = p.ss + (b * p.c + col * 4) * 2;
         const float4 v = x[i];
         float o[4] = {v.x * ss[0] + ss[1], v.y * ss[2] + ss[3], v.z * ss[4] + ss[5],
                       v.w * ss[6] + ss[7]};
@@ -443,45 +402,45 @@ __device__ __forceinline__ void gn_apply_impl(const GnApplyParams& p) {
     }
 }
 
-extern "C" __global__ void gn_apply_bf16(const GnApplyParams p) { gn_apply_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void gn_apply_f16(const GnApplyParams p) { gn_apply_impl<__half>(p); }
-
 // ---------------------------------------------------------------------------------------------
 // Small elementwise kernels
 
 struct CastParams {
-    u64 x, y, n;  // x (n) f32 -> y (n) T
+    const float* x;  // (n)
+    void* y;         // (n) T
+    u64 n;
 };
+static_assert(sizeof(CastParams) == 24, "CastParams: mirrored in src/cuda/decoder.rs");
 
 template <typename T>
 __device__ __forceinline__ void cast_f32_impl(const CastParams& p) {
-    const float* x = (const float*)p.x;
+    const float* x = p.x;
     T* y = (T*)p.y;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < p.n;
          i += (size_t)gridDim.x * blockDim.x)
         y[i] = from_f32<T>(x[i]);
 }
 
-extern "C" __global__ void cast_f32_bf16(const CastParams p) { cast_f32_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void cast_f32_f16(const CastParams p) { cast_f32_impl<__half>(p); }
-
 struct GatherCodesParams {
-    u64 tokens, codebook, z;  // tokens (rows) i32, codebook (V, e) f32, z (rows, e) T
+    const int* tokens;      // (rows)
+    const float* codebook;  // (V, e)
+    void* z;                // (rows, e) T
     int rows, e, n_embed, normalize;
 };
+static_assert(sizeof(GatherCodesParams) == 40, "GatherCodesParams: mirrored in src/cuda/decoder.rs");
 
 // One thread per row.
 template <typename T>
 __device__ __forceinline__ void gather_codes_impl(const GatherCodesParams& p) {
     const int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= p.rows) return;
-    const int t = ((const int*)p.tokens)[r];
+    const int t = p.tokens[r];
     T* z = (T*)p.z + (size_t)r * p.e;
     if (t < 0 || t >= p.n_embed) {
         for (int d = 0; d < p.e; ++d) z[d] = from_f32<T>(__int_as_float(0x7fc00000));
         return;
     }
-    const float* row = (const float*)p.codebook + (size_t)t * p.e;
+    const float* row = p.codebook + (size_t)t * p.e;
     float n = 1.f;
     if (p.normalize) {
         float ss = 0.f;
@@ -490,9 +449,6 @@ __device__ __forceinline__ void gather_codes_impl(const GatherCodesParams& p) {
     }
     for (int d = 0; d < p.e; ++d) z[d] = from_f32<T>(row[d] / n);
 }
-
-extern "C" __global__ void gather_codes_bf16(const GatherCodesParams p) { gather_codes_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void gather_codes_f16(const GatherCodesParams p) { gather_codes_impl<__half>(p); }
 
 // Max over a block (blockDim.x a multiple of 32, <= 1024); same barrier discipline as
 // block_sum in common.cuh, so the two can share `scratch`.
@@ -511,10 +467,12 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 }
 
 struct SoftmaxParams {
-    u64 s, p;  // s (rows, n) f32 raw scores, p (rows, n) T probabilities
+    const float* s;  // (rows, n) raw scores
+    void* p;         // (rows, n) T probabilities
     int rows, n;
     float scale;  // > 0
 };
+static_assert(sizeof(SoftmaxParams) == 32, "SoftmaxParams: mirrored in src/cuda/decoder.rs");
 
 // grid rows, block 256.
 template <typename T>
@@ -522,7 +480,7 @@ __device__ __forceinline__ void attn_softmax_impl(const SoftmaxParams& p) {
     __shared__ float scratch[32];
     const int r = blockIdx.x;
     if (r >= p.rows) return;
-    const float* s = (const float*)p.s + (size_t)r * p.n;
+    const float* s = p.s + (size_t)r * p.n;
     T* out = (T*)p.p + (size_t)r * p.n;
     float mx = __int_as_float(0xff800000);
     for (int j = threadIdx.x; j < p.n; j += blockDim.x) mx = fmaxf(mx, s[j]);
@@ -534,29 +492,50 @@ __device__ __forceinline__ void attn_softmax_impl(const SoftmaxParams& p) {
         out[j] = from_f32<T>(expf((s[j] - mx) * p.scale) * inv);
 }
 
-extern "C" __global__ void attn_softmax_bf16(const SoftmaxParams p) { attn_softmax_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void attn_softmax_f16(const SoftmaxParams p) { attn_softmax_impl<__half>(p); }
-
 struct PixelsParams {
-    u64 y, out_f32, out_u8;  // y (B, hw, c) f32; outputs (B, c, hw), either may be 0
+    const float* y;          // (B, hw, c)
+    float* out_f32;          // (B, c, hw) or null
+    unsigned char* out_u8;   // (B, c, hw) or null
     int batch, hw, c;
 };
+static_assert(sizeof(PixelsParams) == 40, "PixelsParams: mirrored in src/cuda/decoder.rs");
 
 // grid-stride over B*c*hw outputs.
-extern "C" __global__ void dec_pixels(const PixelsParams p) {
+__device__ __forceinline__ void dec_pixels_impl(const PixelsParams& p) {
     const size_t total = (size_t)p.batch * p.c * p.hw;
-    const float* y = (const float*)p.y;
+    const float* y = p.y;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         const size_t q = i % p.hw, bc = i / p.hw;
         const size_t ch = bc % p.c, b = bc / p.c;
         const float v = y[(b * p.hw + q) * p.c + ch];
-        if (p.out_f32) ((float*)p.out_f32)[i] = v;
+        if (p.out_f32) p.out_f32[i] = v;
         if (p.out_u8) {
             // Explicit roundings: no contraction into an fma, bit-identical to the CPU path.
             const float t = __fmul_rn(__fadd_rn(v, 1.f), 0.5f);
-            ((unsigned char*)p.out_u8)[i] =
+            p.out_u8[i] =
                 (unsigned char)__fmul_rn(fminf(fmaxf(t, 0.f), 1.f), 255.f);
         }
     }
 }
+
+// =============================================================================================
+// Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
+// registers each as a k::* constant for src/cuda/)
+// =============================================================================================
+
+extern "C" __global__ void conv3x3_direct_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void conv3x3_direct_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_bf16(const Conv3x3Params p) { conv3x3_tc_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_f16(const Conv3x3Params p) { conv3x3_tc_impl<__half>(p); }
+extern "C" __global__ void gn_partial_f32(const GnPartialParams p) { gn_partial_impl(p); }
+extern "C" __global__ void gn_finalize_f32(const GnFinalizeParams p) { gn_finalize_impl(p); }
+extern "C" __global__ void gn_apply_bf16(const GnApplyParams p) { gn_apply_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void gn_apply_f16(const GnApplyParams p) { gn_apply_impl<__half>(p); }
+extern "C" __global__ void cast_f32_bf16(const CastParams p) { cast_f32_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void cast_f32_f16(const CastParams p) { cast_f32_impl<__half>(p); }
+extern "C" __global__ void gather_codes_bf16(const GatherCodesParams p) { gather_codes_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void gather_codes_f16(const GatherCodesParams p) { gather_codes_impl<__half>(p); }
+extern "C" __global__ void attn_softmax_bf16(const SoftmaxParams p) { attn_softmax_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void attn_softmax_f16(const SoftmaxParams p) { attn_softmax_impl<__half>(p); }
+extern "C" __global__ void dec_pixels_f32(const PixelsParams p) { dec_pixels_impl(p); }

@@ -1,5 +1,7 @@
 // embed.cu: the step-input path of the sampler (SPEC.md section 5), with the constant parts of
-// combine_inputs folded at load time (src/cuda/engine.rs builds the tables).
+// combine_inputs folded at load time (src/cuda/engine.rs builds the tables). Why here: the
+// inputs of every serial step are gathered on the device from the token grid it already
+// holds, so a step needs no host round trip.
 //
 // With combine_inputs.weight = [Wa | Wb | Wc | Wd] (C x 4C) and bias bc, one input row is
 //   x = Wa pos[g] + Wb src_proj(E(z0[p])) + Wc posemb(q) + Wd codeemb(q) + bc
@@ -19,19 +21,26 @@
 //   tokens sampled so far in this scale. launch: grid rows*n, block 256 (loop over C).
 #include "common.cuh"
 
+// =============================================================================================
+// CUDA kernels
+// =============================================================================================
+
 struct UpsampleParams {
-    u64 grid_prev, codebook, z0;
+    const int* grid_prev;   // (B, si*si)
+    const float* codebook;  // (V, e)
+    float* z0;              // (B, so*so, e)
     int batch, si, so, e;
 };
+static_assert(sizeof(UpsampleParams) == 40, "UpsampleParams: mirrored in src/cuda/embed.rs");
 
-extern "C" __global__ void upsample_codes(const UpsampleParams p) {
+__device__ __forceinline__ void upsample_codes_impl(const UpsampleParams& p) {
     const int cells = p.so * p.so;
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= p.batch * cells) return;
     const int b = idx / cells, cell = idx % cells;
     const int y = cell / p.so, x = cell % p.so;
-    const int* g = (const int*)p.grid_prev + (size_t)b * p.si * p.si;
-    const float* cb = (const float*)p.codebook;
+    const int* g = p.grid_prev + (size_t)b * p.si * p.si;
+    const float* cb = p.codebook;
     const float scale = (float)p.si / (float)p.so;
     float sy = fmaxf(((float)y + 0.5f) * scale - 0.5f, 0.f);
     float sx = fmaxf(((float)x + 0.5f) * scale - 0.5f, 0.f);
@@ -51,30 +60,34 @@ extern "C" __global__ void upsample_codes(const UpsampleParams p) {
         ss += v[c] * v[c];
     }
     const float n = fmaxf(sqrtf(ss), 1e-12f);
-    float* out = (float*)p.z0 + (size_t)idx * p.e;
+    float* out = p.z0 + (size_t)idx * p.e;
     for (int c = 0; c < p.e; ++c) out[c] = v[c] / n;
 }
 
 struct CodevecParams {
-    u64 z, w0, b0, w2, b2, h2;
+    const float* z;           // (rows, e)
+    const float *w0, *b0;     // (64, e), (64)
+    const float *w2, *b2;     // (64, 64), (64)
+    __nv_bfloat16* h2;        // (rows, 64)
     int rows, e;
 };
+static_assert(sizeof(CodevecParams) == 56, "CodevecParams: mirrored in src/cuda/embed.rs");
 
-extern "C" __global__ void codevec_hidden(const CodevecParams p) {
+__device__ __forceinline__ void codevec_hidden_impl(const CodevecParams& p) {
     const int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= p.rows) return;
-    const float* z = (const float*)p.z + (size_t)r * p.e;
-    const float* w0 = (const float*)p.w0;  // (64, e)
-    const float* b0 = (const float*)p.b0;
-    const float* w2 = (const float*)p.w2;  // (64, 64)
-    const float* b2 = (const float*)p.b2;
+    const float* z = p.z + (size_t)r * p.e;
+    const float* w0 = p.w0;  // (64, e)
+    const float* b0 = p.b0;
+    const float* w2 = p.w2;  // (64, 64)
+    const float* b2 = p.b2;
     float h1[64];
     for (int i = 0; i < 64; ++i) {
         float s = b0[i];
         for (int c = 0; c < p.e; ++c) s += w0[i * p.e + c] * z[c];
         h1[i] = s / (1.f + expf(-s));
     }
-    __nv_bfloat16* out = (__nv_bfloat16*)p.h2 + (size_t)r * 64;
+    __nv_bfloat16* out = p.h2 + (size_t)r * 64;
     for (int i = 0; i < 64; ++i) {
         float s = b2[i];
         for (int c = 0; c < 64; ++c) s += w2[i * 64 + c] * h1[c];
@@ -83,32 +96,46 @@ extern "C" __global__ void codevec_hidden(const CodevecParams p) {
 }
 
 struct GatherParams {
-    u64 pa, pc, dc, empty, bias, src, grid;
-    u64 cur_global, local, prev_global, prev_local;  // (n) i32 each; prev_* unused when first
-    u64 x;
+    const float *pa, *pc;   // (N, C)
+    const float* dc;        // (V, C)
+    const float *empty, *bias;  // (C)
+    const float* src;       // (B*cells, C)
+    const int* grid;        // (B, cells)
+    const int *cur_global, *local, *prev_global, *prev_local;  // (n) each; prev_* unused when first
+    float* x;               // (rows*n, C)
     int rows, batch, n, c, cells, first;
 };
+static_assert(sizeof(GatherParams) == 120, "GatherParams: mirrored in src/cuda/embed.rs");
 
-extern "C" __global__ void gather_inputs(const GatherParams p) {
+__device__ __forceinline__ void gather_inputs_impl(const GatherParams& p) {
     const int t = blockIdx.x;  // token index r * n + j
     if (t >= p.rows * p.n) return;
     const int r = t / p.n, j = t % p.n, b = r % p.batch;
-    const float* pa = (const float*)p.pa + (size_t)((const int*)p.cur_global)[j] * p.c;
-    const float* src = (const float*)p.src + ((size_t)b * p.cells + ((const int*)p.local)[j]) * p.c;
-    const float* bias = (const float*)p.bias;
+    const float* pa = p.pa + (size_t)p.cur_global[j] * p.c;
+    const float* src = p.src + ((size_t)b * p.cells + p.local[j]) * p.c;
+    const float* bias = p.bias;
     const float* prev_a;
     const float* prev_b = nullptr;
     if (p.first) {
-        prev_a = (const float*)p.empty;
+        prev_a = p.empty;
     } else {
-        prev_a = (const float*)p.pc + (size_t)((const int*)p.prev_global)[j] * p.c;
-        const int tok = ((const int*)p.grid)[(size_t)b * p.cells + ((const int*)p.prev_local)[j]];
-        prev_b = (const float*)p.dc + (size_t)tok * p.c;
+        prev_a = p.pc + (size_t)p.prev_global[j] * p.c;
+        const int tok = p.grid[(size_t)b * p.cells + p.prev_local[j]];
+        prev_b = p.dc + (size_t)tok * p.c;
     }
-    float* x = (float*)p.x + (size_t)t * p.c;
+    float* x = p.x + (size_t)t * p.c;
     for (int i = threadIdx.x; i < p.c; i += blockDim.x) {
         float v = pa[i] + src[i] + bias[i] + prev_a[i];
         if (prev_b) v += prev_b[i];
         x[i] = v;
     }
 }
+
+// =============================================================================================
+// Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
+// registers each as a k::* constant for src/cuda/)
+// =============================================================================================
+
+extern "C" __global__ void upsample_codes_f32(const UpsampleParams p) { upsample_codes_impl(p); }
+extern "C" __global__ void codevec_hidden_bf16(const CodevecParams p) { codevec_hidden_impl(p); }
+extern "C" __global__ void gather_inputs_f32(const GatherParams p) { gather_inputs_impl(p); }

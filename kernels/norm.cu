@@ -1,4 +1,6 @@
-// norm.cu: RMSNorm fused with the AdaLN modulation, SwiGLU gating, and bias add.
+// norm.cu: RMSNorm fused with the AdaLN modulation, SwiGLU gating, and bias add. Why here:
+// these are the memory-bound elementwise steps between the cuBLAS GEMMs of a transformer
+// layer; fusing the norm with the modulation and the bf16 cast reads the residual once.
 //
 // rmsnorm_adaln: out[t, :] = bf16( x[t, :] * rsqrt(mean(x[t, :]^2) + eps) * w * scale_r + shift_r )
 //   x    (T, C) f32, the residual stream, T = rows * n (row r = t / n)
@@ -13,24 +15,32 @@
 // add_bias_f32: y[t, j] += b[j], y (T, N) f32; grid-stride.
 #include "common.cuh"
 
+// =============================================================================================
+// CUDA kernels
+// =============================================================================================
+
 struct RmsNormParams {
-    u64 x, w, mod, out;
+    const float* x;       // (T, C)
+    const float* w;       // (C)
+    const float* mod;     // (rows, 4C) or null
+    __nv_bfloat16* out;   // (T, C)
     int tokens, n, c, mod_offset;
     float eps;
 };
+static_assert(sizeof(RmsNormParams) == 56, "RmsNormParams: mirrored in src/cuda/norm.rs");
 
-extern "C" __global__ void rmsnorm_adaln(const RmsNormParams p) {
+__device__ __forceinline__ void rmsnorm_adaln_impl(const RmsNormParams& p) {
     __shared__ float scratch[32];
     const int t = blockIdx.x;
     if (t >= p.tokens) return;
-    const float* x = (const float*)p.x + (size_t)t * p.c;
-    const float* w = (const float*)p.w;
-    __nv_bfloat16* out = (__nv_bfloat16*)p.out + (size_t)t * p.c;
+    const float* x = p.x + (size_t)t * p.c;
+    const float* w = p.w;
+    __nv_bfloat16* out = p.out + (size_t)t * p.c;
     float ss = 0.f;
     for (int i = threadIdx.x; i < p.c; i += blockDim.x) ss += x[i] * x[i];
     ss = block_sum(ss, scratch);
     const float inv = rsqrtf(ss / (float)p.c + p.eps);
-    const float* m = p.mod ? (const float*)p.mod + (size_t)(t / p.n) * 4 * p.c + p.mod_offset : nullptr;
+    const float* m = p.mod ? p.mod + (size_t)(t / p.n) * 4 * p.c + p.mod_offset : nullptr;
     for (int i = threadIdx.x; i < p.c; i += blockDim.x) {
         float v = x[i] * inv * w[i];
         if (m) v = v * m[p.c + i] + m[i];
@@ -39,27 +49,40 @@ extern "C" __global__ void rmsnorm_adaln(const RmsNormParams p) {
 }
 
 struct SiluMulParams {
-    u64 g, h;
+    const __nv_bfloat16* g;  // (T, 2F)
+    __nv_bfloat16* h;        // (T, F)
     int tokens, f;
 };
+static_assert(sizeof(SiluMulParams) == 24, "SiluMulParams: mirrored in src/cuda/norm.rs");
 
-extern "C" __global__ void silu_mul(const SiluMulParams p) {
+__device__ __forceinline__ void silu_mul_impl(const SiluMulParams& p) {
     const size_t total = (size_t)p.tokens * p.f;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t t = i / p.f, j = i % p.f;
-        const __nv_bfloat16* g = (const __nv_bfloat16*)p.g + t * 2 * p.f;
+        const __nv_bfloat16* g = p.g + t * 2 * p.f;
         const float a = bf2f(g[j]), b = bf2f(g[p.f + j]);
-        ((__nv_bfloat16*)p.h)[i] = f2bf(a / (1.f + __expf(-a)) * b);
+        p.h[i] = f2bf(a / (1.f + __expf(-a)) * b);
     }
 }
 
 struct AddBiasParams {
-    u64 y, b;
+    float* y;        // (rows, N)
+    const float* b;  // (N)
     int rows, n;
 };
+static_assert(sizeof(AddBiasParams) == 24, "AddBiasParams: mirrored in src/cuda/norm.rs");
 
-extern "C" __global__ void add_bias_f32(const AddBiasParams p) {
+__device__ __forceinline__ void add_bias_impl(const AddBiasParams& p) {
     const size_t total = (size_t)p.rows * p.n;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
-        ((float*)p.y)[i] += ((const float*)p.b)[i % p.n];
+        p.y[i] += p.b[i % p.n];
 }
+
+// =============================================================================================
+// Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
+// registers each as a k::* constant for src/cuda/)
+// =============================================================================================
+
+extern "C" __global__ void rmsnorm_adaln_bf16(const RmsNormParams p) { rmsnorm_adaln_impl(p); }
+extern "C" __global__ void silu_mul_bf16(const SiluMulParams p) { silu_mul_impl(p); }
+extern "C" __global__ void add_bias_f32(const AddBiasParams p) { add_bias_impl(p); }

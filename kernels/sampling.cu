@@ -1,4 +1,6 @@
-// sampling.cu: classifier-free guidance combine and token choice for one serial step.
+// sampling.cu: classifier-free guidance combine and token choice for one serial step. Why
+// here: choosing the tokens on the device keeps the logits (rows x V f32) there; only the
+// chosen tokens come back, with the same rules and RNG bits as the CPU's src/sampling.rs.
 //
 // guided_sample: for every image b < B and every token j < n of this step
 //   1. guidance (p.guided): l = cond + cfg * (cond - uncond), written back in place into the
@@ -75,13 +77,21 @@
 //   (a radix-256 select in shared memory would cut the 32 search passes to 4).
 #include "common.cuh"
 
+// =============================================================================================
+// CUDA kernels
+// =============================================================================================
+
 #define SAMPLE_THREADS 512
 #define FULL_MASK 0xffffffffu
 #define NO_INDEX 0x7fffffff  // "no index" in argmax / min reductions (INT_MAX; no <climits> under NVRTC)
 #define NEG_INF __int_as_float(0xff800000)
 
 struct GuidedSampleParams {
-    u64 logits, forced, grid, tokens_out, local_pos, global_pos;
+    float* logits;                    // (rows * n, V); the conditional rows are guided in place
+    const int* forced;                // (B, cells) or null
+    int* grid;                        // (B, cells)
+    int* tokens_out;                  // (B, n)
+    const int *local_pos, *global_pos;  // (n)
     u64 seed;
     int batch, n, v, cells;
     int guided;         // 1: combine with the unconditional rows
@@ -91,6 +101,7 @@ struct GuidedSampleParams {
     float top_p;        // < 1: on; 1 = off
     int step;           // step counter t (RNG counter word 1)
 };
+static_assert(sizeof(GuidedSampleParams) == 96, "GuidedSampleParams: mirrored in src/cuda/sampling.rs");
 
 // ---------------------------------------------------------------------------------------
 // Block-wide reductions and scans (blockDim.x a multiple of 32, at most 1024). Each starts
@@ -211,7 +222,7 @@ __device__ __forceinline__ double weight(float l, float mx, double inv_t) {
     return exp(((double)l - (double)mx) * inv_t);
 }
 
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample(const GuidedSampleParams p) {
+__device__ __forceinline__ void guided_sample_impl(const GuidedSampleParams& p) {
     __shared__ double sd[32];
     __shared__ int si[32];
     __shared__ float sf[32];
@@ -219,15 +230,15 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample(const
     if (r >= p.batch * p.n) return;
     const int b = r / p.n, j = r % p.n;
     const int V = p.v, tid = threadIdx.x, bd = blockDim.x;
-    float* row = (float*)p.logits + (size_t)r * V;  // (V) conditional row, guided in place
-    const int lp = ((const int*)p.local_pos)[j];
+    float* row = p.logits + (size_t)r * V;  // (V) conditional row, guided in place
+    const int lp = p.local_pos[j];
     const bool lp_ok = lp >= 0 && lp < p.cells;
 
     // Pass 1 (coalesced): guidance combine, written back; argmax of the result.
     float best = NEG_INF;
     int best_i = NO_INDEX;
     if (p.guided) {
-        const float* un = (const float*)p.logits + ((size_t)p.batch * p.n + r) * V;  // (V)
+        const float* un = p.logits + ((size_t)p.batch * p.n + r) * V;  // (V)
         for (int i = tid; i < V; i += bd) {
             const float c = row[i];
             const float l = __fadd_rn(c, __fmul_rn(p.cfg, __fsub_rn(c, un[i])));
@@ -245,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample(const
 
     int token;
     if (p.forced && lp_ok) {
-        token = ((const int*)p.forced)[(size_t)b * p.cells + lp];
+        token = p.forced[(size_t)b * p.cells + lp];
     } else if (p.temperature <= 0.f || !isfinite(best)) {
         token = best_i;
     } else {
@@ -343,7 +354,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample(const
         double total;
         double acc = block_exclusive_scan<double>(s, sd, &total);
         const double u = token_uniform(p.seed, (uint32_t)b, (uint32_t)p.step,
-                                       (uint32_t)((const int*)p.global_pos)[j]);
+                                       (uint32_t)p.global_pos[j]);
         const double target = u * total;
         int found = NO_INDEX, last = -1;
         rank = rank0;
@@ -363,7 +374,14 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample(const
     }
 
     if (tid == 0) {
-        if (lp_ok) ((int*)p.grid)[(size_t)b * p.cells + lp] = token;
-        ((int*)p.tokens_out)[(size_t)b * p.n + j] = token;
+        if (lp_ok) p.grid[(size_t)b * p.cells + lp] = token;
+        p.tokens_out[(size_t)b * p.n + j] = token;
     }
 }
+
+// =============================================================================================
+// Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
+// registers each as a k::* constant for src/cuda/)
+// =============================================================================================
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample_f32(const GuidedSampleParams p) { guided_sample_impl(p); }

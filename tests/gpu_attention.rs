@@ -249,7 +249,7 @@ fn attention_case(gpu: &Gpu, report: &mut Report, s: AttnShape, mask: Mask, qsca
         gpu.upload(&vc).unwrap(),
     );
     let (dkb, dqb) = (gpu.upload(&kb).unwrap(), gpu.upload(&qb).unwrap());
-    for imp in [AttentionImpl::V1Warp, AttentionImpl::V2TensorCore] {
+    for imp in [AttentionImpl::Direct, AttentionImpl::TensorCore] {
         let mut out = gpu.upload(&nan::<bf16>(s.tokens() * s.c())).unwrap();
         let m = (mask != Mask::None).then_some(BlockMask {
             key_block: &dkb,
@@ -369,7 +369,7 @@ fn rope_then_attention_steps_match_cpu_ops() {
             s,
         );
         let want = ops::attention(&q, &kc, &vc, None, s);
-        for imp in [AttentionImpl::V1Warp, AttentionImpl::V2TensorCore] {
+        for imp in [AttentionImpl::Direct, AttentionImpl::TensorCore] {
             let mut out = gpu.upload(&nan::<bf16>(s.tokens() * s.c())).unwrap();
             attention::attention(&gpu, imp, &dq, &dk, &dv, None, &mut out, s).unwrap();
             let got = to_f32(&gpu.download(&out).unwrap());

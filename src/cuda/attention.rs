@@ -1,7 +1,7 @@
 //! Launchers for kernels/attention.cu: RoPE + KV-cache append, and attention over the cache
 //! (SPEC.md section 5). Layouts are documented in the kernel file's header.
 
-use super::Gpu;
+use super::{Gpu, k};
 use anyhow::{Result, ensure};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::bf16;
@@ -30,6 +30,8 @@ struct RopeKvParams {
 }
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for RopeKvParams {}
+// Same size as the C struct (static_assert in kernels/attention.cu).
+const _: () = assert!(std::mem::size_of::<RopeKvParams>() == 104);
 
 /// Rotate the new block's queries and keys and append keys and values to the cache.
 ///
@@ -130,17 +132,18 @@ pub fn rope_kv_append(
     };
     let pairs = s.tokens() * s.heads * (d / 2);
     let grid = pairs.div_ceil(256).clamp(1, 65535) as u32;
-    gpu.launch("rope_kv_append", (grid, 1, 1), (256, 1, 1), 0, &p)
+    gpu.launch(k::ROPE_KV_APPEND_BF16, (grid, 1, 1), (256, 1, 1), 0, &p)
 }
 
 /// Which attention kernel runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionImpl {
-    /// One warp per query, no tensor cores: the simple on-device reference.
-    V1Warp,
-    /// Flash-style tiles on bf16 tensor cores (mma.sync m16n8k16), f32 softmax/accumulation.
+    /// `attention_direct_d*`: one warp per query, no tensor cores: the on-device reference.
+    Direct,
+    /// `attention_tc_d*`: flash-style tiles on bf16 tensor cores (mma.sync m16n8k16), f32
+    /// softmax/accumulation.
     #[default]
-    V2TensorCore,
+    TensorCore,
 }
 
 /// The optional block-causal mask of the multi-block (teacher-forced / prefill) path: key j is
@@ -170,6 +173,8 @@ struct AttnParams {
 }
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for AttnParams {}
+// Same size as the C struct (static_assert in kernels/attention.cu).
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 72);
 
 /// `o = softmax(q' K^T / sqrt(D)) V` per (row, head) over cache keys 0..start+n (the cache
 /// already holds this step's keys).
@@ -241,23 +246,30 @@ pub fn attention(
         cap: s.capacity as i32,
         start: s.start as i32,
     };
-    let (name, grid_x, threads) = match imp {
+    let (grid_x, threads) = match imp {
         // One warp per query, 4 warps per block.
-        AttentionImpl::V1Warp => ("v1", s.n.div_ceil(4), 128),
+        AttentionImpl::Direct => (s.n.div_ceil(4), 128),
         // One warp per 16 queries, up to 4 warps per block.
-        AttentionImpl::V2TensorCore => {
+        AttentionImpl::TensorCore => {
             let warps = s.n.div_ceil(16).min(4);
-            ("v2", s.n.div_ceil(16 * warps), 32 * warps)
+            (s.n.div_ceil(16 * warps), 32 * warps)
         }
+    };
+    let kernel = match (imp, d) {
+        (AttentionImpl::Direct, 32) => k::ATTENTION_DIRECT_D32_BF16,
+        (AttentionImpl::Direct, 64) => k::ATTENTION_DIRECT_D64_BF16,
+        (AttentionImpl::Direct, _) => k::ATTENTION_DIRECT_D128_BF16,
+        (AttentionImpl::TensorCore, 32) => k::ATTENTION_TC_D32_BF16,
+        (AttentionImpl::TensorCore, 64) => k::ATTENTION_TC_D64_BF16,
+        (AttentionImpl::TensorCore, _) => k::ATTENTION_TC_D128_BF16,
     };
     ensure!(
         grid_x <= i32::MAX as usize,
         "attention: n={} too large",
         s.n
     );
-    let kernel = format!("attention_{name}_d{d}");
     gpu.launch(
-        &kernel,
+        kernel,
         (grid_x as u32, s.heads as u32, s.rows as u32),
         (threads as u32, 1, 1),
         0,

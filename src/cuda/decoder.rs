@@ -23,7 +23,7 @@
 //! strided-batched cuBLAS GEMMs, row softmax kernel, proj_out GEMM accumulated onto x (beta 1).
 
 use super::gemm::{Operand, gemm};
-use super::{Gpu, norm};
+use super::{Gpu, Kernel, k, norm};
 use crate::model::config::DecoderConfig;
 use crate::model::decoder::{self as host, GN_EPS, GN_GROUPS};
 use anyhow::{Context, Result, ensure};
@@ -103,8 +103,13 @@ fn grid_stride(total: usize) -> u32 {
     total.div_ceil(256).clamp(1, 1 << 20) as u32
 }
 
-fn kname<T: Storage>(base: &str) -> String {
-    format!("{base}_{}", T::TAG)
+/// The `_bf16` or `_f16` instance of a kernel, by storage type.
+fn pick<T: Storage>(bf16: Kernel, f16: Kernel) -> Kernel {
+    match T::TAG {
+        "bf16" => bf16,
+        "f16" => f16,
+        other => unreachable!("no kernels for storage {other}"),
+    }
 }
 
 fn i32_of(v: usize, what: &str) -> Result<i32> {
@@ -337,11 +342,17 @@ pub fn conv3x3<T: Storage>(
     let tc = kernel == ConvKernel::TensorCore && cin.is_multiple_of(32);
     if tc {
         let grid = (m.div_ceil(TC_TILE) as u32, cout.div_ceil(TC_TILE) as u32, 1);
-        gpu.launch(&kname::<T>("conv3x3_tc"), grid, (256, 1, 1), 0, &p)
+        gpu.launch(
+            pick::<T>(k::CONV3X3_TC_BF16, k::CONV3X3_TC_F16),
+            grid,
+            (256, 1, 1),
+            0,
+            &p,
+        )
     } else {
         let grid = grid_stride(m * cout);
         gpu.launch(
-            &kname::<T>("conv3x3_direct"),
+            pick::<T>(k::CONV3X3_DIRECT_BF16, k::CONV3X3_DIRECT_F16),
             (grid, 1, 1),
             (256, 1, 1),
             0,
@@ -506,7 +517,7 @@ pub fn group_norm<T: Storage>(
         nchunk: nchunk as i32,
     };
     gpu.launch(
-        "gn_partial",
+        k::GN_PARTIAL_F32,
         (nchunk as u32, batch as u32, 1),
         (256, 1, 1),
         0,
@@ -525,7 +536,7 @@ pub fn group_norm<T: Storage>(
         eps: GN_EPS,
     };
     gpu.launch(
-        "gn_finalize",
+        k::GN_FINALIZE_F32,
         (GN_GROUPS as u32, batch as u32, 1),
         (256, 1, 1),
         0,
@@ -541,7 +552,7 @@ pub fn group_norm<T: Storage>(
         silu: silu as i32,
     };
     gpu.launch(
-        &kname::<T>("gn_apply"),
+        pick::<T>(k::GN_APPLY_BF16, k::GN_APPLY_F16),
         (grid_stride(batch * hw * c / 4), 1, 1),
         (256, 1, 1),
         0,
@@ -579,7 +590,7 @@ pub fn cast_f32<T: Storage>(
         n: n as u64,
     };
     gpu.launch(
-        &kname::<T>("cast_f32"),
+        pick::<T>(k::CAST_F32_BF16, k::CAST_F32_F16),
         (grid_stride(n), 1, 1),
         (256, 1, 1),
         0,
@@ -628,7 +639,7 @@ pub fn gather_codes<T: Storage>(
         normalize: normalize as i32,
     };
     gpu.launch(
-        &kname::<T>("gather_codes"),
+        pick::<T>(k::GATHER_CODES_BF16, k::GATHER_CODES_F16),
         (rows.div_ceil(128).max(1) as u32, 1, 1),
         (128, 1, 1),
         0,
@@ -670,7 +681,7 @@ pub fn softmax_rows<T: Storage>(
         scale,
     };
     gpu.launch(
-        &kname::<T>("attn_softmax"),
+        pick::<T>(k::ATTN_SOFTMAX_BF16, k::ATTN_SOFTMAX_F16),
         (rows as u32, 1, 1),
         (256, 1, 1),
         0,
@@ -726,7 +737,13 @@ pub fn pixels(
         hw: i32_of(hw, "hw")?,
         c: i32_of(c, "c")?,
     };
-    gpu.launch("dec_pixels", (grid_stride(n), 1, 1), (256, 1, 1), 0, &p)
+    gpu.launch(
+        k::DEC_PIXELS_F32,
+        (grid_stride(n), 1, 1),
+        (256, 1, 1),
+        0,
+        &p,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

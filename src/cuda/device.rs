@@ -1,7 +1,8 @@
 //! The device: context, one created stream (capturable into a CUDA graph), cuBLAS handle, and
-//! every kernel function loaded once at start-up from the best embedded image.
+//! every kernel of the build-time registry (`super::KERNELS`) loaded once at start-up from
+//! the best embedded image; launches name their kernel by a `super::k` constant.
 
-use super::KERNEL_FILES;
+use super::{KERNEL_FILES, KERNELS, Kernel};
 use anyhow::{Context, Result, anyhow, bail};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
@@ -9,7 +10,6 @@ use cudarc::driver::{
     PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A GPU ready to run checkergen kernels.
@@ -23,7 +23,8 @@ pub struct Gpu {
     pub cc: (i32, i32),
     /// How the kernels were loaded: "sm_90a cubin", "sm_80 cubin", "compute_80 PTX" or "NVRTC".
     pub image_kind: &'static str,
-    funcs: HashMap<String, CudaFunction>,
+    /// Every registered kernel, indexed by `Kernel::id`.
+    funcs: Vec<CudaFunction>,
 }
 
 /// Which embedded image a device of compute capability `cc` loads.
@@ -84,32 +85,6 @@ fn nvrtc_compile(f: &super::KernelFile, cc: (i32, i32)) -> Result<Ptx> {
     Ok(ptx)
 }
 
-/// Names of the `extern "C" __global__` functions in a kernel source.
-fn kernel_names(source: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    for line in source.lines() {
-        let l = line.trim_start();
-        if let Some(rest) = l.strip_prefix("extern \"C\" __global__") {
-            // Drop `__launch_bounds__(...)` so the first '(' opens the parameter list.
-            let rest = match rest.find("__launch_bounds__(") {
-                Some(i) => {
-                    let close = rest[i..].find(')').map(|c| i + c + 1).unwrap_or(rest.len());
-                    format!("{}{}", &rest[..i], &rest[close..])
-                }
-                None => rest.to_string(),
-            };
-            // `... void NAME(`
-            if let Some(open) = rest.find('(') {
-                let head = rest[..open].trim_end();
-                if let Some(name) = head.split_whitespace().last() {
-                    names.push(name.to_string());
-                }
-            }
-        }
-    }
-    names
-}
-
 impl Gpu {
     /// The first GPU, or `Ok(None)` when there is no CUDA driver or no device.
     pub fn try_new() -> Result<Option<Gpu>> {
@@ -136,7 +111,7 @@ impl Gpu {
         let cc = ctx
             .compute_capability()
             .context("cannot read the compute capability")?;
-        let mut funcs = HashMap::new();
+        let mut modules = Vec::new();
         let mut image_kind = "NVRTC";
         for f in KERNEL_FILES {
             let (kind, ptx) = match pick_image(cc, f) {
@@ -147,12 +122,20 @@ impl Gpu {
             let module = ctx
                 .load_module(ptx)
                 .with_context(|| format!("cannot load kernels/{}.cu ({kind}) on {name}", f.name))?;
-            for k in kernel_names(f.source) {
-                let func = module
-                    .load_function(&k)
-                    .with_context(|| format!("kernel {k} missing from kernels/{}.cu", f.name))?;
-                funcs.insert(k, func);
-            }
+            modules.push((f.name, module));
+        }
+        // Every entry point of the generated registry, once, in registry order.
+        let mut funcs = Vec::with_capacity(KERNELS.len());
+        for kern in KERNELS {
+            let module = &modules
+                .iter()
+                .find(|(file, _)| *file == kern.file)
+                .with_context(|| format!("kernels/{}.cu is not embedded", kern.file))?
+                .1;
+            let func = module.load_function(kern.name).with_context(|| {
+                format!("kernel {} missing from kernels/{}.cu", kern.name, kern.file)
+            })?;
+            funcs.push(func);
         }
         Ok(Gpu {
             ctx,
@@ -165,22 +148,21 @@ impl Gpu {
         })
     }
 
-    pub fn func(&self, name: &str) -> Result<&CudaFunction> {
-        self.funcs
-            .get(name)
-            .ok_or_else(|| anyhow!("kernel `{name}` is not loaded"))
+    /// The loaded function of a registered kernel.
+    pub fn func(&self, kernel: Kernel) -> &CudaFunction {
+        &self.funcs[kernel.id]
     }
 
-    /// Launch kernel `name(params)` with a grid, block and dynamic shared memory size.
+    /// Launch `kernel(params)` with a grid, block and dynamic shared memory size.
     pub fn launch<P: DeviceRepr>(
         &self,
-        name: &str,
+        kernel: Kernel,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
         shared_mem_bytes: u32,
         params: &P,
     ) -> Result<()> {
-        let f = self.func(name)?;
+        let f = self.func(kernel);
         let mut b = self.stream.launch_builder(f);
         b.arg(params);
         let cfg = LaunchConfig {
@@ -190,7 +172,7 @@ impl Gpu {
         };
         // SAFETY: every kernel takes exactly one parameter struct, mirrored in C; launchers
         // check shapes and buffer sizes before calling.
-        unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
+        unsafe { b.launch(cfg) }.with_context(|| format!("launching {}", kernel.name))?;
         Ok(())
     }
 
@@ -222,14 +204,5 @@ impl Gpu {
 
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().context("stream synchronize")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn kernel_names_are_found() {
-        let src = "extern \"C\" __global__ void foo_bf16(const P p) {}\n  extern \"C\" __global__ void __launch_bounds__(256) bar(P p)";
-        assert_eq!(super::kernel_names(src), vec!["foo_bf16", "bar"]);
     }
 }

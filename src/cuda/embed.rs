@@ -1,7 +1,7 @@
 //! Launchers for kernels/embed.cu: between-scale upsampling of codes, the code-vector MLP's
 //! hidden layers, and the per-step input gather (with combine_inputs folded at load time).
 
-use super::Gpu;
+use super::{Gpu, k};
 use anyhow::{Result, ensure};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::bf16;
@@ -19,6 +19,8 @@ struct UpsampleParams {
 }
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for UpsampleParams {}
+// Same size as the C struct (static_assert in kernels/embed.cu).
+const _: () = assert!(std::mem::size_of::<UpsampleParams>() == 40);
 
 /// `z0 (B, so*so, e)` = normalized bilinear resize of the code vectors of `grid_prev (B, si*si)`.
 #[allow(clippy::too_many_arguments)]
@@ -51,7 +53,7 @@ pub fn upsample_codes(
     };
     let total = (batch * so * so) as u32;
     gpu.launch(
-        "upsample_codes",
+        k::UPSAMPLE_CODES_F32,
         (total.div_ceil(128), 1, 1),
         (128, 1, 1),
         0,
@@ -73,6 +75,8 @@ struct CodevecParams {
 }
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for CodevecParams {}
+// Same size as the C struct (static_assert in kernels/embed.cu).
+const _: () = assert!(std::mem::size_of::<CodevecParams>() == 56);
 
 /// The code MLP's two hidden layers of 64 (weights f32, [out, in]).
 pub struct CodevecMlp {
@@ -106,7 +110,7 @@ pub fn codevec_hidden(
         e: mlp.e as i32,
     };
     gpu.launch(
-        "codevec_hidden",
+        k::CODEVEC_HIDDEN_BF16,
         ((rows as u32).div_ceil(64), 1, 1),
         (64, 1, 1),
         0,
@@ -138,6 +142,8 @@ struct GatherParams {
 }
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for GatherParams {}
+// Same size as the C struct (static_assert in kernels/embed.cu).
+const _: () = assert!(std::mem::size_of::<GatherParams>() == 120);
 
 /// Folded input tables (see kernels/embed.cu).
 pub struct InputTables {
@@ -215,7 +221,7 @@ pub fn gather_inputs(
         first: idx.prev_global.is_none() as i32,
     };
     gpu.launch(
-        "gather_inputs",
+        k::GATHER_INPUTS_F32,
         ((rows * n) as u32, 1, 1),
         (256, 1, 1),
         0,

@@ -1,6 +1,6 @@
 //! Launchers for kernels/norm.cu: RMSNorm + AdaLN, SwiGLU gating, bias add.
 
-use super::Gpu;
+use super::{Gpu, k};
 use anyhow::{Result, ensure};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::bf16;
@@ -20,6 +20,8 @@ struct RmsNormParams {
 }
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for RmsNormParams {}
+// Same size as the C struct (static_assert in kernels/norm.cu).
+const _: () = assert!(std::mem::size_of::<RmsNormParams>() == 56);
 
 /// `out (T, C) = RMSNorm(x) * w`, then `* scale + shift` from `modulation` (rows, 4C) at
 /// `mod_offset` when given; token t belongs to sequence row t / n.
@@ -60,7 +62,13 @@ pub fn rmsnorm_adaln(
         mod_offset: off as i32,
         eps,
     };
-    gpu.launch("rmsnorm_adaln", (tokens as u32, 1, 1), (256, 1, 1), 0, &p)
+    gpu.launch(
+        k::RMSNORM_ADALN_BF16,
+        (tokens as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &p,
+    )
 }
 
 #[repr(C)]
@@ -73,6 +81,8 @@ struct SiluMulParams {
 }
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for SiluMulParams {}
+// Same size as the C struct (static_assert in kernels/norm.cu).
+const _: () = assert!(std::mem::size_of::<SiluMulParams>() == 24);
 
 fn grid_for(total: usize) -> u32 {
     total.div_ceil(256).clamp(1, 65535) as u32
@@ -96,7 +106,13 @@ pub fn silu_mul(
         tokens: tokens as i32,
         f: f as i32,
     };
-    gpu.launch("silu_mul", (grid_for(tokens * f), 1, 1), (256, 1, 1), 0, &p)
+    gpu.launch(
+        k::SILU_MUL_BF16,
+        (grid_for(tokens * f), 1, 1),
+        (256, 1, 1),
+        0,
+        &p,
+    )
 }
 
 #[repr(C)]
@@ -109,6 +125,8 @@ struct AddBiasParams {
 }
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for AddBiasParams {}
+// Same size as the C struct (static_assert in kernels/norm.cu).
+const _: () = assert!(std::mem::size_of::<AddBiasParams>() == 24);
 
 /// `y (rows, n) += b (n)`.
 pub fn add_bias_f32(
@@ -126,7 +144,7 @@ pub fn add_bias_f32(
         n: n as i32,
     };
     gpu.launch(
-        "add_bias_f32",
+        k::ADD_BIAS_F32,
         (grid_for(rows * n), 1, 1),
         (256, 1, 1),
         0,

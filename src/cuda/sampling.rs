@@ -3,7 +3,7 @@
 //! Same rules as the CPU reference in src/sampling.rs; see the kernel's header for the tie
 //! rules and numerics.
 
-use super::Gpu;
+use super::{Gpu, k};
 use crate::sampling::TokenPolicy;
 use anyhow::{Result, ensure};
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -34,6 +34,8 @@ struct GuidedSampleParams {
 }
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for GuidedSampleParams {}
+// Same size as the C struct (static_assert in kernels/sampling.cu).
+const _: () = assert!(std::mem::size_of::<GuidedSampleParams>() == 96);
 
 /// The shape and knobs of one sampling step (everything but the buffers).
 #[derive(Clone, Debug)]
@@ -163,7 +165,7 @@ pub fn guided_sample(
         step: s.step as i32,
     };
     gpu.launch(
-        "guided_sample",
+        k::GUIDED_SAMPLE_F32,
         ((b * n) as u32, 1, 1),
         (SAMPLE_THREADS, 1, 1),
         0,

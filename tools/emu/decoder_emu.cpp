@@ -1,13 +1,8 @@
-// decoder_emu.cpp: kernels/decoder.cu on the host emulator (emu.hpp) against double-precision
-// references, on small ragged shapes. Run with tools/emu/run.sh; exits non-zero on failure.
-#include "emu.hpp"
-#define CHECKERGEN_EMU 1
+// decoder_emu.cpp: kernels/decoder.cu on the host emulator (kernels/emu.cuh) against
+// double-precision references, on small ragged shapes. Run with tools/emu/run.sh; exits
+// non-zero on failure.
 #include "../../kernels/decoder.cu"
-
-#include <algorithm>
-#include <type_traits>
-#include <random>
-#include <string>
+#include "check.hpp"
 
 static std::mt19937_64 rng(1234);
 
@@ -18,58 +13,11 @@ static std::vector<float> rand_f32(size_t n, float lo, float hi) {
     return v;
 }
 
-// Host conversions for the two storage types.
-static float h2f(__nv_bfloat16 v) { return __bfloat162float(v); }
-static float h2f(__half v) { return __half2float(v); }
-template <typename T>
-static T f2h(float v);
-template <>
-__nv_bfloat16 f2h<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <>
-__half f2h<__half>(float v) { return __float2half(v); }
-template <typename T>
-static const char* tname();
-template <>
-const char* tname<__nv_bfloat16>() { return "bf16"; }
-template <>
-const char* tname<__half>() { return "f16"; }
-
-template <typename T>
-static float h_round(float x) { return h2f(f2h<T>(x)); }
-
 template <typename T>
 static std::vector<T> to_h(const std::vector<float>& v) {
     std::vector<T> o(v.size());
     for (size_t i = 0; i < v.size(); ++i) o[i] = f2h<T>(v[i]);
     return o;
-}
-
-static u64 P(const void* p) { return (u64)(uintptr_t)p; }
-
-static int failures = 0;
-
-static void check(const std::string& name, const std::vector<float>& got,
-                  const std::vector<double>& want, double rel_tol) {
-    double num = 0, den = 0, worst = 0;
-    size_t worst_i = 0, nan = 0;
-    for (size_t i = 0; i < got.size(); ++i) {
-        if (!std::isfinite(got[i])) {
-            nan++;
-            continue;
-        }
-        const double d = got[i] - want[i];
-        num += d * d;
-        den += want[i] * want[i];
-        if (std::fabs(d) > worst) {
-            worst = std::fabs(d);
-            worst_i = i;
-        }
-    }
-    const double rel = std::sqrt(num / std::max(den, 1e-30));
-    const bool ok = nan == 0 && rel <= rel_tol;
-    std::printf("%-58s rel %.2e  max abs %.2e at %zu  non-finite %zu  %s\n", name.c_str(), rel,
-                worst, worst_i, nan, ok ? "ok" : "FAIL");
-    if (!ok) failures++;
 }
 
 // ---- conv3x3 -------------------------------------------------------------------------------
@@ -114,11 +62,11 @@ static void test_conv(int batch, int height, int width, int cin, int cout, bool 
         std::vector<float> r = resv;
         if (res == IN_PLACE) y = resv;
         Conv3x3Params p{};
-        p.x = P(xb.data());
-        p.w = P(wb.data());
-        p.bias = P(bias.data());
-        p.residual = res == NONE ? 0 : res == SEPARATE ? P(r.data()) : P(y.data());
-        p.y = P(y.data());
+        p.x = xb.data();
+        p.w = wb.data();
+        p.bias = bias.data();
+        p.residual = res == NONE ? nullptr : res == SEPARATE ? r.data() : y.data();
+        p.y = y.data();
         p.batch = batch;
         p.height = height;
         p.width = width;
@@ -126,13 +74,13 @@ static void test_conv(int batch, int height, int width, int cin, int cout, bool 
         p.cout = cout;
         p.upsample = up;
         if (version == 1)
-            emu_launch((std::is_same_v<T, __half> ? conv3x3_direct_f16 : conv3x3_direct_bf16), EmuDim3{3, 1, 1}, 64, p);
+            emu_launch((std::is_same_v<T, __half> ? conv3x3_direct_f16 : conv3x3_direct_bf16), {3, 1, 1}, {64, 1, 1}, p);
         else
             emu_launch((std::is_same_v<T, __half> ? conv3x3_tc_f16 : conv3x3_tc_bf16),
-                       EmuDim3{(unsigned)((m + TC_BM - 1) / TC_BM), (unsigned)((cout + TC_BN - 1) / TC_BN), 1},
-                       256, p);
+                       {(unsigned)((m + TC_BM - 1) / TC_BM), (unsigned)((cout + TC_BN - 1) / TC_BN), 1},
+                       {256, 1, 1}, p);
         char name[160];
-        std::snprintf(name, sizeof name, "conv3x3 %s v%d B%d %dx%d %d->%d%s%s", tname<T>(), version, batch, height,
+        std::snprintf(name, sizeof name, "conv3x3_%s %s B%d %dx%d %d->%d%s%s", version == 1 ? "direct" : "tc", tname<T>(), batch, height,
                       width, cin, cout, up ? " upsample" : "",
                       res == NONE ? "" : res == SEPARATE ? " +res" : " +res in place");
         check(name, y, want, 1e-5);
@@ -148,13 +96,12 @@ static void test_gn(int batch, int hw, int c, bool silu, float offset) {
     const int chunk = 64, nchunk = (hw + chunk - 1) / chunk;
     std::vector<float> part((size_t)batch * nchunk * c * 2, NAN), ss((size_t)batch * c * 2, NAN);
     std::vector<T> y((size_t)batch * hw * c, f2h<T>(NAN));
-    GnPartialParams pp{P(x.data()), P(part.data()), batch, hw, c, chunk, nchunk};
-    emu_launch(gn_partial, EmuDim3{(unsigned)nchunk, (unsigned)batch, 1}, 256, pp);
-    GnFinalizeParams fp{P(part.data()), P(gamma.data()), P(beta.data()), P(ss.data()),
-                        batch, hw, c, chunk, nchunk, 1e-6f};
-    emu_launch(gn_finalize, EmuDim3{32, (unsigned)batch, 1}, 256, fp);
-    GnApplyParams ap{P(x.data()), P(ss.data()), P(y.data()), batch, hw, c, silu};
-    emu_launch((std::is_same_v<T, __half> ? gn_apply_f16 : gn_apply_bf16), EmuDim3{2, 1, 1}, 128, ap);
+    GnPartialParams pp{x.data(), part.data(), batch, hw, c, chunk, nchunk};
+    emu_launch(gn_partial_f32, {(unsigned)nchunk, (unsigned)batch, 1}, {256, 1, 1}, pp);
+    GnFinalizeParams fp{part.data(), gamma.data(), beta.data(), ss.data(), batch, hw, c, chunk, nchunk, 1e-6f};
+    emu_launch(gn_finalize_f32, {32, (unsigned)batch, 1}, {256, 1, 1}, fp);
+    GnApplyParams ap{x.data(), ss.data(), y.data(), batch, hw, c, silu};
+    emu_launch((std::is_same_v<T, __half> ? gn_apply_f16 : gn_apply_bf16), {2, 1, 1}, {128, 1, 1}, ap);
 
     const int cpg = c / 32;
     std::vector<double> want(x.size());
@@ -193,8 +140,8 @@ static void test_softmax(int rows, int n) {
     auto s = rand_f32((size_t)rows * n, -30, 30);
     const float scale = 0.125f;
     std::vector<T> pr((size_t)rows * n, f2h<T>(NAN));
-    SoftmaxParams p{P(s.data()), P(pr.data()), rows, n, scale};
-    emu_launch((std::is_same_v<T, __half> ? attn_softmax_f16 : attn_softmax_bf16), EmuDim3{(unsigned)rows, 1, 1}, 256, p);
+    SoftmaxParams p{s.data(), pr.data(), rows, n, scale};
+    emu_launch((std::is_same_v<T, __half> ? attn_softmax_f16 : attn_softmax_bf16), {(unsigned)rows, 1, 1}, {256, 1, 1}, p);
     std::vector<double> want(s.size());
     std::vector<float> got(s.size());
     for (int r = 0; r < rows; ++r) {
@@ -216,8 +163,8 @@ static void test_gather(int rows, int e, int v, bool normalize) {
     for (int r = 0; r < rows; ++r) tok[r] = (int)(rng() % v);
     tok[rows - 1] = v;  // out of range -> NaN row
     std::vector<T> z((size_t)rows * e, f2h<T>(0.f));
-    GatherCodesParams p{P(tok.data()), P(cb.data()), P(z.data()), rows, e, v, normalize};
-    emu_launch((std::is_same_v<T, __half> ? gather_codes_f16 : gather_codes_bf16), EmuDim3{1, 1, 1}, 128, p);
+    GatherCodesParams p{tok.data(), cb.data(), z.data(), rows, e, v, normalize};
+    emu_launch((std::is_same_v<T, __half> ? gather_codes_f16 : gather_codes_bf16), {1, 1, 1}, {128, 1, 1}, p);
     std::vector<float> got;
     std::vector<double> want;
     for (int r = 0; r + 1 < rows; ++r) {
@@ -230,10 +177,9 @@ static void test_gather(int rows, int e, int v, bool normalize) {
         }
     }
     check(std::string("gather_codes ") + tname<T>() + " rows " + std::to_string(rows) + " e " + std::to_string(e), got, want, 4e-3);
-    bool nan_row = true;
-    for (int d = 0; d < e; ++d) nan_row &= std::isnan(h2f(z[(size_t)(rows - 1) * e + d]));
-    std::printf("%-58s %s\n", "gather_codes out-of-range token -> NaN row", nan_row ? "ok" : "FAIL");
-    if (!nan_row) failures++;
+    long not_nan = 0;
+    for (int d = 0; d < e; ++d) not_nan += !std::isnan(h2f(z[(size_t)(rows - 1) * e + d]));
+    check_exact(std::string("gather_codes ") + tname<T>() + " out-of-range token -> NaN row", not_nan);
 }
 
 static void test_pixels(int batch, int hw) {
@@ -243,8 +189,8 @@ static void test_pixels(int batch, int hw) {
     y[2] = -1.f;
     std::vector<float> of(y.size(), -7);
     std::vector<unsigned char> ou(y.size(), 77);
-    PixelsParams p{P(y.data()), P(of.data()), P(ou.data()), batch, hw, 3};
-    emu_launch(dec_pixels, EmuDim3{2, 1, 1}, 64, p);
+    PixelsParams p{y.data(), of.data(), ou.data(), batch, hw, 3};
+    emu_launch(dec_pixels_f32, {2, 1, 1}, {64, 1, 1}, p);
     long bad = 0;
     for (int b = 0; b < batch; ++b)
         for (int c = 0; c < 3; ++c)
@@ -255,9 +201,7 @@ static void test_pixels(int batch, int hw) {
                 const unsigned char u = std::isnan(v) ? 0 : (unsigned char)(t * 255.f);
                 if (!(of[i] == v || (std::isnan(v) && std::isnan(of[i]))) || ou[i] != u) bad++;
             }
-    std::printf("%-58s %ld mismatches  %s\n", ("dec_pixels B" + std::to_string(batch)).c_str(), bad,
-                bad ? "FAIL" : "ok");
-    if (bad) failures++;
+    check_exact("dec_pixels_f32 B" + std::to_string(batch), bad);
 }
 
 template <typename T>
@@ -286,8 +230,8 @@ static void run_all() {
 }
 
 int main() {
-    // Parameter-struct sizes, mirrored by the #[repr(C)] structs of src/cuda/decoder.rs (its
-    // unit test `param_structs_match_c` asserts the same numbers).
+    // Parameter-struct sizes (static_assert in kernels/decoder.cu; the Rust unit test
+    // `param_structs_match_c` asserts the same numbers).
     std::printf("sizeof Conv3x3 %zu GnPartial %zu GnFinalize %zu GnApply %zu Cast %zu Gather %zu "
                 "Softmax %zu Pixels %zu\n",
                 sizeof(Conv3x3Params), sizeof(GnPartialParams), sizeof(GnFinalizeParams),
@@ -296,13 +240,5 @@ int main() {
     run_all<__nv_bfloat16>();
     run_all<__half>();
     test_pixels(2, 50);
-    const long phases = g_ldm_phases.load(), conflicted = g_ldm_conflicted.load();
-    std::printf("ldmatrix phases %ld, with bank conflicts %ld\n", phases, conflicted);
-    if (conflicted) failures++;
-    if (g_errors.load()) {
-        std::printf("emulator errors: %ld\n", g_errors.load());
-        failures++;
-    }
-    std::printf(failures ? "FAILED (%d)\n" : "all ok\n", failures);
-    return failures ? 1 : 0;
+    return finish();
 }
