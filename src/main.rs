@@ -45,7 +45,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         scale_min_size: usize,
         /// Serial steps per scale (the reference's num_blocks_per_scale).
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = checkergen::pipeline::DEFAULT_STEPS_PER_SCALE)]
         steps_per_scale: usize,
         /// VQ stride (pixels per latent cell).
         #[arg(long, default_value_t = 16)]

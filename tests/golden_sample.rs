@@ -4,6 +4,7 @@
 mod common;
 
 use checkergen::cpu::sample_tokens;
+use checkergen::model::config::ModelConfig;
 use checkergen::model::file::load_i64;
 use checkergen::model::weights::TransformerWeights;
 use checkergen::order::scale_sizes;
@@ -52,6 +53,26 @@ fn ints(st: &SafeTensors, name: &str) -> Vec<i64> {
     load_i64(st, name).unwrap().1
 }
 
+/// A golden config's directory, configuration, scale sizes and folded transformer weights.
+fn golden_transformer(
+    g: &std::path::Path,
+    cfg_name: &str,
+    ratio: f64,
+) -> (
+    std::path::PathBuf,
+    ModelConfig,
+    Vec<usize>,
+    TransformerWeights,
+) {
+    let dir = g.join("public").join(cfg_name);
+    let cfg = common::golden_model_config(&dir);
+    let sizes = scale_sizes(cfg.latent_size(), ratio, 1).unwrap();
+    let n_tokens: usize = sizes.iter().map(|s| s * s).sum();
+    let map = common::golden_tensors(g, cfg_name);
+    let w = TransformerWeights::from_tensors(&cfg, &map, n_tokens).unwrap();
+    (dir, cfg, sizes, w)
+}
+
 #[test]
 fn greedy_cases_match_reference() {
     let Some(g) = common::golden_dir() else {
@@ -59,12 +80,7 @@ fn greedy_cases_match_reference() {
     };
     let mut worst_overall = 0.0f64;
     for (cfg_name, ratio) in common::GOLDEN_CONFIGS {
-        let dir = g.join("public").join(cfg_name);
-        let cfg = common::golden_model_config(&dir);
-        let sizes = scale_sizes(cfg.latent_size(), ratio, 1).unwrap();
-        let n_tokens: usize = sizes.iter().map(|s| s * s).sum();
-        let map = common::golden_tensors(&g, cfg_name);
-        let w = TransformerWeights::from_tensors(&cfg, &map, n_tokens).unwrap();
+        let (dir, cfg, sizes, w) = golden_transformer(&g, cfg_name, ratio);
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
         for case in &CASES {
@@ -146,12 +162,8 @@ fn teacher_forced_forward_matches_reference() {
         return;
     };
     for (cfg_name, ratio) in common::GOLDEN_CONFIGS {
-        let dir = g.join("public").join(cfg_name);
-        let cfg = common::golden_model_config(&dir);
-        let sizes = scale_sizes(cfg.latent_size(), ratio, 1).unwrap();
+        let (dir, cfg, sizes, w) = golden_transformer(&g, cfg_name, ratio);
         let n_tokens: usize = sizes.iter().map(|s| s * s).sum();
-        let map = common::golden_tensors(&g, cfg_name);
-        let w = TransformerWeights::from_tensors(&cfg, &map, n_tokens).unwrap();
         let bytes = std::fs::read(dir.join("teacher_forced.safetensors")).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let labels: Vec<usize> = ints(&st, "labels").iter().map(|&l| l as usize).collect();
