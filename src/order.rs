@@ -210,6 +210,18 @@ impl Schedule {
         self.scales.iter().map(|s| s.size).collect()
     }
 
+    /// The global step t at which each cell of scale `si` is drawn, (s, s) raster order.
+    pub fn step_map(&self, si: usize) -> Vec<u32> {
+        let s = self.scales[si].size;
+        let mut map = vec![0u32; s * s];
+        for st in self.steps.iter().filter(|st| st.scale == si) {
+            for &p in &st.positions {
+                map[p] = st.t as u32;
+            }
+        }
+        map
+    }
+
     /// Global position ids of a step's cells.
     pub fn global_positions(&self, step: &Step) -> Vec<usize> {
         let off = self.scales[step.scale].offset;

@@ -42,6 +42,11 @@ pub struct SampleOptions {
     pub forced_tokens: Option<Vec<Vec<u32>>>,
     /// Keep every step's post-guidance logits of the conditional rows.
     pub record_logits: bool,
+    /// Record, per image and cell, the chosen token's probability and the position's entropy
+    /// ([`crate::sampling::token_stats`]); off by default (the default path costs nothing).
+    pub record_stats: bool,
+    /// Decode every scale's latent, not only the last (the decoder runs once per scale).
+    pub decode_pyramid: bool,
 }
 
 impl SampleOptions {
@@ -60,6 +65,8 @@ impl SampleOptions {
             seed: 0,
             forced_tokens: None,
             record_logits: false,
+            record_stats: false,
+            decode_pyramid: false,
         }
     }
 }
@@ -72,10 +79,33 @@ pub struct TokenOutput {
     pub tokens: Vec<Vec<u32>>,
     /// If recorded: per step, (B, n_t, V) logits used for the choice (after guidance).
     pub step_logits: Vec<Vec<f32>>,
+    /// If recorded: per scale, the chosen tokens' probabilities and the positions'
+    /// entropies (nats), each (B, s, s) raster order, and the global step of every cell.
+    pub stats: Option<TokenStats>,
     /// Wall time of each serial step in milliseconds.
     pub step_ms: Vec<f64>,
     /// Wall time of the class-token prefill in milliseconds.
     pub prefill_ms: f64,
+}
+
+/// Per-cell statistics of a sampling run (the authors' `sample_NNNN_maps.png` data).
+#[derive(Clone, Debug)]
+pub struct TokenStats {
+    /// Per scale (B, s, s): p of the chosen token under softmax(logits / T).
+    pub prob: Vec<Vec<f32>>,
+    /// Per scale (B, s, s): -sum p ln(p + 1e-8), nats.
+    pub entropy: Vec<Vec<f32>>,
+    /// Per scale (s, s): the global step t at which each cell was drawn (the same for every
+    /// image).
+    pub step: Vec<Vec<u32>>,
+}
+
+/// What a backend hands back after the last step: per scale (B, s, s) raster grids.
+pub struct Grids {
+    pub tokens: Vec<Vec<u32>>,
+    /// Probability and entropy grids when the steps were asked for stats, else empty.
+    pub prob: Vec<Vec<f32>>,
+    pub entropy: Vec<Vec<f32>>,
 }
 
 /// Check a request against a model configuration; every error is one line.
@@ -127,9 +157,11 @@ pub struct StepChoice<'a> {
     pub forced: Option<&'a [u32]>,
     /// Return the step's post-guidance logits of the conditional rows, (B, n, V).
     pub record: bool,
+    /// Record the chosen tokens' probabilities and entropies into the scale's stat grids.
+    pub stats: bool,
 }
 
-/// Images decoded from the last scale of a finished batch.
+/// Images decoded from one scale of a finished batch.
 pub struct Decoded {
     /// (B, 3, H, W) 8-bit pixels.
     pub pixels: Vec<u8>,
@@ -155,10 +187,10 @@ pub trait Backend {
         choice: &StepChoice,
     ) -> Result<Option<Vec<f32>>>;
     /// The sampled grids, per scale (B, s, s), raster order.
-    fn finish(&mut self, schedule: &Schedule) -> Result<Vec<Vec<u32>>>;
-    /// Decode the last scale of the finished batch (conditional rows only: both guidance
-    /// halves share tokens). After `finish`.
-    fn decode(&mut self, schedule: &Schedule) -> Result<Decoded>;
+    fn finish(&mut self, schedule: &Schedule) -> Result<Grids>;
+    /// Decode scale `si` of the finished batch (conditional rows only: both guidance halves
+    /// share tokens). After `finish`.
+    fn decode(&mut self, schedule: &Schedule, si: usize) -> Result<Decoded>;
 }
 
 /// Tokens and decoded images of one sampling call.
@@ -170,6 +202,8 @@ pub struct Samples {
     pub images: Option<Vec<f32>>,
     /// Image side H = W.
     pub image_size: usize,
+    /// With `decode_pyramid`: every scale decoded, ascending (the last equals `pixels`).
+    pub pyramid: Vec<Decoded>,
     pub decode_ms: f64,
 }
 
@@ -177,13 +211,27 @@ pub struct Samples {
 pub fn sample<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Result<Samples> {
     let tokens = run_steps(backend, o)?;
     let t = Instant::now();
-    let d = backend.decode(&tokens.schedule)?;
+    let last = tokens.schedule.scales.len() - 1;
+    let mut pyramid = Vec::new();
+    if o.decode_pyramid {
+        for si in 0..last {
+            pyramid.push(backend.decode(&tokens.schedule, si)?);
+        }
+    }
+    let d = backend.decode(&tokens.schedule, last)?;
+    if o.decode_pyramid {
+        pyramid.push(Decoded {
+            pixels: d.pixels.clone(),
+            images: None,
+        });
+    }
     let cfg = backend.config();
     Ok(Samples {
         tokens,
         pixels: d.pixels,
         images: d.images,
         image_size: cfg.img_size,
+        pyramid,
         decode_ms: t.elapsed().as_secs_f64() * 1e3,
     })
 }
@@ -231,6 +279,7 @@ pub fn run_steps<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Res
                 seed: o.seed,
                 forced: o.forced_tokens.as_ref().map(|f| f[si].as_slice()),
                 record: o.record_logits,
+                stats: o.record_stats,
             };
             if let Some(l) = backend.step(&schedule, step, &choice)? {
                 step_logits.push(l);
@@ -239,10 +288,23 @@ pub fn run_steps<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Res
             carry = 0.0;
         }
     }
-    let tokens = backend.finish(&schedule)?;
+    let grids = backend.finish(&schedule)?;
+    let stats = o.record_stats.then(|| TokenStats {
+        prob: grids.prob,
+        entropy: grids.entropy,
+        step: (0..schedule.scales.len())
+            .map(|si| schedule.step_map(si))
+            .collect(),
+    });
+    if let Some(st) = &stats
+        && (st.prob.len() != schedule.scales.len() || st.entropy.len() != schedule.scales.len())
+    {
+        bail!("the backend returned no token statistics");
+    }
     Ok(TokenOutput {
         schedule,
-        tokens,
+        tokens: grids.tokens,
+        stats,
         step_logits,
         step_ms,
         prefill_ms,

@@ -85,10 +85,54 @@ pub fn choose_token(logits: &[f32], policy: &TokenPolicy, u: f64) -> usize {
     last
 }
 
+/// What the authors' sampler reports about one choice (cbgen/ar.py `sample`): with
+/// `p = softmax(logits / T)` (one-hot at the argmax when T = 0; top-k/top-p do not enter),
+/// the probability `p[token]` of the chosen token and the entropy `-sum p ln(p + 1e-8)` in
+/// nats. Computed in f64, returned as f32.
+pub fn token_stats(logits: &[f32], temperature: f32, token: usize) -> (f32, f32) {
+    if temperature <= 0.0 {
+        let p = if token == argmax(logits) { 1.0 } else { 0.0 };
+        let ent = -(1.0f64 * (1.0f64 + 1e-8).ln());
+        return (p, ent as f32);
+    }
+    let inv_t = 1.0 / temperature as f64;
+    let max = logits[argmax(logits)] as f64;
+    let w: Vec<f64> = logits
+        .iter()
+        .map(|&l| ((l as f64 - max) * inv_t).exp())
+        .collect();
+    let z: f64 = w.iter().sum();
+    let ent: f64 = w
+        .iter()
+        .map(|&wi| {
+            let p = wi / z;
+            -p * (p + 1e-8).ln()
+        })
+        .sum();
+    ((w[token] / z) as f32, ent as f32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rng::token_uniform;
+
+    #[test]
+    fn token_stats_of_known_distributions() {
+        // Uniform over 4: p = 1/4, entropy ln 4 (minus the 1e-8 guard's tiny effect).
+        let (p, h) = token_stats(&[0.5; 4], 1.0, 2);
+        assert!((p - 0.25).abs() < 1e-7);
+        assert!((h as f64 - 4.0f64.ln()).abs() < 1e-6, "{h}");
+        // Temperature scales logits: [0, ln 3] at T = 1 gives p = (1/4, 3/4).
+        let (p, _) = token_stats(&[0.0, 3.0f32.ln()], 1.0, 1);
+        assert!((p - 0.75).abs() < 1e-6);
+        let (p, _) = token_stats(&[0.0, 2.0 * 3.0f32.ln()], 2.0, 1);
+        assert!((p - 0.75).abs() < 1e-6);
+        // Greedy: one-hot at the argmax.
+        assert_eq!(token_stats(&[1.0, 3.0, 2.0], 0.0, 1).0, 1.0);
+        assert_eq!(token_stats(&[1.0, 3.0, 2.0], 0.0, 2).0, 0.0);
+        assert!(token_stats(&[1.0, 3.0, 2.0], 0.0, 1).1.abs() < 1e-7);
+    }
 
     fn policy(t: f32, k: Option<usize>, p: Option<f32>) -> TokenPolicy {
         TokenPolicy {

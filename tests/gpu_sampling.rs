@@ -90,6 +90,7 @@ fn cpu_step(c: &Launch) -> (Vec<f32>, Vec<i32>) {
         &usizes(c.global_pos),
         forced.as_deref(),
         &mut grid,
+        None,
     );
     logits.truncate(c.batch * c.n * c.vocab);
     (logits, toks.iter().map(|&t| t as i32).collect())

@@ -9,7 +9,7 @@ use crate::model::config::ModelConfig;
 use crate::model::decoder::DecoderWeights;
 use crate::model::weights::TransformerWeights;
 use crate::order::{Schedule, Step};
-use crate::pipeline::{Backend, Decoded, SampleOptions, StepChoice, TokenOutput, run_steps};
+use crate::pipeline::{Backend, Decoded, Grids, SampleOptions, StepChoice, TokenOutput, run_steps};
 use anyhow::{Context, Result};
 
 /// The f32 CPU backend.
@@ -21,9 +21,14 @@ pub struct CpuBackend<'w> {
     tf: Option<CpuTransformer<'w>>,
     batch: usize,
     guided: bool,
-    /// Finished grids, one per scale, and the grid of the current scale.
+    /// Finished grids, one per scale, and the grid of the current scale; likewise the
+    /// probability and entropy grids when the steps record stats.
     grids: Vec<Vec<u32>>,
     grid: Vec<u32>,
+    probs: Vec<Vec<f32>>,
+    prob: Vec<f32>,
+    entropies: Vec<Vec<f32>>,
+    entropy: Vec<f32>,
     /// src_fold(h(z0)) of every cell of the current scale, (B, s*s, C).
     src: Vec<f32>,
 }
@@ -49,6 +54,10 @@ impl<'w> CpuBackend<'w> {
             guided: false,
             grids: Vec::new(),
             grid: Vec::new(),
+            probs: Vec::new(),
+            prob: Vec::new(),
+            entropies: Vec::new(),
+            entropy: Vec::new(),
             src: Vec::new(),
         }
     }
@@ -86,6 +95,8 @@ impl Backend for CpuBackend<'_> {
         self.batch = labels.len();
         self.guided = guided;
         self.grids.clear();
+        self.probs.clear();
+        self.entropies.clear();
         Ok(())
     }
 
@@ -103,6 +114,8 @@ impl Backend for CpuBackend<'_> {
         let hid = ops::codevec_hidden(&w.code_hidden, &z0, cells);
         self.src = w.src_fold.forward(&hid, cells);
         self.grid = vec![u32::MAX; cells];
+        self.prob = vec![f32::NAN; cells];
+        self.entropy = vec![f32::NAN; cells];
         Ok(())
     }
 
@@ -156,28 +169,38 @@ impl Backend for CpuBackend<'_> {
             &cur,
             ch.forced,
             &mut self.grid,
+            ch.stats
+                .then_some((self.prob.as_mut_slice(), self.entropy.as_mut_slice())),
         );
         logits.truncate(b * n * v);
         let last_step_of_scale = step.t + 1 == scale.first_step + scale.steps;
         if last_step_of_scale {
             debug_assert!(self.grid.iter().all(|&t| t != u32::MAX));
             self.grids.push(std::mem::take(&mut self.grid));
+            if ch.stats {
+                self.probs.push(std::mem::take(&mut self.prob));
+                self.entropies.push(std::mem::take(&mut self.entropy));
+            }
         }
         Ok(ch.record.then_some(logits))
     }
 
-    fn finish(&mut self, _schedule: &Schedule) -> Result<Vec<Vec<u32>>> {
+    fn finish(&mut self, _schedule: &Schedule) -> Result<Grids> {
         self.tf = None;
-        Ok(self.grids.clone())
+        Ok(Grids {
+            tokens: self.grids.clone(),
+            prob: std::mem::take(&mut self.probs),
+            entropy: std::mem::take(&mut self.entropies),
+        })
     }
 
-    fn decode(&mut self, schedule: &Schedule) -> Result<Decoded> {
+    fn decode(&mut self, schedule: &Schedule, si: usize) -> Result<Decoded> {
         let dec = self
             .decoder
             .context("this CPU backend was built without a decoder")?;
-        let s = schedule.scales.last().context("no scales")?.size;
-        let last = self.grids.last().context("decode before a batch ran")?;
-        let images = dec.decode_tokens(last, self.batch, s);
+        let s = schedule.scales.get(si).context("no such scale")?.size;
+        let grid = self.grids.get(si).context("decode before a batch ran")?;
+        let images = dec.decode_tokens(grid, self.batch, s);
         Ok(Decoded {
             pixels: ops::pixels(&images),
             images: Some(images),

@@ -20,7 +20,7 @@ use crate::math;
 use crate::model::Model;
 use crate::model::config::ModelConfig;
 use crate::order::{Schedule, Step};
-use crate::pipeline::{Backend, Decoded, StepChoice};
+use crate::pipeline::{Backend, Decoded, Grids, StepChoice};
 use anyhow::{Context, Result, bail};
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -473,6 +473,9 @@ impl Backend for GpuBackend<'_> {
         let n = step.positions.len();
         let idx = &self.steps[step.t];
         let cells = sc.tokens;
+        if ch.stats {
+            bail!("token statistics (--maps, --save-tokens) are not recorded on the GPU yet");
+        }
         if let Some(f) = ch.forced
             && bt.forced[step.scale].is_none()
         {
@@ -532,7 +535,7 @@ impl Backend for GpuBackend<'_> {
         Ok(out)
     }
 
-    fn finish(&mut self, schedule: &Schedule) -> Result<Vec<Vec<u32>>> {
+    fn finish(&mut self, schedule: &Schedule) -> Result<Grids> {
         let g = &self.m.gpu;
         let bt = self.batch.as_ref().expect("begin() not called");
         let mut out = Vec::new();
@@ -540,15 +543,19 @@ impl Backend for GpuBackend<'_> {
             let grid = g.download(&bt.grids[k])?;
             out.push(grid.into_iter().map(|t| t as u32).collect());
         }
-        Ok(out)
+        Ok(Grids {
+            tokens: out,
+            prob: Vec::new(),
+            entropy: Vec::new(),
+        })
     }
 
-    /// Decode the last scale's grid on the device (conditional rows only; both guidance
-    /// halves share tokens) and copy back 8-bit pixels (B, 3, H, W).
-    fn decode(&mut self, schedule: &Schedule) -> Result<Decoded> {
+    /// Decode scale `si`'s grid on the device (conditional rows only; both guidance halves
+    /// share tokens) and copy back 8-bit pixels (B, 3, H, W).
+    fn decode(&mut self, schedule: &Schedule, si: usize) -> Result<Decoded> {
         let bt = self.batch.as_ref().context("decode before a batch ran")?;
-        let s = schedule.scales.last().context("no scales")?.size;
-        let grid = bt.grids.last().context("no scales")?;
+        let s = schedule.scales.get(si).context("no such scale")?.size;
+        let grid = bt.grids.get(si).context("no such scale")?;
         let pixels = self
             .m
             .decoder

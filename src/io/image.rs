@@ -98,19 +98,26 @@ pub fn planar_to_rgb(pixels: &[u8], i: usize, side: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A near-square grid of `(side, side, 3)` RGB images, row-major, black where the last row is
-/// short. Returns (width, height, rgb).
+/// Padding between and around the images of [`grid_rgb`] (torchvision make_grid's default,
+/// as the authors' samples_mont.png).
+pub const GRID_PAD: usize = 2;
+
+/// A near-square grid of `(side, side, 3)` RGB images as torchvision's `make_grid(nrow =
+/// floor(sqrt(B)), padding = 2)` lays it out: `floor(sqrt(B))` images per row, black padding
+/// of [`GRID_PAD`] pixels around every image. Returns (width, height, rgb).
 pub fn grid_rgb(images: &[Vec<u8>], side: usize) -> (usize, usize, Vec<u8>) {
     let b = images.len().max(1);
-    let cols = (b as f64).sqrt().ceil() as usize;
+    let cols = (b as f64).sqrt().floor().max(1.0) as usize;
     let rows = b.div_ceil(cols);
-    let mut grid = vec![0u8; rows * side * cols * side * 3];
+    let cell = side + GRID_PAD;
+    let (w, h) = (cols * cell + GRID_PAD, rows * cell + GRID_PAD);
+    let mut grid = vec![0u8; w * h * 3];
     for (i, rgb) in images.iter().enumerate() {
-        let (gy, gx) = (i / cols, i % cols);
+        let (x0, y0) = ((i % cols) * cell + GRID_PAD, (i / cols) * cell + GRID_PAD);
         for y in 0..side {
-            let dst = ((gy * side + y) * cols * side + gx * side) * 3;
+            let dst = ((y0 + y) * w + x0) * 3;
             grid[dst..dst + side * 3].copy_from_slice(&rgb[y * side * 3..(y + 1) * side * 3]);
         }
     }
-    (cols * side, rows * side, grid)
+    (w, h, grid)
 }

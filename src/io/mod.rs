@@ -2,4 +2,6 @@
 
 pub mod convert;
 pub mod image;
+pub mod maps;
 pub mod pth;
+pub mod tokens;

@@ -1,7 +1,7 @@
 //! CPU reference of kernels/sampling.cu: guidance combine, token choice and scatter.
 
 use crate::rng::token_uniform;
-use crate::sampling::{TokenPolicy, cfg_combine, choose_token};
+use crate::sampling::{TokenPolicy, cfg_combine, choose_token, token_stats};
 
 /// One step's shape and knobs (everything but the buffers); mirrors `cuda::sampling::SampleStep`.
 #[derive(Clone, Copy, Debug)]
@@ -29,6 +29,8 @@ pub struct StepKnobs<'a> {
 /// * `forced (B, cells)`: when given, `forced[b, local_pos[j]]` is taken instead of a choice.
 /// * `grid (B, cells)` gets the token at `local_pos[j]` (other cells untouched); returns the
 ///   tokens `(B, n)` in step order.
+/// * `stats`: when given, `(prob, entropy)` grids `(B, cells)` get
+///   [`token_stats`] of each chosen (or forced) token at `local_pos[j]`.
 pub fn guided_sample(
     k: &StepKnobs,
     logits: &mut [f32],
@@ -36,6 +38,7 @@ pub fn guided_sample(
     global_pos: &[usize],
     forced: Option<&[u32]>,
     grid: &mut [u32],
+    mut stats: Option<(&mut [f32], &mut [f32])>,
 ) -> Vec<u32> {
     let (b, v, n) = (k.batch, k.vocab, local_pos.len());
     assert!(logits.len() >= b * n * v && global_pos.len() == n);
@@ -52,15 +55,18 @@ pub fn guided_sample(
     for bi in 0..b {
         for j in 0..n {
             let cell = bi * k.cells + local_pos[j];
+            let l = &logits[(bi * n + j) * v..(bi * n + j + 1) * v];
             let tok = match forced {
                 Some(f) => f[cell],
                 None => {
-                    let l = &logits[(bi * n + j) * v..(bi * n + j + 1) * v];
                     let u = token_uniform(k.seed, bi as u32, k.step, global_pos[j] as u32);
                     choose_token(l, k.policy, u) as u32
                 }
             };
             grid[cell] = tok;
+            if let Some((prob, entropy)) = stats.as_mut() {
+                (prob[cell], entropy[cell]) = token_stats(l, k.policy.temperature, tok as usize);
+            }
             tokens.push(tok);
         }
     }
