@@ -12,7 +12,7 @@ pub mod weights;
 
 use crate::model::config::{CONFIG_METADATA_KEY, ModelConfig};
 use crate::model::decoder::DecoderWeights;
-use crate::model::file::{TensorMap, load_safetensors};
+use crate::model::file::{TensorMap, load_model_file};
 use crate::model::weights::TransformerWeights;
 use crate::order::scale_sizes;
 use anyhow::{Context, Result, anyhow};
@@ -29,7 +29,7 @@ pub struct Model {
 impl Model {
     /// Load a model file written by `checkergen convert` or `checkergen init`.
     pub fn load(path: &Path) -> Result<Model> {
-        let (map, meta) = load_safetensors(path)?;
+        let (map, meta) = load_model_file(path)?;
         let json = meta.get(CONFIG_METADATA_KEY).ok_or_else(|| {
             anyhow!(
                 "{}: no `{CONFIG_METADATA_KEY}` in the safetensors metadata; \
@@ -45,6 +45,7 @@ impl Model {
     /// Validate the configuration and every tensor, then fold the weights.
     pub fn from_tensors(config: ModelConfig, map: &TensorMap) -> Result<Model> {
         config.validate()?;
+        check_layer_count(&config, map)?;
         let scale_sizes = scale_sizes(
             config.latent_size(),
             config.scale_ratio,
@@ -74,4 +75,21 @@ impl Model {
             .sum();
         (t, d)
     }
+}
+
+/// The configuration's layer count must equal the layers whose tensors the file holds
+/// (`llama.layers.<i>.`): a count that disagrees is named before any layer is read.
+fn check_layer_count(config: &ModelConfig, map: &TensorMap) -> Result<()> {
+    let present = map
+        .keys()
+        .filter_map(|k| k.strip_prefix("llama.layers.")?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map_or(0, |l| l + 1);
+    if present != config.num_layers {
+        anyhow::bail!(
+            "the configuration says num_layers {} but the file holds tensors for {present} layers",
+            config.num_layers
+        );
+    }
+    Ok(())
 }

@@ -219,6 +219,15 @@ fn autoencoder_state_dict(ckpt: &PthCheckpoint) -> Result<(String, StateDict)> {
 
 /// Convert a reference checkpoint to a checkergen safetensors model file.
 pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary> {
+    // The output may be new or a regular file, never one of the inputs (checked before any
+    // work, and again by the writer right before its rename).
+    let mut inputs = vec![
+        opts.checkpoint.as_path(),
+        opts.config_yaml.as_path(),
+        opts.autoenc_yaml.as_path(),
+    ];
+    inputs.extend(opts.autoenc_checkpoint.as_deref());
+    crate::paths::check_output(&opts.output, &inputs)?;
     let yaml = schema::read_yaml_model(&opts.config_yaml, &opts.autoenc_yaml)?;
 
     let ar = PthCheckpoint::open(&opts.checkpoint)?;

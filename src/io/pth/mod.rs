@@ -224,6 +224,7 @@ impl PthCheckpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let shown = path.display().to_string();
+        crate::paths::check_input(&path)?;
         let file = File::open(&path).with_context(|| format!("{shown}: cannot open"))?;
         let archive = Archive::new(file).with_context(|| shown.clone())?;
         let pkl_name = find_data_pkl(&archive).with_context(|| shown.clone())?;

@@ -189,6 +189,45 @@ pub(super) enum Value {
     Tensor(Rc<TensorRef>),
 }
 
+/// Nested containers are dropped with an explicit work list, not by recursion: a pickle of a
+/// list nested 10^6 deep (a few MB) would otherwise overflow the stack when it is freed. A
+/// container still shared elsewhere (a memo entry, a cycle) keeps its items.
+impl Drop for Value {
+    fn drop(&mut self) {
+        fn take_items(v: &mut Value, out: &mut Vec<Value>) {
+            match v {
+                Value::Tuple(t) => {
+                    if let Some(items) = Rc::get_mut(t) {
+                        out.append(items);
+                    }
+                }
+                Value::List(l) => {
+                    if let Some(items) = Rc::get_mut(l) {
+                        out.append(items.get_mut());
+                    }
+                }
+                Value::Dict(d) => {
+                    if let Some(d) = Rc::get_mut(d) {
+                        let d = d.get_mut();
+                        d.index.clear();
+                        for (k, v) in d.entries.drain(..) {
+                            out.push(k);
+                            out.push(v);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut pending = Vec::new();
+        take_items(self, &mut pending);
+        while let Some(mut v) = pending.pop() {
+            take_items(&mut v, &mut pending);
+            // `v` drops here with no items left, so this drop does not recurse.
+        }
+    }
+}
+
 impl Value {
     pub(super) fn as_str(&self) -> Option<&str> {
         match self {

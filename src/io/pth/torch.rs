@@ -143,10 +143,22 @@ impl Globals for Torch {
                     global_name(func)
                 ),
             },
-            Some(Known::RebuildFromType) => match argv.as_slice() {
-                [f, _ty, inner, ..] => self.call(f, inner)?,
-                _ => bail!("torch._tensor._rebuild_from_type_v2 expects 4 arguments"),
-            },
+            Some(Known::RebuildFromType) => {
+                // `_rebuild_from_type_v2(func, type, args, state)` calls `func(*args)`; a
+                // hostile pickle can nest these, so unwrap them in a loop, not by recursion.
+                let mut argv = argv;
+                loop {
+                    let (f, inner) = match argv.as_slice() {
+                        [f, _ty, inner, ..] => (f.clone(), inner.clone()),
+                        _ => bail!("torch._tensor._rebuild_from_type_v2 expects 4 arguments"),
+                    };
+                    if matches!(known(&f), Some(Known::RebuildFromType)) {
+                        argv = inner.items().unwrap_or_default();
+                    } else {
+                        break self.call(&f, &inner)?;
+                    }
+                }
+            }
             Some(Known::Storage(_)) | None => opaque(func, "<call result>"),
         })
     }
