@@ -5,10 +5,10 @@
 //! ([`Backend::decode`]). [`sample`] is the one entry point; backends: `cpu::CpuBackend`
 //! (f32 reference) and `cuda::engine::GpuBackend`.
 
+use crate::limits::{MAX_IMAGES, MAX_SAMPLE_BYTES};
 use crate::model::config::ModelConfig;
 use crate::order::{Schedule, Step, scale_sizes};
 use crate::sampling::TokenPolicy;
-use crate::limits::{MAX_IMAGES, MAX_SAMPLE_BYTES};
 use anyhow::{Result, bail};
 use std::time::Instant;
 

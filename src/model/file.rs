@@ -403,14 +403,14 @@ mod tests {
         assert_eq!(map["x"].data, vec![1.0, 2.0]);
         assert_eq!(m["k"], "v");
         assert!(!partial(&ok).exists());
-        // Rename fails (the target is a non-empty directory): no temporary stays behind.
+        // The target is a directory: refused before anything is written, nothing left behind.
         let blocked = scratch("blocked.safetensors");
         std::fs::create_dir_all(blocked.join("inside")).unwrap();
         let err = format!(
             "{:#}",
             write_safetensors(&blocked, &entries, meta.clone()).unwrap_err()
         );
-        assert!(err.contains("cannot move"), "{err}");
+        assert!(err.contains("is a directory"), "{err}");
         assert!(!partial(&blocked).exists());
         // The directory does not exist: an error naming the file, nothing written.
         let nowhere = scratch("no/such/dir.safetensors");
@@ -418,7 +418,7 @@ mod tests {
             "{:#}",
             write_safetensors(&nowhere, &entries, meta).unwrap_err()
         );
-        assert!(err.contains("dir.safetensors: cannot write"), "{err}");
+        assert!(err.contains("dir.safetensors: cannot create"), "{err}");
         assert!(!partial(&nowhere).exists());
     }
 }

@@ -82,7 +82,13 @@ impl Model {
 fn check_layer_count(config: &ModelConfig, map: &TensorMap) -> Result<()> {
     let present = map
         .keys()
-        .filter_map(|k| k.strip_prefix("llama.layers.")?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|k| {
+            k.strip_prefix("llama.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .max()
         .map_or(0, |l| l + 1);
     if present != config.num_layers {

@@ -781,7 +781,7 @@ mod tests {
         // pickle.dumps({'a': 1, 'b': [1.5, None, True], 'c': (300, -2, 70000)}, protocol=2)
         let bytes: &[u8] = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01K\x01X\x01\x00\x00\x00bq\x02]q\x03(G?\xf8\x00\x00\x00\x00\x00\x00N\x88eX\x01\x00\x00\x00cq\x04M,\x01J\xfe\xff\xff\xffJp\x11\x01\x00\x87q\x05u.";
         let v = unpickle(bytes).unwrap();
-        let Value::Dict(d) = v else { panic!() };
+        let Value::Dict(ref d) = v else { panic!() };
         let d = d.borrow();
         assert!(matches!(d.get_str("a"), Some(Value::Int(1))));
         let b = d.get_str("b").unwrap().items().unwrap();

@@ -124,9 +124,7 @@ fn le64(b: &[u8], at: usize) -> u64 {
 /// error before anything is allocated.
 fn read_at(mut file: &File, file_len: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
     if offset.checked_add(len).is_none_or(|end| end > file_len) {
-        bail!(
-            "truncated file: {len} bytes at offset {offset} are past its end ({file_len} bytes)"
-        );
+        bail!("truncated file: {len} bytes at offset {offset} are past its end ({file_len} bytes)");
     }
     let mut buf = vec![0u8; len as usize];
     file.seek(SeekFrom::Start(offset))?;

@@ -1,0 +1,218 @@
+//! Helpers shared by `tests/hostile_input.rs` and `tests/fuzz_inputs.rs`: running the binary
+//! under a time and address-space limit, and building hostile files (stored zips with real
+//! CRC-32s, pickles, model files with edited metadata).
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Address-space limit of every subprocess (ulimit -v, KiB): an unbounded allocation fails
+/// inside it rather than taking the machine's memory.
+pub const MEM_LIMIT_KIB: u64 = 4 << 20;
+
+pub fn scratch(dir: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cg-{dir}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/pth")
+        .join(name)
+}
+
+/// How a limited run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Exit code; None when killed by a signal or the time limit.
+    pub code: Option<i32>,
+    pub timed_out: bool,
+    pub stderr: String,
+}
+
+impl Outcome {
+    /// A clean failure: exit code 1 in time, no panic, and a last stderr line starting
+    /// with `error:`.
+    pub fn is_clean_failure(&self) -> bool {
+        let last = self.stderr.trim().lines().last().unwrap_or("");
+        self.code == Some(1) && !self.stderr.contains("panicked") && last.starts_with("error:")
+    }
+
+    pub fn last_line(&self) -> &str {
+        self.stderr.trim().lines().last().unwrap_or("")
+    }
+}
+
+/// Run the binary with `args` under `ulimit -v MEM_LIMIT_KIB` and a wall-clock `limit`
+/// (killed when it passes; `timed_out` says so).
+pub fn run_limited(args: &[&str], limit: Duration) -> Outcome {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -v {MEM_LIMIT_KIB}; exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_checkergen"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn checkergen");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stderr.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let start = Instant::now();
+    let (status, timed_out) = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break (st, false);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            break (child.wait().unwrap(), true);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    Outcome {
+        code: if timed_out { None } else { status.code() },
+        timed_out,
+        stderr: reader.join().unwrap(),
+    }
+}
+
+/// Assert a clean one-line failure whose last line contains `fragment`.
+pub fn assert_refused(args: &[&str], fragment: &str) -> Outcome {
+    let o = run_limited(args, Duration::from_secs(60));
+    assert!(o.is_clean_failure(), "{args:?}: not a clean failure: {o:?}");
+    assert!(
+        o.last_line().contains(fragment),
+        "{args:?}: {:?} lacks {fragment:?}",
+        o.last_line()
+    );
+    o
+}
+
+// ------------------------------------------------------------------------------------------
+// Zip archives (stored entries, as torch.save writes them)
+// ------------------------------------------------------------------------------------------
+
+/// One entry of a stored zip; `claim` overrides the sizes written in the headers (ZIP64
+/// extra fields carry them), for archives that lie about their entries.
+pub struct ZipEntry<'a> {
+    pub name: &'a str,
+    pub data: &'a [u8],
+    pub claim: Option<u64>,
+}
+
+/// A stored zip with ZIP64 central records (sizes and offsets in the extra field) and ZIP64
+/// end records, with each entry's real CRC-32.
+pub fn zip64(entries: &[ZipEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for e in entries {
+        let offset = out.len() as u64;
+        let crc = crc32fast::hash(e.data);
+        let size = e.claim.unwrap_or(e.data.len() as u64);
+        out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        out.extend_from_slice(&[45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
+        out.extend_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
+        out.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(e.name.as_bytes());
+        out.extend_from_slice(e.data);
+        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        central.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        central.extend_from_slice(&crc.to_le_bytes());
+        central.extend_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
+        central.extend_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
+        central.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+        central.extend_from_slice(&28u16.to_le_bytes());
+        central.extend_from_slice(&[0u8; 10]);
+        central.extend_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
+        central.extend_from_slice(e.name.as_bytes());
+        central.extend_from_slice(&1u16.to_le_bytes());
+        central.extend_from_slice(&24u16.to_le_bytes());
+        central.extend_from_slice(&size.to_le_bytes());
+        central.extend_from_slice(&size.to_le_bytes());
+        central.extend_from_slice(&offset.to_le_bytes());
+    }
+    let cd_offset = out.len() as u64;
+    out.extend_from_slice(&central);
+    let n = entries.len() as u64;
+    let z64 = out.len() as u64;
+    out.extend_from_slice(&0x0606_4b50u32.to_le_bytes());
+    out.extend_from_slice(&44u64.to_le_bytes());
+    out.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(&(central.len() as u64).to_le_bytes());
+    out.extend_from_slice(&cd_offset.to_le_bytes());
+    out.extend_from_slice(&0x0706_4b50u32.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&z64.to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    out.extend_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
+/// A checkpoint archive `ck/` holding `pickle` as its data.pkl (and a byteorder entry).
+pub fn pth_with_pickle(pickle: &[u8]) -> Vec<u8> {
+    zip64(&[
+        ZipEntry {
+            name: "ck/data.pkl",
+            data: pickle,
+            claim: None,
+        },
+        ZipEntry {
+            name: "ck/byteorder",
+            data: b"little",
+            claim: None,
+        },
+    ])
+}
+
+// ------------------------------------------------------------------------------------------
+// Pickles
+// ------------------------------------------------------------------------------------------
+
+/// `{'model': <inner>}` at protocol 2, where `inner` is the pickle ops of one value.
+pub fn model_dict_pickle(inner: &[u8]) -> Vec<u8> {
+    let mut p = b"\x80\x02}X\x05\x00\x00\x00model".to_vec();
+    p.extend_from_slice(inner);
+    p.extend_from_slice(b"s.");
+    p
+}
+
+/// Ops of a list nested `depth` deep: `[[[...]]]` (EMPTY_LIST ... APPEND ...).
+pub fn nested_list_ops(depth: usize) -> Vec<u8> {
+    let mut p = vec![b']'; depth];
+    p.extend(std::iter::repeat_n(b'a', depth - 1));
+    p
+}
+
+/// Ops of a tuple nested `depth` deep: `((((),),),)` (EMPTY_TUPLE, TUPLE1 ...).
+pub fn nested_tuple_ops(depth: usize) -> Vec<u8> {
+    let mut p = vec![b')'];
+    p.extend(std::iter::repeat_n(0x85u8, depth));
+    p
+}
+
+/// Ops of a dict nested `depth` deep: `{'k': {'k': ...}}`.
+pub fn nested_dict_ops(depth: usize) -> Vec<u8> {
+    let mut p = Vec::new();
+    for _ in 0..depth {
+        p.extend_from_slice(b"}X\x01\x00\x00\x00k");
+    }
+    p.push(b'N');
+    p.extend(std::iter::repeat_n(b's', depth));
+    p
+}
