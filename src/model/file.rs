@@ -103,6 +103,19 @@ fn read_input(path: &Path) -> Result<Vec<u8>> {
 /// a larger value (1e38, a corrupted exponent) is a broken file, not a model.
 pub const MAX_WEIGHT_ABS: f32 = 65504.0;
 
+/// Every value of weight `name` finite and at most [`MAX_WEIGHT_ABS`] in magnitude; else
+/// the first bad value and its flat index. One compare per element.
+pub fn check_weights(name: &str, data: &[f32]) -> Result<()> {
+    if let Some(i) = data.iter().position(|v| !(v.abs() <= MAX_WEIGHT_ABS)) {
+        bail!(
+            "tensor `{name}` holds {} at flat index {i} (weights must be finite and at most \
+             {MAX_WEIGHT_ABS} in magnitude)",
+            data[i]
+        );
+    }
+    Ok(())
+}
+
 /// Parse safetensors bytes into f32 tensors and metadata.
 pub fn parse_safetensors(bytes: &[u8]) -> Result<(TensorMap, BTreeMap<String, String>)> {
     parse_checked(bytes, false)
@@ -135,12 +148,8 @@ fn parse_checked(bytes: &[u8], model: bool) -> Result<(TensorMap, BTreeMap<Strin
             );
         }
         let data = view_to_f32(&name, view.dtype(), view.data())?;
-        if model && let Some(i) = data.iter().position(|v| !(v.abs() <= MAX_WEIGHT_ABS)) {
-            bail!(
-                "tensor `{name}` holds {} at flat index {i} (weights must be finite and at \
-                 most {MAX_WEIGHT_ABS} in magnitude)",
-                data[i]
-            );
+        if model {
+            check_weights(&name, &data)?;
         }
         map.insert(name, Tensor::new(view.shape().to_vec(), data));
     }

@@ -54,6 +54,8 @@ pub fn run_limited(args: &[&str], limit: Duration) -> Outcome {
         .arg(format!("ulimit -v {MEM_LIMIT_KIB}; exec \"$0\" \"$@\""))
         .arg(env!("CARGO_BIN_EXE_checkergen"))
         .args(args)
+        // Relative output paths land in the scratch area, never in the checkout.
+        .current_dir(std::env::temp_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -215,4 +217,71 @@ pub fn nested_dict_ops(depth: usize) -> Vec<u8> {
     p.push(b'N');
     p.extend(std::iter::repeat_n(b's', depth));
     p
+}
+
+// ------------------------------------------------------------------------------------------
+// Deterministic randomness for the fuzzer
+// ------------------------------------------------------------------------------------------
+
+/// SplitMix64: a fixed seed gives the same mutations on every machine.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// The entries `(name, data)` of a stored zip, read through its local headers (the layout
+/// `tools/make_pth_fixture.py` and torch.save write: sizes in the local header).
+pub fn zip_entries(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let le16 = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
+    let le32 = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let mut out = Vec::new();
+    let mut p = 0;
+    while p + 30 <= bytes.len() && le32(p) == 0x0403_4b50 {
+        let size = le32(p + 18);
+        let (n, x) = (le16(p + 26), le16(p + 28));
+        let name = String::from_utf8_lossy(&bytes[p + 30..p + 30 + n]).into_owned();
+        let start = p + 30 + n + x;
+        out.push((name, bytes[start..start + size].to_vec()));
+        p = start + size;
+    }
+    out
+}
+
+/// Two safetensors files hold the same tensors (names, dtypes, shapes, bytes) and the same
+/// metadata. (Byte equality is too strict: the metadata map is written in hash order.)
+pub fn same_safetensors(a: &[u8], b: &[u8]) -> bool {
+    use safetensors::SafeTensors;
+    let (Ok(x), Ok(y)) = (SafeTensors::deserialize(a), SafeTensors::deserialize(b)) else {
+        return false;
+    };
+    let (Ok((_, mx)), Ok((_, my))) = (SafeTensors::read_metadata(a), SafeTensors::read_metadata(b))
+    else {
+        return false;
+    };
+    let mut nx = x.names();
+    let mut ny = y.names();
+    nx.sort();
+    ny.sort();
+    nx == ny
+        && mx.metadata() == my.metadata()
+        && nx.iter().all(|n| {
+            let (p, q) = (x.tensor(n).unwrap(), y.tensor(n).unwrap());
+            p.dtype() == q.dtype() && p.shape() == q.shape() && p.data() == q.data()
+        })
 }
