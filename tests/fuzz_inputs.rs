@@ -316,13 +316,15 @@ fn campaign() -> Findings {
         .unwrap();
     for i in 0..500 * k {
         let (what, p) = mutate_pickle(&mut rng, &entries[pkl].1);
-        let zipped: Vec<ZipEntry> = entries
+        let zipped: Vec<(&str, &[u8], Option<u64>)> = entries
             .iter()
             .enumerate()
-            .map(|(j, (name, data))| ZipEntry {
-                name,
-                data: if j == pkl { &p } else { data },
-                claim: None,
+            .map(|(j, (name, data))| {
+                (
+                    name.as_str(),
+                    if j == pkl { &p[..] } else { &data[..] },
+                    None,
+                )
             })
             .collect();
         std::fs::write(&o.checkpoint, zip64(&zipped)).unwrap();
@@ -430,10 +432,7 @@ fn fuzz_in_process() {
 
 /// Argument values a careless user or an attacker might give.
 fn hostile_values(dir: &Path) -> Vec<String> {
-    let fifo = dir.join("fifo");
-    if !fifo.exists() {
-        let _ = std::process::Command::new("mkfifo").arg(&fifo).status();
-    }
+    let fifo = make_fifo(&dir.join("fifo"));
     let mut v: Vec<String> = [
         "0",
         "1",
@@ -482,8 +481,7 @@ fn hostile_values(dir: &Path) -> Vec<String> {
 
 /// Every run must end in time, by an exit code (no signal), 0, 1 or 2, without a panic.
 fn check_run(args: &[String], limit: Duration) -> Result<Outcome, String> {
-    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let o = run_limited(&a, limit);
+    let o = run_limited(args, limit);
     if o.timed_out {
         return Err(format!("hung (> {limit:?})"));
     }

@@ -47,17 +47,25 @@ fn tiny_model(
 
 fn no_edit(_: &str, _: &mut safetensors::Dtype, _: &mut Vec<u8>) {}
 
-fn convert_args<'a>(ckpt: &'a str, cfg: &'a str, ae: &'a str, out: &'a str) -> Vec<&'a str> {
+/// `convert` arguments; `None` takes the fixture (tiny.pth, tiny_config.yaml,
+/// tiny_autoencoder.yaml).
+fn convert_cmd(
+    ckpt: Option<&Path>,
+    cfg: Option<&Path>,
+    ae: Option<&Path>,
+    out: &Path,
+) -> Vec<String> {
+    let or = |p: Option<&Path>, f: &str| s(p.unwrap_or(&fixture(f))).to_string();
     vec![
-        "convert",
-        "--checkpoint",
-        ckpt,
-        "--config",
-        cfg,
-        "--autoenc-config",
-        ae,
-        "-o",
-        out,
+        "convert".into(),
+        "--checkpoint".into(),
+        or(ckpt, "tiny.pth"),
+        "--config".into(),
+        or(cfg, "tiny_config.yaml"),
+        "--autoenc-config".into(),
+        or(ae, "tiny_autoencoder.yaml"),
+        "-o".into(),
+        s(out).to_string(),
     ]
 }
 
@@ -89,11 +97,7 @@ fn panic_num_samples_max_is_refused() {
 
 #[test]
 fn panic_zip64_claiming_2_pow_63_byte_data_pkl() {
-    let bytes = zip64(&[ZipEntry {
-        name: "ck/data.pkl",
-        data: b"\x80\x02}.",
-        claim: Some(1 << 63),
-    }]);
+    let bytes = zip64(&[("ck/data.pkl", b"\x80\x02}.", Some(1 << 63))]);
     let e = open_err(&bytes, "huge-pkl.pth");
     assert!(
         e.contains("huge-pkl.pth") && e.contains("past the end"),
@@ -106,16 +110,8 @@ fn panic_zip64_claiming_2_pow_63_byte_data_pkl() {
 #[test]
 fn abort_1kb_pth_claiming_1_tib_entry() {
     let bytes = zip64(&[
-        ZipEntry {
-            name: "ck/data.pkl",
-            data: b"\x80\x02}.",
-            claim: None,
-        },
-        ZipEntry {
-            name: "ck/data/0",
-            data: &[0u8; 512],
-            claim: Some(1 << 40),
-        },
+        ("ck/data.pkl", b"\x80\x02}.", None),
+        ("ck/data/0", &[0u8; 512], Some(1 << 40)),
     ]);
     assert!(bytes.len() < 1024);
     let e = open_err(&bytes, "tib.pth");
@@ -163,15 +159,7 @@ fn abort_scale_ratio_just_above_one() {
     let cfg = dir.join("ratio.yaml");
     std::fs::write(&cfg, yaml).unwrap();
     let out = dir.join("ratio-out.safetensors");
-    assert_refused(
-        &convert_args(
-            s(&fixture("tiny.pth")),
-            s(&cfg),
-            s(&fixture("tiny_autoencoder.yaml")),
-            s(&out),
-        ),
-        "too close to 1",
-    );
+    assert_refused(&convert_cmd(None, Some(&cfg), None, &out), "too close to 1");
     assert!(!out.exists());
 }
 
@@ -237,12 +225,7 @@ fn stack_yaml_flow_sequence_nested_100000_deep() {
     .unwrap();
     let out = dir.join("deep-out.safetensors");
     assert_refused(
-        &convert_args(
-            s(&fixture("tiny.pth")),
-            s(&deep),
-            s(&fixture("tiny_autoencoder.yaml")),
-            s(&out),
-        ),
+        &convert_cmd(None, Some(&deep), None, &out),
         "deep.yaml: YAML line 1:",
     );
     // Block style (indentation) nested 100 deep: our own depth limit.
@@ -252,12 +235,7 @@ fn stack_yaml_flow_sequence_nested_100000_deep() {
         .collect();
     std::fs::write(&block, text).unwrap();
     assert_refused(
-        &convert_args(
-            s(&fixture("tiny.pth")),
-            s(&block),
-            s(&fixture("tiny_autoencoder.yaml")),
-            s(&out),
-        ),
+        &convert_cmd(None, Some(&block), None, &out),
         "nested more than 64 levels deep",
     );
 }
@@ -352,15 +330,7 @@ fn outputs_never_write_through_or_replace_special_files() {
             .unwrap_or(true)
     );
     // A FIFO (writing it would block forever).
-    let fifo = dir.join("fifo");
-    let _ = std::fs::remove_file(&fifo);
-    assert!(
-        std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
+    let fifo = make_fifo(&dir.join("fifo"));
     assert_refused(&["init", "--preset", "tiny", "-o", s(&fifo)], "is a FIFO");
     // A directory; and no temporary is left behind.
     let d = dir.join("a-directory");
@@ -378,7 +348,7 @@ fn outputs_never_overwrite_an_input() {
     let cfg = fixture("tiny_config.yaml");
     let ae = fixture("tiny_autoencoder.yaml");
     assert_refused(
-        &convert_args(s(&ckpt), s(&cfg), s(&ae), s(&ckpt)),
+        &convert_cmd(Some(&ckpt), Some(&cfg), Some(&ae), &ckpt),
         "same file as the input",
     );
     assert_eq!(std::fs::read(&ckpt).unwrap(), before);
@@ -387,7 +357,7 @@ fn outputs_never_overwrite_an_input() {
     let _ = std::fs::remove_file(&link);
     std::fs::hard_link(&ckpt, &link).unwrap();
     assert_refused(
-        &convert_args(s(&ckpt), s(&cfg), s(&ae), s(&link)),
+        &convert_cmd(Some(&ckpt), Some(&cfg), Some(&ae), &link),
         "same file as the input",
     );
     // sample --save-tokens onto its own --model.
@@ -465,12 +435,7 @@ fn zip_crc32_is_checked_for_every_entry_read() {
     std::fs::write(&ckpt, &bad).unwrap();
     let out = dir.join("flipped.safetensors");
     let o = assert_refused(
-        &convert_args(
-            s(&ckpt),
-            s(&fixture("tiny_config.yaml")),
-            s(&fixture("tiny_autoencoder.yaml")),
-            s(&out),
-        ),
+        &convert_cmd(Some(&ckpt), None, None, &out),
         "is corrupt: CRC-32",
     );
     assert!(o.last_line().contains("flipped.pth") && o.last_line().contains("zip entry"));
@@ -488,12 +453,7 @@ fn yaml_with_a_byte_order_mark_reads() {
     std::fs::write(&cfg, text).unwrap();
     let out = dir.join("bom.safetensors");
     let o = run_limited(
-        &convert_args(
-            s(&fixture("tiny.pth")),
-            s(&cfg),
-            s(&fixture("tiny_autoencoder.yaml")),
-            s(&out),
-        ),
+        &convert_cmd(None, Some(&cfg), None, &out),
         Duration::from_secs(60),
     );
     assert_eq!(o.code, Some(0), "{o:?}");
@@ -508,12 +468,7 @@ fn missing_llama_config_is_named() {
     let cfg = dir.join("nollama.yaml");
     std::fs::write(&cfg, format!("{}{}", &text[..start], &text[end..])).unwrap();
     assert_refused(
-        &convert_args(
-            s(&fixture("tiny.pth")),
-            s(&cfg),
-            s(&fixture("tiny_autoencoder.yaml")),
-            s(&dir.join("o.safetensors")),
-        ),
+        &convert_cmd(None, Some(&cfg), None, &dir.join("o.safetensors")),
         "model.llama_config is missing",
     );
 }
@@ -555,15 +510,7 @@ fn written_files_are_0644_under_umask_022() {
 #[test]
 fn inputs_must_be_regular_files() {
     let dir = scratch("hostile-in");
-    let fifo = dir.join("in.fifo");
-    let _ = std::fs::remove_file(&fifo);
-    assert!(
-        std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
+    let fifo = make_fifo(&dir.join("in.fifo"));
     // Opening a FIFO would block forever: it is refused before it is opened.
     let o = run_limited(&["inspect", s(&fifo)], Duration::from_secs(20));
     assert!(!o.timed_out && o.is_clean_failure(), "{o:?}");
@@ -576,11 +523,11 @@ fn inputs_must_be_regular_files() {
     let ae = fixture("tiny_autoencoder.yaml");
     let out = dir.join("o.safetensors");
     assert_refused(
-        &convert_args(s(&fifo), s(&cfg), s(&ae), s(&out)),
+        &convert_cmd(Some(&fifo), Some(&cfg), Some(&ae), &out),
         "is a FIFO",
     );
     assert_refused(
-        &convert_args(s(&fixture("tiny.pth")), s(&dir), s(&ae), s(&out)),
+        &convert_cmd(None, Some(&dir), Some(&ae), &out),
         "is a directory",
     );
     assert_refused(
@@ -649,12 +596,7 @@ fn hostile_pickles_stay_inert() {
         assert!(e.contains("not a state dict"), "{what}: {e}");
         // And through the CLI.
         assert_refused(
-            &convert_args(
-                s(&path),
-                s(&fixture("tiny_config.yaml")),
-                s(&fixture("tiny_autoencoder.yaml")),
-                s(&dir.join("evil.safetensors")),
-            ),
+            &convert_cmd(Some(&path), None, None, &dir.join("evil.safetensors")),
             "evil.pth",
         );
         assert!(!marker.exists(), "{what} ran its command");

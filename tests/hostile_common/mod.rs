@@ -24,6 +24,14 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A fresh FIFO at `path` (replacing whatever is there).
+pub fn make_fifo(path: &Path) -> PathBuf {
+    let _ = std::fs::remove_file(path);
+    let ok = Command::new("mkfifo").arg(path).status().unwrap().success();
+    assert!(ok, "mkfifo {}", path.display());
+    path.to_path_buf()
+}
+
 /// How a limited run ended.
 #[derive(Debug)]
 pub struct Outcome {
@@ -48,12 +56,12 @@ impl Outcome {
 
 /// Run the binary with `args` under `ulimit -v MEM_LIMIT_KIB` and a wall-clock `limit`
 /// (killed when it passes; `timed_out` says so).
-pub fn run_limited(args: &[&str], limit: Duration) -> Outcome {
+pub fn run_limited<S: AsRef<str>>(args: &[S], limit: Duration) -> Outcome {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(format!("ulimit -v {MEM_LIMIT_KIB}; exec \"$0\" \"$@\""))
         .arg(env!("CARGO_BIN_EXE_checkergen"))
-        .args(args)
+        .args(args.iter().map(|a| a.as_ref()))
         // Relative output paths land in the scratch area, never in the checkout.
         .current_dir(std::env::temp_dir())
         .stdin(Stdio::null())
@@ -86,7 +94,7 @@ pub fn run_limited(args: &[&str], limit: Duration) -> Outcome {
 }
 
 /// Assert a clean one-line failure whose last line contains `fragment`.
-pub fn assert_refused(args: &[&str], fragment: &str) -> Outcome {
+pub fn assert_refused<S: AsRef<str> + std::fmt::Debug>(args: &[S], fragment: &str) -> Outcome {
     let o = run_limited(args, Duration::from_secs(60));
     assert!(o.is_clean_failure(), "{args:?}: not a clean failure: {o:?}");
     assert!(
@@ -101,84 +109,26 @@ pub fn assert_refused(args: &[&str], fragment: &str) -> Outcome {
 // Zip archives (stored entries, as torch.save writes them)
 // ------------------------------------------------------------------------------------------
 
-/// One entry of a stored zip; `claim` overrides the sizes written in the headers (ZIP64
-/// extra fields carry them), for archives that lie about their entries.
-pub struct ZipEntry<'a> {
-    pub name: &'a str,
-    pub data: &'a [u8],
-    pub claim: Option<u64>,
-}
+pub use checkergen::io::pth::{StoredEntry, stored_zip};
 
-/// A stored zip with ZIP64 central records (sizes and offsets in the extra field) and ZIP64
-/// end records, with each entry's real CRC-32.
-pub fn zip64(entries: &[ZipEntry]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut central = Vec::new();
-    for e in entries {
-        let offset = out.len() as u64;
-        let crc = crc32fast::hash(e.data);
-        let size = e.claim.unwrap_or(e.data.len() as u64);
-        out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
-        out.extend_from_slice(&[45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
-        out.extend_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
-        out.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(e.name.as_bytes());
-        out.extend_from_slice(e.data);
-        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
-        central.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        central.extend_from_slice(&crc.to_le_bytes());
-        central.extend_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
-        central.extend_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
-        central.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
-        central.extend_from_slice(&28u16.to_le_bytes());
-        central.extend_from_slice(&[0u8; 10]);
-        central.extend_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
-        central.extend_from_slice(e.name.as_bytes());
-        central.extend_from_slice(&1u16.to_le_bytes());
-        central.extend_from_slice(&24u16.to_le_bytes());
-        central.extend_from_slice(&size.to_le_bytes());
-        central.extend_from_slice(&size.to_le_bytes());
-        central.extend_from_slice(&offset.to_le_bytes());
-    }
-    let cd_offset = out.len() as u64;
-    out.extend_from_slice(&central);
-    let n = entries.len() as u64;
-    let z64 = out.len() as u64;
-    out.extend_from_slice(&0x0606_4b50u32.to_le_bytes());
-    out.extend_from_slice(&44u64.to_le_bytes());
-    out.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    out.extend_from_slice(&n.to_le_bytes());
-    out.extend_from_slice(&n.to_le_bytes());
-    out.extend_from_slice(&(central.len() as u64).to_le_bytes());
-    out.extend_from_slice(&cd_offset.to_le_bytes());
-    out.extend_from_slice(&0x0706_4b50u32.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&z64.to_le_bytes());
-    out.extend_from_slice(&1u32.to_le_bytes());
-    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
-    out.extend_from_slice(&[0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
-    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
-    out.extend_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out
+/// A stored ZIP64 archive of `(name, data, claimed size)` entries.
+pub fn zip64(entries: &[(&str, &[u8], Option<u64>)]) -> Vec<u8> {
+    let e: Vec<StoredEntry> = entries
+        .iter()
+        .map(|&(name, data, claimed_size)| StoredEntry {
+            name,
+            data,
+            claimed_size,
+        })
+        .collect();
+    stored_zip(&e, true)
 }
 
 /// A checkpoint archive `ck/` holding `pickle` as its data.pkl (and a byteorder entry).
 pub fn pth_with_pickle(pickle: &[u8]) -> Vec<u8> {
     zip64(&[
-        ZipEntry {
-            name: "ck/data.pkl",
-            data: pickle,
-            claim: None,
-        },
-        ZipEntry {
-            name: "ck/byteorder",
-            data: b"little",
-            claim: None,
-        },
+        ("ck/data.pkl", pickle, None),
+        ("ck/byteorder", b"little", None),
     ])
 }
 

@@ -271,3 +271,84 @@ fn data_start(file: &File, file_len: u64, e: &Entry) -> Result<u64> {
     }
     Ok(start)
 }
+
+/// One entry for [`stored_zip`]. `claimed_size` writes another size into the headers: an
+/// archive that lies about an entry, for tests of the checks above.
+pub struct StoredEntry<'a> {
+    pub name: &'a str,
+    pub data: &'a [u8],
+    pub claimed_size: Option<u64>,
+}
+
+/// A zip of stored entries laid out as torch.save writes them (ZIP64 central and end
+/// records when `zip64`), each with its CRC-32 and a 3-byte padding extra field in its local
+/// header. The one writer behind the reader's unit tests, the hostile-input tests and the
+/// fuzzer (checkergen itself never writes .pth files).
+pub fn stored_zip(entries: &[StoredEntry], zip64: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for e in entries {
+        let offset = out.len() as u64;
+        let crc = crc32fast::hash(e.data);
+        let size = e.claimed_size.unwrap_or(e.data.len() as u64);
+        let (size32, off32) = if zip64 {
+            (0xFFFF_FFFFu32, 0xFFFF_FFFFu32)
+        } else {
+            (size as u32, offset as u32)
+        };
+        out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        out.extend_from_slice(&[45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&size32.to_le_bytes());
+        out.extend_from_slice(&size32.to_le_bytes());
+        out.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&3u16.to_le_bytes());
+        out.extend_from_slice(e.name.as_bytes());
+        out.extend_from_slice(&[0, 0, 0]);
+        out.extend_from_slice(e.data);
+        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        central.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        central.extend_from_slice(&crc.to_le_bytes());
+        central.extend_from_slice(&size32.to_le_bytes());
+        central.extend_from_slice(&size32.to_le_bytes());
+        central.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+        central.extend_from_slice(&(if zip64 { 28u16 } else { 0 }).to_le_bytes());
+        central.extend_from_slice(&[0u8; 10]);
+        central.extend_from_slice(&off32.to_le_bytes());
+        central.extend_from_slice(e.name.as_bytes());
+        if zip64 {
+            central.extend_from_slice(&1u16.to_le_bytes());
+            central.extend_from_slice(&24u16.to_le_bytes());
+            central.extend_from_slice(&size.to_le_bytes());
+            central.extend_from_slice(&size.to_le_bytes());
+            central.extend_from_slice(&offset.to_le_bytes());
+        }
+    }
+    let cd_offset = out.len() as u64;
+    out.extend_from_slice(&central);
+    let n = entries.len() as u64;
+    if zip64 {
+        let z64 = out.len() as u64;
+        out.extend_from_slice(&0x0606_4b50u32.to_le_bytes());
+        out.extend_from_slice(&44u64.to_le_bytes());
+        out.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&n.to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+        out.extend_from_slice(&(central.len() as u64).to_le_bytes());
+        out.extend_from_slice(&cd_offset.to_le_bytes());
+        out.extend_from_slice(&0x0706_4b50u32.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&z64.to_le_bytes());
+        out.extend_from_slice(&1u32.to_le_bytes());
+    }
+    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    let n16 = if zip64 { 0xFFFF } else { n as u16 };
+    out.extend_from_slice(&n16.to_le_bytes());
+    out.extend_from_slice(&n16.to_le_bytes());
+    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    let off32 = if zip64 { 0xFFFF_FFFF } else { cd_offset as u32 };
+    out.extend_from_slice(&off32.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
