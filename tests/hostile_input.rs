@@ -602,3 +602,57 @@ fn hostile_pickles_stay_inert() {
         assert!(!marker.exists(), "{what} ran its command");
     }
 }
+
+/// Found by tests/fuzz_inputs.rs: a pickle whose training-only bool tensor was renamed made
+/// convert keep it and write a model file the loader then refused. The converter now checks
+/// every tensor it keeps as the loader does: a float dtype, finite values.
+#[test]
+fn converter_keeps_only_finite_float_weights() {
+    let dir = scratch("hostile-convert");
+    let entries = zip_entries(&std::fs::read(fixture("tiny.pth")).unwrap());
+    let rezip = |name: &str, edit: &dyn Fn(&str, &mut Vec<u8>)| {
+        let edited: Vec<(String, Vec<u8>)> = entries
+            .iter()
+            .map(|(n, d)| {
+                let mut d = d.clone();
+                edit(n, &mut d);
+                (n.clone(), d)
+            })
+            .collect();
+        let zipped: Vec<(&str, &[u8], Option<u64>)> = edited
+            .iter()
+            .map(|(n, d)| (n.as_str(), &d[..], None))
+            .collect();
+        let p = dir.join(name);
+        std::fs::write(&p, zip64(&zipped)).unwrap();
+        p
+    };
+    // Rename the training-only `autoenc.quantize.initialized` (a bool) so it is kept.
+    let renamed = rezip("renamed.pth", &|n, d| {
+        if n.ends_with("data.pkl") {
+            let key = b"autoenc.quantize.initialized";
+            let at = d.windows(key.len()).position(|w| w == key).unwrap();
+            d[at + key.len() - 1] = b'X';
+        }
+    });
+    let out = dir.join("o.safetensors");
+    assert_refused(
+        &convert_cmd(Some(&renamed), None, None, &out),
+        "is bool, not a floating-point weight",
+    );
+    // Every storage all-ones bytes (NaN in every float): named with its index.
+    let nan = rezip("nan.pth", &|n, d| {
+        if n.contains("/data/") {
+            d.fill(0xFF);
+        }
+    });
+    let o = assert_refused(
+        &convert_cmd(Some(&nan), None, None, &out),
+        "at flat index 0",
+    );
+    assert!(
+        o.last_line().contains("nan.pth") && o.last_line().contains("NaN"),
+        "{o:?}"
+    );
+    assert!(!out.exists());
+}
