@@ -139,9 +139,24 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let labels = match (&a.labels, a.num_samples) {
         (Some(l), _) => l.clone(),
         (None, Some(0)) => bail!("--num-samples must be at least 1"),
+        (None, Some(n)) if n > checkergen::limits::MAX_IMAGES => bail!(
+            "--num-samples {n}: at most {} images per run",
+            checkergen::limits::MAX_IMAGES
+        ),
         (None, Some(n)) => (0..n).map(|i| i % model.config.num_classes).collect(),
         (None, None) => bail!("give --labels or --num-samples"),
     };
+    // Every output is checked before the work: a device, FIFO or directory in the way, or
+    // --model itself among them, is refused now rather than after minutes of sampling.
+    let inputs: Vec<&Path> = a.model.as_deref().into_iter().collect();
+    let mut outputs = vec![a.out.join("grid.png"), a.out.join("run.json")];
+    outputs.extend((0..labels.len()).map(|i| a.out.join(format!("sample_{i:04}.png"))));
+    if a.save_tokens {
+        outputs.push(a.out.join("tokens.safetensors"));
+    }
+    for o in &outputs {
+        checkergen::paths::check_output(o, &inputs)?;
+    }
     let mut opts = SampleOptions::new(labels.clone());
     opts.cfg = a.cfg;
     opts.cfg_start_step = a.cfg_start_step;
@@ -288,8 +303,12 @@ pub fn sample(a: SampleArgs) -> Result<()> {
             "total": total_s * 1e3,
         },
     });
-    std::fs::write(a.out.join("run.json"), serde_json::to_string_pretty(&run)?)
-        .with_context(|| format!("cannot write {}", a.out.join("run.json").display()))?;
+    let run_json = a.out.join("run.json");
+    std::io::Write::write_all(
+        &mut checkergen::paths::create_output(&run_json)?,
+        serde_json::to_string_pretty(&run)?.as_bytes(),
+    )
+    .with_context(|| format!("cannot write {}", run_json.display()))?;
     if a.timings {
         println!(
             "{:>5} {:>5} {:>6} {:>10} {:>12}",
@@ -462,6 +481,10 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     use checkergen::model::decoder::DecoderWeights;
     if a.batch == 0 || a.iters == 0 {
         bail!("--batch and --iters must be at least 1");
+    }
+    if a.model.is_none() {
+        // An unknown preset is named before the GPU is looked for.
+        config::preset(&a.preset)?;
     }
     let Some(gpu) = checkergen::cuda::Gpu::try_new()? else {
         bail!("bench-decode: no CUDA driver or GPU found on this machine");

@@ -10,9 +10,11 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod io;
+pub mod limits;
 pub mod math;
 pub mod model;
 pub mod order;
+pub mod paths;
 pub mod pipeline;
 pub mod rng;
 pub mod sampling;

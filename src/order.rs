@@ -1,6 +1,7 @@
 //! Progressive checkerboard order, scale pyramid and step schedule (SPEC.md sections 1-3).
 //! Pure functions over integers: no tensors, no I/O.
 
+use crate::limits::{MAX_GRID_SIZE, MAX_SCALES};
 use anyhow::{Result, bail};
 
 /// Scale sizes of the pyramid, ascending (SPEC.md section 1).
@@ -21,8 +22,16 @@ pub fn scale_sizes(latent: usize, ratio: f64, min_size: usize) -> Result<Vec<usi
     if min_size > latent {
         bail!("scale_min_size {min_size} exceeds the latent size {latent}");
     }
+    if latent > MAX_GRID_SIZE {
+        bail!("latent size {latent} is too large (at most {MAX_GRID_SIZE})");
+    }
     let mut sizes = vec![latent as f64];
     while *sizes.last().unwrap() > min_size as f64 {
+        // Many divisions round to the same size; past 100x the scale limit the ratio is
+        // refused before the loop runs away (1 + 1 ulp would take ~10^16 divisions).
+        if sizes.len() > 100 * MAX_SCALES {
+            return Err(too_many_scales(ratio, latent, min_size));
+        }
         let next = sizes.last().unwrap() / ratio;
         sizes.push(next);
     }
@@ -43,7 +52,17 @@ pub fn scale_sizes(latent: usize, ratio: f64, min_size: usize) -> Result<Vec<usi
     }
     out.sort_unstable();
     out.dedup();
+    if out.len() > MAX_SCALES {
+        return Err(too_many_scales(ratio, latent, min_size));
+    }
     Ok(out)
+}
+
+fn too_many_scales(ratio: f64, latent: usize, min_size: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "scale_ratio {ratio} is too close to 1: the pyramid from {latent} down to {min_size} \
+         would have more than {MAX_SCALES} scales"
+    )
 }
 
 /// Progressive checkerboard rank map of an n x n grid, `rank[y][x]` (SPEC.md section 2).
@@ -52,53 +71,45 @@ pub fn scale_sizes(latent: usize, ratio: f64, min_size: usize) -> Result<Vec<usi
 /// bottom-left, with the four child sequences interleaved round-robin. Other sizes: the map of
 /// the next power of two, cropped to n x n and re-ranked 0..n^2-1 in the same relative order.
 pub fn rank_map(n: usize) -> Result<Vec<Vec<usize>>> {
-    if n == 0 {
-        bail!("grid size must be at least 1");
-    }
-    if n > 1 << 15 {
-        bail!("grid size {n} is too large (at most 32768)");
-    }
-    let p = n.next_power_of_two();
-    let coords = quadrant_sequence(p, 0, 0);
+    let seq = sequence(n)?;
     let mut rank = vec![vec![0usize; n]; n];
-    let mut r = 0;
-    for (x, y) in coords {
-        if x < n && y < n {
-            rank[y][x] = r;
-            r += 1;
-        }
+    for (r, &i) in seq.iter().enumerate() {
+        rank[i / n][i % n] = r;
     }
     Ok(rank)
 }
 
-/// Coordinates (x, y) of a power-of-two square with top-left (x0, y0), in checkerboard order.
-fn quadrant_sequence(size: usize, x0: usize, y0: usize) -> Vec<(usize, usize)> {
-    if size == 1 {
-        return vec![(x0, y0)];
+/// Cell (x, y) of rank `r` in the 2^levels square. The round-robin interleave makes the
+/// top-level quadrant the lowest base-4 digit of the rank, the next level the next digit, ...
+fn cell_of_rank(mut r: usize, levels: u32) -> (usize, usize) {
+    let (mut x, mut y) = (0, 0);
+    for level in (0..levels).rev() {
+        // Quadrant order: top-left, bottom-right, top-right, bottom-left.
+        let (qx, qy) = [(0, 0), (1, 1), (1, 0), (0, 1)][r & 3];
+        x |= qx << level;
+        y |= qy << level;
+        r >>= 2;
     }
-    let d = size / 2;
-    let quads = [
-        quadrant_sequence(d, x0, y0),         // top-left
-        quadrant_sequence(d, x0 + d, y0 + d), // bottom-right
-        quadrant_sequence(d, x0 + d, y0),     // top-right
-        quadrant_sequence(d, x0, y0 + d),     // bottom-left
-    ];
-    let mut out = Vec::with_capacity(size * size);
-    for i in 0..d * d {
-        for q in &quads {
-            out.push(q[i]);
-        }
-    }
-    out
+    (x, y)
 }
 
-/// The sampling order of an n x n scale: raster indices (y*n + x) sorted by rank.
+/// The sampling order of an n x n scale: raster indices (y*n + x) sorted by rank. Built
+/// directly from the ranks of the next power of two (no per-level copies), at most
+/// [`MAX_GRID_SIZE`] on a side.
 pub fn sequence(n: usize) -> Result<Vec<usize>> {
-    let rank = rank_map(n)?;
-    let mut seq = vec![0usize; n * n];
-    for (y, row) in rank.iter().enumerate() {
-        for (x, &r) in row.iter().enumerate() {
-            seq[r] = y * n + x;
+    if n == 0 {
+        bail!("grid size must be at least 1");
+    }
+    if n > MAX_GRID_SIZE {
+        bail!("grid size {n} is too large (at most {MAX_GRID_SIZE})");
+    }
+    let p = n.next_power_of_two();
+    let levels = p.trailing_zeros();
+    let mut seq = Vec::with_capacity(n * n);
+    for r in 0..p * p {
+        let (x, y) = cell_of_rank(r, levels);
+        if x < n && y < n {
+            seq.push(y * n + x);
         }
     }
     Ok(seq)

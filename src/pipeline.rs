@@ -5,6 +5,7 @@
 //! ([`Backend::decode`]). [`sample`] is the one entry point; backends: `cpu::CpuBackend`
 //! (f32 reference) and `cuda::engine::GpuBackend`.
 
+use crate::limits::{MAX_IMAGES, MAX_SAMPLE_BYTES};
 use crate::model::config::ModelConfig;
 use crate::order::{Schedule, Step, scale_sizes};
 use crate::sampling::TokenPolicy;
@@ -113,6 +114,7 @@ pub fn validate_options(cfg: &ModelConfig, scale_count: usize, o: &SampleOptions
     if o.labels.is_empty() {
         bail!("no labels: give at least one class id");
     }
+    check_batch_size(cfg, o.labels.len(), o.cfg > 0.0)?;
     if let Some(&bad) = o.labels.iter().find(|&&l| l >= cfg.num_classes) {
         bail!(
             "class id {bad} is out of range: this model has {} classes (0..{})",
@@ -143,6 +145,37 @@ pub fn validate_options(cfg: &ModelConfig, scale_count: usize, o: &SampleOptions
         && !(p > 0.0 && p <= 1.0)
     {
         bail!("top-p must be in (0, 1], got {p}");
+    }
+    Ok(())
+}
+
+/// Host bytes one image of a sampling call plans for: its KV cache (K and V of every layer
+/// and position, twice with guidance) and its decoded pixels.
+pub fn bytes_per_image(cfg: &ModelConfig, guided: bool) -> Result<u64> {
+    let sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
+    let n: u64 = sizes.iter().map(|&s| (s * s) as u64).sum();
+    let rows = if guided { 2 } else { 1 };
+    let kv = rows * cfg.num_layers as u64 * n * cfg.hidden_size as u64 * 2 * 4;
+    let pixels = 3 * (cfg.img_size as u64).pow(2) * 4;
+    Ok(kv + pixels)
+}
+
+/// Refuse, before anything is allocated, a batch larger than [`MAX_IMAGES`] or one whose
+/// KV caches and pixels would pass [`MAX_SAMPLE_BYTES`].
+fn check_batch_size(cfg: &ModelConfig, images: usize, guided: bool) -> Result<()> {
+    if images > MAX_IMAGES {
+        bail!("{images} images requested; at most {MAX_IMAGES} per run");
+    }
+    let per = bytes_per_image(cfg, guided)?;
+    let fit = (MAX_SAMPLE_BYTES / per.max(1)).max(1);
+    if images as u64 > fit {
+        bail!(
+            "{images} images need about {:.1} GiB for their KV caches and pixels; at most {fit} \
+             images of this model per run (limit {} GiB): sample in several runs with \
+             different --seed values",
+            (images as u64 * per) as f64 / (1u64 << 30) as f64,
+            MAX_SAMPLE_BYTES >> 30
+        );
     }
     Ok(())
 }

@@ -6,8 +6,7 @@ use std::path::Path;
 /// Write an 8-bit RGB image (row-major, `width * height * 3` bytes) as PNG.
 pub fn write_rgb_png(path: &Path, width: usize, height: usize, rgb: &[u8]) -> Result<()> {
     assert_eq!(rgb.len(), width * height * 3);
-    let file =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file = crate::paths::create_output(path)?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);

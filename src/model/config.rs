@@ -2,6 +2,7 @@
 //! autoencoder config), validation, and presets. Stored as JSON in a converted model file's
 //! safetensors metadata under the key `checkergen_config`.
 
+use crate::limits::{MAX_DIM, MAX_EPS, MAX_LAYERS, MAX_LEVELS};
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
@@ -30,7 +31,11 @@ pub struct DecoderConfig {
 impl DecoderConfig {
     /// Spatial stride of the decoder: 2^(len(ch_mult)-1).
     pub fn stride(&self) -> usize {
-        1 << (self.ch_mult.len().saturating_sub(1))
+        // Saturating: an absurd level count from a file must not overflow the shift
+        // (`validate` refuses more than MAX_LEVELS levels).
+        1usize
+            .checked_shl(self.ch_mult.len().saturating_sub(1) as u32)
+            .unwrap_or(usize::MAX)
     }
 }
 
@@ -80,6 +85,48 @@ impl ModelConfig {
         let d = &self.decoder;
         if self.hidden_size == 0 || self.num_heads == 0 || self.num_layers == 0 {
             bail!("config: hidden_size, num_heads and num_layers must be positive");
+        }
+        // Upper bounds first: every count below sizes an allocation (the expected-tensor
+        // list, the layer stack), so none may be taken on trust from a file.
+        if self.num_layers > MAX_LAYERS {
+            bail!(
+                "config: num_layers {} is too large (at most {MAX_LAYERS})",
+                self.num_layers
+            );
+        }
+        let dims = [
+            ("hidden_size", self.hidden_size),
+            ("num_heads", self.num_heads),
+            ("ffn_dim", self.ffn_dim),
+            ("num_classes", self.num_classes),
+            ("num_mixing_layers", self.num_mixing_layers),
+            ("img_size", self.img_size),
+            ("scale_min_size", self.scale_min_size),
+            ("steps_per_scale", self.steps_per_scale),
+            ("decoder ch", d.ch),
+            ("decoder z_channels", d.z_channels),
+            ("decoder embed_dim", d.embed_dim),
+            ("decoder n_embed", d.n_embed),
+        ];
+        if let Some((name, v)) = dims.iter().find(|(_, v)| *v > MAX_DIM) {
+            bail!("config: {name} {v} is too large (at most {MAX_DIM})");
+        }
+        if d.ch_mult.len() > MAX_LEVELS || d.num_res_blocks > MAX_LEVELS {
+            bail!(
+                "config: decoder ch_mult ({} levels) and num_res_blocks ({}) must be at most \
+                 {MAX_LEVELS}",
+                d.ch_mult.len(),
+                d.num_res_blocks
+            );
+        }
+        if let Some(m) = d.ch_mult.iter().find(|&&m| m > MAX_DIM / d.ch.max(1)) {
+            bail!("config: decoder ch_mult entry {m} is too large");
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps <= MAX_EPS) {
+            bail!(
+                "config: rms_norm_eps {} must be > 0 and at most {MAX_EPS}",
+                self.rms_norm_eps
+            );
         }
         if !self.hidden_size.is_multiple_of(self.num_heads) {
             bail!(

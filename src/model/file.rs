@@ -8,6 +8,7 @@
 //! ([`write_safetensors`]: a temporary file next to the target, fsync, rename).
 
 use crate::model::config::{CONFIG_METADATA_KEY, FORMAT, ModelConfig};
+use crate::paths::check_output;
 use anyhow::{Context, Result, bail};
 use safetensors::SafeTensors;
 use std::borrow::Cow;
@@ -78,14 +79,63 @@ pub fn view_to_f32(name: &str, dtype: safetensors::Dtype, bytes: &[u8]) -> Resul
     })
 }
 
-/// Read a whole safetensors file as f32 tensors, plus its metadata (if any).
+/// Read a whole safetensors file as f32 tensors, plus its metadata (if any). Any dtype is
+/// widened (golden files hold integer tensors); model files go through [`load_model_file`].
 pub fn load_safetensors(path: &Path) -> Result<(TensorMap, BTreeMap<String, String>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let bytes = read_input(path)?;
     parse_safetensors(&bytes).with_context(|| format!("{}", path.display()))
+}
+
+/// Read a model file: like [`load_safetensors`], but every tensor must be a float dtype and
+/// every value finite and within [`MAX_WEIGHT_ABS`] ([`parse_model_tensors`]).
+pub fn load_model_file(path: &Path) -> Result<(TensorMap, BTreeMap<String, String>)> {
+    let bytes = read_input(path)?;
+    parse_model_tensors(&bytes).with_context(|| format!("{}", path.display()))
+}
+
+fn read_input(path: &Path) -> Result<Vec<u8>> {
+    crate::paths::check_input(path)?;
+    std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
+}
+
+/// Largest magnitude a model weight may have: the f16 maximum, since the GPU decoder stores
+/// its weights and activations in 16 bits. Trained weights are orders of magnitude smaller;
+/// a larger value (1e38, a corrupted exponent) is a broken file, not a model.
+pub const MAX_WEIGHT_ABS: f32 = 65504.0;
+
+/// Every value of weight `name` finite and at most [`MAX_WEIGHT_ABS`] in magnitude; else
+/// the first bad value and its flat index. One compare per element.
+pub fn check_weights(name: &str, data: &[f32]) -> Result<()> {
+    // Branch-free over chunks (vectorizes), the index looked for only when a chunk fails.
+    const CHUNK: usize = 4096;
+    let ok = |v: &f32| v.abs() <= MAX_WEIGHT_ABS; // false for NaN
+    let bad = data
+        .chunks(CHUNK)
+        .position(|c| !c.iter().fold(true, |all, v| all & ok(v)));
+    if let Some(ci) = bad {
+        let i = ci * CHUNK + data[ci * CHUNK..].iter().position(|v| !ok(v)).unwrap();
+        bail!(
+            "tensor `{name}` holds {} at flat index {i} (weights must be finite and at most \
+             {MAX_WEIGHT_ABS} in magnitude)",
+            data[i]
+        );
+    }
+    Ok(())
 }
 
 /// Parse safetensors bytes into f32 tensors and metadata.
 pub fn parse_safetensors(bytes: &[u8]) -> Result<(TensorMap, BTreeMap<String, String>)> {
+    parse_checked(bytes, false)
+}
+
+/// Parse a model file's bytes: float dtypes only (an integer tensor where a weight belongs
+/// would be widened into nonsense), each value checked in the same pass that widens it (one
+/// compare per element; the cost on L-2x is in README.md, "Limits").
+pub fn parse_model_tensors(bytes: &[u8]) -> Result<(TensorMap, BTreeMap<String, String>)> {
+    parse_checked(bytes, true)
+}
+
+fn parse_checked(bytes: &[u8], model: bool) -> Result<(TensorMap, BTreeMap<String, String>)> {
     let (_, meta) = SafeTensors::read_metadata(bytes)
         .map_err(|e| anyhow::anyhow!("not a valid safetensors file ({e})"))?;
     let metadata: BTreeMap<String, String> = meta
@@ -97,7 +147,17 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<(TensorMap, BTreeMap<String, St
         .map_err(|e| anyhow::anyhow!("not a valid safetensors file ({e})"))?;
     let mut map = TensorMap::new();
     for (name, view) in st.tensors() {
+        use safetensors::Dtype as D;
+        if model && !matches!(view.dtype(), D::F32 | D::BF16 | D::F16 | D::F64) {
+            bail!(
+                "tensor `{name}` has dtype {:?}; model weights must be f32, bf16, f16 or f64",
+                view.dtype()
+            );
+        }
         let data = view_to_f32(&name, view.dtype(), view.data())?;
+        if model {
+            check_weights(&name, &data)?;
+        }
         map.insert(name, Tensor::new(view.shape().to_vec(), data));
     }
     Ok((map, metadata))
@@ -267,22 +327,49 @@ pub fn write_model(
 
 /// Serialize to `<path>.partial` in the same directory, fsync it, then rename it over `path`,
 /// so a reader never sees a half-written file and a failed write leaves none: the temporary
-/// is removed on every failure path.
+/// is removed on every failure path. `path` must be new or a regular file
+/// ([`check_output`]); the file gets mode 0666 less the umask (safetensors' own temporary is
+/// 0600, so the mode of a placeholder created with the process's umask is copied onto it).
 fn write_atomic<S: AsRef<str> + Ord + fmt::Display, V: safetensors::View>(
     path: &Path,
     views: impl IntoIterator<Item = (S, V)>,
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let shown = path.display();
+    check_output(path, &[])?;
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".partial");
     let tmp = PathBuf::from(tmp_name);
+    // A stale temporary from a killed run is a regular file and may go; anything else there
+    // (a directory, FIFO, symlink) is not ours to touch.
+    match std::fs::symlink_metadata(&tmp) {
+        Ok(m) if m.is_file() => std::fs::remove_file(&tmp)
+            .with_context(|| format!("{shown}: cannot remove stale {}", tmp.display()))?,
+        Ok(_) => bail!(
+            "{shown}: {} exists and is not a regular file; remove it first",
+            tmp.display()
+        ),
+        Err(_) => {}
+    }
+    let placeholder = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o666)
+        .open(&tmp)
+        .with_context(|| format!("{shown}: cannot create {}", tmp.display()))?;
     let result = (|| -> Result<()> {
+        let perms = placeholder.metadata()?.permissions();
+        drop(placeholder);
         safetensors::serialize_to_file(views, Some(metadata), &tmp)
             .map_err(|e| anyhow::anyhow!("{shown}: cannot write ({e})"))?;
+        std::fs::set_permissions(&tmp, perms)
+            .with_context(|| format!("{shown}: cannot set the mode of {}", tmp.display()))?;
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("{shown}: cannot sync {}", tmp.display()))?;
+        // Checked again right before the rename: the target may have changed meanwhile.
+        check_output(path, &[])?;
         std::fs::rename(&tmp, path)
             .with_context(|| format!("{shown}: cannot move {} into place", tmp.display()))
     })();
@@ -332,14 +419,14 @@ mod tests {
         assert_eq!(map["x"].data, vec![1.0, 2.0]);
         assert_eq!(m["k"], "v");
         assert!(!partial(&ok).exists());
-        // Rename fails (the target is a non-empty directory): no temporary stays behind.
+        // The target is a directory: refused before anything is written, nothing left behind.
         let blocked = scratch("blocked.safetensors");
         std::fs::create_dir_all(blocked.join("inside")).unwrap();
         let err = format!(
             "{:#}",
             write_safetensors(&blocked, &entries, meta.clone()).unwrap_err()
         );
-        assert!(err.contains("cannot move"), "{err}");
+        assert!(err.contains("is a directory"), "{err}");
         assert!(!partial(&blocked).exists());
         // The directory does not exist: an error naming the file, nothing written.
         let nowhere = scratch("no/such/dir.safetensors");
@@ -347,7 +434,7 @@ mod tests {
             "{:#}",
             write_safetensors(&nowhere, &entries, meta).unwrap_err()
         );
-        assert!(err.contains("dir.safetensors: cannot write"), "{err}");
+        assert!(err.contains("dir.safetensors: cannot create"), "{err}");
         assert!(!partial(&nowhere).exists());
     }
 }

@@ -12,10 +12,11 @@ pub mod weights;
 
 use crate::model::config::{CONFIG_METADATA_KEY, ModelConfig};
 use crate::model::decoder::DecoderWeights;
-use crate::model::file::{TensorMap, load_safetensors};
+use crate::model::file::{TensorMap, load_model_file, parse_model_tensors};
 use crate::model::weights::TransformerWeights;
 use crate::order::scale_sizes;
 use anyhow::{Context, Result, anyhow};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 pub struct Model {
@@ -29,22 +30,33 @@ pub struct Model {
 impl Model {
     /// Load a model file written by `checkergen convert` or `checkergen init`.
     pub fn load(path: &Path) -> Result<Model> {
-        let (map, meta) = load_safetensors(path)?;
+        let (map, meta) = load_model_file(path)?;
+        Model::from_metadata(&map, &meta).with_context(|| format!("{}", path.display()))
+    }
+
+    /// A model file's bytes as a model (what [`Model::load`] does after reading the file;
+    /// the `cargo fuzz` target's entry point).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Model> {
+        let (map, meta) = parse_model_tensors(bytes)?;
+        Model::from_metadata(&map, &meta)
+    }
+
+    fn from_metadata(map: &TensorMap, meta: &BTreeMap<String, String>) -> Result<Model> {
         let json = meta.get(CONFIG_METADATA_KEY).ok_or_else(|| {
             anyhow!(
-                "{}: no `{CONFIG_METADATA_KEY}` in the safetensors metadata; \
-                 make model files with `checkergen convert` or `checkergen init`",
-                path.display()
+                "no `{CONFIG_METADATA_KEY}` in the safetensors metadata; \
+                 make model files with `checkergen convert` or `checkergen init`"
             )
         })?;
-        let config: ModelConfig = serde_json::from_str(json)
-            .with_context(|| format!("{}: malformed configuration metadata", path.display()))?;
-        Model::from_tensors(config, &map).with_context(|| format!("{}", path.display()))
+        let config: ModelConfig =
+            serde_json::from_str(json).context("malformed configuration metadata")?;
+        Model::from_tensors(config, map)
     }
 
     /// Validate the configuration and every tensor, then fold the weights.
     pub fn from_tensors(config: ModelConfig, map: &TensorMap) -> Result<Model> {
         config.validate()?;
+        check_layer_count(&config, map)?;
         let scale_sizes = scale_sizes(
             config.latent_size(),
             config.scale_ratio,
@@ -74,4 +86,27 @@ impl Model {
             .sum();
         (t, d)
     }
+}
+
+/// The configuration's layer count must equal the layers whose tensors the file holds
+/// (`llama.layers.<i>.`): a count that disagrees is named before any layer is read.
+fn check_layer_count(config: &ModelConfig, map: &TensorMap) -> Result<()> {
+    let present = map
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("llama.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |l| l + 1);
+    if present != config.num_layers {
+        anyhow::bail!(
+            "the configuration says num_layers {} but the file holds tensors for {present} layers",
+            config.num_layers
+        );
+    }
+    Ok(())
 }

@@ -82,6 +82,14 @@ impl Checker<'_> {
             } else {
                 (self.yaml.model_file.as_str(), key.to_string())
             };
+            if !ae && self.yaml.llama_defaulted && key.starts_with("model.llama_config.") {
+                bail!(
+                    "{file}: model.llama_config is missing, so {key} takes the reference's \
+                     default {yaml_value:?}, but the checkpoint says {tensor_value:?}: {}; \
+                     is this the model's own config.yaml?",
+                    evidence()
+                );
+            }
             bail!(
                 "{file}: {key} is {yaml_value:?} but the checkpoint says {tensor_value:?}: {}",
                 evidence()

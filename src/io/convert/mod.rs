@@ -28,7 +28,7 @@ mod yaml;
 
 use crate::io::pth::{PthCheckpoint, PthDtype, PthTensor, StateDict};
 use crate::model::config::ModelConfig;
-use crate::model::file::{Dtype, RawTensor, write_model_tensors};
+use crate::model::file::{Dtype, RawTensor, check_weights, write_model_tensors};
 use anyhow::{Result, bail};
 use check::{Checker, Selected, Sources};
 use std::collections::{BTreeMap, HashMap};
@@ -219,6 +219,15 @@ fn autoencoder_state_dict(ckpt: &PthCheckpoint) -> Result<(String, StateDict)> {
 
 /// Convert a reference checkpoint to a checkergen safetensors model file.
 pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary> {
+    // The output may be new or a regular file, never one of the inputs (checked before any
+    // work, and again by the writer right before its rename).
+    let mut inputs = vec![
+        opts.checkpoint.as_path(),
+        opts.config_yaml.as_path(),
+        opts.autoenc_yaml.as_path(),
+    ];
+    inputs.extend(opts.autoenc_checkpoint.as_deref());
+    crate::paths::check_output(&opts.output, &inputs)?;
     let yaml = schema::read_yaml_model(&opts.config_yaml, &opts.autoenc_yaml)?;
 
     let ar = PthCheckpoint::open(&opts.checkpoint)?;
@@ -296,6 +305,16 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary> {
     let mut parameters = 0usize;
     for (name, sel) in &selected {
         let t = sources.files[sel.source].read_tensor(name, &sel.info)?;
+        // The model file holds weights only: float dtypes, finite values (the loader's
+        // checks, made here so a bad checkpoint fails at conversion, naming its file).
+        let shown = sources.files[sel.source].path().display();
+        if !t.dtype.is_float() {
+            bail!(
+                "{shown}: tensor '{name}' is {}, not a floating-point weight",
+                t.dtype
+            );
+        }
+        check_weights(name, &t.to_f32()).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
         parameters += t.numel();
         // The engine reads the codebook under one name; `normalize` in the config says
         // whether it is normalized at load time.

@@ -36,6 +36,8 @@ pub(super) struct YamlModel {
     pub(super) ae_file: String,
     /// Autoencoder parameters set by the model config's `model.autoenc.params`.
     pub(super) ae_overridden: BTreeSet<String>,
+    /// `model.llama_config` is absent, so its values are the reference's defaults.
+    pub(super) llama_defaulted: bool,
 }
 
 impl YamlModel {
@@ -131,6 +133,7 @@ impl<'a> Field<'a> {
 }
 
 fn read_yaml(path: &Path) -> Result<Yaml> {
+    crate::paths::check_input(path)?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
     yaml::parse(&text).with_context(|| path.display().to_string())
@@ -321,6 +324,7 @@ pub(super) fn read_yaml_model(config_yaml: &Path, autoenc_yaml: &Path) -> Result
         model_file,
         ae_file,
         ae_overridden: overridden,
+        llama_defaulted: llama.is_none(),
     })
 }
 

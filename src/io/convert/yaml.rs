@@ -8,6 +8,7 @@
 //! the reference's configs never use them, and a config that does should fail loudly rather
 //! than be read differently from PyYAML.
 
+use crate::limits::MAX_YAML_DEPTH;
 use anyhow::{Result, bail};
 use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
@@ -83,6 +84,8 @@ impl Yaml {
 /// Parse one YAML document. An empty document is `Null`. Errors are one line:
 /// `YAML line <n>: <what>`.
 pub fn parse(text: &str) -> Result<Yaml> {
+    // A UTF-8 byte-order mark (editors on Windows write one) is not content.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut events = Events(Parser::new_from_str(text));
     let (first, _) = events.next()?;
     debug_assert!(matches!(first, Event::StreamStart));
@@ -90,7 +93,7 @@ pub fn parse(text: &str) -> Result<Yaml> {
         (Event::StreamEnd, _) => return Ok(Yaml::Null),
         (Event::DocumentStart, _) => {
             let (event, mark) = events.next()?;
-            events.node(event, mark)?
+            events.node(event, mark, 0)?
         }
         (other, mark) => bail!("YAML line {}: unexpected {other:?}", mark.line()),
     };
@@ -122,9 +125,14 @@ impl Events<'_> {
         })
     }
 
-    /// The node that starts with `event`.
-    fn node(&mut self, event: Event, mark: Marker) -> Result<Yaml> {
+    /// The node that starts with `event`, `depth` collections deep (at most
+    /// [`MAX_YAML_DEPTH`], so neither this recursion nor dropping the tree can overflow the
+    /// stack).
+    fn node(&mut self, event: Event, mark: Marker, depth: usize) -> Result<Yaml> {
         let line = mark.line();
+        if depth > MAX_YAML_DEPTH {
+            bail!("YAML line {line}: nested more than {MAX_YAML_DEPTH} levels deep");
+        }
         let plain = |anchor: usize, tagged: bool| -> Result<()> {
             if anchor != 0 {
                 bail!("YAML line {line}: anchors and aliases are not supported");
@@ -149,7 +157,7 @@ impl Events<'_> {
                 loop {
                     match self.next()? {
                         (Event::SequenceEnd, _) => return Ok(Yaml::Seq(items)),
-                        (event, mark) => items.push(self.node(event, mark)?),
+                        (event, mark) => items.push(self.node(event, mark, depth + 1)?),
                     }
                 }
             }
@@ -163,7 +171,7 @@ impl Events<'_> {
                         (event, mark) => {
                             // Say what is wrong with an anchored or tagged key; else it is
                             // a collection used as a key.
-                            self.node(event, mark)?;
+                            self.node(event, mark, depth + 1)?;
                             bail!(
                                 "YAML line {}: only scalar mapping keys are supported",
                                 mark.line()
@@ -171,7 +179,7 @@ impl Events<'_> {
                         }
                     };
                     let (event, mark) = self.next()?;
-                    entries.push((key, self.node(event, mark)?));
+                    entries.push((key, self.node(event, mark, depth + 1)?));
                 }
             }
             other => bail!("YAML line {line}: unexpected {other:?}"),

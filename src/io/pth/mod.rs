@@ -35,6 +35,7 @@ mod zip;
 
 use pickle::Value;
 use zip::{Archive, NOT_TORCH_ZIP};
+pub use zip::{StoredEntry, stored_zip};
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::BTreeMap;
@@ -224,6 +225,7 @@ impl PthCheckpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let shown = path.display().to_string();
+        crate::paths::check_input(&path)?;
         let file = File::open(&path).with_context(|| format!("{shown}: cannot open"))?;
         let archive = Archive::new(file).with_context(|| shown.clone())?;
         let pkl_name = find_data_pkl(&archive).with_context(|| shown.clone())?;
@@ -507,70 +509,17 @@ mod tests {
         assert!(t.is_contiguous());
     }
 
-    /// Build a stored zip in memory; `zip64` writes ZIP64 central records and end records.
+    /// A stored zip in memory (see [`zip::stored_zip`]).
     fn build_zip(files: &[(&str, &[u8])], zip64: bool) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut central = Vec::new();
-        for (name, data) in files {
-            let offset = out.len() as u64;
-            out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
-            out.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            out.extend_from_slice(&3u16.to_le_bytes()); // 3 bytes of padding extra
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(&[0, 0, 0]);
-            out.extend_from_slice(data);
-            central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
-            central.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-            let (size32, off32) = if zip64 {
-                (0xFFFF_FFFFu32, 0xFFFF_FFFFu32)
-            } else {
-                (data.len() as u32, offset as u32)
-            };
-            central.extend_from_slice(&size32.to_le_bytes());
-            central.extend_from_slice(&size32.to_le_bytes());
-            central.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            central.extend_from_slice(&(if zip64 { 28u16 } else { 0 }).to_le_bytes());
-            central.extend_from_slice(&[0u8; 10]);
-            central.extend_from_slice(&off32.to_le_bytes());
-            central.extend_from_slice(name.as_bytes());
-            if zip64 {
-                central.extend_from_slice(&1u16.to_le_bytes());
-                central.extend_from_slice(&24u16.to_le_bytes());
-                central.extend_from_slice(&(data.len() as u64).to_le_bytes());
-                central.extend_from_slice(&(data.len() as u64).to_le_bytes());
-                central.extend_from_slice(&offset.to_le_bytes());
-            }
-        }
-        let cd_offset = out.len() as u64;
-        out.extend_from_slice(&central);
-        let n = files.len() as u64;
-        if zip64 {
-            let z64 = out.len() as u64;
-            out.extend_from_slice(&0x0606_4b50u32.to_le_bytes());
-            out.extend_from_slice(&44u64.to_le_bytes());
-            out.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-            out.extend_from_slice(&n.to_le_bytes());
-            out.extend_from_slice(&n.to_le_bytes());
-            out.extend_from_slice(&(central.len() as u64).to_le_bytes());
-            out.extend_from_slice(&cd_offset.to_le_bytes());
-            out.extend_from_slice(&0x0706_4b50u32.to_le_bytes());
-            out.extend_from_slice(&0u32.to_le_bytes());
-            out.extend_from_slice(&z64.to_le_bytes());
-            out.extend_from_slice(&1u32.to_le_bytes());
-        }
-        out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
-        out.extend_from_slice(&[0, 0, 0, 0]);
-        let n16 = if zip64 { 0xFFFF } else { n as u16 };
-        out.extend_from_slice(&n16.to_le_bytes());
-        out.extend_from_slice(&n16.to_le_bytes());
-        out.extend_from_slice(&(central.len() as u32).to_le_bytes());
-        let off32 = if zip64 { 0xFFFF_FFFF } else { cd_offset as u32 };
-        out.extend_from_slice(&off32.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out
+        let entries: Vec<StoredEntry> = files
+            .iter()
+            .map(|&(name, data)| StoredEntry {
+                name,
+                data,
+                claimed_size: None,
+            })
+            .collect();
+        stored_zip(&entries, zip64)
     }
 
     /// `{'model': {'w': tensor}}` where w is a 2x2 float32 view at offset 1 of storage '0'

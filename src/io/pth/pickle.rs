@@ -189,6 +189,45 @@ pub(super) enum Value {
     Tensor(Rc<TensorRef>),
 }
 
+/// Nested containers are dropped with an explicit work list, not by recursion: a pickle of a
+/// list nested 10^6 deep (a few MB) would otherwise overflow the stack when it is freed. A
+/// container still shared elsewhere (a memo entry, a cycle) keeps its items.
+impl Drop for Value {
+    fn drop(&mut self) {
+        fn take_items(v: &mut Value, out: &mut Vec<Value>) {
+            match v {
+                Value::Tuple(t) => {
+                    if let Some(items) = Rc::get_mut(t) {
+                        out.append(items);
+                    }
+                }
+                Value::List(l) => {
+                    if let Some(items) = Rc::get_mut(l) {
+                        out.append(items.get_mut());
+                    }
+                }
+                Value::Dict(d) => {
+                    if let Some(d) = Rc::get_mut(d) {
+                        let d = d.get_mut();
+                        d.index.clear();
+                        for (k, v) in d.entries.drain(..) {
+                            out.push(k);
+                            out.push(v);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut pending = Vec::new();
+        take_items(self, &mut pending);
+        while let Some(mut v) = pending.pop() {
+            take_items(&mut v, &mut pending);
+            // `v` drops here with no items left, so this drop does not recurse.
+        }
+    }
+}
+
 impl Value {
     pub(super) fn as_str(&self) -> Option<&str> {
         match self {
@@ -742,7 +781,7 @@ mod tests {
         // pickle.dumps({'a': 1, 'b': [1.5, None, True], 'c': (300, -2, 70000)}, protocol=2)
         let bytes: &[u8] = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01K\x01X\x01\x00\x00\x00bq\x02]q\x03(G?\xf8\x00\x00\x00\x00\x00\x00N\x88eX\x01\x00\x00\x00cq\x04M,\x01J\xfe\xff\xff\xffJp\x11\x01\x00\x87q\x05u.";
         let v = unpickle(bytes).unwrap();
-        let Value::Dict(d) = v else { panic!() };
+        let Value::Dict(ref d) = v else { panic!() };
         let d = d.borrow();
         assert!(matches!(d.get_str("a"), Some(Value::Int(1))));
         let b = d.get_str("b").unwrap().items().unwrap();

@@ -143,10 +143,22 @@ impl Globals for Torch {
                     global_name(func)
                 ),
             },
-            Some(Known::RebuildFromType) => match argv.as_slice() {
-                [f, _ty, inner, ..] => self.call(f, inner)?,
-                _ => bail!("torch._tensor._rebuild_from_type_v2 expects 4 arguments"),
-            },
+            Some(Known::RebuildFromType) => {
+                // `_rebuild_from_type_v2(func, type, args, state)` calls `func(*args)`; a
+                // hostile pickle can nest these, so unwrap them in a loop, not by recursion.
+                let mut argv = argv;
+                loop {
+                    let (f, inner) = match argv.as_slice() {
+                        [f, _ty, inner, ..] => (f.clone(), inner.clone()),
+                        _ => bail!("torch._tensor._rebuild_from_type_v2 expects 4 arguments"),
+                    };
+                    if matches!(known(&f), Some(Known::RebuildFromType)) {
+                        argv = inner.items().unwrap_or_default();
+                    } else {
+                        break self.call(&f, &inner)?;
+                    }
+                }
+            }
             Some(Known::Storage(_)) | None => opaque(func, "<call result>"),
         })
     }
@@ -298,7 +310,7 @@ mod tests {
         // pickle.dumps({'k': collections.OrderedDict(), 'n': 2**40, 'big': 2**70}, protocol=4)
         let bytes: &[u8] = b"\x80\x04\x95G\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\x01k\x94\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94)R\x94\x8c\x01n\x94\x8a\x06\x00\x00\x00\x00\x00\x01\x8c\x03big\x94\x8a\t\x00\x00\x00\x00\x00\x00\x00\x00@u.";
         let v = unpickle(bytes).unwrap();
-        let Value::Dict(d) = v else { panic!() };
+        let Value::Dict(ref d) = v else { panic!() };
         let d = d.borrow();
         assert!(matches!(d.get_str("k"), Some(Value::Dict(_))));
         assert!(matches!(d.get_str("n"), Some(Value::Int(n)) if n == 1 << 40));

@@ -1,0 +1,703 @@
+//! A deterministic mutation fuzzer over everything a user hands the program (issue 10): a
+//! small model file (safetensors), the converter's fixture checkpoint (.pth) and its pickle
+//! and YAML, and command-line argument lists. It fails on any panic, signal, hang, or exit 0
+//! on an input that is corrupted in a way the program can know.
+//!
+//! Budget: about 40 s on two cores (`CG_FUZZ_SCALE=10 cargo test --release --test
+//! fuzz_inputs -- --nocapture` runs ten times as many; the seed is fixed, so a failure
+//! reproduces). The number of inputs tried and the time are printed.
+//!
+//! How each input runs: the in-process campaign re-executes this test binary under
+//! `ulimit -v` (4 GiB) and a time limit, each input inside `catch_unwind`, so a panic is
+//! caught and reported with the mutation that caused it, and an abort, stack overflow or
+//! runaway allocation fails the test through the child's exit status. A sample of the
+//! inputs also goes through the real binary (`checkergen inspect` / `convert` and random
+//! argument lists), each under `ulimit -v` and a wall-clock limit.
+//!
+//! Oracles (what "corrupted" means, per mutation kind):
+//! * safetensors, a bit flip in the tensor data: every tensor is f32, so the flipped element
+//!   is decoded and the load must fail exactly when it is NaN, infinite or larger than the
+//!   loader's `MAX_WEIGHT_ABS` (65504), and succeed otherwise (other values are valid weights);
+//! * safetensors, a change in the 8-byte length prefix, a truncation or appended bytes: must
+//!   fail (the format fixes the file's length);
+//! * safetensors, a byte change in the JSON header: may succeed only if the loaded model has
+//!   the same configuration and parameter count (a flip inside a metadata string that is
+//!   not read, or in padding, is harmless);
+//! * .pth, any byte change anywhere (entry data, local headers, central directory, end
+//!   records, including size fields set to extreme values) or a truncation: exit 0 only if
+//!   the converted file holds the same tensors and metadata as the clean conversion. Every entry the converter
+//!   reads is CRC-32 checked, so a change it reads fails, and a change it does not read
+//!   (the storage of a skipped training-only tensor, a timestamp) changes nothing;
+//! * pickle bytes changed and re-archived with a correct CRC (to reach the pickle VM): no
+//!   panic, no crash; exit 0 only when the output is a loadable model (a change can be a
+//!   different valid pickle);
+//! * YAML text mutations: no panic; a mutated config may be another valid config;
+//! * argument lists: no panic, signal or hang; exit status 0, 1 or 2 (clap's usage error);
+//!   the input files are unchanged afterwards.
+
+mod hostile_common;
+
+use checkergen::io::convert::{ConvertOptions, convert, model_config_from_yaml};
+use checkergen::model::Model;
+use checkergen::model::file::{Dtype, MAX_WEIGHT_ABS};
+use hostile_common::*;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const SEED: u64 = 0x1005_CAFE;
+
+fn scale() -> usize {
+    std::env::var("CG_FUZZ_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
+
+/// The clean conversion of the fixture checkpoint, and its options.
+fn baseline(dir: &Path) -> (ConvertOptions, Vec<u8>) {
+    let opts = ConvertOptions {
+        checkpoint: fixture("tiny.pth"),
+        config_yaml: fixture("tiny_config.yaml"),
+        autoenc_yaml: fixture("tiny_autoencoder.yaml"),
+        autoenc_checkpoint: None,
+        ema: false,
+        dtype: Dtype::F32,
+        output: dir.join("baseline.safetensors"),
+    };
+    convert(&opts).expect("the fixture converts");
+    let bytes = std::fs::read(&opts.output).unwrap();
+    (opts, bytes)
+}
+
+/// Failures found, each with its mutation.
+#[derive(Default)]
+struct Findings {
+    tried: usize,
+    failures: Vec<String>,
+}
+
+impl Findings {
+    fn check(&mut self, what: &str, f: impl FnOnce() -> Result<(), String>) {
+        self.tried += 1;
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.failures.push(format!("{what}: {e}")),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                self.failures.push(format!("{what}: PANIC {msg}"));
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Mutations
+// ------------------------------------------------------------------------------------------
+
+/// A safetensors mutation and whether the result must load.
+enum Expect {
+    Fail,
+    /// Must load exactly when `true`.
+    Load(bool),
+    /// May load, but then as the same model.
+    SameModelIfLoads,
+}
+
+fn mutate_safetensors(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>, Expect) {
+    let n = u64::from_le_bytes(clean[..8].try_into().unwrap()) as usize;
+    let data_start = 8 + n;
+    let mut b = clean.to_vec();
+    match rng.below(10) {
+        0..=4 => {
+            // Bit flips in one byte of the data region: every tensor is f32 and starts on a
+            // 4-byte boundary of the data region, so the element is the aligned word.
+            let at = data_start + rng.below(b.len() - data_start);
+            let mask = (rng.next() as u8) | 1;
+            b[at] ^= mask;
+            let w = data_start + (at - data_start) / 4 * 4;
+            let v = f32::from_le_bytes(b[w..w + 4].try_into().unwrap());
+            let ok = v.is_finite() && v.abs() <= MAX_WEIGHT_ABS;
+            (
+                format!("data flip {mask:#04x} at {at} -> {v}"),
+                b,
+                Expect::Load(ok),
+            )
+        }
+        5 => {
+            let v = *rng.pick(&[0u64, 1, 7, u64::MAX, 1 << 63, n as u64 + 1, n as u64 - 1]);
+            b[..8].copy_from_slice(&v.to_le_bytes());
+            (format!("length prefix {v}"), b, Expect::Fail)
+        }
+        6 => {
+            let cut = rng.below(b.len());
+            b.truncate(cut);
+            (format!("truncated to {cut}"), b, Expect::Fail)
+        }
+        7 => {
+            let extra = 1 + rng.below(64);
+            b.extend((0..extra).map(|_| rng.next() as u8));
+            (format!("{extra} bytes appended"), b, Expect::Fail)
+        }
+        _ => {
+            let at = 8 + rng.below(n);
+            let v = *rng.pick(b"{}[]\",:0123456789eE-+. \\\x00\xff");
+            b[at] = v;
+            (
+                format!("header byte {at} = {v:#04x}"),
+                b,
+                Expect::SameModelIfLoads,
+            )
+        }
+    }
+}
+
+fn mutate_pth(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
+    let mut b = clean.to_vec();
+    let len = b.len();
+    match rng.below(6) {
+        0..=2 => {
+            let at = rng.below(len);
+            let mask = (rng.next() as u8) | 1;
+            b[at] ^= mask;
+            (format!("flip {mask:#04x} at {at}"), b)
+        }
+        3 => {
+            // The structure lives in the last few KB (central directory, end records).
+            let tail = len.min(4096);
+            let at = len - tail + rng.below(tail - 3);
+            let v = *rng.pick(&[0u32, 1, 0xFFFF_FFFF, 0x7FFF_FFFF, 0x8000_0000, len as u32]);
+            b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            (format!("u32 {v:#x} at {at}"), b)
+        }
+        4 => {
+            let at = rng.below(len.saturating_sub(8));
+            let v = *rng.pick(&[u64::MAX, 1 << 63, 1 << 40, len as u64]);
+            b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            (format!("u64 {v:#x} at {at}"), b)
+        }
+        _ => {
+            let cut = rng.below(len);
+            b.truncate(cut);
+            (format!("truncated to {cut}"), b)
+        }
+    }
+}
+
+fn mutate_text(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
+    let mut b = clean.to_vec();
+    let at = rng.below(b.len());
+    match rng.below(5) {
+        0 => {
+            b[at] ^= (rng.next() as u8) | 1;
+            (format!("flip at {at}"), b)
+        }
+        1 => {
+            b.remove(at);
+            (format!("delete at {at}"), b)
+        }
+        2 => {
+            let v = *rng.pick(b"[]{}:-#&*!|>'\"\t\n ,?%@`\\");
+            b.insert(at, v);
+            (format!("insert {v:#04x} at {at}"), b)
+        }
+        3 => {
+            let n = 1 + rng.below(2000);
+            let open = *rng.pick(&["[", "{", "- ", "a:\n "]);
+            let s: Vec<u8> = open.repeat(n).into_bytes();
+            b.splice(at..at, s);
+            (format!("{n} x {open:?} at {at}"), b)
+        }
+        _ => {
+            let end = (at + 1 + rng.below(64)).min(b.len());
+            let chunk = b[at..end].to_vec();
+            let to = rng.below(b.len());
+            b.splice(to..to, chunk);
+            (format!("duplicate {at}..{end} at {to}"), b)
+        }
+    }
+}
+
+fn mutate_pickle(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
+    let mut b = clean.to_vec();
+    let at = rng.below(b.len());
+    match rng.below(4) {
+        0 => {
+            b[at] ^= (rng.next() as u8) | 1;
+            (format!("pickle flip at {at}"), b)
+        }
+        1 => {
+            // An opcode byte from the VM's repertoire.
+            let v = *rng.pick(b"()]}ahlestuRQbqXKMJN.\x85\x86\x87\x88\x89\x8a\x93\x94\x95");
+            b[at] = v;
+            (format!("pickle op {v:#04x} at {at}"), b)
+        }
+        2 => {
+            let end = (at + 1 + rng.below(32)).min(b.len());
+            b.drain(at..end);
+            (format!("pickle delete {at}..{end}"), b)
+        }
+        _ => {
+            let v = *rng.pick(&[u32::MAX, 0x7FFF_FFFF, 1 << 20]);
+            if at + 4 <= b.len() {
+                b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            (format!("pickle u32 {v:#x} at {at}"), b)
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The in-process campaign (run in a memory-limited child)
+// ------------------------------------------------------------------------------------------
+
+fn same_model(a: &Model, b: &Model) -> bool {
+    a.config == b.config && a.parameter_counts() == b.parameter_counts()
+}
+
+fn campaign() -> Findings {
+    let k = scale();
+    let dir = scratch("fuzz-child");
+    let mut f = Findings::default();
+    let (opts, baseline_out) = baseline(&dir);
+    let clean_model = Model::load(&opts.output).unwrap();
+    let mut rng = Rng(SEED);
+
+    // Safetensors.
+    let st_path = dir.join("m.safetensors");
+    for i in 0..1500 * k {
+        let (what, bytes, expect) = mutate_safetensors(&mut rng, &baseline_out);
+        std::fs::write(&st_path, &bytes).unwrap();
+        f.check(&format!("safetensors #{i} {what}"), || {
+            let got = Model::load(&st_path);
+            match (expect, got) {
+                (Expect::Fail, Ok(_)) => Err("loaded".into()),
+                (Expect::Load(true), Err(e)) => Err(format!("refused a valid file: {e:#}")),
+                (Expect::Load(false), Ok(_)) => Err("loaded a non-finite weight".into()),
+                (Expect::SameModelIfLoads, Ok(m)) if !same_model(&m, &clean_model) => {
+                    Err("loaded as a different model".into())
+                }
+                (_, Err(e)) if format!("{e:#}").lines().count() != 1 => {
+                    Err(format!("error is not one line: {e:#}"))
+                }
+                _ => Ok(()),
+            }
+        });
+    }
+
+    // .pth: any byte change converts only to the identical file.
+    let pth_clean = std::fs::read(&opts.checkpoint).unwrap();
+    let mdir = dir.join("m");
+    std::fs::create_dir_all(&mdir).unwrap();
+    let mut o = opts.clone();
+    o.checkpoint = mdir.join("tiny.pth");
+    o.output = mdir.join("out.safetensors");
+    for i in 0..300 * k {
+        let (what, bytes) = mutate_pth(&mut rng, &pth_clean);
+        std::fs::write(&o.checkpoint, &bytes).unwrap();
+        let _ = std::fs::remove_file(&o.output);
+        f.check(&format!("pth #{i} {what}"), || match convert(&o) {
+            Ok(_) if !same_safetensors(&std::fs::read(&o.output).unwrap(), &baseline_out) => {
+                Err("converted a corrupted checkpoint to a different file".into())
+            }
+            _ => Ok(()),
+        });
+    }
+
+    // Pickle: re-archived with correct CRCs, so the mutation reaches the VM.
+    let entries = zip_entries(&pth_clean);
+    let pkl = entries
+        .iter()
+        .position(|(n, _)| n.ends_with("data.pkl"))
+        .unwrap();
+    for i in 0..500 * k {
+        let (what, p) = mutate_pickle(&mut rng, &entries[pkl].1);
+        let zipped: Vec<(&str, &[u8], Option<u64>)> = entries
+            .iter()
+            .enumerate()
+            .map(|(j, (name, data))| {
+                (
+                    name.as_str(),
+                    if j == pkl { &p[..] } else { &data[..] },
+                    None,
+                )
+            })
+            .collect();
+        std::fs::write(&o.checkpoint, zip64(&zipped)).unwrap();
+        let _ = std::fs::remove_file(&o.output);
+        f.check(&format!("pickle #{i} {what}"), || match convert(&o) {
+            Ok(_) => Model::load(&o.output)
+                .map(|_| ())
+                .map_err(|e| format!("converted to an unloadable model: {e:#}")),
+            Err(_) => Ok(()),
+        });
+    }
+
+    // YAML: the model config and the autoencoder config.
+    let yaml_path = dir.join("c.yaml");
+    for (which, clean) in [
+        ("config", std::fs::read(&opts.config_yaml).unwrap()),
+        ("autoenc", std::fs::read(&opts.autoenc_yaml).unwrap()),
+    ] {
+        for i in 0..400 * k {
+            let (what, text) = mutate_text(&mut rng, &clean);
+            std::fs::write(&yaml_path, &text).unwrap();
+            f.check(&format!("yaml {which} #{i} {what}"), || {
+                let r = if which == "config" {
+                    model_config_from_yaml(&yaml_path, &opts.autoenc_yaml)
+                } else {
+                    model_config_from_yaml(&opts.config_yaml, &yaml_path)
+                };
+                match r {
+                    Err(e) if format!("{e:#}").lines().count() != 1 => {
+                        Err(format!("error is not one line: {e:#}"))
+                    }
+                    _ => Ok(()),
+                }
+            });
+        }
+    }
+    f
+}
+
+/// Runs [`campaign`] in a child process of this test binary under `ulimit -v` and a time
+/// limit; fails on any finding, on a crash (signal, abort) and on a hang.
+#[test]
+fn fuzz_in_process() {
+    if std::env::var_os("CG_FUZZ_CHILD").is_some() {
+        let t = Instant::now();
+        std::panic::set_hook(Box::new(|_| {})); // panics are collected and reported
+        let f = campaign();
+        let _ = std::panic::take_hook();
+        println!(
+            "fuzz (in process): {} inputs in {:.1} s, {} failures",
+            f.tried,
+            t.elapsed().as_secs_f64(),
+            f.failures.len()
+        );
+        for e in f.failures.iter().take(20) {
+            println!("FAIL {e}");
+        }
+        assert!(f.failures.is_empty(), "{} failures", f.failures.len());
+        return;
+    }
+    let limit = Duration::from_secs(240 * scale() as u64);
+    let exe = std::env::current_exe().unwrap();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v {MEM_LIMIT_KIB}; exec \"$0\" fuzz_in_process --exact --nocapture --test-threads 1"
+        ))
+        .arg(&exe)
+        .env("CG_FUZZ_CHILD", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    let report: Vec<&str> = out
+        .lines()
+        .filter_map(|l| {
+            l.find("fuzz (")
+                .map(|i| &l[i..])
+                .or(l.starts_with("FAIL").then_some(l))
+        })
+        .collect();
+    println!("{}", report.join("\n"));
+    let status = status.unwrap_or_else(|| panic!("in-process fuzz hung (> {limit:?})"));
+    assert!(
+        status.success(),
+        "in-process fuzz failed ({status}):\n{out}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Through the real binary
+// ------------------------------------------------------------------------------------------
+
+/// Argument values a careless user or an attacker might give.
+fn hostile_values(dir: &Path) -> Vec<String> {
+    let fifo = make_fifo(&dir.join("fifo"));
+    let mut v: Vec<String> = [
+        "0",
+        "1",
+        "-1",
+        "2",
+        "3",
+        "4097",
+        "10000",
+        "18446744073709551615",
+        "18446744073709551616",
+        "1e308",
+        "nan",
+        "inf",
+        "-inf",
+        "1.000000001",
+        "1.0000000000000002",
+        "2^(1/1000)",
+        "sqrt(1)",
+        "0.5",
+        "",
+        " ",
+        "abc",
+        "1,2,3",
+        "0,0,0,0,0",
+        "999999,0",
+        "-0",
+        "0x10",
+        "/dev/null",
+        "/dev/zero",
+        "/dev/full",
+        "/",
+        ".",
+        "..",
+        "L-2x",
+        "tiny",
+        "foo",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push("x".repeat(5000));
+    v.push(fifo.display().to_string());
+    v.push(dir.display().to_string());
+    v
+}
+
+/// Every run must end in time, by an exit code (no signal), 0, 1 or 2, without a panic.
+fn check_run(args: &[String], limit: Duration) -> Result<Outcome, String> {
+    let o = run_limited(args, limit);
+    if o.timed_out {
+        return Err(format!("hung (> {limit:?})"));
+    }
+    if o.stderr.contains("panicked") {
+        return Err(format!("panicked: {}", o.stderr));
+    }
+    match o.code {
+        Some(0..=2) => Ok(o),
+        other => Err(format!("exit {other:?}: {}", o.stderr)),
+    }
+}
+
+#[test]
+fn fuzz_command_lines() {
+    let t = Instant::now();
+    let dir = scratch("fuzz-cli");
+    let (opts, _) = baseline(&dir);
+    let model = opts.output.display().to_string();
+    let inputs = [
+        opts.output.clone(),
+        fixture("tiny.pth"),
+        fixture("tiny_config.yaml"),
+    ];
+    let before: Vec<Vec<u8>> = inputs.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let values = hostile_values(&dir);
+    let out = dir.join("out").display().to_string();
+    let o_path = dir.join("o.safetensors").display().to_string();
+    let (ck, cf, ae) = (
+        fixture("tiny.pth").display().to_string(),
+        fixture("tiny_config.yaml").display().to_string(),
+        fixture("tiny_autoencoder.yaml").display().to_string(),
+    );
+    // A valid command line per subcommand, and the flags it also takes.
+    let bases: Vec<(Vec<&str>, &[&str])> = vec![
+        (vec!["order", "--size", "8"], &["--size", "--json", "--png"]),
+        (
+            vec!["schedule", "--scale-ratio", "2"],
+            &[
+                "--scale-ratio",
+                "--img-size",
+                "--scale-min-size",
+                "--steps-per-scale",
+                "--vq-stride",
+                "--json",
+            ],
+        ),
+        (vec!["inspect", &model], &[]),
+        (
+            vec!["init", "--preset", "tiny", "-o", &o_path],
+            &["--preset", "--seed", "--dtype"],
+        ),
+        (
+            vec!["sample", "--model", &model, "--labels", "0", "--out", &out],
+            &[
+                "--num-samples",
+                "--labels",
+                "--cfg",
+                "--cfg-start-step",
+                "--steps",
+                "--steps-per-scale",
+                "--temperature",
+                "--top-k",
+                "--top-p",
+                "--seed",
+                "--device",
+            ],
+        ),
+        (
+            vec![
+                "convert",
+                "--checkpoint",
+                &ck,
+                "--config",
+                &cf,
+                "--autoenc-config",
+                &ae,
+                "-o",
+                &o_path,
+            ],
+            &["--dtype", "--ema"],
+        ),
+        (
+            vec![
+                "bench-decode",
+                "--preset",
+                "tiny",
+                "--batch",
+                "1",
+                "--iters",
+                "1",
+            ],
+            &["--preset", "--batch", "--iters", "--warmup"],
+        ),
+    ];
+    let mut rng = Rng(SEED ^ 0xC11);
+    let mut f = Findings::default();
+    let mut codes = [0usize; 4];
+    for i in 0..400 * scale() {
+        let (base, extra) = rng.pick(&bases);
+        let mut args: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+        // Replace one or two values (never the subcommand) with hostile ones ...
+        for _ in 0..1 + rng.below(2) {
+            if args.len() > 1 {
+                let at = 1 + rng.below(args.len() - 1);
+                if !args[at].starts_with('-') {
+                    args[at] = rng.pick(&values).clone();
+                }
+            }
+        }
+        // ... and maybe add a flag.
+        if !extra.is_empty() && rng.below(2) == 0 {
+            let flag = rng.pick(extra);
+            args.push(flag.to_string());
+            if !matches!(*flag, "--json" | "--ema") {
+                args.push(rng.pick(&values).clone());
+            }
+        }
+        // Output paths that are not absolute go to the scratch directory (the subprocess
+        // runs there anyway); the fixtures are never an output.
+        for w in 1..args.len() {
+            if matches!(args[w - 1].as_str(), "-o" | "--png" | "--out") && !args[w].starts_with('/')
+            {
+                args[w] = dir.join("o").display().to_string();
+            }
+        }
+        let limit = Duration::from_secs(30);
+        f.check(&format!("cli #{i} {args:?}"), || {
+            let o = check_run(&args, limit)?;
+            codes[o.code.unwrap_or(3) as usize % 4] += 1;
+            Ok(())
+        });
+    }
+    for (p, b) in inputs.iter().zip(&before) {
+        assert_eq!(
+            &std::fs::read(p).unwrap(),
+            b,
+            "{} was modified",
+            p.display()
+        );
+    }
+    println!(
+        "fuzz (command lines): {} argument lists in {:.1} s (exit 0: {}, 1: {}, 2: {}), {} failures",
+        f.tried,
+        t.elapsed().as_secs_f64(),
+        codes[0],
+        codes[1],
+        codes[2],
+        f.failures.len()
+    );
+    assert!(f.failures.is_empty(), "{}", f.failures.join("\n"));
+}
+
+/// A sample of the file mutations through `checkergen inspect` and `convert` themselves.
+#[test]
+fn fuzz_files_through_the_binary() {
+    let t = Instant::now();
+    let dir = scratch("fuzz-bin");
+    let (opts, clean) = baseline(&dir);
+    let mut rng = Rng(SEED ^ 0xB1);
+    let mut f = Findings::default();
+    let st = dir.join("m.safetensors");
+    for i in 0..150 * scale() {
+        let (what, bytes, expect) = mutate_safetensors(&mut rng, &clean);
+        std::fs::write(&st, &bytes).unwrap();
+        let args = vec!["inspect".to_string(), st.display().to_string()];
+        f.check(&format!("inspect #{i} {what}"), || {
+            let o = check_run(&args, Duration::from_secs(30))?;
+            let must_fail = matches!(expect, Expect::Fail | Expect::Load(false));
+            if must_fail && o.code == Some(0) {
+                return Err("exit 0 on a corrupted file".into());
+            }
+            if o.code != Some(0) && !o.is_clean_failure() {
+                return Err(format!("unclear failure: {:?}", o.stderr));
+            }
+            Ok(())
+        });
+    }
+    let pth_clean = std::fs::read(&opts.checkpoint).unwrap();
+    let ckpt = dir.join("tiny.pth");
+    let out = dir.join("out.safetensors");
+    for i in 0..100 * scale() {
+        let (what, bytes) = mutate_pth(&mut rng, &pth_clean);
+        std::fs::write(&ckpt, &bytes).unwrap();
+        let _ = std::fs::remove_file(&out);
+        let args: Vec<String> = [
+            "convert",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--config",
+            opts.config_yaml.to_str().unwrap(),
+            "--autoenc-config",
+            opts.autoenc_yaml.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        f.check(&format!("convert #{i} {what}"), || {
+            let o = check_run(&args, Duration::from_secs(30))?;
+            match o.code {
+                Some(0) if !same_safetensors(&std::fs::read(&out).unwrap(), &clean) => {
+                    Err("converted a corrupted checkpoint to a different file".into())
+                }
+                Some(0) => Ok(()),
+                _ if !o.is_clean_failure() => Err(format!("unclear failure: {:?}", o.stderr)),
+                _ if out.exists() => Err("left an output behind".into()),
+                _ => Ok(()),
+            }
+        });
+    }
+    println!(
+        "fuzz (files through the binary): {} inputs in {:.1} s, {} failures",
+        f.tried,
+        t.elapsed().as_secs_f64(),
+        f.failures.len()
+    );
+    assert!(f.failures.is_empty(), "{}", f.failures.join("\n"));
+}
