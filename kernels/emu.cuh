@@ -216,11 +216,16 @@ struct EmuCopy {  // one cp.async: lands at wait_group once its group is old eno
     unsigned char data[16];
 };
 
-struct EmuFiber {
-    void* sp = nullptr;  // saved stack pointer (x86-64)
+// A saved execution context: the stack pointer (x86-64, cg_emu_switch) or a ucontext.
+struct EmuCtx {
+    void* sp = nullptr;
 #if !defined(__x86_64__)
-    ucontext_t ctx;
+    ucontext_t uc;
 #endif
+};
+
+struct EmuFiber {
+    EmuCtx ctx;
     unsigned char* stack = nullptr;  // lowest usable address (a guard page below)
     size_t stack_size = 0;
     dim3 tid;
@@ -231,7 +236,7 @@ struct EmuFiber {
 };
 
 struct EmuWarpState {
-    unsigned live = 0, arrived = 0;
+    unsigned lanes = 0, live = 0, arrived = 0;  // lanes: 32, or fewer in a last partial warp
     int kind = EMU_K_NONE;
     uint32_t in[32][12];  // what each lane publishes for the collective
     uint32_t out[32][4];  // what each lane receives
@@ -242,15 +247,16 @@ struct EmuRun {
     const char* name = "kernel";
     void (*body)(void*) = nullptr;
     void* arg = nullptr;
-    void* sched_sp = nullptr;
-#if !defined(__x86_64__)
-    ucontext_t sched_ctx;
-#endif
+    EmuCtx sched, dead;                 // the scheduler; where a finished fiber's context goes
     const void* sched_stack = nullptr;  // the OS thread's stack, for ASan fiber switches
     size_t sched_stack_size = 0;
     EmuFiber* cur = nullptr;
     EmuFiber* fibers = nullptr;
     unsigned nt = 0, live = 0, bar_arrived = 0, nwarps = 0;
+    // Ready fibers (a ring, at most nt at a time: a fiber is queued only when released):
+    // released by a barrier at the back, by a warp collective at the front.
+    unsigned ready[1024];
+    unsigned head = 0, tail = 0;
     EmuWarpState warps[32];
     bool failed = false;
     char msg[400] = {0};
@@ -325,38 +331,61 @@ inline void emu_fatal(const char* fmt, ...) {
 #define assert(e) ((e) ? (void)0 : emu_fatal("assert(%s) failed at %s:%d", #e, __FILE__, __LINE__))
 
 // ---- switching -------------------------------------------------------------------------------------
-inline void emu_switch(void** save, void* to, const void* to_stack, size_t to_size, bool dying) {
+inline void emu_ctx_switch(EmuCtx* save, EmuCtx* to, const void* to_stack, size_t to_size, bool dying) {
 #ifdef EMU_ASAN
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(dying ? nullptr : &fake, to_stack, to_size);
 #else
     (void)to_stack, (void)to_size, (void)dying;
 #endif
-    cg_emu_switch(save, to);
+#if defined(__x86_64__)
+    cg_emu_switch(&save->sp, to->sp);
+#else
+    swapcontext(&save->uc, &to->uc);
+#endif
 #ifdef EMU_ASAN
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
 }
 
-// From a fiber back to the scheduler (for good when dying).
-inline void emu_switch_to_sched(bool dying) {
-    EmuRun* r = t_emu;
-    EmuFiber* f = r->cur;
-#if defined(__x86_64__)
-    emu_switch(&f->sp, r->sched_sp, r->sched_stack, r->sched_stack_size, dying);
-#else
-    (void)dying;
-    swapcontext(&f->ctx, &r->sched_ctx);
-#endif
+inline void emu_push_ready(EmuRun* r, unsigned t) {
+    r->fibers[t].state = EMU_READY;
+    r->ready[r->tail++ & 1023] = t;
+}
+inline void emu_push_ready_front(EmuRun* r, unsigned t) {
+    r->fibers[t].state = EMU_READY;
+    r->ready[--r->head & 1023] = t;
 }
 
-// The running thread waits (state already set); returns when the scheduler resumes it.
-inline void emu_block_here() { emu_switch_to_sched(false); }
+// Leaves the running fiber (already marked waiting, or finished when dying) for the next
+// ready one, or for the scheduler when none is ready or the launch failed. Returns when
+// another fiber or the scheduler switches back to it.
+inline void emu_switch_to_sched(bool dying);
+inline void emu_yield(bool dying) {
+    EmuRun* r = t_emu;
+    EmuFiber* me = r->cur;
+    EmuCtx* save = dying ? &r->dead : &me->ctx;
+    if (!r->failed && r->head != r->tail) {
+        EmuFiber* next = &r->fibers[r->ready[r->head++ & 1023]];
+        r->cur = next;
+        threadIdx = next->tid;
+        emu_ctx_switch(save, &next->ctx, next->stack, next->stack_size, dying);
+    } else {
+        emu_ctx_switch(save, &r->sched, r->sched_stack, r->sched_stack_size, dying);
+    }
+}
+inline void emu_switch_to_sched(bool dying) {
+    EmuRun* r = t_emu;
+    emu_ctx_switch(dying ? &r->dead : &r->cur->ctx, &r->sched, r->sched_stack, r->sched_stack_size, dying);
+}
+
+// The running thread waits (state already set); returns once it has been released and run.
+inline void emu_block_here() { emu_yield(false); }
 
 inline void emu_release_barrier(EmuRun* r) {
     r->bar_arrived = 0;
     for (unsigned t = 0; t < r->nt; ++t)
-        if (r->fibers[t].state == EMU_AT_BARRIER) r->fibers[t].state = EMU_READY;
+        if (r->fibers[t].state == EMU_AT_BARRIER) emu_push_ready(r, t);
 }
 
 inline void emu_complete_warp(EmuRun* r, unsigned w);
@@ -366,15 +395,21 @@ inline void emu_release_warp(EmuRun* r, unsigned w) {
     EmuWarpState& ws = r->warps[w];
     ws.arrived = 0;
     ws.kind = EMU_K_NONE;
+    // The warp's lanes run next, in lane order: a warp goes from collective to collective
+    // with only its own 32 stacks in cache, until it waits at a block barrier.
     const unsigned end = 32 * w + 32 < r->nt ? 32 * w + 32 : r->nt;
-    for (unsigned t = 32 * w; t < end; ++t)
-        if (r->fibers[t].state == EMU_AT_WARP) r->fibers[t].state = EMU_READY;
+    for (unsigned t = end; t-- > 32 * w;)
+        if (r->fibers[t].state == EMU_AT_WARP) emu_push_ready_front(r, t);
 }
 
 [[noreturn]] inline void emu_fiber_main() {
     EmuRun* r = t_emu;
 #ifdef EMU_ASAN
-    __sanitizer_finish_switch_fiber(nullptr, &r->sched_stack, &r->sched_stack_size);
+    // The first fiber of a launch is entered from the scheduler: that gives its stack.
+    const void* from;
+    size_t from_size;
+    __sanitizer_finish_switch_fiber(nullptr, &from, &from_size);
+    if (!r->sched_stack) r->sched_stack = from, r->sched_stack_size = from_size;
 #endif
     r->body(r->arg);
     EmuFiber* f = r->cur;
@@ -391,7 +426,7 @@ inline void emu_release_warp(EmuRun* r, unsigned w) {
     // Dropping out may complete what the others wait for.
     if (ws.arrived && ws.arrived == ws.live) emu_release_warp(r, w);
     if (r->bar_arrived && r->bar_arrived == r->live) emu_release_barrier(r);
-    emu_switch_to_sched(true);
+    emu_yield(true);
     __builtin_unreachable();
 }
 #if !defined(__x86_64__)
@@ -591,15 +626,16 @@ inline void emu_mma_all(EmuWarpState& w) {
         }
         for (int i = 0; i < 4; ++i) memcpy(&C[gid + (i >= 2 ? 8 : 0)][tig * 2 + (i & 1)], &w.in[l][6 + i], 4);
     }
+    // D = C + A B, each element accumulated in f32 with k ascending (vectorized over columns).
+    for (int row = 0; row < 16; ++row)
+        for (int k = 0; k < 16; ++k) {
+            const float a = A[row][k];
+            for (int col = 0; col < 8; ++col) C[row][col] += a * B[k][col];
+        }
     for (int l = 0; l < 32; ++l) {
         const int gid = l >> 2, tig = l & 3;
         float out[4];
-        for (int i = 0; i < 4; ++i) {
-            const int row = gid + (i >= 2 ? 8 : 0), col = tig * 2 + (i & 1);
-            float acc = C[row][col];
-            for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
-            out[i] = acc;
-        }
+        for (int i = 0; i < 4; ++i) out[i] = C[gid + (i >= 2 ? 8 : 0)][tig * 2 + (i & 1)];
         memcpy(w.out[l], out, 16);
     }
 }
@@ -609,9 +645,11 @@ inline void emu_complete_warp(EmuRun* r, unsigned w) {
     EmuWarpState& ws = r->warps[w];
     switch (ws.kind) {
         case EMU_K_SHFL:
-            for (int l = 0; l < 32; ++l) {
+            // A source lane out of range, or one a partial warp does not have, gives the
+            // lane's own value; one that has exited, the last value it published.
+            for (int l = 0; l < (int)ws.lanes; ++l) {
                 const int src = (int)ws.in[l][2];
-                const int from = (src >= 0 && src < 32) ? src : l;
+                const int from = (src >= 0 && src < (int)ws.lanes) ? src : l;
                 ws.out[l][0] = ws.in[from][0];
                 ws.out[l][1] = ws.in[from][1];
             }
@@ -703,15 +741,17 @@ inline int emu_run(const char* name, void (*body)(void*), void* arg, const uint3
                 run.live = nt;
                 run.bar_arrived = 0;
                 for (unsigned w = 0; w < run.nwarps; ++w) {
-                    run.warps[w].live = nt - 32 * w < 32 ? nt - 32 * w : 32;
-                    run.warps[w].arrived = 0;
-                    run.warps[w].kind = EMU_K_NONE;
+                    EmuWarpState& ws = run.warps[w];
+                    ws.lanes = ws.live = nt - 32 * w < 32 ? nt - 32 * w : 32;
+                    ws.arrived = 0;
+                    ws.kind = EMU_K_NONE;
+                    // Lanes a partial warp does not have give zeros to ldmatrix and mma.
+                    if (ws.lanes < 32) memset(ws.in[ws.lanes], 0, sizeof(ws.in[0]) * (32 - ws.lanes));
                 }
                 for (unsigned t = 0; t < nt; ++t) {
                     EmuFiber& f = run.fibers[t];
                     f.linear = t;
                     f.tid = dim3{t % block[0], (t / block[0]) % block[1], t / (block[0] * block[1])};
-                    f.state = EMU_READY;
                     f.copies.clear();
                     f.committed = 0;
 #ifdef EMU_ASAN
@@ -720,36 +760,34 @@ inline int emu_run(const char* name, void (*body)(void*), void* arg, const uint3
 #if defined(__x86_64__)
                     // Fresh stack: six zero registers, then emu_fiber_main as the return
                     // address, entered with rsp = 8 (mod 16) like any called function.
-                    void** s = (void**)(((uintptr_t)(f.stack + f.stack_size)) & ~(uintptr_t)15);
+                    // The tops are staggered by 64 bytes (mod 4 KiB) so that the hot stack
+                    // lines of different fibers do not all fall in the same cache sets.
+                    const size_t color = (size_t)(t & 63) * 64;
+                    void** s = (void**)(((uintptr_t)(f.stack + f.stack_size - color)) & ~(uintptr_t)15);
                     *--s = nullptr;
                     *--s = (void*)&emu_fiber_main;
                     for (int i = 0; i < 6; ++i) *--s = nullptr;
-                    f.sp = s;
+                    f.ctx.sp = s;
 #else
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = f.stack;
-                    f.ctx.uc_stack.ss_size = f.stack_size;
-                    f.ctx.uc_link = nullptr;
-                    makecontext(&f.ctx, emu_fiber_main_uc, 0);
+                    getcontext(&f.ctx.uc);
+                    f.ctx.uc.uc_stack.ss_sp = f.stack;
+                    f.ctx.uc.uc_stack.ss_size = f.stack_size;
+                    f.ctx.uc.uc_link = nullptr;
+                    makecontext(&f.ctx.uc, emu_fiber_main_uc, 0);
 #endif
                 }
-                while (run.live && !run.failed) {
-                    bool progressed = false;
-                    for (unsigned t = 0; t < nt && !run.failed; ++t) {
-                        EmuFiber& f = run.fibers[t];
-                        if (f.state != EMU_READY) continue;
-                        progressed = true;
-                        run.cur = &f;
-                        threadIdx = f.tid;
-#if defined(__x86_64__)
-                        emu_switch(&run.sched_sp, f.sp, f.stack, f.stack_size, false);
-#else
-                        swapcontext(&run.sched_ctx, &f.ctx);
-#endif
-                    }
-                    run.cur = nullptr;
-                    if (!progressed && !run.failed) emu_deadlock(&run);
+                run.head = run.tail = 0;
+                for (unsigned t = 0; t < nt; ++t) emu_push_ready(&run, t);
+                // Fibers switch among themselves; control comes back here when none is
+                // ready (all done, or a deadlock) or the launch failed.
+                while (!run.failed && run.head != run.tail) {
+                    EmuFiber* f = &run.fibers[run.ready[run.head++ & 1023]];
+                    run.cur = f;
+                    threadIdx = f->tid;
+                    emu_ctx_switch(&run.sched, &f->ctx, f->stack, f->stack_size, false);
                 }
+                run.cur = nullptr;
+                if (!run.failed && run.live) emu_deadlock(&run);
             }
     t_emu = nullptr;
     if (run.failed) {
