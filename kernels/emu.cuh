@@ -610,33 +610,94 @@ inline void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
     emu_warp_arrive(std::is_same_v<T, __half> ? EMU_K_MMA_F16 : EMU_K_MMA_BF16);
     memcpy(d, w.out[lane], 16);
 }
+// The PTX ISA element formulas above, element by element: the reference the fast model
+// below is checked against (tools/emu/selftest_emu.cpp, bitwise). in: the 32 lanes' a[4],
+// b[2], c[4] as published; out: each lane's d[4].
 template <typename T>
-inline void emu_mma_all(EmuWarpState& w) {
+inline void emu_mma_reference(const uint32_t in[32][12], float out[32][4]) {
     float A[16][16], B[16][8], C[16][8];
     for (int l = 0; l < 32; ++l) {
         const int gid = l >> 2, tig = l & 3;
         for (int i = 0; i < 8; ++i) {
             const int row = (i < 2 || (i >= 4 && i < 6)) ? gid : gid + 8;
             const int col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
-            A[row][col] = emu_elem<T>(w.in[l][i / 2], i & 1);
+            A[row][col] = emu_elem<T>(in[l][i / 2], i & 1);
         }
         for (int i = 0; i < 4; ++i) {
             const int row = tig * 2 + (i & 1) + (i >= 2 ? 8 : 0);
-            B[row][gid] = emu_elem<T>(w.in[l][4 + i / 2], i & 1);
+            B[row][gid] = emu_elem<T>(in[l][4 + i / 2], i & 1);
         }
-        for (int i = 0; i < 4; ++i) memcpy(&C[gid + (i >= 2 ? 8 : 0)][tig * 2 + (i & 1)], &w.in[l][6 + i], 4);
+        for (int i = 0; i < 4; ++i) memcpy(&C[gid + (i >= 2 ? 8 : 0)][tig * 2 + (i & 1)], &in[l][6 + i], 4);
     }
-    // D = C + A B, each element accumulated in f32 with k ascending (vectorized over columns).
-    for (int row = 0; row < 16; ++row)
-        for (int k = 0; k < 16; ++k) {
-            const float a = A[row][k];
-            for (int col = 0; col < 8; ++col) C[row][col] += a * B[k][col];
-        }
     for (int l = 0; l < 32; ++l) {
         const int gid = l >> 2, tig = l & 3;
-        float out[4];
-        for (int i = 0; i < 4; ++i) out[i] = C[gid + (i >= 2 ? 8 : 0)][tig * 2 + (i & 1)];
-        memcpy(w.out[l], out, 16);
+        for (int i = 0; i < 4; ++i) {
+            const int row = gid + (i >= 2 ? 8 : 0), col = tig * 2 + (i & 1);
+            float acc = C[row][col];
+            for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+            out[l][i] = acc;
+        }
+    }
+}
+
+// The model the emulator runs: the same tables in their per-register form (common.cuh),
+// the product vectorized over the 8 columns with the same operation order.
+// The two 16-bit elements of a register as f32 (low half first).
+inline void emu_unpack2(float* d, uint32_t reg, __nv_bfloat16*) {
+    d[0] = __uint_as_float(reg << 16);
+    d[1] = __uint_as_float(reg & 0xffff0000u);
+}
+inline void emu_unpack2(float* d, uint32_t reg, __half*) {
+    d[0] = __half2float(__half_raw{(unsigned short)(reg & 0xffffu)});
+    d[1] = __half2float(__half_raw{(unsigned short)(reg >> 16)});
+}
+template <typename T>
+inline void emu_mma_all(EmuWarpState& w) {
+    typedef float v4f __attribute__((vector_size(16)));
+    float A[16][16];
+    alignas(16) float B[16][8], C[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t2 = 2 * (l & 3);
+        const uint32_t* in = w.in[l];
+        // A: reg0 = A[g][2t..2t+1], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..], reg3 = A[g+8][2t+8..]
+        emu_unpack2(&A[g][t2], in[0], (T*)nullptr);
+        emu_unpack2(&A[g + 8][t2], in[1], (T*)nullptr);
+        emu_unpack2(&A[g][t2 + 8], in[2], (T*)nullptr);
+        emu_unpack2(&A[g + 8][t2 + 8], in[3], (T*)nullptr);
+        // B: reg0 = B[2t..2t+1][g], reg1 = B[2t+8..2t+9][g]
+        float b[4];
+        emu_unpack2(&b[0], in[4], (T*)nullptr);
+        emu_unpack2(&b[2], in[5], (T*)nullptr);
+        B[t2][g] = b[0];
+        B[t2 + 1][g] = b[1];
+        B[t2 + 8][g] = b[2];
+        B[t2 + 9][g] = b[3];
+        // C: c0, c1 = C[g][2t..2t+1], c2, c3 = C[g+8][2t..2t+1]
+        memcpy(&C[g][t2], &in[6], 8);
+        memcpy(&C[g + 8][t2], &in[8], 8);
+    }
+    // D = C + A B, each element accumulated in f32 with k ascending (one rounding per
+    // multiply and per add, vectorized over the 8 columns).
+    for (int row = 0; row < 16; ++row) {
+        v4f d0, d1;
+        memcpy(&d0, &C[row][0], 16);
+        memcpy(&d1, &C[row][4], 16);
+        for (int k = 0; k < 16; ++k) {
+            const float a = A[row][k];
+            v4f b0, b1;
+            memcpy(&b0, &B[k][0], 16);
+            memcpy(&b1, &B[k][4], 16);
+            const v4f av = {a, a, a, a};
+            d0 = d0 + av * b0;
+            d1 = d1 + av * b1;
+        }
+        memcpy(&C[row][0], &d0, 16);
+        memcpy(&C[row][4], &d1, 16);
+    }
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t2 = 2 * (l & 3);
+        memcpy(&w.out[l][0], &C[g][t2], 8);
+        memcpy(&w.out[l][2], &C[g + 8][t2], 8);
     }
 }
 

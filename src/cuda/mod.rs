@@ -239,7 +239,7 @@ mod emu_abi_tests {
     #[test]
     fn emulator_reports_bad_launches() {
         let mut y = vec![0f32; 4];
-        let b = vec![0f32; 4];
+        let b = [0f32; 4];
         let p = AddBiasParams {
             y: y.as_mut_ptr() as u64,
             b: b.as_ptr() as u64,

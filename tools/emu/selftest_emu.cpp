@@ -8,6 +8,7 @@
 #include "check.hpp"
 
 #include <chrono>
+#include <random>
 #include <string>
 
 struct TestParams {
@@ -158,6 +159,35 @@ int main(int argc, char** argv) {
         check_exact("launch after failed launches", rc != 0 || out[4] != 4950);
     }
 
+    {  // the mma model the emulator runs equals the PTX-table reference, bitwise
+        std::mt19937 g(7);
+        long bad = 0;
+        for (int rep = 0; rep < 200; ++rep) {
+            EmuWarpState w;
+            float want[32][4];
+            for (int l = 0; l < 32; ++l) {
+                for (int i = 0; i < 6; ++i) {  // random 16-bit values, no NaN/inf
+                    const uint32_t lo = g() & 0x3fff, hi = g() & 0x3fff;
+                    w.in[l][i] = (lo | (g() & 0x8000)) | (hi | (g() & 0x8000)) << 16;
+                }
+                for (int i = 6; i < 10; ++i) {
+                    const float c = (float)(int)(g() % 2001 - 1000) / 64.f;
+                    memcpy(&w.in[l][i], &c, 4);
+                }
+            }
+            for (int t = 0; t < 2; ++t) {
+                if (t == 0) {
+                    emu_mma_all<__nv_bfloat16>(w);
+                    emu_mma_reference<__nv_bfloat16>(w.in, want);
+                } else {
+                    emu_mma_all<__half>(w);
+                    emu_mma_reference<__half>(w.in, want);
+                }
+                bad += memcmp(w.out, want, sizeof want) != 0;
+            }
+        }
+        check_exact("mma m16n8k16 model == PTX-table reference (bf16, f16)", bad);
+    }
     if (!bench) return finish();
     // Launch timings at the tiny preset's shapes (hidden 64; 256 tokens at the last scale,
     // x2 with guidance) and a large one.
