@@ -5,11 +5,12 @@
 // C entry point per kernel, `cg_emu_NAME` (see emu_abi_launch at the end).
 //
 // How it runs: the CUDA threads of a block are fibers (user-level contexts with their own
-// 64 KiB stack, pooled per OS thread) executed cooperatively by the calling OS thread; a
-// fiber runs until it blocks at __syncthreads or at a warp collective, then the next one
-// runs. Blocks run one after another. Static `__shared__` maps to a function-local
-// `thread_local`, so it is the running block's shared memory and launches on different OS
-// threads never share it (concurrent launches from different threads are safe; no lock).
+// 64 KiB stack, pooled per OS thread) executed cooperatively by one OS thread; a fiber runs
+// until it blocks at __syncthreads or at a warp collective, then the next one runs. Blocks
+// are shared out between the launching thread and helper threads (CHECKERGEN_EMU_THREADS,
+// see emu_workers). Static `__shared__` maps to a function-local `thread_local`, so it is
+// the running block's shared memory and no two OS threads share it (concurrent launches from
+// different threads are safe; no global lock).
 // Supplies:
 //   - CUDA keywords, threadIdx/blockIdx (per thread, set at every fiber switch) and
 //     blockDim/gridDim (per launch); 3-D blocks up to 1024 threads, warps of 32 consecutive
@@ -33,7 +34,7 @@
 //     "EMU ERROR" and counts) and emu_report() (emulator errors and ldmatrix bank conflicts;
 //     non-zero means failure).
 // Not emulated: timing, memory-ordering races between threads or blocks (a block's threads
-// interleave only at barriers and collectives, blocks run in order), occupancy and register
+// interleave only at barriers and collectives), occupancy and register
 // limits, `extern __shared__` declarations (dynamic shared memory is size-checked only),
 // atomics, the hardware's own mma rounding (the model accumulates in f32, k ascending).
 // See tools/emu/README.md.
@@ -47,8 +48,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -760,44 +764,60 @@ inline void emu_deadlock(EmuRun* r) {
              r->name, blockIdx.x, blockIdx.y, blockIdx.z, at_bar, at_warp, detail);
 }
 
-// Runs body(arg) as every thread of every block of the launch on this OS thread. Returns 0, or
-// 1 with a one-line message in err.
-inline int emu_run(const char* name, void (*body)(void*), void* arg, const uint32_t grid[3], const uint32_t block[3],
-                   uint32_t dyn_smem, unsigned max_threads, char* err, size_t err_len) {
-    if (err && err_len) err[0] = 0;
-    const uint64_t nt64 = (uint64_t)block[0] * block[1] * block[2];
-    if (block[0] == 0 || block[1] == 0 || block[2] == 0 || block[0] > 1024 || block[1] > 1024 || block[2] > 64 ||
-        nt64 > 1024)
-        return emu_fail(err, err_len, "%s: bad launch: block (%u,%u,%u) (each dimension >= 1, x, y <= 1024, z <= 64, "
-                        "at most 1024 threads)", name, block[0], block[1], block[2]);
-    if (max_threads && nt64 > max_threads)
-        return emu_fail(err, err_len, "%s: bad launch: block of %llu threads over its __launch_bounds__(%u)", name,
-                        (unsigned long long)nt64, max_threads);
-    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[0] > 0x7fffffffu || grid[1] > 65535 || grid[2] > 65535)
-        return emu_fail(err, err_len, "%s: bad launch: grid (%u,%u,%u) (x in 1..2^31-1, y, z in 1..65535)", name, grid[0],
-                        grid[1], grid[2]);
-    // No kernel opts in to more (cudaFuncAttributeMaxDynamicSharedMemorySize), so the
-    // default limit applies; static shared memory is checked by ptxas (48 KiB).
-    if (dyn_smem > 48 * 1024)
-        return emu_fail(err, err_len, "%s: bad launch: %u bytes of dynamic shared memory over the 48 KiB default limit",
-                        name, dyn_smem);
-    if (t_emu) return emu_fail(err, err_len, "%s: launch from inside a kernel", name);
-    const unsigned nt = (unsigned)nt64;
-    if (!t_emu_pool.reserve(nt)) return emu_fail(err, err_len, "%s: cannot map fiber stacks", name);
+// A launch shared by the calling thread and the helper threads: blocks are handed out by
+// an atomic counter; the first error wins.
+struct EmuJob {
+    const char* name;
+    void (*body)(void*);
+    void* arg;
+    uint32_t grid[3], block[3];
+    uint64_t nblocks = 0;
+    std::atomic<uint64_t> next{0};
+    std::atomic<bool> failed{false};
+    std::mutex mu;
+    char msg[400] = {0};
+    unsigned joined = 0, finished = 0;  // helpers (under EmuWorkers::mu)
+};
+
+inline void emu_job_fail(EmuJob& job, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+inline void emu_job_fail(EmuJob& job, const char* fmt, ...) {
+    std::lock_guard<std::mutex> lk(job.mu);
+    if (job.failed.load()) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(job.msg, sizeof job.msg, fmt, ap);
+    va_end(ap);
+    job.failed.store(true);
+}
+
+// Runs blocks of `job` on this OS thread (its own fibers and shared memory) until none is left.
+inline void emu_run_blocks(EmuJob& job) {
+    const uint32_t* grid = job.grid;
+    const uint32_t* block = job.block;
+    const unsigned nt = block[0] * block[1] * block[2];
+    if (!t_emu_pool.reserve(nt)) {
+        emu_job_fail(job, "%s: cannot map fiber stacks", job.name);
+        return;
+    }
 
     EmuRun run;
-    run.name = name;
-    run.body = body;
-    run.arg = arg;
+    run.name = job.name;
+    run.body = job.body;
+    run.arg = job.arg;
     run.nt = nt;
     run.nwarps = (nt + 31) / 32;
     run.fibers = t_emu_pool.fibers.data();
     t_emu = &run;
     blockDim = dim3{block[0], block[1], block[2]};
     gridDim = dim3{grid[0], grid[1], grid[2]};
-    for (unsigned bz = 0; bz < grid[2] && !run.failed; ++bz)
-        for (unsigned by = 0; by < grid[1] && !run.failed; ++by)
-            for (unsigned bx = 0; bx < grid[0] && !run.failed; ++bx) {
+    // Blocks are taken in order from the job's counter, by this thread and any helpers.
+    for (;;) {
+        if (job.failed.load(std::memory_order_relaxed)) break;
+        const uint64_t b = job.next.fetch_add(1);
+        if (b >= job.nblocks) break;
+        {
+                const unsigned bx = (unsigned)(b % grid[0]), by = (unsigned)(b / grid[0] % grid[1]),
+                               bz = (unsigned)(b / ((uint64_t)grid[0] * grid[1]));
                 blockIdx = dim3{bx, by, bz};
                 run.live = nt;
                 run.bar_arrived = 0;
@@ -849,10 +869,114 @@ inline int emu_run(const char* name, void (*body)(void*), void* arg, const uint3
                 }
                 run.cur = nullptr;
                 if (!run.failed && run.live) emu_deadlock(&run);
-            }
+                if (run.failed) {
+                    emu_job_fail(job, "%s", run.msg);
+                    break;
+                }
+        }
+    }
     t_emu = nullptr;
-    if (run.failed) {
-        if (err && err_len) snprintf(err, err_len, "%s", run.msg);
+}
+
+// Helper threads for the blocks of a launch: CHECKERGEN_EMU_THREADS threads in all (default:
+// the hardware's, at most 8), i.e. that many minus one helpers beside the launching thread.
+// They live for the whole process (detached), each with its own fiber stacks and shared
+// memory. One launch at a time uses them; a concurrent launch on another thread runs on its
+// own thread alone.
+struct EmuWorkers {
+    std::mutex mu;
+    std::condition_variable cv, done_cv;
+    EmuJob* job = nullptr;
+    unsigned long generation = 0;
+    std::atomic<bool> in_use{false};
+    std::vector<std::thread::id> threads;
+};
+inline void emu_helper_main(EmuWorkers* w) {
+    unsigned long seen = 0;
+    for (;;) {
+        EmuJob* job;
+        {
+            std::unique_lock<std::mutex> lk(w->mu);
+            w->cv.wait(lk, [&] { return w->generation != seen; });
+            seen = w->generation;
+            job = w->job;
+            if (!job) continue;
+            job->joined++;
+        }
+        emu_run_blocks(*job);
+        {
+            std::lock_guard<std::mutex> lk(w->mu);
+            job->finished++;
+        }
+        w->done_cv.notify_all();
+    }
+}
+inline EmuWorkers& emu_workers() {
+    static EmuWorkers* w = [] {
+        EmuWorkers* p = new EmuWorkers;  // never destroyed: the helpers outlive main
+        unsigned n = std::thread::hardware_concurrency();
+        if (n > 8) n = 8;
+        if (const char* e = getenv("CHECKERGEN_EMU_THREADS")) n = (unsigned)atoi(e);
+        for (unsigned i = 1; i < n; ++i) {
+            std::thread t(emu_helper_main, p);
+            p->threads.push_back(t.get_id());
+            t.detach();
+        }
+        return p;
+    }();
+    return *w;
+}
+
+// Runs body(arg) as every thread of every block of the launch, on this OS thread and the
+// helpers. Returns 0, or 1 with a one-line message in err.
+inline int emu_run(const char* name, void (*body)(void*), void* arg, const uint32_t grid[3], const uint32_t block[3],
+                   uint32_t dyn_smem, unsigned max_threads, char* err, size_t err_len) {
+    if (err && err_len) err[0] = 0;
+    const uint64_t nt64 = (uint64_t)block[0] * block[1] * block[2];
+    if (block[0] == 0 || block[1] == 0 || block[2] == 0 || block[0] > 1024 || block[1] > 1024 || block[2] > 64 ||
+        nt64 > 1024)
+        return emu_fail(err, err_len, "%s: bad launch: block (%u,%u,%u) (each dimension >= 1, x, y <= 1024, z <= 64, "
+                        "at most 1024 threads)", name, block[0], block[1], block[2]);
+    if (max_threads && nt64 > max_threads)
+        return emu_fail(err, err_len, "%s: bad launch: block of %llu threads over its __launch_bounds__(%u)", name,
+                        (unsigned long long)nt64, max_threads);
+    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[0] > 0x7fffffffu || grid[1] > 65535 || grid[2] > 65535)
+        return emu_fail(err, err_len, "%s: bad launch: grid (%u,%u,%u) (x in 1..2^31-1, y, z in 1..65535)", name, grid[0],
+                        grid[1], grid[2]);
+    // No kernel opts in to more (cudaFuncAttributeMaxDynamicSharedMemorySize), so the
+    // default limit applies; static shared memory is checked by ptxas (48 KiB).
+    if (dyn_smem > 48 * 1024)
+        return emu_fail(err, err_len, "%s: bad launch: %u bytes of dynamic shared memory over the 48 KiB default limit",
+                        name, dyn_smem);
+    if (t_emu) return emu_fail(err, err_len, "%s: launch from inside a kernel", name);
+    EmuJob job;
+    job.name = name;
+    job.body = body;
+    job.arg = arg;
+    memcpy(job.grid, grid, sizeof job.grid);
+    memcpy(job.block, block, sizeof job.block);
+    job.nblocks = (uint64_t)grid[0] * grid[1] * grid[2];
+    EmuWorkers& pool = emu_workers();
+    // Helpers join when the launch has several blocks and no other launch holds them.
+    const bool parallel = job.nblocks > 1 && !pool.threads.empty() && !pool.in_use.exchange(true);
+    if (parallel) {
+        {
+            std::lock_guard<std::mutex> lk(pool.mu);
+            pool.job = &job;
+            pool.generation++;
+        }
+        pool.cv.notify_all();
+    }
+    emu_run_blocks(job);
+    if (parallel) {
+        std::unique_lock<std::mutex> lk(pool.mu);
+        pool.job = nullptr;  // no helper joins from here on
+        pool.done_cv.wait(lk, [&] { return job.finished == job.joined; });
+        lk.unlock();
+        pool.in_use.store(false);
+    }
+    if (job.failed.load()) {
+        if (err && err_len) snprintf(err, err_len, "%s", job.msg);
         return 1;
     }
     return 0;

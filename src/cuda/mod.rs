@@ -46,7 +46,9 @@ pub struct Kernel {
 /// pointers are host addresses. Returns 0, or nonzero with a NUL-terminated one-line message
 /// in `err` (bad launch shape, barrier deadlock or warp divergence, `__trap`/`assert`,
 /// misaligned `cp.async`/`ldmatrix`). Launches on different threads may run concurrently:
-/// each OS thread has its own shared memory and fiber stacks.
+/// each OS thread has its own shared memory and fiber stacks (no global lock). A launch
+/// shares its blocks with helper threads (`CHECKERGEN_EMU_THREADS` threads in all, default
+/// the hardware's, at most 8) and returns when all have run. See tools/emu/README.md.
 ///
 /// # Safety
 /// `params` must hold the kernel's parameter struct, every pointer in it valid for what the
