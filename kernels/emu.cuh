@@ -51,6 +51,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <type_traits>
@@ -275,6 +276,7 @@ inline constexpr size_t EMU_STACK = 64 * 1024;
 #endif
 struct EmuPool {
     std::vector<EmuFiber> fibers;
+    std::unique_ptr<EmuRun> run;
     size_t page = 4096;
     EmuPool() : page((size_t)sysconf(_SC_PAGESIZE)) {}
     ~EmuPool() {
@@ -800,7 +802,15 @@ inline void emu_run_blocks(EmuJob& job) {
         return;
     }
 
-    EmuRun run;
+    // The launch state (~70 KiB, mostly the warps' exchange slots) lives with the pool, not
+    // on the caller's stack.
+    if (!t_emu_pool.run) t_emu_pool.run.reset(new EmuRun);
+    EmuRun& run = *t_emu_pool.run;
+    run.sched_stack = nullptr;
+    run.sched_stack_size = 0;
+    run.cur = nullptr;
+    run.failed = false;
+    run.msg[0] = 0;
     run.name = job.name;
     run.body = job.body;
     run.arg = job.arg;
