@@ -81,7 +81,7 @@ pub struct SampleArgs {
     timings: bool,
 }
 
-fn ensure_dir(dir: &Path) -> Result<()> {
+pub fn ensure_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create output directory {}", dir.display()))?;
     let probe = dir.join(".checkergen-write-test");
