@@ -89,6 +89,9 @@ enum Cmd {
         /// Use the EMA weights (`model_ema`) instead of `model`.
         #[arg(long)]
         ema: bool,
+        /// Leave out the VQ encoder (smaller file; `encode` and `score` then refuse it).
+        #[arg(long)]
+        no_encoder: bool,
         /// Storage dtype of float tensors.
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         dtype: Dtype,
@@ -202,6 +205,7 @@ fn run(cli: Cli) -> Result<()> {
             autoenc_config,
             autoenc_checkpoint,
             ema,
+            no_encoder,
             dtype,
             output,
         } => {
@@ -212,6 +216,7 @@ fn run(cli: Cli) -> Result<()> {
                     autoenc_yaml: autoenc_config,
                     autoenc_checkpoint,
                     ema,
+                    no_encoder,
                     dtype,
                     output,
                 })?;
