@@ -232,3 +232,245 @@ fn block_causal_property() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The commands: encode -> decode, score --json, and bad input in one line.
+
+use checkergen::model::config::preset;
+use checkergen::model::file::{Dtype, write_model};
+use checkergen::model::init::random_tensors;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cg-score-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+/// The tiny preset as a model file, with or without the encoder.
+fn tiny_file(name: &str, encoder: bool) -> PathBuf {
+    let cfg = preset("tiny").unwrap();
+    let mut map = random_tensors(&cfg, 1).unwrap();
+    if !encoder {
+        map.retain(|k, _| !checkergen::model::weights::is_encoder_tensor(k));
+    }
+    let p = tmp(name);
+    write_model(&p, &cfg, &map, Dtype::F32, &[]).unwrap();
+    p
+}
+
+/// A smooth RGB test picture `w x h`.
+fn picture(name: &str, w: usize, h: usize, seed: usize) -> PathBuf {
+    let rgb: Vec<u8> = (0..w * h * 3)
+        .map(|i| {
+            let (p, c) = (i / 3, i % 3);
+            let (x, y) = (p % w, p / w);
+            ((x * (c + 1) + y * (seed + 2) + 40 * c) % 256) as u8
+        })
+        .collect();
+    let p = tmp(name);
+    checkergen::io::image::write_rgb_png(&p, w, h, &rgb).unwrap();
+    p
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_checkergen"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        err,
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn encode_decode_and_score_commands() {
+    let model = tiny_file("tiny_enc.safetensors", true);
+    let a = picture("a.png", 256, 256, 0);
+    let b = picture("b.png", 300, 270, 1); // through center_crop_arr
+    let codes = tmp("codes.safetensors");
+    let (ok, _, err) = cli(&[
+        "encode",
+        "--model",
+        s(&model),
+        s(&a),
+        s(&b),
+        "--out",
+        s(&codes),
+    ]);
+    assert!(ok, "{err}");
+    let m = Model::load(&model).unwrap();
+    let (n, grids) =
+        checkergen::io::tokens::read_token_grids(&codes, &m.scale_sizes, m.config.codebook_size())
+            .unwrap();
+    assert_eq!(n, 2);
+    // The codes equal the library's pyramid of the same (cropped) image.
+    let img =
+        checkergen::io::photo::center_crop_arr(checkergen::io::photo::read_png(&b).unwrap(), 256);
+    let pyr = m
+        .encoder()
+        .unwrap()
+        .encode_pyramid(&img, 256, &m.scale_sizes, m.decoder.codebook());
+    for (g, c) in grids.iter().zip(&pyr.codes) {
+        assert_eq!(&g[c.len()..], c.as_slice());
+    }
+    let dir = tmp("recon");
+    let (ok, _, err) = cli(&[
+        "decode",
+        "--model",
+        s(&model),
+        "--tokens",
+        s(&codes),
+        "--out",
+        s(&dir),
+    ]);
+    assert!(ok, "{err}");
+    assert!(dir.join("recon_0000.png").is_file() && dir.join("recon_0001.png").is_file());
+
+    let (ok, out, err) = cli(&[
+        "score",
+        "--model",
+        s(&model),
+        s(&a),
+        s(&b),
+        "--labels",
+        "1,5",
+        "--steps-per-scale",
+        "2,4",
+        "--json",
+        "--batch-size",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    // The CLI (two batches of one) equals the library on the same codes (one batch of two).
+    for (line, k) in lines.iter().zip([2usize, 4]) {
+        assert_eq!(line["steps_per_scale"], k);
+        assert_eq!(line["images"], 2);
+        let schedule = Schedule::uniform(&m.scale_sizes, k).unwrap();
+        assert_eq!(line["serial_steps"], schedule.total_steps());
+        let mut st = ScoreStats::new(&schedule, k);
+        score_codes(&m, &[1, 5], &grids, k, &mut st).unwrap();
+        let got = line["loss_total"].as_f64().unwrap();
+        assert!(
+            rel(got, st.loss_total()) < 1e-6,
+            "{got} vs {}",
+            st.loss_total()
+        );
+        for sz in &m.scale_sizes {
+            assert!(line["loss_by_scale"][sz.to_string()].is_f64());
+            assert!(line["top1_by_scale"][sz.to_string()].is_f64());
+        }
+    }
+    let (ok, out, err) = cli(&["score", "--model", s(&model), s(&a), "--labels", "3"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("bits/token") && out.contains("steps/scale 8"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_score_input_fails_in_one_line() {
+    let model = tiny_file("tiny_enc2.safetensors", true);
+    let bare = tiny_file("tiny_noenc.safetensors", false);
+    let a = picture("c.png", 256, 256, 3);
+    let junk = tmp("junk.png");
+    std::fs::write(&junk, b"not a png at all").unwrap();
+    let codes = tmp("codes_bad.safetensors");
+    let other = tmp("other_tokens.safetensors");
+    let dout = tmp("d");
+    checkergen::io::tokens::write_token_grids(&other, &[1, 3], &[vec![0], vec![0; 9]], 1).unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["score", "--model", s(&model), s(&junk), "--labels", "1"],
+            "not a readable PNG",
+        ),
+        (
+            vec![
+                "score",
+                "--model",
+                s(&model),
+                "/nonexistent/x.png",
+                "--labels",
+                "1",
+            ],
+            "cannot read",
+        ),
+        (
+            vec!["score", "--model", s(&model), s(&a), "--labels", "10"],
+            "out of range",
+        ),
+        (
+            vec!["score", "--model", s(&model), s(&a), "--labels", "1,2"],
+            "1 images",
+        ),
+        (vec!["score", "--model", s(&model), s(&a)], "--labels"),
+        (
+            vec!["score", "--model", s(&bare), s(&a), "--labels", "1"],
+            "no VQ encoder",
+        ),
+        (
+            vec![
+                "score",
+                "--model",
+                s(&model),
+                s(&a),
+                "--labels",
+                "1",
+                "--device",
+                "cuda",
+            ],
+            "not yet on the GPU",
+        ),
+        (
+            vec!["encode", "--model", s(&bare), s(&a), "--out", s(&codes)],
+            "no VQ encoder",
+        ),
+        (
+            vec![
+                "decode",
+                "--model",
+                s(&model),
+                "--tokens",
+                s(&other),
+                "--out",
+                s(&dout),
+            ],
+            "scale_1 has shape",
+        ),
+    ];
+    for (args, want) in cases {
+        let (ok, _, err) = cli(&args);
+        assert!(!ok, "{args:?} should fail");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // Sampling a file without the encoder still works.
+    let (ok, _, err) = cli(&[
+        "sample",
+        "--model",
+        s(&bare),
+        "--labels",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        s(&tmp("smp")),
+    ]);
+    assert!(ok, "{err}");
+}
