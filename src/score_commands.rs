@@ -5,7 +5,7 @@ use crate::commands::Device;
 use anyhow::{Context, Result, bail};
 use checkergen::cpu::score::{ScoreStats, score_codes};
 use checkergen::io::image::{planar_to_rgb, write_rgb_png};
-use checkergen::io::photo::{center_crop_arr, read_png};
+use checkergen::io::photo::{center_crop_arr, read_image};
 use checkergen::io::tokens::{read_token_grids, write_token_grids};
 use checkergen::model::Model;
 use checkergen::order::Schedule;
@@ -18,7 +18,7 @@ pub struct EncodeArgs {
     /// Model file with the VQ encoder (from `checkergen convert` or `init`).
     #[arg(long)]
     model: PathBuf,
-    /// PNG images; non-256 inputs go through center_crop_arr.
+    /// PNG or JPEG images; non-256 inputs go through center_crop_arr.
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// Output tokens file: scale_0, scale_1, ... int32 [B, s, s].
@@ -43,7 +43,7 @@ pub struct ScoreArgs {
     /// Model file with the VQ encoder.
     #[arg(long)]
     model: PathBuf,
-    /// PNG images; non-256 inputs go through center_crop_arr.
+    /// PNG or JPEG images; non-256 inputs go through center_crop_arr.
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// Class ids, comma separated, one per image.
@@ -65,20 +65,9 @@ pub struct ScoreArgs {
     json: bool,
 }
 
-/// An image file as a 256-style `(side, side, 3)` RGB array.
+/// An image file as a `(side, side, 3)` RGB array (center_crop_arr when not side x side).
 fn load_image(path: &Path, side: usize) -> Result<Vec<u8>> {
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    if ext != "png" {
-        bail!(
-            "{}: only PNG images are supported (got .{ext}); convert it first, e.g. \
-             `convert in.jpg out.png`",
-            path.display()
-        );
-    }
-    Ok(center_crop_arr(read_png(path)?, side))
+    Ok(center_crop_arr(read_image(path)?, side))
 }
 
 /// Encode `paths` to per-scale code grids (B, s, s) with the model's encoder.

@@ -474,3 +474,21 @@ fn bad_score_input_fails_in_one_line() {
     ]);
     assert!(ok, "{err}");
 }
+
+/// JPEG input (zune-jpeg): a progressive 493x312 photo-like file decodes to RGB and goes
+/// through center_crop_arr into `encode`.
+#[test]
+fn jpeg_input_decodes_and_encodes() {
+    let jpg = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/score/nodejs_full_white_stripe.jpg");
+    let img = checkergen::io::photo::read_image(&jpg).unwrap();
+    assert_eq!((img.width, img.height), (493, 312));
+    let mean = img.data.iter().map(|&v| v as f64).sum::<f64>() / img.data.len() as f64;
+    assert!(mean > 5.0 && mean < 250.0, "mean {mean}");
+    let model = tiny_file("tiny_enc3.safetensors", true);
+    let codes = tmp("codes_jpg.safetensors");
+    let (ok, _, err) = cli(&["encode", "--model", s(&model), s(&jpg), "--out", s(&codes)]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&["encode", "--model", s(&model), "x.gif", "--out", s(&codes)]);
+    assert!(!ok && err.contains("unsupported image type"), "{err}");
+}

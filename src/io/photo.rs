@@ -1,4 +1,4 @@
-//! Real images in: PNG decoding to 8-bit RGB, and ADM's `center_crop_arr` (what the reference
+//! Real images in: PNG and JPEG decoding to 8-bit RGB, and ADM's `center_crop_arr` (what the reference
 //! applies to ImageNet images before encoding; SPEC.md section 9).
 //!
 //! `center_crop_arr(img, size)`: while the short side >= 2 * size, halve with a box filter
@@ -21,6 +21,55 @@ pub struct Rgb {
 
 /// Largest width or height accepted for an input photo.
 pub const MAX_PHOTO_SIDE: usize = 16384;
+
+/// Read an image file by extension: `.png`, or `.jpg` / `.jpeg` (any case).
+pub fn read_image(path: &Path) -> Result<Rgb> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "png" => read_png(path),
+        "jpg" | "jpeg" => read_jpeg(path),
+        _ => bail!(
+            "{}: unsupported image type '.{ext}' (PNG or JPEG expected)",
+            path.display()
+        ),
+    }
+}
+
+/// Read a baseline or progressive JPEG (gray, YCbCr, CMYK) as 8-bit RGB (zune-jpeg).
+pub fn read_jpeg(path: &Path) -> Result<Rgb> {
+    use zune_jpeg::zune_core::{
+        bytestream::ZCursor, colorspace::ColorSpace, options::DecoderOptions,
+    };
+    let shown = path.display();
+    let meta = crate::paths::check_input(path)?;
+    if meta.len() > 1 << 30 {
+        bail!("{shown}: {} bytes is too large for an image", meta.len());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("{shown}: cannot read"))?;
+    let opts = DecoderOptions::default()
+        .jpeg_set_out_colorspace(ColorSpace::RGB)
+        .set_max_width(MAX_PHOTO_SIDE)
+        .set_max_height(MAX_PHOTO_SIDE);
+    let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(&bytes), opts);
+    let data = dec
+        .decode()
+        .map_err(|e| anyhow::anyhow!("{shown}: not a readable JPEG image ({e:?})"))?;
+    let (w, h) = dec.dimensions().context("JPEG without dimensions")?;
+    if data.len() != w * h * 3 {
+        bail!(
+            "{shown}: JPEG decoded to {} bytes for {w}x{h} RGB",
+            data.len()
+        );
+    }
+    Ok(Rgb {
+        width: w,
+        height: h,
+        data,
+    })
+}
 
 /// Read a PNG file (8- or 16-bit; gray, gray+alpha, RGB, RGBA, palette) as 8-bit RGB; alpha
 /// is dropped.
