@@ -151,8 +151,12 @@ pub fn score(a: ScoreArgs) -> Result<()> {
             a.images.len()
         );
     }
-    if a.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
+    if a.batch_size == 0 || a.batch_size > checkergen::limits::MAX_IMAGES {
+        bail!(
+            "--batch-size must be 1..={}, got {}",
+            checkergen::limits::MAX_IMAGES,
+            a.batch_size
+        );
     }
     let model = Model::load(&a.model)?;
     model.encoder()?;

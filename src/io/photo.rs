@@ -123,8 +123,9 @@ fn cubic(x: f64) -> f64 {
     }
 }
 
+/// PIL's box filter: 1 on (-0.5, 0.5].
 fn box_filter(x: f64) -> f64 {
-    if (-0.5..0.5).contains(&x) { 1.0 } else { 0.0 }
+    if x > -0.5 && x <= 0.5 { 1.0 } else { 0.0 }
 }
 
 /// A PIL resampling filter: the kernel and its support (in input pixels at scale 1).
