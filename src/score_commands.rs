@@ -5,7 +5,7 @@ use crate::commands::Device;
 use anyhow::{Context, Result, bail};
 use checkergen::cpu::score::{ScoreStats, score_codes};
 use checkergen::io::image::{planar_to_rgb, write_rgb_png};
-use checkergen::io::photo::{center_crop_arr, read_image};
+use checkergen::io::photo::{center_crop_arr, read_image, read_npz};
 use checkergen::io::tokens::{read_token_grids, write_token_grids};
 use checkergen::model::Model;
 use checkergen::order::Schedule;
@@ -18,7 +18,8 @@ pub struct EncodeArgs {
     /// Model file with the VQ encoder (from `checkergen convert` or `init`).
     #[arg(long)]
     model: PathBuf,
-    /// PNG or JPEG images; non-256 inputs go through center_crop_arr.
+    /// PNG or JPEG images (non-256 through center_crop_arr), or .npz files whose arr_0 is
+    /// uint8 [N, 256, 256, 3].
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// Output tokens file: scale_0, scale_1, ... int32 [B, s, s].
@@ -43,7 +44,8 @@ pub struct ScoreArgs {
     /// Model file with the VQ encoder.
     #[arg(long)]
     model: PathBuf,
-    /// PNG or JPEG images; non-256 inputs go through center_crop_arr.
+    /// PNG or JPEG images (non-256 through center_crop_arr), or .npz files whose arr_0 is
+    /// uint8 [N, 256, 256, 3].
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// Class ids, comma separated, one per image.
@@ -65,18 +67,39 @@ pub struct ScoreArgs {
     json: bool,
 }
 
-/// An image file as a `(side, side, 3)` RGB array (center_crop_arr when not side x side).
-fn load_image(path: &Path, side: usize) -> Result<Vec<u8>> {
-    Ok(center_crop_arr(read_image(path)?, side))
+/// One input image: a file read when its batch comes, or an image of an `.npz` (read whole).
+enum Input {
+    File(PathBuf),
+    Array(std::sync::Arc<Vec<Vec<u8>>>, usize),
 }
 
-/// Encode `paths` to per-scale code grids (B, s, s) with the model's encoder.
-fn encode_images(model: &Model, paths: &[PathBuf]) -> Result<Vec<Vec<u32>>> {
+/// The images of `paths`: each `.npz` expands to its `arr_0` images (exactly side x side),
+/// every other file is one image.
+fn expand_inputs(paths: &[PathBuf], side: usize) -> Result<Vec<Input>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let npz = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz"));
+        if npz {
+            let imgs = std::sync::Arc::new(read_npz(p, side)?);
+            out.extend((0..imgs.len()).map(|i| Input::Array(imgs.clone(), i)));
+        } else {
+            out.push(Input::File(p.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// Encode `items` to per-scale code grids (B, s, s) with the model's encoder; image files go
+/// through center_crop_arr when not side x side.
+fn encode_images(model: &Model, items: &[Input]) -> Result<Vec<Vec<u32>>> {
     let enc = model.encoder()?;
     let side = model.config.img_size;
     let mut tokens = vec![Vec::new(); model.scale_sizes.len()];
-    for p in paths {
-        let rgb = load_image(p, side)?;
+    for item in items {
+        let rgb = match item {
+            Input::File(p) => center_crop_arr(read_image(p)?, side),
+            Input::Array(a, i) => a[*i].clone(),
+        };
         let pyr = enc.encode_pyramid(&rgb, side, &model.scale_sizes, model.decoder.codebook());
         for (t, c) in tokens.iter_mut().zip(pyr.codes) {
             t.extend(c);
@@ -92,11 +115,12 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
     model.encoder()?;
     let t = Instant::now();
-    let tokens = encode_images(&model, &a.images)?;
-    write_token_grids(&a.out, &model.scale_sizes, &tokens, a.images.len())?;
+    let items = expand_inputs(&a.images, model.config.img_size)?;
+    let tokens = encode_images(&model, &items)?;
+    write_token_grids(&a.out, &model.scale_sizes, &tokens, items.len())?;
     eprintln!(
         "encoded {} images at scales {:?} in {:.2} s -> {}",
-        a.images.len(),
+        items.len(),
         model.scale_sizes,
         t.elapsed().as_secs_f64(),
         a.out.display()
@@ -144,13 +168,6 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         bail!("--device cuda: scoring is not yet on the GPU; use --device cpu");
     }
     let labels = read_labels(&a)?;
-    if labels.len() != a.images.len() {
-        bail!(
-            "{} labels for {} images: give one class id per image",
-            labels.len(),
-            a.images.len()
-        );
-    }
     if a.batch_size == 0 || a.batch_size > checkergen::limits::MAX_IMAGES {
         bail!(
             "--batch-size must be 1..={}, got {}",
@@ -160,6 +177,14 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     }
     let model = Model::load(&a.model)?;
     model.encoder()?;
+    let items = expand_inputs(&a.images, model.config.img_size)?;
+    if labels.len() != items.len() {
+        bail!(
+            "{} labels for {} images: give one class id per image",
+            labels.len(),
+            items.len()
+        );
+    }
     let nc = model.config.num_classes;
     if let Some(&bad) = labels.iter().find(|&&l| l >= nc) {
         bail!(
@@ -179,13 +204,9 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let t = Instant::now();
     let mut t_enc = 0.0;
-    for (paths, lab) in a
-        .images
-        .chunks(a.batch_size)
-        .zip(labels.chunks(a.batch_size))
-    {
+    for (batch, lab) in items.chunks(a.batch_size).zip(labels.chunks(a.batch_size)) {
         let te = Instant::now();
-        let tokens = encode_images(&model, paths)?;
+        let tokens = encode_images(&model, batch)?;
         t_enc += te.elapsed().as_secs_f64();
         for st in &mut stats {
             score_codes(&model, lab, &tokens, st.steps_per_scale, st)?;
@@ -202,8 +223,8 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     eprintln!(
         "{} images in {secs:.2} s ({:.2} images/s; encoder {t_enc:.2} s, transformer {:.2} s \
          for {} step counts)",
-        a.images.len(),
-        a.images.len() as f64 / secs,
+        items.len(),
+        items.len() as f64 / secs,
         secs - t_enc,
         stats.len()
     );

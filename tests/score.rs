@@ -492,3 +492,68 @@ fn jpeg_input_decodes_and_encodes() {
     let (ok, _, err) = cli(&["encode", "--model", s(&model), "x.gif", "--out", s(&codes)]);
     assert!(!ok && err.contains("unsupported image type"), "{err}");
 }
+
+/// An `.npz` (np.savez layout: stored zip, arr_0.npy v1) of uint8 `[n, h, w, 3]` images.
+fn npz(name: &str, shape: [usize; 4], data: &[u8]) -> PathBuf {
+    let dict = format!(
+        "{{'descr': '|u1', 'fortran_order': False, 'shape': ({}, {}, {}, {}), }}",
+        shape[0], shape[1], shape[2], shape[3]
+    );
+    let mut header = dict.into_bytes();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(b' ');
+    }
+    header.push(b'\n');
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend((header.len() as u16).to_le_bytes());
+    npy.extend(header);
+    npy.extend_from_slice(data);
+    let zip = checkergen::io::pth::stored_zip(
+        &[checkergen::io::pth::StoredEntry {
+            name: "arr_0.npy",
+            data: &npy,
+            claimed_size: None,
+        }],
+        false,
+    );
+    let p = tmp(name);
+    std::fs::write(&p, zip).unwrap();
+    p
+}
+
+/// Images from an .npz score exactly as the same images from PNG files; a wrong-size array
+/// fails in one line.
+#[test]
+fn npz_input_equals_png_input() {
+    let model = tiny_file("tiny_enc4.safetensors", true);
+    let (a, b) = (
+        picture("n0.png", 256, 256, 5),
+        picture("n1.png", 256, 256, 6),
+    );
+    let mut data = Vec::new();
+    for p in [&a, &b] {
+        data.extend(checkergen::io::photo::read_png(p).unwrap().data);
+    }
+    let arr = npz("two.npz", [2, 256, 256, 3], &data);
+    let args = |imgs: &[&str]| {
+        let mut v = vec!["score", "--model", s(&model)];
+        v.extend_from_slice(imgs);
+        v.extend(["--labels", "2,3", "--steps-per-scale", "4", "--json"]);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |v: Vec<String>| {
+        let v: Vec<&str> = v.iter().map(String::as_str).collect();
+        let (ok, out, err) = cli(&v);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()
+    };
+    let from_npz = run(args(&[s(&arr)]));
+    let from_png = run(args(&[s(&a), s(&b)]));
+    assert_eq!(from_npz, from_png);
+    let small = npz("small.npz", [1, 64, 64, 3], &vec![0u8; 64 * 64 * 3]);
+    let (ok, _, err) = cli(&["score", "--model", s(&model), s(&small), "--labels", "1"]);
+    assert!(
+        !ok && err.lines().count() == 1 && err.contains("expected uint8 [N, 256, 256, 3]"),
+        "{err}"
+    );
+}

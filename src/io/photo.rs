@@ -5,7 +5,7 @@
 //! (PIL's BOX resize to half the size, rounded down); then resize so the short side is `size` with bicubic
 //! (PIL's BICUBIC, a = -0.5, support widened by the downscale factor, i.e. antialiased);
 //! then crop the center `size x size`. PIL computes the bicubic passes in fixed point
-//! (22-bit coefficients, rounding to 8 bits after the horizontal pass); here they run in f32
+//! (22-bit coefficients, rounding to 8 bits after the horizontal pass); here they run in f64
 //! with the same rounding points, so a pixel can differ from PIL's by one level (1/255) on
 //! images that need a resize. 256x256 inputs are used as they are.
 
@@ -69,6 +69,58 @@ pub fn read_jpeg(path: &Path) -> Result<Rgb> {
         height: h,
         data,
     })
+}
+
+/// Read `arr_0` of an `.npz` (np.savez, uncompressed): uint8 `[N, side, side, 3]` images,
+/// as ADM's reference batches store them; returns each image's `(side, side, 3)` bytes.
+pub fn read_npz(path: &Path, side: usize) -> Result<Vec<Vec<u8>>> {
+    let shown = path.display();
+    let npy = crate::io::pth::read_zip_entry(path, "arr_0.npy")?;
+    let bad =
+        |why: &str| anyhow::anyhow!("{shown}: arr_0 is not a uint8 [N, H, W, 3] array ({why})");
+    if npy.len() < 10 || &npy[..6] != b"\x93NUMPY" {
+        return Err(bad("no .npy header"));
+    }
+    let (hlen, start) = match npy[6] {
+        1 => (u16::from_le_bytes([npy[8], npy[9]]) as usize, 10),
+        2 | 3 if npy.len() >= 12 => (
+            u32::from_le_bytes(npy[8..12].try_into().unwrap()) as usize,
+            12,
+        ),
+        _ => return Err(bad("unknown .npy version")),
+    };
+    let header = npy
+        .get(start..start + hlen)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("truncated header"))?;
+    let compact: String = header.chars().filter(|c| !c.is_whitespace()).collect();
+    if !(compact.contains("'descr':'|u1'") || compact.contains("'descr':'<u1'")) {
+        return Err(bad(&format!("dtype in {}", header.trim())));
+    }
+    if !compact.contains("'fortran_order':False") {
+        return Err(bad("Fortran order"));
+    }
+    let shape: Vec<usize> = compact
+        .split("'shape':(")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .map(|t| {
+            t.split(',')
+                .filter(|x| !x.is_empty())
+                .map(|x| x.parse().unwrap_or(0))
+                .collect()
+        })
+        .ok_or_else(|| bad("no shape"))?;
+    let data = &npy[start + hlen..];
+    match shape[..] {
+        [n, h, w, 3] if h == side && w == side && data.len() == n * h * w * 3 && n > 0 => {
+            Ok(data.chunks_exact(h * w * 3).map(<[u8]>::to_vec).collect())
+        }
+        _ => bail!(
+            "{shown}: arr_0 has shape {shape:?}; expected uint8 [N, {side}, {side}, 3] (N >= 1) \
+             matching this model's image size"
+        ),
+    }
 }
 
 /// Read a PNG file (8- or 16-bit; gray, gray+alpha, RGB, RGBA, palette) as 8-bit RGB; alpha
