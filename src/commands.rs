@@ -81,7 +81,7 @@ pub struct SampleArgs {
     timings: bool,
 }
 
-fn ensure_dir(dir: &Path) -> Result<()> {
+pub fn ensure_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create output directory {}", dir.display()))?;
     let probe = dir.join(".checkergen-write-test");
@@ -405,6 +405,20 @@ pub fn inspect(path: &Path) -> Result<()> {
         d as f64 / 1e6,
         (t + d) as f64 / 1e6
     );
+    match &model.encoder {
+        Some(_) => {
+            let e: usize =
+                checkergen::model::encoder::EncoderWeights::expected_tensors(&cfg.decoder)
+                    .iter()
+                    .map(|(_, s)| s.iter().product::<usize>())
+                    .sum();
+            println!(
+                "encoder: {:.2} M parameters (encode and score available)",
+                e as f64 / 1e6
+            );
+        }
+        None => println!("encoder: none (sampling only; encode and score need it)"),
+    }
     // The schedule `sample` runs by default (the config's steps_per_scale is the reference's
     // training-time num_blocks_per_scale, not a sampling setting).
     let k = pipeline::DEFAULT_STEPS_PER_SCALE;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 mod commands;
+mod score_commands;
 
 #[derive(Parser)]
 #[command(
@@ -88,6 +89,9 @@ enum Cmd {
         /// Use the EMA weights (`model_ema`) instead of `model`.
         #[arg(long)]
         ema: bool,
+        /// Leave out the VQ encoder (smaller file; `encode` and `score` then refuse it).
+        #[arg(long)]
+        no_encoder: bool,
         /// Storage dtype of float tensors.
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         dtype: Dtype,
@@ -97,6 +101,13 @@ enum Cmd {
     },
     /// Benchmark the GPU VQ decoder: images/s, ms per batch, TFLOP/s, % of peak, memory.
     BenchDecode(commands::BenchDecodeArgs),
+    /// Encode real images (PNG) into their code pyramids (a tokens file).
+    Encode(score_commands::EncodeArgs),
+    /// Decode the last scale of a tokens file to PNGs (reconstructions).
+    Decode(score_commands::DecodeArgs),
+    /// Teacher-forced likelihood of real images (loss per scale, bits per token, top-1) at one
+    /// or more step counts, with the block-causal mask (SPEC.md section 9).
+    Score(score_commands::ScoreArgs),
     /// Print a model file's configuration, parameter counts and schedule.
     Inspect {
         /// A model file from `checkergen convert` or `checkergen init`.
@@ -185,12 +196,16 @@ fn run(cli: Cli) -> Result<()> {
         } => commands::init(&preset, seed, dtype, &output),
         Cmd::Inspect { model } => commands::inspect(&model),
         Cmd::BenchDecode(args) => commands::bench_decode(args),
+        Cmd::Encode(args) => score_commands::encode(args),
+        Cmd::Decode(args) => score_commands::decode(args),
+        Cmd::Score(args) => score_commands::score(args),
         Cmd::Convert {
             checkpoint,
             config,
             autoenc_config,
             autoenc_checkpoint,
             ema,
+            no_encoder,
             dtype,
             output,
         } => {
@@ -201,6 +216,7 @@ fn run(cli: Cli) -> Result<()> {
                     autoenc_yaml: autoenc_config,
                     autoenc_checkpoint,
                     ema,
+                    no_encoder,
                     dtype,
                     output,
                 })?;

@@ -6,7 +6,7 @@
 mod common;
 
 use checkergen::io::convert::{
-    ConvertOptions, ConvertSummary, convert, expected_tensors, is_training_only,
+    ConvertOptions, ConvertSummary, convert, expected_tensors, is_encoder_tensor, is_training_only,
     model_config_from_yaml,
 };
 use checkergen::io::pth::{PthCheckpoint, PthDtype, read_state_dict};
@@ -46,6 +46,7 @@ fn options(
         autoenc_yaml: fixture("tiny_autoencoder.yaml"),
         autoenc_checkpoint: autoenc.map(fixture),
         ema,
+        no_encoder: false,
         dtype,
         output: tmp(out),
     }
@@ -95,9 +96,10 @@ fn checksums(values: &[f32]) -> (f64, f64) {
 }
 
 /// Every tensor of `expected` (name -> [dtype, shape, sum, wsum, first]) is in `out` with the
-/// same shape and values, and `out` has nothing else.
+/// same shape and values, and `out` has nothing else besides the VQ encoder (which the
+/// fixture reference predates; its names and shapes are checked against `expected_tensors`).
 fn assert_matches(out: &BTreeMap<String, Out>, expected: &BTreeMap<String, &Value>, what: &str) {
-    let names: Vec<&String> = out.keys().collect();
+    let names: Vec<&String> = out.keys().filter(|k| !is_encoder_tensor(k)).collect();
     let want: Vec<&String> = expected.keys().collect();
     assert_eq!(names, want, "{what}: tensor names");
     for (name, e) in expected {
@@ -195,7 +197,7 @@ fn converts_model_f32_with_reference_values_and_metadata() {
     );
     assert_eq!(summary.autoenc_source, "tiny.pth");
     assert!(summary.unexpected_tensors.is_empty());
-    // Skipped: encoder, quant_conv (2), cluster_usage_train, quantize.initialized.
+    // Skipped: cluster_usage_train, quantize.initialized (the encoder is kept).
     let all = PthCheckpoint::open(fixture("tiny.pth"))
         .unwrap()
         .state_dict("model")
@@ -329,7 +331,8 @@ fn reader_keeps_dtypes_and_materializes_views() {
     let r = reference();
     let model = section(&r, "tiny.pth", "model");
     let sd = read_state_dict(fixture("tiny.pth"), "model").unwrap();
-    assert_eq!(sd.len(), model.len() + count_training_only(&sd));
+    let encoder = sd.keys().filter(|k| is_encoder_tensor(k)).count();
+    assert_eq!(sd.len(), model.len() + count_training_only(&sd) + encoder);
     assert_eq!(sd["empty_token_emb"].dtype, PthDtype::BF16);
     assert_eq!(sd["empty_token_pos"].dtype, PthDtype::F16);
     assert_eq!(sd["lm_head.weight"].dtype, PthDtype::F32);
@@ -835,4 +838,41 @@ fn expected_tensors_match_the_golden_state_dict() {
     let mine: BTreeMap<String, Vec<usize>> =
         expected_tensors(&config).unwrap().into_iter().collect();
     assert_eq!(mine, golden_keys);
+}
+
+/// `--no-encoder` drops `autoenc.encoder.*` and `autoenc.quant_conv.*`: the file still loads
+/// (and samples), and the commands that need the encoder refuse it in one line.
+#[test]
+fn no_encoder_drops_the_encoder_and_the_file_still_loads() {
+    let mut opts = options(
+        "tiny.pth",
+        None,
+        false,
+        Dtype::F32,
+        "tiny_noenc.safetensors",
+    );
+    let full = convert(&options(
+        "tiny.pth",
+        None,
+        false,
+        Dtype::F32,
+        "tiny_enc.safetensors",
+    ))
+    .unwrap();
+    opts.no_encoder = true;
+    let summary = convert(&opts).unwrap();
+    let (out, _) = read_output(&opts.output);
+    assert!(
+        out.keys()
+            .all(|k| !checkergen::io::convert::is_encoder_tensor(k))
+    );
+    assert!(summary.tensors_written < full.tensors_written);
+    let with = checkergen::model::Model::load(&tmp("tiny_enc.safetensors")).unwrap();
+    assert!(with.encoder.is_some());
+    let without = checkergen::model::Model::load(&opts.output).unwrap();
+    let err = without.encoder().err().unwrap().to_string();
+    assert!(
+        err.contains("no VQ encoder") && !err.contains('\n'),
+        "{err}"
+    );
 }

@@ -62,6 +62,7 @@ fn baseline(dir: &Path) -> (ConvertOptions, Vec<u8>) {
         autoenc_yaml: fixture("tiny_autoencoder.yaml"),
         autoenc_checkpoint: None,
         ema: false,
+        no_encoder: false,
         dtype: Dtype::F32,
         output: dir.join("baseline.safetensors"),
     };

@@ -72,6 +72,64 @@ pub fn sample_tokens(
     run_steps(&mut CpuBackend::with_parts(cfg, w, None), o)
 }
 
+/// src_fold(h(z0)) of every cell of scale `si`, (B, s*s, C), codes of `e` dims: z0 is zeros on the first scale,
+/// else the previous scale's grid `prev (B, sp, sp)` upscaled and normalized.
+pub(crate) fn scale_sources(
+    w: &TransformerWeights,
+    e: usize,
+    schedule: &Schedule,
+    si: usize,
+    prev: Option<&Vec<u32>>,
+    b: usize,
+) -> Vec<f32> {
+    let s = schedule.scales[si].size;
+    let cells = b * s * s;
+    let z0 = match prev {
+        Some(grid) if si > 0 => {
+            let sp = schedule.scales[si - 1].size;
+            ops::upsample_codes(&w.codebook, e, grid, b, sp, s)
+        }
+        _ => vec![0.0f32; cells * e],
+    };
+    let hid = ops::codevec_hidden(&w.code_hidden, &z0, cells);
+    w.src_fold.forward(&hid, cells)
+}
+
+/// One step's inputs `x (rows * n, C)` (see [`ops::gather_inputs`]) and its RoPE rows: each
+/// cell's own position, and its paired previous-block cell (row N+1, "empty", on a scale's
+/// first step). `src (b, s*s, C)` from [`scale_sources`]; `grid (b, s*s)` holds the scale's
+/// tokens known so far.
+pub(crate) fn step_inputs(
+    w: &TransformerWeights,
+    schedule: &Schedule,
+    step: &Step,
+    src: &[f32],
+    grid: &[u32],
+    rows: usize,
+    b: usize,
+) -> (Vec<f32>, Vec<usize>, Vec<usize>) {
+    let scale = &schedule.scales[step.scale];
+    let cur: Vec<usize> = schedule.global_positions(step);
+    let prev_global: Option<Vec<usize>> = step
+        .prev
+        .as_ref()
+        .map(|q| q.iter().map(|p| scale.offset + p).collect());
+    let x = ops::gather_inputs(
+        &w.tables,
+        src,
+        grid,
+        &cur,
+        &step.positions,
+        prev_global.as_deref().zip(step.prev.as_deref()),
+        rows,
+        b,
+        scale.size * scale.size,
+    );
+    let n = step.positions.len();
+    let prev_rope = prev_global.unwrap_or_else(|| vec![schedule.total_tokens() + 1; n]);
+    (x, cur, prev_rope)
+}
+
 impl Backend for CpuBackend<'_> {
     fn config(&self) -> &ModelConfig {
         self.cfg
@@ -101,18 +159,16 @@ impl Backend for CpuBackend<'_> {
     }
 
     fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()> {
-        let (w, b, e) = (self.w, self.batch, self.cfg.code_dim());
-        let s = schedule.scales[si].size;
-        let cells = b * s * s;
-        // z0 (B, s*s, e): zeros on the first scale, else upscaled previous codes.
-        let z0 = if si == 0 {
-            vec![0.0f32; cells * e]
-        } else {
-            let sp = schedule.scales[si - 1].size;
-            ops::upsample_codes(&w.codebook, e, &self.grids[si - 1], b, sp, s)
-        };
-        let hid = ops::codevec_hidden(&w.code_hidden, &z0, cells);
-        self.src = w.src_fold.forward(&hid, cells);
+        let b = self.batch;
+        let cells = b * schedule.scales[si].size.pow(2);
+        self.src = scale_sources(
+            self.w,
+            self.cfg.code_dim(),
+            schedule,
+            si,
+            self.grids.get(si.wrapping_sub(1)),
+            b,
+        );
         self.grid = vec![u32::MAX; cells];
         self.prob = vec![f32::NAN; cells];
         self.entropy = vec![f32::NAN; cells];
@@ -132,25 +188,8 @@ impl Backend for CpuBackend<'_> {
         let n = step.positions.len();
         let tf = self.tf.as_mut().context("step before begin")?;
         let rows = tf.rows();
-        let cur: Vec<usize> = schedule.global_positions(step);
-        let prev_global: Option<Vec<usize>> = step
-            .prev
-            .as_ref()
-            .map(|q| q.iter().map(|p| scale.offset + p).collect());
-        let mut x = ops::gather_inputs(
-            &w.tables,
-            &self.src,
-            &self.grid,
-            &cur,
-            &step.positions,
-            prev_global.as_deref().zip(step.prev.as_deref()),
-            rows,
-            b,
-            cells,
-        );
-        // RoPE rows: the cell's own position, and its paired previous-block cell (row N+1,
-        // "empty", on a scale's first step).
-        let prev_rope = prev_global.unwrap_or_else(|| vec![schedule.total_tokens() + 1; n]);
+        let (mut x, cur, prev_rope) =
+            step_inputs(w, schedule, step, &self.src, &self.grid, rows, b);
         tf.forward(&mut x, &cur, &prev_rope);
         let mut logits = tf.logits(&x); // (rows, n, V)
         let knobs = StepKnobs {

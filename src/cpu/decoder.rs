@@ -17,19 +17,19 @@ use crate::cpu::ops;
 use crate::model::decoder::{AttnBlock, Conv, DecoderWeights, GroupNorm, ResBlock};
 
 /// One image's activations.
-struct Act {
-    c: usize,
-    h: usize,
-    w: usize,
-    data: Vec<f32>, // (C, H, W)
+pub(crate) struct Act {
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) data: Vec<f32>, // (C, H, W)
 }
 
 impl Act {
-    fn hw(&self) -> usize {
+    pub(crate) fn hw(&self) -> usize {
         self.h * self.w
     }
 
-    fn with(&self, c: usize, data: Vec<f32>) -> Act {
+    pub(crate) fn with(&self, c: usize, data: Vec<f32>) -> Act {
         Act {
             c,
             h: self.h,
@@ -40,14 +40,14 @@ impl Act {
 }
 
 impl Conv {
-    fn forward(&self, x: &Act) -> Act {
+    pub(crate) fn forward(&self, x: &Act) -> Act {
         assert_eq!(x.c, self.cin, "conv: input channels");
         x.with(self.cout, ops::conv2d(self, &x.data, x.h, x.w))
     }
 }
 
 impl GroupNorm {
-    fn forward(&self, x: &Act, silu: bool) -> Act {
+    pub(crate) fn forward(&self, x: &Act, silu: bool) -> Act {
         x.with(x.c, ops::group_norm(self, &x.data, x.hw(), silu))
     }
 }
@@ -55,7 +55,7 @@ impl GroupNorm {
 impl ResBlock {
     /// GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3, plus the input (1x1 `nin_shortcut`
     /// when the channel count changes).
-    fn forward(&self, x: Act) -> Act {
+    pub(crate) fn forward(&self, x: Act) -> Act {
         let h = self.conv1.forward(&self.norm1.forward(&x, true));
         let mut h = self.conv2.forward(&self.norm2.forward(&h, true)); // (Cout, H, W)
         let skip = match &self.nin_shortcut {
@@ -71,7 +71,7 @@ impl ResBlock {
 
 impl AttnBlock {
     /// Single-head spatial self-attention over all H*W positions, plus the input.
-    fn forward(&self, x: Act) -> Act {
+    pub(crate) fn forward(&self, x: Act) -> Act {
         let (c, n) = (x.c, x.hw());
         let hn = self.norm.forward(&x, false);
         let (q, k, v) = (
@@ -155,7 +155,7 @@ impl DecoderWeights {
 
 /// L2-normalize over e at each position of one image's (e, n) codes (F.normalize, eps 1e-12):
 /// transpose to (n, e) rows and back.
-fn normalize_positions(z: &[f32], e: usize, n: usize) -> Vec<f32> {
+pub(crate) fn normalize_positions(z: &[f32], e: usize, n: usize) -> Vec<f32> {
     let mut t: Vec<f32> = (0..n * e).map(|i| z[(i % e) * n + i / e]).collect(); // (n, e)
     crate::math::normalize_rows(&mut t, e);
     (0..e * n).map(|i| t[(i % n) * e + i / n]).collect()

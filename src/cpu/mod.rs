@@ -3,7 +3,9 @@
 
 pub mod backend;
 pub mod decoder;
+pub mod encoder;
 pub mod ops;
+pub mod score;
 pub mod transformer;
 
 pub use backend::{CpuBackend, sample_tokens};

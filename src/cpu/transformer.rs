@@ -83,6 +83,29 @@ impl<'w> CpuTransformer<'w> {
     /// each token's RoPE table rows (its own position, and the paired previous-block position),
     /// shared by all rows.
     pub fn forward(&mut self, x: &mut [f32], cur: &[usize], prev: &[usize]) {
+        self.forward_with(x, cur, prev, None);
+    }
+
+    /// The teacher-forced pass of SPEC.md section 9: the whole sequence (class token and every
+    /// block) as ONE forward into an empty cache, token i attending to token j iff
+    /// `block[j] <= block[i]` (the block-causal mask; `block (n)`, the class token is block 0).
+    pub fn forward_masked(&mut self, x: &mut [f32], cur: &[usize], prev: &[usize], block: &[i32]) {
+        assert_eq!(self.len, 0, "forward_masked: the cache must be empty");
+        assert_eq!(block.len(), cur.len());
+        let mask = ops::BlockMask {
+            key_block: block,
+            query_block: block,
+        };
+        self.forward_with(x, cur, prev, Some(mask));
+    }
+
+    fn forward_with(
+        &mut self,
+        x: &mut [f32],
+        cur: &[usize],
+        prev: &[usize],
+        mask: Option<ops::BlockMask>,
+    ) {
         let (c, rows) = (self.c, self.rows);
         let n = cur.len();
         assert_eq!(x.len(), rows * n * c);
@@ -115,7 +138,7 @@ impl<'w> CpuTransformer<'w> {
                 &mut self.v_cache[li],
                 shape,
             );
-            let o = ops::attention(&q, &self.k_cache[li], &self.v_cache[li], None, shape);
+            let o = ops::attention(&q, &self.k_cache[li], &self.v_cache[li], mask, shape);
             let attn = layer.wo.forward(&o, t);
             x.iter_mut().zip(&attn).for_each(|(xv, av)| *xv += av);
 

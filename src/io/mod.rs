@@ -3,5 +3,6 @@
 pub mod convert;
 pub mod image;
 pub mod maps;
+pub mod photo;
 pub mod pth;
 pub mod tokens;

@@ -14,7 +14,8 @@ use anyhow::{Result, bail};
 pub const GN_GROUPS: usize = 32;
 pub const GN_EPS: f32 = 1e-6;
 
-/// Conv2d with bias, kernel 1 (padding 0) or 3 (padding 1), stride 1.
+/// Conv2d with bias, kernel 1 (padding 0) or 3 (padding 1), stride 1 (the encoder's
+/// Downsample runs its 3x3 convs at stride 2 through `cpu::ops::conv2d_down`).
 pub struct Conv {
     pub cin: usize,
     pub cout: usize,
@@ -67,7 +68,13 @@ pub struct DecoderWeights {
     pub conv_out: Conv,
 }
 
-fn conv(src: &mut dyn Source, name: &str, cin: usize, cout: usize, k: usize) -> Result<Conv> {
+pub(super) fn conv(
+    src: &mut dyn Source,
+    name: &str,
+    cin: usize,
+    cout: usize,
+    k: usize,
+) -> Result<Conv> {
     Ok(Conv {
         cin,
         cout,
@@ -77,14 +84,19 @@ fn conv(src: &mut dyn Source, name: &str, cin: usize, cout: usize, k: usize) -> 
     })
 }
 
-fn group_norm(src: &mut dyn Source, name: &str, c: usize) -> Result<GroupNorm> {
+pub(super) fn group_norm(src: &mut dyn Source, name: &str, c: usize) -> Result<GroupNorm> {
     Ok(GroupNorm {
         gamma: src.take(&format!("{name}.weight"), &[c])?,
         beta: src.take(&format!("{name}.bias"), &[c])?,
     })
 }
 
-fn res_block(src: &mut dyn Source, name: &str, cin: usize, cout: usize) -> Result<ResBlock> {
+pub(super) fn res_block(
+    src: &mut dyn Source,
+    name: &str,
+    cin: usize,
+    cout: usize,
+) -> Result<ResBlock> {
     Ok(ResBlock {
         norm1: group_norm(src, &format!("{name}.norm1"), cin)?,
         conv1: conv(src, &format!("{name}.conv1"), cin, cout, 3)?,
@@ -98,7 +110,7 @@ fn res_block(src: &mut dyn Source, name: &str, cin: usize, cout: usize) -> Resul
     })
 }
 
-fn attn_block(src: &mut dyn Source, name: &str, c: usize) -> Result<AttnBlock> {
+pub(super) fn attn_block(src: &mut dyn Source, name: &str, c: usize) -> Result<AttnBlock> {
     Ok(AttnBlock {
         norm: group_norm(src, &format!("{name}.norm"), c)?,
         q: conv(src, &format!("{name}.q"), c, c, 1)?,
@@ -109,7 +121,7 @@ fn attn_block(src: &mut dyn Source, name: &str, c: usize) -> Result<AttnBlock> {
 }
 
 impl DecoderWeights {
-    fn check_config(cfg: &DecoderConfig) -> Result<()> {
+    pub(super) fn check_config(cfg: &DecoderConfig) -> Result<()> {
         if cfg.ch_mult.is_empty() || cfg.ch == 0 || cfg.ch_mult.contains(&0) {
             bail!("decoder config: ch and every ch_mult entry must be positive");
         }

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod encoder;
 pub mod file;
 pub mod init;
 mod source;
@@ -12,6 +13,7 @@ pub mod weights;
 
 use crate::model::config::{CONFIG_METADATA_KEY, ModelConfig};
 use crate::model::decoder::DecoderWeights;
+use crate::model::encoder::EncoderWeights;
 use crate::model::file::{TensorMap, load_model_file, parse_model_tensors};
 use crate::model::weights::TransformerWeights;
 use crate::order::scale_sizes;
@@ -25,6 +27,9 @@ pub struct Model {
     pub scale_sizes: Vec<usize>,
     pub weights: TransformerWeights,
     pub decoder: DecoderWeights,
+    /// The VQ encoder, when the file holds `autoenc.encoder.*` (scoring and `encode` need it;
+    /// sampling does not).
+    pub encoder: Option<EncoderWeights>,
 }
 
 impl Model {
@@ -65,11 +70,25 @@ impl Model {
         let n_tokens = scale_sizes.iter().map(|s| s * s).sum();
         let weights = TransformerWeights::from_tensors(&config, map, n_tokens)?;
         let decoder = DecoderWeights::from_tensors(&config.decoder, map)?;
+        let encoder = EncoderWeights::present(map)
+            .then(|| EncoderWeights::from_tensors(&config.decoder, map))
+            .transpose()?;
         Ok(Model {
             config,
             scale_sizes,
             weights,
             decoder,
+            encoder,
+        })
+    }
+
+    /// The encoder, or the one-line error of a command that needs it.
+    pub fn encoder(&self) -> Result<&EncoderWeights> {
+        self.encoder.as_ref().ok_or_else(|| {
+            anyhow!(
+                "this model file has no VQ encoder (autoenc.encoder.*): convert the checkpoint \
+                 again without --no-encoder (encode and score need it; sampling does not)"
+            )
         })
     }
 

@@ -304,13 +304,24 @@ pub fn expected_transformer_tensors(
     rec.0
 }
 
-/// Every tensor a model file of `cfg` must hold (transformer, codebook, VQ decoder), with
-/// its shape. The one list behind loading, `checkergen init` and `checkergen convert`.
+/// Whether `name` belongs to the VQ encoder (`autoenc.encoder.*`, `autoenc.quant_conv.*`),
+/// the optional part of a model file: sampling never reads it; `encode` and `score` need it.
+pub fn is_encoder_tensor(name: &str) -> bool {
+    use super::encoder::{ENCODER_PREFIX, QUANT_CONV_PREFIX};
+    name.starts_with(ENCODER_PREFIX) || name.starts_with(QUANT_CONV_PREFIX)
+}
+
+/// Every tensor a complete model file of `cfg` holds (transformer, codebook, VQ decoder, then
+/// the VQ encoder and quant_conv), with its shape. The one list behind `checkergen init` and
+/// `checkergen convert`; a file without the encoder ([`is_encoder_tensor`]) still samples.
 pub fn expected_tensors(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
     let sizes = crate::order::scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
     let n: usize = sizes.iter().map(|s| s * s).sum();
     let mut t = expected_transformer_tensors(cfg, n);
     t.extend(super::decoder::DecoderWeights::expected_tensors(
+        &cfg.decoder,
+    ));
+    t.extend(super::encoder::EncoderWeights::expected_tensors(
         &cfg.decoder,
     ));
     Ok(t)

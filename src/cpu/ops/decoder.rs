@@ -55,6 +55,50 @@ pub fn conv2d_banded(conv: &Conv, x: &[f32], h: usize, w: usize, col_budget: usi
     out
 }
 
+/// The encoder's Downsample: zero-pad `x (Cin, H, W)` right and bottom by 1, then a 3x3 conv at
+/// stride 2 without padding, plus bias -> (Cout, H/2, W/2) (H, W even). im2col + one GEMM.
+pub fn conv2d_down(conv: &Conv, x: &[f32], h: usize, w: usize) -> Vec<f32> {
+    assert_eq!(conv.k, 3, "downsample conv: kernel 3");
+    assert_eq!(
+        x.len(),
+        conv.cin * h * w,
+        "downsample conv: input must be (Cin, H, W)"
+    );
+    assert!(
+        h.is_multiple_of(2) && w.is_multiple_of(2),
+        "downsample conv: H, W even"
+    );
+    let (ho, wo) = (h / 2, w / 2);
+    let n = ho * wo;
+    let kk = conv.cin * 9;
+    let mut col = vec![0.0f32; kk * n]; // (Cin*9, Ho*Wo)
+    col.par_chunks_mut(9 * n)
+        .zip(x.par_chunks(h * w))
+        .for_each(|(taps, plane)| {
+            for (tap, dst) in taps.chunks_exact_mut(n).enumerate() {
+                let (dy, dx) = (tap / 3, tap % 3);
+                for (yo, row) in dst.chunks_exact_mut(wo).enumerate() {
+                    let ys = 2 * yo + dy;
+                    if ys >= h {
+                        continue; // the zero padding row
+                    }
+                    for (xo, v) in row.iter_mut().enumerate() {
+                        let xs = 2 * xo + dx;
+                        if xs < w {
+                            *v = plane[ys * w + xs];
+                        }
+                    }
+                }
+            }
+        });
+    let mut out = vec![0.0f32; conv.cout * n];
+    for (plane, &b) in out.chunks_exact_mut(n).zip(&conv.bias) {
+        plane.fill(b);
+    }
+    math::matmul(&conv.weight, &col, &mut out, conv.cout, kk, n, 1.0);
+    out
+}
+
 /// GroupNorm (32 groups, eps 1e-6, affine) of x (C, H*W), then SiLU when `silu`. Statistics in
 /// f64, biased variance as in PyTorch.
 pub fn group_norm(gn: &GroupNorm, x: &[f32], hw: usize, silu: bool) -> Vec<f32> {

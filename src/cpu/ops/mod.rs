@@ -10,7 +10,8 @@
 //! |               |                    | gather_inputs                                            |
 //! | attention.rs  | attention.cu       | rope_kv_append, attention (optional block-causal mask)   |
 //! | sampling.rs   | sampling.cu        | guided_sample                                            |
-//! | decoder.rs    | decoder.cu         | conv2d (1x1, 3x3), group_norm(+SiLU), upsample_nearest2, |
+//! | decoder.rs    | decoder.cu         | conv2d (1x1, 3x3), conv2d_down (encoder, stride 2),      |
+//! |               |                    | group_norm(+SiLU), upsample_nearest2,                    |
 //! |               |                    | softmax_rows, spatial_attention, gather_codes, pixels    |
 //!
 //! cuBLAS GEMMs (`cuda::gemm`) are checked against [`crate::math::linear`].
@@ -23,7 +24,8 @@ pub mod sampling;
 
 pub use attention::{AttnShape, BlockMask, attention, rope_kv_append};
 pub use decoder::{
-    conv2d, gather_codes, group_norm, pixels, softmax_rows, spatial_attention, upsample_nearest2,
+    conv2d, conv2d_down, gather_codes, group_norm, pixels, softmax_rows, spatial_attention,
+    upsample_nearest2,
 };
 pub use embed::{codevec_hidden, gather_inputs, upsample_bilinear, upsample_codes};
 pub use norm::{add_bias, rmsnorm_adaln, silu_mul};

@@ -3,7 +3,9 @@
 //! and the tensor that says otherwise.
 
 use super::schema::YamlModel;
-use super::{CODEBOOK_KEY, CODEBOOK_KEY_PLAIN, MIXING_KEY, ROPE_KEY, expected_tensors};
+use super::{
+    CODEBOOK_KEY, CODEBOOK_KEY_PLAIN, MIXING_KEY, ROPE_KEY, expected_tensors, is_encoder_tensor,
+};
 use crate::io::pth::{PthCheckpoint, TensorInfo};
 use crate::model::config::ModelConfig;
 use anyhow::{Context, Result, bail};
@@ -282,8 +284,12 @@ impl Checker<'_> {
             .validate()
             .with_context(|| self.yaml.model_file.clone())?;
 
-        // Every tensor sampling needs, by name and shape.
+        // Every tensor sampling needs, by name and shape; the encoder's when any is selected.
+        let has_encoder = self.tensors.keys().any(|k| is_encoder_tensor(k));
         for (name, shape) in expected_tensors(&config)? {
+            if !has_encoder && is_encoder_tensor(&name) {
+                continue;
+            }
             let source = if name.starts_with("autoenc.") { 1 } else { 0 };
             let got = self.shape(&name, source)?;
             if got != shape.as_slice() {

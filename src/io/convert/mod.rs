@@ -61,6 +61,9 @@ pub struct ConvertOptions {
     pub autoenc_checkpoint: Option<PathBuf>,
     /// Take the EMA weights (`model_ema`) instead of `model`.
     pub ema: bool,
+    /// Leave out the VQ encoder (`autoenc.encoder.*`, `autoenc.quant_conv.*`): the file then
+    /// samples and decodes but cannot `encode` or `score`.
+    pub no_encoder: bool,
     pub dtype: Dtype,
     /// The safetensors file to write.
     pub output: PathBuf,
@@ -159,14 +162,17 @@ impl fmt::Display for ConvertSummary {
 // ------------------------------------------------------------------------------------------
 
 /// Every tensor sampling needs, with its shape (the loader's list; see `weights.rs`).
-pub use crate::model::weights::expected_tensors;
+pub use crate::model::weights::{expected_tensors, is_encoder_tensor};
 
-/// Tensors of the reference's state dict that sampling never uses.
+/// Tensors of the reference's state dict that no command uses (the encoder is kept: `encode`
+/// and `score` need it; `--no-encoder` drops it).
 pub fn is_training_only(name: &str) -> bool {
-    name.starts_with("autoenc.encoder.")
-        || name.starts_with("autoenc.quant_conv.")
-        || name == "autoenc.cluster_usage_train"
-        || name == "autoenc.quantize.initialized"
+    name == "autoenc.cluster_usage_train" || name == "autoenc.quantize.initialized"
+}
+
+/// Whether conversion leaves `name` out: training-only, or the encoder under `--no-encoder`.
+fn dropped(name: &str, no_encoder: bool) -> bool {
+    is_training_only(name) || (no_encoder && is_encoder_tensor(name))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -244,7 +250,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary> {
     let mut selected: BTreeMap<String, Selected> = BTreeMap::new();
     let mut skipped = 0usize;
     for (name, info) in state {
-        if is_training_only(&name) || (ae.is_some() && name.starts_with("autoenc.")) {
+        if dropped(&name, opts.no_encoder) || (ae.is_some() && name.starts_with("autoenc.")) {
             skipped += 1;
             continue;
         }
@@ -266,10 +272,12 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary> {
                 "autoenc.decoder.",
                 "autoenc.post_quant_conv.",
                 "autoenc.quantize.",
+                "autoenc.encoder.",
+                "autoenc.quant_conv.",
             ]
             .iter()
             .any(|p| name.starts_with(p));
-            if wanted && !is_training_only(&name) {
+            if wanted && !dropped(&name, opts.no_encoder) {
                 selected.insert(name, Selected { info, source: 1 });
             }
         }

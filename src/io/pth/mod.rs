@@ -433,6 +433,20 @@ impl PthCheckpoint {
 }
 
 /// Read the state dict under `key` (see [`PthCheckpoint::state_dict`]) with all its tensors.
+/// The bytes of the stored entry `name` of any zip file (an `.npz` from `np.savez`), through
+/// the same checked reader as checkpoints (sizes against the file, CRC-32).
+pub fn read_zip_entry(path: &Path, name: &str) -> Result<Vec<u8>> {
+    let shown = path.display();
+    crate::paths::check_input(path)?;
+    let file = File::open(path).with_context(|| format!("{shown}: cannot open"))?;
+    let archive =
+        Archive::new(file).map_err(|e| anyhow!("{shown}: not a readable zip archive ({e:#})"))?;
+    let e = archive
+        .get(name)
+        .ok_or_else(|| anyhow!("{shown}: no entry `{name}` in the archive"))?;
+    archive.read_all(e).with_context(|| shown.to_string())
+}
+
 pub fn read_state_dict(path: impl AsRef<Path>, key: &str) -> Result<BTreeMap<String, PthTensor>> {
     let ckpt = PthCheckpoint::open(path)?;
     let sd = ckpt.state_dict(key)?;

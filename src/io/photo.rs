@@ -1,0 +1,301 @@
+//! Real images in: PNG and JPEG decoding to 8-bit RGB, and ADM's `center_crop_arr` (what the reference
+//! applies to ImageNet images before encoding; SPEC.md section 9).
+//!
+//! `center_crop_arr(img, size)`: while the short side >= 2 * size, halve with a box filter
+//! (PIL's BOX resize to half the size, rounded down); then resize so the short side is `size` with bicubic
+//! (PIL's BICUBIC, a = -0.5, support widened by the downscale factor, i.e. antialiased);
+//! then crop the center `size x size`. PIL computes the bicubic passes in fixed point
+//! (22-bit coefficients, rounding to 8 bits after the horizontal pass); here they run in f64
+//! with the same rounding points, so a pixel can differ from PIL's by one level (1/255) on
+//! images that need a resize. 256x256 inputs are used as they are.
+
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+
+/// An 8-bit RGB image, row-major `(H, W, 3)`.
+pub struct Rgb {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// Largest width or height accepted for an input photo.
+pub const MAX_PHOTO_SIDE: usize = 16384;
+
+/// Read an image file by extension: `.png`, or `.jpg` / `.jpeg` (any case).
+pub fn read_image(path: &Path) -> Result<Rgb> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "png" => read_png(path),
+        "jpg" | "jpeg" => read_jpeg(path),
+        _ => bail!(
+            "{}: unsupported image type '.{ext}' (PNG or JPEG expected)",
+            path.display()
+        ),
+    }
+}
+
+/// Read a baseline or progressive JPEG (gray, YCbCr, CMYK) as 8-bit RGB (zune-jpeg).
+pub fn read_jpeg(path: &Path) -> Result<Rgb> {
+    use zune_jpeg::zune_core::{
+        bytestream::ZCursor, colorspace::ColorSpace, options::DecoderOptions,
+    };
+    let shown = path.display();
+    let meta = crate::paths::check_input(path)?;
+    if meta.len() > 1 << 30 {
+        bail!("{shown}: {} bytes is too large for an image", meta.len());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("{shown}: cannot read"))?;
+    let opts = DecoderOptions::default()
+        .jpeg_set_out_colorspace(ColorSpace::RGB)
+        .set_max_width(MAX_PHOTO_SIDE)
+        .set_max_height(MAX_PHOTO_SIDE);
+    let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(&bytes), opts);
+    let data = dec
+        .decode()
+        .map_err(|e| anyhow::anyhow!("{shown}: not a readable JPEG image ({e:?})"))?;
+    let (w, h) = dec.dimensions().context("JPEG without dimensions")?;
+    if data.len() != w * h * 3 {
+        bail!(
+            "{shown}: JPEG decoded to {} bytes for {w}x{h} RGB",
+            data.len()
+        );
+    }
+    Ok(Rgb {
+        width: w,
+        height: h,
+        data,
+    })
+}
+
+/// Read `arr_0` of an `.npz` (np.savez, uncompressed): uint8 `[N, side, side, 3]` images,
+/// as ADM's reference batches store them; returns each image's `(side, side, 3)` bytes.
+pub fn read_npz(path: &Path, side: usize) -> Result<Vec<Vec<u8>>> {
+    let shown = path.display();
+    let npy = crate::io::pth::read_zip_entry(path, "arr_0.npy")?;
+    let bad =
+        |why: &str| anyhow::anyhow!("{shown}: arr_0 is not a uint8 [N, H, W, 3] array ({why})");
+    if npy.len() < 10 || &npy[..6] != b"\x93NUMPY" {
+        return Err(bad("no .npy header"));
+    }
+    let (hlen, start) = match npy[6] {
+        1 => (u16::from_le_bytes([npy[8], npy[9]]) as usize, 10),
+        2 | 3 if npy.len() >= 12 => (
+            u32::from_le_bytes(npy[8..12].try_into().unwrap()) as usize,
+            12,
+        ),
+        _ => return Err(bad("unknown .npy version")),
+    };
+    let header = npy
+        .get(start..start + hlen)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("truncated header"))?;
+    let compact: String = header.chars().filter(|c| !c.is_whitespace()).collect();
+    if !(compact.contains("'descr':'|u1'") || compact.contains("'descr':'<u1'")) {
+        return Err(bad(&format!("dtype in {}", header.trim())));
+    }
+    if !compact.contains("'fortran_order':False") {
+        return Err(bad("Fortran order"));
+    }
+    let shape: Vec<usize> = compact
+        .split("'shape':(")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .map(|t| {
+            t.split(',')
+                .filter(|x| !x.is_empty())
+                .map(|x| x.parse().unwrap_or(0))
+                .collect()
+        })
+        .ok_or_else(|| bad("no shape"))?;
+    let data = &npy[start + hlen..];
+    match shape[..] {
+        [n, h, w, 3] if h == side && w == side && data.len() == n * h * w * 3 && n > 0 => {
+            Ok(data.chunks_exact(h * w * 3).map(<[u8]>::to_vec).collect())
+        }
+        _ => bail!(
+            "{shown}: arr_0 has shape {shape:?}; expected uint8 [N, {side}, {side}, 3] (N >= 1) \
+             matching this model's image size"
+        ),
+    }
+}
+
+/// Read a PNG file (8- or 16-bit; gray, gray+alpha, RGB, RGBA, palette) as 8-bit RGB; alpha
+/// is dropped.
+pub fn read_png(path: &Path) -> Result<Rgb> {
+    let shown = path.display();
+    crate::paths::check_input(path)?;
+    let file = std::fs::File::open(path).with_context(|| format!("{shown}: cannot open"))?;
+    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
+    dec.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = dec
+        .read_info()
+        .map_err(|e| anyhow::anyhow!("{shown}: not a readable PNG image ({e})"))?;
+    let (w, h) = (reader.info().width as usize, reader.info().height as usize);
+    if w == 0 || h == 0 || w > MAX_PHOTO_SIDE || h > MAX_PHOTO_SIDE {
+        bail!("{shown}: image is {w}x{h}; sides must be 1..={MAX_PHOTO_SIDE}");
+    }
+    let mut buf = vec![0u8; reader.output_buffer_size().context("image too large")?];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| anyhow::anyhow!("{shown}: not a readable PNG image ({e})"))?;
+    let ch = info.color_type.samples();
+    let px = &buf[..info.buffer_size()];
+    let data = match ch {
+        1 => px.iter().flat_map(|&g| [g, g, g]).collect(),
+        2 => px
+            .chunks_exact(2)
+            .flat_map(|p| [p[0], p[0], p[0]])
+            .collect(),
+        3 => px.to_vec(),
+        4 => px
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
+        _ => bail!("{shown}: unsupported PNG colour type"),
+    };
+    Ok(Rgb {
+        width: w,
+        height: h,
+        data,
+    })
+}
+
+fn cubic(x: f64) -> f64 {
+    let (a, x) = (-0.5, x.abs());
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+/// PIL's box filter: 1 on (-0.5, 0.5].
+fn box_filter(x: f64) -> f64 {
+    if x > -0.5 && x <= 0.5 { 1.0 } else { 0.0 }
+}
+
+/// A PIL resampling filter: the kernel and its support (in input pixels at scale 1).
+#[derive(Clone, Copy)]
+struct Filter(fn(f64) -> f64, f64);
+
+const BICUBIC: Filter = Filter(cubic, 2.0);
+const BOX: Filter = Filter(box_filter, 0.5);
+
+/// PIL-style separable resample of one axis: for each output index, (first input, weights).
+fn taps(insize: usize, outsize: usize, f: Filter) -> Vec<(usize, Vec<f64>)> {
+    let scale = insize as f64 / outsize as f64;
+    let fs = scale.max(1.0);
+    let support = f.1 * fs;
+    (0..outsize)
+        .map(|o| {
+            let center = (o as f64 + 0.5) * scale;
+            let lo = ((center - support + 0.5).floor().max(0.0)) as usize;
+            let hi = (((center + support + 0.5).floor()) as usize).min(insize);
+            let mut w: Vec<f64> = (lo..hi)
+                .map(|i| (f.0)((i as f64 - center + 0.5) / fs))
+                .collect();
+            let total: f64 = w.iter().sum();
+            if total != 0.0 {
+                w.iter_mut().for_each(|v| *v /= total);
+            }
+            (lo, w)
+        })
+        .collect()
+}
+
+fn clamp_u8(v: f64) -> u8 {
+    v.round().clamp(0.0, 255.0) as u8
+}
+
+/// Resize to `ow x oh` with filter `f` (horizontal pass, round to 8 bits, vertical pass).
+fn resize(img: &Rgb, ow: usize, oh: usize, f: Filter) -> Rgb {
+    let (iw, ih) = (img.width, img.height);
+    let tx = taps(iw, ow, f);
+    let mut mid = vec![0u8; ow * ih * 3];
+    for y in 0..ih {
+        for (x, (lo, w)) in tx.iter().enumerate() {
+            for c in 0..3 {
+                let v: f64 = w
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &wk)| wk * img.data[(y * iw + lo + k) * 3 + c] as f64)
+                    .sum();
+                mid[(y * ow + x) * 3 + c] = clamp_u8(v);
+            }
+        }
+    }
+    let ty = taps(ih, oh, f);
+    let mut data = vec![0u8; ow * oh * 3];
+    for (y, (lo, w)) in ty.iter().enumerate() {
+        for x in 0..ow {
+            for c in 0..3 {
+                let v: f64 = w
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &wk)| wk * mid[((lo + k) * ow + x) * 3 + c] as f64)
+                    .sum();
+                data[(y * ow + x) * 3 + c] = clamp_u8(v);
+            }
+        }
+    }
+    Rgb {
+        width: ow,
+        height: oh,
+        data,
+    }
+}
+
+/// ADM's `center_crop_arr(img, size)` (see the module comment); returns `(size, size, 3)`.
+pub fn center_crop_arr(img: Rgb, size: usize) -> Vec<u8> {
+    if img.width == size && img.height == size {
+        return img.data;
+    }
+    let mut img = img;
+    while img.width.min(img.height) >= 2 * size {
+        img = resize(&img, img.width / 2, img.height / 2, BOX);
+    }
+    let scale = size as f64 / img.width.min(img.height) as f64;
+    let ow = ((img.width as f64 * scale).round() as usize).max(size);
+    let oh = ((img.height as f64 * scale).round() as usize).max(size);
+    let img = resize(&img, ow, oh, BICUBIC);
+    let (x0, y0) = ((ow - size) / 2, (oh - size) / 2);
+    let mut out = Vec::with_capacity(size * size * 3);
+    for y in y0..y0 + size {
+        out.extend_from_slice(&img.data[(y * ow + x0) * 3..(y * ow + x0 + size) * 3]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn center_crop_of_a_constant_image_is_constant() {
+        let img = Rgb {
+            width: 700,
+            height: 530,
+            data: vec![77; 700 * 530 * 3],
+        };
+        let out = center_crop_arr(img, 256);
+        assert_eq!(out.len(), 256 * 256 * 3);
+        assert!(out.iter().all(|&v| v == 77));
+    }
+
+    #[test]
+    fn bicubic_taps_sum_to_one() {
+        for (lo, w) in taps(530, 256, BICUBIC)
+            .into_iter()
+            .chain(taps(531, 265, BOX))
+        {
+            assert!(lo < 530);
+            assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        }
+    }
+}

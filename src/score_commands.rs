@@ -1,0 +1,267 @@
+//! The real-image subcommands (SPEC.md section 9): encode, decode, score. Parsing lives in
+//! main.rs; these functions call the library and print.
+
+use crate::commands::Device;
+use anyhow::{Context, Result, bail};
+use checkergen::cpu::score::{ScoreStats, score_codes};
+use checkergen::io::image::{planar_to_rgb, write_rgb_png};
+use checkergen::io::photo::{center_crop_arr, read_image, read_npz};
+use checkergen::io::tokens::{read_token_grids, write_token_grids};
+use checkergen::model::Model;
+use checkergen::order::Schedule;
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct EncodeArgs {
+    /// Model file with the VQ encoder (from `checkergen convert` or `init`).
+    #[arg(long)]
+    model: PathBuf,
+    /// PNG or JPEG images (non-256 through center_crop_arr), or .npz files whose arr_0 is
+    /// uint8 [N, 256, 256, 3].
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Output tokens file: scale_0, scale_1, ... int32 [B, s, s].
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct DecodeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// A tokens file (`encode --out` or `sample --save-tokens`).
+    #[arg(long)]
+    tokens: PathBuf,
+    /// Output directory for recon_NNNN.png (the last scale, decoded).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// Model file with the VQ encoder.
+    #[arg(long)]
+    model: PathBuf,
+    /// PNG or JPEG images (non-256 through center_crop_arr), or .npz files whose arr_0 is
+    /// uint8 [N, 256, 256, 3].
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Class ids, comma separated, one per image.
+    #[arg(long, value_delimiter = ',', conflicts_with = "labels_file")]
+    labels: Option<Vec<usize>>,
+    /// A file of class ids, one per image (whitespace or comma separated).
+    #[arg(long)]
+    labels_file: Option<PathBuf>,
+    /// Steps per scale to score at, comma separated: one result per value.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    steps_per_scale: Vec<usize>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// One JSON object per steps-per-scale value, one per line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One input image: a file read when its batch comes, or an image of an `.npz` (read whole).
+enum Input {
+    File(PathBuf),
+    Array(std::sync::Arc<Vec<Vec<u8>>>, usize),
+}
+
+/// The images of `paths`: each `.npz` expands to its `arr_0` images (exactly side x side),
+/// every other file is one image.
+fn expand_inputs(paths: &[PathBuf], side: usize) -> Result<Vec<Input>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let npz = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz"));
+        if npz {
+            let imgs = std::sync::Arc::new(read_npz(p, side)?);
+            out.extend((0..imgs.len()).map(|i| Input::Array(imgs.clone(), i)));
+        } else {
+            out.push(Input::File(p.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// Encode `items` to per-scale code grids (B, s, s) with the model's encoder; image files go
+/// through center_crop_arr when not side x side.
+fn encode_images(model: &Model, items: &[Input]) -> Result<Vec<Vec<u32>>> {
+    let enc = model.encoder()?;
+    let side = model.config.img_size;
+    let mut tokens = vec![Vec::new(); model.scale_sizes.len()];
+    for item in items {
+        let rgb = match item {
+            Input::File(p) => center_crop_arr(read_image(p)?, side),
+            Input::Array(a, i) => a[*i].clone(),
+        };
+        let pyr = enc.encode_pyramid(&rgb, side, &model.scale_sizes, model.decoder.codebook());
+        for (t, c) in tokens.iter_mut().zip(pyr.codes) {
+            t.extend(c);
+        }
+    }
+    Ok(tokens)
+}
+
+pub fn encode(a: EncodeArgs) -> Result<()> {
+    let mut inputs: Vec<&Path> = a.images.iter().map(PathBuf::as_path).collect();
+    inputs.push(&a.model);
+    checkergen::paths::check_output(&a.out, &inputs)?;
+    let model = Model::load(&a.model)?;
+    model.encoder()?;
+    let t = Instant::now();
+    let items = expand_inputs(&a.images, model.config.img_size)?;
+    let tokens = encode_images(&model, &items)?;
+    write_token_grids(&a.out, &model.scale_sizes, &tokens, items.len())?;
+    eprintln!(
+        "encoded {} images at scales {:?} in {:.2} s -> {}",
+        items.len(),
+        model.scale_sizes,
+        t.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+pub fn decode(a: DecodeArgs) -> Result<()> {
+    let model = Model::load(&a.model)?;
+    let (b, grids) = read_token_grids(&a.tokens, &model.scale_sizes, model.config.codebook_size())?;
+    crate::commands::ensure_dir(&a.out)?;
+    let s = *model.scale_sizes.last().context("model has no scales")?;
+    let side = model.config.img_size;
+    let images = model.decoder.decode_tokens(grids.last().unwrap(), b, s);
+    let pixels = checkergen::cpu::decoder::to_pixels_u8(&images);
+    for i in 0..b {
+        let path = a.out.join(format!("recon_{i:04}.png"));
+        write_rgb_png(&path, side, side, &planar_to_rgb(&pixels, i, side))?;
+    }
+    eprintln!("decoded {b} images -> {}", a.out.display());
+    Ok(())
+}
+
+fn read_labels(a: &ScoreArgs) -> Result<Vec<usize>> {
+    match (&a.labels, &a.labels_file) {
+        (Some(l), None) => Ok(l.clone()),
+        (None, Some(f)) => {
+            checkergen::paths::check_input(f)?;
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("{}: cannot read", f.display()))?;
+            text.split(|c: char| c.is_whitespace() || c == ',')
+                .filter(|t| !t.is_empty())
+                .map(|t| {
+                    t.parse::<usize>()
+                        .map_err(|_| anyhow::anyhow!("{}: '{t}' is not a class id", f.display()))
+                })
+                .collect()
+        }
+        _ => bail!("give the class of every image with --labels 1,5,7 or --labels-file FILE"),
+    }
+}
+
+pub fn score(a: ScoreArgs) -> Result<()> {
+    if a.device == Device::Cuda {
+        bail!("--device cuda: scoring is not yet on the GPU; use --device cpu");
+    }
+    let labels = read_labels(&a)?;
+    if a.batch_size == 0 || a.batch_size > checkergen::limits::MAX_IMAGES {
+        bail!(
+            "--batch-size must be 1..={}, got {}",
+            checkergen::limits::MAX_IMAGES,
+            a.batch_size
+        );
+    }
+    let model = Model::load(&a.model)?;
+    model.encoder()?;
+    let items = expand_inputs(&a.images, model.config.img_size)?;
+    if labels.len() != items.len() {
+        bail!(
+            "{} labels for {} images: give one class id per image",
+            labels.len(),
+            items.len()
+        );
+    }
+    let nc = model.config.num_classes;
+    if let Some(&bad) = labels.iter().find(|&&l| l >= nc) {
+        bail!(
+            "class id {bad} is out of range: this model has {nc} classes (0..{})",
+            nc - 1
+        );
+    }
+    let mut stats = a
+        .steps_per_scale
+        .iter()
+        .map(|&k| {
+            Ok(ScoreStats::new(
+                &Schedule::uniform(&model.scale_sizes, k)?,
+                k,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let t = Instant::now();
+    let mut t_enc = 0.0;
+    for (batch, lab) in items.chunks(a.batch_size).zip(labels.chunks(a.batch_size)) {
+        let te = Instant::now();
+        let tokens = encode_images(&model, batch)?;
+        t_enc += te.elapsed().as_secs_f64();
+        for st in &mut stats {
+            score_codes(&model, lab, &tokens, st.steps_per_scale, st)?;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    if a.json {
+        for st in &stats {
+            println!("{}", st.to_json());
+        }
+    } else {
+        print_table(&stats);
+    }
+    eprintln!(
+        "{} images in {secs:.2} s ({:.2} images/s; encoder {t_enc:.2} s, transformer {:.2} s \
+         for {} step counts)",
+        items.len(),
+        items.len() as f64 / secs,
+        secs - t_enc,
+        stats.len()
+    );
+    Ok(())
+}
+
+fn print_table(stats: &[ScoreStats]) {
+    let ln2 = std::f64::consts::LN_2;
+    let Some(first) = stats.first() else {
+        return;
+    };
+    println!("images: {}", first.images);
+    for st in stats {
+        println!(
+            "\nsteps/scale {}  serial steps {}  loss {:.4} nats  {:.4} bits/token",
+            st.steps_per_scale,
+            st.serial_steps,
+            st.loss_total(),
+            st.loss_total() / ln2
+        );
+        println!(
+            "  {:>6} {:>12} {:>12} {:>8}",
+            "scale", "loss (nats)", "bits/token", "top-1"
+        );
+        for ((s, l), t) in st
+            .scale_sizes
+            .iter()
+            .zip(st.loss_by_scale())
+            .zip(st.top1_by_scale())
+        {
+            println!(
+                "  {:>6} {:>12.4} {:>12.4} {:>8.4}",
+                format!("{s}x{s}"),
+                l,
+                l / ln2,
+                t
+            );
+        }
+    }
+}
