@@ -436,7 +436,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         PrecisionArg::Fp16 => Precision::F16,
         PrecisionArg::Bf16 => Precision::Bf16,
     };
-    let (free0, _) = gpu.ctx.mem_get_info()?;
+    let (free0, _) = gpu.mem_get_info()?;
     let mut gdec = GpuDecoder::with_precision(&gpu, &dec, precision)?;
     gdec.set_conv_kernel(match a.conv {
         ConvArg::Tc => ConvKernel::TensorCore,
@@ -444,7 +444,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     });
     let s = cfg.latent_size();
     let r = bench_decode(&gpu, &gdec, a.batch, s, a.warmup, a.iters)?;
-    let (free1, _) = gpu.ctx.mem_get_info()?;
+    let (free1, _) = gpu.mem_get_info()?;
     let used_gb = free0.saturating_sub(free1) as f64 / 1e9;
     let peak = tensor_peak_tflops(&gpu.name);
     if a.json {
