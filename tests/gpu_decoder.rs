@@ -3,7 +3,7 @@
 //! cases run for both 16-bit storage types, at the shapes of the released decoder (ch 128,
 //! ch_mult [1,1,2,2,4], z 256, 16x16 latent -> 256x256) and of the golden small decoder, odd
 //! batches; then whole decodes against the golden decode-only images and against the CPU
-//! decoder. Needs a GPU: ignored by default, run with `--include-ignored` on a GPU host.
+//! decoder. Runs on the GPU, or the host emulator without one.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -184,7 +184,6 @@ const CASES: &[Case] = &[
 ];
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn decoder_kernels_match_cpu_ops() {
     run_cases::<f16>();
     run_cases::<bf16>();
@@ -488,7 +487,6 @@ fn pixel_agreement(a: &[u8], b: &[u8]) -> (f64, f64, i32) {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn decode_matches_golden() {
     let gpu = common::gpu("gpu decode golden");
     let golden = common::golden_dir_required();
@@ -563,7 +561,6 @@ fn random_weights(cfg: &DecoderConfig) -> TensorMap {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn released_shape_decoder_matches_cpu() {
     let gpu = common::gpu("gpu decode released shapes");
     let cfg = DecoderConfig {

@@ -1,7 +1,7 @@
 //! The GPU sampler end to end (`GpuBackend` through `pipeline::sample`): golden greedy cases
 //! (token agreement rate at clear margins, teacher-forced logits), GPU vs CPU logits on a
-//! head_dim-64 model, buffer reuse. Needs a GPU: ignored by default, run with
-//! `--include-ignored` on a GPU host.
+//! head_dim-64 model, buffer reuse. Runs on the GPU, or the host
+//! emulator without one.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -49,7 +49,6 @@ fn greedy(labels: Vec<usize>, cfg: f32, start: usize, steps: usize) -> SampleOpt
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn golden_greedy_cases_on_gpu() {
     let gpu = common::gpu("gpu golden greedy");
     let g = common::golden_dir_required();
@@ -141,7 +140,6 @@ fn golden_greedy_cases_on_gpu() {
 /// A head_dim-64 model (as the released L models) with random weights: GPU teacher-forced
 /// logits against the CPU's, odd batch, guidance, a ratio-3 pyramid (remainder blocks).
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn gpu_logits_match_cpu_head_dim_64() {
     let gpu = common::gpu("gpu vs cpu logits (D=64)");
     let cfg = ModelConfig {
@@ -183,7 +181,6 @@ fn gpu_logits_match_cpu_head_dim_64() {
 /// first again with the same seed give identical tokens and pixels; T > 0 draws agree with
 /// the CPU's for the same seed except at float-rounding boundaries.
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn gpu_batches_reuse_buffers_and_agree_with_cpu_draws() {
     let gpu = common::gpu("gpu batch reuse");
     let cfg = preset("tiny").unwrap();
