@@ -20,6 +20,9 @@ pub enum Device {
     Auto,
     Cpu,
     Cuda,
+    /// The host-emulated CUDA device (the CUDA engine's exact kernels and orchestration on
+    /// the CPU, with memory checking): a development/checking device, slow, not for users.
+    Emu,
 }
 
 #[derive(Args)]
@@ -106,10 +109,16 @@ fn pick_gpu(device: Device) -> Result<Option<checkergen::cuda::Gpu>> {
             Some(g) => Ok(Some(g)),
             None => bail!("--device cuda: no CUDA driver or GPU found on this machine"),
         },
+        Device::Emu => {
+            eprintln!(
+                "--device emu: the host-emulated CUDA device (development/checking only; slow)"
+            );
+            Gpu::emu().map(Some)
+        }
         Device::Auto => match Gpu::try_new() {
             Ok(g) => Ok(g),
             Err(e) => {
-                eprintln!("GPU present but unusable ({e:#}); sampling on the CPU");
+                eprintln!("warning: GPU present but unusable ({e:#}); sampling on the CPU");
                 Ok(None)
             }
         },
@@ -118,8 +127,8 @@ fn pick_gpu(device: Device) -> Result<Option<checkergen::cuda::Gpu>> {
 
 pub fn sample(a: SampleArgs) -> Result<()> {
     #[cfg(not(feature = "cuda"))]
-    if a.device == Device::Cuda {
-        bail!("--device cuda: this binary was built without the `cuda` feature");
+    if matches!(a.device, Device::Cuda | Device::Emu) {
+        bail!("--device cuda/emu: this binary was built without the `cuda` feature");
     }
     ensure_dir(&a.out)?;
     let (model, source) = load_or_tiny(a.model.as_deref())?;
@@ -152,7 +161,11 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let (out, device) = match &gpu_model {
         Some(gm) => (
             pipeline::sample(&mut checkergen::cuda::engine::GpuBackend::new(gm), &opts)?,
-            format!("cuda ({})", gm.gpu.name),
+            if gm.gpu.is_emu() {
+                "emu (host-emulated CUDA device)".to_string()
+            } else {
+                format!("cuda ({}, kernels: {})", gm.gpu.name, gm.gpu.image_kind)
+            },
         ),
         None => (
             pipeline::sample(&mut CpuBackend::new(&model), &opts)?,

@@ -127,12 +127,35 @@ pub enum DeviceChoice {
 /// the device count or cuBLAS fails (a broken install is not "no GPU").
 fn cuda_device_count() -> Result<Option<usize>> {
     // SAFETY: only checks whether the driver library can be loaded.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    let present = unsafe { cudarc::driver::sys::is_culib_present() };
+    classify_device_count(present, || {
+        CudaContext::device_count().map_err(|e| format!("{e:?}"))
+    })
+}
+
+/// No driver library: no GPU (`Ok(None)`); driver present: the device count, where a failing
+/// count is an error (not "no GPU") and zero devices is `Ok(None)`.
+fn classify_device_count(
+    driver_present: bool,
+    count: impl FnOnce() -> std::result::Result<i32, String>,
+) -> Result<Option<usize>> {
+    if !driver_present {
         return Ok(None);
     }
-    let n = CudaContext::device_count()
-        .map_err(|e| anyhow!("the CUDA driver is present but cuDeviceGetCount failed: {e:?}"))?;
+    let n = count()
+        .map_err(|e| anyhow!("the CUDA driver is present but cuDeviceGetCount failed: {e}"))?;
     Ok((n > 0).then_some(n as usize))
+}
+
+/// cudarc's `CudaBlas::new` panics when libcublas cannot be loaded; this is the check made
+/// before it, as an error.
+fn require_cublas(present: bool) -> Result<()> {
+    ensure!(
+        present,
+        "libcublas cannot be loaded (CUDA driver present): install the CUDA 13 cuBLAS library \
+         or put it on LD_LIBRARY_PATH"
+    );
+    Ok(())
 }
 
 /// Which embedded image a device of compute capability `cc` loads.
@@ -253,12 +276,7 @@ impl Gpu {
     pub fn new(ordinal: usize) -> Result<Gpu> {
         // cudarc's CudaBlas::new panics when libcublas cannot be loaded: check first.
         // SAFETY: only checks whether the cuBLAS library can be loaded.
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            bail!(
-                "libcublas cannot be loaded (CUDA driver present): install the CUDA 13 cuBLAS \
-                 library or put it on LD_LIBRARY_PATH"
-            );
-        }
+        require_cublas(unsafe { cudarc::cublas::sys::is_culib_present() })?;
         let ctx = CudaContext::new(ordinal).context("cannot create a CUDA context")?;
         // One stream, no per-buffer event tracking: ordering is the stream's program order.
         // SAFETY: called before any buffer is allocated in this context.
@@ -544,4 +562,109 @@ impl Gpu {
 /// The emulator's entry point of a kernel, for tests and the launch path.
 pub fn has_host_entry(kernel: Kernel) -> bool {
     emu::entry(kernel).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_cublas_is_an_error_not_a_panic() {
+        let e = require_cublas(false).unwrap_err().to_string();
+        assert!(e.contains("libcublas"), "{e}");
+        assert!(require_cublas(true).is_ok());
+    }
+
+    #[test]
+    fn device_count_failure_with_a_driver_is_an_error() {
+        assert!(
+            classify_device_count(false, || panic!("not called"))
+                .unwrap()
+                .is_none()
+        );
+        assert!(classify_device_count(true, || Ok(0)).unwrap().is_none());
+        assert_eq!(classify_device_count(true, || Ok(2)).unwrap(), Some(2));
+        let e = classify_device_count(true, || Err("CUDA_ERROR_NO_DEVICE".into())).unwrap_err();
+        assert!(e.to_string().contains("cuDeviceGetCount failed"), "{e}");
+    }
+
+    #[test]
+    fn auto_without_a_gpu_opens_the_emulator() {
+        // SAFETY: only checks whether the driver library can be loaded.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            return; // a machine with a driver: covered by the GPU tests
+        }
+        assert!(Gpu::try_new().unwrap().is_none());
+        let g = Gpu::open(DeviceChoice::Auto).unwrap();
+        assert!(g.is_emu());
+        assert_eq!(g.image_kind, "host emulator");
+        assert!(Gpu::open(DeviceChoice::Cuda).is_err());
+    }
+
+    #[test]
+    fn emu_buffers_copy_poison_and_zero() {
+        let g = Gpu::emu().unwrap();
+        let mut b = g.upload(&[1.0f32, 2.0, 3.0]).unwrap();
+        g.upload_into(&[9.0f32], &mut b, 1).unwrap();
+        assert_eq!(g.download(&b).unwrap(), vec![1.0, 9.0, 3.0]);
+        assert_eq!(g.download_range(&b, 1..3).unwrap(), vec![9.0, 3.0]);
+        assert!(g.upload_into(&[0.0f32; 3], &mut b, 1).is_err());
+        let p = g.alloc::<f32>(4).unwrap();
+        assert!(g.download(&p).unwrap().iter().all(|x| x.is_nan()));
+        let pb = g.alloc::<half::bf16>(4).unwrap();
+        assert!(g.download(&pb).unwrap().iter().all(|x| x.is_nan()));
+        let ph = g.alloc::<half::f16>(4).unwrap();
+        assert!(g.download(&ph).unwrap().iter().all(|x| x.is_nan()));
+        let pi = g.alloc::<i32>(2).unwrap();
+        assert_eq!(g.download(&pi).unwrap(), vec![0xDEAD_BEEFu32 as i32; 2]);
+        let mut z = g.alloc::<f32>(3).unwrap();
+        g.memset_zeros(&mut z).unwrap();
+        assert_eq!(g.download(&z).unwrap(), vec![0.0; 3]);
+        assert_eq!(g.download(&g.zeros::<i32>(2).unwrap()).unwrap(), vec![0, 0]);
+        assert_eq!(g.ptr(&z) % 256, 0, "cudaMalloc-like alignment");
+    }
+
+    #[test]
+    fn emu_red_zones_catch_out_of_bounds_writes() {
+        let g = Gpu::emu().unwrap();
+        let emu = g.emu_device().unwrap();
+        let buf = g.zeros::<f32>(10).unwrap();
+        let p = g.ptr(&buf) as *mut f32;
+        emu.check_red_zones("nothing").unwrap();
+        // SAFETY: one element past the end lies in the red zone of this live allocation.
+        unsafe { *p.add(10) = 1.0 };
+        let e = emu
+            .check_red_zones("kernel fake_kernel_f32")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kernel fake_kernel_f32"), "{e}");
+        assert!(e.contains("past the end of buffer f32 x 10"), "{e}");
+        assert!(e.contains("src/cuda/device.rs"), "allocation site in {e}");
+        // restored after the report
+        emu.check_red_zones("again").unwrap();
+        // SAFETY: one element before the start lies in the front red zone.
+        unsafe { *p.sub(1) = 1.0 };
+        let e = emu.check_red_zones("kernel k").unwrap_err().to_string();
+        assert!(e.contains("before"), "{e}");
+        // reads past the end see NaN
+        // SAFETY: red zone of a live allocation.
+        assert!(unsafe { *p.add(11) }.is_nan());
+    }
+
+    #[test]
+    fn emu_launch_without_a_host_entry_is_a_clear_error() {
+        let g = Gpu::emu().unwrap();
+        if let Some(kern) = KERNELS.iter().find(|k| emu::entry(**k).is_none()) {
+            let e = g.launch(*kern, (1, 1, 1), (1, 1, 1), 0, &0u64).unwrap_err();
+            assert!(
+                e.to_string().contains("not compiled for the host emulator"),
+                "{e}"
+            );
+        }
+        let kern = KERNELS[0];
+        let e = g
+            .launch(kern, (1, 1, 1), (2048, 1, 1), 0, &0u64)
+            .unwrap_err();
+        assert!(e.to_string().contains("invalid configuration"), "{e}");
+    }
 }

@@ -237,13 +237,6 @@ impl EmuDevice {
         smem: u32,
         params: *const c_void,
     ) -> Result<()> {
-        let Some(f) = entry(kernel) else {
-            bail!(
-                "launching {}: kernel not compiled for the host emulator (kernels/{}.cu)",
-                kernel.name,
-                kernel.file
-            );
-        };
         let threads = block.0 as u64 * block.1 as u64 * block.2 as u64;
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || threads == 0 {
             bail!(
@@ -270,6 +263,13 @@ impl EmuDevice {
                 kernel.name
             );
         }
+        let Some(f) = entry(kernel) else {
+            bail!(
+                "launching {}: kernel not compiled for the host emulator (kernels/{}.cu)",
+                kernel.name,
+                kernel.file
+            );
+        };
         let g = [grid.0, grid.1, grid.2];
         let b = [block.0, block.1, block.2];
         let mut err = vec![0 as c_char; 1024];

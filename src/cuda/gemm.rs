@@ -313,3 +313,228 @@ pub fn linear<O: GemmOut>(
         1,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op<T>(v: &[T], dtype: sys::cudaDataType, ld: usize, stride: usize) -> Operand {
+        Operand {
+            ptr: v.as_ptr() as u64,
+            dtype,
+            ld,
+            stride,
+        }
+    }
+
+    fn val(i: usize) -> f32 {
+        ((i * 37 % 23) as f32 - 11.0) / 8.0
+    }
+
+    /// Column-major reference of cuBLAS's definition, in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        trans_a: bool,
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        (lda, sa): (usize, usize),
+        b: &[f32],
+        (ldb, sb): (usize, usize),
+        c: &mut [f32],
+        (ldc, sc): (usize, usize),
+        beta: f32,
+        batch: usize,
+    ) {
+        for bi in 0..batch {
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0.0f64;
+                    for p in 0..k {
+                        let av = if trans_a {
+                            a[bi * sa + p + i * lda]
+                        } else {
+                            a[bi * sa + i + p * lda]
+                        };
+                        acc += av as f64 * b[bi * sb + p + j * ldb] as f64;
+                    }
+                    let ci = bi * sc + i + j * ldc;
+                    let old = if beta != 0.0 {
+                        beta as f64 * c[ci] as f64
+                    } else {
+                        0.0
+                    };
+                    c[ci] = (acc + old) as f32;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn host_gemm_is_cublas_column_major_with_transposes_lds_strides_beta() {
+        let f32t = sys::cudaDataType::CUDA_R_32F;
+        let bft = sys::cudaDataType::CUDA_R_16BF;
+        for &(trans_a, m, n, k, batch, beta) in &[
+            (false, 5, 3, 4, 1, 0.0f32),
+            (true, 5, 3, 4, 1, 1.0),
+            (true, 7, 6, 9, 3, 0.5),
+            (false, 4, 8, 2, 2, 0.0),
+        ] {
+            let (ar, ac) = if trans_a { (k, m) } else { (m, k) };
+            let (lda, ldb, ldc) = (ar + 2, k + 1, m + 3);
+            let (sa, sb, sc) = (lda * ac + 5, ldb * n + 1, ldc * n + 2);
+            let a: Vec<f32> = (0..sa * batch).map(val).collect();
+            let b: Vec<f32> = (0..sb * batch).map(|i| val(i + 7)).collect();
+            let c0: Vec<f32> = (0..sc * batch).map(|i| val(i + 3)).collect();
+            let mut want = c0.clone();
+            reference(
+                trans_a,
+                (m, n, k),
+                &a,
+                (lda, sa),
+                &b,
+                (ldb, sb),
+                &mut want,
+                (ldc, sc),
+                beta,
+                batch,
+            );
+            // f32 everywhere
+            let mut c = c0.clone();
+            host_gemm(
+                trans_a,
+                (m, n, k),
+                op(&a, f32t, lda, sa),
+                op(&b, f32t, ldb, sb),
+                op(&c, f32t, ldc, sc),
+                beta,
+                batch,
+                |_, _, _| Ok(()),
+            )
+            .unwrap();
+            for (x, y) in c.iter().zip(&want) {
+                assert!(
+                    (x - y).abs() < 1e-4,
+                    "{x} vs {y} (trans {trans_a}, {m}x{n}x{k})"
+                );
+            }
+            // bf16 inputs (values exact in bf16), bf16 output rounded to nearest even
+            let ah: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+            let bh: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
+            let ch: Vec<bf16> = c0.iter().map(|&x| bf16::from_f32(x)).collect();
+            let mut wantb: Vec<f32> = ch.iter().map(|x| x.to_f32()).collect();
+            reference(
+                trans_a,
+                (m, n, k),
+                &a,
+                (lda, sa),
+                &b,
+                (ldb, sb),
+                &mut wantb,
+                (ldc, sc),
+                beta,
+                batch,
+            );
+            host_gemm(
+                trans_a,
+                (m, n, k),
+                op(&ah, bft, lda, sa),
+                op(&bh, bft, ldb, sb),
+                op(&ch, bft, ldc, sc),
+                beta,
+                batch,
+                |_, _, _| Ok(()),
+            )
+            .unwrap();
+            for (i, (x, y)) in ch.iter().zip(&wantb).enumerate() {
+                let in_c = (0..batch).any(|bi| {
+                    let r = i.wrapping_sub(bi * sc);
+                    r < ldc * n && r % ldc < m
+                });
+                if in_c {
+                    assert_eq!(*x, bf16::from_f32(*y), "element {i}");
+                } else {
+                    assert_eq!(
+                        *x,
+                        bf16::from_f32(c0[i]),
+                        "element {i} outside C was written"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn host_gemm_beta_zero_ignores_nan_in_c_and_checks_lds() {
+        let f32t = sys::cudaDataType::CUDA_R_32F;
+        let a = vec![1.0f32; 4];
+        let b = vec![2.0f32; 4];
+        let c = vec![f32::NAN; 4];
+        host_gemm(
+            false,
+            (2, 2, 2),
+            op(&a, f32t, 2, 0),
+            op(&b, f32t, 2, 0),
+            op(&c, f32t, 2, 0),
+            0.0,
+            1,
+            |_, _, _| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(c, vec![4.0; 4]);
+        let e = host_gemm(
+            false,
+            (2, 2, 2),
+            op(&a, f32t, 1, 0),
+            op(&b, f32t, 2, 0),
+            op(&c, f32t, 2, 0),
+            0.0,
+            1,
+            |_, _, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("CUBLAS_STATUS_INVALID_VALUE"), "{e}");
+    }
+
+    #[test]
+    fn emu_gemm_rejects_operands_beyond_their_buffer() {
+        let g = Gpu::emu().unwrap();
+        let x = g.upload(&vec![bf16::ONE; 4 * 8]).unwrap();
+        let w = g.upload(&vec![bf16::ONE; 3 * 8]).unwrap();
+        let mut y = g.zeros::<f32>(4 * 3).unwrap();
+        linear(&g, &x, 0, &w, &mut y, 0, 4, 8, 3, 0.0).unwrap();
+        assert_eq!(g.download(&y).unwrap(), vec![8.0; 12]);
+        // A leading dimension one too large reads past the end of w.
+        let bf = sys::cudaDataType::CUDA_R_16BF;
+        let e = gemm(
+            &g,
+            true,
+            (3, 4, 8),
+            Operand {
+                ptr: g.ptr(&w),
+                dtype: bf,
+                ld: 9,
+                stride: 0,
+            },
+            Operand {
+                ptr: g.ptr(&x),
+                dtype: bf,
+                ld: 8,
+                stride: 0,
+            },
+            Operand {
+                ptr: g.ptr(&y),
+                dtype: sys::cudaDataType::CUDA_R_32F,
+                ld: 3,
+                stride: 0,
+            },
+            0.0,
+            1,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("operand A") && e.contains("overrun buffer bf16 x 24"),
+            "{e}"
+        );
+    }
+}
