@@ -352,13 +352,17 @@ impl Gpu {
                 unsafe { b.launch(cfg) }.with_context(|| format!("launching {}", kernel.name))?;
                 Ok(())
             }
-            Backend::Emu(e) => e.launch(
-                kernel,
-                grid,
-                block,
-                shared_mem_bytes,
-                params as *const P as *const _,
-            ),
+            // SAFETY: as for the GPU: one parameter struct mirrored in C, whose pointers the
+            // launchers checked against the shapes (and the red zones catch what they miss).
+            Backend::Emu(e) => unsafe {
+                e.launch(
+                    kernel,
+                    grid,
+                    block,
+                    shared_mem_bytes,
+                    params as *const P as *const _,
+                )
+            },
         }
     }
 

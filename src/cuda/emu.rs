@@ -229,7 +229,11 @@ impl EmuDevice {
     }
 
     /// Run `kernel` on the host, then check every red zone.
-    pub fn launch(
+    ///
+    /// # Safety
+    /// `params` points to the kernel's `#[repr(C)]` parameter struct, whose device pointers
+    /// are live allocations of this device large enough for the launch.
+    pub unsafe fn launch(
         &self,
         kernel: Kernel,
         grid: (u32, u32, u32),
@@ -273,8 +277,7 @@ impl EmuDevice {
         let g = [grid.0, grid.1, grid.2];
         let b = [block.0, block.1, block.2];
         let mut err = vec![0 as c_char; 1024];
-        // SAFETY: the entry point takes the kernel's #[repr(C)] parameter struct, whose
-        // pointers are live emulated allocations (checked by the launcher against shapes).
+        // SAFETY: per this function's contract.
         let rc = unsafe {
             f(
                 g.as_ptr(),

@@ -309,33 +309,33 @@ impl GpuBackend<'_> {
             rows,
             cap,
             len: 0,
-            x: g.zeros(rows * nmax * c).with_context(ctx)?,
-            a: g.zeros(rows * nmax * c).with_context(ctx)?,
-            qkv: g.zeros(rows * nmax * 3 * c).with_context(ctx)?,
-            q: g.zeros(rows * nmax * c).with_context(ctx)?,
-            o: g.zeros(rows * nmax * c).with_context(ctx)?,
-            g: g.zeros(rows * nmax * 2 * f).with_context(ctx)?,
-            h: g.zeros(rows * nmax * f).with_context(ctx)?,
-            logits: g.zeros(rows * nmax * v).with_context(ctx)?,
+            x: g.alloc(rows * nmax * c).with_context(ctx)?,
+            a: g.alloc(rows * nmax * c).with_context(ctx)?,
+            qkv: g.alloc(rows * nmax * 3 * c).with_context(ctx)?,
+            q: g.alloc(rows * nmax * c).with_context(ctx)?,
+            o: g.alloc(rows * nmax * c).with_context(ctx)?,
+            g: g.alloc(rows * nmax * 2 * f).with_context(ctx)?,
+            h: g.alloc(rows * nmax * f).with_context(ctx)?,
+            logits: g.alloc(rows * nmax * v).with_context(ctx)?,
             kc: (0..cfg.num_layers)
-                .map(|_| g.zeros(kv))
+                .map(|_| g.alloc(kv))
                 .collect::<Result<_>>()?,
             vc: (0..cfg.num_layers)
-                .map(|_| g.zeros(kv))
+                .map(|_| g.alloc(kv))
                 .collect::<Result<_>>()?,
             modulation: (0..cfg.num_layers)
-                .map(|_| g.zeros(rows * 4 * c))
+                .map(|_| g.alloc(rows * 4 * c))
                 .collect::<Result<_>>()?,
             grids: schedule
                 .scales
                 .iter()
-                .map(|s| g.zeros(b * s.tokens))
+                .map(|s| g.alloc(b * s.tokens))
                 .collect::<Result<_>>()?,
             forced: schedule.scales.iter().map(|_| None).collect(),
-            z0: g.zeros(b * maxcells * e)?,
-            hid: g.zeros(b * maxcells * 64)?,
-            src: g.zeros(b * maxcells * c)?,
-            tokens: g.zeros(b * nmax)?,
+            z0: g.alloc(b * maxcells * e)?,
+            hid: g.alloc(b * maxcells * 64)?,
+            src: g.alloc(b * maxcells * c)?,
+            tokens: g.alloc(b * nmax)?,
         };
         Ok(bt)
     }

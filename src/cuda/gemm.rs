@@ -369,6 +369,15 @@ mod tests {
         }
     }
 
+    fn op_mut<T>(v: &mut [T], dtype: sys::cudaDataType, ld: usize, stride: usize) -> Operand {
+        Operand {
+            ptr: v.as_mut_ptr() as u64,
+            dtype,
+            ld,
+            stride,
+        }
+    }
+
     #[test]
     fn host_gemm_is_cublas_column_major_with_transposes_lds_strides_beta() {
         let f32t = sys::cudaDataType::CUDA_R_32F;
@@ -405,7 +414,7 @@ mod tests {
                 (m, n, k),
                 op(&a, f32t, lda, sa),
                 op(&b, f32t, ldb, sb),
-                op(&c, f32t, ldc, sc),
+                op_mut(&mut c, f32t, ldc, sc),
                 beta,
                 batch,
                 |_, _, _| Ok(()),
@@ -420,7 +429,7 @@ mod tests {
             // bf16 inputs (values exact in bf16), bf16 output rounded to nearest even
             let ah: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
             let bh: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
-            let ch: Vec<bf16> = c0.iter().map(|&x| bf16::from_f32(x)).collect();
+            let mut ch: Vec<bf16> = c0.iter().map(|&x| bf16::from_f32(x)).collect();
             let mut wantb: Vec<f32> = ch.iter().map(|x| x.to_f32()).collect();
             reference(
                 trans_a,
@@ -439,7 +448,7 @@ mod tests {
                 (m, n, k),
                 op(&ah, bft, lda, sa),
                 op(&bh, bft, ldb, sb),
-                op(&ch, bft, ldc, sc),
+                op_mut(&mut ch, bft, ldc, sc),
                 beta,
                 batch,
                 |_, _, _| Ok(()),
@@ -468,13 +477,13 @@ mod tests {
         let f32t = sys::cudaDataType::CUDA_R_32F;
         let a = vec![1.0f32; 4];
         let b = vec![2.0f32; 4];
-        let c = vec![f32::NAN; 4];
+        let mut c = vec![f32::NAN; 4];
         host_gemm(
             false,
             (2, 2, 2),
             op(&a, f32t, 2, 0),
             op(&b, f32t, 2, 0),
-            op(&c, f32t, 2, 0),
+            op_mut(&mut c, f32t, 2, 0),
             0.0,
             1,
             |_, _, _| Ok(()),
@@ -486,7 +495,7 @@ mod tests {
             (2, 2, 2),
             op(&a, f32t, 1, 0),
             op(&b, f32t, 2, 0),
-            op(&c, f32t, 2, 0),
+            op_mut(&mut c, f32t, 2, 0),
             0.0,
             1,
             |_, _, _| Ok(()),
@@ -498,8 +507,8 @@ mod tests {
     #[test]
     fn emu_gemm_rejects_operands_beyond_their_buffer() {
         let g = Gpu::emu().unwrap();
-        let x = g.upload(&vec![bf16::ONE; 4 * 8]).unwrap();
-        let w = g.upload(&vec![bf16::ONE; 3 * 8]).unwrap();
+        let x = g.upload(&[bf16::ONE; 4 * 8]).unwrap();
+        let w = g.upload(&[bf16::ONE; 3 * 8]).unwrap();
         let mut y = g.zeros::<f32>(4 * 3).unwrap();
         linear(&g, &x, 0, &w, &mut y, 0, 4, 8, 3, 0.0).unwrap();
         assert_eq!(g.download(&y).unwrap(), vec![8.0; 12]);

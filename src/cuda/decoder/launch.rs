@@ -224,8 +224,8 @@ pub struct GnScratch {
 impl GnScratch {
     pub fn new(gpu: &Gpu, batch: usize, max_hw: usize, max_c: usize) -> Result<GnScratch> {
         Ok(GnScratch {
-            part: gpu.zeros(batch * max_hw.div_ceil(GN_CHUNK) * max_c * 2)?,
-            ss: gpu.zeros(batch * max_c * 2)?,
+            part: gpu.alloc(batch * max_hw.div_ceil(GN_CHUNK) * max_c * 2)?,
+            ss: gpu.alloc(batch * max_c * 2)?,
         })
     }
 }
@@ -518,12 +518,12 @@ impl<T: Storage> AttnScratch<T> {
             n,
             c,
             gn: GnScratch::new(gpu, batch, n, c)?,
-            hn: gpu.zeros(batch * n * c)?,
-            qkv: gpu.zeros(batch * n * 3 * c)?,
-            qkv_h: gpu.zeros(batch * n * 3 * c)?,
-            scores: gpu.zeros(batch * n * n)?,
-            probs: gpu.zeros(batch * n * n)?,
-            att: gpu.zeros(batch * n * c)?,
+            hn: gpu.alloc(batch * n * c)?,
+            qkv: gpu.alloc(batch * n * 3 * c)?,
+            qkv_h: gpu.alloc(batch * n * 3 * c)?,
+            scores: gpu.alloc(batch * n * n)?,
+            probs: gpu.alloc(batch * n * n)?,
+            att: gpu.alloc(batch * n * c)?,
         })
     }
 }

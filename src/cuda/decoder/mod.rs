@@ -335,15 +335,15 @@ impl<T: Storage> Workspace<T> {
             batch,
             s,
             side,
-            tokens: gpu.zeros(batch * n)?,
-            z: gpu.zeros(batch * n * cfg.embed_dim)?,
-            x: [gpu.zeros(act)?, gpu.zeros(act)?],
-            h: gpu.zeros(act)?,
-            t: gpu.zeros(act)?,
+            tokens: gpu.alloc(batch * n)?,
+            z: gpu.alloc(batch * n * cfg.embed_dim)?,
+            x: [gpu.alloc(act)?, gpu.alloc(act)?],
+            h: gpu.alloc(act)?,
+            t: gpu.alloc(act)?,
             gn: GnScratch::new(gpu, batch, max_hw, max_c)?,
             attn: AttnScratch::new(gpu, batch, n, cfg.ch * cfg.ch_mult[cfg.ch_mult.len() - 1])?,
-            img: gpu.zeros(batch * 3 * side * side)?,
-            px: gpu.zeros(batch * 3 * side * side)?,
+            img: gpu.alloc(batch * 3 * side * side)?,
+            px: gpu.alloc(batch * 3 * side * side)?,
         })
     }
 }
