@@ -1,56 +1,80 @@
 // emu.cuh: the host emulator of the CUDA device, so kernels/*.cu compile unchanged with a
 // host C++20 compiler (g++ -DCHECKERGEN_HOST_EMU, which makes common.cuh include this file
-// instead of the CUDA headers) and run on machines without a GPU. Used by tools/emu/ today;
-// written so that every kernels/*.cu can be compiled the same way to run the whole engine on
-// the CPU (emu_entry below gives each entry point one type-erased launch signature).
+// instead of the CUDA headers) and run on machines without a GPU. Used by tools/emu/ and by
+// build.rs, which compiles every kernels/*.cu against it into the crate and generates one
+// C entry point per kernel, `cg_emu_NAME` (see emu_abi_launch at the end).
 //
-// One OS thread per CUDA thread; blocks run one after another, so `__shared__` (mapped to
-// `static`) is the running block's shared memory. Supplies:
-//   - CUDA keywords, dim3 threadIdx/blockIdx (per thread) and blockDim/gridDim (per launch);
+// How it runs: the CUDA threads of a block are fibers (user-level contexts with their own
+// 64 KiB stack, pooled per OS thread) executed cooperatively by the calling OS thread; a
+// fiber runs until it blocks at __syncthreads or at a warp collective, then the next one
+// runs. Blocks run one after another. Static `__shared__` maps to a function-local
+// `thread_local`, so it is the running block's shared memory and launches on different OS
+// threads never share it (concurrent launches from different threads are safe; no lock).
+// Supplies:
+//   - CUDA keywords, threadIdx/blockIdx (per thread, set at every fiber switch) and
+//     blockDim/gridDim (per launch); 3-D blocks up to 1024 threads, warps of 32 consecutive
+//     linear thread ids, a last partial warp allowed;
 //   - __nv_bfloat16 / __half (round to nearest even, NaN kept, f16 overflow to inf, f16
 //     subnormals), the vector types and the device math the kernels use;
 //   - __syncthreads (a block barrier; a thread that returns drops out of it) and the warp
-//     collectives __shfl_{xor,up,down}_sync and __syncwarp, through a per-warp exchange
-//     between two warp barriers (every lane of a warp must reach each collective; true for
-//     these kernels);
+//     collectives __shfl_{xor,up,down}_sync and __syncwarp: every live lane of the warp must
+//     reach the same collective (an exited lane drops out, its last published value stays);
+//     lanes at different collectives are a divergence error, and a block where no thread can
+//     make progress (e.g. some lanes of a warp at __syncthreads, the others at a shuffle) is a
+//     deadlock error: both fail the launch with a one-line message;
 //   - the PTX wrappers of common.cuh, written from the PTX ISA independently of the kernels:
 //     mma_16816<T> (mma.sync.m16n8k16 row.col, bf16 or f16 in, f32 accumulate, rebuilt from
 //     the "Matrix Fragments for mma.m16n8k16 with floating point type" tables), ldmatrix_x4
 //     (m8n8.x4.b16, with a bank-conflict count per 8-row phase and an alignment check) and
 //     cp.async (16-byte copies queued per thread that land only at cp.async.wait_group, the
 //     latest moment the hardware may land them; alignment checked);
-//   - emu_launch(kernel, grid, block, params) and emu_report() (emulator errors and ldmatrix
-//     bank conflicts; non-zero means failure).
-// Not emulated: timing, memory-ordering races between threads, dynamic shared memory,
+//   - __trap() and assert() in kernels fail the launch;
+//   - emu_launch(kernel, grid, block, params) for the tools/emu drivers (an error prints
+//     "EMU ERROR" and counts) and emu_report() (emulator errors and ldmatrix bank conflicts;
+//     non-zero means failure).
+// Not emulated: timing, memory-ordering races between threads or blocks (a block's threads
+// interleave only at barriers and collectives, blocks run in order), occupancy and register
+// limits, `extern __shared__` declarations (dynamic shared memory is size-checked only),
 // atomics, the hardware's own mma rounding (the model accumulates in f32, k ascending).
+// See tools/emu/README.md.
 #pragma once
+#include <assert.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <atomic>
-#include <barrier>
 #include <cstdio>
 #include <cstdlib>
-#include <deque>
-#include <memory>
-#include <thread>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#endif
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
 
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// A block-scope thread_local is static: one copy per OS thread, i.e. per running block.
+#define __shared__ thread_local
 #define __align__(n) __attribute__((aligned(n)))
 
 // ---- launch geometry --------------------------------------------------------------------------
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
-inline thread_local dim3 threadIdx, blockIdx;
-inline dim3 blockDim, gridDim;
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 // ---- 16-bit types -----------------------------------------------------------------------------
 struct __nv_bfloat16_raw {
@@ -146,40 +170,282 @@ inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((uint64_t)a * b) >> 32); }
 
+// ---- context switch ------------------------------------------------------------------------------
+// cg_emu_switch(save, to): saves the callee-saved registers on the current stack, stores the
+// stack pointer in *save, and resumes the context whose stack pointer is `to`. Everything else
+// is caller-saved in the SysV ABI, so the compiler saves it around the call.
+#if defined(__x86_64__)
+extern "C" void cg_emu_switch(void** save, void* to);
+__asm__(
+    ".pushsection .text.cg_emu_switch,\"axG\",@progbits,cg_emu_switch,comdat\n"
+    ".weak cg_emu_switch\n"
+    ".hidden cg_emu_switch\n"
+    ".type cg_emu_switch,@function\n"
+    "cg_emu_switch:\n"
+    "  pushq %rbp\n"
+    "  pushq %rbx\n"
+    "  pushq %r12\n"
+    "  pushq %r13\n"
+    "  pushq %r14\n"
+    "  pushq %r15\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  popq %r15\n"
+    "  popq %r14\n"
+    "  popq %r13\n"
+    "  popq %r12\n"
+    "  popq %rbx\n"
+    "  popq %rbp\n"
+    "  ret\n"
+    ".size cg_emu_switch, .-cg_emu_switch\n"
+    ".popsection\n");
+#endif
+
+// ---- fibers, blocks, warps -----------------------------------------------------------------------
+enum EmuState : int { EMU_READY, EMU_AT_BARRIER, EMU_AT_WARP, EMU_DONE };
+// Warp collectives; lanes of a warp must all reach the same kind.
+enum EmuKind : int { EMU_K_NONE, EMU_K_SYNCWARP, EMU_K_SHFL, EMU_K_LDMATRIX, EMU_K_MMA_BF16, EMU_K_MMA_F16 };
+inline const char* emu_kind_name(int k) {
+    static const char* names[] = {"none", "__syncwarp", "a shuffle", "ldmatrix", "mma.sync bf16", "mma.sync f16"};
+    return names[k];
+}
+
+struct EmuCopy {  // one cp.async: lands at wait_group once its group is old enough
+    unsigned char* dst;
+    unsigned group;
+    unsigned char data[16];
+};
+
+struct EmuFiber {
+    void* sp = nullptr;  // saved stack pointer (x86-64)
+#if !defined(__x86_64__)
+    ucontext_t ctx;
+#endif
+    unsigned char* stack = nullptr;  // lowest usable address (a guard page below)
+    size_t stack_size = 0;
+    dim3 tid;
+    unsigned linear = 0;
+    int state = EMU_DONE;
+    std::vector<EmuCopy> copies;  // cp.async copies not yet landed, in issue order
+    unsigned committed = 0;       // cp.async.commit_group count
+};
+
+struct EmuWarpState {
+    unsigned live = 0, arrived = 0;
+    int kind = EMU_K_NONE;
+    uint32_t in[32][12];  // what each lane publishes for the collective
+    uint32_t out[32][4];  // what each lane receives
+};
+
+// One launch on one OS thread.
+struct EmuRun {
+    const char* name = "kernel";
+    void (*body)(void*) = nullptr;
+    void* arg = nullptr;
+    void* sched_sp = nullptr;
+#if !defined(__x86_64__)
+    ucontext_t sched_ctx;
+#endif
+    const void* sched_stack = nullptr;  // the OS thread's stack, for ASan fiber switches
+    size_t sched_stack_size = 0;
+    EmuFiber* cur = nullptr;
+    EmuFiber* fibers = nullptr;
+    unsigned nt = 0, live = 0, bar_arrived = 0, nwarps = 0;
+    EmuWarpState warps[32];
+    bool failed = false;
+    char msg[400] = {0};
+};
+inline thread_local EmuRun* t_emu = nullptr;
+
+// Per-OS-thread pool of fiber stacks, kept across launches.
+#ifdef EMU_ASAN
+inline constexpr size_t EMU_STACK = 256 * 1024;
+#else
+inline constexpr size_t EMU_STACK = 64 * 1024;
+#endif
+struct EmuPool {
+    std::vector<EmuFiber> fibers;
+    size_t page = 4096;
+    EmuPool() : page((size_t)sysconf(_SC_PAGESIZE)) {}
+    ~EmuPool() {
+        for (auto& f : fibers)
+            if (f.stack) munmap(f.stack - page, f.stack_size + page);
+    }
+    // At least n fibers with stacks; false when out of memory.
+    bool reserve(unsigned n) {
+        if (fibers.size() >= n) return true;
+        fibers.reserve(n);
+        while (fibers.size() < n) {
+            void* m = mmap(nullptr, EMU_STACK + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (m == MAP_FAILED) return false;
+            mprotect(m, page, PROT_NONE);  // guard page: a stack overflow faults
+            fibers.emplace_back();
+            fibers.back().stack = (unsigned char*)m + page;
+            fibers.back().stack_size = EMU_STACK;
+        }
+        return true;
+    }
+};
+inline thread_local EmuPool t_emu_pool;
+
 // ---- errors -----------------------------------------------------------------------------------
-inline std::atomic<long> g_emu_errors{0};
+inline std::atomic<long> g_emu_errors{0};  // emu_launch failures (tools/emu drivers)
 inline void emu_error(const char* what) {
     if (g_emu_errors.fetch_add(1) < 10) std::fprintf(stderr, "EMU ERROR: %s\n", what);
 }
 
-// ---- block and warp synchronization -------------------------------------------------------------
-// Per-warp exchange: 16 words per lane (a shuffle uses 2, an mma 10, an ldmatrix 1).
-struct EmuWarp {
-    std::unique_ptr<std::barrier<>> bar;
-    uint32_t slot[32][16];
-};
-struct EmuBlock {
-    std::unique_ptr<std::barrier<>> bar;
-    std::vector<std::unique_ptr<EmuWarp>> warps;
-};
-inline EmuBlock* g_emu_block = nullptr;  // the running block (one at a time)
+inline void emu_switch_to_sched(bool dying);
 
-inline int emu_lane() { return (int)threadIdx.x & 31; }
-inline EmuWarp& emu_warp() { return *g_emu_block->warps[threadIdx.x >> 5]; }
-inline void __syncthreads() { g_emu_block->bar->arrive_and_wait(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp().bar->arrive_and_wait(); }
+// Records the launch's first error (kernel name, block, thread, message) and, from inside a
+// CUDA thread, ends the launch: the thread never resumes.
+[[noreturn]] inline void emu_fatal(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+inline void emu_fatal(const char* fmt, ...) {
+    char what[300];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    EmuRun* r = t_emu;
+    if (!r || !r->cur) {
+        std::fprintf(stderr, "EMU FATAL outside a kernel: %s\n", what);
+        std::abort();
+    }
+    if (!r->failed) {
+        r->failed = true;
+        snprintf(r->msg, sizeof r->msg, "%s: block (%u,%u,%u) thread (%u,%u,%u): %s", r->name, blockIdx.x, blockIdx.y,
+                 blockIdx.z, r->cur->tid.x, r->cur->tid.y, r->cur->tid.z, what);
+    }
+    emu_switch_to_sched(true);
+    __builtin_unreachable();
+}
+[[noreturn]] inline void __trap() { emu_fatal("__trap()"); }
+#undef assert
+#define EMU_STR2(x) #x
+#define EMU_STR(x) EMU_STR2(x)
+#define assert(e) ((e) ? (void)0 : emu_fatal("assert(%s) failed at %s:%d", #e, __FILE__, __LINE__))
+
+// ---- switching -------------------------------------------------------------------------------------
+inline void emu_switch(void** save, void* to, const void* to_stack, size_t to_size, bool dying) {
+#ifdef EMU_ASAN
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(dying ? nullptr : &fake, to_stack, to_size);
+#else
+    (void)to_stack, (void)to_size, (void)dying;
+#endif
+    cg_emu_switch(save, to);
+#ifdef EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
+// From a fiber back to the scheduler (for good when dying).
+inline void emu_switch_to_sched(bool dying) {
+    EmuRun* r = t_emu;
+    EmuFiber* f = r->cur;
+#if defined(__x86_64__)
+    emu_switch(&f->sp, r->sched_sp, r->sched_stack, r->sched_stack_size, dying);
+#else
+    (void)dying;
+    swapcontext(&f->ctx, &r->sched_ctx);
+#endif
+}
+
+// The running thread waits (state already set); returns when the scheduler resumes it.
+inline void emu_block_here() { emu_switch_to_sched(false); }
+
+inline void emu_release_barrier(EmuRun* r) {
+    r->bar_arrived = 0;
+    for (unsigned t = 0; t < r->nt; ++t)
+        if (r->fibers[t].state == EMU_AT_BARRIER) r->fibers[t].state = EMU_READY;
+}
+
+inline void emu_complete_warp(EmuRun* r, unsigned w);
+
+inline void emu_release_warp(EmuRun* r, unsigned w) {
+    emu_complete_warp(r, w);
+    EmuWarpState& ws = r->warps[w];
+    ws.arrived = 0;
+    ws.kind = EMU_K_NONE;
+    const unsigned end = 32 * w + 32 < r->nt ? 32 * w + 32 : r->nt;
+    for (unsigned t = 32 * w; t < end; ++t)
+        if (r->fibers[t].state == EMU_AT_WARP) r->fibers[t].state = EMU_READY;
+}
+
+[[noreturn]] inline void emu_fiber_main() {
+    EmuRun* r = t_emu;
+#ifdef EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, &r->sched_stack, &r->sched_stack_size);
+#endif
+    r->body(r->arg);
+    EmuFiber* f = r->cur;
+    if (f->copies.size()) {
+        for (auto& c : f->copies)
+            if (c.group >= f->committed) emu_fatal("thread exited with uncommitted cp.async copies");
+        emu_fatal("thread exited with cp.async copies in flight");
+    }
+    f->state = EMU_DONE;
+    r->live--;
+    const unsigned w = f->linear >> 5;
+    EmuWarpState& ws = r->warps[w];
+    ws.live--;
+    // Dropping out may complete what the others wait for.
+    if (ws.arrived && ws.arrived == ws.live) emu_release_warp(r, w);
+    if (r->bar_arrived && r->bar_arrived == r->live) emu_release_barrier(r);
+    emu_switch_to_sched(true);
+    __builtin_unreachable();
+}
+#if !defined(__x86_64__)
+inline void emu_fiber_main_uc() { emu_fiber_main(); }
+#endif
+
+inline int emu_lane() { return (int)(t_emu->cur->linear & 31); }
+
+inline void __syncthreads() {
+    EmuRun* r = t_emu;
+    if (++r->bar_arrived == r->live) {  // the last one releases the others and goes on
+        emu_release_barrier(r);
+        return;
+    }
+    r->cur->state = EMU_AT_BARRIER;
+    emu_block_here();
+}
+
+// Arrive at warp collective `kind` with this lane's inputs already in in[lane]; returns when
+// out[lane] holds the result.
+inline void emu_warp_arrive(int kind) {
+    EmuRun* r = t_emu;
+    EmuFiber* f = r->cur;
+    const unsigned w = f->linear >> 5;
+    EmuWarpState& ws = r->warps[w];
+    if (ws.arrived == 0) {
+        ws.kind = kind;
+    } else if (ws.kind != kind) {
+        emu_fatal("warp divergence: lane %u reaches %s while other lanes of warp %u wait at %s", f->linear & 31,
+                  emu_kind_name(kind), w, emu_kind_name(ws.kind));
+    }
+    if (++ws.arrived == ws.live) {
+        emu_release_warp(r, w);
+        return;
+    }
+    f->state = EMU_AT_WARP;
+    emu_block_here();
+}
+
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp_arrive(EMU_K_SYNCWARP); }
+
+inline EmuWarpState& emu_warp() { return t_emu->warps[t_emu->cur->linear >> 5]; }
 
 // Every lane publishes v, then reads lane src's value (its own where src is out of range).
 template <typename T>
 inline T emu_exchange(T v, int src) {
     static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
-    EmuWarp& w = emu_warp();
+    EmuWarpState& w = emu_warp();
     const int l = emu_lane();
-    memcpy(&w.slot[l][0], &v, sizeof(T));
-    w.bar->arrive_and_wait();
-    T r = v;
-    if (src >= 0 && src < 32) memcpy(&r, &w.slot[src][0], sizeof(T));
-    w.bar->arrive_and_wait();  // nobody overwrites the slots before every lane has read
+    memcpy(&w.in[l][0], &v, sizeof(T));
+    w.in[l][2] = (uint32_t)src;
+    emu_warp_arrive(EMU_K_SHFL);
+    T r;
+    memcpy(&r, &w.out[l][0], sizeof(T));
     return r;
 }
 // The kernels only shuffle with the full mask.
@@ -197,48 +463,50 @@ inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
 }
 
 // ---- shared-memory addresses ----------------------------------------------------------------------
-// A 32-bit "shared address" is the low half of the host address; the high half is common to
-// all static (shared) arrays and kept here.
-inline std::atomic<uintptr_t> g_emu_smem_hi{0};
+// A 32-bit "shared address" is the offset from a 128-byte aligned anchor in this OS thread's
+// static TLS block, which holds every `__shared__` array (so offsets are small and keep the
+// low 7 address bits: alignment and bank groups are those of the host address).
+alignas(128) inline thread_local unsigned char t_emu_smem_anchor[128];
 inline uint32_t smem_addr(const void* p) {
-    const uintptr_t u = (uintptr_t)p;
-    g_emu_smem_hi.store(u & ~(uintptr_t)0xffffffffu);
-    return (uint32_t)u;
+    const intptr_t d = (intptr_t)p - (intptr_t)t_emu_smem_anchor;
+    if (d < INT32_MIN || d > INT32_MAX) emu_fatal("smem_addr: %p is not shared memory", p);
+    return (uint32_t)(int32_t)d;
 }
-inline unsigned char* emu_smem_ptr(uint32_t a) { return (unsigned char*)(g_emu_smem_hi.load() | a); }
+inline unsigned char* emu_smem_ptr(uint32_t a) { return t_emu_smem_anchor + (int32_t)a; }
 
 // ---- cp.async -------------------------------------------------------------------------------------
-struct EmuCopy {
-    unsigned char* dst;
-    unsigned char data[16];
-};
-inline thread_local std::vector<EmuCopy> t_emu_open;               // not yet committed
-inline thread_local std::deque<std::vector<EmuCopy>> t_emu_groups;  // committed, in flight
-
 // The source is read at issue (the kernels never write a source while a copy is in flight);
 // the destination is written at wait_group.
 inline void cp_async16(uint32_t dst, const void* src, bool valid) {
+    EmuFiber* f = t_emu->cur;
     EmuCopy c;
     c.dst = emu_smem_ptr(dst);
-    if (((uintptr_t)c.dst & 15) != 0) emu_error("cp.async: shared address not 16-byte aligned");
+    c.group = f->committed;
+    if (((uintptr_t)c.dst & 15) != 0) emu_fatal("cp.async: shared address not 16-byte aligned");
     if (valid) {
-        if (((uintptr_t)src & 15) != 0) emu_error("cp.async: global address not 16-byte aligned");
+        if (((uintptr_t)src & 15) != 0) emu_fatal("cp.async: global address %p not 16-byte aligned", src);
         memcpy(c.data, src, 16);
     } else {
         memset(c.data, 0, 16);
     }
-    t_emu_open.push_back(c);
+    f->copies.push_back(c);
 }
-inline void cp_async_commit() {
-    t_emu_groups.push_back(std::move(t_emu_open));
-    t_emu_open.clear();
-}
+inline void cp_async_commit() { t_emu->cur->committed++; }
+// Lands every copy of the groups older than the N most recent.
 template <int N>
 inline void cp_async_wait() {
-    while ((int)t_emu_groups.size() > N) {
-        for (auto& c : t_emu_groups.front()) memcpy(c.dst, c.data, 16);
-        t_emu_groups.pop_front();
+    EmuFiber* f = t_emu->cur;
+    if (f->copies.empty() || f->committed < (unsigned)N) return;
+    const unsigned limit = f->committed - N;  // groups < limit must have landed
+    size_t keep = 0;
+    for (size_t i = 0; i < f->copies.size(); ++i) {
+        EmuCopy& c = f->copies[i];
+        if (c.group < limit)
+            memcpy(c.dst, c.data, 16);
+        else
+            f->copies[keep++] = c;
     }
+    f->copies.resize(keep);
 }
 
 // ---- ldmatrix / mma -------------------------------------------------------------------------------
@@ -247,30 +515,31 @@ inline std::atomic<long> g_emu_ldm_phases{0}, g_emu_ldm_conflicted{0};
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8j..8j+7 give the row addresses of matrix j;
 // lane l receives, for each matrix j, the 32-bit word (l % 4) of row (l / 4).
 inline void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
-    EmuWarp& w = emu_warp();
+    EmuWarpState& w = emu_warp();
     const int l = emu_lane();
-    w.slot[l][0] = addr;
-    w.bar->arrive_and_wait();
-    uint32_t out[4];
-    for (int j = 0; j < 4; ++j) memcpy(&out[j], emu_smem_ptr(w.slot[8 * j + l / 4][0]) + 4 * (l % 4), 4);
-    if (l == 0) {
-        for (int j = 0; j < 4; ++j) {  // one phase per matrix: 8 rows of 16 bytes
-            int count[8] = {0}, worst = 0;
-            for (int i = 0; i < 8; ++i) {
-                const uint32_t a = w.slot[8 * j + i][0];
-                if (a & 15) emu_error("ldmatrix: row address not 16-byte aligned");
-                const int c = ++count[(a >> 4) & 7];
-                worst = c > worst ? c : worst;
-            }
-            g_emu_ldm_phases++;
-            if (worst > 1) g_emu_ldm_conflicted++;
+    w.in[l][0] = addr;
+    emu_warp_arrive(EMU_K_LDMATRIX);
+    r0 = w.out[l][0];
+    r1 = w.out[l][1];
+    r2 = w.out[l][2];
+    r3 = w.out[l][3];
+}
+inline void emu_ldmatrix_all(EmuWarpState& w) {
+    long conflicted = 0;
+    for (int j = 0; j < 4; ++j) {  // one phase per matrix: 8 rows of 16 bytes
+        int count[8] = {0}, worst = 0;
+        for (int i = 0; i < 8; ++i) {
+            const uint32_t a = w.in[8 * j + i][0];
+            if (a & 15) emu_fatal("ldmatrix: row address (lane %d) not 16-byte aligned", 8 * j + i);
+            const int c = ++count[(a >> 4) & 7];
+            worst = c > worst ? c : worst;
         }
+        if (worst > 1) conflicted++;
     }
-    w.bar->arrive_and_wait();
-    r0 = out[0];
-    r1 = out[1];
-    r2 = out[2];
-    r3 = out[3];
+    g_emu_ldm_phases += 4;
+    if (conflicted) g_emu_ldm_conflicted += conflicted;
+    for (int l = 0; l < 32; ++l)
+        for (int j = 0; j < 4; ++j) memcpy(&w.out[l][j], emu_smem_ptr(w.in[8 * j + l / 4][0]) + 4 * (l % 4), 4);
 }
 
 // One 16-bit element (half 0 = low 16 bits) of a register, as f32.
@@ -292,90 +561,235 @@ inline float emu_elem<__half>(uint32_t reg, int half) {
 //      col = threadID_in_group*2 + (i & 1) (+ 8 for i >= 4)
 //   B: b_i (i = 0..3): row = threadID_in_group*2 + (i & 1) (+ 8 for i >= 2), col = groupID
 //   C/D: c_i (i = 0..3): row = groupID (+ 8 for i >= 2), col = threadID_in_group*2 + (i & 1)
+// Lane l publishes a[0..3] in in[l][0..3], b[0..1] in in[l][4..5], c[0..3] in in[l][6..9];
+// the last lane to arrive computes the whole 16x8 D once.
 template <typename T>
 inline void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
-    EmuWarp& w = emu_warp();
+    EmuWarpState& w = emu_warp();
     const int lane = emu_lane();
-    uint32_t* s = w.slot[lane];
+    uint32_t* s = w.in[lane];
     for (int i = 0; i < 4; ++i) s[i] = a[i];
     s[4] = b[0];
     s[5] = b[1];
     memcpy(&s[6], d, 16);
-    w.bar->arrive_and_wait();
+    emu_warp_arrive(std::is_same_v<T, __half> ? EMU_K_MMA_F16 : EMU_K_MMA_BF16);
+    memcpy(d, w.out[lane], 16);
+}
+template <typename T>
+inline void emu_mma_all(EmuWarpState& w) {
     float A[16][16], B[16][8], C[16][8];
     for (int l = 0; l < 32; ++l) {
         const int gid = l >> 2, tig = l & 3;
         for (int i = 0; i < 8; ++i) {
             const int row = (i < 2 || (i >= 4 && i < 6)) ? gid : gid + 8;
             const int col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
-            A[row][col] = emu_elem<T>(w.slot[l][i / 2], i & 1);
+            A[row][col] = emu_elem<T>(w.in[l][i / 2], i & 1);
         }
         for (int i = 0; i < 4; ++i) {
             const int row = tig * 2 + (i & 1) + (i >= 2 ? 8 : 0);
-            B[row][gid] = emu_elem<T>(w.slot[l][4 + i / 2], i & 1);
+            B[row][gid] = emu_elem<T>(w.in[l][4 + i / 2], i & 1);
         }
-        for (int i = 0; i < 4; ++i) memcpy(&C[gid + (i >= 2 ? 8 : 0)][tig * 2 + (i & 1)], &w.slot[l][6 + i], 4);
+        for (int i = 0; i < 4; ++i) memcpy(&C[gid + (i >= 2 ? 8 : 0)][tig * 2 + (i & 1)], &w.in[l][6 + i], 4);
     }
-    const int gid = lane >> 2, tig = lane & 3;
-    float out[4];
-    for (int i = 0; i < 4; ++i) {
-        const int row = gid + (i >= 2 ? 8 : 0), col = tig * 2 + (i & 1);
-        float acc = C[row][col];
-        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
-        out[i] = acc;
+    for (int l = 0; l < 32; ++l) {
+        const int gid = l >> 2, tig = l & 3;
+        float out[4];
+        for (int i = 0; i < 4; ++i) {
+            const int row = gid + (i >= 2 ? 8 : 0), col = tig * 2 + (i & 1);
+            float acc = C[row][col];
+            for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+            out[i] = acc;
+        }
+        memcpy(w.out[l], out, 16);
     }
-    w.bar->arrive_and_wait();  // nobody overwrites the slots before every lane has read
-    memcpy(d, out, 16);
+}
+
+// The collective every live lane of warp w has reached, computed once.
+inline void emu_complete_warp(EmuRun* r, unsigned w) {
+    EmuWarpState& ws = r->warps[w];
+    switch (ws.kind) {
+        case EMU_K_SHFL:
+            for (int l = 0; l < 32; ++l) {
+                const int src = (int)ws.in[l][2];
+                const int from = (src >= 0 && src < 32) ? src : l;
+                ws.out[l][0] = ws.in[from][0];
+                ws.out[l][1] = ws.in[from][1];
+            }
+            break;
+        case EMU_K_LDMATRIX: emu_ldmatrix_all(ws); break;
+        case EMU_K_MMA_BF16: emu_mma_all<__nv_bfloat16>(ws); break;
+        case EMU_K_MMA_F16: emu_mma_all<__half>(ws); break;
+        default: break;
+    }
 }
 
 // ---- launch ---------------------------------------------------------------------------------------
-// Run kernel(p) over grid x block (block (n, 1, 1), n <= 1024; a last partial warp is allowed),
-// one block at a time, one host thread per CUDA thread.
-template <class P>
-void emu_launch(void (*kernel)(P), dim3 grid, dim3 block, const P& p) {
-    const unsigned nt = block.x;
-    if (block.y != 1 || block.z != 1 || nt == 0 || nt > 1024) {
-        std::fprintf(stderr, "emu_launch: block must be (n, 1, 1) with 0 < n <= 1024\n");
-        std::abort();
+inline int emu_fail(char* err, size_t err_len, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
+inline int emu_fail(char* err, size_t err_len, const char* fmt, ...) {
+    if (err && err_len) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, err_len, fmt, ap);
+        va_end(ap);
     }
-    blockDim = block;
-    gridDim = grid;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                EmuBlock blk;
-                blk.bar = std::make_unique<std::barrier<>>((std::ptrdiff_t)nt);
-                for (unsigned w = 0; w * 32 < nt; ++w) {
-                    blk.warps.push_back(std::make_unique<EmuWarp>());
-                    const unsigned lanes = nt - 32 * w < 32 ? nt - 32 * w : 32;
-                    blk.warps.back()->bar = std::make_unique<std::barrier<>>((std::ptrdiff_t)lanes);
-                }
-                g_emu_block = &blk;
-                std::vector<std::thread> threads;
-                threads.reserve(nt);
-                for (unsigned t = 0; t < nt; ++t)
-                    threads.emplace_back([&, t] {
-                        threadIdx = dim3{t, 0, 0};
-                        blockIdx = dim3{bx, by, bz};
-                        t_emu_open.clear();
-                        t_emu_groups.clear();
-                        kernel(p);
-                        if (!t_emu_open.empty()) emu_error("thread exited with uncommitted cp.async copies");
-                        for (auto& g : t_emu_groups)
-                            if (!g.empty()) emu_error("thread exited with cp.async copies in flight");
-                        emu_warp().bar->arrive_and_drop();
-                        blk.bar->arrive_and_drop();
-                    });
-                for (auto& th : threads) th.join();
-                g_emu_block = nullptr;
-            }
+    return 1;
 }
 
-// One launch signature for every entry point (for a generated table of entry points):
-// emu_entry<RopeKvParams, rope_kv_append_bf16> launches from a pointer to the parameters.
-template <class P, void (*K)(P)>
-void emu_entry(dim3 grid, dim3 block, const void* params) {
-    emu_launch(K, grid, block, *static_cast<const P*>(params));
+// The one-line state of a block where no thread can run.
+inline void emu_deadlock(EmuRun* r) {
+    unsigned at_bar = 0, at_warp = 0;
+    for (unsigned t = 0; t < r->nt; ++t) {
+        at_bar += r->fibers[t].state == EMU_AT_BARRIER;
+        at_warp += r->fibers[t].state == EMU_AT_WARP;
+    }
+    char detail[160] = "";
+    for (unsigned w = 0; w < r->nwarps; ++w) {
+        const EmuWarpState& ws = r->warps[w];
+        if (!ws.arrived) continue;
+        for (unsigned t = 32 * w; t < 32 * w + 32 && t < r->nt; ++t)
+            if (r->fibers[t].state == EMU_AT_BARRIER) {
+                snprintf(detail, sizeof detail, " (warp %u: %u lanes at %s, lane %u at __syncthreads)", w, ws.arrived,
+                         emu_kind_name(ws.kind), t & 31);
+                break;
+            }
+        if (detail[0]) break;
+    }
+    r->failed = true;
+    snprintf(r->msg, sizeof r->msg,
+             "%s: block (%u,%u,%u): deadlock: %u threads wait at __syncthreads and %u at warp collectives that "
+             "cannot complete%s",
+             r->name, blockIdx.x, blockIdx.y, blockIdx.z, at_bar, at_warp, detail);
+}
+
+// Runs body(arg) as every thread of every block of the launch on this OS thread. Returns 0, or
+// 1 with a one-line message in err.
+inline int emu_run(const char* name, void (*body)(void*), void* arg, const uint32_t grid[3], const uint32_t block[3],
+                   uint32_t dyn_smem, unsigned max_threads, char* err, size_t err_len) {
+    if (err && err_len) err[0] = 0;
+    const uint64_t nt64 = (uint64_t)block[0] * block[1] * block[2];
+    if (block[0] == 0 || block[1] == 0 || block[2] == 0 || block[0] > 1024 || block[1] > 1024 || block[2] > 64 ||
+        nt64 > 1024)
+        return emu_fail(err, err_len, "%s: bad launch: block (%u,%u,%u) (each dimension >= 1, x, y <= 1024, z <= 64, "
+                        "at most 1024 threads)", name, block[0], block[1], block[2]);
+    if (max_threads && nt64 > max_threads)
+        return emu_fail(err, err_len, "%s: bad launch: block of %llu threads over its __launch_bounds__(%u)", name,
+                        (unsigned long long)nt64, max_threads);
+    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[0] > 0x7fffffffu || grid[1] > 65535 || grid[2] > 65535)
+        return emu_fail(err, err_len, "%s: bad launch: grid (%u,%u,%u) (x in 1..2^31-1, y, z in 1..65535)", name, grid[0],
+                        grid[1], grid[2]);
+    // No kernel opts in to more (cudaFuncAttributeMaxDynamicSharedMemorySize), so the
+    // default limit applies; static shared memory is checked by ptxas (48 KiB).
+    if (dyn_smem > 48 * 1024)
+        return emu_fail(err, err_len, "%s: bad launch: %u bytes of dynamic shared memory over the 48 KiB default limit",
+                        name, dyn_smem);
+    if (t_emu) return emu_fail(err, err_len, "%s: launch from inside a kernel", name);
+    const unsigned nt = (unsigned)nt64;
+    if (!t_emu_pool.reserve(nt)) return emu_fail(err, err_len, "%s: cannot map fiber stacks", name);
+
+    EmuRun run;
+    run.name = name;
+    run.body = body;
+    run.arg = arg;
+    run.nt = nt;
+    run.nwarps = (nt + 31) / 32;
+    run.fibers = t_emu_pool.fibers.data();
+    t_emu = &run;
+    blockDim = dim3{block[0], block[1], block[2]};
+    gridDim = dim3{grid[0], grid[1], grid[2]};
+    for (unsigned bz = 0; bz < grid[2] && !run.failed; ++bz)
+        for (unsigned by = 0; by < grid[1] && !run.failed; ++by)
+            for (unsigned bx = 0; bx < grid[0] && !run.failed; ++bx) {
+                blockIdx = dim3{bx, by, bz};
+                run.live = nt;
+                run.bar_arrived = 0;
+                for (unsigned w = 0; w < run.nwarps; ++w) {
+                    run.warps[w].live = nt - 32 * w < 32 ? nt - 32 * w : 32;
+                    run.warps[w].arrived = 0;
+                    run.warps[w].kind = EMU_K_NONE;
+                }
+                for (unsigned t = 0; t < nt; ++t) {
+                    EmuFiber& f = run.fibers[t];
+                    f.linear = t;
+                    f.tid = dim3{t % block[0], (t / block[0]) % block[1], t / (block[0] * block[1])};
+                    f.state = EMU_READY;
+                    f.copies.clear();
+                    f.committed = 0;
+#ifdef EMU_ASAN
+                    __asan_unpoison_memory_region(f.stack, f.stack_size);
+#endif
+#if defined(__x86_64__)
+                    // Fresh stack: six zero registers, then emu_fiber_main as the return
+                    // address, entered with rsp = 8 (mod 16) like any called function.
+                    void** s = (void**)(((uintptr_t)(f.stack + f.stack_size)) & ~(uintptr_t)15);
+                    *--s = nullptr;
+                    *--s = (void*)&emu_fiber_main;
+                    for (int i = 0; i < 6; ++i) *--s = nullptr;
+                    f.sp = s;
+#else
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = f.stack;
+                    f.ctx.uc_stack.ss_size = f.stack_size;
+                    f.ctx.uc_link = nullptr;
+                    makecontext(&f.ctx, emu_fiber_main_uc, 0);
+#endif
+                }
+                while (run.live && !run.failed) {
+                    bool progressed = false;
+                    for (unsigned t = 0; t < nt && !run.failed; ++t) {
+                        EmuFiber& f = run.fibers[t];
+                        if (f.state != EMU_READY) continue;
+                        progressed = true;
+                        run.cur = &f;
+                        threadIdx = f.tid;
+#if defined(__x86_64__)
+                        emu_switch(&run.sched_sp, f.sp, f.stack, f.stack_size, false);
+#else
+                        swapcontext(&run.sched_ctx, &f.ctx);
+#endif
+                    }
+                    run.cur = nullptr;
+                    if (!progressed && !run.failed) emu_deadlock(&run);
+                }
+            }
+    t_emu = nullptr;
+    if (run.failed) {
+        if (err && err_len) snprintf(err, err_len, "%s", run.msg);
+        return 1;
+    }
+    return 0;
+}
+
+template <class P>
+struct EmuCall {
+    void (*kernel)(P);
+    const P* p;
+    static void run(void* a) {
+        const EmuCall* c = (const EmuCall*)a;
+        c->kernel(*c->p);
+    }
+};
+
+// The body of every generated `cg_emu_NAME`: copies the parameter struct (the kernel's one
+// by-value parameter, deduced from its signature) from `params` and runs the launch.
+template <class P>
+int emu_abi_launch(void (*kernel)(P), const char* name, unsigned max_threads, const uint32_t grid[3],
+                   const uint32_t block[3], uint32_t dyn_smem, const void* params, char* err, size_t err_len) {
+    static_assert(std::is_trivially_copyable_v<P>, "kernel parameters must be plain data");
+    if (!grid || !block || !params) return emu_fail(err, err_len, "%s: null grid, block or params", name);
+    P p;
+    memcpy((void*)&p, params, sizeof(P));
+    EmuCall<P> call{kernel, &p};
+    return emu_run(name, &EmuCall<P>::run, &call, grid, block, dyn_smem, max_threads, err, err_len);
+}
+
+// For the tools/emu drivers: run kernel(p) over grid x block; an error prints "EMU ERROR"
+// and counts in emu_report().
+template <class P>
+void emu_launch(void (*kernel)(P), dim3 grid, dim3 block, const P& p) {
+    const uint32_t g[3] = {grid.x, grid.y, grid.z}, b[3] = {block.x, block.y, block.z};
+    char err[512];
+    EmuCall<P> call{kernel, &p};
+    if (emu_run("kernel", &EmuCall<P>::run, &call, g, b, 0, 0, err, sizeof err) != 0) emu_error(err);
 }
 
 // Prints the ldmatrix phase and bank-conflict counts and the emulator errors; returns the
