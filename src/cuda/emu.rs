@@ -33,19 +33,11 @@ pub const RED_BYTE: u8 = 0xFF;
 
 /// A kernel's host entry point (built by build.rs): returns 0, or non-zero with a
 /// NUL-terminated one-line message in `err`.
-pub type EmuFn = unsafe extern "C" fn(
-    grid: *const u32,
-    block: *const u32,
-    dyn_smem_bytes: u32,
-    params: *const c_void,
-    err: *mut c_char,
-    err_len: usize,
-) -> i32;
+pub use super::EmuFn;
 
 /// The host entry point of `kernel`, when it was compiled for the host.
-pub fn entry(_kernel: Kernel) -> Option<EmuFn> {
-    // Until build.rs registers host entry points (branch emu-c): none.
-    None
+pub fn entry(kernel: Kernel) -> Option<EmuFn> {
+    kernel.emu
 }
 
 struct Info {
