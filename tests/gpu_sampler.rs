@@ -67,7 +67,7 @@ fn golden_greedy_cases_on_gpu() {
         let model = Model::from_tensors(cfg, &common::golden_tensors(&g, cfg_name)).unwrap();
         let gpu = gpu_slot
             .take()
-            .unwrap_or_else(|| checkergen::cuda::Gpu::new(0).unwrap());
+            .unwrap_or_else(|| common::gpu("gpu golden greedy"));
         let gm = GpuModel::new(gpu, &model).unwrap();
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();

@@ -435,7 +435,10 @@ fn gpu_draws_follow_softmax_and_match_cpu() {
     // Fixed logits, V = 64, every row the same; the position counter varies per draw.
     let v = 64usize;
     let base = rand_vec(v, 31, 3.0);
-    let (b, n) = (3usize, 8192usize);
+    // On the host emulator 1024 positions per row instead of 8192 (27 648 draws per
+    // temperature instead of 221 184: the chi-square keeps 63 dof with > 400 draws per bin);
+    // the full count would take minutes there.
+    let (b, n) = (3usize, if common::on_emu(&gpu) { 1024 } else { 8192usize });
     let logits: Vec<f32> = (0..b * n).flat_map(|_| base.iter().copied()).collect();
     let lp: Vec<i32> = (0..n as i32).collect();
     let gp: Vec<i32> = (0..n as i32).map(|j| j * 3 + 1).collect();
@@ -496,7 +499,9 @@ fn gpu_top_k_top_p_never_emit_excluded_tokens() {
     for i in (0..v).step_by(3) {
         bases[3][i] = f32::NEG_INFINITY;
     }
-    let (b, n) = (2usize, 4096usize);
+    // On the host emulator 256 positions per row instead of 4096 (512 rows per policy,
+    // 128 of each logit row kind); the full count would take minutes there.
+    let (b, n) = (2usize, if common::on_emu(&gpu) { 256 } else { 4096usize });
     let logits: Vec<f32> = (0..b * n)
         .flat_map(|r| bases[r % 4].iter().copied())
         .collect();
