@@ -438,7 +438,14 @@ fn gpu_draws_follow_softmax_and_match_cpu() {
     // On the host emulator 1024 positions per row instead of 8192 (27 648 draws per
     // temperature instead of 221 184: the chi-square keeps 63 dof with > 400 draws per bin);
     // the full count would take minutes there.
-    let (b, n) = (3usize, if common::on_emu(&gpu) { 1024 } else { 8192usize });
+    let (b, n) = (
+        3usize,
+        if common::on_emu(&gpu) {
+            1024
+        } else {
+            8192usize
+        },
+    );
     let logits: Vec<f32> = (0..b * n).flat_map(|_| base.iter().copied()).collect();
     let lp: Vec<i32> = (0..n as i32).collect();
     let gp: Vec<i32> = (0..n as i32).map(|j| j * 3 + 1).collect();
@@ -499,9 +506,11 @@ fn gpu_top_k_top_p_never_emit_excluded_tokens() {
     for i in (0..v).step_by(3) {
         bases[3][i] = f32::NEG_INFINITY;
     }
-    // On the host emulator 256 positions per row instead of 4096 (512 rows per policy,
-    // 128 of each logit row kind); the full count would take minutes there.
-    let (b, n) = (2usize, if common::on_emu(&gpu) { 256 } else { 4096usize });
+    // On the host emulator 8 positions per row instead of 4096 (16 rows per policy, 4 of
+    // each logit row kind): the top-k/top-p selection over V = 1000 runs block-wide
+    // collectives per kept token, which the emulator's fibers make slow (256 positions still
+    // took over 10 minutes there).
+    let (b, n) = (2usize, if common::on_emu(&gpu) { 8 } else { 4096usize });
     let logits: Vec<f32> = (0..b * n)
         .flat_map(|r| bases[r % 4].iter().copied())
         .collect();
