@@ -653,6 +653,18 @@ mod tests {
         // reads past the end see NaN
         // SAFETY: red zone of a live allocation.
         assert!(unsafe { *p.add(11) }.is_nan());
+        emu.check_red_zones("again").unwrap();
+        // `+=` past the end (what an off-by-one grid-stride loop does) changes the signaling
+        // NaN into a quiet one, so it is caught too.
+        // SAFETY: as above.
+        unsafe { *p.add(10) += 1.0 };
+        let e = emu.check_red_zones("kernel k").unwrap_err().to_string();
+        assert!(e.contains("past the end"), "{e}");
+        let bb = g.zeros::<half::bf16>(3).unwrap();
+        let q = g.ptr(&bb) as *mut half::bf16;
+        // SAFETY: the element past the end of a bf16 buffer (2-byte aligned red zone start).
+        unsafe { *q.add(3) = half::bf16::from_f32(q.add(3).read().to_f32() + 1.0) };
+        assert!(emu.check_red_zones("kernel k16").is_err());
     }
 
     #[test]

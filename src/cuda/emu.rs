@@ -1,9 +1,11 @@
 //! The host-emulated device (issue 9): the "emu" backend of [`super::Gpu`].
 //!
 //! * Device memory is host memory: every allocation is `RED` bytes of red zone, the data,
-//!   and `RED` bytes of red zone, 256-byte aligned like `cudaMalloc`. Red zones hold
-//!   `RED_BYTE` (0xFF: NaN as f32, bf16 and f16, -1 as i32), so an out-of-bounds *read* shows
-//!   as NaN in the outputs, and every red zone of every live allocation is checked after
+//!   and `RED` bytes of red zone, 256-byte aligned like `cudaMalloc`. Red zones hold the
+//!   word `RED_WORD` at every 4-byte-aligned address (0x7FA57FA5: a *signaling* NaN as f32
+//!   and as each bf16 half, a NaN as f16, 2141552549 as i32), so an out-of-bounds *read* shows
+//!   as NaN in the outputs, an out-of-bounds `+=` changes the bits (arithmetic quiets a
+//!   signaling NaN; a quiet-NaN or huge-value zone would absorb it), and every red zone of every live allocation is checked after
 //!   every launch and every GEMM: an out-of-bounds *write* fails that launch, naming the
 //!   kernel and the buffer (element type, length, and where it was allocated).
 //! * New uninitialized allocations ([`super::Gpu::alloc`]) are filled with the element type's
@@ -28,8 +30,24 @@ use std::sync::{Arc, Mutex};
 
 /// Bytes of red zone before and after every allocation.
 pub const RED: usize = 256;
-/// The red-zone fill byte.
-pub const RED_BYTE: u8 = 0xFF;
+/// The red-zone fill word (little-endian, at 4-byte-aligned addresses).
+pub const RED_WORD: u32 = 0x7FA5_7FA5;
+
+/// The red-zone byte expected at address `a`.
+fn red_byte(a: usize) -> u8 {
+    RED_WORD.to_le_bytes()[a % 4]
+}
+
+/// Fill `n` bytes at `p` with the red-zone pattern.
+///
+/// # Safety
+/// `p..p + n` is writable.
+unsafe fn fill_red(p: *mut u8, n: usize) {
+    for i in 0..n {
+        // SAFETY: per the contract.
+        unsafe { *p.add(i) = red_byte(p as usize + i) };
+    }
+}
 
 /// A kernel's host entry point (built by build.rs): returns 0, or non-zero with a
 /// NUL-terminated one-line message in `err`.
@@ -177,8 +195,8 @@ impl EmuDevice {
         }
         // SAFETY: the layout spans both red zones and the data.
         unsafe {
-            std::ptr::write_bytes(base, RED_BYTE, RED);
-            std::ptr::write_bytes(base.add(RED + bytes), RED_BYTE, RED);
+            fill_red(base, RED);
+            fill_red(base.add(RED + bytes), RED);
         }
         // SAFETY: RED < layout size.
         let data = unsafe { base.add(RED) };
@@ -305,11 +323,13 @@ impl EmuDevice {
             for (zone, start, before) in [(front, 0usize, true), (back, 0, false)] {
                 // SAFETY: both red zones lie inside the live allocation's layout.
                 let z = unsafe { std::slice::from_raw_parts_mut(zone.add(start), RED) };
-                if z.iter().all(|&b| b == RED_BYTE) {
+                let at = zone as usize + start;
+                let ok = |(i, &b): (usize, &u8)| b == red_byte(at + i);
+                if z.iter().enumerate().all(ok) {
                     continue;
                 }
-                let first = z.iter().position(|&b| b != RED_BYTE).unwrap();
-                let last = z.iter().rposition(|&b| b != RED_BYTE).unwrap();
+                let first = z.iter().enumerate().position(|x| !ok(x)).unwrap();
+                let last = z.iter().enumerate().rposition(|x| !ok(x)).unwrap();
                 bad.push(if before {
                     format!(
                         "{what} wrote out of bounds: bytes {} to {} *before* the start of buffer {}",
@@ -323,7 +343,8 @@ impl EmuDevice {
                         info.label()
                     )
                 });
-                z.fill(RED_BYTE);
+                // SAFETY: the zone checked above.
+                unsafe { fill_red(at as *mut u8, RED) };
             }
         }
         if !bad.is_empty() {
