@@ -45,10 +45,15 @@ fn inline_common(src: &str, common: &str) -> String {
     src.replace("#include \"common.cuh\"", common)
 }
 
+/// An entry point: its name and its `__launch_bounds__` maximum (C++ text), if declared.
+type Entry = (String, Option<String>);
+/// A kernel file's stem and entry points.
+type FileEntries = (String, Vec<Entry>);
+
 /// The `extern "C" __global__` entry points of a kernel source, one declaration per line,
 /// `extern "C" __global__ [__launch_bounds__(MAX[, MIN])] void NAME(const Params p)`: the name
 /// and the `__launch_bounds__` maximum block size (C++ text), if declared.
-fn entry_points(source: &str) -> Vec<(String, Option<String>)> {
+fn entry_points(source: &str) -> Vec<Entry> {
     let mut names = Vec::new();
     for line in source.lines() {
         let Some(rest) = line.trim_start().strip_prefix("extern \"C\" __global__") else {
@@ -81,7 +86,7 @@ fn entry_points(source: &str) -> Vec<(String, Option<String>)> {
 /// `KERNELS` (every entry point, index = `Kernel::id`). Enforces the naming rule
 /// `<op>_<variant>_<dtype>` (dtype bf16, f16 or f32) and unique names. With `emu`, each
 /// kernel's `emu` is its host entry point `cg_emu_NAME` (declared here), else `None`.
-fn registry(files: &[(String, Vec<(String, Option<String>)>)], emu: bool) -> String {
+fn registry(files: &[FileEntries], emu: bool) -> String {
     let mut consts = String::new();
     let mut externs = String::new();
     let mut list = String::from("pub const KERNELS: &[Kernel] = &[\n");
@@ -136,11 +141,7 @@ fn registry(files: &[(String, Vec<(String, Option<String>)>)], emu: bool) -> Str
 /// `extern "C" int cg_emu_NAME(grid, block, dyn_smem_bytes, params, err, err_len)` per entry
 /// point (`emu_abi_launch` in emu.cuh). Returns false, with a warning, when there is no
 /// usable C++ compiler; a compiler that rejects the kernels fails the build.
-fn build_emu(
-    files: &[PathBuf],
-    entries: &[(String, Vec<(String, Option<String>)>)],
-    out: &Path,
-) -> bool {
+fn build_emu(files: &[PathBuf], entries: &[FileEntries], out: &Path) -> bool {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let mut build = cc::Build::new();
     build.cpp(true);
@@ -217,7 +218,7 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
         .collect();
     files.sort();
-    let entries: Vec<(String, Vec<(String, Option<String>)>)> = files
+    let entries: Vec<FileEntries> = files
         .iter()
         .map(|f| {
             let stem = f.file_stem().unwrap().to_str().unwrap().to_string();

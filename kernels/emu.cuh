@@ -5,11 +5,12 @@
 // C entry point per kernel, `cg_emu_NAME` (see emu_abi_launch at the end).
 //
 // How it runs: the CUDA threads of a block are fibers (user-level contexts with their own
-// 64 KiB stack, pooled per OS thread) executed cooperatively by the calling OS thread; a
-// fiber runs until it blocks at __syncthreads or at a warp collective, then the next one
-// runs. Blocks run one after another. Static `__shared__` maps to a function-local
-// `thread_local`, so it is the running block's shared memory and launches on different OS
-// threads never share it (concurrent launches from different threads are safe; no lock).
+// 64 KiB stack, pooled per OS thread) executed cooperatively by one OS thread; a fiber runs
+// until it blocks at __syncthreads or at a warp collective, then the next one runs. Blocks
+// are shared out between the launching thread and helper threads (CHECKERGEN_EMU_THREADS,
+// see emu_workers). Static `__shared__` maps to a function-local `thread_local`, so it is
+// the running block's shared memory and no two OS threads share it (concurrent launches from
+// different threads are safe; no global lock).
 // Supplies:
 //   - CUDA keywords, threadIdx/blockIdx (per thread, set at every fiber switch) and
 //     blockDim/gridDim (per launch); 3-D blocks up to 1024 threads, warps of 32 consecutive
@@ -33,7 +34,7 @@
 //     "EMU ERROR" and counts) and emu_report() (emulator errors and ldmatrix bank conflicts;
 //     non-zero means failure).
 // Not emulated: timing, memory-ordering races between threads or blocks (a block's threads
-// interleave only at barriers and collectives, blocks run in order), occupancy and register
+// interleave only at barriers and collectives), occupancy and register
 // limits, `extern __shared__` declarations (dynamic shared memory is size-checked only),
 // atomics, the hardware's own mma rounding (the model accumulates in f32, k ascending).
 // See tools/emu/README.md.
@@ -47,8 +48,12 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -216,11 +221,16 @@ struct EmuCopy {  // one cp.async: lands at wait_group once its group is old eno
     unsigned char data[16];
 };
 
-struct EmuFiber {
-    void* sp = nullptr;  // saved stack pointer (x86-64)
+// A saved execution context: the stack pointer (x86-64, cg_emu_switch) or a ucontext.
+struct EmuCtx {
+    void* sp = nullptr;
 #if !defined(__x86_64__)
-    ucontext_t ctx;
+    ucontext_t uc;
 #endif
+};
+
+struct EmuFiber {
+    EmuCtx ctx;
     unsigned char* stack = nullptr;  // lowest usable address (a guard page below)
     size_t stack_size = 0;
     dim3 tid;
@@ -231,7 +241,7 @@ struct EmuFiber {
 };
 
 struct EmuWarpState {
-    unsigned live = 0, arrived = 0;
+    unsigned lanes = 0, live = 0, arrived = 0;  // lanes: 32, or fewer in a last partial warp
     int kind = EMU_K_NONE;
     uint32_t in[32][12];  // what each lane publishes for the collective
     uint32_t out[32][4];  // what each lane receives
@@ -242,15 +252,16 @@ struct EmuRun {
     const char* name = "kernel";
     void (*body)(void*) = nullptr;
     void* arg = nullptr;
-    void* sched_sp = nullptr;
-#if !defined(__x86_64__)
-    ucontext_t sched_ctx;
-#endif
+    EmuCtx sched, dead;                 // the scheduler; where a finished fiber's context goes
     const void* sched_stack = nullptr;  // the OS thread's stack, for ASan fiber switches
     size_t sched_stack_size = 0;
     EmuFiber* cur = nullptr;
     EmuFiber* fibers = nullptr;
     unsigned nt = 0, live = 0, bar_arrived = 0, nwarps = 0;
+    // Ready fibers (a ring, at most nt at a time: a fiber is queued only when released):
+    // released by a barrier at the back, by a warp collective at the front.
+    unsigned ready[1024];
+    unsigned head = 0, tail = 0;
     EmuWarpState warps[32];
     bool failed = false;
     char msg[400] = {0};
@@ -265,6 +276,7 @@ inline constexpr size_t EMU_STACK = 64 * 1024;
 #endif
 struct EmuPool {
     std::vector<EmuFiber> fibers;
+    std::unique_ptr<EmuRun> run;
     size_t page = 4096;
     EmuPool() : page((size_t)sysconf(_SC_PAGESIZE)) {}
     ~EmuPool() {
@@ -325,38 +337,61 @@ inline void emu_fatal(const char* fmt, ...) {
 #define assert(e) ((e) ? (void)0 : emu_fatal("assert(%s) failed at %s:%d", #e, __FILE__, __LINE__))
 
 // ---- switching -------------------------------------------------------------------------------------
-inline void emu_switch(void** save, void* to, const void* to_stack, size_t to_size, bool dying) {
+inline void emu_ctx_switch(EmuCtx* save, EmuCtx* to, const void* to_stack, size_t to_size, bool dying) {
 #ifdef EMU_ASAN
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(dying ? nullptr : &fake, to_stack, to_size);
 #else
     (void)to_stack, (void)to_size, (void)dying;
 #endif
-    cg_emu_switch(save, to);
+#if defined(__x86_64__)
+    cg_emu_switch(&save->sp, to->sp);
+#else
+    swapcontext(&save->uc, &to->uc);
+#endif
 #ifdef EMU_ASAN
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
 }
 
-// From a fiber back to the scheduler (for good when dying).
-inline void emu_switch_to_sched(bool dying) {
-    EmuRun* r = t_emu;
-    EmuFiber* f = r->cur;
-#if defined(__x86_64__)
-    emu_switch(&f->sp, r->sched_sp, r->sched_stack, r->sched_stack_size, dying);
-#else
-    (void)dying;
-    swapcontext(&f->ctx, &r->sched_ctx);
-#endif
+inline void emu_push_ready(EmuRun* r, unsigned t) {
+    r->fibers[t].state = EMU_READY;
+    r->ready[r->tail++ & 1023] = t;
+}
+inline void emu_push_ready_front(EmuRun* r, unsigned t) {
+    r->fibers[t].state = EMU_READY;
+    r->ready[--r->head & 1023] = t;
 }
 
-// The running thread waits (state already set); returns when the scheduler resumes it.
-inline void emu_block_here() { emu_switch_to_sched(false); }
+// Leaves the running fiber (already marked waiting, or finished when dying) for the next
+// ready one, or for the scheduler when none is ready or the launch failed. Returns when
+// another fiber or the scheduler switches back to it.
+inline void emu_switch_to_sched(bool dying);
+inline void emu_yield(bool dying) {
+    EmuRun* r = t_emu;
+    EmuFiber* me = r->cur;
+    EmuCtx* save = dying ? &r->dead : &me->ctx;
+    if (!r->failed && r->head != r->tail) {
+        EmuFiber* next = &r->fibers[r->ready[r->head++ & 1023]];
+        r->cur = next;
+        threadIdx = next->tid;
+        emu_ctx_switch(save, &next->ctx, next->stack, next->stack_size, dying);
+    } else {
+        emu_ctx_switch(save, &r->sched, r->sched_stack, r->sched_stack_size, dying);
+    }
+}
+inline void emu_switch_to_sched(bool dying) {
+    EmuRun* r = t_emu;
+    emu_ctx_switch(dying ? &r->dead : &r->cur->ctx, &r->sched, r->sched_stack, r->sched_stack_size, dying);
+}
+
+// The running thread waits (state already set); returns once it has been released and run.
+inline void emu_block_here() { emu_yield(false); }
 
 inline void emu_release_barrier(EmuRun* r) {
     r->bar_arrived = 0;
     for (unsigned t = 0; t < r->nt; ++t)
-        if (r->fibers[t].state == EMU_AT_BARRIER) r->fibers[t].state = EMU_READY;
+        if (r->fibers[t].state == EMU_AT_BARRIER) emu_push_ready(r, t);
 }
 
 inline void emu_complete_warp(EmuRun* r, unsigned w);
@@ -366,15 +401,21 @@ inline void emu_release_warp(EmuRun* r, unsigned w) {
     EmuWarpState& ws = r->warps[w];
     ws.arrived = 0;
     ws.kind = EMU_K_NONE;
+    // The warp's lanes run next, in lane order: a warp goes from collective to collective
+    // with only its own 32 stacks in cache, until it waits at a block barrier.
     const unsigned end = 32 * w + 32 < r->nt ? 32 * w + 32 : r->nt;
-    for (unsigned t = 32 * w; t < end; ++t)
-        if (r->fibers[t].state == EMU_AT_WARP) r->fibers[t].state = EMU_READY;
+    for (unsigned t = end; t-- > 32 * w;)
+        if (r->fibers[t].state == EMU_AT_WARP) emu_push_ready_front(r, t);
 }
 
 [[noreturn]] inline void emu_fiber_main() {
     EmuRun* r = t_emu;
 #ifdef EMU_ASAN
-    __sanitizer_finish_switch_fiber(nullptr, &r->sched_stack, &r->sched_stack_size);
+    // The first fiber of a launch is entered from the scheduler: that gives its stack.
+    const void* from;
+    size_t from_size;
+    __sanitizer_finish_switch_fiber(nullptr, &from, &from_size);
+    if (!r->sched_stack) r->sched_stack = from, r->sched_stack_size = from_size;
 #endif
     r->body(r->arg);
     EmuFiber* f = r->cur;
@@ -391,7 +432,7 @@ inline void emu_release_warp(EmuRun* r, unsigned w) {
     // Dropping out may complete what the others wait for.
     if (ws.arrived && ws.arrived == ws.live) emu_release_warp(r, w);
     if (r->bar_arrived && r->bar_arrived == r->live) emu_release_barrier(r);
-    emu_switch_to_sched(true);
+    emu_yield(true);
     __builtin_unreachable();
 }
 #if !defined(__x86_64__)
@@ -575,32 +616,94 @@ inline void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
     emu_warp_arrive(std::is_same_v<T, __half> ? EMU_K_MMA_F16 : EMU_K_MMA_BF16);
     memcpy(d, w.out[lane], 16);
 }
+// The PTX ISA element formulas above, element by element: the reference the fast model
+// below is checked against (tools/emu/selftest_emu.cpp, bitwise). in: the 32 lanes' a[4],
+// b[2], c[4] as published; out: each lane's d[4].
 template <typename T>
-inline void emu_mma_all(EmuWarpState& w) {
+inline void emu_mma_reference(const uint32_t in[32][12], float out[32][4]) {
     float A[16][16], B[16][8], C[16][8];
     for (int l = 0; l < 32; ++l) {
         const int gid = l >> 2, tig = l & 3;
         for (int i = 0; i < 8; ++i) {
             const int row = (i < 2 || (i >= 4 && i < 6)) ? gid : gid + 8;
             const int col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
-            A[row][col] = emu_elem<T>(w.in[l][i / 2], i & 1);
+            A[row][col] = emu_elem<T>(in[l][i / 2], i & 1);
         }
         for (int i = 0; i < 4; ++i) {
             const int row = tig * 2 + (i & 1) + (i >= 2 ? 8 : 0);
-            B[row][gid] = emu_elem<T>(w.in[l][4 + i / 2], i & 1);
+            B[row][gid] = emu_elem<T>(in[l][4 + i / 2], i & 1);
         }
-        for (int i = 0; i < 4; ++i) memcpy(&C[gid + (i >= 2 ? 8 : 0)][tig * 2 + (i & 1)], &w.in[l][6 + i], 4);
+        for (int i = 0; i < 4; ++i) memcpy(&C[gid + (i >= 2 ? 8 : 0)][tig * 2 + (i & 1)], &in[l][6 + i], 4);
     }
     for (int l = 0; l < 32; ++l) {
         const int gid = l >> 2, tig = l & 3;
-        float out[4];
         for (int i = 0; i < 4; ++i) {
             const int row = gid + (i >= 2 ? 8 : 0), col = tig * 2 + (i & 1);
             float acc = C[row][col];
             for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
-            out[i] = acc;
+            out[l][i] = acc;
         }
-        memcpy(w.out[l], out, 16);
+    }
+}
+
+// The model the emulator runs: the same tables in their per-register form (common.cuh),
+// the product vectorized over the 8 columns with the same operation order.
+// The two 16-bit elements of a register as f32 (low half first).
+inline void emu_unpack2(float* d, uint32_t reg, __nv_bfloat16*) {
+    d[0] = __uint_as_float(reg << 16);
+    d[1] = __uint_as_float(reg & 0xffff0000u);
+}
+inline void emu_unpack2(float* d, uint32_t reg, __half*) {
+    d[0] = __half2float(__half_raw{(unsigned short)(reg & 0xffffu)});
+    d[1] = __half2float(__half_raw{(unsigned short)(reg >> 16)});
+}
+template <typename T>
+inline void emu_mma_all(EmuWarpState& w) {
+    typedef float v4f __attribute__((vector_size(16)));
+    float A[16][16];
+    alignas(16) float B[16][8], C[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t2 = 2 * (l & 3);
+        const uint32_t* in = w.in[l];
+        // A: reg0 = A[g][2t..2t+1], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..], reg3 = A[g+8][2t+8..]
+        emu_unpack2(&A[g][t2], in[0], (T*)nullptr);
+        emu_unpack2(&A[g + 8][t2], in[1], (T*)nullptr);
+        emu_unpack2(&A[g][t2 + 8], in[2], (T*)nullptr);
+        emu_unpack2(&A[g + 8][t2 + 8], in[3], (T*)nullptr);
+        // B: reg0 = B[2t..2t+1][g], reg1 = B[2t+8..2t+9][g]
+        float b[4];
+        emu_unpack2(&b[0], in[4], (T*)nullptr);
+        emu_unpack2(&b[2], in[5], (T*)nullptr);
+        B[t2][g] = b[0];
+        B[t2 + 1][g] = b[1];
+        B[t2 + 8][g] = b[2];
+        B[t2 + 9][g] = b[3];
+        // C: c0, c1 = C[g][2t..2t+1], c2, c3 = C[g+8][2t..2t+1]
+        memcpy(&C[g][t2], &in[6], 8);
+        memcpy(&C[g + 8][t2], &in[8], 8);
+    }
+    // D = C + A B, each element accumulated in f32 with k ascending (one rounding per
+    // multiply and per add, vectorized over the 8 columns).
+    for (int row = 0; row < 16; ++row) {
+        v4f d0, d1;
+        memcpy(&d0, &C[row][0], 16);
+        memcpy(&d1, &C[row][4], 16);
+        for (int k = 0; k < 16; ++k) {
+            const float a = A[row][k];
+            v4f b0, b1;
+            memcpy(&b0, &B[k][0], 16);
+            memcpy(&b1, &B[k][4], 16);
+            const v4f av = {a, a, a, a};
+            d0 = d0 + av * b0;
+            d1 = d1 + av * b1;
+        }
+        memcpy(&C[row][0], &d0, 16);
+        memcpy(&C[row][4], &d1, 16);
+    }
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t2 = 2 * (l & 3);
+        memcpy(&w.out[l][0], &C[g][t2], 8);
+        memcpy(&w.out[l][2], &C[g + 8][t2], 8);
     }
 }
 
@@ -609,9 +712,11 @@ inline void emu_complete_warp(EmuRun* r, unsigned w) {
     EmuWarpState& ws = r->warps[w];
     switch (ws.kind) {
         case EMU_K_SHFL:
-            for (int l = 0; l < 32; ++l) {
+            // A source lane out of range, or one a partial warp does not have, gives the
+            // lane's own value; one that has exited, the last value it published.
+            for (int l = 0; l < (int)ws.lanes; ++l) {
                 const int src = (int)ws.in[l][2];
-                const int from = (src >= 0 && src < 32) ? src : l;
+                const int from = (src >= 0 && src < (int)ws.lanes) ? src : l;
                 ws.out[l][0] = ws.in[from][0];
                 ws.out[l][1] = ws.in[from][1];
             }
@@ -661,8 +766,179 @@ inline void emu_deadlock(EmuRun* r) {
              r->name, blockIdx.x, blockIdx.y, blockIdx.z, at_bar, at_warp, detail);
 }
 
-// Runs body(arg) as every thread of every block of the launch on this OS thread. Returns 0, or
-// 1 with a one-line message in err.
+// A launch shared by the calling thread and the helper threads: blocks are handed out by
+// an atomic counter; the first error wins.
+struct EmuJob {
+    const char* name;
+    void (*body)(void*);
+    void* arg;
+    uint32_t grid[3], block[3];
+    uint64_t nblocks = 0;
+    std::atomic<uint64_t> next{0};
+    std::atomic<bool> failed{false};
+    std::mutex mu;
+    char msg[400] = {0};
+    unsigned joined = 0, finished = 0;  // helpers (under EmuWorkers::mu)
+};
+
+inline void emu_job_fail(EmuJob& job, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+inline void emu_job_fail(EmuJob& job, const char* fmt, ...) {
+    std::lock_guard<std::mutex> lk(job.mu);
+    if (job.failed.load()) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(job.msg, sizeof job.msg, fmt, ap);
+    va_end(ap);
+    job.failed.store(true);
+}
+
+// Runs blocks of `job` on this OS thread (its own fibers and shared memory) until none is left.
+inline void emu_run_blocks(EmuJob& job) {
+    const uint32_t* grid = job.grid;
+    const uint32_t* block = job.block;
+    const unsigned nt = block[0] * block[1] * block[2];
+    if (!t_emu_pool.reserve(nt)) {
+        emu_job_fail(job, "%s: cannot map fiber stacks", job.name);
+        return;
+    }
+
+    // The launch state (~70 KiB, mostly the warps' exchange slots) lives with the pool, not
+    // on the caller's stack.
+    if (!t_emu_pool.run) t_emu_pool.run.reset(new EmuRun);
+    EmuRun& run = *t_emu_pool.run;
+    run.sched_stack = nullptr;
+    run.sched_stack_size = 0;
+    run.cur = nullptr;
+    run.failed = false;
+    run.msg[0] = 0;
+    run.name = job.name;
+    run.body = job.body;
+    run.arg = job.arg;
+    run.nt = nt;
+    run.nwarps = (nt + 31) / 32;
+    run.fibers = t_emu_pool.fibers.data();
+    t_emu = &run;
+    blockDim = dim3{block[0], block[1], block[2]};
+    gridDim = dim3{grid[0], grid[1], grid[2]};
+    // Blocks are taken in order from the job's counter, by this thread and any helpers.
+    for (;;) {
+        if (job.failed.load(std::memory_order_relaxed)) break;
+        const uint64_t b = job.next.fetch_add(1);
+        if (b >= job.nblocks) break;
+        {
+                const unsigned bx = (unsigned)(b % grid[0]), by = (unsigned)(b / grid[0] % grid[1]),
+                               bz = (unsigned)(b / ((uint64_t)grid[0] * grid[1]));
+                blockIdx = dim3{bx, by, bz};
+                run.live = nt;
+                run.bar_arrived = 0;
+                for (unsigned w = 0; w < run.nwarps; ++w) {
+                    EmuWarpState& ws = run.warps[w];
+                    ws.lanes = ws.live = nt - 32 * w < 32 ? nt - 32 * w : 32;
+                    ws.arrived = 0;
+                    ws.kind = EMU_K_NONE;
+                    // Lanes a partial warp does not have give zeros to ldmatrix and mma.
+                    if (ws.lanes < 32) memset(ws.in[ws.lanes], 0, sizeof(ws.in[0]) * (32 - ws.lanes));
+                }
+                for (unsigned t = 0; t < nt; ++t) {
+                    EmuFiber& f = run.fibers[t];
+                    f.linear = t;
+                    f.tid = dim3{t % block[0], (t / block[0]) % block[1], t / (block[0] * block[1])};
+                    f.copies.clear();
+                    f.committed = 0;
+#ifdef EMU_ASAN
+                    __asan_unpoison_memory_region(f.stack, f.stack_size);
+#endif
+#if defined(__x86_64__)
+                    // Fresh stack: six zero registers, then emu_fiber_main as the return
+                    // address, entered with rsp = 8 (mod 16) like any called function.
+                    // The tops are staggered by 64 bytes (mod 4 KiB) so that the hot stack
+                    // lines of different fibers do not all fall in the same cache sets.
+                    const size_t color = (size_t)(t & 63) * 64;
+                    void** s = (void**)(((uintptr_t)(f.stack + f.stack_size - color)) & ~(uintptr_t)15);
+                    *--s = nullptr;
+                    *--s = (void*)&emu_fiber_main;
+                    for (int i = 0; i < 6; ++i) *--s = nullptr;
+                    f.ctx.sp = s;
+#else
+                    getcontext(&f.ctx.uc);
+                    f.ctx.uc.uc_stack.ss_sp = f.stack;
+                    f.ctx.uc.uc_stack.ss_size = f.stack_size;
+                    f.ctx.uc.uc_link = nullptr;
+                    makecontext(&f.ctx.uc, emu_fiber_main_uc, 0);
+#endif
+                }
+                run.head = run.tail = 0;
+                for (unsigned t = 0; t < nt; ++t) emu_push_ready(&run, t);
+                // Fibers switch among themselves; control comes back here when none is
+                // ready (all done, or a deadlock) or the launch failed.
+                while (!run.failed && run.head != run.tail) {
+                    EmuFiber* f = &run.fibers[run.ready[run.head++ & 1023]];
+                    run.cur = f;
+                    threadIdx = f->tid;
+                    emu_ctx_switch(&run.sched, &f->ctx, f->stack, f->stack_size, false);
+                }
+                run.cur = nullptr;
+                if (!run.failed && run.live) emu_deadlock(&run);
+                if (run.failed) {
+                    emu_job_fail(job, "%s", run.msg);
+                    break;
+                }
+        }
+    }
+    t_emu = nullptr;
+}
+
+// Helper threads for the blocks of a launch: CHECKERGEN_EMU_THREADS threads in all (default:
+// the hardware's, at most 8), i.e. that many minus one helpers beside the launching thread.
+// They live for the whole process (detached), each with its own fiber stacks and shared
+// memory. One launch at a time uses them; a concurrent launch on another thread runs on its
+// own thread alone.
+struct EmuWorkers {
+    std::mutex mu;
+    std::condition_variable cv, done_cv;
+    EmuJob* job = nullptr;
+    unsigned long generation = 0;
+    std::atomic<bool> in_use{false};
+    std::vector<std::thread::id> threads;
+};
+inline void emu_helper_main(EmuWorkers* w) {
+    unsigned long seen = 0;
+    for (;;) {
+        EmuJob* job;
+        {
+            std::unique_lock<std::mutex> lk(w->mu);
+            w->cv.wait(lk, [&] { return w->generation != seen; });
+            seen = w->generation;
+            job = w->job;
+            if (!job) continue;
+            job->joined++;
+        }
+        emu_run_blocks(*job);
+        {
+            std::lock_guard<std::mutex> lk(w->mu);
+            job->finished++;
+        }
+        w->done_cv.notify_all();
+    }
+}
+inline EmuWorkers& emu_workers() {
+    static EmuWorkers* w = [] {
+        EmuWorkers* p = new EmuWorkers;  // never destroyed: the helpers outlive main
+        unsigned n = std::thread::hardware_concurrency();
+        if (n > 8) n = 8;
+        if (const char* e = getenv("CHECKERGEN_EMU_THREADS")) n = (unsigned)atoi(e);
+        for (unsigned i = 1; i < n; ++i) {
+            std::thread t(emu_helper_main, p);
+            p->threads.push_back(t.get_id());
+            t.detach();
+        }
+        return p;
+    }();
+    return *w;
+}
+
+// Runs body(arg) as every thread of every block of the launch, on this OS thread and the
+// helpers. Returns 0, or 1 with a one-line message in err.
 inline int emu_run(const char* name, void (*body)(void*), void* arg, const uint32_t grid[3], const uint32_t block[3],
                    uint32_t dyn_smem, unsigned max_threads, char* err, size_t err_len) {
     if (err && err_len) err[0] = 0;
@@ -683,77 +959,34 @@ inline int emu_run(const char* name, void (*body)(void*), void* arg, const uint3
         return emu_fail(err, err_len, "%s: bad launch: %u bytes of dynamic shared memory over the 48 KiB default limit",
                         name, dyn_smem);
     if (t_emu) return emu_fail(err, err_len, "%s: launch from inside a kernel", name);
-    const unsigned nt = (unsigned)nt64;
-    if (!t_emu_pool.reserve(nt)) return emu_fail(err, err_len, "%s: cannot map fiber stacks", name);
-
-    EmuRun run;
-    run.name = name;
-    run.body = body;
-    run.arg = arg;
-    run.nt = nt;
-    run.nwarps = (nt + 31) / 32;
-    run.fibers = t_emu_pool.fibers.data();
-    t_emu = &run;
-    blockDim = dim3{block[0], block[1], block[2]};
-    gridDim = dim3{grid[0], grid[1], grid[2]};
-    for (unsigned bz = 0; bz < grid[2] && !run.failed; ++bz)
-        for (unsigned by = 0; by < grid[1] && !run.failed; ++by)
-            for (unsigned bx = 0; bx < grid[0] && !run.failed; ++bx) {
-                blockIdx = dim3{bx, by, bz};
-                run.live = nt;
-                run.bar_arrived = 0;
-                for (unsigned w = 0; w < run.nwarps; ++w) {
-                    run.warps[w].live = nt - 32 * w < 32 ? nt - 32 * w : 32;
-                    run.warps[w].arrived = 0;
-                    run.warps[w].kind = EMU_K_NONE;
-                }
-                for (unsigned t = 0; t < nt; ++t) {
-                    EmuFiber& f = run.fibers[t];
-                    f.linear = t;
-                    f.tid = dim3{t % block[0], (t / block[0]) % block[1], t / (block[0] * block[1])};
-                    f.state = EMU_READY;
-                    f.copies.clear();
-                    f.committed = 0;
-#ifdef EMU_ASAN
-                    __asan_unpoison_memory_region(f.stack, f.stack_size);
-#endif
-#if defined(__x86_64__)
-                    // Fresh stack: six zero registers, then emu_fiber_main as the return
-                    // address, entered with rsp = 8 (mod 16) like any called function.
-                    void** s = (void**)(((uintptr_t)(f.stack + f.stack_size)) & ~(uintptr_t)15);
-                    *--s = nullptr;
-                    *--s = (void*)&emu_fiber_main;
-                    for (int i = 0; i < 6; ++i) *--s = nullptr;
-                    f.sp = s;
-#else
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = f.stack;
-                    f.ctx.uc_stack.ss_size = f.stack_size;
-                    f.ctx.uc_link = nullptr;
-                    makecontext(&f.ctx, emu_fiber_main_uc, 0);
-#endif
-                }
-                while (run.live && !run.failed) {
-                    bool progressed = false;
-                    for (unsigned t = 0; t < nt && !run.failed; ++t) {
-                        EmuFiber& f = run.fibers[t];
-                        if (f.state != EMU_READY) continue;
-                        progressed = true;
-                        run.cur = &f;
-                        threadIdx = f.tid;
-#if defined(__x86_64__)
-                        emu_switch(&run.sched_sp, f.sp, f.stack, f.stack_size, false);
-#else
-                        swapcontext(&run.sched_ctx, &f.ctx);
-#endif
-                    }
-                    run.cur = nullptr;
-                    if (!progressed && !run.failed) emu_deadlock(&run);
-                }
-            }
-    t_emu = nullptr;
-    if (run.failed) {
-        if (err && err_len) snprintf(err, err_len, "%s", run.msg);
+    EmuJob job;
+    job.name = name;
+    job.body = body;
+    job.arg = arg;
+    memcpy(job.grid, grid, sizeof job.grid);
+    memcpy(job.block, block, sizeof job.block);
+    job.nblocks = (uint64_t)grid[0] * grid[1] * grid[2];
+    EmuWorkers& pool = emu_workers();
+    // Helpers join when the launch has several blocks and no other launch holds them.
+    const bool parallel = job.nblocks > 1 && !pool.threads.empty() && !pool.in_use.exchange(true);
+    if (parallel) {
+        {
+            std::lock_guard<std::mutex> lk(pool.mu);
+            pool.job = &job;
+            pool.generation++;
+        }
+        pool.cv.notify_all();
+    }
+    emu_run_blocks(job);
+    if (parallel) {
+        std::unique_lock<std::mutex> lk(pool.mu);
+        pool.job = nullptr;  // no helper joins from here on
+        pool.done_cv.wait(lk, [&] { return job.finished == job.joined; });
+        lk.unlock();
+        pool.in_use.store(false);
+    }
+    if (job.failed.load()) {
+        if (err && err_len) snprintf(err, err_len, "%s", job.msg);
         return 1;
     }
     return 0;

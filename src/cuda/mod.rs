@@ -47,7 +47,9 @@ pub struct Kernel {
 /// pointers are host addresses. Returns 0, or nonzero with a NUL-terminated one-line message
 /// in `err` (bad launch shape, barrier deadlock or warp divergence, `__trap`/`assert`,
 /// misaligned `cp.async`/`ldmatrix`). Launches on different threads may run concurrently:
-/// each OS thread has its own shared memory and fiber stacks.
+/// each OS thread has its own shared memory and fiber stacks (no global lock). A launch
+/// shares its blocks with helper threads (`CHECKERGEN_EMU_THREADS` threads in all, default
+/// the hardware's, at most 8) and returns when all have run. See tools/emu/README.md.
 ///
 /// # Safety
 /// `params` must hold the kernel's parameter struct, every pointer in it valid for what the
@@ -141,6 +143,16 @@ mod emu_abi_tests {
     }
     const _: () = assert!(std::mem::size_of::<RmsNormParams>() == 56);
 
+    /// Whether build.rs built the emulator (it needs a C++ compiler); the tests below say
+    /// "skipped" and pass without it.
+    fn emu_built() -> bool {
+        let built = k::ADD_BIAS_F32.emu.is_some();
+        if !built {
+            eprintln!("skipped: built without a C++ compiler, no host emulator");
+        }
+        built
+    }
+
     /// Launches `kern` through its emulator entry point; Err(message) on failure.
     fn launch<P>(kern: Kernel, grid: [u32; 3], block: [u32; 3], p: &P) -> Result<(), String> {
         let emu = kern.emu.expect("built without a C++ compiler: no emulator");
@@ -181,6 +193,9 @@ mod emu_abi_tests {
 
     #[test]
     fn add_bias_runs_on_the_emulator() {
+        if !emu_built() {
+            return;
+        }
         let (rows, n) = (37, 75);
         // Grid-stride: one block and many blocks give the same result.
         for grid in [1, 3, 11] {
@@ -193,6 +208,9 @@ mod emu_abi_tests {
 
     #[test]
     fn rmsnorm_runs_on_the_emulator() {
+        if !emu_built() {
+            return;
+        }
         rmsnorm_check(5, 300);
     }
 
@@ -239,8 +257,11 @@ mod emu_abi_tests {
 
     #[test]
     fn emulator_reports_bad_launches() {
+        if !emu_built() {
+            return;
+        }
         let mut y = vec![0f32; 4];
-        let b = vec![0f32; 4];
+        let b = [0f32; 4];
         let p = AddBiasParams {
             y: y.as_mut_ptr() as u64,
             b: b.as_ptr() as u64,
@@ -258,6 +279,9 @@ mod emu_abi_tests {
 
     #[test]
     fn emulator_launches_run_concurrently() {
+        if !emu_built() {
+            return;
+        }
         // Each OS thread has its own shared memory and fibers: no lock, no interference.
         let handles: Vec<_> = (0..4)
             .map(|t| {

@@ -4,6 +4,8 @@
 #include "../../kernels/attention.cu"
 #include "check.hpp"
 
+#include <chrono>
+
 // bf16 buffers are kept as raw uint16_t here; B() views them as the kernels' type.
 static std::mt19937_64 rng(12345);
 static float uni(float s) { return s * (2.f * std::uniform_real_distribution<float>(0.f, 1.f)(rng) - 1.f); }
@@ -153,7 +155,36 @@ static void test_attention(Shape s, MaskKind mk, float qscale) {
     }
 }
 
+// `attention_emu bench`: launch times at the tiny preset's shapes (hidden 64 = 2 heads of 32;
+// 256 queries at the last scale over 341 keys, 2 rows with guidance) and S-2x's (8 x 64).
+static void bench() {
+    for (Shape s : {Shape{2, 2, 32, 256, 85, 341}, Shape{2, 2, 32, 16, 5, 21}, Shape{2, 8, 64, 256, 85, 341}}) {
+        const size_t qlen = (size_t)s.rows * s.h * s.n * s.d, clen = (size_t)s.rows * s.h * s.cap * s.d;
+        std::vector<uint16_t> q(qlen), kc(clen), vc(clen), out((size_t)s.rows * s.n * s.h * s.d);
+        for (auto& x : q) x = bf(uni(1.f));
+        for (auto& x : kc) x = bf(uni(1.f));
+        for (auto& x : vc) x = bf(uni(1.f));
+        AttnParams p{B(q), B(kc), B(vc), nullptr, nullptr, B(out), s.rows, s.n, s.h, s.cap, s.start};
+        auto k_direct = s.d == 32 ? attention_direct_d32_bf16 : attention_direct_d64_bf16;
+        auto k_tc = s.d == 32 ? attention_tc_d32_bf16 : attention_tc_d64_bf16;
+        const unsigned warps = std::min((s.n + 15) / 16, 4);
+        auto t0 = std::chrono::steady_clock::now();
+        emu_launch(k_direct, {(unsigned)(s.n + 3) / 4, (unsigned)s.h, (unsigned)s.rows}, {128, 1, 1}, p);
+        auto t1 = std::chrono::steady_clock::now();
+        emu_launch(k_tc, {(unsigned)((s.n + 16 * warps - 1) / (16 * warps)), (unsigned)s.h, (unsigned)s.rows},
+                   {32 * warps, 1, 1}, p);
+        auto t2 = std::chrono::steady_clock::now();
+        auto ms = [](auto a, auto b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+        std::printf("time attention rows %d H %d D %d n %d keys %d: direct %7.1f ms  tc %7.1f ms\n", s.rows, s.h, s.d,
+                    s.n, s.start + s.n, ms(t0, t1), ms(t1, t2));
+    }
+}
+
 int main(int argc, char** argv) {
+    if (argc > 1 && std::string(argv[1]) == "bench") {
+        bench();
+        return finish();
+    }
     const bool quick = argc > 1 && std::string(argv[1]) == "quick";
     // Parameter-struct sizes (static_assert in kernels/attention.cu, const assertions in
     // src/cuda/attention.rs).

@@ -4,6 +4,8 @@
 #include "../../kernels/decoder.cu"
 #include "check.hpp"
 
+#include <chrono>
+
 static std::mt19937_64 rng(1234);
 
 static std::vector<float> rand_f32(size_t n, float lo, float hi) {
@@ -229,7 +231,49 @@ static void run_all() {
     test_gather<T>(5, 3, 10, false);
 }
 
-int main() {
+// `decoder_emu bench`: launch times at the tiny preset's / golden decoder's shapes (ch 32 at
+// 256x256, 128 at 64x64), with the launch shapes of src/cuda/decoder/launch.rs.
+static void bench() {
+    struct Shape {
+        int hw, cin, cout;
+    };
+    for (Shape s : {Shape{256, 32, 32}, Shape{64, 128, 128}, Shape{16, 128, 128}}) {
+        const size_t m = (size_t)s.hw * s.hw;
+        auto x = to_h<__nv_bfloat16>(rand_f32(m * s.cin, -1, 1));
+        auto w = to_h<__nv_bfloat16>(rand_f32((size_t)s.cout * 9 * s.cin, -0.1f, 0.1f));
+        auto bias = rand_f32(s.cout, -1, 1);
+        std::vector<float> y(m * s.cout);
+        Conv3x3Params p{x.data(), w.data(), bias.data(), nullptr, y.data(), 1, s.hw, s.hw, s.cin, s.cout, 0};
+        auto t0 = std::chrono::steady_clock::now();
+        emu_launch(conv3x3_tc_bf16, {(unsigned)((m + TC_BM - 1) / TC_BM), (unsigned)((s.cout + TC_BN - 1) / TC_BN), 1},
+                   {256, 1, 1}, p);
+        auto t1 = std::chrono::steady_clock::now();
+        const unsigned gd = (unsigned)std::min<size_t>((m * s.cout + 255) / 256, 65535);
+        emu_launch(conv3x3_direct_bf16, {gd, 1, 1}, {256, 1, 1}, p);
+        auto t2 = std::chrono::steady_clock::now();
+        // GroupNorm over the conv input's shape (chunks of 64 pixels).
+        std::vector<float> xf = rand_f32(m * s.cin, -1, 1), part((m / 64 + 1) * s.cin * 2), ss(s.cin * 2);
+        std::vector<float> gamma(s.cin, 1.f), beta(s.cin, 0.f);
+        std::vector<__nv_bfloat16> gy(m * s.cin);
+        const int nchunk = (int)((m + 63) / 64);
+        GnPartialParams pp{xf.data(), part.data(), 1, (int)m, s.cin, 64, nchunk};
+        GnFinalizeParams fp{part.data(), gamma.data(), beta.data(), ss.data(), 1, (int)m, s.cin, 64, nchunk, 1e-6f};
+        GnApplyParams ap{xf.data(), ss.data(), gy.data(), 1, (int)m, s.cin, 1};
+        emu_launch(gn_partial_f32, {(unsigned)nchunk, 1, 1}, {256, 1, 1}, pp);
+        emu_launch(gn_finalize_f32, {32, 1, 1}, {256, 1, 1}, fp);
+        emu_launch(gn_apply_bf16, {(unsigned)std::min<size_t>((m * s.cin / 4 + 255) / 256, 65535), 1, 1}, {256, 1, 1}, ap);
+        auto t3 = std::chrono::steady_clock::now();
+        auto ms = [](auto a, auto b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+        std::printf("time %dx%d %d->%d: conv3x3_tc_bf16 %8.1f ms  conv3x3_direct_bf16 %8.1f ms  group norm (3 launches) %7.1f ms\n",
+                    s.hw, s.hw, s.cin, s.cout, ms(t0, t1), ms(t1, t2), ms(t2, t3));
+    }
+}
+
+int main(int argc, char** argv) {
+    if (argc > 1 && std::string(argv[1]) == "bench") {
+        bench();
+        return finish();
+    }
     // Parameter-struct sizes (static_assert in kernels/decoder.cu; the Rust unit test
     // `param_structs_match_c` asserts the same numbers).
     std::printf("sizeof Conv3x3 %zu GnPartial %zu GnFinalize %zu GnApply %zu Cast %zu Gather %zu "

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build and run the host emulation checks of kernels/attention.cu and kernels/decoder.cu (no GPU
+# Build and run the emulator's self-test (selftest_emu.cpp: barriers, shuffles, launch errors,
+# launch timings) and the host emulation checks of kernels/attention.cu and kernels/decoder.cu (no GPU
 # and no CUDA toolkit needed: kernels/emu.cuh stands in for both). Each driver is compiled with
 # g++ (C++20) and AddressSanitizer + UBSan, so an out-of-bounds access of a kernel's global
 # buffers aborts; every other kernels/*.cu is compiled against the emulator too (syntax only).
@@ -18,13 +19,13 @@ for f in ../../kernels/*.cu; do
         -Wno-unknown-pragmas -Wno-unused-function -I../../kernels "$f"
 done
 pids=()
-for d in attention decoder; do
+for d in selftest attention decoder; do
     "$cxx" "${flags[@]}" -o "$out/${d}_emu" "${d}_emu.cpp" &
     pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
 status=0
-for d in attention decoder; do
+for d in selftest attention decoder; do
     echo "== ${d}_emu"
     start=$SECONDS
     if [ "$d" = attention ]; then "$out/${d}_emu" "$@" || status=1; else "$out/${d}_emu" || status=1; fi
