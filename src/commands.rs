@@ -406,6 +406,7 @@ pub enum ConvArg {
 }
 
 /// Dense 16-bit tensor-core peak of known devices (TFLOP/s), for "% of peak".
+#[cfg(feature = "cuda")]
 fn tensor_peak_tflops(name: &str) -> Option<f64> {
     if name.contains("H100") || name.contains("H200") {
         Some(989.4)
