@@ -48,15 +48,19 @@ for z in "$here"/bin/*.gz; do
     gunzip -c "$z" > "$bin/$(basename "$z" .gz)" && chmod +x "$bin/$(basename "$z" .gz)"
 done
 export CHECKERGEN_GOLDEN="$here/golden"
+# The tests must run on the real GPU here, never fall back to the host emulator.
+export CHECKERGEN_DEVICE=cuda
 summary=()
+failed=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$logs/gpu.txt" 2>&1
 for t in "$bin"/gpu_*; do
     name=$(basename "$t")
     start=$SECONDS
-    # GPU tests are #[ignore = "needs a CUDA GPU"] so that CPU-only runs count them as
-    # ignored; here they must all run (and fail if the GPU is unusable).
+    # Without a GPU these tests run on the host emulator; here CHECKERGEN_DEVICE=cuda makes
+    # them fail if the GPU is unusable. --include-ignored also runs the timing-only tests.
     "$t" --include-ignored --nocapture --test-threads=1 > "$logs/$name.log" 2>&1
     rc=$?
+    [ "$rc" = 0 ] || failed=1
     secs=$((SECONDS - start))
     res=$(grep -E '^test result' "$logs/$name.log" | tail -n 1)
     summary+=("$(printf '%-16s rc=%-3s %5ss  %s' "$name" "$rc" "$secs" "$res")")
@@ -75,10 +79,24 @@ for prec in fp16 bf16; do
     "$bin/checkergen" bench-decode --batch 64 --precision "$prec" >> "$logs/bench.log" 2>&1
     summary+=("$(printf 'bench-decode %-4s %s' "$prec" "$(grep -E 'images/s' "$logs/bench.log" | tail -n 1)")")
 done
+# On Hopper (compute capability 9.0) the kernels must come from the sm_90a cubin: the tests
+# print "running on NAME (cc X.Y, kernels: KIND)"; any other image (sm_80 cubin, PTX, NVRTC)
+# means the ahead-of-time Hopper build was not what ran.
+cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
+kinds=$(grep -ho 'cc [0-9]*\.[0-9]*, kernels: [^)]*' "$logs"/gpu_*.log | sort | uniq -c)
+echo "== kernel images loaded: ${kinds:-none reported}"
+if [ "$cc" = "9.0" ]; then
+    other=$(grep -ho 'kernels: [^)]*' "$logs"/gpu_*.log | grep -vc 'kernels: sm_90a cubin' || true)
+    if [ -z "$kinds" ] || [ "$other" != 0 ]; then
+        echo "FAIL: compute capability 9.0 but not every test loaded the sm_90a cubin" | tee "$logs/image.txt"
+        failed=1
+    fi
+fi
 echo "== $(cat "$logs/gpu.txt")"
 for k in "$logs"/*.key.txt; do echo "-- $(basename "$k" .key.txt)"; tail -n 12 "$k"; done
 echo "== summary"
 printf '%s\n' "${summary[@]}"
+[ "$failed" = 0 ] || { echo "== run.sh: FAILED"; exit 1; }
 RUN
 chmod +x "$out/run.sh"
 du -sh "$out"

@@ -22,6 +22,9 @@ pub enum Device {
     Auto,
     Cpu,
     Cuda,
+    /// The host-emulated CUDA device (the CUDA engine's exact kernels and orchestration on
+    /// the CPU, with memory checking): a development/checking device, slow, not for users.
+    Emu,
 }
 
 #[derive(Args)]
@@ -119,10 +122,16 @@ fn pick_gpu(device: Device) -> Result<Option<checkergen::cuda::Gpu>> {
             Some(g) => Ok(Some(g)),
             None => bail!("--device cuda: no CUDA driver or GPU found on this machine"),
         },
+        Device::Emu => {
+            eprintln!(
+                "--device emu: the host-emulated CUDA device (development/checking only; slow)"
+            );
+            Gpu::emu().map(Some)
+        }
         Device::Auto => match Gpu::try_new() {
             Ok(g) => Ok(g),
             Err(e) => {
-                eprintln!("GPU present but unusable ({e:#}); sampling on the CPU");
+                eprintln!("warning: GPU present but unusable ({e:#}); sampling on the CPU");
                 Ok(None)
             }
         },
@@ -131,8 +140,8 @@ fn pick_gpu(device: Device) -> Result<Option<checkergen::cuda::Gpu>> {
 
 pub fn sample(a: SampleArgs) -> Result<()> {
     #[cfg(not(feature = "cuda"))]
-    if a.device == Device::Cuda {
-        bail!("--device cuda: this binary was built without the `cuda` feature");
+    if matches!(a.device, Device::Cuda | Device::Emu) {
+        bail!("--device cuda/emu: this binary was built without the `cuda` feature");
     }
     ensure_dir(&a.out)?;
     let (model, source) = load_or_tiny(a.model.as_deref())?;
@@ -182,7 +191,11 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let (out, device) = match &gpu_model {
         Some(gm) => (
             pipeline::sample(&mut checkergen::cuda::engine::GpuBackend::new(gm), &opts)?,
-            format!("cuda ({})", gm.gpu.name),
+            if gm.gpu.is_emu() {
+                "emu (host-emulated CUDA device)".to_string()
+            } else {
+                format!("cuda ({}, kernels: {})", gm.gpu.name, gm.gpu.image_kind)
+            },
         ),
         None => (
             pipeline::sample(&mut CpuBackend::new(&model), &opts)?,
@@ -474,6 +487,7 @@ pub enum ConvArg {
 }
 
 /// Dense 16-bit tensor-core peak of known devices (TFLOP/s), for "% of peak".
+#[cfg(feature = "cuda")]
 fn tensor_peak_tflops(name: &str) -> Option<f64> {
     if name.contains("H100") || name.contains("H200") {
         Some(989.4)
@@ -521,7 +535,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         PrecisionArg::Fp16 => Precision::F16,
         PrecisionArg::Bf16 => Precision::Bf16,
     };
-    let (free0, _) = gpu.ctx.mem_get_info()?;
+    let (free0, _) = gpu.mem_get_info()?;
     let mut gdec = GpuDecoder::with_precision(&gpu, &dec, precision)?;
     gdec.set_conv_kernel(match a.conv {
         ConvArg::Tc => ConvKernel::TensorCore,
@@ -529,7 +543,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     });
     let s = cfg.latent_size();
     let r = bench_decode(&gpu, &gdec, a.batch, s, a.warmup, a.iters)?;
-    let (free1, _) = gpu.ctx.mem_get_info()?;
+    let (free1, _) = gpu.mem_get_info()?;
     let used_gb = free0.saturating_sub(free1) as f64 / 1e9;
     let peak = tensor_peak_tflops(&gpu.name);
     if a.json {

@@ -1,8 +1,8 @@
 //! kernels/attention.cu (RoPE + KV append, attention v1 and v2) against its CPU reference
 //! `cpu::ops::attention` on random inputs of real shapes: one table of cases, one harness
-//! (llama.cpp test-backend-ops style), then a three-step flow through both kernels. The GPU
-//! tests are ignored by default (run with `--include-ignored` on a GPU host); the shape checks
-//! that need no device run everywhere.
+//! (llama.cpp test-backend-ops style), then a three-step flow through both kernels. The device
+//! tests run on the GPU, or the host emulator without one; the shape checks that need no
+//! device run everywhere.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -117,7 +117,6 @@ fn shape(d: usize, h: usize, n: usize, start: usize, rows: usize, slack: usize) 
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn attention_kernels_match_cpu_ops() {
     common::run_table(
         "attention.cu vs cpu::ops::attention",
@@ -272,7 +271,6 @@ fn attention_case(gpu: &Gpu, report: &mut Report, s: AttnShape, mask: Mask, qsca
 
 /// A table row out of range writes NaN instead of reading out of bounds.
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn rope_out_of_range_row_writes_nan() {
     let gpu = common::gpu("rope_kv_append out of range");
     let s = shape(32, 2, 2, 0, 1, 0);
@@ -300,7 +298,6 @@ fn rope_out_of_range_row_writes_nan() {
 /// rope_kv_append and both attention kernels, against the cpu::ops chain: checks that the
 /// layouts of the two kernels agree and that appends accumulate in the cache.
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn rope_then_attention_steps_match_cpu_ops() {
     let gpu = common::gpu("rope_then_attention");
     let mut report = Report::new("rope_kv_append + attention, 3 steps");
@@ -382,15 +379,14 @@ fn rope_then_attention_steps_match_cpu_ops() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn launchers_reject_bad_shapes() {
     let gpu = common::gpu("attention shape checks");
     let s = shape(64, 2, 4, 0, 1, 0);
-    let buf = |n: usize| -> cudarc::driver::CudaSlice<bf16> { gpu.zeros::<bf16>(n).unwrap() };
+    let buf = |n: usize| -> checkergen::cuda::DevBuf<bf16> { gpu.zeros::<bf16>(n).unwrap() };
     let q = buf(s.q_len());
     let (k, v) = (buf(s.cache_len()), buf(s.cache_len()));
     let mut out = buf(s.tokens() * s.c());
-    let run = |gpu: &Gpu, s: AttnShape, out: &mut cudarc::driver::CudaSlice<bf16>| {
+    let run = |gpu: &Gpu, s: AttnShape, out: &mut checkergen::cuda::DevBuf<bf16>| {
         attention::attention(gpu, AttentionImpl::default(), &q, &k, &v, None, out, s)
     };
     assert!(run(&gpu, s, &mut out).is_ok());

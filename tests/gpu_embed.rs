@@ -1,5 +1,5 @@
 //! kernels/embed.cu against its CPU reference `cpu::ops::embed`: one table of cases, one
-//! harness. Needs a GPU: ignored by default, run with `--include-ignored` on a GPU host.
+//! harness. Runs on the GPU, or the host emulator without one.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -50,7 +50,6 @@ const CASES: &[Case] = &[
 ];
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn embed_kernels_match_cpu_ops() {
     common::run_table(
         "embed.cu vs cpu::ops::embed",

@@ -1,6 +1,6 @@
 //! kernels/norm.cu against its CPU reference `cpu::ops::norm`: one table of cases, one harness
-//! (llama.cpp test-backend-ops style). Needs a GPU: ignored by default, run with
-//! `--include-ignored` on a GPU host (where it fails if there is no usable GPU).
+//! (llama.cpp test-backend-ops style). Runs on the GPU, or the host emulator
+//! without one (tests/common::gpu; CHECKERGEN_DEVICE=cuda|emu forces one).
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -69,7 +69,6 @@ fn cases() -> Vec<Case> {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn norm_kernels_match_cpu_ops() {
     common::run_table(
         "norm.cu vs cpu::ops::norm",

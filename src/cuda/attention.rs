@@ -1,9 +1,9 @@
 //! Launchers for kernels/attention.cu: RoPE + KV-cache append, and attention over the cache
 //! (SPEC.md section 5). Layouts are documented in the kernel file's header.
 
-use super::{Gpu, k};
+use super::{DevBuf, Gpu, k};
 use anyhow::{Result, ensure};
-use cudarc::driver::{CudaSlice, DeviceRepr};
+use cudarc::driver::DeviceRepr;
 use half::bf16;
 
 pub use crate::cpu::ops::AttnShape;
@@ -49,15 +49,15 @@ const _: () = assert!(std::mem::size_of::<RopeKvParams>() == 104);
 #[allow(clippy::too_many_arguments)]
 pub fn rope_kv_append(
     gpu: &Gpu,
-    qkv: &CudaSlice<bf16>,
-    rope_re: &CudaSlice<f32>,
-    rope_im: &CudaSlice<f32>,
-    cur: &CudaSlice<i32>,
-    prev: &CudaSlice<i32>,
-    mix: Option<(&CudaSlice<f32>, usize)>,
-    q_out: &mut CudaSlice<bf16>,
-    k_cache: &mut CudaSlice<bf16>,
-    v_cache: &mut CudaSlice<bf16>,
+    qkv: &DevBuf<bf16>,
+    rope_re: &DevBuf<f32>,
+    rope_im: &DevBuf<f32>,
+    cur: &DevBuf<i32>,
+    prev: &DevBuf<i32>,
+    mix: Option<(&DevBuf<f32>, usize)>,
+    q_out: &mut DevBuf<bf16>,
+    k_cache: &mut DevBuf<bf16>,
+    v_cache: &mut DevBuf<bf16>,
     s: AttnShape,
 ) -> Result<()> {
     s.check()?;
@@ -151,9 +151,9 @@ pub enum AttentionImpl {
 #[derive(Clone, Copy)]
 pub struct BlockMask<'a> {
     /// (start + n) i32: block id of every key in the cache after the append.
-    pub key_block: &'a CudaSlice<i32>,
+    pub key_block: &'a DevBuf<i32>,
     /// (n) i32: block id of every new query.
-    pub query_block: &'a CudaSlice<i32>,
+    pub query_block: &'a DevBuf<i32>,
 }
 
 #[repr(C)]
@@ -187,11 +187,11 @@ const _: () = assert!(std::mem::size_of::<AttnParams>() == 72);
 pub fn attention(
     gpu: &Gpu,
     imp: AttentionImpl,
-    q: &CudaSlice<bf16>,
-    k_cache: &CudaSlice<bf16>,
-    v_cache: &CudaSlice<bf16>,
+    q: &DevBuf<bf16>,
+    k_cache: &DevBuf<bf16>,
+    v_cache: &DevBuf<bf16>,
     mask: Option<BlockMask<'_>>,
-    out: &mut CudaSlice<bf16>,
+    out: &mut DevBuf<bf16>,
     s: AttnShape,
 ) -> Result<()> {
     s.check()?;

@@ -1,30 +1,161 @@
-//! The device: context, one created stream (capturable into a CUDA graph), cuBLAS handle, and
-//! every kernel of the build-time registry (`super::KERNELS`) loaded once at start-up from
-//! the best embedded image; launches name their kernel by a `super::k` constant.
+//! The device: one of two backends behind the same API, chosen at start-up.
+//!
+//! * **cuda** (cudarc): context, one created stream (capturable into a CUDA graph), cuBLAS
+//!   handle, and every kernel of the build-time registry (`super::KERNELS`) loaded once from
+//!   the best embedded image.
+//! * **emu** (`super::emu`): the host-emulated device of issue 9. Device buffers are host
+//!   allocations with red zones, copies are memcpy, a launch calls the kernel's host-compiled
+//!   entry point (`Kernel::emu`), GEMMs are computed on the host as cuBLAS defines them, and
+//!   stream order is program order. A development/checking device, not a user device.
+//!
+//! Launches name their kernel by a `super::k` constant; buffers are [`DevBuf`]s. Nothing
+//! outside this file and `emu.rs`/`gemm.rs` knows which backend it drives.
 
+use super::emu::{self, EmuDevice, HostAlloc};
 use super::{KERNEL_FILES, KERNELS, Kernel};
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use std::sync::Arc;
 
-/// A GPU ready to run checkergen kernels.
-pub struct Gpu {
-    pub ctx: Arc<CudaContext>,
-    pub stream: Arc<CudaStream>,
-    pub blas: CudaBlas,
-    /// Device name, e.g. "NVIDIA H200".
-    pub name: String,
-    /// Compute capability (major, minor).
-    pub cc: (i32, i32),
-    /// How the kernels were loaded: "sm_90a cubin", "sm_80 cubin", "compute_80 PTX" or "NVRTC".
-    pub image_kind: &'static str,
+/// An element type of device buffers: plain old data with a poison value, the bit pattern
+/// the emulator fills new (uninitialized) allocations with so that a read of memory nobody
+/// wrote shows in the outputs (NaN for floats and 16-bit types, 0xDEADBEEF for ints).
+pub trait DevElem:
+    DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin + Send + Sync + std::fmt::Debug + 'static
+{
+    const POISON: Self;
+}
+impl DevElem for f32 {
+    const POISON: f32 = f32::from_bits(0x7FC0_DEAD);
+}
+impl DevElem for half::bf16 {
+    const POISON: half::bf16 = half::bf16::from_bits(0x7FFF);
+}
+impl DevElem for half::f16 {
+    const POISON: half::f16 = half::f16::from_bits(0x7FFF);
+}
+impl DevElem for i32 {
+    const POISON: i32 = 0xDEAD_BEEFu32 as i32;
+}
+impl DevElem for u32 {
+    const POISON: u32 = 0xDEAD_BEEF;
+}
+impl DevElem for u8 {
+    const POISON: u8 = 0xA5;
+}
+
+/// A device buffer of `len` elements of `T`, on whichever backend allocated it (the
+/// project-owned replacement of `CudaSlice` in the engine, decoder, launchers and tests).
+pub struct DevBuf<T> {
+    mem: Mem<T>,
+    len: usize,
+}
+
+enum Mem<T> {
+    Cuda(CudaSlice<T>),
+    Emu(HostAlloc),
+}
+
+impl<T> DevBuf<T> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<T> std::fmt::Debug for DevBuf<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.mem {
+            Mem::Cuda(_) => write!(
+                f,
+                "DevBuf<{}>[{}] (cuda)",
+                std::any::type_name::<T>(),
+                self.len
+            ),
+            Mem::Emu(h) => write!(f, "DevBuf[{}] (emu: {})", self.len, h.label()),
+        }
+    }
+}
+
+/// The cudarc backend's state.
+struct CudaDev {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
     /// Every registered kernel, indexed by `Kernel::id`.
     funcs: Vec<CudaFunction>,
+}
+
+enum Backend {
+    Cuda(Box<CudaDev>),
+    Emu(EmuDevice),
+}
+
+/// A device ready to run checkergen kernels: a CUDA GPU or the host emulator.
+pub struct Gpu {
+    backend: Backend,
+    /// Device name, e.g. "NVIDIA H200", or "host emulator".
+    pub name: String,
+    /// Compute capability (major, minor); the emulator reports 9.0 (the kernels' sm_90a paths
+    /// are the ones compiled for the host).
+    pub cc: (i32, i32),
+    /// How the kernels were loaded: "sm_90a cubin", "sm_80 cubin", "compute_80 PTX", "NVRTC"
+    /// or "host emulator".
+    pub image_kind: &'static str,
+}
+
+/// Which device to open: `CHECKERGEN_DEVICE` (`cuda`, `emu`; unset or `auto`: a GPU when
+/// there is one, else the emulator) as used by the tests, or `--device` in the CLI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cuda,
+    Emu,
+    Auto,
+}
+
+/// Whether libcuda and libcublas can be loaded, and how many devices the driver sees:
+/// `Ok(None)` when the driver library is absent (no GPU), an error when it is present but
+/// the device count or cuBLAS fails (a broken install is not "no GPU").
+fn cuda_device_count() -> Result<Option<usize>> {
+    // SAFETY: only checks whether the driver library can be loaded.
+    let present = unsafe { cudarc::driver::sys::is_culib_present() };
+    classify_device_count(present, || {
+        CudaContext::device_count().map_err(|e| format!("{e:?}"))
+    })
+}
+
+/// No driver library: no GPU (`Ok(None)`); driver present: the device count, where a failing
+/// count is an error (not "no GPU") and zero devices is `Ok(None)`.
+fn classify_device_count(
+    driver_present: bool,
+    count: impl FnOnce() -> std::result::Result<i32, String>,
+) -> Result<Option<usize>> {
+    if !driver_present {
+        return Ok(None);
+    }
+    let n = count()
+        .map_err(|e| anyhow!("the CUDA driver is present but cuDeviceGetCount failed: {e}"))?;
+    Ok((n > 0).then_some(n as usize))
+}
+
+/// cudarc's `CudaBlas::new` panics when libcublas cannot be loaded; this is the check made
+/// before it, as an error.
+fn require_cublas(present: bool) -> Result<()> {
+    ensure!(
+        present,
+        "libcublas cannot be loaded (CUDA driver present): install the CUDA 13 cuBLAS library \
+         or put it on LD_LIBRARY_PATH"
+    );
+    Ok(())
 }
 
 /// Which embedded image a device of compute capability `cc` loads.
@@ -86,21 +217,66 @@ fn nvrtc_compile(f: &super::KernelFile, cc: (i32, i32)) -> Result<Ptx> {
 }
 
 impl Gpu {
-    /// The first GPU, or `Ok(None)` when there is no CUDA driver or no device.
+    /// The first GPU, or `Ok(None)` when there is no CUDA driver or no device. A driver that
+    /// is present but fails (device count, cuBLAS missing, context) is an error.
     pub fn try_new() -> Result<Option<Gpu>> {
-        // SAFETY: only checks whether the driver library can be loaded.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Ok(None);
+        match cuda_device_count()? {
+            Some(_) => Gpu::new(0).map(Some),
+            None => Ok(None),
         }
-        match CudaContext::device_count() {
-            Ok(n) if n > 0 => {}
-            _ => return Ok(None),
+    }
+
+    /// The device `choice` asks for: `Cuda` fails without a usable GPU, `Emu` is the host
+    /// emulator, `Auto` is the GPU when there is one and the emulator otherwise.
+    pub fn open(choice: DeviceChoice) -> Result<Gpu> {
+        match choice {
+            DeviceChoice::Emu => Gpu::emu(),
+            DeviceChoice::Cuda => {
+                Gpu::try_new()?.context("no CUDA driver or GPU found on this machine")
+            }
+            DeviceChoice::Auto => match Gpu::try_new()? {
+                Some(g) => Ok(g),
+                None => Gpu::emu(),
+            },
         }
-        Gpu::new(0).map(Some)
+    }
+
+    /// The host-emulated device (every kernel host-compiled, cuBLAS on the host).
+    pub fn emu() -> Result<Gpu> {
+        Ok(Gpu {
+            backend: Backend::Emu(EmuDevice::new()),
+            name: "host emulator".into(),
+            cc: (9, 0),
+            image_kind: "host emulator",
+        })
+    }
+
+    /// Whether this is the host emulator.
+    pub fn is_emu(&self) -> bool {
+        matches!(self.backend, Backend::Emu(_))
+    }
+
+    /// The emulator's state (None on a GPU).
+    pub(crate) fn emu_device(&self) -> Option<&EmuDevice> {
+        match &self.backend {
+            Backend::Emu(e) => Some(e),
+            Backend::Cuda(_) => None,
+        }
+    }
+
+    /// The cuBLAS handle (None on the emulator).
+    pub(crate) fn blas(&self) -> Option<&CudaBlas> {
+        match &self.backend {
+            Backend::Cuda(c) => Some(&c.blas),
+            Backend::Emu(_) => None,
+        }
     }
 
     /// Open device `ordinal` and load every kernel.
     pub fn new(ordinal: usize) -> Result<Gpu> {
+        // cudarc's CudaBlas::new panics when libcublas cannot be loaded: check first.
+        // SAFETY: only checks whether the cuBLAS library can be loaded.
+        require_cublas(unsafe { cudarc::cublas::sys::is_culib_present() })?;
         let ctx = CudaContext::new(ordinal).context("cannot create a CUDA context")?;
         // One stream, no per-buffer event tracking: ordering is the stream's program order.
         // SAFETY: called before any buffer is allocated in this context.
@@ -138,22 +314,21 @@ impl Gpu {
             funcs.push(func);
         }
         Ok(Gpu {
-            ctx,
-            stream,
-            blas,
+            backend: Backend::Cuda(Box::new(CudaDev {
+                ctx,
+                stream,
+                blas,
+                funcs,
+            })),
             name,
             cc,
             image_kind,
-            funcs,
         })
     }
 
-    /// The loaded function of a registered kernel.
-    pub fn func(&self, kernel: Kernel) -> &CudaFunction {
-        &self.funcs[kernel.id]
-    }
-
-    /// Launch `kernel(params)` with a grid, block and dynamic shared memory size.
+    /// Launch `kernel(params)` with a grid, block and dynamic shared memory size. On the
+    /// emulator the launch runs to completion here and then every allocation's red zones are
+    /// checked: an out-of-bounds write fails the launch naming the kernel and the buffer.
     pub fn launch<P: DeviceRepr>(
         &self,
         kernel: Kernel,
@@ -162,47 +337,350 @@ impl Gpu {
         shared_mem_bytes: u32,
         params: &P,
     ) -> Result<()> {
-        let f = self.func(kernel);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(params);
-        let cfg = LaunchConfig {
-            grid_dim: grid,
-            block_dim: block,
-            shared_mem_bytes,
-        };
-        // SAFETY: every kernel takes exactly one parameter struct, mirrored in C; launchers
-        // check shapes and buffer sizes before calling.
-        unsafe { b.launch(cfg) }.with_context(|| format!("launching {}", kernel.name))?;
-        Ok(())
+        match &self.backend {
+            Backend::Cuda(c) => {
+                let f = &c.funcs[kernel.id];
+                let mut b = c.stream.launch_builder(f);
+                b.arg(params);
+                let cfg = LaunchConfig {
+                    grid_dim: grid,
+                    block_dim: block,
+                    shared_mem_bytes,
+                };
+                // SAFETY: every kernel takes exactly one parameter struct, mirrored in C;
+                // launchers check shapes and buffer sizes before calling.
+                unsafe { b.launch(cfg) }.with_context(|| format!("launching {}", kernel.name))?;
+                Ok(())
+            }
+            // SAFETY: as for the GPU: one parameter struct mirrored in C, whose pointers the
+            // launchers checked against the shapes (and the red zones catch what they miss).
+            Backend::Emu(e) => unsafe {
+                e.launch(
+                    kernel,
+                    grid,
+                    block,
+                    shared_mem_bytes,
+                    params as *const P as *const _,
+                )
+            },
+        }
     }
 
-    /// Raw device address of a buffer, for parameter structs.
-    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        let (p, _sync) = s.device_ptr(&self.stream);
-        p
+    /// Raw device address of a buffer, for parameter structs (a host address on the emulator).
+    pub fn ptr<T>(&self, s: &DevBuf<T>) -> u64 {
+        match (&self.backend, &s.mem) {
+            (Backend::Cuda(c), Mem::Cuda(b)) => {
+                let (p, _sync) = b.device_ptr(&c.stream);
+                p
+            }
+            (_, Mem::Emu(h)) => h.addr() as u64,
+            (Backend::Emu(_), Mem::Cuda(_)) => panic!("a CUDA buffer passed to the emulator"),
+        }
     }
 
-    /// Upload a host slice.
-    pub fn upload<T: DeviceRepr + Clone>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(host).context("host-to-device copy")
-    }
-
-    /// Download a device buffer (synchronizes the stream).
-    pub fn download<T: DeviceRepr + Clone + Default>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(dev).context("device-to-host copy")
+    /// A new buffer of `n` elements whose contents are unspecified: poisoned on the emulator
+    /// (see [`DevElem::POISON`]), zeroed on a GPU. For buffers the kernels write before they
+    /// read; `zeros` where the engine relies on zeros.
+    #[track_caller]
+    pub fn alloc<T: DevElem>(&self, n: usize) -> Result<DevBuf<T>> {
+        let loc = std::panic::Location::caller();
+        match &self.backend {
+            Backend::Cuda(c) => Ok(DevBuf {
+                mem: Mem::Cuda(
+                    c.stream
+                        .alloc_zeros(n.max(1))
+                        .context("device allocation")?,
+                ),
+                len: n.max(1),
+            }),
+            Backend::Emu(e) => {
+                let h = e.alloc::<T>(n.max(1), loc)?;
+                h.fill(T::POISON);
+                Ok(DevBuf {
+                    mem: Mem::Emu(h),
+                    len: n.max(1),
+                })
+            }
+        }
     }
 
     /// A zeroed buffer of `n` elements.
-    pub fn zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-        &self,
-        n: usize,
-    ) -> Result<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros(n.max(1))
-            .context("device allocation")
+    #[track_caller]
+    pub fn zeros<T: DevElem>(&self, n: usize) -> Result<DevBuf<T>> {
+        let loc = std::panic::Location::caller();
+        match &self.backend {
+            Backend::Cuda(c) => Ok(DevBuf {
+                mem: Mem::Cuda(
+                    c.stream
+                        .alloc_zeros(n.max(1))
+                        .context("device allocation")?,
+                ),
+                len: n.max(1),
+            }),
+            Backend::Emu(e) => {
+                let h = e.alloc::<T>(n.max(1), loc)?;
+                h.fill(T::default());
+                Ok(DevBuf {
+                    mem: Mem::Emu(h),
+                    len: n.max(1),
+                })
+            }
+        }
     }
 
+    /// Upload a host slice.
+    #[track_caller]
+    pub fn upload<T: DevElem>(&self, host: &[T]) -> Result<DevBuf<T>> {
+        let loc = std::panic::Location::caller();
+        match &self.backend {
+            Backend::Cuda(c) => Ok(DevBuf {
+                mem: Mem::Cuda(c.stream.clone_htod(host).context("host-to-device copy")?),
+                len: host.len(),
+            }),
+            Backend::Emu(e) => {
+                let h = e.alloc::<T>(host.len(), loc)?;
+                h.write(0, host);
+                Ok(DevBuf {
+                    mem: Mem::Emu(h),
+                    len: host.len(),
+                })
+            }
+        }
+    }
+
+    /// Copy `host` into `dev` at element offset `off`.
+    pub fn upload_into<T: DevElem>(
+        &self,
+        host: &[T],
+        dev: &mut DevBuf<T>,
+        off: usize,
+    ) -> Result<()> {
+        ensure!(
+            off + host.len() <= dev.len,
+            "host-to-device copy of {} elements at {off} into a buffer of {}",
+            host.len(),
+            dev.len
+        );
+        if host.is_empty() {
+            return Ok(());
+        }
+        match (&self.backend, &mut dev.mem) {
+            (Backend::Cuda(c), Mem::Cuda(b)) => {
+                let mut view = b.slice_mut(off..off + host.len());
+                c.stream
+                    .memcpy_htod(host, &mut view)
+                    .context("host-to-device copy")
+            }
+            (Backend::Emu(_), Mem::Emu(h)) => {
+                h.write(off, host);
+                Ok(())
+            }
+            _ => bail!("a buffer of the other backend"),
+        }
+    }
+
+    /// Download a device buffer (synchronizes the stream).
+    pub fn download<T: DevElem>(&self, dev: &DevBuf<T>) -> Result<Vec<T>> {
+        self.download_range(dev, 0..dev.len)
+    }
+
+    /// Download elements `range` of a device buffer (synchronizes the stream).
+    pub fn download_range<T: DevElem>(
+        &self,
+        dev: &DevBuf<T>,
+        range: std::ops::Range<usize>,
+    ) -> Result<Vec<T>> {
+        ensure!(
+            range.start <= range.end && range.end <= dev.len,
+            "device-to-host copy of {range:?} from a buffer of {}",
+            dev.len
+        );
+        match (&self.backend, &dev.mem) {
+            (Backend::Cuda(c), Mem::Cuda(b)) => {
+                if range.start == 0 && range.end == b.len() {
+                    c.stream.clone_dtoh(b).context("device-to-host copy")
+                } else {
+                    c.stream
+                        .clone_dtoh(&b.slice(range))
+                        .context("device-to-host copy")
+                }
+            }
+            (Backend::Emu(_), Mem::Emu(h)) => Ok(h.read(range)),
+            _ => bail!("a buffer of the other backend"),
+        }
+    }
+
+    /// Set every element of `dev` to zero.
+    pub fn memset_zeros<T: DevElem>(&self, dev: &mut DevBuf<T>) -> Result<()> {
+        match (&self.backend, &mut dev.mem) {
+            (Backend::Cuda(c), Mem::Cuda(b)) => c.stream.memset_zeros(b).context("memset"),
+            (Backend::Emu(_), Mem::Emu(h)) => {
+                h.fill(T::default());
+                Ok(())
+            }
+            _ => bail!("a buffer of the other backend"),
+        }
+    }
+
+    /// Wait for every queued launch (a no-op on the emulator, where launches run in order as
+    /// they are issued).
     pub fn sync(&self) -> Result<()> {
-        self.stream.synchronize().context("stream synchronize")
+        match &self.backend {
+            Backend::Cuda(c) => c.stream.synchronize().context("stream synchronize"),
+            Backend::Emu(_) => Ok(()),
+        }
+    }
+
+    /// Milliseconds `f` takes on the device: CUDA events on a GPU, wall time on the
+    /// emulator (which models no timing).
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+        match &self.backend {
+            Backend::Cuda(c) => {
+                let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+                let t0 = c.stream.record_event(flags).context("recording event")?;
+                f()?;
+                let t1 = c.stream.record_event(flags).context("recording event")?;
+                Ok(t0.elapsed_ms(&t1).context("event timing")? as f64)
+            }
+            Backend::Emu(_) => {
+                let t0 = std::time::Instant::now();
+                f()?;
+                Ok(t0.elapsed().as_secs_f64() * 1e3)
+            }
+        }
+    }
+
+    /// (free, total) device memory in bytes; on the emulator, live allocations against a
+    /// nominal 80 GB.
+    pub fn mem_get_info(&self) -> Result<(usize, usize)> {
+        match &self.backend {
+            Backend::Cuda(c) => Ok(c.ctx.mem_get_info()?),
+            Backend::Emu(e) => {
+                let total = 80usize << 30;
+                Ok((total.saturating_sub(e.live_bytes()), total))
+            }
+        }
+    }
+}
+
+/// The emulator's entry point of a kernel, for tests and the launch path.
+pub fn has_host_entry(kernel: Kernel) -> bool {
+    emu::entry(kernel).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_cublas_is_an_error_not_a_panic() {
+        let e = require_cublas(false).unwrap_err().to_string();
+        assert!(e.contains("libcublas"), "{e}");
+        assert!(require_cublas(true).is_ok());
+    }
+
+    #[test]
+    fn device_count_failure_with_a_driver_is_an_error() {
+        assert!(
+            classify_device_count(false, || panic!("not called"))
+                .unwrap()
+                .is_none()
+        );
+        assert!(classify_device_count(true, || Ok(0)).unwrap().is_none());
+        assert_eq!(classify_device_count(true, || Ok(2)).unwrap(), Some(2));
+        let e = classify_device_count(true, || Err("CUDA_ERROR_NO_DEVICE".into())).unwrap_err();
+        assert!(e.to_string().contains("cuDeviceGetCount failed"), "{e}");
+    }
+
+    #[test]
+    fn auto_without_a_gpu_opens_the_emulator() {
+        // SAFETY: only checks whether the driver library can be loaded.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            return; // a machine with a driver: covered by the GPU tests
+        }
+        assert!(Gpu::try_new().unwrap().is_none());
+        let g = Gpu::open(DeviceChoice::Auto).unwrap();
+        assert!(g.is_emu());
+        assert_eq!(g.image_kind, "host emulator");
+        assert!(Gpu::open(DeviceChoice::Cuda).is_err());
+    }
+
+    #[test]
+    fn emu_buffers_copy_poison_and_zero() {
+        let g = Gpu::emu().unwrap();
+        let mut b = g.upload(&[1.0f32, 2.0, 3.0]).unwrap();
+        g.upload_into(&[9.0f32], &mut b, 1).unwrap();
+        assert_eq!(g.download(&b).unwrap(), vec![1.0, 9.0, 3.0]);
+        assert_eq!(g.download_range(&b, 1..3).unwrap(), vec![9.0, 3.0]);
+        assert!(g.upload_into(&[0.0f32; 3], &mut b, 1).is_err());
+        let p = g.alloc::<f32>(4).unwrap();
+        assert!(g.download(&p).unwrap().iter().all(|x| x.is_nan()));
+        let pb = g.alloc::<half::bf16>(4).unwrap();
+        assert!(g.download(&pb).unwrap().iter().all(|x| x.is_nan()));
+        let ph = g.alloc::<half::f16>(4).unwrap();
+        assert!(g.download(&ph).unwrap().iter().all(|x| x.is_nan()));
+        let pi = g.alloc::<i32>(2).unwrap();
+        assert_eq!(g.download(&pi).unwrap(), vec![0xDEAD_BEEFu32 as i32; 2]);
+        let mut z = g.alloc::<f32>(3).unwrap();
+        g.memset_zeros(&mut z).unwrap();
+        assert_eq!(g.download(&z).unwrap(), vec![0.0; 3]);
+        assert_eq!(g.download(&g.zeros::<i32>(2).unwrap()).unwrap(), vec![0, 0]);
+        assert_eq!(g.ptr(&z) % 256, 0, "cudaMalloc-like alignment");
+    }
+
+    #[test]
+    fn emu_red_zones_catch_out_of_bounds_writes() {
+        let g = Gpu::emu().unwrap();
+        let emu = g.emu_device().unwrap();
+        let buf = g.zeros::<f32>(10).unwrap();
+        let p = g.ptr(&buf) as *mut f32;
+        emu.check_red_zones("nothing").unwrap();
+        // SAFETY: one element past the end lies in the red zone of this live allocation.
+        unsafe { *p.add(10) = 1.0 };
+        let e = emu
+            .check_red_zones("kernel fake_kernel_f32")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kernel fake_kernel_f32"), "{e}");
+        assert!(e.contains("past the end of buffer f32 x 10"), "{e}");
+        assert!(e.contains("src/cuda/device.rs"), "allocation site in {e}");
+        // restored after the report
+        emu.check_red_zones("again").unwrap();
+        // SAFETY: one element before the start lies in the front red zone.
+        unsafe { *p.sub(1) = 1.0 };
+        let e = emu.check_red_zones("kernel k").unwrap_err().to_string();
+        assert!(e.contains("before"), "{e}");
+        // reads past the end see NaN
+        // SAFETY: red zone of a live allocation.
+        assert!(unsafe { *p.add(11) }.is_nan());
+        emu.check_red_zones("again").unwrap();
+        // `+=` past the end (what an off-by-one grid-stride loop does) changes the signaling
+        // NaN into a quiet one, so it is caught too.
+        // SAFETY: as above.
+        unsafe { *p.add(10) += 1.0 };
+        let e = emu.check_red_zones("kernel k").unwrap_err().to_string();
+        assert!(e.contains("past the end"), "{e}");
+        let bb = g.zeros::<half::bf16>(3).unwrap();
+        let q = g.ptr(&bb) as *mut half::bf16;
+        // SAFETY: the element past the end of a bf16 buffer (2-byte aligned red zone start).
+        unsafe { *q.add(3) = half::bf16::from_f32(q.add(3).read().to_f32() + 1.0) };
+        assert!(emu.check_red_zones("kernel k16").is_err());
+    }
+
+    #[test]
+    fn emu_launch_without_a_host_entry_is_a_clear_error() {
+        let g = Gpu::emu().unwrap();
+        if let Some(kern) = KERNELS.iter().find(|k| emu::entry(**k).is_none()) {
+            let e = g.launch(*kern, (1, 1, 1), (1, 1, 1), 0, &0u64).unwrap_err();
+            assert!(
+                e.to_string().contains("not compiled for the host emulator"),
+                "{e}"
+            );
+        }
+        let kern = KERNELS[0];
+        let e = g
+            .launch(kern, (1, 1, 1), (2048, 1, 1), 0, &0u64)
+            .unwrap_err();
+        assert!(e.to_string().contains("invalid configuration"), "{e}");
     }
 }

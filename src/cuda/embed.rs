@@ -1,9 +1,9 @@
 //! Launchers for kernels/embed.cu: between-scale upsampling of codes, the code-vector MLP's
 //! hidden layers, and the per-step input gather (with combine_inputs folded at load time).
 
-use super::{Gpu, k};
+use super::{DevBuf, Gpu, k};
 use anyhow::{Result, ensure};
-use cudarc::driver::{CudaSlice, DeviceRepr};
+use cudarc::driver::DeviceRepr;
 use half::bf16;
 
 #[repr(C)]
@@ -26,9 +26,9 @@ const _: () = assert!(std::mem::size_of::<UpsampleParams>() == 40);
 #[allow(clippy::too_many_arguments)]
 pub fn upsample_codes(
     gpu: &Gpu,
-    grid_prev: &CudaSlice<i32>,
-    codebook: &CudaSlice<f32>,
-    z0: &mut CudaSlice<f32>,
+    grid_prev: &DevBuf<i32>,
+    codebook: &DevBuf<f32>,
+    z0: &mut DevBuf<f32>,
     batch: usize,
     si: usize,
     so: usize,
@@ -80,10 +80,10 @@ const _: () = assert!(std::mem::size_of::<CodevecParams>() == 56);
 
 /// The code MLP's two hidden layers of 64 (weights f32, [out, in]).
 pub struct CodevecMlp {
-    pub w0: CudaSlice<f32>,
-    pub b0: CudaSlice<f32>,
-    pub w2: CudaSlice<f32>,
-    pub b2: CudaSlice<f32>,
+    pub w0: DevBuf<f32>,
+    pub b0: DevBuf<f32>,
+    pub w2: DevBuf<f32>,
+    pub b2: DevBuf<f32>,
     pub e: usize,
 }
 
@@ -91,8 +91,8 @@ pub struct CodevecMlp {
 pub fn codevec_hidden(
     gpu: &Gpu,
     mlp: &CodevecMlp,
-    z: &CudaSlice<f32>,
-    h2: &mut CudaSlice<bf16>,
+    z: &DevBuf<f32>,
+    h2: &mut DevBuf<bf16>,
     rows: usize,
 ) -> Result<()> {
     ensure!(
@@ -148,29 +148,29 @@ const _: () = assert!(std::mem::size_of::<GatherParams>() == 120);
 /// Folded input tables (see kernels/embed.cu).
 pub struct InputTables {
     /// (N, C): embed_positions @ Wa^T.
-    pub pa: CudaSlice<f32>,
+    pub pa: DevBuf<f32>,
     /// (N, C): embed_positions @ Wc^T.
-    pub pc: CudaSlice<f32>,
+    pub pc: DevBuf<f32>,
     /// (V, C): E(codebook) @ Wd^T.
-    pub dc: CudaSlice<f32>,
+    pub dc: DevBuf<f32>,
     /// (C): Wc empty_pos + Wd empty_emb.
-    pub empty: CudaSlice<f32>,
+    pub empty: DevBuf<f32>,
     /// (C): combine_inputs bias.
-    pub bias: CudaSlice<f32>,
+    pub bias: DevBuf<f32>,
     pub c: usize,
 }
 
 /// Index arrays of one step, uploaded once per batch (nothing is uploaded inside the loop).
 pub struct StepIndex {
     /// (n) global position ids of the step's cells (also their RoPE rows).
-    pub cur_global: CudaSlice<i32>,
+    pub cur_global: DevBuf<i32>,
     /// (n) local raster positions (scatter targets, SRC rows).
-    pub local: CudaSlice<i32>,
+    pub local: DevBuf<i32>,
     /// (n) RoPE rows of the paired previous-block cells (N+1 = "empty" on a scale's first step).
-    pub prev_rope: CudaSlice<i32>,
+    pub prev_rope: DevBuf<i32>,
     /// (n) global / local positions of the paired previous-block cells; None on a first step.
-    pub prev_global: Option<CudaSlice<i32>>,
-    pub prev_local: Option<CudaSlice<i32>>,
+    pub prev_global: Option<DevBuf<i32>>,
+    pub prev_local: Option<DevBuf<i32>>,
     pub n: usize,
 }
 
@@ -179,10 +179,10 @@ pub struct StepIndex {
 pub fn gather_inputs(
     gpu: &Gpu,
     t: &InputTables,
-    src: &CudaSlice<f32>,
-    grid: &CudaSlice<i32>,
+    src: &DevBuf<f32>,
+    grid: &DevBuf<i32>,
     idx: &StepIndex,
-    x: &mut CudaSlice<f32>,
+    x: &mut DevBuf<f32>,
     rows: usize,
     batch: usize,
     n: usize,

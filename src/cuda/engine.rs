@@ -10,19 +10,18 @@
 //!              g (T, 2F); silu_mul -> h (T, F); x += h @ w2^T
 //!   rmsnorm -> a; a @ head^T + b -> logits (T, V) f32; guided_sample -> tokens into the grid
 
-use super::Gpu;
 use super::attention;
 use super::embed::{self, CodevecMlp, InputTables, StepIndex};
 use super::gemm::linear;
 use super::norm::{add_bias_f32, rmsnorm_adaln, silu_mul};
 use super::sampling;
+use super::{DevBuf, Gpu};
 use crate::math;
 use crate::model::Model;
 use crate::model::config::ModelConfig;
 use crate::order::{Schedule, Step};
 use crate::pipeline::{Backend, Decoded, Grids, StepChoice};
 use anyhow::{Context, Result, bail};
-use cudarc::driver::CudaSlice;
 use half::bf16;
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
@@ -31,14 +30,14 @@ fn to_bf16(v: &[f32]) -> Vec<bf16> {
 
 /// Per-layer device weights.
 struct GpuLayer {
-    wqkv: CudaSlice<bf16>, // (3C, C)
-    wo: CudaSlice<bf16>,   // (C, C)
-    w13: CudaSlice<bf16>,  // (2F, C): w1 rows then w3 rows
-    w2: CudaSlice<bf16>,   // (C, F)
-    attn_norm: CudaSlice<f32>,
-    ffn_norm: CudaSlice<f32>,
-    mod_w: CudaSlice<bf16>, // (4C, C): input_modulation then post_attention_modulation
-    mod_b: CudaSlice<f32>,  // (4C)
+    wqkv: DevBuf<bf16>, // (3C, C)
+    wo: DevBuf<bf16>,   // (C, C)
+    w13: DevBuf<bf16>,  // (2F, C): w1 rows then w3 rows
+    w2: DevBuf<bf16>,   // (C, F)
+    attn_norm: DevBuf<f32>,
+    ffn_norm: DevBuf<f32>,
+    mod_w: DevBuf<bf16>, // (4C, C): input_modulation then post_attention_modulation
+    mod_b: DevBuf<f32>,  // (4C)
 }
 
 /// A model on the GPU: weights uploaded and folded once.
@@ -48,20 +47,20 @@ pub struct GpuModel {
     /// The VQ decoder on the device.
     pub decoder: super::decoder::GpuDecoder,
     layers: Vec<GpuLayer>,
-    final_norm: CudaSlice<f32>,
-    head: CudaSlice<bf16>,   // (V, C)
-    head_b: CudaSlice<f32>,  // (V)
-    rope_re: CudaSlice<f32>, // (N+2, D)
-    rope_im: CudaSlice<f32>,
+    final_norm: DevBuf<f32>,
+    head: DevBuf<bf16>,   // (V, C)
+    head_b: DevBuf<f32>,  // (V)
+    rope_re: DevBuf<f32>, // (N+2, D)
+    rope_im: DevBuf<f32>,
     /// sigmoid(mixing_coeffs) (num_mixing_layers, H).
-    mix: CudaSlice<f32>,
+    mix: DevBuf<f32>,
     /// Attention kernel version (tensor cores by default; v1 is the on-device reference).
     pub attention_impl: attention::AttentionImpl,
     tables: InputTables,
     mlp: CodevecMlp,
-    srcfold: CudaSlice<bf16>,  // (C, 64) = Wb Wsrc W4
-    srcfold_b: CudaSlice<f32>, // (C)
-    codebook: CudaSlice<f32>,  // (V, e)
+    srcfold: DevBuf<bf16>,  // (C, 64) = Wb Wsrc W4
+    srcfold_b: DevBuf<f32>, // (C)
+    codebook: DevBuf<f32>,  // (V, e)
     /// Host copy of the class embeddings (num_classes+1, C), for prefill and AdaLN inputs.
     class_emb: Vec<f32>,
     n_tokens: usize,
@@ -108,7 +107,7 @@ impl GpuModel {
             c: cfg.hidden_size,
         };
         let ch = &w.code_hidden;
-        let bias = |l: &crate::model::weights::Linear| -> Result<CudaSlice<f32>> {
+        let bias = |l: &crate::model::weights::Linear| -> Result<DevBuf<f32>> {
             up(l.b.as_deref().context("code MLP bias")?)
         };
         let mlp = CodevecMlp {
@@ -153,23 +152,23 @@ struct Batch {
     rows: usize,
     cap: usize,
     len: usize,
-    x: CudaSlice<f32>,        // (rows*nmax, C)
-    a: CudaSlice<bf16>,       // (rows*nmax, C)
-    qkv: CudaSlice<bf16>,     // (rows*nmax, 3C)
-    q: CudaSlice<bf16>,       // (rows, H, nmax, D)
-    o: CudaSlice<bf16>,       // (rows*nmax, C)
-    g: CudaSlice<bf16>,       // (rows*nmax, 2F)
-    h: CudaSlice<bf16>,       // (rows*nmax, F)
-    logits: CudaSlice<f32>,   // (rows*nmax, V)
-    kc: Vec<CudaSlice<bf16>>, // per layer (rows, H, cap, D)
-    vc: Vec<CudaSlice<bf16>>,
-    modulation: Vec<CudaSlice<f32>>, // per layer (rows, 4C)
-    grids: Vec<CudaSlice<i32>>,      // per scale (B, s*s)
-    forced: Vec<Option<CudaSlice<i32>>>,
-    z0: CudaSlice<f32>,     // (B*maxcells, e)
-    hid: CudaSlice<bf16>,   // (B*maxcells, 64)
-    src: CudaSlice<f32>,    // (B*maxcells, C)
-    tokens: CudaSlice<i32>, // (B, nmax)
+    x: DevBuf<f32>,        // (rows*nmax, C)
+    a: DevBuf<bf16>,       // (rows*nmax, C)
+    qkv: DevBuf<bf16>,     // (rows*nmax, 3C)
+    q: DevBuf<bf16>,       // (rows, H, nmax, D)
+    o: DevBuf<bf16>,       // (rows*nmax, C)
+    g: DevBuf<bf16>,       // (rows*nmax, 2F)
+    h: DevBuf<bf16>,       // (rows*nmax, F)
+    logits: DevBuf<f32>,   // (rows*nmax, V)
+    kc: Vec<DevBuf<bf16>>, // per layer (rows, H, cap, D)
+    vc: Vec<DevBuf<bf16>>,
+    modulation: Vec<DevBuf<f32>>, // per layer (rows, 4C)
+    grids: Vec<DevBuf<i32>>,      // per scale (B, s*s)
+    forced: Vec<Option<DevBuf<i32>>>,
+    z0: DevBuf<f32>,     // (B*maxcells, e)
+    hid: DevBuf<bf16>,   // (B*maxcells, 64)
+    src: DevBuf<f32>,    // (B*maxcells, C)
+    tokens: DevBuf<i32>, // (B, nmax)
 }
 
 /// [`Backend`] on the GPU.
@@ -211,8 +210,8 @@ impl GpuModel {
         &self,
         bt: &mut Batch,
         n: usize,
-        cur: &CudaSlice<i32>,
-        prev: &CudaSlice<i32>,
+        cur: &DevBuf<i32>,
+        prev: &DevBuf<i32>,
     ) -> Result<()> {
         let g = &self.gpu;
         let cfg = &self.cfg;
@@ -310,33 +309,33 @@ impl GpuBackend<'_> {
             rows,
             cap,
             len: 0,
-            x: g.zeros(rows * nmax * c).with_context(ctx)?,
-            a: g.zeros(rows * nmax * c).with_context(ctx)?,
-            qkv: g.zeros(rows * nmax * 3 * c).with_context(ctx)?,
-            q: g.zeros(rows * nmax * c).with_context(ctx)?,
-            o: g.zeros(rows * nmax * c).with_context(ctx)?,
-            g: g.zeros(rows * nmax * 2 * f).with_context(ctx)?,
-            h: g.zeros(rows * nmax * f).with_context(ctx)?,
-            logits: g.zeros(rows * nmax * v).with_context(ctx)?,
+            x: g.alloc(rows * nmax * c).with_context(ctx)?,
+            a: g.alloc(rows * nmax * c).with_context(ctx)?,
+            qkv: g.alloc(rows * nmax * 3 * c).with_context(ctx)?,
+            q: g.alloc(rows * nmax * c).with_context(ctx)?,
+            o: g.alloc(rows * nmax * c).with_context(ctx)?,
+            g: g.alloc(rows * nmax * 2 * f).with_context(ctx)?,
+            h: g.alloc(rows * nmax * f).with_context(ctx)?,
+            logits: g.alloc(rows * nmax * v).with_context(ctx)?,
             kc: (0..cfg.num_layers)
-                .map(|_| g.zeros(kv))
+                .map(|_| g.alloc(kv))
                 .collect::<Result<_>>()?,
             vc: (0..cfg.num_layers)
-                .map(|_| g.zeros(kv))
+                .map(|_| g.alloc(kv))
                 .collect::<Result<_>>()?,
             modulation: (0..cfg.num_layers)
-                .map(|_| g.zeros(rows * 4 * c))
+                .map(|_| g.alloc(rows * 4 * c))
                 .collect::<Result<_>>()?,
             grids: schedule
                 .scales
                 .iter()
-                .map(|s| g.zeros(b * s.tokens))
+                .map(|s| g.alloc(b * s.tokens))
                 .collect::<Result<_>>()?,
             forced: schedule.scales.iter().map(|_| None).collect(),
-            z0: g.zeros(b * maxcells * e)?,
-            hid: g.zeros(b * maxcells * 64)?,
-            src: g.zeros(b * maxcells * c)?,
-            tokens: g.zeros(b * nmax)?,
+            z0: g.alloc(b * maxcells * e)?,
+            hid: g.alloc(b * maxcells * 64)?,
+            src: g.alloc(b * maxcells * c)?,
+            tokens: g.alloc(b * nmax)?,
         };
         Ok(bt)
     }
@@ -421,8 +420,7 @@ impl Backend for GpuBackend<'_> {
             add_bias_f32(g, md, &lw.mod_b, rows, 4 * c)?;
         }
         // Class token: input class_embeddings[label], RoPE row N for both positions.
-        g.stream
-            .memcpy_htod(&x0, &mut bt.x.slice_mut(0..rows * c))?;
+        g.upload_into(&x0, &mut bt.x, 0)?;
         let class_rope = g.upload(&[m.n_tokens as i32])?;
         m.forward(&mut bt, 1, &class_rope, &class_rope)?;
         g.sync()?;
@@ -440,7 +438,7 @@ impl Backend for GpuBackend<'_> {
         let s = schedule.scales[si].size;
         let cells = bt.b * s * s;
         if si == 0 {
-            g.stream.memset_zeros(&mut bt.z0)?;
+            g.memset_zeros(&mut bt.z0)?;
         } else {
             let sp = schedule.scales[si - 1].size;
             embed::upsample_codes(
@@ -526,8 +524,7 @@ impl Backend for GpuBackend<'_> {
             &mut bt.tokens,
         )?;
         let out = if ch.record {
-            let cond = bt.logits.slice(0..bt.b * n * v);
-            Some(g.stream.clone_dtoh(&cond).context("device-to-host copy")?)
+            Some(g.download_range(&bt.logits, 0..bt.b * n * v)?)
         } else {
             None
         };

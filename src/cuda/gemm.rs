@@ -1,16 +1,19 @@
 //! The one cuBLAS wrapper: every GEMM the engine runs (linear layers, the decoder's 1x1 convs
 //! and attention) goes through [`gemm`], one `cublasGemmStridedBatchedEx` call with f32
 //! accumulation (CUBLAS_COMPUTE_32F), so there is one place that knows cuBLAS's conventions.
+//! On the host emulator the same call is computed on the host as cuBLAS defines it
+//! ([`host_gemm`]): same argument checks, column-major operands, f32 products and sums,
+//! `beta == 0` never reads C, output rounded to its dtype (round to nearest even).
 //!
 //! cuBLAS is column-major: a row-major `Y (m x n) = X (m x k) W^T` is the column-major
 //! `Y^T (n x m) = op_T(W) X^T`, with W's stored (n x k) row-major bytes read as a (k x n)
 //! column-major matrix (ld k) and X's as (k x m) (ld k); see [`linear`].
 
-use super::Gpu;
+use super::device::DevBuf;
+use super::{DevElem, Gpu};
 use anyhow::{Context, Result, bail};
 use cudarc::cublas::{result::gemm_strided_batched_ex, sys};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-use half::bf16;
+use half::{bf16, f16};
 
 /// One operand of a column-major GEMM: device address, element type, leading dimension, and
 /// stride between batch entries (elements).
@@ -24,7 +27,7 @@ pub struct Operand {
 
 /// `C_i = op(A_i) B_i + beta C_i` for i in 0..batch, column-major, (m x n) outputs with inner
 /// dimension k; `op` is a transpose when `trans_a`. Callers check buffer sizes against the
-/// shape (this takes raw addresses).
+/// shape (this takes raw addresses; the emulator checks them against its allocations).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     gpu: &Gpu,
@@ -36,6 +39,20 @@ pub fn gemm(
     beta: f32,
     batch: usize,
 ) -> Result<()> {
+    let Some(blas) = gpu.blas() else {
+        let emu = gpu.emu_device().expect("a device is cuda or emu");
+        host_gemm(
+            trans_a,
+            (m, n, k),
+            a,
+            b,
+            c,
+            beta,
+            batch,
+            |what, addr, bytes| emu.check_range(what, addr, bytes),
+        )?;
+        return emu.check_red_zones("cuBLAS GEMM");
+    };
     let alpha = 1.0f32;
     let op_a = if trans_a {
         sys::cublasOperation_t::CUBLAS_OP_T
@@ -46,7 +63,7 @@ pub fn gemm(
     // call and the handle is bound to our stream, so the GEMM is ordered with the kernels.
     unsafe {
         gemm_strided_batched_ex(
-            *gpu.blas.handle(),
+            *blas.handle(),
             op_a,
             sys::cublasOperation_t::CUBLAS_OP_N,
             m as i32,
@@ -75,8 +92,161 @@ pub fn gemm(
     Ok(())
 }
 
+fn dtype_bytes(d: sys::cudaDataType) -> Result<usize> {
+    Ok(match d {
+        sys::cudaDataType::CUDA_R_32F => 4,
+        sys::cudaDataType::CUDA_R_16BF | sys::cudaDataType::CUDA_R_16F => 2,
+        other => bail!("GEMM dtype {other:?} is not one the engine uses"),
+    })
+}
+
+/// Element `i` of an operand array at `base` (bytes), as f32.
+///
+/// # Safety
+/// `base + i * size` must be a readable element of `dtype`.
+unsafe fn load(dtype: sys::cudaDataType, base: usize, i: usize) -> f32 {
+    // SAFETY: per the contract.
+    unsafe {
+        match dtype {
+            sys::cudaDataType::CUDA_R_32F => *(base as *const f32).add(i),
+            sys::cudaDataType::CUDA_R_16BF => (*(base as *const bf16).add(i)).to_f32(),
+            _ => (*(base as *const f16).add(i)).to_f32(),
+        }
+    }
+}
+
+/// The extent in elements of a column-major (rows x cols) matrix with leading dimension ld.
+fn extent(rows: usize, cols: usize, ld: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (cols - 1) * ld + rows
+    }
+}
+
+/// `cublasGemmStridedBatchedEx` with alpha 1, CUBLAS_COMPUTE_32F, on host memory:
+/// `C_i (m x n, ldc) = op(A_i) (m x k) B_i (k x n) + beta C_i`, column-major, where
+/// `op(A)` reads A as (k x m, lda) transposed when `trans_a`, else as (m x k, lda). Checks
+/// the arguments as cuBLAS does (CUBLAS_STATUS_INVALID_VALUE: a leading dimension below the
+/// rows of its stored matrix, negative sizes) and every operand's byte range with `check`
+/// before reading. Products and sums in f32 (matrixmultiply's sgemm on f32 copies of the
+/// operands), `beta == 0` does not read C (so NaN/poison there does not propagate), the
+/// output is rounded to C's dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn host_gemm(
+    trans_a: bool,
+    (m, n, k): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    c: Operand,
+    beta: f32,
+    batch: usize,
+    check: impl Fn(&str, usize, usize) -> Result<()>,
+) -> Result<()> {
+    let (a_rows, a_cols) = if trans_a { (k, m) } else { (m, k) };
+    // cuBLAS: lda >= max(1, rows of A as stored), ldb >= max(1, k), ldc >= max(1, m).
+    if a.ld < a_rows.max(1) || b.ld < k.max(1) || c.ld < m.max(1) {
+        bail!(
+            "cuBLAS GEMM: CUBLAS_STATUS_INVALID_VALUE (m {m} n {n} k {k}, trans_a {trans_a}: lda {} \
+             needs >= {}, ldb {} needs >= {}, ldc {} needs >= {})",
+            a.ld,
+            a_rows.max(1),
+            b.ld,
+            k.max(1),
+            c.ld,
+            m.max(1)
+        );
+    }
+    if m == 0 || n == 0 || batch == 0 {
+        return Ok(());
+    }
+    let (sa, sb, sc) = (
+        dtype_bytes(a.dtype)?,
+        dtype_bytes(b.dtype)?,
+        dtype_bytes(c.dtype)?,
+    );
+    let (ea, eb, ec) = (
+        extent(a_rows, a_cols, a.ld),
+        extent(k, n, b.ld),
+        extent(m, n, c.ld),
+    );
+    for i in 0..batch {
+        let what =
+            |op: &str| format!("cuBLAS GEMM (m {m} n {n} k {k}, batch {i}/{batch}) operand {op}");
+        if k > 0 {
+            check(&what("A"), a.ptr as usize + i * a.stride * sa, ea * sa)?;
+            check(&what("B"), b.ptr as usize + i * b.stride * sb, eb * sb)?;
+        }
+        check(&what("C"), c.ptr as usize + i * c.stride * sc, ec * sc)?;
+    }
+    let mut af = vec![0.0f32; m * k];
+    let mut bf = vec![0.0f32; k * n];
+    let mut cf = vec![0.0f32; m * n];
+    for i in 0..batch {
+        let (abase, bbase, cbase) = (
+            a.ptr as usize + i * a.stride * sa,
+            b.ptr as usize + i * b.stride * sb,
+            c.ptr as usize + i * c.stride * sc,
+        );
+        // op(A) as a dense row-major (m x k) f32 matrix, B as row-major (k x n).
+        for r in 0..m {
+            for p in 0..k {
+                let idx = if trans_a { p + r * a.ld } else { r + p * a.ld };
+                // SAFETY: idx < extent of A, checked above.
+                af[r * k + p] = unsafe { load(a.dtype, abase, idx) };
+            }
+        }
+        for p in 0..k {
+            for j in 0..n {
+                // SAFETY: p + j * ldb < extent of B, checked above.
+                bf[p * n + j] = unsafe { load(b.dtype, bbase, p + j * b.ld) };
+            }
+        }
+        // SAFETY: af (m x k), bf (k x n), cf (m x n), all row-major and dense.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                af.as_ptr(),
+                k as isize,
+                1,
+                bf.as_ptr(),
+                n as isize,
+                1,
+                0.0,
+                cf.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+        for r in 0..m {
+            for j in 0..n {
+                let idx = r + j * c.ld;
+                let mut v = cf[r * n + j];
+                if beta != 0.0 {
+                    // SAFETY: idx < extent of C, checked above.
+                    v += beta * unsafe { load(c.dtype, cbase, idx) };
+                }
+                // SAFETY: as above; C is writable emulated memory.
+                unsafe {
+                    match c.dtype {
+                        sys::cudaDataType::CUDA_R_32F => *(cbase as *mut f32).add(idx) = v,
+                        sys::cudaDataType::CUDA_R_16BF => {
+                            *(cbase as *mut bf16).add(idx) = bf16::from_f32(v)
+                        }
+                        _ => *(cbase as *mut f16).add(idx) = f16::from_f32(v),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Element type of a GEMM output.
-pub trait GemmOut: cudarc::driver::DeviceRepr {
+pub trait GemmOut: DevElem {
     const DATA_TYPE: sys::cudaDataType;
 }
 impl GemmOut for f32 {
@@ -91,10 +261,10 @@ impl GemmOut for bf16 {
 #[allow(clippy::too_many_arguments)]
 pub fn linear<O: GemmOut>(
     gpu: &Gpu,
-    x: &CudaSlice<bf16>,
+    x: &DevBuf<bf16>,
     x_off: usize,
-    w: &CudaSlice<bf16>,
-    y: &mut CudaSlice<O>,
+    w: &DevBuf<bf16>,
+    y: &mut DevBuf<O>,
     y_off: usize,
     m: usize,
     k: usize,
@@ -115,10 +285,7 @@ pub fn linear<O: GemmOut>(
             y_off + m * n
         );
     }
-    let stream = &gpu.stream;
-    let (xp, _gx) = x.device_ptr(stream);
-    let (wp, _gw) = w.device_ptr(stream);
-    let (yp, _gy) = y.device_ptr_mut(stream);
+    let (xp, wp, yp) = (gpu.ptr(x), gpu.ptr(w), gpu.ptr(y));
     let bf = sys::cudaDataType::CUDA_R_16BF;
     gemm(
         gpu,
@@ -145,4 +312,238 @@ pub fn linear<O: GemmOut>(
         beta,
         1,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op<T>(v: &[T], dtype: sys::cudaDataType, ld: usize, stride: usize) -> Operand {
+        Operand {
+            ptr: v.as_ptr() as u64,
+            dtype,
+            ld,
+            stride,
+        }
+    }
+
+    fn val(i: usize) -> f32 {
+        ((i * 37 % 23) as f32 - 11.0) / 8.0
+    }
+
+    /// Column-major reference of cuBLAS's definition, in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        trans_a: bool,
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        (lda, sa): (usize, usize),
+        b: &[f32],
+        (ldb, sb): (usize, usize),
+        c: &mut [f32],
+        (ldc, sc): (usize, usize),
+        beta: f32,
+        batch: usize,
+    ) {
+        for bi in 0..batch {
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0.0f64;
+                    for p in 0..k {
+                        let av = if trans_a {
+                            a[bi * sa + p + i * lda]
+                        } else {
+                            a[bi * sa + i + p * lda]
+                        };
+                        acc += av as f64 * b[bi * sb + p + j * ldb] as f64;
+                    }
+                    let ci = bi * sc + i + j * ldc;
+                    let old = if beta != 0.0 {
+                        beta as f64 * c[ci] as f64
+                    } else {
+                        0.0
+                    };
+                    c[ci] = (acc + old) as f32;
+                }
+            }
+        }
+    }
+
+    fn op_mut<T>(v: &mut [T], dtype: sys::cudaDataType, ld: usize, stride: usize) -> Operand {
+        Operand {
+            ptr: v.as_mut_ptr() as u64,
+            dtype,
+            ld,
+            stride,
+        }
+    }
+
+    #[test]
+    fn host_gemm_is_cublas_column_major_with_transposes_lds_strides_beta() {
+        let f32t = sys::cudaDataType::CUDA_R_32F;
+        let bft = sys::cudaDataType::CUDA_R_16BF;
+        for &(trans_a, m, n, k, batch, beta) in &[
+            (false, 5, 3, 4, 1, 0.0f32),
+            (true, 5, 3, 4, 1, 1.0),
+            (true, 7, 6, 9, 3, 0.5),
+            (false, 4, 8, 2, 2, 0.0),
+        ] {
+            let (ar, ac) = if trans_a { (k, m) } else { (m, k) };
+            let (lda, ldb, ldc) = (ar + 2, k + 1, m + 3);
+            let (sa, sb, sc) = (lda * ac + 5, ldb * n + 1, ldc * n + 2);
+            let a: Vec<f32> = (0..sa * batch).map(val).collect();
+            let b: Vec<f32> = (0..sb * batch).map(|i| val(i + 7)).collect();
+            let c0: Vec<f32> = (0..sc * batch).map(|i| val(i + 3)).collect();
+            let mut want = c0.clone();
+            reference(
+                trans_a,
+                (m, n, k),
+                &a,
+                (lda, sa),
+                &b,
+                (ldb, sb),
+                &mut want,
+                (ldc, sc),
+                beta,
+                batch,
+            );
+            // f32 everywhere
+            let mut c = c0.clone();
+            host_gemm(
+                trans_a,
+                (m, n, k),
+                op(&a, f32t, lda, sa),
+                op(&b, f32t, ldb, sb),
+                op_mut(&mut c, f32t, ldc, sc),
+                beta,
+                batch,
+                |_, _, _| Ok(()),
+            )
+            .unwrap();
+            for (x, y) in c.iter().zip(&want) {
+                assert!(
+                    (x - y).abs() < 1e-4,
+                    "{x} vs {y} (trans {trans_a}, {m}x{n}x{k})"
+                );
+            }
+            // bf16 inputs (values exact in bf16), bf16 output rounded to nearest even
+            let ah: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+            let bh: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
+            let mut ch: Vec<bf16> = c0.iter().map(|&x| bf16::from_f32(x)).collect();
+            let mut wantb: Vec<f32> = ch.iter().map(|x| x.to_f32()).collect();
+            reference(
+                trans_a,
+                (m, n, k),
+                &a,
+                (lda, sa),
+                &b,
+                (ldb, sb),
+                &mut wantb,
+                (ldc, sc),
+                beta,
+                batch,
+            );
+            host_gemm(
+                trans_a,
+                (m, n, k),
+                op(&ah, bft, lda, sa),
+                op(&bh, bft, ldb, sb),
+                op_mut(&mut ch, bft, ldc, sc),
+                beta,
+                batch,
+                |_, _, _| Ok(()),
+            )
+            .unwrap();
+            for (i, (x, y)) in ch.iter().zip(&wantb).enumerate() {
+                let in_c = (0..batch).any(|bi| {
+                    let r = i.wrapping_sub(bi * sc);
+                    r < ldc * n && r % ldc < m
+                });
+                if in_c {
+                    assert_eq!(*x, bf16::from_f32(*y), "element {i}");
+                } else {
+                    assert_eq!(
+                        *x,
+                        bf16::from_f32(c0[i]),
+                        "element {i} outside C was written"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn host_gemm_beta_zero_ignores_nan_in_c_and_checks_lds() {
+        let f32t = sys::cudaDataType::CUDA_R_32F;
+        let a = vec![1.0f32; 4];
+        let b = vec![2.0f32; 4];
+        let mut c = vec![f32::NAN; 4];
+        host_gemm(
+            false,
+            (2, 2, 2),
+            op(&a, f32t, 2, 0),
+            op(&b, f32t, 2, 0),
+            op_mut(&mut c, f32t, 2, 0),
+            0.0,
+            1,
+            |_, _, _| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(c, vec![4.0; 4]);
+        let e = host_gemm(
+            false,
+            (2, 2, 2),
+            op(&a, f32t, 1, 0),
+            op(&b, f32t, 2, 0),
+            op_mut(&mut c, f32t, 2, 0),
+            0.0,
+            1,
+            |_, _, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("CUBLAS_STATUS_INVALID_VALUE"), "{e}");
+    }
+
+    #[test]
+    fn emu_gemm_rejects_operands_beyond_their_buffer() {
+        let g = Gpu::emu().unwrap();
+        let x = g.upload(&[bf16::ONE; 4 * 8]).unwrap();
+        let w = g.upload(&[bf16::ONE; 3 * 8]).unwrap();
+        let mut y = g.zeros::<f32>(4 * 3).unwrap();
+        linear(&g, &x, 0, &w, &mut y, 0, 4, 8, 3, 0.0).unwrap();
+        assert_eq!(g.download(&y).unwrap(), vec![8.0; 12]);
+        // A leading dimension one too large reads past the end of w.
+        let bf = sys::cudaDataType::CUDA_R_16BF;
+        let e = gemm(
+            &g,
+            true,
+            (3, 4, 8),
+            Operand {
+                ptr: g.ptr(&w),
+                dtype: bf,
+                ld: 9,
+                stride: 0,
+            },
+            Operand {
+                ptr: g.ptr(&x),
+                dtype: bf,
+                ld: 8,
+                stride: 0,
+            },
+            Operand {
+                ptr: g.ptr(&y),
+                dtype: sys::cudaDataType::CUDA_R_32F,
+                ld: 3,
+                stride: 0,
+            },
+            0.0,
+            1,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("operand A") && e.contains("overrun buffer bf16 x 24"),
+            "{e}"
+        );
+    }
 }

@@ -6,12 +6,13 @@ pub mod attention;
 pub mod decoder;
 pub mod device;
 pub mod embed;
+pub mod emu;
 pub mod engine;
 pub mod gemm;
 pub mod norm;
 pub mod sampling;
 
-pub use device::Gpu;
+pub use device::{DevBuf, DevElem, DeviceChoice, Gpu};
 
 /// One kernels/*.cu file as embedded by build.rs: ahead-of-time images when nvcc was found at
 /// build time, and always the source (with common.cuh inlined) for NVRTC.

@@ -1,8 +1,8 @@
 //! Launchers for kernels/norm.cu: RMSNorm + AdaLN, SwiGLU gating, bias add.
 
-use super::{Gpu, k};
+use super::{DevBuf, Gpu, k};
 use anyhow::{Result, ensure};
-use cudarc::driver::{CudaSlice, DeviceRepr};
+use cudarc::driver::DeviceRepr;
 use half::bf16;
 
 #[repr(C)]
@@ -28,10 +28,10 @@ const _: () = assert!(std::mem::size_of::<RmsNormParams>() == 56);
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_adaln(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
-    w: &CudaSlice<f32>,
-    modulation: Option<(&CudaSlice<f32>, usize)>,
-    out: &mut CudaSlice<bf16>,
+    x: &DevBuf<f32>,
+    w: &DevBuf<f32>,
+    modulation: Option<(&DevBuf<f32>, usize)>,
+    out: &mut DevBuf<bf16>,
     tokens: usize,
     n: usize,
     c: usize,
@@ -91,8 +91,8 @@ fn grid_for(total: usize) -> u32 {
 /// `h (T, F) = silu(g[:, :F]) * g[:, F:]` with `g (T, 2F)`.
 pub fn silu_mul(
     gpu: &Gpu,
-    g: &CudaSlice<bf16>,
-    h: &mut CudaSlice<bf16>,
+    g: &DevBuf<bf16>,
+    h: &mut DevBuf<bf16>,
     tokens: usize,
     f: usize,
 ) -> Result<()> {
@@ -131,8 +131,8 @@ const _: () = assert!(std::mem::size_of::<AddBiasParams>() == 24);
 /// `y (rows, n) += b (n)`.
 pub fn add_bias_f32(
     gpu: &Gpu,
-    y: &mut CudaSlice<f32>,
-    b: &CudaSlice<f32>,
+    y: &mut DevBuf<f32>,
+    b: &DevBuf<f32>,
     rows: usize,
     n: usize,
 ) -> Result<()> {

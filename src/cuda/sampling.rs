@@ -3,10 +3,10 @@
 //! Same rules as the CPU reference in src/sampling.rs; see the kernel's header for the tie
 //! rules and numerics.
 
-use super::{Gpu, k};
+use super::{DevBuf, Gpu, k};
 use crate::sampling::TokenPolicy;
 use anyhow::{Result, ensure};
-use cudarc::driver::{CudaSlice, DeviceRepr};
+use cudarc::driver::DeviceRepr;
 
 /// Threads per block; must match SAMPLE_THREADS in kernels/sampling.cu.
 const SAMPLE_THREADS: u32 = 512;
@@ -76,12 +76,12 @@ pub struct SampleStep<'a> {
 pub fn guided_sample(
     gpu: &Gpu,
     s: &SampleStep,
-    logits: &mut CudaSlice<f32>,
-    local_pos: &CudaSlice<i32>,
-    global_pos: &CudaSlice<i32>,
-    forced: Option<&CudaSlice<i32>>,
-    grid: &mut CudaSlice<i32>,
-    tokens_out: &mut CudaSlice<i32>,
+    logits: &mut DevBuf<f32>,
+    local_pos: &DevBuf<i32>,
+    global_pos: &DevBuf<i32>,
+    forced: Option<&DevBuf<i32>>,
+    grid: &mut DevBuf<i32>,
+    tokens_out: &mut DevBuf<i32>,
 ) -> Result<()> {
     let (b, n, v, cells) = (s.batch, s.n, s.vocab, s.cells);
     if b == 0 || n == 0 {

@@ -325,29 +325,42 @@ pub fn per_image_nhwc(
 }
 
 // ---------------------------------------------------------------------------------------------
-// The GPU: tests that need one are `#[ignore = "needs a CUDA GPU"]` and fail without one.
+// The GPU: tests run on a real GPU when there is one, else on the host emulator; only tests
+// that measure real-GPU behaviour are `#[ignore]`d.
 
-/// The GPU. Tests that call this are `#[ignore]`d by default (cargo counts them as ignored);
-/// run under `--include-ignored` on a machine without a usable GPU, they fail here.
+/// The device GPU tests run on: `CHECKERGEN_DEVICE` = `cuda` (a real GPU, or fail), `emu`
+/// (the host-emulated device: host-compiled kernels, cuBLAS on the host, red zones and
+/// poison), or unset/`auto`: the real GPU when there is one, else the emulator. A GPU that is
+/// present but unusable fails the test (a broken install is not "no GPU").
 #[cfg(feature = "cuda")]
 pub fn gpu(test: &str) -> checkergen::cuda::Gpu {
-    match checkergen::cuda::Gpu::try_new() {
-        Ok(Some(g)) => {
+    use checkergen::cuda::{DeviceChoice, Gpu};
+    let choice = match std::env::var("CHECKERGEN_DEVICE").as_deref() {
+        Ok("cuda") => DeviceChoice::Cuda,
+        Ok("emu") => DeviceChoice::Emu,
+        Ok("auto") | Ok("") | Err(_) => DeviceChoice::Auto,
+        Ok(other) => panic!("CHECKERGEN_DEVICE={other}: expected cuda, emu or auto"),
+    };
+    match Gpu::open(choice) {
+        Ok(g) => {
             println!(
                 "{test}: running on {} (cc {}.{}, kernels: {})",
                 g.name, g.cc.0, g.cc.1, g.image_kind
             );
             g
         }
-        Ok(None) => panic!(
-            "{test} needs a CUDA GPU and this machine has none: GPU tests are #[ignore]d; run \
-             them (--include-ignored) only on a GPU host"
-        ),
-        Err(e) => panic!("{test}: a GPU is present but unusable: {e:#}"),
+        Err(e) => panic!("{test}: no usable device ({choice:?}): {e:#}"),
     }
 }
 
-/// The one harness (llama.cpp test-backend-ops style): on the GPU, every case of an op's
+/// Whether the tests run on the host emulator (`CHECKERGEN_DEVICE=emu`, or no GPU): the few
+/// cases that would take minutes there use smaller shapes (each says so).
+#[cfg(feature = "cuda")]
+pub fn on_emu(gpu: &checkergen::cuda::Gpu) -> bool {
+    gpu.is_emu()
+}
+
+/// The one harness (llama.cpp test-backend-ops style): on the device ([`gpu`]), every case of an op's
 /// table with its label (the case's Debug) and a seed, into one [`Report`] that prints the
 /// worst error per case and fails the test at the end when any check failed.
 #[cfg(feature = "cuda")]

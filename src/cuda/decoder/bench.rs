@@ -134,13 +134,9 @@ pub fn bench_decode(
         dec.decode_device(gpu, &tokens, batch, s)?;
     }
     gpu.sync()?;
-    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let mut ms = Vec::with_capacity(iters);
     for _ in 0..iters {
-        let t0 = gpu.stream.record_event(flags).context("recording event")?;
-        dec.decode_device(gpu, &tokens, batch, s)?;
-        let t1 = gpu.stream.record_event(flags).context("recording event")?;
-        ms.push(t0.elapsed_ms(&t1).context("event timing")? as f64);
+        ms.push(gpu.time_ms(|| dec.decode_device(gpu, &tokens, batch, s))?);
     }
     ms.sort_by(|a, b| a.total_cmp(b));
     let med = ms[ms.len() / 2];

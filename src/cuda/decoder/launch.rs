@@ -30,7 +30,7 @@ pub enum Residual<'a> {
     /// `y += conv(x) + bias`: the output buffer already holds the residual.
     InPlace,
     /// `y = conv(x) + bias + r`, `r` shaped like `y`.
-    Add(&'a CudaSlice<f32>),
+    Add(&'a DevBuf<f32>),
 }
 
 /// `y (B, H, W, Cout) f32 = conv3x3(x) + bias (+ residual)`, padding 1. With `upsample`, x is
@@ -41,8 +41,8 @@ pub fn conv3x3<T: Storage>(
     gpu: &Gpu,
     kernel: ConvKernel,
     conv: &ConvWeights<T>,
-    x: &CudaSlice<T>,
-    y: &mut CudaSlice<f32>,
+    x: &DevBuf<T>,
+    y: &mut DevBuf<f32>,
     residual: Residual,
     batch: usize,
     height: usize,
@@ -129,8 +129,8 @@ fn operand<T: Storage>(ptr: u64, ld: usize, stride: usize) -> Operand {
 pub fn conv1x1<T: Storage>(
     gpu: &Gpu,
     conv: &ConvWeights<T>,
-    x: &CudaSlice<T>,
-    y: &mut CudaSlice<f32>,
+    x: &DevBuf<T>,
+    y: &mut DevBuf<f32>,
     rows: usize,
     accumulate: bool,
 ) -> Result<()> {
@@ -217,15 +217,15 @@ unsafe impl DeviceRepr for GnApplyParams {}
 
 /// Statistics scratch of [`group_norm`] for up to (batch, max_hw, max_c).
 pub struct GnScratch {
-    part: CudaSlice<f32>, // (B, ceil(hw / GN_CHUNK), C, 2): per chunk and channel (mean, M2)
-    ss: CudaSlice<f32>,   // (B, C, 2): per channel (scale, shift)
+    part: DevBuf<f32>, // (B, ceil(hw / GN_CHUNK), C, 2): per chunk and channel (mean, M2)
+    ss: DevBuf<f32>,   // (B, C, 2): per channel (scale, shift)
 }
 
 impl GnScratch {
     pub fn new(gpu: &Gpu, batch: usize, max_hw: usize, max_c: usize) -> Result<GnScratch> {
         Ok(GnScratch {
-            part: gpu.zeros(batch * max_hw.div_ceil(GN_CHUNK) * max_c * 2)?,
-            ss: gpu.zeros(batch * max_c * 2)?,
+            part: gpu.alloc(batch * max_hw.div_ceil(GN_CHUNK) * max_c * 2)?,
+            ss: gpu.alloc(batch * max_c * 2)?,
         })
     }
 }
@@ -236,8 +236,8 @@ impl GnScratch {
 pub fn group_norm<T: Storage>(
     gpu: &Gpu,
     gn: &GnWeights,
-    x: &CudaSlice<f32>,
-    y: &mut CudaSlice<T>,
+    x: &DevBuf<f32>,
+    y: &mut DevBuf<T>,
     scratch: &mut GnScratch,
     batch: usize,
     hw: usize,
@@ -327,12 +327,7 @@ struct CastParams {
 unsafe impl DeviceRepr for CastParams {}
 
 /// `y[..n] = T(x[..n])` (round to nearest; an fp16 overflow gives inf).
-pub fn cast_f32<T: Storage>(
-    gpu: &Gpu,
-    x: &CudaSlice<f32>,
-    y: &mut CudaSlice<T>,
-    n: usize,
-) -> Result<()> {
+pub fn cast_f32<T: Storage>(gpu: &Gpu, x: &DevBuf<f32>, y: &mut DevBuf<T>, n: usize) -> Result<()> {
     ensure!(
         x.len() >= n && y.len() >= n,
         "cast: buffers shorter than {n}"
@@ -370,9 +365,9 @@ unsafe impl DeviceRepr for GatherCodesParams {}
 #[allow(clippy::too_many_arguments)]
 pub fn gather_codes<T: Storage>(
     gpu: &Gpu,
-    tokens: &CudaSlice<i32>,
-    codebook: &CudaSlice<f32>,
-    z: &mut CudaSlice<T>,
+    tokens: &DevBuf<i32>,
+    codebook: &DevBuf<f32>,
+    z: &mut DevBuf<T>,
     rows: usize,
     e: usize,
     n_embed: usize,
@@ -415,8 +410,8 @@ unsafe impl DeviceRepr for SoftmaxParams {}
 /// `p (rows, n) T = softmax(s * scale)` per row, s (rows, n) f32, scale > 0.
 pub fn softmax_rows<T: Storage>(
     gpu: &Gpu,
-    s: &CudaSlice<f32>,
-    p: &mut CudaSlice<T>,
+    s: &DevBuf<f32>,
+    p: &mut DevBuf<T>,
     rows: usize,
     n: usize,
     scale: f32,
@@ -459,9 +454,9 @@ unsafe impl DeviceRepr for PixelsParams {}
 /// (clamp((x+1)/2, 0, 1) * 255, truncated, as `cpu::ops::pixels`).
 pub fn pixels(
     gpu: &Gpu,
-    y: &CudaSlice<f32>,
-    out_f32: Option<&mut CudaSlice<f32>>,
-    out_u8: Option<&mut CudaSlice<u8>>,
+    y: &DevBuf<f32>,
+    out_f32: Option<&mut DevBuf<f32>>,
+    out_u8: Option<&mut DevBuf<u8>>,
     batch: usize,
     hw: usize,
     c: usize,
@@ -508,12 +503,12 @@ pub struct AttnScratch<T: Storage> {
     n: usize,
     c: usize,
     gn: GnScratch,
-    hn: CudaSlice<T>,       // (B*N, C) GroupNorm output
-    qkv: CudaSlice<f32>,    // (B*N, 3C) q | k | v with bias
-    qkv_h: CudaSlice<T>,    // (B*N, 3C) the same in T
-    scores: CudaSlice<f32>, // (B, N query, N key) raw q.k
-    probs: CudaSlice<T>,    // (B, N, N) softmax
-    att: CudaSlice<T>,      // (B*N, C) P V
+    hn: DevBuf<T>,       // (B*N, C) GroupNorm output
+    qkv: DevBuf<f32>,    // (B*N, 3C) q | k | v with bias
+    qkv_h: DevBuf<T>,    // (B*N, 3C) the same in T
+    scores: DevBuf<f32>, // (B, N query, N key) raw q.k
+    probs: DevBuf<T>,    // (B, N, N) softmax
+    att: DevBuf<T>,      // (B*N, C) P V
 }
 
 impl<T: Storage> AttnScratch<T> {
@@ -523,12 +518,12 @@ impl<T: Storage> AttnScratch<T> {
             n,
             c,
             gn: GnScratch::new(gpu, batch, n, c)?,
-            hn: gpu.zeros(batch * n * c)?,
-            qkv: gpu.zeros(batch * n * 3 * c)?,
-            qkv_h: gpu.zeros(batch * n * 3 * c)?,
-            scores: gpu.zeros(batch * n * n)?,
-            probs: gpu.zeros(batch * n * n)?,
-            att: gpu.zeros(batch * n * c)?,
+            hn: gpu.alloc(batch * n * c)?,
+            qkv: gpu.alloc(batch * n * 3 * c)?,
+            qkv_h: gpu.alloc(batch * n * 3 * c)?,
+            scores: gpu.alloc(batch * n * n)?,
+            probs: gpu.alloc(batch * n * n)?,
+            att: gpu.alloc(batch * n * c)?,
         })
     }
 }
@@ -538,7 +533,7 @@ impl<T: Storage> AttnScratch<T> {
 pub fn attn_block<T: Storage>(
     gpu: &Gpu,
     w: &AttnWeights<T>,
-    x: &mut CudaSlice<f32>,
+    x: &mut DevBuf<f32>,
     s: &mut AttnScratch<T>,
     batch: usize,
     n: usize,

@@ -30,12 +30,12 @@ pub use bench::{DecodeBench, StageFlops, bench_decode, decoder_flops};
 pub use launch::*;
 
 use super::gemm::{Operand, gemm};
-use super::{Gpu, Kernel, k, norm};
+use super::{DevBuf, DevElem, Gpu, Kernel, k, norm};
 use crate::model::config::DecoderConfig;
 use crate::model::decoder::{self as host, GN_EPS, GN_GROUPS};
 use anyhow::{Context, Result, ensure};
 use cudarc::cublas::sys;
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::DeviceRepr;
 use half::{bf16, f16};
 use std::sync::Mutex;
 
@@ -45,9 +45,7 @@ const GN_CHUNK: usize = 64;
 const TC_TILE: usize = 128;
 
 /// The 16-bit type of conv inputs and weights (kernels exist for both, suffix `_bf16`/`_f16`).
-pub trait Storage:
-    DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin + Send + Sync + std::fmt::Debug + 'static
-{
+pub trait Storage: DevElem {
     /// Kernel-name suffix.
     const TAG: &'static str;
     /// cuBLAS data type.
@@ -132,8 +130,8 @@ pub struct ConvWeights<T: Storage> {
     pub cin: usize,
     pub cout: usize,
     pub k: usize,
-    w: CudaSlice<T>,
-    b: CudaSlice<f32>,
+    w: DevBuf<T>,
+    b: DevBuf<f32>,
 }
 
 impl<T: Storage> ConvWeights<T> {
@@ -184,8 +182,8 @@ impl<T: Storage> ConvWeights<T> {
 /// GroupNorm affine parameters (C) f32.
 pub struct GnWeights {
     pub c: usize,
-    gamma: CudaSlice<f32>,
-    beta: CudaSlice<f32>,
+    gamma: DevBuf<f32>,
+    beta: DevBuf<f32>,
 }
 
 impl GnWeights {
@@ -295,15 +293,15 @@ struct Workspace<T: Storage> {
     batch: usize,
     s: usize,
     side: usize,
-    tokens: CudaSlice<i32>, // (B, s, s)
-    z: CudaSlice<T>,        // (B*s*s, e)
-    x: [CudaSlice<f32>; 2], // residual stream ping-pong, (B, H, W, C) up to max_act per image
-    h: CudaSlice<f32>,      // post_quant, conv1 and conv_out outputs (B, H, W, C)
-    t: CudaSlice<T>,        // conv inputs: GroupNorm outputs and casts (B, H, W, C)
+    tokens: DevBuf<i32>, // (B, s, s)
+    z: DevBuf<T>,        // (B*s*s, e)
+    x: [DevBuf<f32>; 2], // residual stream ping-pong, (B, H, W, C) up to max_act per image
+    h: DevBuf<f32>,      // post_quant, conv1 and conv_out outputs (B, H, W, C)
+    t: DevBuf<T>,        // conv inputs: GroupNorm outputs and casts (B, H, W, C)
     gn: GnScratch,
     attn: AttnScratch<T>,
-    img: CudaSlice<f32>, // (B, 3, side, side)
-    px: CudaSlice<u8>,   // (B, 3, side, side)
+    img: DevBuf<f32>, // (B, 3, side, side)
+    px: DevBuf<u8>,   // (B, 3, side, side)
 }
 
 /// Largest per-image activation (elements), largest H*W and largest channel count of the
@@ -337,15 +335,15 @@ impl<T: Storage> Workspace<T> {
             batch,
             s,
             side,
-            tokens: gpu.zeros(batch * n)?,
-            z: gpu.zeros(batch * n * cfg.embed_dim)?,
-            x: [gpu.zeros(act)?, gpu.zeros(act)?],
-            h: gpu.zeros(act)?,
-            t: gpu.zeros(act)?,
+            tokens: gpu.alloc(batch * n)?,
+            z: gpu.alloc(batch * n * cfg.embed_dim)?,
+            x: [gpu.alloc(act)?, gpu.alloc(act)?],
+            h: gpu.alloc(act)?,
+            t: gpu.alloc(act)?,
             gn: GnScratch::new(gpu, batch, max_hw, max_c)?,
             attn: AttnScratch::new(gpu, batch, n, cfg.ch * cfg.ch_mult[cfg.ch_mult.len() - 1])?,
-            img: gpu.zeros(batch * 3 * side * side)?,
-            px: gpu.zeros(batch * 3 * side * side)?,
+            img: gpu.alloc(batch * 3 * side * side)?,
+            px: gpu.alloc(batch * 3 * side * side)?,
         })
     }
 }
@@ -442,7 +440,7 @@ impl GpuDecoder {
     pub fn decode_device_u8(
         &self,
         gpu: &Gpu,
-        tokens: &CudaSlice<i32>,
+        tokens: &DevBuf<i32>,
         batch: usize,
         s: usize,
     ) -> Result<Vec<u8>> {
@@ -454,7 +452,7 @@ impl GpuDecoder {
     pub fn decode_device(
         &self,
         gpu: &Gpu,
-        tokens: &CudaSlice<i32>,
+        tokens: &DevBuf<i32>,
         batch: usize,
         s: usize,
     ) -> Result<()> {
@@ -466,7 +464,7 @@ impl GpuDecoder {
 struct Decoder<T: Storage> {
     cfg: DecoderConfig,
     conv_kernel: ConvKernel,
-    codebook: CudaSlice<f32>, // (V, e), as in the CPU decoder (rows normalized when `normalize`)
+    codebook: DevBuf<f32>, // (V, e), as in the CPU decoder (rows normalized when `normalize`)
     post_quant_conv: ConvWeights<T>,
     conv_in: ConvWeights<T>,
     mid: (GpuResBlock<T>, AttnWeights<T>, GpuResBlock<T>),
@@ -527,7 +525,7 @@ impl<T: Storage> Decoder<T> {
         tokens: &[u32],
         batch: usize,
         s: usize,
-        read: impl FnOnce(&Gpu, &CudaSlice<u8>, &CudaSlice<f32>) -> Result<R>,
+        read: impl FnOnce(&Gpu, &DevBuf<u8>, &DevBuf<f32>) -> Result<R>,
     ) -> Result<R> {
         ensure!(
             tokens.len() == batch * s * s,
@@ -543,8 +541,7 @@ impl<T: Storage> Decoder<T> {
         let host: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let mut guard = self.ws.lock().unwrap();
         let ws = self.workspace(gpu, &mut guard, batch, s)?;
-        gpu.stream
-            .memcpy_htod(&host, &mut ws.tokens)
+        gpu.upload_into(&host, &mut ws.tokens, 0)
             .context("uploading tokens")?;
         self.run(gpu, ws, None)?;
         read(gpu, &ws.px, &ws.img)
@@ -554,7 +551,7 @@ impl<T: Storage> Decoder<T> {
     fn decode_device(
         &self,
         gpu: &Gpu,
-        tokens: &CudaSlice<i32>,
+        tokens: &DevBuf<i32>,
         batch: usize,
         s: usize,
         read: bool,
@@ -583,7 +580,7 @@ impl<T: Storage> Decoder<T> {
     }
 
     /// The whole decoder on `tokens` (or the workspace's uploaded tokens).
-    fn run(&self, gpu: &Gpu, ws: &mut Workspace<T>, tokens: Option<&CudaSlice<i32>>) -> Result<()> {
+    fn run(&self, gpu: &Gpu, ws: &mut Workspace<T>, tokens: Option<&DevBuf<i32>>) -> Result<()> {
         let cfg = &self.cfg;
         let (b, s, k) = (ws.batch, ws.s, self.conv_kernel);
         let n = s * s;
