@@ -12,6 +12,10 @@
 //              the first kept id, walking ids in ascending order, whose cumulative weight
 //              exceeds u * (total kept weight). Same rule as src/sampling.rs choose_token.
 //   3. the token goes to grid[b, local_pos[j]] and to tokens_out[b, j].
+//   4. statistics (p.prob != 0, for the maps): prob[b, local_pos[j]] = softmax(l / T)[token]
+//      and entropy[b, local_pos[j]] = -sum p ln(p + 1e-8) (top-k/top-p do not enter; one-hot
+//      at the argmax when T == 0), as src/sampling.rs token_stats; NaN for a forced token
+//      outside [0, V).
 //
 // Layouts (row-major, f32/i32):
 //   logits     (rows * n, V) f32, rows = B (no guidance) or 2B: conditional rows b*n + j first,
@@ -19,6 +23,7 @@
 //   forced     (B, cells) i32 tokens of this scale's grid, or 0 (null) for no forcing
 //   grid       (B, cells) i32 this scale's token grid; only cells local_pos[0..n) are written
 //   tokens_out (B, n) i32 the tokens of this step, in step order
+//   prob, entropy (B, cells) f32, or both 0: written at the same cells as grid
 //   local_pos  (n) i32 cell index in the scale grid, distinct within a step (two tokens on
 //              one cell would race); global_pos (n) i32 global position id (the RNG counter).
 //              A local_pos outside [0, cells) skips the grid write and the forced read (the
@@ -92,6 +97,7 @@ struct GuidedSampleParams {
     int* grid;                        // (B, cells)
     int* tokens_out;                  // (B, n)
     const int *local_pos, *global_pos;  // (n)
+    float *prob, *entropy;            // (B, cells) or null: the chosen token's p and the entropy
     u64 seed;
     int batch, n, v, cells;
     int guided;         // 1: combine with the unconditional rows
@@ -101,7 +107,7 @@ struct GuidedSampleParams {
     float top_p;        // < 1: on; 1 = off
     int step;           // step counter t (RNG counter word 1)
 };
-static_assert(sizeof(GuidedSampleParams) == 96, "GuidedSampleParams: mirrored in src/cuda/sampling.rs");
+static_assert(sizeof(GuidedSampleParams) == 112, "GuidedSampleParams: mirrored in src/cuda/sampling.rs");
 
 // ---------------------------------------------------------------------------------------
 // Block-wide reductions and scans (blockDim.x a multiple of 32, at most 1024). Each starts
@@ -371,6 +377,35 @@ __device__ __forceinline__ void guided_sample_impl(const GuidedSampleParams& p) 
         token = block_minmax_i32(found, true, si);
         if (token == NO_INDEX) token = block_minmax_i32(last, false, si);
         if (token < 0) token = best_i;  // unreachable: the argmax token is kept, weight 1
+    }
+
+    // Statistics of the choice (the CPU's token_stats): p = softmax(row / T)[token] and the
+    // entropy -sum p ln(p + 1e-8) in nats, in f64; one-hot at the argmax when T <= 0. lp_ok
+    // and token are the same in every thread of the block, so the reductions are uniform.
+    if (p.prob && lp_ok) {
+        double q, h;
+        if (p.temperature <= 0.f) {
+            q = token == best_i ? 1.0 : 0.0;
+            h = -log(1.0 + 1e-8);
+        } else {
+            const double inv_t = 1.0 / (double)p.temperature;
+            double z = 0.0;
+            for (int i = tid; i < V; i += bd) z += weight(row[i], best, inv_t);
+            z = block_sum_f64(z, sd);
+            double e = 0.0;
+            for (int i = tid; i < V; i += bd) {
+                const double pi = weight(row[i], best, inv_t) / z;
+                e -= pi * log(pi + 1e-8);
+            }
+            h = block_sum_f64(e, sd);
+            // row[token] was written by another thread: visible after the barriers above.
+            q = token >= 0 && token < V ? weight(row[token], best, inv_t) / z : 0.0;
+        }
+        if (token < 0 || token >= V) q = nan("");
+        if (tid == 0) {
+            p.prob[(size_t)b * p.cells + lp] = (float)q;
+            p.entropy[(size_t)b * p.cells + lp] = (float)h;
+        }
     }
 
     if (tid == 0) {

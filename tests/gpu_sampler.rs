@@ -41,6 +41,79 @@ fn sample_cpu(model: &Model, o: &SampleOptions) -> Samples {
     pipeline::sample(&mut CpuBackend::new(model), o).unwrap()
 }
 
+/// softmax in f64.
+fn softmax64(l: &[f32]) -> Vec<f64> {
+    let m = l.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+    let w: Vec<f64> = l.iter().map(|&x| (x as f64 - m).exp()).collect();
+    let z: f64 = w.iter().sum();
+    w.iter().map(|x| x / z).collect()
+}
+
+/// The maps' statistics recorded on the GPU at T = 1, cell by cell: they must equal
+/// token_stats of the GPU's own logits (the engine's plumbing: which cell, scale and row;
+/// relative error <= 1e-5), and token_stats of reference logits within what the row's logits
+/// error d = max |l_gpu - l_ref| allows: ln p moves by at most 2d, so
+/// |p - p_ref| <= p_ref (e^(2d) - 1); the entropy moves by d * E_p|ln p + H| to first
+/// order (held to twice that). Reports each as a fraction of its bound.
+#[derive(Default)]
+struct StatErrors {
+    own: f64,
+    prob: f64,
+    entropy: f64,
+    cells: usize,
+}
+
+impl StatErrors {
+    fn add(&mut self, row: &[f32], reference: &[f32], tok: usize, got: (f32, f32)) {
+        use checkergen::sampling::token_stats;
+        let (p, h) = token_stats(row, 1.0, tok);
+        let rel = |a: f32, b: f32| ((a - b) / b.abs().max(1e-30)).abs() as f64;
+        self.own = self.own.max(rel(got.0, p)).max(rel(got.1, h));
+        let (rp, rh) = token_stats(reference, 1.0, tok);
+        let (rp, rh) = (rp as f64, rh as f64);
+        let d = row
+            .iter()
+            .zip(reference)
+            .map(|(a, c)| (a - c).abs() as f64)
+            .fold(0.0, f64::max);
+        let spread: f64 = softmax64(reference)
+            .iter()
+            .map(|&q| q * ((q + 1e-300).ln() + rh).abs())
+            .sum();
+        let bound_p = rp * ((2.0 * d).exp() - 1.0) + 1e-7;
+        let bound_h = 2.0 * d * spread + 1e-6;
+        self.prob = self.prob.max((got.0 as f64 - rp).abs() / bound_p);
+        self.entropy = self.entropy.max((got.1 as f64 - rh).abs() / bound_h);
+        self.cells += 1;
+    }
+
+    fn check(&self) {
+        assert!(self.cells > 0, "no cells compared");
+        assert!(
+            self.own <= 1e-5,
+            "stats vs the GPU's own logits: rel {}",
+            self.own
+        );
+        assert!(self.prob <= 1.0, "prob beyond its bound: {}", self.prob);
+        assert!(
+            self.entropy <= 1.0,
+            "entropy beyond its bound: {}",
+            self.entropy
+        );
+    }
+}
+
+impl std::fmt::Display for StatErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{} cells; vs token_stats(GPU logits) worst rel {:.2e}; vs the reference, worst \
+             fraction of the bound from the logits error: prob {:.2}, entropy {:.2}",
+            self.cells, self.own, self.prob, self.entropy
+        )
+    }
+}
+
 fn greedy(labels: Vec<usize>, cfg: f32, start: usize, steps: usize) -> SampleOptions {
     let mut o = SampleOptions::new(labels);
     o.cfg = cfg;
@@ -119,6 +192,9 @@ fn golden_greedy_cases_on_gpu() {
             let mut forced = opts.clone();
             forced.forced_tokens = Some(common::token_pyramid(&st, &model.scale_sizes, "tokens_s"));
             forced.record_logits = true;
+            // At T = 1 (forced tokens ignore the policy) the maps' statistics are recorded too.
+            forced.policy.temperature = 1.0;
+            forced.record_stats = true;
             let tf = tokens_gpu(&gm, &forced);
             let mut case_worst = 0.0f64;
             // Teacher-forced argmax against the golden token at margins above the gate: the
@@ -152,6 +228,26 @@ fn golden_greedy_cases_on_gpu() {
                 );
                 case_worst = case_worst.max(rel);
             }
+            // The statistics against token_stats of the golden logits, within the bound the
+            // logits error implies ([`stat_errors`]).
+            let gst = tf.stats.as_ref().expect("stats recorded");
+            let mut se = StatErrors::default();
+            for (step, l) in tf.schedule.steps.iter().zip(&tf.step_logits) {
+                let golden = f32s(&st, &format!("step{:03}_logits", step.t));
+                let s = model.scale_sizes[step.scale];
+                let n = step.positions.len();
+                for bi in 0..b {
+                    for (j, &p) in step.positions.iter().enumerate() {
+                        let r = (bi * n + j) * v..(bi * n + j + 1) * v;
+                        let cell = bi * s * s + p;
+                        let tok = tf.tokens[step.scale][cell] as usize;
+                        let got = (gst.prob[step.scale][cell], gst.entropy[step.scale][cell]);
+                        se.add(&l[r.clone()], &golden[r], tok, got);
+                    }
+                }
+            }
+            println!("{cfg_name} {case:<18}: stats at T=1 vs the golden logits: {se}");
+            se.check();
             println!(
                 "{cfg_name} {case:<18}: greedy agreement {a}/{n} ({:.2} %) free-running, {tfa}/{tfn} \
                  ({:.2} %) teacher-forced, at margin > {AGREEMENT_MARGIN}; teacher-forced logits worst \
@@ -227,6 +323,38 @@ fn gpu_logits_match_cpu_head_dim_64() {
         assert!(worst < LOGIT_REL_TOL, "rel {worst}");
         // Forced tokens come back unchanged.
         assert_eq!(gpu_l.tokens, cpu.tokens.tokens);
+
+        // The maps' statistics at T = 1 on the same forced tokens ([`StatErrors`]); the CPU's
+        // are token_stats of its own logits.
+        o.policy.temperature = 1.0;
+        o.record_stats = true;
+        let gpu_s = tokens_gpu(&gm, &o);
+        let cpu_s = checkergen::cpu::sample_tokens(&model.config, &model.weights, &o).unwrap();
+        let (gst, cst) = (gpu_s.stats.as_ref().unwrap(), cpu_s.stats.as_ref().unwrap());
+        let v = model.config.codebook_size();
+        let b = labels.len();
+        let mut se = StatErrors::default();
+        let steps = gpu_s.schedule.steps.iter();
+        for ((step, l), lc) in steps.zip(&gpu_s.step_logits).zip(&cpu_s.step_logits) {
+            let cells = gpu_s.schedule.scales[step.scale].tokens;
+            let n = step.positions.len();
+            for bi in 0..b {
+                for (j, &pos) in step.positions.iter().enumerate() {
+                    let cell = bi * cells + pos;
+                    let r = (bi * n + j) * v..(bi * n + j + 1) * v;
+                    let tok = gpu_s.tokens[step.scale][cell] as usize;
+                    let got = (gst.prob[step.scale][cell], gst.entropy[step.scale][cell]);
+                    se.add(&l[r.clone()], &lc[r], tok, got);
+                    let want = (cst.prob[step.scale][cell], cst.entropy[step.scale][cell]);
+                    assert_eq!(
+                        want,
+                        checkergen::sampling::token_stats(&lc[(bi * n + j) * v..][..v], 1.0, tok)
+                    );
+                }
+            }
+        }
+        println!("  stats at T=1 vs the CPU's logits: {se}");
+        se.check();
     }
 }
 

@@ -33,12 +33,26 @@ struct Launch<'a> {
     global_pos: &'a [i32],
     /// (B, cells)
     forced: Option<&'a [i32]>,
+    /// Also record the choice statistics (prob, entropy) into NaN-poisoned grids.
+    stats: bool,
 }
 
 struct Out {
     logits: Vec<f32>,
     grid: Vec<i32>,
     tokens: Vec<i32>,
+    /// (prob, entropy) (B, cells) when the launch recorded them.
+    stats: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// The CPU reference's results.
+struct Want {
+    /// Guided conditional logits (B*n, V).
+    logits: Vec<f32>,
+    /// Tokens (B, n).
+    tokens: Vec<i32>,
+    /// (prob, entropy) (B, cells), NaN where no token was placed.
+    stats: (Vec<f32>, Vec<f32>),
 }
 
 /// Run guided_sample on poisoned outputs and download everything.
@@ -59,17 +73,33 @@ fn run(gpu: &Gpu, c: &Launch) -> Out {
         seed: c.seed,
         step: c.step,
     };
-    guided_sample(gpu, &s, &mut dl, &dlp, &dgp, df.as_ref(), &mut dg, &mut dt).unwrap();
+    let nan = vec![f32::NAN; c.batch * c.cells];
+    let mut ds = c
+        .stats
+        .then(|| (gpu.upload(&nan).unwrap(), gpu.upload(&nan).unwrap()));
+    let st = ds.as_mut().map(|(p, e)| (p, e));
+    guided_sample(
+        gpu,
+        &s,
+        &mut dl,
+        &dlp,
+        &dgp,
+        df.as_ref(),
+        &mut dg,
+        &mut dt,
+        st,
+    )
+    .unwrap();
     Out {
         logits: gpu.download(&dl).unwrap(),
         grid: gpu.download(&dg).unwrap(),
         tokens: gpu.download(&dt).unwrap(),
+        stats: ds.map(|(p, e)| (gpu.download(&p).unwrap(), gpu.download(&e).unwrap())),
     }
 }
 
-/// The CPU reference of the launch (`cpu::ops::guided_sample`): (guided conditional logits
-/// (B*n, V), tokens (B, n)).
-fn cpu_step(c: &Launch) -> (Vec<f32>, Vec<i32>) {
+/// The CPU reference of the launch (`cpu::ops::guided_sample`, statistics always on).
+fn cpu_step(c: &Launch) -> Want {
     let k = StepKnobs {
         batch: c.batch,
         vocab: c.vocab,
@@ -83,6 +113,7 @@ fn cpu_step(c: &Launch) -> (Vec<f32>, Vec<i32>) {
     let forced: Option<Vec<u32>> = c.forced.map(|f| f.iter().map(|&t| t as u32).collect());
     let mut logits = c.logits.to_vec();
     let mut grid = vec![0u32; c.batch * c.cells];
+    let (mut prob, mut entropy) = (vec![f32::NAN; grid.len()], vec![f32::NAN; grid.len()]);
     let toks = cpu_guided_sample(
         &k,
         &mut logits,
@@ -90,10 +121,14 @@ fn cpu_step(c: &Launch) -> (Vec<f32>, Vec<i32>) {
         &usizes(c.global_pos),
         forced.as_deref(),
         &mut grid,
-        None,
+        Some((&mut prob, &mut entropy)),
     );
     logits.truncate(c.batch * c.n * c.vocab);
-    (logits, toks.iter().map(|&t| t as i32).collect())
+    Want {
+        logits,
+        tokens: toks.iter().map(|&t| t as i32).collect(),
+        stats: (prob, entropy),
+    }
 }
 
 /// The grid holds tokens[b, j] at local_pos[j] and poison everywhere else.
@@ -111,13 +146,58 @@ fn check_scatter(c: &Launch, out: &Out) {
     );
 }
 
-/// Run on the GPU and check the grid scatter; with the CPU reference's guided logits and
-/// tokens.
-fn run_checked(gpu: &Gpu, c: &Launch) -> (Out, Vec<f32>, Vec<i32>) {
+/// Run on the GPU and check the grid scatter; with the CPU reference's results.
+fn run_checked(gpu: &Gpu, c: &Launch) -> (Out, Want) {
     let out = run(gpu, c);
     check_scatter(c, &out);
-    let (cond, want) = cpu_step(c);
-    (out, cond, want)
+    (out, cpu_step(c))
+}
+
+/// The statistics (the maps' prob and entropy) against `token_stats` on the CPU, at every
+/// cell whose token agrees (a different draw has different statistics): relative error
+/// <= 1e-6 (both sum in f64; only the order differs), NaN exactly where the CPU has NaN
+/// (all -inf rows at T > 0, unwritten cells).
+fn check_stats(report: &mut common::Report, label: &str, c: &Launch, out: &Out, w: &Want) {
+    let (gp, ge) = out.stats.as_ref().expect("launch recorded statistics");
+    let (cp, ce) = &w.stats;
+    let (mut worst_p, mut worst_e) = (0.0f64, 0.0f64);
+    for b in 0..c.batch {
+        for j in 0..c.n {
+            if out.tokens[b * c.n + j] != w.tokens[b * c.n + j] {
+                continue;
+            }
+            let cell = b * c.cells + c.local_pos[j] as usize;
+            for (g, want, worst) in [
+                (gp[cell], cp[cell], &mut worst_p),
+                (ge[cell], ce[cell], &mut worst_e),
+            ] {
+                let err = if g.is_nan() || want.is_nan() {
+                    if g.is_nan() == want.is_nan() {
+                        0.0
+                    } else {
+                        f64::INFINITY
+                    }
+                } else {
+                    (g as f64 - want as f64).abs() / (want as f64).abs().max(1e-30)
+                };
+                *worst = worst.max(err);
+            }
+        }
+    }
+    report.check(label, "prob rel err vs token_stats", worst_p, 1e-6);
+    report.check(label, "entropy rel err vs token_stats", worst_e, 1e-6);
+    let placed: std::collections::HashSet<usize> = (0..c.batch)
+        .flat_map(|b| c.local_pos.iter().map(move |&p| b * c.cells + p as usize))
+        .collect();
+    let stray = (0..gp.len())
+        .filter(|i| !(placed.contains(i) || (gp[*i].is_nan() && ge[*i].is_nan())))
+        .count();
+    report.check(
+        label,
+        "stat cells written outside the step",
+        stray as f64,
+        0.5,
+    );
 }
 
 /// Distinct cells for n tokens in a grid of `cells` (a stride coprime to cells).
@@ -333,9 +413,12 @@ fn guided_sample_matches_cpu_ops() {
             local_pos: &lp,
             global_pos: &gp,
             forced: c.forced.then_some(&forced[..]),
+            stats: true,
         };
-        let (out, cond, want) = run_checked(gpu, &launch);
-        let mismatch = out.tokens.iter().zip(&want).filter(|(a, b)| a != b).count();
+        let (out, w) = run_checked(gpu, &launch);
+        let (cond, want) = (&w.logits, &w.tokens);
+        check_stats(report, label, &launch, &out, &w);
+        let mismatch = out.tokens.iter().zip(want).filter(|(a, b)| a != b).count();
         let frac = mismatch as f64 / want.len() as f64;
         match c.expect {
             Expect::Exact => {
@@ -468,8 +551,10 @@ fn gpu_draws_follow_softmax_and_match_cpu() {
                 local_pos: &lp,
                 global_pos: &gp,
                 forced: None,
+                stats: false,
             };
-            let (out, _, want) = run_checked(&gpu, &c);
+            let (out, w) = run_checked(&gpu, &c);
+            let want = w.tokens;
             for (&g, &w) in out.tokens.iter().zip(&want) {
                 counts[g as usize] += 1;
                 total += 1;
@@ -549,8 +634,10 @@ fn gpu_top_k_top_p_never_emit_excluded_tokens() {
             local_pos: &lp,
             global_pos: &gp,
             forced: None,
+            stats: false,
         };
-        let (out, _, want) = run_checked(&gpu, &c);
+        let (out, w) = run_checked(&gpu, &c);
+        let want = w.tokens;
         let kept: Vec<Vec<bool>> = bases.iter().map(|l| kept_set(l, policy)).collect();
         let excluded = (0..b * n)
             .filter(|&r| !kept[r % 4][out.tokens[r] as usize])
@@ -574,7 +661,16 @@ fn gpu_top_k_top_p_never_emit_excluded_tokens() {
 
     // Renormalization: the 8-logit example of src/sampling.rs, chi-square over the kept set.
     let small = [0.3f32, -1.0, 2.0, 0.0, 1.2, -0.5, 0.7, 1.9];
-    let (b, n) = (4usize, 16384usize);
+    // On the host emulator 1024 positions per row instead of 16384 (4096 draws per policy,
+    // still over 100 expected per kept bin): the full count took about 7 minutes there.
+    let (b, n) = (
+        4usize,
+        if common::on_emu(&gpu) {
+            1024
+        } else {
+            16384usize
+        },
+    );
     let logits: Vec<f32> = (0..b * n).flat_map(|_| small.iter().copied()).collect();
     let lp: Vec<i32> = (0..n as i32).collect();
     for policy in [
@@ -595,6 +691,7 @@ fn gpu_top_k_top_p_never_emit_excluded_tokens() {
             local_pos: &lp,
             global_pos: &lp,
             forced: None,
+            stats: false,
         };
         let out = run(&gpu, &c);
         let kept = kept_set(&small, &policy);

@@ -165,6 +165,9 @@ struct Batch {
     modulation: Vec<DevBuf<f32>>, // per layer (rows, 4C)
     grids: Vec<DevBuf<i32>>,      // per scale (B, s*s)
     forced: Vec<Option<DevBuf<i32>>>,
+    /// Per scale, (prob, entropy) (B, s*s) when the steps record statistics (allocated on
+    /// the scale's first such step, NaN-filled there).
+    stats: Vec<Option<(DevBuf<f32>, DevBuf<f32>)>>,
     z0: DevBuf<f32>,     // (B*maxcells, e)
     hid: DevBuf<bf16>,   // (B*maxcells, 64)
     src: DevBuf<f32>,    // (B*maxcells, C)
@@ -332,6 +335,7 @@ impl GpuBackend<'_> {
                 .map(|s| g.alloc(b * s.tokens))
                 .collect::<Result<_>>()?,
             forced: schedule.scales.iter().map(|_| None).collect(),
+            stats: schedule.scales.iter().map(|_| None).collect(),
             z0: g.alloc(b * maxcells * e)?,
             hid: g.alloc(b * maxcells * 64)?,
             src: g.alloc(b * maxcells * c)?,
@@ -397,6 +401,7 @@ impl Backend for GpuBackend<'_> {
             Some((k, mut bt, steps)) if k == key => {
                 bt.len = 0;
                 bt.forced.iter_mut().for_each(|f| *f = None);
+                bt.stats.iter_mut().for_each(|st| *st = None);
                 self.steps = steps;
                 bt
             }
@@ -471,8 +476,9 @@ impl Backend for GpuBackend<'_> {
         let n = step.positions.len();
         let idx = &self.steps[step.t];
         let cells = sc.tokens;
-        if ch.stats {
-            bail!("token statistics (--maps, --save-tokens) are not recorded on the GPU yet");
+        if ch.stats && bt.stats[step.scale].is_none() {
+            let nan = vec![f32::NAN; bt.b * cells];
+            bt.stats[step.scale] = Some((g.upload(&nan)?, g.upload(&nan)?));
         }
         if let Some(f) = ch.forced
             && bt.forced[step.scale].is_none()
@@ -522,6 +528,10 @@ impl Backend for GpuBackend<'_> {
             forced,
             &mut bt.grids[step.scale],
             &mut bt.tokens,
+            match &mut bt.stats[step.scale] {
+                Some((p, e)) if ch.stats => Some((p, e)),
+                _ => None,
+            },
         )?;
         let out = if ch.record {
             Some(g.download_range(&bt.logits, 0..bt.b * n * v)?)
@@ -540,10 +550,18 @@ impl Backend for GpuBackend<'_> {
             let grid = g.download(&bt.grids[k])?;
             out.push(grid.into_iter().map(|t| t as u32).collect());
         }
+        // Statistics come back only when every scale recorded them (as on the CPU).
+        let (mut prob, mut entropy) = (Vec::new(), Vec::new());
+        if bt.stats.iter().all(Option::is_some) {
+            for (p, e) in bt.stats.iter().flatten() {
+                prob.push(g.download(p)?);
+                entropy.push(g.download(e)?);
+            }
+        }
         Ok(Grids {
             tokens: out,
-            prob: Vec::new(),
-            entropy: Vec::new(),
+            prob,
+            entropy,
         })
     }
 

@@ -20,6 +20,8 @@ struct GuidedSampleParams {
     tokens_out: u64,
     local_pos: u64,
     global_pos: u64,
+    prob: u64,
+    entropy: u64,
     seed: u64,
     batch: i32,
     n: i32,
@@ -35,7 +37,7 @@ struct GuidedSampleParams {
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for GuidedSampleParams {}
 // Same size as the C struct (static_assert in kernels/sampling.cu).
-const _: () = assert!(std::mem::size_of::<GuidedSampleParams>() == 96);
+const _: () = assert!(std::mem::size_of::<GuidedSampleParams>() == 112);
 
 /// The shape and knobs of one sampling step (everything but the buffers).
 #[derive(Clone, Debug)]
@@ -70,6 +72,9 @@ pub struct SampleStep<'a> {
 ///   choice (teacher forcing).
 /// * outputs: `grid` (B, cells) i32 gets the token at `local_pos[j]` (other cells untouched),
 ///   `tokens_out` (B, n) i32 the tokens in step order.
+/// * `stats`: when given, `(prob, entropy)` (B, cells) f32 get the chosen token's probability
+///   under softmax(l / T) and the entropy in nats at `local_pos[j]` (the CPU's
+///   `token_stats`; used by the maps).
 ///
 /// Enqueued on the GPU's stream; nothing is synchronized.
 #[allow(clippy::too_many_arguments)]
@@ -82,6 +87,7 @@ pub fn guided_sample(
     forced: Option<&DevBuf<i32>>,
     grid: &mut DevBuf<i32>,
     tokens_out: &mut DevBuf<i32>,
+    stats: Option<(&mut DevBuf<f32>, &mut DevBuf<f32>)>,
 ) -> Result<()> {
     let (b, n, v, cells) = (s.batch, s.n, s.vocab, s.cells);
     if b == 0 || n == 0 {
@@ -129,6 +135,14 @@ pub fn guided_sample(
             f.len()
         );
     }
+    if let Some((pr, en)) = &stats {
+        ensure!(
+            pr.len() >= b * cells && en.len() >= b * cells,
+            "guided_sample: stat grids hold {} and {}, need ({b}, {cells})",
+            pr.len(),
+            en.len()
+        );
+    }
     let pol = s.policy;
     ensure!(
         pol.temperature.is_finite(),
@@ -152,6 +166,8 @@ pub fn guided_sample(
         tokens_out: gpu.ptr(tokens_out),
         local_pos: gpu.ptr(local_pos),
         global_pos: gpu.ptr(global_pos),
+        prob: stats.as_ref().map_or(0, |(pr, _)| gpu.ptr(*pr)),
+        entropy: stats.as_ref().map_or(0, |(_, en)| gpu.ptr(*en)),
         seed: s.seed,
         batch: b as i32,
         n: n as i32,
