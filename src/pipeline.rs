@@ -8,7 +8,7 @@
 use crate::limits::{MAX_IMAGES, MAX_SAMPLE_BYTES};
 use crate::model::config::ModelConfig;
 use crate::order::{Schedule, Step, scale_sizes};
-use crate::sampling::TokenPolicy;
+use crate::sampling::{StepKnobs, TokenPolicy};
 use anyhow::{Result, bail};
 use std::time::Instant;
 
@@ -192,6 +192,29 @@ pub struct StepChoice<'a> {
     pub record: bool,
     /// Record the chosen tokens' probabilities and entropies into the scale's stat grids.
     pub stats: bool,
+}
+
+impl StepChoice<'_> {
+    /// The knobs of global step `t` for `batch` images over a `cells`-cell grid; guidance
+    /// only when the backend runs the unconditional rows (`guided`).
+    pub fn knobs(
+        &self,
+        batch: usize,
+        vocab: usize,
+        cells: usize,
+        guided: bool,
+        t: usize,
+    ) -> StepKnobs<'_> {
+        StepKnobs {
+            batch,
+            vocab,
+            cells,
+            guidance: if guided { self.guidance } else { None },
+            policy: self.policy,
+            seed: self.seed,
+            step: t as u32,
+        }
+    }
 }
 
 /// Images decoded from one scale of a finished batch.

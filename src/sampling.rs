@@ -85,6 +85,24 @@ pub fn choose_token(logits: &[f32], policy: &TokenPolicy, u: f64) -> usize {
     last
 }
 
+/// One sampling step's shape and knobs, everything but the buffers: what
+/// `cpu::ops::guided_sample` and `cuda::sampling::guided_sample` both take.
+#[derive(Clone, Copy, Debug)]
+pub struct StepKnobs<'a> {
+    /// Images B.
+    pub batch: usize,
+    /// Vocabulary size V.
+    pub vocab: usize,
+    /// Cells of this scale's grid (grid and forced are (B, cells)).
+    pub cells: usize,
+    /// `Some(cfg)`: `cond + cfg * (cond - uncond)` with the unconditional rows B..2B.
+    pub guidance: Option<f32>,
+    pub policy: &'a TokenPolicy,
+    /// The draw of (b, j) is `token_uniform(seed, b, step, global_pos[j])`.
+    pub seed: u64,
+    pub step: u32,
+}
+
 /// What the authors' sampler reports about one choice (cbgen/ar.py `sample`): with
 /// `p = softmax(logits / T)` (one-hot at the argmax when T = 0; top-k/top-p do not enter),
 /// the probability `p[token]` of the chosen token and the entropy `-sum p ln(p + 1e-8)` in

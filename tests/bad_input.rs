@@ -1,12 +1,13 @@
 //! Bad input fails with a clear error (library) or one line and a non-zero exit (CLI),
 //! never a panic or a silent wrong answer.
 
+mod common;
+
 use checkergen::model::Model;
 use checkergen::model::config::preset;
 use checkergen::model::file::{Dtype, Tensor, write_model};
 use checkergen::model::init::random_tensors;
 use std::path::PathBuf;
-use std::process::Command;
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("cg-bad-{}", std::process::id()));
@@ -30,13 +31,8 @@ fn load_err(p: &std::path::Path) -> String {
 }
 
 fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_checkergen"))
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    (out.status.success(), err)
+    let (ok, _, err) = common::cli(args);
+    (ok, err)
 }
 
 fn assert_cli_fails(args: &[&str], fragment: &str) {

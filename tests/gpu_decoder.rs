@@ -16,7 +16,8 @@ use checkergen::cuda::decoder::{
 };
 use checkergen::model::config::DecoderConfig;
 use checkergen::model::decoder::{Conv, DecoderWeights, GroupNorm as HostGroupNorm};
-use checkergen::model::file::{Tensor, TensorMap, load_safetensors};
+use checkergen::model::file::{TensorMap, load_safetensors};
+use checkergen::model::init::random_decoder_tensors;
 use common::half16::{nan, round_to, to_f32, to_h};
 use common::{Report, count_non_finite, per_image_nhwc, rand_tokens, rand_vec};
 use half::{bf16, f16};
@@ -568,20 +569,6 @@ fn golden_cases(gpu: &Gpu, dec: &mut GpuDecoder, cases: &TensorMap, gate: f64, w
     }
 }
 
-/// Random weights for every tensor of `cfg` (fan-in scaled, as the CPU decoder's own tests).
-fn random_weights(cfg: &DecoderConfig) -> TensorMap {
-    DecoderWeights::expected_tensors(cfg)
-        .into_iter()
-        .enumerate()
-        .map(|(i, (name, shape))| {
-            let n = shape.iter().product();
-            let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
-            let data = rand_vec(n, 9000 + i as u64, 1.0 / (fan_in as f32).sqrt());
-            (name, Tensor::new(shape, data))
-        })
-        .collect()
-}
-
 #[test]
 fn released_shape_decoder_matches_cpu() {
     let gpu = common::gpu("gpu decode released shapes");
@@ -589,7 +576,7 @@ fn released_shape_decoder_matches_cpu() {
         n_embed: 1024,
         ..checkergen::model::config::released_decoder()
     };
-    let cpu_dec = DecoderWeights::from_tensors(&cfg, &random_weights(&cfg)).unwrap();
+    let cpu_dec = DecoderWeights::from_tensors(&cfg, &random_decoder_tensors(&cfg, 9000)).unwrap();
     let dec = GpuDecoder::new(&gpu, &cpu_dec).unwrap();
     let dec_bf16 = GpuDecoder::with_precision(&gpu, &cpu_dec, Precision::Bf16).unwrap();
     // On the host emulator the released decoder runs at (B 3, s 5) only: s = 16 (256 px at

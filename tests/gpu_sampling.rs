@@ -8,10 +8,10 @@
 
 mod common;
 
-use checkergen::cpu::ops::{guided_sample as cpu_guided_sample, sampling::StepKnobs};
+use checkergen::cpu::ops::guided_sample as cpu_guided_sample;
 use checkergen::cuda::Gpu;
-use checkergen::cuda::sampling::{SampleStep, guided_sample};
-use checkergen::sampling::{TokenPolicy, argmax};
+use checkergen::cuda::sampling::guided_sample;
+use checkergen::sampling::{StepKnobs, TokenPolicy, argmax};
 use common::{kept_set, pol, rand_tokens, rand_vec, tied_vec};
 
 const POISON_GRID: i32 = -7;
@@ -35,6 +35,21 @@ struct Launch<'a> {
     forced: Option<&'a [i32]>,
     /// Also record the choice statistics (prob, entropy) into NaN-poisoned grids.
     stats: bool,
+}
+
+impl Launch<'_> {
+    /// The step's knobs, as both guided_sample implementations take them.
+    fn knobs(&self) -> StepKnobs<'_> {
+        StepKnobs {
+            batch: self.batch,
+            vocab: self.vocab,
+            cells: self.cells,
+            guidance: self.cfg,
+            policy: self.policy,
+            seed: self.seed,
+            step: self.step,
+        }
+    }
 }
 
 struct Out {
@@ -63,16 +78,7 @@ fn run(gpu: &Gpu, c: &Launch) -> Out {
     let df = c.forced.map(|f| gpu.upload(f).unwrap());
     let mut dg = gpu.upload(&vec![POISON_GRID; c.batch * c.cells]).unwrap();
     let mut dt = gpu.upload(&vec![POISON_TOK; c.batch * c.n]).unwrap();
-    let s = SampleStep {
-        batch: c.batch,
-        n: c.n,
-        vocab: c.vocab,
-        cells: c.cells,
-        cfg: c.cfg,
-        policy: c.policy,
-        seed: c.seed,
-        step: c.step,
-    };
+    let s = c.knobs();
     let nan = vec![f32::NAN; c.batch * c.cells];
     let mut ds = c
         .stats
@@ -81,6 +87,7 @@ fn run(gpu: &Gpu, c: &Launch) -> Out {
     guided_sample(
         gpu,
         &s,
+        c.n,
         &mut dl,
         &dlp,
         &dgp,
@@ -100,15 +107,7 @@ fn run(gpu: &Gpu, c: &Launch) -> Out {
 
 /// The CPU reference of the launch (`cpu::ops::guided_sample`, statistics always on).
 fn cpu_step(c: &Launch) -> Want {
-    let k = StepKnobs {
-        batch: c.batch,
-        vocab: c.vocab,
-        cells: c.cells,
-        guidance: c.cfg,
-        policy: c.policy,
-        seed: c.seed,
-        step: c.step,
-    };
+    let k = c.knobs();
     let usizes = |v: &[i32]| v.iter().map(|&x| x as usize).collect::<Vec<_>>();
     let forced: Option<Vec<u32>> = c.forced.map(|f| f.iter().map(|&t| t as u32).collect());
     let mut logits = c.logits.to_vec();
@@ -461,6 +460,16 @@ fn guided_sample_matches_cpu_ops() {
     });
 }
 
+/// Positions per row: fewer on the host emulator, where the full counts take minutes.
+fn positions(gpu: &Gpu, on_emu: usize, on_gpu: usize) -> usize {
+    if common::on_emu(gpu) { on_emu } else { on_gpu }
+}
+
+/// `rows` copies of one logits row.
+fn tile(row: &[f32], rows: usize) -> Vec<f32> {
+    (0..rows).flat_map(|_| row.iter().copied()).collect()
+}
+
 /// Chi-square of counts against probabilities, pooling bins whose expectation is below 5.
 /// Returns (chi2, degrees of freedom).
 fn chi_square(counts: &[usize], probs: &[f64]) -> (f64, usize) {
@@ -522,15 +531,8 @@ fn gpu_draws_follow_softmax_and_match_cpu() {
     // On the host emulator 1024 positions per row instead of 8192 (27 648 draws per
     // temperature instead of 221 184: the chi-square keeps 63 dof with > 400 draws per bin);
     // the full count would take minutes there.
-    let (b, n) = (
-        3usize,
-        if common::on_emu(&gpu) {
-            1024
-        } else {
-            8192usize
-        },
-    );
-    let logits: Vec<f32> = (0..b * n).flat_map(|_| base.iter().copied()).collect();
+    let (b, n) = (3usize, positions(&gpu, 1024, 8192));
+    let logits = tile(&base, b * n);
     let lp: Vec<i32> = (0..n as i32).collect();
     let gp: Vec<i32> = (0..n as i32).map(|j| j * 3 + 1).collect();
     for t in [1.0f32, 0.7, 2.0] {
@@ -596,7 +598,7 @@ fn gpu_top_k_top_p_never_emit_excluded_tokens() {
     // each logit row kind): the top-k/top-p selection over V = 1000 runs block-wide
     // collectives per kept token, which the emulator's fibers make slow (256 positions still
     // took over 10 minutes there).
-    let (b, n) = (2usize, if common::on_emu(&gpu) { 8 } else { 4096usize });
+    let (b, n) = (2usize, positions(&gpu, 8, 4096));
     let logits: Vec<f32> = (0..b * n)
         .flat_map(|r| bases[r % 4].iter().copied())
         .collect();
@@ -663,15 +665,8 @@ fn gpu_top_k_top_p_never_emit_excluded_tokens() {
     let small = [0.3f32, -1.0, 2.0, 0.0, 1.2, -0.5, 0.7, 1.9];
     // On the host emulator 1024 positions per row instead of 16384 (4096 draws per policy,
     // still over 100 expected per kept bin): the full count took about 7 minutes there.
-    let (b, n) = (
-        4usize,
-        if common::on_emu(&gpu) {
-            1024
-        } else {
-            16384usize
-        },
-    );
-    let logits: Vec<f32> = (0..b * n).flat_map(|_| small.iter().copied()).collect();
+    let (b, n) = (4usize, positions(&gpu, 1024, 16384));
+    let logits = tile(&small, b * n);
     let lp: Vec<i32> = (0..n as i32).collect();
     for policy in [
         pol(1.0, Some(3), None),

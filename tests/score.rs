@@ -240,7 +240,6 @@ use checkergen::model::config::preset;
 use checkergen::model::file::{Dtype, write_model};
 use checkergen::model::init::random_tensors;
 use std::path::PathBuf;
-use std::process::Command;
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("cg-score-{}", std::process::id()));
@@ -274,19 +273,7 @@ fn picture(name: &str, w: usize, h: usize, seed: usize) -> PathBuf {
     p
 }
 
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_checkergen"))
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        err,
-    )
-}
+use common::cli;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -2,7 +2,7 @@
 //! per-kernel references of [`crate::cpu::ops`] for everything around them, and the f32 VQ
 //! decoder.
 
-use super::ops::{self, sampling::StepKnobs};
+use super::ops;
 use super::transformer::CpuTransformer;
 use crate::model::Model;
 use crate::model::config::ModelConfig;
@@ -192,15 +192,7 @@ impl Backend for CpuBackend<'_> {
             step_inputs(w, schedule, step, &self.src, &self.grid, rows, b);
         tf.forward(&mut x, &cur, &prev_rope);
         let mut logits = tf.logits(&x); // (rows, n, V)
-        let knobs = StepKnobs {
-            batch: b,
-            vocab: v,
-            cells,
-            guidance: if self.guided { ch.guidance } else { None },
-            policy: ch.policy,
-            seed: ch.seed,
-            step: step.t as u32,
-        };
+        let knobs = ch.knobs(b, v, cells, self.guided, step.t);
         ops::guided_sample(
             &knobs,
             &mut logits,

@@ -210,16 +210,7 @@ mod tests {
     }
 
     fn random_weights(cfg: &DecoderConfig) -> TensorMap {
-        DecoderWeights::expected_tensors(cfg)
-            .into_iter()
-            .enumerate()
-            .map(|(i, (name, shape))| {
-                let n = shape.iter().product();
-                let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
-                let data = fill(n, i as u64, 1.0 / (fan_in as f32).sqrt());
-                (name, Tensor::new(shape, data))
-            })
-            .collect()
+        crate::model::init::random_decoder_tensors(cfg, 1)
     }
 
     #[test]

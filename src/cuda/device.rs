@@ -383,49 +383,32 @@ impl Gpu {
     /// read; `zeros` where the engine relies on zeros.
     #[track_caller]
     pub fn alloc<T: DevElem>(&self, n: usize) -> Result<DevBuf<T>> {
-        let loc = std::panic::Location::caller();
-        match &self.backend {
-            Backend::Cuda(c) => Ok(DevBuf {
-                mem: Mem::Cuda(
-                    c.stream
-                        .alloc_zeros(n.max(1))
-                        .context("device allocation")?,
-                ),
-                len: n.max(1),
-            }),
-            Backend::Emu(e) => {
-                let h = e.alloc::<T>(n.max(1), loc)?;
-                h.fill(T::POISON);
-                Ok(DevBuf {
-                    mem: Mem::Emu(h),
-                    len: n.max(1),
-                })
-            }
-        }
+        self.alloc_filled(n, T::POISON, std::panic::Location::caller())
     }
 
     /// A zeroed buffer of `n` elements.
     #[track_caller]
     pub fn zeros<T: DevElem>(&self, n: usize) -> Result<DevBuf<T>> {
-        let loc = std::panic::Location::caller();
-        match &self.backend {
-            Backend::Cuda(c) => Ok(DevBuf {
-                mem: Mem::Cuda(
-                    c.stream
-                        .alloc_zeros(n.max(1))
-                        .context("device allocation")?,
-                ),
-                len: n.max(1),
-            }),
+        self.alloc_filled(n, T::default(), std::panic::Location::caller())
+    }
+
+    /// `n` (at least 1) elements: zeroed on a GPU, `emu_fill` on the emulator.
+    fn alloc_filled<T: DevElem>(
+        &self,
+        n: usize,
+        emu_fill: T,
+        loc: &'static std::panic::Location<'static>,
+    ) -> Result<DevBuf<T>> {
+        let len = n.max(1);
+        let mem = match &self.backend {
+            Backend::Cuda(c) => Mem::Cuda(c.stream.alloc_zeros(len).context("device allocation")?),
             Backend::Emu(e) => {
-                let h = e.alloc::<T>(n.max(1), loc)?;
-                h.fill(T::default());
-                Ok(DevBuf {
-                    mem: Mem::Emu(h),
-                    len: n.max(1),
-                })
+                let h = e.alloc::<T>(len, loc)?;
+                h.fill(emu_fill);
+                Mem::Emu(h)
             }
-        }
+        };
+        Ok(DevBuf { mem, len })
     }
 
     /// Upload a host slice.

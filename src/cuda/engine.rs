@@ -504,16 +504,7 @@ impl Backend for GpuBackend<'_> {
         rmsnorm_adaln(g, &bt.x, &m.final_norm, None, &mut bt.a, t, n, c, eps)?;
         linear(g, &bt.a, 0, &m.head, &mut bt.logits, 0, t, c, v, 0.0)?;
         add_bias_f32(g, &mut bt.logits, &m.head_b, t, v)?;
-        let sample = sampling::SampleStep {
-            batch: bt.b,
-            n,
-            vocab: v,
-            cells,
-            cfg: if self.guided { ch.guidance } else { None },
-            policy: ch.policy,
-            seed: ch.seed,
-            step: step.t as u32,
-        };
+        let knobs = ch.knobs(bt.b, v, cells, self.guided, step.t);
         let forced = if ch.forced.is_some() {
             bt.forced[step.scale].as_ref()
         } else {
@@ -521,7 +512,8 @@ impl Backend for GpuBackend<'_> {
         };
         sampling::guided_sample(
             g,
-            &sample,
+            &knobs,
+            n,
             &mut bt.logits,
             &idx.local,
             &idx.cur_global,

@@ -114,34 +114,12 @@ mod tests {
 }
 
 /// The host-emulator ABI ([`EmuFn`]) on host memory, with parameter structs built as the
-/// launchers build them (layouts copied from src/cuda/norm.rs).
+/// launchers build them (the param structs of src/cuda/norm.rs).
 #[cfg(test)]
 mod emu_abi_tests {
+    use super::norm::{AddBiasParams, RmsNormParams};
     use super::{Kernel, k};
     use half::bf16;
-
-    #[repr(C)]
-    struct AddBiasParams {
-        y: u64,
-        b: u64,
-        rows: i32,
-        n: i32,
-    }
-    const _: () = assert!(std::mem::size_of::<AddBiasParams>() == 24);
-
-    #[repr(C)]
-    struct RmsNormParams {
-        x: u64,
-        w: u64,
-        modulation: u64,
-        out: u64,
-        tokens: i32,
-        n: i32,
-        c: i32,
-        mod_offset: i32,
-        eps: f32,
-    }
-    const _: () = assert!(std::mem::size_of::<RmsNormParams>() == 56);
 
     /// Whether build.rs built the emulator (it needs a C++ compiler). A test that cannot
     /// run must not pass: without the emulator these tests fail with the reason.

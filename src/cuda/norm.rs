@@ -1,4 +1,5 @@
-//! Launchers for kernels/norm.cu: RMSNorm + AdaLN, SwiGLU gating, bias add.
+//! Launchers for kernels/norm.cu: RMSNorm + AdaLN, SwiGLU gating, bias add. The param
+//! structs are also used by the emulator ABI tests in src/cuda/mod.rs.
 
 use super::{DevBuf, Gpu, k};
 use anyhow::{Result, ensure};
@@ -7,16 +8,16 @@ use half::bf16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-struct RmsNormParams {
-    x: u64,
-    w: u64,
-    modulation: u64,
-    out: u64,
-    tokens: i32,
-    n: i32,
-    c: i32,
-    mod_offset: i32,
-    eps: f32,
+pub(super) struct RmsNormParams {
+    pub(super) x: u64,
+    pub(super) w: u64,
+    pub(super) modulation: u64,
+    pub(super) out: u64,
+    pub(super) tokens: i32,
+    pub(super) n: i32,
+    pub(super) c: i32,
+    pub(super) mod_offset: i32,
+    pub(super) eps: f32,
 }
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for RmsNormParams {}
@@ -117,11 +118,11 @@ pub fn silu_mul(
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-struct AddBiasParams {
-    y: u64,
-    b: u64,
-    rows: i32,
-    n: i32,
+pub(super) struct AddBiasParams {
+    pub(super) y: u64,
+    pub(super) b: u64,
+    pub(super) rows: i32,
+    pub(super) n: i32,
 }
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for AddBiasParams {}

@@ -4,7 +4,7 @@
 //! rules and numerics.
 
 use super::{DevBuf, Gpu, k};
-use crate::sampling::TokenPolicy;
+use crate::sampling::StepKnobs;
 use anyhow::{Result, ensure};
 use cudarc::driver::DeviceRepr;
 
@@ -39,29 +39,6 @@ unsafe impl DeviceRepr for GuidedSampleParams {}
 // Same size as the C struct (static_assert in kernels/sampling.cu).
 const _: () = assert!(std::mem::size_of::<GuidedSampleParams>() == 112);
 
-/// The shape and knobs of one sampling step (everything but the buffers).
-#[derive(Clone, Debug)]
-pub struct SampleStep<'a> {
-    /// Images B.
-    pub batch: usize,
-    /// Tokens per image chosen this step.
-    pub n: usize,
-    /// Vocabulary size V (the logits' row length).
-    pub vocab: usize,
-    /// Cells of this scale's token grid (the grid and forced buffers are (B, cells)).
-    pub cells: usize,
-    /// `Some(cfg)`: guidance applies this step, `cond + cfg * (cond - uncond)` with the
-    /// unconditional rows B..2B of the logits. `None`: the conditional rows alone (the logits
-    /// may still hold 2B rows; the last B are then not read).
-    pub cfg: Option<f32>,
-    /// Temperature, top-k, top-p.
-    pub policy: &'a TokenPolicy,
-    /// RNG seed and step counter t: the draw of (b, j) is token_uniform(seed, b, t,
-    /// global_pos[j]), as in the CPU sampler.
-    pub seed: u64,
-    pub step: u32,
-}
-
 /// Choose the tokens of one step on the device.
 ///
 /// * `logits` (rows * n, V) f32, rows = B or 2B (conditional rows first); with guidance the
@@ -80,7 +57,8 @@ pub struct SampleStep<'a> {
 #[allow(clippy::too_many_arguments)]
 pub fn guided_sample(
     gpu: &Gpu,
-    s: &SampleStep,
+    s: &StepKnobs,
+    n: usize,
     logits: &mut DevBuf<f32>,
     local_pos: &DevBuf<i32>,
     global_pos: &DevBuf<i32>,
@@ -89,7 +67,7 @@ pub fn guided_sample(
     tokens_out: &mut DevBuf<i32>,
     stats: Option<(&mut DevBuf<f32>, &mut DevBuf<f32>)>,
 ) -> Result<()> {
-    let (b, n, v, cells) = (s.batch, s.n, s.vocab, s.cells);
+    let (b, v, cells) = (s.batch, s.vocab, s.cells);
     if b == 0 || n == 0 {
         return Ok(());
     }
@@ -105,7 +83,7 @@ pub fn guided_sample(
         cells >= 1 && b * cells <= i32::MAX as usize,
         "guided_sample: bad cell count {cells}"
     );
-    let rows = if s.cfg.is_some() { 2 * b } else { b };
+    let rows = if s.guidance.is_some() { 2 * b } else { b };
     ensure!(
         logits.len() >= rows * n * v,
         "guided_sample: logits hold {} floats, need ({rows} x {n}, {v}) = {}",
@@ -149,7 +127,7 @@ pub fn guided_sample(
         "guided_sample: temperature {} is not finite",
         pol.temperature
     );
-    if let Some(c) = s.cfg {
+    if let Some(c) = s.guidance {
         ensure!(c.is_finite(), "guided_sample: cfg {c} is not finite");
     }
     // The CPU's conventions: top_k clamped to [1, V] (V = off); top_p active only when < 1
@@ -173,8 +151,8 @@ pub fn guided_sample(
         n: n as i32,
         v: v as i32,
         cells: cells as i32,
-        guided: s.cfg.is_some() as i32,
-        cfg: s.cfg.unwrap_or(0.0),
+        guided: s.guidance.is_some() as i32,
+        cfg: s.guidance.unwrap_or(0.0),
         temperature: pol.temperature,
         top_k: top_k as i32,
         top_p,

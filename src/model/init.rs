@@ -4,7 +4,8 @@
 //! 1/sqrt(fan_in) linears, norms near 1, logits of std about 4), drawn from Philox keyed by
 //! (seed, tensor name), so a file is reproducible from its seed.
 
-use crate::model::config::ModelConfig;
+use crate::model::config::{DecoderConfig, ModelConfig};
+use crate::model::decoder::DecoderWeights;
 use crate::model::file::{Tensor, TensorMap};
 use crate::model::weights::expected_tensors;
 use crate::rng::philox4x32_10;
@@ -110,4 +111,25 @@ pub fn random_tensors_where(
         map.insert(name, Tensor::new(shape, data));
     }
     Ok(map)
+}
+
+/// Random weights for every tensor of a VQ decoder alone (the decoder's unit tests and the GPU
+/// decoder tests): uniform in [-1, 1) / sqrt(fan_in), from Philox keyed by (seed, name).
+pub fn random_decoder_tensors(cfg: &DecoderConfig, seed: u64) -> TensorMap {
+    DecoderWeights::expected_tensors(cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+            let scale = 1.0 / (fan_in as f32).sqrt();
+            let key = name_key(seed, &name);
+            let data = (0..n)
+                .map(|i| {
+                    let x = philox4x32_10([i as u32, (i >> 32) as u32, 2, 0], key)[0];
+                    (x as f64 / 2_147_483_648.0 - 1.0) as f32 * scale
+                })
+                .collect();
+            (name, Tensor::new(shape, data))
+        })
+        .collect()
 }

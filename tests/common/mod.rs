@@ -459,3 +459,19 @@ pub fn kept_set(l: &[f32], p: &checkergen::sampling::TokenPolicy) -> Vec<bool> {
     }
     kept
 }
+
+/// Runs the checkergen binary: (exit success, stdout, stderr). A panic fails the test
+/// whatever the exit status: bad input must end in a one-line error, never a panic.
+pub fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_checkergen"))
+        .args(args)
+        .output()
+        .expect("cannot run checkergen");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        err,
+    )
+}

@@ -1,24 +1,8 @@
 //! CPU reference of kernels/sampling.cu: guidance combine, token choice and scatter.
 
 use crate::rng::token_uniform;
-use crate::sampling::{TokenPolicy, cfg_combine, choose_token, token_stats};
-
-/// One step's shape and knobs (everything but the buffers); mirrors `cuda::sampling::SampleStep`.
-#[derive(Clone, Copy, Debug)]
-pub struct StepKnobs<'a> {
-    /// Images B.
-    pub batch: usize,
-    /// Vocabulary size V.
-    pub vocab: usize,
-    /// Cells of this scale's grid (grid and forced are (B, cells)).
-    pub cells: usize,
-    /// `Some(cfg)`: `cond + cfg * (cond - uncond)` with the unconditional rows B..2B.
-    pub guidance: Option<f32>,
-    pub policy: &'a TokenPolicy,
-    /// The draw of (b, j) is `token_uniform(seed, b, step, global_pos[j])`.
-    pub seed: u64,
-    pub step: u32,
-}
+pub use crate::sampling::StepKnobs;
+use crate::sampling::{cfg_combine, choose_token, token_stats};
 
 /// Choose the tokens of one step.
 ///
