@@ -35,26 +35,7 @@ enum Cmd {
         png: Option<PathBuf>,
     },
     /// Print the scale pyramid and serial step schedule.
-    Schedule {
-        /// Scale ratio r > 1: a number, or a power such as 2^(1/4), or sqrt(2).
-        #[arg(long, value_name = "R", value_parser = parse_ratio)]
-        scale_ratio: f64,
-        /// Image side in pixels.
-        #[arg(long, default_value_t = 256)]
-        img_size: usize,
-        /// Smallest scale side.
-        #[arg(long, default_value_t = 1)]
-        scale_min_size: usize,
-        /// Serial steps per scale (the reference's num_blocks_per_scale).
-        #[arg(long, default_value_t = checkergen::pipeline::DEFAULT_STEPS_PER_SCALE)]
-        steps_per_scale: usize,
-        /// VQ stride (pixels per latent cell).
-        #[arg(long, default_value_t = 16)]
-        vq_stride: usize,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Schedule(ScheduleArgs),
     /// Sample images (tokens, PNGs, run.json) from a model file or, without --model, from
     /// the tiny preset with random weights.
     Sample(commands::SampleArgs),
@@ -172,21 +153,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Order { size, json, png } => cmd_order(size, json, png),
-        Cmd::Schedule {
-            scale_ratio,
-            img_size,
-            scale_min_size,
-            steps_per_scale,
-            vq_stride,
-            json,
-        } => cmd_schedule(
-            scale_ratio,
-            img_size,
-            scale_min_size,
-            steps_per_scale,
-            vq_stride,
-            json,
-        ),
+        Cmd::Schedule(args) => cmd_schedule(args),
         Cmd::Sample(args) => commands::sample(args),
         Cmd::Init {
             preset,
@@ -245,14 +212,38 @@ fn cmd_order(size: usize, json: bool, png: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn cmd_schedule(
-    ratio: f64,
+/// Arguments of `checkergen schedule`.
+#[derive(clap::Args)]
+struct ScheduleArgs {
+    /// Scale ratio r > 1: a number, or a power such as 2^(1/4), or sqrt(2).
+    #[arg(long, value_name = "R", value_parser = parse_ratio)]
+    scale_ratio: f64,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 256)]
     img_size: usize,
-    min_size: usize,
-    steps: usize,
+    /// Smallest scale side.
+    #[arg(long, default_value_t = 1)]
+    scale_min_size: usize,
+    /// Serial steps per scale (the reference's num_blocks_per_scale).
+    #[arg(long, default_value_t = checkergen::pipeline::DEFAULT_STEPS_PER_SCALE)]
+    steps_per_scale: usize,
+    /// VQ stride (pixels per latent cell).
+    #[arg(long, default_value_t = 16)]
     vq_stride: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
     json: bool,
-) -> Result<()> {
+}
+
+fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
+    let ScheduleArgs {
+        scale_ratio: ratio,
+        img_size,
+        scale_min_size: min_size,
+        steps_per_scale: steps,
+        vq_stride,
+        json,
+    } = a;
     if steps == 0 {
         bail!("--steps-per-scale must be at least 1");
     }

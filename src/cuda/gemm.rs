@@ -394,32 +394,35 @@ mod tests {
             let a: Vec<f32> = (0..sa * batch).map(val).collect();
             let b: Vec<f32> = (0..sb * batch).map(|i| val(i + 7)).collect();
             let c0: Vec<f32> = (0..sc * batch).map(|i| val(i + 3)).collect();
-            let mut want = c0.clone();
-            reference(
-                trans_a,
-                (m, n, k),
-                &a,
-                (lda, sa),
-                &b,
-                (ldb, sb),
-                &mut want,
-                (ldc, sc),
-                beta,
-                batch,
-            );
+            // The f64 reference from a starting C, and one host_gemm call with these shapes.
+            let reference_from = |c_init: Vec<f32>| {
+                let mut w = c_init;
+                let lds = ((lda, sa), (ldb, sb), (ldc, sc));
+                reference(
+                    trans_a,
+                    (m, n, k),
+                    &a,
+                    lds.0,
+                    &b,
+                    lds.1,
+                    &mut w,
+                    lds.2,
+                    beta,
+                    batch,
+                );
+                w
+            };
+            let gemm = |a: Operand, b: Operand, c: Operand| {
+                host_gemm(trans_a, (m, n, k), a, b, c, beta, batch, |_, _, _| Ok(())).unwrap()
+            };
             // f32 everywhere
+            let want = reference_from(c0.clone());
             let mut c = c0.clone();
-            host_gemm(
-                trans_a,
-                (m, n, k),
+            gemm(
                 op(&a, f32t, lda, sa),
                 op(&b, f32t, ldb, sb),
                 op_mut(&mut c, f32t, ldc, sc),
-                beta,
-                batch,
-                |_, _, _| Ok(()),
-            )
-            .unwrap();
+            );
             for (x, y) in c.iter().zip(&want) {
                 assert!(
                     (x - y).abs() < 1e-4,
@@ -430,30 +433,12 @@ mod tests {
             let ah: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
             let bh: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
             let mut ch: Vec<bf16> = c0.iter().map(|&x| bf16::from_f32(x)).collect();
-            let mut wantb: Vec<f32> = ch.iter().map(|x| x.to_f32()).collect();
-            reference(
-                trans_a,
-                (m, n, k),
-                &a,
-                (lda, sa),
-                &b,
-                (ldb, sb),
-                &mut wantb,
-                (ldc, sc),
-                beta,
-                batch,
-            );
-            host_gemm(
-                trans_a,
-                (m, n, k),
+            let wantb = reference_from(ch.iter().map(|x| x.to_f32()).collect());
+            gemm(
                 op(&ah, bft, lda, sa),
                 op(&bh, bft, ldb, sb),
                 op_mut(&mut ch, bft, ldc, sc),
-                beta,
-                batch,
-                |_, _, _| Ok(()),
-            )
-            .unwrap();
+            );
             for (i, (x, y)) in ch.iter().zip(&wantb).enumerate() {
                 let in_c = (0..batch).any(|bi| {
                     let r = i.wrapping_sub(bi * sc);
