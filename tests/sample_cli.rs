@@ -209,4 +209,10 @@ fn sample_on_the_emulated_device() {
         "--device emu vs cpu, greedy, last scale: {same}/{} tokens equal (bf16 vs f32 moves near-ties of random weights)",
         emu.len() / 4
     );
+    // Free-running greedy: a flipped near-tie changes what follows, so agreement is a rate
+    // (95.5 % seen on the emulator); a wrong kernel makes it collapse.
+    assert!(
+        same as f64 >= 0.8 * (emu.len() / 4) as f64,
+        "--device emu vs cpu: only {same} tokens equal"
+    );
 }
