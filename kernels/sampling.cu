@@ -8,7 +8,7 @@
 //   2. token: forced[b, local_pos[j]] when p.forced != 0 (teacher forcing); else
 //      T == 0: argmax(l), first index on exact ties (torch.argmax, src/sampling.rs argmax);
 //      T > 0:  w_i = exp((l_i - max) / T), restricted to the top-k set, then to the top-p set,
-//              and drawn by the inverse CDF with u = token_uniform(seed, b, step, global_pos[j]):
+//              and drawn by the inverse CDF with u = token_uniform(seed, image0 + b, step, global_pos[j]):
 //              the first kept id, walking ids in ascending order, whose cumulative weight
 //              exceeds u * (total kept weight). Same rule as src/sampling.rs choose_token.
 //   3. the token goes to grid[b, local_pos[j]] and to tokens_out[b, j].
@@ -106,8 +106,9 @@ struct GuidedSampleParams {
     int top_k;          // in [1, V]; V = off
     float top_p;        // < 1: on; 1 = off
     int step;           // step counter t (RNG counter word 1)
+    uint32_t image0;    // run-wide index of image 0 of the batch (RNG counter word 0 = image0 + b)
 };
-static_assert(sizeof(GuidedSampleParams) == 112, "GuidedSampleParams: mirrored in src/cuda/sampling.rs");
+static_assert(sizeof(GuidedSampleParams) == 120, "GuidedSampleParams: mirrored in src/cuda/sampling.rs");
 
 // ---------------------------------------------------------------------------------------
 // Block-wide reductions and scans (blockDim.x a multiple of 32, at most 1024). Each starts
@@ -359,7 +360,7 @@ __device__ __forceinline__ void guided_sample_impl(const GuidedSampleParams& p) 
         }
         double total;
         double acc = block_exclusive_scan<double>(s, sd, &total);
-        const double u = token_uniform(p.seed, (uint32_t)b, (uint32_t)p.step,
+        const double u = token_uniform(p.seed, p.image0 + (uint32_t)b, (uint32_t)p.step,
                                        (uint32_t)p.global_pos[j]);
         const double target = u * total;
         int found = NO_INDEX, last = -1;

@@ -82,6 +82,11 @@ pub struct SampleArgs {
     /// Print milliseconds per serial step and per scale.
     #[arg(long)]
     timings: bool,
+    /// Images per batch; any number of images is sampled batch after batch (memory holds
+    /// one batch). Default: from the device's free memory on a GPU (at most 256), 8 on the
+    /// CPU, 4 on the emulator; printed. The images do not depend on it.
+    #[arg(long)]
+    batch_size: Option<usize>,
 }
 
 pub fn ensure_dir(dir: &Path) -> Result<()> {
@@ -138,20 +143,69 @@ fn pick_gpu(device: Device) -> Result<Option<checkergen::cuda::Gpu>> {
     }
 }
 
+/// Images shown in grid.png: the first ones of the run (a montage of thousands would be a
+/// picture nobody opens, and would hold every image in memory).
+pub const GRID_MAX_IMAGES: usize = 64;
+
+/// run.json lists the labels of runs up to this many images (beyond, the round-robin rule
+/// of --num-samples, as a string: a 10-million-image run would write 60 MB of labels).
+pub const RUN_JSON_MAX_LABELS: usize = 100_000;
+
+/// What the batches of one `sample` run accumulate.
+#[derive(Default)]
+struct SampleRun {
+    /// RGB of the first [`GRID_MAX_IMAGES`] images.
+    grid: Vec<Vec<u8>>,
+    /// With --save-tokens: every image's tokens and statistics, batch after batch.
+    tokens: Option<pipeline::TokenOutput>,
+    schedule: Option<Schedule>,
+    /// Per serial step, summed over batches.
+    step_ms: Vec<f64>,
+    prefill_ms: f64,
+    decode_ms: f64,
+    batches: usize,
+}
+
+/// The default `--batch-size`: on a GPU what fits in 60 % of its free memory (at the f32
+/// KV-cache estimate of `pipeline::bytes_per_image`, an over-estimate for bf16), at most
+/// 256; on the emulator 4 (it is slow); on the CPU at most 8, within a quarter of
+/// `limits::MAX_SAMPLE_BYTES`.
+fn default_batch_size(cfg: &ModelConfig, guided: bool, device: &DeviceKind) -> Result<usize> {
+    let per = pipeline::bytes_per_image(cfg, guided)?.max(1);
+    Ok(match device {
+        DeviceKind::Gpu { free_bytes } => ((*free_bytes as f64 * 0.6) as u64 / per).clamp(1, 256),
+        DeviceKind::Emu => 4,
+        DeviceKind::Cpu => (checkergen::limits::MAX_SAMPLE_BYTES / 4 / per).clamp(1, 8),
+    } as usize)
+}
+
+/// Which kind of device a run uses, for its defaults.
+enum DeviceKind {
+    Cpu,
+    Emu,
+    Gpu { free_bytes: u64 },
+}
+
 pub fn sample(a: SampleArgs) -> Result<()> {
     #[cfg(not(feature = "cuda"))]
     if matches!(a.device, Device::Cuda | Device::Emu) {
         bail!("--device cuda/emu: this binary was built without the `cuda` feature");
     }
+    if a.batch_size == Some(0) {
+        bail!("--batch-size must be at least 1");
+    }
     ensure_dir(&a.out)?;
     let (model, source) = load_or_tiny(a.model.as_deref())?;
+    let max_run = checkergen::limits::MAX_RUN_IMAGES;
     let labels = match (&a.labels, a.num_samples) {
+        (Some(l), _) if l.len() > max_run => {
+            bail!("{} labels: at most {max_run} images per run", l.len())
+        }
         (Some(l), _) => l.clone(),
         (None, Some(0)) => bail!("--num-samples must be at least 1"),
-        (None, Some(n)) if n > checkergen::limits::MAX_IMAGES => bail!(
-            "--num-samples {n}: at most {} images per run",
-            checkergen::limits::MAX_IMAGES
-        ),
+        (None, Some(n)) if n > max_run => {
+            bail!("--num-samples {n}: at most {max_run} images per run")
+        }
         (None, Some(n)) => (0..n).map(|i| i % model.config.num_classes).collect(),
         (None, None) => bail!("give --labels or --num-samples"),
     };
@@ -159,12 +213,12 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     // --model itself among them, is refused now rather than after minutes of sampling.
     let inputs: Vec<&Path> = a.model.as_deref().into_iter().collect();
     let mut outputs = vec![a.out.join("grid.png"), a.out.join("run.json")];
-    outputs.extend((0..labels.len()).map(|i| a.out.join(format!("sample_{i:04}.png"))));
     if a.save_tokens {
         outputs.push(a.out.join("tokens.safetensors"));
     }
-    for o in &outputs {
-        checkergen::paths::check_output(o, &inputs)?;
+    let per_image = (0..labels.len()).map(|i| a.out.join(format!("sample_{i:04}.png")));
+    for o in outputs.into_iter().chain(per_image) {
+        checkergen::paths::check_output(&o, &inputs)?;
     }
     let mut opts = SampleOptions::new(labels.clone());
     opts.cfg = a.cfg;
@@ -181,46 +235,181 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     opts.seed = a.seed;
     opts.record_stats = a.maps || a.save_tokens;
     opts.decode_pyramid = a.pyramid;
+    // The whole request is checked once, at the batch size, before any batch runs.
+    let guided = a.cfg > 0.0;
     #[cfg(feature = "cuda")]
     let gpu_model = match pick_gpu(a.device)? {
         Some(g) => Some(checkergen::cuda::engine::GpuModel::new(g, &model)?),
         None => None,
     };
-    let t = Instant::now();
     #[cfg(feature = "cuda")]
-    let (out, device) = match &gpu_model {
-        Some(gm) => (
-            pipeline::sample(&mut checkergen::cuda::engine::GpuBackend::new(gm), &opts)?,
+    let kind = match &gpu_model {
+        Some(gm) if gm.gpu.is_emu() => DeviceKind::Emu,
+        Some(gm) => DeviceKind::Gpu {
+            free_bytes: gm.gpu.mem_get_info()?.0 as u64,
+        },
+        None => DeviceKind::Cpu,
+    };
+    #[cfg(not(feature = "cuda"))]
+    let kind = DeviceKind::Cpu;
+    let batch = match a.batch_size {
+        Some(n) => n,
+        None => {
+            let n = default_batch_size(&model.config, guided, &kind)?.min(labels.len());
+            eprintln!("batch size {n} (the default on this device; --batch-size N to change)");
+            n
+        }
+    };
+    let mut probe = opts.clone();
+    probe.labels.truncate(batch);
+    pipeline::validate_options(&model.config, model.scale_sizes.len(), &probe)?;
+
+    let t = Instant::now();
+    let mut run = SampleRun::default();
+    let mut each =
+        |first: usize, out: pipeline::Samples| write_batch(&a, &model, first, out, &mut run);
+    #[cfg(feature = "cuda")]
+    let device = match &gpu_model {
+        Some(gm) => {
+            let mut be = checkergen::cuda::engine::GpuBackend::new(gm);
+            pipeline::sample_batches(&mut be, &opts, batch, &mut each)?;
             if gm.gpu.is_emu() {
                 "emu (host-emulated CUDA device)".to_string()
             } else {
                 format!("cuda ({}, kernels: {})", gm.gpu.name, gm.gpu.image_kind)
-            },
-        ),
-        None => (
-            pipeline::sample(&mut CpuBackend::new(&model), &opts)?,
-            "cpu".to_string(),
-        ),
+            }
+        }
+        None => {
+            pipeline::sample_batches(&mut CpuBackend::new(&model), &opts, batch, &mut each)?;
+            "cpu".to_string()
+        }
     };
     #[cfg(not(feature = "cuda"))]
-    let (out, device) = (
-        pipeline::sample(&mut CpuBackend::new(&model), &opts)?,
-        "cpu".to_string(),
-    );
+    let device = {
+        pipeline::sample_batches(&mut CpuBackend::new(&model), &opts, batch, &mut each)?;
+        "cpu".to_string()
+    };
     let total_s = t.elapsed().as_secs_f64();
-
-    // Images: one PNG each and a grid.
-    let side = out.image_size;
+    let side = model.config.img_size;
     let b = labels.len();
+    let (gw, gh, grid) = grid_rgb(&run.grid, side);
+    write_rgb_png(&a.out.join("grid.png"), gw, gh, &grid)?;
+    let sched = run.schedule.as_ref().context("no batch ran")?;
+    if let Some(tokens) = &run.tokens {
+        write_tokens(&a.out.join("tokens.safetensors"), tokens, b)?;
+    }
+    let per_scale_ms: Vec<f64> = (0..sched.scales.len())
+        .map(|k| {
+            sched
+                .steps
+                .iter()
+                .zip(&run.step_ms)
+                .filter(|(s, _)| s.scale == k)
+                .map(|(_, ms)| ms)
+                .sum()
+        })
+        .collect();
+    let run_json = serde_json::json!({
+        "model": source,
+        "config": model.config,
+        "device": device,
+        // Every label up to RUN_JSON_MAX_LABELS images; beyond, --num-samples's rule.
+        "labels": if labels.len() <= RUN_JSON_MAX_LABELS {
+            serde_json::json!(labels)
+        } else {
+            serde_json::json!(format!("image i has class i mod {}", model.config.num_classes))
+        },
+        "num_images": labels.len(),
+        "batch_size": batch,
+        "batches": run.batches,
+        "cfg": a.cfg,
+        "cfg_start_step": a.cfg_start_step,
+        "temperature": a.temperature,
+        "top_k": a.top_k,
+        "top_p": a.top_p,
+        "seed": a.seed,
+        "schedule": {
+            "scale_sizes": model.scale_sizes,
+            "steps_per_scale": sched.scales.iter().map(|s| s.steps).collect::<Vec<_>>(),
+            "block": sched.scales.iter().map(|s| s.block).collect::<Vec<_>>(),
+            "total_steps": sched.total_steps(),
+        },
+        "timings_ms": {
+            "prefill": run.prefill_ms,
+            "steps": run.step_ms,
+            "per_scale": per_scale_ms,
+            "decode": run.decode_ms,
+            "total": total_s * 1e3,
+        },
+    });
+    let run_path = a.out.join("run.json");
+    std::io::Write::write_all(
+        &mut checkergen::paths::create_output(&run_path)?,
+        serde_json::to_string_pretty(&run_json)?.as_bytes(),
+    )
+    .with_context(|| format!("cannot write {}", run_path.display()))?;
+    if a.timings {
+        println!(
+            "{:>5} {:>5} {:>6} {:>10} {:>12}",
+            "scale", "size", "steps", "ms", "ms/step"
+        );
+        for (k, sc) in sched.scales.iter().enumerate() {
+            println!(
+                "{:>5} {:>5} {:>6} {:>10.2} {:>12.2}",
+                k,
+                sc.size,
+                sc.steps,
+                per_scale_ms[k],
+                per_scale_ms[k] / sc.steps as f64
+            );
+        }
+        let steps_ms: f64 = run.step_ms.iter().sum();
+        println!(
+            "serial steps: {} in {:.1} ms ({:.2} ms/step); prefill {:.2} ms; decode {:.1} ms \
+             (sums over {} batches)",
+            sched.total_steps(),
+            steps_ms,
+            steps_ms / sched.total_steps() as f64,
+            run.prefill_ms,
+            run.decode_ms,
+            run.batches
+        );
+    }
+    println!(
+        "wrote {b} images ({side}x{side}) to {} in {total_s:.2} s ({} serial steps, {}, {device})",
+        a.out.display(),
+        sched.total_steps(),
+        if run.batches == 1 {
+            "1 batch".to_string()
+        } else {
+            format!("{} batches of at most {batch}", run.batches)
+        }
+    );
+    Ok(())
+}
+
+/// Write one finished batch (images `first..`): PNGs, pyramids, maps; keep what the run's
+/// grid, tokens file and timings need.
+fn write_batch(
+    a: &SampleArgs,
+    model: &Model,
+    first: usize,
+    out: pipeline::Samples,
+    run: &mut SampleRun,
+) -> Result<()> {
+    let side = out.image_size;
+    let b = out.tokens.tokens[0].len() / out.tokens.schedule.scales[0].tokens;
     let images: Vec<Vec<u8>> = (0..b)
         .map(|i| planar_to_rgb(&out.pixels, i, side))
         .collect();
     for (i, rgb) in images.iter().enumerate() {
-        write_rgb_png(&a.out.join(format!("sample_{i:04}.png")), side, side, rgb)?;
+        write_rgb_png(
+            &a.out.join(format!("sample_{:04}.png", first + i)),
+            side,
+            side,
+            rgb,
+        )?;
     }
-    let (gw, gh, grid) = grid_rgb(&images, side);
-    write_rgb_png(&a.out.join("grid.png"), gw, gh, &grid)?;
-
     let sched = &out.tokens.schedule;
     let stride = model.config.decoder.stride();
     // The decoded pyramid of image i, scales side by side, top-aligned: (rgb, height, width).
@@ -240,10 +429,11 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         (rgb, h, w)
     };
     for (i, img) in images.iter().enumerate() {
+        let n = first + i;
         let pyr = a.pyramid.then(|| pyramid_of(i));
         if let Some((rgb, h, w)) = &pyr {
             write_rgb_png(
-                &a.out.join(format!("sample_{i:04}_pyramid.png")),
+                &a.out.join(format!("sample_{n:04}_pyramid.png")),
                 *w,
                 *h,
                 rgb,
@@ -274,84 +464,39 @@ pub fn sample(a: SampleArgs) -> Result<()> {
                     .map(|k| &st.entropy[k][i * cell(k)..(i + 1) * cell(k)])
                     .collect(),
             };
-            write_maps(&a.out.join(format!("sample_{i:04}_maps.png")), &m)?;
+            write_maps(&a.out.join(format!("sample_{n:04}_maps.png")), &m)?;
         }
+    }
+    let room = GRID_MAX_IMAGES.saturating_sub(run.grid.len());
+    run.grid.extend(images.into_iter().take(room));
+    if run.step_ms.is_empty() {
+        run.step_ms = vec![0.0; out.tokens.step_ms.len()];
+    }
+    for (acc, ms) in run.step_ms.iter_mut().zip(&out.tokens.step_ms) {
+        *acc += ms;
+    }
+    run.prefill_ms += out.tokens.prefill_ms;
+    run.decode_ms += out.decode_ms;
+    run.batches += 1;
+    if run.schedule.is_none() {
+        run.schedule = Some(out.tokens.schedule.clone());
     }
     if a.save_tokens {
-        write_tokens(&a.out.join("tokens.safetensors"), &out.tokens, b)?;
-    }
-    let per_scale_ms: Vec<f64> = (0..sched.scales.len())
-        .map(|k| {
-            sched
-                .steps
-                .iter()
-                .zip(&out.tokens.step_ms)
-                .filter(|(s, _)| s.scale == k)
-                .map(|(_, ms)| ms)
-                .sum()
-        })
-        .collect();
-    let run = serde_json::json!({
-        "model": source,
-        "config": model.config,
-        "device": device,
-        "labels": labels,
-        "cfg": a.cfg,
-        "cfg_start_step": a.cfg_start_step,
-        "temperature": a.temperature,
-        "top_k": a.top_k,
-        "top_p": a.top_p,
-        "seed": a.seed,
-        "schedule": {
-            "scale_sizes": model.scale_sizes,
-            "steps_per_scale": sched.scales.iter().map(|s| s.steps).collect::<Vec<_>>(),
-            "block": sched.scales.iter().map(|s| s.block).collect::<Vec<_>>(),
-            "total_steps": sched.total_steps(),
-        },
-        "timings_ms": {
-            "prefill": out.tokens.prefill_ms,
-            "steps": out.tokens.step_ms,
-            "per_scale": per_scale_ms,
-            "decode": out.decode_ms,
-            "total": total_s * 1e3,
-        },
-    });
-    let run_json = a.out.join("run.json");
-    std::io::Write::write_all(
-        &mut checkergen::paths::create_output(&run_json)?,
-        serde_json::to_string_pretty(&run)?.as_bytes(),
-    )
-    .with_context(|| format!("cannot write {}", run_json.display()))?;
-    if a.timings {
-        println!(
-            "{:>5} {:>5} {:>6} {:>10} {:>12}",
-            "scale", "size", "steps", "ms", "ms/step"
-        );
-        for (k, sc) in sched.scales.iter().enumerate() {
-            println!(
-                "{:>5} {:>5} {:>6} {:>10.2} {:>12.2}",
-                k,
-                sc.size,
-                sc.steps,
-                per_scale_ms[k],
-                per_scale_ms[k] / sc.steps as f64
-            );
+        match &mut run.tokens {
+            None => run.tokens = Some(out.tokens),
+            Some(acc) => {
+                for (k, t) in out.tokens.tokens.iter().enumerate() {
+                    acc.tokens[k].extend_from_slice(t);
+                }
+                if let (Some(sa), Some(sb)) = (&mut acc.stats, &out.tokens.stats) {
+                    for k in 0..sb.prob.len() {
+                        sa.prob[k].extend_from_slice(&sb.prob[k]);
+                        sa.entropy[k].extend_from_slice(&sb.entropy[k]);
+                    }
+                }
+            }
         }
-        let steps_ms: f64 = out.tokens.step_ms.iter().sum();
-        println!(
-            "serial steps: {} in {:.1} ms ({:.2} ms/step); prefill {:.2} ms; decode {:.1} ms",
-            sched.total_steps(),
-            steps_ms,
-            steps_ms / sched.total_steps() as f64,
-            out.tokens.prefill_ms,
-            out.decode_ms
-        );
     }
-    println!(
-        "wrote {b} images ({side}x{side}) to {} in {total_s:.2} s ({} serial steps, {device})",
-        a.out.display(),
-        sched.total_steps()
-    );
     Ok(())
 }
 

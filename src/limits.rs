@@ -9,10 +9,12 @@
 pub const MAX_GRID_SIZE: usize = 4096;
 /// Most scales in a pyramid: a ratio so close to 1 that it needs more is refused.
 pub const MAX_SCALES: usize = 64;
-/// Most images one `sample` call takes (`--num-samples`, `--labels`); a larger request is
-/// also refused when its estimated KV cache and activations exceed [`MAX_SAMPLE_BYTES`].
+/// Most images in one batch (`--batch-size`, one `pipeline::sample` call); a smaller batch
+/// is also refused when its estimated KV cache and pixels exceed [`MAX_SAMPLE_BYTES`].
 pub const MAX_IMAGES: usize = 4096;
-/// Host memory one sampling call may plan for (KV caches, logits and pixels of the batch).
+/// Most images one `sample` run takes (`--num-samples`, `--labels`), batch after batch.
+pub const MAX_RUN_IMAGES: usize = 10_000_000;
+/// Host memory one batch may plan for (KV caches, logits and pixels of the batch).
 pub const MAX_SAMPLE_BYTES: u64 = 16 << 30;
 /// Most transformer layers a configuration may declare.
 pub const MAX_LAYERS: usize = 1024;

@@ -48,6 +48,10 @@ pub struct SampleOptions {
     pub record_stats: bool,
     /// Decode every scale's latent, not only the last (the decoder runs once per scale).
     pub decode_pyramid: bool,
+    /// Run-wide index of `labels[0]` (the RNG names images by it): batch k of a run split
+    /// by [`sample_batches`] has the index of its first image here, so the images drawn do
+    /// not depend on the batch size.
+    pub image_offset: usize,
 }
 
 impl SampleOptions {
@@ -68,6 +72,7 @@ impl SampleOptions {
             record_logits: false,
             record_stats: false,
             decode_pyramid: false,
+            image_offset: 0,
         }
     }
 }
@@ -164,15 +169,14 @@ pub fn bytes_per_image(cfg: &ModelConfig, guided: bool) -> Result<u64> {
 /// KV caches and pixels would pass [`MAX_SAMPLE_BYTES`].
 fn check_batch_size(cfg: &ModelConfig, images: usize, guided: bool) -> Result<()> {
     if images > MAX_IMAGES {
-        bail!("{images} images requested; at most {MAX_IMAGES} per run");
+        bail!("{images} images in one batch; at most {MAX_IMAGES} per batch (--batch-size)");
     }
     let per = bytes_per_image(cfg, guided)?;
     let fit = (MAX_SAMPLE_BYTES / per.max(1)).max(1);
     if images as u64 > fit {
         bail!(
             "{images} images need about {:.1} GiB for their KV caches and pixels; at most {fit} \
-             images of this model per run (limit {} GiB): sample in several runs with \
-             different --seed values",
+             images of this model per batch (limit {} GiB): use a smaller --batch-size",
             (images as u64 * per) as f64 / (1u64 << 30) as f64,
             MAX_SAMPLE_BYTES >> 30
         );
@@ -192,6 +196,8 @@ pub struct StepChoice<'a> {
     pub record: bool,
     /// Record the chosen tokens' probabilities and entropies into the scale's stat grids.
     pub stats: bool,
+    /// Run-wide index of the batch's first image (the RNG's image counter).
+    pub image0: u32,
 }
 
 impl StepChoice<'_> {
@@ -213,6 +219,7 @@ impl StepChoice<'_> {
             policy: self.policy,
             seed: self.seed,
             step: t as u32,
+            image0: self.image0,
         }
     }
 }
@@ -292,6 +299,51 @@ pub fn sample<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Result
     })
 }
 
+/// Sample `o.labels` in batches of at most `batch_size` images, in order, handing each
+/// finished batch to `each(first_image_index, samples)`: memory holds one batch at a time.
+/// Batch k is sampled with `image_offset = o.image_offset + first`, so the images equal
+/// those of one call with every label (for any batch size). Forced tokens are split with
+/// the labels.
+pub fn sample_batches<B: Backend + ?Sized>(
+    backend: &mut B,
+    o: &SampleOptions,
+    batch_size: usize,
+    mut each: impl FnMut(usize, Samples) -> Result<()>,
+) -> Result<()> {
+    if batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if o.labels.is_empty() {
+        bail!("no labels: give at least one class id");
+    }
+    let total = o.labels.len();
+    if let Some(f) = &o.forced_tokens
+        && f.iter().any(|g| g.len() % total != 0)
+    {
+        bail!("forced tokens must hold (B, s, s) ids for every scale");
+    }
+    for first in (0..total).step_by(batch_size) {
+        let end = (first + batch_size).min(total);
+        let mut ob = o.clone();
+        ob.labels = o.labels[first..end].to_vec();
+        ob.image_offset = o
+            .image_offset
+            .checked_add(first)
+            .filter(|&i| i + (end - first) <= u32::MAX as usize)
+            .ok_or_else(|| anyhow::anyhow!("image index beyond 2^32 (the RNG's image counter)"))?;
+        if let Some(f) = &o.forced_tokens {
+            let per = |g: &Vec<u32>| g.len() / total;
+            ob.forced_tokens = Some(
+                f.iter()
+                    .map(|g| g[first * per(g)..end * per(g)].to_vec())
+                    .collect(),
+            );
+        }
+        each(first, sample(backend, &ob)?)?;
+    }
+    Ok(())
+}
+
 /// Run the token loop of SPEC.md section 5 on any backend.
 pub fn run_steps<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Result<TokenOutput> {
     let cfg = backend.config().clone();
@@ -336,6 +388,7 @@ pub fn run_steps<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Res
                 forced: o.forced_tokens.as_ref().map(|f| f[si].as_slice()),
                 record: o.record_logits,
                 stats: o.record_stats,
+                image0: o.image_offset as u32,
             };
             if let Some(l) = backend.step(&schedule, step, &choice)? {
                 step_logits.push(l);

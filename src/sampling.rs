@@ -98,9 +98,12 @@ pub struct StepKnobs<'a> {
     /// `Some(cfg)`: `cond + cfg * (cond - uncond)` with the unconditional rows B..2B.
     pub guidance: Option<f32>,
     pub policy: &'a TokenPolicy,
-    /// The draw of (b, j) is `token_uniform(seed, b, step, global_pos[j])`.
+    /// The draw of (b, j) is `token_uniform(seed, image0 + b, step, global_pos[j])`.
     pub seed: u64,
     pub step: u32,
+    /// Run-wide index of the batch's first image: a run split into batches draws what one
+    /// batch of all its images would (the RNG counter names the image, not its batch slot).
+    pub image0: u32,
 }
 
 /// What the authors' sampler reports about one choice (cbgen/ar.py `sample`): with

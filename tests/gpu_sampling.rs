@@ -48,6 +48,9 @@ impl Launch<'_> {
             policy: self.policy,
             seed: self.seed,
             step: self.step,
+            // A run-wide index of the batch's first image, non-zero wherever the step is
+            // (the RNG's image counter must be offset the same way on both sides).
+            image0: self.step.wrapping_mul(1000),
         }
     }
 }

@@ -91,7 +91,7 @@ fn panic_num_samples_max_is_refused() {
             "--out",
             s(&out),
         ],
-        "at most 4096 images per run",
+        "at most 10000000 images per run",
     );
 }
 
@@ -165,17 +165,31 @@ fn abort_scale_ratio_just_above_one() {
 
 #[test]
 fn abort_sample_batches_are_bounded() {
-    let out = scratch("hostile").join("out-10000");
+    // Any number of images runs batch after batch; the run and each batch are bounded.
+    let out = scratch("hostile").join("out-1e8");
     assert_refused(
-        &["sample", "--num-samples", "10000", "--out", s(&out)],
-        "at most 4096",
+        &["sample", "--num-samples", "100000000", "--out", s(&out)],
+        "at most 10000000 images per run",
+    );
+    let out = scratch("hostile").join("out-batch-10000");
+    assert_refused(
+        &[
+            "sample",
+            "--num-samples",
+            "10000",
+            "--batch-size",
+            "10000",
+            "--out",
+            s(&out),
+        ],
+        "at most 4096 per batch",
     );
     // Below the count limit, a batch whose KV caches would not fit is refused too.
     let cfg = preset("L-2x").unwrap();
     let opts = checkergen::pipeline::SampleOptions::new(vec![0; 1000]);
     let e = checkergen::pipeline::validate_options(&cfg, 5, &opts).unwrap_err();
     assert!(
-        format!("{e}").contains("images of this model per run"),
+        format!("{e}").contains("images of this model per batch"),
         "{e}"
     );
 }

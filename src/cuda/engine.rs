@@ -563,10 +563,20 @@ impl Backend for GpuBackend<'_> {
         let bt = self.batch.as_ref().context("decode before a batch ran")?;
         let s = schedule.scales.get(si).context("no such scale")?.size;
         let grid = bt.grids.get(si).context("no such scale")?;
-        let pixels = self
-            .m
-            .decoder
-            .decode_device_u8(&self.m.gpu, grid, bt.b, s)?;
+        let (dec, g) = (&self.m.decoder, &self.m.gpu);
+        let cap = dec.max_batch(s, g.mem_get_info().ok().map(|(free, _)| free));
+        let pixels = if bt.b <= cap {
+            dec.decode_device_u8(g, grid, bt.b, s)?
+        } else {
+            // Sub-batches within the kernels' int32 indexing, through the host (the tokens
+            // are small beside the decode).
+            let host: Vec<u32> = g.download(grid)?.iter().map(|&t| t as u32).collect();
+            let mut px = Vec::with_capacity(bt.b * 3 * (s * dec.config().stride()).pow(2));
+            for chunk in host.chunks(cap * s * s) {
+                px.extend(dec.decode_tokens_u8(g, chunk, chunk.len() / (s * s), s)?);
+            }
+            px
+        };
         Ok(Decoded {
             pixels,
             images: None,

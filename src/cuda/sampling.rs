@@ -33,11 +33,12 @@ struct GuidedSampleParams {
     top_k: i32,
     top_p: f32,
     step: i32,
+    image0: u32,
 }
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for GuidedSampleParams {}
 // Same size as the C struct (static_assert in kernels/sampling.cu).
-const _: () = assert!(std::mem::size_of::<GuidedSampleParams>() == 112);
+const _: () = assert!(std::mem::size_of::<GuidedSampleParams>() == 120);
 
 /// Choose the tokens of one step on the device.
 ///
@@ -157,6 +158,7 @@ pub fn guided_sample(
         top_k: top_k as i32,
         top_p,
         step: s.step as i32,
+        image0: s.image0,
     };
     gpu.launch(
         k::GUIDED_SAMPLE_F32,

@@ -43,7 +43,8 @@ pub fn guided_sample(
             let tok = match forced {
                 Some(f) => f[cell],
                 None => {
-                    let u = token_uniform(k.seed, bi as u32, k.step, global_pos[j] as u32);
+                    let image = k.image0.wrapping_add(bi as u32);
+                    let u = token_uniform(k.seed, image, k.step, global_pos[j] as u32);
                     choose_token(l, k.policy, u) as u32
                 }
             };

@@ -399,6 +399,26 @@ impl GpuDecoder {
         dispatch!(&self.inner, d => &d.cfg)
     }
 
+    /// The most images one decode of an s x s latent takes: the kernels index a batch's
+    /// activations (B x H x W x C at the widest level) with int32, and the workspace should
+    /// take at most half of `free_bytes` (device memory free now, when known). Larger
+    /// batches are decoded in sub-batches of this size (`GpuBackend::decode`).
+    pub fn max_batch(&self, s: usize, free_bytes: Option<usize>) -> usize {
+        let cfg = self.config();
+        let (max_act, _, _) = plan(cfg, s);
+        let side = s * cfg.stride();
+        let n = s * s;
+        let by_index = i32::MAX as usize / max_act.max(1);
+        // Workspace per image: three f32 and one 16-bit activation buffer, f32 + u8 pixels,
+        // tokens and codes, and the mid attention's scores (an over-estimate of the scratch).
+        let per_image = max_act * (3 * 4 + 2)
+            + 3 * side * side * 5
+            + n * (4 + 2 * cfg.embed_dim)
+            + 2 * n * n * 4;
+        let by_memory = free_bytes.map_or(usize::MAX, |f| f / 2 / per_image.max(1));
+        by_index.min(by_memory).max(1)
+    }
+
     pub fn conv_kernel(&self) -> ConvKernel {
         dispatch!(&self.inner, d => d.conv_kernel)
     }

@@ -1,0 +1,234 @@
+//! Sampling in batches (`pipeline::sample_batches`, `sample --batch-size`): the images do not
+//! depend on the batch size (the RNG names an image by its index in the run), on the CPU and
+//! on the GPU engine (the host emulator without a GPU); a 2000-image run holds one batch in
+//! memory.
+
+mod common;
+
+use checkergen::cpu::CpuBackend;
+use checkergen::model::Model;
+use checkergen::model::config::{ModelConfig, preset};
+use checkergen::model::file::{Dtype, write_model};
+use checkergen::model::init::random_tensors;
+use checkergen::pipeline::{self, Backend, SampleOptions, Samples};
+use std::path::{Path, PathBuf};
+
+/// The tiny preset at 64 px (scales 1, 2, 4): the batching logic at a small decode cost.
+fn tiny64() -> (ModelConfig, Model) {
+    let cfg = ModelConfig {
+        img_size: 64,
+        ..preset("tiny").unwrap()
+    };
+    let model = Model::from_tensors(cfg.clone(), &random_tensors(&cfg, 21).unwrap()).unwrap();
+    (cfg, model)
+}
+
+fn options(n: usize) -> SampleOptions {
+    let mut o = SampleOptions::new((0..n).map(|i| (i * 7) % 10).collect());
+    o.seed = 99;
+    o.record_stats = true;
+    o
+}
+
+/// Batches of `batch` images, concatenated: (tokens per scale, pixels, prob per scale).
+fn batched(
+    be: &mut dyn Backend,
+    o: &SampleOptions,
+    batch: usize,
+) -> (Vec<Vec<u32>>, Vec<u8>, Vec<Vec<f32>>) {
+    let mut tokens: Vec<Vec<u32>> = Vec::new();
+    let mut prob: Vec<Vec<f32>> = Vec::new();
+    let mut pixels = Vec::new();
+    let mut next = 0;
+    pipeline::sample_batches(be, o, batch, |first, s: Samples| {
+        assert_eq!(first, next, "batches in order");
+        let b = s.tokens.tokens[0].len();
+        assert!(b <= batch);
+        next += b;
+        if tokens.is_empty() {
+            tokens = vec![Vec::new(); s.tokens.tokens.len()];
+            prob = vec![Vec::new(); s.tokens.tokens.len()];
+        }
+        for (k, t) in s.tokens.tokens.iter().enumerate() {
+            tokens[k].extend_from_slice(t);
+            prob[k].extend_from_slice(&s.tokens.stats.as_ref().unwrap().prob[k]);
+        }
+        pixels.extend_from_slice(&s.pixels);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(next, o.labels.len(), "every image sampled once");
+    (tokens, pixels, prob)
+}
+
+fn check_independent_of_batch_size(be: &mut dyn Backend, what: &str, n: usize, sizes: &[usize]) {
+    let o = options(n);
+    let whole = batched(be, &o, n);
+    for &bs in sizes {
+        let got = batched(be, &o, bs);
+        assert_eq!(got.0, whole.0, "{what}: tokens differ at batch size {bs}");
+        assert_eq!(got.1, whole.1, "{what}: pixels differ at batch size {bs}");
+        let same_prob = got
+            .2
+            .iter()
+            .flatten()
+            .zip(whole.2.iter().flatten())
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same_prob, "{what}: statistics differ at batch size {bs}");
+        println!(
+            "{what}: {n} images at batch size {bs} equal one batch of {n} (tokens, pixels, stats)"
+        );
+    }
+    // A later part of the run alone (image_offset) draws what the whole run drew there.
+    let mut tail = o.clone();
+    tail.labels = o.labels[3..].to_vec();
+    tail.image_offset = 3;
+    let t = pipeline::sample(be, &tail).unwrap();
+    let cells = t.tokens.tokens.last().unwrap().len() / (n - 3);
+    assert_eq!(
+        t.tokens.tokens.last().unwrap()[..],
+        whole.0.last().unwrap()[3 * cells..],
+        "{what}: image_offset"
+    );
+    // Without the offset the same labels draw other images (the offset is what matches).
+    tail.image_offset = 0;
+    let u = pipeline::sample(be, &tail).unwrap();
+    assert_ne!(
+        u.tokens.tokens.last(),
+        t.tokens.tokens.last(),
+        "{what}: RNG ignores the image index"
+    );
+}
+
+#[test]
+fn cpu_batches_equal_one_batch() {
+    let (_, model) = tiny64();
+    check_independent_of_batch_size(&mut CpuBackend::new(&model), "cpu", 7, &[1, 3]);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_batches_equal_one_batch() {
+    use checkergen::cuda::engine::{GpuBackend, GpuModel};
+    let gpu = common::gpu("gpu batching");
+    let (_, model) = tiny64();
+    let gm = GpuModel::new(gpu, &model).unwrap();
+    check_independent_of_batch_size(&mut GpuBackend::new(&gm), "gpu", 5, &[2]);
+}
+
+#[test]
+fn zero_batch_size_is_refused() {
+    let (_, model) = tiny64();
+    let e = pipeline::sample_batches(&mut CpuBackend::new(&model), &options(2), 0, |_, _| Ok(()))
+        .unwrap_err();
+    assert!(e.to_string().contains("at least 1"), "{e}");
+    let (ok, _, err) = common::cli(&[
+        "sample",
+        "--num-samples",
+        "2",
+        "--batch-size",
+        "0",
+        "--out",
+        "/tmp",
+    ]);
+    assert!(
+        !ok && err.trim().lines().count() == 1 && err.contains("--batch-size"),
+        "{err}"
+    );
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cg-batching-{}-{name}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Peak resident memory (VmHWM, bytes) of a child, polled until it exits; with its status.
+fn run_with_peak(args: &[&str]) -> (std::process::ExitStatus, u64, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_checkergen"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    let status = loop {
+        if let Ok(s) = std::fs::read_to_string(&status_file)
+            && let Some(l) = s.lines().find(|l| l.starts_with("VmHWM:"))
+        {
+            let kb: u64 = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+            peak = peak.max(kb * 1024);
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    (status, peak, out)
+}
+
+/// 2000 images of the 64 px tiny model (no guidance, to keep the test short) in batches of
+/// 16: the run succeeds, writes every image, and its peak resident memory stays under 96 MiB,
+/// below what the KV caches and pixels of all 2000 images alone would take at once.
+#[test]
+fn two_thousand_images_hold_one_batch_in_memory() {
+    let (cfg, model) = tiny64();
+    let d = scratch("2000");
+    let m = d.join("tiny64.safetensors");
+    write_model(
+        &m,
+        &cfg,
+        &random_tensors(&cfg, 21).unwrap(),
+        Dtype::F32,
+        &[],
+    )
+    .unwrap();
+    drop(model);
+    let out = d.join("out");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let t = std::time::Instant::now();
+    let (st, peak, text) = run_with_peak(&[
+        "sample",
+        "--model",
+        &s(&m),
+        "--num-samples",
+        "2000",
+        "--batch-size",
+        "16",
+        "--cfg",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        &s(&out),
+    ]);
+    assert!(st.success(), "{text}");
+    assert!(text.contains("wrote 2000 images"), "{text}");
+    for i in [0usize, 1234, 1999] {
+        assert!(
+            out.join(format!("sample_{i:04}.png")).is_file(),
+            "image {i}"
+        );
+    }
+    let rj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(rj["batches"], 125);
+    assert_eq!(rj["num_images"], 2000);
+    let all_at_once = 2000 * pipeline::bytes_per_image(&cfg, false).unwrap();
+    let bound = 96u64 << 20;
+    println!(
+        "2000 images in batches of 16: {:.1} s, peak RSS {:.1} MiB (bound {} MiB; the KV caches \
+         and pixels of all 2000 at once: {:.1} MiB)",
+        t.elapsed().as_secs_f64(),
+        peak as f64 / (1u64 << 20) as f64,
+        bound >> 20,
+        all_at_once as f64 / (1u64 << 20) as f64
+    );
+    assert!(peak > 0, "could not read the child's VmHWM");
+    assert!(peak < bound, "peak RSS {peak} bytes");
+    std::fs::remove_dir_all(&d).ok();
+}
