@@ -114,6 +114,15 @@ fn gpu_batches_equal_one_batch() {
     let (_, model) = tiny64();
     let gm = GpuModel::new(gpu, &model).unwrap();
     check_independent_of_batch_size(&mut GpuBackend::new(&gm), "gpu", 5, &[2]);
+    // The decoder's sub-batch path (taken when a batch passes its int32 indexing or half the
+    // free memory) gives the same pixels.
+    let o = options(5);
+    let whole = pipeline::sample(&mut GpuBackend::new(&gm), &o).unwrap();
+    let mut be = GpuBackend::new(&gm);
+    be.decode_batch_limit = Some(2);
+    let split = pipeline::sample(&mut be, &o).unwrap();
+    assert_eq!(split.tokens.tokens, whole.tokens.tokens);
+    assert_eq!(split.pixels, whole.pixels, "decoder sub-batches");
 }
 
 #[test]

@@ -182,6 +182,9 @@ pub struct GpuBackend<'m> {
     /// Per step index arrays, uploaded in `begin`.
     steps: Vec<StepIndex>,
     guided: bool,
+    /// At most this many images per decoder launch sequence (on top of
+    /// `GpuDecoder::max_batch`); None = no extra limit. For tests of the sub-batch path.
+    pub decode_batch_limit: Option<usize>,
 }
 
 impl Drop for GpuBackend<'_> {
@@ -203,6 +206,7 @@ impl<'m> GpuBackend<'m> {
             key: None,
             steps: Vec::new(),
             guided: false,
+            decode_batch_limit: None,
         }
     }
 }
@@ -564,7 +568,9 @@ impl Backend for GpuBackend<'_> {
         let s = schedule.scales.get(si).context("no such scale")?.size;
         let grid = bt.grids.get(si).context("no such scale")?;
         let (dec, g) = (&self.m.decoder, &self.m.gpu);
-        let cap = dec.max_batch(s, g.mem_get_info().ok().map(|(free, _)| free));
+        let cap = dec
+            .max_batch(s, g.mem_get_info().ok().map(|(free, _)| free))
+            .min(self.decode_batch_limit.unwrap_or(usize::MAX).max(1));
         let pixels = if bt.b <= cap {
             dec.decode_device_u8(g, grid, bt.b, s)?
         } else {
