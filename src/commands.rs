@@ -119,7 +119,7 @@ fn load_or_tiny(path: Option<&Path>) -> Result<(Model, String)> {
 
 /// The GPU to use for `--device`, or None for the CPU.
 #[cfg(feature = "cuda")]
-fn pick_gpu(device: Device) -> Result<Option<checkergen::cuda::Gpu>> {
+pub(crate) fn pick_gpu(device: Device) -> Result<Option<checkergen::cuda::Gpu>> {
     use checkergen::cuda::Gpu;
     match device {
         Device::Cpu => Ok(None),
@@ -180,6 +180,7 @@ fn default_batch_size(cfg: &ModelConfig, guided: bool, device: &DeviceKind) -> R
 }
 
 /// Which kind of device a run uses, for its defaults.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 enum DeviceKind {
     Cpu,
     Emu,
@@ -631,18 +632,6 @@ pub enum ConvArg {
     Direct,
 }
 
-/// Dense 16-bit tensor-core peak of known devices (TFLOP/s), for "% of peak".
-#[cfg(feature = "cuda")]
-fn tensor_peak_tflops(name: &str) -> Option<f64> {
-    if name.contains("H100") || name.contains("H200") {
-        Some(989.4)
-    } else if name.contains("A100") {
-        Some(312.0)
-    } else {
-        None
-    }
-}
-
 #[cfg(not(feature = "cuda"))]
 pub fn bench_decode(_a: BenchDecodeArgs) -> Result<()> {
     bail!("bench-decode needs the `cuda` feature")
@@ -690,7 +679,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let r = bench_decode(&gpu, &gdec, a.batch, s, a.warmup, a.iters)?;
     let (free1, _) = gpu.mem_get_info()?;
     let used_gb = free0.saturating_sub(free1) as f64 / 1e9;
-    let peak = tensor_peak_tflops(&gpu.name);
+    let peak = crate::bench_cmd::roofline(&gpu.name).map(|(flops, _)| flops / 1e12);
     if a.json {
         println!(
             "{}",

@@ -9,6 +9,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod flops;
 pub mod io;
 pub mod limits;
 pub mod math;

@@ -6,8 +6,10 @@ use checkergen::order::{self, Schedule};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+mod bench_cmd;
 mod commands;
 mod score_commands;
+mod steps_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -80,6 +82,12 @@ enum Cmd {
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
     },
+    /// Benchmark the whole sampler (token loop + decode) over batch sizes: images/s, ms per
+    /// serial step and scale, transformer/decoder split, peak memory, TFLOP/s, % of floor.
+    Bench(bench_cmd::BenchArgs),
+    /// Sweep scale ratios x steps per scale (or total-step targets): serial steps, tokens,
+    /// FLOPs, latency at batch 1 and images/s at --batch; table, JSON, PNG chart.
+    Steps(steps_cmd::StepsArgs),
     /// Benchmark the GPU VQ decoder: images/s, ms per batch, TFLOP/s, % of peak, memory.
     BenchDecode(commands::BenchDecodeArgs),
     /// Encode real images (PNG) into their code pyramids (a tokens file).
@@ -162,6 +170,8 @@ fn run(cli: Cli) -> Result<()> {
             output,
         } => commands::init(&preset, seed, dtype, &output),
         Cmd::Inspect { model } => commands::inspect(&model),
+        Cmd::Bench(args) => bench_cmd::bench(args),
+        Cmd::Steps(args) => steps_cmd::steps(args),
         Cmd::BenchDecode(args) => commands::bench_decode(args),
         Cmd::Encode(args) => score_commands::encode(args),
         Cmd::Decode(args) => score_commands::decode(args),

@@ -100,7 +100,8 @@ pub fn entropy_by_step(
         .collect()
 }
 
-fn register_font() {
+/// Register the embedded DejaVu Sans as plotters' "sans-serif" (once per process).
+pub(crate) fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // The embedded DejaVu Sans always parses; a failure would only lose the text.
@@ -164,8 +165,25 @@ impl Canvas {
     }
 }
 
-fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow!("drawing the maps: {e:?}")
+pub(crate) fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("drawing a chart: {e:?}")
+}
+
+/// The series legend of a chart, as the maps and the steps chart draw it.
+pub(crate) fn draw_legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<
+        'a,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(plot_err)
 }
 
 /// Render one image's maps to RGB (width, height, rgb).
@@ -298,13 +316,7 @@ pub fn render_maps(m: &MapsInput) -> Result<(usize, usize, Vec<u8>)> {
                 )
                 .map_err(plot_err)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 12))
-            .draw()
-            .map_err(plot_err)?;
+        draw_legend(&mut chart)?;
         root.present().map_err(plot_err)?;
     }
     Ok((w, h, cv.rgb))

@@ -5,4 +5,5 @@ pub mod image;
 pub mod maps;
 pub mod photo;
 pub mod pth;
+pub mod steps_chart;
 pub mod tokens;

@@ -475,3 +475,12 @@ pub fn cli(args: &[&str]) -> (bool, String, String) {
         err,
     )
 }
+
+/// Runs the binary, which must succeed, and parses one JSON object per line of its stdout.
+pub fn json_lines(args: &[&str]) -> Vec<serde_json::Value> {
+    let (ok, out, err) = cli(args);
+    assert!(ok, "{args:?}: {err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}

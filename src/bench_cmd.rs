@@ -1,0 +1,342 @@
+//! `checkergen bench`: the whole sampler (token loop + decode) over a list of batch sizes,
+//! with warm-up and the median of repeats: images/s, time per serial step and per scale, the
+//! transformer/decoder split, peak memory, achieved TFLOP/s and % of the device's floor.
+
+use crate::commands::Device;
+use anyhow::{Context, Result, bail};
+use checkergen::cpu::CpuBackend;
+use checkergen::flops::{decoder_flops, transformer_flops, transformer_weight_bytes};
+use checkergen::model::Model;
+use checkergen::model::config::preset;
+use checkergen::model::init::random_tensors;
+use checkergen::pipeline::{self, Backend, SampleOptions, Samples, Steps};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model file to time; without it, random weights of --preset (speed does not depend on
+    /// the weights' values).
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// tiny, S-2x, L-2x or L-4x (random weights) when no --model is given.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    batch: Vec<usize>,
+    #[command(flatten)]
+    run: TimedRuns,
+    #[arg(long, default_value_t = pipeline::DEFAULT_STEPS_PER_SCALE)]
+    steps_per_scale: usize,
+    /// One JSON object per batch size, one per line (fields in README).
+    #[arg(long)]
+    json: bool,
+}
+
+/// How `bench` and `steps` time a configuration: warm-up, repeats, device, guidance.
+#[derive(Args)]
+pub struct TimedRuns {
+    /// Untimed runs before each measurement.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed runs per measurement (medians reported).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Guidance scale (0 = off).
+    #[arg(long, default_value_t = pipeline::DEFAULT_CFG)]
+    pub cfg: f32,
+    #[arg(long, default_value_t = pipeline::DEFAULT_CFG_START_STEP)]
+    pub cfg_start_step: usize,
+}
+
+/// The medians of one batch size's timed runs.
+pub(crate) struct Row {
+    pub(crate) s_per_batch: f64,
+    ms_per_step: Vec<f64>,
+    ms_by_scale: Vec<f64>,
+    transformer_s: f64,
+    decode_s: f64,
+    peak_mem_bytes: u64,
+    pub(crate) flops_per_image: f64,
+    serial_steps: usize,
+}
+
+/// Dense 16-bit tensor peak (FLOP/s) and memory bandwidth (bytes/s) of known devices.
+pub fn roofline(device_name: &str) -> Option<(f64, f64)> {
+    if device_name.contains("H200") {
+        Some((989.4e12, 4.8e12))
+    } else if device_name.contains("H100") {
+        Some((989.4e12, 3.35e12))
+    } else if device_name.contains("A100") {
+        Some((312.0e12, 2.0e12))
+    } else {
+        None
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Peak resident memory of this process since the last reset (Linux: VmHWM, reset by
+/// writing 5 to /proc/self/clear_refs); None where unavailable.
+fn host_peak(reset: bool) -> Option<u64> {
+    if reset {
+        std::fs::write("/proc/self/clear_refs", "5").ok()?;
+    }
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let l = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(l.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.batch.is_empty() || a.batch.contains(&0) {
+        bail!("--batch needs batch sizes of at least 1");
+    }
+    if a.run.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    if a.steps_per_scale == 0 {
+        bail!("--steps-per-scale must be at least 1");
+    }
+    let (model, source) = match (&a.model, &a.preset) {
+        (Some(p), _) => (Model::load(p)?, p.display().to_string()),
+        (None, p) => {
+            let name = p.as_deref().unwrap_or("L-2x");
+            let cfg = preset(name)?;
+            let map = random_tensors(&cfg, 0)?;
+            (
+                Model::from_tensors(cfg, &map)?,
+                format!("preset {name} (random weights)"),
+            )
+        }
+    };
+    let dev = pick_device(a.run.device, &model)?;
+    let device = dev.describe();
+    if dev.is_emu() {
+        eprintln!(
+            "note: on the host emulator these times mean nothing (it checks the CUDA path, it \
+             does not model its speed)"
+        );
+    }
+    if !a.json {
+        println!(
+            "bench: {source} on {device}; cfg {} (from step {}), {} steps per scale; \
+                  {} warm-up + median of {} runs",
+            a.run.cfg, a.run.cfg_start_step, a.steps_per_scale, a.run.warmup, a.run.iters
+        );
+        println!(
+            "{:>6} {:>10} {:>10} {:>9} {:>9} {:>8} {:>9} {:>8} {:>10}",
+            "batch",
+            "images/s",
+            "s/batch",
+            "transf s",
+            "decode s",
+            "ms/step",
+            "TFLOP/s",
+            "% floor",
+            "peak MiB"
+        );
+    }
+    for &b in &a.batch {
+        let mut o = SampleOptions::new((0..b).map(|i| i % model.config.num_classes).collect());
+        o.cfg = a.run.cfg;
+        o.cfg_start_step = a.run.cfg_start_step;
+        o.steps = Steps::Uniform(a.steps_per_scale);
+        pipeline::validate_options(&model.config, model.scale_sizes.len(), &o)
+            .with_context(|| format!("batch {b}"))?;
+        let row = dev.run_batch(&model, &o, a.run.warmup, a.run.iters)?;
+        let images_per_s = b as f64 / row.s_per_batch;
+        let flops = row.flops_per_image * b as f64;
+        let tflops = flops / row.s_per_batch / 1e12;
+        // The floor: the larger of FLOPs / peak and the weights read per step / bandwidth.
+        let floor_s = roofline(&device).map(|(peak, bw)| {
+            let bytes = row.serial_steps as f64 * transformer_weight_bytes(&model.config, 2.0);
+            (flops / peak).max(bytes / bw)
+        });
+        let pct = floor_s.map(|f| 100.0 * f / row.s_per_batch);
+        if a.json {
+            let j = serde_json::json!({
+                "batch": b,
+                "images_per_s": images_per_s,
+                "s_per_batch": row.s_per_batch,
+                "ms_per_step": row.ms_per_step,
+                "ms_by_scale": row.ms_by_scale,
+                "transformer_s": row.transformer_s,
+                "decode_s": row.decode_s,
+                "peak_mem_bytes": row.peak_mem_bytes,
+                "device": device,
+                "model": source,
+                "serial_steps": row.serial_steps,
+                "flops_per_image": row.flops_per_image,
+                "tflops": tflops,
+                "percent_of_floor": pct,
+                "cfg": a.run.cfg,
+                "cfg_start_step": a.run.cfg_start_step,
+                "steps_per_scale": a.steps_per_scale,
+                "warmup": a.run.warmup,
+                "iters": a.run.iters,
+                "times_meaningful": !dev.is_emu(),
+            });
+            println!("{j}");
+        } else {
+            let ms_step = row.ms_per_step.iter().sum::<f64>() / row.serial_steps as f64;
+            println!(
+                "{:>6} {:>10.2} {:>10.4} {:>9.4} {:>9.4} {:>8.2} {:>9.3} {:>8} {:>10.1}",
+                b,
+                images_per_s,
+                row.s_per_batch,
+                row.transformer_s,
+                row.decode_s,
+                ms_step,
+                tflops,
+                pct.map_or("-".to_string(), |p| format!("{p:.1}")),
+                row.peak_mem_bytes as f64 / (1u64 << 20) as f64
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `--device` for a bench: the GPU (or emulator) with the model uploaded, or the CPU.
+pub(crate) fn pick_device(d: Device, model: &Model) -> Result<BenchDevice<'_>> {
+    #[cfg(feature = "cuda")]
+    if let Some(g) = crate::commands::pick_gpu(d)? {
+        let gm = checkergen::cuda::engine::GpuModel::new(g, model)?;
+        return Ok(BenchDevice::Gpu(Box::new(gm)));
+    }
+    #[cfg(not(feature = "cuda"))]
+    if matches!(d, Device::Cuda | Device::Emu) {
+        bail!("--device cuda/emu: this binary was built without the `cuda` feature");
+    }
+    Ok(BenchDevice::Cpu(model))
+}
+
+/// The device a bench runs on, with its model.
+pub(crate) enum BenchDevice<'m> {
+    Cpu(&'m Model),
+    #[cfg(feature = "cuda")]
+    Gpu(Box<checkergen::cuda::engine::GpuModel>),
+}
+
+impl BenchDevice<'_> {
+    pub fn is_emu(&self) -> bool {
+        match self {
+            BenchDevice::Cpu(_) => false,
+            #[cfg(feature = "cuda")]
+            BenchDevice::Gpu(gm) => gm.gpu.is_emu(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            BenchDevice::Cpu(_) => format!(
+                "cpu ({} threads)",
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            ),
+            #[cfg(feature = "cuda")]
+            BenchDevice::Gpu(gm) if gm.gpu.is_emu() => "emu (host-emulated CUDA device)".into(),
+            #[cfg(feature = "cuda")]
+            BenchDevice::Gpu(gm) => {
+                format!("cuda ({}, kernels: {})", gm.gpu.name, gm.gpu.image_kind)
+            }
+        }
+    }
+
+    /// Memory in use now: resident host memory since the reset, or device memory in use.
+    fn memory(&self, reset: bool) -> u64 {
+        match self {
+            BenchDevice::Cpu(_) => host_peak(reset).unwrap_or(0),
+            #[cfg(feature = "cuda")]
+            BenchDevice::Gpu(gm) => gm
+                .gpu
+                .mem_get_info()
+                .map_or(0, |(free, total)| (total - free) as u64),
+        }
+    }
+
+    /// One sampler run; its wall time in seconds (CUDA events on a GPU).
+    fn run_once(&self, o: &SampleOptions) -> Result<(f64, Samples)> {
+        match self {
+            BenchDevice::Cpu(m) => timed_host(&mut CpuBackend::new(m), o),
+            #[cfg(feature = "cuda")]
+            BenchDevice::Gpu(gm) => {
+                let mut be = checkergen::cuda::engine::GpuBackend::new(gm);
+                let mut out = None;
+                let ms = gm.gpu.time_ms(|| {
+                    out = Some(pipeline::sample(&mut be, o)?);
+                    Ok(())
+                })?;
+                Ok((ms / 1e3, out.context("no samples")?))
+            }
+        }
+    }
+
+    pub(crate) fn run_batch(
+        &self,
+        model: &Model,
+        o: &SampleOptions,
+        warmup: usize,
+        iters: usize,
+    ) -> Result<Row> {
+        for _ in 0..warmup {
+            self.run_once(o)?;
+        }
+        let mut peak = self.memory(true);
+        let (mut total, mut transf, mut dec) = (Vec::new(), Vec::new(), Vec::new());
+        let mut steps: Vec<Vec<f64>> = Vec::new();
+        let mut last = None;
+        for _ in 0..iters {
+            let (s, out) = self.run_once(o)?;
+            peak = peak.max(self.memory(false));
+            total.push(s);
+            let t = &out.tokens;
+            transf.push((t.prefill_ms + t.step_ms.iter().sum::<f64>()) / 1e3);
+            dec.push(out.decode_ms / 1e3);
+            steps.push(t.step_ms.clone());
+            last = Some(out);
+        }
+        let out = last.context("no timed run")?;
+        let sched = &out.tokens.schedule;
+        let ms_per_step: Vec<f64> = (0..sched.total_steps())
+            .map(|k| median(steps.iter().map(|v| v[k]).collect()))
+            .collect();
+        let ms_by_scale = (0..sched.scales.len())
+            .map(|k| {
+                sched
+                    .steps
+                    .iter()
+                    .zip(&ms_per_step)
+                    .filter(|(st, _)| st.scale == k)
+                    .map(|(_, ms)| ms)
+                    .sum()
+            })
+            .collect();
+        let s_last = *model.scale_sizes.last().context("no scales")?;
+        let dec_flops: f64 = decoder_flops(&model.config.decoder, s_last)
+            .iter()
+            .map(|st| st.total())
+            .sum();
+        Ok(Row {
+            s_per_batch: median(total),
+            ms_per_step,
+            ms_by_scale,
+            transformer_s: median(transf),
+            decode_s: median(dec),
+            peak_mem_bytes: peak,
+            flops_per_image: transformer_flops(&model.config, sched, o.cfg > 0.0) + dec_flops,
+            serial_steps: sched.total_steps(),
+        })
+    }
+}
+
+fn timed_host(be: &mut dyn Backend, o: &SampleOptions) -> Result<(f64, Samples)> {
+    let t = Instant::now();
+    let out = pipeline::sample(be, o)?;
+    Ok((t.elapsed().as_secs_f64(), out))
+}

@@ -1,0 +1,316 @@
+//! `checkergen steps`: the speed side of "similar results at equal total serial steps": sweep
+//! scale ratios x steps per scale (or explicit per-scale lists, or total-step targets) for one
+//! model configuration and measure latency at batch 1 and throughput at `--batch`.
+
+use crate::bench_cmd::{TimedRuns, pick_device};
+use anyhow::{Context, Result, bail};
+use checkergen::io::steps_chart::{StepsPoint, write_steps_chart};
+use checkergen::model::Model;
+use checkergen::model::config::{ModelConfig, preset};
+use checkergen::model::init::random_tensors;
+use checkergen::order::{Schedule, scale_sizes};
+use checkergen::pipeline::{self, SampleOptions, Steps};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct StepsArgs {
+    /// Model file: its scale ratio is fixed (its position tables are per pyramid), so only
+    /// the steps vary. Without it, random weights of --preset for every --ratios value.
+    #[arg(long, conflicts_with_all = ["preset", "ratios"])]
+    model: Option<PathBuf>,
+    /// tiny, S-2x, L-2x or L-4x (random weights) when no --model is given.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Scale ratios (with --preset; default the preset's).
+    #[arg(long, value_delimiter = ',')]
+    ratios: Option<Vec<f64>>,
+    /// Uniform steps per scale to try.
+    #[arg(long, value_delimiter = ',')]
+    steps_per_scale: Option<Vec<usize>>,
+    /// Explicit per-scale step lists, separated by ';' (e.g. "1,2,2,4,4;1,4,4,4,4"); only
+    /// lists with one value per scale of a ratio's pyramid are used for it.
+    #[arg(long)]
+    steps: Option<String>,
+    /// Targets of total serial steps: per ratio, the per-scale steps that give T steps
+    /// (1 on the 1x1 scale, the rest spread evenly, the remainder to the larger scales).
+    #[arg(long, value_delimiter = ',')]
+    total_steps: Option<Vec<usize>>,
+    /// Batch size of the throughput measurement.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[command(flatten)]
+    run: TimedRuns,
+    /// One JSON object per configuration per line (fields in README).
+    #[arg(long)]
+    json: bool,
+    /// Also draw latency and images/s against serial steps, one series per ratio.
+    #[arg(long)]
+    png: Option<PathBuf>,
+}
+
+/// Serial steps a scale of `n` tokens takes when asked for `k` (the reference's rule, as
+/// `Schedule::with_steps`: blocks of n / k tokens, the last one shorter).
+fn realized(n: usize, k: usize) -> usize {
+    n.div_ceil((n / k.max(1)).max(1))
+}
+
+/// Per-scale steps (the values given to the schedule) that realize exactly `total` serial
+/// steps on `sizes` (ascending), as evenly spread as the scales allow: scale by scale in
+/// ascending order, the realizable count nearest its even share of what is left (the lower
+/// one on a tie), among those that leave a total the larger scales can still realize; the
+/// remainders so go to the larger scales. None when no lists realize `total`.
+pub fn steps_for_total(sizes: &[usize], total: usize) -> Option<Vec<usize>> {
+    // Per scale, the realizable counts and a k giving each.
+    let options: Vec<Vec<(usize, usize)>> = sizes
+        .iter()
+        .map(|&s| {
+            let n = s * s;
+            let mut o: Vec<(usize, usize)> = Vec::new();
+            // Descending k: each count keeps the largest k giving it (k itself when exact).
+            for k in (1..=n).rev() {
+                let r = realized(n, k);
+                if !o.iter().any(|&(x, _)| x == r) {
+                    o.push((r, k));
+                }
+            }
+            o
+        })
+        .collect();
+    // reach[i][t]: the scales i.. can realize t steps in all.
+    let max: usize = sizes.iter().map(|s| s * s).sum();
+    if total > max {
+        return None;
+    }
+    let mut reach = vec![vec![false; max + 1]; sizes.len() + 1];
+    reach[sizes.len()][0] = true;
+    for i in (0..sizes.len()).rev() {
+        for t in 0..=max {
+            if reach[i + 1][t] {
+                for &(r, _) in &options[i] {
+                    if t + r <= max {
+                        reach[i][t + r] = true;
+                    }
+                }
+            }
+        }
+    }
+    if !reach[0][total] {
+        return None;
+    }
+    let mut left = total;
+    let mut v = Vec::new();
+    for i in 0..sizes.len() {
+        let share = left as f64 / (sizes.len() - i) as f64;
+        let &(r, k) = options[i]
+            .iter()
+            .filter(|&&(r, _)| r <= left && reach[i + 1][left - r])
+            .min_by(|a, b| {
+                let d = |x: usize| ((x as f64 - share).abs(), x);
+                d(a.0).partial_cmp(&d(b.0)).unwrap()
+            })?;
+        v.push(k);
+        left -= r;
+    }
+    Some(v)
+}
+
+pub fn steps(a: StepsArgs) -> Result<()> {
+    if a.batch == 0 || a.run.iters == 0 {
+        bail!("--batch and --iters must be at least 1");
+    }
+    // The model configurations: one per ratio.
+    let models: Vec<(Model, String)> = match &a.model {
+        Some(p) => vec![(Model::load(p)?, p.display().to_string())],
+        None => {
+            let name = a.preset.as_deref().unwrap_or("L-2x");
+            let base = preset(name)?;
+            let ratios = a.ratios.clone().unwrap_or(vec![base.scale_ratio]);
+            if ratios.is_empty() {
+                bail!("--ratios: give at least one scale ratio");
+            }
+            ratios
+                .iter()
+                .map(|&r| {
+                    let cfg = ModelConfig {
+                        scale_ratio: r,
+                        ..base.clone()
+                    };
+                    let map = random_tensors(&cfg, 0)
+                        .with_context(|| format!("preset {name} at scale ratio {r}"))?;
+                    Ok((
+                        Model::from_tensors(cfg, &map)?,
+                        format!("preset {name} at ratio {r} (random weights; speed does not depend on them)"),
+                    ))
+                })
+                .collect::<Result<_>>()?
+        }
+    };
+    let explicit: Vec<Vec<usize>> = match &a.steps {
+        Some(s) => s
+            .split(';')
+            .map(|l| {
+                l.split(',')
+                    .map(|x| {
+                        x.trim()
+                            .parse::<usize>()
+                            .with_context(|| format!("--steps: bad list {l:?}"))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?,
+        None => Vec::new(),
+    };
+    let uniform = match (&a.steps_per_scale, &a.steps, &a.total_steps) {
+        (Some(v), _, _) => v.clone(),
+        (None, None, None) => vec![2, 4, 8],
+        _ => Vec::new(),
+    };
+    if uniform.contains(&0) {
+        bail!("--steps-per-scale: every value must be at least 1");
+    }
+    let mut points = Vec::new();
+    if !a.json {
+        println!(
+            "{:>6} {:<18} {:>6} {:>7} {:>12} {:>11} {:>10}",
+            "ratio",
+            "steps per scale",
+            "serial",
+            "tokens",
+            "GFLOP/image",
+            "latency s",
+            format!("img/s@{}", a.batch)
+        );
+    }
+    for (model, source) in &models {
+        let cfg = &model.config;
+        let sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
+        // Every configuration of this ratio, as per-scale lists (duplicates dropped).
+        let mut lists: Vec<Vec<usize>> = Vec::new();
+        for &k in &uniform {
+            lists.push(
+                Schedule::uniform(&sizes, k)?
+                    .scales
+                    .iter()
+                    .map(|s| s.steps)
+                    .collect(),
+            );
+        }
+        lists.extend(explicit.iter().filter(|l| l.len() == sizes.len()).cloned());
+        let tokens: usize = sizes.iter().map(|s| s * s).sum();
+        if a.total_steps.is_some() && tokens > 1 << 20 {
+            bail!(
+                "--total-steps: a pyramid of {tokens} tokens is too large to search (at most 2^20)"
+            );
+        }
+        for &t in a.total_steps.iter().flatten() {
+            match steps_for_total(&sizes, t) {
+                Some(l) => lists.push(l),
+                None => eprintln!(
+                    "ratio {}: no per-scale steps give {t} serial steps (scales {sizes:?}); skipped",
+                    cfg.scale_ratio
+                ),
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        lists.retain(|l| seen.insert(l.clone()));
+        if lists.is_empty() {
+            eprintln!(
+                "ratio {}: no configuration fits its {} scales; skipped",
+                cfg.scale_ratio,
+                sizes.len()
+            );
+            continue;
+        }
+        let dev = pick_device(a.run.device, model)?;
+        for list in lists {
+            let sched = Schedule::with_steps(&sizes, &list)?;
+            let mut o = SampleOptions::new(vec![0]);
+            o.cfg = a.run.cfg;
+            o.cfg_start_step = a.run.cfg_start_step;
+            o.steps = Steps::PerScale(list.clone());
+            let one = dev.run_batch(model, &o, a.run.warmup, a.run.iters)?;
+            o.labels = (0..a.batch).map(|i| i % cfg.num_classes).collect();
+            pipeline::validate_options(cfg, sizes.len(), &o)?;
+            let many = dev.run_batch(model, &o, a.run.warmup, a.run.iters)?;
+            let p = StepsPoint {
+                ratio: cfg.scale_ratio,
+                serial_steps: sched.total_steps(),
+                latency_s: one.s_per_batch,
+                images_per_s: a.batch as f64 / many.s_per_batch,
+            };
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "ratio": p.ratio,
+                        "steps_per_scale": list,
+                        "steps_by_scale": sched.scales.iter().map(|s| s.steps).collect::<Vec<_>>(),
+                        "scale_sizes": sizes,
+                        "serial_steps": p.serial_steps,
+                        "tokens": sched.total_tokens(),
+                        "flops_per_image": one.flops_per_image,
+                        "latency_s": p.latency_s,
+                        "images_per_s": p.images_per_s,
+                        "batch": a.batch,
+                        "device": dev.describe(),
+                        "model": source,
+                        "times_meaningful": !dev.is_emu(),
+                    })
+                );
+            } else {
+                println!(
+                    "{:>6} {:<18} {:>6} {:>7} {:>12.2} {:>11.4} {:>10.2}",
+                    p.ratio,
+                    format!("{list:?}"),
+                    p.serial_steps,
+                    sched.total_tokens(),
+                    one.flops_per_image / 1e9,
+                    p.latency_s,
+                    p.images_per_s
+                );
+            }
+            points.push(p);
+        }
+    }
+    if let Some(png) = &a.png {
+        write_steps_chart(png, &points, a.batch)?;
+        if !a.json {
+            println!("wrote {}", png.display());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{realized, steps_for_total};
+
+    #[test]
+    fn total_steps_spread_over_the_scales() {
+        let r2 = [1, 2, 4, 8, 16];
+        let realized_total = |v: &[usize]| -> usize {
+            r2.iter()
+                .zip(v)
+                .map(|(&s, &k)| super::realized(s * s, k))
+                .sum()
+        };
+        assert_eq!(steps_for_total(&r2, 17), Some(vec![1, 4, 4, 4, 4]));
+        assert_eq!(steps_for_total(&r2, 9), Some(vec![1, 2, 2, 2, 2]));
+        assert_eq!(steps_for_total(&r2, 5), Some(vec![1, 1, 1, 1, 1]));
+        assert_eq!(steps_for_total(&r2, 4), None); // a scale would get no step
+        // The 2x2 scale has 4 tokens: at most 4 steps; the rest go to the larger scales.
+        assert_eq!(steps_for_total(&r2, 29), Some(vec![1, 4, 8, 8, 8]));
+        let all = 1 + 4 + 16 + 64 + 256;
+        assert_eq!(steps_for_total(&r2, all), Some(vec![1, 4, 16, 64, 256]));
+        assert_eq!(steps_for_total(&r2, all + 1), None);
+        // Every reachable total is met exactly (3 steps, say, no k realizes on 256 tokens:
+        // k = 3 gives blocks of 85, so 4 steps; the spread works around it).
+        for t in 5..=60 {
+            let v = steps_for_total(&r2, t).unwrap_or_else(|| panic!("{t}"));
+            assert_eq!(realized_total(&v), t, "{t}: {v:?}");
+        }
+        assert_eq!(steps_for_total(&[1], 1), Some(vec![1]));
+        assert_eq!(realized(256, 3), 4);
+    }
+}
