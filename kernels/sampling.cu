@@ -3,8 +3,11 @@
 // chosen tokens come back, with the same rules and RNG bits as the CPU's src/sampling.rs.
 //
 // guided_sample: for every image b < B and every token j < n of this step
+//   0. bias (p.bias != 0): the head's bias is added to the cond and uncond rows as they are
+//      read (the separate add_bias pass folded in; the same f32 additions, bit for bit).
 //   1. guidance (p.guided): l = cond + cfg * (cond - uncond), written back in place into the
-//      conditional row so the host can record the guided logits; else l = cond.
+//      conditional row so the host can record the guided logits; else l = cond (written back
+//      when a bias was added).
 //   2. token: forced[b, local_pos[j]] when p.forced != 0 (teacher forcing); else
 //      T == 0: argmax(l), first index on exact ties (torch.argmax, src/sampling.rs argmax);
 //      T > 0:  w_i = exp((l_i - max) / T), restricted to the top-k set, then to the top-p set,
@@ -98,6 +101,7 @@ struct GuidedSampleParams {
     int* tokens_out;                  // (B, n)
     const int *local_pos, *global_pos;  // (n)
     float *prob, *entropy;            // (B, cells) or null: the chosen token's p and the entropy
+    const float* bias;                // (V) or null: added to every row read (the head's bias)
     u64 seed;
     int batch, n, v, cells;
     int guided;         // 1: combine with the unconditional rows
@@ -108,7 +112,7 @@ struct GuidedSampleParams {
     int step;           // step counter t (RNG counter word 1)
     uint32_t image0;    // run-wide index of image 0 of the batch (RNG counter word 0 = image0 + b)
 };
-static_assert(sizeof(GuidedSampleParams) == 120, "GuidedSampleParams: mirrored in src/cuda/sampling.rs");
+static_assert(sizeof(GuidedSampleParams) == 128, "GuidedSampleParams: mirrored in src/cuda/sampling.rs");
 
 // ---------------------------------------------------------------------------------------
 // Block-wide reductions and scans (blockDim.x a multiple of 32, at most 1024). Each starts
@@ -244,16 +248,28 @@ __device__ __forceinline__ void guided_sample_impl(const GuidedSampleParams& p) 
     // Pass 1 (coalesced): guidance combine, written back; argmax of the result.
     float best = NEG_INF;
     int best_i = NO_INDEX;
+    const float* bias = p.bias;
     if (p.guided) {
         const float* un = p.logits + ((size_t)p.batch * p.n + r) * V;  // (V)
         for (int i = tid; i < V; i += bd) {
-            const float c = row[i];
-            const float l = __fadd_rn(c, __fmul_rn(p.cfg, __fsub_rn(c, un[i])));
+            float c = row[i], u = un[i];
+            if (bias) {
+                c = __fadd_rn(c, bias[i]);
+                u = __fadd_rn(u, bias[i]);
+            }
+            const float l = __fadd_rn(c, __fmul_rn(p.cfg, __fsub_rn(c, u)));
             row[i] = l;
             argmax_merge(best, best_i, l, i);
         }
     } else {
-        for (int i = tid; i < V; i += bd) argmax_merge(best, best_i, row[i], i);
+        for (int i = tid; i < V; i += bd) {
+            float l = row[i];
+            if (bias) {
+                l = __fadd_rn(l, bias[i]);
+                row[i] = l;
+            }
+            argmax_merge(best, best_i, l, i);
+        }
     }
     // Each thread reads back only the elements it wrote itself (same i = tid + k*bd) in the
     // strided passes below; the chunked passes read other threads' writes, which

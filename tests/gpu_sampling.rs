@@ -35,6 +35,9 @@ struct Launch<'a> {
     forced: Option<&'a [i32]>,
     /// Also record the choice statistics (prob, entropy) into NaN-poisoned grids.
     stats: bool,
+    /// (V): the head's bias, added by the kernel to every row it reads (the CPU reference
+    /// gets the logits with the bias already added).
+    bias: Option<&'a [f32]>,
 }
 
 impl Launch<'_> {
@@ -87,6 +90,7 @@ fn run(gpu: &Gpu, c: &Launch) -> Out {
         .stats
         .then(|| (gpu.upload(&nan).unwrap(), gpu.upload(&nan).unwrap()));
     let st = ds.as_mut().map(|(p, e)| (p, e));
+    let db = c.bias.map(|b| gpu.upload(b).unwrap());
     guided_sample(
         gpu,
         &s,
@@ -98,6 +102,7 @@ fn run(gpu: &Gpu, c: &Launch) -> Out {
         &mut dg,
         &mut dt,
         st,
+        db.as_ref(),
     )
     .unwrap();
     Out {
@@ -114,6 +119,13 @@ fn cpu_step(c: &Launch) -> Want {
     let usizes = |v: &[i32]| v.iter().map(|&x| x as usize).collect::<Vec<_>>();
     let forced: Option<Vec<u32>> = c.forced.map(|f| f.iter().map(|&t| t as u32).collect());
     let mut logits = c.logits.to_vec();
+    if let Some(b) = c.bias {
+        for row in logits.chunks_exact_mut(c.vocab) {
+            for (l, &bi) in row.iter_mut().zip(b) {
+                *l += bi;
+            }
+        }
+    }
     let mut grid = vec![0u32; c.batch * c.cells];
     let (mut prob, mut entropy) = (vec![f32::NAN; grid.len()], vec![f32::NAN; grid.len()]);
     let toks = cpu_guided_sample(
@@ -249,6 +261,8 @@ struct Case {
     policy: (f32, Option<usize>, Option<f32>),
     logits: Logits,
     forced: bool,
+    /// The kernel adds a (V) bias (the CPU gets biased logits).
+    bias: bool,
     seed: u64,
     step: u32,
     expect: Expect,
@@ -284,6 +298,7 @@ fn cases() -> Vec<Case> {
             scale: 6.0,
         },
         forced: false,
+        bias: false,
         seed: 1,
         step: 0,
         expect: Expect::Exact,
@@ -292,12 +307,15 @@ fn cases() -> Vec<Case> {
     for &(b, n, v) in CFG_SHAPES {
         for cfg in CFGS {
             let extra_cells = 4;
+            // The head's bias folded into the kernel, with and without guidance.
+            let bias = cfg != Some(0.0);
             cases.push(Case {
                 b,
                 n,
                 v,
                 extra_cells,
                 cfg,
+                bias,
                 ..base
             });
         }
@@ -321,7 +339,7 @@ fn cases() -> Vec<Case> {
             scale: 5.0,
         };
         let policy = (1.0, Some(10), Some(0.9));
-        let (b, n, v, forced) = (3, 20, 333, true);
+        let (b, n, v, forced, bias) = (3, 20, 333, true, true);
         cases.push(Case {
             b,
             n,
@@ -331,12 +349,13 @@ fn cases() -> Vec<Case> {
             policy,
             logits,
             forced,
+            bias,
             seed: 4,
             step: 9,
             ..base
         });
     }
-    for policy in DRAW_POLICIES {
+    for (i, policy) in DRAW_POLICIES.into_iter().enumerate() {
         let logits = Logits::Random {
             seed: 41,
             scale: 8.0,
@@ -348,6 +367,7 @@ fn cases() -> Vec<Case> {
             n,
             v,
             policy,
+            bias: i % 2 == 0,
             logits,
             seed: 99,
             step: 17,
@@ -397,6 +417,7 @@ fn guided_sample_matches_cpu_ops() {
             }
         };
         let logits = make_logits(c);
+        let bias = rand_vec(c.v, 77, 2.0);
         let forced: Vec<i32> = rand_tokens(c.b * cells, 3, c.v)
             .iter()
             .map(|&t| t as i32)
@@ -416,6 +437,7 @@ fn guided_sample_matches_cpu_ops() {
             global_pos: &gp,
             forced: c.forced.then_some(&forced[..]),
             stats: true,
+            bias: c.bias.then_some(&bias[..]),
         };
         let (out, w) = run_checked(gpu, &launch);
         let (cond, want) = (&w.logits, &w.tokens);
@@ -557,6 +579,7 @@ fn gpu_draws_follow_softmax_and_match_cpu() {
                 global_pos: &gp,
                 forced: None,
                 stats: false,
+                bias: None,
             };
             let (out, w) = run_checked(&gpu, &c);
             let want = w.tokens;
@@ -640,6 +663,7 @@ fn gpu_top_k_top_p_never_emit_excluded_tokens() {
             global_pos: &gp,
             forced: None,
             stats: false,
+            bias: None,
         };
         let (out, w) = run_checked(&gpu, &c);
         let want = w.tokens;
@@ -690,6 +714,7 @@ fn gpu_top_k_top_p_never_emit_excluded_tokens() {
             global_pos: &lp,
             forced: None,
             stats: false,
+            bias: None,
         };
         let out = run(&gpu, &c);
         let kept = kept_set(&small, &policy);

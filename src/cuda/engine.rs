@@ -503,12 +503,18 @@ impl Backend for GpuBackend<'_> {
             cells,
         )?;
         m.forward(bt, n, &idx.cur_global, &idx.prev_rope)?;
-        let t = bt.rows * n;
+        let knobs = ch.knobs(bt.b, v, cells, self.guided, step.t);
+        // The head only on the rows the choice reads: without guidance at this step (t <
+        // cfg_start_step) the unconditional rows' logits would be discarded. Its bias is added
+        // inside guided_sample.
+        let t = if knobs.guidance.is_some() {
+            bt.rows * n
+        } else {
+            bt.b * n
+        };
         let eps = m.cfg.rms_norm_eps as f32;
         rmsnorm_adaln(g, &bt.x, &m.final_norm, None, &mut bt.a, t, n, c, eps)?;
         linear(g, &bt.a, 0, &m.head, &mut bt.logits, 0, t, c, v, 0.0)?;
-        add_bias_f32(g, &mut bt.logits, &m.head_b, t, v)?;
-        let knobs = ch.knobs(bt.b, v, cells, self.guided, step.t);
         let forced = if ch.forced.is_some() {
             bt.forced[step.scale].as_ref()
         } else {
@@ -528,6 +534,7 @@ impl Backend for GpuBackend<'_> {
                 Some((p, e)) if ch.stats => Some((p, e)),
                 _ => None,
             },
+            Some(&m.head_b),
         )?;
         let out = if ch.record {
             Some(g.download_range(&bt.logits, 0..bt.b * n * v)?)

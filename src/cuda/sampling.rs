@@ -22,6 +22,7 @@ struct GuidedSampleParams {
     global_pos: u64,
     prob: u64,
     entropy: u64,
+    bias: u64,
     seed: u64,
     batch: i32,
     n: i32,
@@ -38,7 +39,7 @@ struct GuidedSampleParams {
 // SAFETY: plain-old-data mirror of the C struct.
 unsafe impl DeviceRepr for GuidedSampleParams {}
 // Same size as the C struct (static_assert in kernels/sampling.cu).
-const _: () = assert!(std::mem::size_of::<GuidedSampleParams>() == 120);
+const _: () = assert!(std::mem::size_of::<GuidedSampleParams>() == 128);
 
 /// Choose the tokens of one step on the device.
 ///
@@ -53,6 +54,8 @@ const _: () = assert!(std::mem::size_of::<GuidedSampleParams>() == 120);
 /// * `stats`: when given, `(prob, entropy)` (B, cells) f32 get the chosen token's probability
 ///   under softmax(l / T) and the entropy in nats at `local_pos[j]` (the CPU's
 ///   `token_stats`; used by the maps).
+/// * `bias` (V) f32: when given, added to every logits row as it is read (the head's bias,
+///   folded in; bit for bit the separate add).
 ///
 /// Enqueued on the GPU's stream; nothing is synchronized.
 #[allow(clippy::too_many_arguments)]
@@ -67,6 +70,7 @@ pub fn guided_sample(
     grid: &mut DevBuf<i32>,
     tokens_out: &mut DevBuf<i32>,
     stats: Option<(&mut DevBuf<f32>, &mut DevBuf<f32>)>,
+    bias: Option<&DevBuf<f32>>,
 ) -> Result<()> {
     let (b, v, cells) = (s.batch, s.vocab, s.cells);
     if b == 0 || n == 0 {
@@ -122,6 +126,13 @@ pub fn guided_sample(
             en.len()
         );
     }
+    if let Some(bs) = bias {
+        ensure!(
+            bs.len() >= v,
+            "guided_sample: bias holds {}, need {v}",
+            bs.len()
+        );
+    }
     let pol = s.policy;
     ensure!(
         pol.temperature.is_finite(),
@@ -147,6 +158,7 @@ pub fn guided_sample(
         global_pos: gpu.ptr(global_pos),
         prob: stats.as_ref().map_or(0, |(pr, _)| gpu.ptr(*pr)),
         entropy: stats.as_ref().map_or(0, |(_, en)| gpu.ptr(*en)),
+        bias: bias.map_or(0, |bs| gpu.ptr(bs)),
         seed: s.seed,
         batch: b as i32,
         n: n as i32,
