@@ -27,6 +27,54 @@ pub enum Device {
     Emu,
 }
 
+/// The sampling settings `sample` and `generate` share (the released defaults).
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// Guidance: logits = cond + cfg * (cond - uncond); 0 disables it.
+    #[arg(long, default_value_t = pipeline::DEFAULT_CFG, allow_negative_numbers = true)]
+    pub cfg: f32,
+    /// First global step (0 = the 1x1 scale) at which guidance applies.
+    #[arg(long, default_value_t = pipeline::DEFAULT_CFG_START_STEP)]
+    pub cfg_start_step: usize,
+    /// Serial steps per scale.
+    #[arg(long, default_value_t = pipeline::DEFAULT_STEPS_PER_SCALE, conflicts_with = "steps")]
+    pub steps_per_scale: usize,
+    /// Explicit steps for each scale, comma separated (one value per scale).
+    #[arg(long, value_delimiter = ',')]
+    pub steps: Option<Vec<usize>>,
+    /// Sampling temperature; 0 = greedy (argmax).
+    #[arg(long, default_value_t = pipeline::DEFAULT_TEMPERATURE, allow_negative_numbers = true)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+}
+
+impl SamplingArgs {
+    /// SampleOptions for `labels` with these settings.
+    pub fn options(&self, labels: Vec<usize>) -> SampleOptions {
+        let mut o = SampleOptions::new(labels);
+        o.cfg = self.cfg;
+        o.cfg_start_step = self.cfg_start_step;
+        o.steps = match &self.steps {
+            Some(v) => Steps::PerScale(v.clone()),
+            None => Steps::Uniform(self.steps_per_scale),
+        };
+        o.policy = TokenPolicy {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        };
+        o.seed = self.seed;
+        o
+    }
+}
+
 #[derive(Args)]
 pub struct SampleArgs {
     /// Model file (from `checkergen convert` or `init`). Without it: the tiny preset with
@@ -39,29 +87,8 @@ pub struct SampleArgs {
     /// Number of images, classes 0, 1, 2, ... round-robin.
     #[arg(long)]
     num_samples: Option<usize>,
-    /// Guidance: logits = cond + cfg * (cond - uncond); 0 disables it.
-    #[arg(long, default_value_t = pipeline::DEFAULT_CFG, allow_negative_numbers = true)]
-    cfg: f32,
-    /// First global step (0 = the 1x1 scale) at which guidance applies.
-    #[arg(long, default_value_t = pipeline::DEFAULT_CFG_START_STEP)]
-    cfg_start_step: usize,
-    /// Serial steps per scale.
-    #[arg(long, default_value_t = pipeline::DEFAULT_STEPS_PER_SCALE, conflicts_with = "steps")]
-    steps_per_scale: usize,
-    /// Explicit steps for each scale, comma separated (one value per scale).
-    #[arg(long, value_delimiter = ',')]
-    steps: Option<Vec<usize>>,
-    /// Sampling temperature; 0 = greedy (argmax).
-    #[arg(long, default_value_t = pipeline::DEFAULT_TEMPERATURE, allow_negative_numbers = true)]
-    temperature: f32,
-    #[arg(long)]
-    top_k: Option<usize>,
-    #[arg(long, allow_negative_numbers = true)]
-    top_p: Option<f32>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
+    #[command(flatten)]
+    pub(crate) s: SamplingArgs,
     /// Output directory (created if missing).
     #[arg(long)]
     out: PathBuf,
@@ -99,7 +126,7 @@ pub fn ensure_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn load_or_tiny(path: Option<&Path>) -> Result<(Model, String)> {
+pub(crate) fn load_or_tiny(path: Option<&Path>) -> Result<(Model, String)> {
     match path {
         Some(p) => Ok((Model::load(p)?, p.display().to_string())),
         None => {
@@ -170,7 +197,11 @@ struct SampleRun {
 /// KV-cache estimate of `pipeline::bytes_per_image`, an over-estimate for bf16), at most
 /// 256; on the emulator 4 (it is slow); on the CPU at most 8, within a quarter of
 /// `limits::MAX_SAMPLE_BYTES`.
-fn default_batch_size(cfg: &ModelConfig, guided: bool, device: &DeviceKind) -> Result<usize> {
+pub(crate) fn default_batch_size(
+    cfg: &ModelConfig,
+    guided: bool,
+    device: &DeviceKind,
+) -> Result<usize> {
     let per = pipeline::bytes_per_image(cfg, guided)?.max(1);
     Ok(match device {
         DeviceKind::Gpu { free_bytes } => ((*free_bytes as f64 * 0.6) as u64 / per).clamp(1, 256),
@@ -181,15 +212,48 @@ fn default_batch_size(cfg: &ModelConfig, guided: bool, device: &DeviceKind) -> R
 
 /// Which kind of device a run uses, for its defaults.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-enum DeviceKind {
+pub(crate) enum DeviceKind {
     Cpu,
     Emu,
     Gpu { free_bytes: u64 },
 }
 
+/// The model on the device `--device` picks (None: the CPU), with the kind of device for the
+/// defaults.
+#[cfg(feature = "cuda")]
+pub(crate) type DeviceModel = Option<checkergen::cuda::engine::GpuModel>;
+#[cfg(not(feature = "cuda"))]
+pub(crate) type DeviceModel = Option<std::convert::Infallible>;
+
+pub(crate) fn pick_gpu_model(device: Device, model: &Model) -> Result<(DeviceModel, DeviceKind)> {
+    #[cfg(feature = "cuda")]
+    {
+        let gm = match pick_gpu(device)? {
+            Some(g) => Some(checkergen::cuda::engine::GpuModel::new(g, model)?),
+            None => None,
+        };
+        let kind = match &gm {
+            Some(gm) if gm.gpu.is_emu() => DeviceKind::Emu,
+            Some(gm) => DeviceKind::Gpu {
+                free_bytes: gm.gpu.mem_get_info()?.0 as u64,
+            },
+            None => DeviceKind::Cpu,
+        };
+        Ok((gm, kind))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = model;
+        if matches!(device, Device::Cuda | Device::Emu) {
+            bail!("--device cuda/emu: this binary was built without the `cuda` feature");
+        }
+        Ok((None, DeviceKind::Cpu))
+    }
+}
+
 pub fn sample(a: SampleArgs) -> Result<()> {
     #[cfg(not(feature = "cuda"))]
-    if matches!(a.device, Device::Cuda | Device::Emu) {
+    if matches!(a.s.device, Device::Cuda | Device::Emu) {
         bail!("--device cuda/emu: this binary was built without the `cuda` feature");
     }
     if a.batch_size == Some(0) {
@@ -221,38 +285,12 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     for o in outputs.into_iter().chain(per_image) {
         checkergen::paths::check_output(&o, &inputs)?;
     }
-    let mut opts = SampleOptions::new(labels.clone());
-    opts.cfg = a.cfg;
-    opts.cfg_start_step = a.cfg_start_step;
-    opts.steps = match &a.steps {
-        Some(v) => Steps::PerScale(v.clone()),
-        None => Steps::Uniform(a.steps_per_scale),
-    };
-    opts.policy = TokenPolicy {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-    };
-    opts.seed = a.seed;
+    let mut opts = a.s.options(labels.clone());
     opts.record_stats = a.maps || a.save_tokens;
     opts.decode_pyramid = a.pyramid;
     // The whole request is checked once, at the batch size, before any batch runs.
-    let guided = a.cfg > 0.0;
-    #[cfg(feature = "cuda")]
-    let gpu_model = match pick_gpu(a.device)? {
-        Some(g) => Some(checkergen::cuda::engine::GpuModel::new(g, &model)?),
-        None => None,
-    };
-    #[cfg(feature = "cuda")]
-    let kind = match &gpu_model {
-        Some(gm) if gm.gpu.is_emu() => DeviceKind::Emu,
-        Some(gm) => DeviceKind::Gpu {
-            free_bytes: gm.gpu.mem_get_info()?.0 as u64,
-        },
-        None => DeviceKind::Cpu,
-    };
-    #[cfg(not(feature = "cuda"))]
-    let kind = DeviceKind::Cpu;
+    let guided = a.s.cfg > 0.0;
+    let (gpu_model, kind) = pick_gpu_model(a.s.device, &model)?;
     let batch = match a.batch_size {
         Some(n) => n,
         None => {
@@ -269,8 +307,8 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let mut run = SampleRun::default();
     let mut each =
         |first: usize, out: pipeline::Samples| write_batch(&a, &model, first, out, &mut run);
-    #[cfg(feature = "cuda")]
     let device = match &gpu_model {
+        #[cfg(feature = "cuda")]
         Some(gm) => {
             let mut be = checkergen::cuda::engine::GpuBackend::new(gm);
             pipeline::sample_batches(&mut be, &opts, batch, &mut each)?;
@@ -280,15 +318,10 @@ pub fn sample(a: SampleArgs) -> Result<()> {
                 format!("cuda ({}, kernels: {})", gm.gpu.name, gm.gpu.image_kind)
             }
         }
-        None => {
+        _ => {
             pipeline::sample_batches(&mut CpuBackend::new(&model), &opts, batch, &mut each)?;
             "cpu".to_string()
         }
-    };
-    #[cfg(not(feature = "cuda"))]
-    let device = {
-        pipeline::sample_batches(&mut CpuBackend::new(&model), &opts, batch, &mut each)?;
-        "cpu".to_string()
     };
     let total_s = t.elapsed().as_secs_f64();
     let side = model.config.img_size;
@@ -323,12 +356,12 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         "num_images": labels.len(),
         "batch_size": batch,
         "batches": run.batches,
-        "cfg": a.cfg,
-        "cfg_start_step": a.cfg_start_step,
-        "temperature": a.temperature,
-        "top_k": a.top_k,
-        "top_p": a.top_p,
-        "seed": a.seed,
+        "cfg": a.s.cfg,
+        "cfg_start_step": a.s.cfg_start_step,
+        "temperature": a.s.temperature,
+        "top_k": a.s.top_k,
+        "top_p": a.s.top_p,
+        "seed": a.s.seed,
         "schedule": {
             "scale_sizes": model.scale_sizes,
             "steps_per_scale": sched.scales.iter().map(|s| s.steps).collect::<Vec<_>>(),

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 mod bench_cmd;
 mod commands;
+mod generate_cmd;
 mod score_commands;
 mod steps_cmd;
 
@@ -88,6 +89,11 @@ enum Cmd {
     /// Sweep scale ratios x steps per scale (or total-step targets): serial steps, tokens,
     /// FLOPs, latency at batch 1 and images/s at --batch; table, JSON, PNG chart.
     Steps(steps_cmd::StepsArgs),
+    /// Evaluation sample files of any size (the ADM evaluator's .npz, or a PNG folder),
+    /// class-balanced, deterministic by image index; --shard k/N for many machines.
+    Generate(generate_cmd::GenerateArgs),
+    /// Reassemble the shard files of one `generate` run into one file, in index order.
+    Merge(generate_cmd::MergeArgs),
     /// Benchmark the GPU VQ decoder: images/s, ms per batch, TFLOP/s, % of peak, memory.
     BenchDecode(commands::BenchDecodeArgs),
     /// Encode real images (PNG) into their code pyramids (a tokens file).
@@ -171,6 +177,8 @@ fn run(cli: Cli) -> Result<()> {
         } => commands::init(&preset, seed, dtype, &output),
         Cmd::Inspect { model } => commands::inspect(&model),
         Cmd::Bench(args) => bench_cmd::bench(args),
+        Cmd::Generate(args) => generate_cmd::generate(args),
+        Cmd::Merge(args) => generate_cmd::merge(args),
         Cmd::Steps(args) => steps_cmd::steps(args),
         Cmd::BenchDecode(args) => commands::bench_decode(args),
         Cmd::Encode(args) => score_commands::encode(args),

@@ -3,35 +3,31 @@
 
 use super::{DevBuf, Gpu, k};
 use anyhow::{Result, ensure};
-use cudarc::driver::DeviceRepr;
 use half::bf16;
 
 pub use crate::cpu::ops::AttnShape;
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct RopeKvParams {
-    qkv: u64,
-    rope_re: u64,
-    rope_im: u64,
-    cur: u64,
-    prev: u64,
-    mix: u64,
-    q_out: u64,
-    k_cache: u64,
-    v_cache: u64,
-    rows: i32,
-    n: i32,
-    h: i32,
-    d: i32,
-    cap: i32,
-    start: i32,
-    table_rows: i32,
+kernel_params! {
+    /// The parameters of kernels/attention.cu's `RopeKvParams`.
+    struct RopeKvParams[104] {
+        qkv: u64,
+        rope_re: u64,
+        rope_im: u64,
+        cur: u64,
+        prev: u64,
+        mix: u64,
+        q_out: u64,
+        k_cache: u64,
+        v_cache: u64,
+        rows: i32,
+        n: i32,
+        h: i32,
+        d: i32,
+        cap: i32,
+        start: i32,
+        table_rows: i32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for RopeKvParams {}
-// Same size as the C struct (static_assert in kernels/attention.cu).
-const _: () = assert!(std::mem::size_of::<RopeKvParams>() == 104);
 
 /// Rotate the new block's queries and keys and append keys and values to the cache.
 ///
@@ -156,25 +152,22 @@ pub struct BlockMask<'a> {
     pub query_block: &'a DevBuf<i32>,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct AttnParams {
-    q: u64,
-    k_cache: u64,
-    v_cache: u64,
-    key_block: u64,
-    query_block: u64,
-    out: u64,
-    rows: i32,
-    n: i32,
-    h: i32,
-    cap: i32,
-    start: i32,
+kernel_params! {
+    /// The parameters of kernels/attention.cu's `AttnParams`.
+    struct AttnParams[72] {
+        q: u64,
+        k_cache: u64,
+        v_cache: u64,
+        key_block: u64,
+        query_block: u64,
+        out: u64,
+        rows: i32,
+        n: i32,
+        h: i32,
+        cap: i32,
+        start: i32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for AttnParams {}
-// Same size as the C struct (static_assert in kernels/attention.cu).
-const _: () = assert!(std::mem::size_of::<AttnParams>() == 72);
 
 /// `o = softmax(q' K^T / sqrt(D)) V` per (row, head) over cache keys 0..start+n (the cache
 /// already holds this step's keys).

@@ -3,24 +3,20 @@
 
 use super::{DevBuf, Gpu, k};
 use anyhow::{Result, ensure};
-use cudarc::driver::DeviceRepr;
 use half::bf16;
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UpsampleParams {
-    grid_prev: u64,
-    codebook: u64,
-    z0: u64,
-    batch: i32,
-    si: i32,
-    so: i32,
-    e: i32,
+kernel_params! {
+    /// The parameters of kernels/embed.cu's `UpsampleParams`.
+    struct UpsampleParams[40] {
+        grid_prev: u64,
+        codebook: u64,
+        z0: u64,
+        batch: i32,
+        si: i32,
+        so: i32,
+        e: i32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for UpsampleParams {}
-// Same size as the C struct (static_assert in kernels/embed.cu).
-const _: () = assert!(std::mem::size_of::<UpsampleParams>() == 40);
 
 /// `z0 (B, so*so, e)` = normalized bilinear resize of the code vectors of `grid_prev (B, si*si)`.
 #[allow(clippy::too_many_arguments)]
@@ -61,22 +57,19 @@ pub fn upsample_codes(
     )
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CodevecParams {
-    z: u64,
-    w0: u64,
-    b0: u64,
-    w2: u64,
-    b2: u64,
-    h2: u64,
-    rows: i32,
-    e: i32,
+kernel_params! {
+    /// The parameters of kernels/embed.cu's `CodevecParams`.
+    struct CodevecParams[56] {
+        z: u64,
+        w0: u64,
+        b0: u64,
+        w2: u64,
+        b2: u64,
+        h2: u64,
+        rows: i32,
+        e: i32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for CodevecParams {}
-// Same size as the C struct (static_assert in kernels/embed.cu).
-const _: () = assert!(std::mem::size_of::<CodevecParams>() == 56);
 
 /// The code MLP's two hidden layers of 64 (weights f32, [out, in]).
 pub struct CodevecMlp {
@@ -118,32 +111,29 @@ pub fn codevec_hidden(
     )
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct GatherParams {
-    pa: u64,
-    pc: u64,
-    dc: u64,
-    empty: u64,
-    bias: u64,
-    src: u64,
-    grid: u64,
-    cur_global: u64,
-    local: u64,
-    prev_global: u64,
-    prev_local: u64,
-    x: u64,
-    rows: i32,
-    batch: i32,
-    n: i32,
-    c: i32,
-    cells: i32,
-    first: i32,
+kernel_params! {
+    /// The parameters of kernels/embed.cu's `GatherParams`.
+    struct GatherParams[120] {
+        pa: u64,
+        pc: u64,
+        dc: u64,
+        empty: u64,
+        bias: u64,
+        src: u64,
+        grid: u64,
+        cur_global: u64,
+        local: u64,
+        prev_global: u64,
+        prev_local: u64,
+        x: u64,
+        rows: i32,
+        batch: i32,
+        n: i32,
+        c: i32,
+        cells: i32,
+        first: i32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for GatherParams {}
-// Same size as the C struct (static_assert in kernels/embed.cu).
-const _: () = assert!(std::mem::size_of::<GatherParams>() == 120);
 
 /// Folded input tables (see kernels/embed.cu).
 pub struct InputTables {

@@ -463,29 +463,22 @@ mod tests {
         let a = vec![1.0f32; 4];
         let b = vec![2.0f32; 4];
         let mut c = vec![f32::NAN; 4];
-        host_gemm(
-            false,
-            (2, 2, 2),
-            op(&a, f32t, 2, 0),
-            op(&b, f32t, 2, 0),
-            op_mut(&mut c, f32t, 2, 0),
-            0.0,
-            1,
-            |_, _, _| Ok(()),
-        )
-        .unwrap();
+        // 2x2x2, beta 0, with A's leading dimension `lda`.
+        let mut gemm = |lda: usize| {
+            host_gemm(
+                false,
+                (2, 2, 2),
+                op(&a, f32t, lda, 0),
+                op(&b, f32t, 2, 0),
+                op_mut(&mut c, f32t, 2, 0),
+                0.0,
+                1,
+                |_, _, _| Ok(()),
+            )
+        };
+        gemm(2).unwrap();
+        let e = gemm(1).unwrap_err();
         assert_eq!(c, vec![4.0; 4]);
-        let e = host_gemm(
-            false,
-            (2, 2, 2),
-            op(&a, f32t, 1, 0),
-            op(&b, f32t, 2, 0),
-            op_mut(&mut c, f32t, 2, 0),
-            0.0,
-            1,
-            |_, _, _| Ok(()),
-        )
-        .unwrap_err();
         assert!(e.to_string().contains("CUBLAS_STATUS_INVALID_VALUE"), "{e}");
     }
 

@@ -3,26 +3,22 @@
 
 use super::{DevBuf, Gpu, k};
 use anyhow::{Result, ensure};
-use cudarc::driver::DeviceRepr;
 use half::bf16;
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub(super) struct RmsNormParams {
-    pub(super) x: u64,
-    pub(super) w: u64,
-    pub(super) modulation: u64,
-    pub(super) out: u64,
-    pub(super) tokens: i32,
-    pub(super) n: i32,
-    pub(super) c: i32,
-    pub(super) mod_offset: i32,
-    pub(super) eps: f32,
+kernel_params! {
+    /// The parameters of kernels/norm.cu's `RmsNormParams`.
+    pub(super) struct RmsNormParams[56] {
+        pub(super) x: u64,
+        pub(super) w: u64,
+        pub(super) modulation: u64,
+        pub(super) out: u64,
+        pub(super) tokens: i32,
+        pub(super) n: i32,
+        pub(super) c: i32,
+        pub(super) mod_offset: i32,
+        pub(super) eps: f32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for RmsNormParams {}
-// Same size as the C struct (static_assert in kernels/norm.cu).
-const _: () = assert!(std::mem::size_of::<RmsNormParams>() == 56);
 
 /// `out (T, C) = RMSNorm(x) * w`, then `* scale + shift` from `modulation` (rows, 4C) at
 /// `mod_offset` when given; token t belongs to sequence row t / n.
@@ -72,18 +68,15 @@ pub fn rmsnorm_adaln(
     )
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct SiluMulParams {
-    g: u64,
-    h: u64,
-    tokens: i32,
-    f: i32,
+kernel_params! {
+    /// The parameters of kernels/norm.cu's `SiluMulParams`.
+    struct SiluMulParams[24] {
+        g: u64,
+        h: u64,
+        tokens: i32,
+        f: i32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for SiluMulParams {}
-// Same size as the C struct (static_assert in kernels/norm.cu).
-const _: () = assert!(std::mem::size_of::<SiluMulParams>() == 24);
 
 fn grid_for(total: usize) -> u32 {
     total.div_ceil(256).clamp(1, 65535) as u32
@@ -116,18 +109,15 @@ pub fn silu_mul(
     )
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub(super) struct AddBiasParams {
-    pub(super) y: u64,
-    pub(super) b: u64,
-    pub(super) rows: i32,
-    pub(super) n: i32,
+kernel_params! {
+    /// The parameters of kernels/norm.cu's `AddBiasParams`.
+    pub(super) struct AddBiasParams[24] {
+        pub(super) y: u64,
+        pub(super) b: u64,
+        pub(super) rows: i32,
+        pub(super) n: i32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for AddBiasParams {}
-// Same size as the C struct (static_assert in kernels/norm.cu).
-const _: () = assert!(std::mem::size_of::<AddBiasParams>() == 24);
 
 /// `y (rows, n) += b (n)`.
 pub fn add_bias_f32(

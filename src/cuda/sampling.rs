@@ -6,40 +6,36 @@
 use super::{DevBuf, Gpu, k};
 use crate::sampling::StepKnobs;
 use anyhow::{Result, ensure};
-use cudarc::driver::DeviceRepr;
 
 /// Threads per block; must match SAMPLE_THREADS in kernels/sampling.cu.
 const SAMPLE_THREADS: u32 = 512;
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct GuidedSampleParams {
-    logits: u64,
-    forced: u64,
-    grid: u64,
-    tokens_out: u64,
-    local_pos: u64,
-    global_pos: u64,
-    prob: u64,
-    entropy: u64,
-    bias: u64,
-    seed: u64,
-    batch: i32,
-    n: i32,
-    v: i32,
-    cells: i32,
-    guided: i32,
-    cfg: f32,
-    temperature: f32,
-    top_k: i32,
-    top_p: f32,
-    step: i32,
-    image0: u32,
+kernel_params! {
+    /// The parameters of kernels/sampling.cu's `GuidedSampleParams`.
+    struct GuidedSampleParams[128] {
+        logits: u64,
+        forced: u64,
+        grid: u64,
+        tokens_out: u64,
+        local_pos: u64,
+        global_pos: u64,
+        prob: u64,
+        entropy: u64,
+        bias: u64,
+        seed: u64,
+        batch: i32,
+        n: i32,
+        v: i32,
+        cells: i32,
+        guided: i32,
+        cfg: f32,
+        temperature: f32,
+        top_k: i32,
+        top_p: f32,
+        step: i32,
+        image0: u32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for GuidedSampleParams {}
-// Same size as the C struct (static_assert in kernels/sampling.cu).
-const _: () = assert!(std::mem::size_of::<GuidedSampleParams>() == 128);
 
 /// Choose the tokens of one step on the device.
 ///

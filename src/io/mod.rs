@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod image;
 pub mod maps;
+pub mod npz;
 pub mod photo;
 pub mod pth;
 pub mod steps_chart;

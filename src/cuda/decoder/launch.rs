@@ -6,23 +6,22 @@ use super::*;
 // ---------------------------------------------------------------------------------------------
 // Convolutions
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct Conv3x3Params {
-    x: u64,
-    w: u64,
-    bias: u64,
-    residual: u64,
-    y: u64,
-    batch: i32,
-    height: i32,
-    width: i32,
-    cin: i32,
-    cout: i32,
-    upsample: i32,
+kernel_params! {
+    /// The parameters of kernels/decoder.cu's `Conv3x3Params`.
+    struct Conv3x3Params[64] {
+        x: u64,
+        w: u64,
+        bias: u64,
+        residual: u64,
+        y: u64,
+        batch: i32,
+        height: i32,
+        width: i32,
+        cin: i32,
+        cout: i32,
+        upsample: i32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for Conv3x3Params {}
 
 /// What a conv epilogue adds after the bias.
 pub enum Residual<'a> {
@@ -170,50 +169,47 @@ pub fn conv1x1<T: Storage>(
 // ---------------------------------------------------------------------------------------------
 // GroupNorm
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct GnPartialParams {
-    x: u64,
-    part: u64,
-    batch: i32,
-    hw: i32,
-    c: i32,
-    chunk: i32,
-    nchunk: i32,
+kernel_params! {
+    /// The parameters of kernels/decoder.cu's `GnPartialParams`.
+    struct GnPartialParams[40] {
+        x: u64,
+        part: u64,
+        batch: i32,
+        hw: i32,
+        c: i32,
+        chunk: i32,
+        nchunk: i32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for GnPartialParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct GnFinalizeParams {
-    part: u64,
-    gamma: u64,
-    beta: u64,
-    ss: u64,
-    batch: i32,
-    hw: i32,
-    c: i32,
-    chunk: i32,
-    nchunk: i32,
-    eps: f32,
+kernel_params! {
+    /// The parameters of kernels/decoder.cu's `GnFinalizeParams`.
+    struct GnFinalizeParams[56] {
+        part: u64,
+        gamma: u64,
+        beta: u64,
+        ss: u64,
+        batch: i32,
+        hw: i32,
+        c: i32,
+        chunk: i32,
+        nchunk: i32,
+        eps: f32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for GnFinalizeParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct GnApplyParams {
-    x: u64,
-    ss: u64,
-    y: u64,
-    batch: i32,
-    hw: i32,
-    c: i32,
-    silu: i32,
+kernel_params! {
+    /// The parameters of kernels/decoder.cu's `GnApplyParams`.
+    struct GnApplyParams[40] {
+        x: u64,
+        ss: u64,
+        y: u64,
+        batch: i32,
+        hw: i32,
+        c: i32,
+        silu: i32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for GnApplyParams {}
 
 /// Statistics scratch of [`group_norm`] for up to (batch, max_hw, max_c).
 pub struct GnScratch {
@@ -316,15 +312,14 @@ pub fn group_norm<T: Storage>(
 // ---------------------------------------------------------------------------------------------
 // Small kernels
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct CastParams {
-    x: u64,
-    y: u64,
-    n: u64,
+kernel_params! {
+    /// The parameters of kernels/decoder.cu's `CastParams`.
+    struct CastParams[24] {
+        x: u64,
+        y: u64,
+        n: u64,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for CastParams {}
 
 /// `y[..n] = T(x[..n])` (round to nearest; an fp16 overflow gives inf).
 pub fn cast_f32<T: Storage>(gpu: &Gpu, x: &DevBuf<f32>, y: &mut DevBuf<T>, n: usize) -> Result<()> {
@@ -346,19 +341,18 @@ pub fn cast_f32<T: Storage>(gpu: &Gpu, x: &DevBuf<f32>, y: &mut DevBuf<T>, n: us
     )
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct GatherCodesParams {
-    tokens: u64,
-    codebook: u64,
-    z: u64,
-    rows: i32,
-    e: i32,
-    n_embed: i32,
-    normalize: i32,
+kernel_params! {
+    /// The parameters of kernels/decoder.cu's `GatherCodesParams`.
+    struct GatherCodesParams[40] {
+        tokens: u64,
+        codebook: u64,
+        z: u64,
+        rows: i32,
+        e: i32,
+        n_embed: i32,
+        normalize: i32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for GatherCodesParams {}
 
 /// `z (rows, e) T = codebook[tokens]`, each row L2-normalized (eps 1e-12) when `normalize`.
 /// A token outside [0, n_embed) gives a NaN row.
@@ -395,17 +389,16 @@ pub fn gather_codes<T: Storage>(
     )
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct SoftmaxParams {
-    s: u64,
-    p: u64,
-    rows: i32,
-    n: i32,
-    scale: f32,
+kernel_params! {
+    /// The parameters of kernels/decoder.cu's `SoftmaxParams`.
+    struct SoftmaxParams[32] {
+        s: u64,
+        p: u64,
+        rows: i32,
+        n: i32,
+        scale: f32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for SoftmaxParams {}
 
 /// `p (rows, n) T = softmax(s * scale)` per row, s (rows, n) f32, scale > 0.
 pub fn softmax_rows<T: Storage>(
@@ -437,18 +430,17 @@ pub fn softmax_rows<T: Storage>(
     )
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct PixelsParams {
-    y: u64,
-    out_f32: u64,
-    out_u8: u64,
-    batch: i32,
-    hw: i32,
-    c: i32,
+kernel_params! {
+    /// The parameters of kernels/decoder.cu's `PixelsParams`.
+    struct PixelsParams[40] {
+        y: u64,
+        out_f32: u64,
+        out_u8: u64,
+        batch: i32,
+        hw: i32,
+        c: i32,
+    }
 }
-// SAFETY: plain-old-data mirror of the C struct.
-unsafe impl DeviceRepr for PixelsParams {}
 
 /// `y (B, hw, c)` NHWC f32 -> planar (B, c, hw) f32 and/or 8-bit pixels
 /// (clamp((x+1)/2, 0, 1) * 255, truncated, as `cpu::ops::pixels`).
@@ -599,24 +591,4 @@ pub fn attn_block<T: Storage>(
     )
     .context("attention P V")?;
     conv1x1(gpu, &w.proj, &s.att, x, rows, true)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Sizes of the C parameter structs as printed by tools/emu (sizeof on x86-64, the same
-    /// C layout rules as nvcc's device side).
-    #[test]
-    fn param_structs_match_c() {
-        use std::mem::size_of;
-        assert_eq!(size_of::<Conv3x3Params>(), 64);
-        assert_eq!(size_of::<GnPartialParams>(), 40);
-        assert_eq!(size_of::<GnFinalizeParams>(), 56);
-        assert_eq!(size_of::<GnApplyParams>(), 40);
-        assert_eq!(size_of::<CastParams>(), 24);
-        assert_eq!(size_of::<GatherCodesParams>(), 40);
-        assert_eq!(size_of::<SoftmaxParams>(), 32);
-        assert_eq!(size_of::<PixelsParams>(), 40);
-    }
 }

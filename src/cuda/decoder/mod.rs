@@ -35,7 +35,6 @@ use crate::model::config::DecoderConfig;
 use crate::model::decoder::{self as host, GN_EPS, GN_GROUPS};
 use anyhow::{Context, Result, ensure};
 use cudarc::cublas::sys;
-use cudarc::driver::DeviceRepr;
 use half::{bf16, f16};
 use std::sync::Mutex;
 

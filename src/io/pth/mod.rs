@@ -432,21 +432,56 @@ impl PthCheckpoint {
     }
 }
 
-/// Read the state dict under `key` (see [`PthCheckpoint::state_dict`]) with all its tensors.
 /// The bytes of the stored entry `name` of any zip file (an `.npz` from `np.savez`), through
 /// the same checked reader as checkpoints (sizes against the file, CRC-32).
 pub fn read_zip_entry(path: &Path, name: &str) -> Result<Vec<u8>> {
-    let shown = path.display();
-    crate::paths::check_input(path)?;
-    let file = File::open(path).with_context(|| format!("{shown}: cannot open"))?;
-    let archive =
-        Archive::new(file).map_err(|e| anyhow!("{shown}: not a readable zip archive ({e:#})"))?;
-    let e = archive
-        .get(name)
-        .ok_or_else(|| anyhow!("{shown}: no entry `{name}` in the archive"))?;
-    archive.read_all(e).with_context(|| shown.to_string())
+    let z = ZipReader::open(path)?;
+    let size = z.size(name)?;
+    z.read(name, 0, size)
 }
 
+/// Ranged reads of the stored entries of any zip file (e.g. to copy a large `.npz` entry in
+/// chunks), through the checked reader: sizes against the file, each entry's CRC-32 on its
+/// first read.
+pub struct ZipReader {
+    path: PathBuf,
+    archive: Archive,
+}
+
+impl ZipReader {
+    pub fn open(path: &Path) -> Result<ZipReader> {
+        let shown = path.display();
+        crate::paths::check_input(path)?;
+        let file = File::open(path).with_context(|| format!("{shown}: cannot open"))?;
+        let archive = Archive::new(file)
+            .map_err(|e| anyhow!("{shown}: not a readable zip archive ({e:#})"))?;
+        Ok(ZipReader {
+            path: path.to_path_buf(),
+            archive,
+        })
+    }
+
+    /// Size in bytes of entry `name`.
+    pub fn size(&self, name: &str) -> Result<u64> {
+        Ok(self.entry(name)?.size)
+    }
+
+    /// `len` bytes at `offset` of entry `name`.
+    pub fn read(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let e = self.entry(name)?;
+        self.archive
+            .read(e, offset, len)
+            .with_context(|| self.path.display().to_string())
+    }
+
+    fn entry(&self, name: &str) -> Result<&zip::Entry> {
+        self.archive
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: no entry `{name}` in the archive", self.path.display()))
+    }
+}
+
+/// Read the state dict under `key` (see [`PthCheckpoint::state_dict`]) with all its tensors.
 pub fn read_state_dict(path: impl AsRef<Path>, key: &str) -> Result<BTreeMap<String, PthTensor>> {
     let ckpt = PthCheckpoint::open(path)?;
     let sd = ckpt.state_dict(key)?;

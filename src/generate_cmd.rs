@@ -1,0 +1,459 @@
+//! `checkergen generate`: evaluation sample files (the ADM evaluator's `.npz`, or a PNG folder)
+//! of any size, batch after batch, class-balanced, deterministic by global image index so
+//! shards on many machines reassemble (`checkergen merge`) into exactly one run's file.
+
+use crate::commands::{SamplingArgs, load_or_tiny, pick_gpu_model};
+use anyhow::{Context, Result, bail};
+use checkergen::cpu::CpuBackend;
+use checkergen::io::image::{planar_to_rgb, write_rgb_png};
+use checkergen::io::npz::{NpzWriter, npy_header};
+use checkergen::io::pth::ZipReader;
+use checkergen::pipeline::{self, Backend};
+use clap::{Args, ValueEnum};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One `.npz`: `arr_0` uint8 [N, H, W, 3], `arr_1` int64 labels, `checkergen.json`.
+    Npz,
+    /// `OUT/<H>/sample_%05d.png` by global index (the authors' evaluator's folder layout).
+    PngDir,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Model file; without it the tiny preset with random weights (for trying the command).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Images in the whole run (all shards together); image i has class i mod num_classes.
+    #[arg(long)]
+    num_samples: usize,
+    /// Images per batch (default as for `sample`, printed).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Output file (npz) or folder (png-dir).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Format::Npz)]
+    format: Format,
+    /// `k/N`: this process makes shard k of N, the contiguous image range
+    /// [k * num_samples / N, (k + 1) * num_samples / N); `auto`: k and N from
+    /// SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, else RANK / WORLD_SIZE.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Replace an existing output.
+    #[arg(long)]
+    overwrite: bool,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    s: SamplingArgs,
+}
+
+/// `k/N` or `auto` (Slurm array, then torchrun-style RANK / WORLD_SIZE) -> (k, N).
+pub fn parse_shard(spec: &str, env: impl Fn(&str) -> Option<String>) -> Result<(usize, usize)> {
+    let (k, n) = if spec == "auto" {
+        let pair = |a: &str, b: &str| Some((env(a)?, env(b)?));
+        pair("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+            .or_else(|| pair("RANK", "WORLD_SIZE"))
+            .context(
+                "--shard auto: neither SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT nor \
+                 RANK/WORLD_SIZE is set",
+            )?
+    } else {
+        let (k, n) = spec
+            .split_once('/')
+            .with_context(|| format!("--shard {spec:?}: expected k/N (e.g. 0/4) or auto"))?;
+        (k.to_string(), n.to_string())
+    };
+    let num = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .with_context(|| format!("--shard {spec:?}: {s:?} is not a whole number"))
+    };
+    let (k, n) = (num(&k)?, num(&n)?);
+    if n == 0 || k >= n {
+        bail!("--shard {spec:?}: need 0 <= k < N (got k = {k}, N = {n})");
+    }
+    Ok((k, n))
+}
+
+/// Image range [start, end) of shard k of n over `total` images.
+pub fn shard_range(total: usize, k: usize, n: usize) -> (usize, usize) {
+    let at = |i: usize| (i as u128 * total as u128 / n as u128) as usize;
+    (at(k), at(k + 1))
+}
+
+/// Identity of a model file: its size and CRC-32 (streamed), or the preset for random weights.
+fn model_identity(path: Option<&Path>, source: &str) -> Result<String> {
+    let Some(p) = path else {
+        return Ok(source.to_string());
+    };
+    let mut f = std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(format!("{size} bytes, crc32 {:08x}", h.finalize()))
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    if a.num_samples == 0 {
+        bail!("--num-samples must be at least 1");
+    }
+    if a.num_samples > checkergen::limits::MAX_RUN_IMAGES {
+        bail!(
+            "--num-samples {}: at most {} images per run",
+            a.num_samples,
+            checkergen::limits::MAX_RUN_IMAGES
+        );
+    }
+    if a.batch_size == Some(0) {
+        bail!("--batch-size must be at least 1");
+    }
+    let (k, n) = match &a.shard {
+        Some(s) => parse_shard(s, |v| std::env::var(v).ok())?,
+        None => (0, 1),
+    };
+    let (start, end) = shard_range(a.num_samples, k, n);
+    if a.out.exists() && !a.overwrite {
+        bail!(
+            "{} exists: refusing to mix runs (--overwrite replaces it)",
+            a.out.display()
+        );
+    }
+    let (model, source) = load_or_tiny(a.model.as_deref())?;
+    let cfg = &model.config;
+    let side = cfg.img_size;
+    let mut o = a.s.options(Vec::new());
+    o.labels = (start..end).map(|i| i % cfg.num_classes).collect();
+    o.image_offset = start;
+    let meta = serde_json::json!({
+        "format": "checkergen generate 1",
+        "version": env!("CARGO_PKG_VERSION"),
+        "model": model_identity(a.model.as_deref(), &source)?,
+        "config": cfg,
+        "seed": a.s.seed,
+        "cfg": a.s.cfg,
+        "cfg_start_step": a.s.cfg_start_step,
+        "steps_per_scale": a.s.steps_per_scale,
+        "steps": a.s.steps,
+        "temperature": a.s.temperature,
+        "top_k": a.s.top_k,
+        "top_p": a.s.top_p,
+        "labels": format!("image i has class i mod {}", cfg.num_classes),
+        "num_samples": a.num_samples,
+    });
+    // A shard may be empty (more shards than images): it still writes its (empty) file.
+    let count = end - start;
+    let (gpu_model, kind) = pick_gpu_model(a.s.device, &model)?;
+    let batch = match a.batch_size {
+        Some(b) => b,
+        None => crate::commands::default_batch_size(cfg, a.s.cfg > 0.0, &kind)?.min(count.max(1)),
+    };
+    let mut probe = o.clone();
+    probe.labels = (0..batch).map(|i| i % cfg.num_classes).collect();
+    pipeline::validate_options(cfg, model.scale_sizes.len(), &probe)?;
+    if !a.quiet {
+        eprintln!(
+            "generate: images {start}..{end} of {} (shard {k}/{n}) in batches of {batch} -> {}",
+            a.num_samples,
+            a.out.display()
+        );
+    }
+    let mut sink = match a.format {
+        Format::Npz => {
+            let mut w = NpzWriter::create(&a.out)?;
+            let hdr = npy_header("|u1", &[count, side, side, 3]);
+            w.begin_entry(
+                "arr_0.npy",
+                hdr.len() as u64 + (count * side * side * 3) as u64,
+            )?;
+            w.write(&hdr)?;
+            Sink::Npz(w)
+        }
+        Format::PngDir => {
+            let dir = a.out.join(side.to_string());
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            Sink::Png(dir)
+        }
+    };
+    let t0 = Instant::now();
+    let mut last_report = Instant::now();
+    let mut done = 0usize;
+    let tty = std::io::stderr().is_terminal();
+    let mut each = |first: usize, s: pipeline::Samples| -> Result<()> {
+        let b = s.pixels.len() / (3 * side * side);
+        for i in 0..b {
+            let rgb = planar_to_rgb(&s.pixels, i, side);
+            match &mut sink {
+                Sink::Npz(w) => w.write(&rgb)?,
+                Sink::Png(dir) => write_rgb_png(
+                    &dir.join(format!("sample_{:05}.png", first + i)),
+                    side,
+                    side,
+                    &rgb,
+                )?,
+            }
+        }
+        done += b;
+        if !a.quiet && (last_report.elapsed().as_secs_f64() >= 10.0 || done == count || tty) {
+            let el = t0.elapsed().as_secs_f64();
+            let rate = done as f64 / el.max(1e-9);
+            let eta = (count - done) as f64 / rate.max(1e-9);
+            let line = format!(
+                "{done}/{count} images, {rate:.2} images/s, {el:.0} s elapsed, ETA {eta:.0} s"
+            );
+            if tty {
+                eprint!("\r{line}   ");
+            } else {
+                eprintln!("{line}");
+            }
+            last_report = Instant::now();
+        }
+        Ok(())
+    };
+    // The batches index images from the shard's start: first + start is the global index.
+    let mut run = |be: &mut dyn Backend| {
+        pipeline::sample_batches(be, &o, batch, |first, s| each(start + first, s))
+    };
+    if count > 0 {
+        match &gpu_model {
+            #[cfg(feature = "cuda")]
+            Some(gm) => run(&mut checkergen::cuda::engine::GpuBackend::new(gm))?,
+            _ => run(&mut CpuBackend::new(&model))?,
+        }
+    }
+    if tty && !a.quiet {
+        eprintln!();
+    }
+    let labels: Vec<u8> = o
+        .labels
+        .iter()
+        .flat_map(|&l| (l as i64).to_le_bytes())
+        .collect();
+    match sink {
+        Sink::Npz(mut w) => {
+            w.end_entry()?;
+            let mut arr1 = npy_header("<i8", &[count]);
+            arr1.extend_from_slice(&labels);
+            w.entry("arr_1.npy", &arr1)?;
+            let mut m = meta;
+            m["range"] = serde_json::json!([start, end]);
+            w.entry(
+                "checkergen.json",
+                serde_json::to_string_pretty(&m)?.as_bytes(),
+            )?;
+            w.finish()?;
+        }
+        Sink::Png(_) => {}
+    }
+    println!(
+        "wrote images {start}..{end} ({count}) to {} in {:.1} s",
+        a.out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+enum Sink {
+    Npz(NpzWriter),
+    Png(PathBuf),
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Shard files of one run (any order).
+    #[arg(required = true)]
+    shards: Vec<PathBuf>,
+    /// The merged file.
+    #[arg(short = 'o', long = "output")]
+    output: PathBuf,
+}
+
+/// One shard's metadata and sizes.
+struct Shard {
+    path: PathBuf,
+    zip: ZipReader,
+    meta: serde_json::Value,
+    start: usize,
+    end: usize,
+    /// Offset of the pixels inside arr_0.npy (its header length).
+    data_at: u64,
+}
+
+fn open_shard(p: &Path) -> Result<Shard> {
+    let zip = ZipReader::open(p)?;
+    let shown = p.display();
+    let meta_bytes = zip
+        .read("checkergen.json", 0, zip.size("checkergen.json")?)
+        .with_context(|| format!("{shown}: not a checkergen generate file"))?;
+    let meta: serde_json::Value = serde_json::from_slice(&meta_bytes)
+        .with_context(|| format!("{shown}: checkergen.json is not JSON"))?;
+    let r = meta["range"]
+        .as_array()
+        .filter(|r| r.len() == 2)
+        .with_context(|| format!("{shown}: no image range in checkergen.json"))?;
+    let (start, end) = (
+        r[0].as_u64().context("bad range")? as usize,
+        r[1].as_u64().context("bad range")? as usize,
+    );
+    let side = meta["config"]["img_size"].as_u64().context("no img_size")? as usize;
+    let hdr = npy_header("|u1", &[end - start, side, side, 3]);
+    let want = hdr.len() as u64 + ((end - start) * side * side * 3) as u64;
+    if zip.size("arr_0.npy")? != want || zip.read("arr_0.npy", 0, hdr.len() as u64)? != hdr {
+        bail!("{shown}: arr_0.npy does not hold images {start}..{end} at {side}x{side}");
+    }
+    Ok(Shard {
+        path: p.to_path_buf(),
+        zip,
+        meta,
+        start,
+        end,
+        data_at: hdr.len() as u64,
+    })
+}
+
+pub fn merge(a: MergeArgs) -> Result<()> {
+    let mut shards: Vec<Shard> = a
+        .shards
+        .iter()
+        .map(|p| open_shard(p))
+        .collect::<Result<_>>()?;
+    shards.sort_by_key(|s| s.start);
+    // Same run: everything but the range equal.
+    let strip = |m: &serde_json::Value| {
+        let mut m = m.clone();
+        m.as_object_mut().map(|o| o.remove("range"));
+        m
+    };
+    let first = strip(&shards[0].meta);
+    for s in &shards[1..] {
+        if strip(&s.meta) != first {
+            bail!(
+                "{} and {} come from different runs (model, configuration, seed or settings \
+                 differ)",
+                shards[0].path.display(),
+                s.path.display()
+            );
+        }
+    }
+    let total = first["num_samples"].as_u64().context("no num_samples")? as usize;
+    let mut at = 0;
+    for s in &shards {
+        if s.start != at {
+            bail!(
+                "{}: images {}..{} {} (expected the next shard to start at {at})",
+                s.path.display(),
+                s.start,
+                s.end,
+                if s.start > at {
+                    "leave a gap"
+                } else {
+                    "overlap another shard"
+                }
+            );
+        }
+        at = s.end;
+    }
+    if at != total {
+        bail!("the shards end at image {at} of {total}: shards are missing");
+    }
+    let side = first["config"]["img_size"]
+        .as_u64()
+        .context("no img_size")? as usize;
+    let mut w = NpzWriter::create(&a.output)?;
+    let hdr = npy_header("|u1", &[total, side, side, 3]);
+    w.begin_entry(
+        "arr_0.npy",
+        hdr.len() as u64 + (total * side * side * 3) as u64,
+    )?;
+    w.write(&hdr)?;
+    for s in &shards {
+        let len = ((s.end - s.start) * side * side * 3) as u64;
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(64 << 20);
+            w.write(&s.zip.read("arr_0.npy", s.data_at + off, n)?)?;
+            off += n;
+        }
+    }
+    w.end_entry()?;
+    let mut arr1 = npy_header("<i8", &[total]);
+    for s in &shards {
+        let l = s.zip.size("arr_1.npy")?;
+        let h = npy_header("<i8", &[s.end - s.start]).len() as u64;
+        if l != h + 8 * (s.end - s.start) as u64 {
+            bail!(
+                "{}: arr_1.npy does not hold {} labels",
+                s.path.display(),
+                s.end - s.start
+            );
+        }
+        arr1.extend_from_slice(&s.zip.read("arr_1.npy", h, l - h)?);
+    }
+    w.entry("arr_1.npy", &arr1)?;
+    let mut m = first;
+    m["range"] = serde_json::json!([0, total]);
+    w.entry(
+        "checkergen.json",
+        serde_json::to_string_pretty(&m)?.as_bytes(),
+    )?;
+    w.finish()?;
+    println!(
+        "merged {} shards ({total} images) into {}",
+        shards.len(),
+        a.output.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_specs_and_ranges() {
+        let none = |_: &str| None;
+        assert_eq!(parse_shard("0/3", none).unwrap(), (0, 3));
+        assert_eq!(parse_shard("2/3", none).unwrap(), (2, 3));
+        for bad in ["3/3", "0/0", "a/b", "1", "-1/2", "auto"] {
+            let e = parse_shard(bad, none).unwrap_err().to_string();
+            assert!(e.contains("--shard"), "{bad}: {e}");
+        }
+        let slurm = |v: &str| match v {
+            "SLURM_ARRAY_TASK_ID" => Some("1".into()),
+            "SLURM_ARRAY_TASK_COUNT" => Some("4".into()),
+            "RANK" => Some("3".into()),
+            _ => None,
+        };
+        assert_eq!(parse_shard("auto", slurm).unwrap(), (1, 4));
+        let torchrun = |v: &str| match v {
+            "RANK" => Some("2".into()),
+            "WORLD_SIZE" => Some("8".into()),
+            _ => None,
+        };
+        assert_eq!(parse_shard("auto", torchrun).unwrap(), (2, 8));
+        // Contiguous ranges covering everything once.
+        for (total, n) in [(10usize, 3usize), (50_000, 7), (2, 5)] {
+            let mut at = 0;
+            for k in 0..n {
+                let (s, e) = shard_range(total, k, n);
+                assert_eq!(s, at);
+                at = e;
+            }
+            assert_eq!(at, total);
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! `checkergen generate` and `merge`: the .npz layout the ADM evaluator reads, determinism by
+//! global image index (batch sizes, shards in separate processes merged = one run, byte for
+//! byte), and bad input in one line. numpy itself reads the file in
+//! `numpy_reads_the_npz` (ignored unless CG_NUMPY_PYTHON names a Python with numpy; .ci/run
+//! installs one and runs it).
+
+mod common;
+
+use checkergen::io::pth::read_zip_entry;
+use checkergen::model::config::{ModelConfig, preset};
+use checkergen::model::file::{Dtype, write_model};
+use checkergen::model::init::random_tensors;
+use std::path::{Path, PathBuf};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cg-generate-{}-{name}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The tiny preset at 64 px, written to `dir`.
+fn tiny64(dir: &Path) -> String {
+    let cfg = ModelConfig {
+        img_size: 64,
+        ..preset("tiny").unwrap()
+    };
+    let m = dir.join("tiny64.safetensors");
+    write_model(&m, &cfg, &random_tensors(&cfg, 8).unwrap(), Dtype::F32, &[]).unwrap();
+    m.to_str().unwrap().to_string()
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+fn generate(model: &str, out: &Path, extra: &[&str]) -> (bool, String) {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--num-samples",
+        "10",
+        "--seed",
+        "5",
+    ];
+    args.extend_from_slice(&["--device", "cpu", "--quiet", "--out"]);
+    let o = s(out);
+    args.push(&o);
+    args.extend_from_slice(extra);
+    let (ok, _, err) = common::cli(&args);
+    (ok, err)
+}
+
+#[test]
+fn npz_layout_batches_and_shards_agree_byte_for_byte() {
+    let d = scratch("agree");
+    let m = tiny64(&d);
+    let (a, b) = (d.join("b3.npz"), d.join("b7.npz"));
+    assert!(generate(&m, &a, &["--batch-size", "3"]).0);
+    assert!(generate(&m, &b, &["--batch-size", "7"]).0);
+    let whole = std::fs::read(&a).unwrap();
+    assert_eq!(whole, std::fs::read(&b).unwrap(), "batch size 3 vs 7");
+    // The layout: arr_0 uint8 [10, 64, 64, 3], arr_1 int64 labels 0..9 (class i mod 10).
+    let arr0 = read_zip_entry(&a, "arr_0.npy").unwrap();
+    let h = String::from_utf8_lossy(&arr0[10..128]).to_string();
+    assert!(
+        h.contains("'descr': '|u1'") && h.contains("'shape': (10, 64, 64, 3)"),
+        "{h}"
+    );
+    assert_eq!(arr0.len(), 128 + 10 * 64 * 64 * 3);
+    let arr1 = read_zip_entry(&a, "arr_1.npy").unwrap();
+    let labels: Vec<i64> = arr1[128..]
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(labels, (0..10).collect::<Vec<i64>>());
+    // Three shards in three processes at once, merged in a shuffled order.
+    let shards: Vec<PathBuf> = (0..3).map(|k| d.join(format!("shard{k}.npz"))).collect();
+    let children: Vec<_> = shards
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_checkergen"))
+                .args([
+                    "generate",
+                    "--model",
+                    &m,
+                    "--num-samples",
+                    "10",
+                    "--seed",
+                    "5",
+                ])
+                .args(["--device", "cpu", "--quiet", "--batch-size", "2"])
+                .args(["--shard", &format!("{k}/3"), "--out", &s(p)])
+                .output()
+                .unwrap()
+        })
+        .collect();
+    for c in &children {
+        assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    }
+    let merged = d.join("merged.npz");
+    let (ok, _, err) = common::cli(&[
+        "merge",
+        &s(&shards[2]),
+        &s(&shards[0]),
+        &s(&shards[1]),
+        "-o",
+        &s(&merged),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read(&merged).unwrap(),
+        whole,
+        "3 shards merged vs one run"
+    );
+    // Python's zipfile (stdlib) reads the archive and checks every CRC.
+    let py = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+             assert z.testzip() is None; print(sorted(z.namelist()))",
+            &s(&merged),
+        ])
+        .output();
+    match py {
+        Ok(o) if o.status.success() => {
+            let names = String::from_utf8_lossy(&o.stdout).to_string();
+            assert!(
+                names.contains("arr_0.npy") && names.contains("arr_1.npy"),
+                "{names}"
+            );
+            println!("python zipfile: {}", names.trim());
+        }
+        Ok(o) => panic!(
+            "python zipfile failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => println!("python3 not found ({e}): zipfile check not run"),
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn png_dir_holds_the_same_images() {
+    let d = scratch("png");
+    let m = tiny64(&d);
+    let (npz, dir) = (d.join("a.npz"), d.join("pngs"));
+    assert!(generate(&m, &npz, &["--batch-size", "4"]).0);
+    let (ok, err) = generate(&m, &dir, &["--format", "png-dir", "--shard", "1/2"]);
+    assert!(ok, "{err}");
+    // Shard 1 of 2 = images 5..10, named by global index.
+    assert!(!dir.join("64/sample_00004.png").exists());
+    for i in 5..10 {
+        assert!(
+            dir.join(format!("64/sample_{i:05}.png")).is_file(),
+            "image {i}"
+        );
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn bad_input_fails_in_one_line() {
+    let d = scratch("bad");
+    let m = tiny64(&d);
+    let one_line = |args: &[&str], want: &str| {
+        let (ok, _, err) = common::cli(args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(
+            err.trim().lines().count() == 1 && err.contains(want),
+            "{args:?}: {err}"
+        );
+    };
+    let out = s(&d.join("x.npz"));
+    let base = [
+        "generate",
+        "--model",
+        &m,
+        "--num-samples",
+        "4",
+        "--device",
+        "cpu",
+        "--quiet",
+    ];
+    for (shard, want) in [
+        ("3/3", "k < N"),
+        ("a/2", "not a whole number"),
+        ("1", "k/N"),
+    ] {
+        let mut a = base.to_vec();
+        a.extend_from_slice(&["--shard", shard, "--out", &out]);
+        one_line(&a, want);
+    }
+    let mut a = base.to_vec();
+    a.extend_from_slice(&["--out", "/nonexistent-dir/x.npz"]);
+    one_line(&a, "nonexistent-dir");
+    // An existing output is refused without --overwrite.
+    let (s0, s1) = (d.join("s0.npz"), d.join("s1.npz"));
+    assert!(generate(&m, &s0, &["--shard", "0/2"]).0);
+    let (ok, err) = generate(&m, &s0, &["--shard", "0/2"]);
+    assert!(!ok && err.contains("--overwrite"), "{err}");
+    assert!(generate(&m, &s0, &["--shard", "0/2", "--overwrite"]).0);
+    // Merges: a missing shard, a shard of another run (seed), the same shard twice.
+    let merged = s(&d.join("m.npz"));
+    one_line(&["merge", &s(&s0), "-o", &merged], "missing");
+    let s1s = s(&s1);
+    let (ok, _, err) = common::cli(&[
+        "generate",
+        "--model",
+        &m,
+        "--num-samples",
+        "10",
+        "--seed",
+        "6",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--shard",
+        "1/2",
+        "--out",
+        &s1s,
+    ]);
+    assert!(ok, "{err}");
+    one_line(&["merge", &s(&s0), &s1s, "-o", &merged], "different runs");
+    one_line(&["merge", &s(&s0), &s(&s0), "-o", &merged], "overlap");
+    one_line(&["merge", &m, "-o", &merged], "zip");
+    assert!(!Path::new(&merged).exists());
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// numpy.load reads the file with the evaluator's shapes and dtypes.
+#[test]
+#[ignore = "needs a Python with numpy: set CG_NUMPY_PYTHON (.ci/run installs one and runs this)"]
+fn numpy_reads_the_npz() {
+    let py = std::env::var("CG_NUMPY_PYTHON").expect("CG_NUMPY_PYTHON: a python with numpy");
+    let d = scratch("numpy");
+    let m = tiny64(&d);
+    let f = d.join("a.npz");
+    assert!(generate(&m, &f, &["--batch-size", "4"]).0);
+    let o = std::process::Command::new(&py)
+        .args([
+            "-c",
+            "import sys, numpy as np; d = np.load(sys.argv[1]); a, l = d['arr_0'], d['arr_1']; \
+             assert a.shape == (10, 64, 64, 3) and a.dtype == np.uint8, (a.shape, a.dtype); \
+             assert l.dtype == np.int64 and list(l) == list(range(10)), l; \
+             assert a.std() > 0; print('numpy', np.__version__, a.shape, a.dtype, l.dtype)",
+            &s(&f),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    println!("{}", String::from_utf8_lossy(&o.stdout).trim());
+    std::fs::remove_dir_all(&d).ok();
+}
