@@ -109,6 +109,9 @@ pub struct SampleArgs {
     /// Print milliseconds per serial step and per scale.
     #[arg(long)]
     timings: bool,
+    /// Remove the files of an earlier run in --out first (else such a directory is refused).
+    #[arg(long)]
+    overwrite: bool,
     /// Images per batch; any number of images is sampled batch after batch (memory holds
     /// one batch). Default: from the device's free memory on a GPU (at most 256), 8 on the
     /// CPU, 4 on the emulator; printed. The images do not depend on it.
@@ -123,6 +126,66 @@ pub fn ensure_dir(dir: &Path) -> Result<()> {
     std::fs::write(&probe, b"")
         .with_context(|| format!("output directory {} is not writable", dir.display()))?;
     std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
+/// Identity of a model file: its size and CRC-32 (streamed); None without a file.
+pub(crate) fn model_file_identity(path: Option<&Path>) -> Result<Option<String>> {
+    let Some(p) = path else {
+        return Ok(None);
+    };
+    let mut f = std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(Some(format!("{size} bytes, crc32 {:08x}", h.finalize())))
+}
+
+/// Whether `name` is a file `sample` writes.
+fn is_sample_output(name: &str) -> bool {
+    matches!(name, "grid.png" | "run.json" | "tokens.safetensors")
+        || (name.starts_with("sample_") && name.ends_with(".png"))
+}
+
+/// A directory holding another run's outputs would end up a stale mixture (a 2-image run
+/// into a 9-image folder leaves sample_0002..0008 beside the new run.json): refused, or with
+/// `overwrite` those files (and only those; never one of `inputs`) are removed first.
+fn clear_previous_run(dir: &Path, overwrite: bool, inputs: &[&Path]) -> Result<()> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    let mut old = Vec::new();
+    for e in entries {
+        let e = e?;
+        if is_sample_output(&e.file_name().to_string_lossy()) {
+            old.push(e.path());
+        }
+    }
+    if old.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        bail!(
+            "{} holds the outputs of another run ({} files such as {}): choose another --out, \
+             or --overwrite to remove them first",
+            dir.display(),
+            old.len(),
+            old[0].file_name().unwrap_or_default().to_string_lossy()
+        );
+    }
+    for p in &old {
+        checkergen::paths::check_output(p, inputs)?;
+    }
+    for p in old {
+        std::fs::remove_file(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+    }
     Ok(())
 }
 
@@ -285,6 +348,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     for o in outputs.into_iter().chain(per_image) {
         checkergen::paths::check_output(&o, &inputs)?;
     }
+    clear_previous_run(&a.out, a.overwrite, &inputs)?;
     let mut opts = a.s.options(labels.clone());
     opts.record_stats = a.maps || a.save_tokens;
     opts.decode_pyramid = a.pyramid;
@@ -345,6 +409,12 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         .collect();
     let run_json = serde_json::json!({
         "model": source,
+        "version": env!("CARGO_PKG_VERSION"),
+        "command_line": std::env::args().collect::<Vec<_>>(),
+        "model_file": model_file_identity(a.model.as_deref())?,
+        "unix_time": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         "config": model.config,
         "device": device,
         // Every label up to RUN_JSON_MAX_LABELS images; beyond, --num-samples's rule.

@@ -87,26 +87,6 @@ pub fn shard_range(total: usize, k: usize, n: usize) -> (usize, usize) {
     (at(k), at(k + 1))
 }
 
-/// Identity of a model file: its size and CRC-32 (streamed), or the preset for random weights.
-fn model_identity(path: Option<&Path>, source: &str) -> Result<String> {
-    let Some(p) = path else {
-        return Ok(source.to_string());
-    };
-    let mut f = std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?;
-    let mut h = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = std::io::Read::read(&mut f, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok(format!("{size} bytes, crc32 {:08x}", h.finalize()))
-}
-
 pub fn generate(a: GenerateArgs) -> Result<()> {
     if a.num_samples == 0 {
         bail!("--num-samples must be at least 1");
@@ -141,7 +121,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let meta = serde_json::json!({
         "format": "checkergen generate 1",
         "version": env!("CARGO_PKG_VERSION"),
-        "model": model_identity(a.model.as_deref(), &source)?,
+        "model": crate::commands::model_file_identity(a.model.as_deref())?.unwrap_or(source.clone()),
         "config": cfg,
         "seed": a.s.seed,
         "cfg": a.s.cfg,
@@ -174,12 +154,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let mut sink = match a.format {
         Format::Npz => {
             let mut w = NpzWriter::create(&a.out)?;
-            let hdr = npy_header("|u1", &[count, side, side, 3]);
-            w.begin_entry(
-                "arr_0.npy",
-                hdr.len() as u64 + (count * side * side * 3) as u64,
-            )?;
-            w.write(&hdr)?;
+            begin_images(&mut w, count, side)?;
             Sink::Npz(w)
         }
         Format::PngDir => {
@@ -265,6 +240,17 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Begin `arr_0.npy`, `count` RGB images of side `side` (uint8 [count, side, side, 3]), with
+/// its header written; the pixels follow.
+fn begin_images(w: &mut NpzWriter, count: usize, side: usize) -> Result<()> {
+    let hdr = npy_header("|u1", &[count, side, side, 3]);
+    w.begin_entry(
+        "arr_0.npy",
+        hdr.len() as u64 + (count * side * side * 3) as u64,
+    )?;
+    w.write(&hdr)
 }
 
 enum Sink {
@@ -374,12 +360,7 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         .as_u64()
         .context("no img_size")? as usize;
     let mut w = NpzWriter::create(&a.output)?;
-    let hdr = npy_header("|u1", &[total, side, side, 3]);
-    w.begin_entry(
-        "arr_0.npy",
-        hdr.len() as u64 + (total * side * side * 3) as u64,
-    )?;
-    w.write(&hdr)?;
+    begin_images(&mut w, total, side)?;
     for s in &shards {
         let len = ((s.end - s.start) * side * side * 3) as u64;
         let mut off = 0;

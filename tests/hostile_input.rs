@@ -393,6 +393,22 @@ fn outputs_never_overwrite_an_input() {
         "same file as the input",
     );
     assert_eq!(std::fs::read(&model).unwrap(), before);
+    // --overwrite (which removes an earlier run's files) never removes an input: the model
+    // is named like the tokens file of a run and sits in --out.
+    assert_refused(
+        &[
+            "sample",
+            "--model",
+            s(&model),
+            "--labels",
+            "0",
+            "--out",
+            s(&out),
+            "--overwrite",
+        ],
+        "same file as the input",
+    );
+    assert_eq!(std::fs::read(&model).unwrap(), before);
 }
 
 #[test]

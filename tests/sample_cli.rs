@@ -216,3 +216,74 @@ fn sample_on_the_emulated_device() {
         "--device emu vs cpu: only {same} tokens equal"
     );
 }
+
+/// A directory holding another run's files is refused (a smaller run would leave a stale
+/// mixture); `--overwrite` removes exactly those files first. run.json records the version,
+/// the command line and the time.
+#[test]
+fn another_runs_directory_is_refused_unless_overwrite() {
+    let d = dir("stale");
+    let out = d.to_str().unwrap();
+    let args = |n: &str, extra: &[&'static str]| {
+        let mut v: Vec<String> = [
+            "sample",
+            "--num-samples",
+            n,
+            "--steps",
+            "1,1,1,1,1",
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let call = |v: &[String]| {
+        let refs: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+        Command::new(env!("CARGO_BIN_EXE_checkergen"))
+            .args(&refs)
+            .output()
+            .unwrap()
+    };
+    assert!(call(&args("3", &[])).status.success());
+    std::fs::write(d.join("notes.txt"), b"mine").unwrap();
+    let o = call(&args("2", &[]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--overwrite"), "{err}");
+    // One error line (after the tiny-preset notice).
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.starts_with("error:") && last.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    assert!(
+        d.join("sample_0002.png").is_file(),
+        "nothing removed without --overwrite"
+    );
+    let o = call(&args("2", &["--overwrite"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !d.join("sample_0002.png").exists(),
+        "the old run's third image removed"
+    );
+    assert!(d.join("sample_0001.png").is_file());
+    assert_eq!(
+        std::fs::read(d.join("notes.txt")).unwrap(),
+        b"mine",
+        "other files kept"
+    );
+    let rj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("run.json")).unwrap()).unwrap();
+    assert!(rj["version"].is_string() && rj["unix_time"].as_u64().unwrap() > 1_700_000_000);
+    assert!(
+        rj["command_line"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--overwrite")
+    );
+    std::fs::remove_dir_all(&d).ok();
+}
