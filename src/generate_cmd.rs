@@ -6,7 +6,7 @@ use crate::commands::{SamplingArgs, load_or_tiny, pick_gpu_model};
 use anyhow::{Context, Result, bail};
 use checkergen::cpu::CpuBackend;
 use checkergen::io::image::{planar_to_rgb, write_rgb_png};
-use checkergen::io::npz::{NpzWriter, npy_header};
+use checkergen::io::npz::{NpzWriter, Progress, npy_header};
 use checkergen::io::pth::ZipReader;
 use checkergen::pipeline::{self, Backend};
 use clap::{Args, ValueEnum};
@@ -116,8 +116,6 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let cfg = &model.config;
     let side = cfg.img_size;
     let mut o = a.s.options(Vec::new());
-    o.labels = (start..end).map(|i| i % cfg.num_classes).collect();
-    o.image_offset = start;
     let meta = serde_json::json!({
         "format": "checkergen generate 1",
         "version": env!("CARGO_PKG_VERSION"),
@@ -151,10 +149,40 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             a.out.display()
         );
     }
+    let mut meta = meta;
+    meta["range"] = serde_json::json!([start, end]);
+    // A killed run leaves FILE.partial and its checkpoint FILE.partial.json (written after
+    // every batch): the same command resumes after the last complete batch.
+    let ckpt = checkpoint_path(&a.out);
+    let mut skip = 0usize;
     let mut sink = match a.format {
         Format::Npz => {
-            let mut w = NpzWriter::create(&a.out)?;
-            begin_images(&mut w, count, side)?;
+            let arr0 = npy_header("|u1", &[count, side, side, 3]).len() as u64
+                + (count * side * side * 3) as u64;
+            let resumed = if a.overwrite {
+                None
+            } else {
+                read_checkpoint(&a.out, &meta)?
+            };
+            let mut w = match resumed {
+                Some((done, at)) => {
+                    if !a.quiet {
+                        eprintln!(
+                            "generate: resuming {} at image {}",
+                            a.out.display(),
+                            start + done
+                        );
+                    }
+                    skip = done;
+                    NpzWriter::resume(&a.out, "arr_0.npy", arr0, at)?
+                }
+                None => {
+                    let mut w = NpzWriter::create(&a.out)?;
+                    begin_images(&mut w, count, side)?;
+                    w
+                }
+            };
+            w.keep_partial();
             Sink::Npz(w)
         }
         Format::PngDir => {
@@ -164,9 +192,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             Sink::Png(dir)
         }
     };
+    o.labels = (start + skip..end).map(|i| i % cfg.num_classes).collect();
+    o.image_offset = start + skip;
     let t0 = Instant::now();
     let mut last_report = Instant::now();
-    let mut done = 0usize;
+    let mut done = skip;
     let tty = std::io::stderr().is_terminal();
     let mut each = |first: usize, s: pipeline::Samples| -> Result<()> {
         let b = s.pixels.len() / (3 * side * side);
@@ -183,6 +213,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             }
         }
         done += b;
+        if let Sink::Npz(w) = &mut sink {
+            write_checkpoint(&ckpt, &meta, done, w.checkpoint()?)?;
+        }
         if !a.quiet && (last_report.elapsed().as_secs_f64() >= 10.0 || done == count || tty) {
             let el = t0.elapsed().as_secs_f64();
             let rate = done as f64 / el.max(1e-9);
@@ -199,11 +232,12 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }
         Ok(())
     };
-    // The batches index images from the shard's start: first + start is the global index.
+    // The batches index images from where this run starts: first + start + skip is the
+    // global index.
     let mut run = |be: &mut dyn Backend| {
-        pipeline::sample_batches(be, &o, batch, |first, s| each(start + first, s))
+        pipeline::sample_batches(be, &o, batch, |first, s| each(start + skip + first, s))
     };
-    if count > 0 {
+    if count > skip {
         match &gpu_model {
             #[cfg(feature = "cuda")]
             Some(gm) => run(&mut checkergen::cuda::engine::GpuBackend::new(gm))?,
@@ -213,10 +247,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if tty && !a.quiet {
         eprintln!();
     }
-    let labels: Vec<u8> = o
-        .labels
-        .iter()
-        .flat_map(|&l| (l as i64).to_le_bytes())
+    let labels: Vec<u8> = (start..end)
+        .flat_map(|i| ((i % cfg.num_classes) as i64).to_le_bytes())
         .collect();
     match sink {
         Sink::Npz(mut w) => {
@@ -224,13 +256,12 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             let mut arr1 = npy_header("<i8", &[count]);
             arr1.extend_from_slice(&labels);
             w.entry("arr_1.npy", &arr1)?;
-            let mut m = meta;
-            m["range"] = serde_json::json!([start, end]);
             w.entry(
                 "checkergen.json",
-                serde_json::to_string_pretty(&m)?.as_bytes(),
+                serde_json::to_string_pretty(&meta)?.as_bytes(),
             )?;
             w.finish()?;
+            std::fs::remove_file(&ckpt).ok();
         }
         Sink::Png(_) => {}
     }
@@ -240,6 +271,57 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The checkpoint beside a partial output: `<out>.partial.json`.
+fn checkpoint_path(out: &Path) -> PathBuf {
+    let mut p = NpzWriter::partial_path(out).into_os_string();
+    p.push(".json");
+    PathBuf::from(p)
+}
+
+/// Record, atomically, that `done` images of the run `meta` are in the partial file.
+fn write_checkpoint(
+    path: &Path,
+    meta: &serde_json::Value,
+    done: usize,
+    at: Progress,
+) -> Result<()> {
+    let j = serde_json::json!({"meta": meta, "done": done, "written": at.written, "crc": at.crc});
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&j)?)
+        .with_context(|| format!("cannot write {}", PathBuf::from(&tmp).display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The checkpoint of an interrupted run of the same `meta` into `out`, if there is one with
+/// its partial file; a partial file of another run is refused (--overwrite starts over).
+fn read_checkpoint(out: &Path, meta: &serde_json::Value) -> Result<Option<(usize, Progress)>> {
+    let (partial, ckpt) = (NpzWriter::partial_path(out), checkpoint_path(out));
+    if !partial.exists() {
+        return Ok(None);
+    }
+    let refuse = || {
+        anyhow::anyhow!(
+            "{} is the partial output of another or an unreadable run: --overwrite starts over",
+            partial.display()
+        )
+    };
+    let Ok(bytes) = std::fs::read(&ckpt) else {
+        return Err(refuse());
+    };
+    let j: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| refuse())?;
+    if &j["meta"] != meta {
+        return Err(refuse());
+    }
+    let done = j["done"].as_u64().ok_or_else(refuse)? as usize;
+    let written = j["written"].as_u64().ok_or_else(refuse)?;
+    let crc = j["crc"]
+        .as_u64()
+        .filter(|&c| c <= u32::MAX as u64)
+        .ok_or_else(refuse)? as u32;
+    Ok(Some((done, Progress { written, crc })))
 }
 
 /// Begin `arr_0.npy`, `count` RGB images of side `side` (uint8 [count, side, side, 3]), with

@@ -230,6 +230,94 @@ fn bad_input_fails_in_one_line() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// kill -9 in the middle, then the same command again: it resumes after the last complete
+/// batch and the file equals an uninterrupted run's byte for byte.
+#[test]
+fn a_killed_run_resumes_to_the_same_file() {
+    let d = scratch("resume");
+    let m = tiny64(&d);
+    let (whole, out) = (d.join("whole.npz"), d.join("out.npz"));
+    let args = |o: &Path, batch: &str| {
+        let mut v: Vec<String> = [
+            "generate",
+            "--model",
+            &m,
+            "--num-samples",
+            "24",
+            "--seed",
+            "3",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(["--device", "cpu", "--batch-size", batch, "--out", &s(o)].map(String::from));
+        v
+    };
+    let ok = |v: Vec<String>| {
+        let r: Vec<&str> = v.iter().map(|x| x.as_str()).collect();
+        common::cli(&r)
+    };
+    let (done, _, err) = ok(args(&whole, "8"));
+    assert!(done, "{err}");
+    let ckpt = d.join("out.npz.partial.json");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_checkergen"))
+        .args(args(&out, "2"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for a checkpoint past the first batches, then SIGKILL.
+    let t = std::time::Instant::now();
+    loop {
+        let n = std::fs::read(&ckpt)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|j| j["done"].as_u64())
+            .unwrap_or(0);
+        if n >= 4 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(t.elapsed().as_secs() < 120, "no checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !out.exists(),
+        "an interrupted run has no file under the final name"
+    );
+    assert!(d.join("out.npz.partial").exists());
+    let (done, _, err) = ok(args(&out, "2"));
+    assert!(done, "{err}");
+    assert!(err.contains("resuming"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&whole).unwrap());
+    assert!(!ckpt.exists() && !d.join("out.npz.partial").exists());
+    // A partial file of another run (another seed) is refused, not resumed.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_checkergen"))
+        .args(args(&d.join("x.npz"), "2"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let xck = d.join("x.npz.partial.json");
+    while !xck.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ended before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut other = args(&d.join("x.npz"), "2");
+    other[6] = "4".into(); // --seed 4
+    let (done, _, err) = ok(other);
+    assert!(!done && err.contains("--overwrite"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// numpy.load reads the file with the evaluator's shapes and dtypes.
 #[test]
 #[ignore = "needs a Python with numpy: set CG_NUMPY_PYTHON (.ci/run installs one and runs this)"]

@@ -53,6 +53,15 @@ pub struct NpzWriter {
     pos: u64,
     done: Vec<Done>,
     open: Option<Open>,
+    /// Leave `<path>.partial` in place when dropped unfinished (a resumable run).
+    keep_partial: bool,
+}
+
+/// Where a resumable writer stands: its first entry is open with `written` of its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    pub written: u64,
+    pub crc: u32,
 }
 
 const LOCAL_HEADER: u32 = 0x0403_4b50;
@@ -68,9 +77,7 @@ impl NpzWriter {
     /// Start `path` (written as `<path>.partial` until [`finish`](Self::finish)).
     pub fn create(path: &Path) -> Result<NpzWriter> {
         crate::paths::check_output(path, &[])?;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".partial");
-        let tmp = PathBuf::from(tmp);
+        let tmp = Self::partial_path(path);
         let f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         Ok(NpzWriter {
             path: path.to_path_buf(),
@@ -79,6 +86,75 @@ impl NpzWriter {
             pos: 0,
             done: Vec::new(),
             open: None,
+            keep_partial: false,
+        })
+    }
+
+    /// The partial file of `path`.
+    pub fn partial_path(path: &Path) -> PathBuf {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".partial");
+        PathBuf::from(tmp)
+    }
+
+    /// Keep `<path>.partial` when dropped unfinished, so that a later run can resume it.
+    pub fn keep_partial(&mut self) {
+        self.keep_partial = true;
+    }
+
+    /// Flush what the open (first) entry has received to the file and the disk, and say
+    /// where it stands: what [`resume`](Self::resume) takes.
+    pub fn checkpoint(&mut self) -> Result<Progress> {
+        let e = self
+            .open
+            .as_ref()
+            .context("npz: no open entry to checkpoint")?;
+        let (written, crc) = (e.written, e.crc.clone().finalize());
+        let out = self.out.as_mut().context("npz writer already finished")?;
+        out.flush()
+            .with_context(|| format!("{}: write failed", self.tmp.display()))?;
+        out.get_ref()
+            .sync_data()
+            .with_context(|| format!("{}: fsync failed", self.tmp.display()))?;
+        Ok(Progress { written, crc })
+    }
+
+    /// Reopen `<path>.partial`, whose first entry `name` of `size` bytes had `at` of its
+    /// bytes checkpointed: later bytes are cut off and writing continues there.
+    pub fn resume(path: &Path, name: &str, size: u64, at: Progress) -> Result<NpzWriter> {
+        crate::paths::check_output(path, &[])?;
+        let tmp = Self::partial_path(path);
+        let data = 30 + name.len() as u64 + 20;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&tmp)
+            .with_context(|| format!("{}: cannot reopen", tmp.display()))?;
+        let len = f.metadata()?.len();
+        if at.written > size || len < data + at.written {
+            bail!(
+                "{}: shorter than its checkpoint ({len} bytes, {} expected)",
+                tmp.display(),
+                data + at.written
+            );
+        }
+        f.set_len(data + at.written)?;
+        let mut out = BufWriter::with_capacity(1 << 20, f);
+        out.seek(SeekFrom::End(0))?;
+        Ok(NpzWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out: Some(out),
+            pos: data + at.written,
+            done: Vec::new(),
+            open: Some(Open {
+                name: name.to_string(),
+                offset: 0,
+                size,
+                written: at.written,
+                crc: crc32fast::Hasher::new_with_initial_len(at.crc, at.written),
+            }),
+            keep_partial: false,
         })
     }
 
@@ -248,7 +324,9 @@ impl Drop for NpzWriter {
     fn drop(&mut self) {
         if self.out.is_some() {
             self.out = None;
-            std::fs::remove_file(&self.tmp).ok();
+            if !self.keep_partial {
+                std::fs::remove_file(&self.tmp).ok();
+            }
         }
     }
 }
@@ -299,6 +377,26 @@ mod tests {
             crate::io::pth::read_zip_entry(&p, "small.npy").unwrap(),
             b"abc"
         );
+        // Checkpoint, drop (kept), resume, finish: the same file as in one go.
+        let r = d.join("r.npz");
+        let mut w = NpzWriter::create(&r).unwrap();
+        w.keep_partial();
+        w.begin_entry("big.npy", 10).unwrap();
+        w.write(b"01234").unwrap();
+        let at = w.checkpoint().unwrap();
+        w.write(b"XYZ").unwrap(); // lost: written after the checkpoint
+        drop(w);
+        let mut w = NpzWriter::resume(&r, "big.npy", 10, at).unwrap();
+        w.write(b"56789").unwrap();
+        w.end_entry().unwrap();
+        w.entry("small.npy", b"abc").unwrap();
+        w.finish().unwrap();
+        let one_go = d.join("one.npz");
+        let mut w = NpzWriter::create(&one_go).unwrap();
+        w.entry("big.npy", b"0123456789").unwrap();
+        w.entry("small.npy", b"abc").unwrap();
+        w.finish().unwrap();
+        assert_eq!(std::fs::read(&r).unwrap(), std::fs::read(&one_go).unwrap());
         // Dropped unfinished: no file under either name.
         let q = d.join("b.npz");
         let mut w = NpzWriter::create(&q).unwrap();
