@@ -43,6 +43,13 @@ pub struct GenerateArgs {
     /// SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, else RANK / WORLD_SIZE.
     #[arg(long)]
     shard: Option<String>,
+    /// Class of every image from a text file: num_samples class ids separated by whitespace
+    /// or commas, image i taking the i-th (default: image i has class i mod num_classes).
+    #[arg(long, conflicts_with = "random_labels")]
+    labels_file: Option<PathBuf>,
+    /// Classes drawn uniformly, image i's from (seed, i) alone.
+    #[arg(long)]
+    random_labels: bool,
     /// Replace an existing output.
     #[arg(long)]
     overwrite: bool,
@@ -116,6 +123,31 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let cfg = &model.config;
     let side = cfg.img_size;
     let mut o = a.s.options(Vec::new());
+    let classes = cfg.num_classes;
+    let (labels_rule, from_file) = match &a.labels_file {
+        Some(f) => {
+            let l = read_labels_file(f, a.num_samples, classes)?;
+            let rule = format!(
+                "from {} ({})",
+                f.display(),
+                crate::commands::model_file_identity(Some(f))?.unwrap_or_default()
+            );
+            (rule, Some(l))
+        }
+        None if a.random_labels => (
+            format!("uniform over {classes} classes from (seed, i)"),
+            None,
+        ),
+        None => (format!("image i has class i mod {classes}"), None),
+    };
+    let seed = a.s.seed;
+    let label_of = |i: usize| -> usize {
+        match &from_file {
+            Some(l) => l[i],
+            None if a.random_labels => random_label(seed, i, classes),
+            None => i % classes,
+        }
+    };
     let meta = serde_json::json!({
         "format": "checkergen generate 1",
         "version": env!("CARGO_PKG_VERSION"),
@@ -129,7 +161,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         "temperature": a.s.temperature,
         "top_k": a.s.top_k,
         "top_p": a.s.top_p,
-        "labels": format!("image i has class i mod {}", cfg.num_classes),
+        "labels": labels_rule,
         "num_samples": a.num_samples,
     });
     // A shard may be empty (more shards than images): it still writes its (empty) file.
@@ -192,7 +224,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             Sink::Png(dir)
         }
     };
-    o.labels = (start + skip..end).map(|i| i % cfg.num_classes).collect();
+    o.labels = (start + skip..end).map(label_of).collect();
     o.image_offset = start + skip;
     let t0 = Instant::now();
     let mut last_report = Instant::now();
@@ -248,7 +280,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         eprintln!();
     }
     let labels: Vec<u8> = (start..end)
-        .flat_map(|i| ((i % cfg.num_classes) as i64).to_le_bytes())
+        .flat_map(|i| (label_of(i) as i64).to_le_bytes())
         .collect();
     match sink {
         Sink::Npz(mut w) => {
@@ -271,6 +303,46 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Image i's class under --random-labels: uniform over `classes` from Philox keyed by the
+/// seed, counter (i, "LABL"): independent of batches, shards and devices.
+pub fn random_label(seed: u64, i: usize, classes: usize) -> usize {
+    let key = [seed as u32, (seed >> 32) as u32];
+    let x = checkergen::rng::philox4x32_10([i as u32, (i >> 32) as u32, 0, 0x4C42_414C], key)[0];
+    ((x as u64 * classes as u64) >> 32) as usize
+}
+
+/// Exactly `n` class ids below `classes` from a text file (whitespace or comma separated).
+fn read_labels_file(path: &Path, n: usize, classes: usize) -> Result<Vec<usize>> {
+    checkergen::paths::check_input(path)?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read as text", path.display()))?;
+    let mut v = Vec::with_capacity(n);
+    for (k, w) in text
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| !w.is_empty())
+        .enumerate()
+    {
+        let l: usize = w
+            .parse()
+            .with_context(|| format!("{}: entry {k} ({w:?}) is not a class id", path.display()))?;
+        if l >= classes {
+            bail!(
+                "{}: entry {k} is class {l}; this model has {classes} classes",
+                path.display()
+            );
+        }
+        v.push(l);
+    }
+    if v.len() != n {
+        bail!(
+            "{}: {} class ids for --num-samples {n}",
+            path.display(),
+            v.len()
+        );
+    }
+    Ok(v)
 }
 
 /// The checkpoint beside a partial output: `<out>.partial.json`.

@@ -142,6 +142,59 @@ fn npz_layout_batches_and_shards_agree_byte_for_byte() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+fn labels_of(f: &Path) -> Vec<i64> {
+    read_zip_entry(f, "arr_1.npy").unwrap()[128..]
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// --labels-file gives image i the i-th id; --random-labels draws image i's class from
+/// (seed, i) alone, so shards still merge into the single run's file.
+#[test]
+fn labels_from_a_file_or_drawn_per_image() {
+    let d = scratch("labels");
+    let m = tiny64(&d);
+    let lf = d.join("labels.txt");
+    std::fs::write(&lf, "3 1 4 1 5\n9,2,6,5,3\n").unwrap();
+    let f = d.join("file.npz");
+    let (ok, err) = generate(&m, &f, &["--labels-file", &s(&lf)]);
+    assert!(ok, "{err}");
+    assert_eq!(labels_of(&f), vec![3, 1, 4, 1, 5, 9, 2, 6, 5, 3]);
+    let (r, r0, r1) = (d.join("r.npz"), d.join("r0.npz"), d.join("r1.npz"));
+    assert!(generate(&m, &r, &["--random-labels"]).0);
+    assert!(generate(&m, &r0, &["--random-labels", "--shard", "0/2"]).0);
+    assert!(
+        generate(
+            &m,
+            &r1,
+            &["--random-labels", "--shard", "1/2", "--batch-size", "3"]
+        )
+        .0
+    );
+    let merged = d.join("rm.npz");
+    let (ok, _, err) = common::cli(&["merge", &s(&r0), &s(&r1), "-o", &s(&merged)]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(&merged).unwrap(), std::fs::read(&r).unwrap());
+    let l = labels_of(&r);
+    assert!(l.iter().all(|&c| (0..10).contains(&c)), "{l:?}");
+    assert_ne!(l, (0..10).collect::<Vec<i64>>(), "drawn, not round-robin");
+    // Bad label files fail in one line.
+    for (text, want) in [
+        ("1 2 3", "3 class ids"),
+        ("1 2 3 4 5 6 7 8 9 10", "10 classes"),
+        ("x", "not a class id"),
+    ] {
+        std::fs::write(&lf, text).unwrap();
+        let (ok, err) = generate(&m, &d.join("bad.npz"), &["--labels-file", &s(&lf)]);
+        assert!(
+            !ok && err.trim().lines().count() == 1 && err.contains(want),
+            "{text}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
 #[test]
 fn png_dir_holds_the_same_images() {
     let d = scratch("png");
