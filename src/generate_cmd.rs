@@ -229,7 +229,16 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut last_report = Instant::now();
     let mut done = skip;
-    let tty = std::io::stderr().is_terminal();
+    // On a terminal a progress bar (indicatif); otherwise (logs, Slurm) a line every 10 s.
+    let bar = (std::io::stderr().is_terminal() && !a.quiet).then(|| {
+        let pb = indicatif::ProgressBar::new(count as u64).with_position(skip as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} images, {per_sec}, {elapsed} elapsed, ETA {eta}",
+        ) {
+            pb.set_style(style);
+        }
+        pb
+    });
     let mut each = |first: usize, s: pipeline::Samples| -> Result<()> {
         let b = s.pixels.len() / (3 * side * side);
         for i in 0..b {
@@ -248,18 +257,15 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         if let Sink::Npz(w) = &mut sink {
             write_checkpoint(&ckpt, &meta, done, w.checkpoint()?)?;
         }
-        if !a.quiet && (last_report.elapsed().as_secs_f64() >= 10.0 || done == count || tty) {
+        if let Some(pb) = &bar {
+            pb.set_position(done as u64);
+        } else if !a.quiet && (last_report.elapsed().as_secs_f64() >= 10.0 || done == count) {
             let el = t0.elapsed().as_secs_f64();
-            let rate = done as f64 / el.max(1e-9);
+            let rate = (done - skip) as f64 / el.max(1e-9);
             let eta = (count - done) as f64 / rate.max(1e-9);
-            let line = format!(
+            eprintln!(
                 "{done}/{count} images, {rate:.2} images/s, {el:.0} s elapsed, ETA {eta:.0} s"
             );
-            if tty {
-                eprint!("\r{line}   ");
-            } else {
-                eprintln!("{line}");
-            }
             last_report = Instant::now();
         }
         Ok(())
@@ -276,8 +282,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             _ => run(&mut CpuBackend::new(&model))?,
         }
     }
-    if tty && !a.quiet {
-        eprintln!();
+    if let Some(pb) = bar {
+        pb.finish();
     }
     let labels: Vec<u8> = (start..end)
         .flat_map(|i| (label_of(i) as i64).to_le_bytes())
