@@ -400,6 +400,7 @@ __device__ __forceinline__ void guided_sample_impl(const GuidedSampleParams& p) 
     // entropy -sum p ln(p + 1e-8) in nats, in f64; one-hot at the argmax when T <= 0. lp_ok
     // and token are the same in every thread of the block, so the reductions are uniform.
     if (p.prob && lp_ok) {
+        const bool token_ok = token >= 0 && token < V;
         double q, h;
         if (p.temperature <= 0.f) {
             q = token == best_i ? 1.0 : 0.0;
@@ -416,9 +417,9 @@ __device__ __forceinline__ void guided_sample_impl(const GuidedSampleParams& p) 
             }
             h = block_sum_f64(e, sd);
             // row[token] was written by another thread: visible after the barriers above.
-            q = token >= 0 && token < V ? weight(row[token], best, inv_t) / z : 0.0;
+            q = token_ok ? weight(row[token], best, inv_t) / z : 0.0;
         }
-        if (token < 0 || token >= V) q = nan("");
+        if (!token_ok) q = nan("");
         if (tid == 0) {
             p.prob[(size_t)b * p.cells + lp] = (float)q;
             p.entropy[(size_t)b * p.cells + lp] = (float)h;

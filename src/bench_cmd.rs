@@ -2,14 +2,13 @@
 //! with warm-up and the median of repeats: images/s, time per serial step and per scale, the
 //! transformer/decoder split, peak memory, achieved TFLOP/s and % of the device's floor.
 
-use crate::commands::Device;
+use crate::commands::{Device, DeviceModel, device_name, is_emu, on_backend, pick_gpu_model};
 use anyhow::{Context, Result, bail};
-use checkergen::cpu::CpuBackend;
 use checkergen::flops::{decoder_flops, transformer_flops, transformer_weight_bytes};
 use checkergen::model::Model;
 use checkergen::model::config::preset;
 use checkergen::model::init::random_tensors;
-use checkergen::pipeline::{self, Backend, SampleOptions, Samples, Steps};
+use checkergen::pipeline::{self, SampleOptions, Samples, Steps};
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -150,7 +149,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         o.steps = Steps::Uniform(a.steps_per_scale);
         pipeline::validate_options(&model.config, model.scale_sizes.len(), &o)
             .with_context(|| format!("batch {b}"))?;
-        let row = dev.run_batch(&model, &o, a.run.warmup, a.run.iters)?;
+        let row = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
         let images_per_s = b as f64 / row.s_per_batch;
         let flops = row.flops_per_image * b as f64;
         let tflops = flops / row.s_per_batch / 1e12;
@@ -205,85 +204,59 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 
 /// `--device` for a bench: the GPU (or emulator) with the model uploaded, or the CPU.
 pub(crate) fn pick_device(d: Device, model: &Model) -> Result<BenchDevice<'_>> {
-    #[cfg(feature = "cuda")]
-    if let Some(g) = crate::commands::pick_gpu(d)? {
-        let gm = checkergen::cuda::engine::GpuModel::new(g, model)?;
-        return Ok(BenchDevice::Gpu(Box::new(gm)));
-    }
-    #[cfg(not(feature = "cuda"))]
-    if matches!(d, Device::Cuda | Device::Emu) {
-        bail!("--device cuda/emu: this binary was built without the `cuda` feature");
-    }
-    Ok(BenchDevice::Cpu(model))
+    let (gpu, _) = pick_gpu_model(d, model)?;
+    Ok(BenchDevice { model, gpu })
 }
 
 /// The device a bench runs on, with its model.
-pub(crate) enum BenchDevice<'m> {
-    Cpu(&'m Model),
-    #[cfg(feature = "cuda")]
-    Gpu(Box<checkergen::cuda::engine::GpuModel>),
+pub(crate) struct BenchDevice<'m> {
+    model: &'m Model,
+    gpu: DeviceModel,
 }
 
 impl BenchDevice<'_> {
     pub fn is_emu(&self) -> bool {
-        match self {
-            BenchDevice::Cpu(_) => false,
-            #[cfg(feature = "cuda")]
-            BenchDevice::Gpu(gm) => gm.gpu.is_emu(),
-        }
+        is_emu(&self.gpu)
     }
 
     pub fn describe(&self) -> String {
-        match self {
-            BenchDevice::Cpu(_) => format!(
-                "cpu ({} threads)",
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            ),
-            #[cfg(feature = "cuda")]
-            BenchDevice::Gpu(gm) if gm.gpu.is_emu() => "emu (host-emulated CUDA device)".into(),
-            #[cfg(feature = "cuda")]
-            BenchDevice::Gpu(gm) => {
-                format!("cuda ({}, kernels: {})", gm.gpu.name, gm.gpu.image_kind)
-            }
-        }
+        device_name(&self.gpu)
     }
 
     /// Memory in use now: resident host memory since the reset, or device memory in use.
     fn memory(&self, reset: bool) -> u64 {
-        match self {
-            BenchDevice::Cpu(_) => host_peak(reset).unwrap_or(0),
+        match &self.gpu {
             #[cfg(feature = "cuda")]
-            BenchDevice::Gpu(gm) => gm
+            Some(gm) => gm
                 .gpu
                 .mem_get_info()
                 .map_or(0, |(free, total)| (total - free) as u64),
+            _ => host_peak(reset).unwrap_or(0),
         }
     }
 
     /// One sampler run; its wall time in seconds (CUDA events on a GPU).
     fn run_once(&self, o: &SampleOptions) -> Result<(f64, Samples)> {
-        match self {
-            BenchDevice::Cpu(m) => timed_host(&mut CpuBackend::new(m), o),
+        let mut out = None;
+        let mut run = || -> Result<()> {
+            out = Some(on_backend(&self.gpu, self.model, |be| {
+                pipeline::sample(be, o)
+            })?);
+            Ok(())
+        };
+        let s = match &self.gpu {
             #[cfg(feature = "cuda")]
-            BenchDevice::Gpu(gm) => {
-                let mut be = checkergen::cuda::engine::GpuBackend::new(gm);
-                let mut out = None;
-                let ms = gm.gpu.time_ms(|| {
-                    out = Some(pipeline::sample(&mut be, o)?);
-                    Ok(())
-                })?;
-                Ok((ms / 1e3, out.context("no samples")?))
+            Some(gm) => gm.gpu.time_ms(run)? / 1e3,
+            _ => {
+                let t = Instant::now();
+                run()?;
+                t.elapsed().as_secs_f64()
             }
-        }
+        };
+        Ok((s, out.context("no samples")?))
     }
 
-    pub(crate) fn run_batch(
-        &self,
-        model: &Model,
-        o: &SampleOptions,
-        warmup: usize,
-        iters: usize,
-    ) -> Result<Row> {
+    pub(crate) fn run_batch(&self, o: &SampleOptions, warmup: usize, iters: usize) -> Result<Row> {
         for _ in 0..warmup {
             self.run_once(o)?;
         }
@@ -317,6 +290,7 @@ impl BenchDevice<'_> {
                     .sum()
             })
             .collect();
+        let model = self.model;
         let s_last = *model.scale_sizes.last().context("no scales")?;
         let dec_flops: f64 = decoder_flops(&model.config.decoder, s_last)
             .iter()
@@ -333,10 +307,4 @@ impl BenchDevice<'_> {
             serial_steps: sched.total_steps(),
         })
     }
-}
-
-fn timed_host(be: &mut dyn Backend, o: &SampleOptions) -> Result<(f64, Samples)> {
-    let t = Instant::now();
-    let out = pipeline::sample(be, o)?;
-    Ok((t.elapsed().as_secs_f64(), out))
 }

@@ -11,7 +11,7 @@ use checkergen::model::config::{self, ModelConfig};
 use checkergen::model::file::{Dtype, write_model};
 use checkergen::model::init::random_tensors;
 use checkergen::order::Schedule;
-use checkergen::pipeline::{self, SampleOptions, Steps};
+use checkergen::pipeline::{self, Backend, SampleOptions, Steps};
 use checkergen::sampling::TokenPolicy;
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -314,6 +314,42 @@ pub(crate) fn pick_gpu_model(device: Device, model: &Model) -> Result<(DeviceMod
     }
 }
 
+/// Whether `gm` is the host-emulated device (its times mean nothing).
+pub(crate) fn is_emu(gm: &DeviceModel) -> bool {
+    match gm {
+        #[cfg(feature = "cuda")]
+        Some(gm) => gm.gpu.is_emu(),
+        _ => false,
+    }
+}
+
+/// How run.json, `bench` and `steps` name the device `gm` runs on.
+pub(crate) fn device_name(gm: &DeviceModel) -> String {
+    match gm {
+        #[cfg(feature = "cuda")]
+        Some(gm) if gm.gpu.is_emu() => "emu (host-emulated CUDA device)".into(),
+        #[cfg(feature = "cuda")]
+        Some(gm) => format!("cuda ({}, kernels: {})", gm.gpu.name, gm.gpu.image_kind),
+        _ => format!(
+            "cpu ({} threads)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+    }
+}
+
+/// Run `f` on the backend of `gm`: the GPU engine, or the CPU backend of `model` when None.
+pub(crate) fn on_backend<R>(
+    gm: &DeviceModel,
+    model: &Model,
+    f: impl FnOnce(&mut dyn Backend) -> Result<R>,
+) -> Result<R> {
+    match gm {
+        #[cfg(feature = "cuda")]
+        Some(gm) => f(&mut checkergen::cuda::engine::GpuBackend::new(gm)),
+        _ => f(&mut CpuBackend::new(model)),
+    }
+}
+
 pub fn sample(a: SampleArgs) -> Result<()> {
     #[cfg(not(feature = "cuda"))]
     if matches!(a.s.device, Device::Cuda | Device::Emu) {
@@ -371,22 +407,10 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let mut run = SampleRun::default();
     let mut each =
         |first: usize, out: pipeline::Samples| write_batch(&a, &model, first, out, &mut run);
-    let device = match &gpu_model {
-        #[cfg(feature = "cuda")]
-        Some(gm) => {
-            let mut be = checkergen::cuda::engine::GpuBackend::new(gm);
-            pipeline::sample_batches(&mut be, &opts, batch, &mut each)?;
-            if gm.gpu.is_emu() {
-                "emu (host-emulated CUDA device)".to_string()
-            } else {
-                format!("cuda ({}, kernels: {})", gm.gpu.name, gm.gpu.image_kind)
-            }
-        }
-        _ => {
-            pipeline::sample_batches(&mut CpuBackend::new(&model), &opts, batch, &mut each)?;
-            "cpu".to_string()
-        }
-    };
+    on_backend(&gpu_model, &model, |be| {
+        pipeline::sample_batches(be, &opts, batch, &mut each)
+    })?;
+    let device = device_name(&gpu_model);
     let total_s = t.elapsed().as_secs_f64();
     let side = model.config.img_size;
     let b = labels.len();

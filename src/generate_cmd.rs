@@ -2,13 +2,12 @@
 //! of any size, batch after batch, class-balanced, deterministic by global image index so
 //! shards on many machines reassemble (`checkergen merge`) into exactly one run's file.
 
-use crate::commands::{SamplingArgs, load_or_tiny, pick_gpu_model};
+use crate::commands::{SamplingArgs, load_or_tiny, on_backend, pick_gpu_model};
 use anyhow::{Context, Result, bail};
-use checkergen::cpu::CpuBackend;
 use checkergen::io::image::{planar_to_rgb, write_rgb_png};
 use checkergen::io::npz::{NpzWriter, Progress, npy_header};
 use checkergen::io::pth::ZipReader;
-use checkergen::pipeline::{self, Backend};
+use checkergen::pipeline;
 use clap::{Args, ValueEnum};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -272,15 +271,10 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     };
     // The batches index images from where this run starts: first + start + skip is the
     // global index.
-    let mut run = |be: &mut dyn Backend| {
-        pipeline::sample_batches(be, &o, batch, |first, s| each(start + skip + first, s))
-    };
     if count > skip {
-        match &gpu_model {
-            #[cfg(feature = "cuda")]
-            Some(gm) => run(&mut checkergen::cuda::engine::GpuBackend::new(gm))?,
-            _ => run(&mut CpuBackend::new(&model))?,
-        }
+        on_backend(&gpu_model, &model, |be| {
+            pipeline::sample_batches(be, &o, batch, |first, s| each(start + skip + first, s))
+        })?;
     }
     if let Some(pb) = bar {
         pb.finish();

@@ -155,6 +155,18 @@ pub struct Schedule {
     pub steps: Vec<Step>,
 }
 
+/// Tokens per block of a scale of `tokens` cells asked for `k` serial steps (the reference's
+/// `num_blocks_per_scale`): blocks of tokens / k, the last one shorter, so the scale takes
+/// [`realized_steps`] steps, which is not always k.
+pub fn block_size(tokens: usize, k: usize) -> usize {
+    (tokens / k.max(1)).max(1)
+}
+
+/// Serial steps a scale of `tokens` cells takes when asked for `k`.
+pub fn realized_steps(tokens: usize, k: usize) -> usize {
+    tokens.div_ceil(block_size(tokens, k))
+}
+
 impl Schedule {
     /// Schedule with the same steps per scale k on every scale.
     pub fn uniform(scale_sizes: &[usize], steps_per_scale: usize) -> Result<Schedule> {
@@ -181,7 +193,7 @@ impl Schedule {
                 bail!("steps per scale must be at least 1 (scale {si} of size {size} has 0)");
             }
             let tokens = size * size;
-            let block = (tokens / k).max(1);
+            let block = block_size(tokens, k);
             let sequence = sequence(size)?;
             let first_step = steps.len();
             let mut prev: Option<&[usize]> = None;
@@ -260,6 +272,18 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn realized_steps_are_what_schedules_take() {
+        let sizes = [1, 2, 4, 8, 16];
+        for k in 1..=20 {
+            let sched = Schedule::uniform(&sizes, k).unwrap();
+            for (sc, &s) in sched.scales.iter().zip(&sizes) {
+                assert_eq!(sc.steps, realized_steps(s * s, k), "s {s} k {k}");
+            }
+        }
+        assert_eq!(realized_steps(256, 3), 4); // blocks of 85: 3 full, one of 1
+    }
 
     #[test]
     fn eight_by_eight_starts_as_spec_says() {

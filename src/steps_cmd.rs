@@ -8,7 +8,7 @@ use checkergen::io::steps_chart::{StepsPoint, write_steps_chart};
 use checkergen::model::Model;
 use checkergen::model::config::{ModelConfig, preset};
 use checkergen::model::init::random_tensors;
-use checkergen::order::{Schedule, scale_sizes};
+use checkergen::order::{Schedule, realized_steps, scale_sizes};
 use checkergen::pipeline::{self, SampleOptions, Steps};
 use clap::Args;
 use std::path::PathBuf;
@@ -49,12 +49,6 @@ pub struct StepsArgs {
     png: Option<PathBuf>,
 }
 
-/// Serial steps a scale of `n` tokens takes when asked for `k` (the reference's rule, as
-/// `Schedule::with_steps`: blocks of n / k tokens, the last one shorter).
-fn realized(n: usize, k: usize) -> usize {
-    n.div_ceil((n / k.max(1)).max(1))
-}
-
 /// Per-scale steps (the values given to the schedule) that realize exactly `total` serial
 /// steps on `sizes` (ascending), as evenly spread as the scales allow: scale by scale in
 /// ascending order, the realizable count nearest its even share of what is left (the lower
@@ -69,7 +63,7 @@ pub fn steps_for_total(sizes: &[usize], total: usize) -> Option<Vec<usize>> {
             let mut o: Vec<(usize, usize)> = Vec::new();
             // Descending k: each count keeps the largest k giving it (k itself when exact).
             for k in (1..=n).rev() {
-                let r = realized(n, k);
+                let r = realized_steps(n, k);
                 if !o.iter().any(|&(x, _)| x == r) {
                     o.push((r, k));
                 }
@@ -229,10 +223,10 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             o.cfg = a.run.cfg;
             o.cfg_start_step = a.run.cfg_start_step;
             o.steps = Steps::PerScale(list.clone());
-            let one = dev.run_batch(model, &o, a.run.warmup, a.run.iters)?;
+            let one = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
             o.labels = (0..a.batch).map(|i| i % cfg.num_classes).collect();
             pipeline::validate_options(cfg, sizes.len(), &o)?;
-            let many = dev.run_batch(model, &o, a.run.warmup, a.run.iters)?;
+            let many = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
             let p = StepsPoint {
                 ratio: cfg.scale_ratio,
                 serial_steps: sched.total_steps(),
@@ -284,7 +278,8 @@ pub fn steps(a: StepsArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{realized, steps_for_total};
+    use super::steps_for_total;
+    use checkergen::order::realized_steps;
 
     #[test]
     fn total_steps_spread_over_the_scales() {
@@ -292,7 +287,7 @@ mod tests {
         let realized_total = |v: &[usize]| -> usize {
             r2.iter()
                 .zip(v)
-                .map(|(&s, &k)| super::realized(s * s, k))
+                .map(|(&s, &k)| realized_steps(s * s, k))
                 .sum()
         };
         assert_eq!(steps_for_total(&r2, 17), Some(vec![1, 4, 4, 4, 4]));
@@ -311,6 +306,6 @@ mod tests {
             assert_eq!(realized_total(&v), t, "{t}: {v:?}");
         }
         assert_eq!(steps_for_total(&[1], 1), Some(vec![1]));
-        assert_eq!(realized(256, 3), 4);
+        assert_eq!(realized_steps(256, 3), 4);
     }
 }

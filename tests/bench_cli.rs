@@ -77,11 +77,6 @@ fn bench_refuses_bad_arguments() {
             "per batch",
         ),
     ] {
-        let (ok, _, err) = common::cli(&args);
-        assert!(!ok, "{args:?} succeeded");
-        assert!(
-            err.trim().lines().count() == 1 && err.contains(want),
-            "{args:?}: {err}"
-        );
+        common::refused(&args, want);
     }
 }

@@ -186,10 +186,23 @@ fn labels_from_a_file_or_drawn_per_image() {
         ("x", "not a class id"),
     ] {
         std::fs::write(&lf, text).unwrap();
-        let (ok, err) = generate(&m, &d.join("bad.npz"), &["--labels-file", &s(&lf)]);
-        assert!(
-            !ok && err.trim().lines().count() == 1 && err.contains(want),
-            "{text}: {err}"
+        let out = s(&d.join("bad.npz"));
+        common::refused(
+            &[
+                "generate",
+                "--model",
+                &m,
+                "--num-samples",
+                "10",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--labels-file",
+                &s(&lf),
+                "--out",
+                &out,
+            ],
+            want,
         );
     }
     std::fs::remove_dir_all(&d).ok();
@@ -218,14 +231,7 @@ fn png_dir_holds_the_same_images() {
 fn bad_input_fails_in_one_line() {
     let d = scratch("bad");
     let m = tiny64(&d);
-    let one_line = |args: &[&str], want: &str| {
-        let (ok, _, err) = common::cli(args);
-        assert!(!ok, "{args:?} succeeded");
-        assert!(
-            err.trim().lines().count() == 1 && err.contains(want),
-            "{args:?}: {err}"
-        );
-    };
+    let one_line = common::refused;
     let out = s(&d.join("x.npz"));
     let base = [
         "generate",
@@ -283,6 +289,35 @@ fn bad_input_fails_in_one_line() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// Run the binary with `args` and SIGKILL it once its checkpoint `ckpt` records at least
+/// `min_done` images (it must still be running then).
+fn kill_after_checkpoint(args: &[String], ckpt: &Path, min_done: u64) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_checkergen"))
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let n = std::fs::read(ckpt)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|j| j["done"].as_u64())
+            .unwrap_or(0);
+        if n >= min_done {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(t.elapsed().as_secs() < 120, "no checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// kill -9 in the middle, then the same command again: it resumes after the last complete
 /// batch and the file equals an uninterrupted run's byte for byte.
 #[test]
@@ -313,31 +348,7 @@ fn a_killed_run_resumes_to_the_same_file() {
     let (done, _, err) = ok(args(&whole, "8"));
     assert!(done, "{err}");
     let ckpt = d.join("out.npz.partial.json");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_checkergen"))
-        .args(args(&out, "2"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait for a checkpoint past the first batches, then SIGKILL.
-    let t = std::time::Instant::now();
-    loop {
-        let n = std::fs::read(&ckpt)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|j| j["done"].as_u64())
-            .unwrap_or(0);
-        if n >= 4 {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        assert!(t.elapsed().as_secs() < 120, "no checkpoint");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_after_checkpoint(&args(&out, "2"), &ckpt, 4);
     assert!(
         !out.exists(),
         "an interrupted run has no file under the final name"
@@ -349,21 +360,11 @@ fn a_killed_run_resumes_to_the_same_file() {
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&whole).unwrap());
     assert!(!ckpt.exists() && !d.join("out.npz.partial").exists());
     // A partial file of another run (another seed) is refused, not resumed.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_checkergen"))
-        .args(args(&d.join("x.npz"), "2"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let xck = d.join("x.npz.partial.json");
-    while !xck.exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "ended before it could be killed"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_after_checkpoint(
+        &args(&d.join("x.npz"), "2"),
+        &d.join("x.npz.partial.json"),
+        1,
+    );
     let mut other = args(&d.join("x.npz"), "2");
     other[6] = "4".into(); // --seed 4
     let (done, _, err) = ok(other);

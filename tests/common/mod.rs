@@ -484,3 +484,13 @@ pub fn json_lines(args: &[&str]) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect()
 }
+
+/// The binary refuses `args`: a non-zero exit and exactly one stderr line, holding `want`.
+pub fn refused(args: &[&str], want: &str) {
+    let (ok, _, err) = cli(args);
+    assert!(!ok, "{args:?} succeeded");
+    assert!(
+        err.trim().lines().count() == 1 && err.contains(want),
+        "{args:?}: expected one line with {want:?}, got: {err}"
+    );
+}
