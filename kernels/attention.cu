@@ -82,7 +82,7 @@ static_assert(sizeof(RopeKvParams) == 104, "RopeKvParams: mirrored in src/cuda/a
 __device__ __forceinline__ void rope_kv_append_impl(const RopeKvParams& p) {
     const int half = p.d >> 1;
     const int c = p.h * p.d;
-    const size_t total = (size_t)p.rows * p.n * p.h * half;
+    const unsigned per_row = (unsigned)p.n * p.h * half;  // pairs per sequence row
     const __nv_bfloat16* qkv = p.qkv;  // (T, 3C)
     const float* tre = p.rope_re;      // (table_rows, D)
     const float* tim = p.rope_im;      // (table_rows, D)
@@ -92,14 +92,15 @@ __device__ __forceinline__ void rope_kv_append_impl(const RopeKvParams& p) {
     __nv_bfloat16* q_out = p.q_out;    // (rows, H, n, D)
     __nv_bfloat16* kc = p.k_cache;     // (rows, H, cap, D)
     __nv_bfloat16* vc = p.v_cache;     // (rows, H, cap, D)
-    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
-         idx += (size_t)gridDim.x * blockDim.x) {
+    // grid.y strides over sequence rows, grid.x over a row's (token, head, pair) triples:
+    // 32-bit indexing inside a row.
+    for (int r = blockIdx.y; r < p.rows; r += gridDim.y)
+    for (unsigned idx = blockIdx.x * blockDim.x + threadIdx.x; idx < per_row;
+         idx += gridDim.x * blockDim.x) {
         const int i = (int)(idx % half);  // dim pair (i, i + D/2)
-        size_t rest = idx / half;
+        const unsigned rest = idx / half;
         const int hh = (int)(rest % p.h);
-        rest /= p.h;
-        const int j = (int)(rest % p.n);  // token within the block
-        const int r = (int)(rest / p.n);  // sequence row
+        const int j = (int)(rest / p.h);  // token within the block
         const size_t t = (size_t)r * p.n + j;
         const __nv_bfloat16* src = qkv + t * 3 * c + (size_t)hh * p.d;
         const size_t qo = (((size_t)r * p.h + hh) * p.n + j) * p.d;

@@ -31,6 +31,10 @@
 //   stays inside one tap); any Cout (the tail tile is zero-padded). Epilogue from registers:
 //   + bias (+ residual, which may alias y: each element is read then written by one thread).
 //   launch: grid (ceil(M/128), ceil(Cout/128)), block 256.
+// conv3x3_narrow: the same conv for Cout <= 8 (conv_out: 3 channels, where the 128-wide N
+//   tile is >97 % padding): one thread per output pixel, all Cout channels in registers, the
+//   weights staged in 32 KiB of shared memory; same summation order as conv3x3_direct.
+//   launch: grid-stride over B*H*W pixels, block 256.
 // gn_partial / gn_finalize / gn_apply: GroupNorm (32 groups, affine, biased variance) + SiLU.
 //   x (B, HW, C) f32 -> y (B, HW, C) T. Statistics in f32 and numerically safe for large
 //   means: gn_partial reduces chunks of GN_CHUNK pixels per channel to (mean, M2) around a
@@ -115,6 +119,64 @@ __device__ __forceinline__ void conv3x3_direct_impl(const Conv3x3Params& p) {
         float v = acc + bias[co];
         if (res) v += res[i];
         y[i] = v;
+    }
+}
+
+// conv3x3_narrow: convs with few output channels (the decoder's conv_out, Cout = 3), where
+// the tensor-core tile (128 output channels) would be >97 % padding. One thread per output
+// pixel computes all Cout <= NARROW_MAX_COUT channels; the block stages the whole weight
+// tensor in shared memory (the launcher checks Cout*9*Cin*sizeof(T) <= NARROW_W_BYTES), and
+// every thread reads the same weight at a time (a broadcast). Sums in the order of
+// conv3x3_direct (taps, then Cin), f32.
+#define NARROW_MAX_COUT 8
+#define NARROW_W_BYTES 32768
+
+template <typename T>
+__device__ __forceinline__ void conv3x3_narrow_impl(const Conv3x3Params& p) {
+    __shared__ __align__(16) unsigned char wsm[NARROW_W_BYTES];
+    T* ws = (T*)wsm;  // (cout, 3, 3, cin)
+    const T* w = (const T*)p.w;
+    const int nw = p.cout * 9 * p.cin;
+    for (int i = threadIdx.x; i < nw; i += blockDim.x) ws[i] = w[i];
+    __syncthreads();
+    const int hin = p.upsample ? p.height >> 1 : p.height;
+    const int win = p.upsample ? p.width >> 1 : p.width;
+    const int hw = p.height * p.width;
+    const int total = p.batch * hw;  // < 2^31: checked by the launcher
+    const T* x = (const T*)p.x;      // (B, hin, win, cin)
+    for (int m = blockIdx.x * blockDim.x + threadIdx.x; m < total; m += gridDim.x * blockDim.x) {
+        const int b = m / hw, q = m - b * hw;
+        const int oy = q / p.width, ox = q - oy * p.width;
+        float acc[NARROW_MAX_COUT];
+#pragma unroll
+        for (int co = 0; co < NARROW_MAX_COUT; ++co) acc[co] = 0.f;
+        for (int ky = 0; ky < 3; ++ky) {
+            const int yy = oy + ky - 1;
+            if (yy < 0 || yy >= p.height) continue;
+            const int iy = p.upsample ? yy >> 1 : yy;
+            for (int kx = 0; kx < 3; ++kx) {
+                const int xx = ox + kx - 1;
+                if (xx < 0 || xx >= p.width) continue;
+                const int ix = p.upsample ? xx >> 1 : xx;
+                const T* xp = x + (((size_t)b * hin + iy) * win + ix) * p.cin;
+                const T* wt = ws + (ky * 3 + kx) * p.cin;
+                for (int ci = 0; ci < p.cin; ++ci) {
+                    const float xv = to_f32(xp[ci]);
+#pragma unroll
+                    for (int co = 0; co < NARROW_MAX_COUT; ++co)
+                        if (co < p.cout) acc[co] += xv * to_f32(wt[co * 9 * p.cin + ci]);
+                }
+            }
+        }
+        float* y = p.y + (size_t)m * p.cout;
+        const float* res = p.residual ? p.residual + (size_t)m * p.cout : nullptr;
+#pragma unroll
+        for (int co = 0; co < NARROW_MAX_COUT; ++co) {
+            if (co >= p.cout) break;
+            float v = acc[co] + p.bias[co];
+            if (res) v += res[co];
+            y[co] = v;
+        }
     }
 }
 
@@ -375,30 +437,31 @@ struct GnApplyParams {
 };
 static_assert(sizeof(GnApplyParams) == 40, "GnApplyParams: mirrored in src/cuda/decoder.rs");
 
-// grid-stride over B*hw*c/4 float4s; 4 T values stored as one 8-byte word.
+// grid.y strides over images, grid.x over an image's hw*c/4 float4s (32-bit indexing inside
+// an image); 4 T values stored as one 8-byte word.
 template <typename T>
 __device__ __forceinline__ void gn_apply_impl(const GnApplyParams& p) {
-    const int cols = p.c >> 2;
-    const size_t per_image = (size_t)p.hw * cols;
-    const size_t total = (size_t)p.batch * per_image;
-    const float4* x = (const float4*)p.x;
-    uint2* y = (uint2*)p.y;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const int col = (int)(i % cols);
-        const size_t b = i / per_image;
-        const float* ss = p.ss + (b * p.c + col * 4) * 2;
-        const float4 v = x[i];
-        float o[4] = {v.x * ss[0] + ss[1], v.y * ss[2] + ss[3], v.z * ss[4] + ss[5],
-                      v.w * ss[6] + ss[7]};
-        if (p.silu) {
+    const unsigned cols = (unsigned)p.c >> 2;
+    const unsigned per_image = (unsigned)p.hw * cols;
+    for (unsigned b = blockIdx.y; b < (unsigned)p.batch; b += gridDim.y) {
+        const float4* x = (const float4*)p.x + (size_t)b * per_image;
+        uint2* y = (uint2*)p.y + (size_t)b * per_image;
+        const float* ssb = p.ss + (size_t)b * p.c * 2;
+        for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < per_image;
+             i += gridDim.x * blockDim.x) {
+            const float* ss = ssb + (i % cols) * 8;
+            const float4 v = x[i];
+            float o[4] = {v.x * ss[0] + ss[1], v.y * ss[2] + ss[3], v.z * ss[4] + ss[5],
+                          v.w * ss[6] + ss[7]};
+            if (p.silu) {
 #pragma unroll
-            for (int j = 0; j < 4; ++j) o[j] = o[j] / (1.f + expf(-o[j]));
+                for (int j = 0; j < 4; ++j) o[j] = o[j] / (1.f + expf(-o[j]));
+            }
+            uint2 packed;
+            packed.x = bits16(from_f32<T>(o[0])) | (bits16(from_f32<T>(o[1])) << 16);
+            packed.y = bits16(from_f32<T>(o[2])) | (bits16(from_f32<T>(o[3])) << 16);
+            y[i] = packed;
         }
-        uint2 packed;
-        packed.x = bits16(from_f32<T>(o[0])) | (bits16(from_f32<T>(o[1])) << 16);
-        packed.y = bits16(from_f32<T>(o[2])) | (bits16(from_f32<T>(o[3])) << 16);
-        y[i] = packed;
     }
 }
 
@@ -500,21 +563,24 @@ struct PixelsParams {
 };
 static_assert(sizeof(PixelsParams) == 40, "PixelsParams: mirrored in src/cuda/decoder.rs");
 
-// grid-stride over B*c*hw outputs.
+// grid.y strides over images, grid.x over an image's c*hw outputs (32-bit indexing inside
+// an image).
 __device__ __forceinline__ void dec_pixels_impl(const PixelsParams& p) {
-    const size_t total = (size_t)p.batch * p.c * p.hw;
-    const float* y = p.y;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const size_t q = i % p.hw, bc = i / p.hw;
-        const size_t ch = bc % p.c, b = bc / p.c;
-        const float v = y[(b * p.hw + q) * p.c + ch];
-        if (p.out_f32) p.out_f32[i] = v;
-        if (p.out_u8) {
-            // Explicit roundings: no contraction into an fma, bit-identical to the CPU path.
-            const float t = __fmul_rn(__fadd_rn(v, 1.f), 0.5f);
-            p.out_u8[i] =
-                (unsigned char)__fmul_rn(fminf(fmaxf(t, 0.f), 1.f), 255.f);
+    const unsigned per_image = (unsigned)p.c * p.hw;
+    for (unsigned b = blockIdx.y; b < (unsigned)p.batch; b += gridDim.y) {
+        const float* y = p.y + (size_t)b * per_image;
+        float* out_f32 = p.out_f32 ? p.out_f32 + (size_t)b * per_image : nullptr;
+        unsigned char* out_u8 = p.out_u8 ? p.out_u8 + (size_t)b * per_image : nullptr;
+        for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < per_image;
+             i += gridDim.x * blockDim.x) {
+            const unsigned q = i % p.hw, ch = i / p.hw;
+            const float v = y[q * p.c + ch];
+            if (out_f32) out_f32[i] = v;
+            if (out_u8) {
+                // Explicit roundings: no contraction into an fma, bit-identical to the CPU path.
+                const float t = __fmul_rn(__fadd_rn(v, 1.f), 0.5f);
+                out_u8[i] = (unsigned char)__fmul_rn(fminf(fmaxf(t, 0.f), 1.f), 255.f);
+            }
         }
     }
 }
@@ -526,6 +592,8 @@ __device__ __forceinline__ void dec_pixels_impl(const PixelsParams& p) {
 
 extern "C" __global__ void conv3x3_direct_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16>(p); }
 extern "C" __global__ void conv3x3_direct_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half>(p); }
+extern "C" __global__ void conv3x3_narrow_bf16(const Conv3x3Params p) { conv3x3_narrow_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void conv3x3_narrow_f16(const Conv3x3Params p) { conv3x3_narrow_impl<__half>(p); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_bf16(const Conv3x3Params p) { conv3x3_tc_impl<__nv_bfloat16>(p); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_f16(const Conv3x3Params p) { conv3x3_tc_impl<__half>(p); }
 extern "C" __global__ void gn_partial_f32(const GnPartialParams p) { gn_partial_impl(p); }

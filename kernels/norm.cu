@@ -11,8 +11,8 @@
 //   out  (T, C) bf16
 //   launch: grid T, block 256; one block per token, f32 sum of squares by block reduction.
 // silu_mul: h[t, i] = bf16( silu(g[t, i]) * g[t, F + i] ), g (T, 2F) bf16 from one GEMM with
-//   the stacked [w1; w3] weight; grid-stride over T*F.
-// add_bias_f32: y[t, j] += b[j], y (T, N) f32; grid-stride.
+//   the stacked [w1; w3] weight; tokens in grid.y, a token's F outputs in grid.x (32-bit).
+// add_bias_f32: y[t, j] += b[j], y (T, N) f32; rows in grid.y, a row's N in grid.x (32-bit).
 #include "common.cuh"
 
 // =============================================================================================
@@ -55,13 +55,16 @@ struct SiluMulParams {
 };
 static_assert(sizeof(SiluMulParams) == 24, "SiluMulParams: mirrored in src/cuda/norm.rs");
 
+// grid.y strides over tokens, grid.x over a token's F outputs: 32-bit indexing in a row.
 __device__ __forceinline__ void silu_mul_impl(const SiluMulParams& p) {
-    const size_t total = (size_t)p.tokens * p.f;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t t = i / p.f, j = i % p.f;
-        const __nv_bfloat16* g = p.g + t * 2 * p.f;
-        const float a = bf2f(g[j]), b = bf2f(g[p.f + j]);
-        p.h[i] = f2bf(a / (1.f + __expf(-a)) * b);
+    for (unsigned t = blockIdx.y; t < (unsigned)p.tokens; t += gridDim.y) {
+        const __nv_bfloat16* g = p.g + (size_t)t * 2 * p.f;
+        __nv_bfloat16* h = p.h + (size_t)t * p.f;
+        for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < (unsigned)p.f;
+             j += gridDim.x * blockDim.x) {
+            const float a = bf2f(g[j]), b = bf2f(g[p.f + j]);
+            h[j] = f2bf(a / (1.f + __expf(-a)) * b);
+        }
     }
 }
 
@@ -72,10 +75,14 @@ struct AddBiasParams {
 };
 static_assert(sizeof(AddBiasParams) == 24, "AddBiasParams: mirrored in src/cuda/norm.rs");
 
+// grid.y strides over rows, grid.x over a row's N values: 32-bit indexing in a row.
 __device__ __forceinline__ void add_bias_impl(const AddBiasParams& p) {
-    const size_t total = (size_t)p.rows * p.n;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
-        p.y[i] += p.b[i % p.n];
+    for (unsigned r = blockIdx.y; r < (unsigned)p.rows; r += gridDim.y) {
+        float* y = p.y + (size_t)r * p.n;
+        for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < (unsigned)p.n;
+             j += gridDim.x * blockDim.x)
+            y[j] += p.b[j];
+    }
 }
 
 // =============================================================================================

@@ -102,6 +102,8 @@ struct GuidedSampleParams {
     const int *local_pos, *global_pos;  // (n)
     float *prob, *entropy;            // (B, cells) or null: the chosen token's p and the entropy
     const float* bias;                // (V) or null: added to every row read (the head's bias)
+    const u64* run;                   // (2) or null: {seed, image0} read at run time, replacing
+                                      // the two fields below (a replayed graph gets new values)
     u64 seed;
     int batch, n, v, cells;
     int guided;         // 1: combine with the unconditional rows
@@ -112,7 +114,7 @@ struct GuidedSampleParams {
     int step;           // step counter t (RNG counter word 1)
     uint32_t image0;    // run-wide index of image 0 of the batch (RNG counter word 0 = image0 + b)
 };
-static_assert(sizeof(GuidedSampleParams) == 128, "GuidedSampleParams: mirrored in src/cuda/sampling.rs");
+static_assert(sizeof(GuidedSampleParams) == 136, "GuidedSampleParams: mirrored in src/cuda/sampling.rs");
 
 // ---------------------------------------------------------------------------------------
 // Block-wide reductions and scans (blockDim.x a multiple of 32, at most 1024). Each starts
@@ -376,7 +378,9 @@ __device__ __forceinline__ void guided_sample_impl(const GuidedSampleParams& p) 
         }
         double total;
         double acc = block_exclusive_scan<double>(s, sd, &total);
-        const double u = token_uniform(p.seed, p.image0 + (uint32_t)b, (uint32_t)p.step,
+        const u64 seed = p.run ? p.run[0] : p.seed;
+        const uint32_t image0 = p.run ? (uint32_t)p.run[1] : p.image0;
+        const double u = token_uniform(seed, image0 + (uint32_t)b, (uint32_t)p.step,
                                        (uint32_t)p.global_pos[j]);
         const double target = u * total;
         int found = NO_INDEX, last = -1;

@@ -50,6 +50,11 @@ pub struct TimedRuns {
     pub cfg: f32,
     #[arg(long, default_value_t = pipeline::DEFAULT_CFG_START_STEP)]
     pub cfg_start_step: usize,
+    /// Eager kernel launches only (no CUDA graphs). With graphs, the timed runs replay each
+    /// batch shape's recorded token loop and the per-step figures come from one extra eager
+    /// run.
+    #[arg(long)]
+    pub no_graph: bool,
 }
 
 /// The medians of one batch size's timed runs.
@@ -146,6 +151,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let mut o = SampleOptions::new((0..b).map(|i| i % model.config.num_classes).collect());
         o.cfg = a.run.cfg;
         o.cfg_start_step = a.run.cfg_start_step;
+        o.graph = !a.run.no_graph;
         o.steps = Steps::Uniform(a.steps_per_scale);
         pipeline::validate_options(&model.config, model.scale_sizes.len(), &o)
             .with_context(|| format!("batch {b}"))?;
@@ -269,12 +275,18 @@ impl BenchDevice<'_> {
             peak = peak.max(self.memory(false));
             total.push(s);
             let t = &out.tokens;
-            transf.push((t.prefill_ms + t.step_ms.iter().sum::<f64>()) / 1e3);
+            transf.push(t.loop_ms / 1e3);
             dec.push(out.decode_ms / 1e3);
             steps.push(t.step_ms.clone());
             last = Some(out);
         }
         let out = last.context("no timed run")?;
+        if steps.iter().any(Vec::is_empty) {
+            // Replayed graphs have no step boundaries: one eager run gives the per-step times.
+            let mut eager = o.clone();
+            eager.graph = false;
+            steps = vec![self.run_once(&eager)?.1.tokens.step_ms];
+        }
         let sched = &out.tokens.schedule;
         let ms_per_step: Vec<f64> = (0..sched.total_steps())
             .map(|k| median(steps.iter().map(|v| v[k]).collect()))

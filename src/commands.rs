@@ -53,6 +53,10 @@ pub struct SamplingArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    /// Eager kernel launches: no CUDA graphs (on a GPU, a batch shape's token loop is
+    /// otherwise recorded once as a graph and replayed; per-step timings need eager runs).
+    #[arg(long)]
+    pub no_graph: bool,
 }
 
 impl SamplingArgs {
@@ -71,6 +75,7 @@ impl SamplingArgs {
             top_p: self.top_p,
         };
         o.seed = self.seed;
+        o.graph = !self.no_graph;
         o
     }
 }
@@ -249,11 +254,14 @@ struct SampleRun {
     /// With --save-tokens: every image's tokens and statistics, batch after batch.
     tokens: Option<pipeline::TokenOutput>,
     schedule: Option<Schedule>,
-    /// Per serial step, summed over batches.
+    /// Per serial step, summed over the batches that ran eagerly.
     step_ms: Vec<f64>,
     prefill_ms: f64,
     decode_ms: f64,
     batches: usize,
+    /// Batches whose token loop ran as a replayed graph, and their loops' milliseconds.
+    graph_batches: usize,
+    graph_ms: f64,
 }
 
 /// The default `--batch-size`: on a GPU what fits in 60 % of its free memory (at the f32
@@ -492,6 +500,14 @@ pub fn sample(a: SampleArgs) -> Result<()> {
             );
         }
         let steps_ms: f64 = run.step_ms.iter().sum();
+        if run.graph_batches > 0 {
+            println!(
+                "{} of the {} batches ran their token loop as a replayed CUDA graph ({:.1} ms \
+                 in all; not in the per-step figures above, which sum the eager batches; \
+                 --no-graph times every batch step by step)",
+                run.graph_batches, run.batches, run.graph_ms
+            );
+        }
         println!(
             "serial steps: {} in {:.1} ms ({:.2} ms/step); prefill {:.2} ms; decode {:.1} ms \
              (sums over {} batches)",
@@ -600,10 +616,15 @@ fn write_batch(
     if run.step_ms.is_empty() {
         run.step_ms = vec![0.0; out.tokens.step_ms.len()];
     }
-    for (acc, ms) in run.step_ms.iter_mut().zip(&out.tokens.step_ms) {
-        *acc += ms;
+    if out.tokens.replayed {
+        run.graph_batches += 1;
+        run.graph_ms += out.tokens.loop_ms;
+    } else {
+        for (acc, ms) in run.step_ms.iter_mut().zip(&out.tokens.step_ms) {
+            *acc += ms;
+        }
+        run.prefill_ms += out.tokens.prefill_ms;
     }
-    run.prefill_ms += out.tokens.prefill_ms;
     run.decode_ms += out.decode_ms;
     run.batches += 1;
     if run.schedule.is_none() {

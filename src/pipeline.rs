@@ -52,6 +52,10 @@ pub struct SampleOptions {
     /// by [`sample_batches`] has the index of its first image here, so the images drawn do
     /// not depend on the batch size.
     pub image_offset: usize,
+    /// Let a backend record the token loop once per shape and replay it (CUDA graphs on the
+    /// GPU) when nothing per step is asked for (no forcing, logits or statistics); `false`
+    /// (`--no-graph`) keeps eager launches and per-step timings.
+    pub graph: bool,
 }
 
 impl SampleOptions {
@@ -73,6 +77,7 @@ impl SampleOptions {
             record_stats: false,
             decode_pyramid: false,
             image_offset: 0,
+            graph: true,
         }
     }
 }
@@ -88,10 +93,16 @@ pub struct TokenOutput {
     /// If recorded: per scale, the chosen tokens' probabilities and the positions'
     /// entropies (nats), each (B, s, s) raster order, and the global step of every cell.
     pub stats: Option<TokenStats>,
-    /// Wall time of each serial step in milliseconds.
+    /// Wall time of each serial step in milliseconds (empty when the loop ran as a replayed
+    /// graph, which has no step boundaries on the host).
     pub step_ms: Vec<f64>,
-    /// Wall time of the class-token prefill in milliseconds.
+    /// Wall time of the class-token prefill in milliseconds (the whole replay's enqueue when
+    /// replayed).
     pub prefill_ms: f64,
+    /// Wall time of the whole token loop (prefill, steps and reading the grids back).
+    pub loop_ms: f64,
+    /// The loop ran as a replayed graph ([`SampleOptions::graph`]).
+    pub replayed: bool,
 }
 
 /// Per-cell statistics of a sampling run (the authors' `sample_NNNN_maps.png` data).
@@ -233,10 +244,48 @@ pub struct Decoded {
     pub images: Option<Vec<f32>>,
 }
 
+/// The token loop about to run, told to the backend before `begin` (see [`Backend::plan`]).
+#[derive(Clone, Debug)]
+pub struct LoopPlan {
+    /// The loop may be recorded and replayed: nothing is read back per step.
+    pub graph: bool,
+    /// Everything besides the batch's shape, labels, seed and image offset that the recorded
+    /// launches depend on (guidance, its start step, the token policy).
+    pub signature: String,
+    /// The batch's seed and run-wide first image index, which a replay reads from device
+    /// memory.
+    pub seed: u64,
+    pub image0: u32,
+}
+
+/// A backend's graph capture failed: the pipeline runs the loop again eagerly.
+#[derive(Debug)]
+pub struct GraphCaptureFailed(pub String);
+
+impl std::fmt::Display for GraphCaptureFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "graph capture failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for GraphCaptureFailed {}
+
 /// What the serial step loop needs from a backend (CPU f32 reference, CUDA).
 pub trait Backend {
     /// The configuration of the model this backend runs.
     fn config(&self) -> &ModelConfig;
+    /// Before `begin`: the loop about to run. A backend that records loops (CUDA graphs) may
+    /// run the whole loop inside `begin` from a recording of an earlier batch of the same
+    /// shape and plan, and then reports [`Backend::replayed`]. Default: ignored.
+    fn plan(&mut self, _plan: &LoopPlan) {}
+    /// Whether `begin` ran the whole loop (a replayed recording): the pipeline then skips
+    /// `begin_scale` and `step` and goes on to `finish`.
+    fn replayed(&self) -> bool {
+        false
+    }
+    /// The loop stopped between `begin` and `finish` (an error or a cancellation): a backend
+    /// that was recording ends the recording and discards it. Default: nothing to do.
+    fn abandon(&mut self) {}
     /// Start a batch of `labels` (doubled with null-class rows when `guided`): allocate the
     /// KV cache and grids, compute AdaLN modulations, run the class token.
     fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()>;
@@ -369,35 +418,31 @@ pub fn run_steps<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Res
             bail!("forced token id out of range (codebook has {v} entries)");
         }
     }
-    let guided = o.cfg > 0.0;
+    let mut plan = LoopPlan {
+        graph: o.graph && o.forced_tokens.is_none() && !o.record_logits && !o.record_stats,
+        signature: format!(
+            "cfg {} from step {}, {:?}",
+            o.cfg, o.cfg_start_step, o.policy
+        ),
+        seed: o.seed,
+        image0: o.image_offset as u32,
+    };
     let t0 = Instant::now();
-    backend.begin(&schedule, &o.labels, guided)?;
-    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let mut step_logits = Vec::new();
-    let mut step_ms = Vec::new();
-    for si in 0..schedule.scales.len() {
-        let ts = Instant::now();
-        backend.begin_scale(&schedule, si)?;
-        let mut carry = ts.elapsed().as_secs_f64() * 1e3; // charged to the scale's first step
-        for step in schedule.steps.iter().filter(|st| st.scale == si) {
-            let ts = Instant::now();
-            let choice = StepChoice {
-                guidance: (guided && step.t >= o.cfg_start_step).then_some(o.cfg),
-                policy: &o.policy,
-                seed: o.seed,
-                forced: o.forced_tokens.as_ref().map(|f| f[si].as_slice()),
-                record: o.record_logits,
-                stats: o.record_stats,
-                image0: o.image_offset as u32,
-            };
-            if let Some(l) = backend.step(&schedule, step, &choice)? {
-                step_logits.push(l);
-            }
-            step_ms.push(ts.elapsed().as_secs_f64() * 1e3 + carry);
-            carry = 0.0;
-        }
+    let mut run = run_loop(backend, o, &schedule, &plan);
+    if let Err(e) = &run
+        && e.is::<GraphCaptureFailed>()
+    {
+        eprintln!("warning: {e:#}; running the loop with eager launches");
+        plan.graph = false;
+        run = run_loop(backend, o, &schedule, &plan);
     }
-    let grids = backend.finish(&schedule)?;
+    let (grids, step_logits, mut step_ms, prefill_ms) = run?;
+    let loop_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let replayed = backend.replayed();
+    if replayed {
+        // A recorded loop's host-side step times are enqueue times, not step times.
+        step_ms.clear();
+    }
     let stats = o.record_stats.then(|| TokenStats {
         prob: grids.prob,
         entropy: grids.entropy,
@@ -417,5 +462,69 @@ pub fn run_steps<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Res
         step_logits,
         step_ms,
         prefill_ms,
+        loop_ms,
+        replayed,
     })
+}
+
+/// What one run of the loop returns: grids, recorded logits, step and prefill milliseconds.
+type LoopRun = (Grids, Vec<Vec<f32>>, Vec<f64>, f64);
+
+/// The loop proper: `begin`, every scale's steps (unless `begin` replayed them), `finish`.
+fn run_loop<B: Backend + ?Sized>(
+    backend: &mut B,
+    o: &SampleOptions,
+    schedule: &Schedule,
+    plan: &LoopPlan,
+) -> Result<LoopRun> {
+    let r = loop_steps(backend, o, schedule, plan);
+    if r.is_err() {
+        backend.abandon();
+    }
+    r
+}
+
+/// [`run_loop`] without the clean-up on failure.
+fn loop_steps<B: Backend + ?Sized>(
+    backend: &mut B,
+    o: &SampleOptions,
+    schedule: &Schedule,
+    plan: &LoopPlan,
+) -> Result<LoopRun> {
+    let guided = o.cfg > 0.0;
+    backend.plan(plan);
+    let t0 = Instant::now();
+    backend.begin(schedule, &o.labels, guided)?;
+    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut step_logits = Vec::new();
+    let mut step_ms = Vec::new();
+    let scales = if backend.replayed() {
+        0
+    } else {
+        schedule.scales.len()
+    };
+    for si in 0..scales {
+        let ts = Instant::now();
+        backend.begin_scale(schedule, si)?;
+        let mut carry = ts.elapsed().as_secs_f64() * 1e3; // charged to the scale's first step
+        for step in schedule.steps.iter().filter(|st| st.scale == si) {
+            let ts = Instant::now();
+            let choice = StepChoice {
+                guidance: (guided && step.t >= o.cfg_start_step).then_some(o.cfg),
+                policy: &o.policy,
+                seed: o.seed,
+                forced: o.forced_tokens.as_ref().map(|f| f[si].as_slice()),
+                record: o.record_logits,
+                stats: o.record_stats,
+                image0: o.image_offset as u32,
+            };
+            if let Some(l) = backend.step(schedule, step, &choice)? {
+                step_logits.push(l);
+            }
+            step_ms.push(ts.elapsed().as_secs_f64() * 1e3 + carry);
+            carry = 0.0;
+        }
+    }
+    let grids = backend.finish(schedule)?;
+    Ok((grids, step_logits, step_ms, prefill_ms))
 }

@@ -222,6 +222,7 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             let mut o = SampleOptions::new(vec![0]);
             o.cfg = a.run.cfg;
             o.cfg_start_step = a.run.cfg_start_step;
+            o.graph = !a.run.no_graph;
             o.steps = Steps::PerScale(list.clone());
             let one = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
             o.labels = (0..a.batch).map(|i| i % cfg.num_classes).collect();

@@ -118,7 +118,7 @@ fn mutate_safetensors(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>, Expect) 
             // Bit flips in one byte of the data region: every tensor is f32 and starts on a
             // 4-byte boundary of the data region, so the element is the aligned word.
             let at = data_start + rng.below(b.len() - data_start);
-            let mask = (rng.next() as u8) | 1;
+            let mask = (rng.next_u64() as u8) | 1;
             b[at] ^= mask;
             let w = data_start + (at - data_start) / 4 * 4;
             let v = f32::from_le_bytes(b[w..w + 4].try_into().unwrap());
@@ -141,7 +141,7 @@ fn mutate_safetensors(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>, Expect) 
         }
         7 => {
             let extra = 1 + rng.below(64);
-            b.extend((0..extra).map(|_| rng.next() as u8));
+            b.extend((0..extra).map(|_| rng.next_u64() as u8));
             (format!("{extra} bytes appended"), b, Expect::Fail)
         }
         _ => {
@@ -163,7 +163,7 @@ fn mutate_pth(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
     match rng.below(6) {
         0..=2 => {
             let at = rng.below(len);
-            let mask = (rng.next() as u8) | 1;
+            let mask = (rng.next_u64() as u8) | 1;
             b[at] ^= mask;
             (format!("flip {mask:#04x} at {at}"), b)
         }
@@ -194,7 +194,7 @@ fn mutate_text(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
     let at = rng.below(b.len());
     match rng.below(5) {
         0 => {
-            b[at] ^= (rng.next() as u8) | 1;
+            b[at] ^= (rng.next_u64() as u8) | 1;
             (format!("flip at {at}"), b)
         }
         1 => {
@@ -228,7 +228,7 @@ fn mutate_pickle(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
     let at = rng.below(b.len());
     match rng.below(4) {
         0 => {
-            b[at] ^= (rng.next() as u8) | 1;
+            b[at] ^= (rng.next_u64() as u8) | 1;
             (format!("pickle flip at {at}"), b)
         }
         1 => {
@@ -266,7 +266,7 @@ fn campaign() -> Findings {
     let mut f = Findings::default();
     let (opts, baseline_out) = baseline(&dir);
     let clean_model = Model::load(&opts.output).unwrap();
-    let mut rng = Rng(SEED);
+    let mut rng = Rng::new(SEED);
 
     // Safetensors.
     let st_path = dir.join("m.safetensors");
@@ -577,7 +577,7 @@ fn fuzz_command_lines() {
             &["--preset", "--batch", "--iters", "--warmup"],
         ),
     ];
-    let mut rng = Rng(SEED ^ 0xC11);
+    let mut rng = Rng::new(SEED ^ 0xC11);
     let mut f = Findings::default();
     let mut codes = [0usize; 4];
     for i in 0..400 * scale() {
@@ -641,7 +641,7 @@ fn fuzz_files_through_the_binary() {
     let t = Instant::now();
     let dir = scratch("fuzz-bin");
     let (opts, clean) = baseline(&dir);
-    let mut rng = Rng(SEED ^ 0xB1);
+    let mut rng = Rng::new(SEED ^ 0xB1);
     let mut f = Findings::default();
     let st = dir.join("m.safetensors");
     for i in 0..150 * scale() {

@@ -19,6 +19,13 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
+/// A fresh scratch directory `name` and the tiny preset at 64 px written into it.
+fn setup(name: &str) -> (PathBuf, String) {
+    let d = scratch(name);
+    let m = tiny64(&d);
+    (d, m)
+}
+
 /// The tiny preset at 64 px, written to `dir`.
 fn tiny64(dir: &Path) -> String {
     let cfg = ModelConfig {
@@ -54,8 +61,7 @@ fn generate(model: &str, out: &Path, extra: &[&str]) -> (bool, String) {
 
 #[test]
 fn npz_layout_batches_and_shards_agree_byte_for_byte() {
-    let d = scratch("agree");
-    let m = tiny64(&d);
+    let (d, m) = setup("agree");
     let (a, b) = (d.join("b3.npz"), d.join("b7.npz"));
     assert!(generate(&m, &a, &["--batch-size", "3"]).0);
     assert!(generate(&m, &b, &["--batch-size", "7"]).0);
@@ -153,8 +159,7 @@ fn labels_of(f: &Path) -> Vec<i64> {
 /// (seed, i) alone, so shards still merge into the single run's file.
 #[test]
 fn labels_from_a_file_or_drawn_per_image() {
-    let d = scratch("labels");
-    let m = tiny64(&d);
+    let (d, m) = setup("labels");
     let lf = d.join("labels.txt");
     std::fs::write(&lf, "3 1 4 1 5\n9,2,6,5,3\n").unwrap();
     let f = d.join("file.npz");
@@ -210,8 +215,7 @@ fn labels_from_a_file_or_drawn_per_image() {
 
 #[test]
 fn png_dir_holds_the_same_images() {
-    let d = scratch("png");
-    let m = tiny64(&d);
+    let (d, m) = setup("png");
     let (npz, dir) = (d.join("a.npz"), d.join("pngs"));
     assert!(generate(&m, &npz, &["--batch-size", "4"]).0);
     let (ok, err) = generate(&m, &dir, &["--format", "png-dir", "--shard", "1/2"]);
@@ -229,8 +233,7 @@ fn png_dir_holds_the_same_images() {
 
 #[test]
 fn bad_input_fails_in_one_line() {
-    let d = scratch("bad");
-    let m = tiny64(&d);
+    let (d, m) = setup("bad");
     let one_line = common::refused;
     let out = s(&d.join("x.npz"));
     let base = [
@@ -322,8 +325,7 @@ fn kill_after_checkpoint(args: &[String], ckpt: &Path, min_done: u64) {
 /// batch and the file equals an uninterrupted run's byte for byte.
 #[test]
 fn a_killed_run_resumes_to_the_same_file() {
-    let d = scratch("resume");
-    let m = tiny64(&d);
+    let (d, m) = setup("resume");
     let (whole, out) = (d.join("whole.npz"), d.join("out.npz"));
     let args = |o: &Path, batch: &str| {
         let mut v: Vec<String> = [
@@ -377,8 +379,7 @@ fn a_killed_run_resumes_to_the_same_file() {
 #[ignore = "needs a Python with numpy: set CG_NUMPY_PYTHON (.ci/run installs one and runs this)"]
 fn numpy_reads_the_npz() {
     let py = std::env::var("CG_NUMPY_PYTHON").expect("CG_NUMPY_PYTHON: a python with numpy");
-    let d = scratch("numpy");
-    let m = tiny64(&d);
+    let (d, m) = setup("numpy");
     let f = d.join("a.npz");
     assert!(generate(&m, &f, &["--batch-size", "4"]).0);
     let o = std::process::Command::new(&py)

@@ -4,10 +4,7 @@
 mod common;
 
 use checkergen::cpu::sample_tokens;
-use checkergen::model::config::ModelConfig;
 use checkergen::model::file::load_i64;
-use checkergen::model::weights::TransformerWeights;
-use checkergen::order::scale_sizes;
 use checkergen::pipeline::{SampleOptions, Steps};
 use checkergen::sampling::TokenPolicy;
 use safetensors::SafeTensors;
@@ -53,26 +50,6 @@ fn ints(st: &SafeTensors, name: &str) -> Vec<i64> {
     load_i64(st, name).unwrap().1
 }
 
-/// A golden config's directory, configuration, scale sizes and folded transformer weights.
-fn golden_transformer(
-    g: &std::path::Path,
-    cfg_name: &str,
-    ratio: f64,
-) -> (
-    std::path::PathBuf,
-    ModelConfig,
-    Vec<usize>,
-    TransformerWeights,
-) {
-    let dir = g.join("public").join(cfg_name);
-    let cfg = common::golden_model_config(&dir);
-    let sizes = scale_sizes(cfg.latent_size(), ratio, 1).unwrap();
-    let n_tokens: usize = sizes.iter().map(|s| s * s).sum();
-    let map = common::golden_tensors(g, cfg_name);
-    let w = TransformerWeights::from_tensors(&cfg, &map, n_tokens).unwrap();
-    (dir, cfg, sizes, w)
-}
-
 #[test]
 fn greedy_cases_match_reference() {
     let Some(g) = common::golden_dir() else {
@@ -80,9 +57,7 @@ fn greedy_cases_match_reference() {
     };
     let mut worst_overall = 0.0f64;
     for (cfg_name, ratio) in common::GOLDEN_CONFIGS {
-        let (dir, cfg, sizes, w) = golden_transformer(&g, cfg_name, ratio);
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let (dir, cfg, sizes, w, meta) = common::golden_case(&g, cfg_name, ratio);
         for case in &CASES {
             let bytes = std::fs::read(dir.join(format!("{}.safetensors", case.name))).unwrap();
             let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -162,7 +137,7 @@ fn teacher_forced_forward_matches_reference() {
         return;
     };
     for (cfg_name, ratio) in common::GOLDEN_CONFIGS {
-        let (dir, cfg, sizes, w) = golden_transformer(&g, cfg_name, ratio);
+        let (dir, cfg, sizes, w, _) = common::golden_case(&g, cfg_name, ratio);
         let n_tokens: usize = sizes.iter().map(|s| s * s).sum();
         let bytes = std::fs::read(dir.join("teacher_forced.safetensors")).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();

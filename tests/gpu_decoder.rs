@@ -120,6 +120,8 @@ const CASES: &[Case] = &[
     Conv3x3(3, 5, 64, 128, false, Res::None),       // small decoder, s = 5
     Conv3x3(1, 10, 128, 128, true, Res::Add),       // small, ragged upsample
     Conv3x3(3, 80, 32, 3, false, Res::None),        // small conv_out, 80 px
+    Conv3x3(2, 12, 40, 5, true, Res::Add),          // narrow path: upsample, residual, Cin % 8
+    Conv3x3(1, 9, 24, 8, false, Res::InPlace),      // narrow path at its widest
     Conv3x3(1, 1, 256, 512, false, Res::None),      // s = 1
     Conv3x3(2, 3, 8, 5, false, Res::Add),           // Cin 8: v1 only
     // post_quant_conv (e 8 -> 256), nin_shortcut 512 -> 256 and 256 -> 128, ragged rows.
@@ -536,8 +538,8 @@ fn golden_cases(gpu: &Gpu, dec: &mut GpuDecoder, cases: &TensorMap, gate: f64, w
         let mut per_kernel = Vec::new();
         for kernel in [ConvKernel::TensorCore, ConvKernel::Direct] {
             dec.set_conv_kernel(kernel);
-            let got = dec.decode_f32(gpu, &tokens, 1, s).unwrap();
-            let px = dec.decode_tokens_u8(gpu, &tokens, 1, s).unwrap();
+            let got = dec.decode_tokens::<f32>(gpu, &tokens, 1, s).unwrap();
+            let px = dec.decode_tokens::<u8>(gpu, &tokens, 1, s).unwrap();
             assert_eq!(
                 count_non_finite(&got),
                 0,
@@ -594,7 +596,7 @@ fn released_shape_decoder_matches_cpu() {
         let want = cpu_dec.decode_tokens(&tokens, batch, s);
         let cpu_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t0 = Instant::now();
-        let got = dec.decode_f32(&gpu, &tokens, batch, s).unwrap();
+        let got = dec.decode_tokens::<f32>(&gpu, &tokens, batch, s).unwrap();
         let gpu_ms = t0.elapsed().as_secs_f64() * 1e3;
         let (rel, abs) = common::rel_err(&got, &want);
         let (eq, within2, maxd) = pixel_agreement(&to_pixels_u8(&got), &to_pixels_u8(&want));
@@ -608,28 +610,30 @@ fn released_shape_decoder_matches_cpu() {
         assert_eq!(count_non_finite(&got), 0);
         assert!(rel < 1e-2, "rel {rel}");
         // A host model of this flow predicts about 1e-3 (bf16) and 1.2e-4 (fp16) here.
-        let got_b = dec_bf16.decode_f32(&gpu, &tokens, batch, s).unwrap();
+        let got_b = dec_bf16
+            .decode_tokens::<f32>(&gpu, &tokens, batch, s)
+            .unwrap();
         let (rel_b, _) = common::rel_err(&got_b, &want);
         println!("released shapes B{batch} s={s} bf16 storage: rel {rel_b:.2e}");
         assert!(rel_b < 1e-2, "bf16 rel {rel_b}");
     }
     // Buffers are reused per (batch, s) and decodes are deterministic.
     let tokens: Vec<u32> = (0..25).map(|i| i * 31 % 1024).collect();
-    let a = dec.decode_tokens_u8(&gpu, &tokens, 1, 5).unwrap();
+    let a = dec.decode_tokens::<u8>(&gpu, &tokens, 1, 5).unwrap();
     let (ob, os) = if gpu.is_emu() { (2, 4) } else { (4, 16) };
     let _ = dec
-        .decode_tokens_u8(&gpu, &vec![1; ob * os * os], ob, os)
+        .decode_tokens::<u8>(&gpu, &vec![1; ob * os * os], ob, os)
         .unwrap();
-    let b = dec.decode_tokens_u8(&gpu, &tokens, 1, 5).unwrap();
+    let b = dec.decode_tokens::<u8>(&gpu, &tokens, 1, 5).unwrap();
     assert_eq!(a, b);
     // Device tokens give the same pixels as host tokens.
     let dt = gpu
         .upload(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>())
         .unwrap();
-    assert_eq!(dec.decode_device_u8(&gpu, &dt, 1, 5).unwrap(), a);
+    assert_eq!(dec.decode_device(&gpu, &dt, 1, 5, true).unwrap(), Some(a));
     // Out-of-range host tokens are an error, not a decode.
     let err = dec
-        .decode_tokens_u8(&gpu, &[5000], 1, 1)
+        .decode_tokens::<u8>(&gpu, &[5000], 1, 1)
         .unwrap_err()
         .to_string();
     assert!(err.contains("out of range"), "{err}");

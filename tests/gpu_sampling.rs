@@ -40,7 +40,36 @@ struct Launch<'a> {
     bias: Option<&'a [f32]>,
 }
 
-impl Launch<'_> {
+impl<'a> Launch<'a> {
+    /// An unguided launch over `n` positions per row of a scale of `n` cells: no forcing,
+    /// statistics or bias, seed 0, step 0.
+    fn unguided(
+        batch: usize,
+        n: usize,
+        vocab: usize,
+        policy: &'a TokenPolicy,
+        logits: &'a [f32],
+        local_pos: &'a [i32],
+        global_pos: &'a [i32],
+    ) -> Launch<'a> {
+        Launch {
+            batch,
+            n,
+            vocab,
+            cells: n,
+            cfg: None,
+            policy,
+            seed: 0,
+            step: 0,
+            logits,
+            local_pos,
+            global_pos,
+            forced: None,
+            stats: false,
+            bias: None,
+        }
+    }
+
     /// The step's knobs, as both guided_sample implementations take them.
     fn knobs(&self) -> StepKnobs<'_> {
         StepKnobs {
@@ -91,6 +120,9 @@ fn run(gpu: &Gpu, c: &Launch) -> Out {
         .then(|| (gpu.upload(&nan).unwrap(), gpu.upload(&nan).unwrap()));
     let st = ds.as_mut().map(|(p, e)| (p, e));
     let db = c.bias.map(|b| gpu.upload(b).unwrap());
+    // Odd seeds pass {seed, image0} through device memory (the CUDA-graph path): the same
+    // draws either way.
+    let run = (c.seed % 2 == 1).then(|| gpu.upload(&[c.seed, s.image0 as u64]).unwrap());
     guided_sample(
         gpu,
         &s,
@@ -103,6 +135,7 @@ fn run(gpu: &Gpu, c: &Launch) -> Out {
         &mut dt,
         st,
         db.as_ref(),
+        run.as_ref(),
     )
     .unwrap();
     Out {
@@ -566,20 +599,9 @@ fn gpu_draws_follow_softmax_and_match_cpu() {
         let (mut total, mut mismatch) = (0usize, 0usize);
         for step in 0..9u32 {
             let c = Launch {
-                batch: b,
-                n,
-                vocab: v,
-                cells: n,
-                cfg: None,
-                policy: &policy,
                 seed: 1234,
                 step,
-                logits: &logits,
-                local_pos: &lp,
-                global_pos: &gp,
-                forced: None,
-                stats: false,
-                bias: None,
+                ..Launch::unguided(b, n, v, &policy, &logits, &lp, &gp)
             };
             let (out, w) = run_checked(&gpu, &c);
             let want = w.tokens;
@@ -650,20 +672,9 @@ fn gpu_top_k_top_p_never_emit_excluded_tokens() {
     ];
     for policy in &policies {
         let c = Launch {
-            batch: b,
-            n,
-            vocab: v,
-            cells: n,
-            cfg: None,
-            policy,
             seed: 77,
             step: 3,
-            logits: &logits,
-            local_pos: &lp,
-            global_pos: &gp,
-            forced: None,
-            stats: false,
-            bias: None,
+            ..Launch::unguided(b, n, v, policy, &logits, &lp, &gp)
         };
         let (out, w) = run_checked(&gpu, &c);
         let want = w.tokens;
@@ -701,20 +712,9 @@ fn gpu_top_k_top_p_never_emit_excluded_tokens() {
         pol(0.9, Some(5), Some(0.8)),
     ] {
         let c = Launch {
-            batch: b,
-            n,
-            vocab: 8,
-            cells: n,
-            cfg: None,
-            policy: &policy,
             seed: 8,
             step: 1,
-            logits: &logits,
-            local_pos: &lp,
-            global_pos: &lp,
-            forced: None,
-            stats: false,
-            bias: None,
+            ..Launch::unguided(b, n, 8, &policy, &logits, &lp, &lp)
         };
         let out = run(&gpu, &c);
         let kept = kept_set(&small, &policy);

@@ -8,7 +8,6 @@ use checkergen::cpu::sample_tokens;
 use checkergen::io::image::GRID_PAD;
 use checkergen::io::maps::{maps_size, panel_size};
 use checkergen::model::file::load_i64;
-use checkergen::model::weights::TransformerWeights;
 use checkergen::order::scale_sizes;
 use checkergen::pipeline::{SampleOptions, Steps};
 use checkergen::sampling::{TokenPolicy, token_stats};
@@ -43,28 +42,6 @@ fn options(st: &SafeTensors, meta: &serde_json::Value, case: &str, steps: usize)
     o
 }
 
-/// A golden config: its directory, configuration, scales, folded weights and config.json.
-fn golden_model(
-    g: &std::path::Path,
-    cfg_name: &str,
-    ratio: f64,
-) -> (
-    std::path::PathBuf,
-    checkergen::model::config::ModelConfig,
-    Vec<usize>,
-    TransformerWeights,
-    serde_json::Value,
-) {
-    let dir = g.join("public").join(cfg_name);
-    let cfg = common::golden_model_config(&dir);
-    let sizes = scale_sizes(cfg.latent_size(), ratio, 1).unwrap();
-    let n: usize = sizes.iter().map(|s| s * s).sum();
-    let w =
-        TransformerWeights::from_tensors(&cfg, &common::golden_tensors(g, cfg_name), n).unwrap();
-    let meta = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-    (dir, cfg, sizes, w, meta)
-}
-
 /// Greedy runs: our step maps equal the reference's selection_ts maps, and its value_prob
 /// and entropy maps (one-hot distributions at T = 0) equal ours.
 #[test]
@@ -72,7 +49,7 @@ fn greedy_maps_match_reference() {
     let g = common::golden_dir_required();
     let mut worst = 0.0f64;
     for (cfg_name, ratio) in common::GOLDEN_CONFIGS {
-        let (dir, cfg, sizes, w, meta) = golden_model(&g, cfg_name, ratio);
+        let (dir, cfg, sizes, w, meta) = common::golden_case(&g, cfg_name, ratio);
         for (case, steps) in CASES {
             let bytes = std::fs::read(dir.join(format!("{case}.safetensors"))).unwrap();
             let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -115,7 +92,7 @@ fn stats_follow_reference_logits() {
     let g = common::golden_dir_required();
     let (mut worst_rel, mut worst_cell) = ((0.0f64, 0.0f64), (0.0f64, 0.0f64));
     for (cfg_name, ratio) in common::GOLDEN_CONFIGS {
-        let (dir, cfg, sizes, w, meta) = golden_model(&g, cfg_name, ratio);
+        let (dir, cfg, sizes, w, meta) = common::golden_case(&g, cfg_name, ratio);
         let v = cfg.codebook_size();
         for (case, steps) in CASES.iter().take(2) {
             let bytes = std::fs::read(dir.join(format!("{case}.safetensors"))).unwrap();

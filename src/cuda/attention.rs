@@ -1,7 +1,7 @@
 //! Launchers for kernels/attention.cu: RoPE + KV-cache append, and attention over the cache
 //! (SPEC.md section 5). Layouts are documented in the kernel file's header.
 
-use super::{DevBuf, Gpu, k};
+use super::{DevBuf, Gpu, k, row_grid};
 use anyhow::{Result, ensure};
 use half::bf16;
 
@@ -126,9 +126,8 @@ pub fn rope_kv_append(
         start: s.start as i32,
         table_rows: table_rows as i32,
     };
-    let pairs = s.tokens() * s.heads * (d / 2);
-    let grid = pairs.div_ceil(256).clamp(1, 65535) as u32;
-    gpu.launch(k::ROPE_KV_APPEND_BF16, (grid, 1, 1), (256, 1, 1), 0, &p)
+    let per_row = s.n * s.heads * (d / 2);
+    gpu.launch_256(k::ROPE_KV_APPEND_BF16, row_grid(per_row, s.rows)?, &p)
 }
 
 /// Which attention kernel runs.

@@ -22,6 +22,30 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use std::sync::Arc;
 
+/// cuBLAS workspace bytes (NVIDIA's recommendation for Hopper is 32 MiB).
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Threads per block of the kernels launched with [`Gpu::launch_256`] (their C side assumes
+/// 256 where it sizes shared memory or reductions).
+pub const THREADS: u32 = 256;
+
+/// Blocks of [`THREADS`] for a grid-stride loop over `total` elements (at least 1, capped at
+/// 65535: the loop covers the rest).
+pub fn stride_grid(total: usize) -> u32 {
+    total.div_ceil(THREADS as usize).clamp(1, 65535) as u32
+}
+
+/// The grid of a kernel that strides over `rows` (images, sequence rows, tokens) in grid.y and
+/// over the `per_row` elements of a row in grid.x, with 32-bit indexing inside a row (which
+/// this checks fits).
+pub fn row_grid(per_row: usize, rows: usize) -> Result<(u32, u32, u32)> {
+    ensure!(
+        per_row <= u32::MAX as usize,
+        "{per_row} elements per row exceed the kernels' 32-bit indexing"
+    );
+    Ok((stride_grid(per_row), rows.clamp(1, 65535) as u32, 1))
+}
+
 /// An element type of device buffers: plain old data with a poison value, the bit pattern
 /// the emulator fills new (uninitialized) allocations with so that a read of memory nobody
 /// wrote shows in the outputs (NaN for floats and 16-bit types, 0xDEADBEEF for ints).
@@ -47,6 +71,9 @@ impl DevElem for u32 {
 }
 impl DevElem for u8 {
     const POISON: u8 = 0xA5;
+}
+impl DevElem for u64 {
+    const POISON: u64 = 0xDEAD_BEEF_DEAD_BEEF;
 }
 
 /// A device buffer of `len` elements of `T`, on whichever backend allocated it (the
@@ -91,6 +118,8 @@ struct CudaDev {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLAS's workspace, set once so that no GEMM allocates (a graph capture forbids it).
+    _blas_workspace: cudarc::driver::CudaSlice<u8>,
     /// Every registered kernel, indexed by `Kernel::id`.
     funcs: Vec<CudaFunction>,
 }
@@ -111,6 +140,35 @@ pub struct Gpu {
     /// How the kernels were loaded: "sm_90a cubin", "sm_80 cubin", "compute_80 PTX", "NVRTC"
     /// or "host emulator".
     pub image_kind: &'static str,
+    /// While a graph is being captured: on the emulator the recorded operations (on a GPU an
+    /// empty list: the stream records). See [`Gpu::begin_capture`].
+    capture: std::sync::Mutex<Option<Vec<EmuOp>>>,
+}
+
+/// One recorded emulator operation (a kernel launch with a copy of its parameters, a GEMM,
+/// a memset), run again by [`Gpu::replay`].
+pub(crate) type EmuOp = Box<dyn Fn(&EmuDevice) -> Result<()> + Send + Sync>;
+
+/// Device work recorded once by [`Gpu::begin_capture`] / [`Gpu::end_capture`] and run again,
+/// with the same buffers and parameters, by [`Gpu::replay`]: a CUDA graph on a GPU; on the
+/// emulator the list of recorded operations (so the capture code path runs in CI).
+pub struct Graph {
+    inner: GraphInner,
+}
+
+enum GraphInner {
+    Cuda(cudarc::driver::CudaGraph),
+    Emu(Vec<EmuOp>),
+}
+
+impl Graph {
+    /// Operations recorded (emulator) or None (a CUDA graph does not say).
+    pub fn emu_ops(&self) -> Option<usize> {
+        match &self.inner {
+            GraphInner::Emu(ops) => Some(ops.len()),
+            GraphInner::Cuda(_) => None,
+        }
+    }
 }
 
 /// Which device to open: `CHECKERGEN_DEVICE` (`cuda`, `emu`; unset or `auto`: a GPU when
@@ -248,6 +306,7 @@ impl Gpu {
             name: "host emulator".into(),
             cc: (9, 0),
             image_kind: "host emulator",
+            capture: std::sync::Mutex::new(None),
         })
     }
 
@@ -283,6 +342,24 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().context("cannot create a CUDA stream")?;
         let blas = CudaBlas::new(stream.clone()).context("cannot create a cuBLAS handle")?;
+        let blas_workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
+            .context("allocating the cuBLAS workspace")?;
+        {
+            let (ptr, _sync) = blas_workspace.device_ptr(&stream);
+            // SAFETY: the handle and the allocation live as long as the Gpu (both in CudaDev).
+            let st = unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    BLAS_WORKSPACE_BYTES,
+                )
+            };
+            ensure!(
+                st == cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+                "cublasSetWorkspace: {st:?}"
+            );
+        }
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let cc = ctx
             .compute_capability()
@@ -318,12 +395,25 @@ impl Gpu {
                 ctx,
                 stream,
                 blas,
+                _blas_workspace: blas_workspace,
                 funcs,
             })),
             name,
             cc,
             image_kind,
+            capture: std::sync::Mutex::new(None),
         })
+    }
+
+    /// [`Gpu::launch`] with blocks of [`THREADS`] threads and no dynamic shared memory: the
+    /// launch of every element-wise, row and grid-stride kernel.
+    pub fn launch_256<P: DeviceRepr>(
+        &self,
+        kernel: Kernel,
+        grid: (u32, u32, u32),
+        params: &P,
+    ) -> Result<()> {
+        self.launch(kernel, grid, (THREADS, 1, 1), 0, params)
     }
 
     /// Launch `kernel(params)` with a grid, block and dynamic shared memory size. On the
@@ -352,17 +442,35 @@ impl Gpu {
                 unsafe { b.launch(cfg) }.with_context(|| format!("launching {}", kernel.name))?;
                 Ok(())
             }
-            // SAFETY: as for the GPU: one parameter struct mirrored in C, whose pointers the
-            // launchers checked against the shapes (and the red zones catch what they miss).
-            Backend::Emu(e) => unsafe {
-                e.launch(
-                    kernel,
-                    grid,
-                    block,
-                    shared_mem_bytes,
-                    params as *const P as *const _,
-                )
-            },
+            Backend::Emu(e) => {
+                // A copy of the parameter struct's bytes, 8-byte aligned like the struct.
+                let mut words = vec![0u64; std::mem::size_of::<P>().div_ceil(8)];
+                // SAFETY: P is a #[repr(C)] parameter struct of plain fields (kernel_params!),
+                // copied bytewise into a buffer at least as large and as aligned.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        params as *const P as *const u8,
+                        words.as_mut_ptr() as *mut u8,
+                        std::mem::size_of::<P>(),
+                    )
+                };
+                // SAFETY (both launches): as for the GPU: one parameter struct mirrored in C,
+                // whose pointers the launchers checked against the shapes (and the red zones
+                // catch what they miss); a replayed launch runs while its buffers live.
+                let run = move |e: &EmuDevice| unsafe {
+                    e.launch(
+                        kernel,
+                        grid,
+                        block,
+                        shared_mem_bytes,
+                        words.as_ptr() as *const _,
+                    )
+                };
+                if self.emu_record(|| Box::new(run.clone())) {
+                    return Ok(());
+                }
+                run(e)
+            }
         }
     }
 
@@ -399,6 +507,7 @@ impl Gpu {
         emu_fill: T,
         loc: &'static std::panic::Location<'static>,
     ) -> Result<DevBuf<T>> {
+        self.not_capturing("allocating")?;
         let len = n.max(1);
         let mem = match &self.backend {
             Backend::Cuda(c) => Mem::Cuda(c.stream.alloc_zeros(len).context("device allocation")?),
@@ -414,6 +523,7 @@ impl Gpu {
     /// Upload a host slice.
     #[track_caller]
     pub fn upload<T: DevElem>(&self, host: &[T]) -> Result<DevBuf<T>> {
+        self.not_capturing("a host-to-device copy")?;
         let loc = std::panic::Location::caller();
         match &self.backend {
             Backend::Cuda(c) => Ok(DevBuf {
@@ -444,6 +554,7 @@ impl Gpu {
             host.len(),
             dev.len
         );
+        self.not_capturing("a host-to-device copy")?;
         if host.is_empty() {
             return Ok(());
         }
@@ -473,6 +584,7 @@ impl Gpu {
         dev: &DevBuf<T>,
         range: std::ops::Range<usize>,
     ) -> Result<Vec<T>> {
+        self.not_capturing("a device-to-host copy")?;
         ensure!(
             range.start <= range.end && range.end <= dev.len,
             "device-to-host copy of {range:?} from a buffer of {}",
@@ -498,16 +610,107 @@ impl Gpu {
         match (&self.backend, &mut dev.mem) {
             (Backend::Cuda(c), Mem::Cuda(b)) => c.stream.memset_zeros(b).context("memset"),
             (Backend::Emu(_), Mem::Emu(h)) => {
-                h.fill(T::default());
+                let (addr, bytes) = (h.addr(), dev.len * std::mem::size_of::<T>());
+                let zero = move |_: &EmuDevice| {
+                    // SAFETY: (addr, bytes) is the live allocation of `dev`; a graph is only
+                    // replayed while the buffers it recorded live (the engine keeps them
+                    // together).
+                    unsafe { std::ptr::write_bytes(addr as *mut u8, 0, bytes) };
+                    Ok(())
+                };
+                if !self.emu_record(|| Box::new(zero)) {
+                    h.fill(T::default());
+                }
                 Ok(())
             }
             _ => bail!("a buffer of the other backend"),
         }
     }
 
+    /// Start recording this device's work into a [`Graph`]: until [`Gpu::end_capture`],
+    /// launches, GEMMs and memsets are recorded, not run, and transfers, allocations and
+    /// synchronization are refused (as CUDA refuses them on a capturing stream), so everything
+    /// a graph touches must be allocated and uploaded before.
+    pub fn begin_capture(&self) -> Result<()> {
+        let mut cap = self.capture.lock().unwrap();
+        ensure!(cap.is_none(), "a graph capture is already in progress");
+        if let Backend::Cuda(c) = &self.backend {
+            c.stream
+                .begin_capture(
+                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+                .context("beginning a CUDA graph capture")?;
+        }
+        *cap = Some(Vec::new());
+        Ok(())
+    }
+
+    /// End the capture begun by [`Gpu::begin_capture`] and instantiate what was recorded.
+    pub fn end_capture(&self) -> Result<Graph> {
+        let ops = self
+            .capture
+            .lock()
+            .unwrap()
+            .take()
+            .context("end_capture without begin_capture")?;
+        let inner = match &self.backend {
+            Backend::Cuda(c) => {
+                let flags = cudarc::driver::sys::CUgraphInstantiate_flags(0);
+                let graph = c
+                    .stream
+                    .end_capture(flags)
+                    .context("ending the CUDA graph capture")?
+                    .context("the CUDA graph capture recorded nothing")?;
+                GraphInner::Cuda(graph)
+            }
+            Backend::Emu(_) => GraphInner::Emu(ops),
+        };
+        Ok(Graph { inner })
+    }
+
+    /// Whether a capture is in progress.
+    pub fn capturing(&self) -> bool {
+        self.capture.lock().unwrap().is_some()
+    }
+
+    /// Run a captured graph again (enqueued on the stream like any launch).
+    pub fn replay(&self, graph: &Graph) -> Result<()> {
+        self.not_capturing("replaying a graph")?;
+        match (&self.backend, &graph.inner) {
+            (Backend::Cuda(_), GraphInner::Cuda(g)) => g.launch().context("launching a CUDA graph"),
+            (Backend::Emu(e), GraphInner::Emu(ops)) => ops.iter().try_for_each(|op| op(e)),
+            _ => bail!("a graph of the other backend"),
+        }
+    }
+
+    /// On the emulator while capturing: record `op` instead of running it (returns true).
+    pub(crate) fn emu_record(&self, op: impl FnOnce() -> EmuOp) -> bool {
+        if !self.is_emu() {
+            return false;
+        }
+        match self.capture.lock().unwrap().as_mut() {
+            Some(ops) => {
+                ops.push(op());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Refuse `what` during a capture.
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        ensure!(
+            !self.capturing(),
+            "{what} is not allowed while a graph is being captured (allocate and upload before \
+             the capture)"
+        );
+        Ok(())
+    }
+
     /// Wait for every queued launch (a no-op on the emulator, where launches run in order as
     /// they are issued).
     pub fn sync(&self) -> Result<()> {
+        self.not_capturing("synchronizing")?;
         match &self.backend {
             Backend::Cuda(c) => c.stream.synchronize().context("stream synchronize"),
             Backend::Emu(_) => Ok(()),

@@ -210,11 +210,5 @@ pub fn gather_inputs(
         cells: cells as i32,
         first: idx.prev_global.is_none() as i32,
     };
-    gpu.launch(
-        k::GATHER_INPUTS_F32,
-        ((rows * n) as u32, 1, 1),
-        (256, 1, 1),
-        0,
-        &p,
-    )
+    gpu.launch_256(k::GATHER_INPUTS_F32, ((rows * n) as u32, 1, 1), &p)
 }

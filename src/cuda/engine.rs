@@ -15,14 +15,15 @@ use super::embed::{self, CodevecMlp, InputTables, StepIndex};
 use super::gemm::linear;
 use super::norm::{add_bias_f32, rmsnorm_adaln, silu_mul};
 use super::sampling;
-use super::{DevBuf, Gpu};
+use super::{DevBuf, Gpu, Graph};
 use crate::math;
 use crate::model::Model;
 use crate::model::config::ModelConfig;
 use crate::order::{Schedule, Step};
-use crate::pipeline::{Backend, Decoded, Grids, StepChoice};
+use crate::pipeline::{Backend, Decoded, GraphCaptureFailed, Grids, LoopPlan, StepChoice};
 use anyhow::{Context, Result, bail};
 use half::bf16;
+use std::collections::{HashMap, HashSet};
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
@@ -63,7 +64,8 @@ pub struct GpuModel {
     codebook: DevBuf<f32>,  // (V, e)
     /// Host copy of the class embeddings (num_classes+1, C), for prefill and AdaLN inputs.
     class_emb: Vec<f32>,
-    n_tokens: usize,
+    /// The class token's RoPE row (N) for both positions.
+    class_rope: DevBuf<i32>,
     /// The buffers of the last batch shape, reused by the next batch of the same shape.
     cache: std::sync::Mutex<Option<(BatchKey, Batch, Vec<StepIndex>)>>,
 }
@@ -137,10 +139,10 @@ impl GpuModel {
             srcfold_b: bias(&w.src_fold)?,
             codebook: up(&w.codebook)?,
             class_emb: w.class_embeddings.clone(),
-            n_tokens: w.n_tokens,
             cfg: cfg.clone(),
             decoder,
             cache: std::sync::Mutex::new(None),
+            class_rope: gpu.upload(&[w.n_tokens as i32])?,
             gpu,
         })
     }
@@ -172,6 +174,26 @@ struct Batch {
     hid: DevBuf<bf16>,   // (B*maxcells, 64)
     src: DevBuf<f32>,    // (B*maxcells, C)
     tokens: DevBuf<i32>, // (B, nmax)
+    act: DevBuf<bf16>,   // (rows, C) silu(class embedding): the AdaLN GEMMs' input
+    run: DevBuf<u64>,    // (2) {seed, image0}, read by guided_sample (a replay gets new ones)
+    /// Recorded loops of this batch's buffers, by plan signature ([`LoopPlan`]); a graph
+    /// lives exactly as long as the buffers it launches on.
+    graphs: HashMap<String, Graph>,
+    /// Signatures that ran eagerly once (the warm-up before a capture), or whose capture
+    /// failed (never tried again).
+    warm: HashSet<String>,
+    failed: HashSet<String>,
+}
+
+/// How the current loop runs.
+#[derive(Clone, Debug, PartialEq)]
+enum Mode {
+    /// Launches run as issued, with a synchronization after each step.
+    Eager,
+    /// Launches are recorded into a graph (signature), replayed in `finish`.
+    Capture(String),
+    /// `begin` replayed a recorded graph: the loop is done.
+    Replayed,
 }
 
 /// [`Backend`] on the GPU.
@@ -182,6 +204,8 @@ pub struct GpuBackend<'m> {
     /// Per step index arrays, uploaded in `begin`.
     steps: Vec<StepIndex>,
     guided: bool,
+    plan: Option<LoopPlan>,
+    mode: Mode,
     /// At most this many images per decoder launch sequence (on top of
     /// `GpuDecoder::max_batch`); None = no extra limit. For tests of the sub-batch path.
     pub decode_batch_limit: Option<usize>,
@@ -206,6 +230,8 @@ impl<'m> GpuBackend<'m> {
             key: None,
             steps: Vec::new(),
             guided: false,
+            plan: None,
+            mode: Mode::Eager,
             decode_batch_limit: None,
         }
     }
@@ -294,7 +320,39 @@ impl GpuModel {
     }
 }
 
+impl GpuModel {
+    /// A batch's device-side start: the AdaLN modulations silu(class_emb[cls]) @ [W_in;
+    /// W_post]^T + b, (rows, 4C) per layer, from `bt.act`, then the class token (its input
+    /// class_embeddings[label] already in `bt.x`; RoPE row N for both positions).
+    fn prefill(&self, bt: &mut Batch) -> Result<()> {
+        let (g, c) = (&self.gpu, self.cfg.hidden_size);
+        for (lw, md) in self.layers.iter().zip(bt.modulation.iter_mut()) {
+            linear(g, &bt.act, 0, &lw.mod_w, md, 0, bt.rows, c, 4 * c, 0.0)?;
+            add_bias_f32(g, md, &lw.mod_b, bt.rows, 4 * c)?;
+        }
+        self.forward(bt, 1, &self.class_rope, &self.class_rope)
+    }
+}
+
 impl GpuBackend<'_> {
+    /// During a capture, turn a failure into [`GraphCaptureFailed`] after ending the capture
+    /// (the stream must leave capture mode) and never capturing this plan again; the
+    /// pipeline then reruns the loop eagerly.
+    fn guard<T>(&mut self, r: Result<T>) -> Result<T> {
+        match (&r, &self.mode) {
+            (Err(e), Mode::Capture(sig)) => {
+                let msg = format!("{e:#}");
+                if let Some(bt) = self.batch.as_mut() {
+                    bt.failed.insert(sig.clone());
+                }
+                self.mode = Mode::Eager;
+                let _ = self.m.gpu.end_capture();
+                Err(GraphCaptureFailed(msg).into())
+            }
+            _ => r,
+        }
+    }
+
     /// Allocate every buffer of a batch of `b` images (`rows` sequence rows).
     fn allocate(&self, schedule: &Schedule, b: usize, rows: usize) -> Result<Batch> {
         let m = self.m;
@@ -344,6 +402,11 @@ impl GpuBackend<'_> {
             hid: g.alloc(b * maxcells * 64)?,
             src: g.alloc(b * maxcells * c)?,
             tokens: g.alloc(b * nmax)?,
+            act: g.alloc(rows * c)?,
+            run: g.zeros(2)?,
+            graphs: HashMap::new(),
+            warm: HashSet::new(),
+            failed: HashSet::new(),
         };
         Ok(bt)
     }
@@ -400,7 +463,11 @@ impl Backend for GpuBackend<'_> {
             guided,
             scales: schedule.scales.iter().map(|s| (s.size, s.steps)).collect(),
         };
-        let cached = m.cache.lock().ok().and_then(|mut c| c.take());
+        // This backend's previous batch, else the model's cached one (from a dropped backend).
+        let cached = match (self.key.take(), self.batch.take()) {
+            (Some(k), Some(bt)) => Some((k, bt, std::mem::take(&mut self.steps))),
+            _ => m.cache.lock().ok().and_then(|mut c| c.take()),
+        };
         let mut bt = match cached {
             Some((k, mut bt, steps)) if k == key => {
                 bt.len = 0;
@@ -415,7 +482,14 @@ impl Backend for GpuBackend<'_> {
                 bt
             }
         };
-        // AdaLN modulations: silu(class_emb[cls]) @ [W_in; W_post]^T + b, (rows, 4C) per layer.
+        // The batch's host inputs, into its buffers (before any capture): silu(class
+        // embeddings) for the AdaLN GEMMs, the class token's input, seed and image offset.
+        let plan = self.plan.clone().unwrap_or(LoopPlan {
+            graph: false,
+            signature: String::new(),
+            seed: 0,
+            image0: 0,
+        });
         let mut act = Vec::with_capacity(rows * c);
         let mut x0 = Vec::with_capacity(rows * c);
         for &cls in &classes {
@@ -423,23 +497,127 @@ impl Backend for GpuBackend<'_> {
             act.extend(row.iter().map(|&z| math::silu(z)));
             x0.extend_from_slice(row);
         }
-        let act = g.upload(&to_bf16(&act))?;
-        for (lw, md) in m.layers.iter().zip(bt.modulation.iter_mut()) {
-            linear(g, &act, 0, &lw.mod_w, md, 0, rows, c, 4 * c, 0.0)?;
-            add_bias_f32(g, md, &lw.mod_b, rows, 4 * c)?;
-        }
-        // Class token: input class_embeddings[label], RoPE row N for both positions.
+        g.upload_into(&to_bf16(&act), &mut bt.act, 0)?;
         g.upload_into(&x0, &mut bt.x, 0)?;
-        let class_rope = g.upload(&[m.n_tokens as i32])?;
-        m.forward(&mut bt, 1, &class_rope, &class_rope)?;
-        g.sync()?;
-        self.batch = Some(bt);
+        g.upload_into(&[plan.seed, plan.image0 as u64], &mut bt.run, 0)?;
+        self.mode = match plan.graph.then_some(plan.signature) {
+            Some(sig) if bt.graphs.contains_key(&sig) => {
+                g.replay(&bt.graphs[&sig])?;
+                Mode::Replayed
+            }
+            Some(sig) if bt.warm.contains(&sig) && !bt.failed.contains(&sig) => {
+                match g.begin_capture() {
+                    Ok(()) => Mode::Capture(sig),
+                    Err(e) => {
+                        eprintln!("warning: {e:#}; this batch shape runs with eager launches");
+                        bt.failed.insert(sig);
+                        Mode::Eager
+                    }
+                }
+            }
+            Some(sig) => {
+                bt.warm.insert(sig);
+                Mode::Eager
+            }
+            None => Mode::Eager,
+        };
         self.key = Some(key);
         self.guided = guided;
+        let bt = self.batch.insert(bt);
+        if self.mode != Mode::Replayed {
+            let r = m.prefill(bt);
+            self.guard(r)?;
+            if self.mode == Mode::Eager {
+                g.sync()?;
+            }
+        }
         Ok(())
     }
 
+    fn plan(&mut self, plan: &LoopPlan) {
+        self.plan = Some(plan.clone());
+    }
+
+    fn replayed(&self) -> bool {
+        self.mode == Mode::Replayed
+    }
+
+    fn abandon(&mut self) {
+        if matches!(self.mode, Mode::Capture(_)) {
+            let _ = self.m.gpu.end_capture();
+        }
+        self.mode = Mode::Eager;
+    }
+
     fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()> {
+        let r = self.enqueue_scale(schedule, si);
+        self.guard(r)
+    }
+
+    fn step(
+        &mut self,
+        schedule: &Schedule,
+        step: &Step,
+        ch: &StepChoice,
+    ) -> Result<Option<Vec<f32>>> {
+        let r = self.enqueue_step(schedule, step, ch);
+        self.guard(r)
+    }
+
+    fn finish(&mut self, schedule: &Schedule) -> Result<Grids> {
+        if let Mode::Capture(sig) = self.mode.clone() {
+            let g = &self.m.gpu;
+            let bt = self.batch.as_mut().expect("begin() not called");
+            match g.end_capture() {
+                Ok(graph) => {
+                    g.replay(&graph)?;
+                    bt.graphs.insert(sig, graph);
+                    self.mode = Mode::Replayed;
+                }
+                Err(e) => {
+                    bt.failed.insert(sig);
+                    self.mode = Mode::Eager;
+                    return Err(GraphCaptureFailed(format!("{e:#}")).into());
+                }
+            }
+        }
+        self.read_grids(schedule)
+    }
+
+    /// Decode scale `si`'s grid on the device (conditional rows only; both guidance halves
+    /// share tokens) and copy back 8-bit pixels (B, 3, H, W).
+    fn decode(&mut self, schedule: &Schedule, si: usize) -> Result<Decoded> {
+        let bt = self.batch.as_ref().context("decode before a batch ran")?;
+        let s = schedule.scales.get(si).context("no such scale")?.size;
+        let grid = bt.grids.get(si).context("no such scale")?;
+        let (dec, g) = (&self.m.decoder, &self.m.gpu);
+        let cap = dec
+            .max_batch(s, g.mem_get_info().ok().map(|(free, _)| free))
+            .min(self.decode_batch_limit.unwrap_or(usize::MAX).max(1));
+        let pixels = if bt.b <= cap {
+            dec.decode_device(g, grid, bt.b, s, true)?
+                .context("the decoder read back no pixels")?
+        } else {
+            // Sub-batches within the kernels' int32 indexing, through the host (the tokens
+            // are small beside the decode).
+            let host: Vec<u32> = g.download(grid)?.iter().map(|&t| t as u32).collect();
+            let mut px = Vec::with_capacity(bt.b * 3 * (s * dec.config().stride()).pow(2));
+            for chunk in host.chunks(cap * s * s) {
+                px.extend(dec.decode_tokens::<u8>(g, chunk, chunk.len() / (s * s), s)?);
+            }
+            px
+        };
+        Ok(Decoded {
+            pixels,
+            images: None,
+        })
+    }
+}
+
+impl GpuBackend<'_> {
+    /// Start scale `si` (enqueued): z0 from the previous scale's grid, and its source
+    /// embeddings.
+    fn enqueue_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()> {
         let m = self.m;
         let g = &m.gpu;
         let bt = self.batch.as_mut().expect("begin() not called");
@@ -466,7 +644,8 @@ impl Backend for GpuBackend<'_> {
         add_bias_f32(g, &mut bt.src, &m.srcfold_b, cells, c)
     }
 
-    fn step(
+    /// One serial step, enqueued (and synchronized in eager mode).
+    fn enqueue_step(
         &mut self,
         schedule: &Schedule,
         step: &Step,
@@ -535,17 +714,21 @@ impl Backend for GpuBackend<'_> {
                 _ => None,
             },
             Some(&m.head_b),
+            Some(&bt.run),
         )?;
         let out = if ch.record {
             Some(g.download_range(&bt.logits, 0..bt.b * n * v)?)
         } else {
             None
         };
-        g.sync()?;
+        if self.mode == Mode::Eager {
+            g.sync()?;
+        }
         Ok(out)
     }
 
-    fn finish(&mut self, schedule: &Schedule) -> Result<Grids> {
+    /// Read the grids (and statistics) back.
+    fn read_grids(&mut self, schedule: &Schedule) -> Result<Grids> {
         let g = &self.m.gpu;
         let bt = self.batch.as_ref().expect("begin() not called");
         let mut out = Vec::new();
@@ -565,34 +748,6 @@ impl Backend for GpuBackend<'_> {
             tokens: out,
             prob,
             entropy,
-        })
-    }
-
-    /// Decode scale `si`'s grid on the device (conditional rows only; both guidance halves
-    /// share tokens) and copy back 8-bit pixels (B, 3, H, W).
-    fn decode(&mut self, schedule: &Schedule, si: usize) -> Result<Decoded> {
-        let bt = self.batch.as_ref().context("decode before a batch ran")?;
-        let s = schedule.scales.get(si).context("no such scale")?.size;
-        let grid = bt.grids.get(si).context("no such scale")?;
-        let (dec, g) = (&self.m.decoder, &self.m.gpu);
-        let cap = dec
-            .max_batch(s, g.mem_get_info().ok().map(|(free, _)| free))
-            .min(self.decode_batch_limit.unwrap_or(usize::MAX).max(1));
-        let pixels = if bt.b <= cap {
-            dec.decode_device_u8(g, grid, bt.b, s)?
-        } else {
-            // Sub-batches within the kernels' int32 indexing, through the host (the tokens
-            // are small beside the decode).
-            let host: Vec<u32> = g.download(grid)?.iter().map(|&t| t as u32).collect();
-            let mut px = Vec::with_capacity(bt.b * 3 * (s * dec.config().stride()).pow(2));
-            for chunk in host.chunks(cap * s * s) {
-                px.extend(dec.decode_tokens_u8(g, chunk, chunk.len() / (s * s), s)?);
-            }
-            px
-        };
-        Ok(Decoded {
-            pixels,
-            images: None,
         })
     }
 }

@@ -10,6 +10,7 @@
 //! column-major matrix (ld k) and X's as (k x m) (ld k); see [`linear`].
 
 use super::device::DevBuf;
+use super::emu::EmuDevice;
 use super::{DevElem, Gpu};
 use anyhow::{Context, Result, bail};
 use cudarc::cublas::{result::gemm_strided_batched_ex, sys};
@@ -40,18 +41,23 @@ pub fn gemm(
     batch: usize,
 ) -> Result<()> {
     let Some(blas) = gpu.blas() else {
-        let emu = gpu.emu_device().expect("a device is cuda or emu");
-        host_gemm(
-            trans_a,
-            (m, n, k),
-            a,
-            b,
-            c,
-            beta,
-            batch,
-            |what, addr, bytes| emu.check_range(what, addr, bytes),
-        )?;
-        return emu.check_red_zones("cuBLAS GEMM");
+        let run = move |emu: &EmuDevice| {
+            host_gemm(
+                trans_a,
+                (m, n, k),
+                a,
+                b,
+                c,
+                beta,
+                batch,
+                |what, addr, bytes| emu.check_range(what, addr, bytes),
+            )?;
+            emu.check_red_zones("cuBLAS GEMM")
+        };
+        if gpu.emu_record(|| Box::new(run)) {
+            return Ok(());
+        }
+        return run(gpu.emu_device().expect("a device is cuda or emu"));
     };
     let alpha = 1.0f32;
     let op_a = if trans_a {

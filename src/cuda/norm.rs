@@ -1,7 +1,7 @@
 //! Launchers for kernels/norm.cu: RMSNorm + AdaLN, SwiGLU gating, bias add. The param
 //! structs are also used by the emulator ABI tests in src/cuda/mod.rs.
 
-use super::{DevBuf, Gpu, k};
+use super::{DevBuf, Gpu, k, row_grid};
 use anyhow::{Result, ensure};
 use half::bf16;
 
@@ -59,13 +59,7 @@ pub fn rmsnorm_adaln(
         mod_offset: off as i32,
         eps,
     };
-    gpu.launch(
-        k::RMSNORM_ADALN_BF16,
-        (tokens as u32, 1, 1),
-        (256, 1, 1),
-        0,
-        &p,
-    )
+    gpu.launch_256(k::RMSNORM_ADALN_BF16, (tokens as u32, 1, 1), &p)
 }
 
 kernel_params! {
@@ -76,10 +70,6 @@ kernel_params! {
         tokens: i32,
         f: i32,
     }
-}
-
-fn grid_for(total: usize) -> u32 {
-    total.div_ceil(256).clamp(1, 65535) as u32
 }
 
 /// `h (T, F) = silu(g[:, :F]) * g[:, F:]` with `g (T, 2F)`.
@@ -100,13 +90,7 @@ pub fn silu_mul(
         tokens: tokens as i32,
         f: f as i32,
     };
-    gpu.launch(
-        k::SILU_MUL_BF16,
-        (grid_for(tokens * f), 1, 1),
-        (256, 1, 1),
-        0,
-        &p,
-    )
+    gpu.launch_256(k::SILU_MUL_BF16, row_grid(f, tokens)?, &p)
 }
 
 kernel_params! {
@@ -134,11 +118,5 @@ pub fn add_bias_f32(
         rows: rows as i32,
         n: n as i32,
     };
-    gpu.launch(
-        k::ADD_BIAS_F32,
-        (grid_for(rows * n), 1, 1),
-        (256, 1, 1),
-        0,
-        &p,
-    )
+    gpu.launch_256(k::ADD_BIAS_F32, row_grid(n, rows)?, &p)
 }

@@ -12,7 +12,7 @@ const SAMPLE_THREADS: u32 = 512;
 
 kernel_params! {
     /// The parameters of kernels/sampling.cu's `GuidedSampleParams`.
-    struct GuidedSampleParams[128] {
+    struct GuidedSampleParams[136] {
         logits: u64,
         forced: u64,
         grid: u64,
@@ -22,6 +22,7 @@ kernel_params! {
         prob: u64,
         entropy: u64,
         bias: u64,
+        run: u64,
         seed: u64,
         batch: i32,
         n: i32,
@@ -52,6 +53,8 @@ kernel_params! {
 ///   `token_stats`; used by the maps).
 /// * `bias` (V) f32: when given, added to every logits row as it is read (the head's bias,
 ///   folded in; bit for bit the separate add).
+/// * `run` (2) u64: when given, `{seed, image0}` are read from it on the device instead of
+///   taken from `s` (a replayed CUDA graph samples a new batch with new values).
 ///
 /// Enqueued on the GPU's stream; nothing is synchronized.
 #[allow(clippy::too_many_arguments)]
@@ -67,6 +70,7 @@ pub fn guided_sample(
     tokens_out: &mut DevBuf<i32>,
     stats: Option<(&mut DevBuf<f32>, &mut DevBuf<f32>)>,
     bias: Option<&DevBuf<f32>>,
+    run: Option<&DevBuf<u64>>,
 ) -> Result<()> {
     let (b, v, cells) = (s.batch, s.vocab, s.cells);
     if b == 0 || n == 0 {
@@ -122,6 +126,13 @@ pub fn guided_sample(
             en.len()
         );
     }
+    if let Some(r) = run {
+        ensure!(
+            r.len() >= 2,
+            "guided_sample: run arguments hold {}, need 2",
+            r.len()
+        );
+    }
     if let Some(bs) = bias {
         ensure!(
             bs.len() >= v,
@@ -155,6 +166,7 @@ pub fn guided_sample(
         prob: stats.as_ref().map_or(0, |(pr, _)| gpu.ptr(*pr)),
         entropy: stats.as_ref().map_or(0, |(_, en)| gpu.ptr(*en)),
         bias: bias.map_or(0, |bs| gpu.ptr(bs)),
+        run: run.map_or(0, |r| gpu.ptr(r)),
         seed: s.seed,
         batch: b as i32,
         n: n as i32,

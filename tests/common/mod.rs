@@ -97,6 +97,32 @@ pub fn golden_tensors(golden: &Path, cfg_name: &str) -> TensorMap {
     map
 }
 
+/// One golden configuration, loaded: (directory, configuration, scale sizes, folded
+/// transformer weights, config.json with the reference's case settings).
+pub type GoldenCase = (
+    std::path::PathBuf,
+    ModelConfig,
+    Vec<usize>,
+    checkergen::model::weights::TransformerWeights,
+    serde_json::Value,
+);
+
+/// Load golden configuration `cfg_name` (scale ratio `ratio`).
+pub fn golden_case(golden: &Path, cfg_name: &str, ratio: f64) -> GoldenCase {
+    let dir = golden.join("public").join(cfg_name);
+    let cfg = golden_model_config(&dir);
+    let sizes = checkergen::order::scale_sizes(cfg.latent_size(), ratio, 1).unwrap();
+    let n_tokens: usize = sizes.iter().map(|s| s * s).sum();
+    let weights = checkergen::model::weights::TransformerWeights::from_tensors(
+        &cfg,
+        &golden_tensors(golden, cfg_name),
+        n_tokens,
+    )
+    .unwrap();
+    let meta = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    (dir, cfg, sizes, weights, meta)
+}
+
 /// An f32 tensor of a golden case file.
 pub fn golden_f32s(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
     st.tensor(name)
@@ -127,44 +153,11 @@ pub fn token_pyramid(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Deterministic randomness: the one generator every test uses.
+// Deterministic randomness: the one generator every test uses (tests/common/rng.rs, also
+// included by tests/hostile_common).
 
-/// splitmix64: deterministic, fast enough for tensors of millions of values.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 24 bits.
-    pub fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    /// Uniform in [-scale, scale).
-    pub fn uniform(&mut self, scale: f32) -> f32 {
-        scale * (2.0 * self.unit() - 1.0)
-    }
-
-    /// Uniform integer in 0..n.
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    /// `n` values uniform in [-scale, scale).
-    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(scale)).collect()
-    }
-}
+mod rng;
+pub use rng::Rng;
 
 /// `n` values uniform in [-scale, scale), a pure function of (n, seed, scale).
 pub fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {

@@ -173,27 +173,11 @@ pub fn nested_dict_ops(depth: usize) -> Vec<u8> {
 // Deterministic randomness for the fuzzer
 // ------------------------------------------------------------------------------------------
 
-/// SplitMix64: a fixed seed gives the same mutations on every machine.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (n > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
+/// The tests' one generator, shared with tests/common.
+#[path = "../common/rng.rs"]
+mod rng;
+#[allow(unused_imports)] // hostile_input.rs does not draw random numbers
+pub use rng::Rng;
 
 /// The entries `(name, data)` of a stored zip, read through its local headers (the layout
 /// `tools/make_pth_fixture.py` and torch.save write: sizes in the local header).

@@ -41,12 +41,12 @@ pub fn bench_decode(
         .collect();
     let tokens = gpu.upload(&host)?;
     for _ in 0..warmup {
-        dec.decode_device(gpu, &tokens, batch, s)?;
+        dec.decode_device(gpu, &tokens, batch, s, false)?;
     }
     gpu.sync()?;
     let mut ms = Vec::with_capacity(iters);
     for _ in 0..iters {
-        ms.push(gpu.time_ms(|| dec.decode_device(gpu, &tokens, batch, s))?);
+        ms.push(gpu.time_ms(|| dec.decode_device(gpu, &tokens, batch, s, false).map(drop))?);
     }
     ms.sort_by(|a, b| a.total_cmp(b));
     let med = ms[ms.len() / 2];

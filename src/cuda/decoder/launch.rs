@@ -23,6 +23,12 @@ kernel_params! {
     }
 }
 
+/// Output channels up to which the fast path runs `conv3x3_narrow` (one thread per pixel, all
+/// channels) instead of the 128-wide tensor-core tile; kernels/decoder.cu NARROW_MAX_COUT.
+const NARROW_MAX_COUT: usize = 8;
+/// Weight bytes `conv3x3_narrow` stages in shared memory; kernels/decoder.cu NARROW_W_BYTES.
+const NARROW_W_BYTES: usize = 32768;
+
 /// What a conv epilogue adds after the bias.
 pub enum Residual<'a> {
     None,
@@ -91,23 +97,21 @@ pub fn conv3x3<T: Storage>(
         upsample: upsample as i32,
     };
     i32_of(m, "B*H*W")?;
-    let tc = kernel == ConvKernel::TensorCore && cin.is_multiple_of(32);
-    if tc {
-        let grid = (m.div_ceil(TC_TILE) as u32, cout.div_ceil(TC_TILE) as u32, 1);
-        gpu.launch(
-            pick::<T>(k::CONV3X3_TC_BF16, k::CONV3X3_TC_F16),
-            grid,
-            (256, 1, 1),
-            0,
+    let fast = kernel == ConvKernel::TensorCore;
+    if fast && cout <= NARROW_MAX_COUT && cout * 9 * cin * size_of::<T>() <= NARROW_W_BYTES {
+        gpu.launch_256(
+            pick::<T>(k::CONV3X3_NARROW_BF16, k::CONV3X3_NARROW_F16),
+            (stride_grid(m), 1, 1),
             &p,
         )
+    } else if fast && cin.is_multiple_of(32) {
+        let grid = (m.div_ceil(TC_TILE) as u32, cout.div_ceil(TC_TILE) as u32, 1);
+        gpu.launch_256(pick::<T>(k::CONV3X3_TC_BF16, k::CONV3X3_TC_F16), grid, &p)
     } else {
-        let grid = grid_stride(m * cout);
-        gpu.launch(
+        let grid = stride_grid(m * cout);
+        gpu.launch_256(
             pick::<T>(k::CONV3X3_DIRECT_BF16, k::CONV3X3_DIRECT_F16),
             (grid, 1, 1),
-            (256, 1, 1),
-            0,
             &p,
         )
     }
@@ -265,13 +269,7 @@ pub fn group_norm<T: Storage>(
         chunk: GN_CHUNK as i32,
         nchunk: nchunk as i32,
     };
-    gpu.launch(
-        k::GN_PARTIAL_F32,
-        (nchunk as u32, batch as u32, 1),
-        (256, 1, 1),
-        0,
-        &pp,
-    )?;
+    gpu.launch_256(k::GN_PARTIAL_F32, (nchunk as u32, batch as u32, 1), &pp)?;
     let fp = GnFinalizeParams {
         part: gpu.ptr(&scratch.part),
         gamma: gpu.ptr(&gn.gamma),
@@ -284,13 +282,7 @@ pub fn group_norm<T: Storage>(
         nchunk: nchunk as i32,
         eps: GN_EPS,
     };
-    gpu.launch(
-        k::GN_FINALIZE_F32,
-        (GN_GROUPS as u32, batch as u32, 1),
-        (256, 1, 1),
-        0,
-        &fp,
-    )?;
+    gpu.launch_256(k::GN_FINALIZE_F32, (GN_GROUPS as u32, batch as u32, 1), &fp)?;
     let ap = GnApplyParams {
         x: gpu.ptr(x),
         ss: gpu.ptr(&scratch.ss),
@@ -300,11 +292,9 @@ pub fn group_norm<T: Storage>(
         c: c32,
         silu: silu as i32,
     };
-    gpu.launch(
+    gpu.launch_256(
         pick::<T>(k::GN_APPLY_BF16, k::GN_APPLY_F16),
-        (grid_stride(batch * hw * c / 4), 1, 1),
-        (256, 1, 1),
-        0,
+        row_grid(hw * c / 4, batch)?,
         &ap,
     )
 }
@@ -332,11 +322,9 @@ pub fn cast_f32<T: Storage>(gpu: &Gpu, x: &DevBuf<f32>, y: &mut DevBuf<T>, n: us
         y: gpu.ptr(y),
         n: n as u64,
     };
-    gpu.launch(
+    gpu.launch_256(
         pick::<T>(k::CAST_F32_BF16, k::CAST_F32_F16),
-        (grid_stride(n), 1, 1),
-        (256, 1, 1),
-        0,
+        (stride_grid(n), 1, 1),
         &p,
     )
 }
@@ -421,11 +409,9 @@ pub fn softmax_rows<T: Storage>(
         n: i32_of(n, "n")?,
         scale,
     };
-    gpu.launch(
+    gpu.launch_256(
         pick::<T>(k::ATTN_SOFTMAX_BF16, k::ATTN_SOFTMAX_F16),
         (rows as u32, 1, 1),
-        (256, 1, 1),
-        0,
         &prm,
     )
 }
@@ -477,13 +463,7 @@ pub fn pixels(
         hw: i32_of(hw, "hw")?,
         c: i32_of(c, "c")?,
     };
-    gpu.launch(
-        k::DEC_PIXELS_F32,
-        (grid_stride(n), 1, 1),
-        (256, 1, 1),
-        0,
-        &p,
-    )
+    gpu.launch_256(k::DEC_PIXELS_F32, row_grid(hw * c, batch)?, &p)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ pub use bench::{DecodeBench, StageFlops, bench_decode, decoder_flops};
 pub use launch::*;
 
 use super::gemm::{Operand, gemm};
-use super::{DevBuf, DevElem, Gpu, Kernel, k, norm};
+use super::{DevBuf, DevElem, Gpu, Kernel, k, norm, row_grid, stride_grid};
 use crate::model::config::DecoderConfig;
 use crate::model::decoder::{self as host, GN_EPS, GN_GROUPS};
 use anyhow::{Context, Result, ensure};
@@ -53,27 +53,23 @@ pub trait Storage: DevElem {
     fn to_f32(self) -> f32;
 }
 
-impl Storage for bf16 {
-    const TAG: &'static str = "bf16";
-    const CUDA: sys::cudaDataType = sys::cudaDataType::CUDA_R_16BF;
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
+/// `impl Storage` for a `half` type.
+macro_rules! storage {
+    ($t:ident, $tag:literal, $cuda:ident) => {
+        impl Storage for $t {
+            const TAG: &'static str = $tag;
+            const CUDA: sys::cudaDataType = sys::cudaDataType::$cuda;
+            fn from_f32(v: f32) -> Self {
+                $t::from_f32(v)
+            }
+            fn to_f32(self) -> f32 {
+                $t::to_f32(self)
+            }
+        }
+    };
 }
-
-impl Storage for f16 {
-    const TAG: &'static str = "f16";
-    const CUDA: sys::cudaDataType = sys::cudaDataType::CUDA_R_16F;
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-}
+storage!(bf16, "bf16", CUDA_R_16BF);
+storage!(f16, "f16", CUDA_R_16F);
 
 /// Which 16-bit storage a [`GpuDecoder`] uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,7 +86,8 @@ pub enum ConvKernel {
     /// v1 `conv3x3_direct`: one thread per output, the on-device reference.
     Direct,
     /// v2 `conv3x3_tc`: implicit GEMM on 16-bit tensor cores (needs Cin % 32 == 0; the launcher
-    /// falls back to v1 for other Cin).
+    /// falls back to v1 for other Cin), and `conv3x3_narrow` for convs of at most 8 output
+    /// channels (conv_out), where the 128-wide tile would be nearly all padding.
     TensorCore,
 }
 
@@ -101,10 +98,6 @@ impl ConvKernel {
             ConvKernel::TensorCore => "v2 tensor-core implicit GEMM",
         }
     }
-}
-
-fn grid_stride(total: usize) -> u32 {
-    total.div_ceil(256).clamp(1, 1 << 20) as u32
 }
 
 /// The `_bf16` or `_f16` instance of a kernel, by storage type.
@@ -432,50 +425,49 @@ impl GpuDecoder {
         s * self.config().stride()
     }
 
-    /// Decode host tokens (B, s, s) (raster order per image) to 8-bit pixels (B, 3, H, W).
-    pub fn decode_tokens_u8(
+    /// Decode host tokens (B, s, s) (raster order per image) and read back `P`: with `u8` the
+    /// 8-bit pixels (B, 3, H, W), with `f32` the raw images (B, 3, H, W) (the CPU decoder's
+    /// output).
+    pub fn decode_tokens<P: Readback>(
         &self,
         gpu: &Gpu,
         tokens: &[u32],
         batch: usize,
         s: usize,
-    ) -> Result<Vec<u8>> {
-        dispatch!(&self.inner, d => d.decode_host(gpu, tokens, batch, s, |gpu, px, _| gpu.download(px)))
+    ) -> Result<Vec<P>> {
+        dispatch!(&self.inner, d => d.decode_host::<P>(gpu, tokens, batch, s))
     }
 
-    /// Decode host tokens (B, s, s) to raw images (B, 3, H, W) f32 (the CPU decoder's output).
-    pub fn decode_f32(
-        &self,
-        gpu: &Gpu,
-        tokens: &[u32],
-        batch: usize,
-        s: usize,
-    ) -> Result<Vec<f32>> {
-        dispatch!(&self.inner, d => d.decode_host(gpu, tokens, batch, s, |gpu, _, img| gpu.download(img)))
-    }
-
-    /// Decode device tokens (B, s, s) i32 to 8-bit pixels (B, 3, H, W). Tokens are not range
-    /// checked on the host: an out-of-range token decodes to NaN, hence 0-valued pixels.
-    pub fn decode_device_u8(
-        &self,
-        gpu: &Gpu,
-        tokens: &DevBuf<i32>,
-        batch: usize,
-        s: usize,
-    ) -> Result<Vec<u8>> {
-        dispatch!(&self.inner, d => d.decode_device(gpu, tokens, batch, s, true))
-            .map(|v| v.unwrap())
-    }
-
-    /// Enqueue a full decode of device tokens without reading the result back (benchmarks).
+    /// Decode device tokens (B, s, s) i32; with `read`, download the 8-bit pixels (B, 3, H, W),
+    /// otherwise only enqueue the work (benchmarks). Tokens are not range checked on the host:
+    /// an out-of-range token decodes to NaN, hence 0-valued pixels.
     pub fn decode_device(
         &self,
         gpu: &Gpu,
         tokens: &DevBuf<i32>,
         batch: usize,
         s: usize,
-    ) -> Result<()> {
-        dispatch!(&self.inner, d => d.decode_device(gpu, tokens, batch, s, false)).map(|_| ())
+        read: bool,
+    ) -> Result<Option<Vec<u8>>> {
+        dispatch!(&self.inner, d => d.decode_device(gpu, tokens, batch, s, read))
+    }
+}
+
+/// What a host-token decode reads back: 8-bit pixels (`u8`) or raw f32 images (`f32`).
+pub trait Readback: DevElem {
+    /// The workspace buffer that holds this output.
+    fn of<'a>(px: &'a DevBuf<u8>, img: &'a DevBuf<f32>) -> &'a DevBuf<Self>;
+}
+
+impl Readback for u8 {
+    fn of<'a>(px: &'a DevBuf<u8>, _: &'a DevBuf<f32>) -> &'a DevBuf<u8> {
+        px
+    }
+}
+
+impl Readback for f32 {
+    fn of<'a>(_: &'a DevBuf<u8>, img: &'a DevBuf<f32>) -> &'a DevBuf<f32> {
+        img
     }
 }
 
@@ -537,15 +529,14 @@ impl<T: Storage> Decoder<T> {
         })
     }
 
-    /// Decode host tokens into the workspace and hand its (pixels, image) to `read`.
-    fn decode_host<R>(
+    /// Decode host tokens into the workspace and download its `P` output.
+    fn decode_host<P: Readback>(
         &self,
         gpu: &Gpu,
         tokens: &[u32],
         batch: usize,
         s: usize,
-        read: impl FnOnce(&Gpu, &DevBuf<u8>, &DevBuf<f32>) -> Result<R>,
-    ) -> Result<R> {
+    ) -> Result<Vec<P>> {
         ensure!(
             tokens.len() == batch * s * s,
             "decode: {} tokens for (B {batch}, {s}, {s})",
@@ -563,7 +554,7 @@ impl<T: Storage> Decoder<T> {
         gpu.upload_into(&host, &mut ws.tokens, 0)
             .context("uploading tokens")?;
         self.run(gpu, ws, None)?;
-        read(gpu, &ws.px, &ws.img)
+        gpu.download(P::of(&ws.px, &ws.img))
     }
 
     /// Decode device tokens; download the 8-bit pixels when `read`.
