@@ -85,12 +85,22 @@ struct Conv3x3Params {
 };
 static_assert(sizeof(Conv3x3Params) == 64, "Conv3x3Params: mirrored in src/cuda/decoder.rs");
 
+// The Cin input values conv tap (ky, kx) of output pixel (b, oy, ox) reads (the nearest x2
+// upsample folded into the indexing), or null where the tap falls in the padding.
 template <typename T>
-__device__ __forceinline__ void conv3x3_direct_impl(const Conv3x3Params& p) {
+__device__ __forceinline__ const T* conv_tap(const Conv3x3Params& p, int b, int oy, int ox,
+                                             int ky, int kx) {
+    const int yy = oy + ky - 1, xx = ox + kx - 1;  // in the (upsampled) input
+    if (yy < 0 || yy >= p.height || xx < 0 || xx >= p.width) return nullptr;
     const int hin = p.upsample ? p.height >> 1 : p.height;
     const int win = p.upsample ? p.width >> 1 : p.width;
+    const int iy = p.upsample ? yy >> 1 : yy, ix = p.upsample ? xx >> 1 : xx;
+    return (const T*)p.x + (((size_t)b * hin + iy) * win + ix) * p.cin;
+}
+
+template <typename T>
+__device__ __forceinline__ void conv3x3_direct_impl(const Conv3x3Params& p) {
     const size_t total = (size_t)p.batch * p.height * p.width * p.cout;
-    const T* x = (const T*)p.x;             // (B, hin, win, cin)
     const T* w = (const T*)p.w;             // (cout, 3, 3, cin)
     const float* bias = p.bias;     // (cout)
     const float* res = p.residual;  // (B, H, W, cout) or null
@@ -104,14 +114,9 @@ __device__ __forceinline__ void conv3x3_direct_impl(const Conv3x3Params& p) {
         const int b = (int)(m / ((size_t)p.width * p.height));
         float acc = 0.f;
         for (int ky = 0; ky < 3; ++ky) {
-            const int yy = oy + ky - 1;  // row in the (upsampled) input
-            if (yy < 0 || yy >= p.height) continue;
-            const int iy = p.upsample ? yy >> 1 : yy;
             for (int kx = 0; kx < 3; ++kx) {
-                const int xx = ox + kx - 1;
-                if (xx < 0 || xx >= p.width) continue;
-                const int ix = p.upsample ? xx >> 1 : xx;
-                const T* xp = x + (((size_t)b * hin + iy) * win + ix) * p.cin;
+                const T* xp = conv_tap<T>(p, b, oy, ox, ky, kx);
+                if (!xp) continue;
                 const T* wp = w + ((size_t)co * 9 + ky * 3 + kx) * p.cin;
                 for (int ci = 0; ci < p.cin; ++ci) acc += to_f32(xp[ci]) * to_f32(wp[ci]);
             }
@@ -139,11 +144,8 @@ __device__ __forceinline__ void conv3x3_narrow_impl(const Conv3x3Params& p) {
     const int nw = p.cout * 9 * p.cin;
     for (int i = threadIdx.x; i < nw; i += blockDim.x) ws[i] = w[i];
     __syncthreads();
-    const int hin = p.upsample ? p.height >> 1 : p.height;
-    const int win = p.upsample ? p.width >> 1 : p.width;
     const int hw = p.height * p.width;
     const int total = p.batch * hw;  // < 2^31: checked by the launcher
-    const T* x = (const T*)p.x;      // (B, hin, win, cin)
     for (int m = blockIdx.x * blockDim.x + threadIdx.x; m < total; m += gridDim.x * blockDim.x) {
         const int b = m / hw, q = m - b * hw;
         const int oy = q / p.width, ox = q - oy * p.width;
@@ -151,14 +153,9 @@ __device__ __forceinline__ void conv3x3_narrow_impl(const Conv3x3Params& p) {
 #pragma unroll
         for (int co = 0; co < NARROW_MAX_COUT; ++co) acc[co] = 0.f;
         for (int ky = 0; ky < 3; ++ky) {
-            const int yy = oy + ky - 1;
-            if (yy < 0 || yy >= p.height) continue;
-            const int iy = p.upsample ? yy >> 1 : yy;
             for (int kx = 0; kx < 3; ++kx) {
-                const int xx = ox + kx - 1;
-                if (xx < 0 || xx >= p.width) continue;
-                const int ix = p.upsample ? xx >> 1 : xx;
-                const T* xp = x + (((size_t)b * hin + iy) * win + ix) * p.cin;
+                const T* xp = conv_tap<T>(p, b, oy, ox, ky, kx);
+                if (!xp) continue;
                 const T* wt = ws + (ky * 3 + kx) * p.cin;
                 for (int ci = 0; ci < p.cin; ++ci) {
                     const float xv = to_f32(xp[ci]);

@@ -427,14 +427,23 @@ pub fn run_steps<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Res
         seed: o.seed,
         image0: o.image_offset as u32,
     };
+    // One run of the loop; a backend left between begin and finish (an error, a
+    // cancellation) is told so, which ends any recording.
+    let mut attempt = |plan: &LoopPlan| {
+        let r = run_loop(backend, o, &schedule, plan);
+        if r.is_err() {
+            backend.abandon();
+        }
+        r
+    };
     let t0 = Instant::now();
-    let mut run = run_loop(backend, o, &schedule, &plan);
+    let mut run = attempt(&plan);
     if let Err(e) = &run
         && e.is::<GraphCaptureFailed>()
     {
         eprintln!("warning: {e:#}; running the loop with eager launches");
         plan.graph = false;
-        run = run_loop(backend, o, &schedule, &plan);
+        run = attempt(&plan);
     }
     let (grids, step_logits, mut step_ms, prefill_ms) = run?;
     let loop_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -472,20 +481,6 @@ type LoopRun = (Grids, Vec<Vec<f32>>, Vec<f64>, f64);
 
 /// The loop proper: `begin`, every scale's steps (unless `begin` replayed them), `finish`.
 fn run_loop<B: Backend + ?Sized>(
-    backend: &mut B,
-    o: &SampleOptions,
-    schedule: &Schedule,
-    plan: &LoopPlan,
-) -> Result<LoopRun> {
-    let r = loop_steps(backend, o, schedule, plan);
-    if r.is_err() {
-        backend.abandon();
-    }
-    r
-}
-
-/// [`run_loop`] without the clean-up on failure.
-fn loop_steps<B: Backend + ?Sized>(
     backend: &mut B,
     o: &SampleOptions,
     schedule: &Schedule,
