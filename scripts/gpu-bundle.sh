@@ -66,14 +66,18 @@ for t in "$bin"/gpu_*; do
     summary+=("$(printf '%-16s rc=%-3s %5ss  %s' "$name" "$rc" "$secs" "$res")")
     grep -E 'rel|agreement|chi2|worst' "$logs/$name.log" | tail -n 40 > "$logs/$name.key.txt"
 done
-# Benchmark: random L-2x weights, batch 1, 16 and 64, cfg 1.5, 4 steps per scale.
-"$bin/checkergen" init --preset L-2x -o "$logs/L-2x.safetensors" > "$logs/bench.log" 2>&1
-for b in 1 16 64; do
-    "$bin/checkergen" sample --model "$logs/L-2x.safetensors" --num-samples "$b" --cfg 1.5 \
-        --device cuda --timings --out "$logs/bench-b$b" >> "$logs/bench.log" 2>&1
-    summary+=("$(printf 'bench L-2x b=%-3s %s' "$b" "$(grep -E '^serial steps' "$logs/bench.log" | tail -n 1)")")
+# Benchmark: random L-2x weights, batch 1, 16 and 64, cfg 1.5, 4 steps per scale; the token
+# loop replayed as a CUDA graph (default) and with eager launches (--no-graph).
+for mode in graph eager; do
+    flag=""
+    [ "$mode" = eager ] && flag="--no-graph"
+    # shellcheck disable=SC2086
+    "$bin/checkergen" bench --preset L-2x --batch 1,16,64 --warmup 2 --iters 3 --device cuda \
+        $flag --json > "$logs/bench-$mode.jsonl" 2>> "$logs/bench.log"
+    while read -r line; do
+        summary+=("$(printf 'bench L-2x %-5s %s' "$mode" "$(echo "$line" | cut -c1-160)")")
+    done < "$logs/bench-$mode.jsonl"
 done
-rm -f "$logs/L-2x.safetensors"
 # Decoder benchmark (issue target on H200 at batch 64: >= 3 x 435 images/s).
 for prec in fp16 bf16; do
     "$bin/checkergen" bench-decode --batch 64 --precision "$prec" >> "$logs/bench.log" 2>&1

@@ -37,7 +37,8 @@ pub struct BenchArgs {
 /// How `bench` and `steps` time a configuration: warm-up, repeats, device, guidance.
 #[derive(Args)]
 pub struct TimedRuns {
-    /// Untimed runs before each measurement.
+    /// Untimed runs before each measurement (on a GPU with graphs at least 2: the eager run
+    /// and the capture).
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Timed runs per measurement (medians reported).
@@ -263,6 +264,13 @@ impl BenchDevice<'_> {
     }
 
     pub(crate) fn run_batch(&self, o: &SampleOptions, warmup: usize, iters: usize) -> Result<Row> {
+        // On a GPU with graphs, the first run of a shape is eager and the second records the
+        // graph: both are warm-up, so the timed runs are replays.
+        let warmup = if o.graph && self.gpu.is_some() {
+            warmup.max(2)
+        } else {
+            warmup
+        };
         for _ in 0..warmup {
             self.run_once(o)?;
         }
