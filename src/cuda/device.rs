@@ -125,7 +125,7 @@ pub enum DeviceChoice {
 /// Whether libcuda and libcublas can be loaded, and how many devices the driver sees:
 /// `Ok(None)` when the driver library is absent (no GPU), an error when it is present but
 /// the device count or cuBLAS fails (a broken install is not "no GPU").
-fn cuda_device_count() -> Result<Option<usize>> {
+pub(crate) fn cuda_device_count() -> Result<Option<usize>> {
     // SAFETY: only checks whether the driver library can be loaded.
     let present = unsafe { cudarc::driver::sys::is_culib_present() };
     classify_device_count(present, || {
