@@ -193,12 +193,16 @@ fn build_emu(files: &[PathBuf], entries: &[FileEntries], out: &Path) -> bool {
         .warnings(false)
         .extra_warnings(false)
         .define("CHECKERGEN_HOST_EMU", None)
-        // Single roundings like the drivers of tools/emu; the kernels type-pun through casts;
-        // the static library is only linked into executables, so TLS needs no dynamic lookup.
+        // Single roundings like the drivers of tools/emu; the kernels type-pun through casts.
         .flag("-ffp-contract=off")
         .flag("-fno-strict-aliasing")
-        .flag_if_supported("-ftls-model=initial-exec")
         .flag_if_supported("-Wno-unknown-pragmas");
+    // The emulator's thread-locals (threadIdx, __shared__) in the initial-exec TLS model: no
+    // dynamic lookup per access, but about 170 KB of static TLS, which a library loaded with
+    // dlopen cannot get. Feature `dynamic-tls` (the Python module) keeps the default model.
+    if std::env::var_os("CARGO_FEATURE_DYNAMIC_TLS").is_none() {
+        build.flag_if_supported("-ftls-model=initial-exec");
+    }
     if let Err(e) = build.try_compile("checkergen_emu") {
         panic!("host compilation of kernels/*.cu (emulator) failed: {e}");
     }

@@ -358,16 +358,67 @@ pub(crate) fn on_backend<R>(
     }
 }
 
-pub fn sample(a: SampleArgs) -> Result<()> {
-    #[cfg(not(feature = "cuda"))]
-    if matches!(a.s.device, Device::Cuda | Device::Emu) {
-        bail!("--device cuda/emu: this binary was built without the `cuda` feature");
+/// The API's device for `--device` (`cuda` is the first GPU).
+pub(crate) fn api_device(d: Device) -> checkergen::Device {
+    match d {
+        Device::Auto => checkergen::Device::Auto,
+        Device::Cpu => checkergen::Device::Cpu,
+        Device::Cuda => checkergen::Device::Cuda(0),
+        Device::Emu => checkergen::Device::Emulated,
     }
+}
+
+/// `--model` (or, without it, the tiny preset with random weights) on `--device`, through
+/// the API; prints what the CLI says about the choice. Returns the model and how run.json
+/// names its source.
+pub(crate) fn load_api_model(
+    path: Option<&Path>,
+    device: Device,
+) -> Result<(checkergen::Model, String)> {
+    if device == Device::Emu {
+        eprintln!("--device emu: the host-emulated CUDA device (development/checking only; slow)");
+    }
+    let flag = match device {
+        Device::Auto => "auto",
+        Device::Cpu => "cpu",
+        Device::Cuda => "cuda",
+        Device::Emu => "emu",
+    };
+    let on_device = |e: checkergen::Error| match e {
+        e @ checkergen::Error::Device { .. } => {
+            anyhow::Error::from(e).context(format!("--device {flag}"))
+        }
+        e => anyhow::Error::from(e),
+    };
+    let (model, source) = match path {
+        Some(p) => (
+            checkergen::Model::load(p, api_device(device)).map_err(on_device)?,
+            p.display().to_string(),
+        ),
+        None => {
+            eprintln!(
+                "no --model given: sampling the `tiny` preset with random weights (seed 0); \
+                 images are noise-like by design"
+            );
+            (
+                checkergen::Model::tiny(api_device(device)).map_err(on_device)?,
+                "preset tiny (random weights)".to_string(),
+            )
+        }
+    };
+    if let Some(note) = model.device_note() {
+        eprintln!("warning: {note}");
+    }
+    Ok((model, source))
+}
+
+pub fn sample(a: SampleArgs) -> Result<()> {
     if a.batch_size == Some(0) {
         bail!("--batch-size must be at least 1");
     }
     ensure_dir(&a.out)?;
-    let (model, source) = load_or_tiny(a.model.as_deref())?;
+    let (api_model, source) = load_api_model(a.model.as_deref(), a.s.device)?;
+    let model = api_model.host_model();
     let max_run = checkergen::limits::MAX_RUN_IMAGES;
     let labels = match (&a.labels, a.num_samples) {
         (Some(l), _) if l.len() > max_run => {
@@ -398,11 +449,10 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     opts.decode_pyramid = a.pyramid;
     // The whole request is checked once, at the batch size, before any batch runs.
     let guided = a.s.cfg > 0.0;
-    let (gpu_model, kind) = pick_gpu_model(a.s.device, &model)?;
     let batch = match a.batch_size {
         Some(n) => n,
         None => {
-            let n = default_batch_size(&model.config, guided, &kind)?.min(labels.len());
+            let n = api_model.default_batch_size(guided)?.min(labels.len());
             eprintln!("batch size {n} (the default on this device; --batch-size N to change)");
             n
         }
@@ -414,11 +464,9 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let t = Instant::now();
     let mut run = SampleRun::default();
     let mut each =
-        |first: usize, out: pipeline::Samples| write_batch(&a, &model, first, out, &mut run);
-    on_backend(&gpu_model, &model, |be| {
-        pipeline::sample_batches(be, &opts, batch, &mut each)
-    })?;
-    let device = device_name(&gpu_model);
+        |first: usize, out: pipeline::Samples| write_batch(&a, model, first, out, &mut run);
+    api_model.with_backend(|be| pipeline::sample_batches(be, &opts, batch, &mut each))?;
+    let device = api_model.device().to_string();
     let total_s = t.elapsed().as_secs_f64();
     let side = model.config.img_size;
     let b = labels.len();

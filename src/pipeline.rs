@@ -321,7 +321,20 @@ pub struct Samples {
 
 /// Sample token pyramids and decode the last scale to images: the one entry point.
 pub fn sample<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Result<Samples> {
-    let tokens = run_steps(backend, o)?;
+    sample_observed(backend, o, &mut |_, _| Ok(()))
+}
+
+/// What [`run_steps_observed`] calls after every serial step: `(steps done, total steps)`
+/// of the batch; an error stops the batch (the API's cancellation) and is returned.
+pub type OnStep<'a> = dyn FnMut(usize, usize) -> Result<()> + 'a;
+
+/// [`sample`], calling `on_step` after every serial step.
+pub fn sample_observed<B: Backend + ?Sized>(
+    backend: &mut B,
+    o: &SampleOptions,
+    on_step: &mut OnStep,
+) -> Result<Samples> {
+    let tokens = run_steps_observed(backend, o, on_step)?;
     let t = Instant::now();
     let last = tokens.schedule.scales.len() - 1;
     let mut pyramid = Vec::new();
@@ -357,6 +370,18 @@ pub fn sample_batches<B: Backend + ?Sized>(
     backend: &mut B,
     o: &SampleOptions,
     batch_size: usize,
+    each: impl FnMut(usize, Samples) -> Result<()>,
+) -> Result<()> {
+    sample_batches_observed(backend, o, batch_size, &mut |_, _, _| Ok(()), each)
+}
+
+/// [`sample_batches`], calling `on_step(first image of the batch, steps done, total steps)`
+/// after every serial step of every batch.
+pub fn sample_batches_observed<B: Backend + ?Sized>(
+    backend: &mut B,
+    o: &SampleOptions,
+    batch_size: usize,
+    on_step: &mut dyn FnMut(usize, usize, usize) -> Result<()>,
     mut each: impl FnMut(usize, Samples) -> Result<()>,
 ) -> Result<()> {
     if batch_size == 0 {
@@ -388,13 +413,23 @@ pub fn sample_batches<B: Backend + ?Sized>(
                     .collect(),
             );
         }
-        each(first, sample(backend, &ob)?)?;
+        let mut batch_step = |done: usize, total: usize| on_step(first, done, total);
+        each(first, sample_observed(backend, &ob, &mut batch_step)?)?;
     }
     Ok(())
 }
 
 /// Run the token loop of SPEC.md section 5 on any backend.
 pub fn run_steps<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Result<TokenOutput> {
+    run_steps_observed(backend, o, &mut |_, _| Ok(()))
+}
+
+/// [`run_steps`], calling `on_step(steps done, total steps)` after every serial step.
+pub fn run_steps_observed<B: Backend + ?Sized>(
+    backend: &mut B,
+    o: &SampleOptions,
+    on_step: &mut OnStep,
+) -> Result<TokenOutput> {
     let cfg = backend.config().clone();
     let cfg = &cfg;
     let scale_sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
@@ -430,7 +465,7 @@ pub fn run_steps<B: Backend + ?Sized>(backend: &mut B, o: &SampleOptions) -> Res
     // One run of the loop; a backend left between begin and finish (an error, a
     // cancellation) is told so, which ends any recording.
     let mut attempt = |plan: &LoopPlan| {
-        let r = run_loop(backend, o, &schedule, plan);
+        let r = run_loop(backend, o, &schedule, plan, &mut *on_step);
         if r.is_err() {
             backend.abandon();
         }
@@ -485,6 +520,7 @@ fn run_loop<B: Backend + ?Sized>(
     o: &SampleOptions,
     schedule: &Schedule,
     plan: &LoopPlan,
+    on_step: &mut OnStep,
 ) -> Result<LoopRun> {
     let guided = o.cfg > 0.0;
     backend.plan(plan);
@@ -518,8 +554,13 @@ fn run_loop<B: Backend + ?Sized>(
             }
             step_ms.push(ts.elapsed().as_secs_f64() * 1e3 + carry);
             carry = 0.0;
+            on_step(step.t + 1, schedule.steps.len())?;
         }
     }
     let grids = backend.finish(schedule)?;
+    if scales == 0 {
+        // A replayed loop ran every step at once.
+        on_step(schedule.steps.len(), schedule.steps.len())?;
+    }
     Ok((grids, step_logits, step_ms, prefill_ms))
 }

@@ -80,6 +80,29 @@ mod graph {
     }
 
     #[test]
+    fn a_loop_stopped_during_its_capture_leaves_the_device_usable() {
+        let gpu = common::gpu("gpu graph cancel");
+        let gm = GpuModel::new(gpu, &tiny64()).unwrap();
+        let want = pipeline::sample(&mut GpuBackend::new(&gm), &batch(1, false)).unwrap();
+        let mut be = GpuBackend::new(&gm);
+        pipeline::sample(&mut be, &batch(0, true)).unwrap(); // eager warm-up
+        // The second batch is captured: stop it after 3 steps (an API cancellation).
+        let e = pipeline::sample_observed(&mut be, &batch(1, true), &mut |done, _| {
+            anyhow::ensure!(done < 3, "cancelled");
+            Ok(())
+        })
+        .map(drop)
+        .unwrap_err();
+        assert!(e.to_string().contains("cancelled"), "{e}");
+        assert!(!gm.gpu.capturing(), "the capture was left open");
+        // The same batch again: captured now, replayed in finish, equal to eager launches.
+        let got = pipeline::sample(&mut be, &batch(1, true)).unwrap();
+        assert!(got.tokens.replayed);
+        assert_eq!(got.tokens.tokens, want.tokens.tokens);
+        assert_eq!(got.pixels, want.pixels);
+    }
+
+    #[test]
     fn capture_records_and_refuses_transfers() {
         let gpu = common::gpu("gpu graph capture");
         let mut y = gpu.upload(&[1.0f32; 6]).unwrap();

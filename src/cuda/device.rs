@@ -161,6 +161,11 @@ enum GraphInner {
     Emu(Vec<EmuOp>),
 }
 
+// SAFETY: a CUDA graph and its executable are driver handles that any thread may launch
+// (cudarc binds the context first); the engine keeps graphs inside its batch cache behind a
+// Mutex, so one thread uses a graph at a time. The emulator's recording is Send already.
+unsafe impl Send for GraphInner {}
+
 impl Graph {
     /// Operations recorded (emulator) or None (a CUDA graph does not say).
     pub fn emu_ops(&self) -> Option<usize> {
@@ -183,7 +188,7 @@ pub enum DeviceChoice {
 /// Whether libcuda and libcublas can be loaded, and how many devices the driver sees:
 /// `Ok(None)` when the driver library is absent (no GPU), an error when it is present but
 /// the device count or cuBLAS fails (a broken install is not "no GPU").
-fn cuda_device_count() -> Result<Option<usize>> {
+pub(crate) fn cuda_device_count() -> Result<Option<usize>> {
     // SAFETY: only checks whether the driver library can be loaded.
     let present = unsafe { cudarc::driver::sys::is_culib_present() };
     classify_device_count(present, || {

@@ -1,0 +1,791 @@
+//! The embedding API: load a [`Model`] on a [`Device`], describe a [`Request`], and
+//! [`Model::sample`] it into [`Images`]. Everything here is built on the one step loop
+//! (`pipeline::sample_batches`); the CLI, the C ABI and the Python module all call it, so the
+//! three give the same pixels for the same request and seed.
+
+use crate::model::config;
+use crate::pipeline::{self, SampleOptions, Steps};
+use crate::sampling::TokenPolicy;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Boxed error source: the context chain of an internal failure (`source()` walks it).
+type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a call failed. `Display` is the top line; [`std::error::Error::source`] walks the
+/// context chain beneath it (what failed to parse, which tensor, which kernel...), and
+/// [`Error::chain_message`] joins the whole chain on one line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request or a setting is invalid (class id out of range, zero steps, a batch too
+    /// large, a temperature that is not a finite number...). Nothing was sampled.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The model file could not be read or is not a valid model.
+    #[error("cannot load model {}", path.display())]
+    Load {
+        /// The file given to [`Model::load`].
+        path: PathBuf,
+        /// What went wrong, with its context chain.
+        #[source]
+        source: Source,
+    },
+    /// The device asked for is not available (no GPU, no such ordinal, a build without
+    /// CUDA) or could not take the model.
+    #[error("device unavailable: {message}")]
+    Device {
+        /// What was asked for and why it failed.
+        message: String,
+        /// The underlying failure, when there is one.
+        #[source]
+        source: Option<Source>,
+    },
+    /// Sampling failed on the device (out of memory, a kernel error...).
+    #[error("sampling failed")]
+    Sampling(#[source] Source),
+    /// The cancellation flag was set; the images of finished batches are discarded.
+    #[error("sampling cancelled")]
+    Cancelled,
+}
+
+impl Error {
+    /// The message and every cause beneath it, joined with `": "` on one line (what the C
+    /// ABI's `cg_last_error` and the Python exceptions carry).
+    pub fn chain_message(&self) -> String {
+        let mut s = self.to_string();
+        let mut cur = std::error::Error::source(self);
+        while let Some(e) = cur {
+            s.push_str(": ");
+            s.push_str(&e.to_string());
+            cur = e.source();
+        }
+        s
+    }
+}
+
+/// `anyhow` inside the crate, with its chain kept, as an [`Error`] source.
+fn source(e: anyhow::Error) -> Source {
+    e.into()
+}
+
+/// The result type of this API.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The first CUDA GPU when one is present and usable, else the CPU.
+    #[default]
+    Auto,
+    /// The f32 CPU reference backend (all cores).
+    Cpu,
+    /// CUDA device `ordinal` (0 = the first); an error without one.
+    Cuda(usize),
+    /// The host-emulated CUDA device: the CUDA engine's kernels and orchestration run on the
+    /// CPU with memory checking. For development and testing only: slow, and its pixels are
+    /// the GPU engine's (bf16), not the CPU reference's.
+    Emulated,
+}
+
+/// How each token is chosen from the (guided) logits. Built only through its constructors,
+/// so it never holds an invalid setting.
+///
+/// ```
+/// use checkergen::Policy;
+/// let p = Policy::sample(1.0)?.top_k(100)?.top_p(0.9)?;
+/// assert_eq!(p.temperature(), 1.0);
+/// assert!(Policy::sample(-1.0).is_err());
+/// assert!(Policy::sample(1.0)?.top_p(0.0).is_err());
+/// # Ok::<(), checkergen::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy(TokenPolicy);
+
+impl Policy {
+    /// Always the most likely token (argmax; temperature 0).
+    pub fn greedy() -> Policy {
+        Policy(TokenPolicy {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+        })
+    }
+
+    /// Sample softmax(logits / `temperature`); `temperature` must be finite and > 0
+    /// (use [`Policy::greedy`] for 0).
+    pub fn sample(temperature: f32) -> Result<Policy> {
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(Error::InvalidRequest(format!(
+                "temperature must be a finite number > 0 (Policy::greedy for argmax), got \
+                 {temperature}"
+            )));
+        }
+        Ok(Policy(TokenPolicy {
+            temperature,
+            top_k: None,
+            top_p: None,
+        }))
+    }
+
+    /// Keep only the `k` most likely tokens (`k` >= 1).
+    pub fn top_k(mut self, k: usize) -> Result<Policy> {
+        if k == 0 {
+            return Err(Error::InvalidRequest("top-k must be at least 1".into()));
+        }
+        self.0.top_k = Some(k);
+        Ok(self)
+    }
+
+    /// Keep the smallest set of most likely tokens whose probability reaches `p`, in (0, 1].
+    pub fn top_p(mut self, p: f32) -> Result<Policy> {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(Error::InvalidRequest(format!(
+                "top-p must be in (0, 1], got {p}"
+            )));
+        }
+        self.0.top_p = Some(p);
+        Ok(self)
+    }
+
+    /// The temperature (0 for greedy).
+    pub fn temperature(&self) -> f32 {
+        self.0.temperature
+    }
+
+    /// The top-k setting, if any.
+    pub fn k(&self) -> Option<usize> {
+        self.0.top_k
+    }
+
+    /// The top-p setting, if any.
+    pub fn p(&self) -> Option<f32> {
+        self.0.top_p
+    }
+}
+
+impl Default for Policy {
+    /// The released setting: temperature 1, no top-k or top-p.
+    fn default() -> Policy {
+        Policy(TokenPolicy {
+            temperature: pipeline::DEFAULT_TEMPERATURE,
+            top_k: None,
+            top_p: None,
+        })
+    }
+}
+
+/// What one sampling progress report says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Progress {
+    /// A serial step of a batch finished.
+    Step {
+        /// Index of the batch (0-based) and the number of batches.
+        batch: usize,
+        /// Number of batches of the request.
+        batches: usize,
+        /// Steps of this batch done (1..=`steps`).
+        step: usize,
+        /// Serial steps per batch.
+        steps: usize,
+    },
+    /// A batch finished (tokens sampled and decoded).
+    Batch {
+        /// Index of the batch (0-based).
+        batch: usize,
+        /// Number of batches of the request.
+        batches: usize,
+        /// Images finished so far.
+        images_done: usize,
+        /// Images of the request.
+        images: usize,
+    },
+}
+
+/// A sampling request: class labels and the sampling settings (the released defaults unless
+/// changed). Checked against the model when sampled.
+///
+/// ```
+/// use checkergen::{Policy, Request};
+/// let r = Request::new(vec![207, 360])
+///     .guidance(2.0)
+///     .steps_per_scale(8)
+///     .policy(Policy::sample(0.9)?.top_k(600)?)
+///     .seed(42)
+///     .batch_size(1);
+/// assert_eq!(r.labels(), &[207, 360]);
+/// # Ok::<(), checkergen::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Request {
+    labels: Vec<usize>,
+    cfg: f32,
+    cfg_start_step: usize,
+    steps: Steps,
+    policy: Policy,
+    seed: u64,
+    batch_size: Option<usize>,
+    keep_tokens: bool,
+    cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Request {
+    /// One image per class id in `labels`, with the released settings: guidance 1.5 from
+    /// step 5, 4 steps per scale, temperature 1, seed 0, the device's default batch size.
+    pub fn new(labels: impl Into<Vec<usize>>) -> Request {
+        Request {
+            labels: labels.into(),
+            cfg: pipeline::DEFAULT_CFG,
+            cfg_start_step: pipeline::DEFAULT_CFG_START_STEP,
+            steps: Steps::Uniform(pipeline::DEFAULT_STEPS_PER_SCALE),
+            policy: Policy::default(),
+            seed: 0,
+            batch_size: None,
+            keep_tokens: false,
+            cancel: None,
+        }
+    }
+
+    /// Classifier-free guidance strength: logits = cond + cfg * (cond - uncond); 0 turns
+    /// guidance (and the unconditional half of the work) off. Must be finite and >= 0.
+    pub fn guidance(mut self, cfg: f32) -> Request {
+        self.cfg = cfg;
+        self
+    }
+
+    /// The first global serial step (0 = the 1x1 scale) at which guidance applies.
+    pub fn cfg_start_step(mut self, step: usize) -> Request {
+        self.cfg_start_step = step;
+        self
+    }
+
+    /// The same number of serial steps on every scale (>= 1).
+    pub fn steps_per_scale(mut self, k: usize) -> Request {
+        self.steps = Steps::Uniform(k);
+        self
+    }
+
+    /// Explicit serial steps for each scale, smallest scale first (one value >= 1 per scale).
+    pub fn steps(mut self, per_scale: impl Into<Vec<usize>>) -> Request {
+        self.steps = Steps::PerScale(per_scale.into());
+        self
+    }
+
+    /// How tokens are chosen.
+    pub fn policy(mut self, policy: Policy) -> Request {
+        self.policy = policy;
+        self
+    }
+
+    /// The random seed. Image i of a request is drawn from (seed, i) alone: the images do
+    /// not depend on the batch size or on the other labels.
+    pub fn seed(mut self, seed: u64) -> Request {
+        self.seed = seed;
+        self
+    }
+
+    /// Images per batch (>= 1); without it the device's default ([`Model::default_batch_size`]).
+    pub fn batch_size(mut self, n: usize) -> Request {
+        self.batch_size = Some(n);
+        self
+    }
+
+    /// Also return every image's token pyramid ([`Images::tokens`]).
+    pub fn keep_tokens(mut self, keep: bool) -> Request {
+        self.keep_tokens = keep;
+        self
+    }
+
+    /// A flag that, once set (from any thread), stops sampling after the current serial step
+    /// with [`Error::Cancelled`].
+    pub fn cancel_flag(mut self, flag: Arc<AtomicBool>) -> Request {
+        self.cancel = Some(flag);
+        self
+    }
+
+    /// The class ids, one image each.
+    pub fn labels(&self) -> &[usize] {
+        &self.labels
+    }
+
+    /// The pipeline's options for this request (settings only; checked by the pipeline).
+    fn options(&self) -> SampleOptions {
+        let mut o = SampleOptions::new(self.labels.clone());
+        o.cfg = self.cfg;
+        o.cfg_start_step = self.cfg_start_step;
+        o.steps = self.steps.clone();
+        o.policy = self.policy.0.clone();
+        o.seed = self.seed;
+        o
+    }
+}
+
+/// Sampled images: `len()` images of `size() x size()` RGB pixels, 8 bits, stored
+/// image-major, row-major, channels last (N, H, W, 3).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Images {
+    count: usize,
+    size: usize,
+    pixels: Vec<u8>,
+    scale_sizes: Vec<usize>,
+    tokens: Option<Vec<Vec<u32>>>,
+}
+
+impl Images {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there are no images (never, for a successful request).
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Image side in pixels (H = W).
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// All pixels, (N, H, W, 3).
+    pub fn pixels(&self) -> &[u8] {
+        &self.pixels
+    }
+
+    /// The pixels of image `i`, (H, W, 3); panics if `i >= len()`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.size * self.size * 3;
+        &self.pixels[i * n..(i + 1) * n]
+    }
+
+    /// Take the pixel buffer, (N, H, W, 3).
+    pub fn into_pixels(self) -> Vec<u8> {
+        self.pixels
+    }
+
+    /// Token grid sides per scale, ascending.
+    pub fn scale_sizes(&self) -> &[usize] {
+        &self.scale_sizes
+    }
+
+    /// With [`Request::keep_tokens`]: per scale (ascending), the (N, s, s) token ids in
+    /// raster order.
+    pub fn tokens(&self) -> Option<&[Vec<u32>]> {
+        self.tokens.as_deref()
+    }
+}
+
+/// The engine a model runs on.
+enum Engine {
+    Cpu,
+    /// The GPU engine (or the emulator): one request at a time, so behind a lock.
+    #[cfg(feature = "cuda")]
+    Gpu(Box<std::sync::Mutex<crate::cuda::engine::GpuModel>>),
+}
+
+/// A model loaded on a device, ready to sample. `Model` is `Send + Sync`: share it (e.g. in
+/// an `Arc`) between threads; on the CPU concurrent requests run side by side (each on its
+/// own buffers), on a GPU they take turns.
+///
+/// ```
+/// use checkergen::{Device, Model, Request};
+/// // The tiny preset with random weights: no file needed (images are noise-like).
+/// let model = Model::tiny(Device::Cpu)?;
+/// let images = model.sample(&Request::new(vec![0, 1]).steps_per_scale(1).seed(7))?;
+/// assert_eq!((images.len(), images.size()), (2, model.image_size()));
+/// assert_eq!(images.image(1).len(), model.image_size() * model.image_size() * 3);
+/// # Ok::<(), checkergen::Error>(())
+/// ```
+pub struct Model {
+    model: crate::model::Model,
+    engine: Engine,
+    description: String,
+    note: Option<String>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("device", &self.device())
+            .field("num_classes", &self.num_classes())
+            .field("image_size", &self.image_size())
+            .finish()
+    }
+}
+
+impl Model {
+    /// Load a model file (from `checkergen convert` or `checkergen init`) onto `device`.
+    pub fn load(path: impl AsRef<Path>, device: Device) -> Result<Model> {
+        let path = path.as_ref();
+        let model = crate::model::Model::load(path).map_err(|e| Error::Load {
+            path: path.to_path_buf(),
+            source: source(e),
+        })?;
+        Model::on_device(model, device)
+    }
+
+    /// The `tiny` preset (a few hundred thousand parameters, 256 x 256 images) with random
+    /// weights from seed 0, as `checkergen init --preset tiny` writes it: for tests, examples
+    /// and trying the API without a checkpoint. Its images are noise-like by design.
+    pub fn tiny(device: Device) -> Result<Model> {
+        let build = || -> anyhow::Result<crate::model::Model> {
+            let cfg = config::preset("tiny")?;
+            let map = crate::model::init::random_tensors(&cfg, 0)?;
+            crate::model::Model::from_tensors(cfg, &map)
+        };
+        let model = build().map_err(|e| Error::Load {
+            path: PathBuf::from("<preset tiny>"),
+            source: source(e),
+        })?;
+        Model::on_device(model, device)
+    }
+
+    /// A loaded host model on `device`.
+    #[doc(hidden)]
+    pub fn on_device(model: crate::model::Model, device: Device) -> Result<Model> {
+        let (engine, note) = open_engine(&model, device)?;
+        let description = match &engine {
+            Engine::Cpu => format!(
+                "cpu ({} threads)",
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            ),
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(g) => {
+                let g = g.lock().unwrap_or_else(|p| p.into_inner());
+                if g.gpu.is_emu() {
+                    "emu (host-emulated CUDA device)".into()
+                } else {
+                    format!("cuda ({}, kernels: {})", g.gpu.name, g.gpu.image_kind)
+                }
+            }
+        };
+        Ok(Model {
+            model,
+            engine,
+            description,
+            note,
+        })
+    }
+
+    /// The device the model runs on, in words: `cpu (N threads)`, `cuda (NAME, kernels:
+    /// KIND)` or `emu (host-emulated CUDA device)`.
+    pub fn device(&self) -> &str {
+        &self.description
+    }
+
+    /// Whether the model runs on the CPU reference backend.
+    pub fn is_cpu(&self) -> bool {
+        matches!(self.engine, Engine::Cpu)
+    }
+
+    /// Number of classes: valid labels are `0..num_classes()`.
+    pub fn num_classes(&self) -> usize {
+        self.model.config.num_classes
+    }
+
+    /// Side of the sampled images in pixels.
+    pub fn image_size(&self) -> usize {
+        self.model.config.img_size
+    }
+
+    /// Token grid sides per scale, ascending (a request's explicit step list has one entry
+    /// per scale).
+    pub fn scale_sizes(&self) -> &[usize] {
+        &self.model.scale_sizes
+    }
+
+    /// The batch size used when a request gives none: on a GPU what fits in 60 % of its
+    /// free memory (at most 256), on the emulator 4, on the CPU at most 8.
+    pub fn default_batch_size(&self, guided: bool) -> Result<usize> {
+        let per = pipeline::bytes_per_image(&self.model.config, guided)
+            .map_err(|e| Error::InvalidRequest(format!("{e:#}")))?
+            .max(1);
+        Ok(match &self.engine {
+            Engine::Cpu => (crate::limits::MAX_SAMPLE_BYTES / 4 / per).clamp(1, 8) as usize,
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(g) => {
+                let g = g.lock().unwrap_or_else(|p| p.into_inner());
+                if g.gpu.is_emu() {
+                    4
+                } else {
+                    let free = g
+                        .gpu
+                        .mem_get_info()
+                        .map_err(|e| Error::Sampling(source(e)))?
+                        .0;
+                    ((free as f64 * 0.6) as u64 / per).clamp(1, 256) as usize
+                }
+            }
+        })
+    }
+
+    /// Sample `request`.
+    pub fn sample(&self, request: &Request) -> Result<Images> {
+        self.sample_with_progress(request, |_| {})
+    }
+
+    /// Sample `request`, calling `progress` after every serial step and every batch (on the
+    /// calling thread).
+    ///
+    /// ```
+    /// use checkergen::{Device, Model, Progress, Request};
+    /// let model = Model::tiny(Device::Cpu)?;
+    /// let mut batches = 0;
+    /// let req = Request::new(vec![3; 3]).steps_per_scale(1).batch_size(2);
+    /// model.sample_with_progress(&req, |p| {
+    ///     if let Progress::Batch { .. } = p {
+    ///         batches += 1
+    ///     }
+    /// })?;
+    /// assert_eq!(batches, 2);
+    /// # Ok::<(), checkergen::Error>(())
+    /// ```
+    pub fn sample_with_progress(
+        &self,
+        request: &Request,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<Images> {
+        let (opts, batch) = self.prepare(request)?;
+        let n = opts.labels.len();
+        let side = self.image_size();
+        let plane = side * side * 3;
+        let batches = n.div_ceil(batch);
+        let mut pixels = Vec::new();
+        pixels
+            .try_reserve_exact(n * plane)
+            .map_err(|_| Error::InvalidRequest(format!("{n} images do not fit in memory")))?;
+        let mut tokens: Option<Vec<Vec<u32>>> = None;
+        let cancel = request.cancel.clone();
+        let cancelled = || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
+        if cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let progress = std::cell::RefCell::new(&mut progress);
+        let mut on_step = |first: usize, done: usize, total: usize| -> anyhow::Result<()> {
+            (progress.borrow_mut())(Progress::Step {
+                batch: first / batch,
+                batches,
+                step: done,
+                steps: total,
+            });
+            if cancelled() {
+                return Err(anyhow::Error::new(CancelledMarker));
+            }
+            Ok(())
+        };
+        let mut each = |first: usize, s: pipeline::Samples| -> anyhow::Result<()> {
+            let b = s.pixels.len() / plane;
+            for i in 0..b {
+                pixels.extend_from_slice(&crate::io::image::planar_to_rgb(&s.pixels, i, side));
+            }
+            if request.keep_tokens {
+                match &mut tokens {
+                    None => tokens = Some(s.tokens.tokens),
+                    Some(acc) => {
+                        for (a, t) in acc.iter_mut().zip(&s.tokens.tokens) {
+                            a.extend_from_slice(t);
+                        }
+                    }
+                }
+            }
+            (progress.borrow_mut())(Progress::Batch {
+                batch: first / batch,
+                batches,
+                images_done: first + b,
+                images: n,
+            });
+            Ok(())
+        };
+        self.with_backend(|be| {
+            pipeline::sample_batches_observed(be, &opts, batch, &mut on_step, &mut each)
+        })
+        .map_err(|e| {
+            if e.downcast_ref::<CancelledMarker>().is_some() {
+                Error::Cancelled
+            } else {
+                Error::Sampling(source(e))
+            }
+        })?;
+        Ok(Images {
+            count: n,
+            size: side,
+            pixels,
+            scale_sizes: self.model.scale_sizes.clone(),
+            tokens,
+        })
+    }
+
+    /// Check `request` against the model: the pipeline's options and the batch size.
+    fn prepare(&self, request: &Request) -> Result<(SampleOptions, usize)> {
+        let opts = request.options();
+        let n = opts.labels.len();
+        let max_run = crate::limits::MAX_RUN_IMAGES;
+        if n > max_run {
+            return Err(Error::InvalidRequest(format!(
+                "{n} labels: at most {max_run} images per request"
+            )));
+        }
+        let batch = match request.batch_size {
+            Some(0) => {
+                return Err(Error::InvalidRequest(
+                    "batch size must be at least 1".into(),
+                ));
+            }
+            Some(b) => b.min(n.max(1)),
+            None => self.default_batch_size(opts.cfg > 0.0)?.min(n.max(1)),
+        };
+        let mut probe = opts.clone();
+        probe.labels.truncate(batch);
+        pipeline::validate_options(&self.model.config, self.model.scale_sizes.len(), &probe)
+            .map_err(|e| Error::InvalidRequest(format!("{e:#}")))?;
+        if let Some(&bad) = opts.labels.iter().find(|&&l| l >= self.num_classes()) {
+            return Err(Error::InvalidRequest(format!(
+                "class id {bad} is out of range: this model has {} classes (0..{})",
+                self.num_classes(),
+                self.num_classes() - 1
+            )));
+        }
+        Ok((opts, batch))
+    }
+
+    /// The host model (CLI internals: maps, tokens files, run metadata).
+    #[doc(hidden)]
+    pub fn host_model(&self) -> &crate::model::Model {
+        &self.model
+    }
+
+    /// What the device choice wants said once (e.g. `Device::Auto` fell back to the CPU
+    /// because a GPU failed to open), for a front end to print.
+    #[doc(hidden)]
+    pub fn device_note(&self) -> Option<&str> {
+        self.note.as_deref()
+    }
+
+    /// Whether the model runs on the host emulator (its timings mean nothing).
+    #[doc(hidden)]
+    pub fn is_emulated(&self) -> bool {
+        match &self.engine {
+            Engine::Cpu => false,
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(g) => g.lock().unwrap_or_else(|p| p.into_inner()).gpu.is_emu(),
+        }
+    }
+
+    /// Run `f` on a backend of this model (the CPU reference, or the GPU engine under its
+    /// lock): the CLI's way to the pipeline's full outputs (statistics, pyramids, timings).
+    #[doc(hidden)]
+    pub fn with_backend<R>(
+        &self,
+        f: impl FnOnce(&mut dyn pipeline::Backend) -> anyhow::Result<R>,
+    ) -> anyhow::Result<R> {
+        match &self.engine {
+            Engine::Cpu => f(&mut crate::cpu::CpuBackend::new(&self.model)),
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(g) => {
+                let g = g.lock().unwrap_or_else(|p| p.into_inner());
+                f(&mut crate::cuda::engine::GpuBackend::new(&g))
+            }
+        }
+    }
+}
+
+/// The error `on_step` returns when the cancellation flag is set.
+#[derive(Debug)]
+struct CancelledMarker;
+
+impl std::fmt::Display for CancelledMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cancelled")
+    }
+}
+
+impl std::error::Error for CancelledMarker {}
+
+fn device_error(message: impl Into<String>, e: Option<anyhow::Error>) -> Error {
+    Error::Device {
+        message: message.into(),
+        source: e.map(source),
+    }
+}
+
+/// The engine for `device`, and a note to print when `Auto` fell back to the CPU.
+#[cfg(feature = "cuda")]
+fn open_engine(model: &crate::model::Model, device: Device) -> Result<(Engine, Option<String>)> {
+    use crate::cuda::Gpu;
+    use crate::cuda::engine::GpuModel;
+    let gpu = match device {
+        Device::Cpu => return Ok((Engine::Cpu, None)),
+        Device::Emulated => Gpu::emu().map_err(|e| device_error("emulated device", Some(e)))?,
+        Device::Cuda(ordinal) => {
+            let count = crate::cuda::device::cuda_device_count()
+                .map_err(|e| device_error(format!("cuda:{ordinal}"), Some(e)))?;
+            match count {
+                None => {
+                    return Err(device_error(
+                        format!("cuda:{ordinal}: no CUDA driver or GPU found on this machine"),
+                        None,
+                    ));
+                }
+                Some(n) if ordinal >= n => {
+                    return Err(device_error(
+                        format!("cuda:{ordinal}: this machine has {n} CUDA device(s)"),
+                        None,
+                    ));
+                }
+                Some(_) => Gpu::new(ordinal)
+                    .map_err(|e| device_error(format!("cuda:{ordinal}"), Some(e)))?,
+            }
+        }
+        Device::Auto => match Gpu::try_new() {
+            Ok(Some(g)) => g,
+            Ok(None) => return Ok((Engine::Cpu, None)),
+            Err(e) => {
+                let note = format!("GPU present but unusable ({e:#}); sampling on the CPU");
+                return Ok((Engine::Cpu, Some(note)));
+            }
+        },
+    };
+    let gm = GpuModel::new(gpu, model)
+        .map_err(|e| device_error("cannot put the model on the device", Some(e)))?;
+    Ok((Engine::Gpu(Box::new(std::sync::Mutex::new(gm))), None))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_engine(_model: &crate::model::Model, device: Device) -> Result<(Engine, Option<String>)> {
+    match device {
+        Device::Cpu | Device::Auto => Ok((Engine::Cpu, None)),
+        Device::Cuda(_) | Device::Emulated => Err(device_error(
+            "this build of checkergen has no CUDA support (the `cuda` feature is off)",
+            None,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn public_types_are_send_and_sync() {
+        assert_send_sync::<Model>();
+        assert_send_sync::<Request>();
+        assert_send_sync::<Images>();
+        assert_send_sync::<Error>();
+    }
+
+    #[test]
+    fn error_chain_is_one_line() {
+        let e = Error::Load {
+            path: "m.safetensors".into(),
+            source: source(anyhow::anyhow!("inner").context("outer")),
+        };
+        assert_eq!(
+            e.chain_message(),
+            "cannot load model m.safetensors: outer: inner"
+        );
+    }
+}

@@ -1,0 +1,354 @@
+//! The embedding front ends: the Rust API (checkergen::Model), the C ABI (examples/c/sample.c
+//! compiled with the system C compiler) and the CLI give the same pixels for the same request
+//! and seed; a model shared by threads; progress, cancellation and refusals. The Python module
+//! has its own suite (python/tests, run by .ci/run) against the same CLI output.
+
+use checkergen::{Device, Error, Model, Policy, Progress, Request};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cg-api-{}-{name}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The CLI's images for the tiny preset (no --model), labels `labels`, `seed`, on the CPU.
+fn cli_images(name: &str, labels: &str, seed: u64, extra: &[&str]) -> Vec<Vec<u8>> {
+    let out = dir(name);
+    let seed = seed.to_string();
+    let mut args = vec![
+        "sample", "--labels", labels, "--seed", &seed, "--device", "cpu", "--out",
+    ];
+    args.push(out.to_str().unwrap());
+    args.extend_from_slice(extra);
+    let r = Command::new(env!("CARGO_BIN_EXE_checkergen"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let n = labels.split(',').count();
+    (0..n)
+        .map(|i| read_png(&out.join(format!("sample_{i:04}.png"))))
+        .collect()
+}
+
+fn read_png(p: &Path) -> Vec<u8> {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap()));
+    let mut r = dec.read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size().unwrap()];
+    let info = r.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    buf
+}
+
+/// Binary PPM (P6) pixels, as examples/c/sample.c writes them.
+fn read_ppm(p: &Path) -> (usize, Vec<u8>) {
+    let b = std::fs::read(p).unwrap();
+    let mut fields = Vec::new();
+    let mut i = 0;
+    while fields.len() < 4 {
+        while b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let s = i;
+        while !b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        fields.push(String::from_utf8(b[s..i].to_vec()).unwrap());
+    }
+    assert_eq!(fields[0], "P6");
+    assert_eq!(fields[3], "255");
+    (fields[1].parse().unwrap(), b[i + 1..].to_vec())
+}
+
+#[test]
+fn api_equals_cli_for_the_same_seed_and_any_batch_size() {
+    let model = Model::tiny(Device::Cpu).unwrap();
+    let cli = cli_images("cli", "0,1,2", 5, &["--batch-size", "3"]);
+    let req = Request::new(vec![0, 1, 2]).seed(5).batch_size(2);
+    let images = model.sample(&req).unwrap();
+    assert_eq!((images.len(), images.size()), (3, 256));
+    for (i, want) in cli.iter().enumerate() {
+        assert!(
+            images.image(i) == want.as_slice(),
+            "image {i} differs from the CLI's"
+        );
+    }
+    // Another seed gives other images (the comparison above can fail).
+    let other = model.sample(&req.clone().seed(6)).unwrap();
+    assert_ne!(other.pixels(), images.pixels());
+}
+
+#[test]
+fn c_example_equals_cli() {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    if Command::new(&cc).arg("--version").output().is_err() {
+        eprintln!("SKIPPED: no C compiler ({cc}) on this machine");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The cdylib sits beside the binary (target/<profile>/libcheckergen.so).
+    let lib_dir = Path::new(env!("CARGO_BIN_EXE_checkergen"))
+        .parent()
+        .unwrap();
+    assert!(
+        lib_dir.join("libcheckergen.so").exists(),
+        "no libcheckergen.so in {}",
+        lib_dir.display()
+    );
+    let d = dir("c");
+    let exe = d.join("sample-c");
+    let r = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror"])
+        .arg(root.join("examples/c/sample.c"))
+        .arg("-I")
+        .arg(root.join("include"))
+        .arg("-L")
+        .arg(lib_dir)
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        .args(["-lcheckergen", "-o"])
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        r.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let r = Command::new(&exe)
+        .arg("-")
+        .arg(d.join("img"))
+        .arg("9")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // 3 images in batches of 2 and 1, 17 steps each on the tiny preset.
+    assert!(
+        stdout.contains("3 images of 256x256, 34 progress calls"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("bad label refused: invalid request: class id 1000000 is out of range"),
+        "{stdout}"
+    );
+    let cli = cli_images("c-cli", "0,1,2", 9, &[]);
+    for (i, want) in cli.iter().enumerate() {
+        let (side, got) = read_ppm(&d.join(format!("img_{i:04}.ppm")));
+        assert_eq!(side, 256);
+        assert!(&got == want, "C image {i} differs from the CLI's");
+    }
+}
+
+#[test]
+fn one_model_shared_by_threads_gives_the_serial_images() {
+    let model = Arc::new(Model::tiny(Device::Cpu).unwrap());
+    let req = |i: usize| {
+        Request::new(vec![i % 10, (i + 3) % 10])
+            .steps_per_scale(2)
+            .seed(i as u64)
+    };
+    let serial: Vec<Vec<u8>> = (0..4)
+        .map(|i| model.sample(&req(i)).unwrap().into_pixels())
+        .collect();
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let m = model.clone();
+            std::thread::spawn(move || m.sample(&req(i)).unwrap().into_pixels())
+        })
+        .collect();
+    for (i, t) in threads.into_iter().enumerate() {
+        assert!(
+            t.join().unwrap() == serial[i],
+            "thread {i} differs from the serial run"
+        );
+    }
+}
+
+#[test]
+fn progress_reports_every_step_and_batch() {
+    let model = Model::tiny(Device::Cpu).unwrap();
+    let mut steps = 0;
+    let mut batches = Vec::new();
+    let req = Request::new(vec![1; 5]).steps_per_scale(1).batch_size(2);
+    model
+        .sample_with_progress(&req, |p| match p {
+            Progress::Step {
+                step, steps: total, ..
+            } => {
+                assert!(step >= 1 && step <= total);
+                steps += 1
+            }
+            Progress::Batch {
+                batch,
+                batches: nb,
+                images_done,
+                images,
+            } => {
+                assert_eq!((nb, images), (3, 5));
+                batches.push((batch, images_done))
+            }
+            _ => {}
+        })
+        .unwrap();
+    let per_batch = model.scale_sizes().len(); // one step per scale
+    assert_eq!(steps, 3 * per_batch);
+    assert_eq!(batches, vec![(0, 2), (1, 4), (2, 5)]);
+}
+
+#[test]
+fn cancellation_stops_sampling() {
+    let model = Model::tiny(Device::Cpu).unwrap();
+    let flag = Arc::new(AtomicBool::new(false));
+    let req = Request::new(vec![0; 4])
+        .batch_size(1)
+        .cancel_flag(flag.clone());
+    let mut seen = 0;
+    let r = model.sample_with_progress(&req, |p| {
+        if let Progress::Step { .. } = p {
+            seen += 1;
+            if seen == 3 {
+                flag.store(true, Ordering::Relaxed);
+            }
+        }
+    });
+    assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
+    assert_eq!(seen, 3, "sampling went on after the flag was set");
+}
+
+#[test]
+fn tokens_are_kept_on_request() {
+    let model = Model::tiny(Device::Cpu).unwrap();
+    let req = Request::new(vec![2, 4, 6]).steps_per_scale(1).batch_size(2);
+    assert!(model.sample(&req).unwrap().tokens().is_none());
+    let images = model.sample(&req.keep_tokens(true)).unwrap();
+    let tokens = images.tokens().unwrap();
+    assert_eq!(tokens.len(), model.scale_sizes().len());
+    for (t, &s) in tokens.iter().zip(model.scale_sizes()) {
+        assert_eq!(t.len(), 3 * s * s);
+    }
+}
+
+#[test]
+fn bad_requests_are_typed_errors() {
+    let model = Model::tiny(Device::Cpu).unwrap();
+    let bad = |r: Request, want: &str| match model.sample(&r) {
+        Err(e @ Error::InvalidRequest(_)) => {
+            assert!(e.to_string().contains(want), "{e} lacks {want:?}")
+        }
+        other => panic!("expected InvalidRequest({want}), got {other:?}"),
+    };
+    bad(Request::new(vec![]), "no labels");
+    bad(Request::new(vec![10]), "class id 10 is out of range");
+    bad(Request::new(vec![0, 1, 99]).batch_size(1), "class id 99");
+    bad(Request::new(vec![0]).steps_per_scale(0), "at least 1");
+    bad(
+        Request::new(vec![0]).steps(vec![1, 2]),
+        "per-scale step counts",
+    );
+    bad(Request::new(vec![0]).guidance(f32::NAN), "cfg must be");
+    bad(Request::new(vec![0]).guidance(-1.0), "cfg must be");
+    bad(Request::new(vec![0]).batch_size(0), "batch size");
+    assert!(Policy::sample(f32::INFINITY).is_err());
+    assert!(Policy::sample(0.0).is_err());
+    assert!(Policy::greedy().top_k(0).is_err());
+    assert!(Policy::greedy().top_p(1.5).is_err());
+    assert!(Policy::greedy().top_p(f32::NAN).is_err());
+
+    let e = Model::load("/nonexistent/model.safetensors", Device::Cpu).unwrap_err();
+    assert!(matches!(e, Error::Load { .. }), "{e:?}");
+    let msg = e.chain_message();
+    assert!(
+        msg.starts_with("cannot load model /nonexistent/model.safetensors: "),
+        "{msg}"
+    );
+    assert!(std::error::Error::source(&e).is_some());
+}
+
+#[test]
+fn c_abi_refuses_bad_arguments_with_a_status() {
+    use checkergen::capi::*;
+    use std::ffi::CStr;
+    let msg = || {
+        unsafe { CStr::from_ptr(cg_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    unsafe {
+        assert_eq!(
+            cg_model_load(std::ptr::null(), CgDevice::Cpu, 0, std::ptr::null_mut()),
+            CgStatus::InvalidArgument
+        );
+        let mut m: *mut CgModel = std::ptr::null_mut();
+        let path = c"/nonexistent.safetensors";
+        assert_eq!(
+            cg_model_load(path.as_ptr(), CgDevice::Cpu, 0, &mut m),
+            CgStatus::LoadFailed
+        );
+        assert!(m.is_null());
+        assert!(msg().contains("/nonexistent.safetensors"), "{}", msg());
+        assert_eq!(
+            cg_model_load(std::ptr::null(), CgDevice::Cpu, 0, &mut m),
+            CgStatus::Ok
+        );
+        assert_eq!(msg(), "");
+        let mut req = std::mem::MaybeUninit::<CgRequest>::uninit();
+        cg_request_init(req.as_mut_ptr());
+        let mut req = req.assume_init();
+        let labels = [1u32, 2];
+        req.labels = labels.as_ptr();
+        req.num_labels = 2;
+        req.steps_per_scale = 1;
+        let need = cg_image_bytes(m, 2);
+        assert_eq!(need, 2 * 256 * 256 * 3);
+        let mut buf = vec![0u8; need];
+        assert_eq!(
+            cg_sample(m, &req, buf.as_mut_ptr(), need - 1),
+            CgStatus::InvalidArgument
+        );
+        assert!(msg().contains("output buffer"), "{}", msg());
+        assert_eq!(
+            cg_sample(std::ptr::null(), &req, buf.as_mut_ptr(), need),
+            CgStatus::InvalidArgument
+        );
+        req.temperature = -1.0;
+        assert_eq!(
+            cg_sample(m, &req, buf.as_mut_ptr(), need),
+            CgStatus::InvalidArgument
+        );
+        assert!(msg().contains("temperature"), "{}", msg());
+        req.temperature = 1.0;
+        unsafe extern "C" fn stop(
+            _: *mut std::ffi::c_void,
+            _: u32,
+            _: u32,
+            step: u32,
+            _: u32,
+        ) -> i32 {
+            (step >= 2) as i32
+        }
+        req.progress = Some(stop);
+        assert_eq!(
+            cg_sample(m, &req, buf.as_mut_ptr(), need),
+            CgStatus::Cancelled
+        );
+        req.progress = None;
+        assert_eq!(cg_sample(m, &req, buf.as_mut_ptr(), need), CgStatus::Ok);
+        let api = Model::tiny(Device::Cpu).unwrap();
+        let want = api
+            .sample(&Request::new(vec![1, 2]).steps_per_scale(1))
+            .unwrap();
+        assert!(buf == want.pixels(), "C ABI pixels differ from the API's");
+        cg_model_free(m);
+        cg_model_free(std::ptr::null_mut());
+    }
+}
