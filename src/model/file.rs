@@ -102,7 +102,7 @@ pub fn load_model_file(path: &Path) -> Result<(TensorMap, BTreeMap<String, Strin
     crate::paths::check_input(path)?;
     let shown = path.display();
     let file = std::fs::File::open(path).with_context(|| format!("{shown}: cannot read"))?;
-    // SAFETY: a read-only, private view; the bytes are copied out before the map is dropped
+    // SAFETY: a read-only (PROT_READ) view; the bytes are copied out before the map is dropped
     // (the truncation caveat is in the doc comment above).
     let map =
         unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{shown}: cannot map"))?;
