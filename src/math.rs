@@ -1,6 +1,29 @@
-//! Dense f32 maths at the bottom of the crate: GEMMs (through `matrixmultiply`: packed, SIMD,
-//! multi-threaded, never naive loops), the activation functions and row normalization. Used by
-//! load-time folding (model/) and by the CPU backend's ops (cpu/ops/); depends on nothing.
+//! Dense f32 maths at the bottom of the crate: GEMMs (SIMD, multi-threaded on rayon, never
+//! naive loops), the activation functions and row normalization. Used by load-time folding
+//! (model/) and by the CPU backend's ops (cpu/ops/); depends on nothing.
+//!
+//! GEMM dispatch ([`matmul_strided`], which the other GEMMs call): when A's rows and B's
+//! columns are both contiguous in k (`A B^T` with B a Linear weight `[out, in]`: every
+//! transformer projection, the head, attention scores, load-time folding), the hand-written
+//! kernels of [`gemm`] (AVX-512F, else AVX2+FMA), which read the weight once in place; any
+//! other layout (the decoder's convolutions, `P V`) goes to `gemm-f32` (the f32 kernels of
+//! the `gemm` crate that candle uses: packed, AVX-512F or FMA chosen at run time). Both
+//! thread on the caller's rayon pool, so a GEMM inside a rayon loop never oversubscribes the
+//! cores. [`kernel_names`] says which kernels this CPU gets.
+
+pub mod gemm;
+
+/// The kernels this process's GEMMs use, e.g. `"NT avx512f, general gemm-f32 (avx512f)"`.
+pub fn kernel_names() -> String {
+    let general = if gemm::supported(gemm::Kernel::Avx512) {
+        "avx512f"
+    } else if gemm::supported(gemm::Kernel::Avx2) {
+        "fma"
+    } else {
+        "scalar"
+    };
+    format!("NT {}, general gemm-f32 ({general})", gemm::kernel().name())
+}
 
 /// C (m x n) = A (m x k) @ B^T where B is stored (n x k) row-major, i.e. a PyTorch Linear
 /// weight `[out, in]`. `beta` = 0 overwrites C, 1 accumulates into it.
@@ -73,23 +96,86 @@ pub fn matmul_strided(
         );
     }
     // SAFETY: every element read or written lies within the slices (checked above); C's rows
-    // (stride ldc >= n, unit column stride) do not overlap.
+    // (stride ldc >= n, unit column stride) do not overlap, and C (a `&mut`) overlaps neither
+    // A nor B.
     unsafe {
-        matrixmultiply::sgemm(
+        if a_strides[1] == 1
+            && b_strides[0] == 1
+            && gemm::gemm_nt(
+                gemm::kernel(),
+                m,
+                n,
+                k,
+                a.as_ptr(),
+                a_strides[0],
+                b.as_ptr(),
+                b_strides[1],
+                c.as_mut_ptr(),
+                ldc,
+                beta,
+            )
+        {
+            return;
+        }
+        general_gemm(
             m,
             k,
             n,
-            1.0,
             a.as_ptr(),
-            a_strides[0] as isize,
-            a_strides[1] as isize,
+            a_strides,
             b.as_ptr(),
-            b_strides[0] as isize,
-            b_strides[1] as isize,
-            beta,
+            b_strides,
             c.as_mut_ptr(),
-            ldc as isize,
+            ldc,
+            beta,
+        );
+    }
+}
+
+/// Every other layout: `gemm-f32`. Its `dst = alpha dst + beta (lhs rhs)` with `read_dst`
+/// false does not read C, like our beta = 0.
+///
+/// # Safety
+/// As [`matmul_strided`] checks: every index in bounds, C disjoint from A and B.
+#[allow(clippy::too_many_arguments)]
+unsafe fn general_gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    [ars, acs]: [usize; 2],
+    b: *const f32,
+    [brs, bcs]: [usize; 2],
+    c: *mut f32,
+    ldc: usize,
+    beta: f32,
+) {
+    let par = if m * n * k >= 1 << 20 {
+        gemm_common::Parallelism::Rayon(0) // 0: rayon::current_num_threads()
+    } else {
+        gemm_common::Parallelism::None
+    };
+    unsafe {
+        gemm_f32::gemm::f32::get_gemm_fn()(
+            m,
+            n,
+            k,
+            c,
             1,
+            ldc as isize,
+            beta != 0.0,
+            a,
+            acs as isize,
+            ars as isize,
+            b,
+            bcs as isize,
+            brs as isize,
+            beta,
+            1.0,
+            false,
+            false,
+            false,
+            par,
         );
     }
 }
@@ -229,6 +315,119 @@ mod tests {
         silu_inplace(&mut ends);
         assert!(ends[0].abs() < 1e-8 && ends[1].abs() < 1e-30);
         assert_eq!(&ends[2..], &[100.0, 1e30]);
+    }
+
+    /// Every NT kernel this CPU has, and the general path, against an f64 reference: shapes
+    /// around the register tiles' edges (rows 1..=7, columns not a multiple of 8, k not a
+    /// multiple of 16, k past one k-block), padded strides, beta 0 (C holds NaN: never read),
+    /// 1 and 0.5, serial and threaded sizes.
+    #[test]
+    fn gemm_kernels_match_f64_reference() {
+        use gemm::{Kernel, gemm_nt, supported};
+        let mut seed = 0x9E37_79B9u32;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    seed as f32 / u32::MAX as f32 - 0.5
+                })
+                .collect()
+        };
+        let shapes = [
+            (1, 1, 1),
+            (1, 9, 17),
+            (2, 8, 16),
+            (3, 23, 15),
+            (4, 5, 33),
+            (5, 64, 1),
+            (7, 13, 1030),
+            (13, 31, 2100),
+            (130, 70, 300),
+            (40, 260, 300),
+        ];
+        let mut checked = 0;
+        for &(m, n, k) in &shapes {
+            let (lda, ldb, ldc) = (k + 3, k + 5, n + 2);
+            let a = rnd(m * lda);
+            let b = rnd(n * ldb);
+            let c0 = rnd(m * ldc);
+            for beta in [0.0f32, 1.0, 0.5] {
+                let want: Vec<f64> = (0..m * n)
+                    .map(|idx| {
+                        let (i, j) = (idx / n, idx % n);
+                        let dot: f64 = (0..k)
+                            .map(|p| a[i * lda + p] as f64 * b[j * ldb + p] as f64)
+                            .sum();
+                        dot + if beta == 0.0 {
+                            0.0
+                        } else {
+                            beta as f64 * c0[i * ldc + j] as f64
+                        }
+                    })
+                    .collect();
+                let check = |c: &[f32], what: &str| {
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (got, w) = (c[i * ldc + j] as f64, want[i * n + j]);
+                            assert!(
+                                (got - w).abs() <= 1e-5 * (1.0 + (k as f64).sqrt()),
+                                "{what} m {m} n {n} k {k} beta {beta}: C[{i},{j}] {got} vs {w}"
+                            );
+                        }
+                        // The padding columns are never written.
+                        for j in n..ldc {
+                            assert_eq!(c[i * ldc + j].to_bits(), c0[i * ldc + j].to_bits());
+                        }
+                    }
+                };
+                let start = |c: &mut Vec<f32>| {
+                    c.copy_from_slice(&c0);
+                    if beta == 0.0 {
+                        for i in 0..m {
+                            c[i * ldc..i * ldc + n].fill(f32::NAN);
+                        }
+                    }
+                };
+                let mut c = c0.clone();
+                for kern in [Kernel::Avx512, Kernel::Avx2] {
+                    if !supported(kern) {
+                        continue;
+                    }
+                    start(&mut c);
+                    // SAFETY: sizes and strides as allocated above.
+                    let done = unsafe {
+                        gemm_nt(
+                            kern,
+                            m,
+                            n,
+                            k,
+                            a.as_ptr(),
+                            lda,
+                            b.as_ptr(),
+                            ldb,
+                            c.as_mut_ptr(),
+                            ldc,
+                            beta,
+                        )
+                    };
+                    assert!(done);
+                    check(&c, kern.name());
+                    checked += 1;
+                }
+                // The general path: B^T read through strides [1, ldb] is NT again, so pass B
+                // as an explicit (k x n) copy.
+                let bt: Vec<f32> = (0..k * n).map(|idx| b[(idx % n) * ldb + idx / n]).collect();
+                start(&mut c);
+                matmul_strided(&a, [lda, 1], &bt, [n, 1], &mut c, ldc, m, k, n, beta);
+                check(&c, "gemm-f32");
+            }
+        }
+        assert!(
+            checked > 0 || !supported(Kernel::Avx2),
+            "no SIMD kernel ran"
+        );
     }
 
     #[test]

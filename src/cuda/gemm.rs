@@ -135,7 +135,7 @@ fn extent(rows: usize, cols: usize, ld: usize) -> usize {
 /// `op(A)` reads A as (k x m, lda) transposed when `trans_a`, else as (m x k, lda). Checks
 /// the arguments as cuBLAS does (CUBLAS_STATUS_INVALID_VALUE: a leading dimension below the
 /// rows of its stored matrix, negative sizes) and every operand's byte range with `check`
-/// before reading. Products and sums in f32 (matrixmultiply's sgemm on f32 copies of the
+/// before reading. Products and sums in f32 (`math::matmul` on f32 copies of the
 /// operands), `beta == 0` does not read C (so NaN/poison there does not propagate), the
 /// output is rounded to C's dtype.
 #[allow(clippy::too_many_arguments)]
@@ -186,7 +186,7 @@ pub fn host_gemm(
         check(&what("C"), c.ptr as usize + i * c.stride * sc, ec * sc)?;
     }
     let mut af = vec![0.0f32; m * k];
-    let mut bf = vec![0.0f32; k * n];
+    let mut bt = vec![0.0f32; n * k];
     let mut cf = vec![0.0f32; m * n];
     for i in 0..batch {
         let (abase, bbase, cbase) = (
@@ -194,7 +194,7 @@ pub fn host_gemm(
             b.ptr as usize + i * b.stride * sb,
             c.ptr as usize + i * c.stride * sc,
         );
-        // op(A) as a dense row-major (m x k) f32 matrix, B as row-major (k x n).
+        // op(A) as a dense row-major (m x k) f32 matrix, B transposed: row-major (n x k).
         for r in 0..m {
             for p in 0..k {
                 let idx = if trans_a { p + r * a.ld } else { r + p * a.ld };
@@ -202,31 +202,15 @@ pub fn host_gemm(
                 af[r * k + p] = unsafe { load(a.dtype, abase, idx) };
             }
         }
-        for p in 0..k {
-            for j in 0..n {
+        for j in 0..n {
+            for p in 0..k {
                 // SAFETY: p + j * ldb < extent of B, checked above.
-                bf[p * n + j] = unsafe { load(b.dtype, bbase, p + j * b.ld) };
+                bt[j * k + p] = unsafe { load(b.dtype, bbase, p + j * b.ld) };
             }
         }
-        // SAFETY: af (m x k), bf (k x n), cf (m x n), all row-major and dense.
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                1.0,
-                af.as_ptr(),
-                k as isize,
-                1,
-                bf.as_ptr(),
-                n as isize,
-                1,
-                0.0,
-                cf.as_mut_ptr(),
-                n as isize,
-                1,
-            );
-        }
+        // As `A B^T` (the NT kernel): every element's sum runs in one order whatever m and n,
+        // so a batch's rows come out the same at any batch size (tests/batching.rs).
+        crate::math::matmul_bt(&af, &bt, &mut cf, m, k, n, 0.0);
         for r in 0..m {
             for j in 0..n {
                 let idx = r + j * c.ld;

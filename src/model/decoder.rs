@@ -213,6 +213,11 @@ impl DecoderWeights {
         Self::build(cfg, &mut MapSource::new(map, "decoder weights: "))
     }
 
+    /// [`Self::from_tensors`] through a map source (an owned map gives its tensors away).
+    pub(crate) fn from_source(cfg: &DecoderConfig, src: &mut MapSource) -> Result<DecoderWeights> {
+        Self::build(cfg, &mut src.with_context("decoder weights: "))
+    }
+
     /// Every tensor (name, shape) the decoder, codebook and post_quant_conv need, in the
     /// reference's state-dict order. Empty for a configuration that `from_tensors` rejects
     /// (the config is checked before the first tensor is requested).

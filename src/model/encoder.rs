@@ -98,6 +98,11 @@ impl EncoderWeights {
         Self::build(cfg, &mut MapSource::new(map, "encoder weights: "))
     }
 
+    /// [`Self::from_tensors`] through a map source (an owned map gives its tensors away).
+    pub(crate) fn from_source(cfg: &DecoderConfig, src: &mut MapSource) -> Result<EncoderWeights> {
+        Self::build(cfg, &mut src.with_context("encoder weights: "))
+    }
+
     /// Every tensor (name, shape) of the encoder and quant_conv, in state-dict order; empty for
     /// a configuration the decoder rejects.
     pub fn expected_tensors(cfg: &DecoderConfig) -> Vec<(String, Vec<usize>)> {

@@ -56,27 +56,27 @@ pub fn view_to_f32(name: &str, dtype: safetensors::Dtype, bytes: &[u8]) -> Resul
         b.chunks_exact(N).map(|c| c.try_into().unwrap())
     }
     use safetensors::Dtype;
-    Ok(match dtype {
-        Dtype::F32 => chunks::<4>(bytes).map(f32::from_le_bytes).collect(),
-        Dtype::F64 => chunks::<8>(bytes)
-            .map(|c| f64::from_le_bytes(c) as f32)
-            .collect(),
-        Dtype::BF16 => chunks::<2>(bytes)
-            .map(|c| half::bf16::from_le_bytes(c).to_f32())
-            .collect(),
-        Dtype::F16 => chunks::<2>(bytes)
-            .map(|c| half::f16::from_le_bytes(c).to_f32())
-            .collect(),
-        Dtype::I64 => chunks::<8>(bytes)
-            .map(|c| i64::from_le_bytes(c) as f32)
-            .collect(),
-        Dtype::I32 => chunks::<4>(bytes)
-            .map(|c| i32::from_le_bytes(c) as f32)
-            .collect(),
-        Dtype::U8 => bytes.iter().map(|&b| b as f32).collect(),
-        Dtype::BOOL => bytes.iter().map(|&b| (b != 0) as u8 as f32).collect(),
+    let size = match dtype {
+        Dtype::F64 | Dtype::I64 => 8,
+        Dtype::F32 | Dtype::I32 => 4,
+        Dtype::BF16 | Dtype::F16 => 2,
+        _ => 1,
+    };
+    let mut out = Vec::with_capacity(bytes.len() / size);
+    match dtype {
+        Dtype::F32 => out.extend(chunks::<4>(bytes).map(f32::from_le_bytes)),
+        Dtype::F64 => out.extend(chunks::<8>(bytes).map(|c| f64::from_le_bytes(c) as f32)),
+        Dtype::BF16 => {
+            out.extend(chunks::<2>(bytes).map(|c| half::bf16::from_le_bytes(c).to_f32()))
+        }
+        Dtype::F16 => out.extend(chunks::<2>(bytes).map(|c| half::f16::from_le_bytes(c).to_f32())),
+        Dtype::I64 => out.extend(chunks::<8>(bytes).map(|c| i64::from_le_bytes(c) as f32)),
+        Dtype::I32 => out.extend(chunks::<4>(bytes).map(|c| i32::from_le_bytes(c) as f32)),
+        Dtype::U8 => out.extend(bytes.iter().map(|&b| b as f32)),
+        Dtype::BOOL => out.extend(bytes.iter().map(|&b| (b != 0) as u8 as f32)),
         other => bail!("tensor {name}: unsupported dtype {other:?}"),
-    })
+    }
+    Ok(out)
 }
 
 /// Read a whole safetensors file as f32 tensors, plus its metadata (if any). Any dtype is
@@ -88,9 +88,34 @@ pub fn load_safetensors(path: &Path) -> Result<(TensorMap, BTreeMap<String, Stri
 
 /// Read a model file: like [`load_safetensors`], but every tensor must be a float dtype and
 /// every value finite and within [`MAX_WEIGHT_ABS`] ([`parse_model_tensors`]).
+///
+/// The file is mapped read-only (memmap2), never read whole: each tensor is widened (or for
+/// f32, copied) once into its owned buffer, checked in the same pass, and its pages of the map
+/// are then released (`MADV_DONTNEED`: the kernel's page cache keeps them, this process stops
+/// counting them), so the peak is one f32 copy of the weights, not the file plus the weights.
+/// The map is dropped before this returns: the loaded model never reads the file again, so
+/// a file changed or truncated after loading cannot affect it. The one window left is the
+/// load itself: a file truncated by another process while it is being read would raise
+/// SIGBUS (a crash, not a wrong result); a file shorter than its header says is refused with
+/// the usual error, since the header's offsets are checked against the length mapped.
 pub fn load_model_file(path: &Path) -> Result<(TensorMap, BTreeMap<String, String>)> {
-    let bytes = read_input(path)?;
-    parse_model_tensors(&bytes).with_context(|| format!("{}", path.display()))
+    crate::paths::check_input(path)?;
+    let shown = path.display();
+    let file = std::fs::File::open(path).with_context(|| format!("{shown}: cannot read"))?;
+    // SAFETY: a read-only (PROT_READ) view; the bytes are copied out before the map is dropped
+    // (the truncation caveat is in the doc comment above).
+    let map =
+        unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{shown}: cannot map"))?;
+    let _ = map.advise(memmap2::Advice::Sequential);
+    let release = |bytes: &[u8]| {
+        let off = bytes.as_ptr() as usize - map.as_ptr() as usize;
+        // SAFETY: DONTNEED on a read-only file mapping only drops this process's page-table
+        // entries; a later access reads the same file pages again.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, bytes.len())
+        };
+    };
+    parse_checked(&map, true, &release).with_context(|| format!("{shown}"))
 }
 
 fn read_input(path: &Path) -> Result<Vec<u8>> {
@@ -125,17 +150,23 @@ pub fn check_weights(name: &str, data: &[f32]) -> Result<()> {
 
 /// Parse safetensors bytes into f32 tensors and metadata.
 pub fn parse_safetensors(bytes: &[u8]) -> Result<(TensorMap, BTreeMap<String, String>)> {
-    parse_checked(bytes, false)
+    parse_checked(bytes, false, &|_| {})
 }
 
 /// Parse a model file's bytes: float dtypes only (an integer tensor where a weight belongs
 /// would be widened into nonsense), each value checked in the same pass that widens it (one
 /// compare per element; the cost on L-2x is in README.md, "Limits").
 pub fn parse_model_tensors(bytes: &[u8]) -> Result<(TensorMap, BTreeMap<String, String>)> {
-    parse_checked(bytes, true)
+    parse_checked(bytes, true, &|_| {})
 }
 
-fn parse_checked(bytes: &[u8], model: bool) -> Result<(TensorMap, BTreeMap<String, String>)> {
+/// `done` is called with each tensor's bytes once they are decoded (the mapped loader
+/// releases them).
+fn parse_checked(
+    bytes: &[u8],
+    model: bool,
+    done: &(dyn Fn(&[u8]) + Sync),
+) -> Result<(TensorMap, BTreeMap<String, String>)> {
     let (_, meta) = SafeTensors::read_metadata(bytes)
         .map_err(|e| anyhow::anyhow!("not a valid safetensors file ({e})"))?;
     let metadata: BTreeMap<String, String> = meta
@@ -146,19 +177,34 @@ fn parse_checked(bytes: &[u8], model: bool) -> Result<(TensorMap, BTreeMap<Strin
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| anyhow::anyhow!("not a valid safetensors file ({e})"))?;
     let mut map = TensorMap::new();
-    for (name, view) in st.tensors() {
+    let tensors = st.tensors();
+    if model {
         use safetensors::Dtype as D;
-        if model && !matches!(view.dtype(), D::F32 | D::BF16 | D::F16 | D::F64) {
-            bail!(
-                "tensor `{name}` has dtype {:?}; model weights must be f32, bf16, f16 or f64",
-                view.dtype()
-            );
+        for (name, view) in &tensors {
+            if !matches!(view.dtype(), D::F32 | D::BF16 | D::F16 | D::F64) {
+                bail!(
+                    "tensor `{name}` has dtype {:?}; model weights must be f32, bf16, f16 or f64",
+                    view.dtype()
+                );
+            }
         }
-        let data = view_to_f32(&name, view.dtype(), view.data())?;
-        if model {
-            check_weights(&name, &data)?;
-        }
-        map.insert(name, Tensor::new(view.shape().to_vec(), data));
+    }
+    // Decoded and checked on all cores; the first error in the file's tensor order is the
+    // one reported, whatever the threads did.
+    use rayon::prelude::*;
+    let decoded: Vec<Result<Vec<f32>>> = tensors
+        .par_iter()
+        .map(|(name, view)| {
+            let data = view_to_f32(name, view.dtype(), view.data())?;
+            done(view.data());
+            if model {
+                check_weights(name, &data)?;
+            }
+            Ok(data)
+        })
+        .collect();
+    for ((name, view), data) in tensors.into_iter().zip(decoded) {
+        map.insert(name, Tensor::new(view.shape().to_vec(), data?));
     }
     Ok((map, metadata))
 }

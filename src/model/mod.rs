@@ -14,7 +14,8 @@ pub mod weights;
 use crate::model::config::{CONFIG_METADATA_KEY, ModelConfig};
 use crate::model::decoder::DecoderWeights;
 use crate::model::encoder::EncoderWeights;
-use crate::model::file::{TensorMap, load_model_file, parse_model_tensors};
+use crate::model::file::{Tensor, TensorMap, load_model_file, parse_model_tensors};
+use crate::model::source::MapSource;
 use crate::model::weights::TransformerWeights;
 use crate::order::scale_sizes;
 use anyhow::{Context, Result, anyhow};
@@ -36,17 +37,17 @@ impl Model {
     /// Load a model file written by `checkergen convert` or `checkergen init`.
     pub fn load(path: &Path) -> Result<Model> {
         let (map, meta) = load_model_file(path)?;
-        Model::from_metadata(&map, &meta).with_context(|| format!("{}", path.display()))
+        Model::from_metadata(map, &meta).with_context(|| format!("{}", path.display()))
     }
 
     /// A model file's bytes as a model (what [`Model::load`] does after reading the file;
     /// the `cargo fuzz` target's entry point).
     pub fn from_bytes(bytes: &[u8]) -> Result<Model> {
         let (map, meta) = parse_model_tensors(bytes)?;
-        Model::from_metadata(&map, &meta)
+        Model::from_metadata(map, &meta)
     }
 
-    fn from_metadata(map: &TensorMap, meta: &BTreeMap<String, String>) -> Result<Model> {
+    fn from_metadata(map: TensorMap, meta: &BTreeMap<String, String>) -> Result<Model> {
         let json = meta.get(CONFIG_METADATA_KEY).ok_or_else(|| {
             anyhow!(
                 "no `{CONFIG_METADATA_KEY}` in the safetensors metadata; \
@@ -55,23 +56,53 @@ impl Model {
         })?;
         let config: ModelConfig =
             serde_json::from_str(json).context("malformed configuration metadata")?;
-        Model::from_tensors(config, map)
+        Model::from_owned_tensors(config, map)
     }
 
-    /// Validate the configuration and every tensor, then fold the weights.
+    /// Validate the configuration and every tensor, then fold the weights (`map` is copied
+    /// from; [`Model::from_owned_tensors`] moves the weights out instead).
     pub fn from_tensors(config: ModelConfig, map: &TensorMap) -> Result<Model> {
+        let has_encoder = EncoderWeights::present(map);
+        Model::build(config, map, has_encoder, &mut MapSource::new(map, ""))
+    }
+
+    /// [`Model::from_tensors`] consuming the map: its weight buffers become the model's, so
+    /// the peak is one copy of the weights (what loading a file uses).
+    pub fn from_owned_tensors(config: ModelConfig, mut map: TensorMap) -> Result<Model> {
+        // What the file holds is looked at before the source starts taking tensors away.
+        let has_encoder = EncoderWeights::present(&map);
+        let layer_names: TensorMap = map
+            .keys()
+            .filter(|k| k.starts_with("llama.layers."))
+            .map(|k| (k.clone(), Tensor::new(vec![0], Vec::new())))
+            .collect();
+        Model::build(
+            config,
+            &layer_names,
+            has_encoder,
+            &mut MapSource::owned(&mut map, ""),
+        )
+    }
+
+    /// `names`: at least the file's `llama.layers.*` names (for the layer count).
+    fn build(
+        config: ModelConfig,
+        names: &TensorMap,
+        has_encoder: bool,
+        src: &mut MapSource,
+    ) -> Result<Model> {
         config.validate()?;
-        check_layer_count(&config, map)?;
+        check_layer_count(&config, names)?;
         let scale_sizes = scale_sizes(
             config.latent_size(),
             config.scale_ratio,
             config.scale_min_size,
         )?;
         let n_tokens = scale_sizes.iter().map(|s| s * s).sum();
-        let weights = TransformerWeights::from_tensors(&config, map, n_tokens)?;
-        let decoder = DecoderWeights::from_tensors(&config.decoder, map)?;
-        let encoder = EncoderWeights::present(map)
-            .then(|| EncoderWeights::from_tensors(&config.decoder, map))
+        let weights = TransformerWeights::from_source(&config, src, n_tokens)?;
+        let decoder = DecoderWeights::from_source(&config.decoder, src)?;
+        let encoder = has_encoder
+            .then(|| EncoderWeights::from_source(&config.decoder, src))
             .transpose()?;
         Ok(Model {
             config,
@@ -128,4 +159,51 @@ fn check_layer_count(config: &ModelConfig, map: &TensorMap) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::file::{Dtype, write_model};
+
+    /// A model file loaded through the map (tensors moved out of the decoded map, pages
+    /// released) equals the model built by copying from the in-memory tensors, for f32 and
+    /// bf16 storage, encoder included.
+    #[test]
+    fn mapped_load_equals_in_memory_build() {
+        let cfg = config::preset("tiny").unwrap();
+        let map = crate::model::init::random_tensors(&cfg, 3).unwrap();
+        let dir = std::env::temp_dir().join(format!("checkergen-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            let path = dir.join(format!("m-{dtype}.safetensors"));
+            write_model(&path, &cfg, &map, dtype, &[]).unwrap();
+            let loaded = Model::load(&path).unwrap();
+            // What the file holds, decoded (bf16: the rounded values) and built by copying.
+            let (stored, _) = file::load_safetensors(&path).unwrap();
+            let built = Model::from_tensors(cfg.clone(), &stored).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let (a, b) = (&loaded.weights, &built.weights);
+            assert_eq!(a.layers.len(), b.layers.len());
+            for (la, lb) in a.layers.iter().zip(&b.layers) {
+                assert_eq!(bits(&la.w13.w), bits(&lb.w13.w), "{dtype}");
+                assert_eq!(bits(&la.wqkv.w), bits(&lb.wqkv.w), "{dtype}");
+                assert_eq!(bits(&la.modulation.w), bits(&lb.modulation.w), "{dtype}");
+            }
+            assert_eq!(bits(&a.head.w), bits(&b.head.w), "{dtype}");
+            assert_eq!(bits(&a.tables.dc), bits(&b.tables.dc), "{dtype}");
+            assert_eq!(bits(&a.codebook), bits(&b.codebook), "{dtype}");
+            assert_eq!(
+                bits(&loaded.decoder.codebook),
+                bits(&built.decoder.codebook)
+            );
+            assert_eq!(
+                bits(&loaded.decoder.conv_in.weight),
+                bits(&built.decoder.conv_in.weight)
+            );
+            assert!(loaded.encoder.is_some() && built.encoder.is_some());
+            assert_eq!(loaded.parameter_counts(), built.parameter_counts());
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
 }

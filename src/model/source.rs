@@ -10,14 +10,45 @@ pub(crate) trait Source {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
 }
 
-/// Reads from a tensor map; errors name the tensor and both shapes, after `context`.
+/// Reads from a tensor map; errors name the tensor and both shapes, after `context`. A
+/// borrowed map is copied from; an owned one ([`MapSource::owned`], what loading a file uses)
+/// gives its large tensors away, so the weights end up in the buffers the file was decoded
+/// into and loading holds one copy of them, not two.
 pub(crate) struct MapSource<'a> {
-    map: &'a TensorMap,
+    map: Map<'a>,
     context: &'static str,
 }
 
+enum Map<'a> {
+    Shared(&'a TensorMap),
+    Owned(&'a mut TensorMap),
+}
+
+/// Tensors up to this many elements are copied even from an owned map (the codebook is read
+/// by both the transformer and the decoder); larger ones are each read once.
+const MOVE_MIN: usize = 1 << 16;
+
 impl<'a> MapSource<'a> {
     pub(crate) fn new(map: &'a TensorMap, context: &'static str) -> Self {
+        MapSource {
+            map: Map::Shared(map),
+            context,
+        }
+    }
+
+    pub(crate) fn owned(map: &'a mut TensorMap, context: &'static str) -> Self {
+        MapSource {
+            map: Map::Owned(map),
+            context,
+        }
+    }
+
+    /// The same map under another error context.
+    pub(crate) fn with_context(&mut self, context: &'static str) -> MapSource<'_> {
+        let map = match &mut self.map {
+            Map::Shared(m) => Map::Shared(m),
+            Map::Owned(m) => Map::Owned(m),
+        };
         MapSource { map, context }
     }
 }
@@ -25,14 +56,25 @@ impl<'a> MapSource<'a> {
 impl Source for MapSource<'_> {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let ctx = self.context;
-        match self.map.get(name) {
+        let map: &TensorMap = match &self.map {
+            Map::Shared(m) => m,
+            Map::Owned(m) => m,
+        };
+        let t = match map.get(name) {
             None => bail!("{ctx}missing tensor `{name}` (expected shape {shape:?})"),
             Some(t) if t.shape != shape => bail!(
                 "{ctx}tensor `{name}` has shape {:?}, expected {shape:?} for this configuration",
                 t.shape
             ),
-            Some(t) => Ok(t.data.clone()),
+            Some(t) => t,
+        };
+        if t.data.len() < MOVE_MIN {
+            return Ok(t.data.clone());
         }
+        Ok(match &mut self.map {
+            Map::Shared(m) => m[name].data.clone(),
+            Map::Owned(m) => m.remove(name).expect("present above").data,
+        })
     }
 }
 

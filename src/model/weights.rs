@@ -339,8 +339,16 @@ fn sub_cols(w: &[f32], rows: usize, stride: usize, start: usize, width: usize) -
 impl TransformerWeights {
     /// Validate and fold the transformer-side tensors of `map` for configuration `cfg`.
     pub fn from_tensors(cfg: &ModelConfig, map: &TensorMap, n_tokens: usize) -> Result<Self> {
-        let mut src = MapSource::new(map, "");
-        let raw = read_transformer(cfg, n_tokens, &mut src)?;
+        Self::from_source(cfg, &mut MapSource::new(map, ""), n_tokens)
+    }
+
+    /// [`Self::from_tensors`] through a map source (an owned map gives its tensors away).
+    pub(crate) fn from_source(
+        cfg: &ModelConfig,
+        src: &mut MapSource,
+        n_tokens: usize,
+    ) -> Result<Self> {
+        let raw = read_transformer(cfg, n_tokens, src)?;
         let mut codebook = src.take(CODEBOOK, &[cfg.codebook_size(), cfg.code_dim()])?;
         if cfg.decoder.normalize {
             normalize_rows(&mut codebook, cfg.code_dim());

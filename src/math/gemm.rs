@@ -1,0 +1,490 @@
+//! Hand-written f32 GEMM for `C = A B^T + beta C` where both A's rows and B's rows are
+//! contiguous in k ("NT": B is a PyTorch Linear weight `[out, in]`, read in place, never
+//! packed or copied).
+//!
+//! Why this shape: the CPU transformer's GEMMs at batch 1 have M = 1..128 rows (batch x
+//! positions per step, times 2 with guidance) against weights of 1024 x 1024 .. 6144 x 1024;
+//! small M is bound by streaming the weights once from DRAM, so a kernel that reads each
+//! weight row exactly once per step in its stored layout (no per-call packing, no second copy
+//! of the weights) is what the step needs (the next tile of weight rows is prefetched while
+//! the current one is used); large M is FMA-bound, and a register tile of 3 A rows x 8
+//! weight rows with accumulators along k keeps two 512-bit FMA pipes busy with A (L2) and B
+//! (L1, one k-block of 8 rows) streaming. Each accumulator is reduced horizontally once per
+//! k-block (four at a time by a transpose-add), a few per cent of the FMAs. Every output
+//! element's sum runs in one fixed order whatever m, n and the threads: rows come out the
+//! same at any batch size.
+//!
+//! Kernels: AVX-512F (16 lanes, 3 x 8 tile, 24 accumulators), AVX2+FMA (8 lanes, 3 x 4 tile,
+//! 12 accumulators), chosen once at run time ([`kernel`]); `CHECKERGEN_GEMM=avx2|portable`
+//! forces a lower one (tests and comparisons). Portable: no NT kernel; `math` then uses
+//! gemm-f32 for every layout.
+//!
+//! Threads: the caller's rayon pool (no pool of its own, so nesting inside a rayon loop
+//! cannot oversubscribe); the output is split into tasks over columns (disjoint weight rows:
+//! each thread streams its own share of the weights) and, for large M, row blocks.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// The NT kernel family this process uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Avx512,
+    Avx2,
+    /// No SIMD kernel: `math` uses gemm-f32.
+    Portable,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512 => "avx512f",
+            Kernel::Avx2 => "avx2+fma",
+            Kernel::Portable => "portable (gemm-f32)",
+        }
+    }
+}
+
+/// The best kernel this CPU supports, detected once; `CHECKERGEN_GEMM=avx2` or `portable`
+/// selects a lower one (never a higher one than the CPU has).
+pub fn kernel() -> Kernel {
+    static K: OnceLock<Kernel> = OnceLock::new();
+    *K.get_or_init(|| {
+        let best = detect();
+        match std::env::var("CHECKERGEN_GEMM").ok().as_deref() {
+            Some("portable") => Kernel::Portable,
+            Some("avx2") if best != Kernel::Portable => Kernel::Avx2,
+            _ => best,
+        }
+    })
+}
+
+fn detect() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            return Kernel::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Kernel::Avx2;
+        }
+    }
+    Kernel::Portable
+}
+
+/// Whether `kern` can run on this CPU (tests run every supported kernel).
+pub fn supported(kern: Kernel) -> bool {
+    match kern {
+        Kernel::Portable => true,
+        Kernel::Avx2 => detect() != Kernel::Portable,
+        Kernel::Avx512 => detect() == Kernel::Avx512,
+    }
+}
+
+/// k-block: a tile of NR B rows x KC floats (32 KiB) stays in L1 while every row tile of A
+/// passes over it.
+const KC: usize = 1024;
+/// Row block of one task: MC x KC floats of A (512 KiB) stay in L2 while B streams by.
+const MC: usize = 128;
+/// Below this many multiply-adds a GEMM runs on the calling thread.
+const PAR_MIN_MACS: usize = 1 << 20;
+/// Columns (weight rows) of one register tile: 8 rows of B stream at once.
+const NR: usize = 8;
+/// Rows of the largest AVX-512 register tile: 3 x 8 = 24 accumulators, 3 A vectors and one
+/// B vector in the 32 zmm registers.
+const MR_MAX: usize = 3;
+
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+#[derive(Clone, Copy)]
+struct CPtr(*const f32);
+unsafe impl Send for CPtr {}
+unsafe impl Sync for CPtr {}
+impl Ptr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+impl CPtr {
+    fn get(self) -> *const f32 {
+        self.0
+    }
+}
+
+/// C (m x n, row stride `ldc`) = A (m x k, row stride `lda`) · B^T + beta C, B (n x k, row
+/// stride `ldb`); columns of A and B unit-stride. beta = 0 never reads C. Returns false
+/// (nothing done) when `kern` is [`Kernel::Portable`].
+///
+/// # Safety
+/// A, B and C must be valid for the elements this reads and writes; C's m x n elements must
+/// not overlap A or B; `kern` must be [`supported`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_nt(
+    kern: Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    beta: f32,
+) -> bool {
+    if kern == Kernel::Portable {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                let p = unsafe { c.add(i * ldc + j) };
+                unsafe { *p = if beta == 0.0 { 0.0 } else { beta * *p } };
+            }
+        }
+        return true;
+    }
+    let macs = m * n * k;
+    let threads = rayon::current_num_threads();
+    let (a, b, c) = (CPtr(a), CPtr(b), Ptr(c));
+    let block = move |m0: usize, m1: usize, n0: usize, n1: usize| {
+        // SAFETY: the caller's contract; tasks write disjoint blocks of C.
+        unsafe {
+            block_nt(
+                kern,
+                m0,
+                m1,
+                n0,
+                n1,
+                k,
+                a.get(),
+                lda,
+                b.get(),
+                ldb,
+                c.get(),
+                ldc,
+                beta,
+            )
+        }
+    };
+    if threads <= 1 || macs < PAR_MIN_MACS {
+        block(0, m, 0, n);
+        return true;
+    }
+    // Tasks: row blocks of at most MC, and enough column chunks (multiples of NR) for about
+    // four tasks per thread, so that a thread slowed by other work is balanced out.
+    let mb = m.div_ceil(MC);
+    let want_n = (4 * threads).div_ceil(mb).max(1);
+    let nchunk = n.div_ceil(want_n).next_multiple_of(NR);
+    let nb = n.div_ceil(nchunk);
+    let mrows = m.div_ceil(mb);
+    use rayon::prelude::*;
+    (0..mb * nb).into_par_iter().for_each(|t| {
+        let (bi, bj) = (t / nb, t % nb);
+        let (m0, n0) = (bi * mrows, bj * nchunk);
+        block(m0, (m0 + mrows).min(m), n0, (n0 + nchunk).min(n));
+    });
+    true
+}
+
+/// One task: rows m0..m1, columns n0..n1, all of k, on the calling thread.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_nt(
+    kern: Kernel,
+    m0: usize,
+    m1: usize,
+    n0: usize,
+    n1: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    beta: f32,
+) {
+    for mc in (m0..m1).step_by(MC) {
+        let mc1 = (mc + MC).min(m1);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let beta = if k0 == 0 { beta } else { 1.0 };
+            for j in (n0..n1).step_by(NR) {
+                let nc = NR.min(n1 - j);
+                // Missing columns of a tail tile read row j again and are not stored.
+                let bt: [*const f32; NR] = std::array::from_fn(|q| unsafe {
+                    b.add((j + if q < nc { q } else { 0 }) * ldb + k0)
+                });
+                // The next tile's rows, prefetched while the first row tile runs over this one
+                // (at small M the step is bound by the weight stream, and the k-loop alone
+                // leaves the DRAM idle while it computes from L1).
+                let jn = j + NR;
+                let pf: Option<[*const f32; NR]> = (jn < n1).then(|| {
+                    std::array::from_fn(|q| unsafe { b.add((jn + q).min(n1 - 1) * ldb + k0) })
+                });
+                let mut i = mc;
+                while i < mc1 {
+                    let pf = if i == mc { pf.as_ref() } else { None };
+                    let ap = unsafe { a.add(i * lda + k0) };
+                    let cp = unsafe { c.add(i * ldc + j) };
+                    let left = mc1 - i;
+                    unsafe {
+                        i += match kern {
+                            #[cfg(target_arch = "x86_64")]
+                            Kernel::Avx512 => {
+                                avx512::tile_dispatch(left, kc, ap, lda, &bt, pf, cp, ldc, nc, beta)
+                            }
+                            #[cfg(target_arch = "x86_64")]
+                            Kernel::Avx2 => {
+                                avx2::tile_dispatch(left, kc, ap, lda, &bt, pf, cp, ldc, nc, beta)
+                            }
+                            _ => unreachable!("portable has no NT kernel"),
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Store `s` (the sums for columns j..j+NR of one C row) into the first `nc` columns.
+#[inline(always)]
+unsafe fn store(s: &[f32], c: *mut f32, nc: usize, beta: f32) {
+    for (q, &v) in s.iter().enumerate().take(nc) {
+        let p = unsafe { c.add(q) };
+        unsafe {
+            *p = if beta == 0.0 {
+                v
+            } else if beta == 1.0 {
+                *p + v
+            } else {
+                beta * *p + v
+            }
+        };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+
+    /// Runs the largest row tile up to `left` rows and returns its rows.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub(super) unsafe fn tile_dispatch(
+        left: usize,
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: &[*const f32; NR],
+        pf: Option<&[*const f32; NR]>,
+        c: *mut f32,
+        ldc: usize,
+        nc: usize,
+        beta: f32,
+    ) -> usize {
+        const _: () = assert!(MR_MAX == 3, "tile_dispatch instantiates rows 1..=3");
+        let r = left.min(MR_MAX);
+        macro_rules! go {
+            ($mr:literal) => {
+                match pf {
+                    Some(pf) => tile::<$mr, true>(k, a, lda, b, pf, c, ldc, nc, beta),
+                    None => tile::<$mr, false>(k, a, lda, b, b, c, ldc, nc, beta),
+                }
+            };
+        }
+        unsafe {
+            match r {
+                1 => go!(1),
+                2 => go!(2),
+                _ => go!(3),
+            }
+        }
+        r
+    }
+
+    /// Four horizontal sums at once: [sum v0, sum v1, sum v2, sum v3].
+    #[inline(always)]
+    unsafe fn reduce4(v0: __m512, v1: __m512, v2: __m512, v3: __m512) -> __m128 {
+        unsafe {
+            let s01 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+            let s23 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+            // Per 128-bit lane: partial sums of v0, v1, v2, v3.
+            let e = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(s01, s23),
+                _mm512_shuffle_ps::<0b11_10_11_10>(s01, s23),
+            );
+            let lo = _mm512_castps512_ps256(e);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+            let h = _mm256_add_ps(lo, hi);
+            _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const MR: usize, const PF: bool>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: &[*const f32; NR],
+        pf: &[*const f32; NR],
+        c: *mut f32,
+        ldc: usize,
+        nc: usize,
+        beta: f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+        unsafe {
+            // The k % 16 tail first (masked loads read nothing past the row), so the loop
+            // below is all full vectors and the accumulators stay in registers.
+            let r = k % 16;
+            if r != 0 {
+                let mask: __mmask16 = ((1u32 << r) - 1) as u16;
+                let av: [__m512; MR] =
+                    std::array::from_fn(|i| _mm512_maskz_loadu_ps(mask, a.add(i * lda)));
+                for q in 0..NR {
+                    let bv = _mm512_maskz_loadu_ps(mask, b[q]);
+                    for i in 0..MR {
+                        acc[i][q] = _mm512_mul_ps(av[i], bv);
+                    }
+                }
+            }
+            let mut p = r;
+            while p < k {
+                let av: [__m512; MR] = std::array::from_fn(|i| _mm512_loadu_ps(a.add(i * lda + p)));
+                if PF {
+                    for f in pf {
+                        _mm_prefetch::<_MM_HINT_T0>(f.add(p) as *const i8);
+                    }
+                }
+                for q in 0..NR {
+                    let bv = _mm512_loadu_ps(b[q].add(p));
+                    for i in 0..MR {
+                        acc[i][q] = _mm512_fmadd_ps(av[i], bv, acc[i][q]);
+                    }
+                }
+                p += 16;
+            }
+            let mut s = [[0.0f32; NR]; MR];
+            for i in 0..MR {
+                for g in 0..NR / 4 {
+                    let x = reduce4(
+                        acc[i][4 * g],
+                        acc[i][4 * g + 1],
+                        acc[i][4 * g + 2],
+                        acc[i][4 * g + 3],
+                    );
+                    _mm_storeu_ps(s[i].as_mut_ptr().add(4 * g), x);
+                }
+            }
+            for (i, row) in s.iter().enumerate() {
+                store(row, c.add(i * ldc), nc, beta);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub(super) unsafe fn tile_dispatch(
+        left: usize,
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: &[*const f32; NR],
+        _pf: Option<&[*const f32; NR]>,
+        c: *mut f32,
+        ldc: usize,
+        nc: usize,
+        beta: f32,
+    ) -> usize {
+        let r = left.min(3);
+        // Groups of 4 columns (12 accumulators of the 16 registers at 3 rows).
+        for g in 0..nc.div_ceil(4) {
+            let bg = [b[4 * g], b[4 * g + 1], b[4 * g + 2], b[4 * g + 3]];
+            let (cg, ng) = (unsafe { c.add(4 * g) }, (nc - 4 * g).min(4));
+            unsafe {
+                match r {
+                    1 => tile::<1>(k, a, lda, bg, cg, ldc, ng, beta),
+                    2 => tile::<2>(k, a, lda, bg, cg, ldc, ng, beta),
+                    _ => tile::<3>(k, a, lda, bg, cg, ldc, ng, beta),
+                }
+            }
+        }
+        r
+    }
+
+    #[inline(always)]
+    unsafe fn reduce4(v0: __m256, v1: __m256, v2: __m256, v3: __m256) -> __m128 {
+        unsafe {
+            let s01 = _mm256_add_ps(_mm256_unpacklo_ps(v0, v1), _mm256_unpackhi_ps(v0, v1));
+            let s23 = _mm256_add_ps(_mm256_unpacklo_ps(v2, v3), _mm256_unpackhi_ps(v2, v3));
+            let e = _mm256_add_ps(
+                _mm256_shuffle_ps::<0b01_00_01_00>(s01, s23),
+                _mm256_shuffle_ps::<0b11_10_11_10>(s01, s23),
+            );
+            _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps::<1>(e))
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const MR: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: [*const f32; 4],
+        c: *mut f32,
+        ldc: usize,
+        nc: usize,
+        beta: f32,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 4]; MR];
+        unsafe {
+            // The k % 8 tail first, as in the AVX-512 tile.
+            let r = k % 8;
+            if r != 0 {
+                let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(r as i32), lane);
+                let av: [__m256; MR] =
+                    std::array::from_fn(|i| _mm256_maskload_ps(a.add(i * lda), mask));
+                for q in 0..4 {
+                    let bv = _mm256_maskload_ps(b[q], mask);
+                    for i in 0..MR {
+                        acc[i][q] = _mm256_mul_ps(av[i], bv);
+                    }
+                }
+            }
+            let mut p = r;
+            while p < k {
+                let av: [__m256; MR] = std::array::from_fn(|i| _mm256_loadu_ps(a.add(i * lda + p)));
+                for q in 0..4 {
+                    let bv = _mm256_loadu_ps(b[q].add(p));
+                    for i in 0..MR {
+                        acc[i][q] = _mm256_fmadd_ps(av[i], bv, acc[i][q]);
+                    }
+                }
+                p += 8;
+            }
+            let mut s = [[0.0f32; 4]; MR];
+            for i in 0..MR {
+                let x = reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+                _mm_storeu_ps(s[i].as_mut_ptr(), x);
+            }
+            for (i, row) in s.iter().enumerate() {
+                store(row, c.add(i * ldc), nc, beta);
+            }
+        }
+    }
+}
