@@ -28,6 +28,7 @@ use std::cell::RefCell;
 
 /// Which micro-kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum Isa {
     Avx512,
     Avx2,
