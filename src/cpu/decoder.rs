@@ -11,10 +11,56 @@
 //! ```
 //!
 //! Images are decoded one at a time (activations of one 256x256 image of the released decoder
-//! are 32 MB per buffer).
+//! are 32 MB per buffer). Activation buffers come from a small per-thread pool and go back to
+//! it when a layer is done with them: a fresh allocation that large is a fresh mapping from
+//! the kernel, one page fault per 4 KB page on first touch, and that was a third of the
+//! decoder's CPU time.
 
 use crate::cpu::ops;
 use crate::model::decoder::{AttnBlock, Conv, DecoderWeights, GroupNorm, ResBlock};
+use std::cell::RefCell;
+
+/// Buffers kept per thread between layers (a ResBlock holds at most three at once).
+const POOL_MAX: usize = 4;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `len` floats from this thread's pool (contents unspecified: every user
+/// overwrites all of it), or a new one.
+pub(crate) fn take_buf(len: usize) -> Vec<f32> {
+    let mut v = POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        // The smallest buffer that fits, else the largest (grown below).
+        let fit = (0..p.len())
+            .filter(|&i| p[i].capacity() >= len)
+            .min_by_key(|&i| p[i].capacity());
+        let pick = fit.or_else(|| (0..p.len()).max_by_key(|&i| p[i].capacity()));
+        pick.map(|i| p.swap_remove(i)).unwrap_or_default()
+    });
+    if v.len() < len {
+        v.resize(len, 0.0);
+    } else {
+        v.truncate(len);
+    }
+    v
+}
+
+/// Give a buffer back to this thread's pool (the smallest is dropped when it is full).
+pub(crate) fn recycle(v: Vec<f32>) {
+    if v.capacity() == 0 {
+        return;
+    }
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        p.push(v);
+        if p.len() > POOL_MAX {
+            let smallest = (0..p.len()).min_by_key(|&i| p[i].capacity()).unwrap();
+            p.swap_remove(smallest);
+        }
+    });
+}
 
 /// One image's activations.
 pub(crate) struct Act {
@@ -42,13 +88,17 @@ impl Act {
 impl Conv {
     pub(crate) fn forward(&self, x: &Act) -> Act {
         assert_eq!(x.c, self.cin, "conv: input channels");
-        x.with(self.cout, ops::conv2d(self, &x.data, x.h, x.w))
+        let mut out = take_buf(self.cout * x.hw()); // (Cout, H, W)
+        ops::conv2d_into(self, &x.data, x.h, x.w, &mut out);
+        x.with(self.cout, out)
     }
 }
 
 impl GroupNorm {
     pub(crate) fn forward(&self, x: &Act, silu: bool) -> Act {
-        x.with(x.c, ops::group_norm(self, &x.data, x.hw(), silu))
+        let mut out = take_buf(x.data.len()); // (C, H, W)
+        ops::group_norm_into(self, &x.data, x.hw(), silu, &mut out);
+        x.with(x.c, out)
     }
 }
 
@@ -56,15 +106,25 @@ impl ResBlock {
     /// GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3, plus the input (1x1 `nin_shortcut`
     /// when the channel count changes).
     pub(crate) fn forward(&self, x: Act) -> Act {
-        let h = self.conv1.forward(&self.norm1.forward(&x, true));
-        let mut h = self.conv2.forward(&self.norm2.forward(&h, true)); // (Cout, H, W)
+        let n1 = self.norm1.forward(&x, true);
+        let h1 = self.conv1.forward(&n1);
+        recycle(n1.data);
+        let n2 = self.norm2.forward(&h1, true);
+        recycle(h1.data);
+        let mut h = self.conv2.forward(&n2); // (Cout, H, W)
+        recycle(n2.data);
         let skip = match &self.nin_shortcut {
-            Some(conv) => conv.forward(&x),
+            Some(conv) => {
+                let s = conv.forward(&x);
+                recycle(x.data);
+                s
+            }
             None => x,
         };
         for (o, s) in h.data.iter_mut().zip(&skip.data) {
             *o += s;
         }
+        recycle(skip.data);
         h
     }
 }
@@ -79,11 +139,16 @@ impl AttnBlock {
             self.k.forward(&hn),
             self.v.forward(&hn),
         ); // (C, N) each
+        recycle(hn.data);
         let att = x.with(c, ops::spatial_attention(&q.data, &k.data, &v.data, c, n));
+        for t in [q, k, v] {
+            recycle(t.data);
+        }
         let mut out = self.proj_out.forward(&att);
         for (o, s) in out.data.iter_mut().zip(&x.data) {
             *o += s;
         }
+        recycle(x.data);
         out
     }
 }
@@ -102,7 +167,9 @@ impl DecoderWeights {
             } else {
                 zb.to_vec()
             };
-            out.extend_from_slice(&self.decode_one(zb, s).data);
+            let img = self.decode_one(zb, s);
+            out.extend_from_slice(&img.data);
+            recycle(img.data);
         }
         out
     }
@@ -119,7 +186,11 @@ impl DecoderWeights {
         let side = s * self.cfg.stride();
         let mut out = Vec::with_capacity(batch * 3 * side * side);
         for zb in z.chunks_exact(e * n) {
-            out.extend_from_slice(&self.decode_one(zb.to_vec(), s).data);
+            let mut z1 = take_buf(e * n);
+            z1.copy_from_slice(zb);
+            let img = self.decode_one(z1, s);
+            out.extend_from_slice(&img.data);
+            recycle(img.data);
         }
         out
     }
@@ -132,8 +203,10 @@ impl DecoderWeights {
             w: s,
             data: z,
         };
-        let x = self.post_quant_conv.forward(&x); // (z_ch, s, s)
-        let mut x = self.conv_in.forward(&x); // (ch*ch_mult[-1], s, s)
+        let z = self.post_quant_conv.forward(&x); // (z_ch, s, s)
+        recycle(x.data);
+        let mut x = self.conv_in.forward(&z); // (ch*ch_mult[-1], s, s)
+        recycle(z.data);
         x = self.mid.0.forward(x);
         x = self.mid.1.forward(x);
         x = self.mid.2.forward(x);
@@ -145,11 +218,17 @@ impl DecoderWeights {
                 }
             }
             if let Some(up) = &level.upsample {
-                x = up.forward(&upsample_nearest2(&x));
+                let u = upsample_nearest2(&x);
+                recycle(std::mem::take(&mut x.data));
+                x = up.forward(&u);
+                recycle(u.data);
             }
         }
-        let x = self.norm_out.forward(&x, true);
-        self.conv_out.forward(&x) // (3, s*stride, s*stride)
+        let n = self.norm_out.forward(&x, true);
+        recycle(x.data);
+        let out = self.conv_out.forward(&n); // (3, s*stride, s*stride)
+        recycle(n.data);
+        out
     }
 }
 
@@ -162,11 +241,13 @@ pub(crate) fn normalize_positions(z: &[f32], e: usize, n: usize) -> Vec<f32> {
 }
 
 fn upsample_nearest2(x: &Act) -> Act {
+    let mut data = take_buf(4 * x.data.len()); // (C, 2H, 2W)
+    ops::upsample_nearest2_into(&x.data, x.c, x.h, x.w, &mut data);
     Act {
         c: x.c,
         h: 2 * x.h,
         w: 2 * x.w,
-        data: ops::upsample_nearest2(&x.data, x.c, x.h, x.w),
+        data,
     }
 }
 

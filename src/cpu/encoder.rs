@@ -14,7 +14,7 @@
 //! no antialias: [`ops::upsample_bilinear`], PyTorch's CPU kernel), encoded, and each cell
 //! quantized to the nearest normalized codebook row (lowest index on a tie).
 
-use super::decoder::{Act, normalize_positions};
+use super::decoder::{Act, normalize_positions, recycle};
 use crate::cpu::ops;
 use crate::model::encoder::EncoderWeights;
 use rayon::prelude::*;
@@ -31,13 +31,13 @@ impl EncoderWeights {
     /// Encode one image `x (3, H, W)` (values in [-1, 1], H and W multiples of the stride) to
     /// `(e, H/stride, W/stride)` code vectors, L2-normalized over e when the config says so.
     pub fn encode_one(&self, x: &[f32], h: usize, w: usize) -> Vec<f32> {
-        let mut x = Act {
+        let input = Act {
             c: 3,
             h,
             w,
             data: x.to_vec(),
         };
-        x = self.conv_in.forward(&x);
+        let mut x = self.conv_in.forward(&input);
         for level in &self.levels {
             for (j, res) in level.res.iter().enumerate() {
                 x = res.forward(x);
@@ -46,20 +46,24 @@ impl EncoderWeights {
                 }
             }
             if let Some(down) = &level.downsample {
-                x = Act {
+                let y = Act {
                     c: down.cout,
                     h: x.h / 2,
                     w: x.w / 2,
                     data: ops::conv2d_down(down, &x.data, x.h, x.w),
                 };
+                recycle(std::mem::replace(&mut x, y).data);
             }
         }
         x = self.mid.0.forward(x);
         x = self.mid.1.forward(x);
         x = self.mid.2.forward(x);
-        let x = self.norm_out.forward(&x, true);
-        let x = self.conv_out.forward(&x);
+        let n = self.norm_out.forward(&x, true);
+        recycle(x.data);
+        let x = self.conv_out.forward(&n);
+        recycle(n.data);
         let z = self.quant_conv.forward(&x); // (e, h, w)
+        recycle(x.data);
         if self.cfg.normalize {
             normalize_positions(&z.data, z.c, z.hw())
         } else {

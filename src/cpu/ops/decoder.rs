@@ -1,9 +1,13 @@
 //! CPU reference of kernels/decoder.cu (the VQ decoder's kernels), on one image's (C, H, W)
-//! activations; the GPU kernels run batched NHWC, and their tests transpose. Every 3x3 conv is
-//! im2col + one GEMM per band of output rows, with the band sized so the im2col buffer stays
-//! under [`COL_BUDGET`] floats; 1x1 convs are plain GEMMs. `matrixmultiply` threads the GEMMs;
-//! rayon parallelizes the element-wise passes.
+//! activations; the GPU kernels run batched NHWC, and their tests transpose. 3x3 convs run
+//! Winograd F(2x2, 3x3) with register-blocked SIMD micro-kernels ([`super::winograd`]); the
+//! straightforward im2col + one GEMM per band of output rows ([`conv2d_banded`], the band sized
+//! so the im2col buffer stays under [`COL_BUDGET`] floats) is kept as the reference that the
+//! tests check it against. 1x1 convs are plain GEMMs (`math::matmul`). rayon parallelizes the
+//! element-wise passes. The `*_into` forms write into the caller's buffer (the decoder reuses
+//! its activations' buffers; fresh 32 MB allocations cost a page fault per 4 KB page).
 
+use super::winograd;
 use crate::math;
 use crate::math::normalize_rows;
 use crate::model::decoder::{Conv, GN_EPS, GN_GROUPS, GroupNorm};
@@ -15,10 +19,34 @@ pub const COL_BUDGET: usize = 1 << 22;
 /// `conv(x (Cin, H, W)) + bias` -> (Cout, H, W): kernel 1 (padding 0) or 3 (padding 1),
 /// stride 1.
 pub fn conv2d(conv: &Conv, x: &[f32], h: usize, w: usize) -> Vec<f32> {
-    conv2d_banded(conv, x, h, w, COL_BUDGET)
+    let mut out = vec![0.0f32; conv.cout * h * w]; // (Cout, H, W)
+    conv2d_into(conv, x, h, w, &mut out);
+    out
 }
 
-/// [`conv2d`] with the im2col buffer capped at `col_budget` floats (tests force many bands).
+/// [`conv2d`] into `out` (Cout, H, W), which is overwritten.
+pub fn conv2d_into(conv: &Conv, x: &[f32], h: usize, w: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), conv.cin * h * w, "conv: input must be (Cin, H, W)");
+    assert_eq!(
+        out.len(),
+        conv.cout * h * w,
+        "conv: output must be (Cout, H, W)"
+    );
+    if conv.k == 3 {
+        winograd::conv3x3(&conv.weight, &conv.bias, conv.cin, conv.cout, x, h, w, out);
+    } else {
+        assert_eq!(conv.k, 1, "conv: kernel 1 or 3");
+        let n = h * w;
+        // Start from the bias; the GEMM accumulates into it (beta = 1).
+        for (plane, &b) in out.chunks_exact_mut(n).zip(&conv.bias) {
+            plane.fill(b);
+        }
+        math::matmul(&conv.weight, x, out, conv.cout, conv.cin, n, 1.0);
+    }
+}
+
+/// [`conv2d`] as im2col + GEMM with the im2col buffer capped at `col_budget` floats (tests
+/// force many bands): the plain reference form of the Winograd fast path.
 pub fn conv2d_banded(conv: &Conv, x: &[f32], h: usize, w: usize, col_budget: usize) -> Vec<f32> {
     assert_eq!(x.len(), conv.cin * h * w, "conv: input must be (Cin, H, W)");
     let n = h * w;
@@ -102,10 +130,17 @@ pub fn conv2d_down(conv: &Conv, x: &[f32], h: usize, w: usize) -> Vec<f32> {
 /// GroupNorm (32 groups, eps 1e-6, affine) of x (C, H*W), then SiLU when `silu`. Statistics in
 /// f64, biased variance as in PyTorch.
 pub fn group_norm(gn: &GroupNorm, x: &[f32], hw: usize, silu: bool) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()]; // (C, H, W)
+    group_norm_into(gn, x, hw, silu, &mut out);
+    out
+}
+
+/// [`group_norm`] into `out` (C, H, W), which is overwritten.
+pub fn group_norm_into(gn: &GroupNorm, x: &[f32], hw: usize, silu: bool, out: &mut [f32]) {
     let c = gn.gamma.len();
     assert_eq!(x.len(), c * hw, "group norm: input must be (C, H, W)");
+    assert_eq!(out.len(), x.len(), "group norm: output must be (C, H, W)");
     let group_len = (c / GN_GROUPS) * hw; // channels of a group are contiguous in (C, H, W)
-    let mut out = vec![0.0f32; x.len()]; // (C, H, W)
     out.par_chunks_mut(group_len)
         .zip(x.par_chunks(group_len))
         .enumerate()
@@ -129,7 +164,6 @@ pub fn group_norm(gn: &GroupNorm, x: &[f32], hw: usize, silu: bool) -> Vec<f32> 
                 }
             }
         });
-    out
 }
 
 /// Mean and biased variance, two passes, accumulated in f64 over 8 independent lanes (a single
@@ -154,8 +188,15 @@ fn mean_var(xs: &[f32]) -> (f64, f64) {
 
 /// Nearest-neighbour x2 upsample: (C, H, W) -> (C, 2H, 2W).
 pub fn upsample_nearest2(x: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
-    assert_eq!(x.len(), c * h * w);
     let mut out = vec![0.0f32; c * 4 * h * w]; // (C, 2H, 2W)
+    upsample_nearest2_into(x, c, h, w, &mut out);
+    out
+}
+
+/// [`upsample_nearest2`] into `out` (C, 2H, 2W), which is overwritten.
+pub fn upsample_nearest2_into(x: &[f32], c: usize, h: usize, w: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), c * h * w);
+    assert_eq!(out.len(), c * 4 * h * w);
     out.par_chunks_mut(4 * h * w)
         .zip(x.par_chunks(h * w))
         .for_each(|(dst, src)| {
@@ -167,7 +208,6 @@ pub fn upsample_nearest2(x: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
                 dst.copy_within(2 * y * 2 * w..(2 * y + 1) * 2 * w, (2 * y + 1) * 2 * w);
             }
         });
-    out
 }
 
 /// Row softmax of `x (rows, n)` scaled first: `softmax(scale * x)` per row, in place.

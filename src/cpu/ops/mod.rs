@@ -14,6 +14,11 @@
 //! |               |                    | group_norm(+SiLU), upsample_nearest2,                    |
 //! |               |                    | softmax_rows, spatial_attention, gather_codes, pixels    |
 //!
+//! The 3x3 convolutions of `conv2d` run Winograd F(2x2, 3x3) with run-time-selected
+//! AVX-512 / AVX2 / portable micro-kernels (winograd.rs, the CPU fast path; the plain
+//! im2col + GEMM form stays as `decoder::conv2d_banded`, which the tests check it against).
+//! The `*_into` variants write into a caller's buffer so the decoder can reuse its buffers.
+//!
 //! cuBLAS GEMMs (`cuda::gemm`) are checked against [`crate::math::linear`].
 
 pub mod attention;
@@ -21,11 +26,12 @@ pub mod decoder;
 pub mod embed;
 pub mod norm;
 pub mod sampling;
+mod winograd;
 
 pub use attention::{AttnShape, BlockMask, attention, rope_kv_append};
 pub use decoder::{
-    conv2d, conv2d_down, gather_codes, group_norm, pixels, softmax_rows, spatial_attention,
-    upsample_nearest2,
+    conv2d, conv2d_down, conv2d_into, gather_codes, group_norm, group_norm_into, pixels,
+    softmax_rows, spatial_attention, upsample_nearest2, upsample_nearest2_into,
 };
 pub use embed::{codevec_hidden, gather_inputs, upsample_bilinear, upsample_codes};
 pub use norm::{add_bias, rmsnorm_adaln, silu_mul};
