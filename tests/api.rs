@@ -85,11 +85,11 @@ fn api_equals_cli_for_the_same_seed_and_any_batch_size() {
 }
 
 #[test]
+#[ignore = "needs the cdylib built (cargo build --release --lib); .ci/run builds it and runs this"]
 fn c_example_equals_cli() {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     if Command::new(&cc).arg("--version").output().is_err() {
-        eprintln!("SKIPPED: no C compiler ({cc}) on this machine");
-        return;
+        panic!("no C compiler ({cc}) on this machine: set CC");
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // The cdylib sits beside the binary (target/<profile>/libcheckergen.so).
