@@ -21,15 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         match a.as_str() {
             "--model" => model_path = args.next(),
             "--images" => n = args.next().ok_or("--images needs a number")?.parse()?,
-            "--device" => {
-                device = match args.next().as_deref() {
-                    Some("auto") => Device::Auto,
-                    Some("cpu") => Device::Cpu,
-                    Some("cuda") => Device::Cuda(0),
-                    Some("emu") => Device::Emulated,
-                    other => return Err(format!("unknown device {other:?}").into()),
-                }
-            }
+            "--device" => device = args.next().ok_or("--device needs a name")?.parse()?,
             b => batches.push(b.parse()?),
         }
     }

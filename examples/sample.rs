@@ -20,15 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--model" => model_path = args.next(),
             "--out" => out = args.next().ok_or("--out needs a directory")?.into(),
             "--seed" => seed = args.next().ok_or("--seed needs a number")?.parse()?,
-            "--device" => {
-                device = match args.next().as_deref() {
-                    Some("auto") => Device::Auto,
-                    Some("cpu") => Device::Cpu,
-                    Some("cuda") => Device::Cuda(0),
-                    Some("emu") => Device::Emulated,
-                    other => return Err(format!("unknown device {other:?}").into()),
-                }
-            }
+            "--device" => device = args.next().ok_or("--device needs a name")?.parse()?,
             l => labels.push(l.parse()?),
         }
     }

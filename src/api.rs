@@ -89,6 +89,34 @@ pub enum Device {
     Emulated,
 }
 
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    /// `auto`, `cpu`, `cuda` (= `cuda:0`), `cuda:N` or `emu`.
+    ///
+    /// ```
+    /// use checkergen::Device;
+    /// assert_eq!("cuda:1".parse::<Device>(), Ok(Device::Cuda(1)));
+    /// assert!("gpu".parse::<Device>().is_err());
+    /// ```
+    fn from_str(s: &str) -> std::result::Result<Device, String> {
+        Ok(match s {
+            "auto" => Device::Auto,
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda(0),
+            "emu" => Device::Emulated,
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Device::Cuda(n),
+                _ => {
+                    return Err(format!(
+                        "device must be \"auto\", \"cpu\", \"cuda\", \"cuda:N\" or \"emu\", got {s:?}"
+                    ));
+                }
+            },
+        })
+    }
+}
+
 /// How each token is chosen from the (guided) logits. Built only through its constructors,
 /// so it never holds an invalid setting.
 ///

@@ -28,20 +28,7 @@ fn to_py(e: Error) -> PyErr {
 }
 
 fn parse_device(s: &str) -> PyResult<Device> {
-    Ok(match s {
-        "auto" => Device::Auto,
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        "emu" => Device::Emulated,
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Device::Cuda(n),
-            _ => {
-                return Err(PyValueError::new_err(format!(
-                    "device must be \"auto\", \"cpu\", \"cuda\", \"cuda:N\" or \"emu\", got {s:?}"
-                )));
-            }
-        },
-    })
+    s.parse().map_err(PyValueError::new_err)
 }
 
 /// A Progressive Checkerboard model loaded on a device.
