@@ -52,8 +52,8 @@ pub struct TimedRuns {
     #[arg(long, default_value_t = pipeline::DEFAULT_CFG_START_STEP)]
     pub cfg_start_step: usize,
     /// Eager kernel launches only (no CUDA graphs). With graphs, the timed runs replay each
-    /// batch shape's recorded token loop and the per-step figures come from one extra eager
-    /// run.
+    /// batch shape's recorded token loop and decode; the per-step figures come from the
+    /// timestamps recorded in the graph (from one extra eager run if the GPU refused them).
     #[arg(long)]
     pub no_graph: bool,
 }
@@ -290,7 +290,7 @@ impl BenchDevice<'_> {
         }
         let out = last.context("no timed run")?;
         if steps.iter().any(Vec::is_empty) {
-            // Replayed graphs have no step boundaries: one eager run gives the per-step times.
+            // Graphs captured without timestamps have no step times: one eager run gives them.
             let mut eager = o.clone();
             eager.graph = false;
             steps = vec![self.run_once(&eager)?.1.tokens.step_ms];

@@ -53,8 +53,9 @@ pub struct SamplingArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
-    /// Eager kernel launches: no CUDA graphs (on a GPU, a batch shape's token loop is
-    /// otherwise recorded once as a graph and replayed; per-step timings need eager runs).
+    /// Eager kernel launches: no CUDA graphs (on a GPU, a batch shape's token loop and its
+    /// decode are otherwise recorded once as a graph and replayed; both are timed step by
+    /// step by timestamps on the stream).
     #[arg(long)]
     pub no_graph: bool,
 }
@@ -254,14 +255,17 @@ struct SampleRun {
     /// With --save-tokens: every image's tokens and statistics, batch after batch.
     tokens: Option<pipeline::TokenOutput>,
     schedule: Option<Schedule>,
-    /// Per serial step, summed over the batches that ran eagerly.
+    /// Per serial step, summed over the batches with step times (all but graphs captured
+    /// without timestamps).
     step_ms: Vec<f64>,
     prefill_ms: f64,
     decode_ms: f64,
     batches: usize,
-    /// Batches whose token loop ran as a replayed graph, and their loops' milliseconds.
+    /// Batches whose token loop ran as a replayed graph.
     graph_batches: usize,
-    graph_ms: f64,
+    /// Batches without per-step times (graphs captured without timestamps), their loops' ms.
+    untimed_batches: usize,
+    untimed_ms: f64,
 }
 
 /// The default `--batch-size`: on a GPU what fits in 60 % of its free memory (at the f32
@@ -550,10 +554,16 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         let steps_ms: f64 = run.step_ms.iter().sum();
         if run.graph_batches > 0 {
             println!(
-                "{} of the {} batches ran their token loop as a replayed CUDA graph ({:.1} ms \
-                 in all; not in the per-step figures above, which sum the eager batches; \
-                 --no-graph times every batch step by step)",
-                run.graph_batches, run.batches, run.graph_ms
+                "{} of the {} batches ran their token loop (and decode) as a replayed CUDA \
+                 graph (--no-graph: eager launches)",
+                run.graph_batches, run.batches
+            );
+        }
+        if run.untimed_batches > 0 {
+            println!(
+                "{} batches ran as graphs without step timestamps ({:.1} ms in all; not in \
+                 the per-step figures above; --no-graph times every batch)",
+                run.untimed_batches, run.untimed_ms
             );
         }
         println!(
@@ -666,12 +676,16 @@ fn write_batch(
     }
     if out.tokens.replayed {
         run.graph_batches += 1;
-        run.graph_ms += out.tokens.loop_ms;
-    } else {
+    }
+    if out.tokens.step_ms.len() == run.step_ms.len() {
         for (acc, ms) in run.step_ms.iter_mut().zip(&out.tokens.step_ms) {
             *acc += ms;
         }
         run.prefill_ms += out.tokens.prefill_ms;
+    } else {
+        // A replayed loop without timestamps (a GPU that refused them in a graph).
+        run.untimed_batches += 1;
+        run.untimed_ms += out.tokens.loop_ms;
     }
     run.decode_ms += out.decode_ms;
     run.batches += 1;

@@ -93,14 +93,18 @@ pub struct TokenOutput {
     /// If recorded: per scale, the chosen tokens' probabilities and the positions'
     /// entropies (nats), each (B, s, s) raster order, and the global step of every cell.
     pub stats: Option<TokenStats>,
-    /// Wall time of each serial step in milliseconds (empty when the loop ran as a replayed
-    /// graph, which has no step boundaries on the host).
+    /// Milliseconds of each serial step: device time between timestamps on the stream when
+    /// the backend takes them ([`Backend::device_times`]: the GPU, eager or replayed), else
+    /// host wall time (the CPU); empty when a replayed loop was not timed.
     pub step_ms: Vec<f64>,
-    /// Wall time of the class-token prefill in milliseconds (the whole replay's enqueue when
-    /// replayed).
+    /// Milliseconds of the class-token prefill (device time as `step_ms`).
     pub prefill_ms: f64,
-    /// Wall time of the whole token loop (prefill, steps and reading the grids back).
+    /// Wall time of the whole token loop (prefill, steps and reading the grids back), less
+    /// `decode_in_loop_ms`.
     pub loop_ms: f64,
+    /// Device milliseconds of the decode the backend ran inside the loop ([`LoopPlan::decode`];
+    /// the GPU, where it is part of the loop's graph), else None.
+    pub decode_in_loop_ms: Option<f64>,
     /// The loop ran as a replayed graph ([`SampleOptions::graph`]).
     pub replayed: bool,
 }
@@ -256,6 +260,20 @@ pub struct LoopPlan {
     /// memory.
     pub seed: u64,
     pub image0: u32,
+    /// The scale [`sample`] decodes right after `finish` (the last; None when only tokens
+    /// are wanted): a backend may enqueue that decode at the end of the loop, inside its
+    /// recording, and hand the pixels to [`Backend::decode`].
+    pub decode: Option<usize>,
+}
+
+/// Device-side times of one loop, in milliseconds ([`Backend::device_times`]).
+#[derive(Clone, Debug, Default)]
+pub struct DeviceTimes {
+    pub prefill_ms: f64,
+    /// Per serial step, the scale's start charged to its first step (as the host timing).
+    pub step_ms: Vec<f64>,
+    /// The decode run inside the loop ([`LoopPlan::decode`]), if it was.
+    pub decode_ms: Option<f64>,
 }
 
 /// A backend's graph capture failed: the pipeline runs the loop again eagerly.
@@ -286,6 +304,12 @@ pub trait Backend {
     /// The loop stopped between `begin` and `finish` (an error or a cancellation): a backend
     /// that was recording ends the recording and discards it. Default: nothing to do.
     fn abandon(&mut self) {}
+    /// After `finish`: the loop's times as the device measured them (timestamps on the
+    /// stream, no synchronization between steps), when the backend takes them. Default: None
+    /// (the pipeline's host timing stands).
+    fn device_times(&mut self) -> Option<DeviceTimes> {
+        None
+    }
     /// Start a batch of `labels` (doubled with null-class rows when `guided`): allocate the
     /// KV cache and grids, compute AdaLN modulations, run the class token.
     fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()>;
@@ -334,7 +358,7 @@ pub fn sample_observed<B: Backend + ?Sized>(
     o: &SampleOptions,
     on_step: &mut OnStep,
 ) -> Result<Samples> {
-    let tokens = run_steps_observed(backend, o, on_step)?;
+    let tokens = run_tokens(backend, o, on_step, true)?;
     let t = Instant::now();
     let last = tokens.schedule.scales.len() - 1;
     let mut pyramid = Vec::new();
@@ -352,12 +376,12 @@ pub fn sample_observed<B: Backend + ?Sized>(
     }
     let cfg = backend.config();
     Ok(Samples {
-        tokens,
         pixels: d.pixels,
         images: d.images,
         image_size: cfg.img_size,
         pyramid,
-        decode_ms: t.elapsed().as_secs_f64() * 1e3,
+        decode_ms: t.elapsed().as_secs_f64() * 1e3 + tokens.decode_in_loop_ms.unwrap_or(0.0),
+        tokens,
     })
 }
 
@@ -430,6 +454,16 @@ pub fn run_steps_observed<B: Backend + ?Sized>(
     o: &SampleOptions,
     on_step: &mut OnStep,
 ) -> Result<TokenOutput> {
+    run_tokens(backend, o, on_step, false)
+}
+
+/// [`run_steps_observed`]; `decode_last`: [`sample_observed`] decodes the last scale next.
+fn run_tokens<B: Backend + ?Sized>(
+    backend: &mut B,
+    o: &SampleOptions,
+    on_step: &mut OnStep,
+    decode_last: bool,
+) -> Result<TokenOutput> {
     let cfg = backend.config().clone();
     let cfg = &cfg;
     let scale_sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
@@ -461,6 +495,7 @@ pub fn run_steps_observed<B: Backend + ?Sized>(
         ),
         seed: o.seed,
         image0: o.image_offset as u32,
+        decode: decode_last.then(|| scale_sizes.len() - 1),
     };
     // One run of the loop; a backend left between begin and finish (an error, a
     // cancellation) is told so, which ends any recording.
@@ -480,12 +515,20 @@ pub fn run_steps_observed<B: Backend + ?Sized>(
         plan.graph = false;
         run = attempt(&plan);
     }
-    let (grids, step_logits, mut step_ms, prefill_ms) = run?;
-    let loop_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let (grids, step_logits, mut step_ms, mut prefill_ms) = run?;
+    let mut loop_ms = t0.elapsed().as_secs_f64() * 1e3;
     let replayed = backend.replayed();
-    if replayed {
+    let mut decode_in_loop_ms = None;
+    match backend.device_times() {
+        Some(dt) if dt.step_ms.len() == schedule.steps.len() => {
+            step_ms = dt.step_ms;
+            prefill_ms = dt.prefill_ms;
+            decode_in_loop_ms = dt.decode_ms;
+            loop_ms = (loop_ms - dt.decode_ms.unwrap_or(0.0)).max(0.0);
+        }
         // A recorded loop's host-side step times are enqueue times, not step times.
-        step_ms.clear();
+        _ if replayed => step_ms.clear(),
+        _ => {}
     }
     let stats = o.record_stats.then(|| TokenStats {
         prob: grids.prob,
@@ -507,6 +550,7 @@ pub fn run_steps_observed<B: Backend + ?Sized>(
         step_ms,
         prefill_ms,
         loop_ms,
+        decode_in_loop_ms,
         replayed,
     })
 }

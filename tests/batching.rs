@@ -123,6 +123,10 @@ fn gpu_batches_equal_one_batch() {
     let split = pipeline::sample(&mut be, &o).unwrap();
     assert_eq!(split.tokens.tokens, whole.tokens.tokens);
     assert_eq!(split.pixels, whole.pixels, "decoder sub-batches");
+    // The whole batch was decoded at the end of the loop (its graph, when captured), the
+    // split one afterwards in sub-batches: the same pixels either way.
+    assert!(whole.tokens.decode_in_loop_ms.is_some());
+    assert!(split.tokens.decode_in_loop_ms.is_none());
 }
 
 #[test]

@@ -54,8 +54,25 @@ mod graph {
             );
             assert_eq!(got.tokens.tokens, want.tokens.tokens, "batch {k}: tokens");
             assert_eq!(got.pixels, want.pixels, "batch {k}: pixels");
-            if got.tokens.replayed {
-                assert!(got.tokens.step_ms.is_empty(), "replayed step times");
+            // Every run is timed step by step by timestamps on the stream (recorded into the
+            // graph when captured), and ends with the decode inside the loop (the graph).
+            let steps = got.tokens.schedule.total_steps();
+            for (what, s) in [("graph", &got), ("eager", want)] {
+                assert_eq!(
+                    s.tokens.step_ms.len(),
+                    steps,
+                    "batch {k}: {what} step times"
+                );
+                assert!(
+                    s.tokens
+                        .step_ms
+                        .iter()
+                        .all(|ms| ms.is_finite() && *ms >= 0.0)
+                );
+                assert!(
+                    s.tokens.decode_in_loop_ms.is_some(),
+                    "batch {k}: {what} decode outside the loop"
+                );
             }
             println!(
                 "batch {k}: graph {} run equals eager launches ({} tokens, {} pixels)",
@@ -76,6 +93,10 @@ mod graph {
         o.record_stats = true;
         let s = pipeline::sample(&mut be, &o).unwrap();
         assert!(!s.tokens.replayed && !s.tokens.step_ms.is_empty());
+        // A tokens-only loop plans no decode: the decode runs afterwards, outside the loop.
+        let t = pipeline::run_steps(&mut be, &batch(2, true)).unwrap();
+        assert!(t.decode_in_loop_ms.is_none());
+        assert_eq!(t.tokens, eager[2].tokens.tokens);
         assert_eq!(s.tokens.tokens, eager[2].tokens.tokens);
     }
 
@@ -123,6 +144,24 @@ mod graph {
         }
         let graph = gpu.end_capture().unwrap();
         assert!(!gpu.capturing());
+        // Timestamps: recorded into the graph, set by its replay, not before.
+        let marks = gpu.marks(2).unwrap();
+        gpu.begin_capture().unwrap();
+        gpu.mark(&marks, 0).unwrap();
+        add_bias_f32(&gpu, &mut y, &b, 2, 3).unwrap();
+        gpu.mark(&marks, 1).unwrap();
+        assert!(gpu.mark(&marks, 2).is_err(), "a timestamp out of range");
+        let timed = gpu.end_capture().unwrap();
+        assert!(
+            gpu.mark_ms(&marks, 0, 1).is_err(),
+            "timestamps set by the capture"
+        );
+        gpu.replay(&timed).unwrap();
+        let ms = gpu.mark_ms(&marks, 0, 1).unwrap();
+        assert!(ms.is_finite() && ms >= 0.0, "{ms} ms");
+        gpu.replay(&timed).unwrap();
+        assert!(gpu.mark_ms(&marks, 0, 1).unwrap() >= 0.0);
+        gpu.upload_into(&[1.0f32; 6], &mut y, 0).unwrap(); // undo the two replays
         // Recorded, not run.
         assert_eq!(gpu.download(&y).unwrap(), vec![1.0; 6]);
         gpu.replay(&graph).unwrap();
@@ -134,6 +173,9 @@ mod graph {
         );
         if let Some(n) = graph.emu_ops() {
             assert_eq!(n, 1, "one recorded launch");
+        }
+        if let Some(n) = timed.emu_ops() {
+            assert_eq!(n, 3, "two timestamps and a launch");
         }
     }
 }

@@ -176,6 +176,37 @@ impl Graph {
     }
 }
 
+/// Timestamps on the stream: `n` slots, each set by [`Gpu::mark`] when the device reaches
+/// that point of its queue (CUDA timing events; on the emulator the host clock when the
+/// emulated work before it finished). Marks recorded inside a graph capture become part of
+/// the graph (event record nodes) and are set again by every replay, so a replayed loop is
+/// timed step by step like an eager one, without synchronizing between steps.
+pub struct Marks {
+    inner: MarksInner,
+}
+
+enum MarksInner {
+    Cuda(Vec<cudarc::driver::CudaEvent>),
+    Emu(Arc<std::sync::Mutex<Vec<Option<std::time::Instant>>>>),
+}
+
+// SAFETY: CUDA events are driver handles usable from any thread (cudarc binds the context
+// before each call); marks live in the engine's batch, used by one thread at a time.
+unsafe impl Send for MarksInner {}
+
+impl Marks {
+    pub fn len(&self) -> usize {
+        match &self.inner {
+            MarksInner::Cuda(v) => v.len(),
+            MarksInner::Emu(v) => v.lock().unwrap().len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Which device to open: `CHECKERGEN_DEVICE` (`cuda`, `emu`; unset or `auto`: a GPU when
 /// there is one, else the emulator) as used by the tests, or `--device` in the CLI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -738,6 +769,95 @@ impl Gpu {
                 f()?;
                 Ok(t0.elapsed().as_secs_f64() * 1e3)
             }
+        }
+    }
+
+    /// `n` timestamp slots for [`Gpu::mark`] (allocate before a capture).
+    pub fn marks(&self, n: usize) -> Result<Marks> {
+        self.not_capturing("creating timing events")?;
+        let inner = match &self.backend {
+            Backend::Cuda(c) => MarksInner::Cuda(
+                (0..n)
+                    .map(|_| {
+                        c.ctx
+                            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    })
+                    .collect::<Result<_, _>>()
+                    .context("creating timing events")?,
+            ),
+            Backend::Emu(_) => MarksInner::Emu(Arc::new(std::sync::Mutex::new(vec![None; n]))),
+        };
+        Ok(Marks { inner })
+    }
+
+    /// Enqueue timestamp `i` of `marks`: set when the device has done everything enqueued
+    /// before it. During a capture the mark is recorded into the graph.
+    pub fn mark(&self, marks: &Marks, i: usize) -> Result<()> {
+        ensure!(i < marks.len(), "timestamp {i} of {}", marks.len());
+        match (&self.backend, &marks.inner) {
+            (Backend::Cuda(c), MarksInner::Cuda(ev)) => {
+                let flags = if self.capturing() {
+                    // An event record node in the graph being captured.
+                    cudarc::driver::sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32
+                } else {
+                    0
+                };
+                c.ctx.bind_to_thread().context("binding the CUDA context")?;
+                // SAFETY: the event and the stream are live handles of this context.
+                unsafe {
+                    cudarc::driver::sys::cuEventRecordWithFlags(
+                        ev[i].cu_event(),
+                        c.stream.cu_stream(),
+                        flags,
+                    )
+                }
+                .result()
+                .context("recording a timing event")
+            }
+            (Backend::Emu(_), MarksInner::Emu(slots)) => {
+                let stamp = {
+                    let slots = slots.clone();
+                    move |_: &EmuDevice| {
+                        slots.lock().unwrap()[i] = Some(std::time::Instant::now());
+                        Ok(())
+                    }
+                };
+                if !self.emu_record(|| Box::new(stamp.clone())) {
+                    stamp(self.emu_device().context("no emulator")?)?;
+                }
+                Ok(())
+            }
+            _ => bail!("timestamps of the other backend"),
+        }
+    }
+
+    /// Milliseconds from timestamp `from` to `to` of `marks`, once the device has reached
+    /// `to` (waits for it). An error when either was never recorded.
+    pub fn mark_ms(&self, marks: &Marks, from: usize, to: usize) -> Result<f64> {
+        self.not_capturing("reading timing events")?;
+        ensure!(
+            from < marks.len() && to < marks.len(),
+            "timestamps {from}..{to} of {}",
+            marks.len()
+        );
+        match &marks.inner {
+            MarksInner::Cuda(ev) => Ok(ev[from]
+                .elapsed_ms(&ev[to])
+                .context("reading timing events")? as f64),
+            MarksInner::Emu(slots) => {
+                let s = slots.lock().unwrap();
+                match (s[from], s[to]) {
+                    (Some(a), Some(b)) => Ok(b.saturating_duration_since(a).as_secs_f64() * 1e3),
+                    _ => bail!("timestamp {from} or {to} was never recorded"),
+                }
+            }
+        }
+    }
+
+    /// Forget every timestamp (emulator; on a GPU a re-record replaces the old one).
+    pub fn clear_marks(&self, marks: &Marks) {
+        if let MarksInner::Emu(slots) = &marks.inner {
+            slots.lock().unwrap().iter_mut().for_each(|t| *t = None);
         }
     }
 

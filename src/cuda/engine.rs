@@ -11,19 +11,25 @@
 //!   rmsnorm -> a; a @ head^T + b -> logits (T, V) f32; guided_sample -> tokens into the grid
 
 use super::attention;
+use super::decoder::DecodeBuffers;
 use super::embed::{self, CodevecMlp, InputTables, StepIndex};
 use super::gemm::linear;
 use super::norm::{add_bias_f32, rmsnorm_adaln, silu_mul};
 use super::sampling;
-use super::{DevBuf, Gpu, Graph};
+use super::{DevBuf, Gpu, Graph, Marks};
 use crate::math;
 use crate::model::Model;
 use crate::model::config::ModelConfig;
 use crate::order::{Schedule, Step};
-use crate::pipeline::{Backend, Decoded, GraphCaptureFailed, Grids, LoopPlan, StepChoice};
-use anyhow::{Context, Result, bail};
+use crate::pipeline::{
+    Backend, Decoded, DeviceTimes, GraphCaptureFailed, Grids, LoopPlan, StepChoice,
+};
+use anyhow::{Context, Result, bail, ensure};
 use half::bf16;
 use std::collections::{HashMap, HashSet};
+
+/// What a plan signature gains when the loop ends with the decode of a scale.
+const DECODE_SIG: &str = "; decode scale ";
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
@@ -176,19 +182,39 @@ struct Batch {
     tokens: DevBuf<i32>, // (B, nmax)
     act: DevBuf<bf16>,   // (rows, C) silu(class embedding): the AdaLN GEMMs' input
     run: DevBuf<u64>,    // (2) {seed, image0}, read by guided_sample (a replay gets new ones)
+    /// Timestamps of the loop: 0 start, 1 after the prefill, 2 + t after step t, then one
+    /// after the in-loop decode.
+    marks: Marks,
+    /// The decode of the planned scale ([`LoopPlan::decode`]) when it fits one launch
+    /// sequence: enqueued at the end of the loop (inside its graph), read by `decode`.
+    dec: Option<DecodeBuffers>,
+    /// A capture with timestamps in it failed once: later captures leave them out (the loop
+    /// is then untimed when replayed) before a signature is given up.
+    untimed_graphs: bool,
     /// Recorded loops of this batch's buffers, by plan signature ([`LoopPlan`]); a graph
     /// lives exactly as long as the buffers it launches on.
-    graphs: HashMap<String, Graph>,
+    graphs: HashMap<String, (Graph, bool)>, // (graph, timestamps recorded in it)
     /// Signatures that ran eagerly once (the warm-up before a capture), or whose capture
     /// failed (never tried again).
     warm: HashSet<String>,
     failed: HashSet<String>,
 }
 
+impl Batch {
+    /// A capture of `sig` failed: retry it once without timestamps, then give it up.
+    fn capture_failed(&mut self, sig: &str) {
+        if self.untimed_graphs {
+            self.failed.insert(sig.to_string());
+        } else {
+            self.untimed_graphs = true;
+        }
+    }
+}
+
 /// How the current loop runs.
 #[derive(Clone, Debug, PartialEq)]
 enum Mode {
-    /// Launches run as issued, with a synchronization after each step.
+    /// Launches run as issued (timestamps between steps, no synchronization).
     Eager,
     /// Launches are recorded into a graph (signature), replayed in `finish`.
     Capture(String),
@@ -206,6 +232,12 @@ pub struct GpuBackend<'m> {
     guided: bool,
     plan: Option<LoopPlan>,
     mode: Mode,
+    /// The loop's timestamps were recorded (eagerly, or by the replayed graph).
+    timed: bool,
+    /// The scale the current loop decodes at its end (chosen in `begin`).
+    loop_decode: Option<usize>,
+    /// The scale whose pixels the loop decoded into the batch's `dec` buffers.
+    decoded: Option<usize>,
     /// At most this many images per decoder launch sequence (on top of
     /// `GpuDecoder::max_batch`); None = no extra limit. For tests of the sub-batch path.
     pub decode_batch_limit: Option<usize>,
@@ -232,6 +264,9 @@ impl<'m> GpuBackend<'m> {
             guided: false,
             plan: None,
             mode: Mode::Eager,
+            timed: false,
+            loop_decode: None,
+            decoded: None,
             decode_batch_limit: None,
         }
     }
@@ -343,7 +378,7 @@ impl GpuBackend<'_> {
             (Err(e), Mode::Capture(sig)) => {
                 let msg = format!("{e:#}");
                 if let Some(bt) = self.batch.as_mut() {
-                    bt.failed.insert(sig.clone());
+                    bt.capture_failed(sig);
                 }
                 self.mode = Mode::Eager;
                 let _ = self.m.gpu.end_capture();
@@ -404,6 +439,9 @@ impl GpuBackend<'_> {
             tokens: g.alloc(b * nmax)?,
             act: g.alloc(rows * c)?,
             run: g.zeros(2)?,
+            marks: g.marks(schedule.steps.len() + 3)?,
+            dec: None,
+            untimed_graphs: false,
             graphs: HashMap::new(),
             warm: HashSet::new(),
             failed: HashSet::new(),
@@ -489,6 +527,7 @@ impl Backend for GpuBackend<'_> {
             signature: String::new(),
             seed: 0,
             image0: 0,
+            decode: None,
         });
         let mut act = Vec::with_capacity(rows * c);
         let mut x0 = Vec::with_capacity(rows * c);
@@ -500,9 +539,31 @@ impl Backend for GpuBackend<'_> {
         g.upload_into(&to_bf16(&act), &mut bt.act, 0)?;
         g.upload_into(&x0, &mut bt.x, 0)?;
         g.upload_into(&[plan.seed, plan.image0 as u64], &mut bt.run, 0)?;
-        self.mode = match plan.graph.then_some(plan.signature) {
+        g.clear_marks(&bt.marks);
+        // The planned decode joins the loop when one launch sequence takes the batch; its
+        // buffers are the batch's (allocated before any capture, kept with its graphs).
+        let decode = plan.decode.and_then(|si| {
+            let s = schedule.scales.get(si)?.size;
+            (b <= self.decode_cap(s)).then_some((si, s))
+        });
+        self.decoded = None;
+        self.loop_decode = decode.map(|(si, _)| si);
+        let mut sig = plan.signature;
+        if let Some((si, s)) = decode {
+            if !bt.dec.as_ref().is_some_and(|d| d.fits(b, s)) {
+                // Graphs that decode launch on the old buffers: they go first.
+                bt.graphs.retain(|k, _| !k.contains(DECODE_SIG));
+                bt.dec = None;
+                bt.dec = Some(m.decoder.buffers(g, b, s)?);
+            }
+            sig = format!("{sig}{DECODE_SIG}{si}");
+        }
+        self.mode = match plan.graph.then_some(sig) {
             Some(sig) if bt.graphs.contains_key(&sig) => {
-                g.replay(&bt.graphs[&sig])?;
+                let (graph, timed) = &bt.graphs[&sig];
+                g.replay(graph)?;
+                self.timed = *timed;
+                self.decoded = decode.map(|(si, _)| si);
                 Mode::Replayed
             }
             Some(sig) if bt.warm.contains(&sig) && !bt.failed.contains(&sig) => {
@@ -525,11 +586,20 @@ impl Backend for GpuBackend<'_> {
         self.guided = guided;
         let bt = self.batch.insert(bt);
         if self.mode != Mode::Replayed {
-            let r = m.prefill(bt);
+            // Timestamps go into a capture unless one with them failed before.
+            self.timed = self.mode == Mode::Eager || !bt.untimed_graphs;
+            let timed = self.timed;
+            let r = (|| {
+                if timed {
+                    g.mark(&bt.marks, 0)?;
+                }
+                m.prefill(bt)?;
+                if timed {
+                    g.mark(&bt.marks, 1)?;
+                }
+                Ok(())
+            })();
             self.guard(r)?;
-            if self.mode == Mode::Eager {
-                g.sync()?;
-            }
         }
         Ok(())
     }
@@ -547,6 +617,37 @@ impl Backend for GpuBackend<'_> {
             let _ = self.m.gpu.end_capture();
         }
         self.mode = Mode::Eager;
+        self.timed = false;
+        self.loop_decode = None;
+        self.decoded = None;
+    }
+
+    fn device_times(&mut self) -> Option<DeviceTimes> {
+        let bt = self.batch.as_ref()?;
+        if !self.timed {
+            return None;
+        }
+        let g = &self.m.gpu;
+        let steps = bt.marks.len() - 3;
+        let read = || -> Result<DeviceTimes> {
+            Ok(DeviceTimes {
+                prefill_ms: g.mark_ms(&bt.marks, 0, 1)?,
+                step_ms: (0..steps)
+                    .map(|t| g.mark_ms(&bt.marks, t + 1, t + 2))
+                    .collect::<Result<_>>()?,
+                decode_ms: self
+                    .decoded
+                    .map(|_| g.mark_ms(&bt.marks, steps + 1, steps + 2))
+                    .transpose()?,
+            })
+        };
+        match read() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("warning: {e:#}; this batch has no device step times");
+                None
+            }
+        }
     }
 
     fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()> {
@@ -565,18 +666,23 @@ impl Backend for GpuBackend<'_> {
     }
 
     fn finish(&mut self, schedule: &Schedule) -> Result<Grids> {
+        if self.mode != Mode::Replayed {
+            let r = self.enqueue_decode(schedule);
+            self.guard(r)?;
+        }
         if let Mode::Capture(sig) = self.mode.clone() {
             let g = &self.m.gpu;
             let bt = self.batch.as_mut().expect("begin() not called");
             match g.end_capture() {
                 Ok(graph) => {
                     g.replay(&graph)?;
-                    bt.graphs.insert(sig, graph);
+                    bt.graphs.insert(sig, (graph, self.timed));
                     self.mode = Mode::Replayed;
                 }
                 Err(e) => {
-                    bt.failed.insert(sig);
+                    bt.capture_failed(&sig);
                     self.mode = Mode::Eager;
+                    self.decoded = None;
                     return Err(GraphCaptureFailed(format!("{e:#}")).into());
                 }
             }
@@ -591,9 +697,16 @@ impl Backend for GpuBackend<'_> {
         let s = schedule.scales.get(si).context("no such scale")?.size;
         let grid = bt.grids.get(si).context("no such scale")?;
         let (dec, g) = (&self.m.decoder, &self.m.gpu);
-        let cap = dec
-            .max_batch(s, g.mem_get_info().ok().map(|(free, _)| free))
-            .min(self.decode_batch_limit.unwrap_or(usize::MAX).max(1));
+        if self.decoded == Some(si)
+            && let Some(d) = &bt.dec
+        {
+            // Decoded at the end of the loop (inside its graph when replayed).
+            return Ok(Decoded {
+                pixels: g.download(d.pixels())?,
+                images: None,
+            });
+        }
+        let cap = self.decode_cap(s);
         let pixels = if bt.b <= cap {
             dec.decode_device(g, grid, bt.b, s, true)?
                 .context("the decoder read back no pixels")?
@@ -716,15 +829,40 @@ impl GpuBackend<'_> {
             Some(&m.head_b),
             Some(&bt.run),
         )?;
+        if self.timed {
+            g.mark(&bt.marks, step.t + 2)?;
+        }
         let out = if ch.record {
             Some(g.download_range(&bt.logits, 0..bt.b * n * v)?)
         } else {
             None
         };
-        if self.mode == Mode::Eager {
-            g.sync()?;
-        }
         Ok(out)
+    }
+
+    /// The most images one decoder launch sequence takes for an s x s latent now.
+    fn decode_cap(&self, s: usize) -> usize {
+        let (dec, g) = (&self.m.decoder, &self.m.gpu);
+        dec.max_batch(s, g.mem_get_info().ok().map(|(free, _)| free))
+            .min(self.decode_batch_limit.unwrap_or(usize::MAX).max(1))
+    }
+
+    /// At the end of the loop (before a capture ends): the planned decode into the batch's
+    /// decoder buffers, and its closing timestamp.
+    fn enqueue_decode(&mut self, schedule: &Schedule) -> Result<()> {
+        let bt = self.batch.as_mut().expect("begin() not called");
+        let (Some(si), Some(d)) = (self.loop_decode, bt.dec.as_mut()) else {
+            return Ok(()); // none planned, or the batch is decoded in sub-batches by `decode`
+        };
+        let s = schedule.scales.get(si).context("no such scale")?.size;
+        ensure!(d.fits(bt.b, s), "decoder buffers of another batch shape");
+        let g = &self.m.gpu;
+        self.m.decoder.decode_into(g, d, &bt.grids[si])?;
+        if self.timed {
+            g.mark(&bt.marks, bt.marks.len() - 1)?;
+        }
+        self.decoded = Some(si);
+        Ok(())
     }
 
     /// Read the grids (and statistics) back.

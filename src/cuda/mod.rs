@@ -38,7 +38,9 @@ pub mod gemm;
 pub mod norm;
 pub mod sampling;
 
-pub use device::{DevBuf, DevElem, DeviceChoice, Gpu, Graph, THREADS, row_grid, stride_grid};
+pub use device::{
+    DevBuf, DevElem, DeviceChoice, Gpu, Graph, Marks, THREADS, row_grid, stride_grid,
+};
 
 /// One kernels/*.cu file as embedded by build.rs: ahead-of-time images when nvcc was found at
 /// build time, and always the source (with common.cuh inlined) for NVRTC.

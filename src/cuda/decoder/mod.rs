@@ -453,6 +453,70 @@ impl GpuDecoder {
     }
 }
 
+/// Decoder buffers for one (batch, s) that the caller owns: a CUDA graph that decodes into
+/// them ([`GpuDecoder::decode_into`]) stays valid exactly as long as they live, whatever
+/// other shapes the decoder's own workspace is reallocated for.
+pub struct DecodeBuffers {
+    inner: BufInner,
+}
+
+enum BufInner {
+    F16(Workspace<f16>),
+    Bf16(Workspace<bf16>),
+}
+
+impl DecodeBuffers {
+    /// Whether these buffers are for `batch` images of an s x s latent.
+    pub fn fits(&self, batch: usize, s: usize) -> bool {
+        let (b, ws) = match &self.inner {
+            BufInner::F16(w) => (w.batch, w.s),
+            BufInner::Bf16(w) => (w.batch, w.s),
+        };
+        (b, ws) == (batch, s)
+    }
+
+    /// The 8-bit pixels (B, 3, H, W) of the last decode into these buffers.
+    pub fn pixels(&self) -> &DevBuf<u8> {
+        match &self.inner {
+            BufInner::F16(w) => &w.px,
+            BufInner::Bf16(w) => &w.px,
+        }
+    }
+}
+
+impl GpuDecoder {
+    /// Buffers for decodes of `batch` images of an s x s latent (see [`DecodeBuffers`]).
+    pub fn buffers(&self, gpu: &Gpu, batch: usize, s: usize) -> Result<DecodeBuffers> {
+        ensure!(batch > 0 && s > 0, "decode: empty batch or latent");
+        let ctx = || format!("allocating decoder buffers for batch {batch}, s {s}");
+        let inner = match &self.inner {
+            Inner::F16(d) => {
+                BufInner::F16(Workspace::new(gpu, &d.cfg, batch, s).with_context(ctx)?)
+            }
+            Inner::Bf16(d) => {
+                BufInner::Bf16(Workspace::new(gpu, &d.cfg, batch, s).with_context(ctx)?)
+            }
+        };
+        Ok(DecodeBuffers { inner })
+    }
+
+    /// Enqueue the decode of device tokens (B, s, s) i32 into `bufs` (for B and s the buffers
+    /// were made for); nothing is read back, nothing is allocated (graph-capturable). The
+    /// pixels are then in [`DecodeBuffers::pixels`].
+    pub fn decode_into(
+        &self,
+        gpu: &Gpu,
+        bufs: &mut DecodeBuffers,
+        tokens: &DevBuf<i32>,
+    ) -> Result<()> {
+        match (&self.inner, &mut bufs.inner) {
+            (Inner::F16(d), BufInner::F16(ws)) => d.run(gpu, ws, Some(tokens)),
+            (Inner::Bf16(d), BufInner::Bf16(ws)) => d.run(gpu, ws, Some(tokens)),
+            _ => anyhow::bail!("decoder buffers of the other 16-bit storage"),
+        }
+    }
+}
+
 /// What a host-token decode reads back: 8-bit pixels (`u8`) or raw f32 images (`f32`).
 pub trait Readback: DevElem {
     /// The workspace buffer that holds this output.
