@@ -39,7 +39,7 @@ mod hostile_common;
 
 use checkergen::io::convert::{ConvertOptions, convert, model_config_from_yaml};
 use checkergen::model::Model;
-use checkergen::model::file::{Dtype, MAX_WEIGHT_ABS};
+use checkergen::model::file::MAX_WEIGHT_ABS;
 use hostile_common::*;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -56,16 +56,12 @@ fn scale() -> usize {
 
 /// The clean conversion of the fixture checkpoint, and its options.
 fn baseline(dir: &Path) -> (ConvertOptions, Vec<u8>) {
-    let opts = ConvertOptions {
-        checkpoint: fixture("tiny.pth"),
-        config_yaml: fixture("tiny_config.yaml"),
-        autoenc_yaml: fixture("tiny_autoencoder.yaml"),
-        autoenc_checkpoint: None,
-        ema: false,
-        no_encoder: false,
-        dtype: Dtype::F32,
-        output: dir.join("baseline.safetensors"),
-    };
+    let opts = ConvertOptions::new(
+        fixture("tiny.pth"),
+        fixture("tiny_config.yaml"),
+        fixture("tiny_autoencoder.yaml"),
+        dir.join("baseline.safetensors"),
+    );
     convert(&opts).expect("the fixture converts");
     let bytes = std::fs::read(&opts.output).unwrap();
     (opts, bytes)
