@@ -6,18 +6,11 @@
 //! copies in all), so small M streams from DRAM as a sampling step does, not from the L3.
 
 use checkergen::math;
+use checkergen::rng::XorShift32;
 use std::time::Instant;
 
 fn rnd(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            s as f32 / u32::MAX as f32 - 0.5
-        })
-        .collect()
+    XorShift32(seed.wrapping_mul(2_654_435_761).wrapping_add(1)).vec(n)
 }
 
 fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {

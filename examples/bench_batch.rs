@@ -8,30 +8,16 @@
 //! (checked), only the time changes. `checkergen bench` is the full benchmark (per-scale
 //! times, memory, % of floor); this is the embedding view of it.
 
-use checkergen::{Device, Model, Request};
+mod common;
+
+use checkergen::Request;
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut model_path = None;
-    let mut device = Device::Auto;
-    let mut n = 8usize;
-    let mut batches = Vec::new();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--model" => model_path = args.next(),
-            "--images" => n = args.next().ok_or("--images needs a number")?.parse()?,
-            "--device" => device = args.next().ok_or("--device needs a name")?.parse()?,
-            b => batches.push(b.parse()?),
-        }
-    }
-    if batches.is_empty() {
-        batches = vec![1, 2, 4, 8];
-    }
-    let model = match &model_path {
-        Some(p) => Model::load(p, device)?,
-        None => Model::tiny(device)?,
-    };
+    let args = common::Args::parse(&["--images"])?;
+    let n: usize = args.value("--images", 8)?;
+    let batches: Vec<usize> = args.rest_or(vec![1, 2, 4, 8])?;
+    let model = args.model()?;
     let labels: Vec<usize> = (0..n).map(|i| i % model.num_classes()).collect();
     println!("{} images on {}", n, model.device());
     println!("{:>6} {:>10} {:>10}", "batch", "seconds", "images/s");

@@ -5,32 +5,17 @@
 //!
 //! Without --model it samples the tiny preset with random weights (noise-like images).
 
-use checkergen::{Device, Model, Progress, Request};
+mod common;
+
+use checkergen::{Progress, Request};
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut model_path = None;
-    let mut device = Device::Auto;
-    let mut out = PathBuf::from("target/example-sample");
-    let mut seed = 0;
-    let mut labels = Vec::new();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--model" => model_path = args.next(),
-            "--out" => out = args.next().ok_or("--out needs a directory")?.into(),
-            "--seed" => seed = args.next().ok_or("--seed needs a number")?.parse()?,
-            "--device" => device = args.next().ok_or("--device needs a name")?.parse()?,
-            l => labels.push(l.parse()?),
-        }
-    }
-    if labels.is_empty() {
-        labels = vec![207, 360, 387, 974];
-    }
-    let model = match &model_path {
-        Some(p) => Model::load(p, device)?,
-        None => Model::tiny(device)?,
-    };
+    let args = common::Args::parse(&["--out", "--seed"])?;
+    let out: PathBuf = args.value("--out", "target/example-sample".into())?;
+    let seed: u64 = args.value("--seed", 0)?;
+    let labels: Vec<usize> = args.rest_or(vec![207, 360, 387, 974])?;
+    let model = args.model()?;
     // The tiny preset has 10 classes: fold the default labels into range.
     let labels: Vec<usize> = labels.iter().map(|l| l % model.num_classes()).collect();
     println!("model on {}; sampling classes {labels:?}", model.device());

@@ -232,6 +232,20 @@ pub enum Progress {
     },
 }
 
+/// Builder methods of [`Request`]: `name(arg: Type) => field = value;` is
+/// `pub fn name(mut self, arg: Type) -> Request { self.field = value; self }`.
+macro_rules! builder_setters {
+    ($($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty) => $field:ident = $value:expr;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, $arg: $ty) -> Request {
+                self.$field = $value;
+                self
+            }
+        )*
+    };
+}
+
 /// A sampling request: class labels and the sampling settings (the released defaults unless
 /// changed). Checked against the model when sampled.
 ///
@@ -276,61 +290,30 @@ impl Request {
         }
     }
 
-    /// Classifier-free guidance strength: logits = cond + cfg * (cond - uncond); 0 turns
-    /// guidance (and the unconditional half of the work) off. Must be finite and >= 0.
-    pub fn guidance(mut self, cfg: f32) -> Request {
-        self.cfg = cfg;
-        self
-    }
-
-    /// The first global serial step (0 = the 1x1 scale) at which guidance applies.
-    pub fn cfg_start_step(mut self, step: usize) -> Request {
-        self.cfg_start_step = step;
-        self
-    }
-
-    /// The same number of serial steps on every scale (>= 1).
-    pub fn steps_per_scale(mut self, k: usize) -> Request {
-        self.steps = Steps::Uniform(k);
-        self
-    }
-
-    /// Explicit serial steps for each scale, smallest scale first (one value >= 1 per scale).
-    pub fn steps(mut self, per_scale: impl Into<Vec<usize>>) -> Request {
-        self.steps = Steps::PerScale(per_scale.into());
-        self
-    }
-
-    /// How tokens are chosen.
-    pub fn policy(mut self, policy: Policy) -> Request {
-        self.policy = policy;
-        self
-    }
-
-    /// The random seed. Image i of a request is drawn from (seed, i) alone: the images do
-    /// not depend on the batch size or on the other labels.
-    pub fn seed(mut self, seed: u64) -> Request {
-        self.seed = seed;
-        self
-    }
-
-    /// Images per batch (>= 1); without it the device's default ([`Model::default_batch_size`]).
-    pub fn batch_size(mut self, n: usize) -> Request {
-        self.batch_size = Some(n);
-        self
-    }
-
-    /// Also return every image's token pyramid ([`Images::tokens`]).
-    pub fn keep_tokens(mut self, keep: bool) -> Request {
-        self.keep_tokens = keep;
-        self
-    }
-
-    /// A flag that, once set (from any thread), stops sampling after the current serial step
-    /// with [`Error::Cancelled`].
-    pub fn cancel_flag(mut self, flag: Arc<AtomicBool>) -> Request {
-        self.cancel = Some(flag);
-        self
+    builder_setters! {
+        /// Classifier-free guidance strength: logits = cond + cfg * (cond - uncond); 0 turns
+        /// guidance (and the unconditional half of the work) off. Must be finite and >= 0.
+        guidance(cfg: f32) => cfg = cfg;
+        /// The first global serial step (0 = the 1x1 scale) at which guidance applies.
+        cfg_start_step(step: usize) => cfg_start_step = step;
+        /// The same number of serial steps on every scale (>= 1).
+        steps_per_scale(k: usize) => steps = Steps::Uniform(k);
+        /// Explicit serial steps for each scale, smallest scale first (one value >= 1 per
+        /// scale).
+        steps(per_scale: impl Into<Vec<usize>>) => steps = Steps::PerScale(per_scale.into());
+        /// How tokens are chosen.
+        policy(policy: Policy) => policy = policy;
+        /// The random seed. Image i of a request is drawn from (seed, i) alone: the images do
+        /// not depend on the batch size or on the other labels.
+        seed(seed: u64) => seed = seed;
+        /// Images per batch (>= 1); without it the device's default
+        /// ([`Model::default_batch_size`]).
+        batch_size(n: usize) => batch_size = Some(n);
+        /// Also return every image's token pyramid ([`Images::tokens`]).
+        keep_tokens(keep: bool) => keep_tokens = keep;
+        /// A flag that, once set (from any thread), stops sampling after the current serial
+        /// step with [`Error::Cancelled`].
+        cancel_flag(flag: Arc<AtomicBool>) => cancel = Some(flag);
     }
 
     /// The class ids, one image each.

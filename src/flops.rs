@@ -137,10 +137,7 @@ mod tests {
 
     #[test]
     fn released_decoder_flops() {
-        let cfg = DecoderConfig {
-            n_embed: 16384,
-            ..crate::model::config::released_decoder()
-        };
+        let cfg = crate::model::config::released_decoder_16k();
         let st = decoder_flops(&cfg, 16);
         let total: f64 = st.iter().map(|s| s.total()).sum();
         for s in &st {

@@ -324,17 +324,8 @@ mod tests {
     #[test]
     fn gemm_kernels_match_f64_reference() {
         use gemm::{Kernel, gemm_nt, supported};
-        let mut seed = 0x9E37_79B9u32;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 17;
-                    seed ^= seed << 5;
-                    seed as f32 / u32::MAX as f32 - 0.5
-                })
-                .collect()
-        };
+        let mut g = crate::rng::XorShift32(0x9E37_79B9);
+        let mut rnd = |n: usize| g.vec(n);
         let shapes = [
             (1, 1, 1),
             (1, 9, 17),

@@ -37,6 +37,27 @@ pub fn token_uniform(seed: u64, row: u32, step: u32, position: u32) -> f64 {
     bits as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
+/// xorshift32 (Marsaglia 2003) for test and benchmark data, not for sampling (that is
+/// [`token_uniform`]): cheap, deterministic, any nonzero seed.
+#[doc(hidden)]
+pub struct XorShift32(pub u32);
+
+impl XorShift32 {
+    pub fn next_u32(&mut self) -> u32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 17;
+        self.0 ^= self.0 << 5;
+        self.0
+    }
+
+    /// `n` values in [-0.5, 0.5].
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| self.next_u32() as f32 / u32::MAX as f32 - 0.5)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

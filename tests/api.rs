@@ -3,6 +3,8 @@
 //! and seed; a model shared by threads; progress, cancellation and refusals. The Python module
 //! has its own suite (python/tests, run by .ci/run) against the same CLI output.
 
+mod common;
+
 use checkergen::{Device, Error, Model, Policy, Progress, Request};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,11 +27,8 @@ fn cli_images(name: &str, labels: &str, seed: u64, extra: &[&str]) -> Vec<Vec<u8
     ];
     args.push(out.to_str().unwrap());
     args.extend_from_slice(extra);
-    let r = Command::new(env!("CARGO_BIN_EXE_checkergen"))
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_checkergen"));
+    common::run_ok(cmd.args(&args), "checkergen sample");
     let n = labels.split(',').count();
     (0..n)
         .map(|i| read_png(&out.join(format!("sample_{i:04}.png"))))
@@ -103,7 +102,8 @@ fn c_example_equals_cli() {
     );
     let d = dir("c");
     let exe = d.join("sample-c");
-    let r = Command::new(&cc)
+    let mut compile = Command::new(&cc);
+    compile
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror"])
         .arg(root.join("examples/c/sample.c"))
         .arg("-I")
@@ -112,26 +112,11 @@ fn c_example_equals_cli() {
         .arg(lib_dir)
         .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
         .args(["-lcheckergen", "-o"])
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(
-        r.status.success(),
-        "cc: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    let r = Command::new(&exe)
-        .arg("-")
-        .arg(d.join("img"))
-        .arg("9")
-        .output()
-        .unwrap();
+        .arg(&exe);
+    common::run_ok(&mut compile, "cc");
+    let mut run = Command::new(&exe);
+    let r = common::run_ok(run.arg("-").arg(d.join("img")).arg("9"), "sample-c");
     let stdout = String::from_utf8_lossy(&r.stdout);
-    assert!(
-        r.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
     // 3 images in batches of 2 and 1, 17 steps each on the tiny preset.
     assert!(
         stdout.contains("3 images of 256x256, 34 progress calls"),

@@ -118,28 +118,25 @@ fn schedule_table_lists_totals() {
 
 #[test]
 fn bad_arguments_fail_cleanly() {
-    assert_clean_failure(&["order", "--size", "0"], "at least 1");
-    assert_clean_failure(&["order", "--size", "abc"], "invalid");
-    assert_clean_failure(&["order", "--size", "-3"], "error");
-    assert_clean_failure(&["schedule", "--scale-ratio", "1"], "greater than 1");
-    assert_clean_failure(&["schedule", "--scale-ratio", "0.5"], "greater than 1");
-    assert_clean_failure(&["schedule", "--scale-ratio", "two"], "not a number");
-    assert_clean_failure(&["schedule", "--scale-ratio", "40"], "rounds to 0");
-    assert_clean_failure(
-        &["schedule", "--scale-ratio", "2", "--steps-per-scale", "0"],
-        "at least 1",
-    );
-    assert_clean_failure(
-        &["schedule", "--scale-ratio", "2", "--img-size", "0"],
-        "img-size",
-    );
-    assert_clean_failure(
-        &["schedule", "--scale-ratio", "2", "--scale-min-size", "0"],
-        "at least 1",
-    );
-    assert_clean_failure(
-        &["order", "--size", "4", "--png", "/nonexistent-dir/x.png"],
-        "cannot create",
-    );
-    assert_clean_failure(&["frobnicate"], "unrecognized");
+    // (arguments, split at spaces; what the one-line error says)
+    let cases = [
+        ("order --size 0", "at least 1"),
+        ("order --size abc", "invalid"),
+        ("order --size -3", "error"),
+        ("schedule --scale-ratio 1", "greater than 1"),
+        ("schedule --scale-ratio 0.5", "greater than 1"),
+        ("schedule --scale-ratio two", "not a number"),
+        ("schedule --scale-ratio 40", "rounds to 0"),
+        ("schedule --scale-ratio 2 --steps-per-scale 0", "at least 1"),
+        ("schedule --scale-ratio 2 --img-size 0", "img-size"),
+        ("schedule --scale-ratio 2 --scale-min-size 0", "at least 1"),
+        (
+            "order --size 4 --png /nonexistent-dir/x.png",
+            "cannot create",
+        ),
+        ("frobnicate", "unrecognized"),
+    ];
+    for (args, want) in cases {
+        assert_clean_failure(&args.split(' ').collect::<Vec<_>>(), want);
+    }
 }

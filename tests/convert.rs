@@ -17,6 +17,18 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The whole error (every cause) of converting with `opts`, which must fail.
+fn failure(opts: &ConvertOptions) -> String {
+    format!("{:#}", convert(opts).unwrap_err())
+}
+
+/// `err` says every one of `parts`.
+fn assert_says(err: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(err.contains(part), "{err}\n(lacks {part:?})");
+    }
+}
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/pth")
@@ -33,23 +45,14 @@ fn reference() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("tiny_reference.json")).unwrap()).unwrap()
 }
 
-fn options(
-    checkpoint: &str,
-    autoenc: Option<&str>,
-    ema: bool,
-    dtype: Dtype,
-    out: &str,
-) -> ConvertOptions {
-    ConvertOptions {
-        checkpoint: fixture(checkpoint),
-        config_yaml: fixture("tiny_config.yaml"),
-        autoenc_yaml: fixture("tiny_autoencoder.yaml"),
-        autoenc_checkpoint: autoenc.map(fixture),
-        ema,
-        no_encoder: false,
-        dtype,
-        output: tmp(out),
-    }
+/// Convert fixture `checkpoint` with the tiny configs into `out` ([`ConvertOptions::new`]).
+fn options(checkpoint: &str, out: &str) -> ConvertOptions {
+    ConvertOptions::new(
+        fixture(checkpoint),
+        fixture("tiny_config.yaml"),
+        fixture("tiny_autoencoder.yaml"),
+        tmp(out),
+    )
 }
 
 struct Out {
@@ -160,7 +163,7 @@ fn run(
 #[test]
 fn converts_model_f32_with_reference_values_and_metadata() {
     let r = reference();
-    let opts = options("tiny.pth", None, false, Dtype::F32, "tiny_f32.safetensors");
+    let opts = options("tiny.pth", "tiny_f32.safetensors");
     let (summary, out, meta) = run(&opts);
     assert_matches(
         &out,
@@ -225,13 +228,10 @@ fn converts_model_f32_with_reference_values_and_metadata() {
 #[test]
 fn converts_ema_weights_in_f32_and_bf16() {
     let r = reference();
-    let (_, f32_out, meta) = run(&options(
-        "tiny.pth",
-        None,
-        true,
-        Dtype::F32,
-        "tiny_ema_f32.safetensors",
-    ));
+    let (_, f32_out, meta) = run(&ConvertOptions {
+        ema: true,
+        ..options("tiny.pth", "tiny_ema_f32.safetensors")
+    });
     assert_matches(
         &f32_out,
         &section(&r, "tiny.pth", "model_ema"),
@@ -246,13 +246,11 @@ fn converts_ema_weights_in_f32_and_bf16() {
         ema["llama.layers.0.attention.wqkv.weight"]
     );
 
-    let (summary, bf16_out, _) = run(&options(
-        "tiny.pth",
-        None,
-        true,
-        Dtype::Bf16,
-        "tiny_ema_bf16.safetensors",
-    ));
+    let (summary, bf16_out, _) = run(&ConvertOptions {
+        ema: true,
+        dtype: Dtype::Bf16,
+        ..options("tiny.pth", "tiny_ema_bf16.safetensors")
+    });
     assert_eq!(summary.dtype, Dtype::Bf16);
     assert_eq!(
         bf16_out.keys().collect::<Vec<_>>(),
@@ -275,13 +273,10 @@ fn converts_ema_weights_in_f32_and_bf16() {
 #[test]
 fn converts_model_bf16_keeping_bf16_sources_exact() {
     let r = reference();
-    let (_, out, _) = run(&options(
-        "tiny.pth",
-        None,
-        false,
-        Dtype::Bf16,
-        "tiny_bf16.safetensors",
-    ));
+    let (_, out, _) = run(&ConvertOptions {
+        dtype: Dtype::Bf16,
+        ..options("tiny.pth", "tiny_bf16.safetensors")
+    });
     let model = section(&r, "tiny.pth", "model");
     // empty_token_emb is bfloat16 in the checkpoint: copied exactly.
     let t = &out["empty_token_emb"];
@@ -299,13 +294,10 @@ fn takes_the_autoencoder_from_a_separate_vq_checkpoint() {
     let vq = section(&r, "tiny_vq.pth", "state_dict");
     let mut expected = section(&r, "tiny_noae.pth", "model");
     expected.extend(vq.clone());
-    let (summary, out, meta) = run(&options(
-        "tiny_noae.pth",
-        Some("tiny_vq.pth"),
-        false,
-        Dtype::F32,
-        "noae_vq.safetensors",
-    ));
+    let (summary, out, meta) = run(&ConvertOptions {
+        autoenc_checkpoint: Some(fixture("tiny_vq.pth")),
+        ..options("tiny_noae.pth", "noae_vq.safetensors")
+    });
     assert_matches(&out, &expected, "tiny_noae.pth + tiny_vq.pth");
     assert_eq!(summary.autoenc_source, "tiny_vq.pth");
     assert_eq!(meta["autoenc_source"], "tiny_vq.pth");
@@ -316,13 +308,10 @@ fn takes_the_autoencoder_from_a_separate_vq_checkpoint() {
     let mut expected = section(&r, "tiny.pth", "model");
     expected.retain(|k, _| !k.starts_with("autoenc."));
     expected.extend(vq);
-    let (_, out, _) = run(&options(
-        "tiny.pth",
-        Some("tiny_vq.pth"),
-        false,
-        Dtype::F32,
-        "tiny_vq_override.safetensors",
-    ));
+    let (_, out, _) = run(&ConvertOptions {
+        autoenc_checkpoint: Some(fixture("tiny_vq.pth")),
+        ..options("tiny.pth", "tiny_vq_override.safetensors")
+    });
     assert_matches(&out, &expected, "tiny.pth + tiny_vq.pth");
 }
 
@@ -400,10 +389,9 @@ fn reader_reads_only_the_selected_storages() {
     let sd = read_state_dict(fixture("tiny_broken.pth"), "model").unwrap();
     assert!(sd.contains_key("class_embeddings.weight"));
     // A bare state dict is read directly; a missing entry names the top-level keys.
-    let err = format!("{:#}", ck.state_dict("model_ema").unwrap_err());
-    assert!(
-        err.contains("no 'model_ema' entry") && err.contains("model, optimizer, epoch"),
-        "{err}"
+    assert_says(
+        &format!("{:#}", ck.state_dict("model_ema").unwrap_err()),
+        &["no 'model_ema' entry", "model, optimizer, epoch"],
     );
 }
 
@@ -419,13 +407,10 @@ fn convert_err(
     let ay = tmp(&format!("{tag}_autoencoder.yaml"));
     std::fs::write(&my, model_yaml).unwrap();
     std::fs::write(&ay, ae_yaml).unwrap();
-    let mut opts = options(
-        ckpt,
-        autoenc,
-        false,
-        Dtype::F32,
-        &format!("{tag}.safetensors"),
-    );
+    let mut opts = ConvertOptions {
+        autoenc_checkpoint: autoenc.map(fixture),
+        ..options(ckpt, &format!("{tag}.safetensors"))
+    };
     opts.config_yaml = my;
     opts.autoenc_yaml = ay;
     let _ = std::fs::remove_file(&opts.output);
@@ -562,20 +547,18 @@ fn yaml_and_tensor_disagreements_name_the_key() {
     let start = a.find("    ddconfig:").unwrap();
     let end = a.find("\ndata:").unwrap();
     let defaults = format!("{}    ddconfig: {{}}\n{}", &a[..start], &a[end..]);
-    let err = convert_err("tiny.pth", None, &m, &defaults, "ae_defaults");
-    assert!(
-        err.contains("model.params.ddconfig.z_channels is 256"),
-        "{err}"
+    assert_says(
+        &convert_err("tiny.pth", None, &m, &defaults, "ae_defaults"),
+        &["model.params.ddconfig.z_channels is 256"],
     );
     // The model config's autoenc.params override the autoencoder config, and errors say so.
     let over = m.replace(
         "requant_pyramid_levels: -1",
         "requant_pyramid_levels: -1\n            n_embed: 8",
     );
-    let err = convert_err("tiny.pth", None, &over, &a, "override");
-    assert!(
-        err.contains("_config.yaml: model.autoenc.params.n_embed is 8"),
-        "{err}"
+    assert_says(
+        &convert_err("tiny.pth", None, &over, &a, "override"),
+        &["_config.yaml: model.autoenc.params.n_embed is 8"],
     );
 }
 
@@ -589,83 +572,74 @@ fn bad_inputs_give_clear_errors() {
         b"definitely not a checkpoint, only forty-something bytes",
     )
     .unwrap();
-    let mut opts = options("tiny.pth", None, false, Dtype::F32, "never.safetensors");
+    let mut opts = options("tiny.pth", "never.safetensors");
     opts.checkpoint = garbage;
-    let err = format!("{:#}", convert(&opts).unwrap_err());
-    assert!(
-        err.contains("garbage.pth") && err.contains("not a PyTorch zip checkpoint"),
-        "{err}"
+    assert_says(
+        &failure(&opts),
+        &["garbage.pth", "not a PyTorch zip checkpoint"],
     );
     // A pickle with an unknown opcode.
-    let err = convert_err("tiny_bad_opcode.pth", None, &m, &a, "bad_opcode");
-    assert!(
-        err.contains("tiny_bad_opcode.pth")
-            && err.contains("unknown pickle opcode 0xff at byte offset 5"),
-        "{err}"
+    assert_says(
+        &convert_err("tiny_bad_opcode.pth", None, &m, &a, "bad_opcode"),
+        &[
+            "tiny_bad_opcode.pth",
+            "unknown pickle opcode 0xff at byte offset 5",
+        ],
     );
     // No 'model' entry (a Lightning VQ checkpoint given as the AR checkpoint).
-    let err = convert_err("tiny_vq.pth", None, &m, &a, "no_model");
-    assert!(
-        err.contains("tiny_vq.pth: no 'model' entry") && err.contains("state_dict"),
-        "{err}"
+    assert_says(
+        &convert_err("tiny_vq.pth", None, &m, &a, "no_model"),
+        &["tiny_vq.pth: no 'model' entry", "state_dict"],
     );
     // --ema on a checkpoint saved without EMA.
-    let mut opts = options(
-        "tiny_noae.pth",
-        Some("tiny_vq.pth"),
-        true,
-        Dtype::F32,
-        "never.safetensors",
-    );
-    opts.ema = true;
-    let err = format!("{:#}", convert(&opts).unwrap_err());
-    assert!(
-        err.contains("'model_ema' is None") && err.contains("without --ema"),
-        "{err}"
-    );
+    let opts = ConvertOptions {
+        autoenc_checkpoint: Some(fixture("tiny_vq.pth")),
+        ema: true,
+        ..options("tiny_noae.pth", "never.safetensors")
+    };
+    assert_says(&failure(&opts), &["'model_ema' is None", "without --ema"]);
     // No autoencoder weights and no --autoenc-checkpoint.
-    let err = convert_err("tiny_noae.pth", None, &m, &a, "no_ae");
-    assert!(
-        err.contains("tiny_noae.pth")
-            && err.contains("no autoencoder weights")
-            && err.contains("--autoenc-checkpoint"),
-        "{err}"
+    assert_says(
+        &convert_err("tiny_noae.pth", None, &m, &a, "no_ae"),
+        &[
+            "tiny_noae.pth",
+            "no autoencoder weights",
+            "--autoenc-checkpoint",
+        ],
     );
     // A missing tensor.
-    let err = convert_err("tiny_broken.pth", Some("tiny_vq.pth"), &m, &a, "missing");
-    assert!(
-        err.contains("tiny_broken.pth ['model']: missing tensor 'lm_head.weight'"),
-        "{err}"
+    assert_says(
+        &convert_err("tiny_broken.pth", Some("tiny_vq.pth"), &m, &a, "missing"),
+        &["tiny_broken.pth ['model']: missing tensor 'lm_head.weight'"],
     );
     // YAML that is not the reference's config, or not YAML the reader accepts.
-    let err = convert_err("tiny.pth", None, "args:\n  lr: 1\n", &a, "no_model_section");
-    assert!(err.contains("no 'model:' mapping"), "{err}");
-    let err = convert_err(
-        "tiny.pth",
-        None,
-        &m.replace("    img_size: 16", "    img_size: &a 16"),
-        &a,
-        "anchor",
+    assert_says(
+        &convert_err("tiny.pth", None, "args:\n  lr: 1\n", &a, "no_model_section"),
+        &["no 'model:' mapping"],
     );
-    assert!(
-        err.contains("anchor_config.yaml: YAML line 4: anchors"),
-        "{err}"
+    assert_says(
+        &convert_err(
+            "tiny.pth",
+            None,
+            &m.replace("    img_size: 16", "    img_size: &a 16"),
+            &a,
+            "anchor",
+        ),
+        &["anchor_config.yaml: YAML line 4: anchors"],
     );
-    let err = convert_err(
-        "tiny.pth",
-        None,
-        &m.replace("    img_size: 16", "    img_size: sixteen"),
-        &a,
-        "not_int",
+    assert_says(
+        &convert_err(
+            "tiny.pth",
+            None,
+            &m.replace("    img_size: 16", "    img_size: sixteen"),
+            &a,
+            "not_int",
+        ),
+        &["model.img_size must be a non-negative integer, found string \"sixteen\""],
     );
-    assert!(
-        err.contains("model.img_size must be a non-negative integer, found string \"sixteen\""),
-        "{err}"
-    );
-    let mut opts = options("tiny.pth", None, false, Dtype::F32, "never.safetensors");
+    let mut opts = options("tiny.pth", "never.safetensors");
     opts.config_yaml = fixture("does_not_exist.yaml");
-    let err = format!("{:#}", convert(&opts).unwrap_err());
-    assert!(err.contains("does_not_exist.yaml: cannot read"), "{err}");
+    assert_says(&failure(&opts), &["does_not_exist.yaml: cannot read"]);
 }
 
 /// The fixture configs (the reference's nested layout: `model: {autoenc: {params: ...},
@@ -844,21 +818,8 @@ fn expected_tensors_match_the_golden_state_dict() {
 /// (and samples), and the commands that need the encoder refuse it in one line.
 #[test]
 fn no_encoder_drops_the_encoder_and_the_file_still_loads() {
-    let mut opts = options(
-        "tiny.pth",
-        None,
-        false,
-        Dtype::F32,
-        "tiny_noenc.safetensors",
-    );
-    let full = convert(&options(
-        "tiny.pth",
-        None,
-        false,
-        Dtype::F32,
-        "tiny_enc.safetensors",
-    ))
-    .unwrap();
+    let mut opts = options("tiny.pth", "tiny_noenc.safetensors");
+    let full = convert(&options("tiny.pth", "tiny_enc.safetensors")).unwrap();
     opts.no_encoder = true;
     let summary = convert(&opts).unwrap();
     let (out, _) = read_output(&opts.output);

@@ -39,7 +39,7 @@ mod hostile_common;
 
 use checkergen::io::convert::{ConvertOptions, convert, model_config_from_yaml};
 use checkergen::model::Model;
-use checkergen::model::file::{Dtype, MAX_WEIGHT_ABS};
+use checkergen::model::file::MAX_WEIGHT_ABS;
 use hostile_common::*;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -56,16 +56,12 @@ fn scale() -> usize {
 
 /// The clean conversion of the fixture checkpoint, and its options.
 fn baseline(dir: &Path) -> (ConvertOptions, Vec<u8>) {
-    let opts = ConvertOptions {
-        checkpoint: fixture("tiny.pth"),
-        config_yaml: fixture("tiny_config.yaml"),
-        autoenc_yaml: fixture("tiny_autoencoder.yaml"),
-        autoenc_checkpoint: None,
-        ema: false,
-        no_encoder: false,
-        dtype: Dtype::F32,
-        output: dir.join("baseline.safetensors"),
-    };
+    let opts = ConvertOptions::new(
+        fixture("tiny.pth"),
+        fixture("tiny_config.yaml"),
+        fixture("tiny_autoencoder.yaml"),
+        dir.join("baseline.safetensors"),
+    );
     convert(&opts).expect("the fixture converts");
     let bytes = std::fs::read(&opts.output).unwrap();
     (opts, bytes)
@@ -189,67 +185,77 @@ fn mutate_pth(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
     }
 }
 
-fn mutate_text(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
+/// A mutation of `clean` at one random offset `at`: choice 0 of `choices` flips the byte there
+/// (named `{prefix}flip at {at}`), any other choice k is `other(k, rng, bytes, at)`, which
+/// returns its name.
+fn mutate_at(
+    rng: &mut Rng,
+    clean: &[u8],
+    choices: usize,
+    prefix: &str,
+    other: impl FnOnce(usize, &mut Rng, &mut Vec<u8>, usize) -> String,
+) -> (String, Vec<u8>) {
     let mut b = clean.to_vec();
     let at = rng.below(b.len());
-    match rng.below(5) {
+    let what = match rng.below(choices) {
         0 => {
             b[at] ^= (rng.next_u64() as u8) | 1;
-            (format!("flip at {at}"), b)
+            format!("{prefix}flip at {at}")
         }
+        k => other(k, rng, &mut b, at),
+    };
+    (what, b)
+}
+
+fn mutate_text(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
+    mutate_at(rng, clean, 5, "", |k, rng, b, at| match k {
         1 => {
             b.remove(at);
-            (format!("delete at {at}"), b)
+            format!("delete at {at}")
         }
         2 => {
             let v = *rng.pick(b"[]{}:-#&*!|>'\"\t\n ,?%@`\\");
             b.insert(at, v);
-            (format!("insert {v:#04x} at {at}"), b)
+            format!("insert {v:#04x} at {at}")
         }
         3 => {
             let n = 1 + rng.below(2000);
             let open = *rng.pick(&["[", "{", "- ", "a:\n "]);
             let s: Vec<u8> = open.repeat(n).into_bytes();
             b.splice(at..at, s);
-            (format!("{n} x {open:?} at {at}"), b)
+            format!("{n} x {open:?} at {at}")
         }
         _ => {
             let end = (at + 1 + rng.below(64)).min(b.len());
             let chunk = b[at..end].to_vec();
             let to = rng.below(b.len());
             b.splice(to..to, chunk);
-            (format!("duplicate {at}..{end} at {to}"), b)
+            format!("duplicate {at}..{end} at {to}")
         }
-    }
+    })
 }
 
 fn mutate_pickle(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
-    let mut b = clean.to_vec();
-    let at = rng.below(b.len());
-    match rng.below(4) {
-        0 => {
-            b[at] ^= (rng.next_u64() as u8) | 1;
-            (format!("pickle flip at {at}"), b)
-        }
+    mutate_at(rng, clean, 4, "pickle ", |k, rng, b, at| match k {
         1 => {
             // An opcode byte from the VM's repertoire.
             let v = *rng.pick(b"()]}ahlestuRQbqXKMJN.\x85\x86\x87\x88\x89\x8a\x93\x94\x95");
             b[at] = v;
-            (format!("pickle op {v:#04x} at {at}"), b)
+            format!("pickle op {v:#04x} at {at}")
         }
         2 => {
             let end = (at + 1 + rng.below(32)).min(b.len());
             b.drain(at..end);
-            (format!("pickle delete {at}..{end}"), b)
+            format!("pickle delete {at}..{end}")
         }
         _ => {
             let v = *rng.pick(&[u32::MAX, 0x7FFF_FFFF, 1 << 20]);
             if at + 4 <= b.len() {
                 b[at..at + 4].copy_from_slice(&v.to_le_bytes());
             }
-            (format!("pickle u32 {v:#x} at {at}"), b)
+            format!("pickle u32 {v:#x} at {at}")
         }
-    }
+    })
 }
 
 // ------------------------------------------------------------------------------------------

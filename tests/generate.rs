@@ -41,22 +41,38 @@ fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
 }
 
-fn generate(model: &str, out: &Path, extra: &[&str]) -> (bool, String) {
-    let mut args = vec![
+/// `generate` of the 10 images of run `seed` from `model` on the CPU, quietly; the output
+/// and any other options follow.
+fn generate_args(model: &str, seed: u64) -> Vec<String> {
+    let seed = seed.to_string();
+    let args = [
         "generate",
         "--model",
         model,
         "--num-samples",
         "10",
         "--seed",
-        "5",
+        &seed,
     ];
-    args.extend_from_slice(&["--device", "cpu", "--quiet", "--out"]);
-    let o = s(out);
-    args.push(&o);
-    args.extend_from_slice(extra);
+    args.iter()
+        .chain(&["--device", "cpu", "--quiet"])
+        .map(|a| a.to_string())
+        .collect()
+}
+
+/// [`generate_args`] with `seed` into `out`, then `extra`: (success, stderr).
+fn generate_seed(model: &str, seed: u64, out: &Path, extra: &[&str]) -> (bool, String) {
+    let mut args = generate_args(model, seed);
+    args.extend(["--out".to_string(), s(out)]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (ok, _, err) = common::cli(&args);
     (ok, err)
+}
+
+/// Run 5 (the tests' default) into `out`.
+fn generate(model: &str, out: &Path, extra: &[&str]) -> (bool, String) {
+    generate_seed(model, 5, out, extra)
 }
 
 #[test]
@@ -88,16 +104,8 @@ fn npz_layout_batches_and_shards_agree_byte_for_byte() {
         .enumerate()
         .map(|(k, p)| {
             std::process::Command::new(env!("CARGO_BIN_EXE_checkergen"))
-                .args([
-                    "generate",
-                    "--model",
-                    &m,
-                    "--num-samples",
-                    "10",
-                    "--seed",
-                    "5",
-                ])
-                .args(["--device", "cpu", "--quiet", "--batch-size", "2"])
+                .args(generate_args(&m, 5))
+                .args(["--batch-size", "2"])
                 .args(["--shard", &format!("{k}/3"), "--out", &s(p)])
                 .output()
                 .unwrap()
@@ -268,22 +276,7 @@ fn bad_input_fails_in_one_line() {
     let merged = s(&d.join("m.npz"));
     one_line(&["merge", &s(&s0), "-o", &merged], "missing");
     let s1s = s(&s1);
-    let (ok, _, err) = common::cli(&[
-        "generate",
-        "--model",
-        &m,
-        "--num-samples",
-        "10",
-        "--seed",
-        "6",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--shard",
-        "1/2",
-        "--out",
-        &s1s,
-    ]);
+    let (ok, err) = generate_seed(&m, 6, &s1, &["--shard", "1/2"]);
     assert!(ok, "{err}");
     one_line(&["merge", &s(&s0), &s1s, "-o", &merged], "different runs");
     one_line(&["merge", &s(&s0), &s(&s0), "-o", &merged], "overlap");

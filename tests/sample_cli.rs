@@ -1,18 +1,13 @@
 //! End-to-end `checkergen init` + `sample` + `inspect` on the tiny preset.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
 fn run(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_checkergen"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_checkergen"));
+    let out = common::run_ok(cmd.args(args), &format!("{args:?}"));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -22,13 +17,20 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
+/// A fresh directory `name` holding the tiny preset initialized with `seed`: (the
+/// directory, the model file).
+fn tiny_model(name: &str, seed: &str) -> (PathBuf, String) {
+    let d = dir(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let m = d.join("tiny.safetensors").to_str().unwrap().to_string();
+    run(&["init", "--preset", "tiny", "--seed", seed, "-o", &m]);
+    (d, m)
+}
+
 #[test]
 fn init_sample_inspect() {
-    let d = dir("a");
-    std::fs::create_dir_all(&d).unwrap();
-    let model = d.join("tiny.safetensors");
-    let m = model.to_str().unwrap();
-    run(&["init", "--preset", "tiny", "--seed", "3", "-o", m]);
+    let (d, m) = tiny_model("a", "3");
+    let m = m.as_str();
     let text = run(&["inspect", m]);
     assert!(
         text.contains("scales [1, 2, 4, 8, 16] (341 tokens)"),
@@ -162,11 +164,8 @@ fn convert_fixture_then_sample() {
 #[cfg(feature = "cuda")]
 #[test]
 fn sample_on_the_emulated_device() {
-    let d = dir("emu");
-    std::fs::create_dir_all(&d).unwrap();
-    let model = d.join("tiny.safetensors");
-    let m = model.to_str().unwrap();
-    run(&["init", "--preset", "tiny", "--seed", "4", "-o", m]);
+    let (d, m) = tiny_model("emu", "4");
+    let m = m.as_str();
     let sample = |device: &str| {
         let out = d.join(device);
         let text = run(&[

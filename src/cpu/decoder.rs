@@ -263,6 +263,14 @@ mod tests {
     use crate::model::file::{Tensor, TensorMap};
     use crate::model::weights::CODEBOOK;
 
+    /// The largest |a - b| (NaNs are passed over, as f32::max does).
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    }
+
     fn tiny_config() -> DecoderConfig {
         DecoderConfig {
             ch: 32,
@@ -411,11 +419,7 @@ mod tests {
         // One band, 2-row bands (ragged last band), 1-row bands.
         for budget in [usize::MAX / 2, cin * 9 * w * 2, 1] {
             let got = ops::decoder::conv2d_banded(&conv, &x.data, x.h, x.w, budget);
-            let err = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+            let err = max_abs_diff(&got, &want);
             assert!(err < 1e-5, "budget {budget}: max err {err}");
         }
         // Width 1 exercises the edge columns of im2col.
@@ -471,11 +475,7 @@ mod tests {
             }
         }
         let img2 = dec.decode(&z, b, s);
-        let err = img
-            .iter()
-            .zip(&img2)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let err = max_abs_diff(&img, &img2);
         assert!(err < 1e-4, "{err}");
         // Batch entries decode independently.
         let one = dec.decode_tokens(&tokens[s * s..], 1, s);

@@ -270,55 +270,175 @@ unsafe fn store(s: &[f32], c: *mut f32, nc: usize, beta: f32) {
     }
 }
 
+/// One instruction set's NT kernel: `tile_dispatch` (the row tile for the rows left, over
+/// groups of `cols` columns of the NR-column tile) and `tile` (MR rows x `cols` columns,
+/// accumulators along k, one horizontal reduction per k-block). Both instruction sets run
+/// this one body, so their sums come out in the same order per lane group.
+///
+/// * the target feature of `tile` and its vector type; `lanes`: floats per vector;
+/// * `prefetch`: whether `tile` prefetches the next tile's weight rows;
+/// * `ops`: the vector operations zero, load, mul and fmadd;
+/// * `tail_load(r, p) { setup } => expr`: loads the first `r` (k % lanes) floats at `p`,
+///   zero past them, reading nothing beyond (after `setup`, run once per tile).
+///
+/// The invoking module provides `reduce4` (four horizontal sums into an `__m128`).
+#[cfg(target_arch = "x86_64")]
+macro_rules! nt_kernel {
+    (
+        $feat:literal, $v:ty, lanes: $lanes:literal, cols: $cols:expr, prefetch: $prefetch:literal,
+        ops: $zero:path, $load:path, $mul:path, $fmadd:path,
+        tail_load($r:ident, $p:ident) { $($setup:tt)* } => $tail:expr $(,)?
+    ) => {
+        /// Columns of one `tile` call.
+        const COLS: usize = $cols;
+        const _: () = assert!(NR % COLS == 0 && COLS % 4 == 0);
+
+        /// Runs the largest row tile up to `left` rows and returns its rows.
+        #[allow(clippy::too_many_arguments)]
+        #[inline]
+        pub(super) unsafe fn tile_dispatch(
+            left: usize,
+            k: usize,
+            a: *const f32,
+            lda: usize,
+            b: &[*const f32; NR],
+            pf: Option<&[*const f32; NR]>,
+            c: *mut f32,
+            ldc: usize,
+            nc: usize,
+            beta: f32,
+        ) -> usize {
+            const _: () = assert!(MR_MAX == 3, "tile_dispatch instantiates rows 1..=3");
+            let r = left.min(MR_MAX);
+            let pf = if $prefetch { pf } else { None };
+            for g in 0..nc.div_ceil(COLS) {
+                let bg: [*const f32; COLS] = std::array::from_fn(|q| b[COLS * g + q]);
+                let (cg, ng) = (unsafe { c.add(COLS * g) }, (nc - COLS * g).min(COLS));
+                macro_rules! rows {
+                    ($mr:literal) => {
+                        match pf {
+                            Some(pf) => tile::<$mr, true>(k, a, lda, &bg, pf, cg, ldc, ng, beta),
+                            None => tile::<$mr, false>(k, a, lda, &bg, b, cg, ldc, ng, beta),
+                        }
+                    };
+                }
+                unsafe {
+                    match r {
+                        1 => rows!(1),
+                        2 => rows!(2),
+                        _ => rows!(3),
+                    }
+                }
+            }
+            r
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $feat)]
+        unsafe fn tile<const MR: usize, const PF: bool>(
+            k: usize,
+            a: *const f32,
+            lda: usize,
+            b: &[*const f32; COLS],
+            pf: &[*const f32; NR],
+            c: *mut f32,
+            ldc: usize,
+            nc: usize,
+            beta: f32,
+        ) {
+            let mut acc = [[$zero(); COLS]; MR];
+            unsafe {
+                // The k % lanes tail first (masked loads read nothing past the row), so the
+                // loop below is all full vectors and the accumulators stay in registers.
+                let $r = k % $lanes;
+                if $r != 0 {
+                    $($setup)*
+                    let av: [$v; MR] = std::array::from_fn(|i| {
+                        let $p = a.add(i * lda);
+                        $tail
+                    });
+                    for q in 0..COLS {
+                        let bv = {
+                            let $p = b[q];
+                            $tail
+                        };
+                        for i in 0..MR {
+                            acc[i][q] = $mul(av[i], bv);
+                        }
+                    }
+                }
+                let mut p = $r;
+                while p < k {
+                    let av: [$v; MR] = std::array::from_fn(|i| $load(a.add(i * lda + p)));
+                    if PF {
+                        for f in pf {
+                            _mm_prefetch::<_MM_HINT_T0>(f.add(p) as *const i8);
+                        }
+                    }
+                    for q in 0..COLS {
+                        let bv = $load(b[q].add(p));
+                        for i in 0..MR {
+                            acc[i][q] = $fmadd(av[i], bv, acc[i][q]);
+                        }
+                    }
+                    p += $lanes;
+                }
+                let mut s = [[0.0f32; COLS]; MR];
+                for i in 0..MR {
+                    for g in 0..COLS / 4 {
+                        let x = reduce4(
+                            acc[i][4 * g],
+                            acc[i][4 * g + 1],
+                            acc[i][4 * g + 2],
+                            acc[i][4 * g + 3],
+                        );
+                        _mm_storeu_ps(s[i].as_mut_ptr().add(4 * g), x);
+                    }
+                }
+                for (i, row) in s.iter().enumerate() {
+                    store(row, c.add(i * ldc), nc, beta);
+                }
+            }
+        }
+    };
+}
+
+/// The first step of `reduce4`: per 128-bit lane of the result, the partial sums of v0, v1,
+/// v2 and v3 (a 4 x 4 transpose-add within each lane), given the add, unpacklo, unpackhi and
+/// shuffle of one vector width.
+#[cfg(target_arch = "x86_64")]
+macro_rules! lane_sums4 {
+    ($add:ident, $lo:ident, $hi:ident, $shuffle:ident; $v0:ident, $v1:ident, $v2:ident, $v3:ident) => {{
+        let s01 = $add($lo($v0, $v1), $hi($v0, $v1));
+        let s23 = $add($lo($v2, $v3), $hi($v2, $v3));
+        $add(
+            $shuffle::<0b01_00_01_00>(s01, s23),
+            $shuffle::<0b11_10_11_10>(s01, s23),
+        )
+    }};
+}
+
+/// 16 lanes, the whole 8-column tile at once (3 x 8 = 24 accumulators), weight rows of the
+/// next tile prefetched.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::*;
 
-    /// Runs the largest row tile up to `left` rows and returns its rows.
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    pub(super) unsafe fn tile_dispatch(
-        left: usize,
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: &[*const f32; NR],
-        pf: Option<&[*const f32; NR]>,
-        c: *mut f32,
-        ldc: usize,
-        nc: usize,
-        beta: f32,
-    ) -> usize {
-        const _: () = assert!(MR_MAX == 3, "tile_dispatch instantiates rows 1..=3");
-        let r = left.min(MR_MAX);
-        macro_rules! go {
-            ($mr:literal) => {
-                match pf {
-                    Some(pf) => tile::<$mr, true>(k, a, lda, b, pf, c, ldc, nc, beta),
-                    None => tile::<$mr, false>(k, a, lda, b, b, c, ldc, nc, beta),
-                }
-            };
-        }
-        unsafe {
-            match r {
-                1 => go!(1),
-                2 => go!(2),
-                _ => go!(3),
-            }
-        }
-        r
+    nt_kernel! {
+        "avx512f", __m512, lanes: 16, cols: NR, prefetch: true,
+        ops: _mm512_setzero_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_fmadd_ps,
+        tail_load(r, p) {
+            let mask: __mmask16 = ((1u32 << r) - 1) as u16;
+        } => _mm512_maskz_loadu_ps(mask, p),
     }
 
     /// Four horizontal sums at once: [sum v0, sum v1, sum v2, sum v3].
     #[inline(always)]
     unsafe fn reduce4(v0: __m512, v1: __m512, v2: __m512, v3: __m512) -> __m128 {
         unsafe {
-            let s01 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
-            let s23 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
-            // Per 128-bit lane: partial sums of v0, v1, v2, v3.
-            let e = _mm512_add_ps(
-                _mm512_shuffle_ps::<0b01_00_01_00>(s01, s23),
-                _mm512_shuffle_ps::<0b11_10_11_10>(s01, s23),
+            let e = lane_sums4!(
+                _mm512_add_ps, _mm512_unpacklo_ps, _mm512_unpackhi_ps, _mm512_shuffle_ps;
+                v0, v1, v2, v3
             );
             let lo = _mm512_castps512_ps256(e);
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
@@ -326,165 +446,32 @@ mod avx512 {
             _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
         }
     }
-
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const MR: usize, const PF: bool>(
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: &[*const f32; NR],
-        pf: &[*const f32; NR],
-        c: *mut f32,
-        ldc: usize,
-        nc: usize,
-        beta: f32,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-        unsafe {
-            // The k % 16 tail first (masked loads read nothing past the row), so the loop
-            // below is all full vectors and the accumulators stay in registers.
-            let r = k % 16;
-            if r != 0 {
-                let mask: __mmask16 = ((1u32 << r) - 1) as u16;
-                let av: [__m512; MR] =
-                    std::array::from_fn(|i| _mm512_maskz_loadu_ps(mask, a.add(i * lda)));
-                for q in 0..NR {
-                    let bv = _mm512_maskz_loadu_ps(mask, b[q]);
-                    for i in 0..MR {
-                        acc[i][q] = _mm512_mul_ps(av[i], bv);
-                    }
-                }
-            }
-            let mut p = r;
-            while p < k {
-                let av: [__m512; MR] = std::array::from_fn(|i| _mm512_loadu_ps(a.add(i * lda + p)));
-                if PF {
-                    for f in pf {
-                        _mm_prefetch::<_MM_HINT_T0>(f.add(p) as *const i8);
-                    }
-                }
-                for q in 0..NR {
-                    let bv = _mm512_loadu_ps(b[q].add(p));
-                    for i in 0..MR {
-                        acc[i][q] = _mm512_fmadd_ps(av[i], bv, acc[i][q]);
-                    }
-                }
-                p += 16;
-            }
-            let mut s = [[0.0f32; NR]; MR];
-            for i in 0..MR {
-                for g in 0..NR / 4 {
-                    let x = reduce4(
-                        acc[i][4 * g],
-                        acc[i][4 * g + 1],
-                        acc[i][4 * g + 2],
-                        acc[i][4 * g + 3],
-                    );
-                    _mm_storeu_ps(s[i].as_mut_ptr().add(4 * g), x);
-                }
-            }
-            for (i, row) in s.iter().enumerate() {
-                store(row, c.add(i * ldc), nc, beta);
-            }
-        }
-    }
 }
 
+/// 8 lanes, groups of 4 columns (12 accumulators of the 16 registers at 3 rows), no
+/// prefetch.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
 
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    pub(super) unsafe fn tile_dispatch(
-        left: usize,
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: &[*const f32; NR],
-        _pf: Option<&[*const f32; NR]>,
-        c: *mut f32,
-        ldc: usize,
-        nc: usize,
-        beta: f32,
-    ) -> usize {
-        let r = left.min(3);
-        // Groups of 4 columns (12 accumulators of the 16 registers at 3 rows).
-        for g in 0..nc.div_ceil(4) {
-            let bg = [b[4 * g], b[4 * g + 1], b[4 * g + 2], b[4 * g + 3]];
-            let (cg, ng) = (unsafe { c.add(4 * g) }, (nc - 4 * g).min(4));
-            unsafe {
-                match r {
-                    1 => tile::<1>(k, a, lda, bg, cg, ldc, ng, beta),
-                    2 => tile::<2>(k, a, lda, bg, cg, ldc, ng, beta),
-                    _ => tile::<3>(k, a, lda, bg, cg, ldc, ng, beta),
-                }
-            }
-        }
-        r
+    nt_kernel! {
+        "avx2,fma", __m256, lanes: 8, cols: 4, prefetch: false,
+        ops: _mm256_setzero_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_fmadd_ps,
+        tail_load(r, p) {
+            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(r as i32), lane);
+        } => _mm256_maskload_ps(p, mask),
     }
 
+    /// Four horizontal sums at once: [sum v0, sum v1, sum v2, sum v3].
     #[inline(always)]
     unsafe fn reduce4(v0: __m256, v1: __m256, v2: __m256, v3: __m256) -> __m128 {
         unsafe {
-            let s01 = _mm256_add_ps(_mm256_unpacklo_ps(v0, v1), _mm256_unpackhi_ps(v0, v1));
-            let s23 = _mm256_add_ps(_mm256_unpacklo_ps(v2, v3), _mm256_unpackhi_ps(v2, v3));
-            let e = _mm256_add_ps(
-                _mm256_shuffle_ps::<0b01_00_01_00>(s01, s23),
-                _mm256_shuffle_ps::<0b11_10_11_10>(s01, s23),
+            let e = lane_sums4!(
+                _mm256_add_ps, _mm256_unpacklo_ps, _mm256_unpackhi_ps, _mm256_shuffle_ps;
+                v0, v1, v2, v3
             );
             _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps::<1>(e))
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const MR: usize>(
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: [*const f32; 4],
-        c: *mut f32,
-        ldc: usize,
-        nc: usize,
-        beta: f32,
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); 4]; MR];
-        unsafe {
-            // The k % 8 tail first, as in the AVX-512 tile.
-            let r = k % 8;
-            if r != 0 {
-                let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(r as i32), lane);
-                let av: [__m256; MR] =
-                    std::array::from_fn(|i| _mm256_maskload_ps(a.add(i * lda), mask));
-                for q in 0..4 {
-                    let bv = _mm256_maskload_ps(b[q], mask);
-                    for i in 0..MR {
-                        acc[i][q] = _mm256_mul_ps(av[i], bv);
-                    }
-                }
-            }
-            let mut p = r;
-            while p < k {
-                let av: [__m256; MR] = std::array::from_fn(|i| _mm256_loadu_ps(a.add(i * lda + p)));
-                for q in 0..4 {
-                    let bv = _mm256_loadu_ps(b[q].add(p));
-                    for i in 0..MR {
-                        acc[i][q] = _mm256_fmadd_ps(av[i], bv, acc[i][q]);
-                    }
-                }
-                p += 8;
-            }
-            let mut s = [[0.0f32; 4]; MR];
-            for i in 0..MR {
-                let x = reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-                _mm_storeu_ps(s[i].as_mut_ptr(), x);
-            }
-            for (i, row) in s.iter().enumerate() {
-                store(row, c.add(i * ldc), nc, beta);
-            }
         }
     }
 }

@@ -188,6 +188,16 @@ pub fn released_decoder() -> DecoderConfig {
     }
 }
 
+/// [`released_decoder`] with a 16384-entry codebook (LlamaGen's VQ-16 size): what the
+/// decoder's FLOP count and buffer plan are checked at.
+#[cfg(test)]
+pub(crate) fn released_decoder_16k() -> DecoderConfig {
+    DecoderConfig {
+        n_embed: 16384,
+        ..released_decoder()
+    }
+}
+
 /// Configuration of a named preset: `L-2x` and `L-4x` have the released checkpoints' shapes,
 /// `S-2x` the reference's config_256_S.yaml, `tiny` is small enough to sample on two CPU
 /// cores in seconds (256 px output, ratio 2).

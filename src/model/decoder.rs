@@ -1,11 +1,10 @@
 //! VQ decoder weights (LlamaGen VQ-16 layout; SPEC.md section 7): every tensor name written
-//! once in the builder below, which both loads (validating through a [`MapSource`]) and lists
-//! ([`DecoderWeights::expected_tensors`]). The maths lives in `cpu::decoder` and
-//! `cuda::decoder`, which read these structs.
+//! once in the builder below, which both loads (validating through a
+//! [`MapSource`](super::source::MapSource)) and lists ([`DecoderWeights::expected_tensors`]).
+//! The maths lives in `cpu::decoder` and `cuda::decoder`, which read these structs.
 
 use super::config::DecoderConfig;
-use super::file::TensorMap;
-use super::source::{MapSource, Recorder, Source};
+use super::source::{Source, autoenc_loaders};
 use super::weights::CODEBOOK;
 use crate::math::normalize_rows;
 use anyhow::{Result, bail};
@@ -120,6 +119,57 @@ pub(super) fn attn_block(src: &mut dyn Source, name: &str, c: usize) -> Result<A
     })
 }
 
+/// The middle of the decoder and of the encoder (`{prefix}.mid.0..=2`): ResBlock,
+/// AttnBlock, ResBlock at `c` channels.
+pub(super) fn mid_block(
+    src: &mut dyn Source,
+    prefix: &str,
+    c: usize,
+) -> Result<(ResBlock, AttnBlock, ResBlock)> {
+    Ok((
+        res_block(src, &format!("{prefix}.mid.0"), c, c)?,
+        attn_block(src, &format!("{prefix}.mid.1"), c)?,
+        res_block(src, &format!("{prefix}.mid.2"), c, c)?,
+    ))
+}
+
+/// The blocks of one resolution level `name` (`conv_blocks.i`), in state-dict order:
+/// `blocks` ResBlocks from `*c` to `cout` channels (`*c` follows them), as many AttnBlocks
+/// when `attn`, and the 3x3 conv `{name}.{resample}.conv` ("upsample" / "downsample") when
+/// `resample` is given.
+pub(super) fn level_blocks(
+    src: &mut dyn Source,
+    name: &str,
+    blocks: usize,
+    c: &mut usize,
+    cout: usize,
+    attn: bool,
+    resample: Option<&str>,
+) -> Result<(Vec<ResBlock>, Vec<AttnBlock>, Option<Conv>)> {
+    let mut res = Vec::with_capacity(blocks);
+    for j in 0..blocks {
+        res.push(res_block(src, &format!("{name}.res.{j}"), *c, cout)?);
+        *c = cout;
+    }
+    let mut attn_blocks = Vec::new();
+    if attn {
+        for j in 0..blocks {
+            attn_blocks.push(attn_block(src, &format!("{name}.attn.{j}"), *c)?);
+        }
+    }
+    let resample = match resample {
+        Some(r) => Some(conv(src, &format!("{name}.{r}.conv"), *c, *c, 3)?),
+        None => None,
+    };
+    Ok((res, attn_blocks, resample))
+}
+
+autoenc_loaders!(
+    DecoderWeights,
+    "decoder weights: ",
+    "the decoder, codebook and post_quant_conv"
+);
+
 impl DecoderWeights {
     pub(super) fn check_config(cfg: &DecoderConfig) -> Result<()> {
         if cfg.ch_mult.is_empty() || cfg.ch == 0 || cfg.ch_mult.contains(&0) {
@@ -150,31 +200,20 @@ impl DecoderWeights {
         let nl = cfg.ch_mult.len();
         let mut c = cfg.ch * cfg.ch_mult[nl - 1];
         let conv_in = conv(src, &format!("{d}.conv_in"), cfg.z_channels, c, 3)?;
-        let mid = (
-            res_block(src, &format!("{d}.mid.0"), c, c)?,
-            attn_block(src, &format!("{d}.mid.1"), c)?,
-            res_block(src, &format!("{d}.mid.2"), c, c)?,
-        );
+        let mid = mid_block(src, d, c)?;
         let mut levels = Vec::with_capacity(nl);
         for i in 0..nl {
             // conv_blocks.i is resolution level nl-1-i; level 0 (full resolution) is last.
-            let name = format!("{d}.conv_blocks.{i}");
-            let cout = cfg.ch * cfg.ch_mult[nl - 1 - i];
-            let (mut res, mut attn) = (Vec::new(), Vec::new());
-            for j in 0..=cfg.num_res_blocks {
-                res.push(res_block(src, &format!("{name}.res.{j}"), c, cout)?);
-                c = cout;
-            }
-            if i == 0 {
-                for j in 0..=cfg.num_res_blocks {
-                    attn.push(attn_block(src, &format!("{name}.attn.{j}"), c)?);
-                }
-            }
-            let upsample = if i + 1 < nl {
-                Some(conv(src, &format!("{name}.upsample.conv"), c, c, 3)?)
-            } else {
-                None
-            };
+            // Each has num_res_blocks + 1 ResBlocks, attention on the lowest resolution.
+            let (res, attn, upsample) = level_blocks(
+                src,
+                &format!("{d}.conv_blocks.{i}"),
+                cfg.num_res_blocks + 1,
+                &mut c,
+                cfg.ch * cfg.ch_mult[nl - 1 - i],
+                i == 0,
+                (i + 1 < nl).then_some("upsample"),
+            )?;
             levels.push(Level {
                 res,
                 attn,
@@ -205,26 +244,6 @@ impl DecoderWeights {
             norm_out,
             conv_out,
         })
-    }
-
-    /// Load from a state dict (extra tensors are ignored). A missing or misshaped tensor is an
-    /// error naming it, with the expected and found shapes.
-    pub fn from_tensors(cfg: &DecoderConfig, map: &TensorMap) -> Result<DecoderWeights> {
-        Self::build(cfg, &mut MapSource::new(map, "decoder weights: "))
-    }
-
-    /// [`Self::from_tensors`] through a map source (an owned map gives its tensors away).
-    pub(crate) fn from_source(cfg: &DecoderConfig, src: &mut MapSource) -> Result<DecoderWeights> {
-        Self::build(cfg, &mut src.with_context("decoder weights: "))
-    }
-
-    /// Every tensor (name, shape) the decoder, codebook and post_quant_conv need, in the
-    /// reference's state-dict order. Empty for a configuration that `from_tensors` rejects
-    /// (the config is checked before the first tensor is requested).
-    pub fn expected_tensors(cfg: &DecoderConfig) -> Vec<(String, Vec<usize>)> {
-        let mut rec = Recorder::default();
-        let _ = Self::build(cfg, &mut rec);
-        rec.0
     }
 
     pub fn config(&self) -> &DecoderConfig {

@@ -1,15 +1,16 @@
 //! VQ encoder weights (LlamaGen VQ-16 layout; SPEC.md section 9), the mirror of
 //! [`super::decoder`]: every tensor name written once in the builder below, which both loads
-//! (through a [`MapSource`]) and lists ([`EncoderWeights::expected_tensors`]). The maths lives
-//! in `cpu::encoder`. Only scoring and `encode` need it: sampling never reads it, and a model
-//! file without `autoenc.encoder.*` still samples.
+//! (through a [`MapSource`](super::source::MapSource)) and lists
+//! ([`EncoderWeights::expected_tensors`]). The maths lives in `cpu::encoder`. Only scoring and
+//! `encode` need it: sampling never reads it, and a model file without `autoenc.encoder.*`
+//! still samples.
 
 use super::config::DecoderConfig;
 use super::decoder::{
-    AttnBlock, Conv, DecoderWeights, GroupNorm, ResBlock, attn_block, conv, group_norm, res_block,
+    AttnBlock, Conv, DecoderWeights, GroupNorm, ResBlock, conv, group_norm, level_blocks, mid_block,
 };
 use super::file::TensorMap;
-use super::source::{MapSource, Recorder, Source};
+use super::source::{Source, autoenc_loaders};
 use anyhow::Result;
 
 /// State-dict prefix of the encoder's tensors (and of quant_conv, read with them).
@@ -45,34 +46,23 @@ impl EncoderWeights {
         let conv_in = conv(src, &format!("{e}.conv_in"), 3, c, 3)?;
         let mut levels = Vec::with_capacity(nl);
         for i in 0..nl {
-            let name = format!("{e}.conv_blocks.{i}");
-            let cout = cfg.ch * cfg.ch_mult[i];
-            let (mut res, mut attn) = (Vec::new(), Vec::new());
-            for j in 0..cfg.num_res_blocks {
-                res.push(res_block(src, &format!("{name}.res.{j}"), c, cout)?);
-                c = cout;
-            }
-            if i + 1 == nl {
-                for j in 0..cfg.num_res_blocks {
-                    attn.push(attn_block(src, &format!("{name}.attn.{j}"), c)?);
-                }
-            }
-            let downsample = if i + 1 < nl {
-                Some(conv(src, &format!("{name}.downsample.conv"), c, c, 3)?)
-            } else {
-                None
-            };
+            // num_res_blocks ResBlocks per level, attention on the lowest resolution (last).
+            let (res, attn, downsample) = level_blocks(
+                src,
+                &format!("{e}.conv_blocks.{i}"),
+                cfg.num_res_blocks,
+                &mut c,
+                cfg.ch * cfg.ch_mult[i],
+                i + 1 == nl,
+                (i + 1 < nl).then_some("downsample"),
+            )?;
             levels.push(EncoderLevel {
                 res,
                 attn,
                 downsample,
             });
         }
-        let mid = (
-            res_block(src, &format!("{e}.mid.0"), c, c)?,
-            attn_block(src, &format!("{e}.mid.1"), c)?,
-            res_block(src, &format!("{e}.mid.2"), c, c)?,
-        );
+        let mid = mid_block(src, e, c)?;
         let norm_out = group_norm(src, &format!("{e}.norm_out"), c)?;
         let conv_out = conv(src, &format!("{e}.conv_out"), c, cfg.z_channels, 3)?;
         let quant_conv = conv(src, "autoenc.quant_conv", cfg.z_channels, cfg.embed_dim, 1)?;
@@ -91,23 +81,10 @@ impl EncoderWeights {
     pub fn present(map: &TensorMap) -> bool {
         map.keys().any(|k| k.starts_with(ENCODER_PREFIX))
     }
-
-    /// Load from a state dict (extra tensors are ignored); a missing or misshaped tensor is an
-    /// error naming it.
-    pub fn from_tensors(cfg: &DecoderConfig, map: &TensorMap) -> Result<EncoderWeights> {
-        Self::build(cfg, &mut MapSource::new(map, "encoder weights: "))
-    }
-
-    /// [`Self::from_tensors`] through a map source (an owned map gives its tensors away).
-    pub(crate) fn from_source(cfg: &DecoderConfig, src: &mut MapSource) -> Result<EncoderWeights> {
-        Self::build(cfg, &mut src.with_context("encoder weights: "))
-    }
-
-    /// Every tensor (name, shape) of the encoder and quant_conv, in state-dict order; empty for
-    /// a configuration the decoder rejects.
-    pub fn expected_tensors(cfg: &DecoderConfig) -> Vec<(String, Vec<usize>)> {
-        let mut rec = Recorder::default();
-        let _ = Self::build(cfg, &mut rec);
-        rec.0
-    }
 }
+
+autoenc_loaders!(
+    EncoderWeights,
+    "encoder weights: ",
+    "the encoder and quant_conv"
+);

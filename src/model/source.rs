@@ -88,3 +88,44 @@ impl Source for Recorder {
         Ok(Vec::new())
     }
 }
+
+/// The loaders of an autoencoder network whose `build(cfg, &mut dyn Source)` reads every
+/// tensor (the decoder and the encoder): `from_tensors` (a state dict), `from_source` (a model
+/// file's map) and `expected_tensors` (the list), with `$context` before every error.
+macro_rules! autoenc_loaders {
+    ($ty:ident, $context:literal, $parts:literal) => {
+        impl $ty {
+            /// Load from a state dict (extra tensors are ignored). A missing or misshaped tensor
+            /// is an error naming it, with the expected and found shapes.
+            pub fn from_tensors(
+                cfg: &$crate::model::config::DecoderConfig,
+                map: &$crate::model::file::TensorMap,
+            ) -> anyhow::Result<$ty> {
+                Self::build(cfg, &mut $crate::model::source::MapSource::new(map, $context))
+            }
+
+            /// [`Self::from_tensors`] through a map source (an owned map gives its tensors
+            /// away).
+            pub(crate) fn from_source(
+                cfg: &$crate::model::config::DecoderConfig,
+                src: &mut $crate::model::source::MapSource,
+            ) -> anyhow::Result<$ty> {
+                Self::build(cfg, &mut src.with_context($context))
+            }
+
+            #[doc = concat!(
+                "Every tensor (name, shape) ", $parts, " need, in the reference's state-dict ",
+                "order. Empty for a configuration that `from_tensors` rejects (the config is ",
+                "checked before the first tensor is requested)."
+            )]
+            pub fn expected_tensors(
+                cfg: &$crate::model::config::DecoderConfig,
+            ) -> Vec<(String, Vec<usize>)> {
+                let mut rec = $crate::model::source::Recorder::default();
+                let _ = Self::build(cfg, &mut rec);
+                rec.0
+            }
+        }
+    };
+}
+pub(crate) use autoenc_loaders;

@@ -453,6 +453,21 @@ pub fn kept_set(l: &[f32], p: &checkergen::sampling::TokenPolicy) -> Vec<bool> {
     kept
 }
 
+/// Runs `cmd`, which must succeed (else the test fails showing `what`, its stdout and its
+/// stderr), and returns its output.
+pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Runs the checkergen binary: (exit success, stdout, stderr). A panic fails the test
 /// whatever the exit status: bad input must end in a one-line error, never a panic.
 pub fn cli(args: &[&str]) -> (bool, String, String) {

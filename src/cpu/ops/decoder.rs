@@ -33,7 +33,17 @@ pub fn conv2d_into(conv: &Conv, x: &[f32], h: usize, w: usize, out: &mut [f32]) 
         "conv: output must be (Cout, H, W)"
     );
     if conv.k == 3 {
-        winograd::conv3x3(&conv.weight, &conv.bias, conv.cin, conv.cout, x, h, w, out);
+        winograd::conv3x3(
+            winograd::Isa::detect(),
+            &conv.weight,
+            &conv.bias,
+            conv.cin,
+            conv.cout,
+            x,
+            h,
+            w,
+            out,
+        );
     } else {
         assert_eq!(conv.k, 1, "conv: kernel 1 or 3");
         let n = h * w;

@@ -116,23 +116,10 @@ impl SharedMut {
     }
 }
 
-/// `out (Cout, H, W) = conv3x3(x (Cin, H, W), weight (Cout, Cin, 3, 3), padding 1) + bias`.
+/// `out (Cout, H, W) = conv3x3(x (Cin, H, W), weight (Cout, Cin, 3, 3), padding 1) + bias`
+/// with the micro-kernel of `isa` (callers pass [`Isa::detect`]; the tests every kernel).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv3x3(
-    weight: &[f32],
-    bias: &[f32],
-    cin: usize,
-    cout: usize,
-    x: &[f32],
-    h: usize,
-    w: usize,
-    out: &mut [f32],
-) {
-    conv3x3_with(Isa::detect(), weight, bias, cin, cout, x, h, w, out)
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn conv3x3_with(
     isa: Isa,
     weight: &[f32],
     bias: &[f32],
@@ -177,13 +164,31 @@ pub(crate) fn conv3x3_with(
         let ty1 = (ty0 + band).min(th);
         let nj = (ty1 - ty0) * tw;
         let njp = nj.div_ceil(nr) * nr;
+        let band = Band {
+            h,
+            w,
+            ty0,
+            ty1,
+            njp,
+        };
         let v = &mut s.v[..16 * cin * njp];
-        transform_input(isa, x, cin, h, w, ty0, ty1, nr, njp, v);
+        transform_input(isa, x, cin, band, nr, v);
         let m = &mut s.m[..16 * coutp * njp];
         batched_gemm(isa, u, v, m, cin, coutp, njp);
-        transform_output(isa, m, bias, cout, h, w, ty0, ty1, njp, out);
+        transform_output(isa, m, bias, cout, band, out);
     }
     SCRATCH.with(|c| *c.borrow_mut() = s);
+}
+
+/// One band of an H x W image: tile rows `ty0..ty1`, their tiles padded to `njp` (a multiple
+/// of the register block's NR).
+#[derive(Clone, Copy)]
+struct Band {
+    h: usize,
+    w: usize,
+    ty0: usize,
+    ty1: usize,
+    njp: usize,
 }
 
 /// U = G g G^T for every (o, c), written as panels `u[ob][xi][c][mr]` (o = ob * mr + r; rows
@@ -239,53 +244,35 @@ fn transform_weights(weight: &[f32], cin: usize, cout: usize, mr: usize, u: &mut
 /// V = B^T d B for every input channel and every tile of tile rows `ty0..ty1`, written as
 /// panels `v[xi][jb][c][nr]` with tile j = (ty - ty0) * TW + tx = jb * nr + lane (lanes past
 /// the band's tiles are zero).
-#[allow(clippy::too_many_arguments)]
 #[inline(never)]
-fn transform_input(
-    isa: Isa,
-    x: &[f32],
-    cin: usize,
-    h: usize,
-    w: usize,
-    ty0: usize,
-    ty1: usize,
-    nr: usize,
-    njp: usize,
-    v: &mut [f32],
-) {
-    let tw = w.div_ceil(2);
-    let nty = ty1 - ty0;
+fn transform_input(isa: Isa, x: &[f32], cin: usize, band: Band, nr: usize, v: &mut [f32]) {
+    let tw = band.w.div_ceil(2);
+    let nty = band.ty1 - band.ty0;
     let nrows = 2 * nty + 2; // input rows 2ty0-1 .. 2ty1, zero outside the image
     let dst = SharedMut(v.as_mut_ptr());
     let vlen = v.len();
     (0..cin).into_par_iter().for_each_init(
-        || {
-            (
-                vec![0.0f32; 2 * (tw + 1)],
-                vec![0.0f32; nrows * 4 * tw],
-                vec![0.0f32; 16 * tw],
-            )
+        || InScratch {
+            eo: vec![0.0f32; 2 * (tw + 1)],
+            hr: vec![0.0f32; nrows * 4 * tw],
+            tv: vec![0.0f32; 16 * tw],
         },
-        |(eo, hr, tv), c| {
+        |t, c| {
             let a = InArgs {
                 x,
                 cin,
-                h,
-                w,
-                ty0,
-                ty1,
+                band,
                 nr,
-                njp,
                 dst,
                 vlen,
             };
             match isa {
                 // SAFETY: the ISA was detected (Isa::detect / available).
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { x86::input_channel_avx512(&a, c, eo, hr, tv) },
+                Isa::Avx512 => unsafe { input_channel_avx512(&a, c, t) },
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { x86::input_channel_avx2(&a, c, eo, hr, tv) },
-                _ => input_channel(&a, c, eo, hr, tv),
+                Isa::Avx2 => unsafe { input_channel_avx2(&a, c, t) },
+                _ => input_channel(&a, c, t),
             }
         },
     );
@@ -295,44 +282,40 @@ fn transform_input(
 struct InArgs<'a> {
     x: &'a [f32],
     cin: usize,
-    h: usize,
-    w: usize,
-    ty0: usize,
-    ty1: usize,
+    band: Band,
     nr: usize,
-    njp: usize,
     dst: SharedMut,
     vlen: usize,
+}
+
+/// One thread's rows for [`input_channel`]: a padded input row split into even and odd
+/// columns, the band's rows times B, and one tile row's 16 x TW transformed values.
+struct InScratch {
+    eo: Vec<f32>,
+    hr: Vec<f32>,
+    tv: Vec<f32>,
 }
 
 /// Input channel c's tiles of the band into the V panels (see [`transform_input`]); inlined
 /// into per-ISA copies so the compiler vectorizes it for the detected vector width.
 #[inline(always)]
-fn input_channel(a: &InArgs, c: usize, eo: &mut [f32], hr: &mut [f32], tv: &mut [f32]) {
-    let InArgs {
-        x,
-        cin,
-        h,
-        w,
-        ty0,
-        ty1,
-        nr,
-        njp,
-        dst,
-        vlen,
-    } = *a;
-    let (tw, nj) = (w.div_ceil(2), (ty1 - ty0) * w.div_ceil(2));
-    let plane = &x[c * h * w..][..h * w];
+fn input_channel(a: &InArgs, c: usize, t: &mut InScratch) {
+    let InScratch { eo, hr, tv } = t;
+    let (tw, nj) = (
+        a.band.w.div_ceil(2),
+        (a.band.ty1 - a.band.ty0) * a.band.w.div_ceil(2),
+    );
+    let plane = &a.x[c * a.band.h * a.band.w..][..a.band.h * a.band.w];
     // d B along every input row once: with the padded row p (p[i] = x[i - 1]) split
     // into even E[q] = p[2q] and odd O[q] = p[2q+1] columns, tile tx's four values are
     // E[tx] - E[tx+1], O[tx] + E[tx+1], E[tx+1] - O[tx], O[tx] - O[tx+1].
     for (lr, hrow) in hr.chunks_exact_mut(4 * tw).enumerate() {
-        let y = (2 * ty0 + lr) as isize - 1;
+        let y = (2 * a.band.ty0 + lr) as isize - 1;
         let (e, o) = eo.split_at_mut(tw + 1);
         e.fill(0.0);
         o.fill(0.0);
-        if y >= 0 && (y as usize) < h {
-            let row = &plane[y as usize * w..][..w];
+        if y >= 0 && (y as usize) < a.band.h {
+            let row = &plane[y as usize * a.band.w..][..a.band.w];
             let pairs = row.chunks_exact(2);
             if let [last] = pairs.remainder() {
                 o[tw - 1] = *last;
@@ -352,9 +335,9 @@ fn input_channel(a: &InArgs, c: usize, eo: &mut [f32], hr: &mut [f32], tv: &mut 
             h3[tx] = o[tx] - o[tx + 1];
         }
     }
-    for ty in ty0..ty1 {
+    for ty in a.band.ty0..a.band.ty1 {
         // B^T (d B): down the tile's four rows, for all tiles of the row at once.
-        let rows = &hr[2 * (ty - ty0) * 4 * tw..][..16 * tw];
+        let rows = &hr[2 * (ty - a.band.ty0) * 4 * tw..][..16 * tw];
         let (r0, r1, r2, r3) = (
             &rows[..4 * tw],
             &rows[4 * tw..8 * tw],
@@ -372,32 +355,32 @@ fn input_channel(a: &InArgs, c: usize, eo: &mut [f32], hr: &mut [f32], tv: &mut 
         }
         // Scatter this tile row's 16 x TW values (xi = 4 * row + column) into the
         // panels.
-        let j0 = (ty - ty0) * tw;
+        let j0 = (ty - a.band.ty0) * tw;
         for xi in 0..16 {
             let src = &tv[xi * tw..][..tw];
             let mut tx = 0;
             while tx < tw {
                 let j = j0 + tx;
-                let (jb, lane) = (j / nr, j % nr);
-                let run = (nr - lane).min(tw - tx);
-                let off = ((xi * (njp / nr) + jb) * cin + c) * nr + lane;
-                debug_assert!(off + run <= vlen);
+                let (jb, lane) = (j / a.nr, j % a.nr);
+                let run = (a.nr - lane).min(tw - tx);
+                let off = ((xi * (a.band.njp / a.nr) + jb) * a.cin + c) * a.nr + lane;
+                debug_assert!(off + run <= a.vlen);
                 // SAFETY: (xi, jb, c, lane..lane+run) is in bounds and only channel
                 // c's task writes channel c's elements.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(src[tx..].as_ptr(), dst.0.add(off), run);
+                    std::ptr::copy_nonoverlapping(src[tx..].as_ptr(), a.dst.0.add(off), run);
                 }
                 tx += run;
             }
         }
     }
     // Zero the padding lanes of the last tile block.
-    if njp > nj {
-        let (jb, lane) = (nj / nr, nj % nr);
+    if a.band.njp > nj {
+        let (jb, lane) = (nj / a.nr, nj % a.nr);
         for xi in 0..16 {
-            let off = ((xi * (njp / nr) + jb) * cin + c) * nr + lane;
+            let off = ((xi * (a.band.njp / a.nr) + jb) * a.cin + c) * a.nr + lane;
             // SAFETY: as above, channel c's own elements.
-            unsafe { std::ptr::write_bytes(dst.0.add(off), 0, nr - lane) };
+            unsafe { std::ptr::write_bytes(a.dst.0.add(off), 0, a.nr - lane) };
         }
     }
 }
@@ -472,187 +455,135 @@ unsafe fn kernel_portable(k: usize, a: *const f32, b: *const f32, c: *mut f32, l
     }
 }
 
+/// The per-ISA copies of the transforms' channel loops: the portable bodies, inlined under
+/// `$feat` so that the compiler vectorizes them for that vector width.
+macro_rules! transforms_for {
+    ($feat:literal, $input:ident, $output:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        unsafe fn $input(a: &InArgs, c: usize, t: &mut InScratch) {
+            input_channel(a, c, t)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        unsafe fn $output(a: &OutArgs, o: usize, t: &mut OutScratch, plane: &mut [f32]) {
+            output_channel(a, o, t, plane)
+        }
+    };
+}
+
+transforms_for!("avx512f", input_channel_avx512, output_channel_avx512);
+transforms_for!("avx2,fma", input_channel_avx2, output_channel_avx2);
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::InArgs;
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn input_channel_avx512(
-        a: &InArgs,
-        c: usize,
-        eo: &mut [f32],
-        hr: &mut [f32],
-        tv: &mut [f32],
-    ) {
-        super::input_channel(a, c, eo, hr, tv)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn input_channel_avx2(
-        a: &InArgs,
-        c: usize,
-        eo: &mut [f32],
-        hr: &mut [f32],
-        tv: &mut [f32],
-    ) {
-        super::input_channel(a, c, eo, hr, tv)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn output_channel_avx512(
-        mo: &[f32],
-        b: f32,
-        h: usize,
-        w: usize,
-        ty0: usize,
-        ty1: usize,
-        njp: usize,
-        s: &mut [f32],
-        out_row: &mut [f32],
-        plane: &mut [f32],
-    ) {
-        super::output_channel(mo, b, h, w, ty0, ty1, njp, s, out_row, plane)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn output_channel_avx2(
-        mo: &[f32],
-        b: f32,
-        h: usize,
-        w: usize,
-        ty0: usize,
-        ty1: usize,
-        njp: usize,
-        s: &mut [f32],
-        out_row: &mut [f32],
-        plane: &mut [f32],
-    ) {
-        super::output_channel(mo, b, h, w, ty0, ty1, njp, s, out_row, plane)
-    }
-
-    /// 8 x 32: 16 zmm accumulators, two vector loads and eight broadcasts per k.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel_avx512(
-        k: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        const MR: usize = 8;
-        // SAFETY (whole body): the caller's contract on a, b, c.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-            for p in 0..k {
-                let b0 = _mm512_loadu_ps(b.add(p * 32));
-                let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*a.add(p * MR + r));
-                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
-                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+    /// One MR x (2 vectors) block kernel for a target feature: MR broadcasts of A and two
+    /// vector loads of B per k, 2 * MR accumulators (see [`super::kernel`] for the contract).
+    macro_rules! block_kernel {
+        (
+            $(#[$doc:meta])*
+            $name:ident, $feat:literal, mr: $mr:literal, lanes: $lanes:literal,
+            $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $store:ident
+        ) => {
+            $(#[$doc])*
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $name(
+                k: usize,
+                a: *const f32,
+                b: *const f32,
+                c: *mut f32,
+                ldc: usize,
+            ) {
+                const MR: usize = $mr;
+                const L: usize = $lanes;
+                // SAFETY (whole body): the caller's contract on a, b, c.
+                unsafe {
+                    let mut acc = [[$zero(); 2]; MR];
+                    for p in 0..k {
+                        let b0 = $load(b.add(p * 2 * L));
+                        let b1 = $load(b.add(p * 2 * L + L));
+                        for (r, row) in acc.iter_mut().enumerate() {
+                            let av = $set1(*a.add(p * MR + r));
+                            row[0] = $fmadd(av, b0, row[0]);
+                            row[1] = $fmadd(av, b1, row[1]);
+                        }
+                    }
+                    for (r, row) in acc.iter().enumerate() {
+                        $store(c.add(r * ldc), row[0]);
+                        $store(c.add(r * ldc + L), row[1]);
+                    }
                 }
             }
-            for (r, row) in acc.iter().enumerate() {
-                _mm512_storeu_ps(c.add(r * ldc), row[0]);
-                _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
-            }
-        }
+        };
     }
 
-    /// 6 x 16: 12 ymm accumulators, two vector loads and six broadcasts per k.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel_avx2(
-        k: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        const MR: usize = 6;
-        // SAFETY (whole body): the caller's contract on a, b, c.
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-            for p in 0..k {
-                let b0 = _mm256_loadu_ps(b.add(p * 16));
-                let b1 = _mm256_loadu_ps(b.add(p * 16 + 8));
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm256_set1_ps(*a.add(p * MR + r));
-                    row[0] = _mm256_fmadd_ps(av, b0, row[0]);
-                    row[1] = _mm256_fmadd_ps(av, b1, row[1]);
-                }
-            }
-            for (r, row) in acc.iter().enumerate() {
-                _mm256_storeu_ps(c.add(r * ldc), row[0]);
-                _mm256_storeu_ps(c.add(r * ldc + 8), row[1]);
-            }
-        }
-    }
+    block_kernel!(
+        /// 8 x 32: 16 zmm accumulators, two vector loads and eight broadcasts per k.
+        kernel_avx512, "avx512f", mr: 8, lanes: 16,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps
+    );
+    block_kernel!(
+        /// 6 x 16: 12 ymm accumulators, two vector loads and six broadcasts per k.
+        kernel_avx2, "avx2,fma", mr: 6, lanes: 8,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps
+    );
 }
 
 /// Y = A^T M A + bias for every output channel and tile of tile rows `ty0..ty1`, into the
 /// band's output rows (the last tile row / column is cut when H / W is odd).
-#[allow(clippy::too_many_arguments)]
 #[inline(never)]
-fn transform_output(
-    isa: Isa,
-    m: &[f32],
-    bias: &[f32],
-    cout: usize,
-    h: usize,
-    w: usize,
-    ty0: usize,
-    ty1: usize,
-    njp: usize,
-    out: &mut [f32],
-) {
-    let tw = w.div_ceil(2);
-    out.par_chunks_mut(h * w)
-        .zip(bias)
+fn transform_output(isa: Isa, m: &[f32], bias: &[f32], cout: usize, band: Band, out: &mut [f32]) {
+    let tw = band.w.div_ceil(2);
+    let a = OutArgs { m, bias, band };
+    out.par_chunks_mut(band.h * band.w)
         .enumerate()
         .for_each_init(
-            || (vec![0.0f32; 8 * tw], vec![0.0f32; 2 * tw]),
-            |(s, out_row), (o, (plane, &b))| {
+            || OutScratch {
+                s: vec![0.0f32; 8 * tw],
+                out_row: vec![0.0f32; 2 * tw],
+            },
+            |t, (o, plane)| {
                 debug_assert!(o < cout);
-                let mo = &m[o * 16 * njp..][..16 * njp];
                 match isa {
                     // SAFETY: the ISA was detected (Isa::detect / available).
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe {
-                        x86::output_channel_avx512(mo, b, h, w, ty0, ty1, njp, s, out_row, plane)
-                    },
+                    Isa::Avx512 => unsafe { output_channel_avx512(&a, o, t, plane) },
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe {
-                        x86::output_channel_avx2(mo, b, h, w, ty0, ty1, njp, s, out_row, plane)
-                    },
-                    _ => output_channel(mo, b, h, w, ty0, ty1, njp, s, out_row, plane),
+                    Isa::Avx2 => unsafe { output_channel_avx2(&a, o, t, plane) },
+                    _ => output_channel(&a, o, t, plane),
                 }
             },
         );
 }
 
-/// Output channel o's rows of the band from its M rows `mo` (see [`transform_output`]);
+/// The arguments of one output channel's transform.
+#[derive(Clone, Copy)]
+struct OutArgs<'a> {
+    m: &'a [f32],
+    bias: &'a [f32],
+    band: Band,
+}
+
+/// One thread's rows for [`output_channel`]: A^T m for a tile row, and one output row's even
+/// and odd columns.
+struct OutScratch {
+    s: Vec<f32>,
+    out_row: Vec<f32>,
+}
+
+/// Output channel o's rows of the band (`plane`) from its M rows (see [`transform_output`]);
 /// inlined into per-ISA copies like [`input_channel`].
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn output_channel(
-    mo: &[f32],
-    b: f32,
-    h: usize,
-    w: usize,
-    ty0: usize,
-    ty1: usize,
-    njp: usize,
-    s: &mut [f32],
-    out_row: &mut [f32],
-    plane: &mut [f32],
-) {
-    let tw = w.div_ceil(2);
-    for ty in ty0..ty1 {
-        let j0 = (ty - ty0) * tw;
-        let row = |xi: usize| &mo[xi * njp + j0..][..tw];
+fn output_channel(a: &OutArgs, o: usize, t: &mut OutScratch, plane: &mut [f32]) {
+    let (mo, b) = (&a.m[o * 16 * a.band.njp..][..16 * a.band.njp], a.bias[o]);
+    let OutScratch { s, out_row } = t;
+    let tw = a.band.w.div_ceil(2);
+    for ty in a.band.ty0..a.band.ty1 {
+        let j0 = (ty - a.band.ty0) * tw;
+        let row = |xi: usize| &mo[xi * a.band.njp + j0..][..tw];
         // A^T m: s0[k] = m0k + m1k + m2k, s1[k] = m1k - m2k - m3k (vectors over tx).
         let (s0, s1) = s.split_at_mut(4 * tw);
         for k in 0..4 {
@@ -667,9 +598,9 @@ fn output_channel(
             }
         }
         // (A^T m) A, interleaved into output rows 2ty, 2ty+1.
-        for (a, sa) in [&*s0, &*s1].into_iter().enumerate() {
-            let y = 2 * ty + a;
-            if y >= h {
+        for (r, sa) in [&*s0, &*s1].into_iter().enumerate() {
+            let y = 2 * ty + r;
+            if y >= a.band.h {
                 break;
             }
             let (c0, c1, c2, c3) = (
@@ -678,7 +609,7 @@ fn output_channel(
                 &sa[2 * tw..3 * tw],
                 &sa[3 * tw..],
             );
-            let dst = &mut plane[y * w..][..w];
+            let dst = &mut plane[y * a.band.w..][..a.band.w];
             let (ye, yo) = out_row.split_at_mut(tw);
             for tx in 0..tw {
                 ye[tx] = c0[tx] + c1[tx] + c2[tx] + b;
@@ -712,15 +643,12 @@ mod tests {
             .collect()
     }
 
-    /// f64 direct convolution with zero padding.
+    /// f64 direct convolution with zero padding, for a shape of the table below.
     fn direct(
         wt: &[f32],
         bias: &[f32],
-        cin: usize,
-        cout: usize,
         x: &[f32],
-        h: usize,
-        w: usize,
+        (cin, cout, h, w): (usize, usize, usize, usize),
     ) -> Vec<f64> {
         let mut out = vec![0.0f64; cout * h * w];
         for o in 0..cout {
@@ -760,13 +688,14 @@ mod tests {
             (40, 33, 70, 66),
         ];
         for isa in Isa::available() {
-            for (i, &(cin, cout, h, w)) in shapes.iter().enumerate() {
+            for (i, &shape) in shapes.iter().enumerate() {
+                let (cin, cout, h, w) = shape;
                 let wt = fill(cout * cin * 9, 10 + i as u64, 0.5);
                 let bias = fill(cout, 20 + i as u64, 0.5);
                 let x = fill(cin * h * w, 30 + i as u64, 1.0);
-                let want = direct(&wt, &bias, cin, cout, &x, h, w);
+                let want = direct(&wt, &bias, &x, shape);
                 let mut got = vec![f32::NAN; cout * h * w];
-                conv3x3_with(isa, &wt, &bias, cin, cout, &x, h, w, &mut got);
+                conv3x3(isa, &wt, &bias, cin, cout, &x, h, w, &mut got);
                 let err = got
                     .iter()
                     .zip(&want)

@@ -75,10 +75,7 @@ mod tests {
 
     #[test]
     fn plan_covers_the_released_shapes() {
-        let cfg = DecoderConfig {
-            n_embed: 16384,
-            ..crate::model::config::released_decoder()
-        };
+        let cfg = crate::model::config::released_decoder_16k();
         // The 256x256x128 activations are the largest; 512 channels the widest.
         assert_eq!(plan(&cfg, 16), (256 * 256 * 128, 256 * 256, 512));
     }

@@ -69,6 +69,29 @@ pub struct ConvertOptions {
     pub output: PathBuf,
 }
 
+impl ConvertOptions {
+    /// Convert `checkpoint` (configs `config_yaml`, `autoenc_yaml`) into `output`: the
+    /// `model` weights (not EMA) in f32 with the encoder, the autoencoder taken from the
+    /// checkpoint itself. Set the fields to change that.
+    pub fn new(
+        checkpoint: PathBuf,
+        config_yaml: PathBuf,
+        autoenc_yaml: PathBuf,
+        output: PathBuf,
+    ) -> ConvertOptions {
+        ConvertOptions {
+            checkpoint,
+            config_yaml,
+            autoenc_yaml,
+            autoenc_checkpoint: None,
+            ema: false,
+            no_encoder: false,
+            dtype: Dtype::F32,
+            output,
+        }
+    }
+}
+
 /// What a conversion produced.
 #[derive(Clone, Debug)]
 pub struct ConvertSummary {

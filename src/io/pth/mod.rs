@@ -281,10 +281,7 @@ impl PthCheckpoint {
     }
 
     fn root_entry(&self, key: &str) -> Option<Value> {
-        match &self.root {
-            Value::Dict(d) => d.borrow().get_str(key),
-            _ => None,
-        }
+        self.root.entry(key)
     }
 
     /// The state dict stored under top-level `key` (`"model"`, `"model_ema"`, `"state_dict"`).

@@ -229,6 +229,14 @@ impl Drop for Value {
 }
 
 impl Value {
+    /// The value under string key `key` of a dict (None for a missing key or a non-dict).
+    pub(super) fn entry(&self, key: &str) -> Option<Value> {
+        match self {
+            Value::Dict(d) => d.borrow().get_str(key),
+            _ => None,
+        }
+    }
+
     pub(super) fn as_str(&self) -> Option<&str> {
         match self {
             Value::Str(s) => Some(s),
@@ -781,14 +789,12 @@ mod tests {
         // pickle.dumps({'a': 1, 'b': [1.5, None, True], 'c': (300, -2, 70000)}, protocol=2)
         let bytes: &[u8] = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01K\x01X\x01\x00\x00\x00bq\x02]q\x03(G?\xf8\x00\x00\x00\x00\x00\x00N\x88eX\x01\x00\x00\x00cq\x04M,\x01J\xfe\xff\xff\xffJp\x11\x01\x00\x87q\x05u.";
         let v = unpickle(bytes).unwrap();
-        let Value::Dict(ref d) = v else { panic!() };
-        let d = d.borrow();
-        assert!(matches!(d.get_str("a"), Some(Value::Int(1))));
-        let b = d.get_str("b").unwrap().items().unwrap();
+        assert!(matches!(v.entry("a"), Some(Value::Int(1))));
+        let b = v.entry("b").unwrap().items().unwrap();
         assert!(
             matches!(b.as_slice(), [Value::Float(f), Value::None, Value::Bool(true)] if *f == 1.5)
         );
-        let c = d.get_str("c").unwrap().items().unwrap();
+        let c = v.entry("c").unwrap().items().unwrap();
         assert!(matches!(
             c.as_slice(),
             [Value::Int(300), Value::Int(-2), Value::Int(70000)]

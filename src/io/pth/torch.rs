@@ -310,11 +310,9 @@ mod tests {
         // pickle.dumps({'k': collections.OrderedDict(), 'n': 2**40, 'big': 2**70}, protocol=4)
         let bytes: &[u8] = b"\x80\x04\x95G\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\x01k\x94\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94)R\x94\x8c\x01n\x94\x8a\x06\x00\x00\x00\x00\x00\x01\x8c\x03big\x94\x8a\t\x00\x00\x00\x00\x00\x00\x00\x00@u.";
         let v = unpickle(bytes).unwrap();
-        let Value::Dict(ref d) = v else { panic!() };
-        let d = d.borrow();
-        assert!(matches!(d.get_str("k"), Some(Value::Dict(_))));
-        assert!(matches!(d.get_str("n"), Some(Value::Int(n)) if n == 1 << 40));
-        assert!(matches!(d.get_str("big"), Some(Value::BigInt)));
+        assert!(matches!(v.entry("k"), Some(Value::Dict(_))));
+        assert!(matches!(v.entry("n"), Some(Value::Int(n)) if n == 1 << 40));
+        assert!(matches!(v.entry("big"), Some(Value::BigInt)));
     }
 
     #[test]
