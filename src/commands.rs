@@ -748,40 +748,61 @@ fn describe(cfg: &ModelConfig) -> String {
     )
 }
 
-pub fn inspect(path: &Path) -> Result<()> {
-    let model = Model::load(path)?;
-    let cfg = &model.config;
+/// `inspect`: by default the header alone (the file is mapped, only its header's pages are
+/// read: names, dtypes, shapes and offsets checked against the configuration); `verify`
+/// loads the model as `sample` does, every value checked.
+pub fn inspect(path: &Path, verify: bool) -> Result<()> {
+    let header = checkergen::model::ModelHeader::read(path)?;
+    if verify {
+        Model::load(path)?;
+    }
+    let cfg = &header.config;
     println!("{}", path.display());
     println!("{}", describe(cfg));
-    let (t, d) = model.parameter_counts();
+    let (t, d) = header.parameter_counts();
     println!(
         "parameters: transformer {:.2} M, decoder+codebook {:.2} M, total {:.2} M",
         t as f64 / 1e6,
         d as f64 / 1e6,
         (t + d) as f64 / 1e6
     );
-    match &model.encoder {
-        Some(_) => {
-            let e: usize =
-                checkergen::model::encoder::EncoderWeights::expected_tensors(&cfg.decoder)
-                    .iter()
-                    .map(|(_, s)| s.iter().product::<usize>())
-                    .sum();
-            println!(
-                "encoder: {:.2} M parameters (encode and score available)",
-                e as f64 / 1e6
-            );
-        }
-        None => println!("encoder: none (sampling only; encode and score need it)"),
+    if header.has_encoder {
+        let e: usize = checkergen::model::encoder::EncoderWeights::expected_tensors(&cfg.decoder)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        println!(
+            "encoder: {:.2} M parameters (encode and score available)",
+            e as f64 / 1e6
+        );
+    } else {
+        println!("encoder: none (sampling only; encode and score need it)");
     }
+    // Storage: tensors per dtype, as the header says.
+    let mut dtypes: std::collections::BTreeMap<String, usize> = Default::default();
+    for t in &header.tensors {
+        *dtypes.entry(format!("{:?}", t.dtype)).or_default() += 1;
+    }
+    let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
+    println!(
+        "file: {:.1} MB, {} tensors ({}); {}",
+        header.file_bytes as f64 / 1e6,
+        header.tensors.len(),
+        dtypes.join(", "),
+        if verify {
+            "every value loaded and checked (--verify)"
+        } else {
+            "header checked, values not read (--verify loads and checks them)"
+        }
+    );
     // The schedule `sample` runs by default (the config's steps_per_scale is the reference's
     // training-time num_blocks_per_scale, not a sampling setting).
     let k = pipeline::DEFAULT_STEPS_PER_SCALE;
-    let sched = Schedule::uniform(&model.scale_sizes, k)?;
+    let sched = Schedule::uniform(&header.scale_sizes, k)?;
     println!(
         "scales {:?} ({} tokens); `sample` defaults to {k} steps per scale: {} serial steps \
          (cfg {}, from step {})",
-        model.scale_sizes,
+        header.scale_sizes,
         sched.total_tokens(),
         sched.total_steps(),
         pipeline::DEFAULT_CFG,

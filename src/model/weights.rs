@@ -342,6 +342,18 @@ impl TransformerWeights {
         Self::from_source(cfg, &mut MapSource::new(map, ""), n_tokens)
     }
 
+    /// Check every transformer-side tensor's name and shape (and the codebook's) through
+    /// `src`, in loading order, without folding (the header check of `inspect`).
+    pub(crate) fn check_source(
+        cfg: &ModelConfig,
+        src: &mut dyn Source,
+        n_tokens: usize,
+    ) -> Result<()> {
+        read_transformer(cfg, n_tokens, src)?;
+        src.take(CODEBOOK, &[cfg.codebook_size(), cfg.code_dim()])?;
+        Ok(())
+    }
+
     /// [`Self::from_tensors`] through a map source (an owned map gives its tensors away).
     pub(crate) fn from_source(
         cfg: &ModelConfig,
