@@ -10,6 +10,7 @@ use checkergen::model::Model;
 use checkergen::model::config::{self, ModelConfig};
 use checkergen::model::file::{Dtype, write_model};
 use checkergen::model::init::random_tensors;
+use checkergen::model::weights::Precision;
 use checkergen::order::Schedule;
 use checkergen::pipeline::{self, Backend, SampleOptions, Steps};
 use checkergen::sampling::TokenPolicy;
@@ -53,10 +54,65 @@ pub struct SamplingArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     /// Eager kernel launches: no CUDA graphs (on a GPU, a batch shape's token loop is
     /// otherwise recorded once as a graph and replayed; per-step timings need eager runs).
     #[arg(long)]
     pub no_graph: bool,
+}
+
+/// Said when bf16 runs on a CPU without AVX512-BF16 (PERF.md: the widening fallback saves
+/// memory, not time).
+fn bf16_fallback_note(p: Precision) {
+    use checkergen::math::gemm_bf16::{Kernel, kernel};
+    if p == Precision::Bf16 && kernel() != Kernel::Avx512Bf16 {
+        eprintln!(
+            "note: --precision bf16 runs the {} kernel (no AVX512-BF16 here, or \
+             CHECKERGEN_GEMM_BF16): about as fast as f32 at small batches, slower at large ones",
+            kernel().name()
+        );
+    }
+}
+
+/// `--precision`, shared by sample, generate, bench and steps.
+#[derive(Args, Clone, Copy)]
+pub struct PrecisionArgs {
+    /// CPU weight storage of the transformer's linears: f32 (the default, the reference) or
+    /// bf16 (f32 accumulation, AVX512-BF16 where the CPU has it; about half the bytes per
+    /// step). The GPU path always stores bf16: with a GPU device bf16 changes nothing and
+    /// f32 is an error.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+}
+
+impl PrecisionArgs {
+    /// Apply the flag once the device is chosen (`on_gpu`: the GPU or the emulator runs the
+    /// model): on the CPU the host model's linears are stored in it; on a GPU bf16 is what
+    /// runs anyway (said once), f32 is refused.
+    pub(crate) fn apply(self, on_gpu: bool, model: &mut Model) -> Result<()> {
+        match self.precision {
+            Some(p) if on_gpu => self.on_gpu(p)?,
+            Some(p) => {
+                bf16_fallback_note(p);
+                model.set_precision(p)
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// The rule on a GPU: bf16 is said once, f32 refused.
+    fn on_gpu(self, p: Precision) -> Result<()> {
+        if p == Precision::F32 {
+            bail!(
+                "--precision f32 is the CPU path's: the GPU path always stores weights in \
+                 bf16 (use --device cpu for the f32 reference)"
+            );
+        }
+        eprintln!("note: --precision bf16: the GPU path always stores weights in bf16");
+        Ok(())
+    }
 }
 
 impl SamplingArgs {
@@ -296,13 +352,19 @@ pub(crate) type DeviceModel = Option<checkergen::cuda::engine::GpuModel>;
 #[cfg(not(feature = "cuda"))]
 pub(crate) type DeviceModel = Option<std::convert::Infallible>;
 
-pub(crate) fn pick_gpu_model(device: Device, model: &Model) -> Result<(DeviceModel, DeviceKind)> {
+/// `precision` is applied once the device is chosen ([`PrecisionArgs::apply`]).
+pub(crate) fn pick_gpu_model(
+    device: Device,
+    precision: PrecisionArgs,
+    model: &mut Model,
+) -> Result<(DeviceModel, DeviceKind)> {
     #[cfg(feature = "cuda")]
     {
         let gm = match pick_gpu(device)? {
             Some(g) => Some(checkergen::cuda::engine::GpuModel::new(g, model)?),
             None => None,
         };
+        precision.apply(gm.is_some(), model)?;
         let kind = match &gm {
             Some(gm) if gm.gpu.is_emu() => DeviceKind::Emu,
             Some(gm) => DeviceKind::Gpu {
@@ -314,10 +376,10 @@ pub(crate) fn pick_gpu_model(device: Device, model: &Model) -> Result<(DeviceMod
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = model;
         if matches!(device, Device::Cuda | Device::Emu) {
             bail!("--device cuda/emu: this binary was built without the `cuda` feature");
         }
+        precision.apply(false, model)?;
         Ok((None, DeviceKind::Cpu))
     }
 }
@@ -332,15 +394,17 @@ pub(crate) fn is_emu(gm: &DeviceModel) -> bool {
 }
 
 /// How run.json, `bench` and `steps` name the device `gm` runs on.
-pub(crate) fn device_name(gm: &DeviceModel) -> String {
+pub(crate) fn device_name(gm: &DeviceModel, model: &Model) -> String {
+    let bf16 = model.weights.precision() == Precision::Bf16;
     match gm {
         #[cfg(feature = "cuda")]
         Some(gm) if gm.gpu.is_emu() => "emu (host-emulated CUDA device)".into(),
         #[cfg(feature = "cuda")]
         Some(gm) => format!("cuda ({}, kernels: {})", gm.gpu.name, gm.gpu.image_kind),
         _ => format!(
-            "cpu ({} threads)",
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            "cpu ({} threads{})",
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            if bf16 { ", bf16 weights" } else { "" }
         ),
     }
 }
@@ -374,6 +438,7 @@ pub(crate) fn api_device(d: Device) -> checkergen::Device {
 pub(crate) fn load_api_model(
     path: Option<&Path>,
     device: Device,
+    precision: PrecisionArgs,
 ) -> Result<(checkergen::Model, String)> {
     if device == Device::Emu {
         eprintln!("--device emu: the host-emulated CUDA device (development/checking only; slow)");
@@ -409,6 +474,17 @@ pub(crate) fn load_api_model(
     if let Some(note) = model.device_note() {
         eprintln!("warning: {note}");
     }
+    let model = match precision.precision {
+        None => model,
+        Some(p) => {
+            if model.is_cpu() {
+                bf16_fallback_note(p);
+            } else {
+                precision.on_gpu(p)?;
+            }
+            model.with_precision(p)?
+        }
+    };
     Ok((model, source))
 }
 
@@ -417,7 +493,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     ensure_dir(&a.out)?;
-    let (api_model, source) = load_api_model(a.model.as_deref(), a.s.device)?;
+    let (api_model, source) = load_api_model(a.model.as_deref(), a.s.device, a.s.precision)?;
     let model = api_model.host_model();
     let max_run = checkergen::limits::MAX_RUN_IMAGES;
     let labels = match (&a.labels, a.num_samples) {

@@ -101,6 +101,12 @@ impl Model {
         })
     }
 
+    /// The CPU path's storage of the large transformer linears
+    /// ([`weights::TransformerWeights::set_precision`]; after the device is chosen).
+    pub fn set_precision(&mut self, p: weights::Precision) {
+        self.weights.set_precision(p);
+    }
+
     /// The encoder, or the one-line error of a command that needs it.
     pub fn encoder(&self) -> Result<&EncoderWeights> {
         self.encoder.as_ref().ok_or_else(|| {
