@@ -2,7 +2,8 @@
 //! decoder's: `cargo bench --bench gemm` (add `-- 1,2,8` to choose M). Prints the kernels this
 //! CPU gets, the best of 5 wall-clock runs per shape, GFLOP/s and the weight stream in GB/s.
 //! `CHECKERGEN_GEMM=avx2` (or `portable`) times the fallback kernels on the same machine;
-//! `RAYON_NUM_THREADS=1` one core. Each timed call reads another copy of the weight (256 MiB of
+//! `RAYON_NUM_THREADS=1` one core. The bf16 columns time `math::gemm_bf16` (bf16 weights,
+//! `--precision bf16`) on the same shapes; `CHECKERGEN_GEMM_BF16=avx2|scalar` its fallbacks. Each timed call reads another copy of the weight (256 MiB of
 //! copies in all), so small M streams from DRAM as a sampling step does, not from the L3.
 
 use checkergen::math;
@@ -37,9 +38,10 @@ fn main() {
     );
     println!("A B^T (Linear weights [out, in], the NT kernel):");
     println!(
-        "{:>5} {:>5} {:>5} {:>9} {:>8} {:>8}",
-        "m", "k", "n", "ms", "GFLOP/s", "GB/s W"
+        "{:>5} {:>5} {:>5} {:>9} {:>8} {:>8} | {:>9} {:>8} {:>8}",
+        "m", "k", "n", "f32 ms", "GFLOP/s", "GB/s W", "bf16 ms", "GFLOP/s", "GB/s W"
     );
+    let bf16 = math::gemm_bf16::kernel();
     for (k, n) in [
         (1024, 3072),
         (1024, 1024),
@@ -49,6 +51,7 @@ fn main() {
     ] {
         let copies = ((256usize << 20) / (n * k * 4)).max(2);
         let ws: Vec<Vec<f32>> = (0..copies).map(|i| rnd(n * k, 100 + i as u32)).collect();
+        let ws16: Vec<Vec<u16>> = ws.iter().map(|w| math::gemm_bf16::to_bf16(w)).collect();
         for &m in &ms {
             let a = rnd(m * k, 3);
             let mut c = vec![0.0f32; m * n];
@@ -57,12 +60,20 @@ fn main() {
                 i += 1;
                 math::matmul_bt(&a, &ws[i % copies], &mut c, m, k, n, 0.0);
             });
+            let t16 = best_of(5, || {
+                i += 1;
+                let w = &ws16[i % copies];
+                math::gemm_bf16::gemm_nt_bf16(bf16, m, n, k, &a, k, w, k, &mut c, n, 0.0);
+            });
             let f = 2.0 * (m * n * k) as f64;
             println!(
-                "{m:5} {k:5} {n:5} {:9.3} {:8.1} {:8.1}",
+                "{m:5} {k:5} {n:5} {:9.3} {:8.1} {:8.1} | {:9.3} {:8.1} {:8.1}",
                 t * 1e3,
                 f / t / 1e9,
-                (n * k * 4) as f64 / t / 1e9
+                (n * k * 4) as f64 / t / 1e9,
+                t16 * 1e3,
+                f / t16 / 1e9,
+                (n * k * 2) as f64 / t16 / 1e9
             );
         }
     }

@@ -4,6 +4,7 @@
 //! three give the same pixels for the same request and seed.
 
 use crate::model::config;
+pub use crate::model::weights::Precision;
 use crate::pipeline::{self, SampleOptions, Steps};
 use crate::sampling::TokenPolicy;
 use std::path::{Path, PathBuf};
@@ -458,10 +459,7 @@ impl Model {
     pub fn on_device(model: crate::model::Model, device: Device) -> Result<Model> {
         let (engine, note) = open_engine(&model, device)?;
         let description = match &engine {
-            Engine::Cpu => format!(
-                "cpu ({} threads)",
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            ),
+            Engine::Cpu => cpu_description(model.weights.precision()),
             #[cfg(feature = "cuda")]
             Engine::Gpu(g) => {
                 let g = g.lock().unwrap_or_else(|p| p.into_inner());
@@ -480,8 +478,57 @@ impl Model {
         })
     }
 
-    /// The device the model runs on, in words: `cpu (N threads)`, `cuda (NAME, kernels:
-    /// KIND)` or `emu (host-emulated CUDA device)`.
+    /// Store the CPU path's large transformer linears (qkv, wo, w13, w2, the AdaLN
+    /// modulation, the head) in `precision`. [`Precision::F32`] is the default and the
+    /// reference; [`Precision::Bf16`] halves those weights' bytes and uses the CPU's bf16
+    /// dot products where it has them (f32 accumulation; logits within about 1e-2 relative
+    /// of f32, PERF.md). On a GPU (or the emulator) weights are always bf16: `Bf16` changes
+    /// nothing there and `F32` is an [`Error::InvalidRequest`]. A bf16 CPU model cannot go
+    /// back to f32 (load it again).
+    ///
+    /// ```
+    /// use checkergen::{Device, Model, Precision, Request};
+    /// let model = Model::tiny(Device::Cpu)?.with_precision(Precision::Bf16)?;
+    /// assert_eq!(model.precision(), Precision::Bf16);
+    /// let images = model.sample(&Request::new(vec![0]).steps_per_scale(1))?;
+    /// assert_eq!(images.len(), 1);
+    /// # Ok::<(), checkergen::Error>(())
+    /// ```
+    pub fn with_precision(mut self, precision: Precision) -> Result<Model> {
+        if !self.is_cpu() {
+            return match precision {
+                Precision::Bf16 => Ok(self),
+                Precision::F32 => Err(Error::InvalidRequest(
+                    "precision f32 is the CPU path's: the GPU path always stores weights in                      bf16 (use Device::Cpu for the f32 reference)"
+                        .into(),
+                )),
+            };
+        }
+        match (self.model.weights.precision(), precision) {
+            (Precision::Bf16, Precision::F32) => Err(Error::InvalidRequest(
+                "this model's weights are already bf16; load it again for f32".into(),
+            )),
+            (_, p) => {
+                self.model.set_precision(p);
+                self.description = cpu_description(p);
+                Ok(self)
+            }
+        }
+    }
+
+    /// How the transformer's large linears are stored: on the CPU as chosen by
+    /// [`Model::with_precision`] (default f32), on a GPU always bf16.
+    pub fn precision(&self) -> Precision {
+        match &self.engine {
+            Engine::Cpu => self.model.weights.precision(),
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(_) => Precision::Bf16,
+        }
+    }
+
+    /// The device the model runs on, in words: `cpu (N threads)` (`cpu (N threads, bf16
+    /// weights)` after [`Model::with_precision`]), `cuda (NAME, kernels: KIND)` or `emu
+    /// (host-emulated CUDA device)`.
     pub fn device(&self) -> &str {
         &self.description
     }
@@ -699,6 +746,15 @@ impl Model {
                 f(&mut crate::cuda::engine::GpuBackend::new(&g))
             }
         }
+    }
+}
+
+/// How [`Model::device`] names the CPU.
+fn cpu_description(p: Precision) -> String {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match p {
+        Precision::F32 => format!("cpu ({threads} threads)"),
+        Precision::Bf16 => format!("cpu ({threads} threads, bf16 weights)"),
     }
 }
 

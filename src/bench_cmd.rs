@@ -2,7 +2,9 @@
 //! with warm-up and the median of repeats: images/s, time per serial step and per scale, the
 //! transformer/decoder split, peak memory, achieved TFLOP/s and % of the device's floor.
 
-use crate::commands::{Device, DeviceModel, device_name, is_emu, on_backend, pick_gpu_model};
+use crate::commands::{
+    Device, DeviceModel, PrecisionArgs, device_name, is_emu, on_backend, pick_gpu_model,
+};
 use anyhow::{Context, Result, bail};
 use checkergen::flops::{decoder_flops, transformer_flops, transformer_weight_bytes};
 use checkergen::model::Model;
@@ -46,6 +48,8 @@ pub struct TimedRuns {
     pub iters: usize,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     /// Guidance scale (0 = off).
     #[arg(long, default_value_t = pipeline::DEFAULT_CFG)]
     pub cfg: f32,
@@ -109,7 +113,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.steps_per_scale == 0 {
         bail!("--steps-per-scale must be at least 1");
     }
-    let (model, source) = match (&a.model, &a.preset) {
+    let (mut model, source) = match (&a.model, &a.preset) {
         (Some(p), _) => (Model::load(p)?, p.display().to_string()),
         (None, p) => {
             let name = p.as_deref().unwrap_or("L-2x");
@@ -121,7 +125,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             )
         }
     };
-    let dev = pick_device(a.run.device, &model)?;
+    let gpu = pick_device(&a.run, &mut model)?;
+    let dev = BenchDevice::new(&model, gpu);
     let device = dev.describe();
     if dev.is_emu() {
         eprintln!(
@@ -210,9 +215,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 }
 
 /// `--device` for a bench: the GPU (or emulator) with the model uploaded, or the CPU.
-pub(crate) fn pick_device(d: Device, model: &Model) -> Result<BenchDevice<'_>> {
-    let (gpu, _) = pick_gpu_model(d, model)?;
-    Ok(BenchDevice { model, gpu })
+/// `--precision` applies to the CPU's model.
+pub(crate) fn pick_device(run: &TimedRuns, model: &mut Model) -> Result<DeviceModel> {
+    Ok(pick_gpu_model(run.device, run.precision, model)?.0)
 }
 
 /// The device a bench runs on, with its model.
@@ -221,13 +226,17 @@ pub(crate) struct BenchDevice<'m> {
     gpu: DeviceModel,
 }
 
-impl BenchDevice<'_> {
+impl<'m> BenchDevice<'m> {
+    pub(crate) fn new(model: &'m Model, gpu: DeviceModel) -> Self {
+        BenchDevice { model, gpu }
+    }
+
     pub fn is_emu(&self) -> bool {
         is_emu(&self.gpu)
     }
 
     pub fn describe(&self) -> String {
-        device_name(&self.gpu)
+        device_name(&self.gpu, self.model)
     }
 
     /// Memory in use now: resident host memory since the reset, or device memory in use.

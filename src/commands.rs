@@ -10,6 +10,7 @@ use checkergen::model::Model;
 use checkergen::model::config::{self, ModelConfig};
 use checkergen::model::file::{Dtype, write_model};
 use checkergen::model::init::random_tensors;
+use checkergen::model::weights::Precision;
 use checkergen::order::Schedule;
 use checkergen::pipeline::{self, Backend, SampleOptions, Steps};
 use checkergen::sampling::TokenPolicy;
@@ -53,11 +54,66 @@ pub struct SamplingArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     /// Eager kernel launches: no CUDA graphs (on a GPU, a batch shape's token loop and its
     /// decode are otherwise recorded once as a graph and replayed; both are timed step by
     /// step by timestamps on the stream).
     #[arg(long)]
     pub no_graph: bool,
+}
+
+/// Said when bf16 runs on a CPU without AVX512-BF16 (PERF.md: the widening fallback saves
+/// memory, not time).
+fn bf16_fallback_note(p: Precision) {
+    use checkergen::math::gemm_bf16::{Kernel, kernel};
+    if p == Precision::Bf16 && kernel() != Kernel::Avx512Bf16 {
+        eprintln!(
+            "note: --precision bf16 runs the {} kernel (no AVX512-BF16 here, or \
+             CHECKERGEN_GEMM_BF16): about as fast as f32 at small batches, slower at large ones",
+            kernel().name()
+        );
+    }
+}
+
+/// `--precision`, shared by sample, generate, bench and steps.
+#[derive(Args, Clone, Copy)]
+pub struct PrecisionArgs {
+    /// CPU weight storage of the transformer's linears: f32 (the default, the reference) or
+    /// bf16 (f32 accumulation, AVX512-BF16 where the CPU has it; about half the bytes per
+    /// step). The GPU path always stores bf16: with a GPU device bf16 changes nothing and
+    /// f32 is an error.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+}
+
+impl PrecisionArgs {
+    /// Apply the flag once the device is chosen (`on_gpu`: the GPU or the emulator runs the
+    /// model): on the CPU the host model's linears are stored in it; on a GPU bf16 is what
+    /// runs anyway (said once), f32 is refused.
+    pub(crate) fn apply(self, on_gpu: bool, model: &mut Model) -> Result<()> {
+        match self.precision {
+            Some(p) if on_gpu => self.on_gpu(p)?,
+            Some(p) => {
+                bf16_fallback_note(p);
+                model.set_precision(p)
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// The rule on a GPU: bf16 is said once, f32 refused.
+    fn on_gpu(self, p: Precision) -> Result<()> {
+        if p == Precision::F32 {
+            bail!(
+                "--precision f32 is the CPU path's: the GPU path always stores weights in \
+                 bf16 (use --device cpu for the f32 reference)"
+            );
+        }
+        eprintln!("note: --precision bf16: the GPU path always stores weights in bf16");
+        Ok(())
+    }
 }
 
 impl SamplingArgs {
@@ -300,13 +356,19 @@ pub(crate) type DeviceModel = Option<checkergen::cuda::engine::GpuModel>;
 #[cfg(not(feature = "cuda"))]
 pub(crate) type DeviceModel = Option<std::convert::Infallible>;
 
-pub(crate) fn pick_gpu_model(device: Device, model: &Model) -> Result<(DeviceModel, DeviceKind)> {
+/// `precision` is applied once the device is chosen ([`PrecisionArgs::apply`]).
+pub(crate) fn pick_gpu_model(
+    device: Device,
+    precision: PrecisionArgs,
+    model: &mut Model,
+) -> Result<(DeviceModel, DeviceKind)> {
     #[cfg(feature = "cuda")]
     {
         let gm = match pick_gpu(device)? {
             Some(g) => Some(checkergen::cuda::engine::GpuModel::new(g, model)?),
             None => None,
         };
+        precision.apply(gm.is_some(), model)?;
         let kind = match &gm {
             Some(gm) if gm.gpu.is_emu() => DeviceKind::Emu,
             Some(gm) => DeviceKind::Gpu {
@@ -318,10 +380,10 @@ pub(crate) fn pick_gpu_model(device: Device, model: &Model) -> Result<(DeviceMod
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = model;
         if matches!(device, Device::Cuda | Device::Emu) {
             bail!("--device cuda/emu: this binary was built without the `cuda` feature");
         }
+        precision.apply(false, model)?;
         Ok((None, DeviceKind::Cpu))
     }
 }
@@ -336,15 +398,17 @@ pub(crate) fn is_emu(gm: &DeviceModel) -> bool {
 }
 
 /// How run.json, `bench` and `steps` name the device `gm` runs on.
-pub(crate) fn device_name(gm: &DeviceModel) -> String {
+pub(crate) fn device_name(gm: &DeviceModel, model: &Model) -> String {
+    let bf16 = model.weights.precision() == Precision::Bf16;
     match gm {
         #[cfg(feature = "cuda")]
         Some(gm) if gm.gpu.is_emu() => "emu (host-emulated CUDA device)".into(),
         #[cfg(feature = "cuda")]
         Some(gm) => format!("cuda ({}, kernels: {})", gm.gpu.name, gm.gpu.image_kind),
         _ => format!(
-            "cpu ({} threads)",
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            "cpu ({} threads{})",
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            if bf16 { ", bf16 weights" } else { "" }
         ),
     }
 }
@@ -378,6 +442,7 @@ pub(crate) fn api_device(d: Device) -> checkergen::Device {
 pub(crate) fn load_api_model(
     path: Option<&Path>,
     device: Device,
+    precision: PrecisionArgs,
 ) -> Result<(checkergen::Model, String)> {
     if device == Device::Emu {
         eprintln!("--device emu: the host-emulated CUDA device (development/checking only; slow)");
@@ -413,6 +478,17 @@ pub(crate) fn load_api_model(
     if let Some(note) = model.device_note() {
         eprintln!("warning: {note}");
     }
+    let model = match precision.precision {
+        None => model,
+        Some(p) => {
+            if model.is_cpu() {
+                bf16_fallback_note(p);
+            } else {
+                precision.on_gpu(p)?;
+            }
+            model.with_precision(p)?
+        }
+    };
     Ok((model, source))
 }
 
@@ -421,7 +497,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     ensure_dir(&a.out)?;
-    let (api_model, source) = load_api_model(a.model.as_deref(), a.s.device)?;
+    let (api_model, source) = load_api_model(a.model.as_deref(), a.s.device, a.s.precision)?;
     let model = api_model.host_model();
     let max_run = checkergen::limits::MAX_RUN_IMAGES;
     let labels = match (&a.labels, a.num_samples) {
@@ -762,40 +838,61 @@ fn describe(cfg: &ModelConfig) -> String {
     )
 }
 
-pub fn inspect(path: &Path) -> Result<()> {
-    let model = Model::load(path)?;
-    let cfg = &model.config;
+/// `inspect`: by default the header alone (the file is mapped, only its header's pages are
+/// read: names, dtypes, shapes and offsets checked against the configuration); `verify`
+/// loads the model as `sample` does, every value checked.
+pub fn inspect(path: &Path, verify: bool) -> Result<()> {
+    let header = checkergen::model::ModelHeader::read(path)?;
+    if verify {
+        Model::load(path)?;
+    }
+    let cfg = &header.config;
     println!("{}", path.display());
     println!("{}", describe(cfg));
-    let (t, d) = model.parameter_counts();
+    let (t, d) = header.parameter_counts();
     println!(
         "parameters: transformer {:.2} M, decoder+codebook {:.2} M, total {:.2} M",
         t as f64 / 1e6,
         d as f64 / 1e6,
         (t + d) as f64 / 1e6
     );
-    match &model.encoder {
-        Some(_) => {
-            let e: usize =
-                checkergen::model::encoder::EncoderWeights::expected_tensors(&cfg.decoder)
-                    .iter()
-                    .map(|(_, s)| s.iter().product::<usize>())
-                    .sum();
-            println!(
-                "encoder: {:.2} M parameters (encode and score available)",
-                e as f64 / 1e6
-            );
-        }
-        None => println!("encoder: none (sampling only; encode and score need it)"),
+    if header.has_encoder {
+        let e: usize = checkergen::model::encoder::EncoderWeights::expected_tensors(&cfg.decoder)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        println!(
+            "encoder: {:.2} M parameters (encode and score available)",
+            e as f64 / 1e6
+        );
+    } else {
+        println!("encoder: none (sampling only; encode and score need it)");
     }
+    // Storage: tensors per dtype, as the header says.
+    let mut dtypes: std::collections::BTreeMap<String, usize> = Default::default();
+    for t in &header.tensors {
+        *dtypes.entry(format!("{:?}", t.dtype)).or_default() += 1;
+    }
+    let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
+    println!(
+        "file: {:.1} MB, {} tensors ({}); {}",
+        header.file_bytes as f64 / 1e6,
+        header.tensors.len(),
+        dtypes.join(", "),
+        if verify {
+            "every value loaded and checked (--verify)"
+        } else {
+            "header checked, values not read (--verify loads and checks them)"
+        }
+    );
     // The schedule `sample` runs by default (the config's steps_per_scale is the reference's
     // training-time num_blocks_per_scale, not a sampling setting).
     let k = pipeline::DEFAULT_STEPS_PER_SCALE;
-    let sched = Schedule::uniform(&model.scale_sizes, k)?;
+    let sched = Schedule::uniform(&header.scale_sizes, k)?;
     println!(
         "scales {:?} ({} tokens); `sample` defaults to {k} steps per scale: {} serial steps \
          (cfg {}, from step {})",
-        model.scale_sizes,
+        header.scale_sizes,
         sched.total_tokens(),
         sched.total_steps(),
         pipeline::DEFAULT_CFG,

@@ -118,8 +118,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             a.out.display()
         );
     }
-    let (model, source) = load_or_tiny(a.model.as_deref())?;
-    let cfg = &model.config;
+    let (mut model, source) = load_or_tiny(a.model.as_deref())?;
+    let cfg = &model.config.clone();
     let side = cfg.img_size;
     let mut o = a.s.options(Vec::new());
     let classes = cfg.num_classes;
@@ -165,7 +165,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     });
     // A shard may be empty (more shards than images): it still writes its (empty) file.
     let count = end - start;
-    let (gpu_model, kind) = pick_gpu_model(a.s.device, &model)?;
+    let (gpu_model, kind) = pick_gpu_model(a.s.device, a.s.precision, &mut model)?;
     let batch = match a.batch_size {
         Some(b) => b,
         None => crate::commands::default_batch_size(cfg, a.s.cfg > 0.0, &kind)?.min(count.max(1)),

@@ -103,10 +103,16 @@ enum Cmd {
     /// Teacher-forced likelihood of real images (loss per scale, bits per token, top-1) at one
     /// or more step counts, with the block-causal mask (SPEC.md section 9).
     Score(score_commands::ScoreArgs),
-    /// Print a model file's configuration, parameter counts and schedule.
+    /// Print a model file's configuration, parameter counts and schedule, from its header
+    /// (names, dtypes, shapes and offsets checked against the configuration; no tensor data
+    /// read).
     Inspect {
         /// A model file from `checkergen convert` or `checkergen init`.
         model: PathBuf,
+        /// Also load every tensor and check its values (finite, at most 65504 in magnitude),
+        /// as `sample` does.
+        #[arg(long)]
+        verify: bool,
     },
 }
 
@@ -175,7 +181,7 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
             output,
         } => commands::init(&preset, seed, dtype, &output),
-        Cmd::Inspect { model } => commands::inspect(&model),
+        Cmd::Inspect { model, verify } => commands::inspect(&model, verify),
         Cmd::Bench(args) => bench_cmd::bench(args),
         Cmd::Generate(args) => generate_cmd::generate(args),
         Cmd::Merge(args) => generate_cmd::merge(args),

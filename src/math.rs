@@ -12,8 +12,10 @@
 //! cores. [`kernel_names`] says which kernels this CPU gets.
 
 pub mod gemm;
+pub mod gemm_bf16;
 
-/// The kernels this process's GEMMs use, e.g. `"NT avx512f, general gemm-f32 (avx512f)"`.
+/// The kernels this process's GEMMs use, e.g. `"NT avx512f, general gemm-f32 (avx512f), bf16
+/// weights avx512bf16"` (the last: `--precision bf16`'s linears).
 pub fn kernel_names() -> String {
     let general = if gemm::supported(gemm::Kernel::Avx512) {
         "avx512f"
@@ -22,7 +24,11 @@ pub fn kernel_names() -> String {
     } else {
         "scalar"
     };
-    format!("NT {}, general gemm-f32 ({general})", gemm::kernel().name())
+    format!(
+        "NT {}, general gemm-f32 ({general}), bf16 weights {}",
+        gemm::kernel().name(),
+        gemm_bf16::kernel().name()
+    )
 }
 
 /// C (m x n) = A (m x k) @ B^T where B is stored (n x k) row-major, i.e. a PyTorch Linear
@@ -45,15 +51,29 @@ pub fn linear(
     din: usize,
     dout: usize,
 ) -> Vec<f32> {
+    linear_with(bias, rows, dout, |y, beta| {
+        matmul_bt(x, w, y, rows, din, dout, beta)
+    })
+}
+
+/// A (rows, dout) output started from the bias (then `gemm(y, 1.0)` accumulates) or
+/// written whole (`gemm(y, 0.0)`): [`linear`], and the bf16 linears of
+/// `model::weights::Linear`.
+pub fn linear_with(
+    bias: Option<&[f32]>,
+    rows: usize,
+    dout: usize,
+    gemm: impl FnOnce(&mut [f32], f32),
+) -> Vec<f32> {
     let mut y = vec![0.0f32; rows * dout];
     if let Some(b) = bias {
         assert_eq!(b.len(), dout);
         for r in y.chunks_exact_mut(dout) {
             r.copy_from_slice(b);
         }
-        matmul_bt(x, w, &mut y, rows, din, dout, 1.0);
+        gemm(&mut y, 1.0);
     } else {
-        matmul_bt(x, w, &mut y, rows, din, dout, 0.0);
+        gemm(&mut y, 0.0);
     }
     y
 }

@@ -2,7 +2,7 @@
 //! scale ratios x steps per scale (or explicit per-scale lists, or total-step targets) for one
 //! model configuration and measure latency at batch 1 and throughput at `--batch`.
 
-use crate::bench_cmd::{TimedRuns, pick_device};
+use crate::bench_cmd::{BenchDevice, TimedRuns, pick_device};
 use anyhow::{Context, Result, bail};
 use checkergen::io::steps_chart::{StepsPoint, write_steps_chart};
 use checkergen::model::Model;
@@ -114,7 +114,7 @@ pub fn steps(a: StepsArgs) -> Result<()> {
         bail!("--batch and --iters must be at least 1");
     }
     // The model configurations: one per ratio.
-    let models: Vec<(Model, String)> = match &a.model {
+    let mut models: Vec<(Model, String)> = match &a.model {
         Some(p) => vec![(Model::load(p)?, p.display().to_string())],
         None => {
             let name = a.preset.as_deref().unwrap_or("L-2x");
@@ -176,8 +176,8 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             format!("img/s@{}", a.batch)
         );
     }
-    for (model, source) in &models {
-        let cfg = &model.config;
+    for (model, source) in &mut models {
+        let cfg = &model.config.clone();
         let sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
         // Every configuration of this ratio, as per-scale lists (duplicates dropped).
         let mut lists: Vec<Vec<usize>> = Vec::new();
@@ -216,7 +216,8 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             );
             continue;
         }
-        let dev = pick_device(a.run.device, model)?;
+        let gpu = pick_device(&a.run, model)?;
+        let dev = BenchDevice::new(model, gpu);
         for list in lists {
             let sched = Schedule::with_steps(&sizes, &list)?;
             let mut o = SampleOptions::new(vec![0]);

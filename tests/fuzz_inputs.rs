@@ -535,7 +535,7 @@ fn fuzz_command_lines() {
                 "--json",
             ],
         ),
-        (vec!["inspect", &model], &[]),
+        (vec!["inspect", &model], &["--verify"]),
         (
             vec!["init", "--preset", "tiny", "-o", &o_path],
             &["--preset", "--seed", "--dtype"],
@@ -602,7 +602,7 @@ fn fuzz_command_lines() {
         if !extra.is_empty() && rng.below(2) == 0 {
             let flag = rng.pick(extra);
             args.push(flag.to_string());
-            if !matches!(*flag, "--json" | "--ema") {
+            if !matches!(*flag, "--json" | "--ema" | "--verify") {
                 args.push(rng.pick(&values).clone());
             }
         }
@@ -653,9 +653,16 @@ fn fuzz_files_through_the_binary() {
     for i in 0..150 * scale() {
         let (what, bytes, expect) = mutate_safetensors(&mut rng, &clean);
         std::fs::write(&st, &bytes).unwrap();
-        let args = vec!["inspect".to_string(), st.display().to_string()];
-        f.check(&format!("inspect #{i} {what}"), || {
-            let o = check_run(&args, Duration::from_secs(30))?;
+        // `inspect --verify` loads every value: the full oracle. Plain `inspect` reads the
+        // header only: it must refuse every corruption the header shows (length prefix,
+        // truncation, appended bytes) and may pass a changed value.
+        let verify = vec![
+            "inspect".to_string(),
+            "--verify".to_string(),
+            st.display().to_string(),
+        ];
+        f.check(&format!("inspect --verify #{i} {what}"), || {
+            let o = check_run(&verify, Duration::from_secs(30))?;
             let must_fail = matches!(expect, Expect::Fail | Expect::Load(false));
             if must_fail && o.code == Some(0) {
                 return Err("exit 0 on a corrupted file".into());
@@ -665,6 +672,19 @@ fn fuzz_files_through_the_binary() {
             }
             Ok(())
         });
+        if matches!(expect, Expect::Fail | Expect::SameModelIfLoads) {
+            let header = vec!["inspect".to_string(), st.display().to_string()];
+            f.check(&format!("inspect #{i} {what}"), || {
+                let o = check_run(&header, Duration::from_secs(30))?;
+                if matches!(expect, Expect::Fail) && o.code == Some(0) {
+                    return Err("exit 0 on a file whose header is corrupted".into());
+                }
+                if o.code != Some(0) && !o.is_clean_failure() {
+                    return Err(format!("unclear failure: {:?}", o.stderr));
+                }
+                Ok(())
+            });
+        }
     }
     let pth_clean = std::fs::read(&opts.checkpoint).unwrap();
     let ckpt = dir.join("tiny.pth");

@@ -6,7 +6,6 @@ mod common;
 use checkergen::cpu::sample_tokens;
 use checkergen::model::file::load_i64;
 use checkergen::pipeline::{SampleOptions, Steps};
-use checkergen::sampling::TokenPolicy;
 use safetensors::SafeTensors;
 
 /// Relative tolerance on logits, ||ours - ref|| / ||ref|| per step (f32 CPU path).
@@ -61,18 +60,8 @@ fn greedy_cases_match_reference() {
         for case in &CASES {
             let bytes = std::fs::read(dir.join(format!("{}.safetensors", case.name))).unwrap();
             let st = SafeTensors::deserialize(&bytes).unwrap();
-            let cm = &meta["cases"][case.name]["case"];
-            let labels: Vec<usize> = ints(&st, "labels").iter().map(|&l| l as usize).collect();
             let golden_tokens = common::token_pyramid(&st, &sizes, "tokens_s");
-            let mut opts = SampleOptions::new(labels.clone());
-            opts.cfg = cm["cfg"].as_f64().unwrap() as f32;
-            opts.cfg_start_step = cm["cfg_start_step"].as_u64().unwrap() as usize;
-            opts.steps = Steps::Uniform(case.steps);
-            opts.policy = TokenPolicy {
-                temperature: 0.0,
-                top_k: None,
-                top_p: None,
-            };
+            let opts = common::golden_greedy_options(&st, &meta, case.name, case.steps);
 
             // 1. Teacher-forced by the golden tokens: every step sees the reference's context.
             let mut forced = opts.clone();

@@ -82,11 +82,13 @@ fn upsample_case(gpu: &Gpu, batch: usize, si: usize, so: usize, seed: u64) -> (V
 
 fn codevec_case(gpu: &Gpu, rows: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let e = 8usize;
-    let lin = |din: usize, dout: usize, s: u64, ws: f32| Linear {
-        w: rand_vec(dout * din, s, ws),
-        b: Some(rand_vec(dout, s + 1, 0.1)),
-        din,
-        dout,
+    let lin = |din: usize, dout: usize, s: u64, ws: f32| {
+        Linear::new(
+            rand_vec(dout * din, s, ws),
+            Some(rand_vec(dout, s + 1, 0.1)),
+            din,
+            dout,
+        )
     };
     let mlp = CodeHidden {
         l0: lin(e, 64, seed + 3, 1.0),

@@ -36,6 +36,24 @@ fn init_sample_inspect() {
         text.contains("scales [1, 2, 4, 8, 16] (341 tokens)"),
         "{text}"
     );
+    // `inspect` reads the header only, `--verify` loads every value: the same description,
+    // only the storage line says which checks ran.
+    let verify = run(&["inspect", "--verify", m]);
+    let described = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with("file:"))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(described(&text), described(&verify));
+    assert!(
+        text.contains(" F32)") && text.contains("values not read"),
+        "{text}"
+    );
+    assert!(
+        verify.contains("every value loaded and checked"),
+        "{verify}"
+    );
 
     let out = d.join("out");
     let o = out.to_str().unwrap();

@@ -89,6 +89,11 @@ impl GpuModel {
     /// (norms, tables and biases in f32), and the VQ decoder.
     pub fn new(gpu: Gpu, model: &Model) -> Result<GpuModel> {
         let (cfg, w) = (&model.config, &model.weights);
+        // The upload reads the f32 weights; the CPU's bf16 conversion frees them.
+        anyhow::ensure!(
+            w.precision() == crate::model::weights::Precision::F32,
+            "the GPU engine uploads from f32 host weights; convert to bf16 only for the CPU"
+        );
         let decoder = super::decoder::GpuDecoder::new(&gpu, &model.decoder)?;
         let up = |x: &[f32]| gpu.upload(x);
         let upb = |x: &[f32]| gpu.upload(&to_bf16(x));

@@ -160,13 +160,11 @@ pub fn parse_model_tensors(bytes: &[u8]) -> Result<(TensorMap, BTreeMap<String, 
     parse_checked(bytes, true, &|_| {})
 }
 
-/// `done` is called with each tensor's bytes once they are decoded (the mapped loader
-/// releases them).
-fn parse_checked(
-    bytes: &[u8],
-    model: bool,
-    done: &(dyn Fn(&[u8]) + Sync),
-) -> Result<(TensorMap, BTreeMap<String, String>)> {
+/// The header of safetensors `bytes` (tensor views, not yet read) and its metadata; for a
+/// model file (`model`), every tensor must be a float dtype. Reads only the header: the
+/// views' offsets are checked against `bytes.len()` (contiguous, each tensor's byte size
+/// its shape times its dtype's size, the last ending at the end) without touching the data.
+fn parse_header(bytes: &[u8], model: bool) -> Result<(SafeTensors<'_>, BTreeMap<String, String>)> {
     let (_, meta) = SafeTensors::read_metadata(bytes)
         .map_err(|e| anyhow::anyhow!("not a valid safetensors file ({e})"))?;
     let metadata: BTreeMap<String, String> = meta
@@ -176,11 +174,9 @@ fn parse_checked(
         .unwrap_or_default();
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| anyhow::anyhow!("not a valid safetensors file ({e})"))?;
-    let mut map = TensorMap::new();
-    let tensors = st.tensors();
     if model {
         use safetensors::Dtype as D;
-        for (name, view) in &tensors {
+        for (name, view) in st.iter() {
             if !matches!(view.dtype(), D::F32 | D::BF16 | D::F16 | D::F64) {
                 bail!(
                     "tensor `{name}` has dtype {:?}; model weights must be f32, bf16, f16 or f64",
@@ -189,6 +185,52 @@ fn parse_checked(
             }
         }
     }
+    Ok((st, metadata))
+}
+
+/// One tensor as a model file's header describes it.
+#[derive(Clone, Debug)]
+pub struct HeaderEntry {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+}
+
+/// A model file's tensors (name, dtype, shape, in the header's order), its metadata and its
+/// size in bytes, from the header alone (`checkergen inspect`): the file is mapped and only
+/// the pages of its header are read; the checks of [`parse_header`] apply (float dtypes,
+/// offsets within the file and consistent with the shapes). No value is read or checked
+/// ([`load_model_file`] does that).
+pub fn read_model_header(path: &Path) -> Result<(Vec<HeaderEntry>, BTreeMap<String, String>, u64)> {
+    crate::paths::check_input(path)?;
+    let shown = path.display();
+    let file = std::fs::File::open(path).with_context(|| format!("{shown}: cannot read"))?;
+    // SAFETY: a read-only (PROT_READ) view, dropped before this returns; only the header's
+    // bytes are read (a truncation by another process meanwhile: see load_model_file).
+    let map =
+        unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{shown}: cannot map"))?;
+    let (st, meta) = parse_header(&map, true).with_context(|| format!("{shown}"))?;
+    let entries = st
+        .iter()
+        .map(|(name, view)| HeaderEntry {
+            name: name.to_string(),
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+        })
+        .collect();
+    Ok((entries, meta, map.len() as u64))
+}
+
+/// `done` is called with each tensor's bytes once they are decoded (the mapped loader
+/// releases them).
+fn parse_checked(
+    bytes: &[u8],
+    model: bool,
+    done: &(dyn Fn(&[u8]) + Sync),
+) -> Result<(TensorMap, BTreeMap<String, String>)> {
+    let (st, metadata) = parse_header(bytes, model)?;
+    let mut map = TensorMap::new();
+    let tensors = st.tensors();
     // Decoded and checked on all cores; the first error in the file's tensor order is the
     // one reported, whatever the threads did.
     use rayon::prelude::*;

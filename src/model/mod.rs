@@ -14,8 +14,10 @@ pub mod weights;
 use crate::model::config::{CONFIG_METADATA_KEY, ModelConfig};
 use crate::model::decoder::DecoderWeights;
 use crate::model::encoder::EncoderWeights;
-use crate::model::file::{Tensor, TensorMap, load_model_file, parse_model_tensors};
-use crate::model::source::MapSource;
+use crate::model::file::{
+    HeaderEntry, Tensor, TensorMap, load_model_file, parse_model_tensors, read_model_header,
+};
+use crate::model::source::{HeaderSource, MapSource};
 use crate::model::weights::TransformerWeights;
 use crate::order::scale_sizes;
 use anyhow::{Context, Result, anyhow};
@@ -48,15 +50,7 @@ impl Model {
     }
 
     fn from_metadata(map: TensorMap, meta: &BTreeMap<String, String>) -> Result<Model> {
-        let json = meta.get(CONFIG_METADATA_KEY).ok_or_else(|| {
-            anyhow!(
-                "no `{CONFIG_METADATA_KEY}` in the safetensors metadata; \
-                 make model files with `checkergen convert` or `checkergen init`"
-            )
-        })?;
-        let config: ModelConfig =
-            serde_json::from_str(json).context("malformed configuration metadata")?;
-        Model::from_owned_tensors(config, map)
+        Model::from_owned_tensors(config_from_metadata(meta)?, map)
     }
 
     /// Validate the configuration and every tensor, then fold the weights (`map` is copied
@@ -91,13 +85,7 @@ impl Model {
         has_encoder: bool,
         src: &mut MapSource,
     ) -> Result<Model> {
-        config.validate()?;
-        check_layer_count(&config, names)?;
-        let scale_sizes = scale_sizes(
-            config.latent_size(),
-            config.scale_ratio,
-            config.scale_min_size,
-        )?;
+        let scale_sizes = checked_pyramid(&config, names.keys().map(String::as_str))?;
         let n_tokens = scale_sizes.iter().map(|s| s * s).sum();
         let weights = TransformerWeights::from_source(&config, src, n_tokens)?;
         let decoder = DecoderWeights::from_source(&config.decoder, src)?;
@@ -113,6 +101,12 @@ impl Model {
         })
     }
 
+    /// The CPU path's storage of the large transformer linears
+    /// ([`weights::TransformerWeights::set_precision`]; after the device is chosen).
+    pub fn set_precision(&mut self, p: weights::Precision) {
+        self.weights.set_precision(p);
+    }
+
     /// The encoder, or the one-line error of a command that needs it.
     pub fn encoder(&self) -> Result<&EncoderWeights> {
         self.encoder.as_ref().ok_or_else(|| {
@@ -125,24 +119,113 @@ impl Model {
 
     /// Parameter counts: (transformer side, decoder side incl. codebook).
     pub fn parameter_counts(&self) -> (usize, usize) {
-        let n_tokens = self.weights.n_tokens;
-        let t = crate::model::weights::expected_transformer_tensors(&self.config, n_tokens)
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
-        let d = DecoderWeights::expected_tensors(&self.config.decoder)
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
-        (t, d)
+        parameter_counts(&self.config, self.weights.n_tokens)
     }
+}
+
+/// (transformer side, decoder side incl. codebook) parameters of `cfg` with `n_tokens`.
+fn parameter_counts(cfg: &ModelConfig, n_tokens: usize) -> (usize, usize) {
+    let count = |t: Vec<(String, Vec<usize>)>| -> usize {
+        t.iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    };
+    (
+        count(crate::model::weights::expected_transformer_tensors(
+            cfg, n_tokens,
+        )),
+        count(DecoderWeights::expected_tensors(&cfg.decoder)),
+    )
+}
+
+/// A model file as its header describes it, checked against its configuration without
+/// reading a tensor's data (`checkergen inspect`; `inspect --verify` loads it instead).
+pub struct ModelHeader {
+    pub config: ModelConfig,
+    /// Scale sides, ascending.
+    pub scale_sizes: Vec<usize>,
+    /// Whether the file holds the VQ encoder.
+    pub has_encoder: bool,
+    /// Every tensor of the file, in the header's order.
+    pub tensors: Vec<HeaderEntry>,
+    /// The file's size.
+    pub file_bytes: u64,
+}
+
+impl ModelHeader {
+    /// Read and check `path`'s header: what [`Model::load`] checks short of the values
+    /// (float dtypes; offsets and sizes against the file; the configuration; the layer count;
+    /// every tensor the model needs present with its shape, the encoder's too when the file
+    /// has one), with the same errors.
+    pub fn read(path: &Path) -> Result<ModelHeader> {
+        let (tensors, meta, file_bytes) = read_model_header(path)?;
+        let check = || -> Result<ModelHeader> {
+            let config = config_from_metadata(&meta)?;
+            let shapes: BTreeMap<String, Vec<usize>> = tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect();
+            let scale_sizes = checked_pyramid(&config, shapes.keys().map(String::as_str))?;
+            let n_tokens = scale_sizes.iter().map(|s| s * s).sum();
+            let mut src = HeaderSource {
+                shapes: &shapes,
+                context: "",
+            };
+            TransformerWeights::check_source(&config, &mut src, n_tokens)?;
+            src.context = "decoder weights: ";
+            DecoderWeights::check_source(&config.decoder, &mut src)?;
+            let has_encoder = shapes
+                .keys()
+                .any(|k| k.starts_with(crate::model::encoder::ENCODER_PREFIX));
+            if has_encoder {
+                src.context = "encoder weights: ";
+                EncoderWeights::check_source(&config.decoder, &mut src)?;
+            }
+            Ok(ModelHeader {
+                config,
+                scale_sizes,
+                has_encoder,
+                tensors: tensors.clone(),
+                file_bytes,
+            })
+        };
+        check().with_context(|| format!("{}", path.display()))
+    }
+
+    /// Parameter counts: (transformer side, decoder side incl. codebook).
+    pub fn parameter_counts(&self) -> (usize, usize) {
+        parameter_counts(&self.config, self.scale_sizes.iter().map(|s| s * s).sum())
+    }
+}
+
+/// The configuration a model file's metadata holds.
+fn config_from_metadata(meta: &BTreeMap<String, String>) -> Result<ModelConfig> {
+    let json = meta.get(CONFIG_METADATA_KEY).ok_or_else(|| {
+        anyhow!(
+            "no `{CONFIG_METADATA_KEY}` in the safetensors metadata; \
+             make model files with `checkergen convert` or `checkergen init`"
+        )
+    })?;
+    serde_json::from_str(json).context("malformed configuration metadata")
+}
+
+/// Validate `config` against the file's tensor `names` (the layer count) and build its
+/// scale pyramid.
+fn checked_pyramid<'a>(
+    config: &ModelConfig,
+    names: impl Iterator<Item = &'a str>,
+) -> Result<Vec<usize>> {
+    config.validate()?;
+    check_layer_count(config, names)?;
+    scale_sizes(
+        config.latent_size(),
+        config.scale_ratio,
+        config.scale_min_size,
+    )
 }
 
 /// The configuration's layer count must equal the layers whose tensors the file holds
 /// (`llama.layers.<i>.`): a count that disagrees is named before any layer is read.
-fn check_layer_count(config: &ModelConfig, map: &TensorMap) -> Result<()> {
-    let present = map
-        .keys()
+fn check_layer_count<'a>(config: &ModelConfig, names: impl Iterator<Item = &'a str>) -> Result<()> {
+    let present = names
         .filter_map(|k| {
             k.strip_prefix("llama.layers.")?
                 .split('.')

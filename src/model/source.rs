@@ -60,14 +60,8 @@ impl Source for MapSource<'_> {
             Map::Shared(m) => m,
             Map::Owned(m) => m,
         };
-        let t = match map.get(name) {
-            None => bail!("{ctx}missing tensor `{name}` (expected shape {shape:?})"),
-            Some(t) if t.shape != shape => bail!(
-                "{ctx}tensor `{name}` has shape {:?}, expected {shape:?} for this configuration",
-                t.shape
-            ),
-            Some(t) => t,
-        };
+        check_shape(ctx, name, shape, map.get(name).map(|t| t.shape.as_slice()))?;
+        let t = &map[name];
         if t.data.len() < MOVE_MIN {
             return Ok(t.data.clone());
         }
@@ -75,6 +69,33 @@ impl Source for MapSource<'_> {
             Map::Shared(m) => m[name].data.clone(),
             Map::Owned(m) => m.remove(name).expect("present above").data,
         })
+    }
+}
+
+/// The one error of a tensor that is missing (`found` None) or has another shape.
+fn check_shape(ctx: &str, name: &str, shape: &[usize], found: Option<&[usize]>) -> Result<()> {
+    match found {
+        None => bail!("{ctx}missing tensor `{name}` (expected shape {shape:?})"),
+        Some(f) if f != shape => {
+            bail!("{ctx}tensor `{name}` has shape {f:?}, expected {shape:?} for this configuration")
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Checks each name and shape against a file's header (name -> shape) with the errors of
+/// [`MapSource`], and returns empty data: the weight builders run through it (as through a
+/// [`Recorder`]) to check a file without reading its tensors.
+pub(crate) struct HeaderSource<'a> {
+    pub(crate) shapes: &'a std::collections::BTreeMap<String, Vec<usize>>,
+    pub(crate) context: &'static str,
+}
+
+impl Source for HeaderSource<'_> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let found = self.shapes.get(name).map(Vec::as_slice);
+        check_shape(self.context, name, shape, found)?;
+        Ok(Vec::new())
     }
 }
 

@@ -33,10 +33,37 @@ pub use crate::math::normalize_rows;
 /// A linear layer, weight `[out, in]` row-major.
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// The f32 weight; empty once [`Linear::to_bf16`] has moved it to `w16`.
     pub w: Vec<f32>,
     pub b: Option<Vec<f32>>,
     pub din: usize,
     pub dout: usize,
+    /// The weight as bf16 bits (`--precision bf16` on the CPU), `[out, in]`; when present,
+    /// [`Linear::forward`] runs `math::gemm_bf16` on it.
+    pub w16: Option<Vec<u16>>,
+}
+
+/// How the CPU path stores the transformer's large linears (qkv, wo, w13, w2, the AdaLN
+/// modulation, the head): f32 (the default and the reference every golden test checks), or
+/// bf16 with f32 accumulation (`math::gemm_bf16`; about half the bytes per step). Everything
+/// else (norms, tables, the code MLP, the decoder) stays f32. The GPU path always stores
+/// these weights in bf16.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// f32 weights and arithmetic: the reference.
+    #[default]
+    F32,
+    /// bf16 weights (and activations rounded to bf16 per GEMM), f32 accumulation.
+    Bf16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
 }
 
 impl Linear {
@@ -53,18 +80,52 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { w, b, din, dout })
+        Ok(Linear::new(w, b, din, dout))
+    }
+
+    /// An f32 linear layer: `w` is `[dout, din]`.
+    pub fn new(w: Vec<f32>, b: Option<Vec<f32>>, din: usize, dout: usize) -> Linear {
+        Linear {
+            w,
+            b,
+            din,
+            dout,
+            w16: None,
+        }
     }
 
     /// y (rows x dout) = x (rows x din) W^T + b.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), rows * self.din);
-        math::linear(x, &self.w, self.b.as_deref(), rows, self.din, self.dout)
+        let b = self.b.as_deref();
+        let (din, dout) = (self.din, self.dout);
+        match &self.w16 {
+            // x rounded to bf16 per call, f32 accumulation, this CPU's best bf16 kernel.
+            Some(w16) => math::linear_with(b, rows, dout, |y, beta| {
+                let kern = math::gemm_bf16::kernel();
+                math::gemm_bf16::gemm_nt_bf16(
+                    kern, rows, dout, din, x, din, w16, din, y, dout, beta,
+                )
+            }),
+            None => math::linear(x, &self.w, b, rows, din, dout),
+        }
+    }
+
+    /// Store the weight as bf16 (round to nearest even) and free the f32 copy.
+    pub fn to_bf16(&mut self) {
+        if self.w16.is_none() {
+            self.w16 = Some(math::gemm_bf16::to_bf16(&self.w));
+            self.w = Vec::new();
+        }
     }
 
     /// Rows stacked: `[self; other]` (same input width), biases concatenated.
     fn stack(mut self, other: Linear) -> Linear {
         assert_eq!(self.din, other.din);
+        assert!(
+            self.w16.is_none() && other.w16.is_none(),
+            "stack before to_bf16"
+        );
         self.w.extend_from_slice(&other.w);
         self.b = match (self.b, other.b) {
             (Some(mut a), Some(b)) => {
@@ -327,6 +388,44 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> 
     Ok(t)
 }
 
+impl TransformerWeights {
+    /// Store the large linears (per layer qkv, wo, w13, w2 and the AdaLN modulation; the
+    /// head) in bf16 for the CPU's bf16 path ([`Precision::Bf16`]), freeing their f32 copies
+    /// (about half of those bytes). Only for the CPU backend: the GPU engine uploads from
+    /// the f32 weights, so a model is converted after its device is chosen.
+    pub fn set_precision(&mut self, p: Precision) {
+        if p == Precision::F32 {
+            assert_eq!(
+                self.precision(),
+                Precision::F32,
+                "bf16 weights cannot go back"
+            );
+            return;
+        }
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.wqkv,
+                &mut l.wo,
+                &mut l.w13,
+                &mut l.w2,
+                &mut l.modulation,
+            ] {
+                lin.to_bf16();
+            }
+        }
+        self.head.to_bf16();
+    }
+
+    /// How the large linears are stored now.
+    pub fn precision(&self) -> Precision {
+        if self.head.w16.is_some() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+}
+
 /// Columns [start, start + width) of a row-major (rows x stride) matrix.
 fn sub_cols(w: &[f32], rows: usize, stride: usize, start: usize, width: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(rows * width);
@@ -340,6 +439,18 @@ impl TransformerWeights {
     /// Validate and fold the transformer-side tensors of `map` for configuration `cfg`.
     pub fn from_tensors(cfg: &ModelConfig, map: &TensorMap, n_tokens: usize) -> Result<Self> {
         Self::from_source(cfg, &mut MapSource::new(map, ""), n_tokens)
+    }
+
+    /// Check every transformer-side tensor's name and shape (and the codebook's) through
+    /// `src`, in loading order, without folding (the header check of `inspect`).
+    pub(crate) fn check_source(
+        cfg: &ModelConfig,
+        src: &mut dyn Source,
+        n_tokens: usize,
+    ) -> Result<()> {
+        read_transformer(cfg, n_tokens, src)?;
+        src.take(CODEBOOK, &[cfg.codebook_size(), cfg.code_dim()])?;
+        Ok(())
     }
 
     /// [`Self::from_tensors`] through a map source (an owned map gives its tensors away).
@@ -431,12 +542,7 @@ impl TransformerWeights {
         TransformerWeights {
             class_embeddings: raw.class_embeddings,
             code_hidden: raw.codevec_mlp.hidden,
-            src_fold: Linear {
-                w: fold_w,
-                b: Some(fold_b),
-                din: h,
-                dout: c,
-            },
+            src_fold: Linear::new(fold_w, Some(fold_b), h, c),
             tables,
             head,
             rope_re,

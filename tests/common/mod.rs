@@ -123,6 +123,86 @@ pub fn golden_case(golden: &Path, cfg_name: &str, ratio: f64) -> GoldenCase {
     (dir, cfg, sizes, weights, meta)
 }
 
+/// The settings of golden greedy case `case` (labels from its file `st`; cfg and
+/// cfg_start_step from the configuration's config.json `meta`) at `steps` per scale,
+/// temperature 0.
+pub fn golden_greedy_options(
+    st: &safetensors::SafeTensors,
+    meta: &serde_json::Value,
+    case: &str,
+    steps: usize,
+) -> checkergen::pipeline::SampleOptions {
+    let cm = &meta["cases"][case]["case"];
+    let labels = checkergen::model::file::load_i64(st, "labels").unwrap().1;
+    let mut o =
+        checkergen::pipeline::SampleOptions::new(labels.iter().map(|&l| l as usize).collect());
+    o.cfg = cm["cfg"].as_f64().unwrap() as f32;
+    o.cfg_start_step = cm["cfg_start_step"].as_u64().unwrap() as usize;
+    o.steps = checkergen::pipeline::Steps::Uniform(steps);
+    o.policy = checkergen::sampling::TokenPolicy {
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+    };
+    o
+}
+
+/// Teacher-forced argmax against the golden greedy tokens of case file `st` at golden
+/// margins above `margin`: (agreeing, compared) over every step of `out` (logits (B, n, V)
+/// per step, recorded with the golden tokens forced). The same prefix as the golden run, so
+/// a bf16 path moves only near-ties here.
+pub fn teacher_forced_agreement(
+    st: &safetensors::SafeTensors,
+    sizes: &[usize],
+    out: &checkergen::pipeline::TokenOutput,
+    b: usize,
+    v: usize,
+    margin: f32,
+) -> (usize, usize) {
+    let (mut agree, mut total) = (0usize, 0usize);
+    for (step, l) in out.schedule.steps.iter().zip(&out.step_logits) {
+        let s = sizes[step.scale];
+        let gold = checkergen::model::file::load_i64(st, &format!("tokens_s{s}"))
+            .unwrap()
+            .1;
+        let margins = golden_f32s(st, &format!("margin_s{s}"));
+        let n = step.positions.len();
+        for bi in 0..b {
+            for (j, &p) in step.positions.iter().enumerate() {
+                let cell = bi * s * s + p;
+                if margins[cell] > margin {
+                    let row = &l[(bi * n + j) * v..(bi * n + j + 1) * v];
+                    total += 1;
+                    agree += (checkergen::sampling::argmax(row) as i64 == gold[cell]) as usize;
+                }
+            }
+        }
+    }
+    (agree, total)
+}
+
+/// GPU.md's greedy gate for a bf16 path over all golden cases, at margins above 0.05:
+/// prints `what`'s rates (`tf` teacher-forced, `free` free-running: agreeing, compared) and
+/// `detail`, then requires teacher-forced agreement above 98 % (the golden prefix, so only
+/// near-ties move) and free-running above 80 % (one flipped near-tie changes every later
+/// step, so a sanity bound only).
+pub fn greedy_gate(what: &str, tf: (usize, usize), free: (usize, usize), detail: &str) {
+    let tf_rate = tf.0 as f64 / tf.1 as f64;
+    let rate = free.0 as f64 / free.1 as f64;
+    println!(
+        "{what} greedy agreement over all golden cases: teacher-forced {}/{} = {:.3} %, \
+         free-running {}/{} = {:.3} % (margin > 0.05; required > 98 % teacher-forced); {detail}",
+        tf.0,
+        tf.1,
+        100.0 * tf_rate,
+        free.0,
+        free.1,
+        100.0 * rate
+    );
+    assert!(tf_rate > 0.98, "teacher-forced agreement {tf_rate}");
+    assert!(rate > 0.8, "free-running agreement {rate}");
+}
+
 /// An f32 tensor of a golden case file.
 pub fn golden_f32s(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
     st.tensor(name)
