@@ -487,3 +487,20 @@ pub fn refused(args: &[&str], want: &str) {
         "{args:?}: expected one line with {want:?}, got: {err}"
     );
 }
+
+/// A golden model with the VQ encoder (shared + config tensors + score/encoder_weights):
+/// what the scoring tests (CPU and GPU) load.
+pub fn golden_model_with_encoder(golden: &Path, cfg_name: &str) -> checkergen::model::Model {
+    let cfg = golden_model_config(&golden.join("public").join(cfg_name));
+    checkergen::model::Model::from_tensors(cfg, &golden_tensors_with_encoder(golden, cfg_name))
+        .unwrap()
+}
+
+/// The state dict of [`golden_model_with_encoder`].
+pub fn golden_tensors_with_encoder(golden: &Path, cfg_name: &str) -> TensorMap {
+    let mut map = golden_tensors(golden, cfg_name);
+    let (enc, _) =
+        load_safetensors(&golden.join("public/score/encoder_weights.safetensors")).unwrap();
+    map.extend(enc);
+    map
+}
