@@ -259,6 +259,14 @@ fn encode_case<T: Storage>(
             );
         }
     }
+    // A later, smaller encode (1 image at the second scale) reuses the pyramid's buffers and
+    // gives that image's z again.
+    let (s1, stride, e) = (scales[1], enc.config().stride(), model.config.code_dim());
+    let img0 = checkergen::cpu::encoder::to_planar(&images[..side * side * 3], side);
+    let x = ops::upsample_bilinear(&img0, 1, 3, side, stride * s1);
+    let z1 = enc.encode(gpu, &x, 1, stride * s1).unwrap();
+    let case = format!("{cfg_name} {} s={s1} B=1 after the pyramid", T::TAG);
+    report.rel(&case, &z1, &pyr.z[1][..e * s1 * s1], 1e-6);
     // Bad input is an error, not a panic.
     assert!(
         enc.encode_pyramid(gpu, &images[1..], b, side, scales, codebook)

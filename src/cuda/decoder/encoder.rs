@@ -32,7 +32,8 @@ use crate::model::encoder::EncoderWeights;
 use anyhow::{Context, Result, ensure};
 use std::sync::Mutex;
 
-/// Device buffers for one (batch, side).
+/// Device buffers for up to `batch` images of up to `side` x `side` (every buffer is sized by
+/// the largest activation, so smaller sides reuse it: a pyramid allocates once).
 struct Workspace<T: Storage> {
     batch: usize,
     side: usize,
@@ -153,7 +154,7 @@ impl<T: Storage> GpuEncoder<T> {
         let mut guard = self.ws.lock().unwrap();
         if !guard
             .as_ref()
-            .is_some_and(|w| w.batch == batch && w.side == side)
+            .is_some_and(|w| w.batch >= batch && w.side >= side)
         {
             *guard = None; // free the old buffers first
             *guard = Some(
@@ -165,7 +166,7 @@ impl<T: Storage> GpuEncoder<T> {
         let ws = guard.as_mut().unwrap();
         gpu.upload_into(&nhwc, &mut ws.a.t, 0)
             .context("uploading images")?;
-        self.run(gpu, ws)?;
+        self.run(gpu, ws, batch, side)?;
         let s = side / stride;
         let (n, e) = (s * s, self.cfg.embed_dim);
         let mut z = gpu.download_range(&ws.z, 0..batch * n * e)?; // (B, n, e)
@@ -212,7 +213,8 @@ impl<T: Storage> GpuEncoder<T> {
             .flat_map(|img| to_planar(img, side))
             .collect(); // (B, 3, side, side)
         let (mut zs, mut codes) = (Vec::new(), Vec::new());
-        for &s in scales {
+        // The largest scale first: its workspace then serves every smaller one.
+        for &s in scales.iter().rev() {
             let px = stride * s;
             let x = ops::upsample_bilinear(&imgs, batch, 3, side, px);
             let z = self.encode(gpu, &x, batch, px)?;
@@ -224,13 +226,15 @@ impl<T: Storage> GpuEncoder<T> {
             );
             zs.push(z);
         }
+        zs.reverse();
+        codes.reverse();
         Ok(EncodedPyramid { z: zs, codes })
     }
 
-    /// The encoder on the workspace's uploaded images (in `ws.a.t`).
-    fn run(&self, gpu: &Gpu, ws: &mut Workspace<T>) -> Result<()> {
-        let (b, k) = (ws.batch, self.conv_kernel);
-        let mut hgt = ws.side;
+    /// The encoder on the `b` images of `side` x `side` uploaded into the workspace (`ws.a.t`).
+    fn run(&self, gpu: &Gpu, ws: &mut Workspace<T>, b: usize, side: usize) -> Result<()> {
+        let k = self.conv_kernel;
+        let mut hgt = side;
         let mut cur = 0usize;
         let a = &mut ws.a;
         let none = Residual::None;
