@@ -456,7 +456,12 @@ pub fn kept_set(l: &[f32], p: &checkergen::sampling::TokenPolicy) -> Vec<bool> {
 /// Runs the checkergen binary: (exit success, stdout, stderr). A panic fails the test
 /// whatever the exit status: bad input must end in a one-line error, never a panic.
 pub fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_checkergen"))
+    // CHECKERGEN_BIN: the CLI of a GPU test bundle (scripts/gpu-bundle.sh), where cargo's
+    // build path does not exist.
+    let bin = std::env::var_os("CHECKERGEN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_checkergen")));
+    let out = std::process::Command::new(bin)
         .args(args)
         .output()
         .expect("cannot run checkergen");
