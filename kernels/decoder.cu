@@ -5,7 +5,11 @@
 //
 // 16-bit storage type T: every kernel that reads or writes 16-bit values is instantiated for
 // bf16 (__nv_bfloat16, suffix _bf16) and fp16 (__half, suffix _f16); the host picks one per
-// decoder (fp16 by default: 3 more mantissa bits, see PERF.md "VQ decoder").
+// decoder (fp16 by default: 3 more mantissa bits, see PERF.md "VQ decoder"). The kernels
+// without tensor cores are also instantiated for f32 storage (suffix _f32: conv3x3_direct,
+// conv3x3_down_direct, conv3x3_narrow, gn_apply, cast_f32, attn_softmax): the encoder's exact
+// mode (src/cuda/decoder/encoder.rs), where a near-tie of the nearest code must resolve as on
+// the CPU.
 //
 // Layouts (row-major, innermost last):
 //   activations   (B, H, W, C) NHWC: the residual stream and conv outputs f32, conv inputs
@@ -31,6 +35,11 @@
 //   stays inside one tap); any Cout (the tail tile is zero-padded). Epilogue from registers:
 //   + bias (+ residual, which may alias y: each element is read then written by one thread).
 //   launch: grid (ceil(M/128), ceil(Cout/128)), block 256.
+// conv3x3_down_{direct,tc}: the encoder's Downsample (SPEC.md section 9; cpu::ops::conv2d_down),
+//   the same two kernels instantiated with DOWN: x (B, 2H, 2W, Cin) zero-padded right and
+//   bottom by 1, 3x3 conv at stride 2 without other padding, y (B, H, W, Cout):
+//   y[b,oy,ox,co] = bias[co] + sum x[b, 2oy+ky, 2ox+kx, ci] w[co,ky,kx,ci] over taps inside
+//   the input; `upsample` must be 0. Same tiles, launch shapes and numerics as above.
 // conv3x3_narrow: the same conv for Cout <= 8 (conv_out: 3 channels, where the 128-wide N
 //   tile is >97 % padding): one thread per output pixel, all Cout channels in registers, the
 //   weights staged in 32 KiB of shared memory; same summation order as conv3x3_direct.
@@ -56,6 +65,7 @@
 // 16-bit storage helpers, overloaded for bf16 and fp16.
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(float v) { return v; }
 template <typename T>
 __device__ __forceinline__ T from_f32(float v);
 template <>
@@ -66,10 +76,32 @@ template <>
 __device__ __forceinline__ __half from_f32<__half>(float v) {
     return __float2half(v);
 }
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) {
+    return v;
+}
 __device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) {
     return ((__nv_bfloat16_raw)v).x;
 }
 __device__ __forceinline__ uint32_t bits16(__half v) { return ((__half_raw)v).x; }
+
+// Store 4 consecutive values o[0..4] as T at y[4i .. 4i+4): one 8-byte word for a 16-bit T,
+// one float4 for f32.
+__device__ __forceinline__ void store4(__nv_bfloat16* y, size_t i, const float* o) {
+    uint2 packed;
+    packed.x = bits16(from_f32<__nv_bfloat16>(o[0])) | (bits16(from_f32<__nv_bfloat16>(o[1])) << 16);
+    packed.y = bits16(from_f32<__nv_bfloat16>(o[2])) | (bits16(from_f32<__nv_bfloat16>(o[3])) << 16);
+    ((uint2*)y)[i] = packed;
+}
+__device__ __forceinline__ void store4(__half* y, size_t i, const float* o) {
+    uint2 packed;
+    packed.x = bits16(from_f32<__half>(o[0])) | (bits16(from_f32<__half>(o[1])) << 16);
+    packed.y = bits16(from_f32<__half>(o[2])) | (bits16(from_f32<__half>(o[3])) << 16);
+    ((uint2*)y)[i] = packed;
+}
+__device__ __forceinline__ void store4(float* y, size_t i, const float* o) {
+    ((float4*)y)[i] = make_float4(o[0], o[1], o[2], o[3]);
+}
 
 // ---------------------------------------------------------------------------------------------
 // 3x3 convolution
@@ -86,10 +118,17 @@ struct Conv3x3Params {
 static_assert(sizeof(Conv3x3Params) == 64, "Conv3x3Params: mirrored in src/cuda/decoder.rs");
 
 // The Cin input values conv tap (ky, kx) of output pixel (b, oy, ox) reads (the nearest x2
-// upsample folded into the indexing), or null where the tap falls in the padding.
-template <typename T>
+// upsample folded into the indexing), or null where the tap falls in the padding. DOWN: the
+// encoder's Downsample, input (2H, 2W), tap (2oy + ky, 2ox + kx), zero padding right and
+// bottom only.
+template <typename T, bool DOWN>
 __device__ __forceinline__ const T* conv_tap(const Conv3x3Params& p, int b, int oy, int ox,
                                              int ky, int kx) {
+    if (DOWN) {
+        const int iy = 2 * oy + ky, ix = 2 * ox + kx;
+        if (iy >= 2 * p.height || ix >= 2 * p.width) return nullptr;
+        return (const T*)p.x + (((size_t)b * 2 * p.height + iy) * 2 * p.width + ix) * p.cin;
+    }
     const int yy = oy + ky - 1, xx = ox + kx - 1;  // in the (upsampled) input
     if (yy < 0 || yy >= p.height || xx < 0 || xx >= p.width) return nullptr;
     const int hin = p.upsample ? p.height >> 1 : p.height;
@@ -98,7 +137,7 @@ __device__ __forceinline__ const T* conv_tap(const Conv3x3Params& p, int b, int 
     return (const T*)p.x + (((size_t)b * hin + iy) * win + ix) * p.cin;
 }
 
-template <typename T>
+template <typename T, bool DOWN>
 __device__ __forceinline__ void conv3x3_direct_impl(const Conv3x3Params& p) {
     const size_t total = (size_t)p.batch * p.height * p.width * p.cout;
     const T* w = (const T*)p.w;             // (cout, 3, 3, cin)
@@ -115,7 +154,7 @@ __device__ __forceinline__ void conv3x3_direct_impl(const Conv3x3Params& p) {
         float acc = 0.f;
         for (int ky = 0; ky < 3; ++ky) {
             for (int kx = 0; kx < 3; ++kx) {
-                const T* xp = conv_tap<T>(p, b, oy, ox, ky, kx);
+                const T* xp = conv_tap<T, DOWN>(p, b, oy, ox, ky, kx);
                 if (!xp) continue;
                 const T* wp = w + ((size_t)co * 9 + ky * 3 + kx) * p.cin;
                 for (int ci = 0; ci < p.cin; ++ci) acc += to_f32(xp[ci]) * to_f32(wp[ci]);
@@ -154,7 +193,7 @@ __device__ __forceinline__ void conv3x3_narrow_impl(const Conv3x3Params& p) {
         for (int co = 0; co < NARROW_MAX_COUT; ++co) acc[co] = 0.f;
         for (int ky = 0; ky < 3; ++ky) {
             for (int kx = 0; kx < 3; ++kx) {
-                const T* xp = conv_tap<T>(p, b, oy, ox, ky, kx);
+                const T* xp = conv_tap<T, false>(p, b, oy, ox, ky, kx);
                 if (!xp) continue;
                 const T* wt = ws + (ky * 3 + kx) * p.cin;
                 for (int ci = 0; ci < p.cin; ++ci) {
@@ -191,7 +230,7 @@ __device__ __forceinline__ uint32_t tile_off(int r, int c) {
     return (uint32_t)(r * 64 + ((c ^ ((r >> 1) & 3)) << 4));
 }
 
-template <typename T>
+template <typename T, bool DOWN>
 __device__ __forceinline__ void conv3x3_tc_impl(const Conv3x3Params& p) {
     __shared__ __align__(128) unsigned char smem[TC_STAGES * TC_STAGE_BYTES];  // 48 KiB
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -201,8 +240,8 @@ __device__ __forceinline__ void conv3x3_tc_impl(const Conv3x3Params& p) {
     const int K = 9 * p.cin;
     const int KT = K / TC_BK;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
-    const int hin = p.upsample ? p.height >> 1 : p.height;
-    const int win = p.upsample ? p.width >> 1 : p.width;
+    const int hin = DOWN ? 2 * p.height : p.upsample ? p.height >> 1 : p.height;
+    const int win = DOWN ? 2 * p.width : p.upsample ? p.width >> 1 : p.width;
     const T* x = (const T*)p.x;  // (B, hin, win, cin)
     const T* w = (const T*)p.w;  // (cout, K)
 
@@ -234,12 +273,15 @@ __device__ __forceinline__ void conv3x3_tc_impl(const Conv3x3Params& p) {
         const uint32_t sb = sa + TC_A_BYTES;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            const int yy = a_y[i] + ky - 1, xx = a_x[i] + kx - 1;
-            const bool ok = a_ok[i] && yy >= 0 && yy < p.height && xx >= 0 && xx < p.width;
+            // DOWN: input pixel (2y + ky, 2x + kx), padded right and bottom only.
+            const int yy = DOWN ? 2 * a_y[i] + ky : a_y[i] + ky - 1;
+            const int xx = DOWN ? 2 * a_x[i] + kx : a_x[i] + kx - 1;
+            const bool ok = DOWN ? a_ok[i] && yy < hin && xx < win
+                                 : a_ok[i] && yy >= 0 && yy < p.height && xx >= 0 && xx < p.width;
             const T* src = x;
             if (ok) {
-                const int iy = p.upsample ? yy >> 1 : yy;
-                const int ix = p.upsample ? xx >> 1 : xx;
+                const int iy = !DOWN && p.upsample ? yy >> 1 : yy;
+                const int ix = !DOWN && p.upsample ? xx >> 1 : xx;
                 src = x + (((size_t)a_b[i] * hin + iy) * win + ix) * p.cin + ci;
             }
             cp_async16(sa + tile_off(lr + i * 64, lc), src, ok);
@@ -442,7 +484,7 @@ __device__ __forceinline__ void gn_apply_impl(const GnApplyParams& p) {
     const unsigned per_image = (unsigned)p.hw * cols;
     for (unsigned b = blockIdx.y; b < (unsigned)p.batch; b += gridDim.y) {
         const float4* x = (const float4*)p.x + (size_t)b * per_image;
-        uint2* y = (uint2*)p.y + (size_t)b * per_image;
+        T* y = (T*)p.y + (size_t)b * per_image * 4;
         const float* ssb = p.ss + (size_t)b * p.c * 2;
         for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < per_image;
              i += gridDim.x * blockDim.x) {
@@ -454,10 +496,7 @@ __device__ __forceinline__ void gn_apply_impl(const GnApplyParams& p) {
 #pragma unroll
                 for (int j = 0; j < 4; ++j) o[j] = o[j] / (1.f + expf(-o[j]));
             }
-            uint2 packed;
-            packed.x = bits16(from_f32<T>(o[0])) | (bits16(from_f32<T>(o[1])) << 16);
-            packed.y = bits16(from_f32<T>(o[2])) | (bits16(from_f32<T>(o[3])) << 16);
-            y[i] = packed;
+            store4(y, i, o);
         }
     }
 }
@@ -587,12 +626,16 @@ __device__ __forceinline__ void dec_pixels_impl(const PixelsParams& p) {
 // registers each as a k::* constant for src/cuda/)
 // =============================================================================================
 
-extern "C" __global__ void conv3x3_direct_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void conv3x3_direct_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half>(p); }
+extern "C" __global__ void conv3x3_direct_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16, false>(p); }
+extern "C" __global__ void conv3x3_direct_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half, false>(p); }
 extern "C" __global__ void conv3x3_narrow_bf16(const Conv3x3Params p) { conv3x3_narrow_impl<__nv_bfloat16>(p); }
 extern "C" __global__ void conv3x3_narrow_f16(const Conv3x3Params p) { conv3x3_narrow_impl<__half>(p); }
-extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_bf16(const Conv3x3Params p) { conv3x3_tc_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_f16(const Conv3x3Params p) { conv3x3_tc_impl<__half>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_bf16(const Conv3x3Params p) { conv3x3_tc_impl<__nv_bfloat16, false>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_f16(const Conv3x3Params p) { conv3x3_tc_impl<__half, false>(p); }
+extern "C" __global__ void conv3x3_down_direct_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16, true>(p); }
+extern "C" __global__ void conv3x3_down_direct_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_down_tc_bf16(const Conv3x3Params p) { conv3x3_tc_impl<__nv_bfloat16, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_down_tc_f16(const Conv3x3Params p) { conv3x3_tc_impl<__half, true>(p); }
 extern "C" __global__ void gn_partial_f32(const GnPartialParams p) { gn_partial_impl(p); }
 extern "C" __global__ void gn_finalize_f32(const GnFinalizeParams p) { gn_finalize_impl(p); }
 extern "C" __global__ void gn_apply_bf16(const GnApplyParams p) { gn_apply_impl<__nv_bfloat16>(p); }
@@ -604,3 +647,9 @@ extern "C" __global__ void gather_codes_f16(const GatherCodesParams p) { gather_
 extern "C" __global__ void attn_softmax_bf16(const SoftmaxParams p) { attn_softmax_impl<__nv_bfloat16>(p); }
 extern "C" __global__ void attn_softmax_f16(const SoftmaxParams p) { attn_softmax_impl<__half>(p); }
 extern "C" __global__ void dec_pixels_f32(const PixelsParams p) { dec_pixels_impl(p); }
+extern "C" __global__ void conv3x3_direct_f32(const Conv3x3Params p) { conv3x3_direct_impl<float, false>(p); }
+extern "C" __global__ void conv3x3_down_direct_f32(const Conv3x3Params p) { conv3x3_direct_impl<float, true>(p); }
+extern "C" __global__ void conv3x3_narrow_f32(const Conv3x3Params p) { conv3x3_narrow_impl<float>(p); }
+extern "C" __global__ void gn_apply_f32(const GnApplyParams p) { gn_apply_impl<float>(p); }
+extern "C" __global__ void cast_f32_f32(const CastParams p) { cast_f32_impl<float>(p); }
+extern "C" __global__ void attn_softmax_f32(const SoftmaxParams p) { attn_softmax_impl<float>(p); }

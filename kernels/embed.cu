@@ -102,10 +102,11 @@ struct GatherParams {
     const float* src;       // (B*cells, C)
     const int* grid;        // (B, cells)
     const int *cur_global, *local, *prev_global, *prev_local;  // (n) each; prev_* unused when first
-    float* x;               // (rows*n, C)
+    float* x;               // (rows, row_stride, C): token (r, j) at row r*row_stride + row_off + j
     int rows, batch, n, c, cells, first;
+    int row_stride, row_off;  // n and 0 for a step's (rows*n, C); (1+N, off) in a whole sequence
 };
-static_assert(sizeof(GatherParams) == 120, "GatherParams: mirrored in src/cuda/embed.rs");
+static_assert(sizeof(GatherParams) == 128, "GatherParams: mirrored in src/cuda/embed.rs");
 
 __device__ __forceinline__ void gather_inputs_impl(const GatherParams& p) {
     const int t = blockIdx.x;  // token index r * n + j
@@ -123,7 +124,7 @@ __device__ __forceinline__ void gather_inputs_impl(const GatherParams& p) {
         const int tok = p.grid[(size_t)b * p.cells + p.prev_local[j]];
         prev_b = p.dc + (size_t)tok * p.c;
     }
-    float* x = p.x + (size_t)t * p.c;
+    float* x = p.x + ((size_t)r * p.row_stride + p.row_off + j) * p.c;
     for (int i = threadIdx.x; i < p.c; i += blockDim.x) {
         float v = pa[i] + src[i] + bias[i] + prev_a[i];
         if (prev_b) v += prev_b[i];

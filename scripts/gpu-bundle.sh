@@ -33,6 +33,9 @@ if [ -d "$g" ]; then
         cp "$g/public/$c/config.json" "$g/public/$c/weights_config.safetensors" \
            "$g/public/$c"/greedy_*.safetensors "$out/golden/public/$c/"
     done
+    # Scoring (tests/gpu_encoder.rs, tests/gpu_score.rs): photos, codes, losses, encoder.
+    mkdir -p "$out/golden/public/score"
+    cp "$g/public/score"/*.safetensors "$out/golden/public/score/"
 else
     echo "warning: $g not found; the bundle's golden GPU tests will skip" >&2
 fi
@@ -48,6 +51,8 @@ for z in "$here"/bin/*.gz; do
     gunzip -c "$z" > "$bin/$(basename "$z" .gz)" && chmod +x "$bin/$(basename "$z" .gz)"
 done
 export CHECKERGEN_GOLDEN="$here/golden"
+# The CLI the tests run (tests/common cli(); the build machine's path does not exist here).
+export CHECKERGEN_BIN="$bin/checkergen"
 # The tests must run on the real GPU here, never fall back to the host emulator.
 export CHECKERGEN_DEVICE=cuda
 summary=()

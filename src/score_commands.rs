@@ -89,17 +89,22 @@ fn expand_inputs(paths: &[PathBuf], side: usize) -> Result<Vec<Input>> {
     Ok(out)
 }
 
-/// Encode `items` to per-scale code grids (B, s, s) with the model's encoder; image files go
-/// through center_crop_arr when not side x side.
+/// One input's 8-bit RGB (side, side, 3): image files go through center_crop_arr when not
+/// side x side.
+fn load_rgb(item: &Input, side: usize) -> Result<Vec<u8>> {
+    Ok(match item {
+        Input::File(p) => center_crop_arr(read_image(p)?, side),
+        Input::Array(a, i) => a[*i].clone(),
+    })
+}
+
+/// Encode `items` to per-scale code grids (B, s, s) with the model's encoder on the CPU.
 fn encode_images(model: &Model, items: &[Input]) -> Result<Vec<Vec<u32>>> {
     let enc = model.encoder()?;
     let side = model.config.img_size;
     let mut tokens = vec![Vec::new(); model.scale_sizes.len()];
     for item in items {
-        let rgb = match item {
-            Input::File(p) => center_crop_arr(read_image(p)?, side),
-            Input::Array(a, i) => a[*i].clone(),
-        };
+        let rgb = load_rgb(item, side)?;
         let pyr = enc.encode_pyramid(&rgb, side, &model.scale_sizes, model.decoder.codebook());
         for (t, c) in tokens.iter_mut().zip(pyr.codes) {
             t.extend(c);
@@ -163,10 +168,80 @@ fn read_labels(a: &ScoreArgs) -> Result<Vec<usize>> {
     }
 }
 
-pub fn score(a: ScoreArgs) -> Result<()> {
-    if a.device == Device::Cuda {
-        bail!("--device cuda: scoring is not yet on the GPU; use --device cpu");
+/// Where `score` runs: the CPU reference, or the GPU engine (transformer) with the GPU encoder.
+enum Scorer {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Gpu(
+        Box<checkergen::cuda::engine::GpuModel>,
+        Box<checkergen::cuda::decoder::GpuEncoder>,
+    ),
+}
+
+impl Scorer {
+    fn new(device: Device, model: &mut Model) -> Result<Scorer> {
+        // Scoring is the f32 reference on the CPU (no --precision).
+        let precision = crate::commands::PrecisionArgs { precision: None };
+        let (gm, _) = crate::commands::pick_gpu_model(device, precision, model)?;
+        #[cfg(feature = "cuda")]
+        if let Some(gm) = gm {
+            let enc = checkergen::cuda::decoder::GpuEncoder::new(&gm.gpu, model.encoder()?)
+                .context("cannot put the encoder on the device")?;
+            return Ok(Scorer::Gpu(Box::new(gm), Box::new(enc)));
+        }
+        let _ = gm;
+        Ok(Scorer::Cpu)
     }
+
+    /// Per-scale code grids (B, s, s) of `items`.
+    fn encode(&self, model: &Model, items: &[Input]) -> Result<Vec<Vec<u32>>> {
+        match self {
+            Scorer::Cpu => encode_images(model, items),
+            #[cfg(feature = "cuda")]
+            Scorer::Gpu(gm, enc) => {
+                let side = model.config.img_size;
+                let mut rgb = Vec::with_capacity(items.len() * side * side * 3);
+                for item in items {
+                    rgb.extend(load_rgb(item, side)?);
+                }
+                let codebook = model.decoder.codebook();
+                let pyr = enc.encode_pyramid(
+                    &gm.gpu,
+                    &rgb,
+                    items.len(),
+                    side,
+                    &model.scale_sizes,
+                    codebook,
+                )?;
+                Ok(pyr.codes)
+            }
+        }
+    }
+
+    fn score(
+        &self,
+        model: &Model,
+        labels: &[usize],
+        tokens: &[Vec<u32>],
+        stats: &mut ScoreStats,
+    ) -> Result<()> {
+        let k = stats.steps_per_scale;
+        match self {
+            Scorer::Cpu => score_codes(model, labels, tokens, k, stats),
+            #[cfg(feature = "cuda")]
+            Scorer::Gpu(gm, _) => checkergen::cuda::score::score_codes(
+                gm,
+                &model.scale_sizes,
+                labels,
+                tokens,
+                k,
+                stats,
+            ),
+        }
+    }
+}
+
+pub fn score(a: ScoreArgs) -> Result<()> {
     let labels = read_labels(&a)?;
     if a.batch_size == 0 || a.batch_size > checkergen::limits::MAX_IMAGES {
         bail!(
@@ -175,7 +250,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
             a.batch_size
         );
     }
-    let model = Model::load(&a.model)?;
+    let mut model = Model::load(&a.model)?;
     model.encoder()?;
     let items = expand_inputs(&a.images, model.config.img_size)?;
     if labels.len() != items.len() {
@@ -192,6 +267,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
             nc - 1
         );
     }
+    let scorer = Scorer::new(a.device, &mut model)?;
     let mut stats = a
         .steps_per_scale
         .iter()
@@ -206,10 +282,10 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     let mut t_enc = 0.0;
     for (batch, lab) in items.chunks(a.batch_size).zip(labels.chunks(a.batch_size)) {
         let te = Instant::now();
-        let tokens = encode_images(&model, batch)?;
+        let tokens = scorer.encode(&model, batch)?;
         t_enc += te.elapsed().as_secs_f64();
         for st in &mut stats {
-            score_codes(&model, lab, &tokens, st.steps_per_scale, st)?;
+            scorer.score(&model, lab, &tokens, st)?;
         }
     }
     let secs = t.elapsed().as_secs_f64();

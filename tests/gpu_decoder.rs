@@ -12,7 +12,7 @@ use checkergen::cpu::ops::{self, pixels as to_pixels_u8};
 use checkergen::cuda::Gpu;
 use checkergen::cuda::decoder::{
     self as gd, AttnScratch, AttnWeights, ConvKernel, ConvWeights, GnScratch, GnWeights,
-    GpuDecoder, Precision, Residual, Storage,
+    GpuDecoder, Precision, Resample, Residual, Storage,
 };
 use checkergen::model::config::DecoderConfig;
 use checkergen::model::decoder::{Conv, DecoderWeights, GroupNorm as HostGroupNorm};
@@ -382,7 +382,8 @@ fn conv3x3_case<T: Storage>(
         };
         gpu.sync().unwrap();
         let t0 = Instant::now();
-        gd::conv3x3(gpu, kernel, &conv, &dx, &mut y, r, batch, h, w, up).unwrap();
+        let mode = if up { Resample::Up } else { Resample::Same };
+        gd::conv3x3(gpu, kernel, &conv, &dx, &mut y, r, batch, h, w, mode).unwrap();
         gpu.sync().unwrap();
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let got = gpu.download(&y).unwrap();

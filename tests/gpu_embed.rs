@@ -161,6 +161,10 @@ fn gather_case(gpu: &Gpu, first: bool, seed: u64) -> (Vec<f32>, Vec<f32>) {
         .upload(&grid.iter().map(|&t| t as i32).collect::<Vec<_>>())
         .unwrap();
     let mut x = gpu.upload(&vec![f32::NAN; rows * n * c]).unwrap();
-    embed::gather_inputs(gpu, &dt, &dsrc, &dgrid, &idx, &mut x, rows, batch, n, cells).unwrap();
+    let at = embed::SeqRows::step(n);
+    embed::gather_inputs(
+        gpu, &dt, &dsrc, &dgrid, &idx, &mut x, rows, batch, n, cells, at,
+    )
+    .unwrap();
     (gpu.download(&x).unwrap(), want)
 }

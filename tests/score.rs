@@ -8,7 +8,7 @@ mod common;
 use checkergen::cpu::sample_tokens;
 use checkergen::cpu::score::{ScoreStats, masked_logits, score_codes};
 use checkergen::model::Model;
-use checkergen::model::file::{load_i64, load_safetensors};
+use checkergen::model::file::load_i64;
 use checkergen::order::Schedule;
 use checkergen::pipeline::{SampleOptions, Steps};
 use safetensors::SafeTensors;
@@ -20,11 +20,7 @@ const LOGIT_REL_TOL: f64 = 1e-5;
 
 /// A golden model with the encoder: shared + config tensors + encoder_weights.
 fn golden_model(g: &Path, cfg_name: &str) -> Model {
-    let cfg = common::golden_model_config(&g.join("public").join(cfg_name));
-    let mut map = common::golden_tensors(g, cfg_name);
-    let (enc, _) = load_safetensors(&g.join("public/score/encoder_weights.safetensors")).unwrap();
-    map.extend(enc);
-    Model::from_tensors(cfg, &map).unwrap()
+    common::golden_model_with_encoder(g, cfg_name)
 }
 
 struct Golden {
@@ -411,19 +407,6 @@ fn bad_score_input_fails_in_one_line() {
             "no VQ encoder",
         ),
         (
-            vec![
-                "score",
-                "--model",
-                s(&model),
-                s(&a),
-                "--labels",
-                "1",
-                "--device",
-                "cuda",
-            ],
-            "not yet on the GPU",
-        ),
-        (
             vec!["encode", "--model", s(&bare), s(&a), "--out", s(&codes)],
             "no VQ encoder",
         ),
@@ -446,6 +429,22 @@ fn bad_score_input_fails_in_one_line() {
         let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
         assert_eq!(lines.len(), 1, "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // --device cuda on a machine without a GPU: one line (with one, tests/gpu_score.rs scores
+    // on it).
+    #[cfg(feature = "cuda")]
+    if checkergen::cuda::Gpu::try_new().ok().flatten().is_none() {
+        let args = [
+            "score",
+            "--model",
+            s(&model),
+            s(&a),
+            "--labels",
+            "1",
+            "--device",
+            "cuda",
+        ];
+        common::refused(&args, "no CUDA driver or GPU");
     }
     // Sampling a file without the encoder still works.
     let (ok, _, err) = cli(&[

@@ -19,7 +19,8 @@ use crate::cpu::ops;
 use crate::model::encoder::EncoderWeights;
 use rayon::prelude::*;
 
-/// One image's encoding at every scale of a pyramid.
+/// One image's encoding at every scale of a pyramid (`cuda::decoder::GpuEncoder` fills it
+/// for a batch: the images' layouts one after another).
 pub struct EncodedPyramid {
     /// Per scale: (e, s, s) normalized code vectors (before quantization).
     pub z: Vec<Vec<f32>>,
@@ -86,13 +87,7 @@ impl EncoderWeights {
             side * side * 3,
             "encode: image must be (H, W, 3)"
         );
-        let n = side * side;
-        let mut img = vec![0.0f32; 3 * n]; // (3, H, W)
-        for (p, px) in rgb.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                img[c * n + p] = (px[c] as f32 / 255.0 - 0.5) / 0.5;
-            }
-        }
+        let img = to_planar(rgb, side);
         let stride = self.cfg.stride();
         let e = self.cfg.embed_dim;
         let (mut zs, mut codes) = (Vec::new(), Vec::new());
@@ -105,6 +100,19 @@ impl EncoderWeights {
         }
         EncodedPyramid { z: zs, codes }
     }
+}
+
+/// One 8-bit RGB image `(H, W, 3)` (H = W = `side`) to float `(3, H, W)` by (x / 255 - 0.5) / 0.5.
+pub fn to_planar(rgb: &[u8], side: usize) -> Vec<f32> {
+    let n = side * side;
+    assert_eq!(rgb.len(), 3 * n, "encode: image must be (H, W, 3)");
+    let mut img = vec![0.0f32; 3 * n]; // (3, H, W)
+    for (p, px) in rgb.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            img[c * n + p] = (px[c] as f32 / 255.0 - 0.5) / 0.5;
+        }
+    }
+    img
 }
 
 /// Nearest codebook row (Euclidean distance, f64, lowest index on a tie) of each of the `n`

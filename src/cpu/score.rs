@@ -134,7 +134,9 @@ pub fn masked_logits(
     Ok(out)
 }
 
-fn check_inputs(
+/// The one check of a scoring batch (labels, code grids per scale, code range) for both
+/// backends: a clear error, never a panic.
+pub fn check_inputs(
     cfg: &ModelConfig,
     schedule: &Schedule,
     labels: &[usize],
@@ -178,24 +180,42 @@ pub fn score_codes(
     let (cfg, v) = (&model.config, model.config.codebook_size());
     let schedule = Schedule::uniform(&model.scale_sizes, steps_per_scale)?;
     let logits = masked_logits(cfg, &model.weights, &schedule, labels, tokens)?;
-    let (b, n) = (labels.len(), schedule.total_tokens());
-    for bi in 0..b {
-        let mut k = 0;
-        for step in &schedule.steps {
-            let si = step.scale;
-            let cells = schedule.scales[si].size.pow(2);
-            for &p in &step.positions {
-                let row = &logits[(bi * n + k) * v..][..v];
-                let truth = tokens[si][bi * cells + p] as usize;
-                let (nll, top) = cross_entropy(row, truth);
-                stats.nll_sum[si] += nll;
-                stats.top1_hits[si] += usize::from(top == truth);
-                k += 1;
+    stats.add(&schedule, &logits, tokens, v)
+}
+
+impl ScoreStats {
+    /// Add one batch: `logits (B, N, V)` of every position in schedule order (as
+    /// [`masked_logits`] returns them) against the true codes `tokens` (per scale (B, s, s)).
+    pub fn add(
+        &mut self,
+        schedule: &Schedule,
+        logits: &[f32],
+        tokens: &[Vec<u32>],
+        v: usize,
+    ) -> Result<()> {
+        let n = schedule.total_tokens();
+        let b = logits.len() / (n * v).max(1);
+        if logits.len() != b * n * v || self.scale_sizes != schedule.scale_sizes() {
+            bail!("score: logits or schedule do not match the statistics");
+        }
+        for bi in 0..b {
+            let mut k = 0;
+            for step in &schedule.steps {
+                let si = step.scale;
+                let cells = schedule.scales[si].size.pow(2);
+                for &p in &step.positions {
+                    let row = &logits[(bi * n + k) * v..][..v];
+                    let truth = tokens[si][bi * cells + p] as usize;
+                    let (nll, top) = cross_entropy(row, truth);
+                    self.nll_sum[si] += nll;
+                    self.top1_hits[si] += usize::from(top == truth);
+                    k += 1;
+                }
             }
         }
+        self.images += b;
+        Ok(())
     }
-    stats.images += b;
-    Ok(())
 }
 
 /// -ln softmax(row)[truth] (f64 log-sum-exp) and the argmax (lowest index on a tie).

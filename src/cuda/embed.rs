@@ -113,7 +113,7 @@ pub fn codevec_hidden(
 
 kernel_params! {
     /// The parameters of kernels/embed.cu's `GatherParams`.
-    struct GatherParams[120] {
+    struct GatherParams[128] {
         pa: u64,
         pc: u64,
         dc: u64,
@@ -132,6 +132,8 @@ kernel_params! {
         c: i32,
         cells: i32,
         first: i32,
+        row_stride: i32,
+        row_off: i32,
     }
 }
 
@@ -164,7 +166,26 @@ pub struct StepIndex {
     pub n: usize,
 }
 
-/// `x (rows*n, C)` for one step: folded tables + this scale's SRC rows + previous block.
+/// Where [`gather_inputs`] puts a step's tokens: token j of row r at row
+/// `r * stride + off + j` of x.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqRows {
+    /// Tokens per sequence row in x (n for one step; 1 + N for a whole teacher-forced sequence).
+    pub stride: usize,
+    /// The step's first token within its row.
+    pub off: usize,
+}
+
+impl SeqRows {
+    /// One step's `(rows * n, C)`: the sampler's layout.
+    pub fn step(n: usize) -> SeqRows {
+        SeqRows { stride: n, off: 0 }
+    }
+}
+
+/// One step's inputs (folded tables + this scale's SRC rows + previous block) into
+/// `x (rows, at.stride, C)` at the step's place `at`: `SeqRows::step(n)` for the sampler's
+/// `(rows*n, C)`; the teacher-forced pass (cuda::score) gathers every step into one sequence.
 #[allow(clippy::too_many_arguments)]
 pub fn gather_inputs(
     gpu: &Gpu,
@@ -177,10 +198,16 @@ pub fn gather_inputs(
     batch: usize,
     n: usize,
     cells: usize,
+    at: SeqRows,
 ) -> Result<()> {
     ensure!(
-        rows.is_multiple_of(batch) && x.len() >= rows * n * t.c,
+        rows.is_multiple_of(batch) && at.off + n <= at.stride && x.len() >= rows * at.stride * t.c,
         "gather shapes"
+    );
+    ensure!(
+        at.stride <= i32::MAX as usize,
+        "gather: sequence of {} tokens too long",
+        at.stride
     );
     ensure!(
         src.len() >= batch * cells * t.c && grid.len() >= batch * cells,
@@ -209,6 +236,8 @@ pub fn gather_inputs(
         c: t.c as i32,
         cells: cells as i32,
         first: idx.prev_global.is_none() as i32,
+        row_stride: at.stride as i32,
+        row_off: at.off as i32,
     };
     gpu.launch_256(k::GATHER_INPUTS_F32, ((rows * n) as u32, 1, 1), &p)
 }

@@ -31,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 /// What a plan signature gains when the loop ends with the decode of a scale.
 const DECODE_SIG: &str = "; decode scale ";
 
-fn to_bf16(v: &[f32]) -> Vec<bf16> {
+pub(super) fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
@@ -54,22 +54,22 @@ pub struct GpuModel {
     /// The VQ decoder on the device.
     pub decoder: super::decoder::GpuDecoder,
     layers: Vec<GpuLayer>,
-    final_norm: DevBuf<f32>,
-    head: DevBuf<bf16>,   // (V, C)
-    head_b: DevBuf<f32>,  // (V)
-    rope_re: DevBuf<f32>, // (N+2, D)
+    pub(super) final_norm: DevBuf<f32>,
+    pub(super) head: DevBuf<bf16>,  // (V, C)
+    pub(super) head_b: DevBuf<f32>, // (V)
+    rope_re: DevBuf<f32>,           // (N+2, D)
     rope_im: DevBuf<f32>,
     /// sigmoid(mixing_coeffs) (num_mixing_layers, H).
     mix: DevBuf<f32>,
     /// Attention kernel version (tensor cores by default; v1 is the on-device reference).
     pub attention_impl: attention::AttentionImpl,
-    tables: InputTables,
+    pub(super) tables: InputTables,
     mlp: CodevecMlp,
     srcfold: DevBuf<bf16>,  // (C, 64) = Wb Wsrc W4
     srcfold_b: DevBuf<f32>, // (C)
     codebook: DevBuf<f32>,  // (V, e)
     /// Host copy of the class embeddings (num_classes+1, C), for prefill and AdaLN inputs.
-    class_emb: Vec<f32>,
+    pub(super) class_emb: Vec<f32>,
     /// The class token's RoPE row (N) for both positions.
     class_rope: DevBuf<i32>,
     /// The buffers of the last batch shape, reused by the next batch of the same shape.
@@ -160,49 +160,49 @@ impl GpuModel {
 }
 
 /// Buffers of one batch, allocated once in `begin`.
-struct Batch {
-    b: usize,
-    rows: usize,
-    cap: usize,
-    len: usize,
-    x: DevBuf<f32>,        // (rows*nmax, C)
-    a: DevBuf<bf16>,       // (rows*nmax, C)
-    qkv: DevBuf<bf16>,     // (rows*nmax, 3C)
-    q: DevBuf<bf16>,       // (rows, H, nmax, D)
-    o: DevBuf<bf16>,       // (rows*nmax, C)
-    g: DevBuf<bf16>,       // (rows*nmax, 2F)
-    h: DevBuf<bf16>,       // (rows*nmax, F)
-    logits: DevBuf<f32>,   // (rows*nmax, V)
-    kc: Vec<DevBuf<bf16>>, // per layer (rows, H, cap, D)
-    vc: Vec<DevBuf<bf16>>,
-    modulation: Vec<DevBuf<f32>>, // per layer (rows, 4C)
-    grids: Vec<DevBuf<i32>>,      // per scale (B, s*s)
-    forced: Vec<Option<DevBuf<i32>>>,
+pub(super) struct Batch {
+    pub(super) b: usize,
+    pub(super) rows: usize,
+    pub(super) cap: usize,
+    pub(super) len: usize,
+    pub(super) x: DevBuf<f32>,        // (rows*nmax, C)
+    pub(super) a: DevBuf<bf16>,       // (rows*nmax, C)
+    pub(super) qkv: DevBuf<bf16>,     // (rows*nmax, 3C)
+    pub(super) q: DevBuf<bf16>,       // (rows, H, nmax, D)
+    pub(super) o: DevBuf<bf16>,       // (rows*nmax, C)
+    pub(super) g: DevBuf<bf16>,       // (rows*nmax, 2F)
+    pub(super) h: DevBuf<bf16>,       // (rows*nmax, F)
+    pub(super) logits: DevBuf<f32>,   // (rows*nmax, V)
+    pub(super) kc: Vec<DevBuf<bf16>>, // per layer (rows, H, cap, D)
+    pub(super) vc: Vec<DevBuf<bf16>>,
+    pub(super) modulation: Vec<DevBuf<f32>>, // per layer (rows, 4C)
+    pub(super) grids: Vec<DevBuf<i32>>,      // per scale (B, s*s)
+    pub(super) forced: Vec<Option<DevBuf<i32>>>,
     /// Per scale, (prob, entropy) (B, s*s) when the steps record statistics (allocated on
     /// the scale's first such step, NaN-filled there).
-    stats: Vec<Option<(DevBuf<f32>, DevBuf<f32>)>>,
-    z0: DevBuf<f32>,     // (B*maxcells, e)
-    hid: DevBuf<bf16>,   // (B*maxcells, 64)
-    src: DevBuf<f32>,    // (B*maxcells, C)
-    tokens: DevBuf<i32>, // (B, nmax)
-    act: DevBuf<bf16>,   // (rows, C) silu(class embedding): the AdaLN GEMMs' input
-    run: DevBuf<u64>,    // (2) {seed, image0}, read by guided_sample (a replay gets new ones)
+    pub(super) stats: Vec<Option<(DevBuf<f32>, DevBuf<f32>)>>,
+    pub(super) z0: DevBuf<f32>,     // (B*maxcells, e)
+    pub(super) hid: DevBuf<bf16>,   // (B*maxcells, 64)
+    pub(super) src: DevBuf<f32>,    // (B*maxcells, C)
+    pub(super) tokens: DevBuf<i32>, // (B, nmax)
+    pub(super) act: DevBuf<bf16>,   // (rows, C) silu(class embedding): the AdaLN GEMMs' input
+    pub(super) run: DevBuf<u64>, // (2) {seed, image0}, read by guided_sample (a replay gets new ones)
     /// Timestamps of the loop: 0 start, 1 after the prefill, 2 + t after step t, then one
     /// after the in-loop decode.
-    marks: Marks,
+    pub(super) marks: Marks,
     /// The decode of the planned scale ([`LoopPlan::decode`]) when it fits one launch
     /// sequence: enqueued at the end of the loop (inside its graph), read by `decode`.
-    dec: Option<DecodeBuffers>,
+    pub(super) dec: Option<DecodeBuffers>,
     /// A capture with timestamps in it failed once: later captures leave them out (the loop
     /// is then untimed when replayed) before a signature is given up.
-    untimed_graphs: bool,
+    pub(super) untimed_graphs: bool,
     /// Recorded loops of this batch's buffers, by plan signature ([`LoopPlan`]); a graph
     /// lives exactly as long as the buffers it launches on.
-    graphs: HashMap<String, (Graph, bool)>, // (graph, timestamps recorded in it)
+    pub(super) graphs: HashMap<String, (Graph, bool)>, // (graph, timestamps recorded in it)
     /// Signatures that ran eagerly once (the warm-up before a capture), or whose capture
     /// failed (never tried again).
-    warm: HashSet<String>,
-    failed: HashSet<String>,
+    pub(super) warm: HashSet<String>,
+    pub(super) failed: HashSet<String>,
 }
 
 impl Batch {
@@ -278,13 +278,16 @@ impl<'m> GpuBackend<'m> {
 }
 
 impl GpuModel {
-    /// Run `n` tokens per row (inputs already in `bt.x`) through every layer, appending K/V at `bt.len`. `cur`/`prev` are the tokens' RoPE rows.
-    fn forward(
+    /// Run `n` tokens per row (inputs already in `bt.x`) through every layer, appending K/V at
+    /// `bt.len`. `cur`/`prev` are the tokens' RoPE rows; `mask`: the block-causal mask of the
+    /// teacher-forced pass (cuda::score), None when sampling.
+    pub(super) fn forward(
         &self,
         bt: &mut Batch,
         n: usize,
         cur: &DevBuf<i32>,
         prev: &DevBuf<i32>,
+        mask: Option<attention::BlockMask<'_>>,
     ) -> Result<()> {
         let g = &self.gpu;
         let cfg = &self.cfg;
@@ -335,7 +338,7 @@ impl GpuModel {
                 &bt.q,
                 &bt.kc[l],
                 &bt.vc[l],
-                None,
+                mask,
                 &mut bt.o,
                 shape,
             )?;
@@ -365,46 +368,38 @@ impl GpuModel {
     /// W_post]^T + b, (rows, 4C) per layer, from `bt.act`, then the class token (its input
     /// class_embeddings[label] already in `bt.x`; RoPE row N for both positions).
     fn prefill(&self, bt: &mut Batch) -> Result<()> {
+        self.modulate(bt)?;
+        self.forward(bt, 1, &self.class_rope, &self.class_rope, None)
+    }
+
+    /// The AdaLN modulations of every layer from `bt.act` (see [`GpuModel::prefill`]).
+    pub(super) fn modulate(&self, bt: &mut Batch) -> Result<()> {
         let (g, c) = (&self.gpu, self.cfg.hidden_size);
         for (lw, md) in self.layers.iter().zip(bt.modulation.iter_mut()) {
             linear(g, &bt.act, 0, &lw.mod_w, md, 0, bt.rows, c, 4 * c, 0.0)?;
             add_bias_f32(g, md, &lw.mod_b, bt.rows, 4 * c)?;
         }
-        self.forward(bt, 1, &self.class_rope, &self.class_rope)
-    }
-}
-
-impl GpuBackend<'_> {
-    /// During a capture, turn a failure into [`GraphCaptureFailed`] after ending the capture
-    /// (the stream must leave capture mode) and never capturing this plan again; the
-    /// pipeline then reruns the loop eagerly.
-    fn guard<T>(&mut self, r: Result<T>) -> Result<T> {
-        match (&r, &self.mode) {
-            (Err(e), Mode::Capture(sig)) => {
-                let msg = format!("{e:#}");
-                if let Some(bt) = self.batch.as_mut() {
-                    bt.capture_failed(sig);
-                }
-                self.mode = Mode::Eager;
-                let _ = self.m.gpu.end_capture();
-                Err(GraphCaptureFailed(msg).into())
-            }
-            _ => r,
-        }
+        Ok(())
     }
 
-    /// Allocate every buffer of a batch of `b` images (`rows` sequence rows).
-    fn allocate(&self, schedule: &Schedule, b: usize, rows: usize) -> Result<Batch> {
-        let m = self.m;
-        let g = &m.gpu;
-        let cfg = &m.cfg;
+    /// Allocate every buffer of a batch of `b` images (`rows` sequence rows), with room for
+    /// `nmax` tokens per row in one forward (the largest block when sampling; the whole
+    /// sequence when scoring).
+    pub(super) fn allocate(
+        &self,
+        schedule: &Schedule,
+        b: usize,
+        rows: usize,
+        nmax: usize,
+    ) -> Result<Batch> {
+        let g = &self.gpu;
+        let cfg = &self.cfg;
         let (c, f, v, e) = (
             cfg.hidden_size,
             cfg.ffn_dim,
             cfg.codebook_size(),
             cfg.code_dim(),
         );
-        let nmax = schedule.max_block();
         let cap = 1 + schedule.total_tokens();
         let maxcells = schedule.scales.iter().map(|s| s.tokens).max().unwrap_or(1);
         let ctx = || format!("allocating GPU buffers for {rows} rows");
@@ -454,10 +449,10 @@ impl GpuBackend<'_> {
         Ok(bt)
     }
 
-    /// Upload the per-step index arrays of a schedule.
-    fn upload_steps(&mut self, schedule: &Schedule) -> Result<()> {
-        let g = &self.m.gpu;
-        self.steps.clear();
+    /// The per-step index arrays of a schedule, uploaded.
+    pub(super) fn step_indices(&self, schedule: &Schedule) -> Result<Vec<StepIndex>> {
+        let g = &self.gpu;
+        let mut steps = Vec::with_capacity(schedule.steps.len());
         let n_total = schedule.total_tokens() as i32;
         for st in &schedule.steps {
             let sc = &schedule.scales[st.scale];
@@ -472,7 +467,7 @@ impl GpuBackend<'_> {
                 Some(q) => gl(q),
                 None => vec![n_total + 1; st.positions.len()],
             };
-            self.steps.push(StepIndex {
+            steps.push(StepIndex {
                 cur_global: g.upload(&cur)?,
                 local: g.upload(&loc(&st.positions))?,
                 prev_rope: g.upload(&prev_rope)?,
@@ -481,7 +476,70 @@ impl GpuBackend<'_> {
                 n: st.positions.len(),
             });
         }
-        Ok(())
+        Ok(steps)
+    }
+
+    /// Scale `si`'s source embeddings `bt.src (B, s*s, C)`: z0 from the previous scale's grid
+    /// `bt.grids[si - 1]` (zeros on scale 0), the code MLP, the folded source linear.
+    pub(super) fn scale_sources(
+        &self,
+        bt: &mut Batch,
+        schedule: &Schedule,
+        si: usize,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let (c, e) = (self.cfg.hidden_size, self.cfg.code_dim());
+        let s = schedule.scales[si].size;
+        let cells = bt.b * s * s;
+        if si == 0 {
+            g.memset_zeros(&mut bt.z0)?;
+        } else {
+            let sp = schedule.scales[si - 1].size;
+            embed::upsample_codes(
+                g,
+                &bt.grids[si - 1],
+                &self.codebook,
+                &mut bt.z0,
+                bt.b,
+                sp,
+                s,
+                e,
+            )?;
+        }
+        embed::codevec_hidden(g, &self.mlp, &bt.z0, &mut bt.hid, cells)?;
+        linear(
+            g,
+            &bt.hid,
+            0,
+            &self.srcfold,
+            &mut bt.src,
+            0,
+            cells,
+            64,
+            c,
+            0.0,
+        )?;
+        add_bias_f32(g, &mut bt.src, &self.srcfold_b, cells, c)
+    }
+}
+
+impl GpuBackend<'_> {
+    /// During a capture, turn a failure into [`GraphCaptureFailed`] after ending the capture
+    /// (the stream must leave capture mode) and never capturing this plan again; the
+    /// pipeline then reruns the loop eagerly.
+    fn guard<T>(&mut self, r: Result<T>) -> Result<T> {
+        match (&r, &self.mode) {
+            (Err(e), Mode::Capture(sig)) => {
+                let msg = format!("{e:#}");
+                if let Some(bt) = self.batch.as_mut() {
+                    bt.capture_failed(sig);
+                }
+                self.mode = Mode::Eager;
+                let _ = self.m.gpu.end_capture();
+                Err(GraphCaptureFailed(msg).into())
+            }
+            _ => r,
+        }
     }
 }
 
@@ -520,8 +578,8 @@ impl Backend for GpuBackend<'_> {
                 bt
             }
             _ => {
-                let bt = self.allocate(schedule, b, rows)?;
-                self.upload_steps(schedule)?;
+                let bt = m.allocate(schedule, b, rows, schedule.max_block())?;
+                self.steps = m.step_indices(schedule)?;
                 bt
             }
         };
@@ -736,30 +794,8 @@ impl GpuBackend<'_> {
     /// Start scale `si` (enqueued): z0 from the previous scale's grid, and its source
     /// embeddings.
     fn enqueue_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()> {
-        let m = self.m;
-        let g = &m.gpu;
         let bt = self.batch.as_mut().expect("begin() not called");
-        let (c, e) = (m.cfg.hidden_size, m.cfg.code_dim());
-        let s = schedule.scales[si].size;
-        let cells = bt.b * s * s;
-        if si == 0 {
-            g.memset_zeros(&mut bt.z0)?;
-        } else {
-            let sp = schedule.scales[si - 1].size;
-            embed::upsample_codes(
-                g,
-                &bt.grids[si - 1],
-                &m.codebook,
-                &mut bt.z0,
-                bt.b,
-                sp,
-                s,
-                e,
-            )?;
-        }
-        embed::codevec_hidden(g, &m.mlp, &bt.z0, &mut bt.hid, cells)?;
-        linear(g, &bt.hid, 0, &m.srcfold, &mut bt.src, 0, cells, 64, c, 0.0)?;
-        add_bias_f32(g, &mut bt.src, &m.srcfold_b, cells, c)
+        self.m.scale_sources(bt, schedule, si)
     }
 
     /// One serial step, enqueued (and synchronized in eager mode).
@@ -798,8 +834,9 @@ impl GpuBackend<'_> {
             bt.b,
             n,
             cells,
+            embed::SeqRows::step(n),
         )?;
-        m.forward(bt, n, &idx.cur_global, &idx.prev_rope)?;
+        m.forward(bt, n, &idx.cur_global, &idx.prev_rope, None)?;
         let knobs = ch.knobs(bt.b, v, cells, self.guided, step.t);
         // The head only on the rows the choice reads: without guidance at this step (t <
         // cfg_start_step) the unconditional rows' logits would be discarded. Its bias is added

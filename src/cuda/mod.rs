@@ -37,6 +37,7 @@ pub mod engine;
 pub mod gemm;
 pub mod norm;
 pub mod sampling;
+pub mod score;
 
 pub use device::{
     DevBuf, DevElem, DeviceChoice, Gpu, Graph, Marks, THREADS, row_grid, stride_grid,

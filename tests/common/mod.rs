@@ -551,7 +551,12 @@ pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> std::process::Outp
 /// Runs the checkergen binary: (exit success, stdout, stderr). A panic fails the test
 /// whatever the exit status: bad input must end in a one-line error, never a panic.
 pub fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_checkergen"))
+    // CHECKERGEN_BIN: the CLI of a GPU test bundle (scripts/gpu-bundle.sh), where cargo's
+    // build path does not exist.
+    let bin = std::env::var_os("CHECKERGEN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_checkergen")));
+    let out = std::process::Command::new(bin)
         .args(args)
         .output()
         .expect("cannot run checkergen");
@@ -581,4 +586,21 @@ pub fn refused(args: &[&str], want: &str) {
         err.trim().lines().count() == 1 && err.contains(want),
         "{args:?}: expected one line with {want:?}, got: {err}"
     );
+}
+
+/// A golden model with the VQ encoder (shared + config tensors + score/encoder_weights):
+/// what the scoring tests (CPU and GPU) load.
+pub fn golden_model_with_encoder(golden: &Path, cfg_name: &str) -> checkergen::model::Model {
+    let cfg = golden_model_config(&golden.join("public").join(cfg_name));
+    checkergen::model::Model::from_tensors(cfg, &golden_tensors_with_encoder(golden, cfg_name))
+        .unwrap()
+}
+
+/// The state dict of [`golden_model_with_encoder`].
+pub fn golden_tensors_with_encoder(golden: &Path, cfg_name: &str) -> TensorMap {
+    let mut map = golden_tensors(golden, cfg_name);
+    let (enc, _) =
+        load_safetensors(&golden.join("public/score/encoder_weights.safetensors")).unwrap();
+    map.extend(enc);
+    map
 }

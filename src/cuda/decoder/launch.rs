@@ -30,6 +30,7 @@ const NARROW_MAX_COUT: usize = 8;
 const NARROW_W_BYTES: usize = 32768;
 
 /// What a conv epilogue adds after the bias.
+#[derive(Clone, Copy)]
 pub enum Residual<'a> {
     None,
     /// `y += conv(x) + bias`: the output buffer already holds the residual.
@@ -38,9 +39,22 @@ pub enum Residual<'a> {
     Add(&'a DevBuf<f32>),
 }
 
-/// `y (B, H, W, Cout) f32 = conv3x3(x) + bias (+ residual)`, padding 1. With `upsample`, x is
-/// (B, H/2, W/2, Cin) and is read through a nearest x2 upsample; otherwise (B, H, W, Cin).
-/// `TensorCore` falls back to `Direct` when Cin is not a multiple of 32.
+/// How a 3x3 conv's input relates to its (H, W) output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resample {
+    /// x (B, H, W, Cin), padding 1.
+    Same,
+    /// x (B, H/2, W/2, Cin) read through a nearest x2 upsample, padding 1 on the upsampled
+    /// image (the decoder's Upsample).
+    Up,
+    /// x (B, 2H, 2W, Cin) zero-padded right and bottom by 1, stride 2 (the encoder's
+    /// Downsample, `cpu::ops::conv2d_down`: `conv3x3_down_{direct,tc}`).
+    Down,
+}
+
+/// `y (B, H, W, Cout) f32 = conv3x3(x) + bias (+ residual)` with x as `mode` says.
+/// `TensorCore` falls back to `Direct` when Cin is not a multiple of 32 (and always for f32
+/// storage).
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3<T: Storage>(
     gpu: &Gpu,
@@ -52,18 +66,18 @@ pub fn conv3x3<T: Storage>(
     batch: usize,
     height: usize,
     width: usize,
-    upsample: bool,
+    mode: Resample,
 ) -> Result<()> {
     let (cin, cout) = (conv.cin, conv.cout);
     ensure!(conv.k == 3, "conv3x3 given a {}x{} conv", conv.k, conv.k);
     ensure!(
-        !upsample || (height.is_multiple_of(2) && width.is_multiple_of(2)),
+        mode != Resample::Up || (height.is_multiple_of(2) && width.is_multiple_of(2)),
         "upsampled conv output {height}x{width} must be even"
     );
-    let (hin, win) = if upsample {
-        (height / 2, width / 2)
-    } else {
-        (height, width)
+    let (hin, win) = match mode {
+        Resample::Same => (height, width),
+        Resample::Up => (height / 2, width / 2),
+        Resample::Down => (2 * height, 2 * width),
     };
     let m = batch * height * width;
     ensure!(m > 0, "conv3x3: empty output");
@@ -94,26 +108,45 @@ pub fn conv3x3<T: Storage>(
         width: i32_of(width, "width")?,
         cin: i32_of(cin, "cin")?,
         cout: i32_of(cout, "cout")?,
-        upsample: upsample as i32,
+        upsample: (mode == Resample::Up) as i32,
     };
     i32_of(m, "B*H*W")?;
+    i32_of(batch * hin * win * cin, "B*Hin*Win*Cin")?;
     let fast = kernel == ConvKernel::TensorCore;
-    if fast && cout <= NARROW_MAX_COUT && cout * 9 * cin * size_of::<T>() <= NARROW_W_BYTES {
-        gpu.launch_256(
-            pick::<T>(k::CONV3X3_NARROW_BF16, k::CONV3X3_NARROW_F16),
-            (stride_grid(m), 1, 1),
-            &p,
-        )
-    } else if fast && cin.is_multiple_of(32) {
+    // f32 storage has no tensor-core kernel: it runs the direct (and narrow) ones.
+    let tensor_cores = fast && T::TAG != "f32" && cin.is_multiple_of(32);
+    let down = mode == Resample::Down;
+    if fast && !down && cout <= NARROW_MAX_COUT && cout * 9 * cin * size_of::<T>() <= NARROW_W_BYTES
+    {
+        let narrow = pick3::<T>(
+            k::CONV3X3_NARROW_BF16,
+            k::CONV3X3_NARROW_F16,
+            k::CONV3X3_NARROW_F32,
+        );
+        gpu.launch_256(narrow, (stride_grid(m), 1, 1), &p)
+    } else if tensor_cores {
+        let tc = if down {
+            pick::<T>(k::CONV3X3_DOWN_TC_BF16, k::CONV3X3_DOWN_TC_F16)
+        } else {
+            pick::<T>(k::CONV3X3_TC_BF16, k::CONV3X3_TC_F16)
+        };
         let grid = (m.div_ceil(TC_TILE) as u32, cout.div_ceil(TC_TILE) as u32, 1);
-        gpu.launch_256(pick::<T>(k::CONV3X3_TC_BF16, k::CONV3X3_TC_F16), grid, &p)
+        gpu.launch_256(tc, grid, &p)
     } else {
-        let grid = stride_grid(m * cout);
-        gpu.launch_256(
-            pick::<T>(k::CONV3X3_DIRECT_BF16, k::CONV3X3_DIRECT_F16),
-            (grid, 1, 1),
-            &p,
-        )
+        let direct = if down {
+            pick3::<T>(
+                k::CONV3X3_DOWN_DIRECT_BF16,
+                k::CONV3X3_DOWN_DIRECT_F16,
+                k::CONV3X3_DOWN_DIRECT_F32,
+            )
+        } else {
+            pick3::<T>(
+                k::CONV3X3_DIRECT_BF16,
+                k::CONV3X3_DIRECT_F16,
+                k::CONV3X3_DIRECT_F32,
+            )
+        };
+        gpu.launch_256(direct, (stride_grid(m * cout), 1, 1), &p)
     }
 }
 
@@ -293,7 +326,7 @@ pub fn group_norm<T: Storage>(
         silu: silu as i32,
     };
     gpu.launch_256(
-        pick::<T>(k::GN_APPLY_BF16, k::GN_APPLY_F16),
+        pick3::<T>(k::GN_APPLY_BF16, k::GN_APPLY_F16, k::GN_APPLY_F32),
         row_grid(hw * c / 4, batch)?,
         &ap,
     )
@@ -323,7 +356,7 @@ pub fn cast_f32<T: Storage>(gpu: &Gpu, x: &DevBuf<f32>, y: &mut DevBuf<T>, n: us
         n: n as u64,
     };
     gpu.launch_256(
-        pick::<T>(k::CAST_F32_BF16, k::CAST_F32_F16),
+        pick3::<T>(k::CAST_F32_BF16, k::CAST_F32_F16, k::CAST_F32_F32),
         (stride_grid(n), 1, 1),
         &p,
     )
@@ -410,7 +443,11 @@ pub fn softmax_rows<T: Storage>(
         scale,
     };
     gpu.launch_256(
-        pick::<T>(k::ATTN_SOFTMAX_BF16, k::ATTN_SOFTMAX_F16),
+        pick3::<T>(
+            k::ATTN_SOFTMAX_BF16,
+            k::ATTN_SOFTMAX_F16,
+            k::ATTN_SOFTMAX_F32,
+        ),
         (rows as u32, 1, 1),
         &prm,
     )
@@ -524,7 +561,8 @@ pub fn attn_block<T: Storage>(
     conv1x1(gpu, &w.qkv, &s.hn, &mut s.qkv, rows, false)?;
     cast_f32(gpu, &s.qkv, &mut s.qkv_h, rows * 3 * c)?;
     let qkv = gpu.ptr(&s.qkv_h);
-    let (q, k, v) = (qkv, qkv + 2 * c as u64, qkv + 4 * c as u64); // byte offsets: C x 16 bit
+    let cb = (c * size_of::<T>()) as u64; // bytes of C values of T
+    let (q, k, v) = (qkv, qkv + cb, qkv + 2 * cb);
     let ld = 3 * c;
     // scores (N query, N key) row-major = column-major (key, query): S^T = K Q^T, i.e.
     // op(A) = K^T-view transposed (A = K rows, lda 3C), B = Q rows (ldb 3C).

@@ -24,9 +24,11 @@
 //! strided-batched cuBLAS GEMMs, row softmax kernel, proj_out GEMM accumulated onto x (beta 1).
 
 mod bench;
+pub mod encoder;
 pub mod launch;
 
 pub use bench::{DecodeBench, StageFlops, bench_decode, decoder_flops};
+pub use encoder::GpuEncoder;
 pub use launch::*;
 
 use super::gemm::{Operand, gemm};
@@ -71,6 +73,19 @@ macro_rules! storage {
 storage!(bf16, "bf16", CUDA_R_16BF);
 storage!(f16, "f16", CUDA_R_16F);
 
+/// f32 "storage": the encoder's exact mode (kernels without tensor cores only; the conv
+/// launchers run the direct kernels for it).
+impl Storage for f32 {
+    const TAG: &'static str = "f32";
+    const CUDA: sys::cudaDataType = sys::cudaDataType::CUDA_R_32F;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
 /// Which 16-bit storage a [`GpuDecoder`] uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
@@ -106,6 +121,14 @@ fn pick<T: Storage>(bf16: Kernel, f16: Kernel) -> Kernel {
         "bf16" => bf16,
         "f16" => f16,
         other => unreachable!("no kernels for storage {other}"),
+    }
+}
+
+/// The `_bf16`, `_f16` or `_f32` instance of a kernel that has all three.
+fn pick3<T: Storage>(bf16: Kernel, f16: Kernel, f32: Kernel) -> Kernel {
+    match T::TAG {
+        "f32" => f32,
+        _ => pick::<T>(bf16, f16),
     }
 }
 
@@ -274,10 +297,36 @@ impl<T: Storage> GpuResBlock<T> {
     }
 }
 
+/// One resolution level of the decoder or the encoder: ResBlocks, their AttnBlocks (none, or
+/// one per ResBlock), and the level's resampling conv (the decoder's upsample, the encoder's
+/// downsample).
 struct GpuLevel<T: Storage> {
     res: Vec<GpuResBlock<T>>,
     attn: Vec<AttnWeights<T>>,
-    upsample: Option<ConvWeights<T>>,
+    resample: Option<ConvWeights<T>>,
+}
+
+impl<T: Storage> GpuLevel<T> {
+    fn from_host(
+        gpu: &Gpu,
+        res: &[host::ResBlock],
+        attn: &[host::AttnBlock],
+        resample: Option<&host::Conv>,
+    ) -> Result<GpuLevel<T>> {
+        Ok(GpuLevel {
+            res: res
+                .iter()
+                .map(|r| GpuResBlock::from_host(gpu, r))
+                .collect::<Result<_>>()?,
+            attn: attn
+                .iter()
+                .map(|a| AttnWeights::from_host(gpu, a))
+                .collect::<Result<_>>()?,
+            resample: resample
+                .map(|c| ConvWeights::from_host(gpu, c))
+                .transpose()?,
+        })
+    }
 }
 
 /// Device buffers for one (batch, s); see the module comment for what flows through them.
@@ -287,13 +336,178 @@ struct Workspace<T: Storage> {
     side: usize,
     tokens: DevBuf<i32>, // (B, s, s)
     z: DevBuf<T>,        // (B*s*s, e)
+    a: Acts<T>,
+    img: DevBuf<f32>, // (B, 3, side, side)
+    px: DevBuf<u8>,   // (B, 3, side, side)
+}
+
+/// The activation buffers the layers of the decoder and the encoder run on.
+struct Acts<T: Storage> {
     x: [DevBuf<f32>; 2], // residual stream ping-pong, (B, H, W, C) up to max_act per image
     h: DevBuf<f32>,      // post_quant, conv1 and conv_out outputs (B, H, W, C)
     t: DevBuf<T>,        // conv inputs: GroupNorm outputs and casts (B, H, W, C)
     gn: GnScratch,
-    attn: AttnScratch<T>,
-    img: DevBuf<f32>, // (B, 3, side, side)
-    px: DevBuf<u8>,   // (B, 3, side, side)
+    attn: AttnScratch<T>, // the attention blocks (at the lowest resolution)
+}
+
+impl<T: Storage> Acts<T> {
+    /// Buffers for `batch` images of at most `max_act` activation elements, `max_hw` pixels
+    /// and `max_c` channels each, attention over `attn_n` positions of `attn_c` channels.
+    fn new(
+        gpu: &Gpu,
+        batch: usize,
+        max_act: usize,
+        max_hw: usize,
+        max_c: usize,
+        attn_n: usize,
+        attn_c: usize,
+    ) -> Result<Acts<T>> {
+        let act = batch * max_act;
+        Ok(Acts {
+            x: [gpu.alloc(act)?, gpu.alloc(act)?],
+            h: gpu.alloc(act)?,
+            t: gpu.alloc(act)?,
+            gn: GnScratch::new(gpu, batch, max_hw, max_c)?,
+            attn: AttnScratch::new(gpu, batch, attn_n, attn_c)?,
+        })
+    }
+
+    /// A ResBlock on the residual stream `x[*cur]` of `b` images of hgt x hgt: `t = GN1(x)`,
+    /// `h = conv1(t)`, `t = GN2(h)`, `x = conv2(t) + b + x` with the residual added in the
+    /// conv epilogue in place (or onto `nin_shortcut(x)`, computed first into the other
+    /// buffer, which becomes the stream).
+    fn res_block(
+        &mut self,
+        gpu: &Gpu,
+        k: ConvKernel,
+        cur: &mut usize,
+        r: &GpuResBlock<T>,
+        b: usize,
+        hgt: usize,
+    ) -> Result<()> {
+        let hw = hgt * hgt;
+        let [x0, x1] = &mut self.x;
+        let (x, other) = if *cur == 0 { (x0, x1) } else { (x1, x0) };
+        let (h, t, gn) = (&mut self.h, &mut self.t, &mut self.gn);
+        if let Some(nin) = &r.nin_shortcut {
+            // other = nin_shortcut(x): conv2 then adds onto it in place.
+            cast_f32(gpu, x, t, b * hw * nin.cin)?;
+            conv1x1(gpu, nin, t, other, b * hw, false)?;
+        }
+        group_norm(gpu, &r.norm1, x, t, gn, b, hw, true)?;
+        conv3x3(
+            gpu,
+            k,
+            &r.conv1,
+            t,
+            h,
+            Residual::None,
+            b,
+            hgt,
+            hgt,
+            Resample::Same,
+        )?;
+        group_norm(gpu, &r.norm2, h, t, gn, b, hw, true)?;
+        let out = if r.nin_shortcut.is_some() {
+            *cur = 1 - *cur;
+            other
+        } else {
+            x
+        };
+        conv3x3(
+            gpu,
+            k,
+            &r.conv2,
+            t,
+            out,
+            Residual::InPlace,
+            b,
+            hgt,
+            hgt,
+            Resample::Same,
+        )
+    }
+
+    /// A level's ResBlocks, each followed by its AttnBlock when the level has them (`name`
+    /// for the error context, e.g. `conv_blocks.2`).
+    #[allow(clippy::too_many_arguments)]
+    fn level_blocks(
+        &mut self,
+        gpu: &Gpu,
+        k: ConvKernel,
+        cur: &mut usize,
+        level: &GpuLevel<T>,
+        b: usize,
+        hgt: usize,
+        name: &str,
+    ) -> Result<()> {
+        for (j, res) in level.res.iter().enumerate() {
+            self.res_block(gpu, k, cur, res, b, hgt)
+                .with_context(|| format!("{name}.res.{j}"))?;
+            if let Some(attn) = level.attn.get(j) {
+                attn_block(gpu, attn, &mut self.x[*cur], &mut self.attn, b, hgt * hgt)
+                    .with_context(|| format!("{name}.attn.{j}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The mid blocks: ResBlock, AttnBlock, ResBlock.
+    fn mid(
+        &mut self,
+        gpu: &Gpu,
+        k: ConvKernel,
+        cur: &mut usize,
+        mid: &(GpuResBlock<T>, AttnWeights<T>, GpuResBlock<T>),
+        b: usize,
+        hgt: usize,
+    ) -> Result<()> {
+        self.res_block(gpu, k, cur, &mid.0, b, hgt)
+            .context("mid.0")?;
+        attn_block(gpu, &mid.1, &mut self.x[*cur], &mut self.attn, b, hgt * hgt)
+            .context("mid.1")?;
+        self.res_block(gpu, k, cur, &mid.2, b, hgt).context("mid.2")
+    }
+
+    /// `h = conv_out(SiLU(GroupNorm(x[cur])))` at hgt x hgt.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_conv_out(
+        &mut self,
+        gpu: &Gpu,
+        k: ConvKernel,
+        cur: usize,
+        norm: &GnWeights,
+        conv: &ConvWeights<T>,
+        b: usize,
+        hgt: usize,
+    ) -> Result<()> {
+        let hw = hgt * hgt;
+        group_norm(
+            gpu,
+            norm,
+            &self.x[cur],
+            &mut self.t,
+            &mut self.gn,
+            b,
+            hw,
+            true,
+        )
+        .context("norm_out")?;
+        let none = Residual::None;
+        conv3x3(
+            gpu,
+            k,
+            conv,
+            &self.t,
+            &mut self.h,
+            none,
+            b,
+            hgt,
+            hgt,
+            Resample::Same,
+        )
+        .context("conv_out")
+    }
 }
 
 /// Largest per-image activation (elements), largest H*W and largest channel count of the
@@ -322,18 +536,14 @@ impl<T: Storage> Workspace<T> {
         let (max_act, max_hw, max_c) = plan(cfg, s);
         let n = s * s;
         let side = s * cfg.stride();
-        let act = batch * max_act;
+        let c_last = cfg.ch * cfg.ch_mult[cfg.ch_mult.len() - 1];
         Ok(Workspace {
             batch,
             s,
             side,
             tokens: gpu.alloc(batch * n)?,
             z: gpu.alloc(batch * n * cfg.embed_dim)?,
-            x: [gpu.alloc(act)?, gpu.alloc(act)?],
-            h: gpu.alloc(act)?,
-            t: gpu.alloc(act)?,
-            gn: GnScratch::new(gpu, batch, max_hw, max_c)?,
-            attn: AttnScratch::new(gpu, batch, n, cfg.ch * cfg.ch_mult[cfg.ch_mult.len() - 1])?,
+            a: Acts::new(gpu, batch, max_act, max_hw, max_c, n, c_last)?,
             img: gpu.alloc(batch * 3 * side * side)?,
             px: gpu.alloc(batch * 3 * side * side)?,
         })
@@ -554,25 +764,7 @@ impl<T: Storage> Decoder<T> {
         let levels = dec
             .levels
             .iter()
-            .map(|l| -> Result<GpuLevel<T>> {
-                Ok(GpuLevel {
-                    res: l
-                        .res
-                        .iter()
-                        .map(|r| GpuResBlock::from_host(gpu, r))
-                        .collect::<Result<_>>()?,
-                    attn: l
-                        .attn
-                        .iter()
-                        .map(|a| AttnWeights::from_host(gpu, a))
-                        .collect::<Result<_>>()?,
-                    upsample: l
-                        .upsample
-                        .as_ref()
-                        .map(|c| ConvWeights::from_host(gpu, c))
-                        .transpose()?,
-                })
-            })
+            .map(|l| GpuLevel::from_host(gpu, &l.res, &l.attn, l.upsample.as_ref()))
             .collect::<Result<Vec<_>>>()
             .context("uploading decoder levels")?;
         Ok(Decoder {
@@ -673,126 +865,51 @@ impl<T: Storage> Decoder<T> {
             cfg.n_embed,
             cfg.normalize,
         )?;
-        conv1x1(gpu, &self.post_quant_conv, &ws.z, &mut ws.h, b * n, false)?;
-        cast_f32(gpu, &ws.h, &mut ws.t, b * n * cfg.z_channels)?;
+        conv1x1(gpu, &self.post_quant_conv, &ws.z, &mut ws.a.h, b * n, false)?;
+        cast_f32(gpu, &ws.a.h, &mut ws.a.t, b * n * cfg.z_channels)?;
         let mut cur = 0usize;
         conv3x3(
             gpu,
             k,
             &self.conv_in,
-            &ws.t,
-            &mut ws.x[cur],
+            &ws.a.t,
+            &mut ws.a.x[cur],
             Residual::None,
             b,
             s,
             s,
-            false,
+            Resample::Same,
         )
         .context("conv_in")?;
         let mut hgt = s;
-        self.res_block(gpu, ws, &mut cur, &self.mid.0, hgt)
-            .context("mid.0")?;
-        attn_block(gpu, &self.mid.1, &mut ws.x[cur], &mut ws.attn, b, hgt * hgt)
-            .context("mid.1")?;
-        self.res_block(gpu, ws, &mut cur, &self.mid.2, hgt)
-            .context("mid.2")?;
+        ws.a.mid(gpu, k, &mut cur, &self.mid, b, hgt)?;
         for (i, level) in self.levels.iter().enumerate() {
-            for (j, res) in level.res.iter().enumerate() {
-                self.res_block(gpu, ws, &mut cur, res, hgt)
-                    .with_context(|| format!("conv_blocks.{i}.res.{j}"))?;
-                if let Some(attn) = level.attn.get(j) {
-                    attn_block(gpu, attn, &mut ws.x[cur], &mut ws.attn, b, hgt * hgt)
-                        .with_context(|| format!("conv_blocks.{i}.attn.{j}"))?;
-                }
-            }
-            if let Some(up) = &level.upsample {
-                let [x0, x1] = &mut ws.x;
+            let name = format!("conv_blocks.{i}");
+            ws.a.level_blocks(gpu, k, &mut cur, level, b, hgt, &name)?;
+            if let Some(up) = &level.resample {
+                let [x0, x1] = &mut ws.a.x;
                 let (src, dst) = if cur == 0 { (x0, x1) } else { (x1, x0) };
-                cast_f32(gpu, src, &mut ws.t, b * hgt * hgt * up.cin)?;
+                cast_f32(gpu, src, &mut ws.a.t, b * hgt * hgt * up.cin)?;
                 hgt *= 2;
-                conv3x3(gpu, k, up, &ws.t, dst, Residual::None, b, hgt, hgt, true)
-                    .with_context(|| format!("conv_blocks.{i}.upsample"))?;
+                conv3x3(
+                    gpu,
+                    k,
+                    up,
+                    &ws.a.t,
+                    dst,
+                    Residual::None,
+                    b,
+                    hgt,
+                    hgt,
+                    Resample::Up,
+                )
+                .with_context(|| format!("{name}.upsample"))?;
                 cur = 1 - cur;
             }
         }
         debug_assert_eq!(hgt, ws.side);
         let hw = hgt * hgt;
-        group_norm(
-            gpu,
-            &self.norm_out,
-            &ws.x[cur],
-            &mut ws.t,
-            &mut ws.gn,
-            b,
-            hw,
-            true,
-        )
-        .context("norm_out")?;
-        conv3x3(
-            gpu,
-            k,
-            &self.conv_out,
-            &ws.t,
-            &mut ws.h,
-            Residual::None,
-            b,
-            hgt,
-            hgt,
-            false,
-        )
-        .context("conv_out")?;
-        pixels(gpu, &ws.h, Some(&mut ws.img), Some(&mut ws.px), b, hw, 3)
-    }
-
-    /// ResBlock on the residual stream `ws.x[*cur]` (moves to the other buffer when the
-    /// channel count changes).
-    fn res_block(
-        &self,
-        gpu: &Gpu,
-        ws: &mut Workspace<T>,
-        cur: &mut usize,
-        r: &GpuResBlock<T>,
-        hgt: usize,
-    ) -> Result<()> {
-        let (b, hw, k) = (ws.batch, hgt * hgt, self.conv_kernel);
-        let [x0, x1] = &mut ws.x;
-        let (x, other) = if *cur == 0 { (x0, x1) } else { (x1, x0) };
-        if let Some(nin) = &r.nin_shortcut {
-            // other = nin_shortcut(x): conv2 then adds onto it in place.
-            cast_f32(gpu, x, &mut ws.t, b * hw * nin.cin)?;
-            conv1x1(gpu, nin, &ws.t, other, b * hw, false)?;
-        }
-        group_norm(gpu, &r.norm1, x, &mut ws.t, &mut ws.gn, b, hw, true)?;
-        conv3x3(
-            gpu,
-            k,
-            &r.conv1,
-            &ws.t,
-            &mut ws.h,
-            Residual::None,
-            b,
-            hgt,
-            hgt,
-            false,
-        )?;
-        group_norm(gpu, &r.norm2, &ws.h, &mut ws.t, &mut ws.gn, b, hw, true)?;
-        let out = if r.nin_shortcut.is_some() {
-            *cur = 1 - *cur;
-            other
-        } else {
-            x
-        };
-        conv3x3(
-            gpu,
-            k,
-            &r.conv2,
-            &ws.t,
-            out,
-            Residual::InPlace,
-            b,
-            hgt,
-            hgt,
-            false,
-        )
+        ws.a.norm_conv_out(gpu, k, cur, &self.norm_out, &self.conv_out, b, hgt)?;
+        pixels(gpu, &ws.a.h, Some(&mut ws.img), Some(&mut ws.px), b, hw, 3)
     }
 }
