@@ -5,7 +5,7 @@ mod common;
 
 use checkergen::model::Model;
 use checkergen::model::config::preset;
-use checkergen::model::file::{Dtype, Tensor, write_model};
+use checkergen::model::file::{Dtype, Tensor, TensorMap, write_model};
 use checkergen::model::init::random_tensors;
 use std::path::PathBuf;
 
@@ -21,6 +21,17 @@ fn tiny_file(name: &str) -> PathBuf {
     let p = tmp(name);
     write_model(&p, &cfg, &map, Dtype::F32, &[]).unwrap();
     p
+}
+
+/// Write `map` with `cfg` as model file `name` and return why it does not load.
+fn written_load_err(
+    name: &str,
+    cfg: &checkergen::model::config::ModelConfig,
+    map: &TensorMap,
+) -> String {
+    let p = tmp(name);
+    write_model(&p, cfg, map, Dtype::F32, &[]).unwrap();
+    load_err(&p)
 }
 
 fn load_err(p: &std::path::Path) -> String {
@@ -75,9 +86,7 @@ fn missing_and_misshaped_tensors() {
     let cfg = preset("tiny").unwrap();
     let mut map = random_tensors(&cfg, 1).unwrap();
     map.remove("lm_head.weight");
-    let p = tmp("missing.safetensors");
-    write_model(&p, &cfg, &map, Dtype::F32, &[]).unwrap();
-    let e = load_err(&p);
+    let e = written_load_err("missing.safetensors", &cfg, &map);
     assert!(
         e.contains("missing tensor `lm_head.weight`") && e.contains("missing.safetensors"),
         "{e}"
@@ -85,8 +94,7 @@ fn missing_and_misshaped_tensors() {
 
     let mut map = random_tensors(&cfg, 1).unwrap();
     map.remove("autoenc.decoder.conv_out.weight");
-    write_model(&p, &cfg, &map, Dtype::F32, &[]).unwrap();
-    let e = load_err(&p);
+    let e = written_load_err("missing.safetensors", &cfg, &map);
     assert!(e.contains("autoenc.decoder.conv_out.weight"), "{e}");
 
     let mut map = random_tensors(&cfg, 1).unwrap();
@@ -94,8 +102,7 @@ fn missing_and_misshaped_tensors() {
         "llama.layers.1.attention.wo.weight".into(),
         Tensor::zeros(vec![64, 32]),
     );
-    write_model(&p, &cfg, &map, Dtype::F32, &[]).unwrap();
-    let e = load_err(&p);
+    let e = written_load_err("missing.safetensors", &cfg, &map);
     assert!(
         e.contains("llama.layers.1.attention.wo.weight") && e.contains("[64, 32]"),
         "{e}"
@@ -108,9 +115,7 @@ fn config_disagrees_with_tensors() {
     let map = random_tensors(&cfg, 1).unwrap();
     let mut other = cfg.clone();
     other.num_classes = 20;
-    let p = tmp("disagree.safetensors");
-    write_model(&p, &other, &map, Dtype::F32, &[]).unwrap();
-    let e = load_err(&p);
+    let e = written_load_err("disagree.safetensors", &other, &map);
     assert!(
         e.contains("class_embeddings.weight") && e.contains("[11, 64]"),
         "{e}"
@@ -118,14 +123,12 @@ fn config_disagrees_with_tensors() {
 
     let mut bad = cfg.clone();
     bad.num_heads = 3; // 64 not divisible by 3
-    write_model(&p, &bad, &map, Dtype::F32, &[]).unwrap();
-    let e = load_err(&p);
+    let e = written_load_err("disagree.safetensors", &bad, &map);
     assert!(e.contains("not divisible"), "{e}");
 
     let mut bad = cfg.clone();
     bad.scale_ratio = 40.0;
-    write_model(&p, &bad, &map, Dtype::F32, &[]).unwrap();
-    assert!(load_err(&p).contains("rounds to 0"));
+    assert!(written_load_err("disagree.safetensors", &bad, &map).contains("rounds to 0"));
 }
 
 #[test]

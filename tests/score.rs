@@ -23,6 +23,18 @@ fn golden_model(g: &Path, cfg_name: &str) -> Model {
     common::golden_model_with_encoder(g, cfg_name)
 }
 
+/// Both scoring configurations' golden models (with the encoder) and the golden folder;
+/// none when the folder is absent (`golden_dir` says so loudly; CI requires it).
+fn score_models() -> Vec<(std::path::PathBuf, &'static str, Model)> {
+    let Some(g) = common::golden_dir() else {
+        return Vec::new();
+    };
+    ["A_ratio2", "C_ratio3"]
+        .into_iter()
+        .map(|c| (g.clone(), c, golden_model(&g, c)))
+        .collect()
+}
+
 struct Golden {
     images: Vec<u8>,
     labels: Vec<usize>,
@@ -89,11 +101,7 @@ fn check_encoder(model: &Model, gc: &Golden, cfg_name: &str) -> Vec<Vec<u32>> {
 
 #[test]
 fn encoder_codes_and_losses_match_reference() {
-    let Some(g) = common::golden_dir() else {
-        return;
-    };
-    for cfg_name in ["A_ratio2", "C_ratio3"] {
-        let model = golden_model(&g, cfg_name);
+    for (g, cfg_name, model) in score_models() {
         let gc = golden_case(&g, cfg_name);
         let st = SafeTensors::deserialize(&gc.bytes).unwrap();
         let tokens = check_encoder(&model, &gc, cfg_name);
@@ -135,11 +143,7 @@ fn encoder_codes_and_losses_match_reference() {
 /// The masked single pass gives the same logits as the incremental teacher-forced pipeline.
 #[test]
 fn masked_pass_equals_incremental_logits() {
-    let Some(g) = common::golden_dir() else {
-        return;
-    };
-    for cfg_name in ["A_ratio2", "C_ratio3"] {
-        let model = golden_model(&g, cfg_name);
+    for (_, cfg_name, model) in score_models() {
         let cfg = &model.config;
         let v = cfg.codebook_size();
         let labels = vec![1usize, 7];

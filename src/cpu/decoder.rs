@@ -211,12 +211,7 @@ impl DecoderWeights {
         x = self.mid.1.forward(x);
         x = self.mid.2.forward(x);
         for level in &self.levels {
-            for (j, res) in level.res.iter().enumerate() {
-                x = res.forward(x);
-                if let Some(attn) = level.attn.get(j) {
-                    x = attn.forward(x);
-                }
-            }
+            x = res_attn_blocks(&level.res, &level.attn, x);
             if let Some(up) = &level.upsample {
                 let u = upsample_nearest2(&x);
                 recycle(std::mem::take(&mut x.data));
@@ -234,6 +229,18 @@ impl DecoderWeights {
 
 /// L2-normalize over e at each position of one image's (e, n) codes (F.normalize, eps 1e-12):
 /// transpose to (n, e) rows and back.
+/// A level's ResBlocks, each followed by the level's AttnBlock of the same index if it has
+/// one (the decoder's and the encoder's level layout).
+pub(crate) fn res_attn_blocks(res: &[ResBlock], attn: &[AttnBlock], mut x: Act) -> Act {
+    for (j, r) in res.iter().enumerate() {
+        x = r.forward(x);
+        if let Some(a) = attn.get(j) {
+            x = a.forward(x);
+        }
+    }
+    x
+}
+
 pub(crate) fn normalize_positions(z: &[f32], e: usize, n: usize) -> Vec<f32> {
     let mut t: Vec<f32> = (0..n * e).map(|i| z[(i % e) * n + i / e]).collect(); // (n, e)
     crate::math::normalize_rows(&mut t, e);

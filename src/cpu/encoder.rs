@@ -14,7 +14,7 @@
 //! no antialias: [`ops::upsample_bilinear`], PyTorch's CPU kernel), encoded, and each cell
 //! quantized to the nearest normalized codebook row (lowest index on a tie).
 
-use super::decoder::{Act, normalize_positions, recycle};
+use super::decoder::{Act, normalize_positions, recycle, res_attn_blocks};
 use crate::cpu::ops;
 use crate::model::encoder::EncoderWeights;
 use rayon::prelude::*;
@@ -40,12 +40,7 @@ impl EncoderWeights {
         };
         let mut x = self.conv_in.forward(&input);
         for level in &self.levels {
-            for (j, res) in level.res.iter().enumerate() {
-                x = res.forward(x);
-                if let Some(attn) = level.attn.get(j) {
-                    x = attn.forward(x);
-                }
-            }
+            x = res_attn_blocks(&level.res, &level.attn, x);
             if let Some(down) = &level.downsample {
                 let y = Act {
                     c: down.cout,

@@ -193,13 +193,9 @@ impl DecoderWeights {
         Ok(())
     }
 
-    /// Check every tensor's name and shape through `src` (the header check of `inspect`).
-    pub(crate) fn check_source(cfg: &DecoderConfig, src: &mut dyn Source) -> Result<()> {
-        Self::build(cfg, src).map(drop)
-    }
-
-    /// Build the decoder, reading every tensor through `src` (in state-dict order).
-    fn build(cfg: &DecoderConfig, src: &mut dyn Source) -> Result<DecoderWeights> {
+    /// Build the decoder, reading every tensor through `src` (in state-dict order; with a
+    /// header-only source this is `inspect`'s check of every name and shape).
+    pub(crate) fn build(cfg: &DecoderConfig, src: &mut dyn Source) -> Result<DecoderWeights> {
         Self::check_config(cfg)?;
         let d = "autoenc.decoder";
         let nl = cfg.ch_mult.len();

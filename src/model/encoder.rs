@@ -37,13 +37,9 @@ pub struct EncoderWeights {
 }
 
 impl EncoderWeights {
-    /// Check every tensor's name and shape through `src` (the header check of `inspect`).
-    pub(crate) fn check_source(cfg: &DecoderConfig, src: &mut dyn Source) -> Result<()> {
-        Self::build(cfg, src).map(drop)
-    }
-
-    /// Build the encoder, reading every tensor through `src` (in state-dict order).
-    fn build(cfg: &DecoderConfig, src: &mut dyn Source) -> Result<EncoderWeights> {
+    /// Build the encoder, reading every tensor through `src` (in state-dict order; with a
+    /// header-only source this is `inspect`'s check of every name and shape).
+    pub(crate) fn build(cfg: &DecoderConfig, src: &mut dyn Source) -> Result<EncoderWeights> {
         DecoderWeights::check_config(cfg)?;
         let e = "autoenc.encoder";
         let nl = cfg.ch_mult.len();

@@ -171,13 +171,13 @@ impl ModelHeader {
             };
             TransformerWeights::check_source(&config, &mut src, n_tokens)?;
             src.context = "decoder weights: ";
-            DecoderWeights::check_source(&config.decoder, &mut src)?;
+            DecoderWeights::build(&config.decoder, &mut src)?;
             let has_encoder = shapes
                 .keys()
                 .any(|k| k.starts_with(crate::model::encoder::ENCODER_PREFIX));
             if has_encoder {
                 src.context = "encoder weights: ";
-                EncoderWeights::check_source(&config.decoder, &mut src)?;
+                EncoderWeights::build(&config.decoder, &mut src)?;
             }
             Ok(ModelHeader {
                 config,

@@ -645,7 +645,24 @@ impl GpuDecoder {
         batch: usize,
         s: usize,
     ) -> Result<Vec<P>> {
-        dispatch!(&self.inner, d => d.decode_host::<P>(gpu, tokens, batch, s))
+        ensure!(
+            tokens.len() == batch * s * s,
+            "decode: {} tokens for (B {batch}, {s}, {s})",
+            tokens.len()
+        );
+        let n_embed = self.config().n_embed;
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= n_embed) {
+            anyhow::bail!("decode: token {t} out of range (codebook size {n_embed})");
+        }
+        let host: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        dispatch!(&self.inner, d => {
+            let mut guard = d.ws.lock().unwrap();
+            let ws = d.workspace(gpu, &mut guard, batch, s)?;
+            gpu.upload_into(&host, &mut ws.tokens, 0)
+                .context("uploading tokens")?;
+            d.run(gpu, ws, None)?;
+            gpu.download(P::of(&ws.px, &ws.img))
+        })
     }
 
     /// Decode device tokens (B, s, s) i32; with `read`, download the 8-bit pixels (B, 3, H, W),
@@ -659,7 +676,12 @@ impl GpuDecoder {
         s: usize,
         read: bool,
     ) -> Result<Option<Vec<u8>>> {
-        dispatch!(&self.inner, d => d.decode_device(gpu, tokens, batch, s, read))
+        dispatch!(&self.inner, d => {
+            let mut guard = d.ws.lock().unwrap();
+            let ws = d.workspace(gpu, &mut guard, batch, s)?;
+            d.run(gpu, ws, Some(tokens))?;
+            read.then(|| gpu.download(&ws.px)).transpose()
+        })
     }
 }
 
@@ -783,49 +805,6 @@ impl<T: Storage> Decoder<T> {
             conv_out: ConvWeights::from_host(gpu, &dec.conv_out)?,
             ws: Mutex::new(None),
         })
-    }
-
-    /// Decode host tokens into the workspace and download its `P` output.
-    fn decode_host<P: Readback>(
-        &self,
-        gpu: &Gpu,
-        tokens: &[u32],
-        batch: usize,
-        s: usize,
-    ) -> Result<Vec<P>> {
-        ensure!(
-            tokens.len() == batch * s * s,
-            "decode: {} tokens for (B {batch}, {s}, {s})",
-            tokens.len()
-        );
-        if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_embed) {
-            anyhow::bail!(
-                "decode: token {t} out of range (codebook size {})",
-                self.cfg.n_embed
-            );
-        }
-        let host: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let mut guard = self.ws.lock().unwrap();
-        let ws = self.workspace(gpu, &mut guard, batch, s)?;
-        gpu.upload_into(&host, &mut ws.tokens, 0)
-            .context("uploading tokens")?;
-        self.run(gpu, ws, None)?;
-        gpu.download(P::of(&ws.px, &ws.img))
-    }
-
-    /// Decode device tokens; download the 8-bit pixels when `read`.
-    fn decode_device(
-        &self,
-        gpu: &Gpu,
-        tokens: &DevBuf<i32>,
-        batch: usize,
-        s: usize,
-        read: bool,
-    ) -> Result<Option<Vec<u8>>> {
-        let mut guard = self.ws.lock().unwrap();
-        let ws = self.workspace(gpu, &mut guard, batch, s)?;
-        self.run(gpu, ws, Some(tokens))?;
-        read.then(|| gpu.download(&ws.px)).transpose()
     }
 
     fn workspace<'a>(
