@@ -1,6 +1,6 @@
 //! VQ decoder weights (LlamaGen VQ-16 layout; SPEC.md section 7): every tensor name written
 //! once in the builder below, which both loads (validating through a
-//! [`MapSource`](super::source::MapSource)) and lists ([`DecoderWeights::expected_tensors`]).
+//! `MapSource`) and lists ([`DecoderWeights::expected_tensors`]).
 //! The maths lives in `cpu::decoder` and `cuda::decoder`, which read these structs.
 
 use super::config::DecoderConfig;

@@ -1,6 +1,6 @@
 //! VQ encoder weights (LlamaGen VQ-16 layout; SPEC.md section 9), the mirror of
 //! [`super::decoder`]: every tensor name written once in the builder below, which both loads
-//! (through a [`MapSource`](super::source::MapSource)) and lists
+//! (through a `MapSource`) and lists
 //! ([`EncoderWeights::expected_tensors`]). The maths lives in `cpu::encoder`. Only scoring and
 //! `encode` need it: sampling never reads it, and a model file without `autoenc.encoder.*`
 //! still samples.

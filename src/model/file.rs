@@ -198,7 +198,7 @@ pub struct HeaderEntry {
 
 /// A model file's tensors (name, dtype, shape, in the header's order), its metadata and its
 /// size in bytes, from the header alone (`checkergen inspect`): the file is mapped and only
-/// the pages of its header are read; the checks of [`parse_header`] apply (float dtypes,
+/// the pages of its header are read; the checks of `parse_header` apply (float dtypes,
 /// offsets within the file and consistent with the shapes). No value is read or checked
 /// ([`load_model_file`] does that).
 pub fn read_model_header(path: &Path) -> Result<(Vec<HeaderEntry>, BTreeMap<String, String>, u64)> {

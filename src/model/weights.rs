@@ -1,5 +1,5 @@
 //! Transformer weights: the tensors a model file must hold (every state-dict name written once,
-//! in [`read_transformer`]), validation, and the load-time folding both backends run from.
+//! in `read_transformer`), validation, and the load-time folding both backends run from.
 //!
 //! Folding (SPEC.md section 5, exact algebra, f32):
 //! - RoPE rows normalized to unit complex numbers; `sigmoid(mixing_coeffs)`; the codebook

@@ -1,6 +1,6 @@
 //! CPU reference of kernels/decoder.cu (the VQ decoder's kernels), on one image's (C, H, W)
 //! activations; the GPU kernels run batched NHWC, and their tests transpose. 3x3 convs run
-//! Winograd F(2x2, 3x3) with register-blocked SIMD micro-kernels ([`super::winograd`]); the
+//! Winograd F(2x2, 3x3) with register-blocked SIMD micro-kernels (`super::winograd`); the
 //! straightforward im2col + one GEMM per band of output rows ([`conv2d_banded`], the band sized
 //! so the im2col buffer stays under [`COL_BUDGET`] floats) is kept as the reference that the
 //! tests check it against. 1x1 convs are plain GEMMs (`math::matmul`). rayon parallelizes the
