@@ -46,6 +46,9 @@ pub enum Error {
     /// Sampling failed on the device (out of memory, a kernel error...).
     #[error("sampling failed")]
     Sampling(#[source] Source),
+    /// Scoring real images failed on the device (out of memory, a kernel error...).
+    #[error("scoring failed")]
+    Scoring(#[source] Source),
     /// The cancellation flag was set; the images of finished batches are discarded.
     #[error("sampling cancelled")]
     Cancelled,
@@ -415,6 +418,9 @@ pub struct Model {
     engine: Engine,
     description: String,
     note: Option<String>,
+    /// The VQ encoder on the device, uploaded by the first [`Model::score`] on a GPU.
+    #[cfg(feature = "cuda")]
+    gpu_encoder: std::sync::Mutex<Option<Box<crate::cuda::decoder::GpuEncoder>>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -475,6 +481,8 @@ impl Model {
             engine,
             description,
             note,
+            #[cfg(feature = "cuda")]
+            gpu_encoder: std::sync::Mutex::new(None),
         })
     }
 
@@ -744,6 +752,195 @@ impl Model {
             Engine::Gpu(g) => {
                 let g = g.lock().unwrap_or_else(|p| p.into_inner());
                 f(&mut crate::cuda::engine::GpuBackend::new(&g))
+            }
+        }
+    }
+}
+
+/// The teacher-forced likelihood of real images at one number of steps per scale
+/// (SPEC.md section 9): every true code's cross-entropy given everything before its block,
+/// from one masked pass per batch ([`Model::score`]).
+#[derive(Clone, Debug)]
+pub struct Score(crate::cpu::score::ScoreStats);
+
+impl Score {
+    /// Steps per scale (the block size of the mask follows from it).
+    pub fn steps_per_scale(&self) -> usize {
+        self.0.steps_per_scale
+    }
+
+    /// Serial steps of that schedule (the 1x1 scale is one).
+    pub fn serial_steps(&self) -> usize {
+        self.0.serial_steps
+    }
+
+    /// Images scored.
+    pub fn images(&self) -> usize {
+        self.0.images
+    }
+
+    /// Scale sides, ascending.
+    pub fn scale_sizes(&self) -> &[usize] {
+        &self.0.scale_sizes
+    }
+
+    /// Mean cross-entropy over every code of every scale, nats per token (divide by ln 2
+    /// for bits).
+    pub fn loss_total(&self) -> f64 {
+        self.0.loss_total()
+    }
+
+    /// Mean cross-entropy of each scale's codes, nats per token, ascending scale.
+    pub fn loss_by_scale(&self) -> Vec<f64> {
+        self.0.loss_by_scale()
+    }
+
+    /// Fraction of each scale's true codes that were the model's argmax.
+    pub fn top1_by_scale(&self) -> Vec<f64> {
+        self.0.top1_by_scale()
+    }
+
+    /// The `score --json` object (README, "score").
+    #[doc(hidden)]
+    pub fn to_json(&self) -> serde_json::Value {
+        self.0.to_json()
+    }
+
+    /// The accumulated sums (CLI internals).
+    #[doc(hidden)]
+    pub fn stats(&self) -> &crate::cpu::score::ScoreStats {
+        &self.0
+    }
+}
+
+impl Model {
+    /// Score real images: `rgb` holds N 8-bit RGB images `(N, S, S, 3)` with S =
+    /// [`Model::image_size`] (the layout of [`Images::pixels`]; other sizes go through the
+    /// CLI's center crop first), `labels` one class id per image. Each image is encoded into
+    /// its code pyramid by the model's VQ encoder and scored at every value of
+    /// `steps_per_scale` (one [`Score`] each), in batches of 8 images. Needs a model file
+    /// with the encoder (`checkergen convert` keeps it; `init` presets have it).
+    ///
+    /// ```
+    /// use checkergen::{Device, Model};
+    /// let model = Model::tiny(Device::Cpu)?;
+    /// let side = model.image_size();
+    /// let rgb = vec![128u8; 2 * side * side * 3];
+    /// let scores = model.score(&rgb, &[0, 1], &[2, 4])?;
+    /// assert_eq!(scores.len(), 2);
+    /// assert!(scores[0].loss_total() > 0.0 && scores[1].serial_steps() > scores[0].serial_steps());
+    /// # Ok::<(), checkergen::Error>(())
+    /// ```
+    pub fn score(
+        &self,
+        rgb: &[u8],
+        labels: &[usize],
+        steps_per_scale: &[usize],
+    ) -> Result<Vec<Score>> {
+        let side = self.image_size();
+        let px = side * side * 3;
+        if rgb.len() != labels.len() * px {
+            return Err(Error::InvalidRequest(format!(
+                "score: {} bytes for {} labels: give (N, {side}, {side}, 3) 8-bit RGB images, one label each",
+                rgb.len(),
+                labels.len()
+            )));
+        }
+        let mut scores = self.new_scores(steps_per_scale)?;
+        for (imgs, lab) in rgb.chunks(8 * px).zip(labels.chunks(8)) {
+            self.score_batch(imgs, lab, &mut scores)?;
+        }
+        Ok(scores)
+    }
+
+    /// Empty scores, one per steps-per-scale value (for [`Model::score_batch`]).
+    #[doc(hidden)]
+    pub fn new_scores(&self, steps_per_scale: &[usize]) -> Result<Vec<Score>> {
+        if steps_per_scale.is_empty() {
+            return Err(Error::InvalidRequest(
+                "score: give at least one steps-per-scale value".into(),
+            ));
+        }
+        steps_per_scale
+            .iter()
+            .map(|&k| {
+                let sched = crate::order::Schedule::uniform(&self.model.scale_sizes, k)
+                    .map_err(|e| Error::InvalidRequest(format!("{e:#}")))?;
+                Ok(Score(crate::cpu::score::ScoreStats::new(&sched, k)))
+            })
+            .collect()
+    }
+
+    /// Add one batch of images to `scores` ([`Model::score`] in pieces: the CLI reads its
+    /// files batch by batch). Returns the seconds spent encoding.
+    #[doc(hidden)]
+    pub fn score_batch(&self, rgb: &[u8], labels: &[usize], scores: &mut [Score]) -> Result<f64> {
+        let side = self.image_size();
+        let internal = |e: anyhow::Error| Error::Scoring(source(e));
+        let invalid = |e: anyhow::Error| Error::InvalidRequest(format!("{e:#}"));
+        if rgb.len() != labels.len() * side * side * 3 || labels.is_empty() {
+            return Err(Error::InvalidRequest(format!(
+                "score: {} bytes for {} labels (N, {side}, {side}, 3)",
+                rgb.len(),
+                labels.len()
+            )));
+        }
+        if let Some(&bad) = labels.iter().find(|&&l| l >= self.num_classes()) {
+            return Err(Error::InvalidRequest(format!(
+                "class id {bad} is out of range: this model has {} classes (0..{})",
+                self.num_classes(),
+                self.num_classes() - 1
+            )));
+        }
+        let m = &self.model;
+        let enc = m.encoder().map_err(invalid)?;
+        let codebook = m.decoder.codebook();
+        let t = std::time::Instant::now();
+        match &self.engine {
+            Engine::Cpu => {
+                let mut tokens = vec![Vec::new(); m.scale_sizes.len()];
+                for img in rgb.chunks_exact(side * side * 3) {
+                    let pyr = enc.encode_pyramid(img, side, &m.scale_sizes, codebook);
+                    for (t, c) in tokens.iter_mut().zip(pyr.codes) {
+                        t.extend(c);
+                    }
+                }
+                let t_enc = t.elapsed().as_secs_f64();
+                for sc in scores.iter_mut() {
+                    let k = sc.0.steps_per_scale;
+                    crate::cpu::score::score_codes(m, labels, &tokens, k, &mut sc.0)
+                        .map_err(internal)?;
+                }
+                Ok(t_enc)
+            }
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(g) => {
+                let g = g.lock().unwrap_or_else(|p| p.into_inner());
+                let mut slot = self.gpu_encoder.lock().unwrap_or_else(|p| p.into_inner());
+                if slot.is_none() {
+                    let e = crate::cuda::decoder::GpuEncoder::new(&g.gpu, enc).map_err(|e| {
+                        device_error("cannot put the encoder on the device", Some(e))
+                    })?;
+                    *slot = Some(Box::new(e));
+                }
+                let genc = slot.as_ref().expect("just set");
+                let pyr = genc
+                    .encode_pyramid(&g.gpu, rgb, labels.len(), side, &m.scale_sizes, codebook)
+                    .map_err(internal)?;
+                let t_enc = t.elapsed().as_secs_f64();
+                for sc in scores.iter_mut() {
+                    let k = sc.0.steps_per_scale;
+                    crate::cuda::score::score_codes(
+                        &g,
+                        &m.scale_sizes,
+                        labels,
+                        &pyr.codes,
+                        k,
+                        &mut sc.0,
+                    )
+                    .map_err(internal)?;
+                }
+                Ok(t_enc)
             }
         }
     }

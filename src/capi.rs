@@ -112,7 +112,7 @@ fn status_of(e: &Error) -> CgStatus {
         Error::InvalidRequest(_) => CgStatus::InvalidArgument,
         Error::Load { .. } => CgStatus::LoadFailed,
         Error::Device { .. } => CgStatus::DeviceUnavailable,
-        Error::Sampling(_) => CgStatus::SamplingFailed,
+        Error::Sampling(_) | Error::Scoring(_) => CgStatus::SamplingFailed,
         Error::Cancelled => CgStatus::Cancelled,
     }
 }

@@ -28,7 +28,7 @@ mod api;
 #[doc(hidden)]
 pub mod capi;
 
-pub use api::{Device, Error, Images, Model, Policy, Precision, Progress, Request, Result};
+pub use api::{Device, Error, Images, Model, Policy, Precision, Progress, Request, Result, Score};
 
 #[doc(hidden)]
 pub mod cpu;

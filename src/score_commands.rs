@@ -3,12 +3,11 @@
 
 use crate::commands::Device;
 use anyhow::{Context, Result, bail};
-use checkergen::cpu::score::{ScoreStats, score_codes};
+use checkergen::cpu::score::ScoreStats;
 use checkergen::io::image::{planar_to_rgb, write_rgb_png};
 use checkergen::io::photo::{center_crop_arr, read_image, read_npz};
 use checkergen::io::tokens::{read_token_grids, write_token_grids};
 use checkergen::model::Model;
-use checkergen::order::Schedule;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -168,79 +167,6 @@ fn read_labels(a: &ScoreArgs) -> Result<Vec<usize>> {
     }
 }
 
-/// Where `score` runs: the CPU reference, or the GPU engine (transformer) with the GPU encoder.
-enum Scorer {
-    Cpu,
-    #[cfg(feature = "cuda")]
-    Gpu(
-        Box<checkergen::cuda::engine::GpuModel>,
-        Box<checkergen::cuda::decoder::GpuEncoder>,
-    ),
-}
-
-impl Scorer {
-    fn new(device: Device, model: &mut Model) -> Result<Scorer> {
-        // Scoring is the f32 reference on the CPU (no --precision).
-        let precision = crate::commands::PrecisionArgs { precision: None };
-        let (gm, _) = crate::commands::pick_gpu_model(device, precision, model)?;
-        #[cfg(feature = "cuda")]
-        if let Some(gm) = gm {
-            let enc = checkergen::cuda::decoder::GpuEncoder::new(&gm.gpu, model.encoder()?)
-                .context("cannot put the encoder on the device")?;
-            return Ok(Scorer::Gpu(Box::new(gm), Box::new(enc)));
-        }
-        let _ = gm;
-        Ok(Scorer::Cpu)
-    }
-
-    /// Per-scale code grids (B, s, s) of `items`.
-    fn encode(&self, model: &Model, items: &[Input]) -> Result<Vec<Vec<u32>>> {
-        match self {
-            Scorer::Cpu => encode_images(model, items),
-            #[cfg(feature = "cuda")]
-            Scorer::Gpu(gm, enc) => {
-                let side = model.config.img_size;
-                let mut rgb = Vec::with_capacity(items.len() * side * side * 3);
-                for item in items {
-                    rgb.extend(load_rgb(item, side)?);
-                }
-                let codebook = model.decoder.codebook();
-                let pyr = enc.encode_pyramid(
-                    &gm.gpu,
-                    &rgb,
-                    items.len(),
-                    side,
-                    &model.scale_sizes,
-                    codebook,
-                )?;
-                Ok(pyr.codes)
-            }
-        }
-    }
-
-    fn score(
-        &self,
-        model: &Model,
-        labels: &[usize],
-        tokens: &[Vec<u32>],
-        stats: &mut ScoreStats,
-    ) -> Result<()> {
-        let k = stats.steps_per_scale;
-        match self {
-            Scorer::Cpu => score_codes(model, labels, tokens, k, stats),
-            #[cfg(feature = "cuda")]
-            Scorer::Gpu(gm, _) => checkergen::cuda::score::score_codes(
-                gm,
-                &model.scale_sizes,
-                labels,
-                tokens,
-                k,
-                stats,
-            ),
-        }
-    }
-}
-
 pub fn score(a: ScoreArgs) -> Result<()> {
     let labels = read_labels(&a)?;
     if a.batch_size == 0 || a.batch_size > checkergen::limits::MAX_IMAGES {
@@ -250,7 +176,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
             a.batch_size
         );
     }
-    let mut model = Model::load(&a.model)?;
+    let model = Model::load(&a.model)?;
     model.encoder()?;
     let items = expand_inputs(&a.images, model.config.img_size)?;
     if labels.len() != items.len() {
@@ -267,27 +193,24 @@ pub fn score(a: ScoreArgs) -> Result<()> {
             nc - 1
         );
     }
-    let scorer = Scorer::new(a.device, &mut model)?;
-    let mut stats = a
-        .steps_per_scale
-        .iter()
-        .map(|&k| {
-            Ok(ScoreStats::new(
-                &Schedule::uniform(&model.scale_sizes, k)?,
-                k,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // The library's scoring (the same as `checkergen::Model::score`), batch by batch as the
+    // files are read.
+    let on = checkergen::Model::on_device(model, crate::commands::api_device(a.device))?;
+    if let Some(note) = on.device_note() {
+        eprintln!("warning: {note}");
+    }
+    let mut scores = on.new_scores(&a.steps_per_scale)?;
+    let side = on.image_size();
     let t = Instant::now();
     let mut t_enc = 0.0;
     for (batch, lab) in items.chunks(a.batch_size).zip(labels.chunks(a.batch_size)) {
-        let te = Instant::now();
-        let tokens = scorer.encode(&model, batch)?;
-        t_enc += te.elapsed().as_secs_f64();
-        for st in &mut stats {
-            scorer.score(&model, lab, &tokens, st)?;
+        let mut rgb = Vec::with_capacity(batch.len() * side * side * 3);
+        for item in batch {
+            rgb.extend(load_rgb(item, side)?);
         }
+        t_enc += on.score_batch(&rgb, lab, &mut scores)?;
     }
+    let stats: Vec<ScoreStats> = scores.iter().map(|s| s.stats().clone()).collect();
     let secs = t.elapsed().as_secs_f64();
     if a.json {
         for st in &stats {

@@ -337,3 +337,78 @@ fn c_abi_refuses_bad_arguments_with_a_status() {
         cg_model_free(std::ptr::null_mut());
     }
 }
+
+/// `Model::score` on images the tiny model sampled: the same losses as `checkergen score`
+/// on those PNGs (the CLI runs the same library call, batch by batch), independent of how
+/// the images are split into calls, and bad input is an `InvalidRequest`.
+#[test]
+fn score_equals_the_cli_and_refuses_bad_input() {
+    let images = cli_images("score", "0,1,2", 3, &[]);
+    let out = std::env::temp_dir().join(format!("cg-api-{}-score", std::process::id()));
+    let model_file = out.join("tiny.safetensors");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_checkergen"));
+    let mf = model_file.to_str().unwrap();
+    common::run_ok(
+        cmd.args(["init", "--preset", "tiny", "-o", mf]),
+        "checkergen init",
+    );
+    let model = Model::tiny(Device::Cpu).unwrap();
+    let rgb: Vec<u8> = images.concat();
+    let labels = [0usize, 1, 2];
+    let scores = model.score(&rgb, &labels, &[2, 4]).unwrap();
+    assert_eq!(scores.len(), 2);
+    assert_eq!(scores[0].images(), 3);
+    assert_eq!(scores[1].steps_per_scale(), 4);
+    // One image per call gives the same sums (up to f64 summation order).
+    let mut parts = model.new_scores(&[2, 4]).unwrap();
+    let px = rgb.len() / 3;
+    for (img, l) in rgb.chunks(px).zip(labels) {
+        model.score_batch(img, &[l], &mut parts).unwrap();
+    }
+    for (a, b) in scores.iter().zip(&parts) {
+        let rel = (a.loss_total() - b.loss_total()).abs() / a.loss_total();
+        assert!(rel < 1e-9, "split into calls: rel {rel:.2e}");
+        assert_eq!(a.top1_by_scale(), b.top1_by_scale());
+    }
+    // The CLI on the PNGs.
+    let pngs: Vec<String> = (0..3)
+        .map(|i| {
+            out.join(format!("sample_{i:04}.png"))
+                .to_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let mut args = vec!["score", "--model", mf, "--labels", "0,1,2"];
+    args.extend(pngs.iter().map(String::as_str));
+    args.extend(["--steps-per-scale", "2,4", "--device", "cpu", "--json"]);
+    let o = Command::new(env!("CARGO_BIN_EXE_checkergen"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let mut worst = 0.0f64;
+    for (j, s) in lines.iter().zip(&scores) {
+        let cli = j["loss_total"].as_f64().unwrap();
+        worst = worst.max((cli - s.loss_total()).abs() / s.loss_total());
+    }
+    println!("score: API vs CLI loss_total worst rel {worst:.2e}");
+    assert!(worst < 1e-12, "API vs CLI: {worst:.2e}");
+    // Bad input.
+    for (what, r) in [
+        ("bytes", model.score(&rgb[1..], &labels, &[4])),
+        ("label", model.score(&rgb, &[0, 1, 99], &[4])),
+        ("no steps", model.score(&rgb, &labels, &[])),
+        ("zero steps", model.score(&rgb, &labels, &[0])),
+    ] {
+        match r {
+            Err(Error::InvalidRequest(m)) => println!("{what}: {m}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+}
