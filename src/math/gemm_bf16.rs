@@ -46,10 +46,11 @@ impl Kernel {
             Kernel::Scalar => "scalar",
         }
     }
-
-    /// Every kernel, best first.
-    pub const ALL: [Kernel; 3] = [Kernel::Avx512Bf16, Kernel::Avx2, Kernel::Scalar];
 }
+
+/// Every kernel, best first. (Not an associated `pub const`: cbindgen, which reads the whole
+/// crate for include/checkergen.h, would export it and an opaque `Kernel` with it.)
+const ALL_KERNELS: [Kernel; 3] = [Kernel::Avx512Bf16, Kernel::Avx2, Kernel::Scalar];
 
 /// Whether `kern` can run on this CPU.
 pub fn supported(kern: Kernel) -> bool {
@@ -78,7 +79,7 @@ pub fn kernel() -> Kernel {
             Some("avx2") => Some(Kernel::Avx2),
             _ => None,
         };
-        let best = Kernel::ALL.into_iter().find(|&k| supported(k));
+        let best = ALL_KERNELS.into_iter().find(|&k| supported(k));
         match (forced, best) {
             (Some(f), _) if supported(f) => f,
             (_, Some(b)) => b,
