@@ -87,16 +87,11 @@ __device__ __forceinline__ uint32_t bits16(__half v) { return ((__half_raw)v).x;
 
 // Store 4 consecutive values o[0..4] as T at y[4i .. 4i+4): one 8-byte word for a 16-bit T,
 // one float4 for f32.
-__device__ __forceinline__ void store4(__nv_bfloat16* y, size_t i, const float* o) {
+template <typename T>
+__device__ __forceinline__ void store4(T* y, size_t i, const float* o) {
     uint2 packed;
-    packed.x = bits16(from_f32<__nv_bfloat16>(o[0])) | (bits16(from_f32<__nv_bfloat16>(o[1])) << 16);
-    packed.y = bits16(from_f32<__nv_bfloat16>(o[2])) | (bits16(from_f32<__nv_bfloat16>(o[3])) << 16);
-    ((uint2*)y)[i] = packed;
-}
-__device__ __forceinline__ void store4(__half* y, size_t i, const float* o) {
-    uint2 packed;
-    packed.x = bits16(from_f32<__half>(o[0])) | (bits16(from_f32<__half>(o[1])) << 16);
-    packed.y = bits16(from_f32<__half>(o[2])) | (bits16(from_f32<__half>(o[3])) << 16);
+    packed.x = bits16(from_f32<T>(o[0])) | (bits16(from_f32<T>(o[1])) << 16);
+    packed.y = bits16(from_f32<T>(o[2])) | (bits16(from_f32<T>(o[3])) << 16);
     ((uint2*)y)[i] = packed;
 }
 __device__ __forceinline__ void store4(float* y, size_t i, const float* o) {
