@@ -562,29 +562,30 @@ impl Model {
         &self.model.scale_sizes
     }
 
-    /// The batch size used when a request gives none: on a GPU what fits in 60 % of its
-    /// free memory (at most 256), on the emulator 4, on the CPU at most 8.
-    pub fn default_batch_size(&self, guided: bool) -> Result<usize> {
-        let per = pipeline::bytes_per_image(&self.model.config, guided)
-            .map_err(|e| Error::InvalidRequest(format!("{e:#}")))?
-            .max(1);
+    /// The memory this model's batches are planned against (`pipeline::batch_rule`).
+    pub fn memory(&self) -> Result<pipeline::Memory> {
         Ok(match &self.engine {
-            Engine::Cpu => (crate::limits::MAX_SAMPLE_BYTES / 4 / per).clamp(1, 8) as usize,
+            Engine::Cpu => pipeline::Memory::Host,
             #[cfg(feature = "cuda")]
             Engine::Gpu(g) => {
                 let g = g.lock().unwrap_or_else(|p| p.into_inner());
-                if g.gpu.is_emu() {
-                    4
-                } else {
-                    let free = g
-                        .gpu
-                        .mem_get_info()
-                        .map_err(|e| Error::Sampling(source(e)))?
-                        .0;
-                    ((free as f64 * 0.6) as u64 / per).clamp(1, 256) as usize
-                }
+                g.gpu.memory().map_err(|e| Error::Sampling(source(e)))?
             }
         })
+    }
+
+    /// The batch-size rule on this model's device (`pipeline::batch_rule`): the most images
+    /// one batch may hold, and the default. On a GPU the cap is 85 % of its total memory
+    /// and the default what fits in 60 % of its free memory (at most 256, never above the
+    /// cap); on the emulator the default is 4; on the CPU at most 8.
+    pub fn batch_rule(&self, guided: bool) -> Result<pipeline::BatchRule> {
+        pipeline::batch_rule(&self.model.config, guided, self.memory()?)
+            .map_err(|e| Error::InvalidRequest(format!("{e:#}")))
+    }
+
+    /// The batch size used when a request gives none ([`Model::batch_rule`]'s default).
+    pub fn default_batch_size(&self, guided: bool) -> Result<usize> {
+        Ok(self.batch_rule(guided)?.default)
     }
 
     /// Sample `request`.
@@ -704,8 +705,14 @@ impl Model {
         };
         let mut probe = opts.clone();
         probe.labels.truncate(batch);
-        pipeline::validate_options(&self.model.config, self.model.scale_sizes.len(), &probe)
-            .map_err(|e| Error::InvalidRequest(format!("{e:#}")))?;
+        let mem = self.memory()?;
+        pipeline::validate_options(
+            &self.model.config,
+            self.model.scale_sizes.len(),
+            &probe,
+            mem,
+        )
+        .map_err(|e| Error::InvalidRequest(format!("{e:#}")))?;
         if let Some(&bad) = opts.labels.iter().find(|&&l| l >= self.num_classes()) {
             return Err(Error::InvalidRequest(format!(
                 "class id {bad} is out of range: this model has {} classes (0..{})",

@@ -159,8 +159,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         o.cfg_start_step = a.run.cfg_start_step;
         o.graph = !a.run.no_graph;
         o.steps = Steps::Uniform(a.steps_per_scale);
-        pipeline::validate_options(&model.config, model.scale_sizes.len(), &o)
-            .with_context(|| format!("batch {b}"))?;
+        pipeline::validate_options(
+            &model.config,
+            model.scale_sizes.len(),
+            &o,
+            dev.batch_memory()?,
+        )
+        .with_context(|| format!("batch {b}"))?;
         let row = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
         let images_per_s = b as f64 / row.s_per_batch;
         let flops = row.flops_per_image * b as f64;
@@ -237,6 +242,15 @@ impl<'m> BenchDevice<'m> {
 
     pub fn describe(&self) -> String {
         device_name(&self.gpu, self.model)
+    }
+
+    /// The memory batches on this device are planned against (`pipeline::batch_rule`).
+    pub fn batch_memory(&self) -> Result<pipeline::Memory> {
+        match &self.gpu {
+            #[cfg(feature = "cuda")]
+            Some(gm) => gm.gpu.memory(),
+            _ => Ok(pipeline::Memory::Host),
+        }
     }
 
     /// Memory in use now: resident host memory since the reset, or device memory in use.

@@ -324,31 +324,6 @@ struct SampleRun {
     untimed_ms: f64,
 }
 
-/// The default `--batch-size`: on a GPU what fits in 60 % of its free memory (at the f32
-/// KV-cache estimate of `pipeline::bytes_per_image`, an over-estimate for bf16), at most
-/// 256; on the emulator 4 (it is slow); on the CPU at most 8, within a quarter of
-/// `limits::MAX_SAMPLE_BYTES`.
-pub(crate) fn default_batch_size(
-    cfg: &ModelConfig,
-    guided: bool,
-    device: &DeviceKind,
-) -> Result<usize> {
-    let per = pipeline::bytes_per_image(cfg, guided)?.max(1);
-    Ok(match device {
-        DeviceKind::Gpu { free_bytes } => ((*free_bytes as f64 * 0.6) as u64 / per).clamp(1, 256),
-        DeviceKind::Emu => 4,
-        DeviceKind::Cpu => (checkergen::limits::MAX_SAMPLE_BYTES / 4 / per).clamp(1, 8),
-    } as usize)
-}
-
-/// Which kind of device a run uses, for its defaults.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) enum DeviceKind {
-    Cpu,
-    Emu,
-    Gpu { free_bytes: u64 },
-}
-
 /// The model on the device `--device` picks (None: the CPU), with the kind of device for the
 /// defaults.
 #[cfg(feature = "cuda")]
@@ -361,7 +336,7 @@ pub(crate) fn pick_gpu_model(
     device: Device,
     precision: PrecisionArgs,
     model: &mut Model,
-) -> Result<(DeviceModel, DeviceKind)> {
+) -> Result<(DeviceModel, pipeline::Memory)> {
     #[cfg(feature = "cuda")]
     {
         let gm = match pick_gpu(device)? {
@@ -369,14 +344,11 @@ pub(crate) fn pick_gpu_model(
             None => None,
         };
         precision.apply(gm.is_some(), model)?;
-        let kind = match &gm {
-            Some(gm) if gm.gpu.is_emu() => DeviceKind::Emu,
-            Some(gm) => DeviceKind::Gpu {
-                free_bytes: gm.gpu.mem_get_info()?.0 as u64,
-            },
-            None => DeviceKind::Cpu,
+        let mem = match &gm {
+            Some(gm) => gm.gpu.memory()?,
+            None => pipeline::Memory::Host,
         };
-        Ok((gm, kind))
+        Ok((gm, mem))
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -384,7 +356,7 @@ pub(crate) fn pick_gpu_model(
             bail!("--device cuda/emu: this binary was built without the `cuda` feature");
         }
         precision.apply(false, model)?;
-        Ok((None, DeviceKind::Cpu))
+        Ok((None, pipeline::Memory::Host))
     }
 }
 
@@ -539,7 +511,12 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     };
     let mut probe = opts.clone();
     probe.labels.truncate(batch);
-    pipeline::validate_options(&model.config, model.scale_sizes.len(), &probe)?;
+    pipeline::validate_options(
+        &model.config,
+        model.scale_sizes.len(),
+        &probe,
+        api_model.memory()?,
+    )?;
 
     let t = Instant::now();
     let mut run = SampleRun::default();

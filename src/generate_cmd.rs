@@ -165,14 +165,16 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     });
     // A shard may be empty (more shards than images): it still writes its (empty) file.
     let count = end - start;
-    let (gpu_model, kind) = pick_gpu_model(a.s.device, a.s.precision, &mut model)?;
+    let (gpu_model, mem) = pick_gpu_model(a.s.device, a.s.precision, &mut model)?;
     let batch = match a.batch_size {
         Some(b) => b,
-        None => crate::commands::default_batch_size(cfg, a.s.cfg > 0.0, &kind)?.min(count.max(1)),
+        None => pipeline::batch_rule(cfg, a.s.cfg > 0.0, mem)?
+            .default
+            .min(count.max(1)),
     };
     let mut probe = o.clone();
     probe.labels = (0..batch).map(|i| i % cfg.num_classes).collect();
-    pipeline::validate_options(cfg, model.scale_sizes.len(), &probe)?;
+    pipeline::validate_options(cfg, model.scale_sizes.len(), &probe, mem)?;
     if !a.quiet {
         eprintln!(
             "generate: images {start}..{end} of {} (shard {k}/{n}) in batches of {batch} -> {}",

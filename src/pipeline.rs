@@ -130,11 +130,16 @@ pub struct Grids {
 }
 
 /// Check a request against a model configuration; every error is one line.
-pub fn validate_options(cfg: &ModelConfig, scale_count: usize, o: &SampleOptions) -> Result<()> {
+pub fn validate_options(
+    cfg: &ModelConfig,
+    scale_count: usize,
+    o: &SampleOptions,
+    mem: Memory,
+) -> Result<()> {
     if o.labels.is_empty() {
         bail!("no labels: give at least one class id");
     }
-    check_batch_size(cfg, o.labels.len(), o.cfg > 0.0)?;
+    check_batch_size(cfg, o.labels.len(), o.cfg > 0.0, mem)?;
     if let Some(&bad) = o.labels.iter().find(|&&l| l >= cfg.num_classes) {
         bail!(
             "class id {bad} is out of range: this model has {} classes (0..{})",
@@ -169,31 +174,121 @@ pub fn validate_options(cfg: &ModelConfig, scale_count: usize, o: &SampleOptions
     Ok(())
 }
 
-/// Host bytes one image of a sampling call plans for: its KV cache (K and V of every layer
-/// and position, twice with guidance) and its decoded pixels.
-pub fn bytes_per_image(cfg: &ModelConfig, guided: bool) -> Result<u64> {
+/// The memory a batch is planned against: the input of the one batch-size rule
+/// ([`batch_rule`]) that every front end (CLI, API, C ABI, Python) uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Memory {
+    /// The CPU backend: f32 KV caches in host memory, within [`MAX_SAMPLE_BYTES`].
+    Host,
+    /// The host-emulated GPU: the GPU's buffers (bf16 KV caches) in host memory, within
+    /// [`MAX_SAMPLE_BYTES`]; slow, so its default batch is small.
+    Emulated,
+    /// A GPU with `total` bytes of memory, `free` of them free now.
+    Gpu { total: u64, free: u64 },
+}
+
+/// What [`batch_rule`] decides for a model, guidance and memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchRule {
+    /// Bytes one image plans for on that memory (an upper bound).
+    pub per_image: u64,
+    /// The most images one batch may hold (at most [`MAX_IMAGES`], at least 1).
+    pub cap: usize,
+    /// The batch size when a request gives none (never above `cap`).
+    pub default: usize,
+}
+
+/// Most images a GPU batch takes by default (larger batches gain little throughput).
+const GPU_DEFAULT_MAX: u64 = 256;
+/// Share of a GPU's total memory one batch may plan for (the rest: weights, the cuBLAS
+/// workspace, the context, fragmentation).
+const GPU_CAP_SHARE: f64 = 0.85;
+/// Share of a GPU's free memory the default batch plans for.
+const GPU_DEFAULT_SHARE: f64 = 0.6;
+
+/// Bytes one image of a sampling call plans for on `mem`.
+///
+/// On the CPU: its f32 KV cache (K and V of every layer and position, twice with guidance)
+/// and its f32 pixels. On a GPU (and the emulator): its bf16 KV cache, the step buffers of
+/// its rows (sized here for the largest scale in one step, an upper bound for any schedule),
+/// its AdaLN modulations, and its share of the decoder's workspace at the last scale.
+pub fn bytes_per_image(cfg: &ModelConfig, guided: bool, mem: Memory) -> Result<u64> {
     let sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
     let n: u64 = sizes.iter().map(|&s| (s * s) as u64).sum();
     let rows = if guided { 2 } else { 1 };
-    let kv = rows * cfg.num_layers as u64 * n * cfg.hidden_size as u64 * 2 * 4;
-    let pixels = 3 * (cfg.img_size as u64).pow(2) * 4;
-    Ok(kv + pixels)
+    let (c, f, v) = (
+        cfg.hidden_size as u64,
+        cfg.ffn_dim as u64,
+        cfg.codebook_size() as u64,
+    );
+    let layers = cfg.num_layers as u64;
+    let side = cfg.img_size as u64;
+    Ok(match mem {
+        Memory::Host => rows * layers * n * c * 2 * 4 + 3 * side * side * 4,
+        Memory::Emulated | Memory::Gpu { .. } => {
+            let last = *sizes.last().unwrap_or(&1) as u64;
+            let cap = 1 + n;
+            let kv = layers * cap * c * 2 * 2;
+            // x and logits f32; a, q, o, qkv, g, h bf16 (cuda::engine::Batch).
+            let step = last * last * (4 * c + 2 * 6 * c + 2 * 3 * f + 4 * v);
+            let modulation = layers * 4 * c * 4;
+            let decoder = cfg.decoder.workspace_bytes_per_image(last as usize);
+            rows * (kv + step + modulation) + decoder + 3 * side * side
+        }
+    })
 }
 
-/// Refuse, before anything is allocated, a batch larger than [`MAX_IMAGES`] or one whose
-/// KV caches and pixels would pass [`MAX_SAMPLE_BYTES`].
-fn check_batch_size(cfg: &ModelConfig, images: usize, guided: bool) -> Result<()> {
+/// The batch-size rule: the cap and the default for `cfg` (with guidance or not) on `mem`.
+///
+/// - CPU: cap [`MAX_SAMPLE_BYTES`] / per image; default at most 8, within a quarter of it.
+/// - emulator: cap as on the CPU (its memory is the host's); default 4 (it is slow).
+/// - GPU: cap 85 % of the device's total memory / per image; default what fits in 60 % of
+///   its free memory, at most 256 and never above the cap.
+pub fn batch_rule(cfg: &ModelConfig, guided: bool, mem: Memory) -> Result<BatchRule> {
+    let per = bytes_per_image(cfg, guided, mem)?.max(1);
+    let max = MAX_IMAGES as u64;
+    let (cap, default) = match mem {
+        Memory::Host => {
+            let cap = (MAX_SAMPLE_BYTES / per).clamp(1, max);
+            (cap, (MAX_SAMPLE_BYTES / 4 / per).clamp(1, 8))
+        }
+        Memory::Emulated => ((MAX_SAMPLE_BYTES / per).clamp(1, max), 4),
+        Memory::Gpu { total, free } => {
+            let cap = ((total as f64 * GPU_CAP_SHARE) as u64 / per).clamp(1, max);
+            let default =
+                ((free as f64 * GPU_DEFAULT_SHARE) as u64 / per).clamp(1, GPU_DEFAULT_MAX);
+            (cap, default)
+        }
+    };
+    Ok(BatchRule {
+        per_image: per,
+        cap: cap as usize,
+        default: default.min(cap) as usize,
+    })
+}
+
+/// Refuse, before anything is allocated, a batch larger than [`MAX_IMAGES`] or than the cap
+/// of [`batch_rule`] on `mem`.
+pub fn check_batch_size(cfg: &ModelConfig, images: usize, guided: bool, mem: Memory) -> Result<()> {
     if images > MAX_IMAGES {
         bail!("{images} images in one batch; at most {MAX_IMAGES} per batch (--batch-size)");
     }
-    let per = bytes_per_image(cfg, guided)?;
-    let fit = (MAX_SAMPLE_BYTES / per.max(1)).max(1);
-    if images as u64 > fit {
+    let rule = batch_rule(cfg, guided, mem)?;
+    if images > rule.cap {
+        let (limit, place) = match mem {
+            Memory::Gpu { total, .. } => (
+                (total as f64 * GPU_CAP_SHARE) as u64,
+                "85 % of the GPU's memory",
+            ),
+            _ => (MAX_SAMPLE_BYTES, "the host limit"),
+        };
         bail!(
-            "{images} images need about {:.1} GiB for their KV caches and pixels; at most {fit} \
-             images of this model per batch (limit {} GiB): use a smaller --batch-size",
-            (images as u64 * per) as f64 / (1u64 << 30) as f64,
-            MAX_SAMPLE_BYTES >> 30
+            "{images} images need about {:.1} GiB for their KV caches, buffers and pixels; at \
+             most {} images of this model per batch ({place}, {:.1} GiB): use a smaller \
+             --batch-size",
+            (images as u64 * rule.per_image) as f64 / (1u64 << 30) as f64,
+            rule.cap,
+            limit as f64 / (1u64 << 30) as f64,
         );
     }
     Ok(())
@@ -292,6 +387,10 @@ impl std::error::Error for GraphCaptureFailed {}
 pub trait Backend {
     /// The configuration of the model this backend runs.
     fn config(&self) -> &ModelConfig;
+    /// The memory its batches are planned against ([`batch_rule`]). Default: the host's.
+    fn memory(&self) -> Result<Memory> {
+        Ok(Memory::Host)
+    }
     /// Before `begin`: the loop about to run. A backend that records loops (CUDA graphs) may
     /// run the whole loop inside `begin` from a recording of an earlier batch of the same
     /// shape and plan, and then reports [`Backend::replayed`]. Default: ignored.
@@ -468,7 +567,7 @@ fn run_tokens<B: Backend + ?Sized>(
     let cfg = &cfg;
     let scale_sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
     let scale_sizes = scale_sizes.as_slice();
-    validate_options(cfg, scale_sizes.len(), o)?;
+    validate_options(cfg, scale_sizes.len(), o, backend.memory()?)?;
     let schedule = match &o.steps {
         Steps::Uniform(k) => Schedule::uniform(scale_sizes, *k)?,
         Steps::PerScale(v) => Schedule::with_steps(scale_sizes, v)?,

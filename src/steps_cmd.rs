@@ -227,7 +227,7 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             o.steps = Steps::PerScale(list.clone());
             let one = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
             o.labels = (0..a.batch).map(|i| i % cfg.num_classes).collect();
-            pipeline::validate_options(cfg, sizes.len(), &o)?;
+            pipeline::validate_options(cfg, sizes.len(), &o, dev.batch_memory()?)?;
             let many = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
             let p = StepsPoint {
                 ratio: cfg.scale_ratio,

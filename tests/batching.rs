@@ -114,19 +114,48 @@ fn gpu_batches_equal_one_batch() {
     let (_, model) = tiny64();
     let gm = GpuModel::new(gpu, &model).unwrap();
     check_independent_of_batch_size(&mut GpuBackend::new(&gm), "gpu", 5, &[2]);
-    // The decoder's sub-batch path (taken when a batch passes its int32 indexing or half the
-    // free memory) gives the same pixels.
+    // The decoder's multi-pass decode (taken when a batch passes its int32 indexing or half
+    // the free memory) gives the same pixels, inside the loop (its graph) like one pass.
     let o = options(5);
     let whole = pipeline::sample(&mut GpuBackend::new(&gm), &o).unwrap();
     let mut be = GpuBackend::new(&gm);
     be.decode_batch_limit = Some(2);
     let split = pipeline::sample(&mut be, &o).unwrap();
     assert_eq!(split.tokens.tokens, whole.tokens.tokens);
-    assert_eq!(split.pixels, whole.pixels, "decoder sub-batches");
-    // The whole batch was decoded at the end of the loop (its graph, when captured), the
-    // split one afterwards in sub-batches: the same pixels either way.
+    assert_eq!(
+        split.pixels, whole.pixels,
+        "decoder passes of 2, 2 and 1 images"
+    );
+    // Both were decoded at the end of the loop (inside its graph, when captured).
     assert!(whole.tokens.decode_in_loop_ms.is_some());
-    assert!(split.tokens.decode_in_loop_ms.is_none());
+    assert!(split.tokens.decode_in_loop_ms.is_some());
+}
+
+/// Batch 256 of the released decoder at 256 px passes int32 indexing in one pass (255 fit):
+/// it decodes in two equal passes of 128 on one workspace, not 255 + 1 with a reallocation
+/// (issue 21 item 4); a batch within the bound is one pass.
+#[cfg(feature = "cuda")]
+#[test]
+fn decoder_passes_are_equal_and_within_int32() {
+    use checkergen::cuda::decoder::{equal_passes, max_pass};
+    let cfg = checkergen::model::config::released_decoder();
+    let max = max_pass(&cfg, 16, None);
+    let (act, _, _) = cfg.activation_plan(16);
+    println!("released decoder at s 16: {act} activation elements per image, {max} per pass");
+    assert!(max * act <= i32::MAX as usize && (max + 1) * act > i32::MAX as usize);
+    assert_eq!(equal_passes(256, max), 128);
+    assert_eq!(equal_passes(max, max), max);
+    assert_eq!(equal_passes(1000, max), 250);
+    assert_eq!(equal_passes(5, 2), 2);
+    for batch in 1..600 {
+        let chunk = equal_passes(batch, max);
+        let passes = batch.div_ceil(chunk);
+        assert!(chunk <= max, "batch {batch}: chunk {chunk}");
+        assert_eq!(passes, batch.div_ceil(max), "batch {batch}: fewest passes");
+    }
+    // With little free memory the memory bound takes over (half of it for the workspace).
+    let per = cfg.workspace_bytes_per_image(16) as usize;
+    assert_eq!(max_pass(&cfg, 16, Some(10 * per)), 5);
 }
 
 #[test]
@@ -230,7 +259,8 @@ fn two_thousand_images_hold_one_batch_in_memory() {
         serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
     assert_eq!(rj["batches"], 125);
     assert_eq!(rj["num_images"], 2000);
-    let all_at_once = 2000 * pipeline::bytes_per_image(&cfg, false).unwrap();
+    let all_at_once =
+        2000 * pipeline::bytes_per_image(&cfg, false, pipeline::Memory::Host).unwrap();
     let bound = 96u64 << 20;
     println!(
         "2000 images in batches of 16: {:.1} s, peak RSS {:.1} MiB (bound {} MiB; the KV caches \
@@ -243,4 +273,68 @@ fn two_thousand_images_hold_one_batch_in_memory() {
     assert!(peak > 0, "could not read the child's VmHWM");
     assert!(peak < bound, "peak RSS {peak} bytes");
     std::fs::remove_dir_all(&d).ok();
+}
+
+/// The one batch-size rule (issue 21 item 1): on the GPUs the project targets, the default
+/// never exceeds the cap, and batch 256 of L-2x with guidance is accepted (it was refused at
+/// 152 when the KV cache was counted as f32 and the cap was the host's 16 GiB).
+#[test]
+fn gpu_batch_rule_takes_256_and_default_within_cap() {
+    use checkergen::pipeline::{Memory, batch_rule, check_batch_size};
+    const GB: u64 = 1 << 30;
+    for name in ["L-2x", "L-4x", "S-2x", "tiny"] {
+        let cfg = checkergen::model::config::preset(name).unwrap();
+        for guided in [false, true] {
+            for (card, total) in [("H100 80 GB", 80 * GB), ("H200 141 GB", 141 * GB)] {
+                for free_share in [1.0, 0.5, 0.01] {
+                    let free = (total as f64 * free_share) as u64;
+                    let mem = Memory::Gpu { total, free };
+                    let r = batch_rule(&cfg, guided, mem).unwrap();
+                    println!(
+                        "{name} guided {guided} {card} free {:.0} %: {:.1} MiB per image, cap {}, \
+                         default {}",
+                        free_share * 100.0,
+                        r.per_image as f64 / (1 << 20) as f64,
+                        r.cap,
+                        r.default
+                    );
+                    assert!(r.default >= 1 && r.default <= r.cap, "{r:?}");
+                    assert!(r.default <= 256, "{r:?}");
+                    // The default is accepted by the check every front end runs.
+                    check_batch_size(&cfg, r.default, guided, mem).unwrap();
+                    check_batch_size(&cfg, r.cap, guided, mem).unwrap();
+                    let e = check_batch_size(&cfg, r.cap + 1, guided, mem);
+                    assert!(r.cap == 4096 || e.is_err(), "{} accepted", r.cap + 1);
+                    if name.starts_with("L-") {
+                        assert!(r.cap >= 256, "{name} on {card}: cap {}", r.cap);
+                        if free_share == 1.0 {
+                            assert!(r.default >= 200, "{name} on {card}: default {}", r.default);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // The GPU counts bf16 KV caches: at equal bytes the GPU's KV part is half the CPU's.
+    let cfg = checkergen::model::config::preset("L-2x").unwrap();
+    let host = pipeline::bytes_per_image(&cfg, true, Memory::Host).unwrap();
+    let gpu = pipeline::bytes_per_image(&cfg, true, Memory::Emulated).unwrap();
+    println!(
+        "L-2x guided per image: host (f32 KV) {:.1} MiB, GPU (bf16 KV + buffers + decoder) \
+         {:.1} MiB",
+        host as f64 / (1 << 20) as f64,
+        gpu as f64 / (1 << 20) as f64
+    );
+    // A card too small for one more image than the cap: the cap says so in one line.
+    let small = Memory::Gpu {
+        total: 8 * GB,
+        free: 8 * GB,
+    };
+    let r = batch_rule(&cfg, true, small).unwrap();
+    let e = check_batch_size(&cfg, r.cap + 1, true, small).unwrap_err();
+    let msg = format!("{e}");
+    assert!(msg.contains("GPU's memory") && !msg.contains('\n'), "{msg}");
+    // The CPU rule is unchanged: at most 8 by default, 1000 L-2x images refused.
+    let r = batch_rule(&cfg, true, Memory::Host).unwrap();
+    assert!(r.default <= 8 && r.cap < 1000, "{r:?}");
 }

@@ -178,4 +178,19 @@ mod graph {
             assert_eq!(n, 3, "two timestamps and a launch");
         }
     }
+
+    /// `Gpu::new` keeps freed memory in the device's default pool (release threshold at its
+    /// maximum), so a batch's buffers are not unmapped at every synchronization and mapped
+    /// again by the next batch. Only a real GPU has the pool: skipped (ignored) elsewhere.
+    #[test]
+    #[ignore = "needs a real GPU (the driver's memory pool); the GPU bundle runs it"]
+    fn pool_keeps_freed_memory() {
+        let g = common::gpu("pool_keeps_freed_memory");
+        match g.pool_release_threshold().unwrap() {
+            Some(t) => assert_eq!(t, u64::MAX, "release threshold"),
+            None => {
+                panic!("the emulator has no memory pool: run on a GPU (CHECKERGEN_DEVICE=cuda)")
+            }
+        }
+    }
 }

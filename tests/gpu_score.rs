@@ -171,8 +171,15 @@ fn gpu_losses_match_cpu() {
             // The library entry point gives the same statistics as the logits it scores.
             let mut lib = ScoreStats::new(&schedule, k);
             let sizes = &model.scale_sizes;
+            let allocated = gm.gpu.allocations();
             checkergen::cuda::score::score_codes(&gm, sizes, &labels, &tokens, k, &mut lib)
                 .unwrap();
+            // A second call of one shape runs on the first call's buffers (issue 21 item 5).
+            assert_eq!(
+                gm.gpu.allocations(),
+                allocated,
+                "{case}: a repeated scoring call allocated device buffers"
+            );
             assert_eq!(lib, dev, "{case}: score_codes vs masked_logits + add");
         }
         // Bad input is a clear error, never a panic.

@@ -9,6 +9,7 @@ use checkergen::io::pth::PthCheckpoint;
 use checkergen::model::config::{CONFIG_METADATA_KEY, FORMAT, preset};
 use checkergen::model::file::write_safetensors;
 use checkergen::model::init::random_tensors;
+use checkergen::pipeline::Memory;
 use hostile_common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -187,7 +188,7 @@ fn abort_sample_batches_are_bounded() {
     // Below the count limit, a batch whose KV caches would not fit is refused too.
     let cfg = preset("L-2x").unwrap();
     let opts = checkergen::pipeline::SampleOptions::new(vec![0; 1000]);
-    let e = checkergen::pipeline::validate_options(&cfg, 5, &opts).unwrap_err();
+    let e = checkergen::pipeline::validate_options(&cfg, 5, &opts, Memory::Host).unwrap_err();
     assert!(
         format!("{e}").contains("images of this model per batch"),
         "{e}"

@@ -143,6 +143,9 @@ pub struct Gpu {
     /// While a graph is being captured: on the emulator the recorded operations (on a GPU an
     /// empty list: the stream records). See [`Gpu::begin_capture`].
     capture: std::sync::Mutex<Option<Vec<EmuOp>>>,
+    /// Device buffers created so far (`alloc`, `zeros`, `upload`): tests check that a
+    /// repeated call of one shape allocates nothing ([`Gpu::allocations`]).
+    allocations: std::sync::atomic::AtomicU64,
 }
 
 /// One recorded emulator operation (a kernel launch with a copy of its parameters, a GEMM,
@@ -310,7 +313,55 @@ fn nvrtc_compile(f: &super::KernelFile, cc: (i32, i32)) -> Result<Ptx> {
     Ok(ptx)
 }
 
+/// cudarc allocates stream-ordered (`cuMemAllocAsync`) from the device's default memory pool,
+/// whose release threshold is 0: at every synchronization the pool hands its freed memory back
+/// to the driver, and the next batch's buffers are mapped anew. With the threshold at its
+/// maximum, freed memory stays in the pool for the process (what the CUDA docs advise for
+/// allocation-heavy loops); `cuMemPoolTrimTo` could still give it back.
+fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .context("cuDeviceGetDefaultMemPool")?;
+    let mut threshold = u64::MAX;
+    // SAFETY: RELEASE_THRESHOLD takes a cuuint64_t; `threshold` outlives the call.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .context("setting the memory pool's release threshold")?;
+    Ok(())
+}
+
 impl Gpu {
+    /// The release threshold of the device's default memory pool (None on the emulator,
+    /// which has no pool): `u64::MAX` once [`Gpu::new`] has set it.
+    pub fn pool_release_threshold(&self) -> Result<Option<u64>> {
+        use cudarc::driver::sys;
+        let Backend::Cuda(c) = &self.backend else {
+            return Ok(None);
+        };
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: valid out-pointers; the device handle comes from a live context.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, c.ctx.cu_device()) }.result()?;
+        let mut v = 0u64;
+        unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut v as *mut u64).cast(),
+            )
+        }
+        .result()?;
+        Ok(Some(v))
+    }
+
     /// The first GPU, or `Ok(None)` when there is no CUDA driver or no device. A driver that
     /// is present but fails (device count, cuBLAS missing, context) is an error.
     pub fn try_new() -> Result<Option<Gpu>> {
@@ -343,6 +394,7 @@ impl Gpu {
             cc: (9, 0),
             image_kind: "host emulator",
             capture: std::sync::Mutex::new(None),
+            allocations: Default::default(),
         })
     }
 
@@ -376,6 +428,7 @@ impl Gpu {
         // One stream, no per-buffer event tracking: ordering is the stream's program order.
         // SAFETY: called before any buffer is allocated in this context.
         unsafe { ctx.disable_event_tracking() };
+        keep_pool_memory(&ctx)?;
         let stream = ctx.new_stream().context("cannot create a CUDA stream")?;
         let blas = CudaBlas::new(stream.clone()).context("cannot create a cuBLAS handle")?;
         let blas_workspace = stream
@@ -438,6 +491,7 @@ impl Gpu {
             cc,
             image_kind,
             capture: std::sync::Mutex::new(None),
+            allocations: Default::default(),
         })
     }
 
@@ -522,6 +576,16 @@ impl Gpu {
         }
     }
 
+    /// How many device buffers this device has created so far.
+    pub fn allocations(&self) -> u64 {
+        self.allocations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_allocation(&self) {
+        self.allocations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A new buffer of `n` elements whose contents are unspecified: poisoned on the emulator
     /// (see [`DevElem::POISON`]), zeroed on a GPU. For buffers the kernels write before they
     /// read; `zeros` where the engine relies on zeros.
@@ -544,6 +608,7 @@ impl Gpu {
         loc: &'static std::panic::Location<'static>,
     ) -> Result<DevBuf<T>> {
         self.not_capturing("allocating")?;
+        self.count_allocation();
         let len = n.max(1);
         let mem = match &self.backend {
             Backend::Cuda(c) => Mem::Cuda(c.stream.alloc_zeros(len).context("device allocation")?),
@@ -560,6 +625,7 @@ impl Gpu {
     #[track_caller]
     pub fn upload<T: DevElem>(&self, host: &[T]) -> Result<DevBuf<T>> {
         self.not_capturing("a host-to-device copy")?;
+        self.count_allocation();
         let loc = std::panic::Location::caller();
         match &self.backend {
             Backend::Cuda(c) => Ok(DevBuf {
@@ -859,6 +925,21 @@ impl Gpu {
         if let MarksInner::Emu(slots) = &marks.inner {
             slots.lock().unwrap().iter_mut().for_each(|t| *t = None);
         }
+    }
+
+    /// The memory batches on this device are planned against (`pipeline::batch_rule`).
+    pub fn memory(&self) -> Result<crate::pipeline::Memory> {
+        use crate::pipeline::Memory;
+        Ok(match &self.backend {
+            Backend::Cuda(c) => {
+                let (free, total) = c.ctx.mem_get_info()?;
+                Memory::Gpu {
+                    total: total as u64,
+                    free: free as u64,
+                }
+            }
+            Backend::Emu(_) => Memory::Emulated,
+        })
     }
 
     /// (free, total) device memory in bytes; on the emulator, live allocations against a

@@ -74,6 +74,9 @@ pub struct GpuModel {
     class_rope: DevBuf<i32>,
     /// The buffers of the last batch shape, reused by the next batch of the same shape.
     cache: std::sync::Mutex<Option<(BatchKey, Batch, Vec<StepIndex>)>>,
+    /// The scoring pass's buffers of the last shape (`cuda::score`), reused by the next call
+    /// of the same shape: nothing is allocated per call.
+    pub(super) score_cache: std::sync::Mutex<Option<super::score::ScoreBuffers>>,
 }
 
 /// What a batch's buffers depend on: images, guidance, and the schedule's shape.
@@ -153,6 +156,7 @@ impl GpuModel {
             cfg: cfg.clone(),
             decoder,
             cache: std::sync::Mutex::new(None),
+            score_cache: std::sync::Mutex::new(None),
             class_rope: gpu.upload(&[w.n_tokens as i32])?,
             gpu,
         })
@@ -243,8 +247,8 @@ pub struct GpuBackend<'m> {
     loop_decode: Option<usize>,
     /// The scale whose pixels the loop decoded into the batch's `dec` buffers.
     decoded: Option<usize>,
-    /// At most this many images per decoder launch sequence (on top of
-    /// `GpuDecoder::max_batch`); None = no extra limit. For tests of the sub-batch path.
+    /// At most this many images per pass of the in-loop decode (on top of
+    /// `GpuDecoder::max_batch`); None = no extra limit. For tests of the multi-pass decode.
     pub decode_batch_limit: Option<usize>,
 }
 
@@ -548,6 +552,10 @@ impl Backend for GpuBackend<'_> {
         &self.m.cfg
     }
 
+    fn memory(&self) -> Result<crate::pipeline::Memory> {
+        self.m.gpu.memory()
+    }
+
     fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()> {
         let m = self.m;
         let g = &m.gpu;
@@ -605,10 +613,9 @@ impl Backend for GpuBackend<'_> {
         g.clear_marks(&bt.marks);
         // The planned decode joins the loop when one launch sequence takes the batch; its
         // buffers are the batch's (allocated before any capture, kept with its graphs).
-        let decode = plan.decode.and_then(|si| {
-            let s = schedule.scales.get(si)?.size;
-            (b <= self.decode_cap(s)).then_some((si, s))
-        });
+        let decode = plan
+            .decode
+            .and_then(|si| Some((si, schedule.scales.get(si)?.size)));
         self.decoded = None;
         self.loop_decode = decode.map(|(si, _)| si);
         let mut sig = plan.signature;
@@ -617,7 +624,7 @@ impl Backend for GpuBackend<'_> {
                 // Graphs that decode launch on the old buffers: they go first.
                 bt.graphs.retain(|k, _| !k.contains(DECODE_SIG));
                 bt.dec = None;
-                bt.dec = Some(m.decoder.buffers(g, b, s)?);
+                bt.dec = Some(m.decoder.buffers(g, b, s, self.decode_batch_limit)?);
             }
             sig = format!("{sig}{DECODE_SIG}{si}");
         }
@@ -769,20 +776,11 @@ impl Backend for GpuBackend<'_> {
                 images: None,
             });
         }
-        let cap = self.decode_cap(s);
-        let pixels = if bt.b <= cap {
-            dec.decode_device(g, grid, bt.b, s, true)?
-                .context("the decoder read back no pixels")?
-        } else {
-            // Sub-batches within the kernels' int32 indexing, through the host (the tokens
-            // are small beside the decode).
-            let host: Vec<u32> = g.download(grid)?.iter().map(|&t| t as u32).collect();
-            let mut px = Vec::with_capacity(bt.b * 3 * (s * dec.config().stride()).pow(2));
-            for chunk in host.chunks(cap * s * s) {
-                px.extend(dec.decode_tokens::<u8>(g, chunk, chunk.len() / (s * s), s)?);
-            }
-            px
-        };
+        // Every batch decodes in one launch sequence (equal passes within the kernels' int32
+        // indexing and the free memory: `GpuDecoder::chunk`).
+        let pixels = dec
+            .decode_device(g, grid, bt.b, s, true)?
+            .context("the decoder read back no pixels")?;
         Ok(Decoded {
             pixels,
             images: None,
@@ -880,13 +878,6 @@ impl GpuBackend<'_> {
             None
         };
         Ok(out)
-    }
-
-    /// The most images one decoder launch sequence takes for an s x s latent now.
-    fn decode_cap(&self, s: usize) -> usize {
-        let (dec, g) = (&self.m.decoder, &self.m.gpu);
-        dec.max_batch(s, g.mem_get_info().ok().map(|(free, _)| free))
-            .min(self.decode_batch_limit.unwrap_or(usize::MAX).max(1))
     }
 
     /// At the end of the loop (before a capture ends): the planned decode into the batch's

@@ -16,14 +16,28 @@
 //! losses match the CPU's to bf16 accuracy (tests/gpu_score.rs).
 
 use super::attention::BlockMask;
+use super::device::DevBuf;
 use super::embed::{SeqRows, gather_inputs};
-use super::engine::{GpuModel, to_bf16};
+use super::engine::{Batch, GpuModel, to_bf16};
 use super::gemm::linear;
 use super::norm::{add_bias_f32, rmsnorm_adaln};
 use crate::cpu::score::{ScoreStats, check_inputs};
 use crate::math;
 use crate::order::Schedule;
 use anyhow::{Context, Result};
+
+/// The buffers of one scoring shape: the batch's activations, KV cache, logits and grids,
+/// and the positions' RoPE rows and block ids.
+pub(super) struct ScoreBuffers {
+    /// Images, and per scale (side, steps).
+    key: (usize, Vec<(usize, usize)>),
+    bt: Batch,
+    /// The steps' index tables on the device.
+    steps: Vec<super::embed::StepIndex>,
+    cur: DevBuf<i32>,
+    prev: DevBuf<i32>,
+    block: DevBuf<i32>,
+}
 
 impl GpuModel {
     /// Logits `(B, N, V)` of every position of the sequence in schedule order (the class
@@ -41,9 +55,33 @@ impl GpuModel {
         let (b, c, v) = (labels.len(), cfg.hidden_size, cfg.codebook_size());
         let n = schedule.total_tokens();
         let len = 1 + n;
-        let mut bt = self
-            .allocate(schedule, b, b, len)
-            .with_context(|| format!("allocating the scoring pass of {b} images"))?;
+        // The last call's buffers when the shape is the same (no allocation per call).
+        let key = (
+            b,
+            schedule.scales.iter().map(|s| (s.size, s.steps)).collect(),
+        );
+        let mut slot = self.score_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let bufs = match slot.take() {
+            Some(mut sb) if sb.key == key => {
+                sb.bt.len = 0;
+                sb
+            }
+            old => {
+                drop(old); // free the other shape's buffers first
+                ScoreBuffers {
+                    key,
+                    bt: self
+                        .allocate(schedule, b, b, len)
+                        .with_context(|| format!("allocating the scoring pass of {b} images"))?,
+                    steps: self.step_indices(schedule)?,
+                    cur: g.alloc(len)?,
+                    prev: g.alloc(len)?,
+                    block: g.alloc(len)?,
+                }
+            }
+        };
+        let sb = slot.insert(bufs);
+        let bt = &mut sb.bt;
         for (grid, t) in bt.grids.iter_mut().zip(tokens) {
             let t: Vec<i32> = t.iter().map(|&x| x as i32).collect();
             g.upload_into(&t, grid, 0)?;
@@ -56,14 +94,14 @@ impl GpuModel {
             g.upload_into(row, &mut bt.x, bi * len * c)?;
         }
         g.upload_into(&to_bf16(&act), &mut bt.act, 0)?;
-        self.modulate(&mut bt)?;
-        let steps = self.step_indices(schedule)?;
+        self.modulate(bt)?;
+        let steps = &sb.steps;
         // RoPE rows (own, paired previous-block; row N for the class token, N+1 = "empty")
         // and block ids of every position.
         let (mut cur, mut prev, mut block) = (vec![n as i32], vec![n as i32], vec![0i32]);
         let mut off = 1;
         for (si, scale) in schedule.scales.iter().enumerate() {
-            self.scale_sources(&mut bt, schedule, si)?;
+            self.scale_sources(bt, schedule, si)?;
             for st in schedule.steps.iter().filter(|st| st.scale == si) {
                 let idx = &steps[st.t];
                 let at = SeqRows { stride: len, off };
@@ -92,12 +130,15 @@ impl GpuModel {
             }
         }
         debug_assert_eq!(off, len);
-        let (cur, prev, block) = (g.upload(&cur)?, g.upload(&prev)?, g.upload(&block)?);
+        g.upload_into(&cur, &mut sb.cur, 0)?;
+        g.upload_into(&prev, &mut sb.prev, 0)?;
+        g.upload_into(&block, &mut sb.block, 0)?;
+        let bt = &mut sb.bt;
         let mask = BlockMask {
-            key_block: &block,
-            query_block: &block,
+            key_block: &sb.block,
+            query_block: &sb.block,
         };
-        self.forward(&mut bt, len, &cur, &prev, Some(mask))?;
+        self.forward(bt, len, &sb.cur, &sb.prev, Some(mask))?;
         let t = b * len;
         let eps = cfg.rms_norm_eps as f32;
         rmsnorm_adaln(g, &bt.x, &self.final_norm, None, &mut bt.a, t, len, c, eps)?;

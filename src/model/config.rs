@@ -37,6 +37,40 @@ impl DecoderConfig {
             .checked_shl(self.ch_mult.len().saturating_sub(1) as u32)
             .unwrap_or(usize::MAX)
     }
+
+    /// Largest per-image activation (elements), largest H*W and largest channel count of
+    /// the decoder on an s x s latent: what its activation buffers are sized for.
+    pub fn activation_plan(&self, s: usize) -> (usize, usize, usize) {
+        let nl = self.ch_mult.len();
+        let mut c = self.ch * self.ch_mult[nl - 1];
+        let mut h = s;
+        let mut max_act = (s * s * self.z_channels).max(s * s * c);
+        let mut max_c = c.max(self.z_channels);
+        for i in 0..nl {
+            c = self.ch * self.ch_mult[nl - 1 - i];
+            max_c = max_c.max(c);
+            max_act = max_act.max(h * h * c);
+            if i + 1 < nl {
+                h *= 2;
+                max_act = max_act.max(h * h * c);
+            }
+        }
+        max_act = max_act.max(h * h * 3);
+        (max_act, h * h, max_c)
+    }
+
+    /// Device bytes one image takes in a GPU decode of an s x s latent (an upper bound of
+    /// the workspace: three f32 and one 16-bit activation buffer, f32 + u8 pixels, tokens
+    /// and codes, and the mid attention's scores).
+    pub fn workspace_bytes_per_image(&self, s: usize) -> u64 {
+        let (max_act, _, _) = self.activation_plan(s);
+        let side = (s * self.stride()) as u64;
+        let n = (s * s) as u64;
+        max_act as u64 * (3 * 4 + 2)
+            + 3 * side * side * 5
+            + n * (4 + 2 * self.embed_dim as u64)
+            + 2 * n * n * 4
+    }
 }
 
 /// Transformer + sampler hyperparameters (SPEC.md section 4).

@@ -388,12 +388,29 @@ pub fn gather_codes<T: Storage>(
     n_embed: usize,
     normalize: bool,
 ) -> Result<()> {
+    gather_codes_at(gpu, tokens, 0, codebook, z, rows, e, n_embed, normalize)
+}
+
+/// [`gather_codes`] of the `rows` tokens from element `tok_off` of `tokens` on (one pass of
+/// a decode that runs a batch in equal passes).
+#[allow(clippy::too_many_arguments)]
+pub fn gather_codes_at<T: Storage>(
+    gpu: &Gpu,
+    tokens: &DevBuf<i32>,
+    tok_off: usize,
+    codebook: &DevBuf<f32>,
+    z: &mut DevBuf<T>,
+    rows: usize,
+    e: usize,
+    n_embed: usize,
+    normalize: bool,
+) -> Result<()> {
     ensure!(
-        tokens.len() >= rows && codebook.len() >= n_embed * e && z.len() >= rows * e,
+        tokens.len() >= tok_off + rows && codebook.len() >= n_embed * e && z.len() >= rows * e,
         "gather_codes buffers"
     );
     let p = GatherCodesParams {
-        tokens: gpu.ptr(tokens),
+        tokens: gpu.ptr(tokens) + (tok_off * std::mem::size_of::<i32>()) as u64,
         codebook: gpu.ptr(codebook),
         z: gpu.ptr(z),
         rows: i32_of(rows, "rows")?,
@@ -476,19 +493,35 @@ pub fn pixels(
     hw: usize,
     c: usize,
 ) -> Result<()> {
+    pixels_at(gpu, y, out_f32, out_u8, 0, batch, hw, c)
+}
+
+/// [`pixels`] into the outputs from element `out_off` on (one pass of a decode that runs a
+/// batch in equal passes).
+#[allow(clippy::too_many_arguments)]
+pub fn pixels_at(
+    gpu: &Gpu,
+    y: &DevBuf<f32>,
+    out_f32: Option<&mut DevBuf<f32>>,
+    out_u8: Option<&mut DevBuf<u8>>,
+    out_off: usize,
+    batch: usize,
+    hw: usize,
+    c: usize,
+) -> Result<()> {
     let n = batch * hw * c;
     ensure!(y.len() >= n, "pixels: input shorter than {n}");
     let pf = match out_f32 {
         Some(o) => {
-            ensure!(o.len() >= n, "pixels: f32 output too short");
-            gpu.ptr(o)
+            ensure!(o.len() >= out_off + n, "pixels: f32 output too short");
+            gpu.ptr(o) + (out_off * std::mem::size_of::<f32>()) as u64
         }
         None => 0,
     };
     let pu = match out_u8 {
         Some(o) => {
-            ensure!(o.len() >= n, "pixels: u8 output too short");
-            gpu.ptr(o)
+            ensure!(o.len() >= out_off + n, "pixels: u8 output too short");
+            gpu.ptr(o) + out_off as u64
         }
         None => 0,
     };

@@ -330,13 +330,19 @@ impl<T: Storage> GpuLevel<T> {
 }
 
 /// Device buffers for one (batch, s); see the module comment for what flows through them.
+/// The batch is decoded in equal passes of at most `chunk` images (one pass when it fits the
+/// kernels' int32 indexing and the memory, `GpuDecoder::max_batch`): tokens and pixels are
+/// the whole batch's, codes and activations one pass's, so every batch decodes in one launch
+/// sequence (inside the sampler's graph) on one workspace.
 struct Workspace<T: Storage> {
     batch: usize,
+    chunk: usize,
     s: usize,
     side: usize,
     tokens: DevBuf<i32>, // (B, s, s)
-    z: DevBuf<T>,        // (B*s*s, e)
-    a: Acts<T>,
+    z: DevBuf<T>,        // (chunk*s*s, e)
+    a: Acts<T>,          // chunk images'
+
     img: DevBuf<f32>, // (B, 3, side, side)
     px: DevBuf<u8>,   // (B, 3, side, side)
 }
@@ -510,40 +516,48 @@ impl<T: Storage> Acts<T> {
     }
 }
 
-/// Largest per-image activation (elements), largest H*W and largest channel count of the
-/// decoder on an s x s latent.
+/// [`GpuDecoder::max_batch`] for a decoder configuration.
+pub fn max_pass(cfg: &DecoderConfig, s: usize, free_bytes: Option<usize>) -> usize {
+    let (max_act, _, _) = plan(cfg, s);
+    let by_index = i32::MAX as usize / max_act.max(1);
+    let per_image = cfg.workspace_bytes_per_image(s) as usize;
+    let by_memory = free_bytes.map_or(usize::MAX, |f| f / 2 / per_image.max(1));
+    by_index.min(by_memory).max(1)
+}
+
+/// Images per pass when `batch` images are decoded in passes of at most `max`: the fewest
+/// passes, all of equal size but the last (which may be smaller by less than one per pass).
+pub fn equal_passes(batch: usize, max: usize) -> usize {
+    let passes = batch.div_ceil(max.max(1)).max(1);
+    batch.div_ceil(passes).max(1)
+}
+
+/// Largest per-image activation (elements), largest H*W and largest channel count.
 fn plan(cfg: &DecoderConfig, s: usize) -> (usize, usize, usize) {
-    let nl = cfg.ch_mult.len();
-    let mut c = cfg.ch * cfg.ch_mult[nl - 1];
-    let mut h = s;
-    let mut max_act = (s * s * cfg.z_channels).max(s * s * c);
-    let mut max_c = c.max(cfg.z_channels);
-    for i in 0..nl {
-        c = cfg.ch * cfg.ch_mult[nl - 1 - i];
-        max_c = max_c.max(c);
-        max_act = max_act.max(h * h * c);
-        if i + 1 < nl {
-            h *= 2;
-            max_act = max_act.max(h * h * c);
-        }
-    }
-    max_act = max_act.max(h * h * 3);
-    (max_act, h * h, max_c)
+    cfg.activation_plan(s)
 }
 
 impl<T: Storage> Workspace<T> {
-    fn new(gpu: &Gpu, cfg: &DecoderConfig, batch: usize, s: usize) -> Result<Workspace<T>> {
+    fn new(
+        gpu: &Gpu,
+        cfg: &DecoderConfig,
+        batch: usize,
+        s: usize,
+        chunk: usize,
+    ) -> Result<Workspace<T>> {
         let (max_act, max_hw, max_c) = plan(cfg, s);
         let n = s * s;
         let side = s * cfg.stride();
         let c_last = cfg.ch * cfg.ch_mult[cfg.ch_mult.len() - 1];
+        let chunk = chunk.clamp(1, batch.max(1));
         Ok(Workspace {
             batch,
+            chunk,
             s,
             side,
             tokens: gpu.alloc(batch * n)?,
-            z: gpu.alloc(batch * n * cfg.embed_dim)?,
-            a: Acts::new(gpu, batch, max_act, max_hw, max_c, n, c_last)?,
+            z: gpu.alloc(chunk * n * cfg.embed_dim)?,
+            a: Acts::new(gpu, chunk, max_act, max_hw, max_c, n, c_last)?,
             img: gpu.alloc(batch * 3 * side * side)?,
             px: gpu.alloc(batch * 3 * side * side)?,
         })
@@ -601,24 +615,20 @@ impl GpuDecoder {
         dispatch!(&self.inner, d => &d.cfg)
     }
 
-    /// The most images one decode of an s x s latent takes: the kernels index a batch's
-    /// activations (B x H x W x C at the widest level) with int32, and the workspace should
-    /// take at most half of `free_bytes` (device memory free now, when known). Larger
-    /// batches are decoded in sub-batches of this size (`GpuBackend::decode`).
+    /// The most images one pass of a decode of an s x s latent takes: the kernels index a
+    /// pass's activations (B x H x W x C at the widest level) with int32, and the workspace
+    /// should take at most half of `free_bytes` (device memory free now, when known). Larger
+    /// batches are decoded in equal passes ([`GpuDecoder::chunk`]) on one workspace.
     pub fn max_batch(&self, s: usize, free_bytes: Option<usize>) -> usize {
-        let cfg = self.config();
-        let (max_act, _, _) = plan(cfg, s);
-        let side = s * cfg.stride();
-        let n = s * s;
-        let by_index = i32::MAX as usize / max_act.max(1);
-        // Workspace per image: three f32 and one 16-bit activation buffer, f32 + u8 pixels,
-        // tokens and codes, and the mid attention's scores (an over-estimate of the scratch).
-        let per_image = max_act * (3 * 4 + 2)
-            + 3 * side * side * 5
-            + n * (4 + 2 * cfg.embed_dim)
-            + 2 * n * n * 4;
-        let by_memory = free_bytes.map_or(usize::MAX, |f| f / 2 / per_image.max(1));
-        by_index.min(by_memory).max(1)
+        max_pass(self.config(), s, free_bytes)
+    }
+
+    /// Images per pass when `batch` images of an s x s latent are decoded: the fewest equal
+    /// passes within [`GpuDecoder::max_batch`] (free memory now) and `limit` (tests).
+    pub fn chunk(&self, gpu: &Gpu, batch: usize, s: usize, limit: Option<usize>) -> usize {
+        let free = gpu.mem_get_info().ok().map(|(free, _)| free);
+        let max = self.max_batch(s, free).min(limit.unwrap_or(usize::MAX));
+        equal_passes(batch, max)
     }
 
     pub fn conv_kernel(&self) -> ConvKernel {
@@ -655,9 +665,10 @@ impl GpuDecoder {
             anyhow::bail!("decode: token {t} out of range (codebook size {n_embed})");
         }
         let host: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let chunk = self.chunk(gpu, batch, s, None);
         dispatch!(&self.inner, d => {
             let mut guard = d.ws.lock().unwrap();
-            let ws = d.workspace(gpu, &mut guard, batch, s)?;
+            let ws = d.workspace(gpu, &mut guard, batch, s, chunk)?;
             gpu.upload_into(&host, &mut ws.tokens, 0)
                 .context("uploading tokens")?;
             d.run(gpu, ws, None)?;
@@ -676,9 +687,10 @@ impl GpuDecoder {
         s: usize,
         read: bool,
     ) -> Result<Option<Vec<u8>>> {
+        let chunk = self.chunk(gpu, batch, s, None);
         dispatch!(&self.inner, d => {
             let mut guard = d.ws.lock().unwrap();
-            let ws = d.workspace(gpu, &mut guard, batch, s)?;
+            let ws = d.workspace(gpu, &mut guard, batch, s, chunk)?;
             d.run(gpu, ws, Some(tokens))?;
             read.then(|| gpu.download(&ws.px)).transpose()
         })
@@ -707,6 +719,14 @@ impl DecodeBuffers {
         (b, ws) == (batch, s)
     }
 
+    /// Images per pass of a decode into these buffers.
+    pub fn chunk(&self) -> usize {
+        match &self.inner {
+            BufInner::F16(w) => w.chunk,
+            BufInner::Bf16(w) => w.chunk,
+        }
+    }
+
     /// The 8-bit pixels (B, 3, H, W) of the last decode into these buffers.
     pub fn pixels(&self) -> &DevBuf<u8> {
         match &self.inner {
@@ -717,16 +737,24 @@ impl DecodeBuffers {
 }
 
 impl GpuDecoder {
-    /// Buffers for decodes of `batch` images of an s x s latent (see [`DecodeBuffers`]).
-    pub fn buffers(&self, gpu: &Gpu, batch: usize, s: usize) -> Result<DecodeBuffers> {
+    /// Buffers for decodes of `batch` images of an s x s latent (see [`DecodeBuffers`]), in
+    /// passes of [`GpuDecoder::chunk`] images (`limit`: at most that many, for tests).
+    pub fn buffers(
+        &self,
+        gpu: &Gpu,
+        batch: usize,
+        s: usize,
+        limit: Option<usize>,
+    ) -> Result<DecodeBuffers> {
         ensure!(batch > 0 && s > 0, "decode: empty batch or latent");
         let ctx = || format!("allocating decoder buffers for batch {batch}, s {s}");
+        let chunk = self.chunk(gpu, batch, s, limit);
         let inner = match &self.inner {
             Inner::F16(d) => {
-                BufInner::F16(Workspace::new(gpu, &d.cfg, batch, s).with_context(ctx)?)
+                BufInner::F16(Workspace::new(gpu, &d.cfg, batch, s, chunk).with_context(ctx)?)
             }
             Inner::Bf16(d) => {
-                BufInner::Bf16(Workspace::new(gpu, &d.cfg, batch, s).with_context(ctx)?)
+                BufInner::Bf16(Workspace::new(gpu, &d.cfg, batch, s, chunk).with_context(ctx)?)
             }
         };
         Ok(DecodeBuffers { inner })
@@ -813,30 +841,54 @@ impl<T: Storage> Decoder<T> {
         slot: &'a mut Option<Workspace<T>>,
         batch: usize,
         s: usize,
+        chunk: usize,
     ) -> Result<&'a mut Workspace<T>> {
         ensure!(batch > 0 && s > 0, "decode: empty batch or latent");
         if slot.as_ref().is_some_and(|w| w.batch == batch && w.s == s) {
             return Ok(slot.as_mut().unwrap());
         }
         *slot = None; // free the old buffers first
-        let ws = Workspace::new(gpu, &self.cfg, batch, s)
+        let ws = Workspace::new(gpu, &self.cfg, batch, s, chunk)
             .with_context(|| format!("allocating decoder buffers for batch {batch}, s {s}"))?;
         Ok(slot.insert(ws))
     }
 
-    /// The whole decoder on `tokens` (or the workspace's uploaded tokens).
+    /// The whole decoder on `tokens` (or the workspace's uploaded tokens), in equal passes
+    /// of `ws.chunk` images (one launch sequence either way).
     fn run(&self, gpu: &Gpu, ws: &mut Workspace<T>, tokens: Option<&DevBuf<i32>>) -> Result<()> {
-        let cfg = &self.cfg;
-        let (b, s, k) = (ws.batch, ws.s, self.conv_kernel);
+        let (batch, chunk, s) = (ws.batch, ws.chunk, ws.s);
         let n = s * s;
         let tok = tokens.unwrap_or(&ws.tokens);
         ensure!(
-            tok.len() >= b * n,
+            tok.len() >= batch * n,
             "decode: token buffer shorter than B*s*s"
         );
-        gather_codes(
+        let mut first = 0;
+        while first < batch {
+            let b = chunk.min(batch - first);
+            self.pass(gpu, ws, tokens, first, b)?;
+            first += b;
+        }
+        Ok(())
+    }
+
+    /// One pass: images `first .. first + b` of the batch.
+    fn pass(
+        &self,
+        gpu: &Gpu,
+        ws: &mut Workspace<T>,
+        tokens: Option<&DevBuf<i32>>,
+        first: usize,
+        b: usize,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (s, k) = (ws.s, self.conv_kernel);
+        let n = s * s;
+        let tok = tokens.unwrap_or(&ws.tokens);
+        gather_codes_at(
             gpu,
             tok,
+            first * n,
             &self.codebook,
             &mut ws.z,
             b * n,
@@ -889,6 +941,16 @@ impl<T: Storage> Decoder<T> {
         debug_assert_eq!(hgt, ws.side);
         let hw = hgt * hgt;
         ws.a.norm_conv_out(gpu, k, cur, &self.norm_out, &self.conv_out, b, hgt)?;
-        pixels(gpu, &ws.a.h, Some(&mut ws.img), Some(&mut ws.px), b, hw, 3)
+        let off = first * 3 * hw;
+        pixels_at(
+            gpu,
+            &ws.a.h,
+            Some(&mut ws.img),
+            Some(&mut ws.px),
+            off,
+            b,
+            hw,
+            3,
+        )
     }
 }
