@@ -45,15 +45,18 @@ fn inline_common(src: &str, common: &str) -> String {
     src.replace("#include \"common.cuh\"", common)
 }
 
-/// An entry point: its name and its `__launch_bounds__` maximum (C++ text), if declared.
-type Entry = (String, Option<String>);
+/// An entry point: its name and its `__launch_bounds__` maximum block size (threads).
+type Entry = (String, u32);
 /// A kernel file's stem and entry points.
 type FileEntries = (String, Vec<Entry>);
 
-/// The `extern "C" __global__` entry points of a kernel source, one declaration per line,
-/// `extern "C" __global__ [__launch_bounds__(MAX[, MIN])] void NAME(const Params p)`: the name
-/// and the `__launch_bounds__` maximum block size (C++ text), if declared.
-fn entry_points(source: &str) -> Vec<Entry> {
+/// The `extern "C" __global__` entry points of kernel file `file` (text `source`), one
+/// declaration per line, `extern "C" __global__ void __launch_bounds__(MAX[, MIN]) NAME(const
+/// Params p)`: the name and MAX. Every entry point must declare its bound, as an integer or as a
+/// macro `#define`d to one in the file or in `common` (kernels/common.cuh): it is the largest
+/// block its launcher may use (the registry's `Kernel::max_threads`, which `Gpu::launch`
+/// enforces and scripts/kernel-resources.sh checks registers and shared memory against).
+fn entry_points(file: &str, source: &str, common: &str) -> Vec<Entry> {
     let mut names = Vec::new();
     for line in source.lines() {
         let Some(rest) = line.trim_start().strip_prefix("extern \"C\" __global__") else {
@@ -76,10 +79,50 @@ fn entry_points(source: &str) -> Vec<Entry> {
             .find('(')
             .and_then(|open| rest[..open].split_whitespace().last())
             .unwrap_or_else(|| panic!("cannot read the entry-point name in `{line}`"));
-        // Kept as C++ text (it may be a macro of the file); the emulator checks it.
-        names.push((name.to_string(), bound));
+        let bound = bound.unwrap_or_else(|| {
+            panic!(
+                "kernels/{file}.cu: entry point `{name}` declares no __launch_bounds__(MAX): every \
+                 entry point states the largest block its launcher uses (kernels/README.md)"
+            )
+        });
+        let max = resolve_int(&bound, source, common).unwrap_or_else(|| {
+            panic!(
+                "kernels/{file}.cu: `{name}`: __launch_bounds__({bound}) is neither an integer nor \
+                 a macro #define'd to one in the file or common.cuh"
+            )
+        });
+        assert!(
+            (1..=1024).contains(&max),
+            "kernels/{file}.cu: `{name}`: __launch_bounds__({max}) is not a block size (1..=1024)"
+        );
+        names.push((name.to_string(), max));
     }
     names
+}
+
+/// `text` as an integer: a literal, or a macro `#define NAME INTEGER` of `source` or `common`.
+fn resolve_int(text: &str, source: &str, common: &str) -> Option<u32> {
+    if let Ok(v) = text.parse() {
+        return Some(v);
+    }
+    source.lines().chain(common.lines()).find_map(|l| {
+        let mut w = l.split_whitespace();
+        (w.next() == Some("#define") && w.next() == Some(text))
+            .then(|| w.next()?.parse().ok())
+            .flatten()
+    })
+}
+
+/// The nvcc flags every kernel file is compiled with (besides the target's), one per line of
+/// kernels/nvcc-flags.txt, `#` comments; scripts/kernel-resources.sh reads the same file.
+fn nvcc_flags() -> Vec<String> {
+    std::fs::read_to_string("kernels/nvcc-flags.txt")
+        .expect("kernels/nvcc-flags.txt missing")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect()
 }
 
 /// The registry part of kernels.rs: `pub mod k { pub const NAME: Kernel = ...; }` and
@@ -93,7 +136,7 @@ fn registry(files: &[FileEntries], emu: bool) -> String {
     let mut seen = std::collections::BTreeSet::new();
     let mut id = 0usize;
     for (file, names) in files {
-        for (name, _) in names {
+        for (name, max_threads) in names {
             assert!(
                 ["_bf16", "_f16", "_f32"].iter().any(|d| name.ends_with(d))
                     && name
@@ -117,7 +160,7 @@ fn registry(files: &[FileEntries], emu: bool) -> String {
                 "None".to_string()
             };
             consts.push_str(&format!(
-                "    /// `{name}` in kernels/{file}.cu.\n    pub const {upper}: Kernel = Kernel {{ file: {file:?}, name: {name:?}, id: {id}, emu: {emu_fn} }};\n"
+                "    /// `{name}` in kernels/{file}.cu.\n    pub const {upper}: Kernel = Kernel {{ file: {file:?}, name: {name:?}, id: {id}, max_threads: {max_threads}, emu: {emu_fn} }};\n"
             ));
             list.push_str(&format!("    k::{upper},\n"));
             id += 1;
@@ -172,7 +215,6 @@ fn build_emu(files: &[PathBuf], entries: &[FileEntries], out: &Path) -> bool {
             manifest.join(f).display().to_string()
         );
         for (name, bound) in names {
-            let bound = bound.as_deref().unwrap_or("0");
             src.push_str(&format!(
                 "extern \"C\" int cg_emu_{name}(const uint32_t grid[3], const uint32_t block[3], uint32_t dyn_smem_bytes,\n\
                  \x20                         const void* params, char* err, size_t err_len) {{\n\
@@ -222,11 +264,13 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
         .collect();
     files.sort();
+    let common = std::fs::read_to_string("kernels/common.cuh").unwrap_or_default();
     let entries: Vec<FileEntries> = files
         .iter()
         .map(|f| {
             let stem = f.file_stem().unwrap().to_str().unwrap().to_string();
-            (stem, entry_points(&std::fs::read_to_string(f).unwrap()))
+            let points = entry_points(&stem, &std::fs::read_to_string(f).unwrap(), &common);
+            (stem, points)
         })
         .collect();
     if std::env::var("CARGO_FEATURE_CUDA").is_err() {
@@ -237,11 +281,12 @@ fn main() {
         std::fs::write(&generated, code).unwrap();
         return;
     }
-    let common = std::fs::read_to_string("kernels/common.cuh").unwrap_or_default();
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     println!("cargo:rerun-if-changed=kernels/common.cuh");
+    println!("cargo:rerun-if-changed=kernels/nvcc-flags.txt");
+    let common_flags = nvcc_flags();
     let nvcc = find_nvcc();
     if nvcc.is_none() {
         println!(
@@ -269,7 +314,8 @@ fn main() {
                 let dst = out.join(format!("{stem}.{suffix}"));
                 let mut cmd = Command::new(nvcc);
                 cmd.args(flags)
-                    .args(["-O3", "-std=c++17", "-lineinfo", "-Ikernels", "-o"])
+                    .args(&common_flags)
+                    .arg("-o")
                     .arg(&dst)
                     .arg(f);
                 jobs.push((f.clone(), cmd));

@@ -409,10 +409,12 @@ __device__ __forceinline__ void attention_tc_impl(const AttnParams& p) {
 
 // =============================================================================================
 // Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
-// registers each as a k::* constant for src/cuda/)
+// registers each as a k::* constant for src/cuda/), each with __launch_bounds__(the largest block
+// its launcher uses): the registry records it, Gpu::launch refuses a larger block, and
+// scripts/kernel-resources.sh checks registers and shared memory against it
 // =============================================================================================
 
-extern "C" __global__ void rope_kv_append_bf16(const RopeKvParams p) { rope_kv_append_impl(p); }
+extern "C" __global__ void __launch_bounds__(256) rope_kv_append_bf16(const RopeKvParams p) { rope_kv_append_impl(p); }
 extern "C" __global__ void __launch_bounds__(128) attention_direct_d32_bf16(const AttnParams p) { attention_direct_impl<32>(p); }
 extern "C" __global__ void __launch_bounds__(128) attention_direct_d64_bf16(const AttnParams p) { attention_direct_impl<64>(p); }
 extern "C" __global__ void __launch_bounds__(128) attention_direct_d128_bf16(const AttnParams p) { attention_direct_impl<128>(p); }

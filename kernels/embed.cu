@@ -134,9 +134,11 @@ __device__ __forceinline__ void gather_inputs_impl(const GatherParams& p) {
 
 // =============================================================================================
 // Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
-// registers each as a k::* constant for src/cuda/)
+// registers each as a k::* constant for src/cuda/), each with __launch_bounds__(the largest block
+// its launcher uses): the registry records it, Gpu::launch refuses a larger block, and
+// scripts/kernel-resources.sh checks registers and shared memory against it
 // =============================================================================================
 
-extern "C" __global__ void upsample_codes_f32(const UpsampleParams p) { upsample_codes_impl(p); }
-extern "C" __global__ void codevec_hidden_bf16(const CodevecParams p) { codevec_hidden_impl(p); }
-extern "C" __global__ void gather_inputs_f32(const GatherParams p) { gather_inputs_impl(p); }
+extern "C" __global__ void __launch_bounds__(128) upsample_codes_f32(const UpsampleParams p) { upsample_codes_impl(p); }
+extern "C" __global__ void __launch_bounds__(64) codevec_hidden_bf16(const CodevecParams p) { codevec_hidden_impl(p); }
+extern "C" __global__ void __launch_bounds__(256) gather_inputs_f32(const GatherParams p) { gather_inputs_impl(p); }

@@ -87,9 +87,11 @@ __device__ __forceinline__ void add_bias_impl(const AddBiasParams& p) {
 
 // =============================================================================================
 // Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
-// registers each as a k::* constant for src/cuda/)
+// registers each as a k::* constant for src/cuda/), each with __launch_bounds__(the largest block
+// its launcher uses): the registry records it, Gpu::launch refuses a larger block, and
+// scripts/kernel-resources.sh checks registers and shared memory against it
 // =============================================================================================
 
-extern "C" __global__ void rmsnorm_adaln_bf16(const RmsNormParams p) { rmsnorm_adaln_impl(p); }
-extern "C" __global__ void silu_mul_bf16(const SiluMulParams p) { silu_mul_impl(p); }
-extern "C" __global__ void add_bias_f32(const AddBiasParams p) { add_bias_impl(p); }
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_adaln_bf16(const RmsNormParams p) { rmsnorm_adaln_impl(p); }
+extern "C" __global__ void __launch_bounds__(256) silu_mul_bf16(const SiluMulParams p) { silu_mul_impl(p); }
+extern "C" __global__ void __launch_bounds__(256) add_bias_f32(const AddBiasParams p) { add_bias_impl(p); }

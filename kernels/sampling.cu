@@ -438,7 +438,9 @@ __device__ __forceinline__ void guided_sample_impl(const GuidedSampleParams& p) 
 
 // =============================================================================================
 // Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
-// registers each as a k::* constant for src/cuda/)
+// registers each as a k::* constant for src/cuda/), each with __launch_bounds__(the largest block
+// its launcher uses): the registry records it, Gpu::launch refuses a larger block, and
+// scripts/kernel-resources.sh checks registers and shared memory against it
 // =============================================================================================
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) guided_sample_f32(const GuidedSampleParams p) { guided_sample_impl(p); }

@@ -339,6 +339,32 @@ fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
     Ok(())
 }
 
+/// The launch checks that need no device: the block within the kernel's `__launch_bounds__`
+/// and no dynamic shared memory (see [`Gpu::launch`]).
+pub(crate) fn check_launch(
+    kernel: Kernel,
+    block: (u32, u32, u32),
+    shared_mem_bytes: u32,
+) -> Result<()> {
+    let threads = block.0 as u64 * block.1 as u64 * block.2 as u64;
+    ensure!(
+        threads <= kernel.max_threads as u64,
+        "launching {}: block {block:?} of {threads} threads exceeds the kernel's \
+         __launch_bounds__({}) (kernels/{}.cu); raise the bound in the source (and rerun \
+         scripts/kernel-resources.sh) or launch smaller blocks",
+        kernel.name,
+        kernel.max_threads,
+        kernel.file
+    );
+    ensure!(
+        shared_mem_bytes == 0,
+        "launching {}: {shared_mem_bytes} bytes of dynamic shared memory, but no kernel declares \
+         any (scripts/kernel-resources.sh counts static shared memory only)",
+        kernel.name
+    );
+    Ok(())
+}
+
 impl Gpu {
     /// The release threshold of the device's default memory pool (None on the emulator,
     /// which has no pool): `u64::MAX` once [`Gpu::new`] has set it.
@@ -509,6 +535,13 @@ impl Gpu {
     /// Launch `kernel(params)` with a grid, block and dynamic shared memory size. On the
     /// emulator the launch runs to completion here and then every allocation's red zones are
     /// checked: an out-of-bounds write fails the launch naming the kernel and the buffer.
+    ///
+    /// Both backends refuse, before launching, a block of more threads than the kernel's
+    /// `__launch_bounds__` ([`Kernel::max_threads`]: its registers were allocated for at most
+    /// that many) and any dynamic shared memory: no kernel uses it, so
+    /// scripts/kernel-resources.sh checks static shared memory only (a kernel that needs it
+    /// must first declare its maximum where that script counts it, and set
+    /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` above 48 KiB).
     pub fn launch<P: DeviceRepr>(
         &self,
         kernel: Kernel,
@@ -517,6 +550,7 @@ impl Gpu {
         shared_mem_bytes: u32,
         params: &P,
     ) -> Result<()> {
+        check_launch(kernel, block, shared_mem_bytes)?;
         match &self.backend {
             Backend::Cuda(c) => {
                 let f = &c.funcs[kernel.id];
@@ -998,6 +1032,53 @@ mod tests {
     }
 
     #[test]
+    fn launches_over_the_launch_bound_are_refused() {
+        use super::super::{k, norm::AddBiasParams};
+        // The check itself, as both backends run it.
+        assert!(check_launch(k::ADD_BIAS_F32, (256, 1, 1), 0).is_ok());
+        assert!(check_launch(k::ADD_BIAS_F32, (64, 2, 2), 0).is_ok());
+        let e = check_launch(k::ADD_BIAS_F32, (128, 2, 2), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("add_bias_f32") && e.contains("512 threads"),
+            "{e}"
+        );
+        assert!(
+            e.contains("__launch_bounds__(256) (kernels/norm.cu)"),
+            "{e}"
+        );
+        let e = check_launch(k::ATTENTION_TC_D64_BF16, (256, 1, 1), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("__launch_bounds__(128)"), "{e}");
+        let e = check_launch(k::ADD_BIAS_F32, (32, 1, 1), 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dynamic shared memory"), "{e}");
+        // Through Gpu::launch: refused before the kernel runs (y keeps its values).
+        let g = Gpu::emu().unwrap();
+        let y = g.upload(&[1.0f32; 4]).unwrap();
+        let b = g.upload(&[2.0f32; 4]).unwrap();
+        let p = AddBiasParams {
+            y: g.ptr(&y),
+            b: g.ptr(&b),
+            rows: 1,
+            n: 4,
+        };
+        let bound = k::ADD_BIAS_F32.max_threads;
+        let e = g
+            .launch(k::ADD_BIAS_F32, (1, 1, 1), (bound + 32, 1, 1), 0, &p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exceeds the kernel's __launch_bounds__"), "{e}");
+        assert_eq!(g.download(&y).unwrap(), vec![1.0; 4]);
+        g.launch(k::ADD_BIAS_F32, (1, 1, 1), (bound, 1, 1), 0, &p)
+            .unwrap();
+        assert_eq!(g.download(&y).unwrap(), vec![3.0; 4]);
+    }
+
+    #[test]
     fn emu_buffers_copy_poison_and_zero() {
         let g = Gpu::emu().unwrap();
         let mut b = g.upload(&[1.0f32, 2.0, 3.0]).unwrap();
@@ -1070,9 +1151,12 @@ mod tests {
             );
         }
         let kern = KERNELS[0];
+        // Over the kernel's __launch_bounds__ (at most 1024): refused before the backend.
         let e = g
             .launch(kern, (1, 1, 1), (2048, 1, 1), 0, &0u64)
             .unwrap_err();
+        assert!(e.to_string().contains("exceeds the kernel's"), "{e}");
+        let e = g.launch(kern, (1, 1, 1), (0, 1, 1), 0, &0u64).unwrap_err();
         assert!(e.to_string().contains("invalid configuration"), "{e}");
     }
 }

@@ -65,6 +65,11 @@ pub struct Kernel {
     pub name: &'static str,
     /// Index in [`KERNELS`].
     id: usize,
+    /// The largest block (threads) a launch may use: the entry point's
+    /// `__launch_bounds__(MAX)` in its source, which ptxas also allocates registers for.
+    /// [`Gpu::launch`] refuses a larger block; scripts/kernel-resources.sh checks the
+    /// kernel's registers and shared memory against it.
+    pub max_threads: u32,
     /// The host-emulated launch of this kernel (kernels/emu.cuh, compiled by build.rs with
     /// the system C++ compiler); `None` when the build found no C++ compiler. See [`EmuFn`].
     pub emu: Option<EmuFn>,
@@ -130,6 +135,19 @@ mod tests {
                 f.name
             );
             assert_eq!(KERNELS.iter().filter(|o| o.name == kern.name).count(), 1);
+            // Every entry point declares its largest block (build.rs requires it).
+            assert!(
+                (1..=1024).contains(&kern.max_threads),
+                "{}: max_threads {}",
+                kern.name,
+                kern.max_threads
+            );
+            let line = f
+                .source
+                .lines()
+                .find(|l| l.contains(&decl))
+                .expect("declaration line");
+            assert!(line.contains("__launch_bounds__("), "{line}");
         }
         // Every entry-point declaration of every file is registered.
         for f in KERNEL_FILES {
@@ -139,6 +157,9 @@ mod tests {
         }
         assert_eq!(k::SILU_MUL_BF16.name, "silu_mul_bf16");
         assert_eq!(k::ATTENTION_TC_D64_BF16.file, "attention");
+        assert_eq!(k::ATTENTION_TC_D64_BF16.max_threads, 128);
+        // A bound given as a macro of the file: SAMPLE_THREADS in kernels/sampling.cu.
+        assert_eq!(k::GUIDED_SAMPLE_F32.max_threads, 512);
     }
 }
 

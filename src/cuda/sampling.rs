@@ -7,8 +7,9 @@ use super::{DevBuf, Gpu, k};
 use crate::sampling::StepKnobs;
 use anyhow::{Result, ensure};
 
-/// Threads per block; must match SAMPLE_THREADS in kernels/sampling.cu.
-const SAMPLE_THREADS: u32 = 512;
+/// Threads per block: SAMPLE_THREADS of kernels/sampling.cu, the kernel's
+/// `__launch_bounds__`, read from the registry (the kernel's reductions assume exactly it).
+const SAMPLE_THREADS: u32 = k::GUIDED_SAMPLE_F32.max_threads;
 
 kernel_params! {
     /// The parameters of kernels/sampling.cu's `GuidedSampleParams`.
