@@ -69,6 +69,16 @@ fn every_kernel_file_compiles_with_nvrtc() {
         return;
     };
     println!("CUDA root: {}", root.display());
+    // The sources are embedded by every build; say which kind of build this is.
+    let aot = KERNEL_FILES.iter().all(|f| f.sm90a.is_some());
+    println!(
+        "this build embeds: kernel sources{}",
+        if aot {
+            " + nvcc's cubins and PTX"
+        } else {
+            " only (built without nvcc: NVRTC is the GPU path)"
+        }
+    );
     let mut compiled = 0;
     for (cc, target) in [((9, 0), "sm_90a"), ((8, 0), "sm_80")] {
         for f in KERNEL_FILES {
