@@ -3,13 +3,15 @@
 //! libnvrtc, through the runtime's own function (`nvrtc_compile_source`, hence its options
 //! `nvrtc_options` and its library loading), for the architectures the runtime picks on an
 //! H100/H200 (cc 9.0: compute_90a) and on an A100 (cc 8.0: compute_80). Each PTX must
-//! declare every entry point of its file.
+//! declare every entry point of its file, and, where the pinned nvcc's ptxas is installed
+//! too (scripts/install-nvcc.sh, as .ci/run does), assemble for sm_90a / sm_80.
 //!
 //! libnvrtc and the CUDA headers come from the pinned CUDA 13.0 PyPI wheels that
 //! scripts/install-nvrtc.sh puts in .cuda-toolchain/ (nvidia/cu13: lib/libnvrtc.so.13,
 //! include/cuda_bf16.h), or from the toolkit root in CHECKERGEN_CUDA_ROOT. Without either the
 //! test says SKIPPED loudly, and fails under CI (`CI=true`, as .ci/run's NVRTC stage runs it).
-//! What it cannot see: loading the PTX into a driver and running it (a GPU's job).
+//! What it cannot see: the driver loading the PTX (its JIT, which ptxas stands in for) and
+//! the kernels running (a GPU's job).
 #![cfg(feature = "cuda")]
 
 use checkergen::cuda::device::nvrtc_compile_source;
@@ -63,6 +65,44 @@ fn cuda_root_or_skip() -> Option<PathBuf> {
     root
 }
 
+/// ptxas of the pinned nvcc (the wheel's bin/ beside the NVRTC library, as
+/// scripts/install-nvcc.sh installs it into the same .cuda-toolchain/, or beside $NVCC), to
+/// assemble NVRTC's PTX as the driver's JIT would on a GPU: it catches PTX that parses but
+/// cannot be assembled (an unsupported instruction, more shared memory than the target has).
+fn ptxas(root: &std::path::Path) -> Option<PathBuf> {
+    let beside_nvcc = std::env::var_os("NVCC")
+        .map(PathBuf::from)
+        .and_then(|n| n.parent().map(|d| d.join("ptxas")));
+    [Some(root.join("bin/ptxas")), beside_nvcc]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+}
+
+/// Assembles `ptx` for `target` with `ptxas`; the time taken, or ptxas's messages.
+fn assemble(ptxas: &std::path::Path, ptx: &str, target: &str, name: &str) -> f64 {
+    let dir = std::env::temp_dir().join(format!("cg-kernels-nvrtc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join(format!("{name}.{target}.ptx"));
+    std::fs::write(&src, ptx).unwrap();
+    let t = Instant::now();
+    let out = std::process::Command::new(ptxas)
+        .arg(format!("-arch={target}"))
+        .arg("-o")
+        .arg(dir.join(format!("{name}.{target}.cubin")))
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", ptxas.display()));
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(
+        out.status.success(),
+        "ptxas -arch={target} rejects NVRTC's PTX of kernels/{name}.cu:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    ms
+}
+
 #[test]
 fn every_kernel_file_compiles_with_nvrtc() {
     let Some(root) = cuda_root_or_skip() else {
@@ -79,6 +119,13 @@ fn every_kernel_file_compiles_with_nvrtc() {
             " only (built without nvcc: NVRTC is the GPU path)"
         }
     );
+    let ptxas = ptxas(&root);
+    match &ptxas {
+        Some(p) => println!("assembling each PTX with {}", p.display()),
+        None => println!(
+            "no ptxas (scripts/install-nvcc.sh): PTX not assembled (a GPU driver's JIT would)"
+        ),
+    }
     let mut compiled = 0;
     for (cc, target) in [((9, 0), "sm_90a"), ((8, 0), "sm_80")] {
         for f in KERNEL_FILES {
@@ -110,8 +157,12 @@ fn every_kernel_file_compiles_with_nvrtc() {
                     f.name
                 );
             }
+            let assembled = match &ptxas {
+                Some(p) => format!("  ptxas {:>5.0} ms", assemble(p, &ptx, target, f.name)),
+                None => String::new(),
+            };
             println!(
-                "  cc {}.{} -> {:<13} kernels/{:<13} {:>5.0} ms  PTX {:>7} bytes  {:>2} entry points",
+                "  cc {}.{} -> {:<14} kernels/{:<13} NVRTC {:>5.0} ms  PTX {:>7} bytes  {:>2} entry points{assembled}",
                 cc.0,
                 cc.1,
                 format!(".target {target}"),

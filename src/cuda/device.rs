@@ -360,7 +360,9 @@ pub fn nvrtc_options(cc: (i32, i32), roots: &[PathBuf]) -> Result<cudarc::nvrtc:
 /// (CUDA_HOME, or the PyPI wheel's nvidia/cu13 in tests/kernels_nvrtc.rs) works too: its
 /// `lib64/` or `lib/` libnvrtc.so.13 is loaded here by path, kept loaded, and cudarc's later
 /// open of `libnvrtc.so.13` returns that library, because the dynamic loader matches a name
-/// against the sonames of what is loaded. libnvrtc in turn opens `libnvrtc-builtins.so.13.x`
+/// against the sonames of what is loaded (unless one of cudarc's earlier names, such as an
+/// unversioned `libnvrtc.so` of another CUDA on the loader's path, is found first; the test
+/// checks the version it got). libnvrtc in turn opens `libnvrtc-builtins.so.13.x`
 /// by name, not beside itself, so that is loaded from the same folder first.
 fn ensure_nvrtc(roots: &[PathBuf]) -> Result<()> {
     use std::sync::Mutex;
