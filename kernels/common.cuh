@@ -8,7 +8,7 @@
 // src/cuda/ (pointers as u64 there). Entry points are named <op>_<variant>_<dtype>.
 //
 // Three ways to compile this header: nvcc (build.rs, cubins + PTX), NVRTC (build.rs inlines
-// this file into each source), and the host C++ compiler with CHECKERGEN_HOST_EMU defined,
+// this file into each source; no libc headers there, see below), and the host C++ compiler with CHECKERGEN_HOST_EMU defined,
 // where kernels/emu.cuh stands in for the CUDA headers and the PTX wrappers below (see
 // tools/emu/README.md).
 #pragma once
@@ -18,7 +18,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #endif
+#ifdef __CUDACC_RTC__
+// NVRTC ships no libc headers (no <stdint.h>) and the runtime passes only the CUDA include
+// directory (for cuda_bf16.h / cuda_fp16.h). The kernels need only uint32_t; size_t is built
+// into NVRTC. Same width as <stdint.h>'s on every CUDA target, checked below.
+typedef unsigned int uint32_t;
+#else
 #include <stdint.h>
+#endif
+static_assert(sizeof(uint32_t) == 4, "uint32_t");
 
 typedef unsigned long long u64;
 

@@ -1009,13 +1009,9 @@ fn open_engine(model: &crate::model::Model, device: Device) -> Result<(Engine, O
                     .map_err(|e| device_error(format!("cuda:{ordinal}"), Some(e)))?,
             }
         }
-        Device::Auto => match Gpu::try_new() {
-            Ok(Some(g)) => g,
-            Ok(None) => return Ok((Engine::Cpu, None)),
-            Err(e) => {
-                let note = format!("GPU present but unusable ({e:#}); sampling on the CPU");
-                return Ok((Engine::Cpu, Some(note)));
-            }
+        Device::Auto => match crate::cuda::device::auto_fallback(Gpu::try_new()) {
+            (Some(g), _) => g,
+            (None, note) => return Ok((Engine::Cpu, note)),
         },
     };
     let gm = GpuModel::new(gpu, model)

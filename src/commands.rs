@@ -275,7 +275,7 @@ pub(crate) fn pick_gpu(device: Device) -> Result<Option<checkergen::cuda::Gpu>> 
     use checkergen::cuda::Gpu;
     match device {
         Device::Cpu => Ok(None),
-        Device::Cuda => match Gpu::try_new()? {
+        Device::Cuda => match Gpu::try_new().context("--device cuda")? {
             Some(g) => Ok(Some(g)),
             None => bail!("--device cuda: no CUDA driver or GPU found on this machine"),
         },
@@ -285,13 +285,13 @@ pub(crate) fn pick_gpu(device: Device) -> Result<Option<checkergen::cuda::Gpu>> 
             );
             Gpu::emu().map(Some)
         }
-        Device::Auto => match Gpu::try_new() {
-            Ok(g) => Ok(g),
-            Err(e) => {
-                eprintln!("warning: GPU present but unusable ({e:#}); sampling on the CPU");
-                Ok(None)
+        Device::Auto => {
+            let (gpu, warning) = checkergen::cuda::device::auto_fallback(Gpu::try_new());
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
             }
-        },
+            Ok(gpu)
+        }
     }
 }
 

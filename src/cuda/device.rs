@@ -20,6 +20,7 @@ use cudarc::driver::{
     PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// cuBLAS workspace bytes (NVIDIA's recommendation for Hopper is 32 MiB).
@@ -219,6 +220,33 @@ pub enum DeviceChoice {
     Auto,
 }
 
+/// `auto`'s decision from the attempt to open the first GPU ([`Gpu::try_new`]): the GPU
+/// when it opened; the CPU when there is none (nothing to say); the CPU with a one-line
+/// warning when a GPU is present but could not be initialised (driver, cuBLAS, context,
+/// loading the kernel modules, NVRTC). Used by `--device auto` and the API's `Device::Auto`;
+/// `cuda` turns the same error into a failure instead.
+pub fn auto_fallback<G>(opened: Result<Option<G>>) -> (Option<G>, Option<String>) {
+    match opened {
+        Ok(g) => (g, None),
+        Err(e) => {
+            // `{:#}` joins the context chain with ": "; a message that spans lines (a log)
+            // is folded so the warning stays one line.
+            let why = format!("{e:#}")
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" / ");
+            (
+                None,
+                Some(format!(
+                    "GPU present but unusable ({why}); running on the CPU"
+                )),
+            )
+        }
+    }
+}
+
 /// Whether libcuda and libcublas can be loaded, and how many devices the driver sees:
 /// `Ok(None)` when the driver library is absent (no GPU), an error when it is present but
 /// the device count or cuBLAS fails (a broken install is not "no GPU").
@@ -271,29 +299,34 @@ fn pick_image(cc: (i32, i32), f: &super::KernelFile) -> Option<(&'static str, Pt
     }
 }
 
-/// NVRTC compilations of the embedded sources, cached for the process.
-fn nvrtc_compile(f: &super::KernelFile, cc: (i32, i32)) -> Result<Ptx> {
-    use std::sync::Mutex;
-    static CACHE: Mutex<Vec<(&'static str, String)>> = Mutex::new(Vec::new());
-    let mut cache = CACHE.lock().unwrap();
-    if let Some((_, ptx)) = cache.iter().find(|(n, _)| *n == f.name) {
-        return Ok(Ptx::from_src(ptx.clone()));
-    }
-    let mut include_paths = Vec::new();
-    for dir in [
-        std::env::var("CUDA_HOME").ok(),
-        Some("/usr/local/cuda".to_string()),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let inc = format!("{dir}/include");
-        if std::path::Path::new(&inc).is_dir() {
-            include_paths.push(inc);
-        }
-    }
+/// The CUDA toolkit roots NVRTC's library and the CUDA headers are looked for in, in order:
+/// `$CUDA_HOME`, then /usr/local/cuda (where the target GPU hosts have the toolkit).
+pub(crate) fn cuda_roots() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = std::env::var_os("CUDA_HOME")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    roots.push(PathBuf::from("/usr/local/cuda"));
+    roots
+}
+
+/// The NVRTC options the runtime compiles the embedded kernel sources with for a device of
+/// compute capability `cc`, the CUDA headers taken from the first of `roots` that has them.
+/// The one place these options are built: [`nvrtc_compile_source`] (the runtime) and
+/// tests/kernels_nvrtc.rs use it.
+///
+/// * `-std=c++17`, like build.rs's nvcc.
+/// * An include path for cuda_bf16.h / cuda_fp16.h, which NVRTC does not carry (its wheel and
+///   library hold no headers; a toolkit's include/ or the `nvidia-cuda-runtime` wheel do).
+///   Nothing else is included: kernels/common.cuh is inlined by build.rs and needs no libc
+///   header under NVRTC (`__CUDACC_RTC__`).
+/// * `compute_90a` on cc 9.0, the architecture of build.rs's sm_90a cubin (so the PTX takes
+///   the same code paths), `compute_80` on every other cc >= 8.0 (the driver JIT-compiles it
+///   forward, like build.rs's compute_80 PTX).
+#[doc(hidden)]
+pub fn nvrtc_options(cc: (i32, i32), roots: &[PathBuf]) -> Result<cudarc::nvrtc::CompileOptions> {
     let arch: &'static str = match cc {
-        (9, 0) => "compute_90",
+        (9, 0) => "compute_90a",
         (m, _) if m >= 8 => "compute_80",
         _ => bail!(
             "compute capability {}.{} is below 8.0 (bf16 tensor cores)",
@@ -301,16 +334,131 @@ fn nvrtc_compile(f: &super::KernelFile, cc: (i32, i32)) -> Result<Ptx> {
             cc.1
         ),
     };
-    let opts = cudarc::nvrtc::CompileOptions {
+    let include = roots
+        .iter()
+        .map(|r| r.join("include"))
+        .find(|inc| inc.join("cuda_bf16.h").is_file())
+        .with_context(|| {
+            format!(
+                "NVRTC needs the CUDA headers (cuda_bf16.h), found in none of {}: set CUDA_HOME \
+                 to a CUDA 13 toolkit",
+                roots
+                    .iter()
+                    .map(|r| format!("{}/include", r.display()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+    Ok(cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
-        include_paths,
+        include_paths: vec![include.display().to_string()],
         options: vec!["-std=c++17".into()],
         ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(f.source, opts)
-        .map_err(|e| anyhow!("NVRTC failed on kernels/{}.cu: {e:?}", f.name))?;
-    cache.push((f.name, ptx.to_src()));
-    Ok(ptx)
+    })
+}
+
+/// Makes libnvrtc loadable by cudarc, or says why it is not. cudarc opens it by name
+/// (`libnvrtc.so`, ..., `libnvrtc.so.13`: LD_LIBRARY_PATH and the ld.so cache) and panics
+/// when it finds none, so this checks first. A toolkit root that is not on the loader's path
+/// (CUDA_HOME, or the PyPI wheel's nvidia/cu13 in tests/kernels_nvrtc.rs) works too: its
+/// `lib64/` or `lib/` libnvrtc.so.13 is loaded here by path, kept loaded, and cudarc's later
+/// open of `libnvrtc.so.13` returns that library, because the dynamic loader matches a name
+/// against the sonames of what is loaded (unless one of cudarc's earlier names, such as an
+/// unversioned `libnvrtc.so` of another CUDA on the loader's path, is found first; the test
+/// checks the version it got). libnvrtc in turn opens `libnvrtc-builtins.so.13.x`
+/// by name, not beside itself, so that is loaded from the same folder first.
+fn ensure_nvrtc(roots: &[PathBuf]) -> Result<()> {
+    use std::sync::Mutex;
+    // The libraries loaded by path, never unloaded (cudarc keeps its own handle for the
+    // process's lifetime too).
+    static LOADED: Mutex<Vec<libloading::Library>> = Mutex::new(Vec::new());
+    let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    if loaded.is_empty() {
+        let dir = roots
+            .iter()
+            .flat_map(|r| [r.join("lib64"), r.join("lib")])
+            .find(|d| d.join("libnvrtc.so.13").is_file());
+        if let Some(dir) = dir {
+            let builtins = std::fs::read_dir(&dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libnvrtc-builtins.so.13."))
+                })
+                .min();
+            for lib in builtins.into_iter().chain([dir.join("libnvrtc.so.13")]) {
+                // SAFETY: NVIDIA's NVRTC libraries; loading them runs no initialiser with
+                // preconditions on the caller.
+                let l = unsafe { libloading::Library::new(&lib) }
+                    .with_context(|| format!("cannot load {}", lib.display()))?;
+                loaded.push(l);
+            }
+        }
+    }
+    // SAFETY: only checks whether the library can be loaded by cudarc's names.
+    ensure!(
+        unsafe { cudarc::nvrtc::sys::is_culib_present() },
+        "libnvrtc (CUDA 13) not found (LD_LIBRARY_PATH, the ld.so cache, {}): this build embeds \
+         kernel sources only (no nvcc at build time) and needs NVRTC to compile them",
+        roots
+            .iter()
+            .map(|r| format!("{}/lib64", r.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+/// One kernel source compiled by NVRTC to PTX for compute capability `cc`, with
+/// [`nvrtc_options`] and libnvrtc and the headers from `roots` ([`cuda_roots`] at run time).
+/// An error (never a panic) when libnvrtc, the headers or the compilation fail; the message
+/// is one line, with the first error of NVRTC's log.
+#[doc(hidden)]
+pub fn nvrtc_compile_source(
+    name: &str,
+    source: &str,
+    cc: (i32, i32),
+    roots: &[PathBuf],
+) -> Result<String> {
+    let mut opts = nvrtc_options(cc, roots)?;
+    let arch = opts.arch.unwrap_or("?");
+    // The program name NVRTC's log gives its errors (not an option).
+    opts.name = Some(format!("kernels/{name}.cu"));
+    ensure_nvrtc(roots)?;
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| {
+        let detail = match &e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                let log = log.to_string_lossy();
+                let lines: Vec<&str> = log.lines().filter(|l| l.contains("error:")).collect();
+                match lines.first() {
+                    Some(first) if lines.len() > 1 => {
+                        format!("{} (and {} more errors)", first.trim(), lines.len() - 1)
+                    }
+                    Some(first) => first.trim().to_string(),
+                    None => format!("{e:?}"),
+                }
+            }
+            e => format!("{e:?}"),
+        };
+        anyhow!("NVRTC ({arch}) failed on kernels/{name}.cu: {detail}")
+    })?;
+    Ok(ptx.to_src())
+}
+
+/// NVRTC compilations of the embedded sources, cached for the process.
+fn nvrtc_compile(f: &super::KernelFile, cc: (i32, i32)) -> Result<Ptx> {
+    use std::sync::Mutex;
+    type Cache = Vec<((&'static str, (i32, i32)), String)>;
+    static CACHE: Mutex<Cache> = Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, ptx)) = cache.iter().find(|(key, _)| *key == (f.name, cc)) {
+        return Ok(Ptx::from_src(ptx.clone()));
+    }
+    let ptx = nvrtc_compile_source(f.name, f.source, cc, &cuda_roots())?;
+    cache.push(((f.name, cc), ptx.clone()));
+    Ok(Ptx::from_src(ptx))
 }
 
 /// cudarc allocates stream-ordered (`cuMemAllocAsync`) from the device's default memory pool,
@@ -1016,6 +1164,69 @@ mod tests {
         assert_eq!(classify_device_count(true, || Ok(2)).unwrap(), Some(2));
         let e = classify_device_count(true, || Err("CUDA_ERROR_NO_DEVICE".into())).unwrap_err();
         assert!(e.to_string().contains("cuDeviceGetCount failed"), "{e}");
+    }
+
+    #[test]
+    fn auto_falls_back_to_the_cpu_with_one_warning_line() {
+        // A GPU that opened is used, silently; no GPU is the CPU, silently.
+        assert_eq!(auto_fallback(Ok(Some(7))), (Some(7), None));
+        assert_eq!(auto_fallback::<i32>(Ok(None)), (None, None));
+        // A GPU that failed to initialise (here: NVRTC's error, whose log spans lines) is the
+        // CPU with one warning line that says why.
+        let e = anyhow!("NVRTC (compute_90a) failed on kernels/norm.cu: line 1\nline 2")
+            .context("cannot load kernels/norm.cu (NVRTC) on NVIDIA H100");
+        let (gpu, warning) = auto_fallback::<i32>(Err(e));
+        assert_eq!(gpu, None);
+        let w = warning.unwrap();
+        assert_eq!(w.lines().count(), 1, "{w}");
+        assert!(
+            w.contains("NVRTC (compute_90a) failed on kernels/norm.cu"),
+            "{w}"
+        );
+        assert!(w.contains("line 2"), "{w}");
+        assert!(w.ends_with("running on the CPU"), "{w}");
+    }
+
+    #[test]
+    fn nvrtc_without_headers_or_library_is_an_error_not_a_panic() {
+        let nowhere = [PathBuf::from("/nonexistent/cuda")];
+        let e = nvrtc_compile_source("norm", KERNEL_FILES[0].source, (9, 0), &nowhere)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cuda_bf16.h") && e.contains("CUDA_HOME"), "{e}");
+        assert!(nvrtc_options((7, 5), &nowhere).is_err());
+        // The architectures: the cubin's for cc 9.0, forward-compatible PTX otherwise.
+        let here = std::env::temp_dir().join(format!("cg-nvrtc-opts-{}", std::process::id()));
+        std::fs::create_dir_all(here.join("include")).unwrap();
+        std::fs::write(here.join("include/cuda_bf16.h"), "").unwrap();
+        let roots = [PathBuf::from("/nonexistent/cuda"), here.clone()];
+        assert_eq!(
+            nvrtc_options((9, 0), &roots).unwrap().arch,
+            Some("compute_90a")
+        );
+        assert_eq!(
+            nvrtc_options((8, 6), &roots).unwrap().arch,
+            Some("compute_80")
+        );
+        assert_eq!(
+            nvrtc_options((12, 0), &roots).unwrap().arch,
+            Some("compute_80")
+        );
+        let o = nvrtc_options((9, 0), &roots).unwrap();
+        assert_eq!(
+            o.include_paths,
+            [here.join("include").display().to_string()]
+        );
+        // A root with headers but no libnvrtc: an error naming the library, where the machine
+        // has none on the loader's path either.
+        // SAFETY: only checks whether the library can be loaded.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            let e = nvrtc_compile_source("norm", KERNEL_FILES[0].source, (9, 0), &roots)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("libnvrtc (CUDA 13) not found"), "{e}");
+        }
+        std::fs::remove_dir_all(here).unwrap();
     }
 
     #[test]
