@@ -495,7 +495,6 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     for o in outputs.into_iter().chain(per_image) {
         checkergen::paths::check_output(&o, &inputs)?;
     }
-    clear_previous_run(&a.out, a.overwrite, &inputs)?;
     let mut opts = a.s.options(labels.clone());
     opts.record_stats = a.maps || a.save_tokens;
     opts.decode_pyramid = a.pyramid;
@@ -503,11 +502,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let guided = a.s.cfg > 0.0;
     let batch = match a.batch_size {
         Some(n) => n,
-        None => {
-            let n = api_model.default_batch_size(guided)?.min(labels.len());
-            eprintln!("batch size {n} (the default on this device; --batch-size N to change)");
-            n
-        }
+        None => api_model.default_batch_size(guided)?.min(labels.len()),
     };
     let mut probe = opts.clone();
     probe.labels.truncate(batch);
@@ -517,6 +512,12 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         &probe,
         api_model.memory()?,
     )?;
+    // Only a request that can start replaces an earlier run (a bad option loses nothing)
+    // and announces its batch size (one line for one bad input).
+    clear_previous_run(&a.out, a.overwrite, &inputs)?;
+    if a.batch_size.is_none() {
+        eprintln!("batch size {batch} (the default on this device; --batch-size N to change)");
+    }
 
     let t = Instant::now();
     let mut run = SampleRun::default();

@@ -280,6 +280,19 @@ fn another_runs_directory_is_refused_unless_overwrite() {
         d.join("sample_0002.png").is_file(),
         "nothing removed without --overwrite"
     );
+    // A bad option under --overwrite loses nothing and says one thing (issue 22 items 1, 7):
+    // the request is checked before the earlier run is removed or a batch size announced.
+    for bad in [&["--overwrite", "--top-k", "0"][..], &["--overwrite", "--top-p", "2"]] {
+        let o = call(&args("2", bad));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{bad:?} accepted");
+        assert!(!err.contains("batch size"), "{bad:?}: {err}");
+        assert_eq!(err.matches("error:").count(), 1, "{err}");
+        assert!(
+            d.join("sample_0002.png").is_file() && d.join("grid.png").is_file(),
+            "{bad:?}: the earlier run was removed before the request was refused"
+        );
+    }
     let o = call(&args("2", &["--overwrite"]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
