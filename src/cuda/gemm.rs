@@ -400,7 +400,7 @@ pub fn host_gemm(call: &GemmCall, check: impl Fn(&str, usize, usize) -> Result<(
     Ok(())
 }
 
-/// Run `call` on `gpu`: on a GPU, pin its algorithm ([`Lt::pin`]) and pass every field to
+/// Run `call` on `gpu`: on a GPU, pin its algorithm (`Lt::pin`) and pass every field to
 /// `cublasLtMatmul`; on the emulator, [`host_gemm`] (recorded into a graph during a capture).
 /// Callers check buffer sizes against the shape (this takes raw addresses; the emulator
 /// checks them against its allocations).
