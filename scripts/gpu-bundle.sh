@@ -18,7 +18,9 @@ import json, sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("gpu_"):
+    name = m.get("target", {}).get("name", "")
+    # batching: its GPU test (bitwise equal images at different batch sizes) runs there too.
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and (name.startswith("gpu_") or name == "batching"):
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" "$out/bin/$name"; done
 strip "$out"/bin/* 2>/dev/null || true
@@ -71,6 +73,17 @@ for t in "$bin"/gpu_*; do
     summary+=("$(printf '%-16s rc=%-3s %5ss  %s' "$name" "$rc" "$secs" "$res")")
     grep -E 'rel|agreement|chi2|worst' "$logs/$name.log" | tail -n 40 > "$logs/$name.key.txt"
 done
+# Batch invariance on the real device: tests/batching.rs's GPU test (tokens, pixels and
+# statistics bitwise equal at batch sizes 5 and 2, and with the decoder in passes of 2); its CPU
+# tests and the CLI memory test are not for this host. The GEMM-level bitwise checks (rows
+# vs M, strided entries vs batch count) are in gpu_gemm above.
+start=$SECONDS
+"$bin/batching" gpu_ --include-ignored --nocapture --test-threads=1 > "$logs/batching.log" 2>&1
+rc=$?
+[ "$rc" = 0 ] || failed=1
+res=$(grep -E '^test result' "$logs/batching.log" | tail -n 1)
+summary+=("$(printf '%-16s rc=%-3s %5ss  %s' batching "$rc" "$((SECONDS - start))" "$res")")
+grep -E 'equal|differ|running on' "$logs/batching.log" | tail -n 20 > "$logs/batching.key.txt"
 # Benchmark: random L-2x weights, batch 1, 64, 152 and 256, cfg 1.5, 4 steps per scale (152:
 # the old cap, refused before issue 21; 256: the default batch on an 80 GB card, decoded in
 # two passes inside the graph); the token loop replayed as a CUDA graph (default) and with

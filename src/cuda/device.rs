@@ -1,6 +1,6 @@
 //! The device: one of two backends behind the same API, chosen at start-up.
 //!
-//! * **cuda** (cudarc): context, one created stream (capturable into a CUDA graph), cuBLAS
+//! * **cuda** (cudarc): context, one created stream (capturable into a CUDA graph), cuBLASLt
 //!   handle, and every kernel of the build-time registry (`super::KERNELS`) loaded once from
 //!   the best embedded image.
 //! * **emu** (`super::emu`): the host-emulated device of issue 9. Device buffers are host
@@ -14,7 +14,6 @@
 use super::emu::{self, EmuDevice, HostAlloc};
 use super::{KERNEL_FILES, KERNELS, Kernel};
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
     PushKernelArg, ValidAsZeroBits,
@@ -23,7 +22,7 @@ use cudarc::nvrtc::Ptx;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// cuBLAS workspace bytes (NVIDIA's recommendation for Hopper is 32 MiB).
+/// GEMM workspace bytes (NVIDIA's recommendation for cuBLASLt on Hopper is 32 MiB).
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// Threads per block of the kernels launched with [`Gpu::launch_256`] (their C side assumes
@@ -118,9 +117,11 @@ impl<T> std::fmt::Debug for DevBuf<T> {
 struct CudaDev {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
-    /// cuBLAS's workspace, set once so that no GEMM allocates (a graph capture forbids it).
-    _blas_workspace: cudarc::driver::CudaSlice<u8>,
+    /// cuBLASLt handle and the GEMM algorithms pinned on this device (`gemm.rs`).
+    blas: super::gemm::Lt,
+    /// The GEMMs' workspace, allocated once so that no GEMM allocates (a graph capture
+    /// forbids it).
+    blas_workspace: cudarc::driver::CudaSlice<u8>,
     /// Every registered kernel, indexed by `Kernel::id`.
     funcs: Vec<CudaFunction>,
 }
@@ -272,12 +273,12 @@ fn classify_device_count(
     Ok((n > 0).then_some(n as usize))
 }
 
-/// cudarc's `CudaBlas::new` panics when libcublas cannot be loaded; this is the check made
-/// before it, as an error.
+/// cudarc panics when libcublasLt cannot be loaded; this is the check made before the first
+/// cuBLASLt call, as an error.
 fn require_cublas(present: bool) -> Result<()> {
     ensure!(
         present,
-        "libcublas cannot be loaded (CUDA driver present): install the CUDA 13 cuBLAS library \
+        "libcublasLt cannot be loaded (CUDA driver present): install the CUDA 13 cuBLAS library \
          or put it on LD_LIBRARY_PATH"
     );
     Ok(())
@@ -585,44 +586,41 @@ impl Gpu {
         }
     }
 
-    /// The cuBLAS handle (None on the emulator).
-    pub(crate) fn blas(&self) -> Option<&CudaBlas> {
+    /// The cuBLASLt state, the GEMM workspace (address, bytes) and the stream (None on the
+    /// emulator).
+    pub(crate) fn blas_lt(
+        &self,
+    ) -> Option<(
+        &super::gemm::Lt,
+        (u64, usize),
+        cudarc::cublaslt::sys::cudaStream_t,
+    )> {
         match &self.backend {
-            Backend::Cuda(c) => Some(&c.blas),
+            Backend::Cuda(c) => {
+                let (ws, _sync) = c.blas_workspace.device_ptr(&c.stream);
+                let stream = c.stream.cu_stream() as cudarc::cublaslt::sys::cudaStream_t;
+                Some((&c.blas, (ws, BLAS_WORKSPACE_BYTES), stream))
+            }
             Backend::Emu(_) => None,
         }
     }
 
     /// Open device `ordinal` and load every kernel.
     pub fn new(ordinal: usize) -> Result<Gpu> {
-        // cudarc's CudaBlas::new panics when libcublas cannot be loaded: check first.
-        // SAFETY: only checks whether the cuBLAS library can be loaded.
-        require_cublas(unsafe { cudarc::cublas::sys::is_culib_present() })?;
+        // cudarc panics when libcublasLt cannot be loaded: check first.
+        // SAFETY: only checks whether the cuBLASLt library can be loaded.
+        require_cublas(unsafe { cudarc::cublaslt::sys::is_culib_present() })?;
         let ctx = CudaContext::new(ordinal).context("cannot create a CUDA context")?;
         // One stream, no per-buffer event tracking: ordering is the stream's program order.
         // SAFETY: called before any buffer is allocated in this context.
         unsafe { ctx.disable_event_tracking() };
         keep_pool_memory(&ctx)?;
         let stream = ctx.new_stream().context("cannot create a CUDA stream")?;
-        let blas = CudaBlas::new(stream.clone()).context("cannot create a cuBLAS handle")?;
+        // cuBLASLt takes the workspace per call (gemm.rs passes this one to every GEMM).
+        let blas = super::gemm::Lt::new().context("cannot create a cuBLASLt handle")?;
         let blas_workspace = stream
             .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
-            .context("allocating the cuBLAS workspace")?;
-        {
-            let (ptr, _sync) = blas_workspace.device_ptr(&stream);
-            // SAFETY: the handle and the allocation live as long as the Gpu (both in CudaDev).
-            let st = unsafe {
-                cudarc::cublas::sys::cublasSetWorkspace_v2(
-                    *blas.handle(),
-                    ptr as *mut std::ffi::c_void,
-                    BLAS_WORKSPACE_BYTES,
-                )
-            };
-            ensure!(
-                st == cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS,
-                "cublasSetWorkspace: {st:?}"
-            );
-        }
+            .context("allocating the GEMM workspace")?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let cc = ctx
             .compute_capability()
@@ -658,7 +656,7 @@ impl Gpu {
                 ctx,
                 stream,
                 blas,
-                _blas_workspace: blas_workspace,
+                blas_workspace,
                 funcs,
             })),
             name,

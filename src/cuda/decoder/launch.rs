@@ -186,18 +186,22 @@ pub fn conv1x1<T: Storage>(
     // B = x viewed column-major (Cin x rows, ldb Cin), as gemm.rs `linear`.
     gemm(
         gpu,
-        true,
-        (cout, rows, cin),
-        operand::<T>(gpu.ptr(&conv.w), cin, 0),
-        operand::<T>(gpu.ptr(x), cin, 0),
-        Operand {
-            ptr: gpu.ptr(y),
-            dtype: sys::cudaDataType::CUDA_R_32F,
-            ld: cout,
-            stride: 0,
-        },
-        if accumulate { 1.0 } else { 0.0 },
-        1,
+        GemmCall::strided(
+            Op::CUBLAS_OP_T,
+            (cout, rows, cin),
+            [
+                operand::<T>(gpu.ptr(&conv.w), cin, 0),
+                operand::<T>(gpu.ptr(x), cin, 0),
+                Operand {
+                    ptr: gpu.ptr(y),
+                    dtype: sys::cudaDataType::CUDA_R_32F,
+                    ld: cout,
+                    stride: 0,
+                },
+            ],
+            if accumulate { 1.0 } else { 0.0 },
+            1,
+        ),
     )
     .context("1x1 conv GEMM")?;
     norm::add_bias_f32(gpu, y, &conv.b, rows, cout)
@@ -601,18 +605,22 @@ pub fn attn_block<T: Storage>(
     // op(A) = K^T-view transposed (A = K rows, lda 3C), B = Q rows (ldb 3C).
     gemm(
         gpu,
-        true,
-        (n, n, c),
-        operand::<T>(k, ld, n * ld),
-        operand::<T>(q, ld, n * ld),
-        Operand {
-            ptr: gpu.ptr(&s.scores),
-            dtype: sys::cudaDataType::CUDA_R_32F,
-            ld: n,
-            stride: n * n,
-        },
-        0.0,
-        batch,
+        GemmCall::strided(
+            Op::CUBLAS_OP_T,
+            (n, n, c),
+            [
+                operand::<T>(k, ld, n * ld),
+                operand::<T>(q, ld, n * ld),
+                Operand {
+                    ptr: gpu.ptr(&s.scores),
+                    dtype: sys::cudaDataType::CUDA_R_32F,
+                    ld: n,
+                    stride: n * n,
+                },
+            ],
+            0.0,
+            batch,
+        ),
     )
     .context("attention scores")?;
     softmax_rows(
@@ -627,18 +635,22 @@ pub fn attn_block<T: Storage>(
     // column-major view), B = P rows (ldb N).
     gemm(
         gpu,
-        false,
-        (c, n, n),
-        operand::<T>(v, ld, n * ld),
-        operand::<T>(gpu.ptr(&s.probs), n, n * n),
-        Operand {
-            ptr: gpu.ptr(&s.att),
-            dtype: T::CUDA,
-            ld: c,
-            stride: n * c,
-        },
-        0.0,
-        batch,
+        GemmCall::strided(
+            Op::CUBLAS_OP_N,
+            (c, n, n),
+            [
+                operand::<T>(v, ld, n * ld),
+                operand::<T>(gpu.ptr(&s.probs), n, n * n),
+                Operand {
+                    ptr: gpu.ptr(&s.att),
+                    dtype: T::CUDA,
+                    ld: c,
+                    stride: n * c,
+                },
+            ],
+            0.0,
+            batch,
+        ),
     )
     .context("attention P V")?;
     conv1x1(gpu, &w.proj, &s.att, x, rows, true)

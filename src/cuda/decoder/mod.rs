@@ -31,12 +31,12 @@ pub use bench::{DecodeBench, StageFlops, bench_decode, decoder_flops};
 pub use encoder::GpuEncoder;
 pub use launch::*;
 
-use super::gemm::{Operand, gemm};
+use super::gemm::{GemmCall, Op, Operand, gemm};
 use super::{DevBuf, DevElem, Gpu, Kernel, k, norm, row_grid, stride_grid};
 use crate::model::config::DecoderConfig;
 use crate::model::decoder::{self as host, GN_EPS, GN_GROUPS};
 use anyhow::{Context, Result, ensure};
-use cudarc::cublas::sys;
+use cudarc::cublaslt::sys;
 use half::{bf16, f16};
 use std::sync::Mutex;
 
