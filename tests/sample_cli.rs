@@ -282,7 +282,10 @@ fn another_runs_directory_is_refused_unless_overwrite() {
     );
     // A bad option under --overwrite loses nothing and says one thing (issue 22 items 1, 7):
     // the request is checked before the earlier run is removed or a batch size announced.
-    for bad in [&["--overwrite", "--top-k", "0"][..], &["--overwrite", "--top-p", "2"]] {
+    for bad in [
+        &["--overwrite", "--top-k", "0"][..],
+        &["--overwrite", "--top-p", "2"],
+    ] {
         let o = call(&args("2", bad));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{bad:?} accepted");
