@@ -467,6 +467,46 @@ fn open_shard(p: &Path) -> Result<Shard> {
     })
 }
 
+/// Which top-level fields of two shards' metadata differ, for the merge refusal: `"seed"
+/// differs: 1 vs 2`, or the list of names when several do.
+fn differing_fields(a: &serde_json::Value, b: &serde_json::Value) -> String {
+    let empty = serde_json::Map::new();
+    let (ma, mb) = (
+        a.as_object().unwrap_or(&empty),
+        b.as_object().unwrap_or(&empty),
+    );
+    let mut keys: Vec<&String> = ma.keys().chain(mb.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let diff: Vec<&String> = keys
+        .into_iter()
+        .filter(|k| ma.get(*k) != mb.get(*k))
+        .collect();
+    let show = |v: Option<&serde_json::Value>| {
+        let t = v.map_or("(absent)".to_string(), |v| v.to_string());
+        if t.chars().count() > 60 {
+            format!("{}...", t.chars().take(57).collect::<String>())
+        } else {
+            t
+        }
+    };
+    match diff.as_slice() {
+        [] => "their metadata differ".to_string(),
+        [k] => format!(
+            "{k:?} differs: {} vs {}",
+            show(ma.get(*k)),
+            show(mb.get(*k))
+        ),
+        ks => format!(
+            "these fields differ: {}",
+            ks.iter()
+                .map(|k| format!("{k:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 pub fn merge(a: MergeArgs) -> Result<()> {
     let mut shards: Vec<Shard> = a
         .shards
@@ -482,12 +522,13 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     };
     let first = strip(&shards[0].meta);
     for s in &shards[1..] {
-        if strip(&s.meta) != first {
+        let other = strip(&s.meta);
+        if other != first {
             bail!(
-                "{} and {} come from different runs (model, configuration, seed or settings \
-                 differ)",
+                "{} and {} come from different runs ({})",
                 shards[0].path.display(),
-                s.path.display()
+                s.path.display(),
+                differing_fields(&first, &other)
             );
         }
     }
@@ -515,6 +556,36 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     let side = first["config"]["img_size"]
         .as_u64()
         .context("no img_size")? as usize;
+    // Every shard's labels are read and checked before anything is written: each a class of
+    // the run's model (a shard whose labels were altered is refused, not merged).
+    let classes = first["config"]["num_classes"]
+        .as_u64()
+        .context("no num_classes")?;
+    let mut arr1 = npy_header("<i8", &[total]);
+    for s in &shards {
+        let l = s.zip.size("arr_1.npy")?;
+        let h = npy_header("<i8", &[s.end - s.start]).len() as u64;
+        if l != h + 8 * (s.end - s.start) as u64 {
+            bail!(
+                "{}: arr_1.npy does not hold {} labels",
+                s.path.display(),
+                s.end - s.start
+            );
+        }
+        let bytes = s.zip.read("arr_1.npy", h, l - h)?;
+        for (i, c) in bytes.chunks_exact(8).enumerate() {
+            let label = i64::from_le_bytes(c.try_into().unwrap());
+            if label < 0 || label as u64 >= classes {
+                bail!(
+                    "{}: label {label} of image {} is not a class of this run's model (0..{})",
+                    s.path.display(),
+                    s.start + i,
+                    classes.saturating_sub(1)
+                );
+            }
+        }
+        arr1.extend_from_slice(&bytes);
+    }
     let mut w = NpzWriter::create(&a.output)?;
     begin_images(&mut w, total, side)?;
     for s in &shards {
@@ -527,19 +598,6 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         }
     }
     w.end_entry()?;
-    let mut arr1 = npy_header("<i8", &[total]);
-    for s in &shards {
-        let l = s.zip.size("arr_1.npy")?;
-        let h = npy_header("<i8", &[s.end - s.start]).len() as u64;
-        if l != h + 8 * (s.end - s.start) as u64 {
-            bail!(
-                "{}: arr_1.npy does not hold {} labels",
-                s.path.display(),
-                s.end - s.start
-            );
-        }
-        arr1.extend_from_slice(&s.zip.read("arr_1.npy", h, l - h)?);
-    }
     w.entry("arr_1.npy", &arr1)?;
     let mut m = first;
     m["range"] = serde_json::json!([0, total]);

@@ -164,6 +164,8 @@ pub fn steps(a: StepsArgs) -> Result<()> {
         bail!("--steps-per-scale: every value must be at least 1");
     }
     let mut points = Vec::new();
+    // Configurations that no schedule realizes: warnings, or the error when nothing is left.
+    let mut skipped: Vec<String> = Vec::new();
     if !a.json {
         println!(
             "{:>6} {:<18} {:>6} {:>7} {:>12} {:>11} {:>10}",
@@ -200,20 +202,20 @@ pub fn steps(a: StepsArgs) -> Result<()> {
         for &t in a.total_steps.iter().flatten() {
             match steps_for_total(&sizes, t) {
                 Some(l) => lists.push(l),
-                None => eprintln!(
-                    "ratio {}: no per-scale steps give {t} serial steps (scales {sizes:?}); skipped",
+                None => skipped.push(format!(
+                    "ratio {}: no per-scale steps give {t} serial steps (scales {sizes:?})",
                     cfg.scale_ratio
-                ),
+                )),
             }
         }
         let mut seen = std::collections::HashSet::new();
         lists.retain(|l| seen.insert(l.clone()));
         if lists.is_empty() {
-            eprintln!(
-                "ratio {}: no configuration fits its {} scales; skipped",
+            skipped.push(format!(
+                "ratio {}: no configuration fits its {} scales",
                 cfg.scale_ratio,
                 sizes.len()
-            );
+            ));
             continue;
         }
         let gpu = pick_device(&a.run, model)?;
@@ -268,6 +270,12 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             }
             points.push(p);
         }
+    }
+    if points.is_empty() {
+        bail!("nothing to measure: {}", skipped.join("; "));
+    }
+    for note in &skipped {
+        eprintln!("warning: {note}; skipped");
     }
     if let Some(png) = &a.png {
         write_steps_chart(png, &points, a.batch)?;

@@ -223,6 +223,14 @@ fn converts_model_f32_with_reference_values_and_metadata() {
         );
     }
     assert!(!tmp("tiny_f32.safetensors.partial").exists());
+    // Converting again gives the same bytes (issue 22 item 9: shards sampled from two copies
+    // of one checkpoint must merge).
+    let again = options("tiny.pth", "tiny_f32_again.safetensors");
+    run(&again);
+    assert!(
+        std::fs::read(&opts.output).unwrap() == std::fs::read(&again.output).unwrap(),
+        "two conversions of one checkpoint differ in bytes"
+    );
 }
 
 #[test]

@@ -278,8 +278,47 @@ fn bad_input_fails_in_one_line() {
     let s1s = s(&s1);
     let (ok, err) = generate_seed(&m, 6, &s1, &["--shard", "1/2"]);
     assert!(ok, "{err}");
-    one_line(&["merge", &s(&s0), &s1s, "-o", &merged], "different runs");
+    // The refusal names the field that differs (issue 22 item 9).
+    one_line(
+        &["merge", &s(&s0), &s1s, "-o", &merged],
+        "\"seed\" differs: 5 vs 6",
+    );
     one_line(&["merge", &s(&s0), &s(&s0), "-o", &merged], "overlap");
+    // A shard whose labels were altered (CRCs recomputed) is refused before anything is
+    // written: -5 and 10^12 are no class of the run's model (issue 22 item 3).
+    assert!(generate(&m, &s1, &["--shard", "1/2", "--overwrite"]).0);
+    let entry = |name: &str| checkergen::io::pth::read_zip_entry(&s1, name).unwrap();
+    let (arr0, arr1, meta) = (
+        entry("arr_0.npy"),
+        entry("arr_1.npy"),
+        entry("checkergen.json"),
+    );
+    let at = checkergen::io::npz::parse_npy_header(&arr1)
+        .unwrap()
+        .data_offset;
+    for bad in [-5i64, 1_000_000_000_000] {
+        let mut labels = arr1.clone();
+        labels[at..at + 8].copy_from_slice(&bad.to_le_bytes());
+        let e = |name, data| checkergen::io::pth::StoredEntry {
+            name,
+            data,
+            claimed_size: None,
+        };
+        let zip = checkergen::io::pth::stored_zip(
+            &[
+                e("arr_0.npy", &arr0),
+                e("arr_1.npy", &labels),
+                e("checkergen.json", &meta),
+            ],
+            true,
+        );
+        let forged = d.join("forged.npz");
+        std::fs::write(&forged, zip).unwrap();
+        one_line(
+            &["merge", &s(&s0), &s(&forged), "-o", &merged],
+            &format!("label {bad} of image"),
+        );
+    }
     one_line(&["merge", &m, "-o", &merged], "zip");
     assert!(!Path::new(&merged).exists());
     std::fs::remove_dir_all(&d).ok();

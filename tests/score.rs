@@ -546,4 +546,14 @@ fn npz_input_equals_png_input() {
         !ok && err.lines().count() == 1 && err.contains("expected uint8 [N, 256, 256, 3]"),
         "{err}"
     );
+    // A header that claims 2^48 images (the element count wraps in usize) or more bytes than
+    // the entry holds is refused in one line, never "0 images" or NaN scores (issue 22 item 3).
+    for (name, n) in [("wrap.npz", 1usize << 48), ("short.npz", 3)] {
+        let bad = npz(name, [n, 256, 256, 3], &data);
+        let (ok, out, err) = cli(&["score", "--model", s(&model), s(&bad), "--labels", "1"]);
+        assert!(
+            !ok && err.lines().count() == 1 && err.contains("arr_0"),
+            "{name}: {out}{err}"
+        );
+    }
 }

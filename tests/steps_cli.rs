@@ -133,6 +133,12 @@ fn a_model_file_fixes_the_ratio_and_bad_values_fail_in_one_line() {
             "--steps",
         ),
         (vec!["steps", "--preset", "tiny", "--ratios", "1"], "ratio"),
+        // Targets that no schedule meets: an error, not an empty table with rc 0 (issue 22
+        // item 3); 4 serial steps cannot cover 5 scales.
+        (
+            vec!["steps", "--preset", "tiny", "--total-steps", "4"],
+            "nothing to measure: ratio 2: no per-scale steps give 4 serial steps",
+        ),
     ] {
         common::refused(&args, want);
     }

@@ -29,6 +29,188 @@ pub fn npy_header(descr: &str, shape: &[usize]) -> Vec<u8> {
     h
 }
 
+/// What a `.npy` header declares, parsed as the format defines it (a Python dict literal with
+/// exactly the keys `descr`, `fortran_order` and `shape`), not by searching its text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NpyHeader {
+    pub descr: String,
+    pub fortran_order: bool,
+    pub shape: Vec<usize>,
+    /// Offset of the array data from the start of the `.npy` bytes.
+    pub data_offset: usize,
+}
+
+impl NpyHeader {
+    /// Elements of the array (the product of `shape`), or an error when it passes `usize`.
+    pub fn elements(&self) -> Result<usize> {
+        self.shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .with_context(|| format!("shape {:?}: element count overflows", self.shape))
+    }
+}
+
+/// Parse the header at the start of `npy` (versions 1.0, 2.0 and 3.0): magic, version, header
+/// length, then the dict. Every error is one line.
+pub fn parse_npy_header(npy: &[u8]) -> Result<NpyHeader> {
+    if npy.len() < 10 || &npy[..6] != b"\x93NUMPY" {
+        bail!("no .npy magic");
+    }
+    let (hlen, start) = match npy[6] {
+        1 => (u16::from_le_bytes([npy[8], npy[9]]) as usize, 10),
+        2 | 3 if npy.len() >= 12 => (
+            u32::from_le_bytes(npy[8..12].try_into().unwrap()) as usize,
+            12,
+        ),
+        v => bail!("unknown .npy version {v}"),
+    };
+    let end = (start as usize)
+        .checked_add(hlen)
+        .context("header length overflows")?;
+    let text = npy
+        .get(start..end)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .context("truncated or non-UTF-8 .npy header")?;
+    let mut p = DictParser {
+        s: text.as_bytes(),
+        i: 0,
+    };
+    let (descr, fortran_order, shape) = p.dict()?;
+    Ok(NpyHeader {
+        descr,
+        fortran_order,
+        shape,
+        data_offset: end,
+    })
+}
+
+/// The npy header dict: `{'descr': STR, 'fortran_order': BOOL, 'shape': TUPLE-OF-INTS, }` in
+/// any key order, with Python's optional whitespace and trailing commas; nothing else.
+struct DictParser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl DictParser<'_> {
+    fn ws(&mut self) {
+        while self.i < self.s.len() && (self.s[self.i] as char).is_ascii_whitespace() {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        self.ws();
+        if self.s.get(self.i) == Some(&c) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn expect(&mut self, c: u8) -> Result<()> {
+        if !self.eat(c) {
+            bail!(
+                "bad .npy header: expected '{}' at byte {}",
+                c as char,
+                self.i
+            );
+        }
+        Ok(())
+    }
+
+    fn string(&mut self) -> Result<String> {
+        self.ws();
+        let q = match self.s.get(self.i) {
+            Some(&q @ (b'\'' | b'"')) => q,
+            _ => bail!("bad .npy header: expected a string at byte {}", self.i),
+        };
+        let from = self.i + 1;
+        let len = self.s[from..]
+            .iter()
+            .position(|&c| c == q || c == b'\\')
+            .context("bad .npy header: unterminated string")?;
+        if self.s[from + len] == b'\\' {
+            bail!("bad .npy header: escapes in a string");
+        }
+        self.i = from + len + 1;
+        Ok(String::from_utf8_lossy(&self.s[from..from + len]).into_owned())
+    }
+
+    fn word(&mut self) -> &str {
+        self.ws();
+        let from = self.i;
+        while self.i < self.s.len() && self.s[self.i].is_ascii_alphanumeric() {
+            self.i += 1;
+        }
+        std::str::from_utf8(&self.s[from..self.i]).unwrap_or("")
+    }
+
+    fn shape(&mut self) -> Result<Vec<usize>> {
+        self.expect(b'(')?;
+        let mut dims = Vec::new();
+        loop {
+            if self.eat(b')') {
+                break;
+            }
+            let w = self.word().to_string();
+            let d: usize = w
+                .parse()
+                .map_err(|_| anyhow::anyhow!("bad .npy header: shape entry {w:?}"))?;
+            dims.push(d);
+            if self.eat(b')') {
+                // Python writes a 1-tuple as (n,): (n) is an int in parentheses.
+                if dims.len() == 1 {
+                    bail!("bad .npy header: shape ({d}) is not a tuple");
+                }
+                break;
+            }
+            self.expect(b',')?;
+        }
+        Ok(dims)
+    }
+
+    fn dict(&mut self) -> Result<(String, bool, Vec<usize>)> {
+        self.expect(b'{')?;
+        let (mut descr, mut fortran, mut shape) = (None, None, None);
+        loop {
+            if self.eat(b'}') {
+                break;
+            }
+            let key = self.string()?;
+            self.expect(b':')?;
+            let dup = match key.as_str() {
+                "descr" => descr.replace(self.string()?).is_some(),
+                "fortran_order" => {
+                    let v = match self.word() {
+                        "True" => true,
+                        "False" => false,
+                        w => bail!("bad .npy header: fortran_order is {w:?}"),
+                    };
+                    fortran.replace(v).is_some()
+                }
+                "shape" => shape.replace(self.shape()?).is_some(),
+                other => bail!("bad .npy header: unexpected key {other:?}"),
+            };
+            if dup {
+                bail!("bad .npy header: key {key:?} given twice");
+            }
+            if self.eat(b'}') {
+                break;
+            }
+            self.expect(b',')?;
+        }
+        self.ws();
+        if self.i != self.s.len() {
+            bail!("bad .npy header: text after the dict");
+        }
+        match (descr, fortran, shape) {
+            (Some(d), Some(f), Some(s)) => Ok((d, f, s)),
+            _ => bail!("bad .npy header: descr, fortran_order and shape are all required"),
+        }
+    }
+}
+
 /// One finished entry, for the central directory.
 struct Done {
     name: String,
@@ -334,6 +516,56 @@ impl Drop for NpzWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The header parser takes what numpy writes and refuses everything else, including a
+    /// nested dict that a substring search used to pass (issue 22 item 3).
+    #[test]
+    fn npy_headers_parse_as_defined() {
+        let h = parse_npy_header(&npy_header("|u1", &[3, 256, 256, 3])).unwrap();
+        assert_eq!(h.descr, "|u1");
+        assert!(!h.fortran_order);
+        assert_eq!(h.shape, vec![3, 256, 256, 3]);
+        assert_eq!(h.data_offset, 128);
+        assert_eq!(h.elements().unwrap(), 3 * 256 * 256 * 3);
+        let one = parse_npy_header(&npy_header("<i8", &[7])).unwrap();
+        assert_eq!(one.shape, vec![7]);
+        let raw = |dict: &str| {
+            let mut b = b"\x93NUMPY\x01\x00".to_vec();
+            b.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+            b.extend_from_slice(dict.as_bytes());
+            parse_npy_header(&b)
+        };
+        // Other key orders, double quotes, no trailing comma, spaces: as Python reads them.
+        let h = raw("{\"shape\": ( 2 , 4 ), 'fortran_order':True,'descr':'<u1'}\n").unwrap();
+        assert_eq!((h.shape, h.fortran_order), (vec![2, 4], true));
+        assert_eq!(
+            raw("{'descr': '|u1', 'fortran_order': False, 'shape': (), }")
+                .unwrap()
+                .shape,
+            Vec::<usize>::new()
+        );
+        for bad in [
+            "{'descr': '|u1', 'fortran_order': False, 'shape': (1, 2), 'x': {'descr': '|u1'}}",
+            "{'descr': {'descr': '|u1'}, 'fortran_order': False, 'shape': (1,)}",
+            "{'descr': '|u1', 'fortran_order': False}",
+            "{'descr': '|u1', 'descr': '|u1', 'fortran_order': False, 'shape': (1,)}",
+            "{'descr': '|u1', 'fortran_order': 0, 'shape': (1,)}",
+            "{'descr': '|u1', 'fortran_order': False, 'shape': (-1,)}",
+            "{'descr': '|u1', 'fortran_order': False, 'shape': (1,)} junk",
+            "{'descr': '|u1', 'fortran_order': False, 'shape': (1,)",
+            "{'descr': '|u1', 'fortran_order': False, 'shape': (1)}",
+            "{'descr': '|u\\x31', 'fortran_order': False, 'shape': (1,)}",
+        ] {
+            assert!(raw(bad).is_err(), "accepted: {bad}");
+        }
+        // A shape whose element count passes usize is an error, not a wrapped count.
+        let huge = raw(&format!(
+            "{{'descr': '|u1', 'fortran_order': False, 'shape': ({}, 256, 256, 3), }}",
+            1u64 << 48
+        ))
+        .unwrap();
+        assert!(huge.elements().is_err());
+    }
 
     #[test]
     fn npy_headers_are_aligned_dicts() {

@@ -78,42 +78,24 @@ pub fn read_npz(path: &Path, side: usize) -> Result<Vec<Vec<u8>>> {
     let npy = crate::io::pth::read_zip_entry(path, "arr_0.npy")?;
     let bad =
         |why: &str| anyhow::anyhow!("{shown}: arr_0 is not a uint8 [N, H, W, 3] array ({why})");
-    if npy.len() < 10 || &npy[..6] != b"\x93NUMPY" {
-        return Err(bad("no .npy header"));
+    let h = crate::io::npz::parse_npy_header(&npy).map_err(|e| bad(&format!("{e:#}")))?;
+    if h.descr != "|u1" && h.descr != "<u1" {
+        return Err(bad(&format!("dtype {:?}", h.descr)));
     }
-    let (hlen, start) = match npy[6] {
-        1 => (u16::from_le_bytes([npy[8], npy[9]]) as usize, 10),
-        2 | 3 if npy.len() >= 12 => (
-            u32::from_le_bytes(npy[8..12].try_into().unwrap()) as usize,
-            12,
-        ),
-        _ => return Err(bad("unknown .npy version")),
-    };
-    let header = npy
-        .get(start..start + hlen)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or_else(|| bad("truncated header"))?;
-    let compact: String = header.chars().filter(|c| !c.is_whitespace()).collect();
-    if !(compact.contains("'descr':'|u1'") || compact.contains("'descr':'<u1'")) {
-        return Err(bad(&format!("dtype in {}", header.trim())));
-    }
-    if !compact.contains("'fortran_order':False") {
+    if h.fortran_order {
         return Err(bad("Fortran order"));
     }
-    let shape: Vec<usize> = compact
-        .split("'shape':(")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .map(|t| {
-            t.split(',')
-                .filter(|x| !x.is_empty())
-                .map(|x| x.parse().unwrap_or(0))
-                .collect()
-        })
-        .ok_or_else(|| bad("no shape"))?;
-    let data = &npy[start + hlen..];
+    let shape = h.shape.clone();
+    let want = h.elements().map_err(|e| bad(&format!("{e:#}")))?;
+    let data = &npy[h.data_offset..];
+    if data.len() != want {
+        bail!(
+            "{shown}: arr_0 declares shape {shape:?} ({want} bytes) but holds {} bytes",
+            data.len()
+        );
+    }
     match shape[..] {
-        [n, h, w, 3] if h == side && w == side && data.len() == n * h * w * 3 && n > 0 => {
+        [n, h, w, 3] if h == side && w == side && n > 0 => {
             Ok(data.chunks_exact(h * w * 3).map(<[u8]>::to_vec).collect())
         }
         _ => bail!(

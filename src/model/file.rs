@@ -9,7 +9,7 @@
 
 use crate::model::config::{CONFIG_METADATA_KEY, FORMAT, ModelConfig};
 use crate::paths::check_output;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use safetensors::SafeTensors;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -413,6 +413,38 @@ pub fn write_model(
     write_model_tensors(path, cfg, &tensors, extra_meta).map(|_| ())
 }
 
+/// Rewrite the JSON header of the safetensors file at `path` with its keys sorted, in place:
+/// safetensors serializes the metadata from a `HashMap`, whose order changes from run to run,
+/// so two writes of the same tensors and metadata would differ in bytes (and in CRC). The
+/// sorted header has exactly the same length (the same keys and values), so the data offsets
+/// stand; it is padded with spaces as the format allows.
+fn sort_header(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len);
+    ensure!(n <= 100 << 20, "header of {n} bytes");
+    let mut hdr = vec![0u8; n as usize];
+    f.read_exact(&mut hdr)?;
+    // serde_json's Map is a BTreeMap (no `preserve_order`): serializing sorts every level.
+    let v: serde_json::Value = serde_json::from_slice(&hdr)?;
+    let mut sorted = serde_json::to_vec(&v)?;
+    ensure!(
+        sorted.len() <= hdr.len(),
+        "the sorted header is longer ({} > {} bytes)",
+        sorted.len(),
+        hdr.len()
+    );
+    sorted.resize(hdr.len(), b' ');
+    f.seek(SeekFrom::Start(8))?;
+    f.write_all(&sorted)?;
+    Ok(())
+}
+
 /// Serialize to `<path>.partial` in the same directory, fsync it, then rename it over `path`,
 /// so a reader never sees a half-written file and a failed write leaves none: the temporary
 /// is removed on every failure path. `path` must be new or a regular file
@@ -451,6 +483,7 @@ fn write_atomic<S: AsRef<str> + Ord + fmt::Display, V: safetensors::View>(
         drop(placeholder);
         safetensors::serialize_to_file(views, Some(metadata), &tmp)
             .map_err(|e| anyhow::anyhow!("{shown}: cannot write ({e})"))?;
+        sort_header(&tmp).with_context(|| format!("{shown}: cannot rewrite the header"))?;
         std::fs::set_permissions(&tmp, perms)
             .with_context(|| format!("{shown}: cannot set the mode of {}", tmp.display()))?;
         std::fs::File::open(&tmp)
@@ -490,6 +523,49 @@ mod tests {
         assert!("f16".parse::<Dtype>().is_err());
         assert_eq!(Dtype::Bf16.to_string(), "bf16");
         assert_eq!(Dtype::Bf16.encode(&[1.0]), half::bf16::ONE.to_le_bytes());
+    }
+
+    /// Two writes of the same tensors and metadata give the same bytes (issue 22 item 9): the
+    /// metadata's HashMap order would otherwise differ between writes.
+    #[test]
+    fn writes_are_byte_reproducible() {
+        let entries = vec![
+            (
+                "b".to_string(),
+                safetensors::Dtype::F32,
+                vec![2],
+                vec![0u8; 8],
+            ),
+            (
+                "a".to_string(),
+                safetensors::Dtype::BF16,
+                vec![3],
+                vec![1u8; 6],
+            ),
+        ];
+        let meta = || -> HashMap<String, String> {
+            (0..24)
+                .map(|i| (format!("key{i}"), format!("value {i}")))
+                .collect()
+        };
+        let (p1, p2) = (scratch("repro1.safetensors"), scratch("repro2.safetensors"));
+        write_safetensors(&p1, &entries, meta()).unwrap();
+        let first = std::fs::read(&p1).unwrap();
+        for _ in 0..4 {
+            write_safetensors(&p2, &entries, meta()).unwrap();
+            assert_eq!(
+                std::fs::read(&p2).unwrap(),
+                first,
+                "bytes differ between writes"
+            );
+        }
+        // The file still reads, with every metadata entry and tensor.
+        let st = safetensors::SafeTensors::deserialize(&first).unwrap();
+        assert_eq!(st.names().len(), 2);
+        let (_, m) = safetensors::SafeTensors::read_metadata(&first).unwrap();
+        assert_eq!(m.metadata().as_ref().unwrap().len(), 24);
+        std::fs::remove_file(&p1).ok();
+        std::fs::remove_file(&p2).ok();
     }
 
     #[test]
