@@ -11,7 +11,7 @@
 
 use super::device::DevBuf;
 use super::emu::EmuDevice;
-use super::{DevElem, Gpu};
+use super::{DevElem, Gpu, Traffic};
 use anyhow::{Context, Result, bail};
 use cudarc::cublas::{result::gemm_strided_batched_ex, sys};
 use half::{bf16, f16};
@@ -40,6 +40,7 @@ pub fn gemm(
     beta: f32,
     batch: usize,
 ) -> Result<()> {
+    let traffic = gemm_traffic(trans_a, (m, n, k), a, b, c, beta, batch)?;
     let Some(blas) = gpu.blas() else {
         let run = move |emu: &EmuDevice| {
             host_gemm(
@@ -54,11 +55,9 @@ pub fn gemm(
             )?;
             emu.check_red_zones("cuBLAS GEMM")
         };
-        if gpu.emu_record(|| Box::new(run)) {
-            return Ok(());
-        }
-        return run(gpu.emu_device().expect("a device is cuda or emu"));
+        return gpu.issue("gemm", traffic, &[a.ptr, b.ptr, c.ptr], run);
     };
+    gpu.issue("gemm", traffic, &[], |_: &EmuDevice| Ok(()))?;
     let alpha = 1.0f32;
     let op_a = if trans_a {
         sys::cublasOperation_t::CUBLAS_OP_T
@@ -96,6 +95,31 @@ pub fn gemm(
         .context("cuBLAS GEMM")?;
     }
     Ok(())
+}
+
+/// The compulsory traffic of a [`gemm`]: each operand's elements once (an operand with
+/// stride 0 is shared by the whole batch), C read only when `beta != 0`; 2 m n k FLOPs per
+/// batch entry.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_traffic(
+    trans_a: bool,
+    (m, n, k): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    c: Operand,
+    beta: f32,
+    batch: usize,
+) -> Result<Traffic> {
+    // The elements of each stored (rows x cols) matrix (a leading dimension above rows
+    // leaves gaps that are not read), once per batch entry unless shared (stride 0).
+    let bytes = |o: Operand, rows: usize, cols: usize| -> Result<usize> {
+        let copies = if o.stride == 0 { 1 } else { batch };
+        Ok(rows * cols * copies * dtype_bytes(o.dtype)?)
+    };
+    let (ar, ac) = if trans_a { (k, m) } else { (m, k) };
+    let c_bytes = bytes(c, m, n)?;
+    let read = bytes(a, ar, ac)? + bytes(b, k, n)? + if beta != 0.0 { c_bytes } else { 0 };
+    Ok(Traffic::new(read, c_bytes, 2 * m * n * k * batch))
 }
 
 fn dtype_bytes(d: sys::cudaDataType) -> Result<usize> {
