@@ -615,7 +615,8 @@ impl Gpu {
     }
 
     /// Emulator: audit every following launch and GEMM (`on`), or stop and return the
-    /// audit records (see [`AuditRecord`]). Slow: each launch reruns once per probed element.
+    /// audit records (see [`AuditRecord`]): per kernel name ("gemm", "memset"), the largest of
+    /// its first launches is audited. Slow: that launch reruns once per probed element.
     pub fn set_audit(&self, on: bool) -> Vec<AuditRecord> {
         let mut a = self.audit.lock().unwrap();
         let out = a.take().unwrap_or_default();
@@ -652,9 +653,20 @@ impl Gpu {
         }
         let mut audit = self.audit.lock().unwrap();
         match audit.as_mut() {
-            Some(log) => {
+            // The first launch of each name is audited, and again (up to 3 times) a later
+            // one that declares more bytes (a first step can be degenerate: attention over
+            // one key does not depend on q or k); the audit kept is the largest.
+            Some(log)
+                if log
+                    .iter()
+                    .find(|r| r.name == name)
+                    .is_none_or(|r| r.declared.bytes() < traffic.bytes() && r.audits < 3) =>
+            {
                 let (written, read, unprobed) = e.audit(&run, addrs)?;
+                let audits = log.iter().find(|r| r.name == name).map_or(0, |r| r.audits) + 1;
+                log.retain(|r| r.name != name);
                 log.push(AuditRecord {
+                    audits,
                     name,
                     declared: traffic,
                     written,
@@ -663,7 +675,7 @@ impl Gpu {
                 });
                 Ok(())
             }
-            None => {
+            _ => {
                 drop(audit);
                 run(e)
             }

@@ -422,7 +422,7 @@ impl EmuDevice {
     /// measure what it touched in the buffers at those addresses: (bytes that changed value,
     /// bytes of floating-point buffers whose perturbation changes any output, bytes of
     /// integer buffers not probed). Leaves the buffers as one plain run leaves them.
-    /// Probes element by element up to 4096 elements per buffer, then in equal chunks (a
+    /// Probes element by element up to 1024 elements per buffer, then in equal chunks (a
     /// chunk whose perturbation changes an output counts whole).
     pub fn audit(
         &self,
@@ -458,7 +458,7 @@ impl EmuDevice {
                 }
             };
             let elems = b.1 / esz;
-            let per = elems.div_ceil(4096).max(1);
+            let per = elems.div_ceil(1024).max(1);
             let mut e0 = 0;
             while e0 < elems {
                 let e1 = (e0 + per).min(elems);

@@ -169,4 +169,6 @@ pub struct AuditRecord {
     pub written: u64,
     pub read: u64,
     pub unprobed: u64,
+    /// Launches of this name audited so far (the record is the last).
+    pub audits: u32,
 }
