@@ -34,6 +34,11 @@ pub struct BenchArgs {
     /// One JSON object per batch size, one per line (fields in README).
     #[arg(long)]
     json: bool,
+    /// Walk the CUDA engine's exact launch sequence on the emulator without running any
+    /// kernel (needs `--device emu`) and print the traffic ledger: launches per step, bytes
+    /// and FLOPs per image, and a *modelled* (not measured) H100/H200 time.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// How `bench` and `steps` time a configuration: warm-up, repeats, device, guidance.
@@ -112,6 +117,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     if a.steps_per_scale == 0 {
         bail!("--steps-per-scale must be at least 1");
+    }
+    if a.dry_run {
+        return dry_run(&a);
     }
     let (mut model, source) = match (&a.model, &a.preset) {
         (Some(p), _) => (Model::load(p)?, p.display().to_string()),
@@ -350,4 +358,153 @@ impl<'m> BenchDevice<'m> {
             serial_steps: sched.total_steps(),
         })
     }
+}
+
+/// `bench --dry-run`: the engine's launch sequence on the emulator's dry run (nothing
+/// executes, no memory is backed), summed from the traffic ledger.
+#[cfg(feature = "cuda")]
+fn dry_run(a: &BenchArgs) -> Result<()> {
+    use checkergen::cuda::engine::{GpuBackend, GpuModel};
+    use checkergen::cuda::ledger::{self, DECODER, H100, H200, LAUNCH_US, TRANSFORMER};
+    if a.run.device != Device::Emu {
+        bail!("--dry-run walks the CUDA engine on the emulator: pass --device emu");
+    }
+    let t0 = Instant::now();
+    let (model, source) = match (&a.model, &a.preset) {
+        (Some(p), _) => (Model::load(p)?, p.display().to_string()),
+        (None, p) => {
+            // Zero weights: a dry run reads no value, and zeros cost no CPU time.
+            let name = p.as_deref().unwrap_or("L-2x");
+            let cfg = preset(name)?;
+            let mut map = checkergen::model::file::TensorMap::new();
+            for (n, shape) in checkergen::model::weights::expected_tensors(&cfg)? {
+                let len = shape.iter().product();
+                map.insert(
+                    n,
+                    checkergen::model::file::Tensor::new(shape, vec![0.0f32; len]),
+                );
+            }
+            (
+                Model::from_tensors(cfg, &map)?,
+                format!("preset {name} (zero weights)"),
+            )
+        }
+    };
+    let gm = GpuModel::new(checkergen::cuda::Gpu::emu_dry()?, &model)?;
+    let g = &gm.gpu;
+    if !a.json {
+        println!(
+            "bench --dry-run: {source}; cfg {} (from step {}), {} steps per scale; the CUDA \
+             engine's launches with eager launches, nothing executed",
+            a.run.cfg, a.run.cfg_start_step, a.steps_per_scale
+        );
+        println!(
+            "modelled_ms is a MODEL, not a measurement: sum over launches of max(bytes / \
+             bandwidth, FLOPs / peak) + {LAUNCH_US} us per launch; h100 {:.2} TB/s, h200 {:.2} \
+             TB/s, {:.0} dense bf16 TFLOP/s both",
+            H100.bandwidth / 1e12,
+            H200.bandwidth / 1e12,
+            H100.flops / 1e12
+        );
+        println!(
+            "{:>6} {:>8} {:>10} {:>14} {:>14} {:>14} {:>12} {:>12}",
+            "batch",
+            "steps",
+            "launch/step",
+            "transf B/img",
+            "decoder B/img",
+            "FLOP/img",
+            "model ms h100",
+            "model ms h200"
+        );
+    }
+    for &b in &a.batch {
+        let mut o = SampleOptions::new((0..b).map(|i| i % model.config.num_classes).collect());
+        o.cfg = a.run.cfg;
+        o.cfg_start_step = a.run.cfg_start_step;
+        o.graph = false;
+        o.steps = Steps::Uniform(a.steps_per_scale);
+        pipeline::validate_options(&model.config, model.scale_sizes.len(), &o, g.memory()?)
+            .with_context(|| format!("batch {b}"))?;
+        g.ledger().clear();
+        let out = pipeline::sample(&mut GpuBackend::new(&gm), &o)
+            .with_context(|| format!("dry run of batch {b}"))?;
+        let led = g.ledger().clone();
+        let steps = out.tokens.schedule.total_steps();
+        let per_img = |t: u64| t as f64 / b as f64;
+        let transformer = led.total(Some(TRANSFORMER));
+        let decoder = led.total(Some(DECODER));
+        let flops = led.total(None).flops;
+        let launches_per_step = led.launches(Some(TRANSFORMER)) as f64 / steps as f64;
+        let ms100 = ledger::model_ms(&led.records, H100, LAUNCH_US);
+        let ms200 = ledger::model_ms(&led.records, H200, LAUNCH_US);
+        if a.json {
+            let by_kernel: Vec<_> = led
+                .by_name()
+                .into_iter()
+                .map(|(part, name, n, t)| {
+                    let recs: Vec<_> = led
+                        .records
+                        .iter()
+                        .filter(|r| r.part == part && r.name == name)
+                        .collect();
+                    serde_json::json!({
+                        "part": part,
+                        "name": name,
+                        "launches": n,
+                        "bytes_read": t.read,
+                        "bytes_written": t.write,
+                        "flops": t.flops,
+                        "modelled_ms_h100": ledger::model_ms(recs.iter().copied(), H100, LAUNCH_US),
+                        "modelled_ms_h200": ledger::model_ms(recs.iter().copied(), H200, LAUNCH_US),
+                    })
+                })
+                .collect();
+            let j = serde_json::json!({
+                "batch": b,
+                "model": source,
+                "dry_run": true,
+                "serial_steps": steps,
+                "launches": led.launches(None),
+                "launches_per_step": launches_per_step,
+                "decoder_launches": led.launches(Some(DECODER)),
+                "transformer_bytes_per_image": per_img(transformer.bytes()),
+                "decoder_bytes_per_image": per_img(decoder.bytes()),
+                "flops_per_image": per_img(flops),
+                "modelled_ms_h100": ms100,
+                "modelled_ms_h200": ms200,
+                "modelled": "model, not a measurement: sum over launches of max(bytes/bandwidth, flops/peak) + launch_us per launch",
+                "launch_us": LAUNCH_US,
+                "h100_bytes_per_s": H100.bandwidth,
+                "h200_bytes_per_s": H200.bandwidth,
+                "peak_flops": H100.flops,
+                "cfg": a.run.cfg,
+                "cfg_start_step": a.run.cfg_start_step,
+                "steps_per_scale": a.steps_per_scale,
+                "by_kernel": by_kernel,
+            });
+            println!("{j}");
+        } else {
+            println!(
+                "{:>6} {:>8} {:>10.1} {:>14.4e} {:>14.4e} {:>14.4e} {:>12.2} {:>12.2}",
+                b,
+                steps,
+                launches_per_step,
+                per_img(transformer.bytes()),
+                per_img(decoder.bytes()),
+                per_img(flops),
+                ms100,
+                ms200
+            );
+        }
+    }
+    if !a.json {
+        println!("({:.1} s)", t0.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn dry_run(_: &BenchArgs) -> Result<()> {
+    bail!("--dry-run needs the `cuda` feature (the emulator)")
 }

@@ -1,7 +1,7 @@
 //! Launchers for kernels/attention.cu: RoPE + KV-cache append, and attention over the cache
 //! (SPEC.md section 5). Layouts are documented in the kernel file's header.
 
-use super::{DevBuf, Gpu, k, row_grid};
+use super::{DevBuf, Gpu, Traffic, k, row_grid};
 use anyhow::{Result, ensure};
 use half::bf16;
 
@@ -127,7 +127,21 @@ pub fn rope_kv_append(
         table_rows: table_rows as i32,
     };
     let per_row = s.n * s.heads * (d / 2);
-    gpu.launch_256(k::ROPE_KV_APPEND_BF16, row_grid(per_row, s.rows)?, &p)
+    // qkv read, the table rows of the n positions (and of the paired ones with mix), q', k'
+    // and v written (each T x C bf16).
+    let (t, n) = (s.tokens(), s.n);
+    let tables = if mix.is_some() {
+        2 * (n * d * 8 + n * 4) + s.heads * 4
+    } else {
+        n * d * 8 + n * 4
+    };
+    let traffic = Traffic::new(t * 3 * c * 2 + tables, 3 * t * c * 2, 8 * t * c);
+    gpu.launch_256(
+        k::ROPE_KV_APPEND_BF16,
+        row_grid(per_row, s.rows)?,
+        &p,
+        traffic,
+    )
 }
 
 /// Which attention kernel runs.
@@ -260,11 +274,24 @@ pub fn attention(
         "attention: n={} too large",
         s.n
     );
+    // q read, K and V of the start+n cached keys read once, out written; QK^T and PV.
+    let kv = s.rows * s.heads * s.keys() * d * 2;
+    let masks = if mask.is_some() {
+        (s.keys() + s.n) * 4
+    } else {
+        0
+    };
+    let traffic = Traffic::new(
+        s.q_len() * 2 + 2 * kv + masks,
+        s.tokens() * s.c() * 2,
+        4 * s.rows * s.heads * s.n * s.keys() * d,
+    );
     gpu.launch(
         kernel,
         (grid_x as u32, s.heads as u32, s.rows as u32),
         (threads as u32, 1, 1),
         0,
         &p,
+        traffic,
     )
 }

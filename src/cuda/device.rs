@@ -12,6 +12,7 @@
 //! outside this file and `emu.rs`/`gemm.rs` knows which backend it drives.
 
 use super::emu::{self, EmuDevice, HostAlloc};
+use super::ledger::{AuditRecord, Ledger, Record, TRANSFORMER, Traffic};
 use super::{KERNEL_FILES, KERNELS, Kernel};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use cudarc::driver::{
@@ -97,6 +98,11 @@ impl<T> DevBuf<T> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Size in bytes (for declared traffic).
+    pub fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
 }
 
 impl<T> std::fmt::Debug for DevBuf<T> {
@@ -148,6 +154,12 @@ pub struct Gpu {
     /// Device buffers created so far (`alloc`, `zeros`, `upload`): tests check that a
     /// repeated call of one shape allocates nothing ([`Gpu::allocations`]).
     allocations: std::sync::atomic::AtomicU64,
+    /// Every launch and GEMM issued, with its declared traffic ([`Gpu::ledger`]).
+    ledger: std::sync::Mutex<Ledger>,
+    /// The part of the sampler launches are attributed to now ([`Gpu::set_part`]).
+    part: std::sync::Mutex<&'static str>,
+    /// Emulator only: when Some, every launch and GEMM is audited ([`Gpu::set_audit`]).
+    audit: std::sync::Mutex<Option<Vec<AuditRecord>>>,
 }
 
 /// One recorded emulator operation (a kernel launch with a copy of its parameters, a GEMM,
@@ -563,14 +575,112 @@ impl Gpu {
 
     /// The host-emulated device (every kernel host-compiled, cuBLAS on the host).
     pub fn emu() -> Result<Gpu> {
+        Self::emu_with(EmuDevice::new(), "host emulator")
+    }
+
+    /// The emulator in dry-run mode (`bench --dry-run`): every launch, GEMM, memset and copy
+    /// goes through the same code path and is recorded in the ledger, but nothing executes;
+    /// allocations have no memory (downloads return zeros), so any batch costs nothing.
+    pub fn emu_dry() -> Result<Gpu> {
+        Self::emu_with(EmuDevice::dry(), "host emulator (dry run)")
+    }
+
+    fn emu_with(dev: EmuDevice, name: &str) -> Result<Gpu> {
         Ok(Gpu {
-            backend: Backend::Emu(EmuDevice::new()),
-            name: "host emulator".into(),
+            backend: Backend::Emu(dev),
+            name: name.into(),
             cc: (9, 0),
             image_kind: "host emulator",
             capture: std::sync::Mutex::new(None),
             allocations: Default::default(),
+            ledger: Default::default(),
+            part: std::sync::Mutex::new(TRANSFORMER),
+            audit: Default::default(),
         })
+    }
+
+    /// Whether this is the emulator's dry run (nothing executes).
+    pub fn is_dry(&self) -> bool {
+        self.emu_device().is_some_and(EmuDevice::is_dry)
+    }
+
+    /// The launches recorded so far (see [`super::ledger`]).
+    pub fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attribute the following launches to `part` ([`super::ledger::TRANSFORMER`],
+    /// [`super::ledger::DECODER`]); returns the previous part, to restore.
+    pub fn set_part(&self, part: &'static str) -> &'static str {
+        std::mem::replace(&mut *self.part.lock().unwrap(), part)
+    }
+
+    /// Emulator: audit every following launch and GEMM (`on`), or stop and return the
+    /// audit records (see [`AuditRecord`]): per kernel name ("gemm", "memset"), the largest of
+    /// its first launches is audited. Slow: that launch reruns once per probed element.
+    pub fn set_audit(&self, on: bool) -> Vec<AuditRecord> {
+        let mut a = self.audit.lock().unwrap();
+        let out = a.take().unwrap_or_default();
+        if on {
+            *a = Some(Vec::new());
+        }
+        out
+    }
+
+    /// Record one launch in the ledger; on the emulator run it (`run`), unless this is a dry
+    /// run or a capture records it, auditing it when asked (`addrs`: the addresses its
+    /// parameters hold).
+    pub(crate) fn issue(
+        &self,
+        name: &'static str,
+        traffic: Traffic,
+        addrs: &[u64],
+        run: impl Fn(&EmuDevice) -> Result<()> + Clone + Send + Sync + 'static,
+    ) -> Result<()> {
+        let part = *self.part.lock().unwrap();
+        self.ledger().records.push(Record {
+            name,
+            part,
+            traffic,
+        });
+        let Some(e) = self.emu_device() else {
+            return Ok(());
+        };
+        if e.is_dry() {
+            return Ok(());
+        }
+        if self.emu_record(|| Box::new(run.clone())) {
+            return Ok(());
+        }
+        let mut audit = self.audit.lock().unwrap();
+        match audit.as_mut() {
+            // The first launch of each name is audited, and again (up to 3 times) a later
+            // one that declares more bytes (a first step can be degenerate: attention over
+            // one key does not depend on q or k); the audit kept is the largest.
+            Some(log)
+                if log
+                    .iter()
+                    .find(|r| r.name == name)
+                    .is_none_or(|r| r.declared.bytes() < traffic.bytes() && r.audits < 3) =>
+            {
+                let (written, read, unprobed) = e.audit(&run, addrs)?;
+                let audits = log.iter().find(|r| r.name == name).map_or(0, |r| r.audits) + 1;
+                log.retain(|r| r.name != name);
+                log.push(AuditRecord {
+                    audits,
+                    name,
+                    declared: traffic,
+                    written,
+                    read,
+                    unprobed,
+                });
+                Ok(())
+            }
+            _ => {
+                drop(audit);
+                run(e)
+            }
+        }
     }
 
     /// Whether this is the host emulator.
@@ -664,6 +774,9 @@ impl Gpu {
             image_kind,
             capture: std::sync::Mutex::new(None),
             allocations: Default::default(),
+            ledger: Default::default(),
+            part: std::sync::Mutex::new(TRANSFORMER),
+            audit: Default::default(),
         })
     }
 
@@ -674,8 +787,9 @@ impl Gpu {
         kernel: Kernel,
         grid: (u32, u32, u32),
         params: &P,
+        traffic: Traffic,
     ) -> Result<()> {
-        self.launch(kernel, grid, (THREADS, 1, 1), 0, params)
+        self.launch(kernel, grid, (THREADS, 1, 1), 0, params, traffic)
     }
 
     /// Launch `kernel(params)` with a grid, block and dynamic shared memory size. On the
@@ -688,6 +802,9 @@ impl Gpu {
     /// scripts/kernel-resources.sh checks static shared memory only (a kernel that needs it
     /// must first declare its maximum where that script counts it, and set
     /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` above 48 KiB).
+    ///
+    /// `traffic` is the launch's declared compulsory DRAM bytes and FLOPs, recorded in the
+    /// ledger ([`Gpu::ledger`]); tests/gpu_ledger.rs checks it against what the kernel does.
     pub fn launch<P: DeviceRepr>(
         &self,
         kernel: Kernel,
@@ -695,10 +812,12 @@ impl Gpu {
         block: (u32, u32, u32),
         shared_mem_bytes: u32,
         params: &P,
+        traffic: Traffic,
     ) -> Result<()> {
         check_launch(kernel, block, shared_mem_bytes)?;
         match &self.backend {
             Backend::Cuda(c) => {
+                self.issue(kernel.name, traffic, &[], |_: &EmuDevice| Ok(()))?;
                 let f = &c.funcs[kernel.id];
                 let mut b = c.stream.launch_builder(f);
                 b.arg(params);
@@ -712,7 +831,7 @@ impl Gpu {
                 unsafe { b.launch(cfg) }.with_context(|| format!("launching {}", kernel.name))?;
                 Ok(())
             }
-            Backend::Emu(e) => {
+            Backend::Emu(_) => {
                 // A copy of the parameter struct's bytes, 8-byte aligned like the struct.
                 let mut words = vec![0u64; std::mem::size_of::<P>().div_ceil(8)];
                 // SAFETY: P is a #[repr(C)] parameter struct of plain fields (kernel_params!),
@@ -727,6 +846,7 @@ impl Gpu {
                 // SAFETY (both launches): as for the GPU: one parameter struct mirrored in C,
                 // whose pointers the launchers checked against the shapes (and the red zones
                 // catch what they miss); a replayed launch runs while its buffers live.
+                let addrs: Vec<u64> = words.clone();
                 let run = move |e: &EmuDevice| unsafe {
                     e.launch(
                         kernel,
@@ -736,10 +856,7 @@ impl Gpu {
                         words.as_ptr() as *const _,
                     )
                 };
-                if self.emu_record(|| Box::new(run.clone())) {
-                    return Ok(());
-                }
-                run(e)
+                self.issue(kernel.name, traffic, &addrs, run)
             }
         }
     }
@@ -887,23 +1004,26 @@ impl Gpu {
         }
     }
 
-    /// Set every element of `dev` to zero.
+    /// Set every element of `dev` to zero (recorded in the ledger as "memset": its bytes
+    /// written).
     pub fn memset_zeros<T: DevElem>(&self, dev: &mut DevBuf<T>) -> Result<()> {
+        let bytes = dev.len * std::mem::size_of::<T>();
+        let traffic = Traffic::new(0, bytes, 0);
         match (&self.backend, &mut dev.mem) {
-            (Backend::Cuda(c), Mem::Cuda(b)) => c.stream.memset_zeros(b).context("memset"),
+            (Backend::Cuda(c), Mem::Cuda(b)) => {
+                self.issue("memset", traffic, &[], |_: &EmuDevice| Ok(()))?;
+                c.stream.memset_zeros(b).context("memset")
+            }
             (Backend::Emu(_), Mem::Emu(h)) => {
-                let (addr, bytes) = (h.addr(), dev.len * std::mem::size_of::<T>());
+                let addr = h.addr();
                 let zero = move |_: &EmuDevice| {
                     // SAFETY: (addr, bytes) is the live allocation of `dev`; a graph is only
                     // replayed while the buffers it recorded live (the engine keeps them
-                    // together).
+                    // together). Not called in a dry run (no memory).
                     unsafe { std::ptr::write_bytes(addr as *mut u8, 0, bytes) };
                     Ok(())
                 };
-                if !self.emu_record(|| Box::new(zero)) {
-                    h.fill(T::default());
-                }
-                Ok(())
+                self.issue("memset", traffic, &[addr as u64], zero)
             }
             _ => bail!("a buffer of the other backend"),
         }
@@ -1118,6 +1238,14 @@ impl Gpu {
                     free: free as u64,
                 }
             }
+            // A dry run plans as on a nominal 80 GB GPU (nothing is backed by host memory).
+            Backend::Emu(e) if e.is_dry() => {
+                let (free, total) = self.mem_get_info()?;
+                Memory::Gpu {
+                    total: total as u64,
+                    free: free as u64,
+                }
+            }
             Backend::Emu(_) => Memory::Emulated,
         })
     }
@@ -1277,13 +1405,27 @@ mod tests {
         };
         let bound = k::ADD_BIAS_F32.max_threads;
         let e = g
-            .launch(k::ADD_BIAS_F32, (1, 1, 1), (bound + 32, 1, 1), 0, &p)
+            .launch(
+                k::ADD_BIAS_F32,
+                (1, 1, 1),
+                (bound + 32, 1, 1),
+                0,
+                &p,
+                Traffic::default(),
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("exceeds the kernel's __launch_bounds__"), "{e}");
         assert_eq!(g.download(&y).unwrap(), vec![1.0; 4]);
-        g.launch(k::ADD_BIAS_F32, (1, 1, 1), (bound, 1, 1), 0, &p)
-            .unwrap();
+        g.launch(
+            k::ADD_BIAS_F32,
+            (1, 1, 1),
+            (bound, 1, 1),
+            0,
+            &p,
+            Traffic::default(),
+        )
+        .unwrap();
         assert_eq!(g.download(&y).unwrap(), vec![3.0; 4]);
     }
 
@@ -1353,7 +1495,9 @@ mod tests {
     fn emu_launch_without_a_host_entry_is_a_clear_error() {
         let g = Gpu::emu().unwrap();
         if let Some(kern) = KERNELS.iter().find(|k| emu::entry(**k).is_none()) {
-            let e = g.launch(*kern, (1, 1, 1), (1, 1, 1), 0, &0u64).unwrap_err();
+            let e = g
+                .launch(*kern, (1, 1, 1), (1, 1, 1), 0, &0u64, Traffic::default())
+                .unwrap_err();
             assert!(
                 e.to_string().contains("not compiled for the host emulator"),
                 "{e}"
@@ -1362,10 +1506,12 @@ mod tests {
         let kern = KERNELS[0];
         // Over the kernel's __launch_bounds__ (at most 1024): refused before the backend.
         let e = g
-            .launch(kern, (1, 1, 1), (2048, 1, 1), 0, &0u64)
+            .launch(kern, (1, 1, 1), (2048, 1, 1), 0, &0u64, Traffic::default())
             .unwrap_err();
         assert!(e.to_string().contains("exceeds the kernel's"), "{e}");
-        let e = g.launch(kern, (1, 1, 1), (0, 1, 1), 0, &0u64).unwrap_err();
+        let e = g
+            .launch(kern, (1, 1, 1), (0, 1, 1), 0, &0u64, Traffic::default())
+            .unwrap_err();
         assert!(e.to_string().contains("invalid configuration"), "{e}");
     }
 }

@@ -1,7 +1,7 @@
 //! Launchers for kernels/embed.cu: between-scale upsampling of codes, the code-vector MLP's
 //! hidden layers, and the per-step input gather (with combine_inputs folded at load time).
 
-use super::{DevBuf, Gpu, k};
+use super::{DevBuf, Gpu, Traffic, k};
 use anyhow::{Result, ensure};
 use half::bf16;
 
@@ -48,12 +48,20 @@ pub fn upsample_codes(
         e: e as i32,
     };
     let total = (batch * so * so) as u32;
+    // The previous grid, the code vectors it names (at most the codebook), z0 written.
+    let codes = (codebook.len() * 4).min(batch * si * si * e * 4);
+    let traffic = Traffic::new(
+        batch * si * si * 4 + codes,
+        batch * so * so * e * 4,
+        10 * batch * so * so * e,
+    );
     gpu.launch(
         k::UPSAMPLE_CODES_F32,
         (total.div_ceil(128), 1, 1),
         (128, 1, 1),
         0,
         &p,
+        traffic,
     )
 }
 
@@ -102,12 +110,20 @@ pub fn codevec_hidden(
         rows: rows as i32,
         e: mlp.e as i32,
     };
+    let e = mlp.e;
+    let weights = (64 * e + 64 + 64 * 64 + 64) * 4;
+    let traffic = Traffic::new(
+        rows * e * 4 + weights,
+        rows * 64 * 2,
+        2 * rows * (64 * e + 64 * 64),
+    );
     gpu.launch(
         k::CODEVEC_HIDDEN_BF16,
         ((rows as u32).div_ceil(64), 1, 1),
         (64, 1, 1),
         0,
         &p,
+        traffic,
     )
 }
 
@@ -239,5 +255,18 @@ pub fn gather_inputs(
         row_stride: at.stride as i32,
         row_off: at.off as i32,
     };
-    gpu.launch_256(k::GATHER_INPUTS_F32, ((rows * n) as u32, 1, 1), &p)
+    // Per cell: its position row of pa and its SRC row per image, the bias; then either the
+    // empty vector or the paired cell's pc row, grid token and dc row (at most the table).
+    let c = t.c;
+    let prev = if idx.prev_global.is_none() {
+        c * 4
+    } else {
+        n * c * 4 + batch * n * 4 + (t.dc.len() * 4).min(batch * n * c * 4) + 2 * n * 4
+    };
+    let traffic = Traffic::new(
+        n * c * 4 + batch * n * c * 4 + c * 4 + 2 * n * 4 + prev,
+        rows * n * c * 4,
+        5 * rows * n * c,
+    );
+    gpu.launch_256(k::GATHER_INPUTS_F32, ((rows * n) as u32, 1, 1), &p, traffic)
 }

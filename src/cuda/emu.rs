@@ -49,6 +49,32 @@ unsafe fn fill_red(p: *mut u8, n: usize) {
     }
 }
 
+/// Change one element (`at`, little-endian bytes of a float of type `elem`) to a different
+/// finite value.
+fn perturb(elem: &str, at: &mut [u8]) {
+    let f = |x: f32| {
+        if x.is_finite() {
+            1.0 - 2.0 * x + 0.375
+        } else {
+            0.75
+        }
+    };
+    match elem {
+        "f32" => {
+            let x = f32::from_le_bytes(at.try_into().unwrap());
+            at.copy_from_slice(&f(x).to_le_bytes());
+        }
+        "bf16" => {
+            let x = half::bf16::from_le_bytes(at.try_into().unwrap()).to_f32();
+            at.copy_from_slice(&half::bf16::from_f32(f(x)).to_le_bytes());
+        }
+        _ => {
+            let x = half::f16::from_le_bytes(at.try_into().unwrap()).to_f32();
+            at.copy_from_slice(&half::f16::from_f32(f(x)).to_le_bytes());
+        }
+    }
+}
+
 /// A kernel's host entry point (built by build.rs): returns 0, or non-zero with a
 /// NUL-terminated one-line message in `err`.
 pub use super::EmuFn;
@@ -89,10 +115,18 @@ struct Registry {
 pub struct EmuDevice {
     reg: Arc<Registry>,
     launches: std::sync::atomic::AtomicU64,
+    /// Dry run (`bench --dry-run`): launches, GEMMs, memsets and copies are recorded in the
+    /// ledger but not executed, and allocations have no backing memory (a reserved address
+    /// range only: reads see zeros, writes are dropped).
+    dry: bool,
 }
+
+/// Next address handed out by dry-run allocations (never dereferenced).
+static DRY_NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1 << 44);
 
 /// One emulated device allocation (owned by a `DevBuf`); freed, and unregistered, on drop.
 pub struct HostAlloc {
+    /// Null for a dry-run allocation (no backing memory; `data` is a reserved address).
     base: *mut u8,
     data: *mut u8,
     bytes: usize,
@@ -110,6 +144,9 @@ impl Drop for HostAlloc {
     fn drop(&mut self) {
         let mut live = self.reg.live.lock().unwrap();
         live.remove(&(self.data as usize));
+        if self.base.is_null() {
+            return; // dry run: nothing was allocated
+        }
         // SAFETY: allocated in `EmuDevice::alloc` with this layout; unregistered above, so no
         // red-zone check reads it any more.
         unsafe { std::alloc::dealloc(self.base, self.layout) };
@@ -137,6 +174,9 @@ impl HostAlloc {
     /// Copy `src` in at element offset `off` (the caller checked the bounds).
     pub fn write<T: Copy>(&self, off: usize, src: &[T]) {
         assert!(off + src.len() <= self.elems::<T>());
+        if self.base.is_null() {
+            return;
+        }
         // SAFETY: in bounds (asserted), `data` is aligned to 256, T is plain data.
         unsafe {
             std::ptr::copy_nonoverlapping(src.as_ptr(), (self.data as *mut T).add(off), src.len())
@@ -148,6 +188,15 @@ impl HostAlloc {
         assert!(range.start <= range.end && range.end <= self.elems::<T>());
         let n = range.len();
         let mut out = Vec::with_capacity(n);
+        if self.base.is_null() {
+            // Dry run: zeros (every device element type is valid as zero bits).
+            // SAFETY: capacity n; zero bytes are a valid T for the device element types.
+            unsafe {
+                std::ptr::write_bytes(out.as_mut_ptr(), 0, n);
+                out.set_len(n);
+            }
+            return out;
+        }
         // SAFETY: in bounds (asserted); `out` has capacity n and T is plain data.
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -162,6 +211,9 @@ impl HostAlloc {
 
     /// Set every element to `v`.
     pub fn fill<T: Copy>(&self, v: T) {
+        if self.base.is_null() {
+            return;
+        }
         let n = self.elems::<T>();
         // SAFETY: n elements of T fit in the data area.
         let s = unsafe { std::slice::from_raw_parts_mut(self.data as *mut T, n) };
@@ -180,7 +232,21 @@ impl EmuDevice {
         EmuDevice {
             reg: Arc::new(Registry::default()),
             launches: 0.into(),
+            dry: false,
         }
+    }
+
+    /// The dry-run device (see [`EmuDevice::is_dry`]).
+    pub fn dry() -> EmuDevice {
+        EmuDevice {
+            dry: true,
+            ..EmuDevice::new()
+        }
+    }
+
+    /// Whether this is a dry run: nothing executes, allocations have no memory.
+    pub fn is_dry(&self) -> bool {
+        self.dry
     }
 
     /// An allocation of `n` elements of `T` with red zones; contents unspecified (callers
@@ -188,6 +254,32 @@ impl EmuDevice {
     pub fn alloc<T>(&self, n: usize, loc: &'static Location<'static>) -> Result<HostAlloc> {
         let bytes = n * std::mem::size_of::<T>();
         let layout = Layout::from_size_align(2 * RED + bytes, 256)?;
+        let elem = std::any::type_name::<T>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("?");
+        if self.dry {
+            // A reserved, 256-aligned address range with a red-zone gap, never touched.
+            let span = (2 * RED + bytes).next_multiple_of(256);
+            let data = DRY_NEXT.fetch_add(span, std::sync::atomic::Ordering::Relaxed) + RED;
+            self.reg.live.lock().unwrap().insert(
+                data,
+                Info {
+                    base: data - RED,
+                    bytes,
+                    elem,
+                    len: n,
+                    loc,
+                },
+            );
+            return Ok(HostAlloc {
+                base: std::ptr::null_mut(),
+                data: data as *mut u8,
+                bytes,
+                layout,
+                reg: self.reg.clone(),
+            });
+        }
         // SAFETY: non-zero size (2 * RED > 0).
         let base = unsafe { std::alloc::alloc(layout) };
         if base.is_null() {
@@ -205,10 +297,7 @@ impl EmuDevice {
             Info {
                 base: base as usize,
                 bytes,
-                elem: std::any::type_name::<T>()
-                    .rsplit("::")
-                    .next()
-                    .unwrap_or("?"),
+                elem,
                 len: n,
                 loc,
             },
@@ -313,8 +402,105 @@ impl EmuDevice {
         self.check_red_zones(&format!("kernel {}", kernel.name))
     }
 
+    /// The live allocations (data address, bytes, element type) holding any of `addrs`.
+    fn buffers_at(&self, addrs: &[u64]) -> Vec<(usize, usize, &'static str)> {
+        let live = self.reg.live.lock().unwrap();
+        let mut out: Vec<(usize, usize, &'static str)> = Vec::new();
+        for &a in addrs {
+            let a = a as usize;
+            if let Some((&data, info)) = live.range(..=a).next_back()
+                && a < data + info.bytes.max(1)
+                && !out.iter().any(|b| b.0 == data)
+            {
+                out.push((data, info.bytes, info.elem));
+            }
+        }
+        out
+    }
+
+    /// Run `run` (one launch or GEMM whose parameters hold the addresses `addrs`) and
+    /// measure what it touched in the buffers at those addresses: (bytes that changed value,
+    /// bytes of floating-point buffers whose perturbation changes any output, bytes of
+    /// integer buffers not probed). Leaves the buffers as one plain run leaves them.
+    /// Probes element by element up to 1024 elements per buffer, then in equal chunks (a
+    /// chunk whose perturbation changes an output counts whole).
+    pub fn audit(
+        &self,
+        run: &dyn Fn(&EmuDevice) -> Result<()>,
+        addrs: &[u64],
+    ) -> Result<(u64, u64, u64)> {
+        let bufs = self.buffers_at(addrs);
+        // SAFETY (all slices below): live allocations of this device, `bytes` long.
+        let view = |&(d, n, _): &(usize, usize, &str)| unsafe {
+            std::slice::from_raw_parts_mut(d as *mut u8, n)
+        };
+        let before: Vec<Vec<u8>> = bufs.iter().map(|b| view(b).to_vec()).collect();
+        run(self)?;
+        let after: Vec<Vec<u8>> = bufs.iter().map(|b| view(b).to_vec()).collect();
+        let written: usize = before
+            .iter()
+            .zip(&after)
+            .map(|(x, y)| x.iter().zip(y).filter(|(a, b)| a != b).count())
+            .sum();
+        let restore = |state: &[Vec<u8>]| {
+            for (b, s) in bufs.iter().zip(state) {
+                view(b).copy_from_slice(s);
+            }
+        };
+        let (mut read, mut unprobed) = (0usize, 0usize);
+        for (i, b) in bufs.iter().enumerate() {
+            let esz = match b.2 {
+                "f32" => 4,
+                "bf16" | "f16" => 2,
+                _ => {
+                    unprobed += b.1;
+                    continue;
+                }
+            };
+            let elems = b.1 / esz;
+            let per = elems.div_ceil(1024).max(1);
+            let mut e0 = 0;
+            while e0 < elems {
+                let e1 = (e0 + per).min(elems);
+                restore(&before);
+                let buf = view(b);
+                for e in e0..e1 {
+                    let at = &mut buf[e * esz..(e + 1) * esz];
+                    perturb(b.2, at);
+                }
+                let changed = run(self).is_err()
+                    || bufs.iter().zip(&after).enumerate().any(|(j, (bb, want))| {
+                        let got = view(bb);
+                        if j == i {
+                            // The perturbed element itself does not count as output.
+                            got.iter()
+                                .zip(want)
+                                .enumerate()
+                                .any(|(k, (x, y))| !(e0 * esz..e1 * esz).contains(&k) && x != y)
+                                || {
+                                    // ... unless the kernel wrote it (in place).
+                                    (e0 * esz..e1 * esz)
+                                        .any(|k| got[k] != want[k] && before[i][k] != want[k])
+                                }
+                        } else {
+                            got != want.as_slice()
+                        }
+                    });
+                if changed {
+                    read += (e1 - e0) * esz;
+                }
+                e0 = e1;
+            }
+        }
+        restore(&after);
+        Ok((written as u64, read as u64, unprobed as u64))
+    }
+
     /// Check (and restore) every red zone of every live allocation; `what` names the launch.
     pub fn check_red_zones(&self, what: &str) -> Result<()> {
+        if self.dry {
+            return Ok(());
+        }
         let live = self.reg.live.lock().unwrap();
         let mut bad = Vec::new();
         for (&data, info) in live.iter() {

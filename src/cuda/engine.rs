@@ -778,9 +778,10 @@ impl Backend for GpuBackend<'_> {
         }
         // Every batch decodes in one launch sequence (equal passes within the kernels' int32
         // indexing and the free memory: `GpuDecoder::chunk`).
-        let pixels = dec
-            .decode_device(g, grid, bt.b, s, true)?
-            .context("the decoder read back no pixels")?;
+        let part = g.set_part(super::ledger::DECODER);
+        let r = dec.decode_device(g, grid, bt.b, s, true);
+        g.set_part(part);
+        let pixels = r?.context("the decoder read back no pixels")?;
         Ok(Decoded {
             pixels,
             images: None,
@@ -890,7 +891,10 @@ impl GpuBackend<'_> {
         let s = schedule.scales.get(si).context("no such scale")?.size;
         ensure!(d.fits(bt.b, s), "decoder buffers of another batch shape");
         let g = &self.m.gpu;
-        self.m.decoder.decode_into(g, d, &bt.grids[si])?;
+        let part = g.set_part(super::ledger::DECODER);
+        let r = self.m.decoder.decode_into(g, d, &bt.grids[si]);
+        g.set_part(part);
+        r?;
         if self.timed {
             g.mark(&bt.marks, bt.marks.len() - 1)?;
         }

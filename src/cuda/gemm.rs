@@ -30,7 +30,7 @@
 
 use super::device::DevBuf;
 use super::emu::EmuDevice;
-use super::{DevElem, Gpu};
+use super::{DevElem, Gpu, Traffic};
 use anyhow::{Context, Result, bail, ensure};
 pub use cudarc::cublas::sys::cublasOperation_t as Op;
 use cudarc::cublaslt::sys as lt;
@@ -112,6 +112,29 @@ fn op_dims(op: Op, m: &Matrix) -> (u64, u64) {
 }
 
 impl GemmCall {
+    /// The compulsory traffic of this call: each stored matrix's elements once per batch entry
+    /// (once in all when its batch stride is 0: a weight shared by the batch; a leading
+    /// dimension above the rows leaves gaps that are not read), C read only when beta != 0,
+    /// D written; 2 m n k FLOPs per batch entry.
+    pub fn traffic(&self) -> Result<Traffic> {
+        let batch = self.d.batch_count.max(1) as u64;
+        let bytes = |x: &Matrix| -> Result<u64> {
+            let per = dtype_bytes(x.dtype)
+                .with_context(|| format!("GEMM dtype {:?} is not one the engine uses", x.dtype))?;
+            let copies = if x.batch_stride == 0 { 1 } else { batch };
+            Ok(x.rows * x.cols * copies * per as u64)
+        };
+        let (m, k) = op_dims(self.trans_a, &self.a);
+        let n = op_dims(self.trans_b, &self.b).1;
+        let c_read = if self.beta != 0.0 { bytes(&self.c)? } else { 0 };
+        let read = bytes(&self.a)? + bytes(&self.b)? + c_read;
+        Ok(Traffic::new(
+            read as usize,
+            bytes(&self.d)? as usize,
+            (2 * m * n * k * batch) as usize,
+        ))
+    }
+
     /// The call of a strided-batched column-major GEMM with alpha 1, f32 compute and scale,
     /// B not transposed, C and D the same matrix: `C_i (m x n) = op_a(A_i) B_i + beta C_i`
     /// for i in 0..batch, where A is stored (m x k) (`CUBLAS_OP_N`) or (k x m)
@@ -405,6 +428,7 @@ pub fn host_gemm(call: &GemmCall, check: impl Fn(&str, usize, usize) -> Result<(
 /// Callers check buffer sizes against the shape (this takes raw addresses; the emulator
 /// checks them against its allocations).
 pub fn gemm(gpu: &Gpu, call: GemmCall) -> Result<()> {
+    let traffic = call.traffic()?;
     let Some((lt, ws, stream)) = gpu.blas_lt() else {
         let run = move |emu: &EmuDevice| {
             host_gemm(&call, |what, addr, bytes| {
@@ -412,11 +436,11 @@ pub fn gemm(gpu: &Gpu, call: GemmCall) -> Result<()> {
             })?;
             emu.check_red_zones("cuBLAS GEMM")
         };
-        if gpu.emu_record(|| Box::new(run)) {
-            return Ok(());
-        }
-        return run(gpu.emu_device().expect("a device is cuda or emu"));
+        let mut addrs = vec![call.a.ptr, call.b.ptr, call.c.ptr, call.d.ptr];
+        addrs.dedup();
+        return gpu.issue("gemm", traffic, &addrs, run);
     };
+    gpu.issue("gemm", traffic, &[], |_: &EmuDevice| Ok(()))?;
     let call = GemmCall {
         algo: Some(lt.pin(&call, ws.1)?),
         ..call

@@ -35,6 +35,7 @@ pub mod embed;
 pub mod emu;
 pub mod engine;
 pub mod gemm;
+pub mod ledger;
 pub mod norm;
 pub mod sampling;
 pub mod score;
@@ -42,6 +43,7 @@ pub mod score;
 pub use device::{
     DevBuf, DevElem, DeviceChoice, Gpu, Graph, Marks, THREADS, row_grid, stride_grid,
 };
+pub use ledger::Traffic;
 
 /// One kernels/*.cu file as embedded by build.rs: ahead-of-time images when nvcc was found at
 /// build time, and always the source (with common.cuh inlined) for NVRTC.

@@ -1,7 +1,7 @@
 //! Launchers for kernels/norm.cu: RMSNorm + AdaLN, SwiGLU gating, bias add. The param
 //! structs are also used by the emulator ABI tests in src/cuda/mod.rs.
 
-use super::{DevBuf, Gpu, k, row_grid};
+use super::{DevBuf, Gpu, Traffic, k, row_grid};
 use anyhow::{Result, ensure};
 use half::bf16;
 
@@ -59,7 +59,18 @@ pub fn rmsnorm_adaln(
         mod_offset: off as i32,
         eps,
     };
-    gpu.launch_256(k::RMSNORM_ADALN_BF16, (tokens as u32, 1, 1), &p)
+    // x and w read, the scale and shift halves of each sequence row's modulation, out written.
+    let mod_bytes = if mp != 0 {
+        tokens.div_ceil(n) * 2 * c * 4
+    } else {
+        0
+    };
+    let traffic = Traffic::new(
+        tokens * c * 4 + c * 4 + mod_bytes,
+        tokens * c * 2,
+        5 * tokens * c,
+    );
+    gpu.launch_256(k::RMSNORM_ADALN_BF16, (tokens as u32, 1, 1), &p, traffic)
 }
 
 kernel_params! {
@@ -90,7 +101,8 @@ pub fn silu_mul(
         tokens: tokens as i32,
         f: f as i32,
     };
-    gpu.launch_256(k::SILU_MUL_BF16, row_grid(f, tokens)?, &p)
+    let traffic = Traffic::new(tokens * 2 * f * 2, tokens * f * 2, 5 * tokens * f);
+    gpu.launch_256(k::SILU_MUL_BF16, row_grid(f, tokens)?, &p, traffic)
 }
 
 kernel_params! {
@@ -118,5 +130,6 @@ pub fn add_bias_f32(
         rows: rows as i32,
         n: n as i32,
     };
-    gpu.launch_256(k::ADD_BIAS_F32, row_grid(n, rows)?, &p)
+    let traffic = Traffic::new(rows * n * 4 + n * 4, rows * n * 4, rows * n);
+    gpu.launch_256(k::ADD_BIAS_F32, row_grid(n, rows)?, &p, traffic)
 }

@@ -3,7 +3,7 @@
 //! Same rules as the CPU reference in src/sampling.rs; see the kernel's header for the tie
 //! rules and numerics.
 
-use super::{DevBuf, Gpu, k};
+use super::{DevBuf, Gpu, Traffic, k};
 use crate::sampling::StepKnobs;
 use anyhow::{Result, ensure};
 
@@ -181,11 +181,29 @@ pub fn guided_sample(
         step: s.step as i32,
         image0: s.image0,
     };
+    // Both halves' logits (and the bias) read once, the guided conditional rows written
+    // back (in place, when guided or biased), one token per cell into the grid and tokens_out
+    // (and stats); the later passes over a row re-read it from cache.
+    let written_back = if s.guidance.is_some() || bias.is_some() {
+        b * n * v * 4
+    } else {
+        0
+    };
+    let traffic = Traffic::new(
+        rows * n * v * 4
+            + bias.map_or(0, |_| v * 4)
+            + 2 * n * 4
+            + run.map_or(0, |_| 16)
+            + forced.map_or(0, |_| b * n * 4),
+        written_back + 2 * b * n * 4 + stats.as_ref().map_or(0, |_| 2 * b * n * 4),
+        5 * rows * n * v,
+    );
     gpu.launch(
         k::GUIDED_SAMPLE_F32,
         ((b * n) as u32, 1, 1),
         (SAMPLE_THREADS, 1, 1),
         0,
         &p,
+        traffic,
     )
 }

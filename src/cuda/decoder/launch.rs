@@ -2,6 +2,7 @@
 //! on cuBLAS (through `cuda::gemm`). Layouts: NHWC activations (see the module above).
 
 use super::*;
+use crate::cuda::Traffic;
 
 // ---------------------------------------------------------------------------------------------
 // Convolutions
@@ -112,6 +113,13 @@ pub fn conv3x3<T: Storage>(
     };
     i32_of(m, "B*H*W")?;
     i32_of(batch * hin * win * cin, "B*Hin*Win*Cin")?;
+    // x, the weights and bias, the residual once each; y written; 2 * 9 * Cin MACs per output.
+    let res_bytes = if res_ptr != 0 { m * cout * 4 } else { 0 };
+    let traffic = Traffic::new(
+        batch * hin * win * cin * size_of::<T>() + conv.w.bytes() + conv.b.bytes() + res_bytes,
+        m * cout * 4,
+        2 * m * cout * 9 * cin,
+    );
     let fast = kernel == ConvKernel::TensorCore;
     // f32 storage has no tensor-core kernel: it runs the direct (and narrow) ones.
     let tensor_cores = fast && T::TAG != "f32" && cin.is_multiple_of(32);
@@ -123,7 +131,7 @@ pub fn conv3x3<T: Storage>(
             k::CONV3X3_NARROW_F16,
             k::CONV3X3_NARROW_F32,
         );
-        gpu.launch_256(narrow, (stride_grid(m), 1, 1), &p)
+        gpu.launch_256(narrow, (stride_grid(m), 1, 1), &p, traffic)
     } else if tensor_cores {
         let tc = if down {
             pick::<T>(k::CONV3X3_DOWN_TC_BF16, k::CONV3X3_DOWN_TC_F16)
@@ -131,7 +139,7 @@ pub fn conv3x3<T: Storage>(
             pick::<T>(k::CONV3X3_TC_BF16, k::CONV3X3_TC_F16)
         };
         let grid = (m.div_ceil(TC_TILE) as u32, cout.div_ceil(TC_TILE) as u32, 1);
-        gpu.launch_256(tc, grid, &p)
+        gpu.launch_256(tc, grid, &p, traffic)
     } else {
         let direct = if down {
             pick3::<T>(
@@ -146,7 +154,7 @@ pub fn conv3x3<T: Storage>(
                 k::CONV3X3_DIRECT_F32,
             )
         };
-        gpu.launch_256(direct, (stride_grid(m * cout), 1, 1), &p)
+        gpu.launch_256(direct, (stride_grid(m * cout), 1, 1), &p, traffic)
     }
 }
 
@@ -306,7 +314,10 @@ pub fn group_norm<T: Storage>(
         chunk: GN_CHUNK as i32,
         nchunk: nchunk as i32,
     };
-    gpu.launch_256(k::GN_PARTIAL_F32, (nchunk as u32, batch as u32, 1), &pp)?;
+    let (xb, ssb) = (batch * hw * c * 4, batch * c * 2 * 4);
+    let partb = batch * nchunk * c * 2 * 4;
+    let t = Traffic::new(xb, partb, 3 * batch * hw * c);
+    gpu.launch_256(k::GN_PARTIAL_F32, (nchunk as u32, batch as u32, 1), &pp, t)?;
     let fp = GnFinalizeParams {
         part: gpu.ptr(&scratch.part),
         gamma: gpu.ptr(&gn.gamma),
@@ -319,7 +330,13 @@ pub fn group_norm<T: Storage>(
         nchunk: nchunk as i32,
         eps: GN_EPS,
     };
-    gpu.launch_256(k::GN_FINALIZE_F32, (GN_GROUPS as u32, batch as u32, 1), &fp)?;
+    let t = Traffic::new(partb + 2 * c * 4, ssb, 8 * batch * nchunk * c);
+    gpu.launch_256(
+        k::GN_FINALIZE_F32,
+        (GN_GROUPS as u32, batch as u32, 1),
+        &fp,
+        t,
+    )?;
     let ap = GnApplyParams {
         x: gpu.ptr(x),
         ss: gpu.ptr(&scratch.ss),
@@ -333,6 +350,11 @@ pub fn group_norm<T: Storage>(
         pick3::<T>(k::GN_APPLY_BF16, k::GN_APPLY_F16, k::GN_APPLY_F32),
         row_grid(hw * c / 4, batch)?,
         &ap,
+        Traffic::new(
+            xb + ssb,
+            batch * hw * c * size_of::<T>(),
+            6 * batch * hw * c,
+        ),
     )
 }
 
@@ -363,6 +385,7 @@ pub fn cast_f32<T: Storage>(gpu: &Gpu, x: &DevBuf<f32>, y: &mut DevBuf<T>, n: us
         pick3::<T>(k::CAST_F32_BF16, k::CAST_F32_F16, k::CAST_F32_F32),
         (stride_grid(n), 1, 1),
         &p,
+        Traffic::new(n * 4, n * size_of::<T>(), n),
     )
 }
 
@@ -428,6 +451,12 @@ pub fn gather_codes_at<T: Storage>(
         (128, 1, 1),
         0,
         &p,
+        // The tokens, the code vectors they name (at most the codebook), z written.
+        Traffic::new(
+            rows * 4 + (n_embed * e * 4).min(rows * e * 4),
+            rows * e * size_of::<T>(),
+            3 * rows * e,
+        ),
     )
 }
 
@@ -471,6 +500,7 @@ pub fn softmax_rows<T: Storage>(
         ),
         (rows as u32, 1, 1),
         &prm,
+        Traffic::new(rows * n * 4, rows * n * size_of::<T>(), 5 * rows * n),
     )
 }
 
@@ -537,7 +567,9 @@ pub fn pixels_at(
         hw: i32_of(hw, "hw")?,
         c: i32_of(c, "c")?,
     };
-    gpu.launch_256(k::DEC_PIXELS_F32, row_grid(hw * c, batch)?, &p)
+    let written = if pf != 0 { n * 4 } else { 0 } + if pu != 0 { n } else { 0 };
+    let t = Traffic::new(n * 4, written, 3 * n);
+    gpu.launch_256(k::DEC_PIXELS_F32, row_grid(hw * c, batch)?, &p, t)
 }
 
 // ---------------------------------------------------------------------------------------------
