@@ -299,7 +299,7 @@ fn run_cases<T: Storage>() {
                 tokens[rows - 1] = v as i32; // out of range -> NaN row
                 let dt = gpu.upload(&tokens).unwrap();
                 let mut dz = gpu.upload(&nan::<T>(rows * e)).unwrap();
-                gd::gather_codes(gpu, &dt, &dcb, &mut dz, rows, e, v, normalize).unwrap();
+                gd::gather_codes(gpu, &dt, 0, &dcb, &mut dz, rows, e, v, normalize).unwrap();
                 let got = to_f32(&gpu.download(&dz).unwrap());
                 // Each in-range token as its own 1x1 image: (rows - 1, e, 1, 1) = (rows - 1, e).
                 let valid: Vec<u32> = tokens[..rows - 1].iter().map(|&t| t as u32).collect();
@@ -477,7 +477,7 @@ fn pixels_case(gpu: &Gpu, batch: usize, hw: usize, seed: u64) {
     let dy = gpu.upload(&y).unwrap();
     let mut pf = gpu.upload(&vec![f32::NAN; y.len()]).unwrap();
     let mut pu = gpu.upload(&vec![77u8; y.len()]).unwrap();
-    gd::pixels(gpu, &dy, Some(&mut pf), Some(&mut pu), batch, hw, 3).unwrap();
+    gd::pixels(gpu, &dy, Some(&mut pf), Some(&mut pu), 0, batch, hw, 3).unwrap();
     let (gf, gu) = (gpu.download(&pf).unwrap(), gpu.download(&pu).unwrap());
     let planar = common::nhwc_to_nchw(&y, batch, hw, 3);
     assert!(

@@ -404,24 +404,10 @@ kernel_params! {
 
 /// `z (rows, e) T = codebook[tokens]`, each row L2-normalized (eps 1e-12) when `normalize`.
 /// A token outside [0, n_embed) gives a NaN row.
+/// Reads the `rows` tokens from element `tok_off` of `tokens` on (a decode that runs a batch
+/// in equal passes starts each pass at its first image's tokens).
 #[allow(clippy::too_many_arguments)]
 pub fn gather_codes<T: Storage>(
-    gpu: &Gpu,
-    tokens: &DevBuf<i32>,
-    codebook: &DevBuf<f32>,
-    z: &mut DevBuf<T>,
-    rows: usize,
-    e: usize,
-    n_embed: usize,
-    normalize: bool,
-) -> Result<()> {
-    gather_codes_at(gpu, tokens, 0, codebook, z, rows, e, n_embed, normalize)
-}
-
-/// [`gather_codes`] of the `rows` tokens from element `tok_off` of `tokens` on (one pass of
-/// a decode that runs a batch in equal passes).
-#[allow(clippy::too_many_arguments)]
-pub fn gather_codes_at<T: Storage>(
     gpu: &Gpu,
     tokens: &DevBuf<i32>,
     tok_off: usize,
@@ -518,22 +504,10 @@ kernel_params! {
 
 /// `y (B, hw, c)` NHWC f32 -> planar (B, c, hw) f32 and/or 8-bit pixels
 /// (clamp((x+1)/2, 0, 1) * 255, truncated, as `cpu::ops::pixels`).
-pub fn pixels(
-    gpu: &Gpu,
-    y: &DevBuf<f32>,
-    out_f32: Option<&mut DevBuf<f32>>,
-    out_u8: Option<&mut DevBuf<u8>>,
-    batch: usize,
-    hw: usize,
-    c: usize,
-) -> Result<()> {
-    pixels_at(gpu, y, out_f32, out_u8, 0, batch, hw, c)
-}
-
-/// [`pixels`] into the outputs from element `out_off` on (one pass of a decode that runs a
-/// batch in equal passes).
+/// Writes the outputs from element `out_off` on (a decode that runs a batch in equal passes
+/// writes each pass at its first image's pixels).
 #[allow(clippy::too_many_arguments)]
-pub fn pixels_at(
+pub fn pixels(
     gpu: &Gpu,
     y: &DevBuf<f32>,
     out_f32: Option<&mut DevBuf<f32>>,

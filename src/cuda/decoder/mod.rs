@@ -885,7 +885,7 @@ impl<T: Storage> Decoder<T> {
         let (s, k) = (ws.s, self.conv_kernel);
         let n = s * s;
         let tok = tokens.unwrap_or(&ws.tokens);
-        gather_codes_at(
+        gather_codes(
             gpu,
             tok,
             first * n,
@@ -942,7 +942,7 @@ impl<T: Storage> Decoder<T> {
         let hw = hgt * hgt;
         ws.a.norm_conv_out(gpu, k, cur, &self.norm_out, &self.conv_out, b, hgt)?;
         let off = first * 3 * hw;
-        pixels_at(
+        pixels(
             gpu,
             &ws.a.h,
             Some(&mut ws.img),
