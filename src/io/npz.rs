@@ -56,7 +56,7 @@ pub fn parse_npy_header(npy: &[u8]) -> Result<NpyHeader> {
     if npy.len() < 10 || &npy[..6] != b"\x93NUMPY" {
         bail!("no .npy magic");
     }
-    let (hlen, start) = match npy[6] {
+    let (hlen, start): (usize, usize) = match npy[6] {
         1 => (u16::from_le_bytes([npy[8], npy[9]]) as usize, 10),
         2 | 3 if npy.len() >= 12 => (
             u32::from_le_bytes(npy[8..12].try_into().unwrap()) as usize,
@@ -64,9 +64,7 @@ pub fn parse_npy_header(npy: &[u8]) -> Result<NpyHeader> {
         ),
         v => bail!("unknown .npy version {v}"),
     };
-    let end = (start as usize)
-        .checked_add(hlen)
-        .context("header length overflows")?;
+    let end = start.checked_add(hlen).context("header length overflows")?;
     let text = npy
         .get(start..end)
         .and_then(|h| std::str::from_utf8(h).ok())
