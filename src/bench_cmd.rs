@@ -41,6 +41,20 @@ pub struct BenchArgs {
     dry_run: bool,
 }
 
+/// `--warmup` and `--iters` within 0..=[`MAX_REPEATS`] and 1..=[`MAX_REPEATS`].
+///
+/// [`MAX_REPEATS`]: checkergen::limits::MAX_REPEATS
+pub(crate) fn check_repeats(warmup: usize, iters: usize) -> Result<()> {
+    let max = checkergen::limits::MAX_REPEATS;
+    if iters == 0 || iters > max {
+        bail!("--iters {iters}: must be 1 to {max}");
+    }
+    if warmup > max {
+        bail!("--warmup {warmup}: at most {max}");
+    }
+    Ok(())
+}
+
 /// How `bench` and `steps` time a configuration: warm-up, repeats, device, guidance.
 #[derive(Args)]
 pub struct TimedRuns {
@@ -112,9 +126,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.batch.is_empty() || a.batch.contains(&0) {
         bail!("--batch needs batch sizes of at least 1");
     }
-    if a.run.iters == 0 {
-        bail!("--iters must be at least 1");
-    }
+    a.run.check()?;
     if a.steps_per_scale == 0 {
         bail!("--steps-per-scale must be at least 1");
     }
@@ -231,6 +243,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 /// `--precision` applies to the CPU's model.
 pub(crate) fn pick_device(run: &TimedRuns, model: &mut Model) -> Result<DeviceModel> {
     Ok(pick_gpu_model(run.device, run.precision, model)?.0)
+}
+
+impl TimedRuns {
+    /// The repeat counts within their limits.
+    pub fn check(&self) -> Result<()> {
+        check_repeats(self.warmup, self.iters)
+    }
 }
 
 /// The device a bench runs on, with its model.

@@ -14,6 +14,9 @@ pub const MAX_SCALES: usize = 64;
 pub const MAX_IMAGES: usize = 4096;
 /// Most images one `sample` run takes (`--num-samples`, `--labels`), batch after batch.
 pub const MAX_RUN_IMAGES: usize = 10_000_000;
+/// Most warm-up or timed repeats of one measurement (`bench`, `steps`, `bench-decode`
+/// `--warmup` / `--iters`): a count that would run for days is refused, not started.
+pub const MAX_REPEATS: usize = 10_000;
 /// Host memory one batch may plan for (KV caches, logits and pixels of the batch).
 pub const MAX_SAMPLE_BYTES: u64 = 16 << 30;
 /// Most transformer layers a configuration may declare.

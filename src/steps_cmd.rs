@@ -110,9 +110,10 @@ pub fn steps_for_total(sizes: &[usize], total: usize) -> Option<Vec<usize>> {
 }
 
 pub fn steps(a: StepsArgs) -> Result<()> {
-    if a.batch == 0 || a.run.iters == 0 {
-        bail!("--batch and --iters must be at least 1");
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
     }
+    a.run.check()?;
     // The model configurations: one per ratio.
     let mut models: Vec<(Model, String)> = match &a.model {
         Some(p) => vec![(Model::load(p)?, p.display().to_string())],

@@ -380,8 +380,21 @@ fn bad_score_input_fails_in_one_line() {
     let codes = tmp("codes_bad.safetensors");
     let other = tmp("other_tokens.safetensors");
     let dout = tmp("d");
+    // A strip whose short side would be scaled 1 -> 256 (49 s and 3.5 GB before the bound).
+    let strip = picture("strip.png", 16384, 1, 4);
     checkergen::io::tokens::write_token_grids(&other, &[1, 3], &[vec![0], vec![0; 9]], 1).unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "encode",
+                "--model",
+                s(&model),
+                s(&strip),
+                "--out",
+                s(&codes),
+            ],
+            "at most 32 times the short one",
+        ),
         (
             vec!["score", "--model", s(&model), s(&junk), "--labels", "1"],
             "not a readable PNG",

@@ -128,6 +128,25 @@ fn a_model_file_fixes_the_ratio_and_bad_values_fail_in_one_line() {
             vec!["steps", "--preset", "tiny", "--batch", "0"],
             "at least 1",
         ),
+        // Counts that would run for ever are refused before anything runs (issue 22 item 5).
+        (
+            vec![
+                "steps",
+                "--preset",
+                "tiny",
+                "--iters",
+                "18446744073709551615",
+            ],
+            "must be 1 to 10000",
+        ),
+        (
+            vec!["steps", "--preset", "tiny", "--warmup", "10001"],
+            "at most 10000",
+        ),
+        (
+            vec!["bench", "--preset", "tiny", "--iters", "10001"],
+            "must be 1 to 10000",
+        ),
         (
             vec!["steps", "--preset", "tiny", "--steps", "1,x"],
             "--steps",

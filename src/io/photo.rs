@@ -22,20 +22,37 @@ pub struct Rgb {
 /// Largest width or height accepted for an input photo.
 pub const MAX_PHOTO_SIDE: usize = 16384;
 
-/// Read an image file by extension: `.png`, or `.jpg` / `.jpeg` (any case).
+/// Largest ratio of an input photo's long side to its short side: `center_crop_arr` scales
+/// the short side to the model's size, so the work grows with the square of this ratio (a
+/// 1 x 16384 PNG would become 256 x 4 194 304 pixels).
+pub const MAX_PHOTO_ASPECT: usize = 32;
+
+/// Read an image file by extension: `.png`, or `.jpg` / `.jpeg` (any case); sides within
+/// [`MAX_PHOTO_SIDE`] and an aspect ratio within [`MAX_PHOTO_ASPECT`].
 pub fn read_image(path: &Path) -> Result<Rgb> {
     let ext = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
-    match ext.as_str() {
-        "png" => read_png(path),
-        "jpg" | "jpeg" => read_jpeg(path),
+    let img = match ext.as_str() {
+        "png" => read_png(path)?,
+        "jpg" | "jpeg" => read_jpeg(path)?,
         _ => bail!(
             "{}: unsupported image type '.{ext}' (PNG or JPEG expected)",
             path.display()
         ),
+    };
+    let (long, short) = (img.width.max(img.height), img.width.min(img.height).max(1));
+    if long > short * MAX_PHOTO_ASPECT {
+        bail!(
+            "{}: image is {}x{}; the long side may be at most {MAX_PHOTO_ASPECT} times the \
+             short one",
+            path.display(),
+            img.width,
+            img.height
+        );
     }
+    Ok(img)
 }
 
 /// Read a baseline or progressive JPEG (gray, YCbCr, CMYK) as 8-bit RGB (zune-jpeg).
