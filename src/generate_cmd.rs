@@ -320,6 +320,8 @@ fn read_labels_file(path: &Path, n: usize, classes: usize) -> Result<Vec<usize>>
     checkergen::paths::check_input(path)?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read as text", path.display()))?;
+    // A UTF-8 byte-order mark (Windows editors write one) is not part of the first entry.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut v = Vec::with_capacity(n);
     for (k, w) in text
         .split(|c: char| c.is_whitespace() || c == ',')
@@ -447,11 +449,20 @@ fn open_shard(p: &Path) -> Result<Shard> {
         .as_array()
         .filter(|r| r.len() == 2)
         .with_context(|| format!("{shown}: no image range in checkergen.json"))?;
-    let (start, end) = (
-        r[0].as_u64().context("bad range")? as usize,
-        r[1].as_u64().context("bad range")? as usize,
-    );
-    let side = meta["config"]["img_size"].as_u64().context("no img_size")? as usize;
+    let (start, end) = match (r[0].as_u64(), r[1].as_u64()) {
+        (Some(a), Some(b)) if a <= b && b <= checkergen::limits::MAX_RUN_IMAGES as u64 => {
+            (a as usize, b as usize)
+        }
+        _ => bail!(
+            "{shown}: checkergen.json's image range {} is not a range of images",
+            meta["range"]
+        ),
+    };
+    let side = meta["config"]["img_size"]
+        .as_u64()
+        .filter(|&s| (1..=16384).contains(&s))
+        .with_context(|| format!("{shown}: checkergen.json has no image size in 1..=16384"))?
+        as usize;
     let hdr = npy_header("|u1", &[end - start, side, side, 3]);
     let want = hdr.len() as u64 + ((end - start) * side * side * 3) as u64;
     if zip.size("arr_0.npy")? != want || zip.read("arr_0.npy", 0, hdr.len() as u64)? != hdr {

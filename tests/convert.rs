@@ -584,7 +584,7 @@ fn bad_inputs_give_clear_errors() {
     opts.checkpoint = garbage;
     assert_says(
         &failure(&opts),
-        &["garbage.pth", "not a PyTorch zip checkpoint"],
+        &["garbage.pth", "not a readable zip archive"],
     );
     // A pickle with an unknown opcode.
     assert_says(

@@ -174,6 +174,11 @@ fn labels_from_a_file_or_drawn_per_image() {
     let (ok, err) = generate(&m, &f, &["--labels-file", &s(&lf)]);
     assert!(ok, "{err}");
     assert_eq!(labels_of(&f), vec![3, 1, 4, 1, 5, 9, 2, 6, 5, 3]);
+    // A file with a UTF-8 byte-order mark reads the same (issue 22 item 8).
+    std::fs::write(&lf, "\u{feff}3 1 4 1 5\n9,2,6,5,3\n").unwrap();
+    let (ok, err) = generate(&m, &f, &["--labels-file", &s(&lf), "--overwrite"]);
+    assert!(ok, "{err}");
+    assert_eq!(labels_of(&f), vec![3, 1, 4, 1, 5, 9, 2, 6, 5, 3]);
     let (r, r0, r1) = (d.join("r.npz"), d.join("r0.npz"), d.join("r1.npz"));
     assert!(generate(&m, &r, &["--random-labels"]).0);
     assert!(generate(&m, &r0, &["--random-labels", "--shard", "0/2"]).0);
@@ -319,6 +324,29 @@ fn bad_input_fails_in_one_line() {
             &format!("label {bad} of image"),
         );
     }
+    // A shard whose recorded range runs backwards is named, not subtracted (issue 22 item 8).
+    let mut back: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    back["range"] = serde_json::json!([9, 2]);
+    let back = serde_json::to_vec(&back).unwrap();
+    let e = |name, data| checkergen::io::pth::StoredEntry {
+        name,
+        data,
+        claimed_size: None,
+    };
+    let zip = checkergen::io::pth::stored_zip(
+        &[
+            e("arr_0.npy", &arr0),
+            e("arr_1.npy", &arr1),
+            e("checkergen.json", &back),
+        ],
+        true,
+    );
+    let forged = d.join("backwards.npz");
+    std::fs::write(&forged, zip).unwrap();
+    one_line(
+        &["merge", &s(&s0), &s(&forged), "-o", &merged],
+        "backwards.npz: checkergen.json's image range [9,2] is not a range",
+    );
     one_line(&["merge", &m, "-o", &merged], "zip");
     assert!(!Path::new(&merged).exists());
     std::fs::remove_dir_all(&d).ok();

@@ -17,7 +17,9 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
 /// The start of every "this is not a checkpoint" error.
-pub(super) const NOT_TORCH_ZIP: &str = "not a PyTorch zip checkpoint";
+/// The one reader serves PyTorch checkpoints and numpy's `.npz` files, so its refusals name
+/// neither as the only possibility.
+pub(super) const NOT_TORCH_ZIP: &str = "not a readable zip archive (PyTorch checkpoint or .npz)";
 
 /// One central-directory entry.
 #[derive(Clone, Debug)]
@@ -251,7 +253,8 @@ fn read_index(file: &File, len: u64) -> Result<HashMap<String, Entry>> {
 fn data_start(file: &File, file_len: u64, e: &Entry) -> Result<u64> {
     if e.method != 0 || e.compressed_size != e.size {
         bail!(
-            "zip entry {} is compressed (method {}); torch.save writes stored entries only",
+            "zip entry {} is compressed (method {}); only stored entries are read (torch.save \
+             and np.savez write them; np.savez_compressed does not)",
             e.name,
             e.method
         );
