@@ -19,8 +19,11 @@ for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
     name = m.get("target", {}).get("name", "")
-    # batching: its GPU test (bitwise equal images at different batch sizes) runs there too.
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and (name.startswith("gpu_") or name == "batching"):
+    # batching: its GPU test (bitwise equal images at different batch sizes) runs there too;
+    # gpu_ledger runs on the host emulator by design (its audit reruns launches on host
+    # memory), so it stays here.
+    gpu = name.startswith("gpu_") and name != "gpu_ledger"
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and (gpu or name == "batching"):
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" "$out/bin/$name"; done
 strip "$out"/bin/* 2>/dev/null || true
