@@ -301,9 +301,8 @@ fn bad_input_fails_in_one_line() {
     let at = checkergen::io::npz::parse_npy_header(&arr1)
         .unwrap()
         .data_offset;
-    for bad in [-5i64, 1_000_000_000_000] {
-        let mut labels = arr1.clone();
-        labels[at..at + 8].copy_from_slice(&bad.to_le_bytes());
+    // A shard file with these three entries (CRCs as a forger would recompute them).
+    let forge = |name: &str, arr1: &[u8], meta: &[u8]| {
         let e = |name, data| checkergen::io::pth::StoredEntry {
             name,
             data,
@@ -312,39 +311,30 @@ fn bad_input_fails_in_one_line() {
         let zip = checkergen::io::pth::stored_zip(
             &[
                 e("arr_0.npy", &arr0),
-                e("arr_1.npy", &labels),
-                e("checkergen.json", &meta),
+                e("arr_1.npy", arr1),
+                e("checkergen.json", meta),
             ],
             true,
         );
-        let forged = d.join("forged.npz");
+        let forged = d.join(name);
         std::fs::write(&forged, zip).unwrap();
+        s(&forged)
+    };
+    for bad in [-5i64, 1_000_000_000_000] {
+        let mut labels = arr1.clone();
+        labels[at..at + 8].copy_from_slice(&bad.to_le_bytes());
+        let forged = forge("forged.npz", &labels, &meta);
         one_line(
-            &["merge", &s(&s0), &s(&forged), "-o", &merged],
+            &["merge", &s(&s0), &forged, "-o", &merged],
             &format!("label {bad} of image"),
         );
     }
     // A shard whose recorded range runs backwards is named, not subtracted (issue 22 item 8).
     let mut back: serde_json::Value = serde_json::from_slice(&meta).unwrap();
     back["range"] = serde_json::json!([9, 2]);
-    let back = serde_json::to_vec(&back).unwrap();
-    let e = |name, data| checkergen::io::pth::StoredEntry {
-        name,
-        data,
-        claimed_size: None,
-    };
-    let zip = checkergen::io::pth::stored_zip(
-        &[
-            e("arr_0.npy", &arr0),
-            e("arr_1.npy", &arr1),
-            e("checkergen.json", &back),
-        ],
-        true,
-    );
-    let forged = d.join("backwards.npz");
-    std::fs::write(&forged, zip).unwrap();
+    let forged = forge("backwards.npz", &arr1, &serde_json::to_vec(&back).unwrap());
     one_line(
-        &["merge", &s(&s0), &s(&forged), "-o", &merged],
+        &["merge", &s(&s0), &forged, "-o", &merged],
         "backwards.npz: checkergen.json's image range [9,2] is not a range",
     );
     one_line(&["merge", &m, "-o", &merged], "zip");

@@ -111,8 +111,16 @@ fn dry_run_records_launches_and_runs_nothing() {
     let tr = led.total(Some(checkergen::cuda::ledger::TRANSFORMER));
     assert!(led.launches(Some("decoder")) > 10 && dec.bytes() > 0 && dec.flops > 0);
     assert!(tr.bytes() > 0 && tr.flops > 0);
-    // The same launches as a real run.
+    // A real run records nothing unless asked (no record per launch kept for ever), and
+    // asked, the same launches as the dry run.
     let real = GpuModel::new(Gpu::emu().unwrap(), &model).unwrap();
+    pipeline::sample(&mut GpuBackend::new(&real), &o).unwrap();
+    assert_eq!(
+        real.gpu.ledger().launches(None),
+        0,
+        "recorded without being asked"
+    );
+    real.gpu.record_ledger(true);
     pipeline::sample(&mut GpuBackend::new(&real), &o).unwrap();
     let rl = real.gpu.ledger();
     assert_eq!(rl.launches(None), led.launches(None));

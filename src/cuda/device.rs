@@ -154,9 +154,12 @@ pub struct Gpu {
     /// Device buffers created so far (`alloc`, `zeros`, `upload`): tests check that a
     /// repeated call of one shape allocates nothing ([`Gpu::allocations`]).
     allocations: std::sync::atomic::AtomicU64,
-    /// Every launch and GEMM issued, with its declared traffic ([`Gpu::ledger`]).
+    /// Every launch and GEMM issued, with its declared traffic ([`Gpu::ledger`]), while
+    /// `recording` is on: off by default, so a long run (or an embedding service) does not
+    /// keep one record per launch for ever; the dry run and the ledger tests turn it on.
     ledger: std::sync::Mutex<Ledger>,
-    /// The part of the sampler launches are attributed to now ([`Gpu::set_part`]).
+    recording: std::sync::atomic::AtomicBool,
+    /// The part of the sampler launches are attributed to now ([`Gpu::in_part`]).
     part: std::sync::Mutex<&'static str>,
     /// Emulator only: when Some, every launch and GEMM is audited ([`Gpu::set_audit`]).
     audit: std::sync::Mutex<Option<Vec<AuditRecord>>>,
@@ -582,7 +585,9 @@ impl Gpu {
     /// goes through the same code path and is recorded in the ledger, but nothing executes;
     /// allocations have no memory (downloads return zeros), so any batch costs nothing.
     pub fn emu_dry() -> Result<Gpu> {
-        Self::emu_with(EmuDevice::dry(), "host emulator (dry run)")
+        let g = Self::emu_with(EmuDevice::dry(), "host emulator (dry run)")?;
+        g.record_ledger(true);
+        Ok(g)
     }
 
     fn emu_with(dev: EmuDevice, name: &str) -> Result<Gpu> {
@@ -594,6 +599,7 @@ impl Gpu {
             capture: std::sync::Mutex::new(None),
             allocations: Default::default(),
             ledger: Default::default(),
+            recording: Default::default(),
             part: std::sync::Mutex::new(TRANSFORMER),
             audit: Default::default(),
         })
@@ -604,15 +610,25 @@ impl Gpu {
         self.emu_device().is_some_and(EmuDevice::is_dry)
     }
 
-    /// The launches recorded so far (see [`super::ledger`]).
+    /// Record every following launch in the ledger (`on`), or stop recording (what was
+    /// recorded stays until [`Ledger::clear`]). Off by default except in a dry run.
+    pub fn record_ledger(&self, on: bool) {
+        self.recording
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The launches recorded so far (see [`super::ledger`] and [`Gpu::record_ledger`]).
     pub fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Attribute the following launches to `part` ([`super::ledger::TRANSFORMER`],
-    /// [`super::ledger::DECODER`]); returns the previous part, to restore.
-    pub fn set_part(&self, part: &'static str) -> &'static str {
-        std::mem::replace(&mut *self.part.lock().unwrap(), part)
+    /// Attribute the launches `f` issues to `part` ([`super::ledger::TRANSFORMER`],
+    /// [`super::ledger::DECODER`]), then restore the part before.
+    pub fn in_part<R>(&self, part: &'static str, f: impl FnOnce() -> R) -> R {
+        let before = std::mem::replace(&mut *self.part.lock().unwrap(), part);
+        let r = f();
+        *self.part.lock().unwrap() = before;
+        r
     }
 
     /// Emulator: audit every following launch and GEMM (`on`), or stop and return the
@@ -627,7 +643,7 @@ impl Gpu {
         out
     }
 
-    /// Record one launch in the ledger; on the emulator run it (`run`), unless this is a dry
+    /// Record one launch in the ledger (when recording); on the emulator run it (`run`), unless this is a dry
     /// run or a capture records it, auditing it when asked (`addrs`: the addresses its
     /// parameters hold).
     pub(crate) fn issue(
@@ -637,12 +653,14 @@ impl Gpu {
         addrs: &[u64],
         run: impl Fn(&EmuDevice) -> Result<()> + Clone + Send + Sync + 'static,
     ) -> Result<()> {
-        let part = *self.part.lock().unwrap();
-        self.ledger().records.push(Record {
-            name,
-            part,
-            traffic,
-        });
+        if self.recording.load(std::sync::atomic::Ordering::Relaxed) {
+            let part = *self.part.lock().unwrap();
+            self.ledger().records.push(Record {
+                name,
+                part,
+                traffic,
+            });
+        }
         let Some(e) = self.emu_device() else {
             return Ok(());
         };
@@ -775,6 +793,7 @@ impl Gpu {
             capture: std::sync::Mutex::new(None),
             allocations: Default::default(),
             ledger: Default::default(),
+            recording: Default::default(),
             part: std::sync::Mutex::new(TRANSFORMER),
             audit: Default::default(),
         })

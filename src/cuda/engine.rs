@@ -79,12 +79,23 @@ pub struct GpuModel {
     pub(super) score_cache: std::sync::Mutex<Option<super::score::ScoreBuffers>>,
 }
 
-/// What a batch's buffers depend on: images, guidance, and the schedule's shape.
+/// What a batch's buffers depend on: images, guidance, and the schedule's shape (also the
+/// key of the scoring pass's buffers, `cuda::score`).
 #[derive(Clone, PartialEq, Eq)]
-struct BatchKey {
+pub(super) struct BatchKey {
     b: usize,
     guided: bool,
     scales: Vec<(usize, usize)>,
+}
+
+impl BatchKey {
+    pub(super) fn new(b: usize, guided: bool, schedule: &Schedule) -> BatchKey {
+        BatchKey {
+            b,
+            guided,
+            scales: schedule.scales.iter().map(|s| (s.size, s.steps)).collect(),
+        }
+    }
 }
 
 impl GpuModel {
@@ -567,11 +578,7 @@ impl Backend for GpuBackend<'_> {
         if guided {
             classes.extend(std::iter::repeat_n(cfg.num_classes, b));
         }
-        let key = BatchKey {
-            b,
-            guided,
-            scales: schedule.scales.iter().map(|s| (s.size, s.steps)).collect(),
-        };
+        let key = BatchKey::new(b, guided, schedule);
         // This backend's previous batch, else the model's cached one (from a dropped backend).
         let cached = match (self.key.take(), self.batch.take()) {
             (Some(k), Some(bt)) => Some((k, bt, std::mem::take(&mut self.steps))),
@@ -778,10 +785,11 @@ impl Backend for GpuBackend<'_> {
         }
         // Every batch decodes in one launch sequence (equal passes within the kernels' int32
         // indexing and the free memory: `GpuDecoder::chunk`).
-        let part = g.set_part(super::ledger::DECODER);
-        let r = dec.decode_device(g, grid, bt.b, s, true);
-        g.set_part(part);
-        let pixels = r?.context("the decoder read back no pixels")?;
+        let pixels = g
+            .in_part(super::ledger::DECODER, || {
+                dec.decode_device(g, grid, bt.b, s, true)
+            })?
+            .context("the decoder read back no pixels")?;
         Ok(Decoded {
             pixels,
             images: None,
@@ -891,10 +899,9 @@ impl GpuBackend<'_> {
         let s = schedule.scales.get(si).context("no such scale")?.size;
         ensure!(d.fits(bt.b, s), "decoder buffers of another batch shape");
         let g = &self.m.gpu;
-        let part = g.set_part(super::ledger::DECODER);
-        let r = self.m.decoder.decode_into(g, d, &bt.grids[si]);
-        g.set_part(part);
-        r?;
+        g.in_part(super::ledger::DECODER, || {
+            self.m.decoder.decode_into(g, d, &bt.grids[si])
+        })?;
         if self.timed {
             g.mark(&bt.marks, bt.marks.len() - 1)?;
         }

@@ -18,7 +18,7 @@
 use super::attention::BlockMask;
 use super::device::DevBuf;
 use super::embed::{SeqRows, gather_inputs};
-use super::engine::{Batch, GpuModel, to_bf16};
+use super::engine::{Batch, BatchKey, GpuModel, to_bf16};
 use super::gemm::linear;
 use super::norm::{add_bias_f32, rmsnorm_adaln};
 use crate::cpu::score::{ScoreStats, check_inputs};
@@ -29,8 +29,8 @@ use anyhow::{Context, Result};
 /// The buffers of one scoring shape: the batch's activations, KV cache, logits and grids,
 /// and the positions' RoPE rows and block ids.
 pub(super) struct ScoreBuffers {
-    /// Images, and per scale (side, steps).
-    key: (usize, Vec<(usize, usize)>),
+    /// Images and the schedule's shape (unguided: one row per image).
+    key: BatchKey,
     bt: Batch,
     /// The steps' index tables on the device.
     steps: Vec<super::embed::StepIndex>,
@@ -56,10 +56,7 @@ impl GpuModel {
         let n = schedule.total_tokens();
         let len = 1 + n;
         // The last call's buffers when the shape is the same (no allocation per call).
-        let key = (
-            b,
-            schedule.scales.iter().map(|s| (s.size, s.steps)).collect(),
-        );
+        let key = BatchKey::new(b, false, schedule);
         let mut slot = self.score_cache.lock().unwrap_or_else(|p| p.into_inner());
         let bufs = match slot.take() {
             Some(mut sb) if sb.key == key => {

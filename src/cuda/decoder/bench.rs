@@ -71,12 +71,10 @@ pub fn bench_decode(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn plan_covers_the_released_shapes() {
         let cfg = crate::model::config::released_decoder_16k();
         // The 256x256x128 activations are the largest; 512 channels the widest.
-        assert_eq!(plan(&cfg, 16), (256 * 256 * 128, 256 * 256, 512));
+        assert_eq!(cfg.activation_plan(16), (256 * 256 * 128, 256 * 256, 512));
     }
 }

@@ -342,9 +342,8 @@ struct Workspace<T: Storage> {
     tokens: DevBuf<i32>, // (B, s, s)
     z: DevBuf<T>,        // (chunk*s*s, e)
     a: Acts<T>,          // chunk images'
-
-    img: DevBuf<f32>, // (B, 3, side, side)
-    px: DevBuf<u8>,   // (B, 3, side, side)
+    img: DevBuf<f32>,    // (B, 3, side, side)
+    px: DevBuf<u8>,      // (B, 3, side, side)
 }
 
 /// The activation buffers the layers of the decoder and the encoder run on.
@@ -518,7 +517,7 @@ impl<T: Storage> Acts<T> {
 
 /// [`GpuDecoder::max_batch`] for a decoder configuration.
 pub fn max_pass(cfg: &DecoderConfig, s: usize, free_bytes: Option<usize>) -> usize {
-    let (max_act, _, _) = plan(cfg, s);
+    let (max_act, _, _) = cfg.activation_plan(s);
     let by_index = i32::MAX as usize / max_act.max(1);
     let per_image = cfg.workspace_bytes_per_image(s) as usize;
     let by_memory = free_bytes.map_or(usize::MAX, |f| f / 2 / per_image.max(1));
@@ -532,11 +531,6 @@ pub fn equal_passes(batch: usize, max: usize) -> usize {
     batch.div_ceil(passes).max(1)
 }
 
-/// Largest per-image activation (elements), largest H*W and largest channel count.
-fn plan(cfg: &DecoderConfig, s: usize) -> (usize, usize, usize) {
-    cfg.activation_plan(s)
-}
-
 impl<T: Storage> Workspace<T> {
     fn new(
         gpu: &Gpu,
@@ -545,7 +539,7 @@ impl<T: Storage> Workspace<T> {
         s: usize,
         chunk: usize,
     ) -> Result<Workspace<T>> {
-        let (max_act, max_hw, max_c) = plan(cfg, s);
+        let (max_act, max_hw, max_c) = cfg.activation_plan(s);
         let n = s * s;
         let side = s * cfg.stride();
         let c_last = cfg.ch * cfg.ch_mult[cfg.ch_mult.len() - 1];
@@ -665,7 +659,7 @@ impl GpuDecoder {
             anyhow::bail!("decode: token {t} out of range (codebook size {n_embed})");
         }
         let host: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let chunk = self.chunk(gpu, batch, s, None);
+        let chunk = || self.chunk(gpu, batch, s, None);
         dispatch!(&self.inner, d => {
             let mut guard = d.ws.lock().unwrap();
             let ws = d.workspace(gpu, &mut guard, batch, s, chunk)?;
@@ -687,7 +681,7 @@ impl GpuDecoder {
         s: usize,
         read: bool,
     ) -> Result<Option<Vec<u8>>> {
-        let chunk = self.chunk(gpu, batch, s, None);
+        let chunk = || self.chunk(gpu, batch, s, None);
         dispatch!(&self.inner, d => {
             let mut guard = d.ws.lock().unwrap();
             let ws = d.workspace(gpu, &mut guard, batch, s, chunk)?;
@@ -841,14 +835,14 @@ impl<T: Storage> Decoder<T> {
         slot: &'a mut Option<Workspace<T>>,
         batch: usize,
         s: usize,
-        chunk: usize,
+        chunk: impl FnOnce() -> usize,
     ) -> Result<&'a mut Workspace<T>> {
         ensure!(batch > 0 && s > 0, "decode: empty batch or latent");
         if slot.as_ref().is_some_and(|w| w.batch == batch && w.s == s) {
             return Ok(slot.as_mut().unwrap());
         }
-        *slot = None; // free the old buffers first
-        let ws = Workspace::new(gpu, &self.cfg, batch, s, chunk)
+        *slot = None; // free the old buffers first (the free memory then decides the passes)
+        let ws = Workspace::new(gpu, &self.cfg, batch, s, chunk())
             .with_context(|| format!("allocating decoder buffers for batch {batch}, s {s}"))?;
         Ok(slot.insert(ws))
     }
