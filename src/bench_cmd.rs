@@ -148,6 +148,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let gpu = pick_device(&a.run, &mut model)?;
     let dev = BenchDevice::new(&model, gpu);
     let device = dev.describe();
+    let requests = batch_requests(&a, &model, dev.batch_memory()?, !a.run.no_graph)?;
     if dev.is_emu() {
         eprintln!(
             "note: on the host emulator these times mean nothing (it checks the CUDA path, it \
@@ -173,20 +174,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "peak MiB"
         );
     }
-    for &b in &a.batch {
-        let mut o = SampleOptions::new((0..b).map(|i| i % model.config.num_classes).collect());
-        o.cfg = a.run.cfg;
-        o.cfg_start_step = a.run.cfg_start_step;
-        o.graph = !a.run.no_graph;
-        o.steps = Steps::Uniform(a.steps_per_scale);
-        pipeline::validate_options(
-            &model.config,
-            model.scale_sizes.len(),
-            &o,
-            dev.batch_memory()?,
-        )
-        .with_context(|| format!("batch {b}"))?;
-        let row = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
+    for o in &requests {
+        let b = o.labels.len();
+        let row = dev.run_batch(o, a.run.warmup, a.run.iters)?;
         let images_per_s = b as f64 / row.s_per_batch;
         let flops = row.flops_per_image * b as f64;
         let tflops = flops / row.s_per_batch / 1e12;
@@ -381,6 +371,29 @@ impl<'m> BenchDevice<'m> {
 
 /// `bench --dry-run`: the engine's launch sequence on the emulator's dry run (nothing
 /// executes, no memory is backed), summed from the traffic ledger.
+/// Every batch's request, each checked against the model and `mem` before anything runs or
+/// is printed (a bad batch size is one line, not a table cut short).
+fn batch_requests(
+    a: &BenchArgs,
+    model: &Model,
+    mem: pipeline::Memory,
+    graph: bool,
+) -> Result<Vec<SampleOptions>> {
+    a.batch
+        .iter()
+        .map(|&b| {
+            let mut o = SampleOptions::new((0..b).map(|i| i % model.config.num_classes).collect());
+            o.cfg = a.run.cfg;
+            o.cfg_start_step = a.run.cfg_start_step;
+            o.graph = graph;
+            o.steps = Steps::Uniform(a.steps_per_scale);
+            pipeline::validate_options(&model.config, model.scale_sizes.len(), &o, mem)
+                .with_context(|| format!("batch {b}"))?;
+            Ok(o)
+        })
+        .collect()
+}
+
 #[cfg(feature = "cuda")]
 fn dry_run(a: &BenchArgs) -> Result<()> {
     use checkergen::cuda::engine::{GpuBackend, GpuModel};
@@ -411,6 +424,7 @@ fn dry_run(a: &BenchArgs) -> Result<()> {
     };
     let gm = GpuModel::new(checkergen::cuda::Gpu::emu_dry()?, &model)?;
     let g = &gm.gpu;
+    let requests = batch_requests(a, &model, g.memory()?, false)?;
     if !a.json {
         println!(
             "bench --dry-run: {source}; cfg {} (from step {}), {} steps per scale; the CUDA \
@@ -437,16 +451,10 @@ fn dry_run(a: &BenchArgs) -> Result<()> {
             "model ms h200"
         );
     }
-    for &b in &a.batch {
-        let mut o = SampleOptions::new((0..b).map(|i| i % model.config.num_classes).collect());
-        o.cfg = a.run.cfg;
-        o.cfg_start_step = a.run.cfg_start_step;
-        o.graph = false;
-        o.steps = Steps::Uniform(a.steps_per_scale);
-        pipeline::validate_options(&model.config, model.scale_sizes.len(), &o, g.memory()?)
-            .with_context(|| format!("batch {b}"))?;
+    for o in &requests {
+        let b = o.labels.len();
         g.ledger().clear();
-        let out = pipeline::sample(&mut GpuBackend::new(&gm), &o)
+        let out = pipeline::sample(&mut GpuBackend::new(&gm), o)
             .with_context(|| format!("dry run of batch {b}"))?;
         let led = g.ledger().clone();
         let steps = out.tokens.schedule.total_steps();

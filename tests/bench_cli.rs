@@ -79,4 +79,24 @@ fn bench_refuses_bad_arguments() {
     ] {
         common::refused(&args, want);
     }
+    // Every batch is checked before the table starts: nothing on stdout, one line on stderr.
+    #[cfg(feature = "cuda")]
+    {
+        let args = [
+            "bench",
+            "--device",
+            "emu",
+            "--dry-run",
+            "--preset",
+            "tiny",
+            "--batch",
+            "1,5000",
+        ];
+        let (ok, out, err) = common::cli(&args);
+        assert!(!ok && out.is_empty(), "{out}{err}");
+        assert!(
+            err.trim().lines().count() == 1 && err.contains("batch 5000"),
+            "{err}"
+        );
+    }
 }
