@@ -509,7 +509,11 @@ inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
 // low 7 address bits: alignment and bank groups are those of the host address).
 alignas(128) inline thread_local unsigned char t_emu_smem_anchor[128];
 inline uint32_t smem_addr(const void* p) {
-    const intptr_t d = (intptr_t)p - (intptr_t)t_emu_smem_anchor;
+    // The anchor's address goes through a register the optimizer cannot see into: otherwise
+    // gcc may fold it into a `sub x@gottpoff(%rip)`, which lld cannot relax (initial-exec).
+    const unsigned char* anchor = t_emu_smem_anchor;
+    asm("" : "+r"(anchor));
+    const intptr_t d = (intptr_t)p - (intptr_t)anchor;
     if (d < INT32_MIN || d > INT32_MAX) emu_fatal("smem_addr: %p is not shared memory", p);
     return (uint32_t)(int32_t)d;
 }

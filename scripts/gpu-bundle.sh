@@ -101,6 +101,13 @@ for mode in graph eager; do
         summary+=("$(printf 'bench L-2x %-5s %s' "$mode" "$(echo "$line" | cut -c1-160)")")
     done < "$logs/bench-$mode.jsonl"
 done
+# The traffic ledger's model of the same batches (a model, not a measurement: compulsory
+# bytes, FLOPs, launches per step, modelled ms), printed beside the measured times.
+"$bin/checkergen" bench --device emu --dry-run --preset L-2x --batch 1,64,152,256 \
+    > "$logs/ledger.txt" 2>&1
+while read -r line; do
+    summary+=("$(printf 'ledger %s' "$(echo "$line" | cut -c1-160)")")
+done < "$logs/ledger.txt"
 # Decoder benchmark (issue target on H200 at batch 64: >= 3 x 435 images/s).
 for prec in fp16 bf16; do
     "$bin/checkergen" bench-decode --batch 64 --precision "$prec" >> "$logs/bench.log" 2>&1

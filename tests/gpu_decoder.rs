@@ -11,11 +11,13 @@ mod common;
 use checkergen::cpu::ops::{self, pixels as to_pixels_u8};
 use checkergen::cuda::Gpu;
 use checkergen::cuda::decoder::{
-    self as gd, AttnScratch, AttnWeights, ConvKernel, ConvWeights, GnScratch, GnWeights,
+    self as gd, AttnScratch, AttnWeights, ConvGn, ConvKernel, ConvWeights, GnScratch, GnWeights,
     GpuDecoder, Precision, Resample, Residual, Storage,
 };
 use checkergen::model::config::DecoderConfig;
-use checkergen::model::decoder::{Conv, DecoderWeights, GroupNorm as HostGroupNorm};
+use checkergen::model::decoder::{
+    Conv, DecoderWeights, GN_EPS, GN_GROUPS, GroupNorm as HostGroupNorm,
+};
 use checkergen::model::file::{TensorMap, load_safetensors};
 use checkergen::model::init::random_decoder_tensors;
 use common::half16::{nan, round_to, to_f32, to_h};
@@ -36,8 +38,14 @@ enum Res {
 /// One kernel launch shape; `tol` is the relative error allowed as [fp16, bf16] storage.
 #[derive(Clone, Copy, Debug)]
 enum Case {
-    /// (batch, output side, Cin, Cout, upsample-fused, residual); both conv kernels.
+    /// (batch, output side, Cin, Cout, upsample-fused, residual); both conv kernels. Output
+    /// in the storage type (Cout <= 8: f32, conv_out's narrow path).
     Conv3x3(usize, usize, usize, usize, bool, Res),
+    /// The same with GroupNorm + SiLU of the input fused into the conv's loader (input mean
+    /// offset last), and the output's GroupNorm statistics left by the conv (its epilogue
+    /// when H*W % 128 == 0 on the tensor-core path, else a gn_stats pass), checked through
+    /// gn_finalize against the statistics of the output the conv stored.
+    ConvGn(usize, usize, usize, usize, bool, Res, f32),
     /// rows pixels; `acc`: accumulate onto y.
     Conv1x1 {
         rows: usize,
@@ -71,7 +79,9 @@ impl Case {
     fn tol<T: Storage>(&self) -> f64 {
         let bf = T::TAG == "bf16";
         match self {
-            Conv3x3(..) | Conv1x1 { .. } => 1e-5,
+            // 16-bit outputs are compared with the reference rounded to T: only rounding
+            // flips (and f32 summation order) remain.
+            Conv3x3(..) | ConvGn(..) | Conv1x1 { .. } => 1e-5,
             GroupNorm { .. } | GatherCodes { .. } if bf => 5e-3,
             GroupNorm { .. } | GatherCodes { .. } => 1e-3,
             Softmax { .. } => 5e-3,
@@ -97,7 +107,9 @@ impl Case {
     /// convs of the table keep every code path (ragged tiles, upsample, residuals, Cin 8).
     fn emu_heavy(&self) -> bool {
         match *self {
-            Conv3x3(b, side, cin, cout, _, _) => (b * side * side * cin * cout * 9) as f64 > 3.2e8,
+            Conv3x3(b, side, cin, cout, _, _) | ConvGn(b, side, cin, cout, _, _, _) => {
+                (b * side * side * cin * cout * 9) as f64 > 3.2e8
+            }
             _ => false,
         }
     }
@@ -124,6 +136,20 @@ const CASES: &[Case] = &[
     Conv3x3(1, 9, 24, 8, false, Res::InPlace),      // narrow path at its widest
     Conv3x3(1, 1, 256, 512, false, Res::None),      // s = 1
     Conv3x3(2, 3, 8, 5, false, Res::Add),           // Cin 8: v1 only
+    // Fused GroupNorm: the released decoder's ResBlock convs (epilogue statistics: H*W a
+    // multiple of 128), conv_out (narrow, f32 out), the small decoder (statistics pass), a
+    // large mean (the statistics' shift), an upsampled input, Cin 8 (direct only).
+    ConvGn(3, 16, 512, 512, false, Res::InPlace, 0.0), // mid conv2, 3 images
+    ConvGn(1, 64, 256, 256, false, Res::None, 0.0),    // conv_blocks.2 conv1
+    ConvGn(1, 128, 256, 128, false, Res::Add, 0.0),    // conv_blocks.3 res.0 conv1 (+ nin)
+    ConvGn(1, 256, 128, 128, false, Res::InPlace, 0.0), // conv_blocks.4 conv2
+    ConvGn(1, 256, 128, 3, false, Res::None, 0.0),     // norm_out + conv_out
+    ConvGn(2, 16, 64, 64, false, Res::InPlace, 30.0),  // 2 tiles per image, large mean
+    ConvGn(3, 8, 64, 32, false, Res::None, 0.0),       // 64 px: tiles span images
+    ConvGn(3, 5, 64, 128, false, Res::Add, -4.0),      // small decoder, s = 5
+    ConvGn(3, 80, 32, 3, false, Res::None, 1.0),       // small conv_out, 80 px
+    ConvGn(2, 12, 32, 64, true, Res::None, 0.0),       // upsampled input
+    ConvGn(2, 6, 32, 32, false, Res::InPlace, 0.0),    // 36 px, one partial tile
     // post_quant_conv (e 8 -> 256), nin_shortcut 512 -> 256 and 256 -> 128, ragged rows.
     Conv1x1 {
         rows: 3 * 256,
@@ -219,7 +245,13 @@ fn run_cases<T: Storage>() {
         let tol = case.tol::<T>();
         match *case {
             Conv3x3(batch, side, cin, cout, up, res) => {
-                conv3x3_case::<T>(gpu, report, label, seed, (batch, side, cin, cout), up, res)
+                let shape = (batch, side, cin, cout);
+                conv3x3_case::<T>(gpu, report, label, seed, shape, up, res, None)
+            }
+            ConvGn(batch, side, cin, cout, up, res, offset) => {
+                let shape = (batch, side, cin, cout);
+                let gn = Some((&mut *scratch, offset));
+                conv3x3_case::<T>(gpu, report, label, seed, shape, up, res, gn)
             }
             Conv1x1 {
                 rows,
@@ -258,16 +290,18 @@ fn run_cases<T: Storage>() {
                 offset,
             } => {
                 let hw = side * side;
-                let x: Vec<f32> = rand_vec(batch * hw * c, seed + 1, 2.0)
-                    .iter()
-                    .map(|v| v + offset)
-                    .collect();
+                let x: Vec<f32> = round_to::<T>(
+                    &rand_vec(batch * hw * c, seed + 1, 2.0)
+                        .iter()
+                        .map(|v| v + offset)
+                        .collect::<Vec<_>>(),
+                );
                 let host = HostGroupNorm {
                     gamma: rand_vec(c, seed + 2, 1.0),
                     beta: rand_vec(c, seed + 3, 1.0),
                 };
                 let gw = GnWeights::new(gpu, &host.gamma, &host.beta).unwrap();
-                let dx = gpu.upload(&x).unwrap();
+                let dx = gpu.upload(&to_h::<T>(&x)).unwrap();
                 let mut dy = gpu.upload(&nan::<T>(batch * hw * c)).unwrap();
                 gd::group_norm(gpu, &gw, &dx, &mut dy, scratch, batch, hw, silu).unwrap();
                 let got = to_f32(&gpu.download(&dy).unwrap());
@@ -342,7 +376,60 @@ fn ops_conv3x3(conv: &Conv, x: &[f32], batch: usize, h: usize, w: usize, up: boo
     })
 }
 
+/// A conv case: the output in T, or f32 for Cout <= 8 (conv_out).
+#[allow(clippy::too_many_arguments)]
 fn conv3x3_case<T: Storage>(
+    gpu: &Gpu,
+    report: &mut Report,
+    label: &str,
+    seed: u64,
+    shape: (usize, usize, usize, usize),
+    up: bool,
+    res: Res,
+    gn: Option<(&mut GnScratch, f32)>,
+) {
+    if shape.3 <= 8 {
+        conv3x3_run::<T, f32>(gpu, report, label, seed, shape, up, res, gn)
+    } else {
+        conv3x3_run::<T, T>(gpu, report, label, seed, shape, up, res, gn)
+    }
+}
+
+/// GroupNorm affine parameters for c channels: gamma 1 +- 0.5, beta +- 0.5.
+fn rand_gn(c: usize, seed: u64) -> HostGroupNorm {
+    HostGroupNorm {
+        gamma: rand_vec(c, seed, 0.5).iter().map(|v| 1.0 + v).collect(),
+        beta: rand_vec(c, seed + 1, 0.5),
+    }
+}
+
+/// Per (image, channel) (scale, shift) of GroupNorm(g) over y (B, hw, C), in f64 from the
+/// values y holds: what gn_finalize must produce from the statistics of y.
+fn host_scale_shift(g: &HostGroupNorm, y: &[f32], batch: usize, hw: usize, c: usize) -> Vec<f32> {
+    let cpg = c / GN_GROUPS;
+    let mut out = vec![0f32; batch * c * 2];
+    for b in 0..batch {
+        for grp in 0..GN_GROUPS {
+            let vals = (0..hw).flat_map(|q| {
+                let row = &y[(b * hw + q) * c..(b * hw + q + 1) * c];
+                row[grp * cpg..(grp + 1) * cpg].iter().map(|&v| v as f64)
+            });
+            let n = (hw * cpg) as f64;
+            let mean = vals.clone().sum::<f64>() / n;
+            let var = vals.map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+            let rstd = 1.0 / (var + GN_EPS as f64).sqrt();
+            for ch in grp * cpg..(grp + 1) * cpg {
+                let scale = rstd * g.gamma[ch] as f64;
+                out[(b * c + ch) * 2] = scale as f32;
+                out[(b * c + ch) * 2 + 1] = (g.beta[ch] as f64 - mean * scale) as f32;
+            }
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv3x3_run<T: Storage, O: Storage>(
     gpu: &Gpu,
     report: &mut Report,
     label: &str,
@@ -350,49 +437,102 @@ fn conv3x3_case<T: Storage>(
     (batch, side, cin, cout): (usize, usize, usize, usize),
     up: bool,
     res: Res,
+    mut gn: Option<(&mut GnScratch, f32)>,
 ) {
     let (h, w) = (side, side);
     let (hin, win) = if up { (h / 2, w / 2) } else { (h, w) };
-    let m = batch * h * w;
-    let x = round_to::<T>(&rand_vec(batch * hin * win * cin, seed, 1.0));
+    let (m, hw_in) = (batch * h * w, hin * win);
+    let offset = gn.as_ref().map_or(0.0, |g| g.1);
+    let x = round_to::<T>(
+        &rand_vec(batch * hin * win * cin, seed, 1.0)
+            .iter()
+            .map(|v| v + offset)
+            .collect::<Vec<_>>(),
+    );
     let wt = round_to::<T>(&rand_vec(
         cout * cin * 9,
         seed + 1,
         1.0 / (9.0 * cin as f32).sqrt(),
     ));
     let bias = rand_vec(cout, seed + 2, 0.5);
-    let resid = rand_vec(m * cout, seed + 3, 2.0);
+    let resid = round_to::<O>(&rand_vec(m * cout, seed + 3, 2.0));
     let conv = ConvWeights::<T>::new(gpu, cin, cout, 3, &wt, &bias).unwrap();
     let dx = gpu.upload(&to_h::<T>(&x)).unwrap();
-    let dres = gpu.upload(&resid).unwrap();
-    let mut want = ops_conv3x3(&host_conv(cin, cout, 3, wt, bias), &x, batch, h, w, up);
+    let dres = gpu.upload(&to_h::<O>(&resid)).unwrap();
+    let (gn_in, gn_out) = (rand_gn(cin, seed + 5), rand_gn(cout, seed + 7));
+    let gw_in = gn
+        .is_some()
+        .then(|| GnWeights::new(gpu, &gn_in.gamma, &gn_in.beta).unwrap());
+    // The reference: the conv of x, or of round_T(SiLU(GroupNorm(x))) (what the loader
+    // computes), + bias (+ residual), rounded to the output type.
+    let xin = if gn.is_some() {
+        round_to::<T>(&per_image_nhwc(&x, batch, hw_in, cin, cin, |img| {
+            ops::group_norm(&gn_in, img, hw_in, true)
+        }))
+    } else {
+        x.clone()
+    };
+    let mut want = ops_conv3x3(&host_conv(cin, cout, 3, wt, bias), &xin, batch, h, w, up);
     if !matches!(res, Res::None) {
         want.iter_mut().zip(&resid).for_each(|(v, r)| *v += r);
     }
+    let want = round_to::<O>(&want);
+    // Output statistics where a GroupNorm could follow (C a multiple of 32, 16-bit output).
+    let stats = gn.is_some() && cout.is_multiple_of(32) && O::TAG == T::TAG;
+    let gw_out = stats.then(|| GnWeights::new(gpu, &gn_out.gamma, &gn_out.beta).unwrap());
     let mut outs = Vec::new();
     for kernel in [ConvKernel::Direct, ConvKernel::TensorCore] {
         let mut y = match res {
-            Res::InPlace => gpu.upload(&resid).unwrap(),
-            _ => gpu.upload(&vec![f32::NAN; m * cout]).unwrap(),
+            Res::InPlace => gpu.upload(&to_h::<O>(&resid)).unwrap(),
+            _ => gpu.upload(&nan::<O>(m * cout)).unwrap(),
         };
         let r = match res {
             Res::None => Residual::None,
             Res::InPlace => Residual::InPlace,
             Res::Add => Residual::Add(&dres),
         };
+        let fuse = match gn.as_mut() {
+            Some((scratch, _)) => {
+                gd::gn_stats(gpu, &dx, scratch, batch, hw_in, cin).unwrap();
+                gd::gn_finalize(gpu, gw_in.as_ref().unwrap(), scratch, batch, hw_in).unwrap();
+                let f = ConvGn {
+                    apply: Some(true),
+                    stats,
+                };
+                Some((&mut **scratch, f))
+            }
+            None => None,
+        };
         gpu.sync().unwrap();
         let t0 = Instant::now();
         let mode = if up { Resample::Up } else { Resample::Same };
-        gd::conv3x3(gpu, kernel, &conv, &dx, &mut y, r, batch, h, w, mode).unwrap();
+        gd::conv3x3(gpu, kernel, &conv, &dx, &mut y, r, batch, h, w, mode, fuse).unwrap();
         gpu.sync().unwrap();
         let ms = t0.elapsed().as_secs_f64() * 1e3;
-        let got = gpu.download(&y).unwrap();
+        let got = to_f32(&gpu.download(&y).unwrap());
         let flop = 2.0 * (m * cout * cin * 9) as f64;
         println!(
             "  {label} {kernel:?}: {ms:.2} ms ({:.1} TFLOP/s, unwarmed)",
             flop / (ms * 1e-3) / 1e12
         );
-        report.rel(&format!("{label} {kernel:?}"), &got, &want, 1e-5);
+        // f32 outputs: the f32 summation order only. 16-bit outputs against the reference
+        // rounded the same way: rounding flips where the f32 sums differ in their last bits
+        // (~2e-5 at fp16, ~5e-5 at bf16). With a fused GroupNorm, also flips of its rounded
+        // outputs (the conv's inputs) where the f32 statistics differ in their last bits:
+        // up to ~2e-4 with a mean of 30 (the folded shift cancels 30 * scale).
+        let tol = match (gn.is_some(), O::TAG) {
+            (true, _) => 5e-4,
+            (false, "f32") => 1e-5,
+            (false, _) => 1e-4,
+        };
+        report.rel(&format!("{label} {kernel:?}"), &got, &want, tol);
+        if let (Some(gw), Some((scratch, _))) = (&gw_out, gn.as_mut()) {
+            gd::gn_finalize(gpu, gw, scratch, batch, h * w).unwrap();
+            let ss = gpu.download(scratch.scale_shift()).unwrap();
+            let want_ss = host_scale_shift(&gn_out, &got, batch, h * w, cout);
+            let what = format!("{label} {kernel:?} output statistics (scale, shift)");
+            report.rel(&what, &ss[..batch * cout * 2], &want_ss, 1e-5);
+        }
         outs.push(got);
     }
     let (rel12, _) = common::rel_err(&outs[1], &outs[0]);
@@ -435,11 +575,11 @@ fn attn_case<T: Storage>(
         (&p[8], &p[9]),
     )
     .unwrap();
-    let x = rand_vec(batch * n * c, seed + 300, 1.0);
-    let mut dx = gpu.upload(&x).unwrap();
+    let x = round_to::<T>(&rand_vec(batch * n * c, seed + 300, 1.0));
+    let mut dx = gpu.upload(&to_h::<T>(&x)).unwrap();
     let mut scratch = AttnScratch::<T>::new(gpu, batch, n, c).unwrap();
     gd::attn_block(gpu, &w, &mut dx, &mut scratch, batch, n).unwrap();
-    let got = gpu.download(&dx).unwrap();
+    let got = to_f32(&gpu.download(&dx).unwrap());
 
     let norm = HostGroupNorm {
         gamma: p[0].clone(),
@@ -514,17 +654,25 @@ fn decode_matches_golden() {
     let (cases, _) = load_safetensors(&golden.join("public/decode_only.safetensors")).unwrap();
     let cfg = common::golden_decoder_config();
     let cpu_dec = DecoderWeights::from_tensors(&cfg, &weights).unwrap();
-    // fp16 storage must meet the 1e-2 gate; bf16 storage is expected (host model of this data
-    // flow) at 1.4e-2 to 2.2e-2 on this decoder and only gets a sanity bound.
-    for (precision, gate, within2_min) in
-        [(Precision::F16, 1e-2, 0.99), (Precision::Bf16, 4e-2, 0.8)]
-    {
+    // fp16 storage must meet the 1e-2 gate (every activation is fp16, the residual stream
+    // included: 2.8e-3 to 3.3e-3 measured on the emulator; the two conv kernels differ by up
+    // to 1.9e-3 there, rounding flips carried by the stream); bf16 storage only gets a sanity
+    // bound (2.2e-2 to 3.0e-2 measured with a bf16 residual stream; 1.4e-2 to 2.2e-2 when the
+    // stream was f32), and its two conv kernels may differ by more (bf16 rounding flips
+    // compound through the stream).
+    for (precision, gate, within2_min, v12) in [
+        (Precision::F16, 1e-2, 0.99, 3e-3),
+        (Precision::Bf16, 5e-2, 0.7, 2e-2),
+    ] {
         let mut dec = GpuDecoder::with_precision(&gpu, &cpu_dec, precision).unwrap();
-        golden_cases(&gpu, &mut dec, &cases, gate, within2_min);
+        golden_cases(&gpu, &mut dec, &cases, (gate, within2_min, v12));
     }
 }
 
-fn golden_cases(gpu: &Gpu, dec: &mut GpuDecoder, cases: &TensorMap, gate: f64, within2_min: f64) {
+/// `(gate, within2_min, v12)`: the relative error bound, the least fraction of 8-bit pixels
+/// within 2 of the golden ones, the bound on the two conv kernels' difference.
+fn golden_cases(gpu: &Gpu, dec: &mut GpuDecoder, cases: &TensorMap, tol: (f64, f64, f64)) {
+    let (gate, within2_min, v12) = tol;
     let p = dec.precision();
     // s = 16 (256 px) only on a GPU: minutes on the host emulator.
     let sizes: &[usize] = if gpu.is_emu() {
@@ -568,7 +716,7 @@ fn golden_cases(gpu: &Gpu, dec: &mut GpuDecoder, cases: &TensorMap, gate: f64, w
         }
         let (rel12, _) = common::rel_err(&per_kernel[0], &per_kernel[1]);
         println!("golden {p:?} s={s:2}: v2 vs v1 decode rel {rel12:.2e}");
-        assert!(rel12 < 2e-3, "{p:?} s={s}: v2 vs v1 {rel12}");
+        assert!(rel12 < v12, "{p:?} s={s}: v2 vs v1 {rel12}");
     }
 }
 

@@ -13,12 +13,11 @@ use checkergen::cuda::decoder::{
     self as gd, ConvKernel, ConvWeights, GpuEncoder, Resample, Residual, Storage,
 };
 
-const NONE: Residual = Residual::None;
 const DOWN: Resample = Resample::Down;
 use checkergen::model::Model;
 use checkergen::model::decoder::Conv;
 use checkergen::model::file::load_i64;
-use common::half16::{nan, round_to, to_h};
+use common::half16::{nan, round_to, to_f32, to_h};
 use common::{Report, per_image_nhwc, rand_vec};
 use half::{bf16, f16};
 use safetensors::SafeTensors;
@@ -37,9 +36,10 @@ const DOWN_CASES: &[(usize, usize, usize, usize)] = &[
     (3, 14, 32, 96),
 ];
 
-/// The reference gets the same 16-bit inputs and weights, so only the f32 summation order
-/// differs (GPU.md: f32 math ~1e-6).
-const DOWN_TOL: f64 = 1e-5;
+/// The reference gets the same 16-bit inputs and weights and its output is rounded to the
+/// same 16-bit type, so only rounding flips where the f32 sums (GPU.md: ~1e-6) differ in their
+/// last bits remain: ~1.5e-5 measured (as tests/gpu_decoder.rs's 16-bit conv outputs).
+const DOWN_TOL: f64 = 1e-4;
 
 #[test]
 fn conv3x3_down_matches_cpu_ops() {
@@ -80,16 +80,20 @@ fn down_case<T: Storage>(
         weight: w.clone(),
         bias: bias.clone(),
     };
-    let want = per_image_nhwc(&x, batch, side * side, cin, cout, |img| {
+    let want = round_to::<T>(&per_image_nhwc(&x, batch, side * side, cin, cout, |img| {
         ops::conv2d_down(&conv, img, side, side)
-    });
+    }));
     assert_eq!(want.len(), batch * ho * ho * cout);
     let dw = ConvWeights::<T>::new(gpu, cin, cout, 3, &w, &bias).unwrap();
     let dx = gpu.upload(&to_h::<T>(&x)).unwrap();
     for kernel in [ConvKernel::Direct, ConvKernel::TensorCore] {
-        let mut dy = gpu.upload(&vec![f32::NAN; want.len() + 7]).unwrap();
-        gd::conv3x3(gpu, kernel, &dw, &dx, &mut dy, NONE, batch, ho, ho, DOWN).unwrap();
-        let got = gpu.download(&dy).unwrap();
+        let mut dy = gpu.upload(&nan::<T>(want.len() + 7)).unwrap();
+        let none = Residual::None;
+        gd::conv3x3(
+            gpu, kernel, &dw, &dx, &mut dy, none, batch, ho, ho, DOWN, None,
+        )
+        .unwrap();
+        let got = to_f32(&gpu.download(&dy).unwrap());
         assert!(
             got[want.len()..].iter().all(|v| v.is_nan()),
             "{label}: written past the output"
@@ -105,7 +109,7 @@ fn down_case<T: Storage>(
     let short = gpu
         .upload(&nan::<T>(batch * side * side * cin - 1))
         .unwrap();
-    let mut dy = gpu.zeros::<f32>(want.len()).unwrap();
+    let mut dy = gpu.upload(&nan::<T>(want.len())).unwrap();
     assert!(
         gd::conv3x3(
             gpu,
@@ -113,11 +117,12 @@ fn down_case<T: Storage>(
             &dw,
             &short,
             &mut dy,
-            NONE,
+            Residual::None,
             batch,
             ho,
             ho,
-            DOWN
+            DOWN,
+            None
         )
         .is_err()
     );

@@ -60,16 +60,19 @@ impl DecoderConfig {
     }
 
     /// Device bytes one image takes in a GPU decode of an s x s latent (an upper bound of
-    /// the workspace: three f32 and one 16-bit activation buffer, f32 + u8 pixels, tokens
-    /// and codes, and the mid attention's scores).
+    /// the workspace, cuda::decoder: three 16-bit activation buffers, conv_out's f32 output,
+    /// f32 + u8 pixels, tokens, codes and post_quant_conv's output, the mid attention's
+    /// scratch).
     pub fn workspace_bytes_per_image(&self, s: usize) -> u64 {
         let (max_act, _, _) = self.activation_plan(s);
         let side = (s * self.stride()) as u64;
         let n = (s * s) as u64;
-        max_act as u64 * (3 * 4 + 2)
-            + 3 * side * side * 5
-            + n * (4 + 2 * self.embed_dim as u64)
-            + 2 * n * n * 4
+        let c_last = (self.ch * self.ch_mult[self.ch_mult.len() - 1]) as u64;
+        max_act as u64 * 3 * 2
+            + 3 * side * side * (4 + 5)
+            + n * (4 + 2 * self.embed_dim as u64 + 6 * self.z_channels as u64)
+            + n * n * 6
+            + n * c_last * 22
     }
 }
 

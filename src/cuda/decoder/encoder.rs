@@ -3,14 +3,15 @@
 //!
 //! ```text
 //! image (B, H, W, 3) T (host: 8-bit -> [-1, 1], bilinear resize per scale)
-//!   -> conv_in 3x3 (direct: Cin 3)                                       x (B, H, W, ch) f32
+//!   -> conv_in 3x3 (direct: Cin 3)                                        x (B, H, W, ch) T
 //!   -> conv_blocks.0 .. L-1: ResBlocks (+ AttnBlock each, last level only), then, except
-//!      on the last level, cast + conv3x3_down (zero-pad right/bottom, stride 2)
-//!   -> mid: Res, Attn, Res -> GroupNorm + SiLU -> conv_out 3x3 -> cast -> quant_conv 1x1
+//!      on the last level, conv3x3_down (zero-pad right/bottom, stride 2)
+//!   -> mid: Res, Attn, Res -> conv_out 3x3 (GroupNorm + SiLU in its loader) -> quant_conv 1x1
 //!   -> z (B, h*w, e) f32, read back; host: L2-normalize over e, nearest codebook row
 //! ```
-//! Storage: residual stream and conv outputs f32; conv inputs and weights in `T`, accumulation
-//! f32. The quantization runs on the host (`cpu::encoder::quantize`, f64 distances, lowest
+//! Storage: every activation in `T` (the decoder's dataflow: GroupNorm statistics from the
+//! producing conv, applied in the consuming conv's loader), weights in `T`, accumulation f32.
+//! The quantization runs on the host (`cpu::encoder::quantize`, f64 distances, lowest
 //! index on a tie) from the device's f32 z, so a code can differ from the CPU's only where the
 //! two nearest codebook rows are closer than the error of z:
 //! * `T = f32` (the default, "exact"): every kernel in f32 (direct convs, no tensor cores;
@@ -21,8 +22,8 @@
 //!   prints the counts and the smallest gaps). For throughput where exact codes do not matter.
 
 use super::{
-    Acts, AttnWeights, ConvKernel, ConvWeights, GnWeights, GpuLevel, GpuResBlock, Resample,
-    Residual, Storage, cast_f32, conv1x1, conv3x3,
+    Acts, ActsPlan, AttnWeights, ConvGn, ConvKernel, ConvWeights, GnWeights, GpuLevel, GpuResBlock,
+    Resample, Residual, Storage, conv1x1, conv3x3, gn_finalize,
 };
 use crate::cpu::encoder::{EncodedPyramid, quantize, to_planar};
 use crate::cpu::ops;
@@ -66,7 +67,19 @@ impl<T: Storage> Workspace<T> {
         Ok(Workspace {
             batch,
             side,
-            a: Acts::new(gpu, batch, max_act, side * side, max_c, r * r, c_last)?,
+            a: Acts::new(
+                gpu,
+                batch,
+                &ActsPlan {
+                    max_act,
+                    t: 3 * side * side,
+                    f: 0,
+                    max_hw: side * side,
+                    max_c,
+                    attn_n: r * r,
+                    attn_c: c_last,
+                },
+            )?,
             z: gpu.alloc(batch * r * r * cfg.embed_dim)?,
         })
     }
@@ -237,7 +250,11 @@ impl<T: Storage> GpuEncoder<T> {
         let mut hgt = side;
         let mut cur = 0usize;
         let a = &mut ws.a;
-        let none = Residual::None;
+        let stats = ConvGn {
+            apply: None,
+            stats: true,
+        };
+        let (none, same) = (Residual::None, Resample::Same);
         conv3x3(
             gpu,
             k,
@@ -248,26 +265,41 @@ impl<T: Storage> GpuEncoder<T> {
             b,
             hgt,
             hgt,
-            Resample::Same,
+            same,
+            Some((&mut a.gn, stats)),
         )
         .context("conv_in")?;
         for (i, level) in self.levels.iter().enumerate() {
             let name = format!("conv_blocks.{i}");
             a.level_blocks(gpu, k, &mut cur, level, b, hgt, &name)?;
             if let Some(down) = &level.resample {
-                let [x0, x1] = &mut a.x;
-                let (src, dst) = if cur == 0 { (x0, x1) } else { (x1, x0) };
-                cast_f32(gpu, src, &mut a.t, b * hgt * hgt * down.cin)?;
                 hgt /= 2;
-                conv3x3(gpu, k, down, &a.t, dst, none, b, hgt, hgt, Resample::Down)
+                a.resample(gpu, k, &mut cur, down, b, hgt, Resample::Down)
                     .with_context(|| format!("{name}.downsample"))?;
-                cur = 1 - cur;
             }
         }
         a.mid(gpu, k, &mut cur, &self.mid, b, hgt)?;
-        a.norm_conv_out(gpu, k, cur, &self.norm_out, &self.conv_out, b, hgt)?;
         let hw = hgt * hgt;
-        cast_f32(gpu, &a.h, &mut a.t, b * hw * self.cfg.z_channels)?;
-        conv1x1(gpu, &self.quant_conv, &a.t, &mut ws.z, b * hw, false).context("quant_conv")
+        // norm_out + SiLU in conv_out's loader; conv_out into h (T), read by quant_conv.
+        gn_finalize(gpu, &self.norm_out, &mut a.gn, b, hw).context("norm_out")?;
+        let apply = ConvGn {
+            apply: Some(true),
+            stats: false,
+        };
+        conv3x3(
+            gpu,
+            k,
+            &self.conv_out,
+            &a.x[cur],
+            &mut a.h,
+            none,
+            b,
+            hgt,
+            hgt,
+            same,
+            Some((&mut a.gn, apply)),
+        )
+        .context("conv_out")?;
+        conv1x1(gpu, &self.quant_conv, &a.h, &mut ws.z, b * hw, false).context("quant_conv")
     }
 }

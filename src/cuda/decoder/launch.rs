@@ -9,18 +9,22 @@ use crate::cuda::Traffic;
 
 kernel_params! {
     /// The parameters of kernels/decoder.cu's `Conv3x3Params`.
-    struct Conv3x3Params[64] {
+    struct Conv3x3Params[88] {
         x: u64,
         w: u64,
         bias: u64,
         residual: u64,
         y: u64,
+        ss: u64,
+        stats: u64,
         batch: i32,
         height: i32,
         width: i32,
         cin: i32,
         cout: i32,
         upsample: i32,
+        silu: i32,
+        pad_: i32,
     }
 }
 
@@ -30,14 +34,33 @@ const NARROW_MAX_COUT: usize = 8;
 /// Weight bytes `conv3x3_narrow` stages in shared memory; kernels/decoder.cu NARROW_W_BYTES.
 const NARROW_W_BYTES: usize = 32768;
 
-/// What a conv epilogue adds after the bias.
-#[derive(Clone, Copy)]
-pub enum Residual<'a> {
+/// What a conv epilogue adds after the bias (in the output's type O).
+pub enum Residual<'a, O: DevElem = f32> {
     None,
     /// `y += conv(x) + bias`: the output buffer already holds the residual.
     InPlace,
     /// `y = conv(x) + bias + r`, `r` shaped like `y`.
-    Add(&'a DevBuf<f32>),
+    Add(&'a DevBuf<O>),
+}
+
+impl<O: DevElem> Clone for Residual<'_, O> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<O: DevElem> Copy for Residual<'_, O> {}
+
+/// GroupNorm fused into a 3x3 conv (the scratch's buffers, see [`GnScratch`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConvGn {
+    /// Normalize the input on load with the per-(image, channel) scale and shift that
+    /// [`gn_finalize`] left in the scratch, then SiLU when `Some(true)`; rounded to T, as a
+    /// separate GroupNorm kernel would have stored it. Zero padding stays zero.
+    pub apply: Option<bool>,
+    /// Leave the output's GroupNorm statistics in the scratch (chunks of [`GN_CHUNK`]
+    /// pixels, for [`gn_finalize`]): from the tensor-core kernel's epilogue when every
+    /// 128-row tile lies in one image (H*W % 128 == 0), else by [`gn_stats`] after the conv.
+    pub stats: bool,
 }
 
 /// How a 3x3 conv's input relates to its (H, W) output.
@@ -53,24 +76,32 @@ pub enum Resample {
     Down,
 }
 
-/// `y (B, H, W, Cout) f32 = conv3x3(x) + bias (+ residual)` with x as `mode` says.
-/// `TensorCore` falls back to `Direct` when Cin is not a multiple of 32 (and always for f32
-/// storage).
+/// `y (B, H, W, Cout) O = conv3x3(x') + bias (+ residual)` with x as `mode` says, x' = x or
+/// its fused GroupNorm (`gn`), O = T (the tensor-core path) or f32 (conv_out: the narrow
+/// path). `TensorCore` falls back to `Direct` when Cin is not a multiple of 32 (and always
+/// for f32 storage).
 #[allow(clippy::too_many_arguments)]
-pub fn conv3x3<T: Storage>(
+pub fn conv3x3<T: Storage, O: Storage>(
     gpu: &Gpu,
     kernel: ConvKernel,
     conv: &ConvWeights<T>,
     x: &DevBuf<T>,
-    y: &mut DevBuf<f32>,
-    residual: Residual,
+    y: &mut DevBuf<O>,
+    residual: Residual<O>,
     batch: usize,
     height: usize,
     width: usize,
     mode: Resample,
+    gn: Option<(&mut GnScratch, ConvGn)>,
 ) -> Result<()> {
     let (cin, cout) = (conv.cin, conv.cout);
     ensure!(conv.k == 3, "conv3x3 given a {}x{} conv", conv.k, conv.k);
+    ensure!(
+        O::TAG == T::TAG || O::TAG == "f32",
+        "conv3x3: {} output from {} storage",
+        O::TAG,
+        T::TAG
+    );
     ensure!(
         mode != Resample::Up || (height.is_multiple_of(2) && width.is_multiple_of(2)),
         "upsampled conv output {height}x{width} must be even"
@@ -98,64 +129,126 @@ pub fn conv3x3<T: Storage>(
             gpu.ptr(r)
         }
     };
+    let (scratch, fuse) = match gn {
+        Some((s, f)) => (Some(s), f),
+        None => (None, ConvGn::default()),
+    };
+    let ss = match (fuse.apply, &scratch) {
+        (None, _) => 0,
+        (Some(_), Some(s)) => {
+            ensure!(
+                mode != Resample::Down,
+                "conv3x3: no fused GroupNorm on a downsampling conv"
+            );
+            ensure!(
+                s.ss.len() >= batch * cin * 2,
+                "conv3x3: GroupNorm scale/shift for fewer than {batch} x {cin} channels"
+            );
+            gpu.ptr(&s.ss)
+        }
+        (Some(_), None) => unreachable!("ConvGn without a scratch"),
+    };
+    let fast = kernel == ConvKernel::TensorCore;
+    let out32 = O::TAG == "f32";
+    let down = mode == Resample::Down;
+    let narrow = fast
+        && out32
+        && !down
+        && cout <= NARROW_MAX_COUT
+        && cout * 9 * cin * size_of::<T>() <= NARROW_W_BYTES;
+    // f32 storage has no tensor-core kernel: it runs the direct (and narrow) ones.
+    let tensor_cores =
+        !narrow && fast && T::TAG != "f32" && O::TAG == T::TAG && cin.is_multiple_of(32);
+    let hw = height * width;
+    let fused_stats = fuse.stats && tensor_cores && hw.is_multiple_of(GN_CHUNK);
+    let stats_ptr = match (&scratch, fused_stats) {
+        (Some(s), true) => {
+            ensure!(
+                s.part.len() >= batch * (hw / GN_CHUNK) * cout * 2,
+                "conv3x3: GroupNorm statistics scratch too small"
+            );
+            gpu.ptr(&s.part)
+        }
+        _ => 0,
+    };
     let p = Conv3x3Params {
         x: gpu.ptr(x),
         w: gpu.ptr(&conv.w),
         bias: gpu.ptr(&conv.b),
         residual: res_ptr,
         y: gpu.ptr(y),
+        ss,
+        stats: stats_ptr,
         batch: i32_of(batch, "batch")?,
         height: i32_of(height, "height")?,
         width: i32_of(width, "width")?,
         cin: i32_of(cin, "cin")?,
         cout: i32_of(cout, "cout")?,
         upsample: (mode == Resample::Up) as i32,
+        silu: (fuse.apply == Some(true)) as i32,
+        pad_: 0,
     };
     i32_of(m, "B*H*W")?;
     i32_of(batch * hin * win * cin, "B*Hin*Win*Cin")?;
-    // x, the weights and bias, the residual once each; y written; 2 * 9 * Cin MACs per output.
-    let res_bytes = if res_ptr != 0 { m * cout * 4 } else { 0 };
+    // x, the weights and bias, the residual, the GroupNorm scale/shift once each; y and the
+    // statistics written; 2 * 9 * Cin MACs per output.
+    let res_bytes = if res_ptr != 0 {
+        m * cout * size_of::<O>()
+    } else {
+        0
+    };
+    let ss_bytes = if ss != 0 { batch * cin * 2 * 4 } else { 0 };
+    let stats_bytes = if stats_ptr != 0 {
+        batch * (hw / GN_CHUNK) * cout * 2 * 4
+    } else {
+        0
+    };
     let traffic = Traffic::new(
-        batch * hin * win * cin * size_of::<T>() + conv.w.bytes() + conv.b.bytes() + res_bytes,
-        m * cout * 4,
+        batch * hin * win * cin * size_of::<T>()
+            + conv.w.bytes()
+            + conv.b.bytes()
+            + res_bytes
+            + ss_bytes,
+        m * cout * size_of::<O>() + stats_bytes,
         2 * m * cout * 9 * cin,
     );
-    let fast = kernel == ConvKernel::TensorCore;
-    // f32 storage has no tensor-core kernel: it runs the direct (and narrow) ones.
-    let tensor_cores = fast && T::TAG != "f32" && cin.is_multiple_of(32);
-    let down = mode == Resample::Down;
-    if fast && !down && cout <= NARROW_MAX_COUT && cout * 9 * cin * size_of::<T>() <= NARROW_W_BYTES
-    {
+    if narrow {
         let narrow = pick3::<T>(
             k::CONV3X3_NARROW_BF16,
             k::CONV3X3_NARROW_F16,
             k::CONV3X3_NARROW_F32,
         );
-        gpu.launch_256(narrow, (stride_grid(m), 1, 1), &p, traffic)
+        gpu.launch_256(narrow, (stride_grid(m), 1, 1), &p, traffic)?;
     } else if tensor_cores {
-        let tc = if down {
-            pick::<T>(k::CONV3X3_DOWN_TC_BF16, k::CONV3X3_DOWN_TC_F16)
-        } else {
-            pick::<T>(k::CONV3X3_TC_BF16, k::CONV3X3_TC_F16)
+        let tc = match (down, fuse.apply.is_some()) {
+            (true, _) => pick::<T>(k::CONV3X3_DOWN_TC_BF16, k::CONV3X3_DOWN_TC_F16),
+            (false, false) => pick::<T>(k::CONV3X3_TC_BF16, k::CONV3X3_TC_F16),
+            (false, true) => pick::<T>(k::CONV3X3_TC_GN_BF16, k::CONV3X3_TC_GN_F16),
         };
         let grid = (m.div_ceil(TC_TILE) as u32, cout.div_ceil(TC_TILE) as u32, 1);
-        gpu.launch_256(tc, grid, &p, traffic)
+        gpu.launch_256(tc, grid, &p, traffic)?;
     } else {
-        let direct = if down {
-            pick3::<T>(
+        let direct = match (down, out32 && T::TAG != "f32") {
+            (true, false) => pick3::<T>(
                 k::CONV3X3_DOWN_DIRECT_BF16,
                 k::CONV3X3_DOWN_DIRECT_F16,
                 k::CONV3X3_DOWN_DIRECT_F32,
-            )
-        } else {
-            pick3::<T>(
+            ),
+            (true, true) => anyhow::bail!("conv3x3: no f32-output downsampling conv"),
+            (false, false) => pick3::<T>(
                 k::CONV3X3_DIRECT_BF16,
                 k::CONV3X3_DIRECT_F16,
                 k::CONV3X3_DIRECT_F32,
-            )
+            ),
+            (false, true) => pick::<T>(k::CONV3X3_DIRECT_OUT32_BF16, k::CONV3X3_DIRECT_OUT32_F16),
         };
-        gpu.launch_256(direct, (stride_grid(m * cout), 1, 1), &p, traffic)
+        gpu.launch_256(direct, (stride_grid(m * cout), 1, 1), &p, traffic)?;
     }
+    if fuse.stats && !fused_stats {
+        let s = scratch.context("ConvGn statistics without a scratch")?;
+        gn_stats(gpu, y, s, batch, hw, cout)?;
+    }
+    Ok(())
 }
 
 /// A 16-bit GEMM operand (address, leading dimension, batch stride) in the storage type.
@@ -168,26 +261,24 @@ fn operand<T: Storage>(ptr: u64, ld: usize, stride: usize) -> Operand {
     }
 }
 
-/// `y (rows, Cout) f32 = x (rows, Cin) w^T + bias`, or `y += ...` with `accumulate`: a 1x1
-/// conv on NHWC activations through cuBLAS, then the bias kernel.
-pub fn conv1x1<T: Storage>(
+/// The GEMM of a 1x1 conv on NHWC activations, no bias: `y (rows, Cout) = x (rows, Cin) w^T
+/// (+ beta y)`, y of data type `y_dtype` at `y_ptr`.
+fn gemm_1x1<T: Storage>(
     gpu: &Gpu,
     conv: &ConvWeights<T>,
     x: &DevBuf<T>,
-    y: &mut DevBuf<f32>,
+    (y_ptr, y_dtype): (u64, sys::cudaDataType),
     rows: usize,
-    accumulate: bool,
+    beta: f32,
 ) -> Result<()> {
     let (cin, cout) = (conv.cin, conv.cout);
     ensure!(conv.k == 1, "conv1x1 given a {}x{} conv", conv.k, conv.k);
     ensure!(rows > 0, "conv1x1: no rows");
     ensure!(
-        x.len() >= rows * cin && y.len() >= rows * cout,
-        "conv1x1 buffers: x {} (need {}), y {} (need {})",
+        x.len() >= rows * cin,
+        "conv1x1 input: {} values (need {})",
         x.len(),
-        rows * cin,
-        y.len(),
-        rows * cout
+        rows * cin
     );
     // Row-major y (rows, Cout) = x (rows, Cin) w^T is column-major y^T (Cout x rows) =
     // op(A) B with A = w viewed column-major (Cin x Cout, lda Cin) transposed and
@@ -201,18 +292,92 @@ pub fn conv1x1<T: Storage>(
                 operand::<T>(gpu.ptr(&conv.w), cin, 0),
                 operand::<T>(gpu.ptr(x), cin, 0),
                 Operand {
-                    ptr: gpu.ptr(y),
-                    dtype: sys::cudaDataType::CUDA_R_32F,
+                    ptr: y_ptr,
+                    dtype: y_dtype,
                     ld: cout,
                     stride: 0,
                 },
             ],
-            if accumulate { 1.0 } else { 0.0 },
+            beta,
             1,
         ),
     )
-    .context("1x1 conv GEMM")?;
+    .context("1x1 conv GEMM")
+}
+
+/// `y (rows, Cout) f32 = x (rows, Cin) w^T + bias`, or `y += ...` with `accumulate`: a 1x1
+/// conv on NHWC activations through cuBLAS, then the bias kernel.
+pub fn conv1x1<T: Storage>(
+    gpu: &Gpu,
+    conv: &ConvWeights<T>,
+    x: &DevBuf<T>,
+    y: &mut DevBuf<f32>,
+    rows: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let cout = conv.cout;
+    ensure!(
+        y.len() >= rows * cout,
+        "conv1x1 output: {} values (need {})",
+        y.len(),
+        rows * cout
+    );
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    gemm_1x1(
+        gpu,
+        conv,
+        x,
+        (gpu.ptr(y), sys::cudaDataType::CUDA_R_32F),
+        rows,
+        beta,
+    )?;
     norm::add_bias_f32(gpu, y, &conv.b, rows, cout)
+}
+
+/// `y (rows, Cout) T = T(x w^T + bias (+ y when `residual`))`: the GEMM into the f32 `tmp`,
+/// then [`bias_cast`] (one rounding).
+pub fn conv1x1_cast<T: Storage>(
+    gpu: &Gpu,
+    conv: &ConvWeights<T>,
+    x: &DevBuf<T>,
+    tmp: &mut DevBuf<f32>,
+    y: &mut DevBuf<T>,
+    rows: usize,
+    residual: bool,
+) -> Result<()> {
+    ensure!(
+        tmp.len() >= rows * conv.cout,
+        "conv1x1: f32 scratch of {} values (need {})",
+        tmp.len(),
+        rows * conv.cout
+    );
+    gemm_1x1(
+        gpu,
+        conv,
+        x,
+        (gpu.ptr(tmp), sys::cudaDataType::CUDA_R_32F),
+        rows,
+        0.0,
+    )?;
+    bias_cast(gpu, tmp, Some(&conv.b), residual, y, rows, conv.cout)
+}
+
+/// `y (rows, Cout) T = T(x w^T)`, the bias NOT added: a ResBlock's nin_shortcut, whose bias
+/// the block's conv2 adds (folded into conv2's bias at load, [`GpuResBlock`]).
+pub fn conv1x1_nobias<T: Storage>(
+    gpu: &Gpu,
+    conv: &ConvWeights<T>,
+    x: &DevBuf<T>,
+    y: &mut DevBuf<T>,
+    rows: usize,
+) -> Result<()> {
+    ensure!(
+        y.len() >= rows * conv.cout,
+        "conv1x1 output: {} values (need {})",
+        y.len(),
+        rows * conv.cout
+    );
+    gemm_1x1(gpu, conv, x, (gpu.ptr(y), T::CUDA), rows, 0.0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -267,6 +432,11 @@ pub struct GnScratch {
 }
 
 impl GnScratch {
+    /// The per-(image, channel) (scale, shift) of the last [`gn_finalize`], (B, C, 2).
+    pub fn scale_shift(&self) -> &DevBuf<f32> {
+        &self.ss
+    }
+
     pub fn new(gpu: &Gpu, batch: usize, max_hw: usize, max_c: usize) -> Result<GnScratch> {
         Ok(GnScratch {
             part: gpu.alloc(batch * max_hw.div_ceil(GN_CHUNK) * max_c * 2)?,
@@ -275,23 +445,105 @@ impl GnScratch {
     }
 }
 
-/// `y (B, hw, C) T = GroupNorm(x) (then SiLU when `silu`)`, x (B, hw, C) f32; 32 groups,
-/// eps 1e-6, biased variance, f32 statistics. Three launches: partial, finalize, apply.
-#[allow(clippy::too_many_arguments)]
-pub fn group_norm<T: Storage>(
+/// The statistics pass of a GroupNorm: per chunk of [`GN_CHUNK`] pixels and channel of
+/// x (B, hw, C) T, (mean, M2) into the scratch (what a fused conv epilogue writes too).
+pub fn gn_stats<T: Storage>(
     gpu: &Gpu,
-    gn: &GnWeights,
-    x: &DevBuf<f32>,
-    y: &mut DevBuf<T>,
+    x: &DevBuf<T>,
     scratch: &mut GnScratch,
     batch: usize,
     hw: usize,
-    silu: bool,
+    c: usize,
+) -> Result<()> {
+    let nchunk = hw.div_ceil(GN_CHUNK);
+    ensure!(batch > 0 && hw > 0, "group norm: empty input");
+    ensure!(batch <= 65535, "group norm: batch {batch} > 65535");
+    ensure!(
+        c.is_multiple_of(4) && c <= 1024,
+        "group norm: {c} channels (a multiple of 4, at most 1024)"
+    );
+    ensure!(
+        x.len() >= batch * hw * c,
+        "group norm input: {} values, need {}",
+        x.len(),
+        batch * hw * c
+    );
+    ensure!(
+        scratch.part.len() >= batch * nchunk * c * 2,
+        "group norm scratch too small for (B {batch}, hw {hw}, C {c})"
+    );
+    i32_of(batch * hw * c, "B*hw*C")?;
+    let pp = GnPartialParams {
+        x: gpu.ptr(x),
+        part: gpu.ptr(&scratch.part),
+        batch: i32_of(batch, "batch")?,
+        hw: i32_of(hw, "hw")?,
+        c: i32_of(c, "C")?,
+        chunk: GN_CHUNK as i32,
+        nchunk: nchunk as i32,
+    };
+    let t = Traffic::new(
+        batch * hw * c * size_of::<T>(),
+        batch * nchunk * c * 2 * 4,
+        3 * batch * hw * c,
+    );
+    let kernel = pick3::<T>(k::GN_PARTIAL_BF16, k::GN_PARTIAL_F16, k::GN_PARTIAL_F32);
+    gpu.launch_256(kernel, (nchunk as u32, batch as u32, 1), &pp, t)
+}
+
+/// The finishing pass of a GroupNorm (32 groups, eps 1e-6, biased variance): the chunk
+/// statistics in the scratch -> per-(image, channel) (scale, shift) in the scratch, for
+/// [`gn_apply`] or a conv that applies it on load ([`ConvGn`]).
+pub fn gn_finalize(
+    gpu: &Gpu,
+    gn: &GnWeights,
+    scratch: &mut GnScratch,
+    batch: usize,
+    hw: usize,
 ) -> Result<()> {
     let c = gn.c;
     let nchunk = hw.div_ceil(GN_CHUNK);
     ensure!(batch > 0 && hw > 0, "group norm: empty input");
     ensure!(batch <= 65535, "group norm: batch {batch} > 65535");
+    ensure!(
+        scratch.part.len() >= batch * nchunk * c * 2 && scratch.ss.len() >= batch * c * 2,
+        "group norm scratch too small for (B {batch}, hw {hw}, C {c})"
+    );
+    let fp = GnFinalizeParams {
+        part: gpu.ptr(&scratch.part),
+        gamma: gpu.ptr(&gn.gamma),
+        beta: gpu.ptr(&gn.beta),
+        ss: gpu.ptr(&scratch.ss),
+        batch: i32_of(batch, "batch")?,
+        hw: i32_of(hw, "hw")?,
+        c: i32_of(c, "C")?,
+        chunk: GN_CHUNK as i32,
+        nchunk: nchunk as i32,
+        eps: GN_EPS,
+    };
+    let partb = batch * nchunk * c * 2 * 4;
+    let t = Traffic::new(partb + 2 * c * 4, batch * c * 2 * 4, 8 * batch * nchunk * c);
+    gpu.launch_256(
+        k::GN_FINALIZE_F32,
+        (GN_GROUPS as u32, batch as u32, 1),
+        &fp,
+        t,
+    )
+}
+
+/// `y (B, hw, C) T = x * scale + shift` per (image, channel) from the scratch (then SiLU
+/// when `silu`), x (B, hw, C) T.
+#[allow(clippy::too_many_arguments)]
+pub fn gn_apply<T: Storage>(
+    gpu: &Gpu,
+    x: &DevBuf<T>,
+    y: &mut DevBuf<T>,
+    scratch: &GnScratch,
+    batch: usize,
+    hw: usize,
+    c: usize,
+    silu: bool,
+) -> Result<()> {
     ensure!(
         x.len() >= batch * hw * c && y.len() >= batch * hw * c,
         "group norm buffers: x {}, y {}, need {}",
@@ -300,92 +552,101 @@ pub fn group_norm<T: Storage>(
         batch * hw * c
     );
     ensure!(
-        scratch.part.len() >= batch * nchunk * c * 2 && scratch.ss.len() >= batch * c * 2,
-        "group norm scratch too small for (B {batch}, hw {hw}, C {c})"
+        scratch.ss.len() >= batch * c * 2,
+        "group norm scale/shift too small"
     );
-    let (b32, hw32, c32) = (i32_of(batch, "batch")?, i32_of(hw, "hw")?, i32_of(c, "C")?);
-    i32_of(batch * hw * c, "B*hw*C")?;
-    let pp = GnPartialParams {
-        x: gpu.ptr(x),
-        part: gpu.ptr(&scratch.part),
-        batch: b32,
-        hw: hw32,
-        c: c32,
-        chunk: GN_CHUNK as i32,
-        nchunk: nchunk as i32,
-    };
-    let (xb, ssb) = (batch * hw * c * 4, batch * c * 2 * 4);
-    let partb = batch * nchunk * c * 2 * 4;
-    let t = Traffic::new(xb, partb, 3 * batch * hw * c);
-    gpu.launch_256(k::GN_PARTIAL_F32, (nchunk as u32, batch as u32, 1), &pp, t)?;
-    let fp = GnFinalizeParams {
-        part: gpu.ptr(&scratch.part),
-        gamma: gpu.ptr(&gn.gamma),
-        beta: gpu.ptr(&gn.beta),
-        ss: gpu.ptr(&scratch.ss),
-        batch: b32,
-        hw: hw32,
-        c: c32,
-        chunk: GN_CHUNK as i32,
-        nchunk: nchunk as i32,
-        eps: GN_EPS,
-    };
-    let t = Traffic::new(partb + 2 * c * 4, ssb, 8 * batch * nchunk * c);
-    gpu.launch_256(
-        k::GN_FINALIZE_F32,
-        (GN_GROUPS as u32, batch as u32, 1),
-        &fp,
-        t,
-    )?;
     let ap = GnApplyParams {
         x: gpu.ptr(x),
         ss: gpu.ptr(&scratch.ss),
         y: gpu.ptr(y),
-        batch: b32,
-        hw: hw32,
-        c: c32,
+        batch: i32_of(batch, "batch")?,
+        hw: i32_of(hw, "hw")?,
+        c: i32_of(c, "C")?,
         silu: silu as i32,
     };
+    let n = batch * hw * c;
     gpu.launch_256(
         pick3::<T>(k::GN_APPLY_BF16, k::GN_APPLY_F16, k::GN_APPLY_F32),
         row_grid(hw * c / 4, batch)?,
         &ap,
         Traffic::new(
-            xb + ssb,
-            batch * hw * c * size_of::<T>(),
-            6 * batch * hw * c,
+            n * size_of::<T>() + batch * c * 2 * 4,
+            n * size_of::<T>(),
+            6 * n,
         ),
     )
+}
+
+/// `y (B, hw, C) T = GroupNorm(x) (then SiLU when `silu`)`, x (B, hw, C) T; 32 groups,
+/// eps 1e-6, biased variance, f32 statistics. Three launches: [`gn_stats`],
+/// [`gn_finalize`], [`gn_apply`].
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm<T: Storage>(
+    gpu: &Gpu,
+    gn: &GnWeights,
+    x: &DevBuf<T>,
+    y: &mut DevBuf<T>,
+    scratch: &mut GnScratch,
+    batch: usize,
+    hw: usize,
+    silu: bool,
+) -> Result<()> {
+    gn_stats(gpu, x, scratch, batch, hw, gn.c)?;
+    gn_finalize(gpu, gn, scratch, batch, hw)?;
+    gn_apply(gpu, x, y, scratch, batch, hw, gn.c, silu)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Small kernels
 
 kernel_params! {
-    /// The parameters of kernels/decoder.cu's `CastParams`.
-    struct CastParams[24] {
+    /// The parameters of kernels/decoder.cu's `BiasCastParams`.
+    struct BiasCastParams[48] {
         x: u64,
+        bias: u64,
+        residual: u64,
         y: u64,
         n: u64,
+        c: i32,
+        pad_: i32,
     }
 }
 
-/// `y[..n] = T(x[..n])` (round to nearest; an fp16 overflow gives inf).
-pub fn cast_f32<T: Storage>(gpu: &Gpu, x: &DevBuf<f32>, y: &mut DevBuf<T>, n: usize) -> Result<()> {
+/// `y (rows, c) T = T(x + bias (+ y when `residual`))`, x (rows, c) f32, bias (c): the
+/// bias and residual of a 1x1 conv's f32 GEMM output, and the cast to storage, in one pass.
+pub fn bias_cast<T: Storage>(
+    gpu: &Gpu,
+    x: &DevBuf<f32>,
+    bias: Option<&DevBuf<f32>>,
+    residual: bool,
+    y: &mut DevBuf<T>,
+    rows: usize,
+    c: usize,
+) -> Result<()> {
+    let n = rows * c;
+    ensure!(n > 0, "bias_cast: empty");
     ensure!(
         x.len() >= n && y.len() >= n,
-        "cast: buffers shorter than {n}"
+        "bias_cast: buffers shorter than {n}"
     );
-    let p = CastParams {
+    if let Some(b) = bias {
+        ensure!(b.len() >= c, "bias_cast: bias shorter than {c}");
+    }
+    let p = BiasCastParams {
         x: gpu.ptr(x),
+        bias: bias.map_or(0, |b| gpu.ptr(b)),
+        residual: if residual { gpu.ptr(y) } else { 0 },
         y: gpu.ptr(y),
         n: n as u64,
+        c: i32_of(c, "c")?,
+        pad_: 0,
     };
+    let read = n * 4 + bias.map_or(0, |_| c * 4) + if residual { n * size_of::<T>() } else { 0 };
     gpu.launch_256(
-        pick3::<T>(k::CAST_F32_BF16, k::CAST_F32_F16, k::CAST_F32_F32),
+        pick3::<T>(k::BIAS_CAST_BF16, k::BIAS_CAST_F16, k::BIAS_CAST_F32),
         (stride_grid(n), 1, 1),
         &p,
-        Traffic::new(n * 4, n * size_of::<T>(), n),
+        Traffic::new(read, n * size_of::<T>(), 2 * n),
     )
 }
 
@@ -556,7 +817,7 @@ pub struct AttnScratch<T: Storage> {
     c: usize,
     gn: GnScratch,
     hn: DevBuf<T>,       // (B*N, C) GroupNorm output
-    qkv: DevBuf<f32>,    // (B*N, 3C) q | k | v with bias
+    qkv: DevBuf<f32>,    // (B*N, 3C) q | k | v before the bias; then proj_out's output
     qkv_h: DevBuf<T>,    // (B*N, 3C) the same in T
     scores: DevBuf<f32>, // (B, N query, N key) raw q.k
     probs: DevBuf<T>,    // (B, N, N) softmax
@@ -580,12 +841,13 @@ impl<T: Storage> AttnScratch<T> {
     }
 }
 
-/// `x (B, N, C) f32 += proj_out(softmax(q k^T / sqrt(C)) v)` with q, k, v 1x1 convs of
-/// GroupNorm(x): single-head attention over the N = H*W positions of each image.
+/// `x (B, N, C) T += proj_out(softmax(q k^T / sqrt(C)) v)` with q, k, v 1x1 convs of
+/// GroupNorm(x): single-head attention over the N = H*W positions of each image. The new x
+/// is one rounding of x + proj_out(...) + bias (f32).
 pub fn attn_block<T: Storage>(
     gpu: &Gpu,
     w: &AttnWeights<T>,
-    x: &mut DevBuf<f32>,
+    x: &mut DevBuf<T>,
     s: &mut AttnScratch<T>,
     batch: usize,
     n: usize,
@@ -601,8 +863,7 @@ pub fn attn_block<T: Storage>(
     ensure!(x.len() >= batch * n * c, "attention input too short");
     let rows = batch * n;
     group_norm(gpu, &w.norm, x, &mut s.hn, &mut s.gn, batch, n, false)?;
-    conv1x1(gpu, &w.qkv, &s.hn, &mut s.qkv, rows, false)?;
-    cast_f32(gpu, &s.qkv, &mut s.qkv_h, rows * 3 * c)?;
+    conv1x1_cast(gpu, &w.qkv, &s.hn, &mut s.qkv, &mut s.qkv_h, rows, false)?;
     let qkv = gpu.ptr(&s.qkv_h);
     let cb = (c * size_of::<T>()) as u64; // bytes of C values of T
     let (q, k, v) = (qkv, qkv + cb, qkv + 2 * cb);
@@ -659,5 +920,6 @@ pub fn attn_block<T: Storage>(
         ),
     )
     .context("attention P V")?;
-    conv1x1(gpu, &w.proj, &s.att, x, rows, true)
+    // (s.qkv, rows x 3C f32, is free again: the proj GEMM's f32 output)
+    conv1x1_cast(gpu, &w.proj, &s.att, &mut s.qkv, x, rows, true)
 }

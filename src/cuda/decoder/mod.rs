@@ -5,23 +5,30 @@
 //!
 //! ```text
 //! tokens (B, s, s) i32 -> gather_codes: codebook rows, L2-normalized   z (B*s*s, e) T
-//!   -> post_quant_conv 1x1 (cuBLAS) + bias -> cast                      (B, s, s, z_ch) T
-//!   -> conv_in 3x3                                                      x (B, s, s, C) f32
+//!   -> post_quant_conv 1x1 (cuBLAS, f32) -> bias_cast                   (B, s, s, z_ch) T
+//!   -> conv_in 3x3 (+ GroupNorm statistics in its epilogue)              x (B, s, s, C) T
 //!   -> mid: Res, Attn, Res -> conv_blocks.0 .. L-1 (Res [+ Attn]) x (num_res_blocks+1),
-//!      then cast + upsample-fused conv 3x3 (2H x 2W)
-//!   -> GroupNorm + SiLU -> conv_out 3x3 -> dec_pixels            (B, 3, H, W) f32 and u8
+//!      then the upsample-fused conv 3x3 (2H x 2W)
+//!   -> conv_out 3x3 with GroupNorm + SiLU in its loader (f32 out) -> dec_pixels
+//!                                                                 (B, 3, H, W) f32 and u8
 //! ```
-//! Activations are NHWC. The residual stream and every conv output are f32; every conv input
-//! (GroupNorm output or a cast of the residual stream) and every conv weight (3x3 as
-//! (Cout, 3, 3, Cin), 1x1 as (Cout, Cin)) is 16-bit [`Storage`] T: fp16 by default, bf16 as
-//! an option ([`Precision`]); biases, norm affines and the codebook are f32; accumulation f32.
-//! Why fp16 by default: on the golden decoder, a host model of exactly this data flow gives a
-//! relative error of 1.4e-2 to 2.2e-2 with bf16 storage and 1.8e-3 to 3.2e-3 with fp16
-//! (PERF.md, "VQ decoder"); the tensor-core rate is the same.
-//! ResBlock: `t = GN1(x)`, `h = conv1(t)`, `t = GN2(h)`, `x = conv2(t) + b + x` with the
-//! residual added in the conv epilogue in place (or onto `nin_shortcut(x)`, computed first into
-//! the other residual buffer). AttnBlock: GN, one stacked q|k|v GEMM, scores and P V as
-//! strided-batched cuBLAS GEMMs, row softmax kernel, proj_out GEMM accumulated onto x (beta 1).
+//! Activations are NHWC and every one is 16-bit [`Storage`] T (fp16 by default, bf16 as an
+//! option, [`Precision`]), the residual stream included; conv weights are T (3x3 as
+//! (Cout, 3, 3, Cin), 1x1 as (Cout, Cin)); biases, norm affines and the codebook are f32;
+//! accumulation f32. Why fp16 by default: on the golden decoder fp16 storage gives a relative
+//! error of 2.8e-3 to 3.3e-3, bf16 2.2e-2 to 3.0e-2 (PERF.md, "VQ decoder"); the tensor-core
+//! rate is the same.
+//! No GroupNorm is a pass of its own where a conv can take it: the conv that writes a tensor
+//! leaves its GroupNorm statistics ([`ConvGn::stats`], its epilogue), `gn_finalize` folds them
+//! into a scale and shift, and the conv that reads it applies them with SiLU in its loader
+//! ([`ConvGn::apply`]). Between layers, the scratch `Acts::gn` holds the statistics of the
+//! residual stream.
+//! ResBlock: `h = conv1(SiLU(GN1(x)))`, `x = conv2(SiLU(GN2(h))) + b + x` with the residual
+//! added in the conv epilogue in place (or onto `W_nin x`, the nin_shortcut's GEMM without its
+//! bias, computed first into the other residual buffer; conv2's bias holds both biases).
+//! AttnBlock: GN (statistics, finalize, apply), one stacked q|k|v GEMM + bias_cast, scores and
+//! P V as strided-batched cuBLAS GEMMs, row softmax kernel, proj_out GEMM + bias_cast onto x,
+//! then a statistics pass over the new x.
 
 mod bench;
 pub mod encoder;
@@ -40,8 +47,9 @@ use cudarc::cublaslt::sys;
 use half::{bf16, f16};
 use std::sync::Mutex;
 
-/// Pixels per gn_partial chunk.
-const GN_CHUNK: usize = 64;
+/// Pixels per GroupNorm statistics chunk: gn_partial's, and one 128-row tile of the
+/// tensor-core conv, whose epilogue writes the same statistics (kernels/decoder.cu TC_BM).
+pub const GN_CHUNK: usize = 128;
 /// Block tile (M and N) of conv3x3_tc.
 const TC_TILE: usize = 128;
 
@@ -282,12 +290,28 @@ struct GpuResBlock<T: Storage> {
 }
 
 impl<T: Storage> GpuResBlock<T> {
+    /// With a nin_shortcut, conv2's device bias is conv2.bias + nin_shortcut.bias: the block
+    /// computes `x' = conv2(t) + b2 + (W_nin x + b_nin)` as conv2 with the summed bias onto
+    /// `W_nin x` (the shortcut's GEMM writes 16-bit values without a bias pass).
     fn from_host(gpu: &Gpu, r: &host::ResBlock) -> Result<GpuResBlock<T>> {
+        let c2 = &r.conv2;
+        let bias2: Vec<f32> = match &r.nin_shortcut {
+            Some(nin) => {
+                ensure!(
+                    nin.bias.len() == c2.bias.len(),
+                    "nin_shortcut bias {} vs conv2 bias {}",
+                    nin.bias.len(),
+                    c2.bias.len()
+                );
+                c2.bias.iter().zip(&nin.bias).map(|(a, b)| a + b).collect()
+            }
+            None => c2.bias.clone(),
+        };
         Ok(GpuResBlock {
             norm1: GnWeights::from_host(gpu, &r.norm1)?,
             conv1: ConvWeights::from_host(gpu, &r.conv1)?,
             norm2: GnWeights::from_host(gpu, &r.norm2)?,
-            conv2: ConvWeights::from_host(gpu, &r.conv2)?,
+            conv2: ConvWeights::new(gpu, c2.cin, c2.cout, c2.k, &c2.weight, &bias2)?,
             nin_shortcut: r
                 .nin_shortcut
                 .as_ref()
@@ -346,41 +370,50 @@ struct Workspace<T: Storage> {
     px: DevBuf<u8>,      // (B, 3, side, side)
 }
 
-/// The activation buffers the layers of the decoder and the encoder run on.
+/// The activation buffers the layers of the decoder and the encoder run on, all in the
+/// storage type T but the f32 scratch `f`.
 struct Acts<T: Storage> {
-    x: [DevBuf<f32>; 2], // residual stream ping-pong, (B, H, W, C) up to max_act per image
-    h: DevBuf<f32>,      // post_quant, conv1 and conv_out outputs (B, H, W, C)
-    t: DevBuf<T>,        // conv inputs: GroupNorm outputs and casts (B, H, W, C)
+    x: [DevBuf<T>; 2], // residual stream ping-pong, (B, H, W, C) up to max_act per image
+    h: DevBuf<T>,      // conv1 outputs (and the encoder's conv_out output)
+    t: DevBuf<T>,      // conv_in's input: the decoder's post_quant output, the encoder's image
+    f: DevBuf<f32>,    // the post_quant GEMM output, the decoder's conv_out output (f32)
+    /// GroupNorm statistics and scale/shift: between layers it holds the statistics of the
+    /// residual stream x[cur] (every producer of x leaves them; see `res_block`).
     gn: GnScratch,
     attn: AttnScratch<T>, // the attention blocks (at the lowest resolution)
 }
 
+/// Per-image element counts of the buffers of [`Acts`].
+struct ActsPlan {
+    max_act: usize,
+    t: usize,
+    f: usize,
+    max_hw: usize,
+    max_c: usize,
+    attn_n: usize,
+    attn_c: usize,
+}
+
 impl<T: Storage> Acts<T> {
-    /// Buffers for `batch` images of at most `max_act` activation elements, `max_hw` pixels
-    /// and `max_c` channels each, attention over `attn_n` positions of `attn_c` channels.
-    fn new(
-        gpu: &Gpu,
-        batch: usize,
-        max_act: usize,
-        max_hw: usize,
-        max_c: usize,
-        attn_n: usize,
-        attn_c: usize,
-    ) -> Result<Acts<T>> {
-        let act = batch * max_act;
+    fn new(gpu: &Gpu, batch: usize, p: &ActsPlan) -> Result<Acts<T>> {
+        let act = batch * p.max_act;
         Ok(Acts {
             x: [gpu.alloc(act)?, gpu.alloc(act)?],
             h: gpu.alloc(act)?,
-            t: gpu.alloc(act)?,
-            gn: GnScratch::new(gpu, batch, max_hw, max_c)?,
-            attn: AttnScratch::new(gpu, batch, attn_n, attn_c)?,
+            t: gpu.alloc(batch * p.t.max(1))?,
+            f: gpu.alloc(batch * p.f.max(1))?,
+            gn: GnScratch::new(gpu, batch, p.max_hw, p.max_c)?,
+            attn: AttnScratch::new(gpu, batch, p.attn_n, p.attn_c)?,
         })
     }
 
-    /// A ResBlock on the residual stream `x[*cur]` of `b` images of hgt x hgt: `t = GN1(x)`,
-    /// `h = conv1(t)`, `t = GN2(h)`, `x = conv2(t) + b + x` with the residual added in the
-    /// conv epilogue in place (or onto `nin_shortcut(x)`, computed first into the other
-    /// buffer, which becomes the stream).
+    /// A ResBlock on the residual stream `x[*cur]` of `b` images of hgt x hgt, whose
+    /// GroupNorm statistics are in `gn` (left by x's producer): `h = conv1(SiLU(GN1(x)))`,
+    /// `x = conv2(SiLU(GN2(h))) + b + x`, each GroupNorm applied in the conv's loader from
+    /// the statistics the previous conv's epilogue left; the residual is added in conv2's
+    /// epilogue in place, or onto `W_nin x` (computed first into the other buffer, which
+    /// becomes the stream; conv2's bias includes the shortcut's). Leaves the new x's
+    /// statistics in `gn`.
     fn res_block(
         &mut self,
         gpu: &Gpu,
@@ -393,44 +426,64 @@ impl<T: Storage> Acts<T> {
         let hw = hgt * hgt;
         let [x0, x1] = &mut self.x;
         let (x, other) = if *cur == 0 { (x0, x1) } else { (x1, x0) };
-        let (h, t, gn) = (&mut self.h, &mut self.t, &mut self.gn);
+        let (h, gn) = (&mut self.h, &mut self.gn);
         if let Some(nin) = &r.nin_shortcut {
-            // other = nin_shortcut(x): conv2 then adds onto it in place.
-            cast_f32(gpu, x, t, b * hw * nin.cin)?;
-            conv1x1(gpu, nin, t, other, b * hw, false)?;
+            conv1x1_nobias(gpu, nin, x, other, b * hw)?;
         }
-        group_norm(gpu, &r.norm1, x, t, gn, b, hw, true)?;
+        let fused = ConvGn {
+            apply: Some(true),
+            stats: true,
+        };
+        let same = Resample::Same;
+        gn_finalize(gpu, &r.norm1, gn, b, hw)?;
         conv3x3(
             gpu,
             k,
             &r.conv1,
-            t,
+            x,
             h,
             Residual::None,
             b,
             hgt,
             hgt,
-            Resample::Same,
+            same,
+            Some((gn, fused)),
         )?;
-        group_norm(gpu, &r.norm2, h, t, gn, b, hw, true)?;
+        gn_finalize(gpu, &r.norm2, gn, b, hw)?;
         let out = if r.nin_shortcut.is_some() {
             *cur = 1 - *cur;
             other
         } else {
             x
         };
+        let res = Residual::InPlace;
         conv3x3(
             gpu,
             k,
             &r.conv2,
-            t,
+            h,
             out,
-            Residual::InPlace,
+            res,
             b,
             hgt,
             hgt,
-            Resample::Same,
+            same,
+            Some((gn, fused)),
         )
+    }
+
+    /// An AttnBlock on x[cur] (its own GroupNorm statistics pass), then the new x's
+    /// statistics into `gn`.
+    fn attn(
+        &mut self,
+        gpu: &Gpu,
+        cur: usize,
+        w: &AttnWeights<T>,
+        b: usize,
+        n: usize,
+    ) -> Result<()> {
+        attn_block(gpu, w, &mut self.x[cur], &mut self.attn, b, n)?;
+        gn_stats(gpu, &self.x[cur], &mut self.gn, b, n, w.c)
     }
 
     /// A level's ResBlocks, each followed by its AttnBlock when the level has them (`name`
@@ -450,7 +503,7 @@ impl<T: Storage> Acts<T> {
             self.res_block(gpu, k, cur, res, b, hgt)
                 .with_context(|| format!("{name}.res.{j}"))?;
             if let Some(attn) = level.attn.get(j) {
-                attn_block(gpu, attn, &mut self.x[*cur], &mut self.attn, b, hgt * hgt)
+                self.attn(gpu, *cur, attn, b, hgt * hgt)
                     .with_context(|| format!("{name}.attn.{j}"))?;
             }
         }
@@ -469,49 +522,45 @@ impl<T: Storage> Acts<T> {
     ) -> Result<()> {
         self.res_block(gpu, k, cur, &mid.0, b, hgt)
             .context("mid.0")?;
-        attn_block(gpu, &mid.1, &mut self.x[*cur], &mut self.attn, b, hgt * hgt)
+        self.attn(gpu, *cur, &mid.1, b, hgt * hgt)
             .context("mid.1")?;
         self.res_block(gpu, k, cur, &mid.2, b, hgt).context("mid.2")
     }
 
-    /// `h = conv_out(SiLU(GroupNorm(x[cur])))` at hgt x hgt.
+    /// A conv producing the residual stream `x[1 - cur]` from x[cur] (up- or downsampling,
+    /// no GroupNorm on its input), leaving its statistics; the stream moves there.
     #[allow(clippy::too_many_arguments)]
-    fn norm_conv_out(
+    fn resample(
         &mut self,
         gpu: &Gpu,
         k: ConvKernel,
-        cur: usize,
-        norm: &GnWeights,
+        cur: &mut usize,
         conv: &ConvWeights<T>,
         b: usize,
         hgt: usize,
+        mode: Resample,
     ) -> Result<()> {
-        let hw = hgt * hgt;
-        group_norm(
-            gpu,
-            norm,
-            &self.x[cur],
-            &mut self.t,
-            &mut self.gn,
-            b,
-            hw,
-            true,
-        )
-        .context("norm_out")?;
-        let none = Residual::None;
+        let [x0, x1] = &mut self.x;
+        let (src, dst) = if *cur == 0 { (x0, x1) } else { (x1, x0) };
+        let stats = ConvGn {
+            apply: None,
+            stats: true,
+        };
         conv3x3(
             gpu,
             k,
             conv,
-            &self.t,
-            &mut self.h,
-            none,
+            src,
+            dst,
+            Residual::None,
             b,
             hgt,
             hgt,
-            Resample::Same,
-        )
-        .context("conv_out")
+            mode,
+            Some((&mut self.gn, stats)),
+        )?;
+        *cur = 1 - *cur;
+        Ok(())
     }
 }
 
@@ -544,6 +593,15 @@ impl<T: Storage> Workspace<T> {
         let side = s * cfg.stride();
         let c_last = cfg.ch * cfg.ch_mult[cfg.ch_mult.len() - 1];
         let chunk = chunk.clamp(1, batch.max(1));
+        let plan = ActsPlan {
+            max_act,
+            t: n * cfg.z_channels,
+            f: (n * cfg.z_channels).max(3 * side * side),
+            max_hw,
+            max_c,
+            attn_n: n,
+            attn_c: c_last,
+        };
         Ok(Workspace {
             batch,
             chunk,
@@ -551,7 +609,7 @@ impl<T: Storage> Workspace<T> {
             side,
             tokens: gpu.alloc(batch * n)?,
             z: gpu.alloc(chunk * n * cfg.embed_dim)?,
-            a: Acts::new(gpu, chunk, max_act, max_hw, max_c, n, c_last)?,
+            a: Acts::new(gpu, chunk, &plan)?,
             img: gpu.alloc(batch * 3 * side * side)?,
             px: gpu.alloc(batch * 3 * side * side)?,
         })
@@ -890,55 +948,74 @@ impl<T: Storage> Decoder<T> {
             cfg.n_embed,
             cfg.normalize,
         )?;
-        conv1x1(gpu, &self.post_quant_conv, &ws.z, &mut ws.a.h, b * n, false)?;
-        cast_f32(gpu, &ws.a.h, &mut ws.a.t, b * n * cfg.z_channels)?;
+        let a = &mut ws.a;
+        conv1x1_cast(
+            gpu,
+            &self.post_quant_conv,
+            &ws.z,
+            &mut a.f,
+            &mut a.t,
+            b * n,
+            false,
+        )
+        .context("post_quant_conv")?;
         let mut cur = 0usize;
+        let stats = ConvGn {
+            apply: None,
+            stats: true,
+        };
+        let (none, same) = (Residual::None, Resample::Same);
         conv3x3(
             gpu,
             k,
             &self.conv_in,
-            &ws.a.t,
-            &mut ws.a.x[cur],
-            Residual::None,
+            &a.t,
+            &mut a.x[cur],
+            none,
             b,
             s,
             s,
-            Resample::Same,
+            same,
+            Some((&mut a.gn, stats)),
         )
         .context("conv_in")?;
         let mut hgt = s;
-        ws.a.mid(gpu, k, &mut cur, &self.mid, b, hgt)?;
+        a.mid(gpu, k, &mut cur, &self.mid, b, hgt)?;
         for (i, level) in self.levels.iter().enumerate() {
             let name = format!("conv_blocks.{i}");
-            ws.a.level_blocks(gpu, k, &mut cur, level, b, hgt, &name)?;
+            a.level_blocks(gpu, k, &mut cur, level, b, hgt, &name)?;
             if let Some(up) = &level.resample {
-                let [x0, x1] = &mut ws.a.x;
-                let (src, dst) = if cur == 0 { (x0, x1) } else { (x1, x0) };
-                cast_f32(gpu, src, &mut ws.a.t, b * hgt * hgt * up.cin)?;
                 hgt *= 2;
-                conv3x3(
-                    gpu,
-                    k,
-                    up,
-                    &ws.a.t,
-                    dst,
-                    Residual::None,
-                    b,
-                    hgt,
-                    hgt,
-                    Resample::Up,
-                )
-                .with_context(|| format!("{name}.upsample"))?;
-                cur = 1 - cur;
+                a.resample(gpu, k, &mut cur, up, b, hgt, Resample::Up)
+                    .with_context(|| format!("{name}.upsample"))?;
             }
         }
         debug_assert_eq!(hgt, ws.side);
         let hw = hgt * hgt;
-        ws.a.norm_conv_out(gpu, k, cur, &self.norm_out, &self.conv_out, b, hgt)?;
+        // norm_out + SiLU in conv_out's loader; conv_out writes f32 for the pixels.
+        gn_finalize(gpu, &self.norm_out, &mut a.gn, b, hw).context("norm_out")?;
+        let apply = ConvGn {
+            apply: Some(true),
+            stats: false,
+        };
+        conv3x3(
+            gpu,
+            k,
+            &self.conv_out,
+            &a.x[cur],
+            &mut a.f,
+            Residual::None,
+            b,
+            hgt,
+            hgt,
+            same,
+            Some((&mut a.gn, apply)),
+        )
+        .context("conv_out")?;
         let off = first * 3 * hw;
         pixels(
             gpu,
-            &ws.a.h,
+            &ws.a.f,
             Some(&mut ws.img),
             Some(&mut ws.px),
             off,
