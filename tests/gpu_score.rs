@@ -89,7 +89,7 @@ fn mask_case(
         start: 0,
         capacity: n + 3,
     };
-    let mixing = (seed / 1000) % 2 == 0;
+    let mixing = (seed / 1000).is_multiple_of(2);
     let c = s.c();
     let mut rng = Rng::new(seed + 17);
     let mut qkv = Vec::with_capacity(s.tokens() * 3 * c);
