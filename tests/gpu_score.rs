@@ -1,6 +1,7 @@
 //! Teacher-forced scoring on the GPU (cuda::score, SPEC.md section 9) against the CPU
-//! (cpu::score): the attention kernels' block-causal mode on real schedules' block ids in a
-//! table of cases against `cpu::ops::attention`, then the whole masked pass (logits) and the
+//! (cpu::score): the attention kernels' block-causal mode (RoPE + append + attention in one
+//! launch) on real schedules' block ids in a table of cases against the `cpu::ops`
+//! composition `rope_kv_append` -> `attention`, then the whole masked pass (logits) and the
 //! losses per scale at k = 2, 4, 8 on the golden A_ratio2 and C_ratio3 models with the
 //! reference's codes, then `score --device emu` against `--device cpu`. Runs on the GPU, or the
 //! host emulator without one.
@@ -11,11 +12,11 @@ mod common;
 use checkergen::cpu::ops::{self, attention::BlockMask as HostMask};
 use checkergen::cpu::score::{ScoreStats, masked_logits, score_codes};
 use checkergen::cuda::Gpu;
-use checkergen::cuda::attention::{self, AttentionImpl, AttnShape, BlockMask};
+use checkergen::cuda::attention::{self, AttentionImpl, AttnShape, BlockMask, Rope};
 use checkergen::cuda::engine::GpuModel;
 use checkergen::order::Schedule;
 use common::half16::{nan, to_f32};
-use common::{Report, Rng};
+use common::{Report, Rng, i32s};
 use half::bf16;
 use safetensors::SafeTensors;
 
@@ -54,7 +55,7 @@ fn bf16_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<bf16> {
 #[test]
 fn masked_attention_matches_cpu_ops() {
     common::run_table(
-        "attention.cu block-causal mode vs cpu::ops::attention",
+        "attention.cu block-causal mode vs cpu::ops rope_kv_append -> attention",
         MASK_CASES,
         |gpu, report, label, seed, &MaskCase(d, h, rows, sizes, k, qscale)| {
             let schedule = Schedule::uniform(sizes, k).unwrap();
@@ -64,6 +65,9 @@ fn masked_attention_matches_cpu_ops() {
     );
 }
 
+/// One masked pass of the fused attention step (RoPE + append + attention) over the whole
+/// sequence (start 0, n = 1 + N) against the cpu::ops composition rope_kv_append -> attention;
+/// `mixing`: a key-mixing layer.
 #[allow(clippy::too_many_arguments)]
 fn mask_case(
     gpu: &Gpu,
@@ -85,19 +89,53 @@ fn mask_case(
         start: 0,
         capacity: n + 3,
     };
+    let mixing = (seed / 1000).is_multiple_of(2);
+    let c = s.c();
     let mut rng = Rng::new(seed + 17);
-    let q = bf16_vec(&mut rng, s.q_len(), qscale);
-    let kc = bf16_vec(&mut rng, s.cache_len(), 1.0);
-    let vc = bf16_vec(&mut rng, s.cache_len(), 1.0);
+    let mut qkv = Vec::with_capacity(s.tokens() * 3 * c);
+    for _ in 0..s.tokens() {
+        qkv.extend(bf16_vec(&mut rng, c, qscale));
+        qkv.extend(bf16_vec(&mut rng, 2 * c, 1.0));
+    }
+    // RoPE table rows N + 2 = n + 1; random rows per position, as a schedule's are.
+    let table = n + 1;
+    let angles = rng.vec(table * d, std::f32::consts::PI);
+    let re: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+    let im: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+    let cur: Vec<usize> = (0..n).map(|_| rng.below(table)).collect();
+    let prev: Vec<usize> = (0..n).map(|_| rng.below(table)).collect();
+    let mix: Vec<f32> = (0..h).map(|_| 0.5 + 0.5 * rng.uniform(1.0)).collect();
     let host = HostMask {
         key_block: block,
         query_block: block,
     };
-    let want = ops::attention(&to_f32(&q), &to_f32(&kc), &to_f32(&vc), Some(host), s);
-    let (dq, dk, dv) = (
-        gpu.upload(&q).unwrap(),
-        gpu.upload(&kc).unwrap(),
-        gpu.upload(&vc).unwrap(),
+    let (mut q, mut kc, mut vc) = (
+        vec![0.0f32; s.q_len()],
+        vec![0.0f32; s.cache_len()],
+        vec![0.0f32; s.cache_len()],
+    );
+    ops::rope_kv_append(
+        &to_f32(&qkv),
+        &re,
+        &im,
+        &cur,
+        &prev,
+        mixing.then_some(&mix[..]),
+        &mut q,
+        &mut kc,
+        &mut vc,
+        s,
+    );
+    let want = ops::attention(&q, &kc, &vc, Some(host), s);
+    let dqkv = gpu.upload(&qkv).unwrap();
+    let (dre, dim, dmix) = (
+        gpu.upload(&re).unwrap(),
+        gpu.upload(&im).unwrap(),
+        gpu.upload(&mix).unwrap(),
+    );
+    let (dcur, dprev) = (
+        gpu.upload(&i32s(&cur)).unwrap(),
+        gpu.upload(&i32s(&prev)).unwrap(),
     );
     let db = gpu.upload(block).unwrap();
     let mask = BlockMask {
@@ -105,10 +143,36 @@ fn mask_case(
         query_block: &db,
     };
     for imp in [AttentionImpl::Direct, AttentionImpl::TensorCore] {
+        // The cache is empty before the pass (NaN: it is written, never read).
+        let mut dk = gpu.upload(&nan::<bf16>(s.cache_len())).unwrap();
+        let mut dv = gpu.upload(&nan::<bf16>(s.cache_len())).unwrap();
         let mut out = gpu.upload(&nan::<bf16>(s.tokens() * s.c())).unwrap();
-        attention::attention(gpu, imp, &dq, &dk, &dv, Some(mask), &mut out, s).unwrap();
+        let rope = Rope {
+            re: &dre,
+            im: &dim,
+            cur: &dcur,
+            prev: &dprev,
+            mix: mixing.then_some((&dmix, 0)),
+        };
+        attention::attention(
+            gpu,
+            imp,
+            &dqkv,
+            rope,
+            &mut dk,
+            &mut dv,
+            Some(mask),
+            &mut out,
+            s,
+        )
+        .unwrap();
         let got = to_f32(&gpu.download(&out).unwrap());
-        report.rel(&format!("{label} L={n} {imp:?}"), &got, &want, ATT_TOL);
+        report.rel(
+            &format!("{label} L={n} mix {mixing} {imp:?}"),
+            &got,
+            &want,
+            ATT_TOL,
+        );
     }
 }
 

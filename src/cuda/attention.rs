@@ -1,147 +1,29 @@
-//! Launchers for kernels/attention.cu: RoPE + KV-cache append, and attention over the cache
-//! (SPEC.md section 5). Layouts are documented in the kernel file's header.
+//! Launcher for kernels/attention.cu: one layer's attention step in one launch (SPEC.md
+//! section 5): RoPE of the new tokens' queries and keys, their append to the KV cache, and
+//! attention over the cache. Layouts, race freedom and numerics are documented in the kernel
+//! file's header.
 
-use super::{DevBuf, Gpu, Traffic, k, row_grid};
+use super::{DevBuf, Gpu, Traffic, k};
 use anyhow::{Result, ensure};
 use half::bf16;
 
 pub use crate::cpu::ops::AttnShape;
 
-kernel_params! {
-    /// The parameters of kernels/attention.cu's `RopeKvParams`.
-    struct RopeKvParams[104] {
-        qkv: u64,
-        rope_re: u64,
-        rope_im: u64,
-        cur: u64,
-        prev: u64,
-        mix: u64,
-        q_out: u64,
-        k_cache: u64,
-        v_cache: u64,
-        rows: i32,
-        n: i32,
-        h: i32,
-        d: i32,
-        cap: i32,
-        start: i32,
-        table_rows: i32,
-    }
-}
-
-/// Rotate the new block's queries and keys and append keys and values to the cache.
-///
-/// * `qkv` (T, 3C) bf16, T = rows * n, from the wqkv GEMM (`[q | k | v]`, head h at h*D).
-/// * `rope_re`, `rope_im` (table_rows, D) f32: the unit complex numbers of each position.
-/// * `cur`, `prev` (n) i32: table rows of each new token's position and of its paired
-///   previous-block position (shared by all rows); `prev` is read only with `mix`.
-/// * `mix`: `Some((buf, offset))` on key-mixing layers, with `buf[offset..offset + H]` the
-///   sigmoid weights of the current position (e.g. the (num_mixing_layers, H) table with
-///   offset layer * H); `None` rotates keys with the current position only.
-/// * `q_out` (rows, H, n, D) bf16 gets q'; `k_cache`, `v_cache` (rows, H, capacity, D) bf16
-///   get k' and v at positions start..start+n.
-///
-/// A `cur`/`prev` entry outside the table writes NaN for that token (checked on the device).
-#[allow(clippy::too_many_arguments)]
-pub fn rope_kv_append(
-    gpu: &Gpu,
-    qkv: &DevBuf<bf16>,
-    rope_re: &DevBuf<f32>,
-    rope_im: &DevBuf<f32>,
-    cur: &DevBuf<i32>,
-    prev: &DevBuf<i32>,
-    mix: Option<(&DevBuf<f32>, usize)>,
-    q_out: &mut DevBuf<bf16>,
-    k_cache: &mut DevBuf<bf16>,
-    v_cache: &mut DevBuf<bf16>,
-    s: AttnShape,
-) -> Result<()> {
-    s.check()?;
-    let (d, c) = (s.head_dim, s.c());
-    ensure!(
-        qkv.len() >= s.tokens() * 3 * c,
-        "rope_kv_append: qkv has {} elements, needs (T={}, 3C={})",
-        qkv.len(),
-        s.tokens(),
-        3 * c
-    );
-    ensure!(
-        rope_re.len() == rope_im.len() && rope_re.len().is_multiple_of(d) && rope_re.len() >= d,
-        "rope_kv_append: rope tables of {} and {} elements are not (rows, D={d})",
-        rope_re.len(),
-        rope_im.len()
-    );
-    let table_rows = rope_re.len() / d;
-    ensure!(
-        table_rows <= i32::MAX as usize,
-        "rope_kv_append: rope table too large"
-    );
-    ensure!(
-        cur.len() >= s.n && prev.len() >= s.n,
-        "rope_kv_append: cur/prev have {}/{} entries, need n={}",
-        cur.len(),
-        prev.len(),
-        s.n
-    );
-    ensure!(
-        q_out.len() >= s.q_len(),
-        "rope_kv_append: q_out has {} elements, needs (rows, H, n, D) = {}",
-        q_out.len(),
-        s.q_len()
-    );
-    ensure!(
-        k_cache.len() >= s.cache_len() && v_cache.len() >= s.cache_len(),
-        "rope_kv_append: caches have {}/{} elements, need (rows, H, capacity, D) = {}",
-        k_cache.len(),
-        v_cache.len(),
-        s.cache_len()
-    );
-    let mix_ptr = match mix {
-        Some((m, off)) => {
-            ensure!(
-                m.len() >= off + s.heads,
-                "rope_kv_append: mix has {} elements, needs offset {off} + H={}",
-                m.len(),
-                s.heads
-            );
-            gpu.ptr(m) + (off * std::mem::size_of::<f32>()) as u64
-        }
-        None => 0,
-    };
-    let p = RopeKvParams {
-        qkv: gpu.ptr(qkv),
-        rope_re: gpu.ptr(rope_re),
-        rope_im: gpu.ptr(rope_im),
-        cur: gpu.ptr(cur),
-        prev: gpu.ptr(prev),
-        mix: mix_ptr,
-        q_out: gpu.ptr(q_out),
-        k_cache: gpu.ptr(k_cache),
-        v_cache: gpu.ptr(v_cache),
-        rows: s.rows as i32,
-        n: s.n as i32,
-        h: s.heads as i32,
-        d: d as i32,
-        cap: s.capacity as i32,
-        start: s.start as i32,
-        table_rows: table_rows as i32,
-    };
-    let per_row = s.n * s.heads * (d / 2);
-    // qkv read, the table rows of the n positions (and of the paired ones with mix), q', k'
-    // and v written (each T x C bf16).
-    let (t, n) = (s.tokens(), s.n);
-    let tables = if mix.is_some() {
-        2 * (n * d * 8 + n * 4) + s.heads * 4
-    } else {
-        n * d * 8 + n * 4
-    };
-    let traffic = Traffic::new(t * 3 * c * 2 + tables, 3 * t * c * 2, 8 * t * c);
-    gpu.launch_256(
-        k::ROPE_KV_APPEND_BF16,
-        row_grid(per_row, s.rows)?,
-        &p,
-        traffic,
-    )
+/// The RoPE inputs of one layer's attention step.
+#[derive(Clone, Copy)]
+pub struct Rope<'a> {
+    /// (table_rows, D) f32: the real parts of each position's unit complex numbers.
+    pub re: &'a DevBuf<f32>,
+    /// (table_rows, D) f32: the imaginary parts.
+    pub im: &'a DevBuf<f32>,
+    /// (n) i32: table row of each new token's own position (shared by all rows).
+    pub cur: &'a DevBuf<i32>,
+    /// (n) i32: table row of its paired previous-block position; read only with `mix`.
+    pub prev: &'a DevBuf<i32>,
+    /// `Some((buf, offset))` on key-mixing layers, with `buf[offset..offset + H]` the sigmoid
+    /// weights of the current position (e.g. the (num_mixing_layers, H) table with offset
+    /// layer * H); `None` rotates keys with the current position only.
+    pub mix: Option<(&'a DevBuf<f32>, usize)>,
 }
 
 /// Which attention kernel runs.
@@ -167,8 +49,13 @@ pub struct BlockMask<'a> {
 
 kernel_params! {
     /// The parameters of kernels/attention.cu's `AttnParams`.
-    struct AttnParams[72] {
-        q: u64,
+    struct AttnParams[112] {
+        qkv: u64,
+        rope_re: u64,
+        rope_im: u64,
+        cur: u64,
+        prev: u64,
+        mix: u64,
         k_cache: u64,
         v_cache: u64,
         key_block: u64,
@@ -179,38 +66,67 @@ kernel_params! {
         h: i32,
         cap: i32,
         start: i32,
+        table_rows: i32,
     }
 }
 
-/// `o = softmax(q' K^T / sqrt(D)) V` per (row, head) over cache keys 0..start+n (the cache
-/// already holds this step's keys).
+/// One layer's attention step: rotate the n new tokens' queries and keys, append k' and v to
+/// the cache at positions start..start+n, and `o = softmax(q' K'^T / sqrt(D)) V` per
+/// (row, head) over keys 0..start+n, in one launch (the composition
+/// `cpu::ops::rope_kv_append` -> `cpu::ops::attention`).
 ///
-/// * `q` (rows, H, n, D) bf16 from [`rope_kv_append`].
-/// * `k_cache`, `v_cache` (rows, H, capacity, D) bf16; nothing at or beyond start+n is read.
+/// * `qkv` (T, 3C) bf16, T = rows * n, from the wqkv GEMM (`[q | k | v]`, head h at h*D).
+/// * `rope`: the tables, the tokens' rows and the optional key mixing (see [`Rope`]).
+/// * `k_cache`, `v_cache` (rows, H, capacity, D) bf16: keys 0..start are read, positions
+///   start..start+n get k' = rope(k, R_key) and v; nothing at or beyond start+n is touched.
 /// * `mask`: optional block-causal mask; a query with no visible key gets o = 0.
 /// * `out` (T, C) bf16, `out[(r*n + i)*C + h*D + d]`: heads concatenated, ready for wo.
+///
+/// A `cur`/`prev` entry outside the table makes that token's q', k' and v NaN (checked on the
+/// device).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     gpu: &Gpu,
     imp: AttentionImpl,
-    q: &DevBuf<bf16>,
-    k_cache: &DevBuf<bf16>,
-    v_cache: &DevBuf<bf16>,
+    qkv: &DevBuf<bf16>,
+    rope: Rope<'_>,
+    k_cache: &mut DevBuf<bf16>,
+    v_cache: &mut DevBuf<bf16>,
     mask: Option<BlockMask<'_>>,
     out: &mut DevBuf<bf16>,
     s: AttnShape,
 ) -> Result<()> {
     s.check()?;
-    let d = s.head_dim;
+    let (d, c) = (s.head_dim, s.c());
     ensure!(
         matches!(d, 32 | 64 | 128),
         "attention: head_dim {d} has no kernel (32, 64, 128)"
     );
     ensure!(
-        q.len() >= s.q_len(),
-        "attention: q has {} elements, needs (rows, H, n, D) = {}",
-        q.len(),
-        s.q_len()
+        qkv.len() >= s.tokens() * 3 * c,
+        "attention: qkv has {} elements, needs (T={}, 3C={})",
+        qkv.len(),
+        s.tokens(),
+        3 * c
+    );
+    let (re, im) = (rope.re, rope.im);
+    ensure!(
+        re.len() == im.len() && re.len().is_multiple_of(d) && re.len() >= d,
+        "attention: rope tables of {} and {} elements are not (rows, D={d})",
+        re.len(),
+        im.len()
+    );
+    let table_rows = re.len() / d;
+    ensure!(
+        table_rows <= i32::MAX as usize,
+        "attention: rope table too large"
+    );
+    ensure!(
+        rope.cur.len() >= s.n && rope.prev.len() >= s.n,
+        "attention: cur/prev have {}/{} entries, need n={}",
+        rope.cur.len(),
+        rope.prev.len(),
+        s.n
     );
     ensure!(
         k_cache.len() >= s.cache_len() && v_cache.len() >= s.cache_len(),
@@ -220,11 +136,23 @@ pub fn attention(
         s.cache_len()
     );
     ensure!(
-        out.len() >= s.tokens() * s.c(),
+        out.len() >= s.tokens() * c,
         "attention: out has {} elements, needs (T, C) = {}",
         out.len(),
-        s.tokens() * s.c()
+        s.tokens() * c
     );
+    let mix_ptr = match rope.mix {
+        Some((m, off)) => {
+            ensure!(
+                m.len() >= off + s.heads,
+                "attention: mix has {} elements, needs offset {off} + H={}",
+                m.len(),
+                s.heads
+            );
+            gpu.ptr(m) + (off * std::mem::size_of::<f32>()) as u64
+        }
+        None => 0,
+    };
     let (kb, qb) = match mask {
         Some(m) => {
             ensure!(
@@ -240,7 +168,12 @@ pub fn attention(
         None => (0, 0),
     };
     let p = AttnParams {
-        q: gpu.ptr(q),
+        qkv: gpu.ptr(qkv),
+        rope_re: gpu.ptr(re),
+        rope_im: gpu.ptr(im),
+        cur: gpu.ptr(rope.cur),
+        prev: gpu.ptr(rope.prev),
+        mix: mix_ptr,
         k_cache: gpu.ptr(k_cache),
         v_cache: gpu.ptr(v_cache),
         key_block: kb,
@@ -251,7 +184,10 @@ pub fn attention(
         h: s.heads as i32,
         cap: s.capacity as i32,
         start: s.start as i32,
+        table_rows: table_rows as i32,
     };
+    // Each block owns the queries it computes and appends those tokens' k' and v (the
+    // kernel's race-freedom argument relies on this partition covering 0..n exactly once).
     let (grid_x, threads) = match imp {
         // One warp per query, 4 warps per block.
         AttentionImpl::Direct => (s.n.div_ceil(4), 128),
@@ -274,17 +210,27 @@ pub fn attention(
         "attention: n={} too large",
         s.n
     );
-    // q read, K and V of the start+n cached keys read once, out written; QK^T and PV.
-    let kv = s.rows * s.heads * s.keys() * d * 2;
+    // Compulsory bytes, each tensor once (the blocks of a (row, head) all re-read the new
+    // tokens' k and v from qkv, and the table rows; those re-reads hit L2): qkv read, the
+    // table rows of the n positions (and of the paired ones, and the H weights, with mix),
+    // K and V of the start cached keys read, the mask's block ids; out, k' and v written (each
+    // T x C bf16). FLOPs: QK^T and PV, and the rotation of q and k once per token.
+    let (t, n) = (s.tokens(), s.n);
+    let tables = if rope.mix.is_some() {
+        2 * (n * d * 8 + n * 4) + s.heads * 4
+    } else {
+        n * d * 8 + n * 4
+    };
+    let cached = 2 * s.rows * s.heads * s.start * d * 2;
     let masks = if mask.is_some() {
         (s.keys() + s.n) * 4
     } else {
         0
     };
     let traffic = Traffic::new(
-        s.q_len() * 2 + 2 * kv + masks,
-        s.tokens() * s.c() * 2,
-        4 * s.rows * s.heads * s.n * s.keys() * d,
+        t * 3 * c * 2 + tables + cached + masks,
+        3 * t * c * 2,
+        4 * s.rows * s.heads * s.n * s.keys() * d + 8 * t * c,
     );
     gpu.launch(
         kernel,

@@ -5,7 +5,7 @@
 //! Per step (T = rows * n tokens, rows = B or 2B with guidance):
 //!   gather_inputs -> x (T, C) f32 residual
 //!   per layer: rmsnorm_adaln -> a (T, C) bf16; a @ wqkv^T -> qkv (T, 3C) bf16;
-//!              rope_kv_append -> q (rows, H, n, D) + cache append; attention -> o (T, C);
+//!              attention (RoPE + cache append + attention, one launch) -> o (T, C);
 //!              x += o @ wo^T (f32 output, beta 1); rmsnorm_adaln -> a; a @ [w1; w3]^T ->
 //!              g (T, 2F); silu_mul -> h (T, F); x += h @ w2^T
 //!   rmsnorm -> a; a @ head^T + b -> logits (T, V) f32; guided_sample -> tokens into the grid
@@ -183,7 +183,6 @@ pub(super) struct Batch {
     pub(super) x: DevBuf<f32>,        // (rows*nmax, C)
     pub(super) a: DevBuf<bf16>,       // (rows*nmax, C)
     pub(super) qkv: DevBuf<bf16>,     // (rows*nmax, 3C)
-    pub(super) q: DevBuf<bf16>,       // (rows, H, nmax, D)
     pub(super) o: DevBuf<bf16>,       // (rows*nmax, C)
     pub(super) g: DevBuf<bf16>,       // (rows*nmax, 2F)
     pub(super) h: DevBuf<bf16>,       // (rows*nmax, F)
@@ -333,26 +332,20 @@ impl GpuModel {
                 start: bt.len,
                 capacity: bt.cap,
             };
-            let mix = (l < cfg.num_mixing_layers).then_some((&self.mix, l * h));
-            attention::rope_kv_append(
-                g,
-                &bt.qkv,
-                &self.rope_re,
-                &self.rope_im,
+            let rope = attention::Rope {
+                re: &self.rope_re,
+                im: &self.rope_im,
                 cur,
                 prev,
-                mix,
-                &mut bt.q,
-                &mut bt.kc[l],
-                &mut bt.vc[l],
-                shape,
-            )?;
+                mix: (l < cfg.num_mixing_layers).then_some((&self.mix, l * h)),
+            };
             attention::attention(
                 g,
                 self.attention_impl,
-                &bt.q,
-                &bt.kc[l],
-                &bt.vc[l],
+                &bt.qkv,
+                rope,
+                &mut bt.kc[l],
+                &mut bt.vc[l],
                 mask,
                 &mut bt.o,
                 shape,
@@ -427,7 +420,6 @@ impl GpuModel {
             x: g.alloc(rows * nmax * c).with_context(ctx)?,
             a: g.alloc(rows * nmax * c).with_context(ctx)?,
             qkv: g.alloc(rows * nmax * 3 * c).with_context(ctx)?,
-            q: g.alloc(rows * nmax * c).with_context(ctx)?,
             o: g.alloc(rows * nmax * c).with_context(ctx)?,
             g: g.alloc(rows * nmax * 2 * f).with_context(ctx)?,
             h: g.alloc(rows * nmax * f).with_context(ctx)?,

@@ -8,7 +8,8 @@
 //! | norm.rs       | norm.cu            | rmsnorm_adaln, silu_mul, add_bias                        |
 //! | embed.rs      | embed.cu           | upsample_codes (upsample_bilinear), codevec_hidden,      |
 //! |               |                    | gather_inputs                                            |
-//! | attention.rs  | attention.cu       | rope_kv_append, attention (optional block-causal mask)   |
+//! | attention.rs  | attention.cu       | rope_kv_append -> attention (optional block-causal mask) |
+//! |               |                    | composed: the one fused kernel per layer                 |
 //! | sampling.rs   | sampling.cu        | guided_sample                                            |
 //! | decoder.rs    | decoder.cu         | conv2d (1x1, 3x3), conv2d_down (encoder, stride 2),      |
 //! |               |                    | group_norm(+SiLU), upsample_nearest2,                    |
