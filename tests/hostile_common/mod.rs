@@ -57,9 +57,24 @@ impl Outcome {
 /// Run the binary with `args` under `ulimit -v MEM_LIMIT_KIB` and a wall-clock `limit`
 /// (killed when it passes; `timed_out` says so).
 pub fn run_limited<S: AsRef<str>>(args: &[S], limit: Duration) -> Outcome {
+    run_in_shell("", args, limit)
+}
+
+/// [`run_limited`] with no file larger than `bytes` (ulimit -f, SIGXFSZ ignored): a write
+/// past it fails with EFBIG, as on a full disk.
+pub fn run_disk_limited<S: AsRef<str>>(args: &[S], bytes: u64) -> Outcome {
+    // POSIX sh counts ulimit -f in 512-byte blocks.
+    let setup = format!("ulimit -f {}; trap '' XFSZ;", bytes.div_ceil(512));
+    run_in_shell(&setup, args, Duration::from_secs(60))
+}
+
+/// Run the binary after the shell commands `setup` (and the memory limit).
+fn run_in_shell<S: AsRef<str>>(setup: &str, args: &[S], limit: Duration) -> Outcome {
     let mut child = Command::new("sh")
         .arg("-c")
-        .arg(format!("ulimit -v {MEM_LIMIT_KIB}; exec \"$0\" \"$@\""))
+        .arg(format!(
+            "{setup} ulimit -v {MEM_LIMIT_KIB}; exec \"$0\" \"$@\""
+        ))
         .arg(env!("CARGO_BIN_EXE_checkergen"))
         .args(args.iter().map(|a| a.as_ref()))
         // Relative output paths land in the scratch area, never in the checkout.
