@@ -195,15 +195,20 @@ mod rng;
 pub use rng::Rng;
 
 /// The entries `(name, data)` of a stored zip, read through its local headers (the layout
-/// `tools/make_pth_fixture.py` and torch.save write: sizes in the local header).
+/// `tools/make_pth_fixture.py` and torch.save write: sizes in the local header; or, as the
+/// npz writer writes them, in the ZIP64 extra field).
 pub fn zip_entries(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
     let le16 = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
     let le32 = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
     let mut out = Vec::new();
     let mut p = 0;
     while p + 30 <= bytes.len() && le32(p) == 0x0403_4b50 {
-        let size = le32(p + 18);
         let (n, x) = (le16(p + 26), le16(p + 28));
+        let mut size = le32(p + 18);
+        if size == 0xFFFF_FFFF && x >= 20 && le16(p + 30 + n) == 1 {
+            let at = p + 30 + n + 4;
+            size = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        }
         let name = String::from_utf8_lossy(&bytes[p + 30..p + 30 + n]).into_owned();
         let start = p + 30 + n + x;
         out.push((name, bytes[start..start + size].to_vec()));
