@@ -204,9 +204,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     // Every check is done: only now is anything created, removed or announced.
     let png_dir = match a.format {
         Format::PngDir => Some(
+            // A shard's files are its own range: shards of one run may share the folder,
+            // and --overwrite never removes another shard's images.
             OutputDir::plan(
                 &a.out.join(side.to_string()),
-                is_generate_png,
+                move |name| png_index(name).is_some_and(|i| (start..end).contains(&i)),
                 a.overwrite,
                 &inputs,
             )?
@@ -458,11 +460,14 @@ enum Sink {
     Png(OutputDir),
 }
 
-/// Whether `name` is a file `generate --format png-dir` writes into `OUT/<H>`.
-fn is_generate_png(name: &str) -> bool {
-    name.strip_prefix("sample_")
-        .and_then(|r| r.strip_suffix(".png"))
-        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+/// The image index of a file `generate --format png-dir` writes into `OUT/<H>`
+/// (`sample_%05d.png`), or None for any other name.
+fn png_index(name: &str) -> Option<usize> {
+    let d = name.strip_prefix("sample_")?.strip_suffix(".png")?;
+    if d.len() < 5 || !d.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    d.parse().ok()
 }
 
 #[derive(Args)]

@@ -253,23 +253,30 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 /// removes every such file (and its temporary) and the directory if the run made it.
 pub struct OutputDir {
     dir: PathBuf,
-    ours: fn(&str) -> bool,
+    ours: Names,
     /// The outermost directory this run made (None: the directory was there).
     created: Option<PathBuf>,
     finished: bool,
 }
 
+/// Which names in an output directory are the run's files.
+pub type Names = Box<dyn Fn(&str) -> bool>;
+
 /// A checked plan for an [`OutputDir`]: what exists and what `--overwrite` will remove.
 pub struct DirPlan {
     dir: PathBuf,
-    ours: fn(&str) -> bool,
+    ours: Names,
     old: Vec<PathBuf>,
     exists: bool,
 }
 
 /// The entries of `dir` whose names `ours` accepts (and their temporaries), each checked to
 /// be a regular file that is no input when `inputs` is given.
-fn our_files(dir: &Path, ours: fn(&str) -> bool, inputs: Option<&[&Path]>) -> Result<Vec<PathBuf>> {
+fn our_files(
+    dir: &Path,
+    ours: &dyn Fn(&str) -> bool,
+    inputs: Option<&[&Path]>,
+) -> Result<Vec<PathBuf>> {
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
     let mut old = Vec::new();
@@ -303,14 +310,15 @@ impl OutputDir {
     /// removed when one of them is an input). Nothing is created or removed.
     pub fn plan(
         dir: &Path,
-        ours: fn(&str) -> bool,
+        ours: impl Fn(&str) -> bool + 'static,
         overwrite: bool,
         inputs: &[&Path],
     ) -> Result<DirPlan> {
+        let ours: Names = Box::new(ours);
         let shown = dir.display();
         let (exists, old) = match std::fs::metadata(dir) {
             Err(_) => (false, Vec::new()),
-            Ok(m) if m.is_dir() => (true, our_files(dir, ours, Some(inputs))?),
+            Ok(m) if m.is_dir() => (true, our_files(dir, &*ours, Some(inputs))?),
             Ok(m) => bail!(
                 "{shown}: the output directory exists and is {}; refusing to write into it",
                 kind(&m)
@@ -402,7 +410,7 @@ impl Drop for OutputDir {
         if self.finished {
             return;
         }
-        if let Ok(files) = our_files(&self.dir, self.ours, None) {
+        if let Ok(files) = our_files(&self.dir, &*self.ours, None) {
             for p in files {
                 let _ = std::fs::remove_file(p);
             }

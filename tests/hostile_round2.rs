@@ -344,6 +344,35 @@ fn one_overwrite_rule_for_every_command() {
     dec_over.push("--overwrite");
     ok(&dec_over);
     assert_eq!(names(&d), ["notes.txt", "recon_0000.png", "recon_0001.png"]);
+    // png-dir shards of one run share a folder: a shard's files are its own range, so
+    // another shard is neither refused nor removed, and --overwrite replaces only its own.
+    let g = dir.join("shared");
+    ok(&generate_args(
+        &m,
+        2,
+        &g,
+        &["--format", "png-dir", "--shard", "0/2"],
+    ));
+    ok(&generate_args(
+        &m,
+        2,
+        &g,
+        &["--format", "png-dir", "--shard", "1/2"],
+    ));
+    assert_refused(
+        &generate_args(&m, 2, &g, &["--format", "png-dir", "--shard", "1/2"]),
+        "--overwrite",
+    );
+    ok(&generate_args(
+        &m,
+        2,
+        &g,
+        &["--format", "png-dir", "--shard", "1/2", "--overwrite"],
+    ));
+    assert_eq!(
+        names(&g.join("256")),
+        ["sample_00000.png", "sample_00001.png"]
+    );
     // A failed sample leaves no directory behind.
     let out = dir.join("never");
     let mut args = vec![
