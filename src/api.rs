@@ -507,7 +507,7 @@ impl Model {
             return match precision {
                 Precision::Bf16 => Ok(self),
                 Precision::F32 => Err(Error::InvalidRequest(
-                    "precision f32 is the CPU path's: the GPU path always stores weights in                      bf16 (use Device::Cpu for the f32 reference)"
+                    "precision f32 is the CPU path's: the GPU path always stores weights in bf16 (use Device::Cpu for the f32 reference)"
                         .into(),
                 )),
             };

@@ -382,6 +382,9 @@ fn batch_requests(
     a.batch
         .iter()
         .map(|&b| {
+            // The size alone first: a huge count is refused before its labels are built.
+            pipeline::check_batch_size(&model.config, b, a.run.cfg > 0.0, mem)
+                .with_context(|| format!("batch {b}"))?;
             let mut o = SampleOptions::new((0..b).map(|i| i % model.config.num_classes).collect());
             o.cfg = a.run.cfg;
             o.cfg_start_step = a.run.cfg_start_step;

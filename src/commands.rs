@@ -12,6 +12,7 @@ use checkergen::model::file::{Dtype, write_model};
 use checkergen::model::init::random_tensors;
 use checkergen::model::weights::Precision;
 use checkergen::order::Schedule;
+use checkergen::paths::OutputDir;
 use checkergen::pipeline::{self, Backend, SampleOptions, Steps};
 use checkergen::sampling::TokenPolicy;
 use clap::{Args, ValueEnum};
@@ -181,16 +182,6 @@ pub struct SampleArgs {
     batch_size: Option<usize>,
 }
 
-pub fn ensure_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create output directory {}", dir.display()))?;
-    let probe = dir.join(".checkergen-write-test");
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("output directory {} is not writable", dir.display()))?;
-    std::fs::remove_file(&probe).ok();
-    Ok(())
-}
-
 /// Identity of a model file: its size and CRC-32 (streamed); None without a file.
 pub(crate) fn model_file_identity(path: Option<&Path>) -> Result<Option<String>> {
     let Some(p) = path else {
@@ -212,43 +203,9 @@ pub(crate) fn model_file_identity(path: Option<&Path>) -> Result<Option<String>>
 }
 
 /// Whether `name` is a file `sample` writes.
-fn is_sample_output(name: &str) -> bool {
+pub(crate) fn is_sample_output(name: &str) -> bool {
     matches!(name, "grid.png" | "run.json" | "tokens.safetensors")
         || (name.starts_with("sample_") && name.ends_with(".png"))
-}
-
-/// A directory holding another run's outputs would end up a stale mixture (a 2-image run
-/// into a 9-image folder leaves sample_0002..0008 beside the new run.json): refused, or with
-/// `overwrite` those files (and only those; never one of `inputs`) are removed first.
-fn clear_previous_run(dir: &Path, overwrite: bool, inputs: &[&Path]) -> Result<()> {
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
-    let mut old = Vec::new();
-    for e in entries {
-        let e = e?;
-        if is_sample_output(&e.file_name().to_string_lossy()) {
-            old.push(e.path());
-        }
-    }
-    if old.is_empty() {
-        return Ok(());
-    }
-    if !overwrite {
-        bail!(
-            "{} holds the outputs of another run ({} files such as {}): choose another --out, \
-             or --overwrite to remove them first",
-            dir.display(),
-            old.len(),
-            old[0].file_name().unwrap_or_default().to_string_lossy()
-        );
-    }
-    for p in &old {
-        checkergen::paths::check_output(p, inputs)?;
-    }
-    for p in old {
-        std::fs::remove_file(&p).with_context(|| format!("cannot remove {}", p.display()))?;
-    }
-    Ok(())
 }
 
 pub(crate) fn load_or_tiny(path: Option<&Path>) -> Result<(Model, String)> {
@@ -465,10 +422,12 @@ pub(crate) fn load_api_model(
 }
 
 pub fn sample(a: SampleArgs) -> Result<()> {
-    if a.batch_size == Some(0) {
-        bail!("--batch-size must be at least 1");
+    let max = checkergen::limits::MAX_IMAGES;
+    match a.batch_size {
+        Some(0) => bail!("--batch-size must be at least 1"),
+        Some(b) if b > max => bail!("--batch-size {b}: at most {max} per batch"),
+        _ => {}
     }
-    ensure_dir(&a.out)?;
     let (api_model, source) = load_api_model(a.model.as_deref(), a.s.device, a.s.precision)?;
     let model = api_model.host_model();
     let max_run = checkergen::limits::MAX_RUN_IMAGES;
@@ -484,17 +443,6 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         (None, Some(n)) => (0..n).map(|i| i % model.config.num_classes).collect(),
         (None, None) => bail!("give --labels or --num-samples"),
     };
-    // Every output is checked before the work: a device, FIFO or directory in the way, or
-    // --model itself among them, is refused now rather than after minutes of sampling.
-    let inputs: Vec<&Path> = a.model.as_deref().into_iter().collect();
-    let mut outputs = vec![a.out.join("grid.png"), a.out.join("run.json")];
-    if a.save_tokens {
-        outputs.push(a.out.join("tokens.safetensors"));
-    }
-    let per_image = (0..labels.len()).map(|i| a.out.join(format!("sample_{i:04}.png")));
-    for o in outputs.into_iter().chain(per_image) {
-        checkergen::paths::check_output(&o, &inputs)?;
-    }
     let mut opts = a.s.options(labels.clone());
     opts.record_stats = a.maps || a.save_tokens;
     opts.decode_pyramid = a.pyramid;
@@ -512,11 +460,19 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         &probe,
         api_model.memory()?,
     )?;
-    // Only a request that can start replaces an earlier run (a bad option loses nothing)
-    // and announces its batch size (one line for one bad input).
-    clear_previous_run(&a.out, a.overwrite, &inputs)?;
+    let total_steps = pipeline::schedule_of(&model.scale_sizes, &opts)?.total_steps();
+    let guided_steps = pipeline::guided_steps(&opts, total_steps);
+    // Every output is checked before the work: a device, FIFO or directory in the way, an
+    // input among the files of --out, or an earlier run's files without --overwrite. Only a
+    // request that can start creates --out, replaces an earlier run (a bad option loses
+    // nothing) and announces its batch size (one line for one bad input).
+    let inputs: Vec<&Path> = a.model.as_deref().into_iter().collect();
+    let dir = OutputDir::plan(&a.out, is_sample_output, a.overwrite, &inputs)?.open()?;
     if a.batch_size.is_none() {
         eprintln!("batch size {batch} (the default on this device; --batch-size N to change)");
+    }
+    if let Some(w) = pipeline::guidance_warning(&opts, total_steps) {
+        eprintln!("warning: {w}");
     }
 
     let t = Instant::now();
@@ -532,7 +488,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     write_rgb_png(&a.out.join("grid.png"), gw, gh, &grid)?;
     let sched = run.schedule.as_ref().context("no batch ran")?;
     if let Some(tokens) = &run.tokens {
-        write_tokens(&a.out.join("tokens.safetensors"), tokens, b)?;
+        write_tokens(&dir.join("tokens.safetensors"), tokens, b)?;
     }
     let per_scale_ms: Vec<f64> = (0..sched.scales.len())
         .map(|k| {
@@ -566,6 +522,8 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         "batches": run.batches,
         "cfg": a.s.cfg,
         "cfg_start_step": a.s.cfg_start_step,
+        // The serial steps guidance applied to (0: cfg asked for, but never applied).
+        "guided_steps": guided_steps,
         "temperature": a.s.temperature,
         "top_k": a.s.top_k,
         "top_p": a.s.top_p,
@@ -584,12 +542,11 @@ pub fn sample(a: SampleArgs) -> Result<()> {
             "total": total_s * 1e3,
         },
     });
-    let run_path = a.out.join("run.json");
-    std::io::Write::write_all(
-        &mut checkergen::paths::create_output(&run_path)?,
+    checkergen::paths::write_file(
+        &dir.join("run.json"),
         serde_json::to_string_pretty(&run_json)?.as_bytes(),
-    )
-    .with_context(|| format!("cannot write {}", run_path.display()))?;
+    )?;
+    dir.finish();
     if a.timings {
         println!(
             "{:>5} {:>5} {:>6} {:>10} {:>12}",
@@ -765,8 +722,9 @@ fn write_batch(
     Ok(())
 }
 
-pub fn init(preset: &str, seed: u64, dtype: Dtype, output: &Path) -> Result<()> {
+pub fn init(preset: &str, seed: u64, dtype: Dtype, output: &Path, overwrite: bool) -> Result<()> {
     let cfg = config::preset(preset)?;
+    checkergen::paths::claim_output_file(output, overwrite, &[])?;
     let map = random_tensors(&cfg, seed)?;
     write_model(
         output,
@@ -926,8 +884,12 @@ pub fn bench_decode(_a: BenchDecodeArgs) -> Result<()> {
 pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     use checkergen::cuda::decoder::{ConvKernel, GpuDecoder, Precision, bench_decode};
     use checkergen::model::decoder::DecoderWeights;
+    let max = checkergen::limits::MAX_IMAGES;
     if a.batch == 0 {
         bail!("--batch must be at least 1");
+    }
+    if a.batch > max {
+        bail!("--batch {}: at most {max} per batch", a.batch);
     }
     crate::bench_cmd::check_repeats(a.warmup, a.iters)?;
     if a.model.is_none() {

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use checkergen::io::image::{planar_to_rgb, write_rgb_png};
 use checkergen::io::npz::{NpzWriter, Progress, npy_header};
 use checkergen::io::pth::ZipReader;
+use checkergen::paths::OutputDir;
 use checkergen::pipeline;
 use clap::{Args, ValueEnum};
 use std::io::IsTerminal;
@@ -104,19 +105,27 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             checkergen::limits::MAX_RUN_IMAGES
         );
     }
-    if a.batch_size == Some(0) {
-        bail!("--batch-size must be at least 1");
+    let max = checkergen::limits::MAX_IMAGES;
+    match a.batch_size {
+        Some(0) => bail!("--batch-size must be at least 1"),
+        Some(b) if b > max => bail!("--batch-size {b}: at most {max} per batch"),
+        _ => {}
     }
     let (k, n) = match &a.shard {
         Some(s) => parse_shard(s, |v| std::env::var(v).ok())?,
         None => (0, 1),
     };
     let (start, end) = shard_range(a.num_samples, k, n);
-    if a.out.exists() && !a.overwrite {
-        bail!(
-            "{} exists: refusing to mix runs (--overwrite replaces it)",
-            a.out.display()
-        );
+    // The inputs the user named; the model and the labels file are also remembered when
+    // read (paths::guard_inputs), so no output, inside --out or not, can be one of them.
+    let inputs: Vec<&Path> = a
+        .model
+        .iter()
+        .chain(a.labels_file.iter())
+        .map(PathBuf::as_path)
+        .collect();
+    if a.format == Format::Npz {
+        checkergen::paths::claim_output_file(&a.out, a.overwrite, &inputs)?;
     }
     let (mut model, source) = load_or_tiny(a.model.as_deref())?;
     let cfg = &model.config.clone();
@@ -175,6 +184,38 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let mut probe = o.clone();
     probe.labels = (0..batch).map(|i| i % cfg.num_classes).collect();
     pipeline::validate_options(cfg, model.scale_sizes.len(), &probe, mem)?;
+    let total_steps = pipeline::schedule_of(&model.scale_sizes, &o)?.total_steps();
+    let mut meta = meta;
+    meta["range"] = serde_json::json!([start, end]);
+    // The serial steps guidance applies to (0: cfg asked for, but never applied).
+    meta["guided_steps"] = pipeline::guided_steps(&o, total_steps).into();
+    // A killed run leaves FILE.partial and its checkpoint FILE.partial.json (written when
+    // the file is begun and after every batch): the same command resumes after the last
+    // complete batch, once the partial file is verified against the checkpoint.
+    let ckpt = checkpoint_path(&a.out);
+    let img_bytes = side * side * 3;
+    let arr0_header = npy_header("|u1", &[count, side, side, 3]).len() as u64;
+    let resumed = match a.format {
+        Format::Npz if !a.overwrite => {
+            read_checkpoint(&a.out, &meta, count, arr0_header, img_bytes)?
+        }
+        _ => None,
+    };
+    // Every check is done: only now is anything created, removed or announced.
+    let png_dir = match a.format {
+        Format::PngDir => Some(
+            // A shard's files are its own range: shards of one run may share the folder,
+            // and --overwrite never removes another shard's images.
+            OutputDir::plan(
+                &a.out.join(side.to_string()),
+                move |name| png_index(name).is_some_and(|i| (start..end).contains(&i)),
+                a.overwrite,
+                &inputs,
+            )?
+            .open()?,
+        ),
+        Format::Npz => None,
+    };
     if !a.quiet {
         eprintln!(
             "generate: images {start}..{end} of {} (shard {k}/{n}) in batches of {batch} -> {}",
@@ -182,22 +223,14 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             a.out.display()
         );
     }
-    let mut meta = meta;
-    meta["range"] = serde_json::json!([start, end]);
-    // A killed run leaves FILE.partial and its checkpoint FILE.partial.json (written after
-    // every batch): the same command resumes after the last complete batch.
-    let ckpt = checkpoint_path(&a.out);
+    if let Some(w) = pipeline::guidance_warning(&o, total_steps) {
+        eprintln!("warning: {w}");
+    }
     let mut skip = 0usize;
-    let mut sink = match a.format {
-        Format::Npz => {
-            let arr0 = npy_header("|u1", &[count, side, side, 3]).len() as u64
-                + (count * side * side * 3) as u64;
-            let resumed = if a.overwrite {
-                None
-            } else {
-                read_checkpoint(&a.out, &meta)?
-            };
-            let mut w = match resumed {
+    let mut sink = match png_dir {
+        None => {
+            let arr0 = arr0_header + (count * img_bytes) as u64;
+            let w = match resumed {
                 Some((done, at)) => {
                     if !a.quiet {
                         eprintln!(
@@ -207,23 +240,24 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
                         );
                     }
                     skip = done;
-                    NpzWriter::resume(&a.out, "arr_0.npy", arr0, at)?
+                    let mut w = NpzWriter::resume(&a.out, "arr_0.npy", arr0, at)?;
+                    w.keep_partial();
+                    w
                 }
                 None => {
                     let mut w = NpzWriter::create(&a.out)?;
                     begin_images(&mut w, count, side)?;
+                    // The checkpoint of the empty file: from here on, whatever fails (a
+                    // full disk included), FILE.partial and its checkpoint agree and the
+                    // same command resumes. Until it is written, a failure removes both.
+                    write_checkpoint(&ckpt, &meta, 0, w.checkpoint()?)?;
+                    w.keep_partial();
                     w
                 }
             };
-            w.keep_partial();
             Sink::Npz(w)
         }
-        Format::PngDir => {
-            let dir = a.out.join(side.to_string());
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            Sink::Png(dir)
-        }
+        Some(dir) => Sink::Png(dir),
     };
     o.labels = (start + skip..end).map(label_of).collect();
     o.image_offset = start + skip;
@@ -247,7 +281,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             match &mut sink {
                 Sink::Npz(w) => w.write(&rgb)?,
                 Sink::Png(dir) => write_rgb_png(
-                    &dir.join(format!("sample_{:05}.png", first + i)),
+                    &dir.join(&format!("sample_{:05}.png", first + i)),
                     side,
                     side,
                     &rgb,
@@ -297,7 +331,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             w.finish()?;
             std::fs::remove_file(&ckpt).ok();
         }
-        Sink::Png(_) => {}
+        Sink::Png(dir) => dir.finish(),
     }
     println!(
         "wrote images {start}..{end} ({count}) to {} in {:.1} s",
@@ -364,40 +398,50 @@ fn write_checkpoint(
     at: Progress,
 ) -> Result<()> {
     let j = serde_json::json!({"meta": meta, "done": done, "written": at.written, "crc": at.crc});
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&j)?)
-        .with_context(|| format!("cannot write {}", PathBuf::from(&tmp).display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    checkergen::paths::write_file(path, &serde_json::to_vec(&j)?)
 }
 
 /// The checkpoint of an interrupted run of the same `meta` into `out`, if there is one with
-/// its partial file; a partial file of another run is refused (--overwrite starts over).
-fn read_checkpoint(out: &Path, meta: &serde_json::Value) -> Result<Option<(usize, Progress)>> {
+/// its partial file; a partial file of another run, or a checkpoint whose counts disagree
+/// (`done` of the shard's `count` images of `img_bytes` each after an `arr_0` header of
+/// `header` bytes), is refused (--overwrite starts over). The partial file's bytes are
+/// checked against it when it is reopened ([`NpzWriter::resume`]).
+fn read_checkpoint(
+    out: &Path,
+    meta: &serde_json::Value,
+    count: usize,
+    header: u64,
+    img_bytes: usize,
+) -> Result<Option<(usize, Progress)>> {
     let (partial, ckpt) = (NpzWriter::partial_path(out), checkpoint_path(out));
-    if !partial.exists() {
+    if std::fs::symlink_metadata(&partial).is_err() {
         return Ok(None);
     }
-    let refuse = || {
+    let refuse = |why: &str| {
         anyhow::anyhow!(
-            "{} is the partial output of another or an unreadable run: --overwrite starts over",
+            "{} is the partial output of another or an unreadable run ({why}): --overwrite \
+             starts over",
             partial.display()
         )
     };
-    let Ok(bytes) = std::fs::read(&ckpt) else {
-        return Err(refuse());
-    };
-    let j: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| refuse())?;
+    let bytes = std::fs::read(&ckpt).map_err(|_| refuse("no readable checkpoint beside it"))?;
+    let j: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| refuse("its checkpoint is not JSON"))?;
     if &j["meta"] != meta {
-        return Err(refuse());
+        return Err(refuse("its checkpoint records other settings"));
     }
-    let done = j["done"].as_u64().ok_or_else(refuse)? as usize;
-    let written = j["written"].as_u64().ok_or_else(refuse)?;
+    let bad = || refuse("its checkpoint's counts disagree");
+    let done = j["done"].as_u64().ok_or_else(bad)?;
+    let written = j["written"].as_u64().ok_or_else(bad)?;
     let crc = j["crc"]
         .as_u64()
         .filter(|&c| c <= u32::MAX as u64)
-        .ok_or_else(refuse)? as u32;
-    Ok(Some((done, Progress { written, crc })))
+        .ok_or_else(bad)? as u32;
+    let expect = (done as u128 * img_bytes as u128).checked_add(header as u128);
+    if done > count as u64 || expect != Some(written as u128) {
+        return Err(bad());
+    }
+    Ok(Some((done as usize, Progress { written, crc })))
 }
 
 /// Begin `arr_0.npy`, `count` RGB images of side `side` (uint8 [count, side, side, 3]), with
@@ -413,7 +457,17 @@ fn begin_images(w: &mut NpzWriter, count: usize, side: usize) -> Result<()> {
 
 enum Sink {
     Npz(NpzWriter),
-    Png(PathBuf),
+    Png(OutputDir),
+}
+
+/// The image index of a file `generate --format png-dir` writes into `OUT/<H>`
+/// (`sample_%05d.png`), or None for any other name.
+fn png_index(name: &str) -> Option<usize> {
+    let d = name.strip_prefix("sample_")?.strip_suffix(".png")?;
+    if d.len() < 5 || !d.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    d.parse().ok()
 }
 
 #[derive(Args)]
@@ -424,6 +478,9 @@ pub struct MergeArgs {
     /// The merged file.
     #[arg(short = 'o', long = "output")]
     output: PathBuf,
+    /// Replace an existing output file.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// One shard's metadata and sizes.
@@ -519,6 +576,8 @@ fn differing_fields(a: &serde_json::Value, b: &serde_json::Value) -> String {
 }
 
 pub fn merge(a: MergeArgs) -> Result<()> {
+    let inputs: Vec<&Path> = a.shards.iter().map(PathBuf::as_path).collect();
+    checkergen::paths::claim_output_file(&a.output, a.overwrite, &inputs)?;
     let mut shards: Vec<Shard> = a
         .shards
         .iter()
@@ -574,7 +633,10 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         .context("no num_classes")?;
     let mut arr1 = npy_header("<i8", &[total]);
     for s in &shards {
-        let l = s.zip.size("arr_1.npy")?;
+        let l = s
+            .zip
+            .size("arr_1.npy")
+            .with_context(|| format!("{}", s.path.display()))?;
         let h = npy_header("<i8", &[s.end - s.start]).len() as u64;
         if l != h + 8 * (s.end - s.start) as u64 {
             bail!(
@@ -583,7 +645,10 @@ pub fn merge(a: MergeArgs) -> Result<()> {
                 s.end - s.start
             );
         }
-        let bytes = s.zip.read("arr_1.npy", h, l - h)?;
+        let bytes = s
+            .zip
+            .read("arr_1.npy", h, l - h)
+            .with_context(|| format!("{}", s.path.display()))?;
         for (i, c) in bytes.chunks_exact(8).enumerate() {
             let label = i64::from_le_bytes(c.try_into().unwrap());
             if label < 0 || label as u64 >= classes {
@@ -604,7 +669,11 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         let mut off = 0;
         while off < len {
             let n = (len - off).min(64 << 20);
-            w.write(&s.zip.read("arr_0.npy", s.data_at + off, n)?)?;
+            let bytes = s
+                .zip
+                .read("arr_0.npy", s.data_at + off, n)
+                .with_context(|| format!("{}", s.path.display()))?;
+            w.write(&bytes)?;
             off += n;
         }
     }

@@ -36,6 +36,9 @@ enum Cmd {
         /// Also write a picture of the map (colour = rank, lines = quadtree levels).
         #[arg(long, value_name = "FILE")]
         png: Option<PathBuf>,
+        /// Replace an existing --png file.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Print the scale pyramid and serial step schedule.
     Schedule(ScheduleArgs),
@@ -55,6 +58,9 @@ enum Cmd {
         /// Output .safetensors file.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
+        /// Replace an existing output file.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Convert the authors' released checkpoint (.pth + YAML configs) to a model file.
     Convert {
@@ -82,6 +88,9 @@ enum Cmd {
         /// Output .safetensors file.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
+        /// Replace an existing output file.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Benchmark the whole sampler (token loop + decode) over batch sizes: images/s, ms per
     /// serial step and scale, transformer/decoder split, peak memory, TFLOP/s, % of floor.
@@ -171,8 +180,15 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // No output of this process may be one of its inputs (paths::guard_inputs).
+    checkergen::paths::guard_inputs();
     match cli.cmd {
-        Cmd::Order { size, json, png } => cmd_order(size, json, png),
+        Cmd::Order {
+            size,
+            json,
+            png,
+            overwrite,
+        } => cmd_order(size, json, png, overwrite),
         Cmd::Schedule(args) => cmd_schedule(args),
         Cmd::Sample(args) => commands::sample(args),
         Cmd::Init {
@@ -180,7 +196,8 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             dtype,
             output,
-        } => commands::init(&preset, seed, dtype, &output),
+            overwrite,
+        } => commands::init(&preset, seed, dtype, &output, overwrite),
         Cmd::Inspect { model, verify } => commands::inspect(&model, verify),
         Cmd::Bench(args) => bench_cmd::bench(args),
         Cmd::Generate(args) => generate_cmd::generate(args),
@@ -199,7 +216,15 @@ fn run(cli: Cli) -> Result<()> {
             no_encoder,
             dtype,
             output,
+            overwrite,
         } => {
+            let mut inputs = vec![
+                checkpoint.as_path(),
+                config.as_path(),
+                autoenc_config.as_path(),
+            ];
+            inputs.extend(autoenc_checkpoint.as_deref());
+            checkergen::paths::claim_output_file(&output, overwrite, &inputs)?;
             let summary =
                 checkergen::io::convert::convert(&checkergen::io::convert::ConvertOptions {
                     checkpoint,
@@ -217,8 +242,11 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn cmd_order(size: usize, json: bool, png: Option<PathBuf>) -> Result<()> {
+fn cmd_order(size: usize, json: bool, png: Option<PathBuf>, overwrite: bool) -> Result<()> {
     let rank = order::rank_map(size)?;
+    if let Some(path) = &png {
+        checkergen::paths::claim_output_file(path, overwrite, &[])?;
+    }
     if let Some(path) = png {
         let (side, rgb) = checkergen::io::image::render_rank_map(&rank);
         checkergen::io::image::write_rgb_png(&path, side, side, &rgb)?;

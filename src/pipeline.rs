@@ -174,6 +174,40 @@ pub fn validate_options(
     Ok(())
 }
 
+/// The schedule `o` runs on a pyramid of `scale_sizes`.
+pub fn schedule_of(scale_sizes: &[usize], o: &SampleOptions) -> Result<Schedule> {
+    match &o.steps {
+        Steps::Uniform(k) => Schedule::uniform(scale_sizes, *k),
+        Steps::PerScale(v) => Schedule::with_steps(scale_sizes, v),
+    }
+}
+
+/// How many of the schedule's `total_steps` serial steps guidance applies to (steps
+/// `cfg_start_step..`; none when cfg is 0).
+pub fn guided_steps(o: &SampleOptions, total_steps: usize) -> usize {
+    if o.cfg > 0.0 {
+        total_steps.saturating_sub(o.cfg_start_step)
+    } else {
+        0
+    }
+}
+
+/// The warning for a request that asks for guidance (cfg > 0) but starts it at or past the
+/// schedule's last step, so that it never applies (the default start step 5 on a 5-step
+/// schedule does this): None when guidance applies to some step, or is off.
+pub fn guidance_warning(o: &SampleOptions, total_steps: usize) -> Option<String> {
+    (o.cfg > 0.0 && guided_steps(o, total_steps) == 0).then(|| {
+        format!(
+            "--cfg {} never applies: --cfg-start-step {} is past the last step ({}) of this \
+             {total_steps}-step schedule (sampling runs unguided; --cfg 0 says so, a smaller \
+             --cfg-start-step or more steps guides)",
+            o.cfg,
+            o.cfg_start_step,
+            total_steps.saturating_sub(1)
+        )
+    })
+}
+
 /// The memory a batch is planned against: the input of the one batch-size rule
 /// ([`batch_rule`]) that every front end (CLI, API, C ABI, Python) uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -568,10 +602,7 @@ fn run_tokens<B: Backend + ?Sized>(
     let scale_sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
     let scale_sizes = scale_sizes.as_slice();
     validate_options(cfg, scale_sizes.len(), o, backend.memory()?)?;
-    let schedule = match &o.steps {
-        Steps::Uniform(k) => Schedule::uniform(scale_sizes, *k)?,
-        Steps::PerScale(v) => Schedule::with_steps(scale_sizes, v)?,
-    };
+    let schedule = schedule_of(scale_sizes, o)?;
     let b = o.labels.len();
     let v = cfg.codebook_size();
     if let Some(f) = &o.forced_tokens {

@@ -5,7 +5,7 @@ use crate::commands::Device;
 use anyhow::{Context, Result, bail};
 use checkergen::cpu::score::ScoreStats;
 use checkergen::io::image::{planar_to_rgb, write_rgb_png};
-use checkergen::io::photo::{center_crop_arr, read_image, read_npz};
+use checkergen::io::photo::{center_crop_arr, check_image_input, read_image, read_npz};
 use checkergen::io::tokens::{read_token_grids, write_token_grids};
 use checkergen::model::Model;
 use clap::Args;
@@ -24,6 +24,9 @@ pub struct EncodeArgs {
     /// Output tokens file: scale_0, scale_1, ... int32 [B, s, s].
     #[arg(long)]
     out: PathBuf,
+    /// Replace an existing output file.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -33,9 +36,13 @@ pub struct DecodeArgs {
     /// A tokens file (`encode --out` or `sample --save-tokens`).
     #[arg(long)]
     tokens: PathBuf,
-    /// Output directory for recon_NNNN.png (the last scale, decoded).
+    /// Output directory for recon_NNNN.png (the last scale, decoded; created if missing).
     #[arg(long)]
     out: PathBuf,
+    /// Remove the recon_NNNN.png of an earlier run in --out first (else such a directory is
+    /// refused: a run never leaves a mixture of two runs' images).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -75,6 +82,9 @@ enum Input {
 /// The images of `paths`: each `.npz` expands to its `arr_0` images (exactly side x side),
 /// every other file is one image.
 fn expand_inputs(paths: &[PathBuf], side: usize) -> Result<Vec<Input>> {
+    for p in paths {
+        check_image_input(p)?;
+    }
     let mut out = Vec::new();
     for p in paths {
         let npz = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz"));
@@ -115,7 +125,13 @@ fn encode_images(model: &Model, items: &[Input]) -> Result<Vec<Vec<u32>>> {
 pub fn encode(a: EncodeArgs) -> Result<()> {
     let mut inputs: Vec<&Path> = a.images.iter().map(PathBuf::as_path).collect();
     inputs.push(&a.model);
-    checkergen::paths::check_output(&a.out, &inputs)?;
+    // Every input is checked (a type we read, a regular file) before the output and the
+    // work.
+    for p in &a.images {
+        check_image_input(p)?;
+    }
+    checkergen::paths::check_input(&a.model)?;
+    checkergen::paths::claim_output_file(&a.out, a.overwrite, &inputs)?;
     let model = Model::load(&a.model)?;
     model.encoder()?;
     let t = Instant::now();
@@ -132,18 +148,48 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Whether `name` is a file `decode` writes.
+fn is_recon(name: &str) -> bool {
+    name.strip_prefix("recon_")
+        .and_then(|r| r.strip_suffix(".png"))
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Images `decode` holds at once: the decoder's activations and pixels of one batch.
+pub const DECODE_BATCH: usize = 8;
+
 pub fn decode(a: DecodeArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
     let (b, grids) = read_token_grids(&a.tokens, &model.scale_sizes, model.config.codebook_size())?;
-    crate::commands::ensure_dir(&a.out)?;
     let s = *model.scale_sizes.last().context("model has no scales")?;
     let side = model.config.img_size;
-    let images = model.decoder.decode_tokens(grids.last().unwrap(), b, s);
-    let pixels = checkergen::cpu::decoder::to_pixels_u8(&images);
-    for i in 0..b {
-        let path = a.out.join(format!("recon_{i:04}.png"));
-        write_rgb_png(&path, side, side, &planar_to_rgb(&pixels, i, side))?;
+    let inputs = [a.model.as_path(), a.tokens.as_path()];
+    let dir = checkergen::paths::OutputDir::plan(&a.out, is_recon, a.overwrite, &inputs)?.open()?;
+    // Batch after batch: memory holds one batch's activations and pixels, whatever the
+    // number of images; a line every 10 s says how far it got.
+    let last = grids.last().context("model has no scales")?;
+    let t = Instant::now();
+    let mut report = Instant::now();
+    for first in (0..b).step_by(DECODE_BATCH) {
+        let n = DECODE_BATCH.min(b - first);
+        let images = model
+            .decoder
+            .decode_tokens(&last[first * s * s..(first + n) * s * s], n, s);
+        let pixels = checkergen::cpu::decoder::to_pixels_u8(&images);
+        for i in 0..n {
+            let path = dir.join(&format!("recon_{:04}.png", first + i));
+            write_rgb_png(&path, side, side, &planar_to_rgb(&pixels, i, side))?;
+        }
+        if report.elapsed().as_secs_f64() >= 10.0 && first + n < b {
+            eprintln!(
+                "decoded {}/{b} images, {:.0} s elapsed",
+                first + n,
+                t.elapsed().as_secs_f64()
+            );
+            report = Instant::now();
+        }
     }
+    dir.finish();
     eprintln!("decoded {b} images -> {}", a.out.display());
     Ok(())
 }

@@ -47,6 +47,9 @@ pub struct StepsArgs {
     /// Also draw latency and images/s against serial steps, one series per ratio.
     #[arg(long)]
     png: Option<PathBuf>,
+    /// Replace an existing --png file.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// Per-scale steps (the values given to the schedule) that realize exactly `total` serial
@@ -110,10 +113,18 @@ pub fn steps_for_total(sizes: &[usize], total: usize) -> Option<Vec<usize>> {
 }
 
 pub fn steps(a: StepsArgs) -> Result<()> {
+    let max = checkergen::limits::MAX_IMAGES;
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    if a.batch > max {
+        bail!("--batch {}: at most {max} per batch", a.batch);
+    }
     a.run.check()?;
+    if let Some(png) = &a.png {
+        let inputs: Vec<&std::path::Path> = a.model.iter().map(PathBuf::as_path).collect();
+        checkergen::paths::claim_output_file(png, a.overwrite, &inputs)?;
+    }
     // The model configurations: one per ratio.
     let mut models: Vec<(Model, String)> = match &a.model {
         Some(p) => vec![(Model::load(p)?, p.display().to_string())],

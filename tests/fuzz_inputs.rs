@@ -33,7 +33,15 @@
 //!   different valid pickle);
 //! * YAML text mutations: no panic; a mutated config may be another valid config;
 //! * argument lists: no panic, signal or hang; exit status 0, 1 or 2 (clap's usage error);
-//!   the input files are unchanged afterwards.
+//!   the input files are unchanged afterwards;
+//! * `.npz` `.npy` headers (issue 22): the header text of `arr_0` mutated (flips, deletions,
+//!   insertions, a shape entry replaced by a huge or negative number, a nested dict), the
+//!   entry re-archived with a correct CRC: read only as the clean images, else one line;
+//! * JPEG truncation: every prefix that ends before the end-of-image marker is refused
+//!   (PIL refuses it), a flipped byte is no panic;
+//! * shard labels, through `merge`: `arr_1` of a shard rewritten with random int64 labels
+//!   (negative, huge, in range): merged exactly when every label is a class of the model,
+//!   else one line and no output.
 
 mod hostile_common;
 
@@ -262,6 +270,46 @@ fn mutate_pickle(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
 // The in-process campaign (run in a memory-limited child)
 // ------------------------------------------------------------------------------------------
 
+/// A mutation of the header text of an `.npy` (its bytes after the 10-byte preamble).
+fn mutate_npy_header(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
+    let (pre, text) = clean.split_at(10);
+    let (what, mut t) = match rng.below(4) {
+        0 => mutate_text(rng, text),
+        1 => {
+            // A shape entry replaced by an extreme number.
+            let v = *rng.pick(&[
+                "281474976710656",
+                "18446744073709551615",
+                "18446744073709551616",
+                "-1",
+                "0",
+                "99999999999999999999999",
+            ]);
+            let t = String::from_utf8_lossy(text).replacen("2,", &format!("{v},"), 1);
+            (format!("shape entry {v}"), t.into_bytes())
+        }
+        2 => {
+            // The whole dict nested in another, or a key's value replaced by a dict.
+            let t = String::from_utf8_lossy(text).replacen(
+                "'fortran_order': False",
+                "'fortran_order': {'descr': '|u1', 'shape': (1,)}",
+                1,
+            );
+            ("nested dict".to_string(), t.into_bytes())
+        }
+        _ => {
+            let t = String::from_utf8_lossy(text).replacen("|u1", "<i8", 1);
+            ("descr <i8".to_string(), t.into_bytes())
+        }
+    };
+    // The preamble's length field follows the text (numpy pads to 64 with spaces and '\n').
+    let mut out = pre.to_vec();
+    let len = t.len() as u16;
+    out[8..10].copy_from_slice(&len.to_le_bytes());
+    out.append(&mut t);
+    (what, out)
+}
+
 fn same_model(a: &Model, b: &Model) -> bool {
     a.config == b.config && a.parameter_counts() == b.parameter_counts()
 }
@@ -342,6 +390,58 @@ fn campaign() -> Findings {
                 .map_err(|e| format!("converted to an unloadable model: {e:#}")),
             Err(_) => Ok(()),
         });
+    }
+
+    // .npz headers (issue 22): only the clean images, or one line.
+    let side = 4;
+    let pixels: Vec<u8> = (0..2 * side * side * 3).map(|i| (i * 7) as u8).collect();
+    let mut npy = checkergen::io::npz::npy_header("|u1", &[2, side, side, 3]);
+    let header_len = npy.len();
+    npy.extend_from_slice(&pixels);
+    let npz_path = dir.join("x.npz");
+    for i in 0..300 * k {
+        let (what, mut h) = mutate_npy_header(&mut rng, &npy[..header_len]);
+        h.extend_from_slice(&pixels);
+        std::fs::write(&npz_path, zip64(&[("arr_0.npy", &h, None)])).unwrap();
+        f.check(
+            &format!("npz header #{i} {what}"),
+            || match checkergen::io::photo::read_npz(&npz_path, side) {
+                Ok(imgs) if imgs.concat() != pixels => Err("read other images".into()),
+                Err(e) if format!("{e:#}").lines().count() != 1 => {
+                    Err(format!("error is not one line: {e:#}"))
+                }
+                _ => Ok(()),
+            },
+        );
+    }
+
+    // JPEG: every prefix cut before the end-of-image marker is refused; flips do not panic.
+    let jpg = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/score/nodejs_full_white_stripe.jpg"),
+    )
+    .unwrap();
+    let eoi = jpg.windows(2).rposition(|w| w == [0xFF, 0xD9]).unwrap() + 2;
+    let jpg_path = dir.join("x.jpg");
+    for i in 0..200 * k {
+        let (what, bytes, must_fail) = if rng.below(2) == 0 {
+            let cut = rng.below(eoi);
+            (format!("cut at {cut}"), jpg[..cut].to_vec(), true)
+        } else {
+            let (what, b) = mutate_at(&mut rng, &jpg, 1, "jpeg ", |_, _, _, _| String::new());
+            (what, b, false)
+        };
+        std::fs::write(&jpg_path, &bytes).unwrap();
+        f.check(
+            &format!("jpeg #{i} {what}"),
+            || match checkergen::io::photo::read_image(&jpg_path) {
+                Ok(_) if must_fail => Err("decoded a truncated JPEG".into()),
+                Err(e) if format!("{e:#}").lines().count() != 1 => {
+                    Err(format!("error is not one line: {e:#}"))
+                }
+                _ => Ok(()),
+            },
+        );
     }
 
     // YAML: the model config and the autoencoder config.
@@ -716,6 +816,85 @@ fn fuzz_files_through_the_binary() {
                 Some(0) => Ok(()),
                 _ if !o.is_clean_failure() => Err(format!("unclear failure: {:?}", o.stderr)),
                 _ if out.exists() => Err("left an output behind".into()),
+                _ => Ok(()),
+            }
+        });
+    }
+    // Shard labels (issue 22): merge takes exactly the shards whose labels are classes.
+    let m = dir.join("tiny.safetensors");
+    let _ = std::fs::remove_file(&m);
+    let init = ["init", "--preset", "tiny", "-o", m.to_str().unwrap()];
+    assert_eq!(run_limited(&init, Duration::from_secs(60)).code, Some(0));
+    let shard = |k: usize| {
+        let p = dir.join(format!("s{k}.npz"));
+        let _ = std::fs::remove_file(&p);
+        let args = [
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--num-samples",
+            "4",
+            "--shard",
+            &format!("{k}/2"),
+            "--steps-per-scale",
+            "1",
+            "--cfg",
+            "0",
+            "--quiet",
+            "--out",
+            p.to_str().unwrap(),
+        ];
+        assert_eq!(run_limited(&args, Duration::from_secs(120)).code, Some(0));
+        p
+    };
+    let (s0, s1) = (shard(0), shard(1));
+    let s1_clean = std::fs::read(&s1).unwrap();
+    let entries = zip_entries(&s1_clean);
+    let bad_shard = dir.join("s1-labels.npz");
+    let merged = dir.join("merged.npz");
+    for i in 0..30 * scale() {
+        let labels: Vec<i64> = (0..2)
+            .map(|_| match rng.below(4) {
+                0 => rng.below(10) as i64,
+                1 => -(1 + rng.below(1 << 20) as i64),
+                2 => 10 + rng.below(1 << 40) as i64,
+                _ => rng.next_u64() as i64,
+            })
+            .collect();
+        let ok = labels.iter().all(|l| (0..10).contains(l));
+        let zipped: Vec<(String, Vec<u8>)> = entries
+            .iter()
+            .map(|(n, d)| {
+                let mut d = d.clone();
+                if n == "arr_1.npy" {
+                    let at = d.len() - 16;
+                    for (j, l) in labels.iter().enumerate() {
+                        d[at + 8 * j..at + 8 * j + 8].copy_from_slice(&l.to_le_bytes());
+                    }
+                }
+                (n.clone(), d)
+            })
+            .collect();
+        let refs: Vec<(&str, &[u8], Option<u64>)> = zipped
+            .iter()
+            .map(|(n, d)| (n.as_str(), &d[..], None))
+            .collect();
+        std::fs::write(&bad_shard, zip64(&refs)).unwrap();
+        let _ = std::fs::remove_file(&merged);
+        let args: Vec<String> = [&s0, &bad_shard]
+            .iter()
+            .map(|p| p.display().to_string())
+            .chain(["-o".to_string(), merged.display().to_string()])
+            .collect();
+        let args: Vec<String> = std::iter::once("merge".to_string()).chain(args).collect();
+        f.check(&format!("merge #{i} labels {labels:?}"), || {
+            let o = check_run(&args, Duration::from_secs(30))?;
+            match o.code {
+                Some(0) if !ok => Err("merged labels outside the model's classes".into()),
+                Some(0) => Ok(()),
+                _ if ok => Err(format!("refused valid labels: {:?}", o.stderr)),
+                _ if !o.is_clean_failure() => Err(format!("unclear failure: {:?}", o.stderr)),
+                _ if merged.exists() => Err("left an output behind".into()),
                 _ => Ok(()),
             }
         });

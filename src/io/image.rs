@@ -3,21 +3,24 @@
 use anyhow::{Context, Result};
 use std::path::Path;
 
-/// Write an 8-bit RGB image (row-major, `width * height * 3` bytes) as PNG.
+/// Write an 8-bit RGB image (row-major, `width * height * 3` bytes) as PNG, atomically
+/// (`NAME.partial`, synced, renamed: [`crate::paths::AtomicFile`]).
 pub fn write_rgb_png(path: &Path, width: usize, height: usize, rgb: &[u8]) -> Result<()> {
     assert_eq!(rgb.len(), width * height * 3);
-    let file = crate::paths::create_output(path)?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    let mut w = enc
-        .write_header()
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    w.write_image_data(rgb)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    w.finish()
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    let mut file = crate::paths::AtomicFile::create(path)?;
+    {
+        let mut enc = png::Encoder::new(&mut file, width as u32, height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc
+            .write_header()
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        w.write_image_data(rgb)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        w.finish()
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    file.commit()
 }
 
 /// A perceptually ordered colour ramp (dark blue -> teal -> green -> yellow), `t` in [0, 1].

@@ -8,7 +8,7 @@
 
 use anyhow::{Context, Result, bail};
 use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 /// The `.npy` (format 1.0) header of a C-order array: magic, version, the header dict padded
@@ -257,8 +257,7 @@ impl NpzWriter {
     /// Start `path` (written as `<path>.partial` until [`finish`](Self::finish)).
     pub fn create(path: &Path) -> Result<NpzWriter> {
         crate::paths::check_output(path, &[])?;
-        let tmp = Self::partial_path(path);
-        let f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let (tmp, f) = crate::paths::fresh_temp(path)?;
         Ok(NpzWriter {
             path: path.to_path_buf(),
             tmp,
@@ -272,9 +271,7 @@ impl NpzWriter {
 
     /// The partial file of `path`.
     pub fn partial_path(path: &Path) -> PathBuf {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".partial");
-        PathBuf::from(tmp)
+        crate::paths::partial_path(path)
     }
 
     /// Keep `<path>.partial` when dropped unfinished, so that a later run can resume it.
@@ -300,27 +297,55 @@ impl NpzWriter {
     }
 
     /// Reopen `<path>.partial`, whose first entry `name` of `size` bytes had `at` of its
-    /// bytes checkpointed: later bytes are cut off and writing continues there.
+    /// bytes checkpointed: the file is verified against the checkpoint first (the entry's
+    /// local header as [`begin_entry`](Self::begin_entry) writes it, at least `at.written`
+    /// bytes of data after it, and their CRC-32 equal to `at.crc`); later bytes are cut off
+    /// and writing continues there. A file that disagrees is refused and left as it is.
     pub fn resume(path: &Path, name: &str, size: u64, at: Progress) -> Result<NpzWriter> {
         crate::paths::check_output(path, &[])?;
         let tmp = Self::partial_path(path);
+        let shown = tmp.display();
         let data = 30 + name.len() as u64 + 20;
-        let f = std::fs::OpenOptions::new()
+        crate::paths::check_output(&tmp, &[])?;
+        let mut f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&tmp)
-            .with_context(|| format!("{}: cannot reopen", tmp.display()))?;
+            .with_context(|| format!("{shown}: cannot reopen"))?;
         let len = f.metadata()?.len();
         if at.written > size || len < data + at.written {
             bail!(
-                "{}: shorter than its checkpoint ({len} bytes, {} expected)",
-                tmp.display(),
+                "{shown}: shorter than its checkpoint ({len} bytes, {} expected): --overwrite starts over",
                 data + at.written
             );
         }
-        f.set_len(data + at.written)?;
+        // The local header, as begin_entry wrote it (its CRC field is patched only at the end).
+        let want = Self::local_header(name, size);
+        let mut head = vec![0u8; want.len()];
+        f.read_exact(&mut head)
+            .with_context(|| format!("{shown}: cannot read"))?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut left = at.written;
+        let mut buf = vec![0u8; 1 << 20];
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            f.read_exact(&mut buf[..n])
+                .with_context(|| format!("{shown}: cannot read"))?;
+            crc.update(&buf[..n]);
+            left -= n as u64;
+        }
+        if head != want || crc.finalize() != at.crc {
+            bail!(
+                "{shown}: its first {} bytes of {name} do not match its checkpoint (CRC-32 \
+                 or header differ: the file was changed or damaged): --overwrite starts over",
+                at.written
+            );
+        }
+        f.set_len(data + at.written)
+            .with_context(|| format!("{shown}: cannot cut it to its checkpoint"))?;
         let mut out = BufWriter::with_capacity(1 << 20, f);
-        out.seek(SeekFrom::End(0))?;
+        out.seek(SeekFrom::End(0))
+            .with_context(|| format!("{shown}: cannot seek"))?;
         Ok(NpzWriter {
             path: path.to_path_buf(),
             tmp,
@@ -346,12 +371,8 @@ impl NpzWriter {
         Ok(())
     }
 
-    /// Begin entry `name` of exactly `size` bytes (every entry has its ZIP64 extra field).
-    pub fn begin_entry(&mut self, name: &str, size: u64) -> Result<()> {
-        if self.open.is_some() {
-            bail!("npz: entry {name} begun before the previous one ended");
-        }
-        let offset = self.pos;
+    /// The local header of entry `name` of `size` bytes (CRC-32 zero until the entry ends).
+    fn local_header(name: &str, size: u64) -> Vec<u8> {
         let mut h = Vec::with_capacity(30 + name.len() + 20);
         h.extend_from_slice(&LOCAL_HEADER.to_le_bytes());
         h.extend_from_slice(&45u16.to_le_bytes()); // version needed: ZIP64
@@ -369,6 +390,16 @@ impl NpzWriter {
         h.extend_from_slice(&16u16.to_le_bytes());
         h.extend_from_slice(&size.to_le_bytes());
         h.extend_from_slice(&size.to_le_bytes());
+        h
+    }
+
+    /// Begin entry `name` of exactly `size` bytes (every entry has its ZIP64 extra field).
+    pub fn begin_entry(&mut self, name: &str, size: u64) -> Result<()> {
+        if self.open.is_some() {
+            bail!("npz: entry {name} begun before the previous one ended");
+        }
+        let offset = self.pos;
+        let h = Self::local_header(name, size);
         self.put(&h)?;
         self.open = Some(Open {
             name: name.to_string(),
@@ -404,9 +435,13 @@ impl NpzWriter {
         }
         let crc = e.crc.finalize();
         let out = self.out.as_mut().context("npz writer already finished")?;
-        out.seek(SeekFrom::Start(e.offset + 14))?;
-        out.write_all(&crc.to_le_bytes())?;
-        out.seek(SeekFrom::Start(self.pos))?;
+        (|| -> std::io::Result<()> {
+            out.seek(SeekFrom::Start(e.offset + 14))?;
+            out.write_all(&crc.to_le_bytes())?;
+            out.seek(SeekFrom::Start(self.pos))?;
+            Ok(())
+        })()
+        .with_context(|| format!("{}: write failed", self.tmp.display()))?;
         self.done.push(Done {
             name: e.name,
             crc,

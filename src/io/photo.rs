@@ -27,6 +27,22 @@ pub const MAX_PHOTO_SIDE: usize = 16384;
 /// 1 x 16384 PNG would become 256 x 4 194 304 pixels).
 pub const MAX_PHOTO_ASPECT: usize = 32;
 
+/// Check an image input before any work: a type [`read_image`] reads (by extension), or an
+/// `.npz`, and a regular file ([`crate::paths::check_input`]).
+pub fn check_image_input(path: &Path) -> Result<()> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if !matches!(ext.as_str(), "png" | "jpg" | "jpeg" | "npz") {
+        bail!(
+            "{}: unsupported image type '.{ext}' (PNG or JPEG expected)",
+            path.display()
+        );
+    }
+    crate::paths::check_input(path).map(|_| ())
+}
+
 /// Read an image file by extension: `.png`, or `.jpg` / `.jpeg` (any case); sides within
 /// [`MAX_PHOTO_SIDE`] and an aspect ratio within [`MAX_PHOTO_ASPECT`].
 pub fn read_image(path: &Path) -> Result<Rgb> {
@@ -66,6 +82,12 @@ pub fn read_jpeg(path: &Path) -> Result<Rgb> {
         bail!("{shown}: {} bytes is too large for an image", meta.len());
     }
     let bytes = std::fs::read(path).with_context(|| format!("{shown}: cannot read"))?;
+    if !jpeg_reaches_eoi(&bytes) {
+        bail!(
+            "{shown}: truncated JPEG (the data ends before its end-of-image marker; PIL \
+             refuses it as 'image file is truncated')"
+        );
+    }
     let opts = DecoderOptions::default()
         .jpeg_set_out_colorspace(ColorSpace::RGB)
         .set_max_width(MAX_PHOTO_SIDE)
@@ -86,6 +108,59 @@ pub fn read_jpeg(path: &Path) -> Result<Rgb> {
         height: h,
         data,
     })
+}
+
+/// Whether JPEG `bytes` reach their end-of-image marker: the marker segments are walked by
+/// their lengths and each scan's entropy-coded data to the next marker (stuffed `FF 00`,
+/// restart markers and fill bytes inside). A file that ends first is truncated: libjpeg
+/// would make up the missing scans, and PIL refuses such a file ("image file is
+/// truncated"), so must we. Bytes after the marker are ignored, as PIL ignores them.
+pub fn jpeg_reaches_eoi(bytes: &[u8]) -> bool {
+    let len = bytes.len();
+    let mut i = 2; // after SOI (the decoder checks it)
+    loop {
+        // Bytes between segments that are not a marker: libjpeg skips them with a warning.
+        while i < len && bytes[i] != 0xFF {
+            i += 1;
+        }
+        while i < len && bytes[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&m) = bytes.get(i) else {
+            return false;
+        };
+        i += 1;
+        match m {
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD8 => continue, // standalone markers
+            _ => {
+                let Some(l) = bytes.get(i..i + 2) else {
+                    return false;
+                };
+                i += usize::from(u16::from_be_bytes([l[0], l[1]]));
+                if i > len {
+                    return false;
+                }
+                if m == 0xDA {
+                    // Entropy-coded data up to the next marker that is not stuffing or RST.
+                    loop {
+                        if i + 1 >= len {
+                            return false;
+                        }
+                        if bytes[i] == 0xFF {
+                            match bytes[i + 1] {
+                                0x00 | 0xD0..=0xD7 => i += 2,
+                                0xFF => i += 1,
+                                _ => break,
+                            }
+                        } else {
+                            i += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Read `arr_0` of an `.npz` (np.savez, uncompressed): uint8 `[N, side, side, 3]` images,
@@ -285,6 +360,22 @@ mod tests {
         let out = center_crop_arr(img, 256);
         assert_eq!(out.len(), 256 * 256 * 3);
         assert!(out.iter().all(|&v| v == 77));
+    }
+
+    #[test]
+    fn jpeg_truncation_is_found() {
+        let jpg = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/score/nodejs_full_white_stripe.jpg"
+        ))
+        .unwrap();
+        assert!(jpeg_reaches_eoi(&jpg));
+        let mut trailing = jpg.clone();
+        trailing.extend_from_slice(b"trailing bytes");
+        assert!(jpeg_reaches_eoi(&trailing));
+        for cut in [4, 100, jpg.len() / 2, jpg.len() - 2, jpg.len() - 1] {
+            assert!(!jpeg_reaches_eoi(&jpg[..cut]), "cut at {cut}");
+        }
     }
 
     #[test]

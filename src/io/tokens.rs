@@ -98,5 +98,19 @@ pub fn read_token_grids(
         }
         out.push(ids.iter().map(|&t| t as u32).collect());
     }
+    // A file with more scales than the model was made for another pyramid: decoding a
+    // subset of it would be silently wrong.
+    let extra = format!("scale_{}", sizes.len());
+    if st.names().iter().any(|n| **n == extra) {
+        let more = (sizes.len()..)
+            .take_while(|k| st.names().iter().any(|n| **n == format!("scale_{k}")))
+            .count();
+        bail!(
+            "{shown}: holds {} scales; this model has {} ({sizes:?}): the tokens come from \
+             another model",
+            sizes.len() + more,
+            sizes.len()
+        );
+    }
     Ok((batch.unwrap_or(0), out))
 }

@@ -14,7 +14,7 @@ use safetensors::SafeTensors;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 /// Dense row-major f32 tensor.
@@ -165,6 +165,12 @@ pub fn parse_model_tensors(bytes: &[u8]) -> Result<(TensorMap, BTreeMap<String, 
 /// views' offsets are checked against `bytes.len()` (contiguous, each tensor's byte size
 /// its shape times its dtype's size, the last ending at the end) without touching the data.
 fn parse_header(bytes: &[u8], model: bool) -> Result<(SafeTensors<'_>, BTreeMap<String, String>)> {
+    if model && let Some(what) = foreign_format(bytes) {
+        bail!(
+            "{what}, not a checkergen model file: make one with `checkergen convert` (the \
+             released .pth checkpoints and their YAML configs) or `checkergen init`"
+        );
+    }
     let (_, meta) = SafeTensors::read_metadata(bytes)
         .map_err(|e| anyhow::anyhow!("not a valid safetensors file ({e})"))?;
     let metadata: BTreeMap<String, String> = meta
@@ -186,6 +192,22 @@ fn parse_header(bytes: &[u8], model: bool) -> Result<(SafeTensors<'_>, BTreeMap<
         }
     }
     Ok((st, metadata))
+}
+
+/// What a file given as a model is when its first bytes say it is something else: a zip (a
+/// PyTorch checkpoint, or an .npz) or an image.
+fn foreign_format(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
+        Some("a zip archive (a PyTorch .pth checkpoint or an .npz)")
+    } else if bytes.starts_with(b"\x80\x02") {
+        Some("a pickle (a legacy PyTorch checkpoint)")
+    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("a PNG image")
+    } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some("a JPEG image")
+    } else {
+        None
+    }
 }
 
 /// One tensor as a model file's header describes it.
@@ -455,29 +477,9 @@ fn write_atomic<S: AsRef<str> + Ord + fmt::Display, V: safetensors::View>(
     views: impl IntoIterator<Item = (S, V)>,
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let shown = path.display();
     check_output(path, &[])?;
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".partial");
-    let tmp = PathBuf::from(tmp_name);
-    // A stale temporary from a killed run is a regular file and may go; anything else there
-    // (a directory, FIFO, symlink) is not ours to touch.
-    match std::fs::symlink_metadata(&tmp) {
-        Ok(m) if m.is_file() => std::fs::remove_file(&tmp)
-            .with_context(|| format!("{shown}: cannot remove stale {}", tmp.display()))?,
-        Ok(_) => bail!(
-            "{shown}: {} exists and is not a regular file; remove it first",
-            tmp.display()
-        ),
-        Err(_) => {}
-    }
-    let placeholder = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o666)
-        .open(&tmp)
-        .with_context(|| format!("{shown}: cannot create {}", tmp.display()))?;
+    let (tmp, placeholder) = crate::paths::fresh_temp(path)?;
     let result = (|| -> Result<()> {
         let perms = placeholder.metadata()?.permissions();
         drop(placeholder);
@@ -489,10 +491,7 @@ fn write_atomic<S: AsRef<str> + Ord + fmt::Display, V: safetensors::View>(
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("{shown}: cannot sync {}", tmp.display()))?;
-        // Checked again right before the rename: the target may have changed meanwhile.
-        check_output(path, &[])?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("{shown}: cannot move {} into place", tmp.display()))
+        crate::paths::commit_temp(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -503,6 +502,7 @@ fn write_atomic<S: AsRef<str> + Ord + fmt::Display, V: safetensors::View>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("checkergen-file-{}", std::process::id()));

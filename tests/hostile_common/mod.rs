@@ -57,9 +57,24 @@ impl Outcome {
 /// Run the binary with `args` under `ulimit -v MEM_LIMIT_KIB` and a wall-clock `limit`
 /// (killed when it passes; `timed_out` says so).
 pub fn run_limited<S: AsRef<str>>(args: &[S], limit: Duration) -> Outcome {
+    run_in_shell("", args, limit)
+}
+
+/// [`run_limited`] with no file larger than `bytes` (ulimit -f, SIGXFSZ ignored): a write
+/// past it fails with EFBIG, as on a full disk.
+pub fn run_disk_limited<S: AsRef<str>>(args: &[S], bytes: u64) -> Outcome {
+    // POSIX sh counts ulimit -f in 512-byte blocks.
+    let setup = format!("ulimit -f {}; trap '' XFSZ;", bytes.div_ceil(512));
+    run_in_shell(&setup, args, Duration::from_secs(60))
+}
+
+/// Run the binary after the shell commands `setup` (and the memory limit).
+fn run_in_shell<S: AsRef<str>>(setup: &str, args: &[S], limit: Duration) -> Outcome {
     let mut child = Command::new("sh")
         .arg("-c")
-        .arg(format!("ulimit -v {MEM_LIMIT_KIB}; exec \"$0\" \"$@\""))
+        .arg(format!(
+            "{setup} ulimit -v {MEM_LIMIT_KIB}; exec \"$0\" \"$@\""
+        ))
         .arg(env!("CARGO_BIN_EXE_checkergen"))
         .args(args.iter().map(|a| a.as_ref()))
         // Relative output paths land in the scratch area, never in the checkout.
@@ -180,15 +195,20 @@ mod rng;
 pub use rng::Rng;
 
 /// The entries `(name, data)` of a stored zip, read through its local headers (the layout
-/// `tools/make_pth_fixture.py` and torch.save write: sizes in the local header).
+/// `tools/make_pth_fixture.py` and torch.save write: sizes in the local header; or, as the
+/// npz writer writes them, in the ZIP64 extra field).
 pub fn zip_entries(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
     let le16 = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
     let le32 = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
     let mut out = Vec::new();
     let mut p = 0;
     while p + 30 <= bytes.len() && le32(p) == 0x0403_4b50 {
-        let size = le32(p + 18);
         let (n, x) = (le16(p + 26), le16(p + 28));
+        let mut size = le32(p + 18);
+        if size == 0xFFFF_FFFF && x >= 20 && le16(p + 30 + n) == 1 {
+            let at = p + 30 + n + 4;
+            size = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        }
         let name = String::from_utf8_lossy(&bytes[p + 30..p + 30 + n]).into_owned();
         let start = p + 30 + n + x;
         out.push((name, bytes[start..start + size].to_vec()));
