@@ -12,6 +12,8 @@
 //   launch: grid T, block 256; one block per token, f32 sum of squares by block reduction.
 // silu_mul: h[t, i] = bf16( silu(g[t, i]) * g[t, F + i] ), g (T, 2F) bf16 from one GEMM with
 //   the stacked [w1; w3] weight; tokens in grid.y, a token's F outputs in grid.x (32-bit).
+//   The engine no longer launches it (ffn.cu's swiglu fuses the gate into the w13 GEMM); it
+//   stays as the separately tested gate (tests/gpu_norm.rs) and for timing against swiglu.
 // add_bias_f32: y[t, j] += b[j], y (T, N) f32; rows in grid.y, a row's N in grid.x (32-bit).
 #include "common.cuh"
 

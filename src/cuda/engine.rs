@@ -7,14 +7,16 @@
 //!   per layer: rmsnorm_adaln -> a (T, C) bf16; a @ wqkv^T -> qkv (T, 3C) bf16;
 //!              rope_kv_append -> q (rows, H, n, D) + cache append; attention -> o (T, C);
 //!              x += o @ wo^T (f32 output, beta 1); rmsnorm_adaln -> a; a @ [w1; w3]^T ->
-//!              g (T, 2F); silu_mul -> h (T, F); x += h @ w2^T
+//!              h (T, F) = silu(a @ w1^T) * (a @ w3^T) in one launch (swiglu, ffn.cu);
+//!              x += h @ w2^T
 //!   rmsnorm -> a; a @ head^T + b -> logits (T, V) f32; guided_sample -> tokens into the grid
 
 use super::attention;
 use super::decoder::DecodeBuffers;
 use super::embed::{self, CodevecMlp, InputTables, StepIndex};
+use super::ffn::{SWIGLU_K_TILE, interleave_gate_up, swiglu, swiglu_fits};
 use super::gemm::linear;
-use super::norm::{add_bias_f32, rmsnorm_adaln, silu_mul};
+use super::norm::{add_bias_f32, rmsnorm_adaln};
 use super::sampling;
 use super::{DevBuf, Gpu, Graph, Marks};
 use crate::math;
@@ -39,8 +41,10 @@ pub(super) fn to_bf16(v: &[f32]) -> Vec<bf16> {
 struct GpuLayer {
     wqkv: DevBuf<bf16>, // (3C, C)
     wo: DevBuf<bf16>,   // (C, C)
-    w13: DevBuf<bf16>,  // (2F, C): w1 rows then w3 rows
-    w2: DevBuf<bf16>,   // (C, F)
+    /// (2F, C): w1 and w3 rows interleaved (row 2j = w1 row j, 2j+1 = w3 row j) for the
+    /// fused swiglu kernel (`ffn::interleave_gate_up`).
+    w13: DevBuf<bf16>,
+    w2: DevBuf<bf16>, // (C, F)
     attn_norm: DevBuf<f32>,
     ffn_norm: DevBuf<f32>,
     mod_w: DevBuf<bf16>, // (4C, C): input_modulation then post_attention_modulation
@@ -111,12 +115,19 @@ impl GpuModel {
         let decoder = super::decoder::GpuDecoder::new(&gpu, &model.decoder)?;
         let up = |x: &[f32]| gpu.upload(x);
         let upb = |x: &[f32]| gpu.upload(&to_bf16(x));
+        let (c, f) = (cfg.hidden_size, cfg.ffn_dim);
+        // Always true of a model the engine runs: its attention kernels need head_dim 32, 64
+        // or 128, so C = heads * head_dim is a multiple of 32.
+        ensure!(
+            swiglu_fits(c),
+            "hidden_size {c} is not a multiple of {SWIGLU_K_TILE} (the FFN kernel's K tile)"
+        );
         let mut layers = Vec::new();
         for lw in &w.layers {
             layers.push(GpuLayer {
                 wqkv: upb(&lw.wqkv.w)?,
                 wo: upb(&lw.wo.w)?,
-                w13: upb(&lw.w13.w)?,
+                w13: gpu.upload(&interleave_gate_up(&to_bf16(&lw.w13.w), f, c))?,
                 w2: upb(&lw.w2.w)?,
                 attn_norm: up(&lw.attention_norm)?,
                 ffn_norm: up(&lw.ffn_norm)?,
@@ -185,7 +196,6 @@ pub(super) struct Batch {
     pub(super) qkv: DevBuf<bf16>,     // (rows*nmax, 3C)
     pub(super) q: DevBuf<bf16>,       // (rows, H, nmax, D)
     pub(super) o: DevBuf<bf16>,       // (rows*nmax, C)
-    pub(super) g: DevBuf<bf16>,       // (rows*nmax, 2F)
     pub(super) h: DevBuf<bf16>,       // (rows*nmax, F)
     pub(super) logits: DevBuf<f32>,   // (rows*nmax, V)
     pub(super) kc: Vec<DevBuf<bf16>>, // per layer (rows, H, cap, D)
@@ -369,8 +379,7 @@ impl GpuModel {
                 c,
                 eps,
             )?;
-            linear(g, &bt.a, 0, &lw.w13, &mut bt.g, 0, t, c, 2 * f, 0.0)?;
-            silu_mul(g, &bt.g, &mut bt.h, t, f)?;
+            swiglu(g, &bt.a, &lw.w13, &mut bt.h, t, c, f)?;
             linear(g, &bt.h, 0, &lw.w2, &mut bt.x, 0, t, f, c, 1.0)?;
         }
         bt.len += n;
@@ -429,7 +438,6 @@ impl GpuModel {
             qkv: g.alloc(rows * nmax * 3 * c).with_context(ctx)?,
             q: g.alloc(rows * nmax * c).with_context(ctx)?,
             o: g.alloc(rows * nmax * c).with_context(ctx)?,
-            g: g.alloc(rows * nmax * 2 * f).with_context(ctx)?,
             h: g.alloc(rows * nmax * f).with_context(ctx)?,
             logits: g.alloc(rows * nmax * v).with_context(ctx)?,
             kc: (0..cfg.num_layers)

@@ -34,6 +34,7 @@ pub mod device;
 pub mod embed;
 pub mod emu;
 pub mod engine;
+pub mod ffn;
 pub mod gemm;
 pub mod ledger;
 pub mod norm;
