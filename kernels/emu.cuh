@@ -509,8 +509,10 @@ inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
 // low 7 address bits: alignment and bank groups are those of the host address).
 alignas(128) inline thread_local unsigned char t_emu_smem_anchor[128];
 inline uint32_t smem_addr(const void* p) {
-    // The anchor's address goes through a register the optimizer cannot see into: otherwise
-    // gcc may fold it into a `sub x@gottpoff(%rip)`, which lld cannot relax (initial-exec).
+    // The anchor's address passes through an empty asm: else GCC may fold `p - anchor` for a
+    // `__shared__` p into `sub GOTTPOFF(%rip), reg` (the difference of two initial-exec TLS
+    // offsets), which lld refuses ("R_X86_64_GOTTPOFF must be used in MOVQ or ADDQ
+    // instructions only"; seen with ffn.cu's templated tile and decoder.cu's conv3x3_tc_gn).
     const unsigned char* anchor = t_emu_smem_anchor;
     asm("" : "+r"(anchor));
     const intptr_t d = (intptr_t)p - (intptr_t)anchor;

@@ -263,8 +263,8 @@ pub fn bytes_per_image(cfg: &ModelConfig, guided: bool, mem: Memory) -> Result<u
             let last = *sizes.last().unwrap_or(&1) as u64;
             let cap = 1 + n;
             let kv = layers * cap * c * 2 * 2;
-            // x and logits f32; a, q, o, qkv, g, h bf16 (cuda::engine::Batch).
-            let step = last * last * (4 * c + 2 * 6 * c + 2 * 3 * f + 4 * v);
+            // x and logits f32; a, q, o, qkv, h bf16 (cuda::engine::Batch).
+            let step = last * last * (4 * c + 2 * 6 * c + 2 * f + 4 * v);
             let modulation = layers * 4 * c * 4;
             let decoder = cfg.decoder.workspace_bytes_per_image(last as usize);
             rows * (kv + step + modulation) + decoder + 3 * side * side

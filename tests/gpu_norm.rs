@@ -11,11 +11,14 @@ use common::half16::{nan, round_to, to_f32, to_h};
 use common::rand_vec;
 use half::bf16;
 
-/// Where the AdaLN (shift, scale) pair is read from: none, or at offset `k * C` of the row.
+/// Where the AdaLN (shift, scale) pair is read from: none, at offset `k * C` of the row's 4C
+/// values, or at offset `k * C` of layer `l`'s 4C values in rows of `layers` layers (the
+/// engine's (rows, L*4C) buffer of every layer's modulations).
 #[derive(Clone, Copy, Debug)]
 enum Modulation {
     None,
     At(usize),
+    Layer { l: usize, layers: usize, k: usize },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -35,11 +38,25 @@ enum Case {
 }
 
 use Case::*;
-use Modulation::{At, None as NoMod};
+use Modulation::{At, Layer, None as NoMod};
 
 /// The RMSNorm shapes (rows, n, C), each run with every modulation variant.
 const RMS_SHAPES: &[(usize, usize, usize)] = &[(1, 1, 128), (3, 5, 1024), (4, 64, 512), (2, 7, 96)];
-const MODULATIONS: [Modulation; 3] = [At(0), At(2), NoMod];
+const MODULATIONS: [Modulation; 5] = [
+    At(0),
+    At(2),
+    NoMod,
+    Layer {
+        l: 0,
+        layers: 3,
+        k: 2,
+    },
+    Layer {
+        l: 2,
+        layers: 3,
+        k: 0,
+    },
+];
 
 /// The table: every RMSNorm shape x modulation, then SwiGLU and the bias add.
 fn cases() -> Vec<Case> {
@@ -85,22 +102,35 @@ fn norm_kernels_match_cpu_ops() {
                     let t = rows * n;
                     let x = rand_vec(t * c, seed + 1, 2.0);
                     let w = rand_vec(c, seed + 2, 1.0);
-                    let m = rand_vec(rows * 4 * c, seed + 3, 1.0);
+                    // The device buffer holds `layers` layers' 4C values per row; the reference
+                    // gets layer l's (rows, 4C).
+                    let (l, layers, at) = match modulation {
+                        At(k) => (0, 1, Some(k * c)),
+                        Layer { l, layers, k } => (l, layers, Some(k * c)),
+                        NoMod => (0, 1, None),
+                    };
+                    let stride = layers * 4 * c;
+                    let m = rand_vec(rows * stride, seed + 3, 1.0);
+                    let m_layer: Vec<f32> = m
+                        .chunks_exact(stride)
+                        .flat_map(|r| r[l * 4 * c..(l + 1) * 4 * c].iter().copied())
+                        .collect();
                     let (dx, dw, dm) = (
                         gpu.upload(&x).unwrap(),
                         gpu.upload(&w).unwrap(),
                         gpu.upload(&m).unwrap(),
                     );
-                    let off = match modulation {
-                        At(k) => Some(k * c),
-                        NoMod => None,
-                    };
                     // Poison the output so unwritten elements show.
                     let mut out = gpu.upload(&nan::<bf16>(t * c)).unwrap();
-                    let dmod = off.map(|o| (&dm, o));
+                    let dmod = at.map(|o| norm::AdaLn {
+                        buf: &dm,
+                        offset: l * 4 * c + o,
+                        row_stride: stride,
+                    });
                     norm::rmsnorm_adaln(gpu, &dx, &dw, dmod, &mut out, t, n, c, 1e-6).unwrap();
                     let got = to_f32(&gpu.download(&out).unwrap());
-                    let want = ops::rmsnorm_adaln(&x, &w, off.map(|o| (&m[..], o)), n, c, 1e-6);
+                    let want =
+                        ops::rmsnorm_adaln(&x, &w, at.map(|o| (&m_layer[..], o)), n, c, 1e-6);
                     report.rel(label, &got, &want, tol);
                 }
                 SiluMul { t, f, tol } => {

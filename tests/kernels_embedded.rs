@@ -35,7 +35,7 @@ fn declared_kernels(source: &str) -> Vec<String> {
 #[test]
 fn every_kernel_file_is_embedded() {
     let names: Vec<&str> = KERNEL_FILES.iter().map(|f| f.name).collect();
-    for want in ["norm", "embed", "attention", "sampling", "decoder"] {
+    for want in ["norm", "ffn", "embed", "attention", "sampling", "decoder"] {
         assert!(
             names.contains(&want),
             "kernels/{want}.cu is not embedded: {names:?}"

@@ -7,14 +7,18 @@
 //!   per layer: rmsnorm_adaln -> a (T, C) bf16; a @ wqkv^T -> qkv (T, 3C) bf16;
 //!              attention (RoPE + cache append + attention, one launch) -> o (T, C);
 //!              x += o @ wo^T (f32 output, beta 1); rmsnorm_adaln -> a; a @ [w1; w3]^T ->
-//!              g (T, 2F); silu_mul -> h (T, F); x += h @ w2^T
+//!              h (T, F) = silu(a @ w1^T) * (a @ w3^T) in one launch (swiglu, ffn.cu);
+//!              x += h @ w2^T
 //!   rmsnorm -> a; a @ head^T + b -> logits (T, V) f32; guided_sample -> tokens into the grid
+//! Per batch, before the class token: the AdaLN modulations of every layer, one GEMM with the
+//! stacked (L*4C, C) weight and one bias add (`modulate`).
 
 use super::attention;
 use super::decoder::DecodeBuffers;
 use super::embed::{self, CodevecMlp, InputTables, StepIndex};
+use super::ffn::{SWIGLU_K_TILE, interleave_gate_up, swiglu, swiglu_fits};
 use super::gemm::linear;
-use super::norm::{add_bias_f32, rmsnorm_adaln, silu_mul};
+use super::norm::{AdaLn, add_bias_f32, rmsnorm_adaln};
 use super::sampling;
 use super::{DevBuf, Gpu, Graph, Marks};
 use crate::math;
@@ -35,16 +39,17 @@ pub(super) fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
-/// Per-layer device weights.
+/// Per-layer device weights (the AdaLN modulation weights of every layer are stacked in
+/// [`GpuModel`]).
 struct GpuLayer {
     wqkv: DevBuf<bf16>, // (3C, C)
     wo: DevBuf<bf16>,   // (C, C)
-    w13: DevBuf<bf16>,  // (2F, C): w1 rows then w3 rows
-    w2: DevBuf<bf16>,   // (C, F)
+    /// (2F, C): w1 and w3 rows interleaved (row 2j = w1 row j, 2j+1 = w3 row j) for the
+    /// fused swiglu kernel (`ffn::interleave_gate_up`).
+    w13: DevBuf<bf16>,
+    w2: DevBuf<bf16>, // (C, F)
     attn_norm: DevBuf<f32>,
     ffn_norm: DevBuf<f32>,
-    mod_w: DevBuf<bf16>, // (4C, C): input_modulation then post_attention_modulation
-    mod_b: DevBuf<f32>,  // (4C)
 }
 
 /// A model on the GPU: weights uploaded and folded once.
@@ -54,6 +59,11 @@ pub struct GpuModel {
     /// The VQ decoder on the device.
     pub decoder: super::decoder::GpuDecoder,
     layers: Vec<GpuLayer>,
+    /// Every layer's AdaLN modulation linear, stacked: (L*4C, C), layer l's (4C, C)
+    /// [input_modulation; post_attention_modulation] at rows l*4C, and its bias (L*4C): one
+    /// GEMM and one bias add compute all of a batch's modulations.
+    mod_w: DevBuf<bf16>,
+    mod_b: DevBuf<f32>,
     pub(super) final_norm: DevBuf<f32>,
     pub(super) head: DevBuf<bf16>,  // (V, C)
     pub(super) head_b: DevBuf<f32>, // (V)
@@ -111,19 +121,28 @@ impl GpuModel {
         let decoder = super::decoder::GpuDecoder::new(&gpu, &model.decoder)?;
         let up = |x: &[f32]| gpu.upload(x);
         let upb = |x: &[f32]| gpu.upload(&to_bf16(x));
+        let (c, f) = (cfg.hidden_size, cfg.ffn_dim);
+        // Always true of a model the engine runs: its attention kernels need head_dim 32, 64
+        // or 128, so C = heads * head_dim is a multiple of 32.
+        ensure!(
+            swiglu_fits(c),
+            "hidden_size {c} is not a multiple of {SWIGLU_K_TILE} (the FFN kernel's K tile)"
+        );
         let mut layers = Vec::new();
+        let (mut mod_w, mut mod_b) = (Vec::new(), Vec::new());
         for lw in &w.layers {
             layers.push(GpuLayer {
                 wqkv: upb(&lw.wqkv.w)?,
                 wo: upb(&lw.wo.w)?,
-                w13: upb(&lw.w13.w)?,
+                w13: gpu.upload(&interleave_gate_up(&to_bf16(&lw.w13.w), f, c))?,
                 w2: upb(&lw.w2.w)?,
                 attn_norm: up(&lw.attention_norm)?,
                 ffn_norm: up(&lw.ffn_norm)?,
-                mod_w: upb(&lw.modulation.w)?,
-                mod_b: up(lw.modulation.b.as_deref().context("modulation bias")?)?,
             });
+            mod_w.extend(lw.modulation.w.iter().map(|&x| bf16::from_f32(x)));
+            mod_b.extend_from_slice(lw.modulation.b.as_deref().context("modulation bias")?);
         }
+        let (mod_w, mod_b) = (gpu.upload(&mod_w)?, gpu.upload(&mod_b)?);
         let t = &w.tables;
         let tables = InputTables {
             pa: up(&t.pa)?,
@@ -146,6 +165,8 @@ impl GpuModel {
         };
         Ok(GpuModel {
             layers,
+            mod_w,
+            mod_b,
             final_norm: up(&w.final_norm)?,
             head: upb(&w.head.w)?,
             head_b: bias(&w.head)?,
@@ -184,13 +205,12 @@ pub(super) struct Batch {
     pub(super) a: DevBuf<bf16>,       // (rows*nmax, C)
     pub(super) qkv: DevBuf<bf16>,     // (rows*nmax, 3C)
     pub(super) o: DevBuf<bf16>,       // (rows*nmax, C)
-    pub(super) g: DevBuf<bf16>,       // (rows*nmax, 2F)
     pub(super) h: DevBuf<bf16>,       // (rows*nmax, F)
     pub(super) logits: DevBuf<f32>,   // (rows*nmax, V)
     pub(super) kc: Vec<DevBuf<bf16>>, // per layer (rows, H, cap, D)
     pub(super) vc: Vec<DevBuf<bf16>>,
-    pub(super) modulation: Vec<DevBuf<f32>>, // per layer (rows, 4C)
-    pub(super) grids: Vec<DevBuf<i32>>,      // per scale (B, s*s)
+    pub(super) modulation: Modulations,
+    pub(super) grids: Vec<DevBuf<i32>>, // per scale (B, s*s)
     pub(super) forced: Vec<Option<DevBuf<i32>>>,
     /// Per scale, (prob, entropy) (B, s*s) when the steps record statistics (allocated on
     /// the scale's first such step, NaN-filled there).
@@ -217,6 +237,28 @@ pub(super) struct Batch {
     /// failed (never tried again).
     pub(super) warm: HashSet<String>,
     pub(super) failed: HashSet<String>,
+}
+
+/// A batch's AdaLN modulations of every layer, computed once per batch by
+/// [`GpuModel::modulate`]: (rows, L*4C) f32, sequence row r's layer l at r*L*4C + l*4C:
+/// [shift1 | scale1 | shift2 | scale2] (C each).
+pub(super) struct Modulations {
+    buf: DevBuf<f32>,
+    c: usize,
+    layers: usize,
+}
+
+impl Modulations {
+    /// Layer `l`'s (shift, scale) pair at `at` within its 4C values (0 before attention, 2C
+    /// before the FFN), as `rmsnorm_adaln` reads it.
+    pub(super) fn layer(&self, l: usize, at: usize) -> AdaLn<'_> {
+        debug_assert!(l < self.layers && at <= 2 * self.c);
+        AdaLn {
+            buf: &self.buf,
+            offset: l * 4 * self.c + at,
+            row_stride: self.layers * 4 * self.c,
+        }
+    }
 }
 
 impl Batch {
@@ -316,7 +358,7 @@ impl GpuModel {
                 g,
                 &bt.x,
                 &lw.attn_norm,
-                Some((&bt.modulation[l], 0)),
+                Some(bt.modulation.layer(l, 0)),
                 &mut bt.a,
                 t,
                 n,
@@ -355,15 +397,14 @@ impl GpuModel {
                 g,
                 &bt.x,
                 &lw.ffn_norm,
-                Some((&bt.modulation[l], 2 * c)),
+                Some(bt.modulation.layer(l, 2 * c)),
                 &mut bt.a,
                 t,
                 n,
                 c,
                 eps,
             )?;
-            linear(g, &bt.a, 0, &lw.w13, &mut bt.g, 0, t, c, 2 * f, 0.0)?;
-            silu_mul(g, &bt.g, &mut bt.h, t, f)?;
+            swiglu(g, &bt.a, &lw.w13, &mut bt.h, t, c, f)?;
             linear(g, &bt.h, 0, &lw.w2, &mut bt.x, 0, t, f, c, 1.0)?;
         }
         bt.len += n;
@@ -380,14 +421,14 @@ impl GpuModel {
         self.forward(bt, 1, &self.class_rope, &self.class_rope, None)
     }
 
-    /// The AdaLN modulations of every layer from `bt.act` (see [`GpuModel::prefill`]).
+    /// The AdaLN modulations of every layer from `bt.act` (see [`GpuModel::prefill`]): one
+    /// GEMM with the stacked (L*4C, C) weight into `bt.modulation` (rows, L*4C), one bias add.
     pub(super) fn modulate(&self, bt: &mut Batch) -> Result<()> {
         let (g, c) = (&self.gpu, self.cfg.hidden_size);
-        for (lw, md) in self.layers.iter().zip(bt.modulation.iter_mut()) {
-            linear(g, &bt.act, 0, &lw.mod_w, md, 0, bt.rows, c, 4 * c, 0.0)?;
-            add_bias_f32(g, md, &lw.mod_b, bt.rows, 4 * c)?;
-        }
-        Ok(())
+        let n = self.layers.len() * 4 * c;
+        let md = &mut bt.modulation.buf;
+        linear(g, &bt.act, 0, &self.mod_w, md, 0, bt.rows, c, n, 0.0)?;
+        add_bias_f32(g, md, &self.mod_b, bt.rows, n)
     }
 
     /// Allocate every buffer of a batch of `b` images (`rows` sequence rows), with room for
@@ -421,7 +462,6 @@ impl GpuModel {
             a: g.alloc(rows * nmax * c).with_context(ctx)?,
             qkv: g.alloc(rows * nmax * 3 * c).with_context(ctx)?,
             o: g.alloc(rows * nmax * c).with_context(ctx)?,
-            g: g.alloc(rows * nmax * 2 * f).with_context(ctx)?,
             h: g.alloc(rows * nmax * f).with_context(ctx)?,
             logits: g.alloc(rows * nmax * v).with_context(ctx)?,
             kc: (0..cfg.num_layers)
@@ -430,9 +470,11 @@ impl GpuModel {
             vc: (0..cfg.num_layers)
                 .map(|_| g.alloc(kv))
                 .collect::<Result<_>>()?,
-            modulation: (0..cfg.num_layers)
-                .map(|_| g.alloc(rows * 4 * c))
-                .collect::<Result<_>>()?,
+            modulation: Modulations {
+                buf: g.alloc(rows * cfg.num_layers * 4 * c).with_context(ctx)?,
+                c,
+                layers: cfg.num_layers,
+            },
             grids: schedule
                 .scales
                 .iter()

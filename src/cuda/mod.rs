@@ -34,6 +34,7 @@ pub mod device;
 pub mod embed;
 pub mod emu;
 pub mod engine;
+pub mod ffn;
 pub mod gemm;
 pub mod ledger;
 pub mod norm;
@@ -261,6 +262,7 @@ mod emu_abi_tests {
             n: 1,
             c: c as i32,
             mod_offset: 0,
+            mod_stride: 0,
             eps: 1e-6,
         };
         launch(

@@ -16,18 +16,28 @@ kernel_params! {
         pub(super) n: i32,
         pub(super) c: i32,
         pub(super) mod_offset: i32,
+        pub(super) mod_stride: i32,
         pub(super) eps: f32,
     }
 }
 
-/// `out (T, C) = RMSNorm(x) * w`, then `* scale + shift` from `modulation` (rows, 4C) at
-/// `mod_offset` when given; token t belongs to sequence row t / n.
+/// Where `rmsnorm_adaln` reads a layer's AdaLN pair: sequence row r's shift (C values) at
+/// `r * row_stride + offset` of `buf`, its scale right after.
+#[derive(Clone, Copy, Debug)]
+pub struct AdaLn<'a> {
+    pub buf: &'a DevBuf<f32>,
+    pub offset: usize,
+    pub row_stride: usize,
+}
+
+/// `out (T, C) = RMSNorm(x) * w`, then `* scale + shift` from `modulation` when given; token t
+/// belongs to sequence row t / n.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_adaln(
     gpu: &Gpu,
     x: &DevBuf<f32>,
     w: &DevBuf<f32>,
-    modulation: Option<(&DevBuf<f32>, usize)>,
+    modulation: Option<AdaLn<'_>>,
     out: &mut DevBuf<bf16>,
     tokens: usize,
     n: usize,
@@ -38,15 +48,26 @@ pub fn rmsnorm_adaln(
         x.len() >= tokens * c && out.len() >= tokens * c && w.len() == c,
         "rmsnorm shapes"
     );
-    let (mp, off) = match modulation {
-        Some((m, off)) => {
+    let (mp, off, stride) = match modulation {
+        Some(AdaLn {
+            buf,
+            offset,
+            row_stride,
+        }) => {
+            let rows = tokens.div_ceil(n.max(1));
             ensure!(
-                n > 0 && m.len() >= tokens.div_ceil(n) * 4 * c && off <= 2 * c,
-                "adaln shapes"
+                n > 0
+                    && offset + 2 * c <= row_stride
+                    && row_stride <= i32::MAX as usize
+                    && (rows == 0 || buf.len() >= (rows - 1) * row_stride + offset + 2 * c),
+                "adaln shapes: {rows} rows of stride {row_stride}, a {}-value (shift, scale) \
+                 pair at {offset}, modulation buffer {}",
+                2 * c,
+                buf.len()
             );
-            (gpu.ptr(m), off)
+            (gpu.ptr(buf), offset, row_stride)
         }
-        None => (0, 0),
+        None => (0, 0, 0),
     };
     let p = RmsNormParams {
         x: gpu.ptr(x),
@@ -57,6 +78,7 @@ pub fn rmsnorm_adaln(
         n: n.max(1) as i32,
         c: c as i32,
         mod_offset: off as i32,
+        mod_stride: stride as i32,
         eps,
     };
     // x and w read, the scale and shift halves of each sequence row's modulation, out written.

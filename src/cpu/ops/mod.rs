@@ -6,6 +6,7 @@
 //! | file          | kernels/           | functions                                                |
 //! |---------------|--------------------|----------------------------------------------------------|
 //! | norm.rs       | norm.cu            | rmsnorm_adaln, silu_mul, add_bias                        |
+//! | ffn.rs        | ffn.cu             | swiglu (the w13 GEMM + silu_mul, fused on the GPU)       |
 //! | embed.rs      | embed.cu           | upsample_codes (upsample_bilinear), codevec_hidden,      |
 //! |               |                    | gather_inputs                                            |
 //! | attention.rs  | attention.cu       | rope_kv_append -> attention (optional block-causal mask) |
@@ -25,6 +26,7 @@
 pub mod attention;
 pub mod decoder;
 pub mod embed;
+pub mod ffn;
 pub mod norm;
 pub mod sampling;
 mod winograd;
@@ -35,5 +37,6 @@ pub use decoder::{
     softmax_rows, spatial_attention, upsample_nearest2, upsample_nearest2_into,
 };
 pub use embed::{codevec_hidden, gather_inputs, upsample_bilinear, upsample_codes};
+pub use ffn::swiglu;
 pub use norm::{add_bias, rmsnorm_adaln, silu_mul};
 pub use sampling::guided_sample;
