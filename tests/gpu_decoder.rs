@@ -658,11 +658,11 @@ fn decode_matches_golden() {
     // included: 2.8e-3 to 3.3e-3 measured on the emulator; the two conv kernels differ by up
     // to 1.9e-3 there, rounding flips carried by the stream); bf16 storage only gets a sanity
     // bound (2.2e-2 to 3.0e-2 measured with a bf16 residual stream; 1.4e-2 to 2.2e-2 when the
-    // stream was f32), and its two conv kernels may differ by more (bf16 rounding flips
-    // compound through the stream).
+    // stream was f32). Only the bf16 kernels' mutual bound is wider than before the fusion
+    // (2e-3 then; up to 6.9e-3 measured now: bf16 rounding flips compound through the stream).
     for (precision, gate, within2_min, v12) in [
-        (Precision::F16, 1e-2, 0.99, 3e-3),
-        (Precision::Bf16, 5e-2, 0.7, 2e-2),
+        (Precision::F16, 1e-2, 0.99, 2e-3),
+        (Precision::Bf16, 4e-2, 0.8, 1e-2),
     ] {
         let mut dec = GpuDecoder::with_precision(&gpu, &cpu_dec, precision).unwrap();
         golden_cases(&gpu, &mut dec, &cases, (gate, within2_min, v12));
