@@ -363,7 +363,7 @@ pub fn conv1x1_cast<T: Storage>(
 }
 
 /// `y (rows, Cout) T = T(x w^T)`, the bias NOT added: a ResBlock's nin_shortcut, whose bias
-/// the block's conv2 adds (folded into conv2's bias at load, [`GpuResBlock`]).
+/// the block's conv2 adds (folded into conv2's bias at load).
 pub fn conv1x1_nobias<T: Storage>(
     gpu: &Gpu,
     conv: &ConvWeights<T>,
