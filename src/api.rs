@@ -764,6 +764,86 @@ impl Model {
     }
 }
 
+impl Model {
+    /// Run `f` on this model's backend and time it: CUDA events on a GPU (the stream's own
+    /// time, not the host's), the wall clock on the CPU and the emulator. Seconds.
+    #[doc(hidden)]
+    pub fn timed_with_backend<R>(
+        &self,
+        f: impl FnOnce(&mut dyn pipeline::Backend) -> anyhow::Result<R>,
+    ) -> anyhow::Result<(f64, R)> {
+        match &self.engine {
+            Engine::Cpu => {
+                let t = std::time::Instant::now();
+                let r = f(&mut crate::cpu::CpuBackend::new(&self.model))?;
+                Ok((t.elapsed().as_secs_f64(), r))
+            }
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(g) => {
+                let g = g.lock().unwrap_or_else(|p| p.into_inner());
+                let mut out = None;
+                let ms = g.gpu.time_ms(|| {
+                    out = Some(f(&mut crate::cuda::engine::GpuBackend::new(&g))?);
+                    Ok(())
+                })?;
+                Ok((ms / 1e3, out.ok_or_else(|| anyhow::anyhow!("no result"))?))
+            }
+        }
+    }
+
+    /// Device memory in use now (bytes) on a GPU or the emulator; None on the CPU (a front
+    /// end measures the process's resident memory there).
+    #[doc(hidden)]
+    pub fn device_memory_in_use(&self) -> Option<u64> {
+        match &self.engine {
+            Engine::Cpu => None,
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(g) => {
+                let g = g.lock().unwrap_or_else(|p| p.into_inner());
+                g.gpu
+                    .mem_get_info()
+                    .ok()
+                    .map(|(free, total)| (total - free) as u64)
+            }
+        }
+    }
+
+    /// The model on the emulator's dry run: the CUDA engine's exact launch sequence, nothing
+    /// executed and no memory backed, for the traffic ledger (`bench --dry-run`).
+    #[cfg(feature = "cuda")]
+    #[doc(hidden)]
+    pub fn dry_run(model: crate::model::Model) -> anyhow::Result<Model> {
+        let gm = crate::cuda::engine::GpuModel::new(crate::cuda::Gpu::emu_dry()?, &model)?;
+        Ok(Model {
+            model,
+            engine: Engine::Gpu(Box::new(std::sync::Mutex::new(gm))),
+            description: "emu (dry run: nothing executed)".into(),
+            note: None,
+            gpu_encoder: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Run `f` with the device's traffic ledger cleared first; returns what it recorded
+    /// (launches, bytes, FLOPs). Only the emulator keeps a ledger.
+    #[cfg(feature = "cuda")]
+    #[doc(hidden)]
+    pub fn with_ledger<R>(
+        &self,
+        f: impl FnOnce(&mut dyn pipeline::Backend) -> anyhow::Result<R>,
+    ) -> anyhow::Result<(R, crate::cuda::ledger::Ledger)> {
+        match &self.engine {
+            Engine::Cpu => anyhow::bail!("the traffic ledger is the CUDA engine's (--device emu)"),
+            Engine::Gpu(g) => {
+                let g = g.lock().unwrap_or_else(|p| p.into_inner());
+                g.gpu.ledger().clear();
+                let r = f(&mut crate::cuda::engine::GpuBackend::new(&g))?;
+                let led = g.gpu.ledger().clone();
+                Ok((r, led))
+            }
+        }
+    }
+}
+
 /// The teacher-forced likelihood of real images at one number of steps per scale
 /// (SPEC.md section 9): every true code's cross-entropy given everything before its block,
 /// from one masked pass per batch ([`Model::score`]).

@@ -131,6 +131,19 @@ pub fn decoder_flops(cfg: &DecoderConfig, s: usize) -> Vec<StageFlops> {
     out
 }
 
+/// Dense 16-bit tensor peak (FLOP/s) and memory bandwidth (bytes/s) of known devices.
+pub fn roofline(device_name: &str) -> Option<(f64, f64)> {
+    if device_name.contains("H200") {
+        Some((989.4e12, 4.8e12))
+    } else if device_name.contains("H100") {
+        Some((989.4e12, 3.35e12))
+    } else if device_name.contains("A100") {
+        Some((312.0e12, 2.0e12))
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,3 +29,15 @@ pub const MAX_LEVELS: usize = 16;
 pub const MAX_EPS: f64 = 1e-2;
 /// Deepest nesting of sequences and mappings in a YAML config (the reference's: 4).
 pub const MAX_YAML_DEPTH: usize = 64;
+
+/// `--warmup` and `--iters` within 0..=[`MAX_REPEATS`] and 1..=[`MAX_REPEATS`].
+pub fn check_repeats(warmup: usize, iters: usize) -> anyhow::Result<()> {
+    let max = MAX_REPEATS;
+    if iters == 0 || iters > max {
+        anyhow::bail!("--iters {iters}: must be 1 to {max}");
+    }
+    if warmup > max {
+        anyhow::bail!("--warmup {warmup}: at most {max}");
+    }
+    Ok(())
+}

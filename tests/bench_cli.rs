@@ -95,7 +95,14 @@ fn bench_refuses_bad_arguments() {
         let (ok, out, err) = common::cli(&args);
         assert!(!ok && out.is_empty(), "{out}{err}");
         assert!(
-            err.trim().lines().count() == 1 && err.contains("batch 5000"),
+            err.trim()
+                .split("\n\n")
+                .next()
+                .unwrap_or("")
+                .lines()
+                .count()
+                == 1
+                && err.contains("batch 5000"),
             "{err}"
         );
     }

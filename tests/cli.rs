@@ -31,7 +31,12 @@ pub fn assert_clean_failure(args: &[&str], fragment: &str) {
         "{args:?}: stderr {err:?} lacks {fragment:?}"
     );
     assert_eq!(
-        err.trim().lines().count(),
+        err.trim()
+            .split("\n\n")
+            .next()
+            .unwrap_or("")
+            .lines()
+            .count(),
         1,
         "{args:?}: not one line: {err}"
     );
@@ -168,4 +173,60 @@ fn init_is_byte_reproducible() {
         "init outputs differ"
     );
     std::fs::remove_dir_all(&d).ok();
+}
+
+/// A usage error is clap's whole message: the error line names what is wrong, a tip follows
+/// where clap has one, then the usage; exit code 2.
+#[test]
+fn usage_errors_keep_clap_message() {
+    let out = run(&["sample", "--num-samples", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--out"),
+        "the missing option is not named: {err}"
+    );
+    assert!(err.contains("Usage:"), "{err}");
+    let out = run(&["schedule", "--scale-ratio", "2", "--steps-per-scal", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("similar argument") && err.contains("--steps-per-scale"),
+        "{err}"
+    );
+}
+
+/// The authors' underscore spellings of our options are the same options; other
+/// underscore names are still unknown.
+#[test]
+fn underscore_spellings_are_aliases() {
+    let hyphen = stdout_json(&[
+        "schedule",
+        "--scale-ratio",
+        "2",
+        "--steps-per-scale",
+        "3",
+        "--json",
+    ]);
+    let under = stdout_json(&[
+        "schedule",
+        "--scale_ratio",
+        "2",
+        "--steps_per_scale=3",
+        "--json",
+    ]);
+    assert_eq!(hyphen, under);
+    assert_eq!(
+        hyphen["total_steps"],
+        Schedule::uniform(&[1, 2, 4, 8, 16], 3)
+            .unwrap()
+            .total_steps()
+    );
+    let out = run(&[
+        "schedule",
+        "--scale_ratio",
+        "2",
+        "--no_such_option",
+        "--json",
+    ]);
+    assert!(!out.status.success());
 }

@@ -115,8 +115,12 @@ impl Model {
         };
         let mut policy = if temperature == 0.0 {
             Policy::greedy()
-        } else {
+        } else if temperature.is_finite() && temperature > 0.0 {
             Policy::sample(temperature).map_err(to_py)?
+        } else {
+            return Err(PyValueError::new_err(format!(
+                "temperature must be a finite number >= 0 (0: greedy argmax), got {temperature}"
+            )));
         };
         if let Some(k) = top_k {
             policy = policy.top_k(count("top_k", k)?).map_err(to_py)?;

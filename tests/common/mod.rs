@@ -583,7 +583,14 @@ pub fn refused(args: &[&str], want: &str) {
     let (ok, _, err) = cli(args);
     assert!(!ok, "{args:?} succeeded");
     assert!(
-        err.trim().lines().count() == 1 && err.contains(want),
+        err.trim()
+            .split("\n\n")
+            .next()
+            .unwrap_or("")
+            .lines()
+            .count()
+            == 1
+            && err.contains(want),
         "{args:?}: expected one line with {want:?}, got: {err}"
     );
 }

@@ -2,7 +2,7 @@
 //! of any size, batch after batch, class-balanced, deterministic by global image index so
 //! shards on many machines reassemble (`checkergen merge`) into exactly one run's file.
 
-use crate::commands::{SamplingArgs, load_or_tiny, on_backend, pick_gpu_model};
+use crate::args::{SamplingArgs, check_batch_size, model_file_identity, open_model};
 use anyhow::{Context, Result, bail};
 use checkergen::io::image::{planar_to_rgb, write_rgb_png};
 use checkergen::io::npz::{NpzWriter, Progress, npy_header};
@@ -105,12 +105,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             checkergen::limits::MAX_RUN_IMAGES
         );
     }
-    let max = checkergen::limits::MAX_IMAGES;
-    match a.batch_size {
-        Some(0) => bail!("--batch-size must be at least 1"),
-        Some(b) if b > max => bail!("--batch-size {b}: at most {max} per batch"),
-        _ => {}
-    }
+    check_batch_size(a.batch_size)?;
     let (k, n) = match &a.shard {
         Some(s) => parse_shard(s, |v| std::env::var(v).ok())?,
         None => (0, 1),
@@ -127,7 +122,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if a.format == Format::Npz {
         checkergen::paths::claim_output_file(&a.out, a.overwrite, &inputs)?;
     }
-    let (mut model, source) = load_or_tiny(a.model.as_deref())?;
+    let (api_model, source) = open_model(a.model.as_deref(), None, a.s.device, a.s.precision)?;
+    let model = api_model.host_model();
     let cfg = &model.config.clone();
     let side = cfg.img_size;
     let mut o = a.s.options(Vec::new());
@@ -138,7 +134,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             let rule = format!(
                 "from {} ({})",
                 f.display(),
-                crate::commands::model_file_identity(Some(f))?.unwrap_or_default()
+                model_file_identity(Some(f))?.unwrap_or_default()
             );
             (rule, Some(l))
         }
@@ -159,7 +155,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let meta = serde_json::json!({
         "format": "checkergen generate 1",
         "version": env!("CARGO_PKG_VERSION"),
-        "model": crate::commands::model_file_identity(a.model.as_deref())?.unwrap_or(source.clone()),
+        "model": model_file_identity(a.model.as_deref())?.unwrap_or(source.clone()),
         "config": cfg,
         "seed": a.s.seed,
         "cfg": a.s.cfg,
@@ -174,11 +170,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     });
     // A shard may be empty (more shards than images): it still writes its (empty) file.
     let count = end - start;
-    let (gpu_model, mem) = pick_gpu_model(a.s.device, a.s.precision, &mut model)?;
+    let mem = api_model.memory()?;
     let batch = match a.batch_size {
         Some(b) => b,
-        None => pipeline::batch_rule(cfg, a.s.cfg > 0.0, mem)?
-            .default
+        None => api_model
+            .default_batch_size(a.s.cfg > 0.0)?
             .min(count.max(1)),
     };
     let mut probe = o.clone();
@@ -308,7 +304,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     // The batches index images from where this run starts: first + start + skip is the
     // global index.
     if count > skip {
-        on_backend(&gpu_model, &model, |be| {
+        api_model.with_backend(|be| {
             pipeline::sample_batches(be, &o, batch, |first, s| each(start + skip + first, s))
         })?;
     }
@@ -476,7 +472,7 @@ pub struct MergeArgs {
     #[arg(required = true)]
     shards: Vec<PathBuf>,
     /// The merged file.
-    #[arg(short = 'o', long = "output")]
+    #[arg(short = 'o', long = "out", visible_alias = "output")]
     output: PathBuf,
     /// Replace an existing output file.
     #[arg(long)]

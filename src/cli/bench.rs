@@ -2,16 +2,13 @@
 //! with warm-up and the median of repeats: images/s, time per serial step and per scale, the
 //! transformer/decoder split, peak memory, achieved TFLOP/s and % of the device's floor.
 
-use crate::commands::{
-    Device, DeviceModel, PrecisionArgs, device_name, is_emu, on_backend, pick_gpu_model,
-};
+use crate::args::{DeviceArg, PrecisionArgs, open_model};
 use anyhow::{Context, Result, bail};
-use checkergen::flops::{decoder_flops, transformer_flops, transformer_weight_bytes};
-use checkergen::model::Model;
-use checkergen::model::config::preset;
-use checkergen::model::init::random_tensors;
+use checkergen::Model;
+use checkergen::flops::{decoder_flops, roofline, transformer_flops, transformer_weight_bytes};
+use checkergen::limits::check_repeats;
 use checkergen::pipeline::{self, SampleOptions, Samples, Steps};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -41,20 +38,6 @@ pub struct BenchArgs {
     dry_run: bool,
 }
 
-/// `--warmup` and `--iters` within 0..=[`MAX_REPEATS`] and 1..=[`MAX_REPEATS`].
-///
-/// [`MAX_REPEATS`]: checkergen::limits::MAX_REPEATS
-pub(crate) fn check_repeats(warmup: usize, iters: usize) -> Result<()> {
-    let max = checkergen::limits::MAX_REPEATS;
-    if iters == 0 || iters > max {
-        bail!("--iters {iters}: must be 1 to {max}");
-    }
-    if warmup > max {
-        bail!("--warmup {warmup}: at most {max}");
-    }
-    Ok(())
-}
-
 /// How `bench` and `steps` time a configuration: warm-up, repeats, device, guidance.
 #[derive(Args)]
 pub struct TimedRuns {
@@ -65,8 +48,8 @@ pub struct TimedRuns {
     /// Timed runs per measurement (medians reported).
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    pub device: Device,
+    #[command(flatten)]
+    pub device: DeviceArg,
     #[command(flatten)]
     pub precision: PrecisionArgs,
     /// Guidance scale (0 = off).
@@ -91,19 +74,6 @@ pub(crate) struct Row {
     peak_mem_bytes: u64,
     pub(crate) flops_per_image: f64,
     serial_steps: usize,
-}
-
-/// Dense 16-bit tensor peak (FLOP/s) and memory bandwidth (bytes/s) of known devices.
-pub fn roofline(device_name: &str) -> Option<(f64, f64)> {
-    if device_name.contains("H200") {
-        Some((989.4e12, 4.8e12))
-    } else if device_name.contains("H100") {
-        Some((989.4e12, 3.35e12))
-    } else if device_name.contains("A100") {
-        Some((312.0e12, 2.0e12))
-    } else {
-        None
-    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -133,22 +103,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.dry_run {
         return dry_run(&a);
     }
-    let (mut model, source) = match (&a.model, &a.preset) {
-        (Some(p), _) => (Model::load(p)?, p.display().to_string()),
-        (None, p) => {
-            let name = p.as_deref().unwrap_or("L-2x");
-            let cfg = preset(name)?;
-            let map = random_tensors(&cfg, 0)?;
-            (
-                Model::from_tensors(cfg, &map)?,
-                format!("preset {name} (random weights)"),
-            )
-        }
-    };
-    let gpu = pick_device(&a.run, &mut model)?;
-    let dev = BenchDevice::new(&model, gpu);
+    let (model, source) = open_model(
+        a.model.as_deref(),
+        Some(a.preset.as_deref().unwrap_or("L-2x")),
+        a.run.device,
+        a.run.precision,
+    )?;
+    let dev = BenchDevice::new(&model);
     let device = dev.describe();
-    let requests = batch_requests(&a, &model, dev.batch_memory()?, !a.run.no_graph)?;
+    let requests = batch_requests(&a, model.host_model(), model.memory()?, !a.run.no_graph)?;
     if dev.is_emu() {
         eprintln!(
             "note: on the host emulator these times mean nothing (it checks the CUDA path, it \
@@ -182,7 +145,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let tflops = flops / row.s_per_batch / 1e12;
         // The floor: the larger of FLOPs / peak and the weights read per step / bandwidth.
         let floor_s = roofline(&device).map(|(peak, bw)| {
-            let bytes = row.serial_steps as f64 * transformer_weight_bytes(&model.config, 2.0);
+            let bytes =
+                row.serial_steps as f64 * transformer_weight_bytes(&model.host_model().config, 2.0);
             (flops / peak).max(bytes / bw)
         });
         let pct = floor_s.map(|f| 100.0 * f / row.s_per_batch);
@@ -229,12 +193,6 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--device` for a bench: the GPU (or emulator) with the model uploaded, or the CPU.
-/// `--precision` applies to the CPU's model.
-pub(crate) fn pick_device(run: &TimedRuns, model: &mut Model) -> Result<DeviceModel> {
-    Ok(pick_gpu_model(run.device, run.precision, model)?.0)
-}
-
 impl TimedRuns {
     /// The repeat counts within their limits.
     pub fn check(&self) -> Result<()> {
@@ -245,68 +203,37 @@ impl TimedRuns {
 /// The device a bench runs on, with its model.
 pub(crate) struct BenchDevice<'m> {
     model: &'m Model,
-    gpu: DeviceModel,
 }
 
 impl<'m> BenchDevice<'m> {
-    pub(crate) fn new(model: &'m Model, gpu: DeviceModel) -> Self {
-        BenchDevice { model, gpu }
+    pub(crate) fn new(model: &'m Model) -> Self {
+        BenchDevice { model }
     }
 
     pub fn is_emu(&self) -> bool {
-        is_emu(&self.gpu)
+        self.model.is_emulated()
     }
 
     pub fn describe(&self) -> String {
-        device_name(&self.gpu, self.model)
+        self.model.device().to_string()
     }
 
-    /// The memory batches on this device are planned against (`pipeline::batch_rule`).
-    pub fn batch_memory(&self) -> Result<pipeline::Memory> {
-        match &self.gpu {
-            #[cfg(feature = "cuda")]
-            Some(gm) => gm.gpu.memory(),
-            _ => Ok(pipeline::Memory::Host),
-        }
-    }
-
-    /// Memory in use now: resident host memory since the reset, or device memory in use.
+    /// Memory in use now: device memory in use, or resident host memory since the reset.
     fn memory(&self, reset: bool) -> u64 {
-        match &self.gpu {
-            #[cfg(feature = "cuda")]
-            Some(gm) => gm
-                .gpu
-                .mem_get_info()
-                .map_or(0, |(free, total)| (total - free) as u64),
-            _ => host_peak(reset).unwrap_or(0),
-        }
+        self.model
+            .device_memory_in_use()
+            .unwrap_or_else(|| host_peak(reset).unwrap_or(0))
     }
 
-    /// One sampler run; its wall time in seconds (CUDA events on a GPU).
+    /// One sampler run; its time in seconds (CUDA events on a GPU).
     fn run_once(&self, o: &SampleOptions) -> Result<(f64, Samples)> {
-        let mut out = None;
-        let mut run = || -> Result<()> {
-            out = Some(on_backend(&self.gpu, self.model, |be| {
-                pipeline::sample(be, o)
-            })?);
-            Ok(())
-        };
-        let s = match &self.gpu {
-            #[cfg(feature = "cuda")]
-            Some(gm) => gm.gpu.time_ms(run)? / 1e3,
-            _ => {
-                let t = Instant::now();
-                run()?;
-                t.elapsed().as_secs_f64()
-            }
-        };
-        Ok((s, out.context("no samples")?))
+        self.model.timed_with_backend(|be| pipeline::sample(be, o))
     }
 
     pub(crate) fn run_batch(&self, o: &SampleOptions, warmup: usize, iters: usize) -> Result<Row> {
         // On a GPU with graphs, the first run of a shape is eager and the second records the
         // graph: both are warm-up, so the timed runs are replays.
-        let warmup = if o.graph && self.gpu.is_some() {
+        let warmup = if o.graph && !self.model.is_cpu() {
             warmup.max(2)
         } else {
             warmup
@@ -350,7 +277,7 @@ impl<'m> BenchDevice<'m> {
                     .sum()
             })
             .collect();
-        let model = self.model;
+        let model = self.model.host_model();
         let s_last = *model.scale_sizes.last().context("no scales")?;
         let dec_flops: f64 = decoder_flops(&model.config.decoder, s_last)
             .iter()
@@ -375,7 +302,7 @@ impl<'m> BenchDevice<'m> {
 /// is printed (a bad batch size is one line, not a table cut short).
 fn batch_requests(
     a: &BenchArgs,
-    model: &Model,
+    model: &checkergen::model::Model,
     mem: pipeline::Memory,
     graph: bool,
 ) -> Result<Vec<SampleOptions>> {
@@ -399,18 +326,18 @@ fn batch_requests(
 
 #[cfg(feature = "cuda")]
 fn dry_run(a: &BenchArgs) -> Result<()> {
-    use checkergen::cuda::engine::{GpuBackend, GpuModel};
     use checkergen::cuda::ledger::{self, DECODER, H100, H200, LAUNCH_US, TRANSFORMER};
-    if a.run.device != Device::Emu {
+    use checkergen::model::Model as HostModel;
+    if a.run.device.device != checkergen::Device::Emulated {
         bail!("--dry-run walks the CUDA engine on the emulator: pass --device emu");
     }
     let t0 = Instant::now();
     let (model, source) = match (&a.model, &a.preset) {
-        (Some(p), _) => (Model::load(p)?, p.display().to_string()),
+        (Some(p), _) => (HostModel::load(p)?, p.display().to_string()),
         (None, p) => {
             // Zero weights: a dry run reads no value, and zeros cost no CPU time.
             let name = p.as_deref().unwrap_or("L-2x");
-            let cfg = preset(name)?;
+            let cfg = checkergen::model::config::preset(name)?;
             let mut map = checkergen::model::file::TensorMap::new();
             for (n, shape) in checkergen::model::weights::expected_tensors(&cfg)? {
                 let len = shape.iter().product();
@@ -420,14 +347,13 @@ fn dry_run(a: &BenchArgs) -> Result<()> {
                 );
             }
             (
-                Model::from_tensors(cfg, &map)?,
+                HostModel::from_tensors(cfg, &map)?,
                 format!("preset {name} (zero weights)"),
             )
         }
     };
-    let gm = GpuModel::new(checkergen::cuda::Gpu::emu_dry()?, &model)?;
-    let g = &gm.gpu;
-    let requests = batch_requests(a, &model, g.memory()?, false)?;
+    let dry = Model::dry_run(model)?;
+    let requests = batch_requests(a, dry.host_model(), dry.memory()?, false)?;
     if !a.json {
         println!(
             "bench --dry-run: {source}; cfg {} (from step {}), {} steps per scale; the CUDA \
@@ -456,10 +382,9 @@ fn dry_run(a: &BenchArgs) -> Result<()> {
     }
     for o in &requests {
         let b = o.labels.len();
-        g.ledger().clear();
-        let out = pipeline::sample(&mut GpuBackend::new(&gm), o)
+        let (out, led) = dry
+            .with_ledger(|be| pipeline::sample(be, o))
             .with_context(|| format!("dry run of batch {b}"))?;
-        let led = g.ledger().clone();
         let steps = out.tokens.schedule.total_steps();
         let per_img = |t: u64| t as f64 / b as f64;
         let transformer = led.total(Some(TRANSFORMER));
@@ -537,4 +462,127 @@ fn dry_run(a: &BenchArgs) -> Result<()> {
 #[cfg(not(feature = "cuda"))]
 fn dry_run(_: &BenchArgs) -> Result<()> {
     bail!("--dry-run needs the `cuda` feature (the emulator)")
+}
+
+#[derive(Args)]
+pub struct BenchDecodeArgs {
+    /// Model file whose decoder to time; without it, random weights of --preset.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Preset for random decoder weights when no --model is given.
+    #[arg(long, default_value = "L-2x")]
+    preset: String,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Timed decodes (median reported).
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// 16-bit storage of the decoder's activations and weights.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp16)]
+    precision: PrecisionArg,
+    /// 3x3 convolution kernel: tensor-core implicit GEMM (v2) or direct (v1 reference).
+    #[arg(long, value_enum, default_value_t = ConvArg::Tc)]
+    conv: ConvArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PrecisionArg {
+    Fp16,
+    Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ConvArg {
+    Tc,
+    Direct,
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn bench_decode(_a: BenchDecodeArgs) -> Result<()> {
+    bail!("bench-decode needs the `cuda` feature")
+}
+
+#[cfg(feature = "cuda")]
+pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
+    use checkergen::cuda::decoder::{ConvKernel, GpuDecoder, Precision, bench_decode};
+    use checkergen::model::decoder::DecoderWeights;
+    let max = checkergen::limits::MAX_IMAGES;
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if a.batch > max {
+        bail!("--batch {}: at most {max} per batch", a.batch);
+    }
+    check_repeats(a.warmup, a.iters)?;
+    if a.model.is_none() {
+        // An unknown preset is named before the GPU is looked for.
+        checkergen::model::config::preset(&a.preset)?;
+    }
+    let Some(gpu) = checkergen::cuda::Gpu::try_new()? else {
+        bail!("bench-decode: no CUDA driver or GPU found on this machine");
+    };
+    let (cfg, dec) = match &a.model {
+        Some(p) => {
+            let m = checkergen::model::Model::load(p)?;
+            (m.config.clone(), m.decoder)
+        }
+        None => {
+            let cfg = checkergen::model::config::preset(&a.preset)?;
+            let map = checkergen::model::init::random_tensors_where(&cfg, 0, |n| {
+                n.starts_with("autoenc.")
+            })?;
+            let dec = DecoderWeights::from_tensors(&cfg.decoder, &map)?;
+            (cfg, dec)
+        }
+    };
+    let precision = match a.precision {
+        PrecisionArg::Fp16 => Precision::F16,
+        PrecisionArg::Bf16 => Precision::Bf16,
+    };
+    let (free0, _) = gpu.mem_get_info()?;
+    let mut gdec = GpuDecoder::with_precision(&gpu, &dec, precision)?;
+    gdec.set_conv_kernel(match a.conv {
+        ConvArg::Tc => ConvKernel::TensorCore,
+        ConvArg::Direct => ConvKernel::Direct,
+    });
+    let s = cfg.latent_size();
+    let r = bench_decode(&gpu, &gdec, a.batch, s, a.warmup, a.iters)?;
+    let (free1, _) = gpu.mem_get_info()?;
+    let used_gb = free0.saturating_sub(free1) as f64 / 1e9;
+    let peak = roofline(&gpu.name).map(|(flops, _)| flops / 1e12);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "device": gpu.name, "precision": format!("{:?}", r.precision),
+                "conv": format!("{:?}", r.conv_kernel), "batch": r.batch, "side": r.side,
+                "ms_median": r.ms_median, "ms_min": r.ms_min, "images_per_s": r.images_per_s,
+                "tflops": r.tflops, "percent_of_peak": peak.map(|p| 100.0 * r.tflops / p),
+                "device_memory_gb": used_gb,
+            })
+        );
+    } else {
+        println!(
+            "{} | {:?} {:?} | batch {} at {} px | {:.2} ms/batch (min {:.2}) | {:.0} images/s | \
+             {:.1} TFLOP/s{} | {:.2} GB device memory (weights + workspace)",
+            gpu.name,
+            r.precision,
+            r.conv_kernel,
+            r.batch,
+            r.side,
+            r.ms_median,
+            r.ms_min,
+            r.images_per_s,
+            r.tflops,
+            peak.map(|p| format!(" ({:.1} % of {p} peak)", 100.0 * r.tflops / p))
+                .unwrap_or_default(),
+            used_gb
+        );
+    }
+    Ok(())
 }

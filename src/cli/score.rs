@@ -1,7 +1,7 @@
 //! The real-image subcommands (SPEC.md section 9): encode, decode, score. Parsing lives in
 //! main.rs; these functions call the library and print.
 
-use crate::commands::Device;
+use crate::args::DeviceArg;
 use anyhow::{Context, Result, bail};
 use checkergen::cpu::score::ScoreStats;
 use checkergen::io::image::{planar_to_rgb, write_rgb_png};
@@ -31,6 +31,8 @@ pub struct EncodeArgs {
 
 #[derive(Args)]
 pub struct DecodeArgs {
+    /// Model file whose VQ decoder turns the tokens back into pixels (from `checkergen
+    /// convert` or `init`; the one the tokens came from).
     #[arg(long)]
     model: PathBuf,
     /// A tokens file (`encode --out` or `sample --save-tokens`).
@@ -66,8 +68,8 @@ pub struct ScoreArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
+    #[command(flatten)]
+    device: DeviceArg,
     /// One JSON object per steps-per-scale value, one per line.
     #[arg(long)]
     json: bool,
@@ -241,7 +243,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     }
     // The library's scoring (the same as `checkergen::Model::score`), batch by batch as the
     // files are read.
-    let on = checkergen::Model::on_device(model, crate::commands::api_device(a.device))?;
+    let on = checkergen::Model::on_device(model, a.device.device)?;
     if let Some(note) = on.device_note() {
         eprintln!("warning: {note}");
     }

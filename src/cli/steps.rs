@@ -2,7 +2,8 @@
 //! scale ratios x steps per scale (or explicit per-scale lists, or total-step targets) for one
 //! model configuration and measure latency at batch 1 and throughput at `--batch`.
 
-use crate::bench_cmd::{BenchDevice, TimedRuns, pick_device};
+use crate::args::open_host;
+use crate::bench::{BenchDevice, TimedRuns};
 use anyhow::{Context, Result, bail};
 use checkergen::io::steps_chart::{StepsPoint, write_steps_chart};
 use checkergen::model::Model;
@@ -126,7 +127,7 @@ pub fn steps(a: StepsArgs) -> Result<()> {
         checkergen::paths::claim_output_file(png, a.overwrite, &inputs)?;
     }
     // The model configurations: one per ratio.
-    let mut models: Vec<(Model, String)> = match &a.model {
+    let models: Vec<(Model, String)> = match &a.model {
         Some(p) => vec![(Model::load(p)?, p.display().to_string())],
         None => {
             let name = a.preset.as_deref().unwrap_or("L-2x");
@@ -190,7 +191,7 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             format!("img/s@{}", a.batch)
         );
     }
-    for (model, source) in &mut models {
+    for (model, source) in models {
         let cfg = &model.config.clone();
         let sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
         // Every configuration of this ratio, as per-scale lists (duplicates dropped).
@@ -230,8 +231,8 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             ));
             continue;
         }
-        let gpu = pick_device(&a.run, model)?;
-        let dev = BenchDevice::new(model, gpu);
+        let on = open_host(model, a.run.device, a.run.precision)?;
+        let dev = BenchDevice::new(&on);
         for list in lists {
             let sched = Schedule::with_steps(&sizes, &list)?;
             let mut o = SampleOptions::new(vec![0]);
@@ -241,7 +242,7 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             o.steps = Steps::PerScale(list.clone());
             let one = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
             o.labels = (0..a.batch).map(|i| i % cfg.num_classes).collect();
-            pipeline::validate_options(cfg, sizes.len(), &o, dev.batch_memory()?)?;
+            pipeline::validate_options(cfg, sizes.len(), &o, on.memory()?)?;
             let many = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
             let p = StepsPoint {
                 ratio: cfg.scale_ratio,
