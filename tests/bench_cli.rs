@@ -95,14 +95,7 @@ fn bench_refuses_bad_arguments() {
         let (ok, out, err) = common::cli(&args);
         assert!(!ok && out.is_empty(), "{out}{err}");
         assert!(
-            err.trim()
-                .split("\n\n")
-                .next()
-                .unwrap_or("")
-                .lines()
-                .count()
-                == 1
-                && err.contains("batch 5000"),
+            common::error_lines(&err) == 1 && err.contains("batch 5000"),
             "{err}"
         );
     }

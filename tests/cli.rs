@@ -3,6 +3,8 @@
 use checkergen::order::{Schedule, rank_map, scale_sizes};
 use std::process::{Command, Output};
 
+mod common;
+
 fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_checkergen"))
         .args(args)
@@ -31,12 +33,7 @@ pub fn assert_clean_failure(args: &[&str], fragment: &str) {
         "{args:?}: stderr {err:?} lacks {fragment:?}"
     );
     assert_eq!(
-        err.trim()
-            .split("\n\n")
-            .next()
-            .unwrap_or("")
-            .lines()
-            .count(),
+        common::error_lines(&err),
         1,
         "{args:?}: not one line: {err}"
     );

@@ -430,17 +430,7 @@ fn every_command_validates_before_touching_anything() {
         ],
         "recon_0002.png",
     );
-    assert_eq!(
-        o.stderr
-            .trim()
-            .split("\n\n")
-            .next()
-            .unwrap_or("")
-            .lines()
-            .count(),
-        1,
-        "{o:?}"
-    );
+    assert_eq!(error_lines(&o.stderr), 1, "{o:?}");
     assert_eq!(names(&d), ["recon_0002.png"]);
     // generate --format png-dir, likewise: refused before any image, and before it announces
     // its run (one line).
@@ -448,34 +438,14 @@ fn every_command_validates_before_touching_anything() {
     std::fs::create_dir_all(g.join("256/sample_00001.png")).unwrap();
     let args = generate_args(&m, 3, &g, &["--format", "png-dir", "--overwrite"]);
     let o = assert_refused(&args, "sample_00001.png");
-    assert_eq!(
-        o.stderr
-            .trim()
-            .split("\n\n")
-            .next()
-            .unwrap_or("")
-            .lines()
-            .count(),
-        1,
-        "{o:?}"
-    );
+    assert_eq!(error_lines(&o.stderr), 1, "{o:?}");
     assert_eq!(names(&g.join("256")), ["sample_00001.png"]);
     // generate with a bad option creates no directory and keeps an earlier file.
     let fresh_dir = dir.join("nothing");
     let mut args = generate_args(&m, 2, &fresh_dir, &["--format", "png-dir"]);
     args.extend(["--top-k".to_string(), "0".to_string()]);
     let o = assert_refused(&args, "top-k");
-    assert_eq!(
-        o.stderr
-            .trim()
-            .split("\n\n")
-            .next()
-            .unwrap_or("")
-            .lines()
-            .count(),
-        1,
-        "{o:?}"
-    );
+    assert_eq!(error_lines(&o.stderr), 1, "{o:?}");
     assert!(!fresh_dir.exists());
     let npz = dir.join("keep.npz");
     std::fs::write(&npz, "earlier").unwrap();
@@ -502,17 +472,7 @@ fn every_command_validates_before_touching_anything() {
         ],
         "is a directory",
     );
-    assert_eq!(
-        o.stderr
-            .trim()
-            .split("\n\n")
-            .next()
-            .unwrap_or("")
-            .lines()
-            .count(),
-        1,
-        "{o:?}"
-    );
+    assert_eq!(error_lines(&o.stderr), 1, "{o:?}");
     assert!(!codes.exists());
 }
 

@@ -218,12 +218,13 @@ fn finish(model: Model, precision: PrecisionArgs) -> Result<Model> {
     })
 }
 
-/// `--batch-size`: None (the device's default) or 1..=[`checkergen::limits::MAX_IMAGES`].
-pub fn check_batch_size(b: Option<usize>) -> Result<()> {
+/// A batch-size option (`--batch-size`, `--batch`): None (the device's default) or
+/// 1..=[`checkergen::limits::MAX_IMAGES`].
+pub fn check_batch(flag: &str, b: Option<usize>) -> Result<()> {
     let max = checkergen::limits::MAX_IMAGES;
     match b {
-        Some(0) => bail!("--batch-size must be at least 1"),
-        Some(b) if b > max => bail!("--batch-size {b}: at most {max} per batch"),
+        Some(0) => bail!("{flag} must be at least 1"),
+        Some(b) if b > max => bail!("{flag} {b}: at most {max} per batch"),
         _ => Ok(()),
     }
 }

@@ -76,6 +76,12 @@ pub(crate) struct Row {
     serial_steps: usize,
 }
 
+/// A table's header: each name right-aligned in its width, one space apart.
+fn print_header(cols: &[(&str, usize)]) {
+    let cells: Vec<String> = cols.iter().map(|(n, w)| format!("{n:>w$}")).collect();
+    println!("{}", cells.join(" "));
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -124,18 +130,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                   {} warm-up + median of {} runs",
             a.run.cfg, a.run.cfg_start_step, a.steps_per_scale, a.run.warmup, a.run.iters
         );
-        println!(
-            "{:>6} {:>10} {:>10} {:>9} {:>9} {:>8} {:>9} {:>8} {:>10}",
-            "batch",
-            "images/s",
-            "s/batch",
-            "transf s",
-            "decode s",
-            "ms/step",
-            "TFLOP/s",
-            "% floor",
-            "peak MiB"
-        );
+        print_header(&[
+            ("batch", 6),
+            ("images/s", 10),
+            ("s/batch", 10),
+            ("transf s", 9),
+            ("decode s", 9),
+            ("ms/step", 8),
+            ("TFLOP/s", 9),
+            ("% floor", 8),
+            ("peak MiB", 10),
+        ]);
     }
     for o in &requests {
         let b = o.labels.len();
@@ -368,17 +373,16 @@ fn dry_run(a: &BenchArgs) -> Result<()> {
             H200.bandwidth / 1e12,
             H100.flops / 1e12
         );
-        println!(
-            "{:>6} {:>8} {:>10} {:>14} {:>14} {:>14} {:>12} {:>12}",
-            "batch",
-            "steps",
-            "launch/step",
-            "transf B/img",
-            "decoder B/img",
-            "FLOP/img",
-            "model ms h100",
-            "model ms h200"
-        );
+        print_header(&[
+            ("batch", 6),
+            ("steps", 8),
+            ("launch/step", 10),
+            ("transf B/img", 14),
+            ("decoder B/img", 14),
+            ("FLOP/img", 14),
+            ("model ms h100", 12),
+            ("model ms h200", 12),
+        ]);
     }
     for o in &requests {
         let b = o.labels.len();
@@ -511,13 +515,7 @@ pub fn bench_decode(_a: BenchDecodeArgs) -> Result<()> {
 pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     use checkergen::cuda::decoder::{ConvKernel, GpuDecoder, Precision, bench_decode};
     use checkergen::model::decoder::DecoderWeights;
-    let max = checkergen::limits::MAX_IMAGES;
-    if a.batch == 0 {
-        bail!("--batch must be at least 1");
-    }
-    if a.batch > max {
-        bail!("--batch {}: at most {max} per batch", a.batch);
-    }
+    crate::args::check_batch("--batch", Some(a.batch))?;
     check_repeats(a.warmup, a.iters)?;
     if a.model.is_none() {
         // An unknown preset is named before the GPU is looked for.

@@ -2,7 +2,7 @@
 //! of any size, batch after batch, class-balanced, deterministic by global image index so
 //! shards on many machines reassemble (`checkergen merge`) into exactly one run's file.
 
-use crate::args::{SamplingArgs, check_batch_size, model_file_identity, open_model};
+use crate::args::{SamplingArgs, check_batch, model_file_identity, open_model};
 use anyhow::{Context, Result, bail};
 use checkergen::io::image::{planar_to_rgb, write_rgb_png};
 use checkergen::io::npz::{NpzWriter, Progress, npy_header};
@@ -105,7 +105,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             checkergen::limits::MAX_RUN_IMAGES
         );
     }
-    check_batch_size(a.batch_size)?;
+    check_batch("--batch-size", a.batch_size)?;
     let (k, n) = match &a.shard {
         Some(s) => parse_shard(s, |v| std::env::var(v).ok())?,
         None => (0, 1),

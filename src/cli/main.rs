@@ -1,7 +1,6 @@
 //! `checkergen` command line: parse, call the library, print. No model logic lives here.
 
 use anyhow::Result;
-use checkergen::model::file::Dtype;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -47,52 +46,9 @@ enum Cmd {
     /// the tiny preset with random weights.
     Sample(sample::SampleArgs),
     /// Write a model file with random weights of a preset (no download needed).
-    Init {
-        /// tiny, S-2x, L-2x or L-4x.
-        #[arg(long)]
-        preset: String,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Storage dtype of float tensors.
-        #[arg(long, value_enum, default_value_t = Dtype::F32)]
-        dtype: Dtype,
-        /// Output .safetensors file.
-        #[arg(short = 'o', long = "out", visible_alias = "output")]
-        output: PathBuf,
-        /// Replace an existing output file.
-        #[arg(long)]
-        overwrite: bool,
-    },
+    Init(model::InitArgs),
     /// Convert the authors' released checkpoint (.pth + YAML configs) to a model file.
-    Convert {
-        /// The AR checkpoint (e.g. checkerboard-L-2x/checkpoint-last.pth).
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// The model's YAML config (e.g. checkerboard-L-2x/config.yaml).
-        #[arg(long)]
-        config: PathBuf,
-        /// The autoencoder's YAML config (autoenc/autoencoder_config.yaml).
-        #[arg(long)]
-        autoenc_config: PathBuf,
-        /// The VQ autoencoder checkpoint, for AR checkpoints without `autoenc.*` weights.
-        #[arg(long)]
-        autoenc_checkpoint: Option<PathBuf>,
-        /// Use the EMA weights (`model_ema`) instead of `model`.
-        #[arg(long)]
-        ema: bool,
-        /// Leave out the VQ encoder (smaller file; `encode` and `score` then refuse it).
-        #[arg(long)]
-        no_encoder: bool,
-        /// Storage dtype of float tensors.
-        #[arg(long, value_enum, default_value_t = Dtype::F32)]
-        dtype: Dtype,
-        /// Output .safetensors file.
-        #[arg(short = 'o', long = "out", visible_alias = "output")]
-        output: PathBuf,
-        /// Replace an existing output file.
-        #[arg(long)]
-        overwrite: bool,
-    },
+    Convert(model::ConvertArgs),
     /// Benchmark the whole sampler (token loop + decode) over batch sizes: images/s, ms per
     /// serial step and scale, transformer/decoder split, peak memory, TFLOP/s, % of floor.
     Bench(bench::BenchArgs),
@@ -191,13 +147,7 @@ fn run(cli: Cli) -> Result<()> {
         } => model::order(size, json, png, overwrite),
         Cmd::Schedule(args) => model::schedule(args),
         Cmd::Sample(args) => sample::sample(args),
-        Cmd::Init {
-            preset,
-            seed,
-            dtype,
-            output,
-            overwrite,
-        } => model::init(&preset, seed, dtype, &output, overwrite),
+        Cmd::Init(args) => model::init(args),
         Cmd::Inspect { model, verify } => model::inspect(&model, verify),
         Cmd::Bench(args) => bench::bench(args),
         Cmd::Generate(args) => generate::generate(args),
@@ -207,26 +157,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Encode(args) => score::encode(args),
         Cmd::Decode(args) => score::decode(args),
         Cmd::Score(args) => score::score(args),
-        Cmd::Convert {
-            checkpoint,
-            config,
-            autoenc_config,
-            autoenc_checkpoint,
-            ema,
-            no_encoder,
-            dtype,
-            output,
-            overwrite,
-        } => model::convert(model::ConvertArgs {
-            checkpoint,
-            config,
-            autoenc_config,
-            autoenc_checkpoint,
-            ema,
-            no_encoder,
-            dtype,
-            output,
-            overwrite,
-        }),
+        Cmd::Convert(args) => model::convert(args),
     }
 }

@@ -8,6 +8,7 @@ use checkergen::model::file::{Dtype, write_model};
 use checkergen::model::init::random_tensors;
 use checkergen::order::{self, Schedule};
 use checkergen::pipeline;
+use clap::Args;
 use std::path::{Path, PathBuf};
 
 /// Parse a scale ratio: `2`, `1.5`, `2^(1/4)`, `2^0.5`, `sqrt(2)`.
@@ -38,7 +39,10 @@ pub fn parse_ratio(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
-pub fn init(preset: &str, seed: u64, dtype: Dtype, output: &Path, overwrite: bool) -> Result<()> {
+pub fn init(a: InitArgs) -> Result<()> {
+    let InitArgs { preset, seed, out } = a;
+    let (dtype, output, overwrite) = (out.dtype, out.out.as_path(), out.overwrite);
+    let preset = preset.as_str();
     let cfg = config::preset(preset)?;
     checkergen::paths::claim_output_file(output, overwrite, &[])?;
     let map = random_tensors(&cfg, seed)?;
@@ -262,17 +266,56 @@ pub fn schedule(a: ScheduleArgs) -> Result<()> {
     Ok(())
 }
 
-/// What `convert` was given.
+/// The model file `init` and `convert` write.
+#[derive(Args)]
+pub struct ModelOut {
+    /// Storage dtype of float tensors.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
+    /// Output .safetensors file.
+    #[arg(short = 'o', long = "out", visible_alias = "output")]
+    out: PathBuf,
+    /// Replace an existing output file.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// Arguments of `init`.
+#[derive(Args)]
+pub struct InitArgs {
+    /// tiny, S-2x, L-2x or L-4x.
+    #[arg(long)]
+    preset: String,
+    /// Seed of the random weights (the same seed writes the same bytes).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    out: ModelOut,
+}
+
+/// Arguments of `convert`.
+#[derive(Args)]
 pub struct ConvertArgs {
-    pub checkpoint: PathBuf,
-    pub config: PathBuf,
-    pub autoenc_config: PathBuf,
-    pub autoenc_checkpoint: Option<PathBuf>,
-    pub ema: bool,
-    pub no_encoder: bool,
-    pub dtype: Dtype,
-    pub output: PathBuf,
-    pub overwrite: bool,
+    /// The AR checkpoint (e.g. checkerboard-L-2x/checkpoint-last.pth).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The model's YAML config (e.g. checkerboard-L-2x/config.yaml).
+    #[arg(long)]
+    config: PathBuf,
+    /// The autoencoder's YAML config (autoenc/autoencoder_config.yaml).
+    #[arg(long)]
+    autoenc_config: PathBuf,
+    /// The VQ autoencoder checkpoint, for AR checkpoints without `autoenc.*` weights.
+    #[arg(long)]
+    autoenc_checkpoint: Option<PathBuf>,
+    /// Use the EMA weights (`model_ema`) instead of `model`.
+    #[arg(long)]
+    ema: bool,
+    /// Leave out the VQ encoder (smaller file; `encode` and `score` then refuse it).
+    #[arg(long)]
+    no_encoder: bool,
+    #[command(flatten)]
+    out: ModelOut,
 }
 
 /// `convert`: the authors' checkpoint and configs to a model file (written to a temporary
@@ -284,7 +327,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         a.autoenc_config.as_path(),
     ];
     inputs.extend(a.autoenc_checkpoint.as_deref());
-    checkergen::paths::claim_output_file(&a.output, a.overwrite, &inputs)?;
+    checkergen::paths::claim_output_file(&a.out.out, a.out.overwrite, &inputs)?;
     let summary = checkergen::io::convert::convert(&checkergen::io::convert::ConvertOptions {
         checkpoint: a.checkpoint,
         config_yaml: a.config,
@@ -292,8 +335,8 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         autoenc_checkpoint: a.autoenc_checkpoint,
         ema: a.ema,
         no_encoder: a.no_encoder,
-        dtype: a.dtype,
-        output: a.output,
+        dtype: a.out.dtype,
+        output: a.out.out,
     })?;
     println!("{summary}");
     Ok(())

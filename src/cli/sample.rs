@@ -1,7 +1,7 @@
 //! `checkergen sample`: images (PNGs, a grid, optionally tokens, maps and pyramids) and
 //! run.json, batch after batch.
 
-use crate::args::{SamplingArgs, check_batch_size, model_file_identity, open_model};
+use crate::args::{SamplingArgs, check_batch, model_file_identity, open_model};
 use anyhow::{Context, Result, bail};
 use checkergen::io::image::{grid_rgb, planar_to_rgb, write_rgb_png};
 use checkergen::io::maps::{MapsInput, write_maps};
@@ -94,7 +94,7 @@ struct SampleRun {
 }
 
 pub fn sample(a: SampleArgs) -> Result<()> {
-    check_batch_size(a.batch_size)?;
+    check_batch("--batch-size", a.batch_size)?;
     let (api_model, source) = open_model(a.model.as_deref(), None, a.s.device, a.s.precision)?;
     let model = api_model.host_model();
     let max_run = checkergen::limits::MAX_RUN_IMAGES;

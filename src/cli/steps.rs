@@ -114,13 +114,7 @@ pub fn steps_for_total(sizes: &[usize], total: usize) -> Option<Vec<usize>> {
 }
 
 pub fn steps(a: StepsArgs) -> Result<()> {
-    let max = checkergen::limits::MAX_IMAGES;
-    if a.batch == 0 {
-        bail!("--batch must be at least 1");
-    }
-    if a.batch > max {
-        bail!("--batch {}: at most {max} per batch", a.batch);
-    }
+    crate::args::check_batch("--batch", Some(a.batch))?;
     a.run.check()?;
     if let Some(png) = &a.png {
         let inputs: Vec<&std::path::Path> = a.model.iter().map(PathBuf::as_path).collect();

@@ -239,6 +239,10 @@ pub fn token_pyramid(
 mod rng;
 pub use rng::Rng;
 
+// How many lines an error takes (tests/common/errors.rs, also in tests/hostile_common).
+mod errors;
+pub use errors::error_lines;
+
 /// `n` values uniform in [-scale, scale), a pure function of (n, seed, scale).
 pub fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     Rng::new(seed).vec(n, scale)
@@ -583,14 +587,7 @@ pub fn refused(args: &[&str], want: &str) {
     let (ok, _, err) = cli(args);
     assert!(!ok, "{args:?} succeeded");
     assert!(
-        err.trim()
-            .split("\n\n")
-            .next()
-            .unwrap_or("")
-            .lines()
-            .count()
-            == 1
-            && err.contains(want),
+        error_lines(&err) == 1 && err.contains(want),
         "{args:?}: expected one line with {want:?}, got: {err}"
     );
 }

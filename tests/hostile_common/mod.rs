@@ -194,6 +194,12 @@ mod rng;
 #[allow(unused_imports)] // hostile_input.rs does not draw random numbers
 pub use rng::Rng;
 
+/// The tests' one count of an error's lines, shared with tests/common.
+#[path = "../common/errors.rs"]
+mod errors;
+#[allow(unused_imports)]
+pub use errors::error_lines;
+
 /// The entries `(name, data)` of a stored zip, read through its local headers (the layout
 /// `tools/make_pth_fixture.py` and torch.save write: sizes in the local header; or, as the
 /// npz writer writes them, in the ZIP64 extra field).
