@@ -964,7 +964,6 @@ impl Model {
     pub fn score_batch(&self, rgb: &[u8], labels: &[usize], scores: &mut [Score]) -> Result<f64> {
         let side = self.image_size();
         let internal = |e: anyhow::Error| Error::Scoring(source(e));
-        let invalid = |e: anyhow::Error| Error::InvalidRequest(format!("{e:#}"));
         if rgb.len() != labels.len() * side * side * 3 || labels.is_empty() {
             return Err(Error::InvalidRequest(format!(
                 "score: {} bytes for {} labels (N, {side}, {side}, 3)",
@@ -979,26 +978,61 @@ impl Model {
                 self.num_classes() - 1
             )));
         }
+        let t = std::time::Instant::now();
+        let tokens = self.encode(rgb)?;
+        let t_enc = t.elapsed().as_secs_f64();
+        let m = &self.model;
+        for sc in scores.iter_mut() {
+            let k = sc.0.steps_per_scale;
+            match &self.engine {
+                Engine::Cpu => crate::cpu::score::score_codes(m, labels, &tokens, k, &mut sc.0),
+                #[cfg(feature = "cuda")]
+                Engine::Gpu(g) => {
+                    let g = g.lock().unwrap_or_else(|p| p.into_inner());
+                    crate::cuda::score::score_codes(
+                        &g,
+                        &m.scale_sizes,
+                        labels,
+                        &tokens,
+                        k,
+                        &mut sc.0,
+                    )
+                }
+            }
+            .map_err(internal)?;
+        }
+        Ok(t_enc)
+    }
+
+    /// The code pyramids of `rgb` (N images of [`Model::image_size`] squared, RGB, channels
+    /// last) by the model's VQ encoder on its device: per scale (smallest first), the N
+    /// images' s x s codes one after the other. On a GPU the encoder runs in f32, so the
+    /// codes are the CPU reference's. Needs a model file with the encoder.
+    pub fn encode(&self, rgb: &[u8]) -> Result<Vec<Vec<u32>>> {
+        let side = self.image_size();
+        let plane = side * side * 3;
+        if rgb.is_empty() || !rgb.len().is_multiple_of(plane) {
+            return Err(Error::InvalidRequest(format!(
+                "encode: {} bytes is not N images of {side} x {side} x 3",
+                rgb.len()
+            )));
+        }
+        let n = rgb.len() / plane;
+        let internal = |e: anyhow::Error| Error::Scoring(source(e));
+        let invalid = |e: anyhow::Error| Error::InvalidRequest(format!("{e:#}"));
         let m = &self.model;
         let enc = m.encoder().map_err(invalid)?;
         let codebook = m.decoder.codebook();
-        let t = std::time::Instant::now();
         match &self.engine {
             Engine::Cpu => {
                 let mut tokens = vec![Vec::new(); m.scale_sizes.len()];
-                for img in rgb.chunks_exact(side * side * 3) {
+                for img in rgb.chunks_exact(plane) {
                     let pyr = enc.encode_pyramid(img, side, &m.scale_sizes, codebook);
                     for (t, c) in tokens.iter_mut().zip(pyr.codes) {
                         t.extend(c);
                     }
                 }
-                let t_enc = t.elapsed().as_secs_f64();
-                for sc in scores.iter_mut() {
-                    let k = sc.0.steps_per_scale;
-                    crate::cpu::score::score_codes(m, labels, &tokens, k, &mut sc.0)
-                        .map_err(internal)?;
-                }
-                Ok(t_enc)
+                Ok(tokens)
             }
             #[cfg(feature = "cuda")]
             Engine::Gpu(g) => {
@@ -1012,22 +1046,9 @@ impl Model {
                 }
                 let genc = slot.as_ref().expect("just set");
                 let pyr = genc
-                    .encode_pyramid(&g.gpu, rgb, labels.len(), side, &m.scale_sizes, codebook)
+                    .encode_pyramid(&g.gpu, rgb, n, side, &m.scale_sizes, codebook)
                     .map_err(internal)?;
-                let t_enc = t.elapsed().as_secs_f64();
-                for sc in scores.iter_mut() {
-                    let k = sc.0.steps_per_scale;
-                    crate::cuda::score::score_codes(
-                        &g,
-                        &m.scale_sizes,
-                        labels,
-                        &pyr.codes,
-                        k,
-                        &mut sc.0,
-                    )
-                    .map_err(internal)?;
-                }
-                Ok(t_enc)
+                Ok(pyr.codes)
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The real-image subcommands (SPEC.md section 9): encode, decode, score. Parsing lives in
 //! main.rs; these functions call the library and print.
 
-use crate::args::DeviceArg;
+use crate::args::{DeviceArg, PrecisionArgs, check_batch, open_model};
 use anyhow::{Context, Result, bail};
 use checkergen::cpu::score::ScoreStats;
 use checkergen::io::image::{planar_to_rgb, write_rgb_png};
@@ -27,6 +27,11 @@ pub struct EncodeArgs {
     /// Replace an existing output file.
     #[arg(long)]
     overwrite: bool,
+    /// Images per encoder pass (only one batch's pixels are held).
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
@@ -109,15 +114,21 @@ fn load_rgb(item: &Input, side: usize) -> Result<Vec<u8>> {
     })
 }
 
-/// Encode `items` to per-scale code grids (B, s, s) with the model's encoder on the CPU.
-fn encode_images(model: &Model, items: &[Input]) -> Result<Vec<Vec<u32>>> {
-    let enc = model.encoder()?;
-    let side = model.config.img_size;
-    let mut tokens = vec![Vec::new(); model.scale_sizes.len()];
-    for item in items {
-        let rgb = load_rgb(item, side)?;
-        let pyr = enc.encode_pyramid(&rgb, side, &model.scale_sizes, model.decoder.codebook());
-        for (t, c) in tokens.iter_mut().zip(pyr.codes) {
+/// Encode `items` to per-scale code grids (B, s, s) with the model's encoder on its device,
+/// `batch` images at a time (only one batch's pixels are held).
+fn encode_images(
+    model: &checkergen::Model,
+    items: &[Input],
+    batch: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let side = model.image_size();
+    let mut tokens = vec![Vec::new(); model.scale_sizes().len()];
+    for chunk in items.chunks(batch) {
+        let mut rgb = Vec::with_capacity(chunk.len() * side * side * 3);
+        for item in chunk {
+            rgb.extend(load_rgb(item, side)?);
+        }
+        for (t, c) in tokens.iter_mut().zip(model.encode(&rgb)?) {
             t.extend(c);
         }
     }
@@ -134,16 +145,18 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
     }
     checkergen::paths::check_input(&a.model)?;
     checkergen::paths::claim_output_file(&a.out, a.overwrite, &inputs)?;
-    let model = Model::load(&a.model)?;
-    model.encoder()?;
+    check_batch("--batch-size", Some(a.batch_size))?;
+    let no_precision = PrecisionArgs { precision: None };
+    let (model, _) = open_model(Some(&a.model), None, a.device, no_precision)?;
+    model.host_model().encoder()?;
     let t = Instant::now();
-    let items = expand_inputs(&a.images, model.config.img_size)?;
-    let tokens = encode_images(&model, &items)?;
-    write_token_grids(&a.out, &model.scale_sizes, &tokens, items.len())?;
+    let items = expand_inputs(&a.images, model.image_size())?;
+    let tokens = encode_images(&model, &items, a.batch_size)?;
+    write_token_grids(&a.out, model.scale_sizes(), &tokens, items.len())?;
     eprintln!(
         "encoded {} images at scales {:?} in {:.2} s -> {}",
         items.len(),
-        model.scale_sizes,
+        model.scale_sizes(),
         t.elapsed().as_secs_f64(),
         a.out.display()
     );
