@@ -269,6 +269,7 @@ pub struct Request {
     labels: Vec<usize>,
     cfg: f32,
     cfg_start_step: usize,
+    cfg_end_step: Option<usize>,
     steps: Steps,
     policy: Policy,
     seed: u64,
@@ -285,6 +286,7 @@ impl Request {
             labels: labels.into(),
             cfg: pipeline::DEFAULT_CFG,
             cfg_start_step: pipeline::DEFAULT_CFG_START_STEP,
+            cfg_end_step: None,
             steps: Steps::Uniform(pipeline::DEFAULT_STEPS_PER_SCALE),
             policy: Policy::default(),
             seed: 0,
@@ -300,6 +302,11 @@ impl Request {
         guidance(cfg: f32) => cfg = cfg;
         /// The first global serial step (0 = the 1x1 scale) at which guidance applies.
         cfg_start_step(step: usize) => cfg_start_step = step;
+        /// The first global serial step at which guidance no longer applies: guidance on for
+        /// `cfg_start_step <= t < step` (default: to the end, the authors' behaviour). From
+        /// that step on the unconditional rows leave the batch, so the remaining steps cost
+        /// half.
+        cfg_end_step(step: usize) => cfg_end_step = Some(step);
         /// The same number of serial steps on every scale (>= 1).
         steps_per_scale(k: usize) => steps = Steps::Uniform(k);
         /// Explicit serial steps for each scale, smallest scale first (one value >= 1 per
@@ -330,6 +337,7 @@ impl Request {
         let mut o = SampleOptions::new(self.labels.clone());
         o.cfg = self.cfg;
         o.cfg_start_step = self.cfg_start_step;
+        o.cfg_end_step = self.cfg_end_step;
         o.steps = self.steps.clone();
         o.policy = self.policy.0.clone();
         o.seed = self.seed;

@@ -36,6 +36,11 @@ pub struct SampleOptions {
     pub cfg: f32,
     /// First global step at which guidance applies.
     pub cfg_start_step: usize,
+    /// First global step at which guidance no longer applies (guidance on for
+    /// `cfg_start_step <= t < cfg_end_step`); None: to the end (the authors' behaviour).
+    /// From this step on the unconditional rows are dropped from the batch: the remaining
+    /// steps cost half.
+    pub cfg_end_step: Option<usize>,
     pub steps: Steps,
     pub policy: TokenPolicy,
     pub seed: u64,
@@ -65,6 +70,7 @@ impl SampleOptions {
             labels,
             cfg: DEFAULT_CFG,
             cfg_start_step: DEFAULT_CFG_START_STEP,
+            cfg_end_step: None,
             steps: Steps::Uniform(DEFAULT_STEPS_PER_SCALE),
             policy: TokenPolicy {
                 temperature: DEFAULT_TEMPERATURE,
@@ -183,13 +189,19 @@ pub fn schedule_of(scale_sizes: &[usize], o: &SampleOptions) -> Result<Schedule>
 }
 
 /// How many of the schedule's `total_steps` serial steps guidance applies to (steps
-/// `cfg_start_step..`; none when cfg is 0).
+/// `cfg_start_step..cfg_end_step`; none when cfg is 0).
 pub fn guided_steps(o: &SampleOptions, total_steps: usize) -> usize {
     if o.cfg > 0.0 {
-        total_steps.saturating_sub(o.cfg_start_step)
+        let end = o.cfg_end_step.unwrap_or(total_steps).min(total_steps);
+        end.saturating_sub(o.cfg_start_step)
     } else {
         0
     }
+}
+
+/// Whether guidance applies at global step `t`.
+pub fn guided_at(o: &SampleOptions, t: usize) -> bool {
+    o.cfg > 0.0 && t >= o.cfg_start_step && o.cfg_end_step.is_none_or(|e| t < e)
 }
 
 /// The warning for a request that asks for guidance (cfg > 0) but starts it at or past the
@@ -197,6 +209,13 @@ pub fn guided_steps(o: &SampleOptions, total_steps: usize) -> usize {
 /// schedule does this): None when guidance applies to some step, or is off.
 pub fn guidance_warning(o: &SampleOptions, total_steps: usize) -> Option<String> {
     (o.cfg > 0.0 && guided_steps(o, total_steps) == 0).then(|| {
+        if let Some(e) = o.cfg_end_step.filter(|&e| e <= o.cfg_start_step) {
+            return format!(
+                "--cfg {} never applies: --cfg-end-step {e} is not after --cfg-start-step {} \
+                 (sampling runs unguided)",
+                o.cfg, o.cfg_start_step
+            );
+        }
         format!(
             "--cfg {} never applies: --cfg-start-step {} is past the last step ({}) of this \
              {total_steps}-step schedule (sampling runs unguided; --cfg 0 says so, a smaller \
@@ -330,8 +349,12 @@ pub fn check_batch_size(cfg: &ModelConfig, images: usize, guided: bool, mem: Mem
 
 /// How one step chooses its tokens.
 pub struct StepChoice<'a> {
-    /// Guidance strength when guidance applies at this step (cfg > 0 and t >= cfg_start_step).
+    /// Guidance strength when guidance applies at this step (cfg > 0 and cfg_start_step <=
+    /// t < cfg_end_step).
     pub guidance: Option<f32>,
+    /// Guidance is over for good (t >= cfg_end_step): a backend drops the batch's
+    /// unconditional rows (their KV cache, modulations and compute) from this step on.
+    pub drop_uncond: bool,
     pub policy: &'a TokenPolicy,
     pub seed: u64,
     /// Teacher forcing: this scale's (B, s, s) tokens.
@@ -620,8 +643,8 @@ fn run_tokens<B: Backend + ?Sized>(
     let mut plan = LoopPlan {
         graph: o.graph && o.forced_tokens.is_none() && !o.record_logits && !o.record_stats,
         signature: format!(
-            "cfg {} from step {}, {:?}",
-            o.cfg, o.cfg_start_step, o.policy
+            "cfg {} from step {} to {:?}, {:?}",
+            o.cfg, o.cfg_start_step, o.cfg_end_step, o.policy
         ),
         seed: o.seed,
         image0: o.image_offset as u32,
@@ -715,7 +738,8 @@ fn run_loop<B: Backend + ?Sized>(
         for step in schedule.steps.iter().filter(|st| st.scale == si) {
             let ts = Instant::now();
             let choice = StepChoice {
-                guidance: (guided && step.t >= o.cfg_start_step).then_some(o.cfg),
+                guidance: (guided && guided_at(o, step.t)).then_some(o.cfg),
+                drop_uncond: guided && o.cfg_end_step.is_some_and(|e| step.t >= e),
                 policy: &o.policy,
                 seed: o.seed,
                 forced: o.forced_tokens.as_ref().map(|f| f[si].as_slice()),

@@ -44,6 +44,11 @@ pub struct SamplingArgs {
     /// First global step (0 = the 1x1 scale) at which guidance applies.
     #[arg(long, default_value_t = pipeline::DEFAULT_CFG_START_STEP)]
     pub cfg_start_step: usize,
+    /// First global step at which guidance no longer applies (guidance on for start <= t <
+    /// end; default: to the end). The unconditional rows then leave the batch: the
+    /// remaining steps cost half.
+    #[arg(long)]
+    pub cfg_end_step: Option<usize>,
     /// Serial steps per scale.
     #[arg(long, default_value_t = pipeline::DEFAULT_STEPS_PER_SCALE, conflicts_with = "steps")]
     pub steps_per_scale: usize,
@@ -119,6 +124,7 @@ impl SamplingArgs {
         let mut o = SampleOptions::new(labels);
         o.cfg = self.cfg;
         o.cfg_start_step = self.cfg_start_step;
+        o.cfg_end_step = self.cfg_end_step;
         o.steps = match &self.steps {
             Some(v) => Steps::PerScale(v.clone()),
             None => Steps::Uniform(self.steps_per_scale),

@@ -57,6 +57,10 @@ pub struct TimedRuns {
     pub cfg: f32,
     #[arg(long, default_value_t = pipeline::DEFAULT_CFG_START_STEP)]
     pub cfg_start_step: usize,
+    /// First global step at which guidance no longer applies (default: to the end); the
+    /// unconditional rows then leave the batch.
+    #[arg(long)]
+    pub cfg_end_step: Option<usize>,
     /// Eager kernel launches only (no CUDA graphs). With graphs, the timed runs replay each
     /// batch shape's recorded token loop and decode; the per-step figures come from the
     /// timestamps recorded in the graph (from one extra eager run if the GPU refused them).
@@ -173,6 +177,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "percent_of_floor": pct,
                 "cfg": a.run.cfg,
                 "cfg_start_step": a.run.cfg_start_step,
+                "cfg_end_step": a.run.cfg_end_step,
                 "steps_per_scale": a.steps_per_scale,
                 "warmup": a.run.warmup,
                 "iters": a.run.iters,
@@ -320,6 +325,7 @@ fn batch_requests(
             let mut o = SampleOptions::new((0..b).map(|i| i % model.config.num_classes).collect());
             o.cfg = a.run.cfg;
             o.cfg_start_step = a.run.cfg_start_step;
+            o.cfg_end_step = a.run.cfg_end_step;
             o.graph = graph;
             o.steps = Steps::Uniform(a.steps_per_scale);
             pipeline::validate_options(&model.config, model.scale_sizes.len(), &o, mem)
@@ -439,6 +445,7 @@ fn dry_run(a: &BenchArgs) -> Result<()> {
                 "peak_flops": H100.flops,
                 "cfg": a.run.cfg,
                 "cfg_start_step": a.run.cfg_start_step,
+                "cfg_end_step": a.run.cfg_end_step,
                 "steps_per_scale": a.steps_per_scale,
                 "by_kernel": by_kernel,
             });

@@ -160,6 +160,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         "seed": a.s.seed,
         "cfg": a.s.cfg,
         "cfg_start_step": a.s.cfg_start_step,
+        "cfg_end_step": a.s.cfg_end_step,
         "steps_per_scale": a.s.steps_per_scale,
         "steps": a.s.steps,
         "temperature": a.s.temperature,

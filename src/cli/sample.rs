@@ -190,6 +190,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         "batches": run.batches,
         "cfg": a.s.cfg,
         "cfg_start_step": a.s.cfg_start_step,
+        "cfg_end_step": a.s.cfg_end_step,
         // The serial steps guidance applied to (0: cfg asked for, but never applied).
         "guided_steps": guided_steps,
         "temperature": a.s.temperature,

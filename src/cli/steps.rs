@@ -232,6 +232,7 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             let mut o = SampleOptions::new(vec![0]);
             o.cfg = a.run.cfg;
             o.cfg_start_step = a.run.cfg_start_step;
+            o.cfg_end_step = a.run.cfg_end_step;
             o.graph = !a.run.no_graph;
             o.steps = Steps::PerScale(list.clone());
             let one = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
@@ -258,6 +259,9 @@ pub fn steps(a: StepsArgs) -> Result<()> {
                         "latency_s": p.latency_s,
                         "images_per_s": p.images_per_s,
                         "batch": a.batch,
+                        "cfg": a.run.cfg,
+                        "cfg_start_step": a.run.cfg_start_step,
+                        "cfg_end_step": a.run.cfg_end_step,
                         "device": dev.describe(),
                         "model": source,
                         "times_meaningful": !dev.is_emu(),

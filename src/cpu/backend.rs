@@ -61,6 +61,12 @@ impl<'w> CpuBackend<'w> {
             src: Vec::new(),
         }
     }
+
+    /// Sequence rows the running batch computes (B, or 2B while the unconditional half is
+    /// kept); None between batches.
+    pub fn rows(&self) -> Option<usize> {
+        self.tf.as_ref().map(|tf| tf.rows())
+    }
 }
 
 /// Run the token loop on the CPU from transformer weights alone (no decode).
@@ -187,6 +193,11 @@ impl Backend for CpuBackend<'_> {
         let cells = scale.size * scale.size;
         let n = step.positions.len();
         let tf = self.tf.as_mut().context("step before begin")?;
+        if ch.drop_uncond && self.guided {
+            // Guidance is over: the unconditional half is never read again.
+            tf.keep_rows(b);
+            self.guided = false;
+        }
         let rows = tf.rows();
         let (mut x, cur, prev_rope) =
             step_inputs(w, schedule, step, &self.src, &self.grid, rows, b);

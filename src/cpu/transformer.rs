@@ -78,6 +78,21 @@ impl<'w> CpuTransformer<'w> {
         self.rows
     }
 
+    /// Keep only the first `keep` rows (the conditional half once guidance is over): their
+    /// caches and modulations stay, the rest is freed and no longer computed.
+    pub fn keep_rows(&mut self, keep: usize) {
+        assert!(keep <= self.rows, "keep_rows: {keep} of {} rows", self.rows);
+        let per_row = self.h * self.capacity * self.d;
+        for cache in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
+            cache.truncate(keep * per_row);
+            cache.shrink_to_fit();
+        }
+        for m in &mut self.modulation {
+            m.truncate(keep * 4 * self.c);
+        }
+        self.rows = keep;
+    }
+
     /// Run `n` new tokens per row through every layer, appending their keys and values to the
     /// cache. `x` is the residual stream (rows * n, C), updated in place; `cur` and `prev` are
     /// each token's RoPE table rows (its own position, and the paired previous-block position),

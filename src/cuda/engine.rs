@@ -621,6 +621,8 @@ impl Backend for GpuBackend<'_> {
         let mut bt = match cached {
             Some((k, mut bt, steps)) if k == key => {
                 bt.len = 0;
+                // The previous batch may have dropped its unconditional rows (cfg_end_step).
+                bt.rows = rows;
                 bt.forced.iter_mut().for_each(|f| *f = None);
                 bt.stats.iter_mut().for_each(|st| *st = None);
                 self.steps = steps;
@@ -849,6 +851,12 @@ impl GpuBackend<'_> {
         let m = self.m;
         let g = &m.gpu;
         let bt = self.batch.as_mut().expect("begin() not called");
+        if ch.drop_uncond && self.guided {
+            // Guidance is over: from here on only the conditional rows (the first B of every
+            // row-major buffer: KV caches, modulations, activations) are computed.
+            bt.rows = bt.b;
+            self.guided = false;
+        }
         let (c, v) = (m.cfg.hidden_size, m.cfg.codebook_size());
         let sc = &schedule.scales[step.scale];
         let n = step.positions.len();

@@ -1,0 +1,249 @@
+//! The guidance interval (`cfg_end_step`): guidance on for `cfg_start_step <= t <
+//! cfg_end_step`, and from the end step on the unconditional rows leave the batch. Checked
+//! against a run that keeps every row to the end and only stops guiding (a backend wrapper
+//! that ignores `drop_uncond`): a row's values never depend on another row, so dropping the
+//! unconditional half must not change what the conditional half computes. On the CPU and on
+//! the CUDA engine (the GPU, or the host emulator without one).
+
+mod common;
+
+use checkergen::cpu::CpuBackend;
+use checkergen::model::Model;
+use checkergen::model::config::preset;
+use checkergen::model::init::random_tensors;
+use checkergen::order::{Schedule, Step};
+use checkergen::pipeline::{
+    self, Backend, Decoded, Grids, LoopPlan, SampleOptions, StepChoice, Steps,
+};
+use checkergen::sampling::TokenPolicy;
+
+/// The CPU backend, noting the rows each step computed.
+struct CountRows<'m>(CpuBackend<'m>, Vec<usize>);
+
+impl Backend for CountRows<'_> {
+    fn config(&self) -> &checkergen::model::config::ModelConfig {
+        self.0.config()
+    }
+    fn begin(&mut self, s: &Schedule, labels: &[usize], guided: bool) -> anyhow::Result<()> {
+        self.0.begin(s, labels, guided)
+    }
+    fn begin_scale(&mut self, s: &Schedule, si: usize) -> anyhow::Result<()> {
+        self.0.begin_scale(s, si)
+    }
+    fn step(
+        &mut self,
+        s: &Schedule,
+        step: &Step,
+        ch: &StepChoice,
+    ) -> anyhow::Result<Option<Vec<f32>>> {
+        let r = self.0.step(s, step, ch);
+        self.1.push(self.0.rows().unwrap_or(0));
+        r
+    }
+    fn finish(&mut self, s: &Schedule) -> anyhow::Result<Grids> {
+        self.0.finish(s)
+    }
+    fn decode(&mut self, s: &Schedule, si: usize) -> anyhow::Result<Decoded> {
+        self.0.decode(s, si)
+    }
+}
+
+/// A backend that keeps the unconditional rows to the end: the pipeline's guidance is
+/// still off from the end step (its `guidance` is None there), but no row is dropped.
+struct KeepRows<B>(B);
+
+impl<B: Backend> Backend for KeepRows<B> {
+    fn config(&self) -> &checkergen::model::config::ModelConfig {
+        self.0.config()
+    }
+    fn plan(&mut self, plan: &LoopPlan) {
+        // No recording: the reference runs eagerly.
+        let mut p = plan.clone();
+        p.graph = false;
+        self.0.plan(&p)
+    }
+    fn begin(&mut self, s: &Schedule, labels: &[usize], guided: bool) -> anyhow::Result<()> {
+        self.0.begin(s, labels, guided)
+    }
+    fn begin_scale(&mut self, s: &Schedule, si: usize) -> anyhow::Result<()> {
+        self.0.begin_scale(s, si)
+    }
+    fn step(
+        &mut self,
+        s: &Schedule,
+        step: &Step,
+        ch: &StepChoice,
+    ) -> anyhow::Result<Option<Vec<f32>>> {
+        let keep = StepChoice {
+            drop_uncond: false,
+            ..*ch
+        };
+        self.0.step(s, step, &keep)
+    }
+    fn finish(&mut self, s: &Schedule) -> anyhow::Result<Grids> {
+        self.0.finish(s)
+    }
+    fn decode(&mut self, s: &Schedule, si: usize) -> anyhow::Result<Decoded> {
+        self.0.decode(s, si)
+    }
+}
+
+fn tiny() -> Model {
+    let cfg = preset("tiny").unwrap();
+    let map = random_tensors(&cfg, 3).unwrap();
+    Model::from_tensors(cfg, &map).unwrap()
+}
+
+/// Options with guidance from step 1 to `end`, sampled (temperature 1) so that the
+/// uniforms, not ties, decide.
+fn options(end: Option<usize>) -> SampleOptions {
+    let mut o = SampleOptions::new(vec![0, 3, 7]);
+    o.cfg = 2.0;
+    o.cfg_start_step = 1;
+    o.cfg_end_step = end;
+    o.steps = Steps::Uniform(2);
+    o.policy = TokenPolicy {
+        temperature: 1.0,
+        top_k: None,
+        top_p: None,
+    };
+    o.seed = 11;
+    o.record_logits = true;
+    o
+}
+
+/// Largest |a - b| over max |b| across every recorded step's logits.
+fn worst_rel(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    assert_eq!(a.len(), b.len(), "different numbers of recorded steps");
+    let mut err = 0f64;
+    let mut scale = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.len(), y.len());
+        for (&p, &q) in x.iter().zip(y) {
+            err = err.max((p as f64 - q as f64).abs());
+            scale = scale.max(q.abs() as f64);
+        }
+    }
+    err / scale.max(1e-30)
+}
+
+#[test]
+fn guided_steps_count_the_interval() {
+    let mut o = options(Some(4));
+    assert_eq!(pipeline::guided_steps(&o, 9), 3); // steps 1, 2, 3
+    assert!(pipeline::guided_at(&o, 1) && pipeline::guided_at(&o, 3));
+    assert!(!pipeline::guided_at(&o, 0) && !pipeline::guided_at(&o, 4));
+    o.cfg_end_step = Some(1);
+    assert_eq!(pipeline::guided_steps(&o, 9), 0);
+    let w = pipeline::guidance_warning(&o, 9).expect("an empty interval is warned about");
+    assert!(w.contains("--cfg-end-step 1"), "{w}");
+    o.cfg_end_step = Some(100);
+    assert_eq!(pipeline::guided_steps(&o, 9), 8);
+    assert!(pipeline::guidance_warning(&o, 9).is_none());
+}
+
+#[test]
+fn cpu_dropping_the_unconditional_rows_changes_nothing() {
+    let model = tiny();
+    let total = pipeline::schedule_of(&model.scale_sizes, &options(None))
+        .unwrap()
+        .total_steps();
+    for end in [2, total - 2] {
+        let o = options(Some(end));
+        // The rows really leave: 2B before the end step, B from it on.
+        let mut count = CountRows(CpuBackend::new(&model), Vec::new());
+        pipeline::run_steps(&mut count, &o).unwrap();
+        let b = o.labels.len();
+        let want: Vec<usize> = (0..total)
+            .map(|t| if t < end { 2 * b } else { b })
+            .collect();
+        assert_eq!(count.1, want, "rows per step with cfg_end_step {end}");
+        let dropped = pipeline::run_steps(&mut CpuBackend::new(&model), &o).unwrap();
+        let kept = pipeline::run_steps(&mut KeepRows(CpuBackend::new(&model)), &o).unwrap();
+        let rel = worst_rel(&dropped.step_logits, &kept.step_logits);
+        println!("cpu, cfg_end_step {end} of {total}: worst logits error {rel:.2e}");
+        assert!(rel <= 1e-5, "logits differ by {rel:.2e}");
+        assert_eq!(dropped.tokens, kept.tokens);
+    }
+    // An end at or past the last step is no interval: the authors' behaviour exactly.
+    let full = pipeline::run_steps(&mut CpuBackend::new(&model), &options(None)).unwrap();
+    let late = pipeline::run_steps(&mut CpuBackend::new(&model), &options(Some(total))).unwrap();
+    assert_eq!(full.tokens, late.tokens);
+    assert_eq!(full.step_logits, late.step_logits);
+    // And the interval does change the images (guidance really stops).
+    let early = pipeline::run_steps(&mut CpuBackend::new(&model), &options(Some(2))).unwrap();
+    assert_ne!(
+        full.tokens, early.tokens,
+        "stopping guidance at step 2 changed nothing"
+    );
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_dropping_the_unconditional_rows_changes_nothing() {
+    use checkergen::cuda::engine::{GpuBackend, GpuModel};
+    let model = tiny();
+    let gm = GpuModel::new(common::gpu("cfg interval"), &model).unwrap();
+    let total = pipeline::schedule_of(&model.scale_sizes, &options(None))
+        .unwrap()
+        .total_steps();
+    let end = total - 2;
+    let mut o = options(Some(end));
+    o.record_logits = true;
+    gm.gpu.record_ledger(true);
+    gm.gpu.ledger().clear();
+    let dropped = pipeline::run_steps(&mut GpuBackend::new(&gm), &o).unwrap();
+    let dropped_flops = gm.gpu.ledger().total(None).flops;
+    gm.gpu.ledger().clear();
+    let kept = pipeline::run_steps(&mut KeepRows(GpuBackend::new(&gm)), &o).unwrap();
+    let kept_flops = gm.gpu.ledger().total(None).flops;
+    gm.gpu.record_ledger(false);
+    {
+        // The ledger counts the work the launches declare: the last steps run on half the
+        // rows.
+        println!("ledger FLOPs: {dropped_flops} dropping, {kept_flops} keeping every row");
+        assert!(dropped_flops < kept_flops, "no work was saved");
+    }
+    let rel = worst_rel(&dropped.step_logits, &kept.step_logits);
+    println!("cuda engine, cfg_end_step {end} of {total}: worst logits error {rel:.2e}");
+    // Both runs are the engine's bf16 arithmetic on the same rows: equal up to GEMM row
+    // blocking (1e-5 relative).
+    assert!(rel <= 1e-5, "logits differ by {rel:.2e}");
+    assert_eq!(dropped.tokens, kept.tokens);
+    // A batch of the same shape after a dropping one (the model's cached buffers) starts
+    // with every row again: as on a model that never dropped any.
+    let again = pipeline::run_steps(&mut GpuBackend::new(&gm), &options(None)).unwrap();
+    let gm2 = GpuModel::new(common::gpu("cfg interval, second model"), &model).unwrap();
+    let fresh = pipeline::run_steps(&mut GpuBackend::new(&gm2), &options(None)).unwrap();
+    assert_eq!(again.tokens, fresh.tokens);
+    assert_eq!(again.step_logits, fresh.step_logits);
+}
+
+/// `sample --cfg-end-step`: run.json records the interval and the steps it guided.
+#[test]
+fn cli_records_the_interval() {
+    let dir = std::env::temp_dir().join(format!("cg-cfg-interval-{}", std::process::id()));
+    let out = dir.join("run");
+    let o = out.to_str().unwrap();
+    let (ok, _, err) = common::cli(&[
+        "sample",
+        "--num-samples",
+        "2",
+        "--steps-per-scale",
+        "1",
+        "--cfg-start-step",
+        "1",
+        "--cfg-end-step",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        o,
+    ]);
+    assert!(ok, "{err}");
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["cfg_end_step"], 3);
+    assert_eq!(run["guided_steps"], 2);
+    std::fs::remove_dir_all(&dir).ok();
+}
