@@ -895,7 +895,7 @@ impl Score {
         self.0.top1_by_scale()
     }
 
-    /// The `score --json` object (README, "score").
+    /// The `score --json` object (docs/cli.md, `score`).
     #[doc(hidden)]
     pub fn to_json(&self) -> serde_json::Value {
         self.0.to_json()

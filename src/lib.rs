@@ -15,7 +15,7 @@
 //! ```
 //!
 //! The same engine is reachable from C (`include/checkergen.h`, the `cdylib`/`staticlib`)
-//! and Python (`pip install .`); see README.md. A shared [`Model`] may sample from several
+//! and Python (`pip install .`); see docs/embedding.md. A shared [`Model`] may sample from several
 //! threads at once.
 //!
 //! The internal layers (bottom up: `math`, `rng`, `order`, `sampling`, `model`, `pipeline`,

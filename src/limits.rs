@@ -1,4 +1,4 @@
-//! Every stated maximum of the program, in one place (README.md "Limits" lists them; the
+//! Every stated maximum of the program, in one place (docs/limits.md lists them; the
 //! weight-magnitude bound lives with its check, `model::file::MAX_WEIGHT_ABS`). Pickle
 //! nesting needs no bound: nested values are freed iteratively (`io::pth::pickle`).
 //!

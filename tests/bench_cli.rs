@@ -1,4 +1,4 @@
-//! `checkergen bench`: the JSON fields README documents, consistent with each other, on the
+//! `checkergen bench`: the JSON fields docs/cli.md documents, consistent with each other, on the
 //! CPU and on the emulated device (whose times mean nothing: only the fields and the path are
 //! checked); bad arguments fail in one line.
 

@@ -1,7 +1,7 @@
 //! Hostile input, round 2 (issue 22): one test per class that the second campaign found
 //! and that `tests/hostile_input.rs` did not cover. Each runs the binary (`ulimit -v`, a
 //! wall-clock limit; a full disk is a `ulimit -f` file-size limit with SIGXFSZ ignored, so a
-//! write fails with EFBIG) and checks the rules README's bad-input section states: every
+//! write fails with EFBIG) and checks the rules docs/limits.md states: every
 //! input is validated before anything is created, removed or announced; no output is ever
 //! an input; every file is written to a temporary name and renamed, and a failed run leaves
 //! nothing, or a resumable state; one overwrite rule.

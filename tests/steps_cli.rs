@@ -1,4 +1,4 @@
-//! `checkergen steps`: the sweep's JSON fields (README), the schedules it picks (uniform,
+//! `checkergen steps`: the sweep's JSON fields (docs/cli.md), the schedules it picks (uniform,
 //! explicit lists, total-step targets), the chart's size, on the CPU and the emulated device;
 //! a model file fixes the ratio.
 

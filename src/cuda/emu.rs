@@ -18,7 +18,7 @@
 //!   grid.y/z at most 65535, dynamic shared memory at most 48 KiB without an opt-in).
 //!
 //! What it cannot model (timing, memory ordering across blocks, graph capture, occupancy)
-//! is listed in README.md, section "The host-emulated device".
+//! is listed in docs/gpu.md, section "The host-emulated device".
 
 use super::Kernel;
 use anyhow::{Result, bail};

@@ -155,7 +155,7 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<(TensorMap, BTreeMap<String, St
 
 /// Parse a model file's bytes: float dtypes only (an integer tensor where a weight belongs
 /// would be widened into nonsense), each value checked in the same pass that widens it (one
-/// compare per element; the cost on L-2x is in README.md, "Limits").
+/// compare per element; the cost on L-2x is in PERF.md, `inspect --verify`).
 pub fn parse_model_tensors(bytes: &[u8]) -> Result<(TensorMap, BTreeMap<String, String>)> {
     parse_checked(bytes, true, &|_| {})
 }
