@@ -28,7 +28,7 @@ pub struct BenchArgs {
     run: TimedRuns,
     #[arg(long, default_value_t = pipeline::DEFAULT_STEPS_PER_SCALE)]
     steps_per_scale: usize,
-    /// One JSON object per batch size, one per line (fields in README).
+    /// One JSON object per batch size, one per line (fields in docs/cli.md).
     #[arg(long)]
     json: bool,
     /// Walk the CUDA engine's exact launch sequence on the emulator without running any

@@ -83,6 +83,13 @@ enum Cmd {
 }
 
 fn main() {
+    // A closed pipe (`checkergen bench | head`) ends the process as it does any Unix tool,
+    // rather than making every print panic.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_DFL before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse_from(underscore_aliases(std::env::args_os())) {
         Ok(c) => c,
         // clap's whole message: the error line, its tip ("a similar argument exists") and

@@ -42,7 +42,7 @@ pub struct StepsArgs {
     batch: usize,
     #[command(flatten)]
     run: TimedRuns,
-    /// One JSON object per configuration per line (fields in README).
+    /// One JSON object per configuration per line (fields in docs/cli.md).
     #[arg(long)]
     json: bool,
     /// Also draw latency and images/s against serial steps, one series per ratio.
