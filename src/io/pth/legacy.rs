@@ -20,7 +20,7 @@
 //! are then read lazily by range, as from the zip format's entries.
 
 use super::PthDtype;
-use super::pickle::{Truncated, Value};
+use super::pickle::{Truncated, Value, esc};
 use super::torch::{Format, Storage, Torch};
 use super::zip::read_at;
 use anyhow::{Context, Result, anyhow, bail};
@@ -106,7 +106,8 @@ impl Legacy {
         let s = self.get(key)?;
         if offset.checked_add(len).is_none_or(|end| end > s.bytes) {
             bail!(
-                "read of {len} bytes at offset {offset} past the end of storage {key} ({} bytes)",
+                "read of {len} bytes at offset {offset} past the end of storage {} ({} bytes)",
+                esc(key),
                 s.bytes
             );
         }
@@ -117,7 +118,7 @@ impl Legacy {
         self.storages
             .get(key)
             .copied()
-            .ok_or_else(|| anyhow!("its storage {key} is not in the file"))
+            .ok_or_else(|| anyhow!("its storage {} is not in the file", esc(key)))
     }
 
     /// Number of storages.
@@ -185,24 +186,25 @@ fn locate(file: &File, len: u64, head: &Head) -> Result<HashMap<String, Located>
     let mut out: HashMap<String, Located> = HashMap::with_capacity(head.storages.len());
     let mut pos = head.end as u64;
     for key in &head.keys {
+        let shown = esc(key);
         let s = head.storages.get(key).ok_or_else(|| {
             anyhow!(
-                "the storage list names storage {key}, which no persistent id in the pickle names"
+                "the storage list names storage {shown}, which no persistent id in the pickle names"
             )
         })?;
         if out.contains_key(key) {
-            bail!("storage {key} is listed twice in the storage list");
+            bail!("storage {shown} is listed twice in the storage list");
         }
         let dtype: PthDtype = s.dtype.ok_or_else(|| {
             anyhow!(
-                "storage {key} has the unsupported type torch.{} (its element size is needed to \
+                "storage {shown} has the unsupported type torch.{} (its element size is needed to \
                  find the storages after it)",
-                s.class
+                esc(&s.class)
             )
         })?;
         if pos.checked_add(8).is_none_or(|e| e > len) {
             bail!(
-                "the file ends at byte {len}, inside the element count of storage {key} (at byte {pos})"
+                "the file ends at byte {len}, inside the element count of storage {shown} (at byte {pos})"
             );
         }
         let count = u64::from_le_bytes(read_at(file, len, pos, 8)?.try_into().unwrap());
@@ -211,14 +213,14 @@ fn locate(file: &File, len: u64, head: &Head) -> Result<HashMap<String, Located>
         let end = bytes.and_then(|b| start.checked_add(b));
         let Some(end) = end.filter(|&e| e <= len) else {
             bail!(
-                "storage {key} claims {count} {dtype} elements at byte {start}, more than the \
+                "storage {shown} claims {count} {dtype} elements at byte {start}, more than the \
                  {} bytes left in the file ({len} bytes)",
                 len - start.min(len)
             );
         };
         if count != s.numel as u64 {
             bail!(
-                "storage {key} holds {count} {dtype} elements, but its persistent id says {}",
+                "storage {shown} holds {count} {dtype} elements, but its persistent id says {}",
                 s.numel
             );
         }
@@ -232,7 +234,10 @@ fn locate(file: &File, len: u64, head: &Head) -> Result<HashMap<String, Located>
         pos = end;
     }
     if let Some(key) = head.storages.keys().find(|k| !out.contains_key(*k)) {
-        bail!("storage {key} is named in the pickle but missing from the storage list");
+        bail!(
+            "storage {} is named in the pickle but missing from the storage list",
+            esc(key)
+        );
     }
     if pos != len {
         bail!(

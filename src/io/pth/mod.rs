@@ -45,7 +45,7 @@ mod torch;
 mod zip;
 
 use legacy::Legacy;
-use pickle::Value;
+use pickle::{Value, esc};
 use zip::{Archive, NOT_TORCH_ZIP};
 pub use zip::{StoredEntry, stored_zip};
 
@@ -369,7 +369,7 @@ impl PthCheckpoint {
                 }
                 bail!(
                     "{shown}: no '{key}' entry (top-level keys: {})",
-                    keys.join(", ")
+                    esc(&keys.join(", "))
                 )
             }
         }
@@ -404,7 +404,7 @@ impl PthCheckpoint {
     /// Read one tensor's elements (only the bytes its view covers) as dense row-major data.
     pub fn read_tensor(&self, name: &str, t: &TensorInfo) -> Result<PthTensor> {
         self.read_tensor_inner(t)
-            .with_context(|| format!("{}: tensor '{name}'", self.path.display()))
+            .with_context(|| format!("{}: tensor '{}'", self.path.display(), esc(name)))
     }
 
     fn read_tensor_inner(&self, t: &TensorInfo) -> Result<PthTensor> {
@@ -443,13 +443,13 @@ impl PthCheckpoint {
                 archive, prefix, ..
             } => {
                 let name = format!("{prefix}data/{}", t.storage_key);
-                let entry = archive
-                    .get(&name)
-                    .ok_or_else(|| anyhow!("its storage {name} is missing from the archive"))?;
+                let entry = archive.get(&name).ok_or_else(|| {
+                    anyhow!("its storage {} is missing from the archive", esc(&name))
+                })?;
                 (name, entry.size)
             }
             Storages::Legacy(l) => (
-                format!("storage {}", t.storage_key),
+                format!("storage {}", esc(&t.storage_key)),
                 l.storage_bytes(&t.storage_key)?,
             ),
         };
@@ -462,11 +462,12 @@ impl PthCheckpoint {
             .ok_or_else(|| anyhow!("view overflows"))?;
         if end > t.storage_numel || end_bytes > storage_bytes {
             bail!(
-                "view (offset {}, shape {:?}, stride {:?}) needs {end} elements but {storage_name} \
+                "view (offset {}, shape {:?}, stride {:?}) needs {end} elements but {} \
                  holds {} {} elements ({storage_bytes} bytes)",
                 t.offset,
                 t.shape,
                 t.stride,
+                esc(&storage_name),
                 (storage_bytes / es as u64).min(t.storage_numel as u64),
                 t.dtype,
             );
@@ -479,7 +480,10 @@ impl PthCheckpoint {
                 ..
             } => {
                 let entry = archive.get(&storage_name).ok_or_else(|| {
-                    anyhow!("its storage {storage_name} is missing from the archive")
+                    anyhow!(
+                        "its storage {} is missing from the archive",
+                        esc(&storage_name)
+                    )
                 })?;
                 (
                     archive.read(entry, start_bytes, end_bytes - start_bytes)?,

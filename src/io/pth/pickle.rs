@@ -36,6 +36,16 @@ impl fmt::Display for Truncated {
 
 impl std::error::Error for Truncated {}
 
+/// Text from a file (a tensor name, a storage key, a class) as it goes into a one-line error
+/// message: control characters (a newline in a hostile key) escaped.
+pub(super) fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.escape_debug().to_string().into()
+    } else {
+        s.into()
+    }
+}
+
 /// Declares [`OpCode`] with its byte and pickletools name, and the byte -> opcode lookup.
 macro_rules! opcodes {
     ($($op:ident = $byte:literal => $name:literal,)*) => {
@@ -280,8 +290,8 @@ impl Value {
             Value::Tuple(_) => "a tuple".into(),
             Value::List(_) => "a list".into(),
             Value::Dict(_) => "a dict".into(),
-            Value::Global(g) => format!("the class {}.{}", g.0, g.1),
-            Value::Object(c) => format!("a {c} object"),
+            Value::Global(g) => format!("the class {}.{}", esc(&g.0), esc(&g.1)),
+            Value::Object(c) => format!("a {} object", esc(c)),
             Value::Ext(e) => e.kind(),
         }
     }

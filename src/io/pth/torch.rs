@@ -5,7 +5,7 @@
 //! imported or called, so a checkpoint that carries such entries next to its weights loads
 //! and a malicious one cannot run code.
 
-use super::pickle::{DictData, Extension, Globals, Unpickler, Value};
+use super::pickle::{DictData, Extension, Globals, Unpickler, Value, esc};
 use super::{PthDtype, StateDict, TensorInfo};
 use anyhow::{Result, anyhow, bail};
 use std::cell::RefCell;
@@ -182,10 +182,10 @@ impl Torch {
         if root.class != s.class || root.numel != s.numel {
             bail!(
                 "storage {} is named as torch.{} of {} elements and as torch.{} of {}",
-                s.key,
-                root.class,
+                esc(&s.key),
+                esc(&root.class),
                 root.numel,
-                s.class,
+                esc(&s.class),
                 s.numel
             );
         }
@@ -297,7 +297,8 @@ impl Globals for Torch {
                     if off.checked_add(size).is_none_or(|end| end > numel) {
                         bail!(
                             "storage view at offset {off} of {size} elements does not fit in \
-                             storage {key} of {numel}"
+                             storage {} of {numel}",
+                            esc(&key)
                         );
                     }
                     off
@@ -388,8 +389,9 @@ pub(super) fn collect_state_dict(v: &Value) -> Result<StateDict> {
         };
         let dtype = t.storage.dtype.ok_or_else(|| {
             anyhow!(
-                "tensor '{name}' has unsupported storage type torch.{}",
-                t.storage.class
+                "tensor '{}' has unsupported storage type torch.{}",
+                esc(name),
+                esc(&t.storage.class)
             )
         })?;
         out.insert(
@@ -401,7 +403,7 @@ pub(super) fn collect_state_dict(v: &Value) -> Result<StateDict> {
                 offset: t
                     .offset
                     .checked_add(t.storage.view_offset)
-                    .ok_or_else(|| anyhow!("tensor '{name}': storage offset overflows"))?,
+                    .ok_or_else(|| anyhow!("tensor '{}': storage offset overflows", esc(name)))?,
                 storage_key: t.storage.key.clone(),
                 storage_numel: t.storage.numel,
             },
