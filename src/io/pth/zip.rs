@@ -124,7 +124,7 @@ fn le64(b: &[u8], at: usize) -> u64 {
 
 /// Read `len` bytes at `offset` of a file of `file_len` bytes; a range past the end is an
 /// error before anything is allocated.
-fn read_at(mut file: &File, file_len: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
+pub(super) fn read_at(mut file: &File, file_len: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
     if offset.checked_add(len).is_none_or(|end| end > file_len) {
         bail!("truncated file: {len} bytes at offset {offset} are past its end ({file_len} bytes)");
     }
@@ -138,13 +138,12 @@ fn read_at(mut file: &File, file_len: u64, offset: u64, len: u64) -> Result<Vec<
 /// Read the central directory (with ZIP64 support) into name -> entry.
 fn read_index(file: &File, len: u64) -> Result<HashMap<String, Entry>> {
     let head = read_at(file, len, 0, len.min(4))?;
-    let legacy = head.first() == Some(&0x80);
+    // A pickle (a legacy torch.save file; PthCheckpoint reads those before this point, so
+    // this is a reader of zips only, such as .npz input, given one).
+    let pickle = head.first() == Some(&0x80);
     let not_zip = || {
-        if legacy {
-            anyhow!(
-                "{NOT_TORCH_ZIP}: this looks like the legacy (torch < 1.6) pickle format; \
-                 load it in Python and re-save it with a recent torch.save"
-            )
+        if pickle {
+            anyhow!("{NOT_TORCH_ZIP}: this is a pickle (a legacy torch.save file?)")
         } else {
             anyhow!("{NOT_TORCH_ZIP} (no zip end-of-central-directory record)")
         }
