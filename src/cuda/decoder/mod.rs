@@ -49,9 +49,17 @@ use std::sync::Mutex;
 
 /// Pixels per GroupNorm statistics chunk: gn_partial's, and one 128-row tile of the
 /// tensor-core conv, whose epilogue writes the same statistics (kernels/decoder.cu TC_BM).
-pub const GN_CHUNK: usize = 128;
-/// Block tile (M and N) of conv3x3_tc.
-const TC_TILE: usize = 128;
+pub const GN_CHUNK: usize = super::c_defines::decoder::TC_BM;
+/// Block tile (M and N) of conv3x3_tc (kernels/decoder.cu TC_BM, TC_BN).
+const TC_TILE: usize = super::c_defines::decoder::TC_BM;
+const _: () = assert!(
+    super::c_defines::decoder::TC_BN == TC_TILE,
+    "conv3x3_tc: the launcher assumes square block tiles"
+);
+const _: () = assert!(
+    super::c_defines::decoder::GN_GROUPS == GN_GROUPS,
+    "model::decoder::GN_GROUPS differs from kernels/decoder.cu's GN_GROUPS"
+);
 
 /// The 16-bit type of conv inputs and weights (kernels exist for both, suffix `_bf16`/`_f16`).
 pub trait Storage: DevElem {
