@@ -282,7 +282,7 @@ fn build_emu(
         .warnings(false)
         .extra_warnings(false)
         .define("CHECKERGEN_HOST_EMU", None)
-        // Single roundings like the drivers of tools/emu; the kernels type-pun through casts.
+        // Single roundings like tools/emu/run.sh's build; the kernels type-pun through casts.
         .flag("-ffp-contract=off")
         .flag("-fno-strict-aliasing")
         .flag_if_supported("-Wno-unknown-pragmas");

@@ -882,7 +882,7 @@ pub fn bench_decode(_a: BenchDecodeArgs) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
-    use checkergen::cuda::decoder::{ConvKernel, GpuDecoder, Precision, bench_decode};
+    use checkergen::cuda::decoder::{ConvKernel, GpuDecoder, StorageDtype, bench_decode};
     use checkergen::model::decoder::DecoderWeights;
     let max = checkergen::limits::MAX_IMAGES;
     if a.batch == 0 {
@@ -914,11 +914,11 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         }
     };
     let precision = match a.precision {
-        PrecisionArg::Fp16 => Precision::F16,
-        PrecisionArg::Bf16 => Precision::Bf16,
+        PrecisionArg::Fp16 => StorageDtype::F16,
+        PrecisionArg::Bf16 => StorageDtype::Bf16,
     };
     let (free0, _) = gpu.mem_get_info()?;
-    let mut gdec = GpuDecoder::with_precision(&gpu, &dec, precision)?;
+    let mut gdec = GpuDecoder::with_dtype(&gpu, &dec, precision)?;
     gdec.set_conv_kernel(match a.conv {
         ConvArg::Tc => ConvKernel::TensorCore,
         ConvArg::Direct => ConvKernel::Direct,
@@ -932,7 +932,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "device": gpu.name, "precision": format!("{:?}", r.precision),
+                "device": gpu.name, "precision": format!("{:?}", r.dtype),
                 "conv": format!("{:?}", r.conv_kernel), "batch": r.batch, "side": r.side,
                 "ms_median": r.ms_median, "ms_min": r.ms_min, "images_per_s": r.images_per_s,
                 "tflops": r.tflops, "percent_of_peak": peak.map(|p| 100.0 * r.tflops / p),
@@ -944,7 +944,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             "{} | {:?} {:?} | batch {} at {} px | {:.2} ms/batch (min {:.2}) | {:.0} images/s | \
              {:.1} TFLOP/s{} | {:.2} GB device memory (weights + workspace)",
             gpu.name,
-            r.precision,
+            r.dtype,
             r.conv_kernel,
             r.batch,
             r.side,

@@ -13,7 +13,7 @@
 //!                                                                 (B, 3, H, W) f32 and u8
 //! ```
 //! Activations are NHWC and every one is 16-bit [`Storage`] T (fp16 by default, bf16 as an
-//! option, [`Precision`]), the residual stream included; conv weights are T (3x3 as
+//! option, [`StorageDtype`]), the residual stream included; conv weights are T (3x3 as
 //! (Cout, 3, 3, Cin), 1x1 as (Cout, Cin)); biases, norm affines and the codebook are f32;
 //! accumulation f32. Why fp16 by default: on the golden decoder fp16 storage gives a relative
 //! error of 2.8e-3 to 3.3e-3, bf16 2.2e-2 to 3.0e-2 (PERF.md, "VQ decoder"); the tensor-core
@@ -104,7 +104,7 @@ impl Storage for f32 {
 
 /// Which 16-bit storage a [`GpuDecoder`] uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
+pub enum StorageDtype {
     /// IEEE half: 10 mantissa bits, range +-65504; the default (meets the 1e-2 golden gate).
     F16,
     /// bfloat16: 7 mantissa bits, f32's range.
@@ -648,26 +648,26 @@ macro_rules! dispatch {
 impl GpuDecoder {
     /// Upload the weights of a loaded CPU decoder, fp16 storage.
     pub fn new(gpu: &Gpu, dec: &host::DecoderWeights) -> Result<GpuDecoder> {
-        GpuDecoder::with_precision(gpu, dec, Precision::F16)
+        GpuDecoder::with_dtype(gpu, dec, StorageDtype::F16)
     }
 
     /// Upload the weights of a loaded CPU decoder with the given 16-bit storage.
-    pub fn with_precision(
+    pub fn with_dtype(
         gpu: &Gpu,
         dec: &host::DecoderWeights,
-        precision: Precision,
+        dtype: StorageDtype,
     ) -> Result<GpuDecoder> {
-        let inner = match precision {
-            Precision::F16 => Inner::F16(Decoder::new(gpu, dec)?),
-            Precision::Bf16 => Inner::Bf16(Decoder::new(gpu, dec)?),
+        let inner = match dtype {
+            StorageDtype::F16 => Inner::F16(Decoder::new(gpu, dec)?),
+            StorageDtype::Bf16 => Inner::Bf16(Decoder::new(gpu, dec)?),
         };
         Ok(GpuDecoder { inner })
     }
 
-    pub fn precision(&self) -> Precision {
+    pub fn dtype(&self) -> StorageDtype {
         match self.inner {
-            Inner::F16(_) => Precision::F16,
-            Inner::Bf16(_) => Precision::Bf16,
+            Inner::F16(_) => StorageDtype::F16,
+            Inner::Bf16(_) => StorageDtype::Bf16,
         }
     }
 
