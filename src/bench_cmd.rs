@@ -412,7 +412,7 @@ fn dry_run(a: &BenchArgs) -> Result<()> {
             let name = p.as_deref().unwrap_or("L-2x");
             let cfg = preset(name)?;
             let mut map = checkergen::model::file::TensorMap::new();
-            for (n, shape) in checkergen::model::weights::expected_tensors(&cfg)? {
+            for (n, shape) in checkergen::model::expected_tensors(&cfg)? {
                 let len = shape.iter().product();
                 map.insert(
                     n,

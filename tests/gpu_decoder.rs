@@ -14,10 +14,9 @@ use checkergen::cuda::decoder::{
     self as gd, AttnScratch, AttnWeights, ConvGn, ConvKernel, ConvWeights, GnScratch, GnWeights,
     GpuDecoder, Resample, Residual, Storage, StorageDtype,
 };
+use checkergen::model::autoenc::{Conv, GN_EPS, GN_GROUPS, GroupNorm as HostGroupNorm};
 use checkergen::model::config::DecoderConfig;
-use checkergen::model::decoder::{
-    Conv, DecoderWeights, GN_EPS, GN_GROUPS, GroupNorm as HostGroupNorm,
-};
+use checkergen::model::decoder::DecoderWeights;
 use checkergen::model::file::{TensorMap, load_safetensors};
 use checkergen::model::init::random_decoder_tensors;
 use common::half16::{nan, round_to, to_f32, to_h};

@@ -15,7 +15,7 @@ use checkergen::cuda::decoder::{
 
 const DOWN: Resample = Resample::Down;
 use checkergen::model::Model;
-use checkergen::model::decoder::Conv;
+use checkergen::model::autoenc::Conv;
 use checkergen::model::file::load_i64;
 use common::half16::{nan, round_to, to_f32, to_h};
 use common::{Report, per_image_nhwc, rand_vec};

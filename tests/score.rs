@@ -252,7 +252,7 @@ fn tiny_file(name: &str, encoder: bool) -> PathBuf {
     let cfg = preset("tiny").unwrap();
     let mut map = random_tensors(&cfg, 1).unwrap();
     if !encoder {
-        map.retain(|k, _| !checkergen::model::weights::is_encoder_tensor(k));
+        map.retain(|k, _| !checkergen::model::is_encoder_tensor(k));
     }
     let p = tmp(name);
     write_model(&p, &cfg, &map, Dtype::F32, &[]).unwrap();

@@ -40,8 +40,9 @@ pub use launch::*;
 
 use super::gemm::{GemmCall, Op, Operand, gemm};
 use super::{DevBuf, DevElem, Gpu, Kernel, k, norm, row_grid, stride_grid};
+use crate::model::autoenc::{self as host, GN_EPS, GN_GROUPS};
 use crate::model::config::DecoderConfig;
-use crate::model::decoder::{self as host, GN_EPS, GN_GROUPS};
+use crate::model::decoder::DecoderWeights;
 use anyhow::{Context, Result, ensure};
 use cudarc::cublaslt::sys;
 use half::{bf16, f16};
@@ -58,7 +59,7 @@ const _: () = assert!(
 );
 const _: () = assert!(
     super::c_defines::decoder::GN_GROUPS == GN_GROUPS,
-    "model::decoder::GN_GROUPS differs from kernels/decoder.cu's GN_GROUPS"
+    "model::autoenc::GN_GROUPS differs from kernels/decoder.cu's GN_GROUPS"
 );
 
 /// The 16-bit type of conv inputs and weights (kernels exist for both, suffix `_bf16`/`_f16`).
@@ -647,16 +648,12 @@ macro_rules! dispatch {
 
 impl GpuDecoder {
     /// Upload the weights of a loaded CPU decoder, fp16 storage.
-    pub fn new(gpu: &Gpu, dec: &host::DecoderWeights) -> Result<GpuDecoder> {
+    pub fn new(gpu: &Gpu, dec: &DecoderWeights) -> Result<GpuDecoder> {
         GpuDecoder::with_dtype(gpu, dec, StorageDtype::F16)
     }
 
     /// Upload the weights of a loaded CPU decoder with the given 16-bit storage.
-    pub fn with_dtype(
-        gpu: &Gpu,
-        dec: &host::DecoderWeights,
-        dtype: StorageDtype,
-    ) -> Result<GpuDecoder> {
+    pub fn with_dtype(gpu: &Gpu, dec: &DecoderWeights, dtype: StorageDtype) -> Result<GpuDecoder> {
         let inner = match dtype {
             StorageDtype::F16 => Inner::F16(Decoder::new(gpu, dec)?),
             StorageDtype::Bf16 => Inner::Bf16(Decoder::new(gpu, dec)?),
@@ -870,7 +867,7 @@ struct Decoder<T: Storage> {
 }
 
 impl<T: Storage> Decoder<T> {
-    fn new(gpu: &Gpu, dec: &host::DecoderWeights) -> Result<Decoder<T>> {
+    fn new(gpu: &Gpu, dec: &DecoderWeights) -> Result<Decoder<T>> {
         let levels = dec
             .levels
             .iter()
