@@ -6,11 +6,12 @@
 mod common;
 
 use checkergen::cpu::sample_tokens;
-use checkergen::cpu::score::{ScoreStats, masked_logits, score_codes};
+use checkergen::cpu::score::{masked_logits, score_codes};
 use checkergen::model::Model;
 use checkergen::model::file::load_i64;
 use checkergen::order::Schedule;
 use checkergen::pipeline::{SampleOptions, Steps};
+use checkergen::score::ScoreStats;
 use safetensors::SafeTensors;
 use std::path::Path;
 
