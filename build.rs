@@ -13,8 +13,7 @@ use std::process::Command;
 #[path = "build/c_params.rs"]
 mod c_params;
 
-/// A kernel file's stem, parameter structs (laid out) and integer defines.
-type FileLayout = (String, Vec<c_params::CStruct>, Vec<(String, u64)>);
+use c_params::FileLayout;
 
 /// Every kernel file's parameter structs and defines (and common.cuh's defines, as `common`).
 /// A struct the parser cannot read, or whose computed size differs from the size its file's
