@@ -181,6 +181,16 @@ enum GraphInner {
     Emu(Vec<EmuOp>),
 }
 
+#[cfg(test)]
+impl Graph {
+    /// An emulator recording of no operation (the graph cache's unit tests).
+    pub(crate) fn empty_for_tests() -> Graph {
+        Graph {
+            inner: GraphInner::Emu(Vec::new()),
+        }
+    }
+}
+
 // SAFETY: a CUDA graph and its executable are driver handles that any thread may launch
 // (cudarc binds the context first); the engine keeps graphs inside its batch cache behind a
 // Mutex, so one thread uses a graph at a time. The emulator's recording is Send already.

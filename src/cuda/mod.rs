@@ -13,6 +13,7 @@ pub mod emu;
 pub mod engine;
 pub mod ffn;
 pub mod gemm;
+pub mod graphs;
 pub mod ledger;
 pub mod norm;
 pub mod sampling;
