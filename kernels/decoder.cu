@@ -584,7 +584,7 @@ struct GnPartialParams {
     float* part;     // (B, nchunk, c, 2): (mean, M2) per chunk and channel
     int batch, hw, c, chunk, nchunk;
 };
-static_assert(sizeof(GnPartialParams) == 40, "GnPartialParams: mirrored in src/cuda/decoder.rs");
+static_assert(sizeof(GnPartialParams) == 40, "GnPartialParams: mirrored in src/cuda/decoder/launch.rs");
 
 // grid (nchunk, B), block 256; needs c % 4 == 0 and c <= 1024. Thread = (row r, float4 column
 // col); rows = 256 / (c/4) pixels are read per iteration.
@@ -634,7 +634,7 @@ struct GnFinalizeParams {
     int batch, hw, c, chunk, nchunk;
     float eps;
 };
-static_assert(sizeof(GnFinalizeParams) == 56, "GnFinalizeParams: mirrored in src/cuda/decoder.rs");
+static_assert(sizeof(GnFinalizeParams) == 56, "GnFinalizeParams: mirrored in src/cuda/decoder/launch.rs");
 
 // grid (32, B), block 256: one block per (group, image).
 __device__ __forceinline__ void gn_finalize_impl(const GnFinalizeParams& p) {
@@ -676,7 +676,7 @@ struct GnApplyParams {
     void* y;          // (B, hw, c) T
     int batch, hw, c, silu;
 };
-static_assert(sizeof(GnApplyParams) == 40, "GnApplyParams: mirrored in src/cuda/decoder.rs");
+static_assert(sizeof(GnApplyParams) == 40, "GnApplyParams: mirrored in src/cuda/decoder/launch.rs");
 
 // grid.y strides over images, grid.x over an image's hw*c/4 float4s (32-bit indexing inside
 // an image); 4 T values stored as one 8-byte word.
@@ -736,7 +736,7 @@ struct GatherCodesParams {
     void* z;                // (rows, e) T
     int rows, e, n_embed, normalize;
 };
-static_assert(sizeof(GatherCodesParams) == 40, "GatherCodesParams: mirrored in src/cuda/decoder.rs");
+static_assert(sizeof(GatherCodesParams) == 40, "GatherCodesParams: mirrored in src/cuda/decoder/launch.rs");
 
 // One thread per row.
 template <typename T>
@@ -781,7 +781,7 @@ struct SoftmaxParams {
     int rows, n;
     float scale;  // > 0
 };
-static_assert(sizeof(SoftmaxParams) == 32, "SoftmaxParams: mirrored in src/cuda/decoder.rs");
+static_assert(sizeof(SoftmaxParams) == 32, "SoftmaxParams: mirrored in src/cuda/decoder/launch.rs");
 
 // grid rows, block 256.
 template <typename T>
@@ -807,7 +807,7 @@ struct PixelsParams {
     unsigned char* out_u8;   // (B, c, hw) or null
     int batch, hw, c;
 };
-static_assert(sizeof(PixelsParams) == 40, "PixelsParams: mirrored in src/cuda/decoder.rs");
+static_assert(sizeof(PixelsParams) == 40, "PixelsParams: mirrored in src/cuda/decoder/launch.rs");
 
 // grid.y strides over images, grid.x over an image's c*hw outputs (32-bit indexing inside
 // an image).

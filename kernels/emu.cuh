@@ -30,7 +30,7 @@
 //     cp.async (16-byte copies queued per thread that land only at cp.async.wait_group, the
 //     latest moment the hardware may land them; alignment checked);
 //   - __trap() and assert() in kernels fail the launch;
-//   - emu_launch(kernel, grid, block, params) for the tools/emu drivers (an error prints
+//   - emu_launch(kernel, grid, block, params) for tools/emu/selftest_emu.cpp (an error prints
 //     "EMU ERROR" and counts) and emu_report() (emulator errors and ldmatrix bank conflicts;
 //     non-zero means failure).
 // Not emulated: timing, memory-ordering races between threads or blocks (a block's threads
@@ -301,7 +301,7 @@ struct EmuPool {
 inline thread_local EmuPool t_emu_pool;
 
 // ---- errors -----------------------------------------------------------------------------------
-inline std::atomic<long> g_emu_errors{0};  // emu_launch failures (tools/emu drivers)
+inline std::atomic<long> g_emu_errors{0};  // emu_launch failures (tools/emu/selftest_emu.cpp)
 inline void emu_error(const char* what) {
     if (g_emu_errors.fetch_add(1) < 10) std::fprintf(stderr, "EMU ERROR: %s\n", what);
 }
@@ -1021,7 +1021,7 @@ int emu_abi_launch(void (*kernel)(P), const char* name, unsigned max_threads, co
     return emu_run(name, &EmuCall<P>::run, &call, grid, block, dyn_smem, max_threads, err, err_len);
 }
 
-// For the tools/emu drivers: run kernel(p) over grid x block; an error prints "EMU ERROR"
+// For tools/emu/selftest_emu.cpp: run kernel(p) over grid x block; an error prints "EMU ERROR"
 // and counts in emu_report().
 template <class P>
 void emu_launch(void (*kernel)(P), dim3 grid, dim3 block, const P& p) {

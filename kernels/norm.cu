@@ -5,10 +5,10 @@
 // rmsnorm_adaln: out[t, :] = bf16( x[t, :] * rsqrt(mean(x[t, :]^2) + eps) * w * scale_r + shift_r )
 //   x    (T, C) f32, the residual stream, T = rows * n (row r = t / n)
 //   w    (C) f32 norm weight
-//   mod  per sequence row r, the AdaLN [shift | scale] (2C f32) at mod + r * mod_stride +
-//        mod_offset: the engine keeps every layer's [shift1 | scale1 | shift2 | scale2] in one
-//        (rows, L*4C) buffer (mod_stride L*4C, mod_offset l*4C, + 2C before the FFN);
-//        mod == 0 skips the modulation (final norm).
+//   modulation  per sequence row r, the AdaLN [shift | scale] (2C f32) at modulation +
+//        r * mod_stride + mod_offset: the engine keeps every layer's [shift1 | scale1 |
+//        shift2 | scale2] in one (rows, L*4C) buffer (mod_stride L*4C, mod_offset l*4C, + 2C
+//        before the FFN); modulation == 0 skips the modulation (final norm).
 //   out  (T, C) bf16
 //   launch: grid T, block 256; one block per token, f32 sum of squares by block reduction.
 // silu_mul: h[t, i] = bf16( silu(g[t, i]) * g[t, F + i] ), g (T, 2F) bf16 from one GEMM with
@@ -23,10 +23,10 @@
 // =============================================================================================
 
 struct RmsNormParams {
-    const float* x;       // (T, C)
-    const float* w;       // (C)
-    const float* mod;     // row r's pair at r * mod_stride + mod_offset, or null
-    __nv_bfloat16* out;   // (T, C)
+    const float* x;           // (T, C)
+    const float* w;           // (C)
+    const float* modulation;  // row r's pair at r * mod_stride + mod_offset, or null
+    __nv_bfloat16* out;       // (T, C)
     int tokens, n, c, mod_offset, mod_stride;
     float eps;
 };
@@ -43,7 +43,7 @@ __device__ __forceinline__ void rmsnorm_adaln_impl(const RmsNormParams& p) {
     for (int i = threadIdx.x; i < p.c; i += blockDim.x) ss += x[i] * x[i];
     ss = block_sum(ss, scratch);
     const float inv = rsqrtf(ss / (float)p.c + p.eps);
-    const float* m = p.mod ? p.mod + (size_t)(t / p.n) * p.mod_stride + p.mod_offset : nullptr;
+    const float* m = p.modulation ? p.modulation + (size_t)(t / p.n) * p.mod_stride + p.mod_offset : nullptr;
     for (int i = threadIdx.x; i < p.c; i += blockDim.x) {
         float v = x[i] * inv * w[i];
         if (m) v = v * m[p.c + i] + m[i];

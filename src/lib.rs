@@ -55,3 +55,5 @@ pub mod pipeline;
 pub mod rng;
 #[doc(hidden)]
 pub mod sampling;
+#[doc(hidden)]
+pub mod score;

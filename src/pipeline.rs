@@ -400,14 +400,40 @@ pub struct Decoded {
     pub images: Option<Vec<f32>>,
 }
 
+/// Everything besides the batch's shape, labels, seed and image offset that a recorded loop's
+/// launches depend on: guidance, its start step, the token policy (floats by their bits, so
+/// it hashes and compares exactly).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LoopSignature {
+    cfg_bits: u32,
+    cfg_start_step: usize,
+    cfg_end_step: Option<usize>,
+    temperature_bits: u32,
+    top_k: Option<usize>,
+    top_p_bits: Option<u32>,
+}
+
+impl LoopSignature {
+    /// The signature of a sampling call's loop.
+    pub fn of(o: &SampleOptions) -> LoopSignature {
+        LoopSignature {
+            cfg_bits: o.cfg.to_bits(),
+            cfg_start_step: o.cfg_start_step,
+            cfg_end_step: o.cfg_end_step,
+            temperature_bits: o.policy.temperature.to_bits(),
+            top_k: o.policy.top_k,
+            top_p_bits: o.policy.top_p.map(f32::to_bits),
+        }
+    }
+}
+
 /// The token loop about to run, told to the backend before `begin` (see [`Backend::plan`]).
 #[derive(Clone, Debug)]
 pub struct LoopPlan {
     /// The loop may be recorded and replayed: nothing is read back per step.
     pub graph: bool,
-    /// Everything besides the batch's shape, labels, seed and image offset that the recorded
-    /// launches depend on (guidance, its start step, the token policy).
-    pub signature: String,
+    /// What the recorded launches depend on besides the batch's inputs.
+    pub signature: LoopSignature,
     /// The batch's seed and run-wide first image index, which a replay reads from device
     /// memory.
     pub seed: u64,
@@ -642,10 +668,7 @@ fn run_tokens<B: Backend + ?Sized>(
     }
     let mut plan = LoopPlan {
         graph: o.graph && o.forced_tokens.is_none() && !o.record_logits && !o.record_stats,
-        signature: format!(
-            "cfg {} from step {} to {:?}, {:?}",
-            o.cfg, o.cfg_start_step, o.cfg_end_step, o.policy
-        ),
+        signature: LoopSignature::of(o),
         seed: o.seed,
         image0: o.image_offset as u32,
         decode: decode_last.then(|| scale_sizes.len() - 1),

@@ -3,10 +3,10 @@
 mod common;
 
 use checkergen::cpu::ops::pixels as to_pixels_u8;
+use checkergen::model::autoenc::CODEBOOK;
 use checkergen::model::config::DecoderConfig;
 use checkergen::model::decoder::DecoderWeights;
 use checkergen::model::file::{Tensor, TensorMap, load_safetensors};
-use checkergen::model::weights::CODEBOOK;
 use std::time::Instant;
 
 /// Max absolute error allowed on raw decoded pixels (images have |max| about 4).

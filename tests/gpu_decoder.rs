@@ -12,12 +12,11 @@ use checkergen::cpu::ops::{self, pixels as to_pixels_u8};
 use checkergen::cuda::Gpu;
 use checkergen::cuda::decoder::{
     self as gd, AttnScratch, AttnWeights, ConvGn, ConvKernel, ConvWeights, GnScratch, GnWeights,
-    GpuDecoder, Precision, Resample, Residual, Storage,
+    GpuDecoder, Resample, Residual, Storage, StorageDtype,
 };
+use checkergen::model::autoenc::{Conv, GN_EPS, GN_GROUPS, GroupNorm as HostGroupNorm};
 use checkergen::model::config::DecoderConfig;
-use checkergen::model::decoder::{
-    Conv, DecoderWeights, GN_EPS, GN_GROUPS, GroupNorm as HostGroupNorm,
-};
+use checkergen::model::decoder::DecoderWeights;
 use checkergen::model::file::{TensorMap, load_safetensors};
 use checkergen::model::init::random_decoder_tensors;
 use common::half16::{nan, round_to, to_f32, to_h};
@@ -664,10 +663,10 @@ fn decode_matches_golden() {
     // stream was f32). Only the bf16 kernels' mutual bound is wider than before the fusion
     // (2e-3 then; up to 6.9e-3 measured now: bf16 rounding flips compound through the stream).
     for (precision, gate, within2_min, v12) in [
-        (Precision::F16, 1e-2, 0.99, 2e-3),
-        (Precision::Bf16, 4e-2, 0.8, 1e-2),
+        (StorageDtype::F16, 1e-2, 0.99, 2e-3),
+        (StorageDtype::Bf16, 4e-2, 0.8, 1e-2),
     ] {
-        let mut dec = GpuDecoder::with_precision(&gpu, &cpu_dec, precision).unwrap();
+        let mut dec = GpuDecoder::with_dtype(&gpu, &cpu_dec, precision).unwrap();
         golden_cases(&gpu, &mut dec, &cases, (gate, within2_min, v12));
     }
 }
@@ -676,7 +675,7 @@ fn decode_matches_golden() {
 /// within 2 of the golden ones, the bound on the two conv kernels' difference.
 fn golden_cases(gpu: &Gpu, dec: &mut GpuDecoder, cases: &TensorMap, tol: (f64, f64, f64)) {
     let (gate, within2_min, v12) = tol;
-    let p = dec.precision();
+    let p = dec.dtype();
     // s = 16 (256 px) only on a GPU: minutes on the host emulator.
     let sizes: &[usize] = if gpu.is_emu() {
         &[1, 2, 4, 5, 8]
@@ -732,7 +731,7 @@ fn released_shape_decoder_matches_cpu() {
     };
     let cpu_dec = DecoderWeights::from_tensors(&cfg, &random_decoder_tensors(&cfg, 9000)).unwrap();
     let dec = GpuDecoder::new(&gpu, &cpu_dec).unwrap();
-    let dec_bf16 = GpuDecoder::with_precision(&gpu, &cpu_dec, Precision::Bf16).unwrap();
+    let dec_bf16 = GpuDecoder::with_dtype(&gpu, &cpu_dec, StorageDtype::Bf16).unwrap();
     // On the host emulator the released decoder runs at (B 3, s 5) only: s = 16 (256 px at
     // the released widths) takes minutes there.
     let shapes: &[(usize, usize)] = if gpu.is_emu() {

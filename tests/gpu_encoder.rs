@@ -15,7 +15,7 @@ use checkergen::cuda::decoder::{
 
 const DOWN: Resample = Resample::Down;
 use checkergen::model::Model;
-use checkergen::model::decoder::Conv;
+use checkergen::model::autoenc::Conv;
 use checkergen::model::file::load_i64;
 use common::half16::{nan, round_to, to_f32, to_h};
 use common::{Report, per_image_nhwc, rand_vec};
@@ -270,7 +270,7 @@ fn encode_case<T: Storage>(
     // A later, smaller encode (1 image at the second scale) reuses the pyramid's buffers and
     // gives that image's z again.
     let (s1, stride, e) = (scales[1], enc.config().stride(), model.config.code_dim());
-    let img0 = checkergen::cpu::encoder::to_planar(&images[..side * side * 3], side);
+    let img0 = checkergen::score::to_planar(&images[..side * side * 3], side);
     let x = ops::upsample_bilinear(&img0, 1, 3, side, stride * s1);
     let z1 = enc.encode(gpu, &x, 1, stride * s1).unwrap();
     let case = format!("{cfg_name} {} s={s1} B=1 after the pyramid", T::TAG);

@@ -2,8 +2,7 @@
 //! one table of launches compared token for token (guidance combine bit for bit, argmax ties,
 //! teacher forcing, realistic draws), then the statistical checks (draws follow
 //! softmax(l / T) by chi-square; top-k/top-p never emit an excluded token; renormalization).
-//! Runs on the GPU, or the host emulator without one. The CPU model
-//! of the kernel's selection algorithm is tests/sampling_kernel_model.rs (runs everywhere).
+//! Runs on the GPU, or the host emulator without one.
 #![cfg(feature = "cuda")]
 
 mod common;

@@ -10,11 +10,12 @@
 mod common;
 
 use checkergen::cpu::ops::{self, attention::BlockMask as HostMask};
-use checkergen::cpu::score::{ScoreStats, masked_logits, score_codes};
+use checkergen::cpu::score::{masked_logits, score_codes};
 use checkergen::cuda::Gpu;
 use checkergen::cuda::attention::{self, AttentionImpl, AttnShape, BlockMask, Rope};
 use checkergen::cuda::engine::GpuModel;
 use checkergen::order::Schedule;
+use checkergen::score::ScoreStats;
 use common::half16::{nan, to_f32};
 use common::{Report, Rng, i32s};
 use half::bf16;

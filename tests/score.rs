@@ -6,11 +6,12 @@
 mod common;
 
 use checkergen::cpu::sample_tokens;
-use checkergen::cpu::score::{ScoreStats, masked_logits, score_codes};
+use checkergen::cpu::score::{masked_logits, score_codes};
 use checkergen::model::Model;
 use checkergen::model::file::load_i64;
 use checkergen::order::Schedule;
 use checkergen::pipeline::{SampleOptions, Steps};
+use checkergen::score::ScoreStats;
 use safetensors::SafeTensors;
 use std::path::Path;
 
@@ -252,7 +253,7 @@ fn tiny_file(name: &str, encoder: bool) -> PathBuf {
     let cfg = preset("tiny").unwrap();
     let mut map = random_tensors(&cfg, 1).unwrap();
     if !encoder {
-        map.retain(|k, _| !checkergen::model::weights::is_encoder_tensor(k));
+        map.retain(|k, _| !checkergen::model::is_encoder_tensor(k));
     }
     let p = tmp(name);
     write_model(&p, &cfg, &map, Dtype::F32, &[]).unwrap();

@@ -350,7 +350,7 @@ fn dry_run(a: &BenchArgs) -> Result<()> {
             let name = p.as_deref().unwrap_or("L-2x");
             let cfg = checkergen::model::config::preset(name)?;
             let mut map = checkergen::model::file::TensorMap::new();
-            for (n, shape) in checkergen::model::weights::expected_tensors(&cfg)? {
+            for (n, shape) in checkergen::model::expected_tensors(&cfg)? {
                 let len = shape.iter().product();
                 map.insert(
                     n,
@@ -520,7 +520,7 @@ pub fn bench_decode(_a: BenchDecodeArgs) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
-    use checkergen::cuda::decoder::{ConvKernel, GpuDecoder, Precision, bench_decode};
+    use checkergen::cuda::decoder::{ConvKernel, GpuDecoder, StorageDtype, bench_decode};
     use checkergen::model::decoder::DecoderWeights;
     crate::args::check_batch("--batch", Some(a.batch))?;
     check_repeats(a.warmup, a.iters)?;
@@ -546,11 +546,11 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         }
     };
     let precision = match a.precision {
-        PrecisionArg::Fp16 => Precision::F16,
-        PrecisionArg::Bf16 => Precision::Bf16,
+        PrecisionArg::Fp16 => StorageDtype::F16,
+        PrecisionArg::Bf16 => StorageDtype::Bf16,
     };
     let (free0, _) = gpu.mem_get_info()?;
-    let mut gdec = GpuDecoder::with_precision(&gpu, &dec, precision)?;
+    let mut gdec = GpuDecoder::with_dtype(&gpu, &dec, precision)?;
     gdec.set_conv_kernel(match a.conv {
         ConvArg::Tc => ConvKernel::TensorCore,
         ConvArg::Direct => ConvKernel::Direct,
@@ -564,7 +564,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "device": gpu.name, "precision": format!("{:?}", r.precision),
+                "device": gpu.name, "precision": format!("{:?}", r.dtype),
                 "conv": format!("{:?}", r.conv_kernel), "batch": r.batch, "side": r.side,
                 "ms_median": r.ms_median, "ms_min": r.ms_min, "images_per_s": r.images_per_s,
                 "tflops": r.tflops, "percent_of_peak": peak.map(|p| 100.0 * r.tflops / p),
@@ -576,7 +576,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             "{} | {:?} {:?} | batch {} at {} px | {:.2} ms/batch (min {:.2}) | {:.0} images/s | \
              {:.1} TFLOP/s{} | {:.2} GB device memory (weights + workspace)",
             gpu.name,
-            r.precision,
+            r.dtype,
             r.conv_kernel,
             r.batch,
             r.side,

@@ -17,7 +17,8 @@
 //! decoder's CPU time.
 
 use crate::cpu::ops;
-use crate::model::decoder::{AttnBlock, Conv, DecoderWeights, GroupNorm, ResBlock};
+use crate::model::autoenc::{AttnBlock, Conv, GroupNorm, ResBlock};
+use crate::model::decoder::DecoderWeights;
 use std::cell::RefCell;
 
 /// Buffers kept per thread between layers (a ResBlock holds at most three at once).
@@ -266,9 +267,9 @@ pub fn to_pixels_u8(img: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::autoenc::CODEBOOK;
     use crate::model::config::DecoderConfig;
     use crate::model::file::{Tensor, TensorMap};
-    use crate::model::weights::CODEBOOK;
 
     /// The largest |a - b| (NaNs are passed over, as f32::max does).
     fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

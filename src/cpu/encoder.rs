@@ -17,16 +17,7 @@
 use super::decoder::{Act, normalize_positions, recycle, res_attn_blocks};
 use crate::cpu::ops;
 use crate::model::encoder::EncoderWeights;
-use rayon::prelude::*;
-
-/// One image's encoding at every scale of a pyramid (`cuda::decoder::GpuEncoder` fills it
-/// for a batch: the images' layouts one after another).
-pub struct EncodedPyramid {
-    /// Per scale: (e, s, s) normalized code vectors (before quantization).
-    pub z: Vec<Vec<f32>>,
-    /// Per scale: (s, s) raster code ids.
-    pub codes: Vec<Vec<u32>>,
-}
+use crate::score::{EncodedPyramid, quantize, to_planar};
 
 impl EncoderWeights {
     /// Encode one image `x (3, H, W)` (values in [-1, 1], H and W multiples of the stride) to
@@ -95,40 +86,4 @@ impl EncoderWeights {
         }
         EncodedPyramid { z: zs, codes }
     }
-}
-
-/// One 8-bit RGB image `(H, W, 3)` (H = W = `side`) to float `(3, H, W)` by (x / 255 - 0.5) / 0.5.
-pub fn to_planar(rgb: &[u8], side: usize) -> Vec<f32> {
-    let n = side * side;
-    assert_eq!(rgb.len(), 3 * n, "encode: image must be (H, W, 3)");
-    let mut img = vec![0.0f32; 3 * n]; // (3, H, W)
-    for (p, px) in rgb.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            img[c * n + p] = (px[c] as f32 / 255.0 - 0.5) / 0.5;
-        }
-    }
-    img
-}
-
-/// Nearest codebook row (Euclidean distance, f64, lowest index on a tie) of each of the `n`
-/// cells of `z (e, n)`.
-pub fn quantize(z: &[f32], e: usize, n: usize, codebook: &[f32]) -> Vec<u32> {
-    assert_eq!(z.len(), e * n);
-    (0..n)
-        .into_par_iter()
-        .map(|p| {
-            let mut best = (f64::INFINITY, 0u32);
-            for (i, row) in codebook.chunks_exact(e).enumerate() {
-                let d: f64 = row
-                    .iter()
-                    .enumerate()
-                    .map(|(c, &v)| (z[c * n + p] as f64 - v as f64).powi(2))
-                    .sum();
-                if d < best.0 {
-                    best = (d, i as u32);
-                }
-            }
-            best.1
-        })
-        .collect()
 }

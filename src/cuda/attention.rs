@@ -49,7 +49,7 @@ pub struct BlockMask<'a> {
 
 kernel_params! {
     /// The parameters of kernels/attention.cu's `AttnParams`.
-    struct AttnParams[112] {
+    struct AttnParams {
         qkv: u64,
         rope_re: u64,
         rope_im: u64,
@@ -191,9 +191,11 @@ pub fn attention(
     let (grid_x, threads) = match imp {
         // One warp per query, 4 warps per block.
         AttentionImpl::Direct => (s.n.div_ceil(4), 128),
-        // One warp per 16 queries, up to 4 warps per block.
+        // One warp per 16 queries, up to ATTN_MAX_WARPS (kernels/attention.cu) per block.
         AttentionImpl::TensorCore => {
-            let warps = s.n.div_ceil(16).min(4);
+            let warps =
+                s.n.div_ceil(16)
+                    .min(super::c_defines::attention::ATTN_MAX_WARPS);
             (s.n.div_ceil(16 * warps), 32 * warps)
         }
     };

@@ -11,7 +11,7 @@
 //! Launches name their kernel by a `super::k` constant; buffers are [`DevBuf`]s. Nothing
 //! outside this file and `emu.rs`/`gemm.rs` knows which backend it drives.
 
-use super::emu::{self, EmuDevice, HostAlloc};
+use super::emu::{EmuDevice, HostAlloc};
 use super::ledger::{AuditRecord, Ledger, Record, TRANSFORMER, Traffic};
 use super::{KERNEL_FILES, KERNELS, Kernel};
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -179,6 +179,16 @@ pub struct Graph {
 enum GraphInner {
     Cuda(cudarc::driver::CudaGraph),
     Emu(Vec<EmuOp>),
+}
+
+#[cfg(test)]
+impl Graph {
+    /// An emulator recording of no operation (the graph cache's unit tests).
+    pub(crate) fn empty_for_tests() -> Graph {
+        Graph {
+            inner: GraphInner::Emu(Vec::new()),
+        }
+    }
 }
 
 // SAFETY: a CUDA graph and its executable are driver handles that any thread may launch
@@ -1282,11 +1292,6 @@ impl Gpu {
     }
 }
 
-/// The emulator's entry point of a kernel, for tests and the launch path.
-pub fn has_host_entry(kernel: Kernel) -> bool {
-    emu::entry(kernel).is_some()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1513,7 +1518,10 @@ mod tests {
     #[test]
     fn emu_launch_without_a_host_entry_is_a_clear_error() {
         let g = Gpu::emu().unwrap();
-        if let Some(kern) = KERNELS.iter().find(|k| emu::entry(**k).is_none()) {
+        if let Some(kern) = KERNELS
+            .iter()
+            .find(|k| crate::cuda::emu::entry(**k).is_none())
+        {
             let e = g
                 .launch(*kern, (1, 1, 1), (1, 1, 1), 0, &0u64, Traffic::default())
                 .unwrap_err();

@@ -7,7 +7,7 @@ use half::bf16;
 
 kernel_params! {
     /// The parameters of kernels/embed.cu's `UpsampleParams`.
-    struct UpsampleParams[40] {
+    struct UpsampleParams {
         grid_prev: u64,
         codebook: u64,
         z0: u64,
@@ -67,7 +67,7 @@ pub fn upsample_codes(
 
 kernel_params! {
     /// The parameters of kernels/embed.cu's `CodevecParams`.
-    struct CodevecParams[56] {
+    struct CodevecParams {
         z: u64,
         w0: u64,
         b0: u64,
@@ -129,7 +129,7 @@ pub fn codevec_hidden(
 
 kernel_params! {
     /// The parameters of kernels/embed.cu's `GatherParams`.
-    struct GatherParams[128] {
+    struct GatherParams {
         pa: u64,
         pc: u64,
         dc: u64,

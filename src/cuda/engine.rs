@@ -18,22 +18,19 @@ use super::decoder::DecodeBuffers;
 use super::embed::{self, CodevecMlp, InputTables, StepIndex};
 use super::ffn::{SWIGLU_K_TILE, interleave_gate_up, swiglu, swiglu_fits};
 use super::gemm::linear;
+use super::graphs::{Decision, FailReason, GraphCache, GraphKey};
 use super::norm::{AdaLn, add_bias_f32, rmsnorm_adaln};
 use super::sampling;
-use super::{DevBuf, Gpu, Graph, Marks};
+use super::{DevBuf, Gpu, Marks};
 use crate::math;
 use crate::model::Model;
 use crate::model::config::ModelConfig;
 use crate::order::{Schedule, Step};
 use crate::pipeline::{
-    Backend, Decoded, DeviceTimes, GraphCaptureFailed, Grids, LoopPlan, StepChoice,
+    Backend, Decoded, DeviceTimes, GraphCaptureFailed, Grids, LoopPlan, LoopSignature, StepChoice,
 };
 use anyhow::{Context, Result, bail, ensure};
 use half::bf16;
-use std::collections::{HashMap, HashSet};
-
-/// What a plan signature gains when the loop ends with the decode of a scale.
-const DECODE_SIG: &str = "; decode scale ";
 
 pub(super) fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
@@ -227,16 +224,9 @@ pub(super) struct Batch {
     /// The decode of the planned scale ([`LoopPlan::decode`]) when it fits one launch
     /// sequence: enqueued at the end of the loop (inside its graph), read by `decode`.
     pub(super) dec: Option<DecodeBuffers>,
-    /// A capture with timestamps in it failed once: later captures leave them out (the loop
-    /// is then untimed when replayed) before a signature is given up.
-    pub(super) untimed_graphs: bool,
-    /// Recorded loops of this batch's buffers, by plan signature ([`LoopPlan`]); a graph
-    /// lives exactly as long as the buffers it launches on.
-    pub(super) graphs: HashMap<String, (Graph, bool)>, // (graph, timestamps recorded in it)
-    /// Signatures that ran eagerly once (the warm-up before a capture), or whose capture
-    /// failed (never tried again).
-    pub(super) warm: HashSet<String>,
-    pub(super) failed: HashSet<String>,
+    /// Recorded loops of this batch's buffers and the state of every plan ([`GraphCache`]);
+    /// a graph lives exactly as long as the buffers it launches on.
+    pub(super) graphs: GraphCache,
 }
 
 /// A batch's AdaLN modulations of every layer, computed once per batch by
@@ -261,24 +251,13 @@ impl Modulations {
     }
 }
 
-impl Batch {
-    /// A capture of `sig` failed: retry it once without timestamps, then give it up.
-    fn capture_failed(&mut self, sig: &str) {
-        if self.untimed_graphs {
-            self.failed.insert(sig.to_string());
-        } else {
-            self.untimed_graphs = true;
-        }
-    }
-}
-
 /// How the current loop runs.
 #[derive(Clone, Debug, PartialEq)]
 enum Mode {
     /// Launches run as issued (timestamps between steps, no synchronization).
     Eager,
-    /// Launches are recorded into a graph (signature), replayed in `finish`.
-    Capture(String),
+    /// Launches are recorded into a graph (its key), replayed in `finish`.
+    Capture(GraphKey),
     /// `begin` replayed a recorded graph: the loop is done.
     Replayed,
 }
@@ -490,10 +469,7 @@ impl GpuModel {
             run: g.zeros(2)?,
             marks: g.marks(schedule.steps.len() + 3)?,
             dec: None,
-            untimed_graphs: false,
-            graphs: HashMap::new(),
-            warm: HashSet::new(),
-            failed: HashSet::new(),
+            graphs: GraphCache::default(),
         };
         Ok(bt)
     }
@@ -578,10 +554,11 @@ impl GpuBackend<'_> {
     /// pipeline then reruns the loop eagerly.
     fn guard<T>(&mut self, r: Result<T>) -> Result<T> {
         match (&r, &self.mode) {
-            (Err(e), Mode::Capture(sig)) => {
+            (Err(e), Mode::Capture(key)) => {
                 let msg = format!("{e:#}");
                 if let Some(bt) = self.batch.as_mut() {
-                    bt.capture_failed(sig);
+                    bt.graphs
+                        .capture_failed(key, FailReason::Capture(msg.clone()));
                 }
                 self.mode = Mode::Eager;
                 let _ = self.m.gpu.end_capture();
@@ -638,7 +615,7 @@ impl Backend for GpuBackend<'_> {
         // embeddings) for the AdaLN GEMMs, the class token's input, seed and image offset.
         let plan = self.plan.clone().unwrap_or(LoopPlan {
             graph: false,
-            signature: String::new(),
+            signature: LoopSignature::default(),
             seed: 0,
             image0: 0,
             decode: None,
@@ -661,46 +638,43 @@ impl Backend for GpuBackend<'_> {
             .and_then(|si| Some((si, schedule.scales.get(si)?.size)));
         self.decoded = None;
         self.loop_decode = decode.map(|(si, _)| si);
-        let mut sig = plan.signature;
-        if let Some((si, s)) = decode {
-            if !bt.dec.as_ref().is_some_and(|d| d.fits(b, s)) {
-                // Graphs that decode launch on the old buffers: they go first.
-                bt.graphs.retain(|k, _| !k.contains(DECODE_SIG));
-                bt.dec = None;
-                bt.dec = Some(m.decoder.buffers(g, b, s, self.decode_batch_limit)?);
-            }
-            sig = format!("{sig}{DECODE_SIG}{si}");
+        if let Some((_, s)) = decode
+            && !bt.dec.as_ref().is_some_and(|d| d.fits(b, s))
+        {
+            // Graphs that decode launch on the old buffers: they go first.
+            bt.graphs.drop_decoding();
+            bt.dec = None;
+            bt.dec = Some(m.decoder.buffers(g, b, s, self.decode_batch_limit)?);
         }
-        self.mode = match plan.graph.then_some(sig) {
-            Some(sig) if bt.graphs.contains_key(&sig) => {
-                let (graph, timed) = &bt.graphs[&sig];
+        let graph_key = plan.graph.then(|| GraphKey {
+            signature: plan.signature,
+            decode: decode.map(|(si, _)| si),
+        });
+        // The cache decides; this carries it out (a capture that cannot start fails the key).
+        let (mode, timed) = match bt.graphs.decide(graph_key.as_ref()) {
+            Decision::Replay { graph, timed } => {
                 g.replay(graph)?;
-                self.timed = *timed;
                 self.decoded = decode.map(|(si, _)| si);
-                Mode::Replayed
+                (Mode::Replayed, timed)
             }
-            Some(sig) if bt.warm.contains(&sig) && !bt.failed.contains(&sig) => {
-                match g.begin_capture() {
-                    Ok(()) => Mode::Capture(sig),
-                    Err(e) => {
-                        eprintln!("warning: {e:#}; this batch shape runs with eager launches");
-                        bt.failed.insert(sig);
-                        Mode::Eager
-                    }
+            Decision::Capture { timed } => match g.begin_capture() {
+                Ok(()) => (Mode::Capture(graph_key.clone().expect("a key")), timed),
+                Err(e) => {
+                    eprintln!("warning: {e:#}; this batch shape runs with eager launches");
+                    let key = graph_key.as_ref().expect("a key");
+                    bt.graphs
+                        .capture_failed(key, FailReason::BeginCapture(format!("{e:#}")));
+                    (Mode::Eager, true)
                 }
-            }
-            Some(sig) => {
-                bt.warm.insert(sig);
-                Mode::Eager
-            }
-            None => Mode::Eager,
+            },
+            Decision::Eager => (Mode::Eager, true),
         };
+        self.mode = mode;
+        self.timed = timed;
         self.key = Some(key);
         self.guided = guided;
         let bt = self.batch.insert(bt);
         if self.mode != Mode::Replayed {
-            // Timestamps go into a capture unless one with them failed before.
-            self.timed = self.mode == Mode::Eager || !bt.untimed_graphs;
             let timed = self.timed;
             let r = (|| {
                 if timed {
@@ -783,17 +757,18 @@ impl Backend for GpuBackend<'_> {
             let r = self.enqueue_decode(schedule);
             self.guard(r)?;
         }
-        if let Mode::Capture(sig) = self.mode.clone() {
+        if let Mode::Capture(key) = self.mode.clone() {
             let g = &self.m.gpu;
             let bt = self.batch.as_mut().expect("begin() not called");
             match g.end_capture() {
                 Ok(graph) => {
                     g.replay(&graph)?;
-                    bt.graphs.insert(sig, (graph, self.timed));
+                    bt.graphs.captured(key, graph, self.timed);
                     self.mode = Mode::Replayed;
                 }
                 Err(e) => {
-                    bt.capture_failed(&sig);
+                    bt.graphs
+                        .capture_failed(&key, FailReason::Capture(format!("{e:#}")));
                     self.mode = Mode::Eager;
                     self.decoded = None;
                     return Err(GraphCaptureFailed(format!("{e:#}")).into());

@@ -6,8 +6,9 @@ use super::{DevBuf, Gpu, Traffic, k};
 use anyhow::{Result, ensure};
 use half::bf16;
 
-/// The kernel's K tile: K (the model's hidden size) must be a multiple of it.
-pub const SWIGLU_K_TILE: usize = 32;
+/// The kernel's K tile (kernels/ffn.cu FFN_BK): K (the model's hidden size) must be a
+/// multiple of it.
+pub const SWIGLU_K_TILE: usize = super::c_defines::ffn::FFN_BK;
 
 /// M (tokens) above which the 128 x 128 tile runs; at most this many, the 64 x 64 tile
 /// (twice the blocks over N, for the small batches of the serial steps). Either gives the same
@@ -16,7 +17,7 @@ pub const SWIGLU_M128_FROM: usize = 257;
 
 kernel_params! {
     /// The parameters of kernels/ffn.cu's `SwigluParams`.
-    struct SwigluParams[40] {
+    struct SwigluParams {
         a: u64,
         w: u64,
         h: u64,

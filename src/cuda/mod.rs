@@ -2,31 +2,8 @@
 //! sampler. Everything here loads libcuda at run time (cudarc dynamic loading), so the binary
 //! runs on machines without a GPU; [`Gpu::try_new`] says whether one is usable.
 
-/// A `#[repr(C)]` mirror of a kernel's parameter struct, passed by value to the launch:
-/// declares the struct, marks it plain old data for cudarc, and asserts at compile time that
-/// its size is `SIZE`, the size the kernel file's `static_assert(sizeof(...))` states (so a
-/// field added on one side only fails to build).
-///
-/// `kernel_params! { struct NameParams[SIZE] { field: u64, ... } }`
-macro_rules! kernel_params {
-    ($(#[$m:meta])* $vis:vis struct $name:ident [$size:expr] {
-        $($(#[$fm:meta])* $fvis:vis $field:ident : $ty:ty),* $(,)?
-    }) => {
-        $(#[$m])*
-        #[repr(C)]
-        #[derive(Clone, Copy, Debug)]
-        $vis struct $name {
-            $($(#[$fm])* $fvis $field: $ty),*
-        }
-        // SAFETY: plain old data (integers, floats and device addresses), laid out as the C
-        // struct (repr(C), size checked below).
-        unsafe impl cudarc::driver::DeviceRepr for $name {}
-        const _: () = assert!(
-            std::mem::size_of::<$name>() == $size,
-            concat!(stringify!($name), ": size differs from its C struct")
-        );
-    };
-}
+#[macro_use]
+mod params;
 
 pub mod attention;
 pub mod decoder;
@@ -36,6 +13,7 @@ pub mod emu;
 pub mod engine;
 pub mod ffn;
 pub mod gemm;
+pub mod graphs;
 pub mod ledger;
 pub mod norm;
 pub mod sampling;

@@ -7,7 +7,7 @@ use half::bf16;
 
 kernel_params! {
     /// The parameters of kernels/norm.cu's `RmsNormParams`.
-    pub(super) struct RmsNormParams[56] {
+    pub(super) struct RmsNormParams {
         pub(super) x: u64,
         pub(super) w: u64,
         pub(super) modulation: u64,
@@ -97,7 +97,7 @@ pub fn rmsnorm_adaln(
 
 kernel_params! {
     /// The parameters of kernels/norm.cu's `SiluMulParams`.
-    struct SiluMulParams[24] {
+    struct SiluMulParams {
         g: u64,
         h: u64,
         tokens: i32,
@@ -129,7 +129,7 @@ pub fn silu_mul(
 
 kernel_params! {
     /// The parameters of kernels/norm.cu's `AddBiasParams`.
-    pub(super) struct AddBiasParams[24] {
+    pub(super) struct AddBiasParams {
         pub(super) y: u64,
         pub(super) b: u64,
         pub(super) rows: i32,

@@ -13,7 +13,7 @@ const SAMPLE_THREADS: u32 = k::GUIDED_SAMPLE_F32.max_threads;
 
 kernel_params! {
     /// The parameters of kernels/sampling.cu's `GuidedSampleParams`.
-    struct GuidedSampleParams[136] {
+    struct GuidedSampleParams {
         logits: u64,
         forced: u64,
         grid: u64,

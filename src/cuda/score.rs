@@ -21,9 +21,9 @@ use super::embed::{SeqRows, gather_inputs};
 use super::engine::{Batch, BatchKey, GpuModel, to_bf16};
 use super::gemm::linear;
 use super::norm::{add_bias_f32, rmsnorm_adaln};
-use crate::cpu::score::{ScoreStats, check_inputs};
 use crate::math;
 use crate::order::Schedule;
+use crate::score::{ScoreStats, check_inputs};
 use anyhow::{Context, Result};
 
 /// The buffers of one scoring shape: the batch's activations, KV cache, logits and grids,

@@ -1,14 +1,14 @@
 //! VQ encoder weights (LlamaGen VQ-16 layout; SPEC.md section 9), the mirror of
-//! [`super::decoder`]: every tensor name written once in the builder below, which both loads
+//! [`super::decoder`] on the blocks of [`super::autoenc`]: every tensor name written once in the builder below, which both loads
 //! (through a `MapSource`) and lists
 //! ([`EncoderWeights::expected_tensors`]). The maths lives in `cpu::encoder`. Only scoring and
 //! `encode` need it: sampling never reads it, and a model file without `autoenc.encoder.*`
 //! still samples.
 
-use super::config::DecoderConfig;
-use super::decoder::{
-    AttnBlock, Conv, DecoderWeights, GroupNorm, ResBlock, conv, group_norm, level_blocks, mid_block,
+use super::autoenc::{
+    AttnBlock, Conv, GroupNorm, ResBlock, check_config, conv, group_norm, level_blocks, mid_block,
 };
+use super::config::DecoderConfig;
 use super::file::TensorMap;
 use super::source::{Source, autoenc_loaders};
 use anyhow::Result;
@@ -40,7 +40,7 @@ impl EncoderWeights {
     /// Build the encoder, reading every tensor through `src` (in state-dict order; with a
     /// header-only source this is `inspect`'s check of every name and shape).
     pub(crate) fn build(cfg: &DecoderConfig, src: &mut dyn Source) -> Result<EncoderWeights> {
-        DecoderWeights::check_config(cfg)?;
+        check_config(cfg)?;
         let e = "autoenc.encoder";
         let nl = cfg.ch_mult.len();
         let mut c = cfg.ch;

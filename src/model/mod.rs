@@ -3,6 +3,7 @@
 //! host weights with their load-time folding. Depends on nothing above it (only `math` and
 //! the scale pyramid of `order`); the CPU and CUDA backends both read a loaded [`Model`].
 
+pub mod autoenc;
 pub mod config;
 pub mod decoder;
 pub mod encoder;
@@ -136,6 +137,25 @@ fn parameter_counts(cfg: &ModelConfig, n_tokens: usize) -> (usize, usize) {
     )
 }
 
+/// Whether `name` belongs to the VQ encoder (`autoenc.encoder.*`, `autoenc.quant_conv.*`),
+/// the optional part of a model file: sampling never reads it; `encode` and `score` need it.
+pub fn is_encoder_tensor(name: &str) -> bool {
+    use encoder::{ENCODER_PREFIX, QUANT_CONV_PREFIX};
+    name.starts_with(ENCODER_PREFIX) || name.starts_with(QUANT_CONV_PREFIX)
+}
+
+/// Every tensor a complete model file of `cfg` holds (transformer, codebook, VQ decoder, then
+/// the VQ encoder and quant_conv), with its shape. The one list behind `checkergen init` and
+/// `checkergen convert`; a file without the encoder ([`is_encoder_tensor`]) still samples.
+pub fn expected_tensors(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    let sizes = crate::order::scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
+    let n: usize = sizes.iter().map(|s| s * s).sum();
+    let mut t = weights::expected_transformer_tensors(cfg, n);
+    t.extend(DecoderWeights::expected_tensors(&cfg.decoder));
+    t.extend(EncoderWeights::expected_tensors(&cfg.decoder));
+    Ok(t)
+}
+
 /// A model file as its header describes it, checked against its configuration without
 /// reading a tensor's data (`checkergen inspect`; `inspect --verify` loads it instead).
 pub struct ModelHeader {
@@ -242,51 +262,4 @@ fn check_layer_count<'a>(config: &ModelConfig, names: impl Iterator<Item = &'a s
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::file::{Dtype, write_model};
-
-    /// A model file loaded through the map (tensors moved out of the decoded map, pages
-    /// released) equals the model built by copying from the in-memory tensors, for f32 and
-    /// bf16 storage, encoder included.
-    #[test]
-    fn mapped_load_equals_in_memory_build() {
-        let cfg = config::preset("tiny").unwrap();
-        let map = crate::model::init::random_tensors(&cfg, 3).unwrap();
-        let dir = std::env::temp_dir().join(format!("checkergen-load-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        for dtype in [Dtype::F32, Dtype::Bf16] {
-            let path = dir.join(format!("m-{dtype}.safetensors"));
-            write_model(&path, &cfg, &map, dtype, &[]).unwrap();
-            let loaded = Model::load(&path).unwrap();
-            // What the file holds, decoded (bf16: the rounded values) and built by copying.
-            let (stored, _) = file::load_safetensors(&path).unwrap();
-            let built = Model::from_tensors(cfg.clone(), &stored).unwrap();
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            let (a, b) = (&loaded.weights, &built.weights);
-            assert_eq!(a.layers.len(), b.layers.len());
-            for (la, lb) in a.layers.iter().zip(&b.layers) {
-                assert_eq!(bits(&la.w13.w), bits(&lb.w13.w), "{dtype}");
-                assert_eq!(bits(&la.wqkv.w), bits(&lb.wqkv.w), "{dtype}");
-                assert_eq!(bits(&la.modulation.w), bits(&lb.modulation.w), "{dtype}");
-            }
-            assert_eq!(bits(&a.head.w), bits(&b.head.w), "{dtype}");
-            assert_eq!(bits(&a.tables.dc), bits(&b.tables.dc), "{dtype}");
-            assert_eq!(bits(&a.codebook), bits(&b.codebook), "{dtype}");
-            assert_eq!(
-                bits(&loaded.decoder.codebook),
-                bits(&built.decoder.codebook)
-            );
-            assert_eq!(
-                bits(&loaded.decoder.conv_in.weight),
-                bits(&built.decoder.conv_in.weight)
-            );
-            assert!(loaded.encoder.is_some() && built.encoder.is_some());
-            assert_eq!(loaded.parameter_counts(), built.parameter_counts());
-            std::fs::remove_file(&path).unwrap();
-        }
-    }
 }

@@ -12,14 +12,13 @@
 //!   kernels/embed.cu).
 //! - w1 and w3 stacked into one (2F, C) weight; the two AdaLN linears stacked into (4C, C).
 
+use super::autoenc::CODEBOOK;
 use super::config::ModelConfig;
 use super::file::TensorMap;
 use super::source::{MapSource, Recorder, Source};
 use crate::math;
 use anyhow::Result;
 
-/// Name of the codebook tensor (un-normalized; each row is L2-normalized at load time).
-pub const CODEBOOK: &str = "autoenc.quantize.embedding.parametrizations.weight.original";
 /// Name of the learned RoPE table (N+2 rows of D interleaved complex numbers).
 pub const ROPE_TABLE: &str =
     "llama.rotary_emb.position_embeddings.parametrizations.weight.original";
@@ -363,29 +362,6 @@ pub fn expected_transformer_tensors(
     // A recorder never fails.
     let _ = read_transformer(cfg, n_tokens, &mut rec);
     rec.0
-}
-
-/// Whether `name` belongs to the VQ encoder (`autoenc.encoder.*`, `autoenc.quant_conv.*`),
-/// the optional part of a model file: sampling never reads it; `encode` and `score` need it.
-pub fn is_encoder_tensor(name: &str) -> bool {
-    use super::encoder::{ENCODER_PREFIX, QUANT_CONV_PREFIX};
-    name.starts_with(ENCODER_PREFIX) || name.starts_with(QUANT_CONV_PREFIX)
-}
-
-/// Every tensor a complete model file of `cfg` holds (transformer, codebook, VQ decoder, then
-/// the VQ encoder and quant_conv), with its shape. The one list behind `checkergen init` and
-/// `checkergen convert`; a file without the encoder ([`is_encoder_tensor`]) still samples.
-pub fn expected_tensors(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    let sizes = crate::order::scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
-    let n: usize = sizes.iter().map(|s| s * s).sum();
-    let mut t = expected_transformer_tensors(cfg, n);
-    t.extend(super::decoder::DecoderWeights::expected_tensors(
-        &cfg.decoder,
-    ));
-    t.extend(super::encoder::EncoderWeights::expected_tensors(
-        &cfg.decoder,
-    ));
-    Ok(t)
 }
 
 impl TransformerWeights {

@@ -195,8 +195,10 @@ int main(int argc, char** argv) {
         const int c = 64;
         std::vector<float> x((size_t)tokens * c, 0.5f), w(c, 1.f), y((size_t)tokens * c, 1.f), b(c, 1.f);
         std::vector<__nv_bfloat16> out((size_t)tokens * c);
-        RmsNormParams rp{x.data(), w.data(), nullptr, out.data(), tokens, 1, c, 0, 1e-6f};
-        AddBiasParams ap{y.data(), b.data(), tokens, c};
+        // Designated initializers: a reordered or renamed field is a compile error here too.
+        RmsNormParams rp{.x = x.data(), .w = w.data(), .modulation = nullptr, .out = out.data(),
+                         .tokens = tokens, .n = 1, .c = c, .mod_offset = 0, .mod_stride = 0, .eps = 1e-6f};
+        AddBiasParams ap{.y = y.data(), .b = b.data(), .rows = tokens, .n = c};
         const unsigned gb = (unsigned)std::min((tokens * c + 255) / 256, 4096);
         const double rms = time_ms(5, [&] { emu_launch(rmsnorm_adaln_bf16, {(unsigned)tokens, 1, 1}, {256, 1, 1}, rp); });
         const double bias = time_ms(5, [&] { emu_launch(add_bias_f32, {gb, 1, 1}, {256, 1, 1}, ap); });

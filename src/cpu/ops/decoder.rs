@@ -10,7 +10,7 @@
 use super::winograd;
 use crate::math;
 use crate::math::normalize_rows;
-use crate::model::decoder::{Conv, GN_EPS, GN_GROUPS, GroupNorm};
+use crate::model::autoenc::{Conv, GN_EPS, GN_GROUPS, GroupNorm};
 use rayon::prelude::*;
 
 /// Largest im2col buffer, in floats (16 MB), for one band of a 3x3 conv.

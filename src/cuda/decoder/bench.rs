@@ -11,7 +11,7 @@ pub use crate::flops::{StageFlops, decoder_flops};
 #[derive(Clone, Debug)]
 pub struct DecodeBench {
     pub device: String,
-    pub precision: Precision,
+    pub dtype: StorageDtype,
     pub conv_kernel: ConvKernel,
     pub batch: usize,
     pub s: usize,
@@ -56,7 +56,7 @@ pub fn bench_decode(
         .sum();
     Ok(DecodeBench {
         device: gpu.name.clone(),
-        precision: dec.precision(),
+        dtype: dec.dtype(),
         conv_kernel: dec.conv_kernel(),
         batch,
         s,

@@ -11,7 +11,7 @@
 //! ```
 //! Storage: every activation in `T` (the decoder's dataflow: GroupNorm statistics from the
 //! producing conv, applied in the consuming conv's loader), weights in `T`, accumulation f32.
-//! The quantization runs on the host (`cpu::encoder::quantize`, f64 distances, lowest
+//! The quantization runs on the host (`score::quantize`, f64 distances, lowest
 //! index on a tie) from the device's f32 z, so a code can differ from the CPU's only where the
 //! two nearest codebook rows are closer than the error of z:
 //! * `T = f32` (the default, "exact"): every kernel in f32 (direct convs, no tensor cores;
@@ -25,11 +25,11 @@ use super::{
     Acts, ActsPlan, AttnWeights, ConvGn, ConvKernel, ConvWeights, GnWeights, GpuLevel, GpuResBlock,
     Resample, Residual, Storage, conv1x1, conv3x3, gn_finalize,
 };
-use crate::cpu::encoder::{EncodedPyramid, quantize, to_planar};
 use crate::cpu::ops;
 use crate::cuda::{DevBuf, Gpu};
 use crate::model::config::DecoderConfig;
 use crate::model::encoder::EncoderWeights;
+use crate::score::{EncodedPyramid, quantize, to_planar};
 use anyhow::{Context, Result, ensure};
 use std::sync::Mutex;
 

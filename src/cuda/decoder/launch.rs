@@ -9,7 +9,7 @@ use crate::cuda::Traffic;
 
 kernel_params! {
     /// The parameters of kernels/decoder.cu's `Conv3x3Params`.
-    struct Conv3x3Params[88] {
+    struct Conv3x3Params {
         x: u64,
         w: u64,
         bias: u64,
@@ -30,9 +30,9 @@ kernel_params! {
 
 /// Output channels up to which the fast path runs `conv3x3_narrow` (one thread per pixel, all
 /// channels) instead of the 128-wide tensor-core tile; kernels/decoder.cu NARROW_MAX_COUT.
-const NARROW_MAX_COUT: usize = 8;
+const NARROW_MAX_COUT: usize = crate::cuda::c_defines::decoder::NARROW_MAX_COUT;
 /// Weight bytes `conv3x3_narrow` stages in shared memory; kernels/decoder.cu NARROW_W_BYTES.
-const NARROW_W_BYTES: usize = 32768;
+const NARROW_W_BYTES: usize = crate::cuda::c_defines::decoder::NARROW_W_BYTES;
 
 /// What a conv epilogue adds after the bias (in the output's type O).
 pub enum Residual<'a, O: DevElem = f32> {
@@ -385,7 +385,7 @@ pub fn conv1x1_nobias<T: Storage>(
 
 kernel_params! {
     /// The parameters of kernels/decoder.cu's `GnPartialParams`.
-    struct GnPartialParams[40] {
+    struct GnPartialParams {
         x: u64,
         part: u64,
         batch: i32,
@@ -398,7 +398,7 @@ kernel_params! {
 
 kernel_params! {
     /// The parameters of kernels/decoder.cu's `GnFinalizeParams`.
-    struct GnFinalizeParams[56] {
+    struct GnFinalizeParams {
         part: u64,
         gamma: u64,
         beta: u64,
@@ -414,7 +414,7 @@ kernel_params! {
 
 kernel_params! {
     /// The parameters of kernels/decoder.cu's `GnApplyParams`.
-    struct GnApplyParams[40] {
+    struct GnApplyParams {
         x: u64,
         ss: u64,
         y: u64,
@@ -601,7 +601,7 @@ pub fn group_norm<T: Storage>(
 
 kernel_params! {
     /// The parameters of kernels/decoder.cu's `BiasCastParams`.
-    struct BiasCastParams[48] {
+    struct BiasCastParams {
         x: u64,
         bias: u64,
         residual: u64,
@@ -652,7 +652,7 @@ pub fn bias_cast<T: Storage>(
 
 kernel_params! {
     /// The parameters of kernels/decoder.cu's `GatherCodesParams`.
-    struct GatherCodesParams[40] {
+    struct GatherCodesParams {
         tokens: u64,
         codebook: u64,
         z: u64,
@@ -709,7 +709,7 @@ pub fn gather_codes<T: Storage>(
 
 kernel_params! {
     /// The parameters of kernels/decoder.cu's `SoftmaxParams`.
-    struct SoftmaxParams[32] {
+    struct SoftmaxParams {
         s: u64,
         p: u64,
         rows: i32,
@@ -753,7 +753,7 @@ pub fn softmax_rows<T: Storage>(
 
 kernel_params! {
     /// The parameters of kernels/decoder.cu's `PixelsParams`.
-    struct PixelsParams[40] {
+    struct PixelsParams {
         y: u64,
         out_f32: u64,
         out_u8: u64,

@@ -13,7 +13,7 @@
 //!                                                                 (B, 3, H, W) f32 and u8
 //! ```
 //! Activations are NHWC and every one is 16-bit [`Storage`] T (fp16 by default, bf16 as an
-//! option, [`Precision`]), the residual stream included; conv weights are T (3x3 as
+//! option, [`StorageDtype`]), the residual stream included; conv weights are T (3x3 as
 //! (Cout, 3, 3, Cin), 1x1 as (Cout, Cin)); biases, norm affines and the codebook are f32;
 //! accumulation f32. Why fp16 by default: on the golden decoder fp16 storage gives a relative
 //! error of 2.8e-3 to 3.3e-3, bf16 2.2e-2 to 3.0e-2 (PERF.md, "VQ decoder"); the tensor-core
@@ -40,8 +40,9 @@ pub use launch::*;
 
 use super::gemm::{GemmCall, Op, Operand, gemm};
 use super::{DevBuf, DevElem, Gpu, Kernel, k, norm, row_grid, stride_grid};
+use crate::model::autoenc::{self as host, GN_EPS, GN_GROUPS};
 use crate::model::config::DecoderConfig;
-use crate::model::decoder::{self as host, GN_EPS, GN_GROUPS};
+use crate::model::decoder::DecoderWeights;
 use anyhow::{Context, Result, ensure};
 use cudarc::cublaslt::sys;
 use half::{bf16, f16};
@@ -49,9 +50,17 @@ use std::sync::Mutex;
 
 /// Pixels per GroupNorm statistics chunk: gn_partial's, and one 128-row tile of the
 /// tensor-core conv, whose epilogue writes the same statistics (kernels/decoder.cu TC_BM).
-pub const GN_CHUNK: usize = 128;
-/// Block tile (M and N) of conv3x3_tc.
-const TC_TILE: usize = 128;
+pub const GN_CHUNK: usize = super::c_defines::decoder::TC_BM;
+/// Block tile (M and N) of conv3x3_tc (kernels/decoder.cu TC_BM, TC_BN).
+const TC_TILE: usize = super::c_defines::decoder::TC_BM;
+const _: () = assert!(
+    super::c_defines::decoder::TC_BN == TC_TILE,
+    "conv3x3_tc: the launcher assumes square block tiles"
+);
+const _: () = assert!(
+    super::c_defines::decoder::GN_GROUPS == GN_GROUPS,
+    "model::autoenc::GN_GROUPS differs from kernels/decoder.cu's GN_GROUPS"
+);
 
 /// The 16-bit type of conv inputs and weights (kernels exist for both, suffix `_bf16`/`_f16`).
 pub trait Storage: DevElem {
@@ -96,7 +105,7 @@ impl Storage for f32 {
 
 /// Which 16-bit storage a [`GpuDecoder`] uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
+pub enum StorageDtype {
     /// IEEE half: 10 mantissa bits, range +-65504; the default (meets the 1e-2 golden gate).
     F16,
     /// bfloat16: 7 mantissa bits, f32's range.
@@ -639,27 +648,23 @@ macro_rules! dispatch {
 
 impl GpuDecoder {
     /// Upload the weights of a loaded CPU decoder, fp16 storage.
-    pub fn new(gpu: &Gpu, dec: &host::DecoderWeights) -> Result<GpuDecoder> {
-        GpuDecoder::with_precision(gpu, dec, Precision::F16)
+    pub fn new(gpu: &Gpu, dec: &DecoderWeights) -> Result<GpuDecoder> {
+        GpuDecoder::with_dtype(gpu, dec, StorageDtype::F16)
     }
 
     /// Upload the weights of a loaded CPU decoder with the given 16-bit storage.
-    pub fn with_precision(
-        gpu: &Gpu,
-        dec: &host::DecoderWeights,
-        precision: Precision,
-    ) -> Result<GpuDecoder> {
-        let inner = match precision {
-            Precision::F16 => Inner::F16(Decoder::new(gpu, dec)?),
-            Precision::Bf16 => Inner::Bf16(Decoder::new(gpu, dec)?),
+    pub fn with_dtype(gpu: &Gpu, dec: &DecoderWeights, dtype: StorageDtype) -> Result<GpuDecoder> {
+        let inner = match dtype {
+            StorageDtype::F16 => Inner::F16(Decoder::new(gpu, dec)?),
+            StorageDtype::Bf16 => Inner::Bf16(Decoder::new(gpu, dec)?),
         };
         Ok(GpuDecoder { inner })
     }
 
-    pub fn precision(&self) -> Precision {
+    pub fn dtype(&self) -> StorageDtype {
         match self.inner {
-            Inner::F16(_) => Precision::F16,
-            Inner::Bf16(_) => Precision::Bf16,
+            Inner::F16(_) => StorageDtype::F16,
+            Inner::Bf16(_) => StorageDtype::Bf16,
         }
     }
 
@@ -862,7 +867,7 @@ struct Decoder<T: Storage> {
 }
 
 impl<T: Storage> Decoder<T> {
-    fn new(gpu: &Gpu, dec: &host::DecoderWeights) -> Result<Decoder<T>> {
+    fn new(gpu: &Gpu, dec: &DecoderWeights) -> Result<Decoder<T>> {
         let levels = dec
             .levels
             .iter()

@@ -39,7 +39,7 @@ pub use crate::model::config::FORMAT;
 pub use schema::{model_config_from_yaml, reference_ffn_dim};
 
 /// State-dict name of the codebook (with the `UnitNorm` parametrization, `normalize: true`).
-pub const CODEBOOK_KEY: &str = crate::model::weights::CODEBOOK;
+pub const CODEBOOK_KEY: &str = crate::model::autoenc::CODEBOOK;
 /// Codebook name when the autoencoder has `normalize: false` (no parametrization).
 pub const CODEBOOK_KEY_PLAIN: &str = "autoenc.quantize.embedding.weight";
 /// State-dict name of the learned RoPE table.
@@ -185,7 +185,7 @@ impl fmt::Display for ConvertSummary {
 // ------------------------------------------------------------------------------------------
 
 /// Every tensor sampling needs, with its shape (the loader's list; see `weights.rs`).
-pub use crate::model::weights::{expected_tensors, is_encoder_tensor};
+pub use crate::model::{expected_tensors, is_encoder_tensor};
 
 /// Tensors of the reference's state dict that no command uses (the encoder is kept: `encode`
 /// and `score` need it; `--no-encoder` drops it).
