@@ -345,15 +345,81 @@ impl Request {
     }
 }
 
+/// Where a sampling call spent its time ([`Images::timings`]), from what the step loop
+/// measures. Milliseconds, each summed over the request's batches.
+///
+/// On a GPU the step and prefill figures are device time between timestamps on the stream
+/// (eager or a replayed CUDA graph), on the CPU host wall time; `decode_ms` is host wall
+/// time of the decode after the loop, plus on a GPU the device time of a decode that ran
+/// inside the loop's CUDA graph. On the host-emulated device (`Device::Emulated`) they are
+/// wall times of the emulation and mean nothing about a GPU.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Timings {
+    /// Per serial step of the schedule (the 1x1 scale's step first), summed over batches:
+    /// one entry per serial step, or none when a batch ran as a replayed CUDA graph without
+    /// step timestamps (then no per-step figure covers every batch).
+    pub step_ms: Vec<f64>,
+    /// The class-token prefill, summed over batches.
+    pub prefill_ms: f64,
+    /// The VQ decode of the last scale into pixels, summed over batches.
+    pub decode_ms: f64,
+    /// Batches the request ran in.
+    pub batches: usize,
+    /// Of those, the batches whose token loop ran as a replayed CUDA graph (0 on the CPU).
+    pub replayed_batches: usize,
+}
+
+impl Timings {
+    /// Add one batch's figures: its step times (empty when untimed) and the rest.
+    fn add_batch(&mut self, s: &pipeline::Samples) {
+        let t = &s.tokens;
+        if self.batches == 0 {
+            self.step_ms = t.step_ms.clone();
+        } else if self.step_ms.len() == t.step_ms.len() {
+            for (a, b) in self.step_ms.iter_mut().zip(&t.step_ms) {
+                *a += b;
+            }
+        } else {
+            // A batch without step times: no per-step sum covers every batch.
+            self.step_ms.clear();
+        }
+        self.prefill_ms += t.prefill_ms;
+        self.decode_ms += s.decode_ms;
+        self.batches += 1;
+        self.replayed_batches += usize::from(t.replayed);
+    }
+}
+
 /// Sampled images: `len()` images of `size() x size()` RGB pixels, 8 bits, stored
-/// image-major, row-major, channels last (N, H, W, 3).
-#[derive(Clone, Debug, PartialEq)]
+/// image-major, row-major, channels last (N, H, W, 3). Two `Images` are equal when their
+/// pixels, scales and tokens are (their [`Timings`] are not compared).
+#[derive(Clone, Debug)]
 pub struct Images {
     count: usize,
     size: usize,
     pixels: Vec<u8>,
     scale_sizes: Vec<usize>,
     tokens: Option<Vec<Vec<u32>>>,
+    timings: Timings,
+}
+
+impl PartialEq for Images {
+    fn eq(&self, other: &Images) -> bool {
+        (
+            self.count,
+            self.size,
+            &self.pixels,
+            &self.scale_sizes,
+            &self.tokens,
+        ) == (
+            other.count,
+            other.size,
+            &other.pixels,
+            &other.scale_sizes,
+            &other.tokens,
+        )
+    }
 }
 
 impl Images {
@@ -397,6 +463,25 @@ impl Images {
     /// raster order.
     pub fn tokens(&self) -> Option<&[Vec<u32>]> {
         self.tokens.as_deref()
+    }
+
+    /// Where the sampling call spent its time: per serial step, prefill and decode, summed
+    /// over batches ([`Timings`]: device times on a GPU, wall times on the CPU; the
+    /// emulator's mean nothing).
+    ///
+    /// ```
+    /// use checkergen::{Device, Model, Request};
+    /// let model = Model::tiny(Device::Cpu)?;
+    /// let images = model.sample(&Request::new(vec![0, 1, 2]).steps_per_scale(2).batch_size(2))?;
+    /// let t = images.timings();
+    /// // The 1x1 scale takes one serial step, every other scale 2: one entry each.
+    /// let serial = 1 + 2 * (model.scale_sizes().len() - 1);
+    /// assert_eq!((t.step_ms.len(), t.batches, t.replayed_batches), (serial, 2, 0));
+    /// assert!(t.step_ms.iter().all(|&ms| ms >= 0.0) && t.decode_ms > 0.0);
+    /// # Ok::<(), checkergen::Error>(())
+    /// ```
+    pub fn timings(&self) -> &Timings {
+        &self.timings
     }
 }
 
@@ -511,9 +596,16 @@ impl Model {
     /// # Ok::<(), checkergen::Error>(())
     /// ```
     pub fn with_precision(mut self, precision: Precision) -> Result<Model> {
+        self.set_precision(precision)?;
+        Ok(self)
+    }
+
+    /// [`Model::with_precision`] in place (the C ABI's `cg_model_set_precision`): on an
+    /// error the model is unchanged.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         if !self.is_cpu() {
             return match precision {
-                Precision::Bf16 => Ok(self),
+                Precision::Bf16 => Ok(()),
                 Precision::F32 => Err(Error::InvalidRequest(
                     "precision f32 is the CPU path's: the GPU path always stores weights in bf16 (use Device::Cpu for the f32 reference)"
                         .into(),
@@ -527,7 +619,7 @@ impl Model {
             (_, p) => {
                 self.model.set_precision(p);
                 self.description = cpu_description(p);
-                Ok(self)
+                Ok(())
             }
         }
     }
@@ -632,6 +724,7 @@ impl Model {
             .try_reserve_exact(n * plane)
             .map_err(|_| Error::InvalidRequest(format!("{n} images do not fit in memory")))?;
         let mut tokens: Option<Vec<Vec<u32>>> = None;
+        let mut timings = Timings::default();
         let cancel = request.cancel.clone();
         let cancelled = || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
         if cancelled() {
@@ -652,6 +745,7 @@ impl Model {
         };
         let mut each = |first: usize, s: pipeline::Samples| -> anyhow::Result<()> {
             let b = s.pixels.len() / plane;
+            timings.add_batch(&s);
             for i in 0..b {
                 pixels.extend_from_slice(&crate::io::image::planar_to_rgb(&s.pixels, i, side));
             }
@@ -689,6 +783,7 @@ impl Model {
             pixels,
             scale_sizes: self.model.scale_sizes.clone(),
             tokens,
+            timings,
         })
     }
 

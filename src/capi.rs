@@ -2,9 +2,10 @@
 //! caller-provided pixel buffers, status codes and a thread-local last-error string. No
 //! panic crosses the boundary: every entry point runs under `catch_unwind`.
 //! include/checkergen.h is generated from this file by cbindgen (cbindgen.toml; CI checks
-//! that the committed header is current). examples/c/sample.c shows the use.
+//! that the committed header is current). examples/c/sample.c (sampling, precision,
+//! timings) and examples/c/score.c (scoring real images) show the use.
 
-use crate::api::{Device, Error, Model, Policy, Request};
+use crate::api::{Device, Error, Model, Policy, Precision, Request};
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -45,6 +46,72 @@ pub enum CgDevice {
     Cuda = 2,
     /// The host-emulated CUDA device (development and testing only; slow).
     Emulated = 3,
+}
+
+/// How the CPU path stores the transformer's large linears (`cg_model_set_precision`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgPrecision {
+    /// f32 weights and arithmetic: the reference (the CPU's default).
+    F32 = 0,
+    /// bf16 weights, f32 accumulation (about half the bytes per step); the GPU path always
+    /// stores these weights in bf16.
+    Bf16 = 1,
+}
+
+/// Capacity of the per-scale arrays of a `CgScore` (the most scales a model may have).
+pub const CG_MAX_SCALES: usize = 64;
+const _: () = assert!(CG_MAX_SCALES == crate::limits::MAX_SCALES);
+
+/// The teacher-forced likelihood of real images at one number of steps per scale, as one
+/// line of `checkergen score --json` (`cg_score` fills one per value asked for).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CgScore {
+    /// Steps per scale of this result.
+    pub steps_per_scale: u32,
+    /// Serial steps of that schedule (the 1x1 scale is one).
+    pub serial_steps: u32,
+    /// Images scored.
+    pub images: usize,
+    /// Mean cross-entropy over every code of every scale, nats per token.
+    pub loss_total: f64,
+    /// `loss_total` in bits (/ ln 2).
+    pub bits_per_token: f64,
+    /// Number of scales: the entries of the arrays below that are set.
+    pub num_scales: usize,
+    /// Side of each scale's code grid, ascending.
+    pub scale_sizes: [u32; CG_MAX_SCALES],
+    /// Mean cross-entropy of each scale's codes, nats per token.
+    pub loss_by_scale: [f64; CG_MAX_SCALES],
+    /// Fraction of each scale's true codes that were the model's argmax.
+    pub top1_by_scale: [f64; CG_MAX_SCALES],
+}
+
+/// Where a `cg_sample_timed` call spent its time, in milliseconds summed over its batches:
+/// on a GPU device time between stream timestamps, on the CPU wall time; on the emulated
+/// device they mean nothing. Per-step figures go to a buffer the caller provides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CgTimings {
+    /// In: a buffer for the per-serial-step times (`step_ms_capacity` values), or null.
+    pub step_ms: *mut f64,
+    /// In: the values `step_ms` holds.
+    pub step_ms_capacity: usize,
+    /// Out: the per-step entries there are (the schedule's serial steps; 0 when a batch ran
+    /// as a CUDA graph without step timestamps). The first min(num_steps,
+    /// step_ms_capacity) are written to `step_ms`.
+    pub num_steps: usize,
+    /// Out: the sum of all per-step times.
+    pub steps_total_ms: f64,
+    /// Out: the class-token prefill.
+    pub prefill_ms: f64,
+    /// Out: the VQ decode into pixels.
+    pub decode_ms: f64,
+    /// Out: batches the request ran in.
+    pub batches: u32,
+    /// Out: of those, batches whose token loop ran as a replayed CUDA graph.
+    pub replayed_batches: u32,
 }
 
 /// A loaded model (opaque). Free it with `cg_model_free`. One model may be used by several
@@ -198,6 +265,46 @@ pub unsafe extern "C" fn cg_model_load(
     })
 }
 
+/// Store the CPU path's large transformer linears in `precision` (as `checkergen sample
+/// --precision`): `CG_PRECISION_BF16` halves their bytes (f32 accumulation; logits within
+/// about 1e-2 relative of f32). On a GPU or the emulator weights are always bf16: bf16 changes
+/// nothing there and f32 is `CG_STATUS_INVALID_ARGUMENT`; so is f32 after bf16 on the CPU
+/// (load the model again). On failure the model is unchanged. No other call may be using
+/// the model meanwhile.
+///
+/// # Safety
+/// `model` is null (an invalid argument) or a live pointer from `cg_model_load`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cg_model_set_precision(
+    model: *mut CgModel,
+    precision: CgPrecision,
+) -> CgStatus {
+    guard(|| {
+        // SAFETY: null or live and not in use elsewhere (the caller's contract).
+        let Some(m) = (unsafe { model.as_mut() }) else {
+            return Err(invalid("cg_model_set_precision: `model` is null"));
+        };
+        m.0.set_precision(match precision {
+            CgPrecision::F32 => Precision::F32,
+            CgPrecision::Bf16 => Precision::Bf16,
+        })
+    })
+}
+
+/// How the model stores the transformer's large linears: on the CPU as set by
+/// `cg_model_set_precision` (default f32), on a GPU always bf16 (f32 for a null model).
+///
+/// # Safety
+/// `model` is null or a live pointer from `cg_model_load`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cg_model_precision(model: *const CgModel) -> CgPrecision {
+    // SAFETY: null or live (the caller's contract).
+    match unsafe { model.as_ref() }.map(|m| m.0.precision()) {
+        Some(Precision::Bf16) => CgPrecision::Bf16,
+        _ => CgPrecision::F32,
+    }
+}
+
 /// Free a model from `cg_model_load` (null is ignored). No call may be using it.
 ///
 /// # Safety
@@ -344,6 +451,25 @@ pub unsafe extern "C" fn cg_sample(
     out: *mut u8,
     out_len: usize,
 ) -> CgStatus {
+    // SAFETY: the caller's contract, and no timings.
+    unsafe { cg_sample_timed(model, request, out, out_len, std::ptr::null_mut()) }
+}
+
+/// `cg_sample`, also filling `*timings` (when not null) with where the call spent its time:
+/// set `timings->step_ms` / `step_ms_capacity` to a buffer for the per-step figures (or
+/// null / 0), the other fields are written on success.
+///
+/// # Safety
+/// As `cg_sample`; `timings` is null or points to a `CgTimings` whose `step_ms` is null or
+/// valid for `step_ms_capacity` values of writes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cg_sample_timed(
+    model: *const CgModel,
+    request: *const CgRequest,
+    out: *mut u8,
+    out_len: usize,
+    timings: *mut CgTimings,
+) -> CgStatus {
     guard(|| {
         // SAFETY: null or live (the caller's contract).
         let (Some(m), Some(r)) = (unsafe { model.as_ref() }, unsafe { request.as_ref() }) else {
@@ -394,6 +520,121 @@ pub unsafe extern "C" fn cg_sample(
         // SAFETY: `out` is valid for out_len >= need bytes (checked above).
         let dst = unsafe { std::slice::from_raw_parts_mut(out, need) };
         dst.copy_from_slice(images.pixels());
+        // SAFETY: null or a valid CgTimings (the caller's contract).
+        if let Some(t) = unsafe { timings.as_mut() } {
+            let src = images.timings();
+            let n = src.step_ms.len();
+            if !t.step_ms.is_null() {
+                let k = n.min(t.step_ms_capacity);
+                // SAFETY: valid for step_ms_capacity >= k values (the caller's contract).
+                unsafe { std::slice::from_raw_parts_mut(t.step_ms, k) }
+                    .copy_from_slice(&src.step_ms[..k]);
+            }
+            t.num_steps = n;
+            t.steps_total_ms = src.step_ms.iter().sum();
+            t.prefill_ms = src.prefill_ms;
+            t.decode_ms = src.decode_ms;
+            t.batches = src.batches as u32;
+            t.replayed_batches = src.replayed_batches as u32;
+        }
+        Ok(())
+    })
+}
+
+/// Score real images (as `checkergen score`): `images` holds `num_images` 8-bit RGB images
+/// of `cg_model_image_size` squared, channels last (N, H, W, 3; `images_len` bytes, exactly
+/// `cg_image_bytes(model, num_images)`), `labels` one class id each. Each image is encoded
+/// by the model's VQ encoder and scored at every one of the `num_values` values of
+/// `steps_per_scale`; `out` receives one `CgScore` per value, in order. Needs a model file
+/// with the encoder (`checkergen convert` keeps it, `checkergen init` writes it). Failures
+/// on the device are `CG_STATUS_SAMPLING_FAILED`.
+///
+/// # Safety
+/// `model` is a live pointer from `cg_model_load`; `images`, `labels`, `steps_per_scale`
+/// and `out` are valid for `images_len` bytes, `num_images`, `num_values` and `num_values`
+/// values (`out` for writes).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cg_score(
+    model: *const CgModel,
+    images: *const u8,
+    images_len: usize,
+    labels: *const u32,
+    num_images: usize,
+    steps_per_scale: *const u32,
+    num_values: usize,
+    out: *mut CgScore,
+) -> CgStatus {
+    guard(|| {
+        // SAFETY: null or live (the caller's contract).
+        let Some(m) = (unsafe { model.as_ref() }) else {
+            return Err(invalid("cg_score: `model` is null"));
+        };
+        if images.is_null() || labels.is_null() || steps_per_scale.is_null() || out.is_null() {
+            return Err(invalid(
+                "cg_score: `images`, `labels`, `steps_per_scale` or `out` is null",
+            ));
+        }
+        if num_images == 0 || num_values == 0 {
+            return Err(invalid(
+                "cg_score: give at least one image and one steps-per-scale value",
+            ));
+        }
+        let max = crate::limits::MAX_RUN_IMAGES;
+        if num_images > max || num_values > CG_MAX_SCALES {
+            return Err(invalid(format!(
+                "cg_score: {num_images} images, {num_values} steps-per-scale values: at most \
+                 {max} and {CG_MAX_SCALES}"
+            )));
+        }
+        let side = m.0.image_size();
+        let need = num_images
+            .checked_mul(side * side * 3)
+            .ok_or_else(|| invalid("cg_score: too many images"))?;
+        if images_len != need {
+            return Err(invalid(format!(
+                "cg_score: {images_len} bytes of images; {num_images} images of {side} x \
+                 {side} x 3 are {need} (cg_image_bytes)"
+            )));
+        }
+        if m.0.scale_sizes().len() > CG_MAX_SCALES {
+            return Err(invalid(format!(
+                "cg_score: the model has {} scales, a CgScore holds {CG_MAX_SCALES}",
+                m.0.scale_sizes().len()
+            )));
+        }
+        // SAFETY: non-null and valid for their counts (the caller's contract).
+        let (rgb, labels, values) = unsafe {
+            (
+                std::slice::from_raw_parts(images, need),
+                std::slice::from_raw_parts(labels, num_images),
+                std::slice::from_raw_parts(steps_per_scale, num_values),
+            )
+        };
+        let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+        let values: Vec<usize> = values.iter().map(|&k| k as usize).collect();
+        let scores = m.0.score(rgb, &labels, &values)?;
+        for (i, sc) in scores.iter().enumerate() {
+            let mut c = CgScore {
+                steps_per_scale: sc.steps_per_scale() as u32,
+                serial_steps: sc.serial_steps() as u32,
+                images: sc.images(),
+                loss_total: sc.loss_total(),
+                bits_per_token: sc.loss_total() / std::f64::consts::LN_2,
+                num_scales: sc.scale_sizes().len(),
+                scale_sizes: [0; CG_MAX_SCALES],
+                loss_by_scale: [0.0; CG_MAX_SCALES],
+                top1_by_scale: [0.0; CG_MAX_SCALES],
+            };
+            let n = c.num_scales;
+            for (d, &s) in c.scale_sizes.iter_mut().zip(sc.scale_sizes()) {
+                *d = s as u32;
+            }
+            c.loss_by_scale[..n].copy_from_slice(&sc.loss_by_scale());
+            c.top1_by_scale[..n].copy_from_slice(&sc.top1_by_scale());
+            // SAFETY: `out` is valid for num_values > i writes (the caller's contract; the
+            // memory may be uninitialised: `write` reads and drops nothing).
+            unsafe { out.add(i).write(c) };
+        }
         Ok(())
     })
 }

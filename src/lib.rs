@@ -28,7 +28,9 @@ mod api;
 #[doc(hidden)]
 pub mod capi;
 
-pub use api::{Device, Error, Images, Model, Policy, Precision, Progress, Request, Result, Score};
+pub use api::{
+    Device, Error, Images, Model, Policy, Precision, Progress, Request, Result, Score, Timings,
+};
 
 #[doc(hidden)]
 pub mod cpu;

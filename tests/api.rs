@@ -1,6 +1,7 @@
 //! The embedding front ends: the Rust API (checkergen::Model), the C ABI (examples/c/sample.c
-//! compiled with the system C compiler) and the CLI give the same pixels for the same request
-//! and seed; a model shared by threads; progress, cancellation and refusals. The Python module
+//! and score.c compiled with the system C compiler) and the CLI give the same pixels for the
+//! same request, seed and precision, and the same scores for the same images; per-step
+//! timings; a model shared by threads; progress, cancellation and refusals. The Python module
 //! has its own suite (python/tests, run by .ci/run) against the same CLI output.
 
 mod common;
@@ -83,15 +84,14 @@ fn api_equals_cli_for_the_same_seed_and_any_batch_size() {
     assert_ne!(other.pixels(), images.pixels());
 }
 
-#[test]
-#[ignore = "needs the cdylib built (cargo build --release --lib); .ci/run builds it and runs this"]
-fn c_example_equals_cli() {
+/// Compile examples/c/`name`.c with the system C compiler (CC) against the cdylib beside
+/// the CLI binary (target/<profile>/libcheckergen.so) into `d`/`name`-c.
+fn compile_c_example(name: &str, d: &Path) -> PathBuf {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     if Command::new(&cc).arg("--version").output().is_err() {
         panic!("no C compiler ({cc}) on this machine: set CC");
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // The cdylib sits beside the binary (target/<profile>/libcheckergen.so).
     let lib_dir = Path::new(env!("CARGO_BIN_EXE_checkergen"))
         .parent()
         .unwrap();
@@ -100,12 +100,11 @@ fn c_example_equals_cli() {
         "no libcheckergen.so in {}",
         lib_dir.display()
     );
-    let d = dir("c");
-    let exe = d.join("sample-c");
+    let exe = d.join(format!("{name}-c"));
     let mut compile = Command::new(&cc);
     compile
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror"])
-        .arg(root.join("examples/c/sample.c"))
+        .arg(root.join(format!("examples/c/{name}.c")))
         .arg("-I")
         .arg(root.join("include"))
         .arg("-L")
@@ -114,23 +113,204 @@ fn c_example_equals_cli() {
         .args(["-lcheckergen", "-o"])
         .arg(&exe);
     common::run_ok(&mut compile, "cc");
+    exe
+}
+
+#[test]
+#[ignore = "needs the cdylib built (cargo build --release --lib); .ci/run builds it and runs this"]
+fn c_example_equals_cli() {
+    let d = dir("c");
+    let exe = compile_c_example("sample", &d);
+    for (prec, extra) in [("f32", vec![]), ("bf16", vec!["--precision", "bf16"])] {
+        let prefix = d.join(format!("img-{prec}"));
+        let mut run = Command::new(&exe);
+        let r = common::run_ok(run.arg("-").arg(&prefix).args(["9", prec]), "sample-c");
+        let stdout = String::from_utf8_lossy(&r.stdout);
+        println!("{stdout}");
+        // 3 images in batches of 2 and 1, 17 steps each on the tiny preset: 17 per-step
+        // timings summed over the 2 batches.
+        assert!(
+            stdout.contains(&format!(
+                "3 images of 256x256, 34 progress calls, precision {prec}"
+            )),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("timings: 17 serial steps, 2 batches"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("bad label refused: invalid request: class id 1000000 is out of range"),
+            "{stdout}"
+        );
+        let cli = cli_images(&format!("c-cli-{prec}"), "0,1,2", 9, &extra);
+        for (i, want) in cli.iter().enumerate() {
+            let (side, got) = read_ppm(&d.join(format!("img-{prec}_{i:04}.ppm")));
+            assert_eq!(side, 256);
+            assert!(&got == want, "C image {i} ({prec}) differs from the CLI's");
+        }
+    }
+    // bf16 gives other pixels than f32 (the comparisons above can tell them apart).
+    let (_, f) = read_ppm(&d.join("img-f32_0000.ppm"));
+    let (_, b) = read_ppm(&d.join("img-bf16_0000.ppm"));
+    assert_ne!(f, b, "bf16 and f32 gave the same pixels");
+}
+
+/// Three 256 x 256 test images (smooth ramps and a checker, different per image), written
+/// as PNG (for the CLI) and binary PPM (for examples/c/score.c) under `d`; returns their
+/// pixels (N, H, W, 3) and the two files of each.
+fn score_images(d: &Path) -> (Vec<u8>, Vec<(PathBuf, PathBuf)>) {
+    let side = 256;
+    let mut all = Vec::new();
+    let mut files = Vec::new();
+    for n in 0..3usize {
+        let mut rgb = Vec::with_capacity(side * side * 3);
+        for y in 0..side {
+            for x in 0..side {
+                let checker = ((x / (16 << n)) + (y / 32)) % 2 * 60;
+                rgb.push(((x + 40 * n) % 256) as u8);
+                rgb.push(((y * (n + 1)) % 256) as u8);
+                rgb.push((checker + (x ^ y) % 64 + 50 * n) as u8);
+            }
+        }
+        let png = d.join(format!("real_{n}.png"));
+        let ppm = d.join(format!("real_{n}.ppm"));
+        checkergen::io::image::write_rgb_png(&png, side, side, &rgb).unwrap();
+        let mut p = format!("P6\n{side} {side}\n255\n").into_bytes();
+        p.extend_from_slice(&rgb);
+        std::fs::write(&ppm, p).unwrap();
+        all.extend_from_slice(&rgb);
+        files.push((png, ppm));
+    }
+    (all, files)
+}
+
+/// `checkergen score --json` on the tiny preset's model file: (model file, one JSON object
+/// per steps value).
+fn cli_scores(d: &Path, pngs: &[&Path], labels: &str, steps: &str) -> Vec<serde_json::Value> {
+    let model_file = d.join("tiny.safetensors");
+    let mf = model_file.to_str().unwrap();
+    if !model_file.exists() {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_checkergen"));
+        common::run_ok(
+            cmd.args(["init", "--preset", "tiny", "--out", mf]),
+            "checkergen init",
+        );
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_checkergen"));
+    cmd.args(["score", "--model", mf, "--labels", labels])
+        .args(pngs)
+        .args(["--steps-per-scale", steps, "--device", "cpu", "--json"]);
+    let o = common::run_ok(&mut cmd, "checkergen score");
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// examples/c/score.c (cg_score) on PPM copies of three images vs `checkergen score --json`
+/// on their PNGs: every field equal within 1e-12 relative (the same library call on the
+/// same pixels in the same batches, so the same f64 values; serde_json's default float
+/// parser, reading the CLI's line back, may be one ulp off: 1.6e-16 seen). The worst is
+/// printed.
+#[test]
+#[ignore = "needs the cdylib built (cargo build --release --lib); .ci/run builds it and runs this"]
+fn c_score_equals_cli() {
+    let d = dir("c-score");
+    let exe = compile_c_example("score", &d);
+    let (_, files) = score_images(&d);
+    let labels = [3, 0, 7];
+    let pngs: Vec<&Path> = files.iter().map(|(p, _)| p.as_path()).collect();
+    let cli = cli_scores(&d, &pngs, "3,0,7", "2,4");
     let mut run = Command::new(&exe);
-    let r = common::run_ok(run.arg("-").arg(d.join("img")).arg("9"), "sample-c");
+    run.arg(d.join("tiny.safetensors")).arg("2,4");
+    for ((_, ppm), l) in files.iter().zip(labels) {
+        run.arg(format!("{l}:{}", ppm.display()));
+    }
+    let r = common::run_ok(&mut run, "score-c");
     let stdout = String::from_utf8_lossy(&r.stdout);
-    // 3 images in batches of 2 and 1, 17 steps each on the tiny preset.
+    println!("{stdout}");
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("steps_per_scale="))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
     assert!(
-        stdout.contains("3 images of 256x256, 34 progress calls"),
+        stdout.contains("short buffer refused: invalid request: cg_score: "),
         "{stdout}"
     );
-    assert!(
-        stdout.contains("bad label refused: invalid request: class id 1000000 is out of range"),
-        "{stdout}"
-    );
-    let cli = cli_images("c-cli", "0,1,2", 9, &[]);
-    for (i, want) in cli.iter().enumerate() {
-        let (side, got) = read_ppm(&d.join(format!("img_{i:04}.ppm")));
-        assert_eq!(side, 256);
-        assert!(&got == want, "C image {i} differs from the CLI's");
+    let mut worst = 0.0f64;
+    let mut compared = 0;
+    for (line, j) in lines.iter().zip(&cli) {
+        let field = |k: &str| -> f64 {
+            line.split(' ')
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("{k} missing in {line}"))
+                .parse()
+                .unwrap()
+        };
+        for k in ["steps_per_scale", "serial_steps", "images"] {
+            assert_eq!(field(k), j[k].as_f64().unwrap(), "{k}: {line}");
+        }
+        let mut pairs = vec![
+            (field("loss_total"), j["loss_total"].as_f64().unwrap()),
+            (
+                field("bits_per_token"),
+                j["bits_per_token"].as_f64().unwrap(),
+            ),
+        ];
+        for (s, v) in j["loss_by_scale"].as_object().unwrap() {
+            pairs.push((field(&format!("loss_{s}")), v.as_f64().unwrap()));
+        }
+        for (s, v) in j["top1_by_scale"].as_object().unwrap() {
+            pairs.push((field(&format!("top1_{s}")), v.as_f64().unwrap()));
+        }
+        for (c, want) in pairs {
+            worst = worst.max((c - want).abs() / want.abs().max(1e-300));
+            compared += 1;
+        }
+    }
+    println!("C score vs CLI: {compared} values, worst rel {worst:.2e} (tolerance 1e-12)");
+    assert!(compared > 10);
+    assert!(worst <= 1e-12, "C score vs CLI: worst rel {worst:.2e}");
+}
+
+/// The per-step timings of a sampling call: one entry per serial step of the schedule
+/// (summed over batches), on the CPU, for uniform and explicit step counts.
+#[test]
+fn timings_have_one_entry_per_serial_step() {
+    use checkergen::order::Schedule;
+    let model = Model::tiny(Device::Cpu).unwrap();
+    let sizes = model.scale_sizes().to_vec();
+    let explicit = vec![1, 2, 3, 1, 2];
+    assert_eq!(sizes.len(), explicit.len());
+    for (req, sched, batches) in [
+        (
+            Request::new(vec![0, 1, 2]).steps_per_scale(2).batch_size(2),
+            Schedule::uniform(&sizes, 2).unwrap(),
+            2,
+        ),
+        (
+            Request::new(vec![5]).steps(explicit.clone()),
+            Schedule::with_steps(&sizes, &explicit).unwrap(),
+            1,
+        ),
+    ] {
+        let images = model.sample(&req).unwrap();
+        let t = images.timings();
+        println!(
+            "{} step entries ({} serial steps): {:.1} ms in all, prefill {:.2} ms, decode \
+             {:.1} ms, {} batches",
+            t.step_ms.len(),
+            sched.total_steps(),
+            t.step_ms.iter().sum::<f64>(),
+            t.prefill_ms,
+            t.decode_ms,
+            t.batches
+        );
+        assert_eq!(t.step_ms.len(), sched.total_steps());
+        assert_eq!((t.batches, t.replayed_batches), (batches, 0));
+        assert!(t.step_ms.iter().all(|&ms| ms > 0.0) && t.decode_ms > 0.0);
     }
 }
 
@@ -335,6 +515,148 @@ fn c_abi_refuses_bad_arguments_with_a_status() {
         assert!(buf == want.pixels(), "C ABI pixels differ from the API's");
         cg_model_free(m);
         cg_model_free(std::ptr::null_mut());
+    }
+}
+
+/// The C ABI's precision, score and timings through the Rust-side declarations: bf16 gives
+/// the API's bf16 pixels, `cg_score` the API's scores (exactly: the same call), the timings
+/// one entry per serial step; bad arguments are statuses.
+#[test]
+fn c_abi_precision_score_and_timings() {
+    use checkergen::capi::*;
+    use std::ffi::CStr;
+    let msg = || {
+        unsafe { CStr::from_ptr(cg_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    unsafe {
+        let mut m: *mut CgModel = std::ptr::null_mut();
+        assert_eq!(
+            cg_model_load(std::ptr::null(), CgDevice::Cpu, 0, &mut m),
+            CgStatus::Ok
+        );
+        assert_eq!(cg_model_precision(m), CgPrecision::F32);
+        assert_eq!(
+            cg_model_set_precision(std::ptr::null_mut(), CgPrecision::Bf16),
+            CgStatus::InvalidArgument
+        );
+
+        // Score: the API's scores on the same pixels.
+        let (rgb, _) = score_images(&dir("capi-score"));
+        let labels = [3u32, 0, 7];
+        let steps = [2u32, 4];
+        let mut out = vec![std::mem::MaybeUninit::<CgScore>::uninit(); 2];
+        let outp = out.as_mut_ptr().cast::<CgScore>();
+        let (p, n) = (rgb.as_ptr(), rgb.len());
+        assert_eq!(
+            cg_score(m, p, n, labels.as_ptr(), 3, steps.as_ptr(), 2, outp),
+            CgStatus::Ok,
+            "{}",
+            msg()
+        );
+        let api = Model::tiny(Device::Cpu).unwrap();
+        let want = api.score(&rgb, &[3, 0, 7], &[2, 4]).unwrap();
+        for (o, w) in out.iter().zip(&want) {
+            let o = o.assume_init_ref();
+            assert_eq!(o.steps_per_scale as usize, w.steps_per_scale());
+            assert_eq!(o.serial_steps as usize, w.serial_steps());
+            assert_eq!(o.images, 3);
+            assert_eq!(o.loss_total, w.loss_total());
+            assert_eq!(o.bits_per_token, w.loss_total() / std::f64::consts::LN_2);
+            let k = o.num_scales;
+            assert_eq!(k, w.scale_sizes().len());
+            assert_eq!(&o.loss_by_scale[..k], w.loss_by_scale().as_slice());
+            assert_eq!(&o.top1_by_scale[..k], w.top1_by_scale().as_slice());
+            assert_eq!(o.scale_sizes[k - 1] as usize, w.scale_sizes()[k - 1]);
+            println!(
+                "cg_score k={}: loss {:.4} nats/token ({} serial steps)",
+                o.steps_per_scale, o.loss_total, o.serial_steps
+            );
+        }
+        let null = std::ptr::null();
+        let lp = labels.as_ptr();
+        let sp = steps.as_ptr();
+        for (what, st) in [
+            ("short", cg_score(m, p, n - 1, lp, 3, sp, 2, outp)),
+            ("null", cg_score(m, null, n, lp, 3, sp, 2, outp)),
+            ("no values", cg_score(m, p, n, lp, 3, sp, 0, outp)),
+            (
+                "zero steps",
+                cg_score(m, p, n, lp, 3, [0u32, 4].as_ptr(), 2, outp),
+            ),
+            (
+                "label",
+                cg_score(m, p, n, [3u32, 0, 10].as_ptr(), 3, sp, 2, outp),
+            ),
+        ] {
+            assert_eq!(st, CgStatus::InvalidArgument, "{what}");
+            println!("{what}: {}", msg());
+        }
+
+        // Timings, then bf16.
+        let mut req = std::mem::MaybeUninit::<CgRequest>::uninit();
+        cg_request_init(req.as_mut_ptr());
+        let mut req = req.assume_init();
+        let lab = [1u32, 2, 4];
+        req.labels = lab.as_ptr();
+        req.num_labels = 3;
+        req.steps_per_scale = 2;
+        req.batch_size = 2;
+        let need = cg_image_bytes(m, 3);
+        let mut buf = vec![0u8; need];
+        let mut step_ms = [f64::NAN; 4];
+        let mut t = CgTimings {
+            step_ms: step_ms.as_mut_ptr(),
+            step_ms_capacity: step_ms.len(),
+            num_steps: 0,
+            steps_total_ms: 0.0,
+            prefill_ms: 0.0,
+            decode_ms: 0.0,
+            batches: 0,
+            replayed_batches: 0,
+        };
+        assert_eq!(
+            cg_sample_timed(m, &req, buf.as_mut_ptr(), need, &mut t),
+            CgStatus::Ok
+        );
+        let serial = checkergen::order::Schedule::uniform(api.scale_sizes(), 2)
+            .unwrap()
+            .total_steps();
+        println!(
+            "cg_sample_timed: {} step entries ({serial} serial steps), {:.1} ms, {} batches",
+            t.num_steps, t.steps_total_ms, t.batches
+        );
+        assert_eq!((t.num_steps, t.batches, t.replayed_batches), (serial, 2, 0));
+        // Only the buffer's capacity is written; the total covers every step.
+        assert!(step_ms.iter().all(|&x| x > 0.0));
+        assert!(t.steps_total_ms > step_ms.iter().sum::<f64>() && t.decode_ms > 0.0);
+        let f32_pixels = buf.clone();
+        let req_api = Request::new(vec![1, 2, 4]).steps_per_scale(2);
+        let want = api.sample(&req_api).unwrap();
+        assert!(
+            f32_pixels == want.pixels(),
+            "C ABI f32 pixels differ from the API's"
+        );
+
+        assert_eq!(cg_model_set_precision(m, CgPrecision::Bf16), CgStatus::Ok);
+        assert_eq!(cg_model_precision(m), CgPrecision::Bf16);
+        assert_eq!(cg_sample(m, &req, buf.as_mut_ptr(), need), CgStatus::Ok);
+        let bf = api.with_precision(checkergen::Precision::Bf16).unwrap();
+        let want = bf.sample(&req_api).unwrap();
+        assert!(
+            buf == want.pixels(),
+            "C ABI bf16 pixels differ from the API's"
+        );
+        assert!(buf != f32_pixels, "bf16 gave the f32 pixels");
+        // bf16 cannot go back to f32; the model stays usable and bf16.
+        assert_eq!(
+            cg_model_set_precision(m, CgPrecision::F32),
+            CgStatus::InvalidArgument
+        );
+        assert!(msg().contains("already bf16"), "{}", msg());
+        assert_eq!(cg_model_precision(m), CgPrecision::Bf16);
+        cg_model_free(m);
     }
 }
 

@@ -1,11 +1,13 @@
 /* Sample images through the checkergen C ABI and write them as binary PPM files.
  *
  *   cc examples/c/sample.c -Iinclude -Ltarget/release -lcheckergen -o target/sample-c
- *   LD_LIBRARY_PATH=target/release target/sample-c [MODEL.safetensors|-] OUT_PREFIX [SEED]
+ *   LD_LIBRARY_PATH=target/release target/sample-c MODEL.safetensors|- OUT_PREFIX [SEED [f32|bf16]]
  *
  * Without a model file ("-") it samples the tiny preset with random weights on the CPU:
- * labels 0, 1, 2, the released settings, seed SEED (default 0). Each image goes to
- * OUT_PREFIX_NNNN.ppm. Exit status 0 on success, 1 with the library's message on failure. */
+ * labels 0, 1, 2, the released settings, seed SEED (default 0), the transformer's weights in
+ * f32 (default) or bf16 (as `checkergen sample --precision bf16`). Each image goes to
+ * OUT_PREFIX_NNNN.ppm; the call's timings (per serial step, prefill, decode) are printed.
+ * Exit status 0 on success, 1 with the library's message on failure. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,16 +30,28 @@ static int fail(const char *what, CgStatus st) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s MODEL|- OUT_PREFIX [SEED]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL|- OUT_PREFIX [SEED [f32|bf16]]\n", argv[0]);
         return 2;
     }
     const char *path = strcmp(argv[1], "-") == 0 ? NULL : argv[1];
     uint64_t seed = argc > 3 ? strtoull(argv[3], NULL, 10) : 0;
+    const char *prec = argc > 4 ? argv[4] : "f32";
+    if (strcmp(prec, "f32") != 0 && strcmp(prec, "bf16") != 0) {
+        fprintf(stderr, "precision must be f32 or bf16, got %s\n", prec);
+        return 2;
+    }
 
     CgModel *model = NULL;
     CgStatus st = cg_model_load(path, CG_DEVICE_CPU, 0, &model);
     if (st != CG_STATUS_OK)
         return fail("cg_model_load", st);
+    if (strcmp(prec, "bf16") == 0) {
+        st = cg_model_set_precision(model, CG_PRECISION_BF16);
+        if (st != CG_STATUS_OK) {
+            cg_model_free(model);
+            return fail("cg_model_set_precision", st);
+        }
+    }
 
     uint32_t labels[] = {0, 1, 2};
     size_t n = sizeof labels / sizeof labels[0];
@@ -57,11 +71,17 @@ int main(int argc, char **argv) {
         cg_model_free(model);
         return 1;
     }
-    st = cg_sample(model, &req, pixels, bytes);
+    /* The per-step times go to a buffer of ours: one value per serial step. */
+    double step_ms[512];
+    CgTimings timings;
+    memset(&timings, 0, sizeof timings);
+    timings.step_ms = step_ms;
+    timings.step_ms_capacity = sizeof step_ms / sizeof step_ms[0];
+    st = cg_sample_timed(model, &req, pixels, bytes, &timings);
     if (st != CG_STATUS_OK) {
         free(pixels);
         cg_model_free(model);
-        return fail("cg_sample", st);
+        return fail("cg_sample_timed", st);
     }
 
     size_t side = cg_model_image_size(model);
@@ -79,8 +99,14 @@ int main(int argc, char **argv) {
         fwrite(pixels + i * side * side * 3, 1, side * side * 3, f);
         fclose(f);
     }
-    printf("checkergen %s: %zu images of %zux%zu, %u progress calls\n", cg_version(), n, side,
-           side, calls);
+    printf("checkergen %s: %zu images of %zux%zu, %u progress calls, precision %s\n",
+           cg_version(), n, side, side, calls,
+           cg_model_precision(model) == CG_PRECISION_BF16 ? "bf16" : "f32");
+    /* Wall times on the CPU (device times on a GPU), summed over the batches. */
+    printf("timings: %zu serial steps, %u batches, steps %.1f ms (first %.2f ms), prefill "
+           "%.2f ms, decode %.1f ms\n",
+           timings.num_steps, timings.batches, timings.steps_total_ms,
+           timings.num_steps > 0 ? step_ms[0] : 0.0, timings.prefill_ms, timings.decode_ms);
 
     /* A bad request is a status and a message, never a crash. */
     labels[0] = 1000000;
