@@ -95,6 +95,10 @@ typedef struct CgRequest {
   CgProgressFn progress;
   // Passed to `progress` unchanged.
   void *user_data;
+  // First serial step without guidance (guidance on for cfg_start_step <= t <
+  // cfg_end_step; from it on the unconditional rows leave the batch, so the remaining
+  // steps cost half); 0 = to the end, the authors' behaviour. Default 0.
+  uint32_t cfg_end_step;
 } CgRequest;
 
 // Where a `cg_sample_timed` call spent its time, in milliseconds summed over its batches:

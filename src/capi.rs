@@ -163,6 +163,10 @@ pub struct CgRequest {
     pub progress: CgProgressFn,
     /// Passed to `progress` unchanged.
     pub user_data: *mut c_void,
+    /// First serial step without guidance (guidance on for cfg_start_step <= t <
+    /// cfg_end_step; from it on the unconditional rows leave the batch, so the remaining
+    /// steps cost half); 0 = to the end, the authors' behaviour. Default 0.
+    pub cfg_end_step: u32,
 }
 
 thread_local! {
@@ -364,6 +368,7 @@ pub unsafe extern "C" fn cg_request_init(request: *mut CgRequest) {
         batch_size: 0,
         progress: None,
         user_data: std::ptr::null_mut(),
+        cfg_end_step: 0,
     };
     // SAFETY: non-null and writable (the caller's contract); `write` drops nothing.
     unsafe { request.write(r) };
@@ -409,6 +414,9 @@ unsafe fn to_request(r: &CgRequest) -> Result<Request, Error> {
         .guidance(r.cfg)
         .cfg_start_step(r.cfg_start_step as usize)
         .seed(r.seed);
+    if r.cfg_end_step != 0 {
+        q = q.cfg_end_step(r.cfg_end_step as usize);
+    }
     q = if r.steps.is_null() {
         q.steps_per_scale(r.steps_per_scale as usize)
     } else {

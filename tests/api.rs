@@ -639,6 +639,22 @@ fn c_abi_precision_score_and_timings() {
             "C ABI f32 pixels differ from the API's"
         );
 
+        // The guidance interval: cfg_end_step reaches the engine (0 = to the end).
+        req.cfg_start_step = 1;
+        req.cfg_end_step = 4;
+        assert_eq!(cg_sample(m, &req, buf.as_mut_ptr(), need), CgStatus::Ok);
+        let want = api
+            .sample(&req_api.clone().cfg_start_step(1).cfg_end_step(4))
+            .unwrap();
+        assert!(
+            buf == want.pixels(),
+            "C ABI cfg_end_step pixels differ from the API's"
+        );
+        let full = api.sample(&req_api.clone().cfg_start_step(1)).unwrap();
+        assert!(buf != full.pixels(), "cfg_end_step changed nothing");
+        req.cfg_start_step = 5;
+        req.cfg_end_step = 0;
+
         assert_eq!(cg_model_set_precision(m, CgPrecision::Bf16), CgStatus::Ok);
         assert_eq!(cg_model_precision(m), CgPrecision::Bf16);
         assert_eq!(cg_sample(m, &req, buf.as_mut_ptr(), need), CgStatus::Ok);

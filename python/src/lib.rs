@@ -97,6 +97,8 @@ impl Model {
     /// batch_size: images per batch (None: the device's default).
     /// steps: explicit serial steps per scale, smallest scale first.
     /// cfg_start_step: first serial step at which guidance applies.
+    /// cfg_end_step: first serial step at which guidance no longer applies (None: to the end);
+    ///     from it on the unconditional rows leave the batch, so the remaining steps cost half.
     /// temperature: 0 for greedy (argmax), > 0 to sample softmax(logits / temperature).
     /// top_k, top_p: keep the k most likely tokens / the most likely up to probability p.
     /// return_timings: also return where the call spent its time, as (images, timings) with
@@ -108,7 +110,7 @@ impl Model {
     /// Raises ValueError for an invalid request, CheckergenError when sampling fails,
     /// KeyboardInterrupt on Ctrl-C (checked after every serial step).
     #[pyo3(signature = (labels, cfg=1.5, steps_per_scale=4, seed=0, batch_size=None, *,
-                        steps=None, cfg_start_step=5, temperature=1.0, top_k=None, top_p=None,
+                        steps=None, cfg_start_step=5, cfg_end_step=None, temperature=1.0, top_k=None, top_p=None,
                         return_timings=false))]
     #[allow(clippy::too_many_arguments)]
     fn sample<'py>(
@@ -121,6 +123,7 @@ impl Model {
         batch_size: Option<i64>,
         steps: Option<Vec<i64>>,
         cfg_start_step: i64,
+        cfg_end_step: Option<i64>,
         temperature: f32,
         top_k: Option<i64>,
         top_p: Option<f32>,
@@ -138,6 +141,9 @@ impl Model {
             .guidance(cfg)
             .cfg_start_step(count("cfg_start_step", cfg_start_step)?)
             .seed(seed);
+        if let Some(e) = cfg_end_step {
+            req = req.cfg_end_step(count("cfg_end_step", e)?);
+        }
         req = match steps {
             Some(v) => req.steps(
                 v.iter()

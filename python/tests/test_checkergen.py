@@ -55,6 +55,15 @@ def test_settings_reach_the_engine(model, tmp_path):
     np.testing.assert_array_equal(explicit, images)
 
 
+def test_guidance_interval_equals_cli(model, tmp_path):
+    # Guidance from step 1 to step 6 of the 17-step schedule: the CLI's --cfg-end-step.
+    images = model.sample([2, 9], seed=4, cfg_start_step=1, cfg_end_step=6)
+    want = cli_pixels(tmp_path, [2, 9], 4, "--cfg-start-step", "1", "--cfg-end-step", "6")
+    np.testing.assert_array_equal(images, want)
+    # Stopping guidance early changes the images: the comparison above can fail.
+    assert not np.array_equal(model.sample([2, 9], seed=4, cfg_start_step=1), images)
+
+
 def test_bf16_precision_equals_cli(tmp_path):
     bf16 = checkergen.Model(device="cpu", precision="bf16")
     assert bf16.precision == "bf16"
