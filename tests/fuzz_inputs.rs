@@ -31,6 +31,10 @@
 //! * pickle bytes changed and re-archived with a correct CRC (to reach the pickle VM): no
 //!   panic, no crash; exit 0 only when the output is a loadable model (a change can be a
 //!   different valid pickle);
+//! * a LEGACY (torch < 1.6) .pth (tests/fixtures/pth/pair_legacy.pth: pickles, then raw
+//!   storages), any byte change, extreme u32/u64 values, pickle opcode changes and deletions,
+//!   or a truncation: no panic, errors are one line; a truncation always fails (the format
+//!   fixes the file's length), and whatever reads has numel x element size bytes per tensor;
 //! * YAML text mutations: no panic; a mutated config may be another valid config;
 //! * argument lists: no panic, signal or hang; exit status 0, 1 or 2 (clap's usage error);
 //!   the input files are unchanged afterwards;
@@ -467,6 +471,41 @@ fn campaign() -> Findings {
                 }
             });
         }
+    }
+
+    // Legacy .pth (its own generator, so the streams above are unchanged).
+    let mut rng = Rng::new(SEED ^ 0x1E6A_C7);
+    let legacy_clean = std::fs::read(fixture("pair_legacy.pth")).unwrap();
+    let legacy_path = dir.join("legacy.pth");
+    for i in 0..600 * k {
+        let (what, bytes) = if rng.below(2) == 0 {
+            mutate_pth(&mut rng, &legacy_clean)
+        } else {
+            mutate_pickle(&mut rng, &legacy_clean)
+        };
+        let must_fail = bytes.len() < legacy_clean.len() && legacy_clean.starts_with(&bytes);
+        std::fs::write(&legacy_path, &bytes).unwrap();
+        f.check(&format!("legacy #{i} {what}"), || {
+            let read = || -> anyhow::Result<Option<String>> {
+                let ck = checkergen::io::pth::PthCheckpoint::open(&legacy_path)?;
+                let sd = ck.root_state_dict()?;
+                for (name, info) in &sd {
+                    let t = ck.read_tensor(name, info)?;
+                    if t.data.len() != t.numel() * t.dtype.size() {
+                        return Ok(Some(format!("tensor '{name}' has {} bytes", t.data.len())));
+                    }
+                }
+                Ok(None)
+            };
+            match read() {
+                Ok(Some(problem)) => Err(problem),
+                Ok(None) if must_fail => Err("read a truncated legacy file".into()),
+                Err(e) if format!("{e:#}").lines().count() != 1 => {
+                    Err(format!("error is not one line: {e:#}"))
+                }
+                _ => Ok(()),
+            }
+        });
     }
     f
 }

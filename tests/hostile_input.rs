@@ -678,3 +678,252 @@ fn converter_keeps_only_finite_float_weights() {
     );
     assert!(!out.exists());
 }
+
+// ---- The legacy (torch < 1.6) .pth format ---------------------------------------------------
+
+/// Open `bytes` as `name` and read every tensor of its top-level state dict; the error as
+/// one string (`Ok` with the tensor count when everything reads).
+fn legacy_read(bytes: &[u8], name: &str) -> Result<usize, String> {
+    let p = scratch("hostile-legacy").join(name);
+    std::fs::write(&p, bytes).unwrap();
+    let read = || -> anyhow::Result<usize> {
+        let ck = PthCheckpoint::open(&p)?;
+        let sd = ck.root_state_dict()?;
+        for (n, info) in &sd {
+            ck.read_tensor(n, info)?;
+        }
+        Ok(sd.len())
+    };
+    read().map_err(|e| format!("{e:#}"))
+}
+
+/// A clean failure: one line that names the file.
+fn assert_clean(got: Result<usize, String>, name: &str, fragment: &str, what: &str) {
+    let e = got.expect_err(what);
+    assert!(
+        e.contains(name) && e.contains(fragment) && e.lines().count() == 1,
+        "{what}: {e}"
+    );
+}
+
+fn f32_bytes(n: usize) -> Vec<u8> {
+    (0..n).flat_map(|i| (i as f32).to_le_bytes()).collect()
+}
+
+/// Every way the storage section and the pickles around it can lie: a clear one-line error
+/// naming the file, before any allocation of the claimed size.
+#[test]
+fn legacy_storage_claims_are_checked() {
+    let two = legacy_state_dict(&[
+        ("a", "FloatStorage", "k0", 4),
+        ("b", "LongStorage", "k1", 2),
+    ]);
+    let (a, b) = (f32_bytes(4), [7u8; 16]);
+    let good = legacy_pth(&two, &["k0", "k1"], &[(4, &a), (2, &b)]);
+    assert_eq!(legacy_read(&good, "good.pth"), Ok(2));
+    let n = "legacy.pth";
+    let case = |what: &str, bytes: Vec<u8>, fragment: &str| {
+        let t = std::time::Instant::now();
+        assert_clean(legacy_read(&bytes, n), n, fragment, what);
+        assert!(t.elapsed() < Duration::from_secs(5), "{what}: slow");
+    };
+    for count in [u64::MAX, 1 << 62, 1 << 40] {
+        case(
+            &format!("count {count}"),
+            legacy_pth(&two, &["k0", "k1"], &[(count, &a), (2, &b)]),
+            "claims",
+        );
+    }
+    // An int64 count whose byte size overflows u64.
+    case(
+        "count 2^61 of int64",
+        legacy_pth(&two, &["k0", "k1"], &[(4, &a), (1 << 61, &b)]),
+        "claims 2305843009213693952 int64 elements",
+    );
+    case(
+        "count above the persistent id's (the bytes are there)",
+        legacy_pth(&two, &["k0", "k1"], &[(5, &a), (2, &b)]),
+        "holds 5 float32 elements, but its persistent id says 4",
+    );
+    case(
+        "count below the persistent id's",
+        legacy_pth(&two, &["k0", "k1"], &[(3, &a[..12]), (2, &b)]),
+        "holds 3 float32 elements, but its persistent id says 4",
+    );
+    let huge = legacy_state_dict(&[("a", "FloatStorage", "k0", i32::MAX as u32)]);
+    case(
+        "persistent id of 2^31 - 1 elements",
+        legacy_pth(&huge, &["k0"], &[(i32::MAX as u64, &a)]),
+        "claims",
+    );
+    case(
+        "missing storage",
+        legacy_pth(&two, &["k0"], &[(4, &a)]),
+        "storage k1 is named in the pickle but missing from the storage list",
+    );
+    case(
+        "unknown key",
+        legacy_pth(&two, &["k0", "k1", "k9"], &[(4, &a), (2, &b), (1, &[0; 4])]),
+        "names storage k9, which no persistent id",
+    );
+    case(
+        "key listed twice",
+        legacy_pth(&two, &["k0", "k0", "k1"], &[(4, &a), (4, &a), (2, &b)]),
+        "storage k0 is listed twice",
+    );
+    let mut trailing = good.clone();
+    trailing.extend_from_slice(b"garbage");
+    case("trailing bytes", trailing, "7 bytes of trailing data");
+    let odd = legacy_state_dict(&[("a", "ComplexFloatStorage", "k0", 4)]);
+    case(
+        "unsupported storage type",
+        legacy_pth(&odd, &["k0"], &[(4, &a)]),
+        "unsupported type torch.ComplexFloatStorage",
+    );
+    let mut wrong_magic = good.clone();
+    wrong_magic[4] ^= 1;
+    case("wrong magic", wrong_magic, "not torch's magic number");
+    let mut proto = good.clone();
+    let at = proto.windows(3).position(|w| w == b"M\xe9\x03").unwrap();
+    proto[at + 1] = 0xe8;
+    case("protocol 1000", proto, "protocol version the int 1000");
+    let big = good
+        .windows(13)
+        .position(|w| w == b"little_endian")
+        .unwrap();
+    let mut be = good.clone();
+    be[big + "little_endian".len()] = 0x89; // NEWTRUE -> NEWFALSE
+    case("big-endian sys_info", be, "big-endian");
+    // The storage list is not a list.
+    let mut p = legacy_header();
+    p.extend_from_slice(&two);
+    p.extend_from_slice(b"\x80\x02K\x05.");
+    case("storage list an int", p, "the storage list is the int 5");
+    // A view larger than its storage (an int64 one: the message counts int64 elements).
+    let mut short = legacy_state_dict(&[("b", "LongStorage", "k1", 2)]);
+    let at = short
+        .windows(6)
+        .position(|w| w == b"J\x02\x00\x00\x00\x85")
+        .unwrap();
+    short[at + 1] = 3; // size (3,) over a 2-element storage
+    case(
+        "int64 view past its storage",
+        legacy_pth(&short, &["k1"], &[(2, &b)]),
+        "needs 3 elements but storage k1 holds 2 int64 elements (16 bytes)",
+    );
+    // No pickle is ever executed: a REDUCE of os.system in the object is an opaque value.
+    let mut evil = b"\x80\x02}(".to_vec();
+    evil.extend(pickle_str("x"));
+    evil.extend_from_slice(b"cos\nsystem\n");
+    evil.extend(pickle_str("touch /tmp/checkergen-pwned"));
+    evil.extend_from_slice(b"\x85Ru.");
+    assert_eq!(legacy_read(&legacy_pth(&evil, &[], &[]), "evil.pth"), Ok(0));
+}
+
+/// The zip format's storage view message also counts elements of the storage's own dtype
+/// (issue 22 item 8: an int64 storage's element count was not its bytes / 2).
+#[test]
+fn zip_int64_view_past_its_storage_counts_int64_elements() {
+    // {'model': {'w': _rebuild_tensor_v2(LongStorage '0' of 5, 0, (5,), (1,), ...)}} with
+    // the storage entry holding 2 elements (16 bytes).
+    let mut p = b"\x80\x02}X\x05\x00\x00\x00model}(X\x01\x00\x00\x00w".to_vec();
+    let t = legacy_tensor_ops("LongStorage", "0", 5);
+    // The zip format's persistent id has no view_metadata: drop the `N` before `tQ`.
+    let at = t.windows(3).position(|w| w == b"NtQ").unwrap();
+    p.extend_from_slice(&t[..at]);
+    p.extend_from_slice(&t[at + 1..]);
+    p.extend_from_slice(b"us.");
+    let bytes = zip64(&[
+        ("ck/data.pkl", &p, None),
+        ("ck/byteorder", b"little", None),
+        ("ck/data/0", &[1u8; 16], None),
+    ]);
+    let path = scratch("hostile").join("short-int64.pth");
+    std::fs::write(&path, bytes).unwrap();
+    let ck = PthCheckpoint::open(&path).unwrap();
+    let sd = ck.state_dict("model").unwrap();
+    let e = format!("{:#}", ck.read_tensor("w", &sd["w"]).unwrap_err());
+    assert!(
+        e.contains("needs 5 elements but ck/data/0 holds 2 int64 elements (16 bytes)"),
+        "{e}"
+    );
+}
+
+/// Every prefix of a legacy file fails cleanly (the format fixes the file's length), and
+/// every single-byte change opens or fails cleanly: no panic, one line naming the file.
+#[test]
+fn legacy_truncations_and_byte_flips() {
+    let clean = std::fs::read(fixture("pair_legacy.pth")).unwrap();
+    let t = std::time::Instant::now();
+    for cut in 0..clean.len() {
+        assert_clean(
+            legacy_read(&clean[..cut], "cut.pth"),
+            "cut.pth",
+            "",
+            &format!("truncated to {cut}"),
+        );
+    }
+    let mut flipped_ok = 0;
+    for at in 0..clean.len() {
+        // One flip per byte, the mask cycling over a low bit, the sign bit, all bits.
+        for mask in [[0x01u8, 0x80, 0xff][at % 3]] {
+            let mut b = clean.clone();
+            b[at] ^= mask;
+            match legacy_read(&b, "flip.pth") {
+                Ok(_) => flipped_ok += 1,
+                Err(e) => assert!(
+                    e.contains("flip.pth") && e.lines().count() == 1,
+                    "flip {mask:#x} at {at}: {e}"
+                ),
+            }
+        }
+    }
+    println!(
+        "pair_legacy.pth: {} prefixes refused, {} of {} byte flips still read, {:.1} s",
+        clean.len(),
+        flipped_ok,
+        clean.len(),
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// Recursion bombs and huge length claims in a legacy file's pickles: on a thread with a
+/// small stack, a clean error or an empty state dict, no allocation of the claimed size.
+#[test]
+fn legacy_pickle_bombs() {
+    let depth = 1_000_000;
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    for (what, ops) in [
+        ("list", nested_list_ops(depth)),
+        ("tuple", nested_tuple_ops(depth)),
+        ("dict", nested_dict_ops(depth)),
+    ] {
+        let mut main = b"\x80\x02".to_vec();
+        main.extend(ops);
+        main.push(b'.');
+        cases.push((what, legacy_pth(&main, &[], &[])));
+    }
+    // BINUNICODE8 / BINBYTES8 claiming 2^60 bytes, in the object and in the storage list.
+    let mut main = b"\x80\x02\x8d".to_vec();
+    main.extend_from_slice(&(1u64 << 60).to_le_bytes());
+    cases.push(("huge string", legacy_pth(&main, &[], &[])));
+    let mut p = legacy_header();
+    p.extend_from_slice(b"\x80\x02}.\x80\x02\x8e");
+    p.extend_from_slice(&(1u64 << 60).to_le_bytes());
+    cases.push(("huge bytes in the storage list", p));
+    for (what, bytes) in cases {
+        let got = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || legacy_read(&bytes, "bomb.pth"))
+            .unwrap()
+            .join()
+            .unwrap_or_else(|_| panic!("{what} crashed the reader"));
+        match got {
+            Ok(n) => assert_eq!(n, 0, "{what}"),
+            Err(e) => assert!(
+                e.contains("bomb.pth") && e.lines().count() == 1,
+                "{what}: {e}"
+            ),
+        }
+    }
+}

@@ -25,6 +25,13 @@ After writing, every file is read back with zipfile + pickle (emulating torch.lo
 persistent_load and _rebuild_tensor_v2 on the written bytes), and checksums of the tensors
 the converter keeps go to tiny_reference.json.
 
+pair_zip.pth and pair_legacy.pth hold the same small state dict (every float dtype, int64,
+bool, a transposed view, two tensors sharing a storage, a storage view) in the two
+torch.save formats: the zip one (torch >= 1.6) and the LEGACY one (torch < 1.6:
+pickles of the magic number, the protocol version, sys_info, the object and the storage
+key list, then each storage as a little-endian u64 element count and its raw elements).
+Both are read back here and must give the same tensors.
+
 Usage: python3 tools/make_pth_fixture.py [--out tests/fixtures/pth] [--check-golden PATH]
 """
 
@@ -263,6 +270,7 @@ STORAGE_TYPES = {
     "float16": "HalfStorage",
     "int64": "LongStorage",
     "bool": "BoolStorage",
+    "float64": "DoubleStorage",
 }
 for _cls in STORAGE_TYPES.values():
     setattr(torch_mod, _cls, type(_cls, (), {"__module__": "torch", "__qualname__": _cls}))
@@ -284,6 +292,8 @@ def encode(dtype, values):
         return struct.pack(f"<{len(values)}q", *values)
     if dtype == "bool":
         return bytes(1 if v else 0 for v in values)
+    if dtype == "float64":
+        return struct.pack(f"<{len(values)}d", *values)
     raise ValueError(dtype)
 
 
@@ -395,6 +405,145 @@ def torch_save(obj, path, archive, zip64=False, omit_storages=()):
             records.append((pre + "data/" + s.key, s.data))
     records += [(pre + "version", b"3\n"), (pre + ".data/serialization_id", b"0123456789012345678901234567890123456789")]
     write_zip(path, records, zip64=zip64)
+
+
+# ----------------------------------------------------------------------------------------
+# Legacy writer (torch < 1.6: pickles, then the raw storages)
+# ----------------------------------------------------------------------------------------
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+
+
+class StorageView:
+    """A legacy storage view: `size` elements at element `offset` of `root`."""
+
+    def __init__(self, root, key, offset, size):
+        self.root, self.key, self.offset, self.size = root, key, offset, size
+
+
+class LegacyPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, StorageView):
+            root = obj.root
+            self.persistent_id(root)
+            return ("storage", getattr(torch_mod, STORAGE_TYPES[root.dtype]), root.key,
+                    root.location, root.numel, (obj.key, obj.offset, obj.size))
+        if isinstance(obj, Storage):
+            if obj.key is None:
+                # torch uses str(id) of the storage: large numbers, listed in string order
+                obj.key = str(94000000000000 + 7919 * obj.archive.pickled)
+                obj.archive.pickled += 1
+            return ("storage", getattr(torch_mod, STORAGE_TYPES[obj.dtype]), obj.key,
+                    obj.location, obj.numel, None)
+        return None
+
+
+def torch_save_legacy(obj, path, archive):
+    """torch.save(obj, path, _use_new_zipfile_serialization=False)."""
+    out = io.BytesIO()
+    for header in (LEGACY_MAGIC, LEGACY_PROTOCOL,
+                   dict(protocol_version=LEGACY_PROTOCOL, little_endian=True,
+                        type_sizes=dict(short=2, int=4, long=4))):
+        pickle.dump(header, out, protocol=2)
+    LegacyPickler(out, protocol=2).dump(obj)
+    written = {s.key: s for s in archive.storages if s.key is not None}
+    keys = sorted(written)
+    pickle.dump(keys, out, protocol=2)
+    for key in keys:
+        s = written[key]
+        out.write(struct.pack("<Q", s.numel) + s.data)
+    with open(path, "wb") as f:
+        f.write(out.getvalue())
+
+
+def load_legacy(path):
+    """torch.load of a legacy file, emulated (the counterpart of `load`)."""
+    f = io.BytesIO(open(path, "rb").read())
+    assert pickle.load(f) == LEGACY_MAGIC and pickle.load(f) == LEGACY_PROTOCOL
+    assert pickle.load(f)["little_endian"] is True
+    storage_dtype = {v: k for k, v in STORAGE_TYPES.items()}
+    roots = {}  # root key -> [dtype, values or None]
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return lambda st, off, *rest: rebuild_tensor(st[0], st[1] + off, *rest)
+            if (module, name) == ("torch._utils", "_rebuild_parameter"):
+                return lambda data, requires_grad, hooks: data
+            if module == "torch" and name.endswith("Storage"):
+                return storage_dtype[name]
+            return super().find_class(module, name)
+
+        def persistent_load(self, pid):
+            tag, dtype, key, location, numel, view = pid
+            assert tag == "storage"
+            roots.setdefault(key, [dtype, numel])
+            return (roots[key], view[1] if view else 0)
+
+    def rebuild_tensor(root, offset, size, stride, requires_grad, hooks, metadata=None):
+        return ("lazy", root, offset, list(size), list(stride))
+
+    obj = Unpickler(f).load()
+    keys = pickle.load(f)
+    for key in keys:
+        (count,) = struct.unpack("<Q", f.read(8))
+        dtype, numel = roots[key]
+        assert count == numel
+        size = len(encode(dtype, [0] * count))
+        roots[key][1] = decode(dtype, f.read(size))
+    assert f.read() == b"", "trailing bytes"
+
+    def materialize(t):
+        _, (dtype, values), offset, size, stride = t
+        out, idx = [], [0] * len(size)
+        for _ in range(math.prod(size)):
+            out.append(values[offset + sum(i * s for i, s in zip(idx, stride))])
+            for d in reversed(range(len(size))):
+                idx[d] += 1
+                if idx[d] < size[d]:
+                    break
+                idx[d] = 0
+        return Loaded(dtype, size, out)
+
+    return collections.OrderedDict(
+        (k, materialize(v) if isinstance(v, tuple) and v and v[0] == "lazy" else v)
+        for k, v in obj.items())
+
+
+def pair_state_dict(a, legacy):
+    """The state dict of pair_zip.pth / pair_legacy.pth (exact values in every dtype)."""
+    sd = collections.OrderedDict()
+    base = Storage(a, "float32", [i * 0.5 - 3 for i in range(12)])
+    sd["f32"] = Tensor(base, 0, [2, 3])
+    sd["f32_t"] = Tensor(base, 0, [3, 2], [1, 3])  # transposed view of the same storage
+    sd["f32_tail"] = Tensor(base, 8, [4])  # a second tensor on it, at an offset
+    sd["f16"] = Tensor(Storage(a, "float16", [1.5, -2.0, 0.099975586, 65504.0]), 0, [4])
+    sd["bf16"] = Tensor(Storage(a, "bfloat16", [1.0, -0.5, 3.0, 1024.0]), 0, [2, 2])
+    sd["f64"] = Tensor(Storage(a, "float64", [0.1, -1e30, 2.5]), 0, [3])
+    sd["i64"] = Tensor(Storage(a, "int64", [0, -7, 2 ** 40, 3, 5]), 0, [5])
+    sd["flag"] = Tensor(Storage(a, "bool", [True, False, True]), 0, [3])
+    # Elements 2..6 of a storage: a storage view in the legacy file, an offset in the zip.
+    pool = Storage(a, "float32", [10.0 + i for i in range(8)])
+    sd["view"] = Tensor(StorageView(pool, "view-key", 2, 4) if legacy else pool,
+                        0 if legacy else 2, [2, 2])
+    for i in range(10):  # more storages, so string order differs from creation order
+        sd[f"extra.{i}"] = Parameter(Tensor(Storage(a, "float32", [float(i)]), 0, [1]))
+    return sd
+
+
+def write_pair(out):
+    """pair_zip.pth and pair_legacy.pth, read back and compared."""
+    a = Archive("pair_zip")
+    torch_save(pair_state_dict(a, False), os.path.join(out, "pair_zip.pth"), a)
+    a = Archive("pair_legacy")
+    torch_save_legacy(pair_state_dict(a, True), os.path.join(out, "pair_legacy.pth"), a)
+    z = load(os.path.join(out, "pair_zip.pth"))
+    l = load_legacy(os.path.join(out, "pair_legacy.pth"))
+    assert list(z) == list(l)
+    for k in z:
+        assert (z[k].dtype, z[k].shape, z[k].values) == (l[k].dtype, l[k].shape, l[k].values), k
+    assert l["view"].values == [12.0, 13.0, 14.0, 15.0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -560,6 +709,8 @@ def decode(dtype, data):
         return list(struct.unpack(f"<{len(data) // 8}q", data))
     if dtype == "bool":
         return [float(b != 0) for b in data]
+    if dtype == "float64":
+        return list(struct.unpack(f"<{len(data) // 8}d", data))
     raise ValueError(dtype)
 
 
@@ -776,6 +927,9 @@ def main():
     # 5. tiny_bad_opcode.pth: a pickle with the undefined opcode 0xff at byte offset 5.
     write_zip(os.path.join(out, "tiny_bad_opcode.pth"),
               [("bad/data.pkl", b"\x80\x02}q\x00\xff."), ("bad/byteorder", b"little"), ("bad/version", b"3\n")])
+
+    # 6. pair_zip.pth / pair_legacy.pth: one state dict in both torch.save formats.
+    write_pair(out)
 
     # YAML configs.
     with open(os.path.join(out, "tiny_config.yaml"), "w") as f:

@@ -1,6 +1,8 @@
-//! The .pth reader on arbitrary bytes: zip index, CRC-32s, pickle VM, torch allowlist, and
-//! every tensor view of every state dict it finds. Any panic, abort or timeout is a bug;
-//! errors are the expected outcome.
+//! The .pth reader on arbitrary bytes, in both torch.save formats: zip index, CRC-32s, the
+//! legacy format's header pickles and storage scan, pickle VM, torch allowlist, and every
+//! tensor view of every state dict it finds (the top level too, as a bare state dict). Any
+//! panic, abort or timeout is a bug; errors are the expected outcome. Seeds:
+//! tests/fixtures/pth/*.pth (pair_legacy.pth is a legacy file).
 #![no_main]
 
 use checkergen::io::pth::PthCheckpoint;
@@ -16,11 +18,13 @@ fuzz_target!(|data: &[u8]| {
     let Ok(ckpt) = PthCheckpoint::open(&path) else {
         return;
     };
-    for key in ["model", "model_ema", "state_dict"] {
-        if let Ok(sd) = ckpt.state_dict(key) {
-            for (name, info) in &sd {
-                let _ = ckpt.read_tensor(name, info);
-            }
+    let dicts = ["model", "model_ema", "state_dict"]
+        .into_iter()
+        .filter_map(|key| ckpt.state_dict(key).ok())
+        .chain(ckpt.root_state_dict().ok());
+    for sd in dicts {
+        for (name, info) in &sd {
+            let _ = ckpt.read_tensor(name, info);
         }
     }
 });

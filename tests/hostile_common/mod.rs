@@ -185,6 +185,75 @@ pub fn nested_dict_ops(depth: usize) -> Vec<u8> {
 }
 
 // ------------------------------------------------------------------------------------------
+// Legacy (torch < 1.6) checkpoints
+// ------------------------------------------------------------------------------------------
+
+/// A pickle string op (BINUNICODE).
+pub fn pickle_str(s: &str) -> Vec<u8> {
+    let mut v = vec![b'X'];
+    v.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+/// The three header pickles of a legacy `torch.save` file: the magic number, the protocol
+/// version 1001 and sys_info.
+pub fn legacy_header() -> Vec<u8> {
+    let mut p = b"\x80\x02\x8a\x0a".to_vec();
+    p.extend_from_slice(&0x1950a86a20f9469cfc6c_u128.to_le_bytes()[..10]);
+    p.extend_from_slice(b".\x80\x02M\xe9\x03.\x80\x02}");
+    p.extend(pickle_str("little_endian"));
+    p.extend_from_slice(b"\x88s.");
+    p
+}
+
+/// Ops of a 1-d tensor over all `numel` elements of the legacy storage `key` of class
+/// `torch.<class>`: `_rebuild_tensor_v2(pid, 0, (numel,), (1,), False, OrderedDict())`
+/// with the persistent id `('storage', class, key, 'cpu', numel, None)`.
+/// `numel` is written as BININT (signed): below 2^31.
+pub fn legacy_tensor_ops(class: &str, key: &str, numel: u32) -> Vec<u8> {
+    let mut p = b"ctorch._utils\n_rebuild_tensor_v2\n((".to_vec();
+    p.extend(pickle_str("storage"));
+    p.extend_from_slice(format!("ctorch\n{class}\n").as_bytes());
+    p.extend(pickle_str(key));
+    p.extend(pickle_str("cpu"));
+    p.push(b'J');
+    p.extend_from_slice(&numel.to_le_bytes());
+    p.extend_from_slice(b"NtQK\x00J");
+    p.extend_from_slice(&numel.to_le_bytes());
+    p.extend_from_slice(b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR");
+    p
+}
+
+/// A protocol 2 pickle of the dict `{name: tensor}` for `(name, class, key, numel)`.
+pub fn legacy_state_dict(tensors: &[(&str, &str, &str, u32)]) -> Vec<u8> {
+    let mut p = b"\x80\x02}(".to_vec();
+    for &(name, class, key, numel) in tensors {
+        p.extend(pickle_str(name));
+        p.extend(legacy_tensor_ops(class, key, numel));
+    }
+    p.extend_from_slice(b"u.");
+    p
+}
+
+/// A legacy file: the header pickles, `main` (the object's pickle), the pickled storage key
+/// list `keys`, then each storage as `(element count, raw bytes)`.
+pub fn legacy_pth(main: &[u8], keys: &[&str], storages: &[(u64, &[u8])]) -> Vec<u8> {
+    let mut p = legacy_header();
+    p.extend_from_slice(main);
+    p.extend_from_slice(b"\x80\x02](");
+    for k in keys {
+        p.extend(pickle_str(k));
+    }
+    p.extend_from_slice(b"e.");
+    for (count, data) in storages {
+        p.extend_from_slice(&count.to_le_bytes());
+        p.extend_from_slice(data);
+    }
+    p
+}
+
+// ------------------------------------------------------------------------------------------
 // Deterministic randomness for the fuzzer
 // ------------------------------------------------------------------------------------------
 

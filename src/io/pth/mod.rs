@@ -11,9 +11,18 @@
 //! * `<prefix>/byteorder` (`little` or `big`; absent in old files, meaning little);
 //! * bookkeeping entries (`version`, `.format_version`, ...) this reader ignores.
 //!
+//! Files written by torch < 1.6 (or with `_use_new_zipfile_serialization=False`, as the FID
+//! Inception weights are) use the LEGACY format instead: five pickles (magic number,
+//! protocol version, sys_info, the object, the storage key list) followed by the raw
+//! storages. [`PthCheckpoint::open`] tells the two apart by content (a pickle starts with
+//! the `PROTO` byte 0x80, a zip with `PK`), not by the file's name; both give the same
+//! tensors through the same allowlist.
+//!
 //! Layers, one module each:
 //! * `zip`: the archive (end-of-central-directory and ZIP64 records, central directory,
 //!   stored entries read by byte range);
+//! * `legacy`: the legacy format (its pickles, then one checked scan that locates every
+//!   storage; storage bytes read by range);
 //! * `pickle`: the pickle VM (protocols 0-5, an `OpCode` enum), which
 //!   builds Python's built-in values and never resolves a global itself;
 //! * `torch`: the globals it interprets (one allowlist: `OrderedDict`, `_rebuild_tensor_v2`,
@@ -21,7 +30,8 @@
 //!   every other class or function (`argparse.Namespace`, `pathlib.PosixPath`, numpy
 //!   scalars, ...) is an opaque value, so a checkpoint that carries such entries next to its
 //!   weights still loads, and nothing in a pickle is ever executed;
-//! * this module: the checkpoint (`data.pkl`, `byteorder`, `data/<key>`) and its tensors.
+//! * this module: the checkpoint (`data.pkl`, `byteorder`, `data/<key>`, or the legacy
+//!   storages) and its tensors.
 //!
 //! Tensors are parsed as descriptions (dtype, shape, stride, offset, storage key); their bytes
 //! are read from the archive only when asked for, so selecting the model from a multi-GB
@@ -29,11 +39,13 @@
 //! transposed strides, several tensors sharing one storage) are materialized as dense
 //! row-major data.
 
+mod legacy;
 mod pickle;
 mod torch;
 mod zip;
 
-use pickle::Value;
+use legacy::Legacy;
+use pickle::{Value, esc};
 use zip::{Archive, NOT_TORCH_ZIP};
 pub use zip::{StoredEntry, stored_zip};
 
@@ -199,34 +211,65 @@ pub type StateDict = BTreeMap<String, TensorInfo>;
 // Checkpoint
 // ------------------------------------------------------------------------------------------
 
-/// An open checkpoint: the zip index and the unpickled object tree. Tensor data stays on disk
-/// until [`PthCheckpoint::read_tensor`] asks for it.
+/// An open checkpoint: where its storages are and the unpickled object tree. Tensor data stays
+/// on disk until [`PthCheckpoint::read_tensor`] asks for it.
 pub struct PthCheckpoint {
     path: PathBuf,
-    archive: Archive,
-    /// Archive folder with its trailing slash (`"checkpoint-last/"`), or empty.
-    prefix: String,
-    big_endian: bool,
+    source: Storages,
     root: Value,
+}
+
+/// Where a checkpoint's storages are: the two `torch.save` formats.
+enum Storages {
+    /// torch >= 1.6: entries `<prefix>data/<key>` of a zip archive.
+    Zip {
+        archive: Archive,
+        /// Archive folder with its trailing slash (`"checkpoint-last/"`), or empty.
+        prefix: String,
+        big_endian: bool,
+    },
+    /// torch < 1.6: raw storages after the pickles (`legacy.rs`).
+    Legacy(Legacy),
 }
 
 impl fmt::Debug for PthCheckpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PthCheckpoint")
-            .field("path", &self.path)
-            .field("prefix", &self.prefix)
-            .field("entries", &self.archive.len())
-            .finish()
+        let mut d = f.debug_struct("PthCheckpoint");
+        d.field("path", &self.path);
+        match &self.source {
+            Storages::Zip {
+                archive, prefix, ..
+            } => d
+                .field("format", &"zip")
+                .field("prefix", prefix)
+                .field("entries", &archive.len()),
+            Storages::Legacy(l) => d.field("format", &"legacy").field("storages", &l.len()),
+        };
+        d.finish()
     }
 }
 
 impl PthCheckpoint {
-    /// Open a checkpoint, index its zip and unpickle `data.pkl` (no tensor data is read).
+    /// Open a checkpoint in either `torch.save` format, told apart by content (a zip, or
+    /// pickles followed by raw storages), and unpickle it (no tensor data is read).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let shown = path.display().to_string();
         crate::paths::check_input(&path)?;
         let file = File::open(&path).with_context(|| format!("{shown}: cannot open"))?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("{shown}: cannot open"))?
+            .len();
+        let head = zip::read_at(&file, len, 0, len.min(4)).with_context(|| shown.clone())?;
+        if legacy::looks_legacy(&head) {
+            let (legacy, root) = Legacy::open(file).with_context(|| shown.clone())?;
+            return Ok(PthCheckpoint {
+                path,
+                source: Storages::Legacy(legacy),
+                root,
+            });
+        }
         let archive = Archive::new(file).with_context(|| shown.clone())?;
         let pkl_name = find_data_pkl(&archive).with_context(|| shown.clone())?;
         let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
@@ -251,11 +294,21 @@ impl PthCheckpoint {
             torch::unpickle(&pkl).with_context(|| format!("{shown}: cannot read {pkl_name}"))?;
         Ok(PthCheckpoint {
             path,
-            archive,
-            prefix,
-            big_endian,
+            source: Storages::Zip {
+                archive,
+                prefix,
+                big_endian,
+            },
             root,
         })
+    }
+
+    /// `"zip"` (torch >= 1.6) or `"legacy"` (torch < 1.6).
+    pub fn format(&self) -> &'static str {
+        match self.source {
+            Storages::Zip { .. } => "zip",
+            Storages::Legacy(_) => "legacy",
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -316,7 +369,7 @@ impl PthCheckpoint {
                 }
                 bail!(
                     "{shown}: no '{key}' entry (top-level keys: {})",
-                    keys.join(", ")
+                    esc(&keys.join(", "))
                 )
             }
         }
@@ -339,7 +392,9 @@ impl PthCheckpoint {
         match &self.root {
             Value::Dict(d) => {
                 let d = d.borrow();
-                d.entries.iter().any(|(_, v)| matches!(v, Value::Tensor(_)))
+                d.entries
+                    .iter()
+                    .any(|(_, v)| v.ext::<torch::TensorRef>().is_some())
                     && d.entries.iter().all(|(k, _)| k.as_str().is_some())
             }
             _ => false,
@@ -349,7 +404,7 @@ impl PthCheckpoint {
     /// Read one tensor's elements (only the bytes its view covers) as dense row-major data.
     pub fn read_tensor(&self, name: &str, t: &TensorInfo) -> Result<PthTensor> {
         self.read_tensor_inner(t)
-            .with_context(|| format!("{}: tensor '{name}'", self.path.display()))
+            .with_context(|| format!("{}: tensor '{}'", self.path.display(), esc(name)))
     }
 
     fn read_tensor_inner(&self, t: &TensorInfo) -> Result<PthTensor> {
@@ -383,11 +438,21 @@ impl PthCheckpoint {
                     anyhow!("shape {:?} with stride {:?} overflows", t.shape, t.stride)
                 })?;
         }
-        let entry_name = format!("{}data/{}", self.prefix, t.storage_key);
-        let entry = self
-            .archive
-            .get(&entry_name)
-            .ok_or_else(|| anyhow!("its storage {entry_name} is missing from the archive"))?;
+        let (storage_name, storage_bytes) = match &self.source {
+            Storages::Zip {
+                archive, prefix, ..
+            } => {
+                let name = format!("{prefix}data/{}", t.storage_key);
+                let entry = archive.get(&name).ok_or_else(|| {
+                    anyhow!("its storage {} is missing from the archive", esc(&name))
+                })?;
+                (name, entry.size)
+            }
+            Storages::Legacy(l) => (
+                format!("storage {}", esc(&t.storage_key)),
+                l.storage_bytes(&t.storage_key)?,
+            ),
+        };
         let end = t
             .offset
             .checked_add(span)
@@ -395,28 +460,47 @@ impl PthCheckpoint {
         let end_bytes = (end as u64)
             .checked_mul(es as u64)
             .ok_or_else(|| anyhow!("view overflows"))?;
-        if end > t.storage_numel || end_bytes > entry.size {
+        if end > t.storage_numel || end_bytes > storage_bytes {
             bail!(
-                "view (offset {}, shape {:?}, stride {:?}) needs {end} elements but storage {entry_name} \
-                 holds {} ({} bytes of {})",
+                "view (offset {}, shape {:?}, stride {:?}) needs {end} elements but {} \
+                 holds {} {} elements ({storage_bytes} bytes)",
                 t.offset,
                 t.shape,
                 t.stride,
-                t.storage_numel,
-                entry.size,
-                t.dtype
+                esc(&storage_name),
+                (storage_bytes / es as u64).min(t.storage_numel as u64),
+                t.dtype,
             );
         }
         let start_bytes = t.offset as u64 * es as u64;
-        let raw = self
-            .archive
-            .read(entry, start_bytes, end_bytes - start_bytes)?;
+        let (raw, big_endian) = match &self.source {
+            Storages::Zip {
+                archive,
+                big_endian,
+                ..
+            } => {
+                let entry = archive.get(&storage_name).ok_or_else(|| {
+                    anyhow!(
+                        "its storage {} is missing from the archive",
+                        esc(&storage_name)
+                    )
+                })?;
+                (
+                    archive.read(entry, start_bytes, end_bytes - start_bytes)?,
+                    *big_endian,
+                )
+            }
+            Storages::Legacy(l) => (
+                l.read(&t.storage_key, start_bytes, end_bytes - start_bytes)?,
+                false,
+            ),
+        };
         let mut data = if t.is_contiguous() {
             raw
         } else {
             gather_strided(&raw, es, &t.shape, &t.stride, numel)
         };
-        if self.big_endian && es > 1 {
+        if big_endian && es > 1 {
             for c in data.chunks_exact_mut(es) {
                 c.reverse();
             }
@@ -671,9 +755,10 @@ mod tests {
             "legacy.pth",
             b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02M\xe9\x03.",
         );
+        // A legacy file (told apart by content) that ends after its second pickle.
         let err = format!("{:#}", PthCheckpoint::open(&path).unwrap_err());
         assert!(
-            err.contains("not a readable zip archive") && err.contains("legacy"),
+            err.contains("legacy torch.save format: sys_info") && err.contains("truncated"),
             "{err}"
         );
         let files: [(&str, &[u8]); 1] = [("x/readme.txt", b"hi")];

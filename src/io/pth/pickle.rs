@@ -5,13 +5,46 @@
 //! a [`Value::Global`] reference, and the opcodes that would call or instantiate it (`REDUCE`,
 //! `NEWOBJ`, `NEWOBJ_EX`, `OBJ`, `INST`) and persistent ids (`BINPERSID`) are handed to a
 //! [`Globals`] implementation: the torch layer (`torch.rs`), which interprets an allowlist
-//! and turns everything else into an opaque value.
+//! and turns everything else into an opaque value. What that layer builds (storages,
+//! tensors) comes back as [`Value::Ext`], an [`Extension`] the VM stores and never looks
+//! into, so this module names nothing of the layer above it.
 
-use super::torch::{Storage, TensorRef};
 use anyhow::{Context, Result, anyhow, bail};
+use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::fmt;
 use std::rc::Rc;
+
+/// A value made by the [`Globals`] layer (a storage, a tensor): opaque to the VM, which
+/// keeps it on the stack and in containers; the layer above gets it back by downcasting.
+pub(super) trait Extension: Any + fmt::Debug {
+    /// What it is, for error messages (`a tensor`).
+    fn kind(&self) -> String;
+}
+
+/// The error of a pickle that ends before its `STOP` (or inside an opcode's argument): the
+/// legacy reader reads a longer prefix of the file when it sees this one.
+#[derive(Debug)]
+pub(super) struct Truncated(String);
+
+impl fmt::Display for Truncated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Truncated {}
+
+/// Text from a file (a tensor name, a storage key, a class) as it goes into a one-line error
+/// message: control characters (a newline in a hostile key) escaped.
+pub(super) fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.escape_debug().to_string().into()
+    } else {
+        s.into()
+    }
+}
 
 /// Declares [`OpCode`] with its byte and pickletools name, and the byte -> opcode lookup.
 macro_rules! opcodes {
@@ -167,14 +200,15 @@ impl DictData {
 }
 
 /// The unpickled object model: Python's built-in values, references to globals, opaque
-/// objects, and the torch layer's storages and tensors.
+/// objects, and the values of the layer above ([`Value::Ext`]).
 #[derive(Clone, Debug)]
 pub(super) enum Value {
     None,
     Bool(bool),
     Int(i64),
-    /// An integer too large for i64 (kept opaque).
-    BigInt,
+    /// An integer too large for i64: its value when it fits in i128 (the legacy format's
+    /// magic number does), else `None`.
+    BigInt(Option<i128>),
     Float(f64),
     Str(Rc<str>),
     Bytes(Rc<[u8]>),
@@ -185,8 +219,8 @@ pub(super) enum Value {
     Global(Rc<(String, String)>),
     /// An instance of a class this reader does not model, by class name.
     Object(Rc<str>),
-    Storage(Rc<Storage>),
-    Tensor(Rc<TensorRef>),
+    /// A value of the [`Globals`] layer (never made by the VM itself).
+    Ext(Rc<dyn Extension>),
 }
 
 /// Nested containers are dropped with an explicit work list, not by recursion: a pickle of a
@@ -249,17 +283,27 @@ impl Value {
             Value::None => "None".into(),
             Value::Bool(b) => format!("the bool {b}"),
             Value::Int(i) => format!("the int {i}"),
-            Value::BigInt => "a large int".into(),
+            Value::BigInt(_) => "a large int".into(),
             Value::Float(f) => format!("the float {f}"),
             Value::Str(s) => format!("the string {s:?}"),
             Value::Bytes(b) => format!("{} bytes", b.len()),
             Value::Tuple(_) => "a tuple".into(),
             Value::List(_) => "a list".into(),
             Value::Dict(_) => "a dict".into(),
-            Value::Global(g) => format!("the class {}.{}", g.0, g.1),
-            Value::Object(c) => format!("a {c} object"),
-            Value::Storage(_) => "a storage".into(),
-            Value::Tensor(_) => "a tensor".into(),
+            Value::Global(g) => format!("the class {}.{}", esc(&g.0), esc(&g.1)),
+            Value::Object(c) => format!("a {} object", esc(c)),
+            Value::Ext(e) => e.kind(),
+        }
+    }
+
+    /// The extension value of type `T` this is, if it is one.
+    pub(super) fn ext<T: Extension>(&self) -> Option<Rc<T>> {
+        match self {
+            Value::Ext(e) => {
+                let any: Rc<dyn Any> = e.clone();
+                any.downcast::<T>().ok()
+            }
+            _ => None,
         }
     }
 
@@ -300,11 +344,11 @@ impl<'a> Unpickler<'a> {
             .checked_add(n)
             .filter(|&e| e <= self.data.len())
             .ok_or_else(|| {
-                anyhow!(
+                Truncated(format!(
                     "pickle truncated: {n} bytes wanted at offset {} of {}",
                     self.pos,
                     self.data.len()
-                )
+                ))
             })?;
         let s = &self.data[self.pos..end];
         self.pos = end;
@@ -329,10 +373,12 @@ impl<'a> Unpickler<'a> {
 
     fn line(&mut self) -> Result<&'a str> {
         let rest = &self.data[self.pos..];
-        let n = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| anyhow!("pickle truncated: unterminated line at offset {}", self.pos))?;
+        let n = rest.iter().position(|&b| b == b'\n').ok_or_else(|| {
+            Truncated(format!(
+                "pickle truncated: unterminated line at offset {}",
+                self.pos
+            ))
+        })?;
         self.pos += n + 1;
         std::str::from_utf8(&rest[..n]).map_err(|_| anyhow!("pickle: line is not UTF-8"))
     }
@@ -376,8 +422,13 @@ impl<'a> Unpickler<'a> {
         Ok(())
     }
 
+    /// Bytes consumed so far (after [`Unpickler::run`]: the pickle's length, `STOP` included).
+    pub(super) fn position(&self) -> usize {
+        self.pos
+    }
+
     /// Run to `STOP` and return the object on top of the stack.
-    pub(super) fn run(mut self) -> Result<Value> {
+    pub(super) fn run(&mut self) -> Result<Value> {
         loop {
             let op_pos = self.pos;
             let byte = self.u8()?;
@@ -491,18 +542,13 @@ impl<'a> Unpickler<'a> {
                     let v = match line {
                         "01" => Value::Bool(true),
                         "00" => Value::Bool(false),
-                        s => s.parse::<i64>().map(Value::Int).unwrap_or(Value::BigInt),
+                        s => parse_int(s),
                     };
                     self.stack.push(v);
                 }
                 OpCode::Long => {
                     let line = self.line()?;
-                    let v = line
-                        .trim_end_matches('L')
-                        .parse::<i64>()
-                        .map(Value::Int)
-                        .unwrap_or(Value::BigInt);
-                    self.stack.push(v);
+                    self.stack.push(parse_int(line.trim_end_matches('L')));
                 }
                 OpCode::Float => {
                     let line = self.line()?;
@@ -725,28 +771,35 @@ impl<'a> Unpickler<'a> {
     }
 }
 
-/// Python `int.from_bytes(b, 'little', signed=True)`, or `BigInt` past 64 bits.
+/// A protocol 0 `INT` / `LONG` decimal: `Int`, else `BigInt` (with its value up to i128).
+fn parse_int(s: &str) -> Value {
+    match s.parse::<i64>() {
+        Ok(v) => Value::Int(v),
+        Err(_) => Value::BigInt(s.parse::<i128>().ok()),
+    }
+}
+
+/// Python `int.from_bytes(b, 'little', signed=True)`: `Int` when it fits in i64, else
+/// `BigInt` (with its value when it fits in i128).
 fn long_from_le(bytes: &[u8]) -> Value {
-    if bytes.is_empty() {
+    let Some(&last) = bytes.last() else {
         return Value::Int(0);
+    };
+    let fill = if last & 0x80 != 0 { 0xFF } else { 0 };
+    // Bytes past the 16th must be pure sign extension for the value to fit in i128.
+    if bytes.len() > 16
+        && (bytes[16..].iter().any(|&b| b != fill) || (bytes[15] ^ fill) & 0x80 != 0)
+    {
+        return Value::BigInt(None);
     }
-    if bytes.len() > 8 {
-        let sign_fill = if bytes[bytes.len() - 1] & 0x80 != 0 {
-            0xFF
-        } else {
-            0
-        };
-        if bytes[8..].iter().any(|&b| b != sign_fill)
-            || (bytes[7] & 0x80 != 0) != (sign_fill == 0xFF)
-        {
-            return Value::BigInt;
-        }
-    }
-    let n = bytes.len().min(8);
-    let fill = if bytes[n - 1] & 0x80 != 0 { 0xFF } else { 0 };
-    let mut buf = [fill; 8];
+    let n = bytes.len().min(16);
+    let mut buf = [fill; 16];
     buf[..n].copy_from_slice(&bytes[..n]);
-    Value::Int(i64::from_le_bytes(buf))
+    let v = i128::from_le_bytes(buf);
+    match i64::try_from(v) {
+        Ok(i) => Value::Int(i),
+        Err(_) => Value::BigInt(Some(v)),
+    }
 }
 
 #[cfg(test)]
@@ -770,6 +823,23 @@ mod tests {
 
     fn unpickle(bytes: &[u8]) -> Result<Value> {
         Unpickler::new(bytes, &NoGlobals).run()
+    }
+
+    #[test]
+    fn truncation_is_typed_and_position_is_reported() {
+        let err = unpickle(b"\x80\x02X\x05\x00\x00\x00ab").unwrap_err();
+        assert!(err.downcast_ref::<Truncated>().is_some(), "{err:#}");
+        let err = unpickle(b"\x80\x02}q\x00\xff.").unwrap_err();
+        assert!(err.downcast_ref::<Truncated>().is_none(), "{err:#}");
+        // Two pickles back to back: the first stops after its STOP byte.
+        let two = b"\x80\x02K\x07.\x80\x02K\x08.";
+        let mut u = Unpickler::new(two, &NoGlobals);
+        assert!(matches!(u.run().unwrap(), Value::Int(7)));
+        assert_eq!(u.position(), 5);
+        assert!(matches!(
+            Unpickler::new(&two[5..], &NoGlobals).run().unwrap(),
+            Value::Int(8)
+        ));
     }
 
     #[test]
@@ -813,7 +883,23 @@ mod tests {
         assert!(matches!(long_from_le(&nine), Value::Int(i64::MIN)));
         let mut pos_overflow = u64::MAX.to_le_bytes().to_vec();
         pos_overflow.push(0);
-        assert!(matches!(long_from_le(&pos_overflow), Value::BigInt));
+        assert!(
+            matches!(long_from_le(&pos_overflow), Value::BigInt(Some(v)) if v == u64::MAX as i128)
+        );
+        // The legacy torch.save magic number (LONG1, 10 bytes).
+        let magic = 0x1950a86a20f9469cfc6c_i128;
+        assert!(
+            matches!(long_from_le(&magic.to_le_bytes()[..10]), Value::BigInt(Some(v)) if v == magic)
+        );
+        let mut huge = vec![0u8; 17];
+        huge[16] = 1;
+        assert!(matches!(long_from_le(&huge), Value::BigInt(None)));
+        let mut neg = (-5i128).to_le_bytes().to_vec();
+        neg.push(0xff);
+        assert!(matches!(long_from_le(&neg), Value::Int(-5)));
+        assert!(
+            matches!(parse_int("119547037146038801333356"), Value::BigInt(Some(v)) if v == magic)
+        );
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //! imported or called, so a checkpoint that carries such entries next to its weights loads
 //! and a malicious one cannot run code.
 
-use super::pickle::{DictData, Globals, Unpickler, Value};
+use super::pickle::{DictData, Extension, Globals, Unpickler, Value, esc};
 use super::{PthDtype, StateDict, TensorInfo};
 use anyhow::{Result, anyhow, bail};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 /// What an allowlisted global is to this reader.
@@ -91,7 +92,8 @@ fn opaque(global: &Value, fallback: &str) -> Value {
     }
 }
 
-/// A storage a persistent id names: its elements are the archive entry `data/<key>`.
+/// A storage a persistent id names: its elements are the archive entry `data/<key>` (zip
+/// format) or the storage `key` after the pickles (legacy format).
 #[derive(Debug)]
 pub(super) struct Storage {
     /// Storage class name without the module (`FloatStorage`).
@@ -99,7 +101,17 @@ pub(super) struct Storage {
     /// `None` for a storage class outside the allowlist (reported when its tensor is used).
     pub(super) dtype: Option<PthDtype>,
     pub(super) key: String,
+    /// Element count of the whole (root) storage.
     pub(super) numel: usize,
+    /// Legacy storage views (`view_metadata`): the view's first element in the root storage
+    /// (0 for a whole storage), added to the offset of every tensor on the view.
+    pub(super) view_offset: usize,
+}
+
+impl Extension for Storage {
+    fn kind(&self) -> String {
+        "a storage".into()
+    }
 }
 
 /// A tensor: a strided view of a storage.
@@ -111,12 +123,83 @@ pub(super) struct TensorRef {
     pub(super) stride: Vec<usize>,
 }
 
-/// The torch interpretation of globals and persistent ids.
-pub(super) struct Torch;
+impl Extension for TensorRef {
+    fn kind(&self) -> String {
+        "a tensor".into()
+    }
+}
 
-/// Unpickle a `torch.save` pickle (`data.pkl`).
+/// The persistent-id form a file uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Format {
+    /// `('storage', class, key, location, numel)` (torch >= 1.6, zip).
+    Zip,
+    /// `('storage', class, root_key, location, root_numel, view_metadata)` with
+    /// `view_metadata` None or `(view_key, offset, size)` (torch < 1.6).
+    Legacy,
+}
+
+/// The torch interpretation of globals and persistent ids. It records every storage the
+/// persistent ids name (by key), which the legacy format needs to locate their bytes.
+pub(super) struct Torch {
+    format: Format,
+    storages: RefCell<BTreeMap<String, Rc<Storage>>>,
+}
+
+impl Torch {
+    pub(super) fn new(format: Format) -> Self {
+        Torch {
+            format,
+            storages: RefCell::default(),
+        }
+    }
+
+    /// Unpickle one pickle at the start of `data`: the value and the pickle's length.
+    pub(super) fn unpickle(&self, data: &[u8]) -> Result<(Value, usize)> {
+        let mut vm = Unpickler::new(data, self);
+        let v = vm.run()?;
+        Ok((v, vm.position()))
+    }
+
+    /// The storages the persistent ids named, by (root) key.
+    pub(super) fn into_storages(self) -> BTreeMap<String, Rc<Storage>> {
+        self.storages.into_inner()
+    }
+
+    /// The one storage object per root key (a view is its own object over the root's
+    /// bytes); a key named again with another class or size is an error.
+    fn register(&self, s: Storage) -> Result<Rc<Storage>> {
+        let mut map = self.storages.borrow_mut();
+        let root = map.entry(s.key.clone()).or_insert_with(|| {
+            Rc::new(Storage {
+                class: s.class.clone(),
+                dtype: s.dtype,
+                key: s.key.clone(),
+                numel: s.numel,
+                view_offset: 0,
+            })
+        });
+        if root.class != s.class || root.numel != s.numel {
+            bail!(
+                "storage {} is named as torch.{} of {} elements and as torch.{} of {}",
+                esc(&s.key),
+                esc(&root.class),
+                root.numel,
+                esc(&s.class),
+                s.numel
+            );
+        }
+        Ok(if s.view_offset == 0 {
+            root.clone()
+        } else {
+            Rc::new(s)
+        })
+    }
+}
+
+/// Unpickle a `torch.save` pickle (`data.pkl` of the zip format).
 pub(super) fn unpickle(data: &[u8]) -> Result<Value> {
-    Unpickler::new(data, &Torch).run()
+    Ok(Torch::new(Format::Zip).unpickle(data)?.0)
 }
 
 impl Globals for Torch {
@@ -137,7 +220,7 @@ impl Globals for Torch {
             Some(Known::List) => Value::List(Rc::new(RefCell::new(first_items()))),
             Some(Known::RebuildTensor) => rebuild_tensor(&argv)?,
             Some(Known::RebuildParameter) => match argv.first() {
-                Some(t @ Value::Tensor(_)) => t.clone(),
+                Some(t) if t.ext::<TensorRef>().is_some() => t.clone(),
                 _ => bail!(
                     "torch._utils.{} expects a tensor as its first argument",
                     global_name(func)
@@ -170,39 +253,79 @@ impl Globals for Torch {
         }
     }
 
-    /// `('storage', torch.<Type>Storage, key, location, numel)` -> a storage reference.
+    /// `('storage', torch.<Type>Storage, key, location, numel)` (zip) or
+    /// `('storage', torch.<Type>Storage, root_key, location, root_numel, view_metadata)`
+    /// (legacy) -> a storage reference.
     fn persistent_load(&self, pid: &Value) -> Result<Value> {
         let items = pid
             .items()
             .ok_or_else(|| anyhow!("persistent id is {}, not a tuple", pid.kind()))?;
-        match items.as_slice() {
-            [tag, cls @ Value::Global(g), key, _location, numel]
-                if tag.as_str() == Some("storage") =>
-            {
-                let key = match key {
-                    Value::Str(s) => s.to_string(),
-                    Value::Int(i) => i.to_string(),
-                    other => bail!("storage key is {}", other.kind()),
-                };
-                let numel = match numel {
-                    Value::Int(n) if *n >= 0 => *n as usize,
-                    other => bail!("storage element count is {}", other.kind()),
-                };
-                let dtype = match known(cls) {
-                    Some(Known::Storage(dtype)) => Some(dtype),
-                    _ => None,
-                };
-                Ok(Value::Storage(Rc::new(Storage {
-                    class: g.1.clone(),
-                    dtype,
-                    key,
-                    numel,
-                })))
+        let (tag, cls, key, numel, view) = match (self.format, items.as_slice()) {
+            (Format::Zip, [tag, cls, key, _location, numel]) => (tag, cls, key, numel, None),
+            (Format::Legacy, [tag, cls, key, _location, numel, view]) => {
+                (tag, cls, key, numel, Some(view))
             }
-            _ => bail!(
+            (Format::Zip, _) => bail!(
                 "unsupported persistent id (expected ('storage', class, key, location, numel))"
             ),
+            (Format::Legacy, _) => bail!(
+                "unsupported persistent id (expected ('storage', class, key, location, numel, \
+                 view_metadata))"
+            ),
+        };
+        let Value::Global(g) = cls else {
+            bail!("persistent id: the storage class is {}", cls.kind());
+        };
+        if tag.as_str() != Some("storage") {
+            bail!("persistent id of kind {}, not 'storage'", tag.kind());
         }
+        let key = storage_key(key)?;
+        let numel = match numel {
+            Value::Int(n) if *n >= 0 => *n as usize,
+            other => bail!("storage element count is {}", other.kind()),
+        };
+        let dtype = match known(cls) {
+            Some(Known::Storage(dtype)) => Some(dtype),
+            _ => None,
+        };
+        // Legacy storage views: (view_key, offset, size) inside the root storage.
+        let view_offset = match view {
+            None | Some(Value::None) => 0,
+            Some(v) => match v.items().as_deref() {
+                Some([_view_key, Value::Int(off), Value::Int(size)]) if *off >= 0 && *size >= 0 => {
+                    let (off, size) = (*off as usize, *size as usize);
+                    if off.checked_add(size).is_none_or(|end| end > numel) {
+                        bail!(
+                            "storage view at offset {off} of {size} elements does not fit in \
+                             storage {} of {numel}",
+                            esc(&key)
+                        );
+                    }
+                    off
+                }
+                _ => bail!(
+                    "storage view metadata is {}, not (view_key, offset, size)",
+                    v.kind()
+                ),
+            },
+        };
+        let storage = self.register(Storage {
+            class: g.1.clone(),
+            dtype,
+            key,
+            numel,
+            view_offset,
+        })?;
+        Ok(Value::Ext(storage))
+    }
+}
+
+/// A storage key: a string, or an int written as one.
+fn storage_key(v: &Value) -> Result<String> {
+    match v {
+        Value::Str(s) => Ok(s.to_string()),
+        Value::Int(i) => Ok(i.to_string()),
+        other => bail!("storage key is {}", other.kind()),
     }
 }
 
@@ -228,8 +351,14 @@ fn usize_list(v: &Value, what: &str) -> Result<Vec<usize>> {
 
 /// `_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, hooks[, meta])`.
 fn rebuild_tensor(argv: &[Value]) -> Result<Value> {
-    let [Value::Storage(storage), offset, size, stride, ..] = argv else {
+    let [storage, offset, size, stride, ..] = argv else {
         bail!("torch._utils._rebuild_tensor_v2: expected (storage, offset, size, stride, ...)");
+    };
+    let Some(storage) = storage.ext::<Storage>() else {
+        bail!(
+            "torch._utils._rebuild_tensor_v2: the storage argument is {}",
+            storage.kind()
+        );
     };
     let offset = match offset {
         Value::Int(i) if *i >= 0 => *i as usize,
@@ -240,8 +369,8 @@ fn rebuild_tensor(argv: &[Value]) -> Result<Value> {
     if shape.len() != stride.len() {
         bail!("tensor size {shape:?} and stride {stride:?} differ in rank");
     }
-    Ok(Value::Tensor(Rc::new(TensorRef {
-        storage: storage.clone(),
+    Ok(Value::Ext(Rc::new(TensorRef {
+        storage,
         offset,
         shape,
         stride,
@@ -255,13 +384,14 @@ pub(super) fn collect_state_dict(v: &Value) -> Result<StateDict> {
     };
     let mut out = StateDict::new();
     for (k, v) in &d.borrow().entries {
-        let (Some(name), Value::Tensor(t)) = (k.as_str(), v) else {
+        let (Some(name), Some(t)) = (k.as_str(), v.ext::<TensorRef>()) else {
             continue;
         };
         let dtype = t.storage.dtype.ok_or_else(|| {
             anyhow!(
-                "tensor '{name}' has unsupported storage type torch.{}",
-                t.storage.class
+                "tensor '{}' has unsupported storage type torch.{}",
+                esc(name),
+                esc(&t.storage.class)
             )
         })?;
         out.insert(
@@ -270,7 +400,10 @@ pub(super) fn collect_state_dict(v: &Value) -> Result<StateDict> {
                 dtype,
                 shape: t.shape.clone(),
                 stride: t.stride.clone(),
-                offset: t.offset,
+                offset: t
+                    .offset
+                    .checked_add(t.storage.view_offset)
+                    .ok_or_else(|| anyhow!("tensor '{}': storage offset overflows", esc(name)))?,
                 storage_key: t.storage.key.clone(),
                 storage_numel: t.storage.numel,
             },
@@ -312,7 +445,7 @@ mod tests {
         let v = unpickle(bytes).unwrap();
         assert!(matches!(v.entry("k"), Some(Value::Dict(_))));
         assert!(matches!(v.entry("n"), Some(Value::Int(n)) if n == 1 << 40));
-        assert!(matches!(v.entry("big"), Some(Value::BigInt)));
+        assert!(matches!(v.entry("big"), Some(Value::BigInt(Some(b))) if b == 1 << 70));
     }
 
     #[test]
@@ -329,12 +462,14 @@ mod tests {
     #[test]
     fn tensor_wrappers_unwrap_to_the_tensor() {
         // Parameter and tensor-subclass wrappers unwrap to the tensor.
-        let storage = Value::Storage(Rc::new(Storage {
+        let storage = Value::Ext(Rc::new(Storage {
             class: "HalfStorage".into(),
             dtype: Some(PthDtype::F16),
             key: "3".into(),
             numel: 6,
+            view_offset: 0,
         }));
+        let torch = Torch::new(Format::Zip);
         let tuple = |v: Vec<Value>| Value::Tuple(Rc::new(v));
         let args = tuple(vec![
             storage,
@@ -344,15 +479,13 @@ mod tests {
             Value::Bool(false),
             Value::Dict(Default::default()),
         ]);
-        let t = Torch
+        let t = torch
             .call(&global("torch._utils", "_rebuild_tensor_v2"), &args)
             .unwrap();
-        let Value::Tensor(inner) = &t else {
-            panic!("not a tensor")
-        };
+        let inner = t.ext::<TensorRef>().expect("a tensor");
         assert_eq!((inner.offset, inner.shape.clone()), (2, vec![2, 2]));
         let state = Value::Dict(Default::default());
-        let p = Torch
+        let p = torch
             .call(
                 &global("torch._utils", "_rebuild_parameter_with_state"),
                 &tuple(vec![
@@ -363,8 +496,8 @@ mod tests {
                 ]),
             )
             .unwrap();
-        assert!(matches!(&p, Value::Tensor(x) if Rc::ptr_eq(x, inner)));
-        let sub = Torch
+        assert!(p.ext::<TensorRef>().is_some_and(|x| Rc::ptr_eq(&x, &inner)));
+        let sub = torch
             .call(
                 &global("torch._tensor", "_rebuild_from_type_v2"),
                 &tuple(vec![
@@ -375,9 +508,9 @@ mod tests {
                 ]),
             )
             .unwrap();
-        assert!(matches!(&sub, Value::Tensor(x) if x.offset == 2));
+        assert!(sub.ext::<TensorRef>().is_some_and(|x| x.offset == 2));
         assert!(matches!(
-            Torch
+            torch
                 .call(&global("torch", "device"), &tuple(vec![]))
                 .unwrap(),
             Value::Object(_)

@@ -124,7 +124,7 @@ fn le64(b: &[u8], at: usize) -> u64 {
 
 /// Read `len` bytes at `offset` of a file of `file_len` bytes; a range past the end is an
 /// error before anything is allocated.
-fn read_at(mut file: &File, file_len: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
+pub(super) fn read_at(mut file: &File, file_len: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
     if offset.checked_add(len).is_none_or(|end| end > file_len) {
         bail!("truncated file: {len} bytes at offset {offset} are past its end ({file_len} bytes)");
     }
