@@ -761,6 +761,15 @@ mod tests {
             err.contains("legacy torch.save format: sys_info") && err.contains("truncated"),
             "{err}"
         );
+        // The zip-only reader (.npz input) names a pickle as such.
+        let err = match ZipReader::open(&path) {
+            Ok(_) => panic!("a pickle opened as a zip"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains("not a readable zip archive") && err.contains("this is a pickle"),
+            "{err}"
+        );
         let files: [(&str, &[u8]); 1] = [("x/readme.txt", b"hi")];
         let path = write_temp("nopkl.pth", &build_zip(&files, false));
         let err = format!("{:#}", PthCheckpoint::open(&path).unwrap_err());

@@ -138,13 +138,12 @@ pub(super) fn read_at(mut file: &File, file_len: u64, offset: u64, len: u64) -> 
 /// Read the central directory (with ZIP64 support) into name -> entry.
 fn read_index(file: &File, len: u64) -> Result<HashMap<String, Entry>> {
     let head = read_at(file, len, 0, len.min(4))?;
-    let legacy = head.first() == Some(&0x80);
+    // A pickle (a legacy torch.save file; PthCheckpoint reads those before this point, so
+    // this is a reader of zips only, such as .npz input, given one).
+    let pickle = head.first() == Some(&0x80);
     let not_zip = || {
-        if legacy {
-            anyhow!(
-                "{NOT_TORCH_ZIP}: this looks like the legacy (torch < 1.6) pickle format; \
-                 load it in Python and re-save it with a recent torch.save"
-            )
+        if pickle {
+            anyhow!("{NOT_TORCH_ZIP}: this is a pickle (a legacy torch.save file?)")
         } else {
             anyhow!("{NOT_TORCH_ZIP} (no zip end-of-central-directory record)")
         }
