@@ -36,6 +36,8 @@ pub mod cpu;
 #[doc(hidden)]
 pub mod cuda;
 #[doc(hidden)]
+pub mod eval;
+#[doc(hidden)]
 pub mod flops;
 #[doc(hidden)]
 pub mod io;
