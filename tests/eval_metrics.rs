@@ -621,3 +621,52 @@ fn image_inputs_stream_and_refuse() {
     refused(&empty, "no .png files");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// round_f16 agrees with the `half` crate's conversion on normal, subnormal, overflowing
+/// and tie values.
+#[test]
+fn round_f16_matches_half() {
+    let mut s = 0x1234_5678u32;
+    let mut checked = 0usize;
+    let mut check = |x: f32| {
+        let want = half::f16::from_f32(x).to_f32();
+        let got = checkergen::eval::metrics::round_f16(x);
+        assert!(
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+            "{x:e}: {got:e} vs half's {want:e}"
+        );
+        checked += 1;
+    };
+    for _ in 0..200_000 {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        // Exponents spread over float16's range and beyond.
+        let e = (s % 48) as i32 - 30;
+        let m = (s >> 8) as f32 / (1u32 << 24) as f32 + 1.0;
+        let x = m * 2f32.powi(e) * if s & 1 == 1 { -1.0 } else { 1.0 };
+        check(x);
+        check(f32::from_bits(s));
+    }
+    for x in [
+        0.0,
+        -0.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        65536.0,
+        1e9,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        2f32.powi(-24),
+        2f32.powi(-25),
+        3.0 * 2f32.powi(-25),
+        6.1e-5,
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+    ] {
+        check(x);
+    }
+    println!("round_f16: {checked} values equal to half's conversion");
+}

@@ -5,7 +5,7 @@
 //! - `pool_3` [N, 2048] float32: the pool_3 features (FID, Inception Score, precision,
 //!   recall),
 //! - `spatial` [N, 2023] float32: the first 7 channels of `mixed_6/conv`, 17 x 17 x 7 (sFID),
-//! - `mu` [2048], `sigma` [2048, 2048], `mu_s` [2023], `sigma_s` [2023, 2023] float64: the
+//! - `mu` `[2048]`, `sigma` `[2048, 2048]`, `mu_s` `[2023]`, `sigma_s` `[2023, 2023]` float64: the
 //!   FID statistics of both.
 //!
 //! On read the statistics are optional (computed from the activations when absent) and,
@@ -152,7 +152,8 @@ pub fn read_activations(path: &Path) -> Result<ActivationFile> {
 
 /// The statistics stored in `path` (an activation file or an ADM reference batch), or None
 /// when it has none of `mu`, `sigma`, `mu_s`, `sigma_s`. Some but not all is an error, as
-/// are shapes other than [2048], [2048, 2048], [2023], [2023, 2023], and non-finite values.
+/// are shapes other than `[2048]`, `[2048, 2048]`, `[2023]`, `[2023, 2023]`, and non-finite
+/// values.
 pub fn read_statistics(path: &Path) -> Result<Option<FidStats>> {
     statistics_from(&NpzReader::open(path)?)
 }

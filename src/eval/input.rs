@@ -72,8 +72,13 @@ pub struct ImageBatch {
 }
 
 enum Src {
-    Npz { reader: NpzReader, arr: NpyArray },
-    Png { files: Vec<PathBuf> },
+    Npz {
+        reader: Box<NpzReader>,
+        arr: Box<NpyArray>,
+    },
+    Png {
+        files: Vec<PathBuf>,
+    },
 }
 
 /// A stream of uint8 NHWC batches from an `.npz` or a PNG folder (see the module docs).
@@ -128,7 +133,10 @@ impl ImageSource {
         Ok(ImageSource {
             path: path.to_path_buf(),
             format,
-            src: Src::Npz { reader, arr },
+            src: Src::Npz {
+                reader: Box::new(reader),
+                arr: Box::new(arr),
+            },
             count,
             side,
             next: 0,
