@@ -5,6 +5,8 @@
 //! written to `<path>.partial`, fsynced and renamed over `path` by [`NpzWriter::finish`]; a
 //! writer dropped unfinished removes the partial file, so an incomplete file never has the
 //! final name.
+//!
+//! The reading side, [`NpzReader`], takes the arrays of any `np.savez` file by byte range.
 
 use anyhow::{Context, Result, bail};
 use std::fs::File;
@@ -206,6 +208,209 @@ impl DictParser<'_> {
             (Some(d), Some(f), Some(s)) => Ok((d, f, s)),
             _ => bail!("bad .npy header: descr, fortran_order and shape are all required"),
         }
+    }
+}
+
+/// The element types the `.npz` readers take, from a `.npy` `descr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NpyDtype {
+    /// `|u1` (uint8)
+    U8,
+    /// `<f4` (little-endian float32)
+    F32,
+    /// `<f8` (little-endian float64)
+    F64,
+}
+
+impl NpyDtype {
+    /// The dtype of a `descr`, or None for any other (big-endian, integers, objects, ...).
+    pub fn from_descr(descr: &str) -> Option<NpyDtype> {
+        match descr {
+            "|u1" | "<u1" => Some(NpyDtype::U8),
+            "<f4" => Some(NpyDtype::F32),
+            "<f8" => Some(NpyDtype::F64),
+            _ => None,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            NpyDtype::U8 => 1,
+            NpyDtype::F32 => 4,
+            NpyDtype::F64 => 8,
+        }
+    }
+}
+
+/// One array of an `.npz` as its header declares it, checked against its entry: the data
+/// (elements x element size, checked arithmetic) fills the entry exactly after the header.
+#[derive(Clone, Debug)]
+pub struct NpyArray {
+    /// The array's name (the entry's name without `.npy`).
+    pub name: String,
+    /// The parsed header.
+    pub header: NpyHeader,
+    /// Its element type; None for a `descr` the readers do not take (the caller names it).
+    pub dtype: Option<NpyDtype>,
+    /// Elements (the product of the shape).
+    pub elements: usize,
+}
+
+impl NpyArray {
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.header.shape
+    }
+}
+
+/// The arrays of an `.npz` (`np.savez`: stored `.npy` entries), read by byte range through
+/// the checked zip reader of `io::pth` (sizes against the file, CRC-32 of each entry), so a
+/// 10 GB image array is streamed, never loaded whole.
+pub struct NpzReader {
+    path: PathBuf,
+    zip: crate::io::pth::ZipReader,
+}
+
+impl NpzReader {
+    /// Open `path` (a regular file: [`crate::paths::check_input`]) and read its directory.
+    pub fn open(path: &Path) -> Result<NpzReader> {
+        Ok(NpzReader {
+            path: path.to_path_buf(),
+            zip: crate::io::pth::ZipReader::open(path)?,
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the archive has array `name` (entry `name.npy`).
+    pub fn contains(&self, name: &str) -> bool {
+        self.has_entry(&format!("{name}.npy"))
+    }
+
+    /// Whether the archive has an entry named exactly `entry`.
+    pub fn has_entry(&self, entry: &str) -> bool {
+        self.zip.size(entry).is_ok()
+    }
+
+    /// The header of array `name`, checked against its entry's size; errors name the file.
+    pub fn array(&self, name: &str) -> Result<NpyArray> {
+        let shown = self.path.display();
+        let entry = format!("{name}.npy");
+        let size = self.zip.size(&entry)?;
+        let head = self.zip.read(&entry, 0, size.min(12))?;
+        if head.len() < 10 || &head[..6] != b"\x93NUMPY" {
+            bail!("{shown}: {name} is not a .npy array (no .npy magic)");
+        }
+        let hlen = match head[6] {
+            1 => 10 + u16::from_le_bytes([head[8], head[9]]) as u64,
+            2 | 3 if head.len() == 12 => 12 + u32::from_le_bytes(head[8..12].try_into()?) as u64,
+            v => bail!("{shown}: {name}: unknown .npy version {v}"),
+        };
+        if hlen > size {
+            bail!("{shown}: {name}: truncated .npy header ({hlen} bytes in an entry of {size})");
+        }
+        let header = parse_npy_header(&self.zip.read(&entry, 0, hlen)?)
+            .map_err(|e| anyhow::anyhow!("{shown}: {name}: {e:#}"))?;
+        let elements = header
+            .elements()
+            .map_err(|e| anyhow::anyhow!("{shown}: {name}: {e:#}"))?;
+        let dtype = NpyDtype::from_descr(&header.descr);
+        if let Some(t) = dtype {
+            let data = (elements as u64).checked_mul(t.size() as u64);
+            if data.and_then(|d| d.checked_add(hlen)) != Some(size) {
+                bail!(
+                    "{shown}: {name} declares shape {:?} of {} ({} bytes of data) but its entry \
+                     holds {} bytes after the header",
+                    header.shape,
+                    header.descr,
+                    data.map_or("too many".to_string(), |d| d.to_string()),
+                    size - hlen
+                );
+            }
+        }
+        Ok(NpyArray {
+            name: name.to_string(),
+            header,
+            dtype,
+            elements,
+        })
+    }
+
+    /// `len` bytes of `a`'s data from byte `offset` of it.
+    pub fn read_bytes(&self, a: &NpyArray, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let start = (a.header.data_offset as u64)
+            .checked_add(offset)
+            .context("read offset overflows")?;
+        self.zip.read(&format!("{}.npy", a.name), start, len)
+    }
+
+    /// Elements `first..first + count` of a float array (`<f4`, or `<f8` rounded to f32),
+    /// read in chunks of at most 16 MiB.
+    pub fn read_f32(&self, a: &NpyArray, first: usize, count: usize) -> Result<Vec<f32>> {
+        let t = match a.dtype {
+            Some(t @ (NpyDtype::F32 | NpyDtype::F64)) => t,
+            _ => bail!(
+                "{}: {} has dtype {}, not float32 or float64",
+                self.path.display(),
+                a.name,
+                a.header.descr
+            ),
+        };
+        if first.checked_add(count).is_none_or(|e| e > a.elements) {
+            bail!(
+                "{}: {}: elements {first}.. (+{count}) past its {}",
+                self.path.display(),
+                a.name,
+                a.elements
+            );
+        }
+        let mut out = Vec::with_capacity(count);
+        let chunk = (16 << 20) / t.size();
+        let mut at = first;
+        while at < first + count {
+            let n = chunk.min(first + count - at);
+            let b = self.read_bytes(a, (at * t.size()) as u64, (n * t.size()) as u64)?;
+            match t {
+                NpyDtype::F32 => out.extend(
+                    b.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
+                ),
+                _ => out.extend(
+                    b.chunks_exact(8)
+                        .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32),
+                ),
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// All elements of a float array as f64 (`<f8`, or `<f4` widened).
+    pub fn read_f64(&self, a: &NpyArray) -> Result<Vec<f64>> {
+        let t = match a.dtype {
+            Some(t @ (NpyDtype::F32 | NpyDtype::F64)) => t,
+            _ => bail!(
+                "{}: {} has dtype {}, not float32 or float64",
+                self.path.display(),
+                a.name,
+                a.header.descr
+            ),
+        };
+        let b = self.read_bytes(a, 0, (a.elements * t.size()) as u64)?;
+        Ok(match t {
+            NpyDtype::F64 => b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            _ => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+        })
     }
 }
 
