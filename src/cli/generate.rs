@@ -56,6 +56,14 @@ pub struct GenerateArgs {
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
+    /// Evaluate the finished file against this reference set (an ADM reference batch, a
+    /// `generate` .npz, a PNG folder or an activation file) and print the ADM evaluator's
+    /// five numbers, as `checkergen eval` does. Needs --inception; not with a shard of many.
+    #[arg(long, value_name = "REF", requires = "inception")]
+    eval: Option<PathBuf>,
+    /// The FID Inception weights for --eval.
+    #[arg(long, value_name = "W.pth", requires = "eval")]
+    inception: Option<PathBuf>,
     #[command(flatten)]
     s: SamplingArgs,
 }
@@ -111,6 +119,18 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         None => (0, 1),
     };
     let (start, end) = shard_range(a.num_samples, k, n);
+    // --eval: its inputs checked and the network loaded before any image is made.
+    let evaluator = match (&a.eval, &a.inception) {
+        (Some(_), Some(_)) if n > 1 => {
+            bail!("--eval evaluates a whole run: merge the shards, then `checkergen eval`")
+        }
+        (Some(_), Some(_)) if a.num_samples < checkergen::eval::run::MIN_EVAL_IMAGES => bail!(
+            "--eval needs at least {} images (precision and recall need more than k = 3)",
+            checkergen::eval::run::MIN_EVAL_IMAGES
+        ),
+        (Some(r), Some(w)) => Some(crate::eval::EvalPlan::new(w, r)?),
+        _ => None,
+    };
     // The inputs the user named; the model and the labels file are also remembered when
     // read (paths::guard_inputs), so no output, inside --out or not, can be one of them.
     let inputs: Vec<&Path> = a
@@ -335,6 +355,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         a.out.display(),
         t0.elapsed().as_secs_f64()
     );
+    if let Some(plan) = evaluator {
+        let sample = match a.format {
+            Format::Npz => a.out.clone(),
+            Format::PngDir => a.out.join(side.to_string()),
+        };
+        plan.report(&sample, a.quiet)?;
+    }
     Ok(())
 }
 

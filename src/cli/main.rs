@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 mod args;
 mod bench;
+mod eval;
 mod generate;
 mod model;
 mod sample;
@@ -69,6 +70,9 @@ enum Cmd {
     /// Teacher-forced likelihood of real images (loss per scale, bits per token, top-1) at one
     /// or more step counts, with the block-causal mask (SPEC.md section 9).
     Score(score::ScoreArgs),
+    /// The ADM evaluator's five numbers (Inception Score, FID, sFID, precision, recall)
+    /// without TensorFlow, from images or activation files; or one input's activation file.
+    Eval(eval::EvalArgs),
     /// Print a model file's configuration, parameter counts and schedule, from its header
     /// (names, dtypes, shapes and offsets checked against the configuration; no tensor data
     /// read).
@@ -164,6 +168,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Encode(args) => score::encode(args),
         Cmd::Decode(args) => score::decode(args),
         Cmd::Score(args) => score::score(args),
+        Cmd::Eval(args) => eval::eval(args),
         Cmd::Convert(args) => model::convert(args),
     }
 }

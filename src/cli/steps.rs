@@ -51,6 +51,58 @@ pub struct StepsArgs {
     /// Replace an existing --png file.
     #[arg(long)]
     overwrite: bool,
+    /// Quality against serial steps: per configuration, sample --num-samples images (image
+    /// i of class i mod classes, seed 0) and add the ADM evaluator's five numbers against
+    /// this reference set (as `checkergen eval --ref`). Needs --inception and --num-samples.
+    #[arg(long, value_name = "REF", requires_all = ["inception", "num_samples"])]
+    eval: Option<PathBuf>,
+    /// The FID Inception weights for --eval.
+    #[arg(long, value_name = "W.pth", requires = "eval")]
+    inception: Option<PathBuf>,
+    /// Images per configuration for --eval (at least 4: precision and recall need more
+    /// than k = 3).
+    #[arg(long, requires = "eval")]
+    num_samples: Option<usize>,
+}
+
+/// --eval: the five numbers of `n` images of one configuration, their features computed
+/// batch by batch as they are sampled (no image is kept).
+fn eval_config(
+    plan: &mut crate::eval::EvalPlan,
+    on: &checkergen::Model,
+    o: &SampleOptions,
+    n: usize,
+    batch: usize,
+) -> Result<checkergen::eval::run::Report> {
+    use checkergen::eval::activations::Activations;
+    let classes = on.num_classes();
+    let mut o = o.clone();
+    o.labels = (0..n).map(|i| i % classes).collect();
+    o.seed = 0;
+    let side = on.image_size();
+    let mut acts = Activations::default();
+    on.with_backend(|be| {
+        pipeline::sample_batches(be, &o, batch, |_, s| {
+            let b = s.pixels.len() / (3 * side * side);
+            let mut rgb = Vec::with_capacity(b * side * side * 3);
+            for i in 0..b {
+                rgb.extend(checkergen::io::image::planar_to_rgb(&s.pixels, i, side));
+            }
+            let f = plan.net().features(&rgb, b, side)?;
+            acts.pool.extend_from_slice(&f.pool);
+            acts.spatial.extend_from_slice(&f.spatial);
+            Ok(())
+        })
+    })?;
+    let name = format!("{} samples of steps {:?}", n, o.steps);
+    let stats = acts.statistics(&name)?;
+    let set = checkergen::eval::run::EvalSet {
+        name,
+        acts,
+        stats,
+        computed: true,
+    };
+    plan.evaluate(&set, true)
 }
 
 /// Per-scale steps (the values given to the schedule) that realize exactly `total` serial
@@ -120,6 +172,15 @@ pub fn steps(a: StepsArgs) -> Result<()> {
         let inputs: Vec<&std::path::Path> = a.model.iter().map(PathBuf::as_path).collect();
         checkergen::paths::claim_output_file(png, a.overwrite, &inputs)?;
     }
+    let mut plan = match (&a.eval, &a.inception, a.num_samples) {
+        (Some(_), _, Some(n)) if !(4..=checkergen::limits::MAX_RUN_IMAGES).contains(&n) => bail!(
+            "--num-samples {n}: 4 to {} images per configuration (precision and recall need \
+             more than k = 3)",
+            checkergen::limits::MAX_RUN_IMAGES
+        ),
+        (Some(r), Some(w), Some(_)) => Some(crate::eval::EvalPlan::new(w, r)?),
+        _ => None,
+    };
     // The model configurations: one per ratio.
     let models: Vec<(Model, String)> = match &a.model {
         Some(p) => vec![(Model::load(p)?, p.display().to_string())],
@@ -245,6 +306,15 @@ pub fn steps(a: StepsArgs) -> Result<()> {
                 latency_s: one.s_per_batch,
                 images_per_s: a.batch as f64 / many.s_per_batch,
             };
+            let quality = match (&mut plan, a.num_samples) {
+                (Some(plan), Some(n)) => {
+                    if !a.json {
+                        eprintln!("evaluating {n} samples of {list:?} ...");
+                    }
+                    Some(eval_config(plan, &on, &o, n, a.batch)?)
+                }
+                _ => None,
+            };
             if a.json {
                 println!(
                     "{}",
@@ -265,6 +335,7 @@ pub fn steps(a: StepsArgs) -> Result<()> {
                         "device": dev.describe(),
                         "model": source,
                         "times_meaningful": !dev.is_emu(),
+                        "eval": quality.map(|q| q.to_json()),
                     })
                 );
             } else {
@@ -278,6 +349,19 @@ pub fn steps(a: StepsArgs) -> Result<()> {
                     p.latency_s,
                     p.images_per_s
                 );
+                if let Some(q) = quality {
+                    println!(
+                        "{:>6} {:<18} IS {:.3}  FID {:.3}  sFID {:.3}  precision {:.4}  recall {:.4}  ({} samples)",
+                        "",
+                        "",
+                        q.inception_score,
+                        q.fid,
+                        q.sfid,
+                        q.precision,
+                        q.recall,
+                        q.sample_images
+                    );
+                }
             }
             points.push(p);
         }

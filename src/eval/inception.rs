@@ -855,6 +855,12 @@ impl Inception {
         })
     }
 
+    /// The softmax layer's weight, (1008, 2048) row-major (`fc.weight`): what the Inception
+    /// Score multiplies `pool_3` by (no bias, as the ADM evaluator).
+    pub fn fc_weight(&self) -> &[f32] {
+        &self.fc
+    }
+
     /// Features of `n` images, uint8 channels last (n, size, size, 3), any square size >= 1.
     /// Batches larger than 16 run 16 images at a time; rows depend only on their own image.
     pub fn features(&self, images: &[u8], n: usize, size: usize) -> Result<Features> {
