@@ -6,7 +6,9 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-const DIRS: [&str; 7] = ["src", "build", "kernels", "tools", "scripts", "examples", "benches"];
+const DIRS: [&str; 7] = [
+    "src", "build", "kernels", "tools", "scripts", "examples", "benches",
+];
 const EXTS: [&str; 9] = ["rs", "cu", "cuh", "cpp", "hpp", "py", "sh", "c", "txt"];
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -33,7 +35,10 @@ fn named(arch: &str) -> BTreeSet<String> {
         .split("## Files")
         .nth(1)
         .expect("ARCHITECTURE.md has a \"## Files\" section");
-    let block = files.split("```").nth(1).expect("a code block under \"## Files\"");
+    let block = files
+        .split("```")
+        .nth(1)
+        .expect("a code block under \"## Files\"");
     block
         .lines()
         .filter_map(|l| l.split_whitespace().next())
@@ -84,5 +89,8 @@ fn every_source_file_has_its_line() {
         missing.is_empty(),
         "ARCHITECTURE.md has no line for: {missing:?}"
     );
-    assert!(stale.is_empty(), "ARCHITECTURE.md names files that do not exist: {stale:?}");
+    assert!(
+        stale.is_empty(),
+        "ARCHITECTURE.md names files that do not exist: {stale:?}"
+    );
 }

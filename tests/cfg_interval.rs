@@ -17,56 +17,56 @@ use checkergen::pipeline::{
 };
 use checkergen::sampling::TokenPolicy;
 
-/// The CPU backend, noting the rows each step computed.
-struct CountRows<'m>(CpuBackend<'m>, Vec<usize>);
+/// Rows a backend's running batch computes, where it says (the CPU does).
+trait Rows {
+    fn rows_now(&self) -> Option<usize>;
+}
 
-impl Backend for CountRows<'_> {
-    fn config(&self) -> &checkergen::model::config::ModelConfig {
-        self.0.config()
-    }
-    fn begin(&mut self, s: &Schedule, labels: &[usize], guided: bool) -> anyhow::Result<()> {
-        self.0.begin(s, labels, guided)
-    }
-    fn begin_scale(&mut self, s: &Schedule, si: usize) -> anyhow::Result<()> {
-        self.0.begin_scale(s, si)
-    }
-    fn step(
-        &mut self,
-        s: &Schedule,
-        step: &Step,
-        ch: &StepChoice,
-    ) -> anyhow::Result<Option<Vec<f32>>> {
-        let r = self.0.step(s, step, ch);
-        self.1.push(self.0.rows().unwrap_or(0));
-        r
-    }
-    fn finish(&mut self, s: &Schedule) -> anyhow::Result<Grids> {
-        self.0.finish(s)
-    }
-    fn decode(&mut self, s: &Schedule, si: usize) -> anyhow::Result<Decoded> {
-        self.0.decode(s, si)
+impl Rows for CpuBackend<'_> {
+    fn rows_now(&self) -> Option<usize> {
+        self.rows()
     }
 }
 
-/// A backend that keeps the unconditional rows to the end: the pipeline's guidance is
-/// still off from the end step (its `guidance` is None there), but no row is dropped.
-struct KeepRows<B>(B);
+#[cfg(feature = "cuda")]
+impl Rows for checkergen::cuda::engine::GpuBackend<'_> {
+    fn rows_now(&self) -> Option<usize> {
+        None
+    }
+}
 
-impl<B: Backend> Backend for KeepRows<B> {
+/// A backend that notes the rows each step computed and, with `keep`, keeps the
+/// unconditional rows to the end: the pipeline's guidance is still off from the end step
+/// (its `guidance` is None there), but no row is dropped.
+struct Watch<B> {
+    inner: B,
+    keep: bool,
+    rows: Vec<usize>,
+}
+
+fn keep_rows<B>(inner: B) -> Watch<B> {
+    Watch {
+        inner,
+        keep: true,
+        rows: Vec::new(),
+    }
+}
+
+impl<B: Backend + Rows> Backend for Watch<B> {
     fn config(&self) -> &checkergen::model::config::ModelConfig {
-        self.0.config()
+        self.inner.config()
     }
     fn plan(&mut self, plan: &LoopPlan) {
         // No recording: the reference runs eagerly.
         let mut p = plan.clone();
         p.graph = false;
-        self.0.plan(&p)
+        self.inner.plan(&p)
     }
     fn begin(&mut self, s: &Schedule, labels: &[usize], guided: bool) -> anyhow::Result<()> {
-        self.0.begin(s, labels, guided)
+        self.inner.begin(s, labels, guided)
     }
     fn begin_scale(&mut self, s: &Schedule, si: usize) -> anyhow::Result<()> {
-        self.0.begin_scale(s, si)
+        self.inner.begin_scale(s, si)
     }
     fn step(
         &mut self,
@@ -74,17 +74,19 @@ impl<B: Backend> Backend for KeepRows<B> {
         step: &Step,
         ch: &StepChoice,
     ) -> anyhow::Result<Option<Vec<f32>>> {
-        let keep = StepChoice {
-            drop_uncond: false,
+        let choice = StepChoice {
+            drop_uncond: ch.drop_uncond && !self.keep,
             ..*ch
         };
-        self.0.step(s, step, &keep)
+        let r = self.inner.step(s, step, &choice);
+        self.rows.push(self.inner.rows_now().unwrap_or(0));
+        r
     }
     fn finish(&mut self, s: &Schedule) -> anyhow::Result<Grids> {
-        self.0.finish(s)
+        self.inner.finish(s)
     }
     fn decode(&mut self, s: &Schedule, si: usize) -> anyhow::Result<Decoded> {
-        self.0.decode(s, si)
+        self.inner.decode(s, si)
     }
 }
 
@@ -151,15 +153,19 @@ fn cpu_dropping_the_unconditional_rows_changes_nothing() {
     for end in [2, total - 2] {
         let o = options(Some(end));
         // The rows really leave: 2B before the end step, B from it on.
-        let mut count = CountRows(CpuBackend::new(&model), Vec::new());
+        let mut count = Watch {
+            inner: CpuBackend::new(&model),
+            keep: false,
+            rows: Vec::new(),
+        };
         pipeline::run_steps(&mut count, &o).unwrap();
         let b = o.labels.len();
         let want: Vec<usize> = (0..total)
             .map(|t| if t < end { 2 * b } else { b })
             .collect();
-        assert_eq!(count.1, want, "rows per step with cfg_end_step {end}");
+        assert_eq!(count.rows, want, "rows per step with cfg_end_step {end}");
         let dropped = pipeline::run_steps(&mut CpuBackend::new(&model), &o).unwrap();
-        let kept = pipeline::run_steps(&mut KeepRows(CpuBackend::new(&model)), &o).unwrap();
+        let kept = pipeline::run_steps(&mut keep_rows(CpuBackend::new(&model)), &o).unwrap();
         let rel = worst_rel(&dropped.step_logits, &kept.step_logits);
         println!("cpu, cfg_end_step {end} of {total}: worst logits error {rel:.2e}");
         assert!(rel <= 1e-5, "logits differ by {rel:.2e}");
@@ -195,7 +201,7 @@ fn gpu_dropping_the_unconditional_rows_changes_nothing() {
     let dropped = pipeline::run_steps(&mut GpuBackend::new(&gm), &o).unwrap();
     let dropped_flops = gm.gpu.ledger().total(None).flops;
     gm.gpu.ledger().clear();
-    let kept = pipeline::run_steps(&mut KeepRows(GpuBackend::new(&gm)), &o).unwrap();
+    let kept = pipeline::run_steps(&mut keep_rows(GpuBackend::new(&gm)), &o).unwrap();
     let kept_flops = gm.gpu.ledger().total(None).flops;
     gm.gpu.record_ledger(false);
     {
