@@ -20,7 +20,7 @@
 //! What it cannot model (timing, memory ordering across blocks, graph capture, occupancy)
 //! is listed in docs/gpu.md, section "The host-emulated device".
 
-use super::Kernel;
+use super::registry::Kernel;
 use anyhow::{Result, bail};
 use std::alloc::Layout;
 use std::collections::BTreeMap;
@@ -77,7 +77,7 @@ fn perturb(elem: &str, at: &mut [u8]) {
 
 /// A kernel's host entry point (built by build.rs): returns 0, or non-zero with a
 /// NUL-terminated one-line message in `err`.
-pub use super::EmuFn;
+pub use super::registry::EmuFn;
 
 /// The host entry point of `kernel`, when it was compiled for the host.
 pub fn entry(kernel: Kernel) -> Option<EmuFn> {

@@ -83,7 +83,20 @@ pub struct GpuModel {
     cache: std::sync::Mutex<Option<(BatchKey, Batch, Vec<StepIndex>)>>,
     /// The scoring pass's buffers of the last shape (`cuda::score`), reused by the next call
     /// of the same shape: nothing is allocated per call.
-    pub(super) score_cache: std::sync::Mutex<Option<super::score::ScoreBuffers>>,
+    pub(super) score_cache: std::sync::Mutex<Option<ScoreBuffers>>,
+}
+
+/// The buffers of one scoring shape (`cuda::score`, which fills them): the batch's activations, KV cache, logits and grids,
+/// and the positions' RoPE rows and block ids.
+pub(super) struct ScoreBuffers {
+    /// Images and the schedule's shape (unguided: one row per image).
+    pub(super) key: BatchKey,
+    pub(super) bt: Batch,
+    /// The steps' index tables on the device.
+    pub(super) steps: Vec<StepIndex>,
+    pub(super) cur: DevBuf<i32>,
+    pub(super) prev: DevBuf<i32>,
+    pub(super) block: DevBuf<i32>,
 }
 
 /// What a batch's buffers depend on: images, guidance, and the schedule's shape (also the

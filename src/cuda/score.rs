@@ -16,28 +16,14 @@
 //! losses match the CPU's to bf16 accuracy (tests/gpu_score.rs).
 
 use super::attention::BlockMask;
-use super::device::DevBuf;
 use super::embed::{SeqRows, gather_inputs};
-use super::engine::{Batch, BatchKey, GpuModel, to_bf16};
+use super::engine::{BatchKey, GpuModel, ScoreBuffers, to_bf16};
 use super::gemm::linear;
 use super::norm::{add_bias_f32, rmsnorm_adaln};
 use crate::math;
 use crate::order::Schedule;
 use crate::score::{ScoreStats, check_inputs};
 use anyhow::{Context, Result};
-
-/// The buffers of one scoring shape: the batch's activations, KV cache, logits and grids,
-/// and the positions' RoPE rows and block ids.
-pub(super) struct ScoreBuffers {
-    /// Images and the schedule's shape (unguided: one row per image).
-    key: BatchKey,
-    bt: Batch,
-    /// The steps' index tables on the device.
-    steps: Vec<super::embed::StepIndex>,
-    cur: DevBuf<i32>,
-    prev: DevBuf<i32>,
-    block: DevBuf<i32>,
-}
 
 impl GpuModel {
     /// Logits `(B, N, V)` of every position of the sequence in schedule order (the class

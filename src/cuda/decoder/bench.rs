@@ -1,6 +1,9 @@
 //! `bench_decode`: repeated timed decodes of one batch (FLOP counts live in crate::flops).
 
-use super::*;
+use super::decode::GpuDecoder;
+use super::weights::{ConvKernel, StorageDtype};
+use crate::cuda::Gpu;
+use anyhow::{Result, ensure};
 
 // ---------------------------------------------------------------------------------------------
 // Benchmark (FLOP counts: crate::flops)

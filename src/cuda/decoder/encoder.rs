@@ -21,10 +21,9 @@
 //!   CPU's; a golden cell with a 4.9e-5 gap already flips under fp16 (tests/gpu_encoder.rs
 //!   prints the counts and the smallest gaps). For throughput where exact codes do not matter.
 
-use super::{
-    Acts, ActsPlan, AttnWeights, ConvGn, ConvKernel, ConvWeights, GnWeights, GpuLevel, GpuResBlock,
-    Resample, Residual, Storage, conv1x1, conv3x3, gn_finalize,
-};
+use super::blocks::{Acts, ActsPlan, GpuLevel, GpuResBlock, norm_out_conv_out};
+use super::launch::*;
+use super::weights::{AttnWeights, ConvKernel, ConvWeights, GnWeights, Storage};
 use crate::cpu::ops;
 use crate::cuda::{DevBuf, Gpu};
 use crate::model::config::DecoderConfig;
@@ -250,25 +249,7 @@ impl<T: Storage> GpuEncoder<T> {
         let mut hgt = side;
         let mut cur = 0usize;
         let a = &mut ws.a;
-        let stats = ConvGn {
-            apply: None,
-            stats: true,
-        };
-        let (none, same) = (Residual::None, Resample::Same);
-        conv3x3(
-            gpu,
-            k,
-            &self.conv_in,
-            &a.t,
-            &mut a.x[cur],
-            none,
-            b,
-            hgt,
-            hgt,
-            same,
-            Some((&mut a.gn, stats)),
-        )
-        .context("conv_in")?;
+        a.conv_in(gpu, k, &self.conv_in, b, hgt)?;
         for (i, level) in self.levels.iter().enumerate() {
             let name = format!("conv_blocks.{i}");
             a.level_blocks(gpu, k, &mut cur, level, b, hgt, &name)?;
@@ -280,26 +261,9 @@ impl<T: Storage> GpuEncoder<T> {
         }
         a.mid(gpu, k, &mut cur, &self.mid, b, hgt)?;
         let hw = hgt * hgt;
-        // norm_out + SiLU in conv_out's loader; conv_out into h (T), read by quant_conv.
-        gn_finalize(gpu, &self.norm_out, &mut a.gn, b, hw).context("norm_out")?;
-        let apply = ConvGn {
-            apply: Some(true),
-            stats: false,
-        };
-        conv3x3(
-            gpu,
-            k,
-            &self.conv_out,
-            &a.x[cur],
-            &mut a.h,
-            none,
-            b,
-            hgt,
-            hgt,
-            same,
-            Some((&mut a.gn, apply)),
-        )
-        .context("conv_out")?;
+        // conv_out into h (T), read by quant_conv.
+        let (x, gn, h) = (&a.x[cur], &mut a.gn, &mut a.h);
+        norm_out_conv_out(gpu, k, &self.norm_out, &self.conv_out, x, gn, h, b, hgt)?;
         conv1x1(gpu, &self.quant_conv, &a.h, &mut ws.z, b * hw, false).context("quant_conv")
     }
 }

@@ -1,8 +1,16 @@
 //! Typed launchers for kernels/decoder.cu, and the decoder's 1x1 convs and attention GEMMs
-//! on cuBLAS (through `cuda::gemm`). Layouts: NHWC activations (see the module above).
+//! on cuBLAS (through `cuda::gemm`). Layouts: NHWC activations (see the module comment of `cuda::decoder`).
 
-use super::*;
+use super::weights::{
+    AttnWeights, ConvKernel, ConvWeights, GN_CHUNK, GnWeights, Storage, TC_TILE, i32_of, pick,
+    pick3,
+};
 use crate::cuda::Traffic;
+use crate::cuda::gemm::{GemmCall, Op, Operand, gemm};
+use crate::cuda::{DevBuf, DevElem, Gpu, k, norm, row_grid, stride_grid};
+use crate::model::autoenc::{GN_EPS, GN_GROUPS};
+use anyhow::{Context, Result, ensure};
+use cudarc::cublaslt::sys;
 
 // ---------------------------------------------------------------------------------------------
 // Convolutions

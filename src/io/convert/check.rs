@@ -3,14 +3,21 @@
 //! and the tensor that says otherwise.
 
 use super::schema::YamlModel;
-use super::{
-    CODEBOOK_KEY, CODEBOOK_KEY_PLAIN, MIXING_KEY, ROPE_KEY, expected_tensors, is_encoder_tensor,
-};
 use crate::io::pth::{PthCheckpoint, TensorInfo};
 use crate::model::config::ModelConfig;
+use crate::model::{expected_tensors, is_encoder_tensor};
 use anyhow::{Context, Result, bail};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+
+/// State-dict name of the codebook (with the `UnitNorm` parametrization, `normalize: true`).
+pub const CODEBOOK_KEY: &str = crate::model::autoenc::CODEBOOK;
+/// Codebook name when the autoencoder has `normalize: false` (no parametrization).
+pub const CODEBOOK_KEY_PLAIN: &str = "autoenc.quantize.embedding.weight";
+/// State-dict name of the learned RoPE table.
+pub const ROPE_KEY: &str = crate::model::weights::ROPE_TABLE;
+/// State-dict name of the per-layer, per-head RoPE mixing coefficients.
+pub const MIXING_KEY: &str = crate::model::weights::MIXING_COEFFS;
 
 /// A selected tensor and the checkpoint it comes from.
 pub(super) struct Selected {

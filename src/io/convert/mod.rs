@@ -38,14 +38,7 @@ use std::path::{Path, PathBuf};
 pub use crate::model::config::FORMAT;
 pub use schema::{model_config_from_yaml, reference_ffn_dim};
 
-/// State-dict name of the codebook (with the `UnitNorm` parametrization, `normalize: true`).
-pub const CODEBOOK_KEY: &str = crate::model::autoenc::CODEBOOK;
-/// Codebook name when the autoencoder has `normalize: false` (no parametrization).
-pub const CODEBOOK_KEY_PLAIN: &str = "autoenc.quantize.embedding.weight";
-/// State-dict name of the learned RoPE table.
-pub const ROPE_KEY: &str = crate::model::weights::ROPE_TABLE;
-/// State-dict name of the per-layer, per-head RoPE mixing coefficients.
-pub const MIXING_KEY: &str = crate::model::weights::MIXING_COEFFS;
+pub use check::{CODEBOOK_KEY, CODEBOOK_KEY_PLAIN, MIXING_KEY, ROPE_KEY};
 
 /// What to convert and where to write it.
 #[derive(Clone, Debug)]

@@ -19,8 +19,8 @@
 //! is needed to find the next one) or bytes after the last storage are errors. Tensor bytes
 //! are then read lazily by range, as from the zip format's entries.
 
-use super::PthDtype;
 use super::pickle::{Truncated, Value, esc};
+use super::tensor::PthDtype;
 use super::torch::{Format, Storage, Torch};
 use super::zip::read_at;
 use anyhow::{Context, Result, anyhow, bail};

@@ -6,7 +6,7 @@
 //! and a malicious one cannot run code.
 
 use super::pickle::{DictData, Extension, Globals, Unpickler, Value, esc};
-use super::{PthDtype, StateDict, TensorInfo};
+use super::tensor::{PthDtype, StateDict, TensorInfo};
 use anyhow::{Result, anyhow, bail};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
