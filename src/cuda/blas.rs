@@ -49,7 +49,7 @@ pub struct GemmCall {
     pub b: Matrix,
     pub c: Matrix,
     pub d: Matrix,
-    /// The algorithm; `None` until [`gemm`] pins it on a GPU (the emulator ignores it).
+    /// The algorithm; `None` until [`gemm`](super::gemm::gemm) pins it on a GPU (the emulator ignores it).
     pub algo: Option<Algo>,
 }
 

@@ -63,7 +63,7 @@ impl Storage for f32 {
     }
 }
 
-/// Which 16-bit storage a [`GpuDecoder`] uses.
+/// Which 16-bit storage a [`GpuDecoder`](super::GpuDecoder) uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StorageDtype {
     /// IEEE half: 10 mantissa bits, range +-65504; the default (meets the 1e-2 golden gate).
