@@ -436,7 +436,7 @@ fn activation_file_round_trip_and_refusals() {
             ("pool_3", "<i4", vec![5, POOL_DIM], f32_bytes(&acts.pool)),
             spatial(),
         ],
-        "dtype <i4",
+        "dtype \"<i4\"",
     );
     refused("half.npz", &[pool()], "has pool_3 but not spatial");
     let mu = || ("mu", "<f8", vec![POOL_DIM], f64_bytes(&stats.pool.mu));
@@ -567,7 +567,7 @@ fn image_inputs_stream_and_refuse() {
         write_npz(&p, &[("arr_0", descr, shape, vec![0; bytes])]);
         refused(&p, want);
     };
-    bad("float.npz", "<f4", vec![2, 4, 4, 3], "dtype <f4");
+    bad("float.npz", "<f4", vec![2, 4, 4, 3], "dtype \"<f4\"");
     bad("rgba.npz", "|u1", vec![2, 4, 4, 4], "4 channels");
     bad("wide.npz", "|u1", vec![2, 4, 5, 3], "4 x 5 is not square");
     bad("nchw.npz", "|u1", vec![2, 3, 4, 4], "4 channels");

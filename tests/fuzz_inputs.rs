@@ -43,6 +43,9 @@
 //!   entry re-archived with a correct CRC: read only as the clean images, else one line;
 //! * JPEG truncation: every prefix that ends before the end-of-image marker is refused
 //!   (PIL refuses it), a flipped byte is no panic;
+//! * the evaluator's inputs (issue 24): an activation file and an image `.npz`, byte changes,
+//!   truncations and npy-header mutations: read as a consistent set (widths, counts, finite
+//!   values, every batch whole) or refused in one line; a truncation always fails;
 //! * shard labels, through `merge`: `arr_1` of a shard rewritten with random int64 labels
 //!   (negative, huge, in range): merged exactly when every label is a class of the model,
 //!   else one line and no output.
@@ -500,6 +503,114 @@ fn campaign() -> Findings {
             match read() {
                 Ok(Some(problem)) => Err(problem),
                 Ok(None) if must_fail => Err("read a truncated legacy file".into()),
+                Err(e) if format!("{e:#}").lines().count() != 1 => {
+                    Err(format!("error is not one line: {e:#}"))
+                }
+                _ => Ok(()),
+            }
+        });
+    }
+
+    // The evaluator's inputs (issue 24; their own generator): an activation file (pool_3
+    // and spatial, no statistics) and an image .npz, byte changes and truncations anywhere
+    // and npy-header mutations re-archived with a correct CRC. Read as a well-formed set
+    // (widths and counts consistent, finite values, every batch whole) or refused in one
+    // line; a truncation always fails.
+    let mut rng = Rng::new(SEED ^ 0x0E7A_1000);
+    use checkergen::eval::activations::{POOL_DIM, SPATIAL_DIM, read_activations};
+    use checkergen::eval::input::{ImageSource, InputKind, input_kind};
+    let rows = 4;
+    let f32_npy = |n: usize, d: usize, off: f32| {
+        let mut b = checkergen::io::npz::npy_header("<f4", &[n, d]);
+        let header_len = b.len();
+        for i in 0..n * d {
+            b.extend_from_slice(&((i % 97) as f32 * 0.01 + off).to_le_bytes());
+        }
+        (b, header_len)
+    };
+    let (pool, pool_h) = f32_npy(rows, POOL_DIM, 0.0);
+    let (spatial, _) = f32_npy(rows, SPATIAL_DIM, 0.5);
+    let acts_clean = zip64(&[("pool_3.npy", &pool, None), ("spatial.npy", &spatial, None)]);
+    let acts_path = dir.join("acts.npz");
+    for i in 0..300 * k {
+        let (what, bytes) = if rng.below(3) == 0 {
+            let (what, mut h) = mutate_npy_header(&mut rng, &pool[..pool_h]);
+            h.extend_from_slice(&pool[pool_h..]);
+            let b = zip64(&[("pool_3.npy", &h, None), ("spatial.npy", &spatial, None)]);
+            (format!("pool_3 header {what}"), b)
+        } else {
+            mutate_pth(&mut rng, &acts_clean)
+        };
+        let must_fail = bytes.len() < acts_clean.len() && acts_clean.starts_with(&bytes);
+        std::fs::write(&acts_path, &bytes).unwrap();
+        f.check(
+            &format!("activations #{i} {what}"),
+            || match read_activations(&acts_path) {
+                Ok(_) if must_fail => Err("read a truncated activation file".into()),
+                Ok(a) => {
+                    let n = a.acts.rows();
+                    if a.acts.pool.len() != n * POOL_DIM
+                        || a.acts.spatial.len() != n * SPATIAL_DIM
+                        || a.acts
+                            .pool
+                            .iter()
+                            .chain(&a.acts.spatial)
+                            .any(|v| !v.is_finite())
+                    {
+                        Err(format!("read an inconsistent set of {n} rows"))
+                    } else {
+                        Ok(())
+                    }
+                }
+                Err(e) if format!("{e:#}").lines().count() != 1 => {
+                    Err(format!("error is not one line: {e:#}"))
+                }
+                Err(_) => Ok(()),
+            },
+        );
+    }
+    let side = 4;
+    let mut img = checkergen::io::npz::npy_header("|u1", &[3, side, side, 3]);
+    let img_h = img.len();
+    img.extend((0..3 * side * side * 3).map(|i| (i * 11) as u8));
+    let imgs_clean = zip64(&[("arr_0.npy", &img, None)]);
+    let imgs_path = dir.join("imgs.npz");
+    for i in 0..300 * k {
+        let (what, bytes) = if rng.below(3) == 0 {
+            let (what, mut h) = mutate_npy_header(&mut rng, &img[..img_h]);
+            h.extend_from_slice(&img[img_h..]);
+            (
+                format!("arr_0 header {what}"),
+                zip64(&[("arr_0.npy", &h, None)]),
+            )
+        } else {
+            mutate_pth(&mut rng, &imgs_clean)
+        };
+        let must_fail = bytes.len() < imgs_clean.len() && imgs_clean.starts_with(&bytes);
+        std::fs::write(&imgs_path, &bytes).unwrap();
+        f.check(&format!("eval images #{i} {what}"), || {
+            let read = || -> anyhow::Result<Option<String>> {
+                if input_kind(&imgs_path)? != InputKind::Images {
+                    return Ok(None);
+                }
+                let mut src = ImageSource::open(&imgs_path)?;
+                let (n, s) = (src.len(), src.side());
+                let mut seen = 0;
+                while let Some(b) = src.next_batch(2)? {
+                    if b.pixels.len() != b.count * s * s * 3 || b.first != seen {
+                        return Ok(Some(format!(
+                            "a batch of {} bytes for {} images",
+                            b.pixels.len(),
+                            b.count
+                        )));
+                    }
+                    seen += b.count;
+                }
+                Ok((seen != n).then(|| format!("{seen} of {n} images streamed")))
+            };
+            match read() {
+                Ok(Some(problem)) => Err(problem),
+                Ok(None) if must_fail => Err("read a truncated image file".into()),
                 Err(e) if format!("{e:#}").lines().count() != 1 => {
                     Err(format!("error is not one line: {e:#}"))
                 }

@@ -127,7 +127,7 @@ pub fn read_activations(path: &Path) -> Result<ActivationFile> {
         }
         if !matches!(a.dtype, Some(NpyDtype::F32 | NpyDtype::F64)) {
             bail!(
-                "{shown}: {name} has dtype {}; float32 expected",
+                "{shown}: {name} has dtype {:?}; float32 expected",
                 a.header.descr
             );
         }

@@ -110,7 +110,7 @@ impl ImageSource {
             anyhow::anyhow!("{shown}: arr_0 is not uint8 [N, H, W, 3] square images ({why})")
         };
         if arr.dtype != Some(NpyDtype::U8) {
-            return Err(bad(format!("dtype {}", arr.header.descr)));
+            return Err(bad(format!("dtype {:?}", arr.header.descr)));
         }
         if arr.header.fortran_order {
             return Err(bad("Fortran order".into()));
