@@ -216,6 +216,8 @@ fn eval_two_generate_outputs() {
         s(&w),
         "--num-samples",
         "4",
+        "--png",
+        s(&d.join("steps.png")),
     ]);
     assert!(ok, "{err}");
     let rows: Vec<serde_json::Value> = out

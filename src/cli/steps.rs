@@ -300,12 +300,6 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             o.labels = (0..a.batch).map(|i| i % cfg.num_classes).collect();
             pipeline::validate_options(cfg, sizes.len(), &o, on.memory()?)?;
             let many = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
-            let p = StepsPoint {
-                ratio: cfg.scale_ratio,
-                serial_steps: sched.total_steps(),
-                latency_s: one.s_per_batch,
-                images_per_s: a.batch as f64 / many.s_per_batch,
-            };
             let quality = match (&mut plan, a.num_samples) {
                 (Some(plan), Some(n)) => {
                     if !a.json {
@@ -314,6 +308,13 @@ pub fn steps(a: StepsArgs) -> Result<()> {
                     Some(eval_config(plan, &on, &o, n, a.batch)?)
                 }
                 _ => None,
+            };
+            let p = StepsPoint {
+                ratio: cfg.scale_ratio,
+                serial_steps: sched.total_steps(),
+                latency_s: one.s_per_batch,
+                images_per_s: a.batch as f64 / many.s_per_batch,
+                fid: quality.map(|q| q.fid),
             };
             if a.json {
                 println!(

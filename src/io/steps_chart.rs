@@ -1,5 +1,6 @@
 //! `checkergen steps --png`: latency (batch 1) and throughput (images/s at the sweep's batch)
-//! against serial steps, one series per scale ratio, side by side (plotters, embedded font).
+//! against serial steps, one series per scale ratio, side by side (plotters, embedded font);
+//! with `steps --eval`, a third panel: FID against serial steps (quality against speed).
 
 use super::image::{ramp, write_rgb_png};
 use super::maps::{draw_legend, plot_err, register_font};
@@ -14,33 +15,47 @@ pub struct StepsPoint {
     pub serial_steps: usize,
     pub latency_s: f64,
     pub images_per_s: f64,
+    /// FID against the `--eval` reference, when the sweep evaluated quality.
+    pub fid: Option<f64>,
 }
 
 /// Which value of a point a panel plots.
 type Value = fn(&StepsPoint) -> f64;
 
-/// Chart size in pixels (two panels side by side).
-pub const CHART_SIZE: (usize, usize) = (1200, 480);
+/// Size in pixels of one panel (the chart: two or three side by side).
+pub const PANEL_SIZE: (usize, usize) = (600, 480);
 
-/// Render the two panels to RGB (width, height, rgb); `batch` labels the throughput axis.
+/// Render the panels to RGB (width, height, rgb); `batch` labels the throughput axis. A
+/// point without FID is left out of the FID panel, which is drawn when any point has one.
 pub fn render_steps_chart(points: &[StepsPoint], batch: usize) -> Result<(usize, usize, Vec<u8>)> {
     register_font();
-    let (w, h) = CHART_SIZE;
+    let with_fid = points.iter().any(|p| p.fid.is_some());
+    let n_panels = if with_fid { 3 } else { 2 };
+    let (w, h) = (PANEL_SIZE.0 * n_panels, PANEL_SIZE.1);
     let mut rgb = vec![255u8; w * h * 3];
     let mut ratios: Vec<f64> = points.iter().map(|p| p.ratio).collect();
     ratios.sort_by(f64::total_cmp);
     ratios.dedup();
     {
         let root = BitMapBackend::with_buffer(&mut rgb, (w as u32, h as u32)).into_drawing_area();
-        let panels = root.split_evenly((1, 2));
+        let panels = root.split_evenly((1, n_panels));
         let x_max = points.iter().map(|p| p.serial_steps).max().unwrap_or(1) as f64 + 1.0;
         let ylabel = format!("images/s at batch {batch}");
-        let specs: [(&str, &str, Value); 2] = [
+        let mut specs: Vec<(&str, &str, Value)> = vec![
             ("latency at batch 1", "s per image", |p| p.latency_s),
             ("throughput", ylabel.as_str(), |p| p.images_per_s),
         ];
+        if with_fid {
+            specs.push(("quality (--eval)", "FID", |p| p.fid.unwrap_or(f64::NAN)));
+        }
         for (area, (title, ydesc, y)) in panels.iter().zip(specs) {
-            let y_max = points.iter().map(y).fold(0.0f64, f64::max).max(1e-9) * 1.1;
+            let y_max = points
+                .iter()
+                .map(y)
+                .filter(|v| v.is_finite())
+                .fold(0.0f64, f64::max)
+                .max(1e-9)
+                * 1.1;
             let mut chart = ChartBuilder::on(area)
                 .caption(title, ("sans-serif", 16))
                 .margin(10)
@@ -68,6 +83,7 @@ pub fn render_steps_chart(points: &[StepsPoint], batch: usize) -> Result<(usize,
                     .iter()
                     .filter(|p| p.ratio == r)
                     .map(|p| (p.serial_steps as f64, y(p)))
+                    .filter(|(_, v)| v.is_finite())
                     .collect();
                 pts.sort_by(|a, b| a.0.total_cmp(&b.0));
                 chart
