@@ -23,7 +23,8 @@ for line in sys.stdin:
     # gpu_ledger runs on the host emulator by design (its audit reruns launches on host
     # memory), so it stays here.
     gpu = name.startswith("gpu_") and name != "gpu_ledger"
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and (gpu or name == "batching"):
+    # cfg_interval: its GPU test (dropping the unconditional rows changes no logit).
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and (gpu or name in ("batching", "cfg_interval")):
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" "$out/bin/$name"; done
 strip "$out"/bin/* 2>/dev/null || true
@@ -95,6 +96,14 @@ rc=$?
 res=$(grep -E '^test result' "$logs/batching.log" | tail -n 1)
 summary+=("$(printf '%-16s rc=%-3s %5ss  %s' batching "$rc" "$((SECONDS - start))" "$res")")
 grep -E 'equal|differ|running on' "$logs/batching.log" | tail -n 20 > "$logs/batching.key.txt"
+# The guidance interval on the real device: dropping the unconditional rows after
+# --cfg-end-step changes no conditional logit (tests/cfg_interval.rs, its GPU test).
+start=$SECONDS
+"$bin/cfg_interval" gpu_ --include-ignored --nocapture --test-threads=1 > "$logs/cfg_interval.log" 2>&1
+rc=$?
+[ "$rc" = 0 ] || failed=1
+res=$(grep -E '^test result' "$logs/cfg_interval.log" | tail -n 1)
+summary+=("$(printf '%-16s rc=%-3s %5ss  %s' cfg_interval "$rc" "$((SECONDS - start))" "$res")")
 # Benchmark: random L-2x weights, batch 1, 64, 152 and 256, cfg 1.5, 4 steps per scale (152:
 # the old cap, refused before issue 21; 256: the default batch on an 80 GB card, decoded in
 # two passes inside the graph); the token loop replayed as a CUDA graph (default) and with
