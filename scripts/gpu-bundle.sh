@@ -89,21 +89,21 @@ done
 # statistics bitwise equal at batch sizes 5 and 2, and with the decoder in passes of 2); its CPU
 # tests and the CLI memory test are not for this host. The GEMM-level bitwise checks (rows
 # vs M, strided entries vs batch count) are in gpu_gemm above.
-start=$SECONDS
-"$bin/batching" gpu_ --include-ignored --nocapture --test-threads=1 > "$logs/batching.log" 2>&1
-rc=$?
-[ "$rc" = 0 ] || failed=1
-res=$(grep -E '^test result' "$logs/batching.log" | tail -n 1)
-summary+=("$(printf '%-16s rc=%-3s %5ss  %s' batching "$rc" "$((SECONDS - start))" "$res")")
-grep -E 'equal|differ|running on' "$logs/batching.log" | tail -n 20 > "$logs/batching.key.txt"
+# The GPU tests (names gpu_*) of a test binary that also holds CPU tests: its log, its
+# summary row, and the lines a reader looks for first.
+gpu_part() {
+    local name=$1 keys=$2 start=$SECONDS rc res
+    "$bin/$name" gpu_ --include-ignored --nocapture --test-threads=1 > "$logs/$name.log" 2>&1
+    rc=$?
+    [ "$rc" = 0 ] || failed=1
+    res=$(grep -E '^test result' "$logs/$name.log" | tail -n 1)
+    summary+=("$(printf '%-16s rc=%-3s %5ss  %s' "$name" "$rc" "$((SECONDS - start))" "$res")")
+    grep -E "$keys" "$logs/$name.log" | tail -n 20 > "$logs/$name.key.txt"
+}
+gpu_part batching 'equal|differ|running on'
 # The guidance interval on the real device: dropping the unconditional rows after
 # --cfg-end-step changes no conditional logit (tests/cfg_interval.rs, its GPU test).
-start=$SECONDS
-"$bin/cfg_interval" gpu_ --include-ignored --nocapture --test-threads=1 > "$logs/cfg_interval.log" 2>&1
-rc=$?
-[ "$rc" = 0 ] || failed=1
-res=$(grep -E '^test result' "$logs/cfg_interval.log" | tail -n 1)
-summary+=("$(printf '%-16s rc=%-3s %5ss  %s' cfg_interval "$rc" "$((SECONDS - start))" "$res")")
+gpu_part cfg_interval 'worst|FLOPs|running on'
 # Benchmark: random L-2x weights, batch 1, 64, 152 and 256, cfg 1.5, 4 steps per scale (152:
 # the old cap, refused before issue 21; 256: the default batch on an 80 GB card, decoded in
 # two passes inside the graph); the token loop replayed as a CUDA graph (default) and with

@@ -19,9 +19,9 @@ fn dir() -> PathBuf {
     d
 }
 
-/// `generate` of 6 tiny-preset images with `seed` into `out`.
-fn generate(out: &Path, seed: &str) {
-    let (ok, _, err) = common::cli(&[
+/// `generate` of 6 tiny-preset images with `seed` into `out`, with `extra` options; stdout.
+fn generate_with(out: &Path, seed: &str, extra: &[&str]) -> String {
+    let mut args = vec![
         "generate",
         "--num-samples",
         "6",
@@ -34,8 +34,15 @@ fn generate(out: &Path, seed: &str) {
         "--quiet",
         "--out",
         s(out),
-    ]);
+    ];
+    args.extend(extra);
+    let (ok, stdout, err) = common::cli(&args);
     assert!(ok, "generate: {err}");
+    stdout
+}
+
+fn generate(out: &Path, seed: &str) {
+    generate_with(out, seed, &[]);
 }
 
 fn eval_json(args: &[&str]) -> serde_json::Value {
@@ -171,25 +178,7 @@ fn eval_two_generate_outputs() {
 
     // generate --eval: the table after the file.
     let c = d.join("c.npz");
-    let (ok, out, err) = common::cli(&[
-        "generate",
-        "--num-samples",
-        "6",
-        "--steps-per-scale",
-        "1",
-        "--seed",
-        "3",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--out",
-        s(&c),
-        "--eval",
-        s(&aa),
-        "--inception",
-        s(&w),
-    ]);
-    assert!(ok, "{err}");
+    let out = generate_with(&c, "3", &["--eval", s(&aa), "--inception", s(&w)]);
     for row in ["Inception Score", "FID", "sFID", "Precision", "Recall"] {
         assert!(out.contains(row), "generate --eval printed no {row}: {out}");
     }

@@ -348,18 +348,24 @@ impl NpzReader {
         self.zip.read(&format!("{}.npy", a.name), start, len)
     }
 
-    /// Elements `first..first + count` of a float array (`<f4`, or `<f8` rounded to f32),
-    /// read in chunks of at most 16 MiB.
-    pub fn read_f32(&self, a: &NpyArray, first: usize, count: usize) -> Result<Vec<f32>> {
-        let t = match a.dtype {
-            Some(t @ (NpyDtype::F32 | NpyDtype::F64)) => t,
+    /// The element type of a float array (`<f4` or `<f8`); any other is refused, its descr
+    /// quoted (a header's text may hold anything, newlines included).
+    fn float_dtype(&self, a: &NpyArray) -> Result<NpyDtype> {
+        match a.dtype {
+            Some(t @ (NpyDtype::F32 | NpyDtype::F64)) => Ok(t),
             _ => bail!(
-                "{}: {} has dtype {}, not float32 or float64",
+                "{}: {} has dtype {:?}, not float32 or float64",
                 self.path.display(),
                 a.name,
                 a.header.descr
             ),
-        };
+        }
+    }
+
+    /// Elements `first..first + count` of a float array (`<f4`, or `<f8` rounded to f32),
+    /// read in chunks of at most 16 MiB.
+    pub fn read_f32(&self, a: &NpyArray, first: usize, count: usize) -> Result<Vec<f32>> {
+        let t = self.float_dtype(a)?;
         if first.checked_add(count).is_none_or(|e| e > a.elements) {
             bail!(
                 "{}: {}: elements {first}.. (+{count}) past its {}",
@@ -391,15 +397,7 @@ impl NpzReader {
 
     /// All elements of a float array as f64 (`<f8`, or `<f4` widened).
     pub fn read_f64(&self, a: &NpyArray) -> Result<Vec<f64>> {
-        let t = match a.dtype {
-            Some(t @ (NpyDtype::F32 | NpyDtype::F64)) => t,
-            _ => bail!(
-                "{}: {} has dtype {}, not float32 or float64",
-                self.path.display(),
-                a.name,
-                a.header.descr
-            ),
-        };
+        let t = self.float_dtype(a)?;
         let b = self.read_bytes(a, 0, (a.elements * t.size()) as u64)?;
         Ok(match t {
             NpyDtype::F64 => b
