@@ -439,15 +439,18 @@ fn bad_requests_are_typed_errors() {
     assert!(std::error::Error::source(&e).is_some());
 }
 
+/// The C ABI's last error on this thread (`cg_last_error`), as a string.
+fn c_last_error() -> String {
+    let p = checkergen::capi::cg_last_error();
+    unsafe { std::ffi::CStr::from_ptr(p) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 #[test]
 fn c_abi_refuses_bad_arguments_with_a_status() {
     use checkergen::capi::*;
-    use std::ffi::CStr;
-    let msg = || {
-        unsafe { CStr::from_ptr(cg_last_error()) }
-            .to_string_lossy()
-            .into_owned()
-    };
+    let msg = c_last_error;
     unsafe {
         assert_eq!(
             cg_model_load(std::ptr::null(), CgDevice::Cpu, 0, std::ptr::null_mut()),
@@ -524,12 +527,7 @@ fn c_abi_refuses_bad_arguments_with_a_status() {
 #[test]
 fn c_abi_precision_score_and_timings() {
     use checkergen::capi::*;
-    use std::ffi::CStr;
-    let msg = || {
-        unsafe { CStr::from_ptr(cg_last_error()) }
-            .to_string_lossy()
-            .into_owned()
-    };
+    let msg = c_last_error;
     unsafe {
         let mut m: *mut CgModel = std::ptr::null_mut();
         assert_eq!(

@@ -4,15 +4,16 @@ use checkergen::order::{Schedule, rank_map, scale_sizes};
 use std::process::{Command, Output};
 
 mod common;
+use common::argv;
 
-fn run(args: &[&str]) -> Output {
+fn run<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_checkergen"))
         .args(args)
         .output()
         .expect("cannot run checkergen")
 }
 
-fn stdout_json(args: &[&str]) -> serde_json::Value {
+fn stdout_json<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> serde_json::Value {
     let out = run(args);
     assert!(
         out.status.success(),
@@ -23,7 +24,10 @@ fn stdout_json(args: &[&str]) -> serde_json::Value {
 }
 
 /// A failing run: non-zero exit, a message on stderr, no panic.
-pub fn assert_clean_failure(args: &[&str], fragment: &str) {
+pub fn assert_clean_failure<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    args: &[S],
+    fragment: &str,
+) {
     let out = run(args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} should fail");
@@ -196,21 +200,14 @@ fn usage_errors_keep_clap_message() {
 /// underscore names are still unknown.
 #[test]
 fn underscore_spellings_are_aliases() {
-    let hyphen = stdout_json(&[
-        "schedule",
-        "--scale-ratio",
-        "2",
-        "--steps-per-scale",
-        "3",
-        "--json",
-    ]);
-    let under = stdout_json(&[
-        "schedule",
-        "--scale_ratio",
-        "2",
-        "--steps_per_scale=3",
-        "--json",
-    ]);
+    let hyphen = stdout_json(&argv(
+        "schedule --scale-ratio 2 --steps-per-scale 3 --json",
+        &[],
+    ));
+    let under = stdout_json(&argv(
+        "schedule --scale_ratio 2 --steps_per_scale=3 --json",
+        &[],
+    ));
     assert_eq!(hyphen, under);
     assert_eq!(
         hyphen["total_steps"],
@@ -218,12 +215,9 @@ fn underscore_spellings_are_aliases() {
             .unwrap()
             .total_steps()
     );
-    let out = run(&[
-        "schedule",
-        "--scale_ratio",
-        "2",
-        "--no_such_option",
-        "--json",
-    ]);
+    let out = run(&argv(
+        "schedule --scale_ratio 2 --no_such_option --json",
+        &[],
+    ));
     assert!(!out.status.success());
 }

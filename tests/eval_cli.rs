@@ -5,6 +5,7 @@
 //! configuration; bad input is one line, nothing written.
 
 mod common;
+use common::argv;
 
 use checkergen::eval::activations::{read_activations, write_activations};
 use std::path::{Path, PathBuf};
@@ -45,7 +46,7 @@ fn generate(out: &Path, seed: &str) {
     generate_with(out, seed, &[]);
 }
 
-fn eval_json(args: &[&str]) -> serde_json::Value {
+fn eval_json<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> serde_json::Value {
     let (ok, out, err) = common::cli(args);
     assert!(ok, "{args:?}: {err}");
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
@@ -69,20 +70,10 @@ fn eval_two_generate_outputs() {
     generate(&a, "1");
     generate(&b, "2");
     let ra = d.join("ref_acts.npz");
-    let first = eval_json(&[
-        "eval",
-        "--inception",
-        s(&w),
-        "--ref",
-        s(&a),
-        "--sample",
-        s(&b),
-        "--json",
-        "--batch-size",
-        "4",
-        "--save-ref-activations",
-        s(&ra),
-    ]);
+    let first = eval_json(&argv(
+        "eval --inception {} --ref {} --sample {} --json --batch-size 4 --save-ref-activations {}",
+        &[&w, &a, &b, &ra],
+    ));
     for k in KEYS {
         assert!(num(&first, k).is_finite(), "{k} = {}", first[k]);
     }
@@ -100,16 +91,10 @@ fn eval_two_generate_outputs() {
 
     // The reference as an activation file (written by --save-ref-activations, statistics
     // inside): the same five numbers.
-    let second = eval_json(&[
-        "eval",
-        "--inception",
-        s(&w),
-        "--ref",
-        s(&ra),
-        "--sample",
-        s(&b),
-        "--json",
-    ]);
+    let second = eval_json(&argv(
+        "eval --inception {} --ref {} --sample {} --json",
+        &[&w, &ra, &b],
+    ));
     let mut worst = 0f64;
     for k in KEYS {
         let (x, y) = (num(&first, k), num(&second, k));
@@ -120,16 +105,10 @@ fn eval_two_generate_outputs() {
 
     // `--activations --out` writes the same file as --save-ref-activations.
     let aa = d.join("a_acts.npz");
-    let (ok, _, err) = common::cli(&[
-        "eval",
-        "--inception",
-        s(&w),
-        "--activations",
-        s(&a),
-        "--out",
-        s(&aa),
-        "--quiet",
-    ]);
+    let (ok, _, err) = common::cli(&argv(
+        "eval --inception {} --activations {} --out {} --quiet",
+        &[&w, &a, &aa],
+    ));
     assert!(ok, "{err}");
     let (x, y) = (
         read_activations(&aa).unwrap(),
@@ -141,30 +120,18 @@ fn eval_two_generate_outputs() {
     // statistics make FID and sFID against b (nearly) 0, while the activations still drive
     // precision and recall.
     let bb = d.join("b_acts.npz");
-    let (ok, _, err) = common::cli(&[
-        "eval",
-        "--inception",
-        s(&w),
-        "--activations",
-        s(&b),
-        "--out",
-        s(&bb),
-        "--quiet",
-    ]);
+    let (ok, _, err) = common::cli(&argv(
+        "eval --inception {} --activations {} --out {} --quiet",
+        &[&w, &b, &bb],
+    ));
     assert!(ok, "{err}");
     let b_stats = read_activations(&bb).unwrap().stats.unwrap();
     let mixed = d.join("mixed.npz");
     write_activations(&mixed, &x.acts, &b_stats, &[]).unwrap();
-    let third = eval_json(&[
-        "eval",
-        "--inception",
-        s(&w),
-        "--ref",
-        s(&mixed),
-        "--sample",
-        s(&b),
-        "--json",
-    ]);
+    let third = eval_json(&argv(
+        "eval --inception {} --ref {} --sample {} --json",
+        &[&w, &mixed, &b],
+    ));
     println!(
         "reference with b's statistics: FID {:.3e}, sFID {:.3e} (a vs b: FID {:.3e})",
         num(&third, "fid"),
@@ -269,29 +236,13 @@ fn eval_bad_input_is_one_line_and_writes_nothing() {
     // A set of one image has no covariance, nor precision and recall: said in one line,
     // before any work.
     let one = d.join("one.npz");
-    let (ok, _, err) = common::cli(&[
-        "generate",
-        "--num-samples",
-        "1",
-        "--steps-per-scale",
-        "1",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--out",
-        s(&one),
-    ]);
+    let (ok, _, err) = common::cli(&argv(
+        "generate --num-samples 1 --steps-per-scale 1 --device cpu --quiet --out {}",
+        &[&one],
+    ));
     assert!(ok, "{err}");
     common::refused(
-        &[
-            "eval",
-            "--inception",
-            s(&w),
-            "--ref",
-            s(&a),
-            "--sample",
-            s(&one),
-        ],
+        &argv("eval --inception {} --ref {} --sample {}", &[&w, &a, &one]),
         "one.npz",
     );
     std::fs::remove_dir_all(&d).ok();

@@ -86,14 +86,16 @@ fn missing_or_misshaped_tensor_is_named() {
     let w = synthetic_weights();
     assert_eq!(w.len(), 472, "convs x 5 + fc.weight + fc.bias");
     assert!(Inception::from_tensors(&w, "ok.pth").is_ok());
+    // The error loading `w` as "w.pth" (printed under `what`); loading must fail.
+    let refusal = |w: &TensorMap, what: &str| {
+        let e = Inception::from_tensors(w, "w.pth").err().expect("loaded");
+        println!("{what}: {e}");
+        e.to_string()
+    };
 
     let mut missing = w.clone();
     missing.remove("Mixed_6d.branch7x7dbl_3.bn.running_var");
-    let e = Inception::from_tensors(&missing, "w.pth")
-        .err()
-        .unwrap()
-        .to_string();
-    println!("missing: {e}");
+    let e = refusal(&missing, "missing");
     assert!(
         e.contains("w.pth") && e.contains("'Mixed_6d.branch7x7dbl_3.bn.running_var' is missing")
     );
@@ -103,11 +105,7 @@ fn missing_or_misshaped_tensor_is_named() {
         "Mixed_7c.branch3x3_2b.conv.weight".into(),
         Tensor::new(vec![384, 384, 1, 3], vec![0.0; 384 * 384 * 3]),
     );
-    let e = Inception::from_tensors(&bad, "w.pth")
-        .err()
-        .unwrap()
-        .to_string();
-    println!("misshaped: {e}");
+    let e = refusal(&bad, "misshaped");
     assert!(
         e.contains("w.pth")
             && e.contains("'Mixed_7c.branch3x3_2b.conv.weight' has shape [384, 384, 1, 3], expected [384, 384, 3, 1]")
@@ -118,20 +116,12 @@ fn missing_or_misshaped_tensor_is_named() {
         "fc.weight".into(),
         Tensor::new(vec![1000, 2048], vec![0.0; 1000 * 2048]),
     );
-    let e = Inception::from_tensors(&fc, "w.pth")
-        .err()
-        .unwrap()
-        .to_string();
-    println!("fc: {e}");
+    let e = refusal(&fc, "fc");
     assert!(e.contains("'fc.weight' has shape [1000, 2048]"));
 
     let mut nan = w;
     nan.get_mut("Conv2d_1a_3x3.conv.weight").unwrap().data[5] = f32::NAN;
-    let e = Inception::from_tensors(&nan, "w.pth")
-        .err()
-        .unwrap()
-        .to_string();
-    println!("nan: {e}");
+    let e = refusal(&nan, "nan");
     assert!(e.contains("'Conv2d_1a_3x3.conv.weight' has a non-finite value"));
 }
 

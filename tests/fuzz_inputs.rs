@@ -317,6 +317,31 @@ fn mutate_npy_header(rng: &mut Rng, clean: &[u8]) -> (String, Vec<u8>) {
     (what, out)
 }
 
+/// Writes `bytes`, a mutation of `clean`, to `path`: true when it is a truncation of `clean`
+/// (which every reader must refuse).
+fn write_mutant(path: &Path, clean: &[u8], bytes: &[u8]) -> bool {
+    std::fs::write(path, bytes).unwrap();
+    bytes.len() < clean.len() && clean.starts_with(bytes)
+}
+
+/// The verdict on one mutated input: `read` found a problem in what it read (`Ok(Some)`),
+/// read a file that must fail (`must_fail`: `what` names it), or refused it in more than one
+/// line; anything else passes.
+fn verdict(
+    read: anyhow::Result<Option<String>>,
+    must_fail: bool,
+    what: &str,
+) -> Result<(), String> {
+    match read {
+        Ok(Some(problem)) => Err(problem),
+        Ok(None) if must_fail => Err(format!("read {what}")),
+        Err(e) if format!("{e:#}").lines().count() != 1 => {
+            Err(format!("error is not one line: {e:#}"))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn same_model(a: &Model, b: &Model) -> bool {
     a.config == b.config && a.parameter_counts() == b.parameter_counts()
 }
@@ -410,16 +435,11 @@ fn campaign() -> Findings {
         let (what, mut h) = mutate_npy_header(&mut rng, &npy[..header_len]);
         h.extend_from_slice(&pixels);
         std::fs::write(&npz_path, zip64(&[("arr_0.npy", &h, None)])).unwrap();
-        f.check(
-            &format!("npz header #{i} {what}"),
-            || match checkergen::io::photo::read_npz(&npz_path, side) {
-                Ok(imgs) if imgs.concat() != pixels => Err("read other images".into()),
-                Err(e) if format!("{e:#}").lines().count() != 1 => {
-                    Err(format!("error is not one line: {e:#}"))
-                }
-                _ => Ok(()),
-            },
-        );
+        f.check(&format!("npz header #{i} {what}"), || {
+            let r = checkergen::io::photo::read_npz(&npz_path, side);
+            let r = r.map(|imgs| (imgs.concat() != pixels).then(|| "read other images".into()));
+            verdict(r, false, "")
+        });
     }
 
     // JPEG: every prefix cut before the end-of-image marker is refused; flips do not panic.
@@ -439,16 +459,10 @@ fn campaign() -> Findings {
             (what, b, false)
         };
         std::fs::write(&jpg_path, &bytes).unwrap();
-        f.check(
-            &format!("jpeg #{i} {what}"),
-            || match checkergen::io::photo::read_image(&jpg_path) {
-                Ok(_) if must_fail => Err("decoded a truncated JPEG".into()),
-                Err(e) if format!("{e:#}").lines().count() != 1 => {
-                    Err(format!("error is not one line: {e:#}"))
-                }
-                _ => Ok(()),
-            },
-        );
+        f.check(&format!("jpeg #{i} {what}"), || {
+            let r = checkergen::io::photo::read_image(&jpg_path).map(|_| None);
+            verdict(r, must_fail, "a truncated JPEG")
+        });
     }
 
     // YAML: the model config and the autoencoder config.
@@ -466,12 +480,7 @@ fn campaign() -> Findings {
                 } else {
                     model_config_from_yaml(&opts.config_yaml, &yaml_path)
                 };
-                match r {
-                    Err(e) if format!("{e:#}").lines().count() != 1 => {
-                        Err(format!("error is not one line: {e:#}"))
-                    }
-                    _ => Ok(()),
-                }
+                verdict(r.map(|_| None), false, "")
             });
         }
     }
@@ -486,8 +495,7 @@ fn campaign() -> Findings {
         } else {
             mutate_pickle(&mut rng, &legacy_clean)
         };
-        let must_fail = bytes.len() < legacy_clean.len() && legacy_clean.starts_with(&bytes);
-        std::fs::write(&legacy_path, &bytes).unwrap();
+        let must_fail = write_mutant(&legacy_path, &legacy_clean, &bytes);
         f.check(&format!("legacy #{i} {what}"), || {
             let read = || -> anyhow::Result<Option<String>> {
                 let ck = checkergen::io::pth::PthCheckpoint::open(&legacy_path)?;
@@ -500,14 +508,7 @@ fn campaign() -> Findings {
                 }
                 Ok(None)
             };
-            match read() {
-                Ok(Some(problem)) => Err(problem),
-                Ok(None) if must_fail => Err("read a truncated legacy file".into()),
-                Err(e) if format!("{e:#}").lines().count() != 1 => {
-                    Err(format!("error is not one line: {e:#}"))
-                }
-                _ => Ok(()),
-            }
+            verdict(read(), must_fail, "a truncated legacy file")
         });
     }
 
@@ -541,33 +542,17 @@ fn campaign() -> Findings {
         } else {
             mutate_pth(&mut rng, &acts_clean)
         };
-        let must_fail = bytes.len() < acts_clean.len() && acts_clean.starts_with(&bytes);
-        std::fs::write(&acts_path, &bytes).unwrap();
-        f.check(
-            &format!("activations #{i} {what}"),
-            || match read_activations(&acts_path) {
-                Ok(_) if must_fail => Err("read a truncated activation file".into()),
-                Ok(a) => {
-                    let n = a.acts.rows();
-                    if a.acts.pool.len() != n * POOL_DIM
-                        || a.acts.spatial.len() != n * SPATIAL_DIM
-                        || a.acts
-                            .pool
-                            .iter()
-                            .chain(&a.acts.spatial)
-                            .any(|v| !v.is_finite())
-                    {
-                        Err(format!("read an inconsistent set of {n} rows"))
-                    } else {
-                        Ok(())
-                    }
-                }
-                Err(e) if format!("{e:#}").lines().count() != 1 => {
-                    Err(format!("error is not one line: {e:#}"))
-                }
-                Err(_) => Ok(()),
-            },
-        );
+        let must_fail = write_mutant(&acts_path, &acts_clean, &bytes);
+        f.check(&format!("activations #{i} {what}"), || {
+            let r = read_activations(&acts_path).map(|a| {
+                let (n, acts) = (a.acts.rows(), &a.acts);
+                let finite = acts.pool.iter().chain(&acts.spatial).all(|v| v.is_finite());
+                let whole =
+                    acts.pool.len() == n * POOL_DIM && acts.spatial.len() == n * SPATIAL_DIM;
+                (!finite || !whole).then(|| format!("read an inconsistent set of {n} rows"))
+            });
+            verdict(r, must_fail, "a truncated activation file")
+        });
     }
     let side = 4;
     let mut img = checkergen::io::npz::npy_header("|u1", &[3, side, side, 3]);
@@ -586,8 +571,7 @@ fn campaign() -> Findings {
         } else {
             mutate_pth(&mut rng, &imgs_clean)
         };
-        let must_fail = bytes.len() < imgs_clean.len() && imgs_clean.starts_with(&bytes);
-        std::fs::write(&imgs_path, &bytes).unwrap();
+        let must_fail = write_mutant(&imgs_path, &imgs_clean, &bytes);
         f.check(&format!("eval images #{i} {what}"), || {
             let read = || -> anyhow::Result<Option<String>> {
                 if input_kind(&imgs_path)? != InputKind::Images {
@@ -608,14 +592,7 @@ fn campaign() -> Findings {
                 }
                 Ok((seen != n).then(|| format!("{seen} of {n} images streamed")))
             };
-            match read() {
-                Ok(Some(problem)) => Err(problem),
-                Ok(None) if must_fail => Err("read a truncated image file".into()),
-                Err(e) if format!("{e:#}").lines().count() != 1 => {
-                    Err(format!("error is not one line: {e:#}"))
-                }
-                _ => Ok(()),
-            }
+            verdict(read(), must_fail, "a truncated image file")
         });
     }
     f
@@ -1012,24 +989,15 @@ fn fuzz_files_through_the_binary() {
             })
             .collect();
         let ok = labels.iter().all(|l| (0..10).contains(l));
-        let zipped: Vec<(String, Vec<u8>)> = entries
-            .iter()
-            .map(|(n, d)| {
-                let mut d = d.clone();
-                if n == "arr_1.npy" {
-                    let at = d.len() - 16;
-                    for (j, l) in labels.iter().enumerate() {
-                        d[at + 8 * j..at + 8 * j + 8].copy_from_slice(&l.to_le_bytes());
-                    }
+        let bytes = rezip(&entries, |n, d| {
+            if n == "arr_1.npy" {
+                let at = d.len() - 16;
+                for (j, l) in labels.iter().enumerate() {
+                    d[at + 8 * j..at + 8 * j + 8].copy_from_slice(&l.to_le_bytes());
                 }
-                (n.clone(), d)
-            })
-            .collect();
-        let refs: Vec<(&str, &[u8], Option<u64>)> = zipped
-            .iter()
-            .map(|(n, d)| (n.as_str(), &d[..], None))
-            .collect();
-        std::fs::write(&bad_shard, zip64(&refs)).unwrap();
+            }
+        });
+        std::fs::write(&bad_shard, bytes).unwrap();
         let _ = std::fs::remove_file(&merged);
         let args: Vec<String> = [&s0, &bad_shard]
             .iter()

@@ -247,7 +247,7 @@ fn png_dir_holds_the_same_images() {
 #[test]
 fn bad_input_fails_in_one_line() {
     let (d, m) = setup("bad");
-    let one_line = common::refused;
+    let one_line = |args: &[&str], want: &str| common::refused(args, want);
     let out = s(&d.join("x.npz"));
     let base = [
         "generate",

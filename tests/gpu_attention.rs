@@ -476,41 +476,20 @@ fn launchers_reject_bad_shapes() {
     let mut small = buf(s.tokens() * s.c() - 1);
     assert!(run(s, rope, &mut small).is_err());
     let ragged = gpu.zeros::<f32>(4 * 64 + 1).unwrap();
-    assert!(
-        run(
-            s,
-            Rope {
-                re: &ragged,
-                ..rope
-            },
-            &mut out
-        )
-        .is_err()
-    );
     let three = gpu.zeros::<i32>(3).unwrap();
-    assert!(
-        run(
-            s,
-            Rope {
-                cur: &three,
-                ..rope
-            },
-            &mut out
-        )
-        .is_err()
-    );
     let mix = gpu.zeros::<f32>(2).unwrap();
-    assert!(
-        run(
-            s,
-            Rope {
-                mix: Some((&mix, 1)),
-                ..rope
-            },
-            &mut out
-        )
-        .is_err()
-    );
+    let (mut ragged_re, mut three_cur, mut short_mix) = (rope, rope, rope);
+    ragged_re.re = &ragged;
+    three_cur.cur = &three;
+    short_mix.mix = Some((&mix, 1));
+    let bad_tables = [
+        ("ragged table", ragged_re),
+        ("three positions", three_cur),
+        ("short mixing table", short_mix),
+    ];
+    for (what, bad) in bad_tables {
+        assert!(run(s, bad, &mut out).is_err(), "{what} accepted");
+    }
     gpu.sync().unwrap();
 }
 

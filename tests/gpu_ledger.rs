@@ -29,14 +29,11 @@ fn declared_traffic_matches_what_the_kernels_touch() {
         img_size: 8,
         num_classes: 4,
         num_layers: 2,
+        // Two levels and a 64-entry codebook: the tiny preset's decoder, smaller.
         decoder: DecoderConfig {
-            ch: 32,
             ch_mult: vec![1, 2],
-            num_res_blocks: 1,
-            z_channels: 32,
-            embed_dim: 8,
             n_embed: 64,
-            normalize: true,
+            ..preset("tiny").unwrap().decoder
         },
         ..preset("tiny").unwrap()
     };

@@ -85,13 +85,10 @@ fn open_err(bytes: &[u8], name: &str) -> String {
 fn panic_num_samples_max_is_refused() {
     let out = scratch("hostile").join("out-max");
     assert_refused(
-        &[
-            "sample",
-            "--num-samples",
-            "18446744073709551615",
-            "--out",
-            s(&out),
-        ],
+        &argv(
+            "sample --num-samples 18446744073709551615 --out {}",
+            &[&out],
+        ),
         "at most 10000000 images per run",
     );
 }
@@ -174,15 +171,10 @@ fn abort_sample_batches_are_bounded() {
     );
     let out = scratch("hostile").join("out-batch-10000");
     assert_refused(
-        &[
-            "sample",
-            "--num-samples",
-            "10000",
-            "--batch-size",
-            "10000",
-            "--out",
-            s(&out),
-        ],
+        &argv(
+            "sample --num-samples 10000 --batch-size 10000 --out {}",
+            &[&out],
+        ),
         "at most 4096 per batch",
     );
     // Below the count limit, a batch whose KV caches would not fit is refused too.
@@ -633,20 +625,8 @@ fn converter_keeps_only_finite_float_weights() {
     let dir = scratch("hostile-convert");
     let entries = zip_entries(&std::fs::read(fixture("tiny.pth")).unwrap());
     let rezip = |name: &str, edit: &dyn Fn(&str, &mut Vec<u8>)| {
-        let edited: Vec<(String, Vec<u8>)> = entries
-            .iter()
-            .map(|(n, d)| {
-                let mut d = d.clone();
-                edit(n, &mut d);
-                (n.clone(), d)
-            })
-            .collect();
-        let zipped: Vec<(&str, &[u8], Option<u64>)> = edited
-            .iter()
-            .map(|(n, d)| (n.as_str(), &d[..], None))
-            .collect();
         let p = dir.join(name);
-        std::fs::write(&p, zip64(&zipped)).unwrap();
+        std::fs::write(&p, rezip(&entries, edit)).unwrap();
         p
     };
     // Rename the training-only `autoenc.quantize.initialized` (a bool) so it is kept.

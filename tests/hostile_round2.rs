@@ -38,6 +38,13 @@ fn tiny(dir: &Path) -> PathBuf {
     m
 }
 
+/// A fresh directory `name` holding the tiny preset: (directory, model file).
+fn fresh_tiny(name: &str) -> (PathBuf, PathBuf) {
+    let dir = fresh(name);
+    let m = tiny(&dir);
+    (dir, m)
+}
+
 /// Quick sampling settings (5 serial steps, unguided).
 const FAST: [&str; 4] = ["--steps-per-scale", "1", "--cfg", "0"];
 
@@ -90,8 +97,7 @@ fn generate_args(m: &Path, n: usize, out: &Path, extra: &[&str]) -> Vec<String> 
 
 #[test]
 fn no_output_is_ever_an_input() {
-    let dir = fresh("inputs");
-    let m = tiny(&dir);
+    let (dir, m) = fresh_tiny("inputs");
     let model_bytes = std::fs::read(&m).unwrap();
     // decode --out holding the tokens file as a recon_NNNN.png name (as itself, and as a
     // hard link), with and without --overwrite.
@@ -100,16 +106,8 @@ fn no_output_is_ever_an_input() {
     let t = tokens_file(&d.join("recon_0001.png"), 2);
     let t_bytes = std::fs::read(&t).unwrap();
     for extra in [&[][..], &["--overwrite"][..]] {
-        let mut args = vec![
-            "decode",
-            "--model",
-            s(&m),
-            "--tokens",
-            s(&t),
-            "--out",
-            s(&d),
-        ];
-        args.extend(extra);
+        let mut args = argv("decode --model {} --tokens {} --out {}", &[&m, &t, &d]);
+        args.extend(extra.iter().map(|x| x.to_string()));
         let o = assert_refused(&args, "recon_0001.png");
         assert!(o.last_line().contains("input") || o.last_line().contains("another run"));
         assert_eq!(std::fs::read(&t).unwrap(), t_bytes);
@@ -119,16 +117,10 @@ fn no_output_is_ever_an_input() {
     std::fs::create_dir_all(&d2).unwrap();
     std::fs::hard_link(&t2, d2.join("recon_0000.png")).unwrap();
     assert_refused(
-        &[
-            "decode",
-            "--model",
-            s(&m),
-            "--tokens",
-            s(&t2),
-            "--out",
-            s(&d2),
-            "--overwrite",
-        ],
+        &argv(
+            "decode --model {} --tokens {} --out {} --overwrite",
+            &[&m, &t2, &d2],
+        ),
         "same file as the input",
     );
     assert_eq!(std::fs::read(&t2).unwrap(), t_bytes);
@@ -172,15 +164,10 @@ fn no_output_is_ever_an_input() {
     let img = dir.join("img.png");
     std::fs::copy(d.join("recon_0001.png"), &img).unwrap();
     assert_refused(
-        &[
-            "encode",
-            "--model",
-            s(&m),
-            s(&img),
-            "--out",
-            s(&img),
-            "--overwrite",
-        ],
+        &argv(
+            "encode --model {} {} --out {} --overwrite",
+            &[&m, &img, &img],
+        ),
         "same file as the input",
     );
 }
@@ -203,22 +190,13 @@ fn partials(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn a_full_disk_leaves_no_truncated_file() {
-    let dir = fresh("full");
-    let m = tiny(&dir);
+    let (dir, m) = fresh_tiny("full");
     // A tiny sample PNG is about 157 kB: 100 kB per file fails the first image.
     const LIMIT: u64 = 100_000;
     // sample into a new directory: nothing is left, not even the directory.
     let out = dir.join("sample-new");
-    let mut args = vec![
-        "sample",
-        "--model",
-        s(&m),
-        "--num-samples",
-        "2",
-        "--out",
-        s(&out),
-    ];
-    args.extend(FAST);
+    let mut args = argv("sample --model {} --num-samples 2 --out {}", &[&m, &out]);
+    args.extend(FAST.map(String::from));
     let o = run_disk_limited(&args, LIMIT);
     assert!(o.is_clean_failure(), "{o:?}");
     assert!(o.last_line().contains("sample_0000.png"), "{o:?}");
@@ -227,22 +205,14 @@ fn a_full_disk_leaves_no_truncated_file() {
     let out = dir.join("sample-old");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("notes.txt"), "mine").unwrap();
-    args[6] = s(&out);
+    args[6] = s(&out).to_string();
     assert!(run_disk_limited(&args, LIMIT).is_clean_failure());
     assert_eq!(names(&out), ["notes.txt"]);
     // decode: no recon_NNNN.png, no directory.
     let t = tokens_file(&dir.join("t.safetensors"), 2);
     let d = dir.join("decoded");
     let o = run_disk_limited(
-        &[
-            "decode",
-            "--model",
-            s(&m),
-            "--tokens",
-            s(&t),
-            "--out",
-            s(&d),
-        ],
+        &argv("decode --model {} --tokens {} --out {}", &[&m, &t, &d]),
         LIMIT,
     );
     assert!(o.is_clean_failure(), "{o:?}");
@@ -276,8 +246,7 @@ fn a_full_disk_leaves_no_truncated_file() {
 
 #[test]
 fn one_overwrite_rule_for_every_command() {
-    let dir = fresh("rule");
-    let m = tiny(&dir);
+    let (dir, m) = fresh_tiny("rule");
     let before = std::fs::read(&m).unwrap();
     // init, convert, encode, merge, order --png: an existing output is refused unless
     // --overwrite, and left as it was.
@@ -329,19 +298,11 @@ fn one_overwrite_rule_for_every_command() {
     }
     std::fs::write(d.join("notes.txt"), "mine").unwrap();
     let t = tokens_file(&dir.join("t.safetensors"), 2);
-    let dec = [
-        "decode",
-        "--model",
-        s(&m),
-        "--tokens",
-        s(&t),
-        "--out",
-        s(&d),
-    ];
+    let dec = argv("decode --model {} --tokens {} --out {}", &[&m, &t, &d]);
     assert_refused(&dec, "--overwrite");
     assert_eq!(names(&d).len(), 7);
     let mut dec_over = dec.to_vec();
-    dec_over.push("--overwrite");
+    dec_over.push("--overwrite".to_string());
     ok(&dec_over);
     assert_eq!(names(&d), ["notes.txt", "recon_0000.png", "recon_0001.png"]);
     // png-dir shards of one run share a folder: a shard's files are its own range, so
@@ -375,30 +336,16 @@ fn one_overwrite_rule_for_every_command() {
     );
     // A failed sample leaves no directory behind.
     let out = dir.join("never");
-    let mut args = vec![
-        "sample",
-        "--model",
-        s(&m),
-        "--labels",
-        "1",
-        "--out",
-        s(&out),
-    ];
-    args.extend(["--top-k", "0"]);
+    let args = argv("sample --model {} --labels 1 --out {} --top-k 0", &[&m, &out]);
     assert_refused(&args, "top-k");
     assert!(!out.exists());
     // A .pth or an image as --model: run `convert`.
     for not_a_model in [fixture("tiny.pth"), png.clone()] {
         assert_refused(
-            &[
-                "sample",
-                "--model",
-                s(&not_a_model),
-                "--labels",
-                "1",
-                "--out",
-                s(&out),
-            ],
+            &argv(
+                "sample --model {} --labels 1 --out {}",
+                &[&not_a_model, &out],
+            ),
             "checkergen convert",
         );
         assert_refused(&["inspect", s(&not_a_model)], "checkergen convert");
@@ -410,24 +357,17 @@ fn one_overwrite_rule_for_every_command() {
 
 #[test]
 fn every_command_validates_before_touching_anything() {
-    let dir = fresh("validate");
-    let m = tiny(&dir);
+    let (dir, m) = fresh_tiny("validate");
     // decode into a folder where one planned image's name is taken by a directory: refused
     // before any image is written (no partial output).
     let t = tokens_file(&dir.join("t.safetensors"), 3);
     let d = dir.join("d");
     std::fs::create_dir_all(d.join("recon_0002.png")).unwrap();
     let o = assert_refused(
-        &[
-            "decode",
-            "--model",
-            s(&m),
-            "--tokens",
-            s(&t),
-            "--out",
-            s(&d),
-            "--overwrite",
-        ],
+        &argv(
+            "decode --model {} --tokens {} --out {} --overwrite",
+            &[&m, &t, &d],
+        ),
         "recon_0002.png",
     );
     assert_eq!(error_lines(&o.stderr), 1, "{o:?}");
@@ -461,15 +401,10 @@ fn every_command_validates_before_touching_anything() {
     let png = dir.join("rank.png");
     ok(&["order", "--size", "4", "--png", s(&png)]);
     let o = assert_refused(
-        &[
-            "encode",
-            "--model",
-            s(&m),
-            s(&png),
-            s(&folder),
-            "--out",
-            s(&codes),
-        ],
+        &argv(
+            "encode --model {} {} {} --out {}",
+            &[&m, &png, &folder, &codes],
+        ),
         "is a directory",
     );
     assert_eq!(error_lines(&o.stderr), 1, "{o:?}");
@@ -480,8 +415,7 @@ fn every_command_validates_before_touching_anything() {
 
 #[test]
 fn resume_verifies_the_partial_file_against_its_checkpoint() {
-    let dir = fresh("resume");
-    let m = tiny(&dir);
+    let (dir, m) = fresh_tiny("resume");
     let npz = dir.join("r.npz");
     let (partial, ckpt) = (dir.join("r.npz.partial"), dir.join("r.npz.partial.json"));
     // Four 196 608-byte images, one per batch; a 600 000-byte file holds the first three.
@@ -536,20 +470,11 @@ fn resume_verifies_the_partial_file_against_its_checkpoint() {
 /// image before writing one.
 #[test]
 fn decode_streams_its_batches() {
-    let dir = fresh("decode-many");
-    let m = tiny(&dir);
+    let (dir, m) = fresh_tiny("decode-many");
     let t = tokens_file(&dir.join("t.safetensors"), 5000);
     let d = dir.join("d");
     let o = run_limited(
-        &[
-            "decode",
-            "--model",
-            s(&m),
-            "--tokens",
-            s(&t),
-            "--out",
-            s(&d),
-        ],
+        &argv("decode --model {} --tokens {} --out {}", &[&m, &t, &d]),
         Duration::from_secs(25),
     );
     assert!(o.timed_out || o.code == Some(0), "{o:?}");
@@ -559,36 +484,20 @@ fn decode_streams_its_batches() {
 
 #[test]
 fn count_options_are_bounded() {
-    let dir = fresh("counts");
-    let m = tiny(&dir);
+    let (dir, m) = fresh_tiny("counts");
     let max = "18446744073709551615";
     let out = dir.join("o");
-    for args in [
-        vec!["steps", "--model", s(&m), "--batch", max],
-        vec!["bench", "--model", s(&m), "--batch", max],
-        vec![
-            "generate",
-            "--model",
-            s(&m),
-            "--num-samples",
-            "2",
-            "--batch-size",
-            max,
-            "--out",
-            s(&out),
-        ],
-        vec![
-            "sample",
-            "--model",
-            s(&m),
-            "--num-samples",
-            "2",
-            "--batch-size",
-            max,
-            "--out",
-            s(&out),
-        ],
+    for template in [
+        "steps --model {} --batch",
+        "bench --model {} --batch",
+        "generate --model {} --num-samples 2 --out {} --batch-size",
+        "sample --model {} --num-samples 2 --out {} --batch-size",
     ] {
+        let mut args = match template.matches("{}").count() {
+            1 => argv(template, &[&m]),
+            _ => argv(template, &[&m, &out]),
+        };
+        args.push(max.to_string());
         assert_refused(&args, "4096");
         assert!(!out.exists());
     }
@@ -598,8 +507,7 @@ fn count_options_are_bounded() {
 
 #[test]
 fn guidance_that_never_applies_is_said_and_recorded() {
-    let dir = fresh("cfg");
-    let m = tiny(&dir);
+    let (dir, m) = fresh_tiny("cfg");
     let out = dir.join("o");
     // The default start step 5 on a 5-step schedule, and a start step past the end.
     for (extra, guided) in [
@@ -607,17 +515,11 @@ fn guidance_that_never_applies_is_said_and_recorded() {
         (vec!["--cfg-start-step", "99"], 0),
         (vec!["--steps-per-scale", "1", "--cfg-start-step", "2"], 3),
     ] {
-        let mut args = vec![
-            "sample",
-            "--model",
-            s(&m),
-            "--labels",
-            "1",
-            "--overwrite",
-            "--out",
-            s(&out),
-        ];
-        args.extend(&extra);
+        let mut args = argv(
+            "sample --model {} --labels 1 --overwrite --out {}",
+            &[&m, &out],
+        );
+        args.extend(extra.iter().map(|x| x.to_string()));
         let o = ok(&args);
         assert_eq!(
             o.stderr.contains("never applies"),
@@ -632,8 +534,7 @@ fn guidance_that_never_applies_is_said_and_recorded() {
 
 #[test]
 fn truncated_jpeg_is_refused() {
-    let dir = fresh("jpeg");
-    let m = tiny(&dir);
+    let (dir, m) = fresh_tiny("jpeg");
     let jpg = std::fs::read(
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/score/nodejs_full_white_stripe.jpg"),
@@ -651,23 +552,14 @@ fn truncated_jpeg_is_refused() {
 
 #[test]
 fn tokens_with_more_scales_than_the_model_are_refused() {
-    let dir = fresh("scales");
-    let m = tiny(&dir);
+    let (dir, m) = fresh_tiny("scales");
     let sizes = [1usize, 2, 4, 8, 16, 32];
     let grids: Vec<Vec<u32>> = sizes.iter().map(|&s| vec![3; s * s]).collect();
     let t = dir.join("t.safetensors");
     checkergen::io::tokens::write_token_grids(&t, &sizes, &grids, 1).unwrap();
     let d = dir.join("d");
     assert_refused(
-        &[
-            "decode",
-            "--model",
-            s(&m),
-            "--tokens",
-            s(&t),
-            "--out",
-            s(&d),
-        ],
+        &argv("decode --model {} --tokens {} --out {}", &[&m, &t, &d]),
         "holds 6 scales; this model has 5",
     );
     assert!(!d.exists());

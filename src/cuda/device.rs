@@ -237,15 +237,6 @@ impl Marks {
     }
 }
 
-/// Which device to open: `CHECKERGEN_DEVICE` (`cuda`, `emu`; unset or `auto`: a GPU when
-/// there is one, else the emulator) as used by the tests, or `--device` in the CLI.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Cuda,
-    Emu,
-    Auto,
-}
-
 /// `auto`'s decision from the attempt to open the first GPU ([`Gpu::try_new`]): the GPU
 /// when it opened; the CPU when there is none (nothing to say); the CPU with a one-line
 /// warning when a GPU is present but could not be initialised (driver, cuBLAS, context,
@@ -568,21 +559,6 @@ impl Gpu {
         match cuda_device_count()? {
             Some(_) => Gpu::new(0).map(Some),
             None => Ok(None),
-        }
-    }
-
-    /// The device `choice` asks for: `Cuda` fails without a usable GPU, `Emu` is the host
-    /// emulator, `Auto` is the GPU when there is one and the emulator otherwise.
-    pub fn open(choice: DeviceChoice) -> Result<Gpu> {
-        match choice {
-            DeviceChoice::Emu => Gpu::emu(),
-            DeviceChoice::Cuda => {
-                Gpu::try_new()?.context("no CUDA driver or GPU found on this machine")
-            }
-            DeviceChoice::Auto => match Gpu::try_new()? {
-                Some(g) => Ok(g),
-                None => Gpu::emu(),
-            },
         }
     }
 
@@ -1384,16 +1360,16 @@ mod tests {
     }
 
     #[test]
-    fn auto_without_a_gpu_opens_the_emulator() {
+    fn without_a_gpu_only_the_emulator_opens() {
         // SAFETY: only checks whether the driver library can be loaded.
         if unsafe { cudarc::driver::sys::is_culib_present() } {
             return; // a machine with a driver: covered by the GPU tests
         }
         assert!(Gpu::try_new().unwrap().is_none());
-        let g = Gpu::open(DeviceChoice::Auto).unwrap();
+        assert!(Gpu::new(0).is_err());
+        let g = Gpu::emu().unwrap();
         assert!(g.is_emu());
         assert_eq!(g.image_kind, "host emulator");
-        assert!(Gpu::open(DeviceChoice::Cuda).is_err());
     }
 
     #[test]

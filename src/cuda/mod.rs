@@ -21,8 +21,6 @@ pub mod registry;
 pub mod sampling;
 pub mod score;
 
-pub use device::{
-    DevBuf, DevElem, DeviceChoice, Gpu, Graph, Marks, THREADS, row_grid, stride_grid,
-};
+pub use device::{DevBuf, DevElem, Gpu, Graph, Marks, THREADS, row_grid, stride_grid};
 pub use ledger::Traffic;
 pub use registry::{EmuFn, KERNEL_FILES, KERNELS, Kernel, KernelFile, c_defines, c_layout, k};

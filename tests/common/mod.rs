@@ -243,6 +243,11 @@ pub use rng::Rng;
 mod errors;
 pub use errors::error_lines;
 
+// Command lines written as one string (tests/common/argv.rs, also in tests/hostile_common).
+mod argv;
+#[allow(unused_imports)] // not every test file writes command lines
+pub use argv::argv;
+
 /// `n` values uniform in [-scale, scale), a pure function of (n, seed, scale).
 pub fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     Rng::new(seed).vec(n, scale)
@@ -405,20 +410,28 @@ pub fn per_image_nhwc(
 // The GPU: tests run on a real GPU when there is one, else on the host emulator; only tests
 // that measure real-GPU behaviour are `#[ignore]`d.
 
-/// The device GPU tests run on: `CHECKERGEN_DEVICE` = `cuda` (a real GPU, or fail), `emu`
+/// The device GPU tests run on: `CHECKERGEN_DEVICE`, spelled as `--device` (the crate's one
+/// [`checkergen::Device`]) = `cuda` or `cuda:N` (a real GPU, or fail), `emu`
 /// (the host-emulated device: host-compiled kernels, cuBLAS on the host, red zones and
 /// poison), or unset/`auto`: the real GPU when there is one, else the emulator. A GPU that is
 /// present but unusable fails the test (a broken install is not "no GPU").
 #[cfg(feature = "cuda")]
 pub fn gpu(test: &str) -> checkergen::cuda::Gpu {
-    use checkergen::cuda::{DeviceChoice, Gpu};
-    let choice = match std::env::var("CHECKERGEN_DEVICE").as_deref() {
-        Ok("cuda") => DeviceChoice::Cuda,
-        Ok("emu") => DeviceChoice::Emu,
-        Ok("auto") | Ok("") | Err(_) => DeviceChoice::Auto,
-        Ok(other) => panic!("CHECKERGEN_DEVICE={other}: expected cuda, emu or auto"),
+    use checkergen::{Device, cuda::Gpu};
+    let var = std::env::var("CHECKERGEN_DEVICE").unwrap_or_default();
+    let device = match var.as_str() {
+        "" => Device::Auto,
+        v => v
+            .parse()
+            .unwrap_or_else(|e| panic!("CHECKERGEN_DEVICE: {e}")),
     };
-    match Gpu::open(choice) {
+    let opened = match device {
+        Device::Cuda(n) => Gpu::new(n),
+        Device::Emulated => Gpu::emu(),
+        Device::Auto => Gpu::try_new().and_then(|g| g.map_or_else(Gpu::emu, Ok)),
+        Device::Cpu => panic!("CHECKERGEN_DEVICE=cpu: the GPU tests run on cuda, emu or auto"),
+    };
+    match opened {
         Ok(g) => {
             println!(
                 "{test}: running on {} (cc {}.{}, kernels: {})",
@@ -426,7 +439,7 @@ pub fn gpu(test: &str) -> checkergen::cuda::Gpu {
             );
             g
         }
-        Err(e) => panic!("{test}: no usable device ({choice:?}): {e:#}"),
+        Err(e) => panic!("{test}: no usable device ({device:?}): {e:#}"),
     }
 }
 
@@ -554,7 +567,7 @@ pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> std::process::Outp
 
 /// Runs the checkergen binary: (exit success, stdout, stderr). A panic fails the test
 /// whatever the exit status: bad input must end in a one-line error, never a panic.
-pub fn cli(args: &[&str]) -> (bool, String, String) {
+pub fn cli<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> (bool, String, String) {
     // CHECKERGEN_BIN: the CLI of a GPU test bundle (scripts/gpu-bundle.sh), where cargo's
     // build path does not exist.
     let bin = std::env::var_os("CHECKERGEN_BIN")
@@ -574,7 +587,9 @@ pub fn cli(args: &[&str]) -> (bool, String, String) {
 }
 
 /// Runs the binary, which must succeed, and parses one JSON object per line of its stdout.
-pub fn json_lines(args: &[&str]) -> Vec<serde_json::Value> {
+pub fn json_lines<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    args: &[S],
+) -> Vec<serde_json::Value> {
     let (ok, out, err) = cli(args);
     assert!(ok, "{args:?}: {err}");
     out.lines()
@@ -583,7 +598,7 @@ pub fn json_lines(args: &[&str]) -> Vec<serde_json::Value> {
 }
 
 /// The binary refuses `args`: a non-zero exit and exactly one stderr line, holding `want`.
-pub fn refused(args: &[&str], want: &str) {
+pub fn refused<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S], want: &str) {
     let (ok, _, err) = cli(args);
     assert!(!ok, "{args:?} succeeded");
     assert!(

@@ -269,6 +269,12 @@ mod errors;
 #[allow(unused_imports)]
 pub use errors::error_lines;
 
+/// The tests' command lines written as one string, shared with tests/common.
+#[path = "../common/argv.rs"]
+mod argv;
+#[allow(unused_imports)]
+pub use argv::argv;
+
 /// The entries `(name, data)` of a stored zip, read through its local headers (the layout
 /// `tools/make_pth_fixture.py` and torch.save write: sizes in the local header; or, as the
 /// npz writer writes them, in the ZIP64 extra field).
@@ -290,6 +296,24 @@ pub fn zip_entries(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
         p = start + size;
     }
     out
+}
+
+/// `entries` (as [`zip_entries`] reads them) stored again, each entry's data as `edit`
+/// leaves it.
+pub fn rezip(entries: &[(String, Vec<u8>)], edit: impl Fn(&str, &mut Vec<u8>)) -> Vec<u8> {
+    let edited: Vec<(String, Vec<u8>)> = entries
+        .iter()
+        .map(|(n, d)| {
+            let mut d = d.clone();
+            edit(n, &mut d);
+            (n.clone(), d)
+        })
+        .collect();
+    let refs: Vec<(&str, &[u8], Option<u64>)> = edited
+        .iter()
+        .map(|(n, d)| (n.as_str(), &d[..], None))
+        .collect();
+    zip64(&refs)
 }
 
 /// Two safetensors files hold the same tensors (names, dtypes, shapes, bytes) and the same
