@@ -11,7 +11,6 @@ use checkergen::limits::check_repeats;
 use checkergen::pipeline::{self, SampleOptions, Samples, Steps};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// Benchmark the whole sampler (token loop + decode) over batch sizes: images/s, ms per
 /// serial step and scale, transformer/decoder split, peak memory, TFLOP/s, % of floor.
@@ -438,7 +437,7 @@ fn dry_run(a: &BenchArgs) -> Result<()> {
     if a.run.device.device != checkergen::Device::Emulated {
         bail!("--dry-run walks the CUDA engine on the emulator: pass --device emu");
     }
-    let t0 = Instant::now();
+    let t0 = std::time::Instant::now();
     let (model, source) = match (&a.model, &a.preset) {
         (Some(p), _) => (HostModel::load(p)?, p.display().to_string()),
         (None, p) => {
