@@ -1,6 +1,7 @@
 //! Build script: compiles every kernels/*.cu ahead of time with nvcc (cubin for sm_90a and
 //! sm_80, PTX for compute_80) and embeds the results; without nvcc it embeds the sources for
-//! NVRTC at run time and prints one warning. Generates `$OUT_DIR/kernels.rs`: the embedded
+//! NVRTC at run time (no warning: `checkergen --version` says which, from the
+//! `CHECKERGEN_KERNELS` variable set here). Generates `$OUT_DIR/kernels.rs`: the embedded
 //! images (`KERNEL_FILES`) and the kernel registry (`k::*` constants and `KERNELS`), one
 //! constant per `extern "C" __global__` entry point, so a misspelt kernel is a compile error.
 //!
@@ -297,6 +298,11 @@ fn build_emu(
     true
 }
 
+/// `CHECKERGEN_KERNELS`, what `checkergen --version` says of the embedded kernel images.
+fn kernels_env(what: &str) {
+    println!("cargo:rustc-env=CHECKERGEN_KERNELS={what}");
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=build/c_params.rs");
@@ -323,6 +329,7 @@ fn main() {
     let layouts = layouts(&files, &common);
     let layout_code = c_params::layout_module(&layouts);
     if std::env::var("CARGO_FEATURE_CUDA").is_err() {
+        kernels_env("none (built without the `cuda` feature: CPU only)");
         let code = format!(
             "{}{layout_code}pub const KERNEL_FILES: &[KernelFile] = &[];\n",
             registry(&entries, false)
@@ -337,12 +344,15 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels/nvcc-flags.txt");
     let common_flags = nvcc_flags();
     let nvcc = find_nvcc();
-    if nvcc.is_none() {
-        println!(
-            "cargo:warning=nvcc not found (NVCC, PATH, CUDA_HOME, /usr/local/cuda): embedding kernel \
-             sources for NVRTC at run time; run scripts/install-nvcc.sh for ahead-of-time cubins"
-        );
-    }
+    // No build warning without nvcc (cargo would replay it on every build, and NVRTC is a
+    // supported path): `checkergen --version` says which images are embedded, and the
+    // device line of `bench`, `steps` and `sample -v` which one a GPU loaded.
+    kernels_env(if nvcc.is_some() {
+        "sm_90a and sm_80 cubins, compute_80 PTX (nvcc at build time)"
+    } else {
+        "sources for NVRTC at run time (no nvcc at build time; docs/gpu.md says how to get \
+         cubins)"
+    });
     // (file stem, Option<(sm90a cubin, sm80 cubin, ptx)>), compiled in parallel.
     let targets: [(&str, &[&str]); 3] = [
         (

@@ -221,3 +221,189 @@ fn underscore_spellings_are_aliases() {
     ));
     assert!(!out.status.success());
 }
+
+/// A path in the temporary folder for test file `name`, this process's own.
+fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("cg-cli-{}-{name}", std::process::id()))
+}
+
+/// `init` draws tensor by tensor (for its progress): the values are those of the library's
+/// one draw of the whole map, and stderr, not a terminal here, holds no progress.
+#[test]
+fn init_writes_the_library_draw_without_progress_noise() {
+    use checkergen::model::file::load_safetensors;
+    let p = tmp("init-draw.safetensors");
+    let o = run(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--seed",
+        "5",
+        "--overwrite",
+        "--out",
+        p.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err, "", "init printed on stderr");
+    let (got, _) = load_safetensors(&p).unwrap();
+    let cfg = checkergen::model::config::preset("tiny").unwrap();
+    let want = checkergen::model::init::random_tensors(&cfg, 5).unwrap();
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0f32;
+    for (name, t) in &want {
+        let g = &got[name];
+        assert_eq!(g.shape, t.shape, "{name}");
+        for (a, b) in g.data.iter().zip(&t.data) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    println!(
+        "init vs random_tensors: {} tensors, worst |diff| {worst:e}",
+        want.len()
+    );
+    assert_eq!(worst, 0.0);
+    std::fs::remove_file(&p).ok();
+}
+
+/// The tiny preset at 64 px with the released models' training-time steps_per_scale (8),
+/// written to a file of test `name`.
+fn tiny64_trained_8(name: &str) -> String {
+    use checkergen::model::config::{ModelConfig, preset};
+    let cfg = ModelConfig {
+        img_size: 64,
+        steps_per_scale: 8,
+        ..preset("tiny").unwrap()
+    };
+    let m = tmp(&format!("{name}.safetensors"));
+    let map = checkergen::model::init::random_tensors(&cfg, 8).unwrap();
+    checkergen::model::file::write_model(&m, &cfg, &map, checkergen::model::file::Dtype::F32, &[])
+        .unwrap();
+    m.to_str().unwrap().to_string()
+}
+
+/// The run record of `cmd` on the CPU with the model of [`tiny64_trained_8`] into `out`
+/// (a name in the temporary folder), then `extra` (split at spaces): it must succeed, and
+/// `read` takes the record from the output.
+fn record_of(
+    cmd: &str,
+    out: &str,
+    extra: &str,
+    read: impl Fn(&std::path::Path) -> Vec<u8>,
+) -> serde_json::Value {
+    let m = tiny64_trained_8(cmd);
+    let out = tmp(out);
+    let mut args = vec![cmd, "--model", &m, "--device", "cpu", "--overwrite"];
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend(extra.split(' '));
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let record = serde_json::from_slice(&read(&out)).unwrap();
+    std::fs::remove_file(&m).ok();
+    std::fs::remove_dir_all(&out)
+        .or_else(|_| std::fs::remove_file(&out))
+        .ok();
+    record
+}
+
+/// A run record (`what`) names the steps that ran: `schedule` holds the realized steps per
+/// scale and their total; its configuration's steps_per_scale is the training-time value
+/// it is (`trained_steps_per_scale`), never `steps_per_scale`.
+fn assert_records(what: &str, record: &serde_json::Value, schedule: &str, ran: &[u64]) {
+    let config = &record["config"];
+    assert_eq!(config["trained_steps_per_scale"], 8, "{what}: {config}");
+    assert!(config.get("steps_per_scale").is_none(), "{what}: {config}");
+    let sched = if schedule.is_empty() {
+        record
+    } else {
+        &record[schedule]
+    };
+    assert_eq!(sched["steps_per_scale"], serde_json::json!(ran), "{what}");
+    assert_eq!(sched["total_steps"], ran.iter().sum::<u64>(), "{what}");
+}
+
+/// Issue 23 item 8: the model's `steps_per_scale: 8` is the training-time value; sampling
+/// runs 4 by default (scales 1, 2, 4 realize 1, 4, 4). sample's run.json records what ran.
+#[test]
+fn run_json_records_the_steps_that_ran() {
+    let read = |out: &std::path::Path| std::fs::read(out.join("run.json")).unwrap();
+    let j = record_of("sample", "run-json-steps", "--labels 1", read);
+    assert_records("run.json", &j, "schedule", &[1, 4, 4]);
+}
+
+/// The same for `generate`'s checkergen.json (the npz metadata), with --steps-per-scale 2.
+#[test]
+fn npz_metadata_records_the_steps_that_ran() {
+    let read = |out: &std::path::Path| {
+        checkergen::io::pth::read_zip_entry(out, "checkergen.json").unwrap()
+    };
+    let extra = "--num-samples 2 --steps-per-scale 2 --quiet";
+    let meta = record_of("generate", "npz-steps.npz", extra, read);
+    assert_records("checkergen.json", &meta, "", &[1, 2, 2]);
+}
+
+/// `convert` prints the checkpoint's steps_per_scale as the training-time value and the
+/// steps `sample` runs; `inspect` says only the latter.
+#[test]
+fn convert_and_inspect_say_the_steps_sampling_runs() {
+    let out = tmp("convert-steps.safetensors");
+    let fx = |n: &str| common::fixture("pth").join(n).to_str().unwrap().to_string();
+    let o = run(&[
+        "convert",
+        "--checkpoint",
+        &fx("tiny.pth"),
+        "--config",
+        &fx("tiny_config.yaml"),
+        "--autoenc-config",
+        &fx("tiny_autoencoder.yaml"),
+        "--overwrite",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for want in [
+        "trained with 8 steps per scale (not a sampling setting)",
+        "`sample` defaults to 4 steps per scale",
+    ] {
+        assert!(
+            text.contains(want),
+            "convert's summary lacks {want:?}:\n{text}"
+        );
+    }
+    assert!(!text.contains("steps_per_scale"), "{text}");
+    let o = run(&["inspect", out.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        text.contains("`sample` defaults to 4 steps per scale"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("8 steps") && !text.contains("steps_per_scale"),
+        "{text}"
+    );
+    std::fs::remove_file(&out).ok();
+}
+
+/// `--version` says which GPU kernel images the build embedded (build.rs no longer warns
+/// on every build when nvcc is missing).
+#[test]
+fn version_names_the_kernel_images() {
+    let o = run(&["--version"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    let kernels = text
+        .trim()
+        .strip_prefix(&format!(
+            "checkergen {}; GPU kernels: ",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .unwrap_or_else(|| panic!("{text}"));
+    let want = if cfg!(feature = "cuda") {
+        ["cubins", "NVRTC"].as_slice()
+    } else {
+        ["CPU only"].as_slice()
+    };
+    assert!(want.iter().any(|w| kernels.contains(w)), "{text}");
+}

@@ -115,50 +115,101 @@ fn sweep_on_the_emulated_device() {
 
 #[test]
 fn a_model_file_fixes_the_ratio_and_bad_values_fail_in_one_line() {
+    // Each case: the arguments (split at spaces), the error's words.
     for (args, want) in [
-        (
-            vec!["steps", "--model", "m.safetensors", "--ratios", "2"],
-            "--ratios",
-        ),
-        (
-            vec!["steps", "--preset", "tiny", "--steps-per-scale", "0"],
-            "at least 1",
-        ),
-        (
-            vec!["steps", "--preset", "tiny", "--batch", "0"],
-            "at least 1",
-        ),
+        ("steps --model m.safetensors --ratios 2", "--ratios"),
+        ("steps --preset tiny --steps-per-scale 0", "at least 1"),
+        ("steps --preset tiny --batch 0", "at least 1"),
         // Counts that would run for ever are refused before anything runs (issue 22 item 5).
         (
-            vec![
-                "steps",
-                "--preset",
-                "tiny",
-                "--iters",
-                "18446744073709551615",
-            ],
+            "steps --preset tiny --iters 18446744073709551615",
             "must be 1 to 10000",
         ),
-        (
-            vec!["steps", "--preset", "tiny", "--warmup", "10001"],
-            "at most 10000",
-        ),
-        (
-            vec!["bench", "--preset", "tiny", "--iters", "10001"],
-            "must be 1 to 10000",
-        ),
-        (
-            vec!["steps", "--preset", "tiny", "--steps", "1,x"],
-            "--steps",
-        ),
-        (vec!["steps", "--preset", "tiny", "--ratios", "1"], "ratio"),
+        ("steps --preset tiny --warmup 10001", "at most 10000"),
+        ("bench --preset tiny --iters 10001", "must be 1 to 10000"),
+        ("steps --preset tiny --steps 1,x", "--steps"),
+        ("steps --preset tiny --ratios 1", "ratio"),
         // Targets that no schedule meets: an error, not an empty table with rc 0 (issue 22
         // item 3); 4 serial steps cannot cover 5 scales.
         (
-            vec!["steps", "--preset", "tiny", "--total-steps", "4"],
+            "steps --preset tiny --total-steps 4",
             "nothing to measure: ratio 2: no per-scale steps give 4 serial steps",
         ),
     ] {
-        common::refused(&args, want);
+        common::refused(&words(args), want);
     }
+}
+
+/// The arguments of a command line without quoted spaces.
+fn words(line: &str) -> Vec<&str> {
+    line.split(' ').collect()
+}
+
+/// Every configuration is warmed up (at least once, `--warmup 0` included) before any is
+/// timed, and the timed runs go round-robin: repeat r of every configuration before repeat
+/// r + 1 of any (issue 23 item 8: one-time costs no longer land on the first configuration).
+/// `run_order` numbers each configuration's sampler runs in the sweep.
+#[test]
+fn warm_up_first_then_timed_runs_round_robin() {
+    let rows = sweep(&words(
+        "steps --preset tiny --steps-per-scale 1,2,4 --batch 2 --warmup 0 --iters 3 \
+         --device cpu --json",
+    ));
+    assert_eq!(rows.len(), 3);
+    let order: Vec<Vec<u64>> = rows
+        .iter()
+        .map(|r| {
+            assert_eq!(r["warmup"], 1, "{r}");
+            let o = r["run_order"].as_array().unwrap();
+            o.iter().map(|x| x.as_u64().unwrap()).collect()
+        })
+        .collect();
+    // Per configuration: 1 warm-up each at batch 1 and 2, then 3 x (batch 1, batch 2).
+    for o in &order {
+        assert_eq!(o.len(), 2 + 2 * 3, "{order:?}");
+    }
+    let mut all: Vec<u64> = order.iter().flatten().copied().collect();
+    all.sort();
+    assert_eq!(all, (0..all.len() as u64).collect::<Vec<_>>(), "{order:?}");
+    let last_warm = order.iter().map(|o| o[1]).max().unwrap();
+    let first_timed = order.iter().map(|o| o[2]).min().unwrap();
+    assert!(last_warm < first_timed, "{order:?}");
+    for r in 0..2 {
+        let end_r = order.iter().map(|o| o[3 + 2 * r]).max().unwrap();
+        let start_next = order.iter().map(|o| o[2 + 2 * (r + 1)]).min().unwrap();
+        assert!(end_r < start_next, "repeat {r}: {order:?}");
+    }
+}
+
+/// `steps` opens its table with the line `bench` opens its own with (model, device, guidance,
+/// repeats); stderr, not a terminal here, holds no progress bar.
+#[test]
+fn steps_and_bench_say_the_model_and_device() {
+    let (ok, out, err) = common::cli(&words(
+        "steps --preset tiny --steps-per-scale 1 --batch 1 --iters 1 --device cpu",
+    ));
+    assert!(ok, "{err}");
+    let first = out.lines().next().unwrap_or_default();
+    for want in [
+        "steps: preset tiny at ratio 2 (random weights",
+        " on cpu",
+        "cfg ",
+        "1 configuration: latency at batch 1, images/s at batch 1; all warmed up first, then \
+         timed round-robin",
+        "1 warm-up + median of 1 runs",
+    ] {
+        assert!(first.contains(want), "{want:?} not in {first:?}");
+    }
+    assert!(!err.contains("runs,") && !err.contains('\r'), "{err}");
+    let (ok, out, err) = common::cli(&words(
+        "bench --preset tiny --batch 1 --iters 1 --device cpu",
+    ));
+    assert!(ok, "{err}");
+    let first = out.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("bench: preset tiny (random weights) on cpu")
+            && first.contains("1 warm-up + median of 1 runs"),
+        "{first:?}"
+    );
+    assert!(!err.contains("runs,") && !err.contains('\r'), "{err}");
 }

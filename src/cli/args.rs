@@ -254,3 +254,18 @@ pub fn model_file_identity(path: Option<&Path>) -> Result<Option<String>> {
     }
     Ok(Some(format!("{size} bytes, crc32 {:08x}", h.finalize())))
 }
+
+/// The model's configuration as run records (run.json, `generate`'s checkergen.json) hold it:
+/// its `steps_per_scale` is the reference's training-time `num_blocks_per_scale` (8 for the
+/// released models), not what sampling ran, so it is recorded as `trained_steps_per_scale`;
+/// the record's own `steps_per_scale` is the schedule that ran.
+pub fn run_config(cfg: &checkergen::model::config::ModelConfig) -> Result<serde_json::Value> {
+    let mut j = serde_json::to_value(cfg)?;
+    let obj = j
+        .as_object_mut()
+        .context("a model configuration is a JSON object")?;
+    if let Some(k) = obj.remove("steps_per_scale") {
+        obj.insert("trained_steps_per_scale".into(), k);
+    }
+    Ok(j)
+}

@@ -3,6 +3,7 @@
 //! transformer/decoder split, peak memory, achieved TFLOP/s and % of the device's floor.
 
 use crate::args::{DeviceArg, PrecisionArgs, open_model};
+use crate::progress::{Off, Progress};
 use anyhow::{Context, Result, bail};
 use checkergen::Model;
 use checkergen::flops::{decoder_flops, roofline, transformer_flops, transformer_weight_bytes};
@@ -10,8 +11,9 @@ use checkergen::limits::check_repeats;
 use checkergen::pipeline::{self, SampleOptions, Samples, Steps};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
-use std::time::Instant;
 
+/// Benchmark the whole sampler (token loop + decode) over batch sizes: images/s, ms per
+/// serial step and scale, transformer/decoder split, peak memory, TFLOP/s, % of floor.
 #[derive(Args)]
 pub struct BenchArgs {
     /// Model file to time; without it, random weights of --preset (speed does not depend on
@@ -80,10 +82,54 @@ pub(crate) struct Row {
     serial_steps: usize,
 }
 
-/// A table's header: each name right-aligned in its width, one space apart.
-fn print_header(cols: &[(&str, usize)]) {
-    let cells: Vec<String> = cols.iter().map(|(n, w)| format!("{n:>w$}")).collect();
+/// A table's header from `spec`, its columns as "name width" separated by commas: each name
+/// right-aligned in its width, one space apart.
+fn print_header(spec: &str) {
+    let cells: Vec<String> = spec
+        .split(", ")
+        .map(|col| {
+            let (n, w) = col.rsplit_once(' ').expect("a column is `name width`");
+            let w: usize = w.parse().expect("a column's width is a number");
+            format!("{n:>w$}")
+        })
+        .collect();
     println!("{}", cells.join(" "));
+}
+
+/// The line `bench` and `steps` open their tables with (nothing with --json): the command,
+/// the model, the device (its kernels included: NVRTC or cubins), guidance, `what` and the
+/// repeats; and on the emulator, always, the note that its times mean nothing (stderr).
+pub(crate) fn print_run_header(
+    cmd: &str,
+    source: &str,
+    dev: &BenchDevice,
+    run: &TimedRuns,
+    what: &str,
+    json: bool,
+) {
+    if dev.is_emu() {
+        eprintln!(
+            "note: on the host emulator these times mean nothing (it checks the CUDA path, it \
+             does not model its speed)"
+        );
+    }
+    if json {
+        return;
+    }
+    let end = run
+        .cfg_end_step
+        .map_or(String::new(), |e| format!(" to step {e}"));
+    dev.progress.suspend(|| {
+        println!(
+            "{cmd}: {source} on {}; cfg {} (from step {}{end}){what}; {} warm-up + median of \
+             {} runs",
+            dev.describe(),
+            run.cfg,
+            run.cfg_start_step,
+            dev.warmups(!run.no_graph, run.warmup),
+            run.iters
+        )
+    });
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -119,35 +165,25 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         a.run.device,
         a.run.precision,
     )?;
-    let dev = BenchDevice::new(&model);
+    let progress = Progress::new("bench", "runs", Off::Silent, false);
+    let dev = BenchDevice::new(&model, &progress);
     let device = dev.describe();
     let requests = batch_requests(&a, model.host_model(), model.memory()?, !a.run.no_graph)?;
-    if dev.is_emu() {
-        eprintln!(
-            "note: on the host emulator these times mean nothing (it checks the CUDA path, it \
-             does not model its speed)"
-        );
-    }
+    let per_batch = (dev.warmups(!a.run.no_graph, a.run.warmup) + a.run.iters) as u64;
+    progress.update(0, per_batch * requests.len() as u64);
+    let what = format!(", {} steps per scale", a.steps_per_scale);
+    print_run_header("bench", &source, &dev, &a.run, &what, a.json);
     if !a.json {
-        println!(
-            "bench: {source} on {device}; cfg {} (from step {}), {} steps per scale; \
-                  {} warm-up + median of {} runs",
-            a.run.cfg, a.run.cfg_start_step, a.steps_per_scale, a.run.warmup, a.run.iters
-        );
-        print_header(&[
-            ("batch", 6),
-            ("images/s", 10),
-            ("s/batch", 10),
-            ("transf s", 9),
-            ("decode s", 9),
-            ("ms/step", 8),
-            ("TFLOP/s", 9),
-            ("% floor", 8),
-            ("peak MiB", 10),
-        ]);
+        progress.suspend(|| {
+            print_header(
+                "batch 6, images/s 10, s/batch 10, transf s 9, decode s 9, ms/step 8, \
+                 TFLOP/s 9, % floor 8, peak MiB 10",
+            )
+        });
     }
     for o in &requests {
         let b = o.labels.len();
+        progress.message(format!("batch {b}"));
         let row = dev.run_batch(o, a.run.warmup, a.run.iters)?;
         let images_per_s = b as f64 / row.s_per_batch;
         let flops = row.flops_per_image * b as f64;
@@ -183,23 +219,26 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "iters": a.run.iters,
                 "times_meaningful": !dev.is_emu(),
             });
-            println!("{j}");
+            progress.suspend(|| println!("{j}"));
         } else {
             let ms_step = row.ms_per_step.iter().sum::<f64>() / row.serial_steps as f64;
-            println!(
-                "{:>6} {:>10.2} {:>10.4} {:>9.4} {:>9.4} {:>8.2} {:>9.3} {:>8} {:>10.1}",
-                b,
-                images_per_s,
-                row.s_per_batch,
-                row.transformer_s,
-                row.decode_s,
-                ms_step,
-                tflops,
-                pct.map_or("-".to_string(), |p| format!("{p:.1}")),
-                row.peak_mem_bytes as f64 / (1u64 << 20) as f64
-            );
+            progress.suspend(|| {
+                println!(
+                    "{:>6} {:>10.2} {:>10.4} {:>9.4} {:>9.4} {:>8.2} {:>9.3} {:>8} {:>10.1}",
+                    b,
+                    images_per_s,
+                    row.s_per_batch,
+                    row.transformer_s,
+                    row.decode_s,
+                    ms_step,
+                    tflops,
+                    pct.map_or("-".to_string(), |p| format!("{p:.1}")),
+                    row.peak_mem_bytes as f64 / (1u64 << 20) as f64
+                )
+            });
         }
     }
+    progress.finish();
     Ok(())
 }
 
@@ -210,14 +249,26 @@ impl TimedRuns {
     }
 }
 
-/// The device a bench runs on, with its model.
+/// The device a bench runs on, with its model; each sampler run advances `progress`.
 pub(crate) struct BenchDevice<'m> {
     model: &'m Model,
+    progress: &'m Progress,
+}
+
+/// The timed runs of one configuration, gathered one at a time (`steps` interleaves the
+/// runs of its configurations).
+pub(crate) struct Runs {
+    total: Vec<f64>,
+    transf: Vec<f64>,
+    dec: Vec<f64>,
+    steps: Vec<Vec<f64>>,
+    schedule: Option<checkergen::order::Schedule>,
+    peak: u64,
 }
 
 impl<'m> BenchDevice<'m> {
-    pub(crate) fn new(model: &'m Model) -> Self {
-        BenchDevice { model }
+    pub(crate) fn new(model: &'m Model, progress: &'m Progress) -> Self {
+        BenchDevice { model, progress }
     }
 
     pub fn is_emu(&self) -> bool {
@@ -237,42 +288,86 @@ impl<'m> BenchDevice<'m> {
 
     /// One sampler run; its time in seconds (CUDA events on a GPU).
     fn run_once(&self, o: &SampleOptions) -> Result<(f64, Samples)> {
-        self.model.timed_with_backend(|be| pipeline::sample(be, o))
+        let r = self.model.timed_with_backend(|be| pipeline::sample(be, o));
+        self.progress.inc(1);
+        r
     }
 
-    pub(crate) fn run_batch(&self, o: &SampleOptions, warmup: usize, iters: usize) -> Result<Row> {
-        // On a GPU with graphs, the first run of a shape is eager and the second records the
-        // graph: both are warm-up, so the timed runs are replays.
-        let warmup = if o.graph && !self.model.is_cpu() {
-            warmup.max(2)
+    /// The untimed runs before a configuration's timed ones, `asked` or more: on a GPU with
+    /// graphs, the first run of a shape is eager and the second records the graph, so both
+    /// are warm-up and the timed runs are replays.
+    pub(crate) fn warmups(&self, graph: bool, asked: usize) -> usize {
+        if graph && !self.model.is_cpu() {
+            asked.max(2)
         } else {
-            warmup
-        };
-        for _ in 0..warmup {
+            asked
+        }
+    }
+
+    /// The untimed runs of `o` ([`Self::warmups`] of `asked`); how many ran.
+    pub(crate) fn warm_up(&self, o: &SampleOptions, asked: usize) -> Result<usize> {
+        let n = self.warmups(o.graph, asked);
+        for _ in 0..n {
             self.run_once(o)?;
         }
-        let mut peak = self.memory(true);
-        let (mut total, mut transf, mut dec) = (Vec::new(), Vec::new(), Vec::new());
-        let mut steps: Vec<Vec<f64>> = Vec::new();
-        let mut last = None;
-        for _ in 0..iters {
-            let (s, out) = self.run_once(o)?;
-            peak = peak.max(self.memory(false));
-            total.push(s);
-            let t = &out.tokens;
-            transf.push(t.loop_ms / 1e3);
-            dec.push(out.decode_ms / 1e3);
-            steps.push(t.step_ms.clone());
-            last = Some(out);
+        Ok(n)
+    }
+
+    /// Before the first timed run of a configuration: its record (host peak memory reset).
+    pub(crate) fn runs(&self) -> Runs {
+        Runs {
+            total: Vec::new(),
+            transf: Vec::new(),
+            dec: Vec::new(),
+            steps: Vec::new(),
+            schedule: None,
+            peak: self.memory(true),
         }
-        let out = last.context("no timed run")?;
+    }
+
+    /// One timed run of `o`, added to `runs`.
+    pub(crate) fn timed(&self, o: &SampleOptions, runs: &mut Runs) -> Result<()> {
+        let (s, out) = self.run_once(o)?;
+        runs.peak = runs.peak.max(self.memory(false));
+        runs.total.push(s);
+        let t = out.tokens;
+        runs.transf.push(t.loop_ms / 1e3);
+        runs.dec.push(out.decode_ms / 1e3);
+        runs.steps.push(t.step_ms);
+        runs.schedule = Some(t.schedule);
+        Ok(())
+    }
+
+    /// Warm-up, then `iters` timed runs of `o`, and their medians.
+    pub(crate) fn run_batch(&self, o: &SampleOptions, warmup: usize, iters: usize) -> Result<Row> {
+        self.warm_up(o, warmup)?;
+        let mut runs = self.runs();
+        for _ in 0..iters {
+            self.timed(o, &mut runs)?;
+        }
+        self.row(o, runs)
+    }
+
+    /// The medians of the timed runs of `o`.
+    pub(crate) fn row(&self, o: &SampleOptions, runs: Runs) -> Result<Row> {
+        let Runs {
+            total,
+            transf,
+            dec,
+            mut steps,
+            schedule,
+            peak,
+        } = runs;
+        let sched = schedule.context("no timed run")?;
         if steps.iter().any(Vec::is_empty) {
             // Graphs captured without timestamps have no step times: one eager run gives them.
             let mut eager = o.clone();
             eager.graph = false;
-            steps = vec![self.run_once(&eager)?.1.tokens.step_ms];
+            let (_, out) = self
+                .model
+                .timed_with_backend(|be| pipeline::sample(be, &eager))?;
+            steps = vec![out.tokens.step_ms];
         }
-        let sched = &out.tokens.schedule;
         let ms_per_step: Vec<f64> = (0..sched.total_steps())
             .map(|k| median(steps.iter().map(|v| v[k]).collect()))
             .collect();
@@ -300,7 +395,7 @@ impl<'m> BenchDevice<'m> {
             transformer_s: median(transf),
             decode_s: median(dec),
             peak_mem_bytes: peak,
-            flops_per_image: transformer_flops(&model.config, sched, o.cfg > 0.0) + dec_flops,
+            flops_per_image: transformer_flops(&model.config, &sched, o.cfg > 0.0) + dec_flops,
             serial_steps: sched.total_steps(),
         })
     }
@@ -342,7 +437,7 @@ fn dry_run(a: &BenchArgs) -> Result<()> {
     if a.run.device.device != checkergen::Device::Emulated {
         bail!("--dry-run walks the CUDA engine on the emulator: pass --device emu");
     }
-    let t0 = Instant::now();
+    let t0 = std::time::Instant::now();
     let (model, source) = match (&a.model, &a.preset) {
         (Some(p), _) => (HostModel::load(p)?, p.display().to_string()),
         (None, p) => {
@@ -379,16 +474,10 @@ fn dry_run(a: &BenchArgs) -> Result<()> {
             H200.bandwidth / 1e12,
             H100.flops / 1e12
         );
-        print_header(&[
-            ("batch", 6),
-            ("steps", 8),
-            ("launch/step", 10),
-            ("transf B/img", 14),
-            ("decoder B/img", 14),
-            ("FLOP/img", 14),
-            ("model ms h100", 12),
-            ("model ms h200", 12),
-        ]);
+        print_header(
+            "batch 6, steps 8, launch/step 10, transf B/img 14, decoder B/img 14, FLOP/img 14, \
+             model ms h100 12, model ms h200 12",
+        );
     }
     for o in &requests {
         let b = o.labels.len();
@@ -475,6 +564,7 @@ fn dry_run(_: &BenchArgs) -> Result<()> {
     bail!("--dry-run needs the `cuda` feature (the emulator)")
 }
 
+/// Benchmark the GPU VQ decoder: images/s, ms per batch, TFLOP/s, % of peak, memory.
 #[derive(Args)]
 pub struct BenchDecodeArgs {
     /// Model file whose decoder to time; without it, random weights of --preset.
@@ -590,4 +680,20 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+// The timing subcommands besides `steps`.
+#[derive(clap::Subcommand)]
+pub enum Cmd {
+    Bench(BenchArgs),
+    BenchDecode(BenchDecodeArgs),
+}
+
+impl Cmd {
+    pub fn run(self) -> Result<()> {
+        match self {
+            Cmd::Bench(a) => bench(a),
+            Cmd::BenchDecode(a) => bench_decode(a),
+        }
+    }
 }

@@ -4,15 +4,16 @@
 //! and prints.
 
 use crate::args::DeviceArg;
+use crate::progress::{Off, Progress};
 use anyhow::{Result, bail};
 use checkergen::eval::activations::write_activations;
 use checkergen::eval::inception::Inception;
 use checkergen::eval::run::{EvalSet, MIN_EVAL_IMAGES, Report, evaluate, load_set, set_size};
 use clap::Args;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
+/// The ADM evaluator's five numbers (Inception Score, FID, sFID, precision, recall)
+/// without TensorFlow, from images or activation files; or one input's activation file.
 #[derive(Args)]
 pub struct EvalArgs {
     /// The FID Inception weights (pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, which
@@ -80,60 +81,25 @@ fn need_images(p: &Path, min: usize, why: &str) -> Result<()> {
     Ok(())
 }
 
-/// Progress on stderr: a bar on a terminal, else a line every 10 s (logs, Slurm).
-struct Progress {
-    what: String,
-    bar: Option<indicatif::ProgressBar>,
-    quiet: bool,
-    t0: Instant,
-    last: Instant,
-}
-
-impl Progress {
-    fn new(what: String, quiet: bool) -> Progress {
-        Progress {
-            what,
-            bar: None,
-            quiet,
-            t0: Instant::now(),
-            last: Instant::now(),
-        }
-    }
-
-    fn update(&mut self, done: usize, total: usize) {
-        if self.quiet {
-            return;
-        }
-        if std::io::stderr().is_terminal() {
-            let what = &self.what;
-            let bar = self.bar.get_or_insert_with(|| {
-                let pb = indicatif::ProgressBar::new(total as u64);
-                if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
-                    "{what}: {{bar:40}} {{pos}}/{{len}} images, {{per_sec}}, ETA {{eta}}"
-                )) {
-                    pb.set_style(style);
-                }
-                pb
-            });
-            bar.set_position(done as u64);
-            if done == total {
-                bar.finish();
-            }
-        } else if self.last.elapsed().as_secs_f64() >= 10.0 || done == total {
-            let el = self.t0.elapsed().as_secs_f64();
-            eprintln!(
-                "{}: {done}/{total} images, {:.2} images/s",
-                self.what,
-                done as f64 / el.max(1e-9)
-            );
-            self.last = Instant::now();
-        }
-    }
-}
-
 fn load(path: &Path, net: &Inception, a: &EvalArgs, what: &str) -> Result<EvalSet> {
-    let mut p = Progress::new(format!("{what} {}", path.display()), a.quiet);
-    load_set(path, net, a.batch_size, &mut |d, t| p.update(d, t))
+    load_shown(path, net, a.batch_size, what, a.quiet)
+}
+
+/// An input's set, its progress on stderr as `what PATH` (a line every 10 s in logs).
+fn load_shown(
+    path: &Path,
+    net: &Inception,
+    batch: usize,
+    what: &str,
+    quiet: bool,
+) -> Result<EvalSet> {
+    let p = Progress::new(
+        format!("{what} {}", path.display()),
+        "images",
+        Off::Lines,
+        quiet,
+    );
+    load_set(path, net, batch, &mut |d, t| p.update(d as u64, t as u64))
 }
 
 /// Print the five numbers as a table.
@@ -272,8 +238,7 @@ impl EvalPlan {
     /// The reference set, computed on the first call.
     pub fn reference(&mut self, quiet: bool) -> Result<&EvalSet> {
         if self.loaded.is_none() {
-            let mut p = Progress::new(format!("reference {}", self.reference.display()), quiet);
-            let set = load_set(&self.reference, &self.net, 16, &mut |d, t| p.update(d, t))?;
+            let set = load_shown(&self.reference, &self.net, 16, "reference", quiet)?;
             self.loaded = Some(set);
         }
         Ok(self.loaded.as_ref().expect("just loaded"))
@@ -281,8 +246,7 @@ impl EvalPlan {
 
     /// Evaluate the images at `sample` against the reference and print the table.
     pub fn report(mut self, sample: &Path, quiet: bool) -> Result<()> {
-        let mut p = Progress::new(format!("sample {}", sample.display()), quiet);
-        let s = load_set(sample, &self.net, 16, &mut |d, t| p.update(d, t))?;
+        let s = load_shown(sample, &self.net, 16, "sample", quiet)?;
         let report = self.evaluate(&s, quiet)?;
         print_table(&report, &self.reference, sample);
         Ok(())

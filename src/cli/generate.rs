@@ -2,7 +2,7 @@
 //! of any size, batch after batch, class-balanced, deterministic by global image index so
 //! shards on many machines reassemble (`checkergen merge`) into exactly one run's file.
 
-use crate::args::{SamplingArgs, check_batch, model_file_identity, open_model};
+use crate::args::{SamplingArgs, check_batch, model_file_identity, open_model, run_config};
 use anyhow::{Context, Result, bail};
 use checkergen::io::image::{planar_to_rgb, write_rgb_png};
 use checkergen::io::npz::{NpzWriter, Progress, npy_header};
@@ -22,6 +22,8 @@ pub enum Format {
     PngDir,
 }
 
+/// Evaluation sample files of any size (the ADM evaluator's .npz, or a PNG folder),
+/// class-balanced, deterministic by image index; --shard k/N for many machines.
 #[derive(Args)]
 pub struct GenerateArgs {
     /// Model file; without it the tiny preset with random weights (for trying the command).
@@ -176,13 +178,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         "format": "checkergen generate 1",
         "version": env!("CARGO_PKG_VERSION"),
         "model": model_file_identity(a.model.as_deref())?.unwrap_or(source.clone()),
-        "config": cfg,
+        "config": run_config(cfg)?,
         "seed": a.s.seed,
         "cfg": a.s.cfg,
         "cfg_start_step": a.s.cfg_start_step,
         "cfg_end_step": a.s.cfg_end_step,
-        "steps_per_scale": a.s.steps_per_scale,
-        "steps": a.s.steps,
         "temperature": a.s.temperature,
         "top_k": a.s.top_k,
         "top_p": a.s.top_p,
@@ -201,9 +201,18 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let mut probe = o.clone();
     probe.labels = (0..batch).map(|i| i % cfg.num_classes).collect();
     pipeline::validate_options(cfg, model.scale_sizes.len(), &probe, mem)?;
-    let total_steps = pipeline::schedule_of(&model.scale_sizes, &o)?.total_steps();
+    let schedule = pipeline::schedule_of(&model.scale_sizes, &o)?;
+    let total_steps = schedule.total_steps();
     let mut meta = meta;
     meta["range"] = serde_json::json!([start, end]);
+    // The schedule that runs (the config's steps_per_scale is the training-time value).
+    meta["steps_per_scale"] = schedule
+        .scales
+        .iter()
+        .map(|s| s.steps)
+        .collect::<Vec<_>>()
+        .into();
+    meta["total_steps"] = total_steps.into();
     // The serial steps guidance applies to (0: cfg asked for, but never applied).
     meta["guided_steps"] = pipeline::guided_steps(&o, total_steps).into();
     // A killed run leaves FILE.partial and its checkpoint FILE.partial.json (written when
@@ -494,6 +503,7 @@ fn png_index(name: &str) -> Option<usize> {
     d.parse().ok()
 }
 
+/// Reassemble the shard files of one `generate` run into one file, in index order.
 #[derive(Args)]
 pub struct MergeArgs {
     /// Shard files of one run (any order).
@@ -716,6 +726,24 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         a.output.display()
     );
     Ok(())
+}
+
+// Evaluation sample files: `generate` and `merge`.
+// Parsed once per process: boxing GenerateArgs would save nothing worth a lint.
+#[allow(clippy::large_enum_variant)]
+#[derive(clap::Subcommand)]
+pub enum Cmd {
+    Generate(GenerateArgs),
+    Merge(MergeArgs),
+}
+
+impl Cmd {
+    pub fn run(self) -> Result<()> {
+        match self {
+            Cmd::Generate(a) => generate(a),
+            Cmd::Merge(a) => merge(a),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,12 @@
 //! The model-level subcommands that run no sampler: init, inspect, convert, order,
 //! schedule.
 
+use crate::progress::{Off, Progress};
 use anyhow::{Context, Result, bail};
 use checkergen::model::Model;
 use checkergen::model::config::{self, ModelConfig};
-use checkergen::model::file::{Dtype, write_model};
-use checkergen::model::init::random_tensors;
+use checkergen::model::file::{Dtype, TensorMap, write_model};
+use checkergen::model::init::random_tensors_where;
 use checkergen::order::{self, Schedule};
 use checkergen::pipeline;
 use clap::Args;
@@ -45,7 +46,18 @@ pub fn init(a: InitArgs) -> Result<()> {
     let preset = preset.as_str();
     let cfg = config::preset(preset)?;
     checkergen::paths::claim_output_file(output, overwrite, &[])?;
-    let map = random_tensors(&cfg, seed)?;
+    // Tensor by tensor (each is keyed by the seed and its name, so the values are those of
+    // one draw of the whole map), with progress: L-2x is hundreds of millions of values.
+    let names = checkergen::model::expected_tensors(&cfg)?;
+    let progress = Progress::new(format!("init {preset}"), "tensors", Off::Silent, false);
+    progress.update(0, names.len() as u64 + 1);
+    let mut map = TensorMap::new();
+    for (name, _) in &names {
+        progress.message(name.clone());
+        map.extend(random_tensors_where(&cfg, seed, |n| n == name.as_str())?);
+        progress.inc(1);
+    }
+    progress.message(format!("writing {}", output.display()));
     write_model(
         output,
         &cfg,
@@ -56,6 +68,7 @@ pub fn init(a: InitArgs) -> Result<()> {
             format!("checkergen init --preset {preset} --seed {seed}"),
         )],
     )?;
+    progress.inc(1);
     let params: usize = map.values().map(|t| t.numel()).sum();
     println!(
         "wrote {} (preset {preset}, seed {seed}, {} tensors, {:.1} M parameters)",
@@ -141,20 +154,25 @@ pub fn inspect(path: &Path, verify: bool) -> Result<()> {
             "header checked, values not read (--verify loads and checks them)"
         }
     );
-    // The schedule `sample` runs by default (the config's steps_per_scale is the reference's
-    // training-time num_blocks_per_scale, not a sampling setting).
+    println!("{}", sampling_summary(&header.scale_sizes)?);
+    Ok(())
+}
+
+/// The schedule `sample` runs by default, as `inspect` and `convert` say it (the config's
+/// steps_per_scale is the reference's training-time num_blocks_per_scale, not a sampling
+/// setting).
+fn sampling_summary(scale_sizes: &[usize]) -> Result<String> {
     let k = pipeline::DEFAULT_STEPS_PER_SCALE;
-    let sched = Schedule::uniform(&header.scale_sizes, k)?;
-    println!(
+    let sched = Schedule::uniform(scale_sizes, k)?;
+    Ok(format!(
         "scales {:?} ({} tokens); `sample` defaults to {k} steps per scale: {} serial steps \
          (cfg {}, from step {})",
-        header.scale_sizes,
+        scale_sizes,
         sched.total_tokens(),
         sched.total_steps(),
         pipeline::DEFAULT_CFG,
         pipeline::DEFAULT_CFG_START_STEP
-    );
-    Ok(())
+    ))
 }
 
 pub fn order(size: usize, json: bool, png: Option<PathBuf>, overwrite: bool) -> Result<()> {
@@ -179,7 +197,7 @@ pub fn order(size: usize, json: bool, png: Option<PathBuf>, overwrite: bool) -> 
     Ok(())
 }
 
-/// Arguments of `checkergen schedule`.
+/// Print the scale pyramid and serial step schedule.
 #[derive(clap::Args)]
 pub struct ScheduleArgs {
     /// Scale ratio r > 1: a number, or a power such as 2^(1/4), or sqrt(2).
@@ -280,7 +298,7 @@ pub struct ModelOut {
     overwrite: bool,
 }
 
-/// Arguments of `init`.
+/// Write a model file with random weights of a preset (no download needed).
 #[derive(Args)]
 pub struct InitArgs {
     /// tiny, S-2x, L-2x or L-4x.
@@ -293,7 +311,7 @@ pub struct InitArgs {
     out: ModelOut,
 }
 
-/// Arguments of `convert`.
+/// Convert the authors' released checkpoint (.pth + YAML configs) to a model file.
 #[derive(Args)]
 pub struct ConvertArgs {
     /// The AR checkpoint (e.g. checkerboard-L-2x/checkpoint-last.pth).
@@ -339,7 +357,59 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         output: a.out.out,
     })?;
     println!("{summary}");
+    println!("{}", sampling_summary(&summary.scale_sizes)?);
     Ok(())
+}
+
+// The model-level subcommands (no sampler runs).
+#[derive(clap::Subcommand)]
+pub enum Cmd {
+    Init(InitArgs),
+    Convert(ConvertArgs),
+    /// Print a model file's configuration, parameter counts and schedule, from its header
+    /// (names, dtypes, shapes and offsets checked against the configuration; no tensor data
+    /// read).
+    Inspect {
+        /// A model file from `checkergen convert` or `checkergen init`.
+        model: PathBuf,
+        /// Also load every tensor and check its values (finite, at most 65504 in magnitude),
+        /// as `sample` does.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Print the progressive checkerboard rank map of an N x N grid.
+    Order {
+        /// Grid side N (>= 1).
+        #[arg(long, value_name = "N")]
+        size: usize,
+        /// Print {"size": N, "rank": [[...], ...]} (rank[y][x]) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also write a picture of the map (colour = rank, lines = quadtree levels).
+        #[arg(long, value_name = "FILE")]
+        png: Option<PathBuf>,
+        /// Replace an existing --png file.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    Schedule(ScheduleArgs),
+}
+
+impl Cmd {
+    pub fn run(self) -> Result<()> {
+        match self {
+            Cmd::Init(a) => init(a),
+            Cmd::Convert(a) => convert(a),
+            Cmd::Inspect { model, verify } => inspect(&model, verify),
+            Cmd::Order {
+                size,
+                json,
+                png,
+                overwrite,
+            } => order(size, json, png, overwrite),
+            Cmd::Schedule(a) => schedule(a),
+        }
+    }
 }
 
 #[cfg(test)]

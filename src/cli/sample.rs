@@ -1,7 +1,7 @@
 //! `checkergen sample`: images (PNGs, a grid, optionally tokens, maps and pyramids) and
 //! run.json, batch after batch.
 
-use crate::args::{SamplingArgs, check_batch, model_file_identity, open_model};
+use crate::args::{SamplingArgs, check_batch, model_file_identity, open_model, run_config};
 use anyhow::{Context, Result, bail};
 use checkergen::io::image::{grid_rgb, planar_to_rgb, write_rgb_png};
 use checkergen::io::maps::{MapsInput, write_maps};
@@ -14,6 +14,8 @@ use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Sample images (tokens, PNGs, run.json) from a model file or, without --model, from
+/// the tiny preset with random weights.
 #[derive(Args)]
 pub struct SampleArgs {
     /// Model file (from `checkergen convert` or `init`). Without it: the tiny preset with
@@ -177,7 +179,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         "unix_time": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        "config": model.config,
+        "config": run_config(&model.config)?,
         "device": device,
         // Every label up to RUN_JSON_MAX_LABELS images; beyond, --num-samples's rule.
         "labels": if labels.len() <= RUN_JSON_MAX_LABELS {

@@ -12,6 +12,7 @@ use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Encode real images (PNG, JPEG, or .npz arrays) into their code pyramids (a tokens file).
 #[derive(Args)]
 pub struct EncodeArgs {
     /// Model file with the VQ encoder (from `checkergen convert` or `init`).
@@ -34,6 +35,7 @@ pub struct EncodeArgs {
     device: DeviceArg,
 }
 
+/// Decode the last scale of a tokens file to PNGs (reconstructions).
 #[derive(Args)]
 pub struct DecodeArgs {
     /// Model file whose VQ decoder turns the tokens back into pixels (from `checkergen
@@ -52,6 +54,8 @@ pub struct DecodeArgs {
     overwrite: bool,
 }
 
+/// Teacher-forced likelihood of real images (loss per scale, bits per token, top-1) at one
+/// or more step counts, with the block-causal mask (SPEC.md section 9).
 #[derive(Args)]
 pub struct ScoreArgs {
     /// Model file with the VQ encoder.
@@ -322,6 +326,24 @@ fn print_table(stats: &[ScoreStats]) {
                 l / ln2,
                 t
             );
+        }
+    }
+}
+
+// The subcommands on real images: `encode`, `decode`, `score`.
+#[derive(clap::Subcommand)]
+pub enum Cmd {
+    Encode(EncodeArgs),
+    Decode(DecodeArgs),
+    Score(ScoreArgs),
+}
+
+impl Cmd {
+    pub fn run(self) -> Result<()> {
+        match self {
+            Cmd::Encode(a) => encode(a),
+            Cmd::Decode(a) => decode(a),
+            Cmd::Score(a) => score(a),
         }
     }
 }

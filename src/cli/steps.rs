@@ -3,7 +3,8 @@
 //! model configuration and measure latency at batch 1 and throughput at `--batch`.
 
 use crate::args::open_host;
-use crate::bench::{BenchDevice, TimedRuns};
+use crate::bench::{BenchDevice, Runs, TimedRuns, print_run_header};
+use crate::progress::{Off, Progress};
 use anyhow::{Context, Result, bail};
 use checkergen::io::steps_chart::{StepsPoint, write_steps_chart};
 use checkergen::model::Model;
@@ -14,6 +15,8 @@ use checkergen::pipeline::{self, SampleOptions, Steps};
 use clap::Args;
 use std::path::PathBuf;
 
+/// Sweep scale ratios x steps per scale (or total-step targets): serial steps, tokens,
+/// FLOPs, latency at batch 1 and images/s at --batch; table, JSON, PNG chart.
 #[derive(Args)]
 pub struct StepsArgs {
     /// Model file: its scale ratio is fixed (its position tables are per pyramid), so only
@@ -63,6 +66,24 @@ pub struct StepsArgs {
     /// than k = 3).
     #[arg(long, requires = "eval")]
     num_samples: Option<usize>,
+}
+
+/// The preset without --model or --preset.
+const DEFAULT_PRESET: &str = "L-2x";
+
+/// One configuration of the sweep: a per-scale step list on one of the opened models, its
+/// batch-1 (latency) and --batch (throughput) requests.
+struct Config {
+    /// Index of its model among the opened ones.
+    model: usize,
+    list: Vec<usize>,
+    sched: Schedule,
+    sizes: Vec<usize>,
+    one: SampleOptions,
+    many: SampleOptions,
+    /// Its sampler runs' positions in the sweep (0 = the sweep's first run): warm-up, then
+    /// timed; batch 1 and --batch alternate.
+    order: Vec<usize>,
 }
 
 /// --eval: the five numbers of `n` images of one configuration, their features computed
@@ -181,11 +202,12 @@ pub fn steps(a: StepsArgs) -> Result<()> {
         (Some(r), Some(w), Some(_)) => Some(crate::eval::EvalPlan::new(w, r)?),
         _ => None,
     };
+    let progress = Progress::new("steps", "runs", Off::Silent, false);
     // The model configurations: one per ratio.
     let models: Vec<(Model, String)> = match &a.model {
         Some(p) => vec![(Model::load(p)?, p.display().to_string())],
         None => {
-            let name = a.preset.as_deref().unwrap_or("L-2x");
+            let name = a.preset.as_deref().unwrap_or(DEFAULT_PRESET);
             let base = preset(name)?;
             let ratios = a.ratios.clone().unwrap_or(vec![base.scale_ratio]);
             if ratios.is_empty() {
@@ -194,6 +216,7 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             ratios
                 .iter()
                 .map(|&r| {
+                    progress.message(format!("random weights of {name} at ratio {r}"));
                     let cfg = ModelConfig {
                         scale_ratio: r,
                         ..base.clone()
@@ -231,23 +254,14 @@ pub fn steps(a: StepsArgs) -> Result<()> {
     if uniform.contains(&0) {
         bail!("--steps-per-scale: every value must be at least 1");
     }
-    let mut points = Vec::new();
     // Configurations that no schedule realizes: warnings, or the error when nothing is left.
     let mut skipped: Vec<String> = Vec::new();
-    if !a.json {
-        println!(
-            "{:>6} {:<18} {:>6} {:>7} {:>12} {:>11} {:>10}",
-            "ratio",
-            "steps per scale",
-            "serial",
-            "tokens",
-            "GFLOP/image",
-            "latency s",
-            format!("img/s@{}", a.batch)
-        );
-    }
+    // Every model on the device first, then every configuration, each checked before anything
+    // runs.
+    let mut opened = Vec::new();
+    let mut configs: Vec<Config> = Vec::new();
     for (model, source) in models {
-        let cfg = &model.config.clone();
+        let cfg = model.config.clone();
         let sizes = scale_sizes(cfg.latent_size(), cfg.scale_ratio, cfg.scale_min_size)?;
         // Every configuration of this ratio, as per-scale lists (duplicates dropped).
         let mut lists: Vec<Vec<usize>> = Vec::new();
@@ -287,88 +301,177 @@ pub fn steps(a: StepsArgs) -> Result<()> {
             continue;
         }
         let on = open_host(model, a.run.device, a.run.precision)?;
-        let dev = BenchDevice::new(&on);
         for list in lists {
             let sched = Schedule::with_steps(&sizes, &list)?;
-            let mut o = SampleOptions::new(vec![0]);
-            o.cfg = a.run.cfg;
-            o.cfg_start_step = a.run.cfg_start_step;
-            o.cfg_end_step = a.run.cfg_end_step;
-            o.graph = !a.run.no_graph;
-            o.steps = Steps::PerScale(list.clone());
-            let one = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
-            o.labels = (0..a.batch).map(|i| i % cfg.num_classes).collect();
-            pipeline::validate_options(cfg, sizes.len(), &o, on.memory()?)?;
-            let many = dev.run_batch(&o, a.run.warmup, a.run.iters)?;
-            let quality = match (&mut plan, a.num_samples) {
-                (Some(plan), Some(n)) => {
-                    if !a.json {
-                        eprintln!("evaluating {n} samples of {list:?} ...");
-                    }
-                    Some(eval_config(plan, &on, &o, n, a.batch)?)
-                }
-                _ => None,
-            };
-            let p = StepsPoint {
-                ratio: cfg.scale_ratio,
-                serial_steps: sched.total_steps(),
-                latency_s: one.s_per_batch,
-                images_per_s: a.batch as f64 / many.s_per_batch,
-                fid: quality.map(|q| q.fid),
-            };
-            if a.json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "ratio": p.ratio,
-                        "steps_per_scale": list,
-                        "steps_by_scale": sched.scales.iter().map(|s| s.steps).collect::<Vec<_>>(),
-                        "scale_sizes": sizes,
-                        "serial_steps": p.serial_steps,
-                        "tokens": sched.total_tokens(),
-                        "flops_per_image": one.flops_per_image,
-                        "latency_s": p.latency_s,
-                        "images_per_s": p.images_per_s,
-                        "batch": a.batch,
-                        "cfg": a.run.cfg,
-                        "cfg_start_step": a.run.cfg_start_step,
-                        "cfg_end_step": a.run.cfg_end_step,
-                        "device": dev.describe(),
-                        "model": source,
-                        "times_meaningful": !dev.is_emu(),
-                        "eval": quality.map(|q| q.to_json()),
-                    })
-                );
-            } else {
-                println!(
-                    "{:>6} {:<18} {:>6} {:>7} {:>12.2} {:>11.4} {:>10.2}",
-                    p.ratio,
-                    format!("{list:?}"),
-                    p.serial_steps,
-                    sched.total_tokens(),
-                    one.flops_per_image / 1e9,
-                    p.latency_s,
-                    p.images_per_s
-                );
-                if let Some(q) = quality {
-                    println!(
-                        "{:>6} {:<18} IS {:.3}  FID {:.3}  sFID {:.3}  precision {:.4}  recall {:.4}  ({} samples)",
-                        "",
-                        "",
-                        q.inception_score,
-                        q.fid,
-                        q.sfid,
-                        q.precision,
-                        q.recall,
-                        q.sample_images
-                    );
-                }
-            }
-            points.push(p);
+            let mut one = SampleOptions::new(vec![0]);
+            one.cfg = a.run.cfg;
+            one.cfg_start_step = a.run.cfg_start_step;
+            one.cfg_end_step = a.run.cfg_end_step;
+            one.graph = !a.run.no_graph;
+            one.steps = Steps::PerScale(list.clone());
+            let mut many = one.clone();
+            many.labels = (0..a.batch).map(|i| i % cfg.num_classes).collect();
+            pipeline::validate_options(&cfg, sizes.len(), &many, on.memory()?)?;
+            configs.push(Config {
+                model: opened.len(),
+                list,
+                sched,
+                sizes: sizes.clone(),
+                one,
+                many,
+                order: Vec::new(),
+            });
+        }
+        opened.push((on, source, cfg.scale_ratio));
+    }
+    if configs.is_empty() {
+        bail!("nothing to measure: {}", skipped.join("; "));
+    }
+    let devs: Vec<BenchDevice> = opened
+        .iter()
+        .map(|(on, _, _)| BenchDevice::new(on, &progress))
+        .collect();
+    // Every configuration is warmed up (at least one untimed run) before any is timed.
+    let warmup = a.run.warmup.max(1);
+    let graph = !a.run.no_graph;
+    let runs: usize = configs
+        .iter()
+        .map(|c| 2 * (devs[c.model].warmups(graph, warmup) + a.run.iters))
+        .sum();
+    progress.update(0, runs as u64);
+    let source = match (&a.model, opened.as_slice()) {
+        (Some(_), [(_, s, _)]) => s.clone(),
+        _ => {
+            let ratios: Vec<String> = opened.iter().map(|(_, _, r)| r.to_string()).collect();
+            format!(
+                "preset {} at ratio{} {} (random weights; speed does not depend on them)",
+                a.preset.as_deref().unwrap_or(DEFAULT_PRESET),
+                if ratios.len() == 1 { "" } else { "s" },
+                ratios.join(", ")
+            )
+        }
+    };
+    let what = format!(
+        ", {} configuration{}: latency at batch 1, images/s at batch {}; all warmed up \
+         first, then timed round-robin",
+        configs.len(),
+        if configs.len() == 1 { "" } else { "s" },
+        a.batch
+    );
+    let header = TimedRuns { warmup, ..a.run };
+    print_run_header("steps", &source, &devs[0], &header, &what, a.json);
+    // `seq` numbers the sampler runs of the sweep, in the order they run.
+    let mut seq = 0;
+    for c in &mut configs {
+        progress.message(format!("warm-up {:?}", c.list));
+        for o in [&c.one, &c.many] {
+            let n = devs[c.model].warm_up(o, warmup)?;
+            c.order.extend(seq..seq + n);
+            seq += n;
         }
     }
-    if points.is_empty() {
-        bail!("nothing to measure: {}", skipped.join("; "));
+    let mut timed: Vec<[Runs; 2]> = configs
+        .iter()
+        .map(|c| [devs[c.model].runs(), devs[c.model].runs()])
+        .collect();
+    for r in 0..a.run.iters {
+        progress.message(format!("timed run {} of {}", r + 1, a.run.iters));
+        for (c, runs) in configs.iter_mut().zip(&mut timed) {
+            for (o, runs) in [&c.one, &c.many].into_iter().zip(runs.iter_mut()) {
+                devs[c.model].timed(o, runs)?;
+                c.order.push(seq);
+                seq += 1;
+            }
+        }
+    }
+    progress.finish();
+    if !a.json {
+        println!(
+            "{:>6} {:<18} {:>6} {:>7} {:>12} {:>11} {:>10}",
+            "ratio",
+            "steps per scale",
+            "serial",
+            "tokens",
+            "GFLOP/image",
+            "latency s",
+            format!("img/s@{}", a.batch)
+        );
+    }
+    let mut points = Vec::new();
+    for (c, [one, many]) in configs.iter().zip(timed) {
+        let (on, source, ratio) = &opened[c.model];
+        let dev = &devs[c.model];
+        let (list, sched) = (&c.list, &c.sched);
+        let one = dev.row(&c.one, one)?;
+        let many = dev.row(&c.many, many)?;
+        let quality = match (&mut plan, a.num_samples) {
+            (Some(plan), Some(n)) => {
+                if !a.json {
+                    eprintln!("evaluating {n} samples of {list:?} ...");
+                }
+                Some(eval_config(plan, on, &c.many, n, a.batch)?)
+            }
+            _ => None,
+        };
+        let p = StepsPoint {
+            ratio: *ratio,
+            serial_steps: sched.total_steps(),
+            latency_s: one.s_per_batch,
+            images_per_s: a.batch as f64 / many.s_per_batch,
+            fid: quality.map(|q| q.fid),
+        };
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "ratio": p.ratio,
+                    "steps_per_scale": list,
+                    "steps_by_scale": sched.scales.iter().map(|s| s.steps).collect::<Vec<_>>(),
+                    "scale_sizes": c.sizes,
+                    "serial_steps": p.serial_steps,
+                    "tokens": sched.total_tokens(),
+                    "flops_per_image": one.flops_per_image,
+                    "latency_s": p.latency_s,
+                    "images_per_s": p.images_per_s,
+                    "batch": a.batch,
+                    "cfg": a.run.cfg,
+                    "cfg_start_step": a.run.cfg_start_step,
+                    "cfg_end_step": a.run.cfg_end_step,
+                    "warmup": warmup,
+                    "iters": a.run.iters,
+                    "run_order": c.order,
+                    "device": dev.describe(),
+                    "model": source,
+                    "times_meaningful": !dev.is_emu(),
+                    "eval": quality.map(|q| q.to_json()),
+                })
+            );
+        } else {
+            println!(
+                "{:>6} {:<18} {:>6} {:>7} {:>12.2} {:>11.4} {:>10.2}",
+                p.ratio,
+                format!("{list:?}"),
+                p.serial_steps,
+                sched.total_tokens(),
+                one.flops_per_image / 1e9,
+                p.latency_s,
+                p.images_per_s
+            );
+            if let Some(q) = quality {
+                println!(
+                    "{:>6} {:<18} IS {:.3}  FID {:.3}  sFID {:.3}  precision {:.4}  recall {:.4}  ({} samples)",
+                    "",
+                    "",
+                    q.inception_score,
+                    q.fid,
+                    q.sfid,
+                    q.precision,
+                    q.recall,
+                    q.sample_images
+                );
+            }
+        }
+        points.push(p);
     }
     for note in &skipped {
         eprintln!("warning: {note}; skipped");

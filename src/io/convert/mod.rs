@@ -127,7 +127,8 @@ impl fmt::Display for ConvertSummary {
         )?;
         writeln!(
             f,
-            "  scales {:?} ({} tokens, ratio {}), steps_per_scale {}",
+            "  scales {:?} ({} tokens, ratio {}); trained with {} steps per scale (not a \
+             sampling setting)",
             self.scale_sizes, self.num_tokens, c.scale_ratio, c.steps_per_scale
         )?;
         writeln!(
