@@ -14,6 +14,23 @@
 pub mod gemm;
 pub mod gemm_bf16;
 
+/// A raw pointer that the tasks of one parallel call share (`Send` + `Sync`): each task reads
+/// or writes only elements no other task writes, while the call holds the borrow the pointer
+/// comes from (every user says why at its call site).
+#[derive(Clone, Copy)]
+pub struct SharedPtr<P>(pub P);
+// SAFETY: see the type's docs; users uphold it at each dereference.
+unsafe impl<P> Send for SharedPtr<P> {}
+unsafe impl<P> Sync for SharedPtr<P> {}
+
+impl<P: Copy> SharedPtr<P> {
+    /// The pointer (a method, so that closures capture the `Send` + `Sync` wrapper, not its
+    /// field).
+    pub fn get(self) -> P {
+        self.0
+    }
+}
+
 /// The kernels this process's GEMMs use, e.g. `"NT avx512f, general gemm-f32 (avx512f), bf16
 /// weights avx512bf16"` (the last: `--precision bf16`'s linears).
 pub fn kernel_names() -> String {

@@ -496,15 +496,7 @@ def load_legacy(path):
 
     def materialize(t):
         _, (dtype, values), offset, size, stride = t
-        out, idx = [], [0] * len(size)
-        for _ in range(math.prod(size)):
-            out.append(values[offset + sum(i * s for i, s in zip(idx, stride))])
-            for d in reversed(range(len(size))):
-                idx[d] += 1
-                if idx[d] < size[d]:
-                    break
-                idx[d] = 0
-        return Loaded(dtype, size, out)
+        return Loaded(dtype, size, strided(values, offset, size, stride))
 
     return collections.OrderedDict(
         (k, materialize(v) if isinstance(v, tuple) and v and v[0] == "lazy" else v)
@@ -714,6 +706,19 @@ def decode(dtype, data):
     raise ValueError(dtype)
 
 
+def strided(values, offset, size, stride):
+    """The elements of the view (offset, size, stride) of a storage's values, row-major."""
+    out, idx = [], [0] * len(size)
+    for _ in range(math.prod(size)):
+        out.append(values[offset + sum(i * s for i, s in zip(idx, stride))])
+        for d in reversed(range(len(size))):
+            idx[d] += 1
+            if idx[d] < size[d]:
+                break
+            idx[d] = 0
+    return out
+
+
 class Loaded:
     def __init__(self, dtype, shape, values):
         self.dtype, self.shape, self.values = dtype, shape, values
@@ -733,17 +738,7 @@ def load(path):
 
     def rebuild_tensor(storage, offset, size, stride, requires_grad, hooks, metadata=None):
         dtype, values = storage
-        out = []
-        n = math.prod(size)
-        idx = [0] * len(size)
-        for _ in range(n):
-            out.append(values[offset + sum(i * s for i, s in zip(idx, stride))])
-            for d in reversed(range(len(size))):
-                idx[d] += 1
-                if idx[d] < size[d]:
-                    break
-                idx[d] = 0
-        return Loaded(dtype, list(size), out)
+        return Loaded(dtype, list(size), strided(values, offset, size, stride))
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):

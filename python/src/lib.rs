@@ -42,6 +42,16 @@ fn parse_precision(s: &str) -> PyResult<Precision> {
     }
 }
 
+/// A count from Python (a label, a step count, a batch size): ValueError when negative.
+fn count(name: &str, v: i64) -> PyResult<usize> {
+    usize::try_from(v).map_err(|_| PyValueError::new_err(format!("{name} must be >= 0, got {v}")))
+}
+
+/// [`count`] of each value.
+fn counts(name: &str, vs: &[i64]) -> PyResult<Vec<usize>> {
+    vs.iter().map(|&v| count(name, v)).collect()
+}
+
 /// A Progressive Checkerboard model loaded on a device.
 ///
 /// path: a model file from `checkergen convert` or `checkergen init`; None samples the
@@ -129,15 +139,7 @@ impl Model {
         top_p: Option<f32>,
         return_timings: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let count = |name: &str, v: i64| -> PyResult<usize> {
-            usize::try_from(v)
-                .map_err(|_| PyValueError::new_err(format!("{name} must be >= 0, got {v}")))
-        };
-        let labels: Vec<usize> = labels
-            .iter()
-            .map(|&l| count("a label", l))
-            .collect::<PyResult<_>>()?;
-        let mut req = Request::new(labels)
+        let mut req = Request::new(counts("a label", &labels)?)
             .guidance(cfg)
             .cfg_start_step(count("cfg_start_step", cfg_start_step)?)
             .seed(seed);
@@ -145,11 +147,7 @@ impl Model {
             req = req.cfg_end_step(count("cfg_end_step", e)?);
         }
         req = match steps {
-            Some(v) => req.steps(
-                v.iter()
-                    .map(|&k| count("steps", k))
-                    .collect::<PyResult<Vec<_>>>()?,
-            ),
+            Some(v) => req.steps(counts("steps", &v)?),
             None => req.steps_per_scale(count("steps_per_scale", steps_per_scale)?),
         };
         let mut policy = if temperature == 0.0 {
@@ -238,18 +236,8 @@ impl Model {
                 labels.len()
             )));
         }
-        let count = |name: &str, v: i64| -> PyResult<usize> {
-            usize::try_from(v)
-                .map_err(|_| PyValueError::new_err(format!("{name} must be >= 0, got {v}")))
-        };
-        let labels: Vec<usize> = labels
-            .iter()
-            .map(|&l| count("a label", l))
-            .collect::<PyResult<_>>()?;
-        let steps: Vec<usize> = steps_per_scale
-            .iter()
-            .map(|&k| count("steps_per_scale", k))
-            .collect::<PyResult<_>>()?;
+        let labels = counts("a label", &labels)?;
+        let steps = counts("steps_per_scale", &steps_per_scale)?;
         // A copy: Python threads may write to the array while the GIL is released.
         let rgb = images
             .as_slice()

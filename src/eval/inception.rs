@@ -173,15 +173,10 @@ pub struct Out<'a> {
     pub off: usize,
 }
 
-/// bias + ReLU over rows of `d` (stride `ld`), columns `off..off + b.len()`.
+/// bias + ReLU over rows of `d` (stride `ld`), columns `off..off + b.len()`, on rayon.
 fn bias_relu(d: &mut [f32], ld: usize, off: usize, b: &[f32]) {
-    d.par_chunks_mut(ld * 64).for_each(|blk| {
-        for row in blk.chunks_mut(ld) {
-            for (v, &bb) in row[off..off + b.len()].iter_mut().zip(b) {
-                *v = (*v + bb).max(0.0);
-            }
-        }
-    });
+    d.par_chunks_mut(ld * 64)
+        .for_each(|blk| bias_relu_seq(blk, ld, off, b));
 }
 
 /// `relu(conv(x) + b)` into `out`'s columns; with `act_cols` < cout only the first
@@ -203,19 +198,7 @@ pub fn conv(x: View, cv: &Conv, out: Out, act_cols: usize) {
             .with_max_len(1)
             .for_each(|(i, dst)| {
                 let r0 = i * band;
-                let nr = dst.len() / out.ld;
-                math::matmul_strided(
-                    &x.d[x.off + r0 * x.ld..],
-                    [x.ld, 1],
-                    &cv.w,
-                    [1, k],
-                    &mut dst[out.off..],
-                    out.ld,
-                    nr,
-                    k,
-                    cv.cout,
-                    0.0,
-                );
+                patch_gemm(&x.d[x.off + r0 * x.ld..], x.ld, cv, dst, out.ld, out.off);
                 bias_relu_seq(dst, out.ld, out.off, acts);
             });
         return;
@@ -227,22 +210,30 @@ pub fn conv(x: View, cv: &Conv, out: Out, act_cols: usize) {
         let col = &mut col[..nr * k];
         im2col(x, cv, oh, ow, r0, col);
         let dst = &mut out.d[r0 * out.ld..(r0 + nr) * out.ld];
-        math::matmul_strided(
-            col,
-            [k, 1],
-            &cv.w,
-            [1, k],
-            &mut dst[out.off..],
-            out.ld,
-            nr,
-            k,
-            cv.cout,
-            0.0,
-        );
+        patch_gemm(col, k, cv, dst, out.ld, out.off);
         bias_relu(dst, out.ld, out.off, acts);
     }
 }
 
+/// The GEMM of one band of output rows: `dst`'s columns `off..off + cout` (rows `ld` apart,
+/// as many as `dst` holds) = patches (rows `lda` apart, `k` wide) · W^T.
+fn patch_gemm(patches: &[f32], lda: usize, cv: &Conv, dst: &mut [f32], ld: usize, off: usize) {
+    let (k, rows) = (cv.k(), dst.len() / ld);
+    math::matmul_strided(
+        patches,
+        [lda, 1],
+        &cv.w,
+        [1, k],
+        &mut dst[off..],
+        ld,
+        rows,
+        k,
+        cv.cout,
+        0.0,
+    );
+}
+
+/// [`bias_relu`] on the calling thread.
 fn bias_relu_seq(d: &mut [f32], ld: usize, off: usize, b: &[f32]) {
     for row in d.chunks_mut(ld) {
         for (v, &bb) in row[off..off + b.len()].iter_mut().zip(b) {
@@ -290,6 +281,40 @@ fn im2col(x: View, cv: &Conv, oh: usize, ow: usize, r0: usize, col: &mut [f32]) 
 /// 3x3 max pool, stride `stride`, padding `pad` (padding never wins: TF's and torch's max
 /// pools ignore it) into `out`'s columns.
 pub fn max_pool3(x: View, stride: usize, pad: usize, out: Out) {
+    pool3(x, stride, pad, out, f32::NEG_INFINITY, f32::max, |_, _| {});
+}
+
+/// 3x3 average pool, stride 1, padding 1, dividing by the in-image count
+/// (`count_include_pad=False`), then `+ b` and ReLU, into `out`'s columns.
+fn avg_pool3_bias_relu(x: View, b: &[f32], out: Out) {
+    assert_eq!(b.len(), x.c);
+    pool3(
+        x,
+        1,
+        1,
+        out,
+        0.0,
+        |d, v| d + v,
+        |dst, count| {
+            for (d, &bb) in dst.iter_mut().zip(b) {
+                *d = (*d / count + bb).max(0.0);
+            }
+        },
+    );
+}
+
+/// A 3x3 pool, stride `stride`, padding `pad`, into `out`'s columns, one output pixel per
+/// rayon task: its channels start at `init`, `fold(acc, v)` takes in each in-image input
+/// pixel of the window in row-major order, then `finish(channels, in-image count)`.
+fn pool3(
+    x: View,
+    stride: usize,
+    pad: usize,
+    out: Out,
+    init: f32,
+    fold: impl Fn(f32, f32) -> f32 + Sync,
+    finish: impl Fn(&mut [f32], f32) + Sync,
+) {
     let oh = (x.h + 2 * pad - 3) / stride + 1;
     let ow = (x.w + 2 * pad - 3) / stride + 1;
     let c = x.c;
@@ -300,15 +325,18 @@ pub fn max_pool3(x: View, stride: usize, pad: usize, out: Out) {
             let img = r / (oh * ow);
             let (oy, ox) = ((r / ow) % oh, r % ow);
             let dst = &mut dst[out.off..out.off + c];
-            dst.fill(f32::NEG_INFINITY);
-            for iy in window(oy, stride, pad, x.h) {
-                for ix in window(ox, stride, pad, x.w) {
+            dst.fill(init);
+            let (ys, xs) = (window(oy, stride, pad, x.h), window(ox, stride, pad, x.w));
+            let count = (ys.len() * xs.len()) as f32;
+            for iy in ys {
+                for ix in xs.clone() {
                     let s = x.off + ((img * x.h + iy) * x.w + ix) * x.ld;
                     for (d, &v) in dst.iter_mut().zip(&x.d[s..s + c]) {
-                        *d = d.max(v);
+                        *d = fold(*d, v);
                     }
                 }
             }
+            finish(dst, count);
         });
 }
 
@@ -316,35 +344,6 @@ pub fn max_pool3(x: View, stride: usize, pad: usize, out: Out) {
 fn window(o: usize, stride: usize, pad: usize, n: usize) -> std::ops::Range<usize> {
     let start = (o * stride) as isize - pad as isize;
     (start.max(0) as usize)..((start + 3).min(n as isize) as usize)
-}
-
-/// 3x3 average pool, stride 1, padding 1, dividing by the in-image count
-/// (`count_include_pad=False`), then `+ b` and ReLU, into `out`'s columns.
-fn avg_pool3_bias_relu(x: View, b: &[f32], out: Out) {
-    let (h, w, c) = (x.h, x.w, x.c);
-    assert_eq!(b.len(), c);
-    out.d[..x.n * h * w * out.ld]
-        .par_chunks_mut(out.ld)
-        .enumerate()
-        .for_each(|(r, dst)| {
-            let img = r / (h * w);
-            let (oy, ox) = ((r / w) % h, r % w);
-            let dst = &mut dst[out.off..out.off + c];
-            dst.fill(0.0);
-            let (ys, xs) = (window(oy, 1, 1, h), window(ox, 1, 1, w));
-            let count = (ys.len() * xs.len()) as f32;
-            for iy in ys {
-                for ix in xs.clone() {
-                    let s = x.off + ((img * h + iy) * w + ix) * x.ld;
-                    for (d, &v) in dst.iter_mut().zip(&x.d[s..s + c]) {
-                        *d += v;
-                    }
-                }
-            }
-            for (d, &bb) in dst.iter_mut().zip(b) {
-                *d = (*d / count + bb).max(0.0);
-            }
-        });
 }
 
 /// Copy columns of a view into `out`'s columns (row for row).

@@ -23,6 +23,7 @@
 //! cannot oversubscribe); the output is split into tasks over columns (disjoint weight rows:
 //! each thread streams its own share of the weights) and, for large M, row blocks.
 
+use super::SharedPtr;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -95,25 +96,6 @@ const NR: usize = 8;
 /// B vector in the 32 zmm registers.
 const MR_MAX: usize = 3;
 
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
-#[derive(Clone, Copy)]
-struct CPtr(*const f32);
-unsafe impl Send for CPtr {}
-unsafe impl Sync for CPtr {}
-impl Ptr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-impl CPtr {
-    fn get(self) -> *const f32 {
-        self.0
-    }
-}
-
 /// C (m x n, row stride `ldc`) = A (m x k, row stride `lda`) · B^T + beta C, B (n x k, row
 /// stride `ldb`); columns of A and B unit-stride. beta = 0 never reads C. Returns false
 /// (nothing done) when `kern` is [`Kernel::Portable`].
@@ -152,25 +134,51 @@ pub unsafe fn gemm_nt(
     }
     let macs = m * n * k;
     let threads = rayon::current_num_threads();
-    let (a, b, c) = (CPtr(a), CPtr(b), Ptr(c));
+    let (a, b, c) = (SharedPtr(a), SharedPtr(b), SharedPtr(c));
+    // One task: rows m0..m1, columns n0..n1, all of k, on the calling thread. SAFETY: the
+    // caller's contract; tasks write disjoint blocks of C.
     let block = move |m0: usize, m1: usize, n0: usize, n1: usize| {
-        // SAFETY: the caller's contract; tasks write disjoint blocks of C.
-        unsafe {
-            block_nt(
-                kern,
-                m0,
-                m1,
-                n0,
-                n1,
-                k,
-                a.get(),
-                lda,
-                b.get(),
-                ldb,
-                c.get(),
-                ldc,
-                beta,
-            )
+        let (a, b, c) = (a.get(), b.get(), c.get());
+        for mc in (m0..m1).step_by(MC) {
+            let mc1 = (mc + MC).min(m1);
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                let beta = if k0 == 0 { beta } else { 1.0 };
+                for j in (n0..n1).step_by(NR) {
+                    let nc = NR.min(n1 - j);
+                    // Missing columns of a tail tile read row j again and are not stored.
+                    let bt: [*const f32; NR] = std::array::from_fn(|q| unsafe {
+                        b.add((j + if q < nc { q } else { 0 }) * ldb + k0)
+                    });
+                    // The next tile's rows, prefetched while the first row tile runs over this one
+                    // (at small M the step is bound by the weight stream, and the k-loop alone
+                    // leaves the DRAM idle while it computes from L1).
+                    let jn = j + NR;
+                    let pf: Option<[*const f32; NR]> = (jn < n1).then(|| {
+                        std::array::from_fn(|q| unsafe { b.add((jn + q).min(n1 - 1) * ldb + k0) })
+                    });
+                    let mut i = mc;
+                    while i < mc1 {
+                        let pf = if i == mc { pf.as_ref() } else { None };
+                        let ap = unsafe { a.add(i * lda + k0) };
+                        let cp = unsafe { c.add(i * ldc + j) };
+                        let left = mc1 - i;
+                        unsafe {
+                            i += match kern {
+                                #[cfg(target_arch = "x86_64")]
+                                Kernel::Avx512 => avx512::tile_dispatch(
+                                    left, kc, ap, lda, &bt, pf, cp, ldc, nc, beta,
+                                ),
+                                #[cfg(target_arch = "x86_64")]
+                                Kernel::Avx2 => avx2::tile_dispatch(
+                                    left, kc, ap, lda, &bt, pf, cp, ldc, nc, beta,
+                                ),
+                                _ => unreachable!("portable has no NT kernel"),
+                            };
+                        }
+                    }
+                }
+            }
         }
     };
     if threads <= 1 || macs < PAR_MIN_MACS {
@@ -191,66 +199,6 @@ pub unsafe fn gemm_nt(
         block(m0, (m0 + mrows).min(m), n0, (n0 + nchunk).min(n));
     });
     true
-}
-
-/// One task: rows m0..m1, columns n0..n1, all of k, on the calling thread.
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_nt(
-    kern: Kernel,
-    m0: usize,
-    m1: usize,
-    n0: usize,
-    n1: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    beta: f32,
-) {
-    for mc in (m0..m1).step_by(MC) {
-        let mc1 = (mc + MC).min(m1);
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            let beta = if k0 == 0 { beta } else { 1.0 };
-            for j in (n0..n1).step_by(NR) {
-                let nc = NR.min(n1 - j);
-                // Missing columns of a tail tile read row j again and are not stored.
-                let bt: [*const f32; NR] = std::array::from_fn(|q| unsafe {
-                    b.add((j + if q < nc { q } else { 0 }) * ldb + k0)
-                });
-                // The next tile's rows, prefetched while the first row tile runs over this one
-                // (at small M the step is bound by the weight stream, and the k-loop alone
-                // leaves the DRAM idle while it computes from L1).
-                let jn = j + NR;
-                let pf: Option<[*const f32; NR]> = (jn < n1).then(|| {
-                    std::array::from_fn(|q| unsafe { b.add((jn + q).min(n1 - 1) * ldb + k0) })
-                });
-                let mut i = mc;
-                while i < mc1 {
-                    let pf = if i == mc { pf.as_ref() } else { None };
-                    let ap = unsafe { a.add(i * lda + k0) };
-                    let cp = unsafe { c.add(i * ldc + j) };
-                    let left = mc1 - i;
-                    unsafe {
-                        i += match kern {
-                            #[cfg(target_arch = "x86_64")]
-                            Kernel::Avx512 => {
-                                avx512::tile_dispatch(left, kc, ap, lda, &bt, pf, cp, ldc, nc, beta)
-                            }
-                            #[cfg(target_arch = "x86_64")]
-                            Kernel::Avx2 => {
-                                avx2::tile_dispatch(left, kc, ap, lda, &bt, pf, cp, ldc, nc, beta)
-                            }
-                            _ => unreachable!("portable has no NT kernel"),
-                        };
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Store `s` (the sums for columns j..j+NR of one C row) into the first `nc` columns.
@@ -279,16 +227,34 @@ unsafe fn store(s: &[f32], c: *mut f32, nc: usize, beta: f32) {
 /// * `prefetch`: whether `tile` prefetches the next tile's weight rows;
 /// * `ops`: the vector operations zero, load, mul and fmadd;
 /// * `tail_load(r, p) { setup } => expr`: loads the first `r` (k % lanes) floats at `p`,
-///   zero past them, reading nothing beyond (after `setup`, run once per tile).
-///
-/// The invoking module provides `reduce4` (four horizontal sums into an `__m128`).
+///   zero past them, reading nothing beyond (after `setup`, run once per tile);
+/// * `lane_sums`: the add, unpacklo, unpackhi and shuffle of the vector width, with which
+///   `reduce4` (four horizontal sums at once into an `__m128`) first sums v0..v3 within each
+///   128-bit lane (a 4 x 4 transpose-add);
+/// * `to_m128(e) => expr`: adds the lanes of that result `e` into one `__m128`.
 #[cfg(target_arch = "x86_64")]
 macro_rules! nt_kernel {
     (
         $feat:literal, $v:ty, lanes: $lanes:literal, cols: $cols:expr, prefetch: $prefetch:literal,
         ops: $zero:path, $load:path, $mul:path, $fmadd:path,
-        tail_load($r:ident, $p:ident) { $($setup:tt)* } => $tail:expr $(,)?
+        tail_load($r:ident, $p:ident) { $($setup:tt)* } => $tail:expr,
+        lane_sums: $add:ident, $lo:ident, $hi:ident, $shuffle:ident,
+        to_m128($e:ident) => $to128:expr $(,)?
     ) => {
+        /// Four horizontal sums at once: [sum v0, sum v1, sum v2, sum v3].
+        #[inline(always)]
+        unsafe fn reduce4(v0: $v, v1: $v, v2: $v, v3: $v) -> __m128 {
+            unsafe {
+                let s01 = $add($lo(v0, v1), $hi(v0, v1));
+                let s23 = $add($lo(v2, v3), $hi(v2, v3));
+                let $e = $add(
+                    $shuffle::<0b01_00_01_00>(s01, s23),
+                    $shuffle::<0b11_10_11_10>(s01, s23),
+                );
+                $to128
+            }
+        }
+
         /// Columns of one `tile` call.
         const COLS: usize = $cols;
         const _: () = assert!(NR % COLS == 0 && COLS % 4 == 0);
@@ -403,21 +369,6 @@ macro_rules! nt_kernel {
     };
 }
 
-/// The first step of `reduce4`: per 128-bit lane of the result, the partial sums of v0, v1,
-/// v2 and v3 (a 4 x 4 transpose-add within each lane), given the add, unpacklo, unpackhi and
-/// shuffle of one vector width.
-#[cfg(target_arch = "x86_64")]
-macro_rules! lane_sums4 {
-    ($add:ident, $lo:ident, $hi:ident, $shuffle:ident; $v0:ident, $v1:ident, $v2:ident, $v3:ident) => {{
-        let s01 = $add($lo($v0, $v1), $hi($v0, $v1));
-        let s23 = $add($lo($v2, $v3), $hi($v2, $v3));
-        $add(
-            $shuffle::<0b01_00_01_00>(s01, s23),
-            $shuffle::<0b11_10_11_10>(s01, s23),
-        )
-    }};
-}
-
 /// 16 lanes, the whole 8-column tile at once (3 x 8 = 24 accumulators), weight rows of the
 /// next tile prefetched.
 #[cfg(target_arch = "x86_64")]
@@ -430,21 +381,13 @@ mod avx512 {
         tail_load(r, p) {
             let mask: __mmask16 = ((1u32 << r) - 1) as u16;
         } => _mm512_maskz_loadu_ps(mask, p),
-    }
-
-    /// Four horizontal sums at once: [sum v0, sum v1, sum v2, sum v3].
-    #[inline(always)]
-    unsafe fn reduce4(v0: __m512, v1: __m512, v2: __m512, v3: __m512) -> __m128 {
-        unsafe {
-            let e = lane_sums4!(
-                _mm512_add_ps, _mm512_unpacklo_ps, _mm512_unpackhi_ps, _mm512_shuffle_ps;
-                v0, v1, v2, v3
-            );
+        lane_sums: _mm512_add_ps, _mm512_unpacklo_ps, _mm512_unpackhi_ps, _mm512_shuffle_ps,
+        to_m128(e) => {
             let lo = _mm512_castps512_ps256(e);
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
             let h = _mm256_add_ps(lo, hi);
             _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
-        }
+        },
     }
 }
 
@@ -461,17 +404,7 @@ mod avx2 {
             let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
             let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(r as i32), lane);
         } => _mm256_maskload_ps(p, mask),
-    }
-
-    /// Four horizontal sums at once: [sum v0, sum v1, sum v2, sum v3].
-    #[inline(always)]
-    unsafe fn reduce4(v0: __m256, v1: __m256, v2: __m256, v3: __m256) -> __m128 {
-        unsafe {
-            let e = lane_sums4!(
-                _mm256_add_ps, _mm256_unpacklo_ps, _mm256_unpackhi_ps, _mm256_shuffle_ps;
-                v0, v1, v2, v3
-            );
-            _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps::<1>(e))
-        }
+        lane_sums: _mm256_add_ps, _mm256_unpacklo_ps, _mm256_unpackhi_ps, _mm256_shuffle_ps,
+        to_m128(e) => _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps::<1>(e)),
     }
 }

@@ -131,22 +131,17 @@ impl ModelConfig {
                 self.num_layers
             );
         }
-        let dims = [
-            ("hidden_size", self.hidden_size),
-            ("num_heads", self.num_heads),
-            ("ffn_dim", self.ffn_dim),
-            ("num_classes", self.num_classes),
-            ("num_mixing_layers", self.num_mixing_layers),
-            ("img_size", self.img_size),
-            ("scale_min_size", self.scale_min_size),
-            ("steps_per_scale", self.steps_per_scale),
-            ("decoder ch", d.ch),
-            ("decoder z_channels", d.z_channels),
-            ("decoder embed_dim", d.embed_dim),
-            ("decoder n_embed", d.n_embed),
-        ];
-        if let Some((name, v)) = dims.iter().find(|(_, v)| *v > MAX_DIM) {
-            bail!("config: {name} {v} is too large (at most {MAX_DIM})");
+        // (prefix of the error's name, field name, value) of every bounded dimension.
+        macro_rules! fields {
+            ($prefix:literal, $s:expr; $($f:ident),*) => {
+                [$(($prefix, stringify!($f), $s.$f)),*]
+            };
+        }
+        let top = fields!("", self; hidden_size, num_heads, ffn_dim, num_classes,
+            num_mixing_layers, img_size, scale_min_size, steps_per_scale);
+        let dec = fields!("decoder ", d; ch, z_channels, embed_dim, n_embed);
+        if let Some((pre, name, v)) = top.iter().chain(&dec).find(|f| f.2 > MAX_DIM) {
+            bail!("config: {pre}{name} {v} is too large (at most {MAX_DIM})");
         }
         if d.ch_mult.len() > MAX_LEVELS || d.num_res_blocks > MAX_LEVELS {
             bail!(
@@ -286,4 +281,30 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
     };
     cfg.validate()?;
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_dimensions_are_named() {
+        let big = MAX_DIM + 1;
+        let mut c = preset("tiny").unwrap();
+        c.num_heads = big;
+        let e = c.validate().unwrap_err().to_string();
+        println!("{e}");
+        assert_eq!(
+            e,
+            format!("config: num_heads {big} is too large (at most {MAX_DIM})")
+        );
+        let mut c = preset("tiny").unwrap();
+        c.decoder.n_embed = big;
+        let e = c.validate().unwrap_err().to_string();
+        println!("{e}");
+        assert_eq!(
+            e,
+            format!("config: decoder n_embed {big} is too large (at most {MAX_DIM})")
+        );
+    }
 }

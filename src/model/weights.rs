@@ -204,19 +204,21 @@ pub struct Layer {
     pub modulation: Linear,
 }
 
-/// The per-step input tables of the folded `combine_inputs` (module docs).
+/// The per-step input tables of the folded `combine_inputs` (module docs), each an f32
+/// buffer `B`: host vectors here; a backend that keeps the tables in device memory can name
+/// them `InputTables<its buffer type>`.
 #[derive(Clone, Debug)]
-pub struct InputTables {
+pub struct InputTables<B = Vec<f32>> {
     /// (N, C): embed_positions Wa^T.
-    pub pa: Vec<f32>,
+    pub pa: B,
     /// (N, C): embed_positions Wc^T.
-    pub pc: Vec<f32>,
+    pub pc: B,
     /// (V, C): E(codebook) Wd^T.
-    pub dc: Vec<f32>,
+    pub dc: B,
     /// (C): Wc empty_token_pos + Wd empty_token_emb.
-    pub empty: Vec<f32>,
+    pub empty: B,
     /// (C): combine_inputs bias.
-    pub bias: Vec<f32>,
+    pub bias: B,
 }
 
 /// All transformer-side weights in f32, folded for sampling (module docs).

@@ -23,6 +23,7 @@
 //! order. Against an f64 direct convolution the error is of the order of f32 rounding of the
 //! partial sums (the unit tests bound it, and the golden decode tests bound the whole decoder).
 
+use crate::math::SharedPtr;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -99,20 +100,6 @@ thread_local! {
 fn ensure(v: &mut Vec<f32>, n: usize) {
     if v.len() < n {
         v.resize(n, 0.0);
-    }
-}
-
-/// A pointer that tasks writing disjoint elements share.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: every use writes element ranges that no other task touches (see each call site).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so that closures capture the Send + Sync wrapper, not the field).
-    fn ptr(self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -249,7 +236,7 @@ fn transform_input(isa: Isa, x: &[f32], cin: usize, band: Band, nr: usize, v: &m
     let tw = band.w.div_ceil(2);
     let nty = band.ty1 - band.ty0;
     let nrows = 2 * nty + 2; // input rows 2ty0-1 .. 2ty1, zero outside the image
-    let dst = SharedMut(v.as_mut_ptr());
+    let dst = SharedPtr(v.as_mut_ptr());
     let vlen = v.len();
     (0..cin).into_par_iter().for_each_init(
         || InScratch {
@@ -284,7 +271,7 @@ struct InArgs<'a> {
     cin: usize,
     band: Band,
     nr: usize,
-    dst: SharedMut,
+    dst: SharedPtr<*mut f32>,
     vlen: usize,
 }
 
@@ -400,7 +387,7 @@ fn batched_gemm(
     let nb = njp / nr;
     let ldc = 16 * njp;
     assert!(u.len() >= 16 * coutp * cin && v.len() >= 16 * cin * njp && m.len() >= coutp * ldc);
-    let dst = SharedMut(m.as_mut_ptr());
+    let dst = SharedPtr(m.as_mut_ptr());
     (0..16 * nb).into_par_iter().for_each(|task| {
         let (xi, jb) = (task / nb, task % nb);
         let b = &v[(xi * nb + jb) * cin * nr..][..cin * nr];
@@ -410,7 +397,7 @@ fn batched_gemm(
             // SAFETY: the tile (rows ob*mr .. +mr at stride ldc, columns xi*njp + jb*nr .. +nr)
             // lies inside m (checked above) and belongs to this (xi, jb) task alone; a and b
             // hold cin * mr and cin * nr floats.
-            unsafe { kernel(isa, cin, a.as_ptr(), b.as_ptr(), dst.ptr().add(off), ldc) };
+            unsafe { kernel(isa, cin, a.as_ptr(), b.as_ptr(), dst.get().add(off), ldc) };
         }
     });
 }

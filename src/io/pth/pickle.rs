@@ -46,28 +46,27 @@ pub(super) fn esc(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Declares [`OpCode`] with its byte and pickletools name, and the byte -> opcode lookup.
+/// Declares [`OpCode`], its variants named as `pickletools` names the opcodes, and the
+/// byte -> opcode lookup. A variant without a byte has the one after its predecessor's:
+/// protocols 2 to 5 number their opcodes 0x80, 0x81, ... in the order they list them.
 macro_rules! opcodes {
-    ($($op:ident = $byte:literal => $name:literal,)*) => {
+    ($($op:ident $(= $byte:literal)?,)*) => {
         /// The pickle opcodes of protocols 0-5 (Python's `pickletools` names).
+        #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         #[repr(u8)]
         pub(super) enum OpCode {
-            $($op = $byte,)*
+            $($op $(= $byte)?,)*
         }
 
         impl OpCode {
-            pub(super) fn from_byte(b: u8) -> Option<OpCode> {
-                match b {
-                    $($byte => Some(OpCode::$op),)*
-                    _ => None,
-                }
-            }
+            /// Every opcode, in declaration order.
+            const ALL: &[OpCode] = &[$(OpCode::$op,)*];
 
             /// The name `pickletools` gives the opcode (`BINUNICODE`, `EXT1`, ...).
             pub(super) fn name(self) -> &'static str {
                 match self {
-                    $(OpCode::$op => $name,)*
+                    $(OpCode::$op => stringify!($op),)*
                 }
             }
         }
@@ -76,78 +75,97 @@ macro_rules! opcodes {
 
 opcodes! {
     // Protocol 0 and 1.
-    Mark = b'(' => "MARK",
-    Stop = b'.' => "STOP",
-    Pop = b'0' => "POP",
-    PopMark = b'1' => "POP_MARK",
-    Dup = b'2' => "DUP",
-    Float = b'F' => "FLOAT",
-    Int = b'I' => "INT",
-    BinInt = b'J' => "BININT",
-    BinInt1 = b'K' => "BININT1",
-    Long = b'L' => "LONG",
-    BinInt2 = b'M' => "BININT2",
-    None = b'N' => "NONE",
-    PersId = b'P' => "PERSID",
-    BinPersId = b'Q' => "BINPERSID",
-    Reduce = b'R' => "REDUCE",
-    String = b'S' => "STRING",
-    BinString = b'T' => "BINSTRING",
-    ShortBinString = b'U' => "SHORT_BINSTRING",
-    Unicode = b'V' => "UNICODE",
-    BinUnicode = b'X' => "BINUNICODE",
-    Append = b'a' => "APPEND",
-    Build = b'b' => "BUILD",
-    Global = b'c' => "GLOBAL",
-    Dict = b'd' => "DICT",
-    EmptyDict = b'}' => "EMPTY_DICT",
-    Appends = b'e' => "APPENDS",
-    Get = b'g' => "GET",
-    BinGet = b'h' => "BINGET",
-    Inst = b'i' => "INST",
-    LongBinGet = b'j' => "LONG_BINGET",
-    List = b'l' => "LIST",
-    EmptyList = b']' => "EMPTY_LIST",
-    Obj = b'o' => "OBJ",
-    Put = b'p' => "PUT",
-    BinPut = b'q' => "BINPUT",
-    LongBinPut = b'r' => "LONG_BINPUT",
-    SetItem = b's' => "SETITEM",
-    Tuple = b't' => "TUPLE",
-    EmptyTuple = b')' => "EMPTY_TUPLE",
-    SetItems = b'u' => "SETITEMS",
-    BinFloat = b'G' => "BINFLOAT",
+    MARK = b'(',
+    STOP = b'.',
+    POP = b'0',
+    POP_MARK = b'1',
+    DUP = b'2',
+    FLOAT = b'F',
+    INT = b'I',
+    BININT = b'J',
+    BININT1 = b'K',
+    LONG = b'L',
+    BININT2 = b'M',
+    NONE = b'N',
+    PERSID = b'P',
+    BINPERSID = b'Q',
+    REDUCE = b'R',
+    STRING = b'S',
+    BINSTRING = b'T',
+    SHORT_BINSTRING = b'U',
+    UNICODE = b'V',
+    BINUNICODE = b'X',
+    APPEND = b'a',
+    BUILD = b'b',
+    GLOBAL = b'c',
+    DICT = b'd',
+    EMPTY_DICT = b'}',
+    APPENDS = b'e',
+    GET = b'g',
+    BINGET = b'h',
+    INST = b'i',
+    LONG_BINGET = b'j',
+    LIST = b'l',
+    EMPTY_LIST = b']',
+    OBJ = b'o',
+    PUT = b'p',
+    BINPUT = b'q',
+    LONG_BINPUT = b'r',
+    SETITEM = b's',
+    TUPLE = b't',
+    EMPTY_TUPLE = b')',
+    SETITEMS = b'u',
+    BINFLOAT = b'G',
     // Protocol 2.
-    Proto = 0x80 => "PROTO",
-    NewObj = 0x81 => "NEWOBJ",
-    Ext1 = 0x82 => "EXT1",
-    Ext2 = 0x83 => "EXT2",
-    Ext4 = 0x84 => "EXT4",
-    Tuple1 = 0x85 => "TUPLE1",
-    Tuple2 = 0x86 => "TUPLE2",
-    Tuple3 = 0x87 => "TUPLE3",
-    NewTrue = 0x88 => "NEWTRUE",
-    NewFalse = 0x89 => "NEWFALSE",
-    Long1 = 0x8a => "LONG1",
-    Long4 = 0x8b => "LONG4",
+    PROTO = 0x80,
+    NEWOBJ,
+    EXT1,
+    EXT2,
+    EXT4,
+    TUPLE1,
+    TUPLE2,
+    TUPLE3,
+    NEWTRUE,
+    NEWFALSE,
+    LONG1,
+    LONG4,
     // Protocol 3.
-    BinBytes = b'B' => "BINBYTES",
-    ShortBinBytes = b'C' => "SHORT_BINBYTES",
+    BINBYTES = b'B',
+    SHORT_BINBYTES = b'C',
     // Protocol 4.
-    ShortBinUnicode = 0x8c => "SHORT_BINUNICODE",
-    BinUnicode8 = 0x8d => "BINUNICODE8",
-    BinBytes8 = 0x8e => "BINBYTES8",
-    EmptySet = 0x8f => "EMPTY_SET",
-    AddItems = 0x90 => "ADDITEMS",
-    FrozenSet = 0x91 => "FROZENSET",
-    NewObjEx = 0x92 => "NEWOBJ_EX",
-    StackGlobal = 0x93 => "STACK_GLOBAL",
-    Memoize = 0x94 => "MEMOIZE",
-    Frame = 0x95 => "FRAME",
+    SHORT_BINUNICODE = 0x8c,
+    BINUNICODE8,
+    BINBYTES8,
+    EMPTY_SET,
+    ADDITEMS,
+    FROZENSET,
+    NEWOBJ_EX,
+    STACK_GLOBAL,
+    MEMOIZE,
+    FRAME,
     // Protocol 5.
-    ByteArray8 = 0x96 => "BYTEARRAY8",
-    NextBuffer = 0x97 => "NEXT_BUFFER",
-    ReadonlyBuffer = 0x98 => "READONLY_BUFFER",
+    BYTEARRAY8,
+    NEXT_BUFFER,
+    READONLY_BUFFER,
+}
+
+/// byte -> opcode, built at compile time (two opcodes on one byte fail the build).
+const BY_BYTE: [Option<OpCode>; 256] = {
+    let mut t = [None; 256];
+    let mut i = 0;
+    while i < OpCode::ALL.len() {
+        let op = OpCode::ALL[i];
+        assert!(t[op as usize].is_none(), "two opcodes share a byte");
+        t[op as usize] = Some(op);
+        i += 1;
+    }
+    t
+};
+
+impl OpCode {
+    pub(super) fn from_byte(b: u8) -> Option<OpCode> {
+        BY_BYTE[b as usize]
+    }
 }
 
 /// What the VM hands to the layer above: everything that would run code in Python.
@@ -371,6 +389,18 @@ impl<'a> Unpickler<'a> {
         usize::try_from(self.u64()?).map_err(|_| anyhow!("pickle: length too large"))
     }
 
+    /// The length argument of a counted string or bytes opcode: one byte for the `SHORT_`
+    /// ones, eight for the `8` ones, four for the rest.
+    fn length(&mut self, op: OpCode) -> Result<usize> {
+        match op {
+            OpCode::SHORT_BINUNICODE | OpCode::SHORT_BINSTRING | OpCode::SHORT_BINBYTES => {
+                Ok(self.u8()? as usize)
+            }
+            OpCode::BINUNICODE8 | OpCode::BINBYTES8 | OpCode::BYTEARRAY8 => self.len64(),
+            _ => Ok(self.u32()? as usize),
+        }
+    }
+
     fn line(&mut self) -> Result<&'a str> {
         let rest = &self.data[self.pos..];
         let n = rest.iter().position(|&b| b == b'\n').ok_or_else(|| {
@@ -436,47 +466,47 @@ impl<'a> Unpickler<'a> {
                 anyhow!("unknown pickle opcode 0x{byte:02x} at byte offset {op_pos}")
             })?;
             match op {
-                OpCode::Proto => {
+                OpCode::PROTO => {
                     let proto = self.u8()?;
                     if proto > 5 {
                         bail!("pickle protocol {proto} is not supported (at most 5)");
                     }
                 }
-                OpCode::Frame => {
+                OpCode::FRAME => {
                     self.u64()?; // FRAME: length of the next frame; frames are just a hint
                 }
-                OpCode::Stop => return self.pop(),
+                OpCode::STOP => return self.pop(),
                 // Containers.
-                OpCode::EmptyDict => self.stack.push(Value::Dict(Default::default())),
-                OpCode::EmptyList | OpCode::EmptySet => {
+                OpCode::EMPTY_DICT => self.stack.push(Value::Dict(Default::default())),
+                OpCode::EMPTY_LIST | OpCode::EMPTY_SET => {
                     self.stack.push(Value::List(Default::default()))
                 }
-                OpCode::EmptyTuple => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
-                OpCode::Mark => self.marks.push(self.stack.len()),
-                OpCode::SetItem => {
+                OpCode::EMPTY_TUPLE => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
+                OpCode::MARK => self.marks.push(self.stack.len()),
+                OpCode::SETITEM => {
                     let v = self.pop()?;
                     let k = self.pop()?;
                     self.dict_set(vec![k, v])?;
                 }
-                OpCode::SetItems => {
+                OpCode::SETITEMS => {
                     let items = self.pop_mark()?;
                     if items.len() % 2 != 0 {
                         bail!("pickle: SETITEMS with an odd item count at offset {op_pos}");
                     }
                     self.dict_set(items)?;
                 }
-                OpCode::Append => {
+                OpCode::APPEND => {
                     let v = self.pop()?;
                     self.list_extend(vec![v])?;
                 }
-                OpCode::Appends | OpCode::AddItems => {
+                OpCode::APPENDS | OpCode::ADDITEMS => {
                     let items = self.pop_mark()?;
                     self.list_extend(items)?;
                 }
-                OpCode::Tuple1 | OpCode::Tuple2 | OpCode::Tuple3 => {
+                OpCode::TUPLE1 | OpCode::TUPLE2 | OpCode::TUPLE3 => {
                     let n = match op {
-                        OpCode::Tuple1 => 1,
-                        OpCode::Tuple2 => 2,
+                        OpCode::TUPLE1 => 1,
+                        OpCode::TUPLE2 => 2,
                         _ => 3,
                     };
                     if self.stack.len() < n
@@ -487,15 +517,15 @@ impl<'a> Unpickler<'a> {
                     let items = self.stack.split_off(self.stack.len() - n);
                     self.stack.push(Value::Tuple(Rc::new(items)));
                 }
-                OpCode::Tuple => {
+                OpCode::TUPLE => {
                     let items = self.pop_mark()?;
                     self.stack.push(Value::Tuple(Rc::new(items)));
                 }
-                OpCode::List | OpCode::FrozenSet => {
+                OpCode::LIST | OpCode::FROZENSET => {
                     let items = self.pop_mark()?;
                     self.stack.push(Value::List(Rc::new(RefCell::new(items))));
                 }
-                OpCode::Dict => {
+                OpCode::DICT => {
                     let items = self.pop_mark()?;
                     if items.len() % 2 != 0 {
                         bail!("pickle: DICT with an odd item count at offset {op_pos}");
@@ -508,36 +538,36 @@ impl<'a> Unpickler<'a> {
                     self.stack.push(Value::Dict(Rc::new(RefCell::new(d))));
                 }
                 // Scalars.
-                OpCode::None => self.stack.push(Value::None),
-                OpCode::NewTrue => self.stack.push(Value::Bool(true)),
-                OpCode::NewFalse => self.stack.push(Value::Bool(false)),
-                OpCode::BinInt => {
+                OpCode::NONE => self.stack.push(Value::None),
+                OpCode::NEWTRUE => self.stack.push(Value::Bool(true)),
+                OpCode::NEWFALSE => self.stack.push(Value::Bool(false)),
+                OpCode::BININT => {
                     let v = self.u32()? as i32;
                     self.stack.push(Value::Int(v as i64));
                 }
-                OpCode::BinInt1 => {
+                OpCode::BININT1 => {
                     let v = self.u8()?;
                     self.stack.push(Value::Int(v as i64));
                 }
-                OpCode::BinInt2 => {
+                OpCode::BININT2 => {
                     let v = self.u16()?;
                     self.stack.push(Value::Int(v as i64));
                 }
-                OpCode::Long1 => {
+                OpCode::LONG1 => {
                     let n = self.u8()? as usize;
                     let bytes = self.take(n)?;
                     self.stack.push(long_from_le(bytes));
                 }
-                OpCode::Long4 => {
+                OpCode::LONG4 => {
                     let n = self.u32()? as usize;
                     let bytes = self.take(n)?;
                     self.stack.push(long_from_le(bytes));
                 }
-                OpCode::BinFloat => {
+                OpCode::BINFLOAT => {
                     let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
                     self.stack.push(Value::Float(v));
                 }
-                OpCode::Int => {
+                OpCode::INT => {
                     let line = self.line()?;
                     let v = match line {
                         "01" => Value::Bool(true),
@@ -546,11 +576,11 @@ impl<'a> Unpickler<'a> {
                     };
                     self.stack.push(v);
                 }
-                OpCode::Long => {
+                OpCode::LONG => {
                     let line = self.line()?;
                     self.stack.push(parse_int(line.trim_end_matches('L')));
                 }
-                OpCode::Float => {
+                OpCode::FLOAT => {
                     let line = self.line()?;
                     let v = line
                         .parse::<f64>()
@@ -558,26 +588,16 @@ impl<'a> Unpickler<'a> {
                     self.stack.push(Value::Float(v));
                 }
                 // Strings and bytes.
-                OpCode::BinUnicode => {
-                    let n = self.u32()? as usize;
+                OpCode::BINUNICODE | OpCode::BINUNICODE8 | OpCode::SHORT_BINUNICODE => {
+                    let n = self.length(op)?;
                     let s = self.utf8(n, op_pos)?;
                     self.stack.push(s);
                 }
-                OpCode::BinUnicode8 => {
-                    let n = self.len64()?;
-                    let s = self.utf8(n, op_pos)?;
-                    self.stack.push(s);
-                }
-                OpCode::ShortBinUnicode => {
-                    let n = self.u8()? as usize;
-                    let s = self.utf8(n, op_pos)?;
-                    self.stack.push(s);
-                }
-                OpCode::Unicode => {
+                OpCode::UNICODE => {
                     let line = self.line()?;
                     self.stack.push(Value::Str(Rc::from(line)));
                 }
-                OpCode::String => {
+                OpCode::STRING => {
                     // Protocol 0 STRING: a quoted Python 2 str literal.
                     let line = self.line()?;
                     let inner = line
@@ -586,52 +606,47 @@ impl<'a> Unpickler<'a> {
                         .unwrap_or(line);
                     self.stack.push(Value::Str(Rc::from(inner)));
                 }
-                OpCode::BinString | OpCode::BinBytes => {
-                    let n = self.u32()? as usize;
-                    let b = self.take(n)?;
-                    self.stack.push(Value::Bytes(Rc::from(b)));
-                }
-                OpCode::ShortBinString | OpCode::ShortBinBytes => {
-                    let n = self.u8()? as usize;
-                    let b = self.take(n)?;
-                    self.stack.push(Value::Bytes(Rc::from(b)));
-                }
-                OpCode::BinBytes8 | OpCode::ByteArray8 => {
-                    let n = self.len64()?;
+                OpCode::BINSTRING
+                | OpCode::BINBYTES
+                | OpCode::SHORT_BINSTRING
+                | OpCode::SHORT_BINBYTES
+                | OpCode::BINBYTES8
+                | OpCode::BYTEARRAY8 => {
+                    let n = self.length(op)?;
                     let b = self.take(n)?;
                     self.stack.push(Value::Bytes(Rc::from(b)));
                 }
                 // Memo.
-                OpCode::BinPut => {
+                OpCode::BINPUT => {
                     let i = self.u8()? as u64;
                     self.memo_put(i)?;
                 }
-                OpCode::LongBinPut => {
+                OpCode::LONG_BINPUT => {
                     let i = self.u32()? as u64;
                     self.memo_put(i)?;
                 }
-                OpCode::Memoize => {
+                OpCode::MEMOIZE => {
                     let i = self.memo.len() as u64;
                     self.memo_put(i)?;
                 }
-                OpCode::Put => {
+                OpCode::PUT => {
                     let line = self.line()?;
                     let i = line
                         .parse::<u64>()
                         .map_err(|_| anyhow!("pickle: bad PUT index at offset {op_pos}"))?;
                     self.memo_put(i)?;
                 }
-                OpCode::BinGet => {
+                OpCode::BINGET => {
                     let i = self.u8()? as u64;
                     let v = self.memo_get(i)?;
                     self.stack.push(v);
                 }
-                OpCode::LongBinGet => {
+                OpCode::LONG_BINGET => {
                     let i = self.u32()? as u64;
                     let v = self.memo_get(i)?;
                     self.stack.push(v);
                 }
-                OpCode::Get => {
+                OpCode::GET => {
                     let line = self.line()?;
                     let i = line
                         .parse::<u64>()
@@ -640,23 +655,23 @@ impl<'a> Unpickler<'a> {
                     self.stack.push(v);
                 }
                 // Stack manipulation.
-                OpCode::Pop => {
+                OpCode::POP => {
                     self.pop()?;
                 }
-                OpCode::PopMark => {
+                OpCode::POP_MARK => {
                     self.pop_mark()?;
                 }
-                OpCode::Dup => {
+                OpCode::DUP => {
                     let v = self.top()?.clone();
                     self.stack.push(v);
                 }
                 // Classes, calls, objects.
-                OpCode::Global => {
+                OpCode::GLOBAL => {
                     let module = self.line()?.to_string();
                     let name = self.line()?.to_string();
                     self.stack.push(Value::Global(Rc::new((module, name))));
                 }
-                OpCode::StackGlobal => {
+                OpCode::STACK_GLOBAL => {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     let (Some(m), Some(n)) = (module.as_str(), name.as_str()) else {
@@ -665,7 +680,7 @@ impl<'a> Unpickler<'a> {
                     self.stack
                         .push(Value::Global(Rc::new((m.to_string(), n.to_string()))));
                 }
-                OpCode::Reduce => {
+                OpCode::REDUCE => {
                     let args = self.pop()?;
                     let func = self.pop()?;
                     let v = self
@@ -674,20 +689,17 @@ impl<'a> Unpickler<'a> {
                         .with_context(|| format!("pickle REDUCE at offset {op_pos}"))?;
                     self.stack.push(v);
                 }
-                OpCode::NewObj => {
-                    let _args = self.pop()?;
+                OpCode::NEWOBJ | OpCode::NEWOBJ_EX => {
+                    // cls, args (and kwargs with NEWOBJ_EX); the arguments are not used.
+                    if op == OpCode::NEWOBJ_EX {
+                        self.pop()?;
+                    }
+                    self.pop()?;
                     let cls = self.pop()?;
                     let v = self.globals.instantiate(&cls);
                     self.stack.push(v);
                 }
-                OpCode::NewObjEx => {
-                    let _kwargs = self.pop()?;
-                    let _args = self.pop()?;
-                    let cls = self.pop()?;
-                    let v = self.globals.instantiate(&cls);
-                    self.stack.push(v);
-                }
-                OpCode::Obj => {
+                OpCode::OBJ => {
                     let items = self.pop_mark()?;
                     if items.is_empty() {
                         bail!("pickle: OBJ without a class at offset {op_pos}");
@@ -695,7 +707,7 @@ impl<'a> Unpickler<'a> {
                     let v = self.globals.instantiate(&items[0]);
                     self.stack.push(v);
                 }
-                OpCode::Inst => {
+                OpCode::INST => {
                     let module = self.line()?.to_string();
                     let name = self.line()?.to_string();
                     self.pop_mark()?;
@@ -704,13 +716,13 @@ impl<'a> Unpickler<'a> {
                         .instantiate(&Value::Global(Rc::new((module, name))));
                     self.stack.push(v);
                 }
-                OpCode::Build => {
+                OpCode::BUILD => {
                     // BUILD: set the state of the object below. Modeled objects (dicts such as
                     // an OrderedDict with `_metadata`) and opaque ones both ignore it.
                     self.pop()?;
                     self.top()?;
                 }
-                OpCode::BinPersId => {
+                OpCode::BINPERSID => {
                     let pid = self.pop()?;
                     let v = self
                         .globals
@@ -718,17 +730,17 @@ impl<'a> Unpickler<'a> {
                         .with_context(|| format!("pickle BINPERSID at offset {op_pos}"))?;
                     self.stack.push(v);
                 }
-                OpCode::PersId => {
+                OpCode::PERSID => {
                     let line = self.line()?;
                     bail!(
                         "pickle: text persistent id {line:?} at offset {op_pos} is not a torch storage"
                     );
                 }
-                OpCode::Ext1
-                | OpCode::Ext2
-                | OpCode::Ext4
-                | OpCode::NextBuffer
-                | OpCode::ReadonlyBuffer => bail!(
+                OpCode::EXT1
+                | OpCode::EXT2
+                | OpCode::EXT4
+                | OpCode::NEXT_BUFFER
+                | OpCode::READONLY_BUFFER => bail!(
                     "unsupported pickle opcode 0x{byte:02x} ({}) at byte offset {op_pos}",
                     op.name()
                 ),
@@ -849,9 +861,16 @@ mod tests {
                 assert_eq!(op as u8, b, "{}", op.name());
             }
         }
-        assert_eq!(OpCode::from_byte(b'X'), Some(OpCode::BinUnicode));
-        assert_eq!(OpCode::StackGlobal.name(), "STACK_GLOBAL");
+        assert_eq!(OpCode::from_byte(b'X'), Some(OpCode::BINUNICODE));
+        // The bytes numbered by position, as pickletools lists them.
+        assert_eq!(OpCode::from_byte(0x81), Some(OpCode::NEWOBJ));
+        assert_eq!(OpCode::from_byte(0x8b), Some(OpCode::LONG4));
+        assert_eq!(OpCode::from_byte(0x8c), Some(OpCode::SHORT_BINUNICODE));
+        assert_eq!(OpCode::from_byte(0x93), Some(OpCode::STACK_GLOBAL));
+        assert_eq!(OpCode::from_byte(0x98), Some(OpCode::READONLY_BUFFER));
+        assert_eq!(OpCode::STACK_GLOBAL.name(), "STACK_GLOBAL");
         assert_eq!(OpCode::from_byte(0xff), None);
+        assert_eq!(OpCode::from_byte(0x99), None);
     }
 
     #[test]
