@@ -1,9 +1,10 @@
 //! The serial step loop (SPEC.md sections 5-6), written once against the [`Backend`] trait:
-//! class-token prefill ([`Backend::begin`]), per scale the upscaled source latents
-//! ([`Backend::begin_scale`]), per serial step the input gather, transformer step, guided token
-//! choice and scatter into the scale grid ([`Backend::step`]), and the final decode
-//! ([`Backend::decode`]). [`sample`] is the one entry point; backends: `cpu::CpuBackend`
-//! (f32 reference) and `cuda::engine::GpuBackend`.
+//! the backend runs the loop ([`Backend::run_loop`]: class-token prefill, then the pipeline's
+//! steps, unless it replays a recording of them), the pipeline's steps call, per scale, the
+//! upscaled source latents ([`Stepper::begin_scale`]) and, per serial step, the input
+//! gather, transformer step, guided token choice and scatter into the scale grid
+//! ([`Stepper::step`]); then the final decode ([`Backend::decode`]). [`sample`] is the one
+//! entry point; backends: `cpu::CpuBackend` (f32 reference) and `cuda::engine::GpuBackend`.
 
 use crate::limits::{MAX_IMAGES, MAX_SAMPLE_BYTES};
 use crate::model::config::ModelConfig;
@@ -100,7 +101,7 @@ pub struct TokenOutput {
     /// entropies (nats), each (B, s, s) raster order, and the global step of every cell.
     pub stats: Option<TokenStats>,
     /// Milliseconds of each serial step: device time between timestamps on the stream when
-    /// the backend takes them ([`Backend::device_times`]: the GPU, eager or replayed), else
+    /// the backend takes them ([`LoopOutcome::device_times`]: the GPU, eager or replayed), else
     /// host wall time (the CPU); empty when a replayed loop was not timed.
     pub step_ms: Vec<f64>,
     /// Milliseconds of the class-token prefill (device time as `step_ms`).
@@ -427,9 +428,13 @@ impl LoopSignature {
     }
 }
 
-/// The token loop about to run, told to the backend before `begin` (see [`Backend::plan`]).
+/// The token loop to run, handed to [`Backend::run_loop`].
 #[derive(Clone, Debug)]
-pub struct LoopPlan {
+pub struct LoopPlan<'a> {
+    pub schedule: &'a Schedule,
+    /// One class per image; with `guided`, the batch runs a null-class row per image too.
+    pub labels: &'a [usize],
+    pub guided: bool,
     /// The loop may be recorded and replayed: nothing is read back per step.
     pub graph: bool,
     /// What the recorded launches depend on besides the batch's inputs.
@@ -438,13 +443,13 @@ pub struct LoopPlan {
     /// memory.
     pub seed: u64,
     pub image0: u32,
-    /// The scale [`sample`] decodes right after `finish` (the last; None when only tokens
+    /// The scale [`sample`] decodes right after the loop (the last; None when only tokens
     /// are wanted): a backend may enqueue that decode at the end of the loop, inside its
     /// recording, and hand the pixels to [`Backend::decode`].
     pub decode: Option<usize>,
 }
 
-/// Device-side times of one loop, in milliseconds ([`Backend::device_times`]).
+/// Device-side times of one loop, in milliseconds ([`LoopOutcome::device_times`]).
 #[derive(Clone, Debug, Default)]
 pub struct DeviceTimes {
     pub prefill_ms: f64,
@@ -454,61 +459,69 @@ pub struct DeviceTimes {
     pub decode_ms: Option<f64>,
 }
 
-/// A backend's graph capture failed: the pipeline runs the loop again eagerly.
-#[derive(Debug)]
-pub struct GraphCaptureFailed(pub String);
+/// What [`Backend::run_loop`] hands back.
+pub struct LoopOutcome {
+    /// The sampled grids, per scale (B, s, s), raster order.
+    pub grids: Grids,
+    /// The loop ran as a recording (replayed from an earlier batch, or captured in this one
+    /// and then replayed): host-side step times are enqueue times, not step times.
+    pub replayed: bool,
+    /// Host milliseconds of the batch's start (the class-token prefill; a replayed
+    /// recording's whole loop).
+    pub prefill_ms: f64,
+    /// The loop's times as the device measured them (timestamps on the stream, no
+    /// synchronization between steps), when the backend takes them; None: the pipeline's
+    /// host timing stands.
+    pub device_times: Option<DeviceTimes>,
+}
 
-impl std::fmt::Display for GraphCaptureFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "graph capture failed: {}", self.0)
+/// A step's post-guidance logits of the conditional rows, (B, n, V), when the step was
+/// asked for them ([`StepChoice::record`]).
+pub type StepLogits = Option<Vec<f32>>;
+
+/// The per-scale work of a running loop: what the pipeline's steps ([`LoopSteps`]) call on
+/// the backend that [`Backend::run_loop`] hands them.
+pub trait Stepper {
+    /// Start scale `si`: z0 from the previous scale's grid, and its source embeddings.
+    fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()>;
+    /// One serial step: inputs, transformer, guidance, token choice, scatter into the grid.
+    fn step(&mut self, schedule: &Schedule, step: &Step, ch: &StepChoice) -> Result<StepLogits>;
+    /// Sequence rows the running batch computes (B, or 2B while the unconditional half is
+    /// kept), where the backend says; None between batches. Default: None.
+    fn rows(&self) -> Option<usize> {
+        None
     }
 }
 
-impl std::error::Error for GraphCaptureFailed {}
+/// The pipeline's per-scale loop over a running batch: every scale's `begin_scale` and
+/// steps, on the [`Stepper`] it is handed. [`Backend::run_loop`] calls it (again when it
+/// reruns a loop; never when it replays one); an error from it (a cancellation, a failed
+/// step) stops the loop.
+pub type LoopSteps<'a> = dyn FnMut(&mut dyn Stepper) -> Result<()> + 'a;
 
 /// What the serial step loop needs from a backend (CPU f32 reference, CUDA).
-pub trait Backend {
+pub trait Backend: Stepper {
     /// The configuration of the model this backend runs.
     fn config(&self) -> &ModelConfig;
     /// The memory its batches are planned against ([`batch_rule`]). Default: the host's.
     fn memory(&self) -> Result<Memory> {
         Ok(Memory::Host)
     }
-    /// Before `begin`: the loop about to run. A backend that records loops (CUDA graphs) may
-    /// run the whole loop inside `begin` from a recording of an earlier batch of the same
-    /// shape and plan, and then reports [`Backend::replayed`]. Default: ignored.
-    fn plan(&mut self, _plan: &LoopPlan) {}
-    /// Whether `begin` ran the whole loop (a replayed recording): the pipeline then skips
-    /// `begin_scale` and `step` and goes on to `finish`.
-    fn replayed(&self) -> bool {
-        false
-    }
-    /// The loop stopped between `begin` and `finish` (an error or a cancellation): a backend
-    /// that was recording ends the recording and discards it. Default: nothing to do.
-    fn abandon(&mut self) {}
-    /// After `finish`: the loop's times as the device measured them (timestamps on the
-    /// stream, no synchronization between steps), when the backend takes them. Default: None
-    /// (the pipeline's host timing stands).
-    fn device_times(&mut self) -> Option<DeviceTimes> {
-        None
-    }
-    /// Start a batch of `labels` (doubled with null-class rows when `guided`): allocate the
-    /// KV cache and grids, compute AdaLN modulations, run the class token.
-    fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()>;
-    /// Start scale `si`: z0 from the previous scale's grid, and its source embeddings.
-    fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()>;
-    /// One serial step: inputs, transformer, guidance, token choice, scatter into the grid.
-    fn step(
-        &mut self,
-        schedule: &Schedule,
-        step: &Step,
-        choice: &StepChoice,
-    ) -> Result<Option<Vec<f32>>>;
-    /// The sampled grids, per scale (B, s, s), raster order.
-    fn finish(&mut self, schedule: &Schedule) -> Result<Grids>;
+    /// Run one token loop of `plan` for a batch of its labels (doubled with null-class rows
+    /// when guided): start the batch (KV cache, grids, AdaLN modulations, the class
+    /// token), call `steps` with this backend, and hand back the grids. A backend that
+    /// records loops (CUDA graphs) decides here whether to replay a recording instead of
+    /// calling `steps`, to record the loop, or to launch eagerly, and reruns a loop whose
+    /// recording failed; an error from `steps` is returned, and no recording is left open.
+    fn run_loop(&mut self, plan: &LoopPlan, steps: &mut LoopSteps) -> Result<LoopOutcome>;
     /// Decode scale `si` of the finished batch (conditional rows only: both guidance halves
-    /// share tokens). After `finish`.
+    /// share tokens). After `run_loop`.
     fn decode(&mut self, schedule: &Schedule, si: usize) -> Result<Decoded>;
+}
+
+/// Milliseconds since `t` on the host clock.
+pub fn elapsed_ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 /// Tokens and decoded images of one sampling call.
@@ -666,37 +679,64 @@ fn run_tokens<B: Backend + ?Sized>(
             bail!("forced token id out of range (codebook has {v} entries)");
         }
     }
-    let mut plan = LoopPlan {
+    let guided = o.cfg > 0.0;
+    let plan = LoopPlan {
+        schedule: &schedule,
+        labels: &o.labels,
+        guided,
         graph: o.graph && o.forced_tokens.is_none() && !o.record_logits && !o.record_stats,
         signature: LoopSignature::of(o),
         seed: o.seed,
         image0: o.image_offset as u32,
         decode: decode_last.then(|| scale_sizes.len() - 1),
     };
-    // One run of the loop; a backend left between begin and finish (an error, a
-    // cancellation) is told so, which ends any recording.
-    let mut attempt = |plan: &LoopPlan| {
-        let r = run_loop(backend, o, &schedule, plan, &mut *on_step);
-        if r.is_err() {
-            backend.abandon();
+    let total = schedule.steps.len();
+    // What one run of the loop records; a backend may run the loop twice (a failed capture
+    // is rerun eagerly), so each run starts afresh.
+    let mut step_logits = Vec::new();
+    let mut step_ms = Vec::new();
+    let mut stepped = false;
+    let mut steps = |be: &mut dyn Stepper| -> Result<()> {
+        step_logits.clear();
+        step_ms.clear();
+        stepped = true;
+        for si in 0..schedule.scales.len() {
+            let ts = Instant::now();
+            be.begin_scale(&schedule, si)?;
+            let mut carry = elapsed_ms(ts); // charged to the scale's first step
+            for step in schedule.steps.iter().filter(|st| st.scale == si) {
+                let ts = Instant::now();
+                let choice = StepChoice {
+                    guidance: (guided && guided_at(o, step.t)).then_some(o.cfg),
+                    drop_uncond: guided && o.cfg_end_step.is_some_and(|e| step.t >= e),
+                    policy: &o.policy,
+                    seed: o.seed,
+                    forced: o.forced_tokens.as_ref().map(|f| f[si].as_slice()),
+                    record: o.record_logits,
+                    stats: o.record_stats,
+                    image0: o.image_offset as u32,
+                };
+                if let Some(l) = be.step(&schedule, step, &choice)? {
+                    step_logits.push(l);
+                }
+                step_ms.push(elapsed_ms(ts) + carry);
+                carry = 0.0;
+                on_step(step.t + 1, total)?;
+            }
         }
-        r
+        Ok(())
     };
     let t0 = Instant::now();
-    let mut run = attempt(&plan);
-    if let Err(e) = &run
-        && e.is::<GraphCaptureFailed>()
-    {
-        eprintln!("warning: {e:#}; running the loop with eager launches");
-        plan.graph = false;
-        run = attempt(&plan);
+    let out = backend.run_loop(&plan, &mut steps)?;
+    if !stepped {
+        // A replayed loop ran every step at once.
+        on_step(total, total)?;
     }
-    let (grids, step_logits, mut step_ms, mut prefill_ms) = run?;
-    let mut loop_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let replayed = backend.replayed();
+    let mut loop_ms = elapsed_ms(t0);
+    let (grids, replayed, mut prefill_ms) = (out.grids, out.replayed, out.prefill_ms);
     let mut decode_in_loop_ms = None;
-    match backend.device_times() {
-        Some(dt) if dt.step_ms.len() == schedule.steps.len() => {
+    match out.device_times {
+        Some(dt) if dt.step_ms.len() == total => {
             step_ms = dt.step_ms;
             prefill_ms = dt.prefill_ms;
             decode_in_loop_ms = dt.decode_ms;
@@ -729,59 +769,4 @@ fn run_tokens<B: Backend + ?Sized>(
         decode_in_loop_ms,
         replayed,
     })
-}
-
-/// What one run of the loop returns: grids, recorded logits, step and prefill milliseconds.
-type LoopRun = (Grids, Vec<Vec<f32>>, Vec<f64>, f64);
-
-/// The loop proper: `begin`, every scale's steps (unless `begin` replayed them), `finish`.
-fn run_loop<B: Backend + ?Sized>(
-    backend: &mut B,
-    o: &SampleOptions,
-    schedule: &Schedule,
-    plan: &LoopPlan,
-    on_step: &mut OnStep,
-) -> Result<LoopRun> {
-    let guided = o.cfg > 0.0;
-    backend.plan(plan);
-    let t0 = Instant::now();
-    backend.begin(schedule, &o.labels, guided)?;
-    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let mut step_logits = Vec::new();
-    let mut step_ms = Vec::new();
-    let scales = if backend.replayed() {
-        0
-    } else {
-        schedule.scales.len()
-    };
-    for si in 0..scales {
-        let ts = Instant::now();
-        backend.begin_scale(schedule, si)?;
-        let mut carry = ts.elapsed().as_secs_f64() * 1e3; // charged to the scale's first step
-        for step in schedule.steps.iter().filter(|st| st.scale == si) {
-            let ts = Instant::now();
-            let choice = StepChoice {
-                guidance: (guided && guided_at(o, step.t)).then_some(o.cfg),
-                drop_uncond: guided && o.cfg_end_step.is_some_and(|e| step.t >= e),
-                policy: &o.policy,
-                seed: o.seed,
-                forced: o.forced_tokens.as_ref().map(|f| f[si].as_slice()),
-                record: o.record_logits,
-                stats: o.record_stats,
-                image0: o.image_offset as u32,
-            };
-            if let Some(l) = backend.step(schedule, step, &choice)? {
-                step_logits.push(l);
-            }
-            step_ms.push(ts.elapsed().as_secs_f64() * 1e3 + carry);
-            carry = 0.0;
-            on_step(step.t + 1, schedule.steps.len())?;
-        }
-    }
-    let grids = backend.finish(schedule)?;
-    if scales == 0 {
-        // A replayed loop ran every step at once.
-        on_step(schedule.steps.len(), schedule.steps.len())?;
-    }
-    Ok((grids, step_logits, step_ms, prefill_ms))
 }

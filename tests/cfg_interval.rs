@@ -13,31 +13,15 @@ use checkergen::model::config::preset;
 use checkergen::model::init::random_tensors;
 use checkergen::order::{Schedule, Step};
 use checkergen::pipeline::{
-    self, Backend, Decoded, Grids, LoopPlan, SampleOptions, StepChoice, Steps,
+    self, Backend, Decoded, LoopOutcome, LoopPlan, LoopSteps, SampleOptions, StepChoice,
+    StepLogits, Stepper, Steps,
 };
 use checkergen::sampling::TokenPolicy;
 
-/// Rows a backend's running batch computes, where it says (the CPU does).
-trait Rows {
-    fn rows_now(&self) -> Option<usize>;
-}
-
-impl Rows for CpuBackend<'_> {
-    fn rows_now(&self) -> Option<usize> {
-        self.rows()
-    }
-}
-
-#[cfg(feature = "cuda")]
-impl Rows for checkergen::cuda::engine::GpuBackend<'_> {
-    fn rows_now(&self) -> Option<usize> {
-        None
-    }
-}
-
 /// A backend that notes the rows each step computed and, with `keep`, keeps the
 /// unconditional rows to the end: the pipeline's guidance is still off from the end step
-/// (its `guidance` is None there), but no row is dropped.
+/// (its `guidance` is None there), but no row is dropped. Its loops run eagerly (no
+/// recording: the reference).
 struct Watch<B> {
     inner: B,
     keep: bool,
@@ -52,38 +36,65 @@ fn keep_rows<B>(inner: B) -> Watch<B> {
     }
 }
 
-impl<B: Backend + Rows> Backend for Watch<B> {
-    fn config(&self) -> &checkergen::model::config::ModelConfig {
-        self.inner.config()
-    }
-    fn plan(&mut self, plan: &LoopPlan) {
-        // No recording: the reference runs eagerly.
-        let mut p = plan.clone();
-        p.graph = false;
-        self.inner.plan(&p)
-    }
-    fn begin(&mut self, s: &Schedule, labels: &[usize], guided: bool) -> anyhow::Result<()> {
-        self.inner.begin(s, labels, guided)
-    }
+/// The steps of a watched loop, on the stepper the inner backend hands them.
+struct Watched<'a> {
+    inner: &'a mut dyn Stepper,
+    keep: bool,
+    rows: &'a mut Vec<usize>,
+}
+
+impl Stepper for Watched<'_> {
     fn begin_scale(&mut self, s: &Schedule, si: usize) -> anyhow::Result<()> {
         self.inner.begin_scale(s, si)
     }
-    fn step(
-        &mut self,
-        s: &Schedule,
-        step: &Step,
-        ch: &StepChoice,
-    ) -> anyhow::Result<Option<Vec<f32>>> {
+    fn step(&mut self, s: &Schedule, step: &Step, ch: &StepChoice) -> anyhow::Result<StepLogits> {
         let choice = StepChoice {
             drop_uncond: ch.drop_uncond && !self.keep,
             ..*ch
         };
         let r = self.inner.step(s, step, &choice);
-        self.rows.push(self.inner.rows_now().unwrap_or(0));
+        self.rows.push(self.inner.rows().unwrap_or(0));
         r
     }
-    fn finish(&mut self, s: &Schedule) -> anyhow::Result<Grids> {
-        self.inner.finish(s)
+}
+
+impl<B: Backend> Watch<B> {
+    fn watched(&mut self) -> Watched<'_> {
+        Watched {
+            inner: &mut self.inner,
+            keep: self.keep,
+            rows: &mut self.rows,
+        }
+    }
+}
+
+impl<B: Backend> Stepper for Watch<B> {
+    fn begin_scale(&mut self, s: &Schedule, si: usize) -> anyhow::Result<()> {
+        self.watched().begin_scale(s, si)
+    }
+    fn step(&mut self, s: &Schedule, step: &Step, ch: &StepChoice) -> anyhow::Result<StepLogits> {
+        self.watched().step(s, step, ch)
+    }
+}
+
+impl<B: Backend> Backend for Watch<B> {
+    fn config(&self) -> &checkergen::model::config::ModelConfig {
+        self.inner.config()
+    }
+    fn run_loop(&mut self, plan: &LoopPlan, steps: &mut LoopSteps) -> anyhow::Result<LoopOutcome> {
+        let plan = LoopPlan {
+            graph: false,
+            ..plan.clone()
+        };
+        let (keep, rows) = (self.keep, &mut self.rows);
+        self.inner.run_loop(&plan, &mut |st| {
+            rows.clear();
+            steps(&mut Watched {
+                inner: st,
+                keep,
+                rows: &mut *rows,
+            })
+        })
     }
     fn decode(&mut self, s: &Schedule, si: usize) -> anyhow::Result<Decoded> {
         self.inner.decode(s, si)
@@ -112,6 +123,13 @@ fn options(end: Option<usize>) -> SampleOptions {
     o.seed = 11;
     o.record_logits = true;
     o
+}
+
+/// The rows each of `total` steps computes when guidance ends at `end`: 2B before, B after.
+fn rows_per_step(b: usize, end: usize, total: usize) -> Vec<usize> {
+    (0..total)
+        .map(|t| if t < end { 2 * b } else { b })
+        .collect()
 }
 
 /// Largest |a - b| over max |b| across every recorded step's logits.
@@ -159,10 +177,7 @@ fn cpu_dropping_the_unconditional_rows_changes_nothing() {
             rows: Vec::new(),
         };
         pipeline::run_steps(&mut count, &o).unwrap();
-        let b = o.labels.len();
-        let want: Vec<usize> = (0..total)
-            .map(|t| if t < end { 2 * b } else { b })
-            .collect();
+        let want = rows_per_step(o.labels.len(), end, total);
         assert_eq!(count.rows, want, "rows per step with cfg_end_step {end}");
         let dropped = pipeline::run_steps(&mut CpuBackend::new(&model), &o).unwrap();
         let kept = pipeline::run_steps(&mut keep_rows(CpuBackend::new(&model)), &o).unwrap();
@@ -198,7 +213,19 @@ fn gpu_dropping_the_unconditional_rows_changes_nothing() {
     o.record_logits = true;
     gm.gpu.record_ledger(true);
     gm.gpu.ledger().clear();
-    let dropped = pipeline::run_steps(&mut GpuBackend::new(&gm), &o).unwrap();
+    // The rows really leave the engine's batch too.
+    let mut count = Watch {
+        inner: GpuBackend::new(&gm),
+        keep: false,
+        rows: Vec::new(),
+    };
+    let dropped = pipeline::run_steps(&mut count, &o).unwrap();
+    assert_eq!(
+        count.rows,
+        rows_per_step(o.labels.len(), end, total),
+        "rows per step on the engine"
+    );
+    drop(count); // its buffers back to the model, for the next batch
     let dropped_flops = gm.gpu.ledger().total(None).flops;
     gm.gpu.ledger().clear();
     let kept = pipeline::run_steps(&mut keep_rows(GpuBackend::new(&gm)), &o).unwrap();

@@ -123,6 +123,64 @@ mod graph {
         assert_eq!(got.pixels, want.pixels);
     }
 
+    /// A capture that fails inside the loop (here a synchronization after every step, which
+    /// a capture refuses) is ended, and the backend runs the loop again with eager launches
+    /// in the same call: the tokens and pixels of eager launches, timed step by step. The
+    /// cache retries the key once without timestamps, then gives it up: its later loops stay
+    /// eager even where a capture would succeed, while another plan's key still captures.
+    #[test]
+    fn a_failed_capture_falls_back_to_eager_launches_for_good() {
+        let gm = GpuModel::new(common::gpu("gpu graph capture failure"), &tiny64()).unwrap();
+        let eager: Vec<_> = (0..4)
+            .map(|k| pipeline::sample(&mut GpuBackend::new(&gm), &batch(k, false)).unwrap())
+            .collect();
+        // Another plan (another temperature): its own key.
+        let other = |graph| {
+            let mut o = batch(1, graph);
+            o.policy.temperature = 0.5;
+            o
+        };
+        let other_eager = pipeline::sample(&mut GpuBackend::new(&gm), &other(false)).unwrap();
+        let mut be = GpuBackend::new(&gm);
+        be.sync_after_steps = true;
+        // Batch 0: the eager warm-up; 1: the capture with timestamps fails, rerun eagerly;
+        // 2: the capture without them fails, rerun eagerly, the key given up; 3: eager,
+        // though a capture would now succeed.
+        for (k, want) in eager.iter().enumerate() {
+            be.sync_after_steps = k < 3;
+            let got = pipeline::sample(&mut be, &batch(k, true)).unwrap();
+            assert!(!gm.gpu.capturing(), "batch {k}: the capture was left open");
+            assert!(!got.tokens.replayed, "batch {k}: replayed a graph");
+            assert_eq!(got.tokens.tokens, want.tokens.tokens, "batch {k}: tokens");
+            assert_eq!(got.pixels, want.pixels, "batch {k}: pixels");
+            assert_eq!(
+                got.tokens.step_ms.len(),
+                got.tokens.schedule.total_steps(),
+                "batch {k}: eager step times"
+            );
+            assert!(got.tokens.decode_in_loop_ms.is_some(), "batch {k}");
+            println!("batch {k}: eager launches, equal to the eager reference");
+        }
+        // The other key warms up, is captured (no timestamps: one capture failed with them)
+        // and replayed.
+        for i in 0..3 {
+            let got = pipeline::sample(&mut be, &other(true)).unwrap();
+            assert_eq!(got.tokens.replayed, i >= 1, "other plan, run {i}");
+            assert_eq!(
+                got.tokens.tokens, other_eager.tokens.tokens,
+                "other plan, run {i}"
+            );
+            assert_eq!(got.pixels, other_eager.pixels, "other plan, run {i}");
+            if i >= 1 {
+                assert!(
+                    got.tokens.step_ms.is_empty(),
+                    "an untimed graph has step times"
+                );
+            }
+        }
+        println!("another plan captures and replays on the same buffers");
+    }
+
     #[test]
     fn capture_records_and_refuses_transfers() {
         let gpu = common::gpu("gpu graph capture");

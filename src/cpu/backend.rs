@@ -9,8 +9,12 @@ use crate::model::config::ModelConfig;
 use crate::model::decoder::DecoderWeights;
 use crate::model::weights::TransformerWeights;
 use crate::order::{Schedule, Step};
-use crate::pipeline::{Backend, Decoded, Grids, SampleOptions, StepChoice, TokenOutput, run_steps};
+use crate::pipeline::{
+    Backend, Decoded, Grids, LoopOutcome, LoopPlan, LoopSteps, SampleOptions, StepChoice,
+    StepLogits, Stepper, TokenOutput, elapsed_ms, run_steps,
+};
 use anyhow::{Context, Result};
+use std::time::Instant;
 
 /// The f32 CPU backend.
 pub struct CpuBackend<'w> {
@@ -62,10 +66,38 @@ impl<'w> CpuBackend<'w> {
         }
     }
 
-    /// Sequence rows the running batch computes (B, or 2B while the unconditional half is
-    /// kept); None between batches.
-    pub fn rows(&self) -> Option<usize> {
-        self.tf.as_ref().map(|tf| tf.rows())
+    /// Start a batch of `labels` (doubled with null-class rows when `guided`): the KV cache
+    /// and AdaLN modulations, and the class token.
+    fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) {
+        let (w, c) = (self.w, self.cfg.hidden_size);
+        let n_total = schedule.total_tokens();
+        let mut classes = labels.to_vec();
+        if guided {
+            classes.extend(std::iter::repeat_n(self.cfg.num_classes, labels.len()));
+        }
+        let mut tf = CpuTransformer::new(self.cfg, w, &classes, 1 + n_total);
+        // Class token: input class_embeddings[label], RoPE row N for both positions.
+        let mut x = Vec::with_capacity(classes.len() * c);
+        for &cls in &classes {
+            x.extend_from_slice(&w.class_embeddings[cls * c..(cls + 1) * c]);
+        }
+        tf.forward(&mut x, &[n_total], &[n_total]);
+        self.tf = Some(tf);
+        self.batch = labels.len();
+        self.guided = guided;
+        self.grids.clear();
+        self.probs.clear();
+        self.entropies.clear();
+    }
+
+    /// The sampled grids, per scale (and the statistics' grids when recorded).
+    fn finish(&mut self) -> Grids {
+        self.tf = None;
+        Grids {
+            tokens: self.grids.clone(),
+            prob: std::mem::take(&mut self.probs),
+            entropy: std::mem::take(&mut self.entropies),
+        }
     }
 }
 
@@ -141,29 +173,35 @@ impl Backend for CpuBackend<'_> {
         self.cfg
     }
 
-    fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()> {
-        let (w, c) = (self.w, self.cfg.hidden_size);
-        let n_total = schedule.total_tokens();
-        let mut classes = labels.to_vec();
-        if guided {
-            classes.extend(std::iter::repeat_n(self.cfg.num_classes, labels.len()));
-        }
-        let mut tf = CpuTransformer::new(self.cfg, w, &classes, 1 + n_total);
-        // Class token: input class_embeddings[label], RoPE row N for both positions.
-        let mut x = Vec::with_capacity(classes.len() * c);
-        for &cls in &classes {
-            x.extend_from_slice(&w.class_embeddings[cls * c..(cls + 1) * c]);
-        }
-        tf.forward(&mut x, &[n_total], &[n_total]);
-        self.tf = Some(tf);
-        self.batch = labels.len();
-        self.guided = guided;
-        self.grids.clear();
-        self.probs.clear();
-        self.entropies.clear();
-        Ok(())
+    /// Begin, the pipeline's steps, finish: the CPU records nothing.
+    fn run_loop(&mut self, plan: &LoopPlan, steps: &mut LoopSteps) -> Result<LoopOutcome> {
+        let t = Instant::now();
+        self.begin(plan.schedule, plan.labels, plan.guided);
+        let prefill_ms = elapsed_ms(t);
+        steps(self)?;
+        Ok(LoopOutcome {
+            grids: self.finish(),
+            replayed: false,
+            prefill_ms,
+            device_times: None,
+        })
     }
 
+    fn decode(&mut self, schedule: &Schedule, si: usize) -> Result<Decoded> {
+        let dec = self
+            .decoder
+            .context("this CPU backend was built without a decoder")?;
+        let s = schedule.scales.get(si).context("no such scale")?.size;
+        let grid = self.grids.get(si).context("decode before a batch ran")?;
+        let images = dec.decode_tokens(grid, self.batch, s);
+        Ok(Decoded {
+            pixels: ops::pixels(&images),
+            images: Some(images),
+        })
+    }
+}
+
+impl Stepper for CpuBackend<'_> {
     fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()> {
         let b = self.batch;
         let cells = b * schedule.scales[si].size.pow(2);
@@ -181,12 +219,7 @@ impl Backend for CpuBackend<'_> {
         Ok(())
     }
 
-    fn step(
-        &mut self,
-        schedule: &Schedule,
-        step: &Step,
-        ch: &StepChoice,
-    ) -> Result<Option<Vec<f32>>> {
+    fn step(&mut self, schedule: &Schedule, step: &Step, ch: &StepChoice) -> Result<StepLogits> {
         let (w, b) = (self.w, self.batch);
         let v = self.cfg.codebook_size();
         let scale = &schedule.scales[step.scale];
@@ -227,25 +260,7 @@ impl Backend for CpuBackend<'_> {
         Ok(ch.record.then_some(logits))
     }
 
-    fn finish(&mut self, _schedule: &Schedule) -> Result<Grids> {
-        self.tf = None;
-        Ok(Grids {
-            tokens: self.grids.clone(),
-            prob: std::mem::take(&mut self.probs),
-            entropy: std::mem::take(&mut self.entropies),
-        })
-    }
-
-    fn decode(&mut self, schedule: &Schedule, si: usize) -> Result<Decoded> {
-        let dec = self
-            .decoder
-            .context("this CPU backend was built without a decoder")?;
-        let s = schedule.scales.get(si).context("no such scale")?.size;
-        let grid = self.grids.get(si).context("decode before a batch ran")?;
-        let images = dec.decode_tokens(grid, self.batch, s);
-        Ok(Decoded {
-            pixels: ops::pixels(&images),
-            images: Some(images),
-        })
+    fn rows(&self) -> Option<usize> {
+        self.tf.as_ref().map(|tf| tf.rows())
     }
 }

@@ -1,6 +1,7 @@
 //! The GPU sampler backend: weights uploaded once in bf16 (norms, tables, biases in f32), every
 //! buffer allocated once per batch, and the serial step loop as kernel launches and cuBLAS
-//! GEMMs on one stream. Implements [`Backend`], so the loop itself is sampler.rs's.
+//! GEMMs on one stream. Implements [`Backend`] (the loop itself is pipeline.rs's; `run_loop`
+//! carries out the graph cache's choice of replay, capture or eager launches) and [`Stepper`].
 //!
 //! Per step (T = rows * n tokens, rows = B or 2B with guidance):
 //!   gather_inputs -> x (T, C) f32 residual
@@ -27,10 +28,12 @@ use crate::model::Model;
 use crate::model::config::ModelConfig;
 use crate::order::{Schedule, Step};
 use crate::pipeline::{
-    Backend, Decoded, DeviceTimes, GraphCaptureFailed, Grids, LoopPlan, LoopSignature, StepChoice,
+    Backend, Decoded, DeviceTimes, Grids, LoopOutcome, LoopPlan, LoopSteps, StepChoice, StepLogits,
+    Stepper, elapsed_ms,
 };
 use anyhow::{Context, Result, bail, ensure};
 use half::bf16;
+use std::time::Instant;
 
 pub(super) fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
@@ -264,17 +267,6 @@ impl Modulations {
     }
 }
 
-/// How the current loop runs.
-#[derive(Clone, Debug, PartialEq)]
-enum Mode {
-    /// Launches run as issued (timestamps between steps, no synchronization).
-    Eager,
-    /// Launches are recorded into a graph (its key), replayed in `finish`.
-    Capture(GraphKey),
-    /// `begin` replayed a recorded graph: the loop is done.
-    Replayed,
-}
-
 /// [`Backend`] on the GPU.
 pub struct GpuBackend<'m> {
     m: &'m GpuModel,
@@ -283,17 +275,23 @@ pub struct GpuBackend<'m> {
     /// Per step index arrays, uploaded in `begin`.
     steps: Vec<StepIndex>,
     guided: bool,
-    plan: Option<LoopPlan>,
-    mode: Mode,
-    /// The loop's timestamps were recorded (eagerly, or by the replayed graph).
+    /// The current loop takes timestamps (eagerly, or recorded into its graph).
     timed: bool,
     /// The scale the current loop decodes at its end (chosen in `begin`).
     loop_decode: Option<usize>,
     /// The scale whose pixels the loop decoded into the batch's `dec` buffers.
     decoded: Option<usize>,
+    /// A launch of the pipeline's steps failed during a capture (its message): the capture
+    /// failed, rather than the steps being stopped (a cancellation).
+    capture_fault: Option<String>,
     /// At most this many images per pass of the in-loop decode (on top of
     /// `GpuDecoder::max_batch`); None = no extra limit. For tests of the multi-pass decode.
     pub decode_batch_limit: Option<usize>,
+    /// Synchronize the stream after every step. A test hook: a capture refuses
+    /// synchronization, so every capture then fails inside the loop, as a real refusal would
+    /// (tests/gpu_graph.rs); eager launches are unaffected.
+    #[doc(hidden)]
+    pub sync_after_steps: bool,
 }
 
 impl Drop for GpuBackend<'_> {
@@ -315,12 +313,12 @@ impl<'m> GpuBackend<'m> {
             key: None,
             steps: Vec::new(),
             guided: false,
-            plan: None,
-            mode: Mode::Eager,
             timed: false,
             loop_decode: None,
             decoded: None,
+            capture_fault: None,
             decode_batch_limit: None,
+            sync_after_steps: false,
         }
     }
 }
@@ -561,37 +559,23 @@ impl GpuModel {
     }
 }
 
-impl GpuBackend<'_> {
-    /// During a capture, turn a failure into [`GraphCaptureFailed`] after ending the capture
-    /// (the stream must leave capture mode) and never capturing this plan again; the
-    /// pipeline then reruns the loop eagerly.
-    fn guard<T>(&mut self, r: Result<T>) -> Result<T> {
-        match (&r, &self.mode) {
-            (Err(e), Mode::Capture(key)) => {
-                let msg = format!("{e:#}");
-                if let Some(bt) = self.batch.as_mut() {
-                    bt.graphs
-                        .capture_failed(key, FailReason::Capture(msg.clone()));
-                }
-                self.mode = Mode::Eager;
-                let _ = self.m.gpu.end_capture();
-                Err(GraphCaptureFailed(msg).into())
-            }
-            _ => r,
-        }
-    }
+/// Why a captured loop stopped before its graph was kept.
+enum Stop {
+    /// The capture failed (a launch refused, the capture not begun or not ended): the loop
+    /// runs again eagerly.
+    Failed(FailReason),
+    /// The steps stopped (a cancellation) or the graph's replay failed: returned as is.
+    Error(anyhow::Error),
 }
 
-impl Backend for GpuBackend<'_> {
-    fn config(&self) -> &ModelConfig {
-        &self.m.cfg
-    }
-
-    fn memory(&self) -> Result<crate::pipeline::Memory> {
-        self.m.gpu.memory()
-    }
-
-    fn begin(&mut self, schedule: &Schedule, labels: &[usize], guided: bool) -> Result<()> {
+impl GpuBackend<'_> {
+    /// Start a batch of the plan's labels: its buffers (this backend's or the model's
+    /// cached ones when the shape matches, else new), its host inputs uploaded into them (before
+    /// any capture: silu(class embeddings) for the AdaLN GEMMs, the class token's input, seed
+    /// and image offset), the planned decode's buffers. Returns the key of the loop's
+    /// recording when the plan lets it be recorded.
+    fn begin(&mut self, plan: &LoopPlan) -> Result<Option<GraphKey>> {
+        let (schedule, labels, guided) = (plan.schedule, plan.labels, plan.guided);
         let m = self.m;
         let g = &m.gpu;
         let cfg = &m.cfg;
@@ -624,15 +608,6 @@ impl Backend for GpuBackend<'_> {
                 bt
             }
         };
-        // The batch's host inputs, into its buffers (before any capture): silu(class
-        // embeddings) for the AdaLN GEMMs, the class token's input, seed and image offset.
-        let plan = self.plan.clone().unwrap_or(LoopPlan {
-            graph: false,
-            signature: LoopSignature::default(),
-            seed: 0,
-            image0: 0,
-            decode: None,
-        });
         let mut act = Vec::with_capacity(rows * c);
         let mut x0 = Vec::with_capacity(rows * c);
         for &cls in &classes {
@@ -659,70 +634,82 @@ impl Backend for GpuBackend<'_> {
             bt.dec = None;
             bt.dec = Some(m.decoder.buffers(g, b, s, self.decode_batch_limit)?);
         }
-        let graph_key = plan.graph.then(|| GraphKey {
-            signature: plan.signature,
-            decode: decode.map(|(si, _)| si),
-        });
-        // The cache decides; this carries it out (a capture that cannot start fails the key).
-        let (mode, timed) = match bt.graphs.decide(graph_key.as_ref()) {
-            Decision::Replay { graph, timed } => {
-                g.replay(graph)?;
-                self.decoded = decode.map(|(si, _)| si);
-                (Mode::Replayed, timed)
-            }
-            Decision::Capture { timed } => match g.begin_capture() {
-                Ok(()) => (Mode::Capture(graph_key.clone().expect("a key")), timed),
-                Err(e) => {
-                    eprintln!("warning: {e:#}; this batch shape runs with eager launches");
-                    let key = graph_key.as_ref().expect("a key");
-                    bt.graphs
-                        .capture_failed(key, FailReason::BeginCapture(format!("{e:#}")));
-                    (Mode::Eager, true)
-                }
-            },
-            Decision::Eager => (Mode::Eager, true),
-        };
-        self.mode = mode;
-        self.timed = timed;
         self.key = Some(key);
         self.guided = guided;
-        let bt = self.batch.insert(bt);
-        if self.mode != Mode::Replayed {
-            let timed = self.timed;
-            let r = (|| {
-                if timed {
-                    g.mark(&bt.marks, 0)?;
-                }
-                m.prefill(bt)?;
-                if timed {
-                    g.mark(&bt.marks, 1)?;
-                }
-                Ok(())
-            })();
-            self.guard(r)?;
+        self.timed = true;
+        self.batch = Some(bt);
+        Ok(plan.graph.then(|| GraphKey {
+            signature: plan.signature,
+            decode: decode.map(|(si, _)| si),
+        }))
+    }
+
+    /// The AdaLN modulations and the class token, between timestamps 0 and 1 when timed.
+    fn enqueue_prefill(&mut self) -> Result<()> {
+        let (m, timed) = (self.m, self.timed);
+        let bt = self
+            .batch
+            .as_mut()
+            .context("prefill before a batch began")?;
+        if timed {
+            m.gpu.mark(&bt.marks, 0)?;
+        }
+        m.prefill(bt)?;
+        if timed {
+            m.gpu.mark(&bt.marks, 1)?;
         }
         Ok(())
     }
 
-    fn plan(&mut self, plan: &LoopPlan) {
-        self.plan = Some(plan.clone());
+    /// The loop with eager launches (timed): the prefill, the pipeline's steps, the planned
+    /// decode. Returns the host milliseconds from `t0` to the prefill's end.
+    fn eager(&mut self, schedule: &Schedule, t0: Instant, steps: &mut LoopSteps) -> Result<f64> {
+        self.timed = true;
+        self.enqueue_prefill()?;
+        let prefill_ms = elapsed_ms(t0);
+        steps(self)?;
+        self.enqueue_decode(schedule)?;
+        Ok(prefill_ms)
     }
 
-    fn replayed(&self) -> bool {
-        self.mode == Mode::Replayed
+    /// Record the loop (the prefill, the pipeline's steps, the planned decode) into a graph,
+    /// with timestamps in it when `timed`; replay it and keep it under `key`. The capture is
+    /// over when this returns, whatever happened inside it.
+    fn capture(
+        &mut self,
+        key: &GraphKey,
+        timed: bool,
+        schedule: &Schedule,
+        steps: &mut LoopSteps,
+    ) -> std::result::Result<(), Stop> {
+        let m = self.m;
+        let g = &m.gpu;
+        let failed = |e: anyhow::Error| Stop::Failed(FailReason::Capture(format!("{e:#}")));
+        g.begin_capture()
+            .map_err(|e| Stop::Failed(FailReason::BeginCapture(format!("{e:#}"))))?;
+        self.timed = timed;
+        self.capture_fault = None;
+        let mut record = || -> std::result::Result<(), Stop> {
+            self.enqueue_prefill().map_err(failed)?;
+            steps(self).map_err(|e| match self.capture_fault.take() {
+                Some(fault) => Stop::Failed(FailReason::Capture(fault)),
+                None => Stop::Error(e),
+            })?;
+            self.enqueue_decode(schedule).map_err(failed)
+        };
+        let recorded = record();
+        let ended = g.end_capture();
+        recorded?;
+        let graph = ended.map_err(failed)?;
+        g.replay(&graph).map_err(Stop::Error)?;
+        let bt = self.batch.as_mut().expect("a batch began");
+        bt.graphs.captured(key.clone(), graph, timed);
+        Ok(())
     }
 
-    fn abandon(&mut self) {
-        if matches!(self.mode, Mode::Capture(_)) {
-            let _ = self.m.gpu.end_capture();
-        }
-        self.mode = Mode::Eager;
-        self.timed = false;
-        self.loop_decode = None;
-        self.decoded = None;
-    }
-
-    fn device_times(&mut self) -> Option<DeviceTimes> {
+    /// After the loop: its times as the timestamps on the stream measured them, when it
+    /// took them (a warning and None when they cannot be read).
+    fn device_times(&self) -> Option<DeviceTimes> {
         let bt = self.batch.as_ref()?;
         if !self.timed {
             return None;
@@ -750,45 +737,89 @@ impl Backend for GpuBackend<'_> {
         }
     }
 
-    fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()> {
-        let r = self.enqueue_scale(schedule, si);
-        self.guard(r)
-    }
-
-    fn step(
+    /// The loop's outcome: the grids read back, and its device times.
+    fn outcome(
         &mut self,
         schedule: &Schedule,
-        step: &Step,
-        ch: &StepChoice,
-    ) -> Result<Option<Vec<f32>>> {
-        let r = self.enqueue_step(schedule, step, ch);
-        self.guard(r)
+        replayed: bool,
+        prefill_ms: f64,
+    ) -> Result<LoopOutcome> {
+        Ok(LoopOutcome {
+            grids: self.read_grids(schedule)?,
+            replayed,
+            prefill_ms,
+            device_times: self.device_times(),
+        })
     }
 
-    fn finish(&mut self, schedule: &Schedule) -> Result<Grids> {
-        if self.mode != Mode::Replayed {
-            let r = self.enqueue_decode(schedule);
-            self.guard(r)?;
+    /// During a capture, note a failed launch of the steps (the capture failed; see
+    /// [`GpuBackend::capture`]).
+    fn note_fault<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r
+            && self.m.gpu.capturing()
+        {
+            self.capture_fault = Some(format!("{e:#}"));
         }
-        if let Mode::Capture(key) = self.mode.clone() {
-            let g = &self.m.gpu;
-            let bt = self.batch.as_mut().expect("begin() not called");
-            match g.end_capture() {
-                Ok(graph) => {
-                    g.replay(&graph)?;
-                    bt.graphs.captured(key, graph, self.timed);
-                    self.mode = Mode::Replayed;
+        r
+    }
+}
+
+impl Backend for GpuBackend<'_> {
+    fn config(&self) -> &ModelConfig {
+        &self.m.cfg
+    }
+
+    fn memory(&self) -> Result<crate::pipeline::Memory> {
+        self.m.gpu.memory()
+    }
+
+    /// Start the batch, then what the graph cache decides for the plan's key: replay its
+    /// recording (the steps are not called), capture the loop (on a failure inside the
+    /// capture: the failure recorded, the capture ended, a warning, and the loop run again
+    /// eagerly from a fresh start), or launch eagerly. Eager and recorded loops take
+    /// timestamps on the stream (a recording leaves them out after one failed with them).
+    fn run_loop(&mut self, plan: &LoopPlan, steps: &mut LoopSteps) -> Result<LoopOutcome> {
+        let t0 = Instant::now();
+        let schedule = plan.schedule;
+        let key = self.begin(plan)?;
+        let m = self.m;
+        let bt = self.batch.as_mut().expect("a batch began");
+        let capture = match bt.graphs.decide(key.as_ref()) {
+            Decision::Replay { graph, timed } => {
+                m.gpu.replay(graph)?;
+                self.timed = timed;
+                self.decoded = self.loop_decode;
+                None
+            }
+            Decision::Capture { timed } => Some(timed),
+            Decision::Eager => {
+                let prefill_ms = self.eager(schedule, t0, steps)?;
+                return self.outcome(schedule, false, prefill_ms);
+            }
+        };
+        let (Some(timed), Some(key)) = (capture, key) else {
+            return self.outcome(schedule, true, elapsed_ms(t0));
+        };
+        match self.capture(&key, timed, schedule, steps) {
+            Ok(()) => self.outcome(schedule, true, elapsed_ms(t0)),
+            Err(Stop::Error(e)) => Err(e),
+            Err(Stop::Failed(reason)) => {
+                let bt = self.batch.as_mut().expect("a batch began");
+                let warning = format!("warning: graph capture failed: {reason}; ");
+                if bt.graphs.capture_failed(&key, reason) {
+                    eprintln!("{warning}this batch shape and plan run with eager launches");
+                } else {
+                    eprintln!(
+                        "{warning}running the loop with eager launches (the next capture \
+                         leaves its timestamps out)"
+                    );
                 }
-                Err(e) => {
-                    bt.graphs
-                        .capture_failed(&key, FailReason::Capture(format!("{e:#}")));
-                    self.mode = Mode::Eager;
-                    self.decoded = None;
-                    return Err(GraphCaptureFailed(format!("{e:#}")).into());
-                }
+                let t = Instant::now();
+                self.begin(plan)?;
+                let prefill_ms = self.eager(schedule, t, steps)?;
+                self.outcome(schedule, false, prefill_ms)
             }
         }
-        self.read_grids(schedule)
     }
 
     /// Decode scale `si`'s grid on the device (conditional rows only; both guidance halves
@@ -821,14 +852,27 @@ impl Backend for GpuBackend<'_> {
     }
 }
 
-impl GpuBackend<'_> {
-    /// Start scale `si` (enqueued): z0 from the previous scale's grid, and its source
-    /// embeddings.
-    fn enqueue_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()> {
-        let bt = self.batch.as_mut().expect("begin() not called");
-        self.m.scale_sources(bt, schedule, si)
+impl Stepper for GpuBackend<'_> {
+    fn begin_scale(&mut self, schedule: &Schedule, si: usize) -> Result<()> {
+        let bt = self
+            .batch
+            .as_mut()
+            .context("a scale before a batch began")?;
+        let r = self.m.scale_sources(bt, schedule, si);
+        self.note_fault(r)
     }
 
+    fn step(&mut self, schedule: &Schedule, step: &Step, ch: &StepChoice) -> Result<StepLogits> {
+        let r = self.enqueue_step(schedule, step, ch);
+        self.note_fault(r)
+    }
+
+    fn rows(&self) -> Option<usize> {
+        self.batch.as_ref().map(|bt| bt.rows)
+    }
+}
+
+impl GpuBackend<'_> {
     /// One serial step, enqueued (and synchronized in eager mode).
     fn enqueue_step(
         &mut self,
@@ -838,7 +882,7 @@ impl GpuBackend<'_> {
     ) -> Result<Option<Vec<f32>>> {
         let m = self.m;
         let g = &m.gpu;
-        let bt = self.batch.as_mut().expect("begin() not called");
+        let bt = self.batch.as_mut().context("a step before a batch began")?;
         if ch.drop_uncond && self.guided {
             // Guidance is over: from here on only the conditional rows (the first B of every
             // row-major buffer: KV caches, modulations, activations) are computed.
@@ -910,6 +954,9 @@ impl GpuBackend<'_> {
         )?;
         if self.timed {
             g.mark(&bt.marks, step.t + 2)?;
+        }
+        if self.sync_after_steps {
+            g.sync()?;
         }
         let out = if ch.record {
             Some(g.download_range(&bt.logits, 0..bt.b * n * v)?)

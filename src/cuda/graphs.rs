@@ -7,11 +7,12 @@
 //!                                             |      retried once without them)--> Warm
 //!                                             \--(capture failed)--> Failed(reason)
 //! ```
-//! [`GraphCache::decide`] is the one place that chooses replay, capture or eager launches;
-//! a Captured graph is replayed for every later loop of its key, a Failed key always runs
-//! eagerly. The graphs launch on the batch's buffers and are dropped with them (the cache
-//! lives in the batch); the graphs that decode are dropped when the decode buffers are
-//! replaced, their keys Warm again ([`GraphCache::drop_decoding`]).
+//! [`GraphCache::decide`] is the one place that chooses replay, capture or eager launches
+//! (`GpuBackend::run_loop` in cuda/engine.rs carries the choice out, and reruns a loop whose
+//! capture failed eagerly); a Captured graph is replayed for every later loop of its key, a
+//! Failed key always runs eagerly. The graphs launch on the batch's buffers and are dropped
+//! with them (the cache lives in the batch); the graphs that decode are dropped when the
+//! decode buffers are replaced, their keys Warm again ([`GraphCache::drop_decoding`]).
 
 use super::Graph;
 use crate::pipeline::LoopSignature;
@@ -36,6 +37,15 @@ pub enum FailReason {
     /// A launch, GEMM or memset was refused during the capture, or ending it failed (after
     /// the retry without timestamps).
     Capture(String),
+}
+
+impl std::fmt::Display for FailReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FailReason::BeginCapture(e) => write!(f, "the capture could not begin: {e}"),
+            FailReason::Capture(e) => f.write_str(e),
+        }
+    }
 }
 
 /// One key's state (a key absent from the cache is Cold: never run).
@@ -100,13 +110,15 @@ impl GraphCache {
 
     /// The capture of `key` failed. A capture with timestamps in it is retried once without
     /// them (the key stays Warm, every later capture is untimed); otherwise the key is Failed.
-    pub fn capture_failed(&mut self, key: &GraphKey, reason: FailReason) {
+    /// Returns whether it is (given up for good).
+    pub fn capture_failed(&mut self, key: &GraphKey, reason: FailReason) -> bool {
         let retry = !self.untimed && matches!(reason, FailReason::Capture(_));
         if retry {
             self.untimed = true;
         } else {
             self.states.insert(key.clone(), GraphState::Failed(reason));
         }
+        !retry
     }
 
     /// Drop the graphs that decode at the end of the loop (their decode buffers are being
@@ -149,12 +161,12 @@ mod tests {
             Decision::Capture { timed: true }
         ));
         // A timed capture fails: retried untimed, then given up.
-        c.capture_failed(&k, FailReason::Capture("refused".into()));
+        assert!(!c.capture_failed(&k, FailReason::Capture("refused".into())));
         assert!(matches!(
             c.decide(Some(&k)),
             Decision::Capture { timed: false }
         ));
-        c.capture_failed(&k, FailReason::Capture("refused".into()));
+        assert!(c.capture_failed(&k, FailReason::Capture("refused".into())));
         assert!(matches!(c.state(&k), Some(GraphState::Failed(_))));
         assert!(matches!(c.decide(Some(&k)), Decision::Eager));
         // A decoding key's graph goes when its buffers are replaced (Warm: captured anew);
