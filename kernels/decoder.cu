@@ -835,21 +835,25 @@ __device__ __forceinline__ void dec_pixels_impl(const PixelsParams& p) {
 // Entry points: extern "C", named <op>_<variant>_<dtype>, one declaration per line (build.rs
 // registers each as a k::* constant for src/cuda/), each with __launch_bounds__(the largest block
 // its launcher uses): the registry records it, Gpu::launch refuses a larger block, and
-// scripts/kernel-resources.sh checks registers and shared memory against it
+// scripts/kernel-resources.sh checks registers and shared memory against it. Each op's variants
+// stand together, the ops in the order of their definitions above
 // =============================================================================================
 
 extern "C" __global__ void __launch_bounds__(256) conv3x3_direct_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16, __nv_bfloat16, false>(p); }
 extern "C" __global__ void __launch_bounds__(256) conv3x3_direct_out32_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16, float, false>(p); }
 extern "C" __global__ void __launch_bounds__(256) conv3x3_direct_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half, __half, false>(p); }
 extern "C" __global__ void __launch_bounds__(256) conv3x3_direct_out32_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half, float, false>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv3x3_direct_f32(const Conv3x3Params p) { conv3x3_direct_impl<float, float, false>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv3x3_down_direct_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16, __nv_bfloat16, true>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv3x3_down_direct_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half, __half, true>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv3x3_down_direct_f32(const Conv3x3Params p) { conv3x3_direct_impl<float, float, true>(p); }
 extern "C" __global__ void __launch_bounds__(256) conv3x3_narrow_bf16(const Conv3x3Params p) { conv3x3_narrow_impl<__nv_bfloat16>(p); }
 extern "C" __global__ void __launch_bounds__(256) conv3x3_narrow_f16(const Conv3x3Params p) { conv3x3_narrow_impl<__half>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv3x3_narrow_f32(const Conv3x3Params p) { conv3x3_narrow_impl<float>(p); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_bf16(const Conv3x3Params p) { conv3x3_tc_impl<__nv_bfloat16, false, false>(p); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_gn_bf16(const Conv3x3Params p) { conv3x3_tc_impl<__nv_bfloat16, false, true>(p); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_f16(const Conv3x3Params p) { conv3x3_tc_impl<__half, false, false>(p); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_tc_gn_f16(const Conv3x3Params p) { conv3x3_tc_impl<__half, false, true>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv3x3_down_direct_bf16(const Conv3x3Params p) { conv3x3_direct_impl<__nv_bfloat16, __nv_bfloat16, true>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv3x3_down_direct_f16(const Conv3x3Params p) { conv3x3_direct_impl<__half, __half, true>(p); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_down_tc_bf16(const Conv3x3Params p) { conv3x3_tc_impl<__nv_bfloat16, true, false>(p); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_down_tc_f16(const Conv3x3Params p) { conv3x3_tc_impl<__half, true, false>(p); }
 extern "C" __global__ void __launch_bounds__(256) gn_partial_bf16(const GnPartialParams p) { gn_partial_impl<__nv_bfloat16>(p); }
@@ -858,16 +862,13 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial_f32(const GnPartial
 extern "C" __global__ void __launch_bounds__(256) gn_finalize_f32(const GnFinalizeParams p) { gn_finalize_impl(p); }
 extern "C" __global__ void __launch_bounds__(256) gn_apply_bf16(const GnApplyParams p) { gn_apply_impl<__nv_bfloat16>(p); }
 extern "C" __global__ void __launch_bounds__(256) gn_apply_f16(const GnApplyParams p) { gn_apply_impl<__half>(p); }
+extern "C" __global__ void __launch_bounds__(256) gn_apply_f32(const GnApplyParams p) { gn_apply_impl<float>(p); }
+extern "C" __global__ void __launch_bounds__(256) bias_cast_bf16(const BiasCastParams p) { bias_cast_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(256) bias_cast_f16(const BiasCastParams p) { bias_cast_impl<__half>(p); }
+extern "C" __global__ void __launch_bounds__(256) bias_cast_f32(const BiasCastParams p) { bias_cast_impl<float>(p); }
 extern "C" __global__ void __launch_bounds__(128) gather_codes_bf16(const GatherCodesParams p) { gather_codes_impl<__nv_bfloat16>(p); }
 extern "C" __global__ void __launch_bounds__(128) gather_codes_f16(const GatherCodesParams p) { gather_codes_impl<__half>(p); }
 extern "C" __global__ void __launch_bounds__(256) attn_softmax_bf16(const SoftmaxParams p) { attn_softmax_impl<__nv_bfloat16>(p); }
 extern "C" __global__ void __launch_bounds__(256) attn_softmax_f16(const SoftmaxParams p) { attn_softmax_impl<__half>(p); }
-extern "C" __global__ void __launch_bounds__(256) dec_pixels_f32(const PixelsParams p) { dec_pixels_impl(p); }
-extern "C" __global__ void __launch_bounds__(256) conv3x3_direct_f32(const Conv3x3Params p) { conv3x3_direct_impl<float, float, false>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv3x3_down_direct_f32(const Conv3x3Params p) { conv3x3_direct_impl<float, float, true>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv3x3_narrow_f32(const Conv3x3Params p) { conv3x3_narrow_impl<float>(p); }
-extern "C" __global__ void __launch_bounds__(256) gn_apply_f32(const GnApplyParams p) { gn_apply_impl<float>(p); }
 extern "C" __global__ void __launch_bounds__(256) attn_softmax_f32(const SoftmaxParams p) { attn_softmax_impl<float>(p); }
-extern "C" __global__ void __launch_bounds__(256) bias_cast_bf16(const BiasCastParams p) { bias_cast_impl<__nv_bfloat16>(p); }
-extern "C" __global__ void __launch_bounds__(256) bias_cast_f16(const BiasCastParams p) { bias_cast_impl<__half>(p); }
-extern "C" __global__ void __launch_bounds__(256) bias_cast_f32(const BiasCastParams p) { bias_cast_impl<float>(p); }
+extern "C" __global__ void __launch_bounds__(256) dec_pixels_f32(const PixelsParams p) { dec_pixels_impl(p); }

@@ -269,7 +269,11 @@ fn run_cases<T: Storage>() {
                 } else {
                     gpu.upload(&vec![f32::NAN; rows * cout]).unwrap()
                 };
-                gd::conv1x1(gpu, &conv, &dx, &mut dy, rows, acc).unwrap();
+                let out = gd::Conv1x1Out::F32 {
+                    y: &mut dy,
+                    accumulate: acc,
+                };
+                gd::conv1x1(gpu, &conv, &dx, rows, out).unwrap();
                 let got = gpu.download(&dy).unwrap();
                 // rows pixels are one 1 x rows image.
                 let host = host_conv(cin, cout, 1, w, b);
@@ -332,7 +336,8 @@ fn run_cases<T: Storage>() {
                 tokens[rows - 1] = v as i32; // out of range -> NaN row
                 let dt = gpu.upload(&tokens).unwrap();
                 let mut dz = gpu.upload(&nan::<T>(rows * e)).unwrap();
-                gd::gather_codes(gpu, &dt, 0, &dcb, &mut dz, rows, e, v, normalize).unwrap();
+                let codebook = checkergen::cuda::embed::Codebook { vectors: &dcb, e };
+                gd::gather_codes(gpu, &dt, 0, codebook, v, normalize, &mut dz, rows).unwrap();
                 let got = to_f32(&gpu.download(&dz).unwrap());
                 // Each in-range token as its own 1x1 image: (rows - 1, e, 1, 1) = (rows - 1, e).
                 let valid: Vec<u32> = tokens[..rows - 1].iter().map(|&t| t as u32).collect();

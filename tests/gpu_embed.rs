@@ -76,7 +76,8 @@ fn upsample_case(gpu: &Gpu, batch: usize, si: usize, so: usize, seed: u64) -> (V
         .upload(&toks.iter().map(|&t| t as i32).collect::<Vec<_>>())
         .unwrap();
     let mut z0 = gpu.upload(&vec![f32::NAN; batch * so * so * e]).unwrap();
-    embed::upsample_codes(gpu, &dg, &dcb, &mut z0, batch, si, so, e).unwrap();
+    let codebook = embed::Codebook { vectors: &dcb, e };
+    embed::upsample_codes(gpu, &dg, codebook, &mut z0, batch, si, so).unwrap();
     (gpu.download(&z0).unwrap(), want)
 }
 
@@ -120,14 +121,7 @@ fn gather_case(gpu: &Gpu, first: bool, seed: u64) -> (Vec<f32>, Vec<f32>) {
         bias: rand_vec(c, seed + 12, 0.1),
     };
     let up = |x: &[f32]| gpu.upload(x).unwrap();
-    let dt = embed::InputTables {
-        pa: up(&tables.pa),
-        pc: up(&tables.pc),
-        dc: up(&tables.dc),
-        empty: up(&tables.empty),
-        bias: up(&tables.bias),
-        c,
-    };
+    let dt = embed::InputTables::upload(gpu, &tables, c).unwrap();
     let (batch, rows, s, off) = (3usize, 6usize, 8usize, 21usize);
     let cells = s * s;
     let src = rand_vec(batch * cells * c, seed + 13, 1.0);

@@ -459,6 +459,16 @@ macro_rules! set_attr {
     }};
 }
 
+/// `lt::$f(handle, desc, A, B, C, D layouts, rest...)`: the leading arguments that
+/// cublasLtMatmulAlgoCheck and cublasLtMatmulAlgoGetHeuristic share, from a [`Descs`].
+macro_rules! lt_on_descs {
+    ($f:ident, $handle:expr, $d:expr, $($rest:expr),+ $(,)?) => {{
+        let d: &Descs = $d;
+        let l = &d.layouts;
+        lt::$f($handle, d.desc, l[0], l[1], l[2], l[3], $($rest),+)
+    }};
+}
+
 impl Descs {
     /// The descriptors of `call`, field for field.
     fn new(call: &GemmCall) -> Result<Descs> {
@@ -518,15 +528,12 @@ impl Lt {
         let mut res = std::mem::MaybeUninit::<lt::cublasLtMatmulHeuristicResult_t>::zeroed();
         // SAFETY: live handle and descriptors; `res` is written by the call.
         let st = unsafe {
-            lt::cublasLtMatmulAlgoCheck(
+            lt_on_descs!(
+                cublasLtMatmulAlgoCheck,
                 self.handle,
-                d.desc,
-                d.layouts[0],
-                d.layouts[1],
-                d.layouts[2],
-                d.layouts[3],
+                &d,
                 algo,
-                res.as_mut_ptr(),
+                res.as_mut_ptr()
             )
         };
         // SAFETY: zero-initialised plain data, possibly filled in by the call.
@@ -573,13 +580,10 @@ impl Lt {
         let mut got = 0i32;
         // SAFETY: live handle and descriptors; `res` has room for WANT results.
         unsafe {
-            lt::cublasLtMatmulAlgoGetHeuristic(
+            lt_on_descs!(
+                cublasLtMatmulAlgoGetHeuristic,
                 self.handle,
-                d.desc,
-                d.layouts[0],
-                d.layouts[1],
-                d.layouts[2],
-                d.layouts[3],
+                &d,
                 pref.0,
                 WANT as i32,
                 res.as_mut_ptr(),

@@ -2,6 +2,7 @@
 //! hidden layers, and the per-step input gather (with combine_inputs folded at load time).
 
 use super::{DevBuf, Gpu, Traffic, k};
+use crate::model::weights;
 use anyhow::{Result, ensure};
 use half::bf16;
 
@@ -18,18 +19,24 @@ kernel_params! {
     }
 }
 
+/// A codebook on the device: code vectors of `e` f32 values each, row-major (V, e).
+#[derive(Clone, Copy, Debug)]
+pub struct Codebook<'a> {
+    pub vectors: &'a DevBuf<f32>,
+    pub e: usize,
+}
+
 /// `z0 (B, so*so, e)` = normalized bilinear resize of the code vectors of `grid_prev (B, si*si)`.
-#[allow(clippy::too_many_arguments)]
 pub fn upsample_codes(
     gpu: &Gpu,
     grid_prev: &DevBuf<i32>,
-    codebook: &DevBuf<f32>,
+    codebook: Codebook<'_>,
     z0: &mut DevBuf<f32>,
     batch: usize,
     si: usize,
     so: usize,
-    e: usize,
 ) -> Result<()> {
+    let Codebook { vectors, e } = codebook;
     ensure!(
         e <= 16,
         "code dim {e} > 16 is not supported by upsample_codes"
@@ -40,7 +47,7 @@ pub fn upsample_codes(
     );
     let p = UpsampleParams {
         grid_prev: gpu.ptr(grid_prev),
-        codebook: gpu.ptr(codebook),
+        codebook: gpu.ptr(vectors),
         z0: gpu.ptr(z0),
         batch: batch as i32,
         si: si as i32,
@@ -49,7 +56,7 @@ pub fn upsample_codes(
     };
     let total = (batch * so * so) as u32;
     // The previous grid, the code vectors it names (at most the codebook), z0 written.
-    let codes = (codebook.len() * 4).min(batch * si * si * e * 4);
+    let codes = (vectors.len() * 4).min(batch * si * si * e * 4);
     let traffic = Traffic::new(
         batch * si * si * 4 + codes,
         batch * so * so * e * 4,
@@ -153,19 +160,24 @@ kernel_params! {
     }
 }
 
-/// Folded input tables (see kernels/embed.cu).
+/// The folded input tables of [`weights::InputTables`] on the device (see kernels/embed.cu).
 pub struct InputTables {
-    /// (N, C): embed_positions @ Wa^T.
-    pub pa: DevBuf<f32>,
-    /// (N, C): embed_positions @ Wc^T.
-    pub pc: DevBuf<f32>,
-    /// (V, C): E(codebook) @ Wd^T.
-    pub dc: DevBuf<f32>,
-    /// (C): Wc empty_pos + Wd empty_emb.
-    pub empty: DevBuf<f32>,
-    /// (C): combine_inputs bias.
-    pub bias: DevBuf<f32>,
-    pub c: usize,
+    /// The host tables' pa, pc, dc, empty and bias, in that order (GatherParams' order).
+    tables: [DevBuf<f32>; 5],
+    /// The hidden size C.
+    c: usize,
+}
+
+impl InputTables {
+    /// Uploads the host tables of a model of hidden size `c`.
+    pub fn upload(gpu: &Gpu, host: &weights::InputTables, c: usize) -> Result<InputTables> {
+        let [pa, pc, dc, empty, bias] =
+            [&host.pa, &host.pc, &host.dc, &host.empty, &host.bias].map(|t| gpu.upload(t));
+        Ok(InputTables {
+            tables: [pa?, pc?, dc?, empty?, bias?],
+            c,
+        })
+    }
 }
 
 /// Index arrays of one step, uploaded once per batch (nothing is uploaded inside the loop).
@@ -233,12 +245,13 @@ pub fn gather_inputs(
         idx.cur_global.len() >= n && idx.local.len() >= n,
         "gather index shapes"
     );
+    let [pa, pc, dc, empty, bias] = t.tables.each_ref().map(|b| gpu.ptr(b));
     let p = GatherParams {
-        pa: gpu.ptr(&t.pa),
-        pc: gpu.ptr(&t.pc),
-        dc: gpu.ptr(&t.dc),
-        empty: gpu.ptr(&t.empty),
-        bias: gpu.ptr(&t.bias),
+        pa,
+        pc,
+        dc,
+        empty,
+        bias,
         src: gpu.ptr(src),
         grid: gpu.ptr(grid),
         cur_global: gpu.ptr(&idx.cur_global),
@@ -261,7 +274,8 @@ pub fn gather_inputs(
     let prev = if idx.prev_global.is_none() {
         c * 4
     } else {
-        n * c * 4 + batch * n * 4 + (t.dc.len() * 4).min(batch * n * c * 4) + 2 * n * 4
+        let dc = &t.tables[2];
+        n * c * 4 + batch * n * 4 + (dc.len() * 4).min(batch * n * c * 4) + 2 * n * 4
     };
     let traffic = Traffic::new(
         n * c * 4 + batch * n * c * 4 + c * 4 + 2 * n * 4 + prev,

@@ -156,15 +156,7 @@ impl GpuModel {
             mod_b.extend_from_slice(lw.modulation.b.as_deref().context("modulation bias")?);
         }
         let (mod_w, mod_b) = (gpu.upload(&mod_w)?, gpu.upload(&mod_b)?);
-        let t = &w.tables;
-        let tables = InputTables {
-            pa: up(&t.pa)?,
-            pc: up(&t.pc)?,
-            dc: up(&t.dc)?,
-            empty: up(&t.empty)?,
-            bias: up(&t.bias)?,
-            c: cfg.hidden_size,
-        };
+        let tables = InputTables::upload(&gpu, &w.tables, cfg.hidden_size)?;
         let ch = &w.code_hidden;
         let bias = |l: &crate::model::weights::Linear| -> Result<DevBuf<f32>> {
             up(l.b.as_deref().context("code MLP bias")?)
@@ -534,12 +526,14 @@ impl GpuModel {
             embed::upsample_codes(
                 g,
                 &bt.grids[si - 1],
-                &self.codebook,
+                embed::Codebook {
+                    vectors: &self.codebook,
+                    e,
+                },
                 &mut bt.z0,
                 bt.b,
                 sp,
                 s,
-                e,
             )?;
         }
         embed::codevec_hidden(g, &self.mlp, &bt.z0, &mut bt.hid, cells)?;

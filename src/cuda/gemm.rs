@@ -26,7 +26,7 @@
 //!
 //! cuBLAS is column-major: a row-major `Y (m x n) = X (m x k) W^T` is the column-major
 //! `Y^T (n x m) = op_T(W) X^T`, with W's stored (n x k) row-major bytes read as a (k x n)
-//! column-major matrix (ld k) and X's as (k x m) (ld k); see [`linear_call`].
+//! column-major matrix (ld k) and X's as (k x m) (ld k); see [`linear`].
 
 pub use super::blas::{
     Algo, AlgoKey, ComputeType, DataType, GemmCall, Matrix, Op, Operand, host_gemm,
@@ -75,20 +75,26 @@ impl GemmOut for bf16 {
     const DATA_TYPE: DataType = DataType::CUDA_R_16BF;
 }
 
-/// The call [`linear`] makes: `y (m x n) = x (m x k) w^T + beta * y`, row-major, `w` a Linear
-/// weight (n x k), `x` and `w` bf16, f32 accumulation; `x_off`/`y_off` are element offsets
-/// into the buffers (row slices). Checks the buffers against the shape.
+/// `y (m x n) = x (m x k) w^T + beta * y`, row-major, `w` a Linear weight (n x k), `x` and
+/// `w` bf16, f32 accumulation; `x_off`/`y_off` are element offsets into the buffers (row
+/// slices). Nothing for m = 0; else checks the buffers against the shape and runs the one
+/// [`GemmCall`] by [`gemm`].
 #[allow(clippy::too_many_arguments)]
-pub fn linear_call<O: GemmOut>(
+pub fn linear<O: GemmOut>(
     gpu: &Gpu,
     x: &DevBuf<bf16>,
     x_off: usize,
     w: &DevBuf<bf16>,
-    y: &DevBuf<O>,
+    y: &mut DevBuf<O>,
     y_off: usize,
-    (m, k, n): (usize, usize, usize),
+    m: usize,
+    k: usize,
+    n: usize,
     beta: f32,
-) -> Result<GemmCall> {
+) -> Result<()> {
+    if m == 0 {
+        return Ok(());
+    }
     ensure!(
         x.len() >= x_off + m * k && w.len() >= n * k && y.len() >= y_off + m * n,
         "gemm shapes: x {} (need {}), w {} (need {}), y {} (need {})",
@@ -102,7 +108,7 @@ pub fn linear_call<O: GemmOut>(
     let (xp, wp, yp) = (gpu.ptr(x), gpu.ptr(w), gpu.ptr(y));
     let bf = DataType::CUDA_R_16BF;
     // Column-major Y^T (n x m) = op_T(W as (k x n), ld k) X^T (k x m, ld k), ldc n.
-    Ok(GemmCall::strided(
+    let call = GemmCall::strided(
         Op::CUBLAS_OP_T,
         (n, m, k),
         [
@@ -127,31 +133,10 @@ pub fn linear_call<O: GemmOut>(
         ],
         beta,
         1,
-    ))
+    );
+    gemm(gpu, call)
 }
 
-/// `y (m x n) = x (m x k) w^T + beta * y` ([`linear_call`], run by [`gemm`]).
-#[allow(clippy::too_many_arguments)]
-pub fn linear<O: GemmOut>(
-    gpu: &Gpu,
-    x: &DevBuf<bf16>,
-    x_off: usize,
-    w: &DevBuf<bf16>,
-    y: &mut DevBuf<O>,
-    y_off: usize,
-    m: usize,
-    k: usize,
-    n: usize,
-    beta: f32,
-) -> Result<()> {
-    if m == 0 {
-        return Ok(());
-    }
-    gemm(
-        gpu,
-        linear_call(gpu, x, x_off, w, y, y_off, (m, k, n), beta)?,
-    )
-}
 #[cfg(test)]
 mod tests {
     use super::super::blas::{REPRESENTATIVE_N, representative};

@@ -9,17 +9,17 @@ use half::bf16;
 
 kernel_params! {
     /// The parameters of kernels/norm.cu's `RmsNormParams`.
-    pub(super) struct RmsNormParams {
-        pub(super) x: u64,
-        pub(super) w: u64,
-        pub(super) modulation: u64,
-        pub(super) out: u64,
-        pub(super) tokens: i32,
-        pub(super) n: i32,
-        pub(super) c: i32,
-        pub(super) mod_offset: i32,
-        pub(super) mod_stride: i32,
-        pub(super) eps: f32,
+    struct RmsNormParams {
+        x: u64,
+        w: u64,
+        modulation: u64,
+        out: u64,
+        tokens: i32,
+        n: i32,
+        c: i32,
+        mod_offset: i32,
+        mod_stride: i32,
+        eps: f32,
     }
 }
 
@@ -131,11 +131,11 @@ pub fn silu_mul(
 
 kernel_params! {
     /// The parameters of kernels/norm.cu's `AddBiasParams`.
-    pub(super) struct AddBiasParams {
-        pub(super) y: u64,
-        pub(super) b: u64,
-        pub(super) rows: i32,
-        pub(super) n: i32,
+    struct AddBiasParams {
+        y: u64,
+        b: u64,
+        rows: i32,
+        n: i32,
     }
 }
 
@@ -292,13 +292,15 @@ mod emu_abi_tests {
             rows: 1,
             n: 4,
         };
-        let e = launch(k::ADD_BIAS_F32, [1, 1, 1], [2048, 1, 1], &p).unwrap_err();
-        assert!(e.contains("add_bias_f32") && e.contains("block"), "{e}");
-        let e = launch(k::ADD_BIAS_F32, [0, 1, 1], [32, 1, 1], &p).unwrap_err();
-        assert!(e.contains("grid"), "{e}");
+        let big_block = launch(k::ADD_BIAS_F32, [1, 1, 1], [2048, 1, 1], &p);
+        refused(big_block, &["add_bias_f32", "block"]);
+        refused(
+            launch(k::ADD_BIAS_F32, [0, 1, 1], [32, 1, 1], &p),
+            &["grid"],
+        );
         // attention_tc_* declare __launch_bounds__(128).
-        let e = launch(k::ATTENTION_TC_D64_BF16, [1, 1, 1], [256, 1, 1], &p).unwrap_err();
-        assert!(e.contains("__launch_bounds__(128)"), "{e}");
+        let over = launch(k::ATTENTION_TC_D64_BF16, [1, 1, 1], [256, 1, 1], &p);
+        refused(over, &["__launch_bounds__(128)"]);
     }
 
     #[test]
@@ -325,6 +327,17 @@ mod emu_abi_tests {
         }
     }
 
+    /// A refused launch: its error must name every one of `words`.
+    fn refused<E: std::fmt::Display>(r: Result<(), E>, words: &[&str]) {
+        let e = match r {
+            Ok(()) => panic!("accepted a launch that must be refused ({words:?})"),
+            Err(e) => e.to_string(),
+        };
+        for w in words {
+            assert!(e.contains(w), "{w:?} not in: {e}");
+        }
+    }
+
     #[test]
     fn launches_over_the_launch_bound_are_refused() {
         use super::super::device::{Gpu, check_launch};
@@ -333,25 +346,13 @@ mod emu_abi_tests {
         // The check itself, as both backends run it.
         assert!(check_launch(k::ADD_BIAS_F32, (256, 1, 1), 0).is_ok());
         assert!(check_launch(k::ADD_BIAS_F32, (64, 2, 2), 0).is_ok());
-        let e = check_launch(k::ADD_BIAS_F32, (128, 2, 2), 0)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("add_bias_f32") && e.contains("512 threads"),
-            "{e}"
-        );
-        assert!(
-            e.contains("__launch_bounds__(256) (kernels/norm.cu)"),
-            "{e}"
-        );
-        let e = check_launch(k::ATTENTION_TC_D64_BF16, (256, 1, 1), 0)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("__launch_bounds__(128)"), "{e}");
-        let e = check_launch(k::ADD_BIAS_F32, (32, 1, 1), 1024)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("dynamic shared memory"), "{e}");
+        let bound_256 = "__launch_bounds__(256) (kernels/norm.cu)";
+        let over = check_launch(k::ADD_BIAS_F32, (128, 2, 2), 0);
+        refused(over, &["add_bias_f32", "512 threads", bound_256]);
+        let over = check_launch(k::ATTENTION_TC_D64_BF16, (256, 1, 1), 0);
+        refused(over, &["__launch_bounds__(128)"]);
+        let smem = check_launch(k::ADD_BIAS_F32, (32, 1, 1), 1024);
+        refused(smem, &["dynamic shared memory"]);
         // Through Gpu::launch: refused before the kernel runs (y keeps its values).
         let g = Gpu::emu().unwrap();
         let y = g.upload(&[1.0f32; 4]).unwrap();
@@ -363,28 +364,16 @@ mod emu_abi_tests {
             n: 4,
         };
         let bound = k::ADD_BIAS_F32.max_threads;
-        let e = g
-            .launch(
-                k::ADD_BIAS_F32,
-                (1, 1, 1),
-                (bound + 32, 1, 1),
-                0,
-                &p,
-                Traffic::default(),
-            )
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("exceeds the kernel's __launch_bounds__"), "{e}");
+        let launch_with = |threads: u32| {
+            let block = (threads, 1, 1);
+            g.launch(k::ADD_BIAS_F32, (1, 1, 1), block, 0, &p, Traffic::default())
+        };
+        refused(
+            launch_with(bound + 32),
+            &["exceeds the kernel's __launch_bounds__"],
+        );
         assert_eq!(g.download(&y).unwrap(), vec![1.0; 4]);
-        g.launch(
-            k::ADD_BIAS_F32,
-            (1, 1, 1),
-            (bound, 1, 1),
-            0,
-            &p,
-            Traffic::default(),
-        )
-        .unwrap();
+        launch_with(bound).unwrap();
         assert_eq!(g.download(&y).unwrap(), vec![3.0; 4]);
     }
 }

@@ -1,7 +1,8 @@
-//! The blocks the GPU decoder and encoder share: ResBlocks and resolution levels built from
-//! the host weights, and [`Acts`], the activation buffers with the layer sequences run on
-//! them (ResBlock, AttnBlock, a level's blocks, mid, resampling conv, conv_in, and norm_out +
-//! conv_out).
+//! The blocks the GPU decoder and encoder share: ResBlocks, resolution levels and the
+//! [`Trunk`] of layers both have, built from the host weights (norm_out + conv_out run from
+//! the trunk), and [`Acts`], the activation buffers with the layer sequences run on them
+//! (ResBlock, AttnBlock, a level's blocks, mid, and the convs that write the stream: conv_in
+//! and the resampling convs).
 
 use super::launch::*;
 use super::weights::{AttnWeights, ConvKernel, ConvWeights, GnWeights, Storage};
@@ -81,11 +82,52 @@ impl<T: Storage> GpuLevel<T> {
     }
 }
 
+/// The layers the decoder and the encoder both have (their order of use differs).
+pub(super) struct Trunk<T: Storage> {
+    pub(super) levels: Vec<GpuLevel<T>>,
+    pub(super) conv_in: ConvWeights<T>,
+    pub(super) mid: (GpuResBlock<T>, AttnWeights<T>, GpuResBlock<T>),
+    pub(super) norm_out: GnWeights,
+    pub(super) conv_out: ConvWeights<T>,
+}
+
+/// The [`Trunk`] of a host `DecoderWeights` or `EncoderWeights` (`$host`: the fields of these
+/// names have the same types in both), whose levels resample with their conv `$resample`
+/// (`upsample` or `downsample`); the levels are uploaded first. Evaluates to a `Result`.
+macro_rules! upload_trunk {
+    ($gpu:expr, $host:expr, $resample:ident) => {{
+        use super::blocks::{GpuLevel, GpuResBlock, Trunk};
+        use super::weights::{AttnWeights, ConvWeights, GnWeights};
+        let (gpu, host) = ($gpu, $host);
+        let levels = host
+            .levels
+            .iter()
+            .map(|l| GpuLevel::from_host(gpu, &l.res, &l.attn, l.$resample.as_ref()))
+            .collect::<anyhow::Result<Vec<_>>>();
+        anyhow::Context::context(levels, "uploading the levels").and_then(|levels| {
+            Ok(Trunk {
+                levels,
+                conv_in: ConvWeights::from_host(gpu, &host.conv_in)?,
+                mid: (
+                    GpuResBlock::from_host(gpu, &host.mid.0)?,
+                    AttnWeights::from_host(gpu, &host.mid.1)?,
+                    GpuResBlock::from_host(gpu, &host.mid.2)?,
+                ),
+                norm_out: GnWeights::from_host(gpu, &host.norm_out)?,
+                conv_out: ConvWeights::from_host(gpu, &host.conv_out)?,
+            })
+        })
+    }};
+}
+pub(super) use upload_trunk;
+
 /// The activation buffers the layers of the decoder and the encoder run on, all in the
 /// storage type T but the f32 scratch `f`.
 pub(super) struct Acts<T: Storage> {
     pub(super) x: [DevBuf<T>; 2], // residual stream ping-pong, (B, H, W, C) up to max_act per image
-    pub(super) h: DevBuf<T>,      // conv1 outputs (and the encoder's conv_out output)
+    /// Which of `x` holds the residual stream (see [`Acts::stream_conv`]).
+    pub(super) cur: usize,
+    pub(super) h: DevBuf<T>, // conv1 outputs (and the encoder's conv_out output)
     pub(super) t: DevBuf<T>, // conv_in's input: the decoder's post_quant output, the encoder's image
     pub(super) f: DevBuf<f32>, // the post_quant GEMM output, the decoder's conv_out output (f32)
     /// GroupNorm statistics and scale/shift: between layers it holds the statistics of the
@@ -110,6 +152,7 @@ impl<T: Storage> Acts<T> {
         let act = batch * p.max_act;
         Ok(Acts {
             x: [gpu.alloc(act)?, gpu.alloc(act)?],
+            cur: 0,
             h: gpu.alloc(act)?,
             t: gpu.alloc(batch * p.t.max(1))?,
             f: gpu.alloc(batch * p.f.max(1))?,
@@ -118,28 +161,27 @@ impl<T: Storage> Acts<T> {
         })
     }
 
-    /// A ResBlock on the residual stream `x[*cur]` of `b` images of hgt x hgt, whose
+    /// A ResBlock on the residual stream `x[cur]` of `b` images of hgt x hgt, whose
     /// GroupNorm statistics are in `gn` (left by x's producer): `h = conv1(SiLU(GN1(x)))`,
     /// `x = conv2(SiLU(GN2(h))) + b + x`, each GroupNorm applied in the conv's loader from
     /// the statistics the previous conv's epilogue left; the residual is added in conv2's
     /// epilogue in place, or onto `W_nin x` (computed first into the other buffer, which
     /// becomes the stream; conv2's bias includes the shortcut's). Leaves the new x's
     /// statistics in `gn`.
-    pub(super) fn res_block(
+    fn res_block(
         &mut self,
         gpu: &Gpu,
         k: ConvKernel,
-        cur: &mut usize,
         r: &GpuResBlock<T>,
         b: usize,
         hgt: usize,
     ) -> Result<()> {
         let hw = hgt * hgt;
         let [x0, x1] = &mut self.x;
-        let (x, other) = if *cur == 0 { (x0, x1) } else { (x1, x0) };
+        let (x, other) = if self.cur == 0 { (x0, x1) } else { (x1, x0) };
         let (h, gn) = (&mut self.h, &mut self.gn);
         if let Some(nin) = &r.nin_shortcut {
-            conv1x1_nobias(gpu, nin, x, other, b * hw)?;
+            conv1x1(gpu, nin, x, b * hw, Conv1x1Out::NoBias(other))?;
         }
         let fused = ConvGn {
             apply: Some(true),
@@ -162,7 +204,7 @@ impl<T: Storage> Acts<T> {
         )?;
         gn_finalize(gpu, &r.norm2, gn, b, hw)?;
         let out = if r.nin_shortcut.is_some() {
-            *cur = 1 - *cur;
+            self.cur = 1 - self.cur;
             other
         } else {
             x
@@ -185,16 +227,10 @@ impl<T: Storage> Acts<T> {
 
     /// An AttnBlock on x[cur] (its own GroupNorm statistics pass), then the new x's
     /// statistics into `gn`.
-    pub(super) fn attn(
-        &mut self,
-        gpu: &Gpu,
-        cur: usize,
-        w: &AttnWeights<T>,
-        b: usize,
-        n: usize,
-    ) -> Result<()> {
-        attn_block(gpu, w, &mut self.x[cur], &mut self.attn, b, n)?;
-        gn_stats(gpu, &self.x[cur], &mut self.gn, b, n, w.c)
+    fn attn(&mut self, gpu: &Gpu, w: &AttnWeights<T>, b: usize, n: usize) -> Result<()> {
+        let x = &mut self.x[self.cur];
+        attn_block(gpu, w, x, &mut self.attn, b, n)?;
+        gn_stats(gpu, x, &mut self.gn, b, n, w.c)
     }
 
     /// A level's ResBlocks, each followed by its AttnBlock when the level has them (`name`
@@ -204,17 +240,16 @@ impl<T: Storage> Acts<T> {
         &mut self,
         gpu: &Gpu,
         k: ConvKernel,
-        cur: &mut usize,
         level: &GpuLevel<T>,
         b: usize,
         hgt: usize,
         name: &str,
     ) -> Result<()> {
         for (j, res) in level.res.iter().enumerate() {
-            self.res_block(gpu, k, cur, res, b, hgt)
+            self.res_block(gpu, k, res, b, hgt)
                 .with_context(|| format!("{name}.res.{j}"))?;
             if let Some(attn) = level.attn.get(j) {
-                self.attn(gpu, *cur, attn, b, hgt * hgt)
+                self.attn(gpu, attn, b, hgt * hgt)
                     .with_context(|| format!("{name}.attn.{j}"))?;
             }
         }
@@ -226,120 +261,106 @@ impl<T: Storage> Acts<T> {
         &mut self,
         gpu: &Gpu,
         k: ConvKernel,
-        cur: &mut usize,
         mid: &(GpuResBlock<T>, AttnWeights<T>, GpuResBlock<T>),
         b: usize,
         hgt: usize,
     ) -> Result<()> {
-        self.res_block(gpu, k, cur, &mid.0, b, hgt)
-            .context("mid.0")?;
-        self.attn(gpu, *cur, &mid.1, b, hgt * hgt)
-            .context("mid.1")?;
-        self.res_block(gpu, k, cur, &mid.2, b, hgt).context("mid.2")
+        self.res_block(gpu, k, &mid.0, b, hgt).context("mid.0")?;
+        self.attn(gpu, &mid.1, b, hgt * hgt).context("mid.1")?;
+        self.res_block(gpu, k, &mid.2, b, hgt).context("mid.2")
     }
 
-    /// A conv producing the residual stream `x[1 - cur]` from x[cur] (up- or downsampling,
-    /// no GroupNorm on its input), leaving its statistics; the stream moves there.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn resample(
+    /// A 3x3 conv with no GroupNorm on its input writing the residual stream (`b` images of
+    /// hgt x hgt) and leaving its statistics in `gn`: conv_in (from `t` into `x[0]`) and the
+    /// resampling convs (from the stream into the other buffer of `x`, the stream after).
+    pub(super) fn stream_conv(
         &mut self,
         gpu: &Gpu,
         k: ConvKernel,
-        cur: &mut usize,
         conv: &ConvWeights<T>,
+        from: StreamConv,
         b: usize,
         hgt: usize,
-        mode: Resample,
     ) -> Result<()> {
+        // conv_in starts the stream in x[0]; a resampling conv moves it to the other buffer.
+        let to = match from {
+            StreamConv::In => 0,
+            StreamConv::Resample(_) => 1 - self.cur,
+        };
         let [x0, x1] = &mut self.x;
-        let (src, dst) = if *cur == 0 { (x0, x1) } else { (x1, x0) };
-        conv_leaving_stats(gpu, k, conv, src, dst, &mut self.gn, b, hgt, mode)?;
-        *cur = 1 - *cur;
+        let (x, dst) = if to == 1 { (x0, x1) } else { (x1, x0) };
+        let (src, mode) = match from {
+            StreamConv::In => (&self.t, Resample::Same),
+            StreamConv::Resample(mode) => (&*x, mode),
+        };
+        let stats = ConvGn {
+            apply: None,
+            stats: true,
+        };
+        let gn = Some((&mut self.gn, stats));
+        conv3x3(
+            gpu,
+            k,
+            conv,
+            src,
+            dst,
+            Residual::None,
+            b,
+            hgt,
+            hgt,
+            mode,
+            gn,
+        )?;
+        self.cur = to;
         Ok(())
     }
+}
 
-    /// conv_in: `t` (`b` images of hgt x hgt, no GroupNorm on it) into the residual stream
-    /// `x[0]`, leaving its statistics in `gn`.
-    pub(super) fn conv_in(
-        &mut self,
+/// What [`Acts::stream_conv`] reads.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum StreamConv {
+    /// conv_in: `t`, the decoder's post_quant output or the encoder's image (same size).
+    In,
+    /// A resampling conv: the stream itself, related to the output as the mode says.
+    Resample(Resample),
+}
+
+impl<T: Storage> Trunk<T> {
+    /// norm_out + conv_out, the last layers of the decoder and the encoder: norm_out's scale
+    /// and shift from the statistics `gn` holds for the stream `x` (`b` images of hgt x hgt),
+    /// applied with SiLU in conv_out's loader; conv_out writes `y` (the decoder's f32 pixels
+    /// before `pixels`, the encoder's T input of quant_conv) and leaves no statistics.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn norm_out_conv_out<O: Storage>(
+        &self,
         gpu: &Gpu,
         k: ConvKernel,
-        conv: &ConvWeights<T>,
+        x: &DevBuf<T>,
+        gn: &mut GnScratch,
+        y: &mut DevBuf<O>,
         b: usize,
         hgt: usize,
     ) -> Result<()> {
-        let (t, x, gn) = (&self.t, &mut self.x[0], &mut self.gn);
-        conv_leaving_stats(gpu, k, conv, t, x, gn, b, hgt, Resample::Same).context("conv_in")
+        gn_finalize(gpu, &self.norm_out, gn, b, hgt * hgt).context("norm_out")?;
+        let apply = ConvGn {
+            apply: Some(true),
+            stats: false,
+        };
+        let gn = Some((gn, apply));
+        let same = Resample::Same;
+        conv3x3(
+            gpu,
+            k,
+            &self.conv_out,
+            x,
+            y,
+            Residual::None,
+            b,
+            hgt,
+            hgt,
+            same,
+            gn,
+        )
+        .context("conv_out")
     }
-}
-
-/// A 3x3 conv with no GroupNorm on its input `x` (related to the output as `mode` says)
-/// writing the residual stream `y` (`b` images of hgt x hgt) and leaving y's statistics in
-/// `gn`: conv_in and the resampling convs.
-#[allow(clippy::too_many_arguments)]
-fn conv_leaving_stats<T: Storage>(
-    gpu: &Gpu,
-    k: ConvKernel,
-    conv: &ConvWeights<T>,
-    x: &DevBuf<T>,
-    y: &mut DevBuf<T>,
-    gn: &mut GnScratch,
-    b: usize,
-    hgt: usize,
-    mode: Resample,
-) -> Result<()> {
-    let stats = ConvGn {
-        apply: None,
-        stats: true,
-    };
-    conv3x3(
-        gpu,
-        k,
-        conv,
-        x,
-        y,
-        Residual::None,
-        b,
-        hgt,
-        hgt,
-        mode,
-        Some((gn, stats)),
-    )
-}
-
-/// norm_out + conv_out, the last layers of the decoder and the encoder: norm_out's scale and
-/// shift from the statistics `gn` holds for the stream `x` (`b` images of hgt x hgt), applied
-/// with SiLU in conv_out's loader; conv_out writes `y` (the decoder's f32 pixels before
-/// `pixels`, the encoder's T input of quant_conv) and leaves no statistics.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn norm_out_conv_out<T: Storage, O: Storage>(
-    gpu: &Gpu,
-    k: ConvKernel,
-    norm_out: &GnWeights,
-    conv_out: &ConvWeights<T>,
-    x: &DevBuf<T>,
-    gn: &mut GnScratch,
-    y: &mut DevBuf<O>,
-    b: usize,
-    hgt: usize,
-) -> Result<()> {
-    gn_finalize(gpu, norm_out, gn, b, hgt * hgt).context("norm_out")?;
-    let apply = ConvGn {
-        apply: Some(true),
-        stats: false,
-    };
-    conv3x3(
-        gpu,
-        k,
-        conv_out,
-        x,
-        y,
-        Residual::None,
-        b,
-        hgt,
-        hgt,
-        Resample::Same,
-        Some((gn, apply)),
-    )
-    .context("conv_out")
 }

@@ -1,9 +1,10 @@
 //! [`GpuDecoder`]: the VQ decoder on the device (the layer order of `cpu::decoder`), its
 //! workspaces and decode buffers, and how a batch is split into passes.
 
-use super::blocks::{Acts, ActsPlan, GpuLevel, GpuResBlock, norm_out_conv_out};
+use super::blocks::{Acts, ActsPlan, StreamConv, Trunk, upload_trunk};
 use super::launch::*;
-use super::weights::{AttnWeights, ConvKernel, ConvWeights, GnWeights, Storage, StorageDtype};
+use super::weights::{ConvKernel, ConvWeights, Storage, StorageDtype};
+use crate::cuda::embed::Codebook;
 use crate::cuda::{DevBuf, DevElem, Gpu};
 use crate::model::config::DecoderConfig;
 use crate::model::decoder::DecoderWeights;
@@ -313,36 +314,19 @@ struct Decoder<T: Storage> {
     conv_kernel: ConvKernel,
     codebook: DevBuf<f32>, // (V, e), as in the CPU decoder (rows normalized when `normalize`)
     post_quant_conv: ConvWeights<T>,
-    conv_in: ConvWeights<T>,
-    mid: (GpuResBlock<T>, AttnWeights<T>, GpuResBlock<T>),
-    levels: Vec<GpuLevel<T>>,
-    norm_out: GnWeights,
-    conv_out: ConvWeights<T>,
+    trunk: Trunk<T>,
     ws: Mutex<Option<Workspace<T>>>,
 }
 
 impl<T: Storage> Decoder<T> {
     fn new(gpu: &Gpu, dec: &DecoderWeights) -> Result<Decoder<T>> {
-        let levels = dec
-            .levels
-            .iter()
-            .map(|l| GpuLevel::from_host(gpu, &l.res, &l.attn, l.upsample.as_ref()))
-            .collect::<Result<Vec<_>>>()
-            .context("uploading decoder levels")?;
+        let trunk = upload_trunk!(gpu, dec, upsample).context("uploading the decoder")?;
         Ok(Decoder {
             cfg: dec.cfg.clone(),
             conv_kernel: ConvKernel::TensorCore,
             codebook: gpu.upload(&dec.codebook)?,
             post_quant_conv: ConvWeights::from_host(gpu, &dec.post_quant_conv)?,
-            conv_in: ConvWeights::from_host(gpu, &dec.conv_in)?,
-            mid: (
-                GpuResBlock::from_host(gpu, &dec.mid.0)?,
-                AttnWeights::from_host(gpu, &dec.mid.1)?,
-                GpuResBlock::from_host(gpu, &dec.mid.2)?,
-            ),
-            levels,
-            norm_out: GnWeights::from_host(gpu, &dec.norm_out)?,
-            conv_out: ConvWeights::from_host(gpu, &dec.conv_out)?,
+            trunk,
             ws: Mutex::new(None),
         })
     }
@@ -397,46 +381,46 @@ impl<T: Storage> Decoder<T> {
         let (s, k) = (ws.s, self.conv_kernel);
         let n = s * s;
         let tok = tokens.unwrap_or(&ws.tokens);
+        let codebook = Codebook {
+            vectors: &self.codebook,
+            e: cfg.embed_dim,
+        };
+        let z = &mut ws.z;
         gather_codes(
             gpu,
             tok,
             first * n,
-            &self.codebook,
-            &mut ws.z,
-            b * n,
-            cfg.embed_dim,
+            codebook,
             cfg.n_embed,
             cfg.normalize,
+            z,
+            b * n,
         )?;
         let a = &mut ws.a;
-        conv1x1_cast(
-            gpu,
-            &self.post_quant_conv,
-            &ws.z,
-            &mut a.f,
-            &mut a.t,
-            b * n,
-            false,
-        )
-        .context("post_quant_conv")?;
-        let mut cur = 0usize;
-        a.conv_in(gpu, k, &self.conv_in, b, s)?;
+        let post_quant = Conv1x1Out::Cast {
+            tmp: &mut a.f,
+            y: &mut a.t,
+            residual: false,
+        };
+        conv1x1(gpu, &self.post_quant_conv, &ws.z, b * n, post_quant).context("post_quant_conv")?;
+        a.stream_conv(gpu, k, &self.trunk.conv_in, StreamConv::In, b, s)
+            .context("conv_in")?;
         let mut hgt = s;
-        a.mid(gpu, k, &mut cur, &self.mid, b, hgt)?;
-        for (i, level) in self.levels.iter().enumerate() {
+        a.mid(gpu, k, &self.trunk.mid, b, hgt)?;
+        for (i, level) in self.trunk.levels.iter().enumerate() {
             let name = format!("conv_blocks.{i}");
-            a.level_blocks(gpu, k, &mut cur, level, b, hgt, &name)?;
+            a.level_blocks(gpu, k, level, b, hgt, &name)?;
             if let Some(up) = &level.resample {
                 hgt *= 2;
-                a.resample(gpu, k, &mut cur, up, b, hgt, Resample::Up)
+                a.stream_conv(gpu, k, up, StreamConv::Resample(Resample::Up), b, hgt)
                     .with_context(|| format!("{name}.upsample"))?;
             }
         }
         debug_assert_eq!(hgt, ws.side);
         let hw = hgt * hgt;
         // conv_out writes f32 for the pixels.
-        let (x, gn, f) = (&a.x[cur], &mut a.gn, &mut a.f);
-        norm_out_conv_out(gpu, k, &self.norm_out, &self.conv_out, x, gn, f, b, hgt)?;
+        let (x, gn, f) = (&a.x[a.cur], &mut a.gn, &mut a.f);
+        self.trunk.norm_out_conv_out(gpu, k, x, gn, f, b, hgt)?;
         let off = first * 3 * hw;
         pixels(
             gpu,

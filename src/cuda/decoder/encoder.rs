@@ -21,9 +21,9 @@
 //!   CPU's; a golden cell with a 4.9e-5 gap already flips under fp16 (tests/gpu_encoder.rs
 //!   prints the counts and the smallest gaps). For throughput where exact codes do not matter.
 
-use super::blocks::{Acts, ActsPlan, GpuLevel, GpuResBlock, norm_out_conv_out};
+use super::blocks::{Acts, ActsPlan, StreamConv, Trunk, upload_trunk};
 use super::launch::*;
-use super::weights::{AttnWeights, ConvKernel, ConvWeights, GnWeights, Storage};
+use super::weights::{ConvKernel, ConvWeights, Storage};
 use crate::cpu::ops;
 use crate::cuda::{DevBuf, Gpu};
 use crate::model::config::DecoderConfig;
@@ -90,11 +90,7 @@ impl<T: Storage> Workspace<T> {
 pub struct GpuEncoder<T: Storage = f32> {
     cfg: DecoderConfig,
     conv_kernel: ConvKernel,
-    conv_in: ConvWeights<T>,
-    levels: Vec<GpuLevel<T>>,
-    mid: (GpuResBlock<T>, AttnWeights<T>, GpuResBlock<T>),
-    norm_out: GnWeights,
-    conv_out: ConvWeights<T>,
+    trunk: Trunk<T>,
     quant_conv: ConvWeights<T>,
     ws: Mutex<Option<Workspace<T>>>,
 }
@@ -102,24 +98,10 @@ pub struct GpuEncoder<T: Storage = f32> {
 impl<T: Storage> GpuEncoder<T> {
     /// Upload the weights of a loaded CPU encoder.
     pub fn new(gpu: &Gpu, enc: &EncoderWeights) -> Result<GpuEncoder<T>> {
-        let levels = enc
-            .levels
-            .iter()
-            .map(|l| GpuLevel::from_host(gpu, &l.res, &l.attn, l.downsample.as_ref()))
-            .collect::<Result<Vec<_>>>()
-            .context("uploading encoder levels")?;
         Ok(GpuEncoder {
             cfg: enc.cfg.clone(),
             conv_kernel: ConvKernel::TensorCore,
-            conv_in: ConvWeights::from_host(gpu, &enc.conv_in)?,
-            levels,
-            mid: (
-                GpuResBlock::from_host(gpu, &enc.mid.0)?,
-                AttnWeights::from_host(gpu, &enc.mid.1)?,
-                GpuResBlock::from_host(gpu, &enc.mid.2)?,
-            ),
-            norm_out: GnWeights::from_host(gpu, &enc.norm_out)?,
-            conv_out: ConvWeights::from_host(gpu, &enc.conv_out)?,
+            trunk: upload_trunk!(gpu, enc, downsample).context("uploading the encoder")?,
             quant_conv: ConvWeights::from_host(gpu, &enc.quant_conv)?,
             ws: Mutex::new(None),
         })
@@ -247,23 +229,27 @@ impl<T: Storage> GpuEncoder<T> {
     fn run(&self, gpu: &Gpu, ws: &mut Workspace<T>, b: usize, side: usize) -> Result<()> {
         let k = self.conv_kernel;
         let mut hgt = side;
-        let mut cur = 0usize;
         let a = &mut ws.a;
-        a.conv_in(gpu, k, &self.conv_in, b, hgt)?;
-        for (i, level) in self.levels.iter().enumerate() {
+        a.stream_conv(gpu, k, &self.trunk.conv_in, StreamConv::In, b, hgt)
+            .context("conv_in")?;
+        for (i, level) in self.trunk.levels.iter().enumerate() {
             let name = format!("conv_blocks.{i}");
-            a.level_blocks(gpu, k, &mut cur, level, b, hgt, &name)?;
+            a.level_blocks(gpu, k, level, b, hgt, &name)?;
             if let Some(down) = &level.resample {
                 hgt /= 2;
-                a.resample(gpu, k, &mut cur, down, b, hgt, Resample::Down)
+                a.stream_conv(gpu, k, down, StreamConv::Resample(Resample::Down), b, hgt)
                     .with_context(|| format!("{name}.downsample"))?;
             }
         }
-        a.mid(gpu, k, &mut cur, &self.mid, b, hgt)?;
+        a.mid(gpu, k, &self.trunk.mid, b, hgt)?;
         let hw = hgt * hgt;
         // conv_out into h (T), read by quant_conv.
-        let (x, gn, h) = (&a.x[cur], &mut a.gn, &mut a.h);
-        norm_out_conv_out(gpu, k, &self.norm_out, &self.conv_out, x, gn, h, b, hgt)?;
-        conv1x1(gpu, &self.quant_conv, &a.h, &mut ws.z, b * hw, false).context("quant_conv")
+        let (x, gn, h) = (&a.x[a.cur], &mut a.gn, &mut a.h);
+        self.trunk.norm_out_conv_out(gpu, k, x, gn, h, b, hgt)?;
+        let z = Conv1x1Out::F32 {
+            y: &mut ws.z,
+            accumulate: false,
+        };
+        conv1x1(gpu, &self.quant_conv, &a.h, b * hw, z).context("quant_conv")
     }
 }

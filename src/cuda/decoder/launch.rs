@@ -6,6 +6,7 @@ use super::weights::{
     pick3,
 };
 use crate::cuda::Traffic;
+use crate::cuda::embed::Codebook;
 use crate::cuda::gemm::{GemmCall, Op, Operand, gemm};
 use crate::cuda::{DevBuf, DevElem, Gpu, k, norm, row_grid, stride_grid};
 use crate::model::autoenc::{GN_EPS, GN_GROUPS};
@@ -269,15 +270,33 @@ fn operand<T: Storage>(ptr: u64, ld: usize, stride: usize) -> Operand {
     }
 }
 
-/// The GEMM of a 1x1 conv on NHWC activations, no bias: `y (rows, Cout) = x (rows, Cin) w^T
-/// (+ beta y)`, y of data type `y_dtype` at `y_ptr`.
-fn gemm_1x1<T: Storage>(
+/// Where a 1x1 conv writes (rows, Cout), and what it adds to the GEMM `x w^T` (see
+/// [`conv1x1`]).
+pub enum Conv1x1Out<'a, T: Storage> {
+    /// `y f32 = x w^T + bias`, or `y += ...` with `accumulate`: the GEMM, then the bias kernel.
+    F32 {
+        y: &'a mut DevBuf<f32>,
+        accumulate: bool,
+    },
+    /// `y T = T(x w^T + bias (+ y when `residual`))`: the GEMM into the f32 `tmp`, then
+    /// [`bias_cast`] (one rounding).
+    Cast {
+        tmp: &'a mut DevBuf<f32>,
+        y: &'a mut DevBuf<T>,
+        residual: bool,
+    },
+    /// `y T = T(x w^T)`, the bias NOT added: a ResBlock's nin_shortcut, whose bias the block's
+    /// conv2 adds (folded into conv2's bias at load).
+    NoBias(&'a mut DevBuf<T>),
+}
+
+/// A 1x1 conv on NHWC activations `x (rows, Cin) T` through cuBLAS, into `out`.
+pub fn conv1x1<T: Storage>(
     gpu: &Gpu,
     conv: &ConvWeights<T>,
     x: &DevBuf<T>,
-    (y_ptr, y_dtype): (u64, sys::cudaDataType),
     rows: usize,
-    beta: f32,
+    out: Conv1x1Out<'_, T>,
 ) -> Result<()> {
     let (cin, cout) = (conv.cin, conv.cout);
     ensure!(conv.k == 1, "conv1x1 given a {}x{} conv", conv.k, conv.k);
@@ -287,6 +306,21 @@ fn gemm_1x1<T: Storage>(
         "conv1x1 input: {} values (need {})",
         x.len(),
         rows * cin
+    );
+    let f32_out = sys::cudaDataType::CUDA_R_32F;
+    // The GEMM's output (address, data type, length) and beta.
+    let (y_ptr, y_dtype, y_len, beta) = match &out {
+        Conv1x1Out::F32 { y, accumulate } => {
+            let beta = if *accumulate { 1.0 } else { 0.0 };
+            (gpu.ptr(&**y), f32_out, y.len(), beta)
+        }
+        Conv1x1Out::Cast { tmp, .. } => (gpu.ptr(&**tmp), f32_out, tmp.len(), 0.0),
+        Conv1x1Out::NoBias(y) => (gpu.ptr(&**y), T::CUDA, y.len(), 0.0),
+    };
+    ensure!(
+        y_len >= rows * cout,
+        "conv1x1 output: {y_len} values (need {})",
+        rows * cout
     );
     // Row-major y (rows, Cout) = x (rows, Cin) w^T is column-major y^T (Cout x rows) =
     // op(A) B with A = w viewed column-major (Cin x Cout, lda Cin) transposed and
@@ -310,82 +344,14 @@ fn gemm_1x1<T: Storage>(
             1,
         ),
     )
-    .context("1x1 conv GEMM")
-}
-
-/// `y (rows, Cout) f32 = x (rows, Cin) w^T + bias`, or `y += ...` with `accumulate`: a 1x1
-/// conv on NHWC activations through cuBLAS, then the bias kernel.
-pub fn conv1x1<T: Storage>(
-    gpu: &Gpu,
-    conv: &ConvWeights<T>,
-    x: &DevBuf<T>,
-    y: &mut DevBuf<f32>,
-    rows: usize,
-    accumulate: bool,
-) -> Result<()> {
-    let cout = conv.cout;
-    ensure!(
-        y.len() >= rows * cout,
-        "conv1x1 output: {} values (need {})",
-        y.len(),
-        rows * cout
-    );
-    let beta = if accumulate { 1.0 } else { 0.0 };
-    gemm_1x1(
-        gpu,
-        conv,
-        x,
-        (gpu.ptr(y), sys::cudaDataType::CUDA_R_32F),
-        rows,
-        beta,
-    )?;
-    norm::add_bias_f32(gpu, y, &conv.b, rows, cout)
-}
-
-/// `y (rows, Cout) T = T(x w^T + bias (+ y when `residual`))`: the GEMM into the f32 `tmp`,
-/// then [`bias_cast`] (one rounding).
-pub fn conv1x1_cast<T: Storage>(
-    gpu: &Gpu,
-    conv: &ConvWeights<T>,
-    x: &DevBuf<T>,
-    tmp: &mut DevBuf<f32>,
-    y: &mut DevBuf<T>,
-    rows: usize,
-    residual: bool,
-) -> Result<()> {
-    ensure!(
-        tmp.len() >= rows * conv.cout,
-        "conv1x1: f32 scratch of {} values (need {})",
-        tmp.len(),
-        rows * conv.cout
-    );
-    gemm_1x1(
-        gpu,
-        conv,
-        x,
-        (gpu.ptr(tmp), sys::cudaDataType::CUDA_R_32F),
-        rows,
-        0.0,
-    )?;
-    bias_cast(gpu, tmp, Some(&conv.b), residual, y, rows, conv.cout)
-}
-
-/// `y (rows, Cout) T = T(x w^T)`, the bias NOT added: a ResBlock's nin_shortcut, whose bias
-/// the block's conv2 adds (folded into conv2's bias at load).
-pub fn conv1x1_nobias<T: Storage>(
-    gpu: &Gpu,
-    conv: &ConvWeights<T>,
-    x: &DevBuf<T>,
-    y: &mut DevBuf<T>,
-    rows: usize,
-) -> Result<()> {
-    ensure!(
-        y.len() >= rows * conv.cout,
-        "conv1x1 output: {} values (need {})",
-        y.len(),
-        rows * conv.cout
-    );
-    gemm_1x1(gpu, conv, x, (gpu.ptr(y), T::CUDA), rows, 0.0)
+    .context("1x1 conv GEMM")?;
+    match out {
+        Conv1x1Out::F32 { y, .. } => norm::add_bias_f32(gpu, y, &conv.b, rows, cout),
+        Conv1x1Out::Cast { tmp, y, residual } => {
+            bias_cast(gpu, tmp, Some(&conv.b), residual, y, rows, cout)
+        }
+        Conv1x1Out::NoBias(_) => Ok(()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -439,7 +405,46 @@ pub struct GnScratch {
     ss: DevBuf<f32>,   // (B, C, 2): per channel (scale, shift)
 }
 
+/// The shape of a GroupNorm's statistics and finishing passes in the kernels' 32-bit ints:
+/// (B, hw, C) and the chunks of [`GN_CHUNK`] pixels ([`GnScratch::dims`]).
+struct GnDims {
+    batch: i32,
+    hw: i32,
+    c: i32,
+    chunk: i32,
+    nchunk: i32,
+}
+
+/// `$name { fields given.., batch, hw, c, chunk, nchunk }` with the last five from a
+/// [`GnDims`]: the parameter structs of [`gn_stats`] and [`gn_finalize`] (GnPartialParams,
+/// GnFinalizeParams) share them.
+macro_rules! with_gn_dims {
+    ($name:ident { $($f:ident: $v:expr),* $(,)? }, $dims:expr) => {{
+        let d: GnDims = $dims;
+        $name { $($f: $v,)* batch: d.batch, hw: d.hw, c: d.c, chunk: d.chunk, nchunk: d.nchunk }
+    }};
+}
+
 impl GnScratch {
+    /// The checks [`gn_stats`] and [`gn_finalize`] share: a nonempty (B <= 65535, hw), C
+    /// channels, and room in the scratch for its chunk statistics.
+    fn dims(&self, batch: usize, hw: usize, c: usize) -> Result<GnDims> {
+        let nchunk = hw.div_ceil(GN_CHUNK);
+        ensure!(batch > 0 && hw > 0, "group norm: empty input");
+        ensure!(batch <= 65535, "group norm: batch {batch} > 65535");
+        ensure!(
+            self.part.len() >= batch * nchunk * c * 2,
+            "group norm scratch too small for (B {batch}, hw {hw}, C {c})"
+        );
+        Ok(GnDims {
+            batch: i32_of(batch, "batch")?,
+            hw: i32_of(hw, "hw")?,
+            c: i32_of(c, "C")?,
+            chunk: GN_CHUNK as i32,
+            nchunk: nchunk as i32,
+        })
+    }
+
     /// The per-(image, channel) (scale, shift) of the last [`gn_finalize`], (B, C, 2).
     pub fn scale_shift(&self) -> &DevBuf<f32> {
         &self.ss
@@ -464,8 +469,7 @@ pub fn gn_stats<T: Storage>(
     c: usize,
 ) -> Result<()> {
     let nchunk = hw.div_ceil(GN_CHUNK);
-    ensure!(batch > 0 && hw > 0, "group norm: empty input");
-    ensure!(batch <= 65535, "group norm: batch {batch} > 65535");
+    let dims = scratch.dims(batch, hw, c)?;
     ensure!(
         c.is_multiple_of(4) && c <= 1024,
         "group norm: {c} channels (a multiple of 4, at most 1024)"
@@ -476,20 +480,14 @@ pub fn gn_stats<T: Storage>(
         x.len(),
         batch * hw * c
     );
-    ensure!(
-        scratch.part.len() >= batch * nchunk * c * 2,
-        "group norm scratch too small for (B {batch}, hw {hw}, C {c})"
-    );
     i32_of(batch * hw * c, "B*hw*C")?;
-    let pp = GnPartialParams {
-        x: gpu.ptr(x),
-        part: gpu.ptr(&scratch.part),
-        batch: i32_of(batch, "batch")?,
-        hw: i32_of(hw, "hw")?,
-        c: i32_of(c, "C")?,
-        chunk: GN_CHUNK as i32,
-        nchunk: nchunk as i32,
-    };
+    let pp = with_gn_dims!(
+        GnPartialParams {
+            x: gpu.ptr(x),
+            part: gpu.ptr(&scratch.part),
+        },
+        dims
+    );
     let t = Traffic::new(
         batch * hw * c * size_of::<T>(),
         batch * nchunk * c * 2 * 4,
@@ -511,24 +509,21 @@ pub fn gn_finalize(
 ) -> Result<()> {
     let c = gn.c;
     let nchunk = hw.div_ceil(GN_CHUNK);
-    ensure!(batch > 0 && hw > 0, "group norm: empty input");
-    ensure!(batch <= 65535, "group norm: batch {batch} > 65535");
+    let dims = scratch.dims(batch, hw, c)?;
     ensure!(
-        scratch.part.len() >= batch * nchunk * c * 2 && scratch.ss.len() >= batch * c * 2,
-        "group norm scratch too small for (B {batch}, hw {hw}, C {c})"
+        scratch.ss.len() >= batch * c * 2,
+        "group norm scratch too small for (B {batch}, C {c})"
     );
-    let fp = GnFinalizeParams {
-        part: gpu.ptr(&scratch.part),
-        gamma: gpu.ptr(&gn.gamma),
-        beta: gpu.ptr(&gn.beta),
-        ss: gpu.ptr(&scratch.ss),
-        batch: i32_of(batch, "batch")?,
-        hw: i32_of(hw, "hw")?,
-        c: i32_of(c, "C")?,
-        chunk: GN_CHUNK as i32,
-        nchunk: nchunk as i32,
-        eps: GN_EPS,
-    };
+    let fp = with_gn_dims!(
+        GnFinalizeParams {
+            part: gpu.ptr(&scratch.part),
+            gamma: gpu.ptr(&gn.gamma),
+            beta: gpu.ptr(&gn.beta),
+            ss: gpu.ptr(&scratch.ss),
+            eps: GN_EPS,
+        },
+        dims
+    );
     let partb = batch * nchunk * c * 2 * 4;
     let t = Traffic::new(partb + 2 * c * 4, batch * c * 2 * 4, 8 * batch * nchunk * c);
     gpu.launch_256(
@@ -680,13 +675,16 @@ pub fn gather_codes<T: Storage>(
     gpu: &Gpu,
     tokens: &DevBuf<i32>,
     tok_off: usize,
-    codebook: &DevBuf<f32>,
-    z: &mut DevBuf<T>,
-    rows: usize,
-    e: usize,
+    codebook: Codebook<'_>,
     n_embed: usize,
     normalize: bool,
+    z: &mut DevBuf<T>,
+    rows: usize,
 ) -> Result<()> {
+    let Codebook {
+        vectors: codebook,
+        e,
+    } = codebook;
     ensure!(
         tokens.len() >= tok_off + rows && codebook.len() >= n_embed * e && z.len() >= rows * e,
         "gather_codes buffers"
@@ -871,31 +869,36 @@ pub fn attn_block<T: Storage>(
     ensure!(x.len() >= batch * n * c, "attention input too short");
     let rows = batch * n;
     group_norm(gpu, &w.norm, x, &mut s.hn, &mut s.gn, batch, n, false)?;
-    conv1x1_cast(gpu, &w.qkv, &s.hn, &mut s.qkv, &mut s.qkv_h, rows, false)?;
+    let qkv_out = Conv1x1Out::Cast {
+        tmp: &mut s.qkv,
+        y: &mut s.qkv_h,
+        residual: false,
+    };
+    conv1x1(gpu, &w.qkv, &s.hn, rows, qkv_out)?;
     let qkv = gpu.ptr(&s.qkv_h);
     let cb = (c * size_of::<T>()) as u64; // bytes of C values of T
     let (q, k, v) = (qkv, qkv + cb, qkv + 2 * cb);
     let ld = 3 * c;
+    // The two per-image GEMMs below: D = op(A) B for each of the `batch` images, A and B in
+    // T, each operand (address, ld) strided by ld * N from one image to the next.
+    let per_image = |op: Op, dims, [a, b, d]: [(u64, usize); 3], d_dtype| {
+        let opnd = |(ptr, ld): (u64, usize), dtype| Operand {
+            ptr,
+            dtype,
+            ld,
+            stride: ld * n,
+        };
+        let abd = [opnd(a, T::CUDA), opnd(b, T::CUDA), opnd(d, d_dtype)];
+        gemm(gpu, GemmCall::strided(op, dims, abd, 0.0, batch))
+    };
     // scores (N query, N key) row-major = column-major (key, query): S^T = K Q^T, i.e.
     // op(A) = K^T-view transposed (A = K rows, lda 3C), B = Q rows (ldb 3C).
-    gemm(
-        gpu,
-        GemmCall::strided(
-            Op::CUBLAS_OP_T,
-            (n, n, c),
-            [
-                operand::<T>(k, ld, n * ld),
-                operand::<T>(q, ld, n * ld),
-                Operand {
-                    ptr: gpu.ptr(&s.scores),
-                    dtype: sys::cudaDataType::CUDA_R_32F,
-                    ld: n,
-                    stride: n * n,
-                },
-            ],
-            0.0,
-            batch,
-        ),
+    let scores = [(k, ld), (q, ld), (gpu.ptr(&s.scores), n)];
+    per_image(
+        Op::CUBLAS_OP_T,
+        (n, n, c),
+        scores,
+        sys::cudaDataType::CUDA_R_32F,
     )
     .context("attention scores")?;
     softmax_rows(
@@ -908,26 +911,13 @@ pub fn attn_block<T: Storage>(
     )?;
     // out (N, C) row-major = column-major (C, N): O^T = V^T P^T, A = V rows (lda 3C, (C x N)
     // column-major view), B = P rows (ldb N).
-    gemm(
-        gpu,
-        GemmCall::strided(
-            Op::CUBLAS_OP_N,
-            (c, n, n),
-            [
-                operand::<T>(v, ld, n * ld),
-                operand::<T>(gpu.ptr(&s.probs), n, n * n),
-                Operand {
-                    ptr: gpu.ptr(&s.att),
-                    dtype: T::CUDA,
-                    ld: c,
-                    stride: n * c,
-                },
-            ],
-            0.0,
-            batch,
-        ),
-    )
-    .context("attention P V")?;
+    let out = [(v, ld), (gpu.ptr(&s.probs), n), (gpu.ptr(&s.att), c)];
+    per_image(Op::CUBLAS_OP_N, (c, n, n), out, T::CUDA).context("attention P V")?;
     // (s.qkv, rows x 3C f32, is free again: the proj GEMM's f32 output)
-    conv1x1_cast(gpu, &w.proj, &s.att, &mut s.qkv, x, rows, true)
+    let proj_out = Conv1x1Out::Cast {
+        tmp: &mut s.qkv,
+        y: x,
+        residual: true,
+    };
+    conv1x1(gpu, &w.proj, &s.att, rows, proj_out)
 }
