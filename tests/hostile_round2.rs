@@ -336,7 +336,10 @@ fn one_overwrite_rule_for_every_command() {
     );
     // A failed sample leaves no directory behind.
     let out = dir.join("never");
-    let args = argv("sample --model {} --labels 1 --out {} --top-k 0", &[&m, &out]);
+    let args = argv(
+        "sample --model {} --labels 1 --out {} --top-k 0",
+        &[&m, &out],
+    );
     assert_refused(&args, "top-k");
     assert!(!out.exists());
     // A .pth or an image as --model: run `convert`.
