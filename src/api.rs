@@ -1120,8 +1120,6 @@ impl Model {
                 rgb.len()
             )));
         }
-        let n = rgb.len() / plane;
-        let internal = |e: anyhow::Error| Error::Scoring(source(e));
         let invalid = |e: anyhow::Error| Error::InvalidRequest(format!("{e:#}"));
         let m = &self.model;
         let enc = m.encoder().map_err(invalid)?;
@@ -1148,9 +1146,10 @@ impl Model {
                     *slot = Some(Box::new(e));
                 }
                 let genc = slot.as_ref().expect("just set");
+                let n = rgb.len() / plane;
                 let pyr = genc
                     .encode_pyramid(&g.gpu, rgb, n, side, &m.scale_sizes, codebook)
-                    .map_err(internal)?;
+                    .map_err(|e| Error::Scoring(source(e)))?;
                 Ok(pyr.codes)
             }
         }

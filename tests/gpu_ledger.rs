@@ -9,6 +9,8 @@
 //! than twice as many (for reads: twice the float bytes seen read plus the integer buffers
 //! it was given, which are not perturbed).
 
+#![cfg(feature = "cuda")]
+
 use checkergen::cuda::Gpu;
 use checkergen::cuda::decoder::GpuDecoder;
 use checkergen::cuda::engine::{GpuBackend, GpuModel};
