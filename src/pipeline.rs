@@ -575,7 +575,7 @@ pub fn sample_observed<B: Backend + ?Sized>(
         images: d.images,
         image_size: cfg.img_size,
         pyramid,
-        decode_ms: t.elapsed().as_secs_f64() * 1e3 + tokens.decode_in_loop_ms.unwrap_or(0.0),
+        decode_ms: elapsed_ms(t) + tokens.decode_in_loop_ms.unwrap_or(0.0),
         tokens,
     })
 }

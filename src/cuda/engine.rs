@@ -778,22 +778,20 @@ impl Backend for GpuBackend<'_> {
         let key = self.begin(plan)?;
         let m = self.m;
         let bt = self.batch.as_mut().expect("a batch began");
-        let capture = match bt.graphs.decide(key.as_ref()) {
+        let timed = match bt.graphs.decide(key.as_ref()) {
             Decision::Replay { graph, timed } => {
                 m.gpu.replay(graph)?;
                 self.timed = timed;
                 self.decoded = self.loop_decode;
-                None
+                return self.outcome(schedule, true, elapsed_ms(t0));
             }
-            Decision::Capture { timed } => Some(timed),
+            Decision::Capture { timed } => timed,
             Decision::Eager => {
                 let prefill_ms = self.eager(schedule, t0, steps)?;
                 return self.outcome(schedule, false, prefill_ms);
             }
         };
-        let (Some(timed), Some(key)) = (capture, key) else {
-            return self.outcome(schedule, true, elapsed_ms(t0));
-        };
+        let key = key.expect("the cache captures only loops that have a key");
         match self.capture(&key, timed, schedule, steps) {
             Ok(()) => self.outcome(schedule, true, elapsed_ms(t0)),
             Err(Stop::Error(e)) => Err(e),
